@@ -1,0 +1,70 @@
+"""`defectscope` console script: a thin dispatcher whose sub-commands import lazily.
+
+Lazy imports keep `defectscope inspect` and `defectscope watch` free of torch, and keep
+`--help` fast.  Every sub-command entry point takes its argv list and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+#: name -> ("module:function", one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("defectscope.synth:main", "generate a synthetic image-folder dataset"),
+    "scan": ("defectscope.data.scan:main", "check every image of a dataset config before training"),
+    "train": ("defectscope.training.app:train_main", "train a model (Hydra app: overrides, --multirun, --cfg)"),
+    "evaluate": ("defectscope.training.app:evaluate_main", "test metrics for a checkpoint (Hydra app)"),
+    "export": ("defectscope.export.cli:main", "fuse BatchNorm and export a verified, self-describing ONNX model"),
+    "inspect": ("defectscope.runtime.cli:main", "inspect images with an exported model (no torch)"),
+    "watch": ("defectscope.runtime.watch:main", "inspect a hot folder as files arrive (no torch)"),
+    "demo": ("defectscope.demo:main", "synth -> train -> export -> inspect on an embedded default dataset"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: defectscope COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `defectscope COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def _resolve(target: str) -> Callable[[list[str]], int]:
+    module, func = target.split(":")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and not exc.name.startswith("defectscope"):
+            extra = "train" if exc.name.split(".")[0] in {"torch", "pytorch_lightning", "lightning",
+                                                          "hydra", "mlflow", "albumentations",
+                                                          "torchmetrics", "onnxscript", "matplotlib"} else "cpu"
+            raise SystemExit(
+                f"defectscope: this command needs the Python package {exc.name!r}; "
+                f"install it with: pip install 'defectscope[{extra}]'"
+            ) from None
+        raise
+    fn: Callable[[list[str]], int] = getattr(mod, func)
+    return fn
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in {"-h", "--help", "help"}:
+        print(_usage())
+        return 0
+    if args[0] in {"-V", "--version"}:
+        from . import __version__
+
+        print(f"defectscope {__version__}")
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"defectscope: unknown command {name!r}; valid commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return int(_resolve(COMMANDS[name][0])(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

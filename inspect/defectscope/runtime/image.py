@@ -1,0 +1,236 @@
+"""The one image loader shared by training, evaluation, export parity and the line runtime.
+
+It imports numpy and Pillow only, so preprocessing cannot drift between the trainer and the
+line PC.  Every failure raises :class:`ImageLoadError`, whose message names the file and the
+cause; ``kind`` is a short machine-readable code for result rows and reject lists.
+
+Channel rule (documented in README): alpha is discarded (not composited); palette and CMYK
+images are converted to RGB first.  For 1 channel, colour is reduced to ITU-R 601-2 luma.
+For 3 channels, grey is replicated.  For any other N, an image that already has N bands is
+kept as is, otherwise its luma is replicated N times.
+
+Bit-depth rule: 16-bit data ("I;16*") is scaled by 255/65535.  32-bit integer data ("I")
+is scaled the same way when it lies in [0, 65535], otherwise min-max scaled; float data
+("F") in [0, 1] is scaled by 255, otherwise min-max scaled.  Nothing wraps or clips.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+#: Error kinds, in the order a user would meet them.
+ERROR_KINDS = (
+    "vanished",
+    "is_directory",
+    "unreadable",
+    "zero_bytes",
+    "not_an_image",
+    "unsupported_mode",
+    "too_large",
+    "truncated",
+    "too_small",
+)
+
+_SUPPORTED_MODES = {
+    "1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
+    "I;16", "I;16L", "I;16B", "I;16N", "I", "F",
+}  # fmt: skip
+
+
+class ImageLoadError(Exception):
+    """An image could not be turned into a model input; the message names file and cause."""
+
+    def __init__(self, path: str | os.PathLike[str], kind: str, reason: str) -> None:
+        self.path = str(path)
+        self.kind = kind
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """Preprocessing policy; it is embedded in every exported model.
+
+    ``max_side``: downscale so the long side is at most this (aspect kept); ``None`` keeps the
+    native size.  ``size_multiple``: round each side to the nearest multiple (>= 1) so images
+    fall into few size buckets; 1 disables it.  ``min_size``: smallest allowed side after
+    resizing.  ``max_pixels``: decompression-bomb guard on the decoded size.
+    """
+
+    channels: int = 1
+    max_side: int | None = None
+    min_size: int = 32
+    size_multiple: int = 1
+    max_pixels: int = 40_000_000
+
+    def __post_init__(self) -> None:
+        if self.channels < 1:
+            raise ValueError(f"LoaderConfig.channels must be >= 1, got {self.channels}")
+        if self.max_side is not None and self.max_side < self.min_size:
+            raise ValueError(
+                f"LoaderConfig.max_side ({self.max_side}) must be >= min_size ({self.min_size})"
+            )
+        if self.size_multiple < 1:
+            raise ValueError(f"LoaderConfig.size_multiple must be >= 1, got {self.size_multiple}")
+
+    def to_dict(self) -> dict[str, int | None]:
+        return asdict(self)
+
+
+def target_size(width: int, height: int, cfg: LoaderConfig) -> tuple[int, int]:
+    """Size (w, h) an image of ``width`` x ``height`` has after the resize policy."""
+    w, h = width, height
+    if cfg.max_side is not None and max(w, h) > cfg.max_side:
+        scale = cfg.max_side / max(w, h)
+        w, h = max(1, round(w * scale)), max(1, round(h * scale))
+    m = cfg.size_multiple
+    if m > 1:
+        w, h = max(m, round(w / m) * m), max(m, round(h / m) * m)
+        if cfg.max_side is not None:  # rounding up must not break the long-side promise
+            cap = (cfg.max_side // m) * m
+            w, h = min(w, max(m, cap)), min(h, max(m, cap))
+    return w, h
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.is_dir():
+            raise ImageLoadError(path, "is_directory", "is a directory, not an image file")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageLoadError(path, "vanished", "file does not exist (missing or vanished)") from None
+    except IsADirectoryError:
+        raise ImageLoadError(path, "is_directory", "is a directory, not an image file") from None
+    except OSError as exc:
+        raise ImageLoadError(path, "unreadable", f"cannot be read: {exc.strerror or exc}") from None
+    if not data:
+        raise ImageLoadError(path, "zero_bytes", "file is empty (zero bytes)")
+    return data
+
+
+def _open(path: Path, data: bytes, max_pixels: int) -> Image.Image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError:
+            raise ImageLoadError(
+                path, "not_an_image", "not a recognised image (PNG, JPEG, BMP, TIFF or WebP expected)"
+            ) from None
+        except Image.DecompressionBombError:
+            raise ImageLoadError(path, "too_large", "image exceeds the decompression-bomb limit") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageLoadError(path, "not_an_image", f"cannot be parsed as an image: {exc}") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageLoadError(
+            path, "too_large", f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} pixels"
+        )
+    if img.mode not in _SUPPORTED_MODES:
+        raise ImageLoadError(
+            path,
+            "unsupported_mode",
+            f"unsupported pixel mode {img.mode!r} (supported: {', '.join(sorted(_SUPPORTED_MODES))})",
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+        except Image.DecompressionBombError:
+            raise ImageLoadError(path, "too_large", "image exceeds the decompression-bomb limit") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageLoadError(path, "truncated", f"truncated or corrupt image data: {exc}") from None
+    return img
+
+
+def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """Scale high bit-depth data to uint8 without wrapping or clipping."""
+    a = arr.astype(np.float64)
+    if mode.startswith("I;16"):
+        a = a * (255.0 / 65535.0)
+    elif mode == "I" and a.size and a.min() >= 0 and a.max() <= 65535:
+        a = a * (255.0 / 65535.0)
+    elif mode == "F" and a.size and a.min() >= 0.0 and a.max() <= 1.0:
+        a = a * 255.0
+    else:
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return np.rint(a).astype(np.uint8)
+
+
+def to_channels(img: Image.Image, channels: int) -> np.ndarray:
+    """Convert a decoded Pillow image of any supported mode to HWC uint8 with ``channels`` bands."""
+    mode = img.mode
+    if mode.startswith("I") or mode == "F":
+        grey = _to_uint8(np.asarray(img), mode)
+        return np.repeat(grey[:, :, None], channels, axis=2)
+    if mode in ("P", "PA", "CMYK", "YCbCr", "RGBA", "RGBa", "RGBX"):
+        img = img.convert("RGB")
+    elif mode in ("1", "LA", "La"):
+        img = img.convert("L")
+    bands = len(img.getbands())
+    if channels == 1:
+        return np.asarray(img.convert("L"))[:, :, None]
+    if bands == channels:
+        return np.asarray(img)
+    grey = np.asarray(img.convert("L"))
+    return np.repeat(grey[:, :, None], channels, axis=2)
+
+
+def load_image(path: str | os.PathLike[str], cfg: LoaderConfig) -> np.ndarray:
+    """Decode ``path`` into an HWC uint8 array with ``cfg.channels`` bands, resized per ``cfg``.
+
+    Raises :class:`ImageLoadError` naming the file and the cause for every failure.
+    """
+    p = Path(path)
+    img = _open(p, _read_bytes(p), cfg.max_pixels)
+    w, h = target_size(img.width, img.height, cfg)
+    if min(w, h) < cfg.min_size:
+        raise ImageLoadError(
+            p,
+            "too_small",
+            f"{img.width}x{img.height} becomes {w}x{h} after resizing; the minimum side is {cfg.min_size}",
+        )
+    arr = to_channels(img, cfg.channels)
+    if (w, h) != (arr.shape[1], arr.shape[0]):
+        arr = resize_array(arr, w, h)
+    return np.ascontiguousarray(arr)
+
+
+def resize_array(arr: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Resize HWC uint8 with Pillow's antialiased bilinear filter, band by band if needed."""
+    if arr.shape[2] in (1, 3):
+        src = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+        out = np.asarray(src.resize((width, height), Image.Resampling.BILINEAR))
+        return out[:, :, None] if out.ndim == 2 else out
+    planes = [
+        np.asarray(Image.fromarray(arr[:, :, c]).resize((width, height), Image.Resampling.BILINEAR))
+        for c in range(arr.shape[2])
+    ]
+    return np.stack(planes, axis=2)
+
+
+def probe_size(path: str | os.PathLike[str], cfg: LoaderConfig) -> tuple[int, int]:
+    """Fully decode ``path`` (catching truncation) and return its preprocessed (w, h)."""
+    arr = load_image(path, cfg)
+    return arr.shape[1], arr.shape[0]
+
+
+def normalize_batch(
+    images: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float]
+) -> np.ndarray:
+    """Stack equally sized HWC uint8 images into NCHW float32, ``(x/255 - mean) / std``."""
+    batch = np.stack(images).astype(np.float32)
+    scale = (1.0 / (255.0 * np.asarray(std, np.float32))).reshape(1, 1, 1, -1)
+    shift = (np.asarray(mean, np.float32) / np.asarray(std, np.float32)).reshape(1, 1, 1, -1)
+    batch = batch * scale - shift
+    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
