@@ -14,9 +14,15 @@ from collections.abc import Callable, Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("defectscope.synth:main", "generate a synthetic image-folder dataset"),
     "scan": ("defectscope.data.scan:main", "check every image of a dataset config before training"),
-    "train": ("defectscope.training.app:train_main", "train a model (Hydra app: overrides, --multirun, --cfg)"),
+    "train": (
+        "defectscope.training.app:train_main",
+        "train a model (Hydra app: overrides, --multirun, --cfg)",
+    ),
     "evaluate": ("defectscope.training.app:evaluate_main", "test metrics for a checkpoint (Hydra app)"),
-    "export": ("defectscope.export.cli:main", "fuse BatchNorm and export a verified, self-describing ONNX model"),
+    "export": (
+        "defectscope.export.cli:main",
+        "fuse BatchNorm and export a verified, self-describing ONNX model",
+    ),
     "inspect": ("defectscope.runtime.cli:main", "inspect images with an exported model (no torch)"),
     "watch": ("defectscope.runtime.watch:main", "inspect a hot folder as files arrive (no torch)"),
     "demo": ("defectscope.demo:main", "synth -> train -> export -> inspect on an embedded default dataset"),
@@ -37,9 +43,22 @@ def _resolve(target: str) -> Callable[[list[str]], int]:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as exc:
         if exc.name and not exc.name.startswith("defectscope"):
-            extra = "train" if exc.name.split(".")[0] in {"torch", "pytorch_lightning", "lightning",
-                                                          "hydra", "mlflow", "albumentations",
-                                                          "torchmetrics", "onnxscript", "matplotlib"} else "cpu"
+            extra = (
+                "train"
+                if exc.name.split(".")[0]
+                in {
+                    "torch",
+                    "pytorch_lightning",
+                    "lightning",
+                    "hydra",
+                    "mlflow",
+                    "albumentations",
+                    "torchmetrics",
+                    "onnxscript",
+                    "matplotlib",
+                }
+                else "cpu"
+            )
             raise SystemExit(
                 f"defectscope: this command needs the Python package {exc.name!r}; "
                 f"install it with: pip install 'defectscope[{extra}]'"
@@ -61,7 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     name, rest = args[0], args[1:]
     if name not in COMMANDS:
-        print(f"defectscope: unknown command {name!r}; valid commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        print(
+            f"defectscope: unknown command {name!r}; valid commands: {', '.join(COMMANDS)}", file=sys.stderr
+        )
         return 2
     return int(_resolve(COMMANDS[name][0])(rest) or 0)
 

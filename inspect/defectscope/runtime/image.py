@@ -75,9 +75,7 @@ class LoaderConfig:
         if self.channels < 1:
             raise ValueError(f"LoaderConfig.channels must be >= 1, got {self.channels}")
         if self.max_side is not None and self.max_side < self.min_size:
-            raise ValueError(
-                f"LoaderConfig.max_side ({self.max_side}) must be >= min_size ({self.min_size})"
-            )
+            raise ValueError(f"LoaderConfig.max_side ({self.max_side}) must be >= min_size ({self.min_size})")
         if self.size_multiple < 1:
             raise ValueError(f"LoaderConfig.size_multiple must be >= 1, got {self.size_multiple}")
 
@@ -155,9 +153,7 @@ def _open(path: Path, data: bytes, max_pixels: int) -> Image.Image:
 def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
     """Scale high bit-depth data to uint8 without wrapping or clipping."""
     a = arr.astype(np.float64)
-    if mode.startswith("I;16"):
-        a = a * (255.0 / 65535.0)
-    elif mode == "I" and a.size and a.min() >= 0 and a.max() <= 65535:
+    if mode.startswith("I;16") or (mode == "I" and a.size and a.min() >= 0 and a.max() <= 65535):
         a = a * (255.0 / 65535.0)
     elif mode == "F" and a.size and a.min() >= 0.0 and a.max() <= 1.0:
         a = a * 255.0
@@ -225,9 +221,7 @@ def probe_size(path: str | os.PathLike[str], cfg: LoaderConfig) -> tuple[int, in
     return arr.shape[1], arr.shape[0]
 
 
-def normalize_batch(
-    images: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float]
-) -> np.ndarray:
+def normalize_batch(images: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """Stack equally sized HWC uint8 images into NCHW float32, ``(x/255 - mean) / std``."""
     batch = np.stack(images).astype(np.float32)
     scale = (1.0 / (255.0 * np.asarray(std, np.float32))).reshape(1, 1, 1, -1)

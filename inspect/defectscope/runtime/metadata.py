@@ -95,7 +95,9 @@ class ModelMetadata:
         except json.JSONDecodeError as exc:
             raise MetadataError(f"{source}: metadata is not valid JSON: {exc}") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
-            raise MetadataError(f"{source}: metadata format is {doc.get('format')!r}, expected {FORMAT_NAME!r}")
+            raise MetadataError(
+                f"{source}: metadata format is {doc.get('format')!r}, expected {FORMAT_NAME!r}"
+            )
         version = doc.get("format_version")
         if version != FORMAT_VERSION:
             raise MetadataError(
