@@ -115,6 +115,7 @@ def _read_bytes(path: Path) -> bytes:
 
 
 def _open(path: Path, data: bytes, max_pixels: int) -> Image.Image:
+    img: Image.Image
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
@@ -223,8 +224,8 @@ def probe_size(path: str | os.PathLike[str], cfg: LoaderConfig) -> tuple[int, in
 
 def normalize_batch(images: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """Stack equally sized HWC uint8 images into NCHW float32, ``(x/255 - mean) / std``."""
-    batch = np.stack(images).astype(np.float32)
+    stacked = np.stack(images).astype(np.float32)
     scale = (1.0 / (255.0 * np.asarray(std, np.float32))).reshape(1, 1, 1, -1)
     shift = (np.asarray(mean, np.float32) / np.asarray(std, np.float32)).reshape(1, 1, 1, -1)
-    batch = batch * scale - shift
-    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2))
+    batch: np.ndarray = stacked * scale - shift
+    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)
