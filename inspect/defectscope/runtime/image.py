@@ -188,6 +188,13 @@ def load_image(path: str | os.PathLike[str], cfg: LoaderConfig) -> np.ndarray:
 
     Raises :class:`ImageLoadError` naming the file and the cause for every failure.
     """
+    return load_image_with_size(path, cfg)[0]
+
+
+def load_image_with_size(
+    path: str | os.PathLike[str], cfg: LoaderConfig
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`load_image` plus the decoded (width, height) before resizing, for result rows."""
     p = Path(path)
     img = _open(p, _read_bytes(p), cfg.max_pixels)
     w, h = target_size(img.width, img.height, cfg)
@@ -200,7 +207,7 @@ def load_image(path: str | os.PathLike[str], cfg: LoaderConfig) -> np.ndarray:
     arr = to_channels(img, cfg.channels)
     if (w, h) != (arr.shape[1], arr.shape[0]):
         arr = resize_array(arr, w, h)
-    return np.ascontiguousarray(arr)
+    return np.ascontiguousarray(arr), (img.width, img.height)
 
 
 def resize_array(arr: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -1,0 +1,101 @@
+"""Measure `defectscope inspect` on this PC: images/s and peak memory (RSS) of the run.
+
+    python deploy/bench_inspect.py MODEL [--images 2000] [--min-side 96] [--max-side 512]
+                                         [--repeat 1] [--workdir DIR] [-- extra inspect options]
+
+Synthetic PNGs (random sizes, dark texture, some bright blobs) are generated once in --workdir;
+the inspect run is a real subprocess, timed end to end (start-up and model load included), and
+its peak RSS comes from the OS (wait4).  --repeat N lists every image N times via @list.txt,
+which shows whether memory stays flat as the number of inputs grows.  Linux/macOS only (wait4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def make_images(folder: Path, n: int, lo: int, hi: int, seed: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        p = folder / f"img_{i:06d}.png"
+        paths.append(p)
+        if p.exists():
+            continue
+        w, h = (int(v) for v in rng.integers(lo, hi + 1, 2))
+        arr = rng.integers(10, 70, (h, w), dtype=np.uint8)
+        if i % 3 == 0:
+            r = max(4, min(w, h) // 6)
+            cy, cx = int(rng.integers(r, h - r)), int(rng.integers(r, w - r))
+            yy, xx = np.ogrid[:h, :w]
+            arr[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 250
+        Image.fromarray(arr, "L").save(p, compress_level=1)
+    return paths
+
+
+def run_inspect(model: str, listing: Path, out: Path, extra: list[str]) -> dict[str, object]:
+    cmd = [sys.executable, "-m", "defectscope", "inspect", model, f"@{listing}", "-o", str(out), *extra]
+    with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
+        elapsed = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        fo.seek(0)
+        fe.seek(0)
+        stdout, stderr = fo.read().decode(), fe.read().decode()
+    with open(out, encoding="utf-8") as f:
+        rows = sum(1 for _ in f)
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return {
+        "rows": rows,
+        "seconds": round(elapsed, 2),
+        "images_per_s": round(rows / elapsed, 1),
+        "peak_rss_mib": round(usage.ru_maxrss * scale / 2**20, 1),
+        "exit_code": proc.returncode,
+        "summary": stdout.strip().splitlines()[0] if stdout.strip() else stderr.strip()[-300:],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1 :]
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--min-side", type=int, default=96)
+    p.add_argument("--max-side", type=int, default=512)
+    p.add_argument("--repeat", type=int, default=1, help="list every image this many times")
+    p.add_argument("--workdir", default=None, help="where images are generated (kept for reuse)")
+    a = p.parse_args(argv)
+    work = Path(a.workdir or Path(tempfile.gettempdir()) / "defectscope-bench")
+    folder = work / f"images_{a.images}_{a.min_side}_{a.max_side}"
+    t0 = time.perf_counter()
+    paths = make_images(folder, a.images, a.min_side, a.max_side)
+    gen = time.perf_counter() - t0
+    listing = work / f"list_{a.images}_x{a.repeat}.txt"
+    with open(listing, "w", encoding="utf-8") as f:
+        for _ in range(a.repeat):
+            f.writelines(f"{q}\n" for q in paths)
+    result = run_inspect(a.model, listing, work / "bench.jsonl", extra)
+    result.update({"inputs": a.images * a.repeat, "generate_s": round(gen, 1), "extra": " ".join(extra)})
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""Decode ahead of inference and batch images of identical preprocessed size.
+
+Decoding runs in a thread pool (Pillow and numpy release the GIL while they work) over a bounded
+window of submitted paths, so memory does not grow with the number of inputs and the pool keeps
+decoding while the main thread runs the model.  Batches only ever hold equally sized images, so
+no padding changes a result: an image gets the same probabilities alone or in any batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .image import ImageLoadError, LoaderConfig, load_image_with_size
+from .inspector import Decision, Inspector
+
+
+@dataclass
+class Item:
+    """One input on its way through the pipeline."""
+
+    path: str
+    array: np.ndarray | None = None
+    size: tuple[int, int] | None = None
+    error: str | None = None
+    decode_ms: float = 0.0
+
+
+@dataclass
+class Result:
+    item: Item
+    decision: Decision | None = None
+    cam: np.ndarray | None = None  # (h, w) map of the decision's defect class
+    error: str | None = None
+    latency_ms: float = 0.0
+
+
+def describe_error(exc: BaseException) -> str:
+    """'kind: reason' for loader errors, so rows can be grouped by kind."""
+    if isinstance(exc, ImageLoadError):
+        return f"{exc.kind}: {exc.reason}"
+    return f"unreadable: {type(exc).__name__}: {exc}"
+
+
+def decode(path: str, cfg: LoaderConfig) -> Item:
+    t0 = time.perf_counter()
+    try:
+        arr, size = load_image_with_size(path, cfg)
+        return Item(path, arr, size, None, (time.perf_counter() - t0) * 1e3)
+    except Exception as exc:  # a bad file must become a row, never stop the run
+        return Item(path, None, None, describe_error(exc), (time.perf_counter() - t0) * 1e3)
+
+
+def decode_stream(paths: Iterable[str], cfg: LoaderConfig, workers: int, window: int) -> Iterator[Item]:
+    """Decoded items in input order; at most ``window`` decodes are in flight or buffered."""
+    if workers <= 0:
+        for p in paths:
+            yield decode(p, cfg)
+        return
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+    pending: deque[Future[Item]] = deque()
+    try:
+        for p in paths:
+            pending.append(pool.submit(decode, p, cfg))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class Batcher:
+    """Per-size pending lists; a list is released when full, or the largest when too many wait."""
+
+    batch_size: int
+    max_pending: int
+    _buckets: dict[tuple[int, ...], list[Item]] = field(default_factory=dict)
+    _count: int = 0
+
+    def add(self, item: Item) -> list[list[Item]]:
+        assert item.array is not None
+        key = tuple(item.array.shape)
+        bucket = self._buckets.setdefault(key, [])
+        bucket.append(item)
+        self._count += 1
+        ready = []
+        if len(bucket) >= self.batch_size:
+            ready.append(self._pop(key))
+        while self._count > self.max_pending:
+            ready.append(self._pop(max(self._buckets, key=lambda k: len(self._buckets[k]))))
+        return ready
+
+    def drain(self) -> list[list[Item]]:
+        return [self._pop(k) for k in list(self._buckets)]
+
+    @property
+    def pending(self) -> int:
+        return self._count
+
+    def _pop(self, key: tuple[int, ...]) -> list[Item]:
+        items = self._buckets.pop(key)
+        self._count -= len(items)
+        return items
+
+
+def infer(inspector: Inspector, items: list[Item], threshold: float, *, want_cam: bool) -> list[Result]:
+    """Run one same-size batch; if the batch fails, retry image by image so one bad input
+    cannot take its neighbours down with it."""
+    t0 = time.perf_counter()
+    try:
+        arrays = [it.array for it in items if it.array is not None]
+        outs = inspector.predict(inspector.preprocess(arrays), cam=want_cam)
+    except Exception as exc:
+        if len(items) == 1:
+            return [Result(items[0], error=f"inference_failed: {type(exc).__name__}: {exc}")]
+        return [r for it in items for r in infer(inspector, [it], threshold, want_cam=want_cam)]
+    share = (time.perf_counter() - t0) * 1e3 / len(items)
+    results = []
+    cams = outs.get("cam")
+    names = inspector.class_names
+    for i, it in enumerate(items):
+        d = inspector.decide(outs["probs"][i], threshold)
+        cam = cams[i, names.index(d.defect_class)] if cams is not None else None
+        results.append(Result(it, d, cam, None, it.decode_ms + share))
+    return results

@@ -1,0 +1,145 @@
+"""ONNX Runtime execution-provider choice and session options for line PCs.
+
+Kept apart from the inspector so the policy (what "auto" means, what the defaults are) is in one
+readable place.  ORT's own silent fallback is disabled: we decide, and say so in one line.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+#: Short names users type -> ORT provider names, in "auto" preference order.
+PROVIDERS: dict[str, str] = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+PROVIDER_CHOICES = ("auto", *PROVIDERS)
+GRAPH_OPT_CHOICES = ("disable", "basic", "extended", "all")
+#: Providers that run on the GPU and therefore want IO binding.
+GPU_PROVIDERS = frozenset({"tensorrt", "cuda"})
+
+
+class ProviderError(RuntimeError):
+    """The requested execution provider cannot be used."""
+
+
+def short_name(ort_name: str) -> str:
+    """'CUDAExecutionProvider' -> 'cuda' (unknown names are lower-cased without the suffix)."""
+    for short, full in PROVIDERS.items():
+        if full == ort_name:
+            return short
+    return ort_name.removesuffix("ExecutionProvider").lower()
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads share one core's FPUs).
+
+    Linux: distinct (package, core) pairs among the CPUs in our affinity mask.  Elsewhere, or
+    when sysfs is unreadable, the logical count is the honest fallback.
+    """
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            core = (topo / "core_id").read_text().strip()
+            pkg = (topo / "physical_package_id").read_text().strip()
+        except OSError:
+            return max(1, len(cpus))
+        cores.add((pkg, core))
+    return max(1, len(cores))
+
+
+def default_trt_cache() -> Path:
+    """Per-user cache folder for TensorRT engines (building one takes minutes; reuse it)."""
+    base = os.environ.get("LOCALAPPDATA") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "defectscope" / "trt"
+
+
+def provider_chain(
+    kind: str,
+    *,
+    trt_cache_dir: Path | None = None,
+    fp16: bool = False,
+    profile: tuple[int, int, int, int] | None = None,
+) -> list[Any]:
+    """The ORT ``providers`` list that makes ``kind`` primary, with the usual partition fallbacks.
+
+    TensorRT hands unsupported nodes to CUDA, CUDA to the CPU; the primary is verified after the
+    session exists, so a silently missing library cannot pass for success.  ``profile`` =
+    (max_batch, channels, min_side, max_side) gives TensorRT one optimisation profile covering
+    every input size, instead of an engine rebuild for each new shape.
+    """
+    if kind == "cpu":
+        return [PROVIDERS["cpu"]]
+    if kind == "cuda":
+        return [(PROVIDERS["cuda"], {"cudnn_conv_algo_search": "HEURISTIC"}), PROVIDERS["cpu"]]
+    if kind == "tensorrt":
+        cache = str(trt_cache_dir or default_trt_cache())
+        trt = {
+            "trt_engine_cache_enable": "True",
+            "trt_engine_cache_path": cache,
+            "trt_timing_cache_enable": "True",
+            "trt_timing_cache_path": cache,
+            "trt_fp16_enable": "True" if fp16 else "False",
+        }
+        if profile is not None:
+            batch, ch, lo, hi = profile
+            trt["trt_profile_min_shapes"] = f"input:1x{ch}x{lo}x{lo}"
+            trt["trt_profile_opt_shapes"] = f"input:{batch}x{ch}x{hi}x{hi}"
+            trt["trt_profile_max_shapes"] = f"input:{batch}x{ch}x{hi}x{hi}"
+        return [(PROVIDERS["tensorrt"], trt), PROVIDERS["cuda"], PROVIDERS["cpu"]]
+    raise ProviderError(f"unknown provider {kind!r}; choose one of {', '.join(PROVIDER_CHOICES)}")
+
+
+def candidates(requested: str, available: list[str]) -> list[str]:
+    """Short provider names to try, best first; raises when a forced one is not in this ORT build."""
+    have = [short_name(p) for p in available]
+    if requested == "auto":
+        return [k for k in PROVIDERS if PROVIDERS[k] in available] or ["cpu"]
+    if requested not in PROVIDERS:
+        raise ProviderError(f"unknown provider {requested!r}; choose one of {', '.join(PROVIDER_CHOICES)}")
+    if PROVIDERS[requested] not in available:
+        hint = ""
+        if requested in GPU_PROVIDERS:
+            hint = (
+                "; install the GPU build (pip install 'defectscope[gpu]', which brings onnxruntime-gpu; "
+                "uninstall the CPU 'onnxruntime' package first)"
+            )
+        raise ProviderError(
+            f"provider {requested!r} is not available in this onnxruntime build "
+            f"(available: {', '.join(have)}){hint}"
+        )
+    return [requested]
+
+
+def session_options(threads: int | None, graph_opt: str) -> Any:
+    """Fast defaults: one intra-op thread per physical core, sequential execution, full graph opts."""
+    import onnxruntime as ort
+
+    if graph_opt not in GRAPH_OPT_CHOICES:
+        raise ProviderError(f"unknown graph optimisation {graph_opt!r}; choose one of {GRAPH_OPT_CHOICES}")
+    levels = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # errors only: our one-line fallback message replaces ORT's dump
+    so.graph_optimization_level = levels[graph_opt]
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads if threads and threads > 0 else physical_cores()
+    so.inter_op_num_threads = 1
+    # Idle intra-op threads must sleep, not spin: decoding threads need those cores (measured
+    # 1.7x more images/s on 2 cores).  Input shapes vary per batch, so per-shape memory patterns
+    # would only pile up.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.enable_mem_pattern = False
+    return so

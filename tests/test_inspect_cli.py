@@ -1,0 +1,230 @@
+"""`defectscope inspect`: rows, bad inputs, exit codes, CSV, resume, input expansion (real files, real ORT)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from defectscope.runtime.cli import main
+from defectscope.runtime.image import ERROR_KINDS
+from defectscope.runtime.results import ROW_KEYS, recover_jsonl
+from onnx_models import build_model, make_image
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_model(tmp_path_factory.mktemp("model") / "m.onnx")
+
+
+@pytest.fixture(scope="module")
+def good_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("good")
+    sizes = [(64, 64), (96, 64), (64, 64), (80, 120), (96, 64), (64, 64), (200, 150), (64, 64)]
+    for i, (w, h) in enumerate(sizes * 2):
+        make_image(d / f"img_{i:02d}.png", w, h, bright=i % 3 == 0, seed=i)
+    return d
+
+
+def rows_of(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def run(*argv: object) -> int:
+    return main([str(a) for a in argv])
+
+
+def make_bad_files(d: Path) -> dict[str, str]:
+    """One file per loader error kind; returns {input as listed: expected kind}."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "zero.png").write_bytes(b"")
+    good = make_image(d / "full.png", 120, 120, bright=True, seed=1)
+    data = good.read_bytes()
+    (d / "truncated.png").write_bytes(data[: len(data) // 2])
+    good.unlink()
+    (d / "text.png").write_text("not an image at all")
+    Image.new("LAB", (64, 64)).save(d / "lab.tif")
+    Image.new("L", (2100, 2000)).save(d / "huge.png")  # 4.2 MP > the fixture's 4 MP limit
+    make_image(d / "tiny.png", 16, 16, bright=False)
+    os.symlink("loop.png", d / "loop.png")  # ELOOP: exists as a name, cannot be read
+    (d / "adir").mkdir()
+    return {
+        str(d / "zero.png"): "zero_bytes",
+        str(d / "truncated.png"): "truncated",
+        str(d / "text.png"): "not_an_image",
+        str(d / "lab.tif"): "unsupported_mode",
+        str(d / "huge.png"): "too_large",
+        str(d / "tiny.png"): "too_small",
+        str(d / "loop.png"): "unreadable",
+        str(d / "missing.png"): "vanished",
+        str(d / "adir"): "is_directory",
+    }
+
+
+def test_one_row_per_input_for_every_bad_kind(model: Path, good_dir: Path, tmp_path: Path) -> None:
+    bad = make_bad_files(tmp_path / "bad")
+    assert set(bad.values()) == set(ERROR_KINDS)
+    goods = sorted(str(p) for p in good_dir.glob("*.png"))[:5]
+    listing = tmp_path / "list.txt"
+    listing.write_text("# a comment\n\n" + "\n".join(goods[:2] + list(bad) + goods[2:]) + "\n")
+    out = tmp_path / "r.jsonl"
+    assert run(model, f"@{listing}", "-o", out, "--workers", 3, "--batch-size", 2) == 1
+    rows = rows_of(out)
+    assert len(rows) == len(bad) + len(goods)
+    by_path = {r["path"]: r for r in rows}
+    assert len(by_path) == len(rows)
+    for path, kind in bad.items():
+        r = by_path[path]
+        assert r["status"] == "error" and r["verdict"] is None and r["probs"] is None
+        assert r["error"].startswith(kind + ": "), (path, r["error"])
+    for path in goods:
+        r = by_path[path]
+        assert r["status"] == "ok" and r["error"] is None and r["verdict"] in {"OK", "NG"}
+    for r in rows:
+        assert tuple(r) == ROW_KEYS
+        assert r["model_sha256"] and r["provider"] == "cpu" and r["latency_ms"] >= 0
+
+
+def test_rows_are_complete_and_consistent(model: Path, good_dir: Path, tmp_path: Path) -> None:
+    out, csv_path = tmp_path / "r.jsonl", tmp_path / "r.csv"
+    assert run(model, good_dir, "-o", out, "--csv", csv_path) == 0
+    rows = rows_of(out)
+    assert len(rows) == 16 and {r["verdict"] for r in rows} == {"OK", "NG"}
+    for r in rows:
+        probs = r["probs"]
+        assert list(probs) == ["good", "crack", "scratch"]
+        assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
+        assert r["defect_prob"] == pytest.approx(1 - probs["good"])
+        assert r["label"] == max(probs, key=probs.get) and r["score"] == pytest.approx(probs[r["label"]])
+        assert r["verdict"] == ("NG" if r["defect_prob"] >= 0.5 else "OK")
+        with Image.open(r["path"]) as im:
+            assert (r["width"], r["height"]) == im.size
+    with open(csv_path, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows)
+    assert [c for c in table[0] if c.startswith("prob_")] == ["prob_good", "prob_crack", "prob_scratch"]
+    for r, c in zip(rows, table):
+        assert c["path"] == r["path"] and c["verdict"] == r["verdict"]
+        assert float(c["prob_crack"]) == pytest.approx(r["probs"]["crack"])
+
+
+def test_threshold_override(model: Path, good_dir: Path, tmp_path: Path) -> None:
+    assert run(model, good_dir, "-o", tmp_path / "a.jsonl", "--threshold", 0) == 0
+    assert {r["verdict"] for r in rows_of(tmp_path / "a.jsonl")} == {"NG"}
+    assert run(model, good_dir, "-o", tmp_path / "b.jsonl", "--threshold", 1) == 0
+    assert {r["verdict"] for r in rows_of(tmp_path / "b.jsonl")} == {"OK"}
+
+
+def test_batching_and_workers_do_not_change_probabilities(
+    model: Path, good_dir: Path, tmp_path: Path
+) -> None:
+    results = []
+    for i, (bs, workers) in enumerate([(1, 0), (8, 3), (3, 1)]):
+        out = tmp_path / f"{i}.jsonl"
+        assert run(model, good_dir, "-o", out, "--batch-size", bs, "--workers", workers) == 0
+        results.append({r["path"]: np.array(list(r["probs"].values())) for r in rows_of(out)})
+    for other in results[1:]:
+        assert other.keys() == results[0].keys()
+        assert max(np.abs(other[k] - results[0][k]).max() for k in other) <= 1e-5
+
+
+def test_exit_2_for_bad_command_lines_and_models(
+    model: Path, good_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "r.jsonl"
+    assert run(model, good_dir) == 2  # no -o
+    assert run(model, good_dir, "-o", out, "--threshold", 1.5) == 2
+    assert run(model, good_dir, "-o", out, "--batch-size", 0) == 2
+    assert run(model, good_dir, "-o", tmp_path) == 2
+    assert run(model, good_dir, "-o", out, "--provider", "cuda") == 2
+    assert "'cuda' is not available" in capsys.readouterr().err
+    assert run(model, "@" + str(tmp_path / "nolist.txt"), "-o", out) == 2
+    assert "nolist.txt" in capsys.readouterr().err
+    foreign = build_model(tmp_path / "foreign.onnx", omit_metadata=True)
+    assert run(foreign, good_dir, "-o", out) == 2
+    assert "foreign.onnx" in capsys.readouterr().err
+    assert run(model, tmp_path / "empty-glob-*.png", "-o", out) == 2
+    assert "no input images" in capsys.readouterr().err
+    assert run("--help") == 0
+
+
+def test_input_expansion_folders_globs_lists_duplicates(model: Path, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    for name in ("a.png", "b.jpg", "sub/c.png", "sub/deeper/d.bmp"):
+        p = root / name
+        make_image(p, 64, 64, bright=False)
+    (root / "notes.txt").write_text("ignored in folders")
+    out = tmp_path / "r.jsonl"
+    run(model, root, "-o", out)
+    assert sorted(Path(r["path"]).name for r in rows_of(out)) == ["a.png", "b.jpg"]
+    run(model, root, "--recursive", "-o", out)
+    assert sorted(Path(r["path"]).name for r in rows_of(out)) == ["a.png", "b.jpg", "c.png", "d.bmp"]
+    run(model, str(root / "*.png"), str(root / "sub" / "*"), "-o", out)  # matched folder expands
+    assert sorted(Path(r["path"]).name for r in rows_of(out)) == ["a.png", "c.png", "d.bmp"]
+    listing = tmp_path / "l.txt"
+    listing.write_text(f"{root / 'a.png'}\n{root / 'a.png'}\n{root / 'b.jpg'}\n{root / 'a.png'}\n")
+    assert run(model, f"@{listing}", "-o", out) == 0
+    assert [Path(r["path"]).name for r in rows_of(out)].count("a.png") == 3
+
+
+def test_resume_truncates_torn_line_and_finishes_exactly_once(
+    model: Path, good_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    listing = tmp_path / "l.txt"
+    goods = sorted(str(p) for p in good_dir.glob("*.png"))
+    listing.write_text("\n".join(goods + goods[:3]) + "\n")  # 3 inputs listed twice
+    full = tmp_path / "full.jsonl"
+    assert run(model, f"@{listing}", "-o", full, "--batch-size", 4) == 0
+    lines = full.read_text().splitlines(keepends=True)
+    assert len(lines) == len(goods) + 3
+
+    out = tmp_path / "r.jsonl"
+    torn = lines[7][: len(lines[7]) // 2]
+    out.write_text("".join(lines[:7]) + torn)  # a crash mid-write of row 8
+    assert run(model, f"@{listing}", "-o", out, "--resume", "--csv", tmp_path / "r.csv") == 0
+    assert "torn last line" in capsys.readouterr().err
+    rows = rows_of(out)
+    assert sorted(r["path"] for r in rows) == sorted(goods + goods[:3])
+    ref = {r["path"]: r["probs"] for r in map(json.loads, lines)}
+    for r in rows:
+        assert max(abs(r["probs"][k] - ref[r["path"]][k]) for k in ref[r["path"]]) <= 1e-5
+    with open(tmp_path / "r.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)  # CSV regenerated from the whole JSONL
+
+    # resuming a finished run does nothing; resuming with another model is refused
+    assert run(model, f"@{listing}", "-o", out, "--resume") == 0
+    assert len(rows_of(out)) == len(rows)
+    other = build_model(tmp_path / "other.onnx", seed=5)
+    assert run(other, f"@{listing}", "-o", out, "--resume") == 2
+    assert "another model" in capsys.readouterr().err
+
+
+def test_recover_jsonl_edge_cases(tmp_path: Path) -> None:
+    p = tmp_path / "x.jsonl"
+    assert recover_jsonl(p) == 0
+    p.write_bytes(b"")
+    assert recover_jsonl(p) == 0
+    p.write_bytes(b'{"path": "a"}\n{"pa')
+    assert recover_jsonl(p) == 4 and p.read_bytes() == b'{"path": "a"}\n'
+    p.write_bytes(b'{"path": "only torn"')
+    assert recover_jsonl(p) == 20 and p.read_bytes() == b""
+    big = b'{"path": "%d"}\n' % 1 + b"x" * 200_000
+    p.write_bytes(big)
+    assert recover_jsonl(p) == 200_000
+
+
+def test_heatmaps_written_for_every_ng(model: Path, good_dir: Path, tmp_path: Path) -> None:
+    hm = tmp_path / "hm"
+    out = tmp_path / "r.jsonl"
+    assert run(model, good_dir, "-o", out, "--heatmaps", hm, "--batch-size", 3) == 0
+    ng = [r for r in rows_of(out) if r["verdict"] == "NG"]
+    files = sorted(hm.glob("*.png"))
+    assert ng and len(files) == len(ng)
+    with Image.open(files[0]) as im:
+        assert im.mode == "RGB"

@@ -1,0 +1,104 @@
+"""The line runtime must work where the training stack is absent (no torch on a line PC).
+
+A sitecustomize on PYTHONPATH installs a meta-path finder that makes torch, lightning,
+pytorch_lightning, hydra and mlflow unimportable; the runtime is imported AND `defectscope
+inspect` is run in that interpreter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from onnx_models import build_model, make_image
+
+BLOCKED = ("torch", "lightning", "pytorch_lightning", "hydra", "mlflow")
+
+SITECUSTOMIZE = f"""
+import sys
+BLOCKED = {BLOCKED!r}
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by test)", name=name)
+        return None
+sys.meta_path.insert(0, _Block())
+"""
+
+CHECK = """
+import sys
+try:
+    import torch
+except ModuleNotFoundError:
+    pass
+else:
+    raise SystemExit("blocker not active")
+import defectscope.runtime, defectscope.runtime.inspector, defectscope.runtime.cli
+import defectscope.runtime.watch, defectscope.runtime.report, defectscope.runtime.heatmap
+from defectscope.runtime.inspector import Inspector
+insp = Inspector(sys.argv[1], provider="cpu")
+loaded = {m.split(".")[0] for m in sys.modules}
+bad = sorted(loaded & {"torch", "lightning", "pytorch_lightning", "hydra", "mlflow", "cv2", "tqdm", "onnx"})
+print("BAD", bad)
+"""
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def test_runtime_imports_and_inspects_without_training_stack(tmp_path: Path) -> None:
+    model = build_model(tmp_path / "m.onnx")
+    imgs = tmp_path / "imgs"
+    for i in range(4):
+        make_image(imgs / f"{i}.png", 64, 64, bright=i % 2 == 1, seed=i)
+    env = _env(tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-c", CHECK, str(model)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    assert "BAD []" in r.stdout, r.stdout
+
+    out = tmp_path / "r.jsonl"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "defectscope",
+            "inspect",
+            str(model),
+            str(imgs),
+            "-o",
+            str(out),
+            "--report",
+            str(tmp_path / "r.html"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 4 and {row["verdict"] for row in rows} == {"OK", "NG"}
+
+
+def test_blocker_really_blocks(tmp_path: Path) -> None:
+    """Guard against a vacuous pass: under the blocker, importing torch must fail."""
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("torch is not installed here, nothing to block")
+    r = subprocess.run(
+        [sys.executable, "-c", "import torch"], env=_env(tmp_path), capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode != 0 and "blocked by test" in r.stderr

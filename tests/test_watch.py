@@ -1,0 +1,262 @@
+"""`defectscope watch`: exactly-once handling across kill -9, restarts and SIGTERM (real subprocesses)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from defectscope.runtime.watch import build_parser, is_ignored
+from onnx_models import build_model
+
+FOLDERS = ("OK", "NG", "error")
+
+
+def png_bytes(i: int, bright: bool) -> bytes:
+    rng = np.random.default_rng(i)
+    side = (48, 64, 80)[i % 3]
+    arr = rng.integers(10, 70, (side, side), dtype=np.uint8)
+    if bright:
+        arr[side // 4 : side // 2, side // 4 : side // 2] = 250
+    buf = io.BytesIO()
+    Image.fromarray(arr, "L").save(buf, "PNG")
+    return buf.getvalue()
+
+
+class Dropper:
+    """Writes files into the hot folder like real producers do, and remembers what it wrote."""
+
+    def __init__(self, hot: Path) -> None:
+        self.hot = hot
+        self.written: dict[str, str] = {}  # name -> sha1 of the final content
+        self.kinds: dict[str, str] = {}
+
+    def _record(self, name: str, data: bytes, kind: str) -> None:
+        self.written[name] = hashlib.sha1(data).hexdigest()
+        self.kinds[name] = kind
+
+    def atomic(self, name: str, data: bytes, kind: str = "image") -> None:
+        tmp = self.hot / (name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, self.hot / name)
+        self._record(name, data, kind)
+
+    def direct(self, name: str, data: bytes, kind: str = "image") -> None:
+        (self.hot / name).write_bytes(data)
+        self._record(name, data, kind)
+
+    def slow(self, name: str, data: bytes, chunks: int = 6, pause: float = 0.01) -> None:
+        step = max(1, len(data) // chunks)
+        with open(self.hot / name, "wb") as f:
+            for start in range(0, len(data), step):
+                f.write(data[start : start + step])
+                f.flush()
+                time.sleep(pause)
+        self._record(name, data, "slow")
+
+
+def start_watch(
+    model: Path, hot: Path, out: Path, log: Path, env_extra: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, **(env_extra or {}))
+    cmd = [sys.executable, "-m", "defectscope", "watch", str(model), "--in", str(hot), "--out", str(out)]
+    cmd += ["--interval", "0.1", "--stable-polls", "4", "--batch-size", "8", "--workers", "2"]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "ab"), env=env)
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def read_rows(out: Path) -> list[dict[str, Any]]:
+    p = out / "results.jsonl"
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.endswith("}")]
+
+
+def hot_names(hot: Path) -> list[str]:
+    return sorted(n for n in os.listdir(hot) if not is_ignored(n))
+
+
+def check_exactly_once(hot: Path, out: Path, dropper: Dropper) -> list[dict[str, Any]]:
+    rows = read_rows(out)
+    per_name = Counter(Path(r["path"]).name for r in rows)
+    assert per_name == Counter(dropper.written.keys()), "every dropped file needs exactly one row"
+    placed: dict[str, list[str]] = {}
+    for sub in FOLDERS:
+        for name in os.listdir(out / sub):
+            assert not name.startswith(".defectscope-partial-")
+            placed.setdefault(name, []).append(sub)
+    assert sorted(placed) == sorted(r["moved_to"].split("/", 1)[1] for r in rows)
+    assert all(len(v) == 1 for v in placed.values())
+    for r in rows:
+        sub, name = r["moved_to"].split("/", 1)
+        expected = {"OK": "OK", "NG": "NG"}.get(r["verdict"], "error")
+        assert sub == expected, r
+        original = Path(r["path"]).name
+        assert hashlib.sha1((out / sub / name).read_bytes()).hexdigest() == dropper.written[original]
+    assert hot_names(hot) == []
+    return rows
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_model(tmp_path_factory.mktemp("model") / "m.onnx")
+
+
+@pytest.mark.slow
+def test_storm_of_files_with_kill_9_restart_and_sigterm(model: Path, tmp_path: Path) -> None:
+    hot, out, log = tmp_path / "hot", tmp_path / "out", tmp_path / "watch.log"
+    hot.mkdir()
+    (hot / ".hidden.png").write_bytes(png_bytes(0, False))  # dotfile: never touched
+    (hot / "upload.png.part").write_bytes(png_bytes(1, False))  # temp name: never touched
+    dropper = Dropper(hot)
+    n_files = 300
+
+    def produce() -> None:
+        for i in range(n_files):
+            name = f"cam1_{i:04d}.png"
+            data = png_bytes(i, bright=i % 4 == 0)
+            if i % 50 == 7:
+                dropper.atomic(f"broken_{i:04d}.png", data[: len(data) // 2], "broken")
+            elif i % 50 == 21:
+                dropper.atomic(f"empty_{i:04d}.png", b"", "broken")
+            elif i % 50 == 33:
+                dropper.direct(f"notes_{i:04d}.txt", b"operator notes", "broken")
+            if i % 15 == 0:
+                dropper.slow(name, data)
+            elif i % 3 == 0:
+                dropper.direct(name, data)
+            else:
+                dropper.atomic(name, data)
+            time.sleep(0.004)
+
+    proc = start_watch(model, hot, out, log)
+    producer = threading.Thread(target=produce)
+    producer.start()
+    wait_for(lambda: len(read_rows(out)) >= 60, what="first rows")
+    os.kill(proc.pid, signal.SIGKILL)  # kill -9 in the middle of the storm
+    proc.wait(timeout=30)
+    rows_at_kill = len(read_rows(out))
+    proc = start_watch(model, hot, out, log)
+    producer.join(timeout=120)
+    assert rows_at_kill < len(dropper.written), "the kill must happen while files are still arriving"
+    wait_for(
+        lambda: hot_names(hot) == [] and len(read_rows(out)) >= len(dropper.written), what="all files handled"
+    )
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+    rows = check_exactly_once(hot, out, dropper)
+    assert sorted(os.listdir(hot)) == [".hidden.png", "upload.png.part"]
+    status = {Path(r["path"]).name: r["status"] for r in rows}
+    for name, kind in dropper.kinds.items():
+        assert status[name] == ("error" if kind == "broken" else "ok"), (name, kind, status[name])
+    assert {r["verdict"] for r in rows if r["status"] == "ok"} == {"OK", "NG"}
+    print(f"{len(rows)} files, {rows_at_kill} rows at kill -9; {log.read_text().count('batch')} batch lines")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["after_commit:1", "mid_move:2"])
+def test_crash_between_row_and_move_is_recovered_without_reinference(
+    model: Path, tmp_path: Path, fault: str
+) -> None:
+    hot, out, log = tmp_path / "hot", tmp_path / "out", tmp_path / "watch.log"
+    hot.mkdir()
+    dropper = Dropper(hot)
+    for i in range(20):
+        dropper.atomic(f"p{i:02d}.png", png_bytes(i, bright=i % 2 == 0))
+    proc = start_watch(model, hot, out, log, {"DEFECTSCOPE_WATCH_FAULT": fault})
+    assert proc.wait(timeout=60) == -signal.SIGKILL  # the hook killed it at the chosen point
+    rows = read_rows(out)
+    batches = int(fault.split(":")[1])
+    assert len(rows) == 8 * batches
+    recorded_in_hot = [r for r in rows if (hot / Path(r["path"]).name).exists()]
+    assert recorded_in_hot, "some recorded files must still be in HOT for this test to mean anything"
+
+    # restart: recorded files are moved without inference; a new file reusing a processed name
+    # must not overwrite the earlier one
+    proc = start_watch(model, hot, out, log)
+    wait_for(lambda: hot_names(hot) == [], what="hot folder drained")
+    assert "moved without re-inference" in log.read_text()
+    reused = Path(rows[0]["path"]).name
+    data = png_bytes(99, bright=True)
+    (hot / "tmp.partial").write_bytes(data)
+    os.replace(hot / "tmp.partial", hot / reused)
+    wait_for(lambda: hot_names(hot) == [], what="reused name handled")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+    all_rows = read_rows(out)
+    assert len(all_rows) == 21  # 20 files + the reused name, nothing inspected twice
+    assert Counter(Path(r["path"]).name for r in all_rows)[reused] == 2
+    dests = [r["moved_to"] for r in all_rows if Path(r["path"]).name == reused]
+    assert len(set(dests)) == 2 and all((out / d).exists() for d in dests)
+    dropper.written[reused] = hashlib.sha1(data).hexdigest()  # latest content for the check below
+    placed = sum(len(os.listdir(out / sub)) for sub in FOLDERS)
+    assert placed == 21
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_batch_in_flight(model: Path, tmp_path: Path) -> None:
+    hot, out, log = tmp_path / "hot", tmp_path / "out", tmp_path / "watch.log"
+    hot.mkdir()
+    dropper = Dropper(hot)
+    proc = start_watch(model, hot, out, log)
+    wait_for(lambda: (out / "results.jsonl").exists(), what="watcher start")
+    for i in range(60):
+        dropper.atomic(f"s{i:02d}.png", png_bytes(i, bright=i % 3 == 0))
+    wait_for(lambda: len(read_rows(out)) >= 1, what="first batch")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    # invariant after a graceful stop: every recorded file has been moved, nothing is half done
+    for r in read_rows(out):
+        assert not (hot / Path(r["path"]).name).exists()
+        assert (out / r["moved_to"]).exists()
+    left = hot_names(hot)
+    assert len(read_rows(out)) + len(left) == 60
+    # and a restart finishes the rest exactly once
+    proc = start_watch(model, hot, out, log)
+    wait_for(lambda: hot_names(hot) == [], what="rest handled")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    check_exactly_once(hot, out, dropper)
+
+
+def test_ignore_rules_and_parser() -> None:
+    for name in (".x.png", "a.tmp", "a.png.part", "b.PARTIAL", "c.crdownload", "d.png~"):
+        assert is_ignored(name), name
+    for name in ("a.png", "tmp.png", "part.jpg"):
+        assert not is_ignored(name), name
+    args = build_parser().parse_args(["m.onnx", "--in", "hot", "--out", "out", "--interval", "1"])
+    assert (args.hot, args.out, args.interval, args.stable_polls) == ("hot", "out", 1.0, 2)
+
+
+def test_watch_rejects_bad_setups(model: Path, tmp_path: Path) -> None:
+    from defectscope.runtime.watch import main
+
+    hot = tmp_path / "hot"
+    hot.mkdir()
+    assert main([str(model), "--in", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert main([str(model), "--in", str(hot), "--out", str(hot)]) == 2
+    assert main([str(model), "--in", str(hot), "--out", str(tmp_path / "o"), "--stable-polls", "0"]) == 2
+    assert main([str(tmp_path / "missing.onnx"), "--in", str(hot), "--out", str(tmp_path / "o")]) == 2
