@@ -7,7 +7,6 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from test_export_support import TinyNet, randomize
 
 from defectscope.export.fuse import (
     ChannelAffine,
@@ -16,6 +15,7 @@ from defectscope.export.fuse import (
     fuse_conv_bn_report,
     replace_bn_with_affine,
 )
+from test_export_support import TinyNet, randomize
 
 ATOL = 1e-5
 
@@ -140,5 +140,5 @@ def test_only_safe_pairs_are_folded() -> None:
     x = torch.randn(2, 1, 12, 12)
     with torch.inference_mode():
         assert torch.allclose(model(x), fused(x), atol=ATOL)
-    with pytest.raises(ValueError, match="batchstats.*running statistics"):
+    with pytest.raises(ValueError, match=r"batchstats.*running statistics"):
         replace_bn_with_affine(fused)
