@@ -42,6 +42,7 @@ def test_fold_formula_on_a_single_pair() -> None:
     x = torch.randn(2, 3, 9, 7)
     with torch.no_grad():
         want = bn(conv(x))
+        assert bn.running_var is not None and bn.running_mean is not None and conv.bias is not None
         sigma = torch.sqrt(bn.running_var + bn.eps)
         expect_w = conv.weight * (bn.weight / sigma).reshape(-1, 1, 1, 1)
         expect_b = bn.weight * (conv.bias - bn.running_mean) / sigma + bn.bias
