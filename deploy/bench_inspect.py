@@ -3,7 +3,8 @@
     python deploy/bench_inspect.py MODEL [--images 2000] [--min-side 96] [--max-side 512]
                                          [--repeat 1] [--workdir DIR] [-- extra inspect options]
 
-Synthetic PNGs (random sizes, dark texture, some bright blobs) are generated once in --workdir;
+Synthetic PNGs (`defectscope synth` surfaces of random size, or with --source simple a dark
+texture with bright blobs) are generated once in --workdir;
 the inspect run is a real subprocess, timed end to end (start-up and model load included), and
 its peak RSS comes from the OS (wait4).  --repeat N lists every image N times via @list.txt,
 which shows whether memory stays flat as the number of inputs grows.  Linux/macOS only (wait4).
@@ -44,6 +45,16 @@ def make_images(folder: Path, n: int, lo: int, hi: int, seed: int = 0) -> list[P
     return paths
 
 
+def synth_images(folder: Path, n: int, lo: int, hi: int) -> list[Path]:
+    """The project's own synthetic surfaces (`defectscope synth`), generated once per folder."""
+    if not (folder / "manifest.csv").exists():
+        cmd = [sys.executable, "-m", "defectscope", "synth", str(folder), "--n", str(n)]
+        subprocess.run(
+            [*cmd, "--min-size", str(lo), "--max-size", str(hi)], check=True, stdout=subprocess.DEVNULL
+        )
+    return sorted(folder.rglob("*.png"))
+
+
 def run_inspect(model: str, listing: Path, out: Path, extra: list[str]) -> dict[str, object]:
     cmd = [sys.executable, "-m", "defectscope", "inspect", model, f"@{listing}", "-o", str(out), *extra]
     with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
@@ -79,13 +90,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--min-side", type=int, default=96)
     p.add_argument("--max-side", type=int, default=512)
+    p.add_argument(
+        "--source",
+        choices=("synth", "simple"),
+        default="synth",
+        help="images from `defectscope synth` (default) or a simple built-in generator",
+    )
     p.add_argument("--repeat", type=int, default=1, help="list every image this many times")
     p.add_argument("--workdir", default=None, help="where images are generated (kept for reuse)")
     a = p.parse_args(argv)
     work = Path(a.workdir or Path(tempfile.gettempdir()) / "defectscope-bench")
-    folder = work / f"images_{a.images}_{a.min_side}_{a.max_side}"
+    folder = work / f"{a.source}_{a.images}_{a.min_side}_{a.max_side}"
     t0 = time.perf_counter()
-    paths = make_images(folder, a.images, a.min_side, a.max_side)
+    make = synth_images if a.source == "synth" else make_images
+    paths = make(folder, a.images, a.min_side, a.max_side)
     gen = time.perf_counter() - t0
     listing = work / f"list_{a.images}_x{a.repeat}.txt"
     with open(listing, "w", encoding="utf-8") as f:
