@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -228,3 +230,43 @@ def test_heatmaps_written_for_every_ng(model: Path, good_dir: Path, tmp_path: Pa
     assert ng and len(files) == len(ng)
     with Image.open(files[0]) as im:
         assert im.mode == "RGB"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_progress_bar_on_a_tty_and_plain_summary_otherwise(
+    model: Path, good_dir: Path, tmp_path: Path
+) -> None:
+    import pty
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "defectscope",
+        "inspect",
+        str(model),
+        str(good_dir),
+        "-o",
+        str(tmp_path / "t.jsonl"),
+    ]
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    tty_text = b"".join(chunks).decode()
+    assert "\r" in tty_text and "16 images" in tty_text and "img/s" in tty_text
+    assert b"inspected 16 inputs" in out
+
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)  # pipes: no bar
+    assert r.returncode == 0 and "\r" not in r.stderr and "img/s" not in r.stderr
+    assert "inspected 16 inputs: OK" in r.stdout

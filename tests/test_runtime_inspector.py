@@ -161,3 +161,35 @@ def test_loader_errors_surface_as_image_load_errors(inspector: Inspector, tmp_pa
     with pytest.raises(ImageLoadError) as exc:
         inspector.load(tiny)
     assert exc.value.kind == "too_small"
+
+
+def test_io_binding_path_gives_the_same_outputs(model: Path, inspector: Inspector, tmp_path: Path) -> None:
+    """The GPU code path (IO binding) run against the CPU device: same numbers as session.run."""
+    bound = Inspector(model, provider="cpu", threads=1, io_binding=True)
+    assert bound._io_device == "cpu" and inspector._io_device is None
+    arrays = [
+        bound.load(make_image(tmp_path / f"{i}.png", 72, 64, bright=i == 1, seed=i))[0] for i in range(3)
+    ]
+    batch = bound.preprocess(arrays)
+    a, b = bound.predict(batch), inspector.predict(batch)
+    assert a.keys() == b.keys() == {"logits", "probs", "cam"}
+    for k in a:
+        assert np.allclose(a[k], b[k], atol=1e-6)
+
+
+def test_batcher_groups_equal_sizes_and_bounds_pending() -> None:
+    from defectscope.runtime.pipeline import Batcher, Item
+
+    rng = np.random.default_rng(0)
+    b = Batcher(batch_size=4, max_pending=6)
+    batches = []
+    for i in range(200):
+        h = int(rng.choice([32, 48, 64, 80, 96]))
+        batches += b.add(Item(f"{i}", np.zeros((h, 40, 1), np.uint8)))
+        assert b.pending <= 6
+    batches += b.drain()
+    assert b.pending == 0
+    assert sorted(int(it.path) for batch in batches for it in batch) == list(range(200))
+    for batch in batches:
+        assert 1 <= len(batch) <= 4 and len({it.array.shape for it in batch if it.array is not None}) == 1
+    assert sum(len(batch) == 4 for batch in batches) > 10  # full batches do form

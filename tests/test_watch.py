@@ -70,11 +70,16 @@ class Dropper:
 
 
 def start_watch(
-    model: Path, hot: Path, out: Path, log: Path, env_extra: dict[str, str] | None = None
+    model: Path,
+    hot: Path,
+    out: Path,
+    log: Path,
+    env_extra: dict[str, str] | None = None,
+    extra: tuple[str, ...] = (),
 ) -> subprocess.Popen[bytes]:
     env = dict(os.environ, **(env_extra or {}))
     cmd = [sys.executable, "-m", "defectscope", "watch", str(model), "--in", str(hot), "--out", str(out)]
-    cmd += ["--interval", "0.1", "--stable-polls", "4", "--batch-size", "8", "--workers", "2"]
+    cmd += ["--interval", "0.1", "--stable-polls", "4", "--batch-size", "8", "--workers", "2", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "ab"), env=env)
 
 
@@ -221,7 +226,8 @@ def test_sigterm_finishes_the_batch_in_flight(model: Path, tmp_path: Path) -> No
     hot, out, log = tmp_path / "hot", tmp_path / "out", tmp_path / "watch.log"
     hot.mkdir()
     dropper = Dropper(hot)
-    proc = start_watch(model, hot, out, log)
+    heat = tmp_path / "heat"
+    proc = start_watch(model, hot, out, log, extra=("--heatmaps", str(heat)))
     wait_for(lambda: (out / "results.jsonl").exists(), what="watcher start")
     for i in range(60):
         dropper.atomic(f"s{i:02d}.png", png_bytes(i, bright=i % 3 == 0))
@@ -235,11 +241,13 @@ def test_sigterm_finishes_the_batch_in_flight(model: Path, tmp_path: Path) -> No
     left = hot_names(hot)
     assert len(read_rows(out)) + len(left) == 60
     # and a restart finishes the rest exactly once
-    proc = start_watch(model, hot, out, log)
+    proc = start_watch(model, hot, out, log, extra=("--heatmaps", str(heat)))
     wait_for(lambda: hot_names(hot) == [], what="rest handled")
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 0
-    check_exactly_once(hot, out, dropper)
+    rows = check_exactly_once(hot, out, dropper)
+    n_ng = sum(r["verdict"] == "NG" for r in rows)
+    assert n_ng > 0 and len(list(heat.glob("*.png"))) == n_ng  # one CAM overlay per NG file
 
 
 def test_ignore_rules_and_parser() -> None:

@@ -1,18 +1,26 @@
 """The torch-free line runtime: image loading, model metadata and ONNX Runtime inspection.
 
-Only numpy, Pillow and onnxruntime may be imported here (a test enforces it).
+Only numpy, Pillow and onnxruntime may be imported here (a test enforces it); onnxruntime is
+imported when an :class:`Inspector` is created, so importing this package stays cheap.
 """
 
 from .image import ERROR_KINDS, ImageLoadError, LoaderConfig, load_image, normalize_batch, target_size
+from .inspector import Decision, Inspector, ModelLoadError, decide
 from .metadata import METADATA_KEY, MetadataError, ModelMetadata
+from .providers import ProviderError
 
 __all__ = [
     "ERROR_KINDS",
     "METADATA_KEY",
+    "Decision",
     "ImageLoadError",
+    "Inspector",
     "LoaderConfig",
     "MetadataError",
+    "ModelLoadError",
     "ModelMetadata",
+    "ProviderError",
+    "decide",
     "load_image",
     "normalize_batch",
     "target_size",

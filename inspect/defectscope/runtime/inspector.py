@@ -98,6 +98,7 @@ class Inspector:
         trt_cache_dir: str | os.PathLike[str] | None = None,
         *,
         max_batch: int = 32,
+        io_binding: bool | None = None,
         available: Sequence[str] | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
@@ -143,7 +144,10 @@ class Inspector:
         )
         self._check_graph()
         self.has_cam = "cam" in self.output_names
-        self._io_binding = self.provider in GPU_PROVIDERS
+        # IO binding: the batch is copied to the device once and outputs come back in one copy.
+        # On by default for GPU providers; ``io_binding=True`` on the CPU exercises the same path.
+        use_binding = self.provider in GPU_PROVIDERS if io_binding is None else io_binding
+        self._io_device = ("cuda" if self.provider in GPU_PROVIDERS else "cpu") if use_binding else None
 
     # -- loading ---------------------------------------------------------------------------
     def _peek_metadata(self, ort: Any) -> ModelMetadata | None:
@@ -241,20 +245,20 @@ class Inspector:
             )
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         names = [n for n in self.output_names if n in REQUIRED_OUTPUTS or (cam and n == "cam")]
-        if self._io_binding:
-            outs = self._run_bound(batch, names)
+        if self._io_device is not None:
+            outs = self._run_bound(batch, names, self._io_device)
         else:
             outs = self.session.run(names, {INPUT_NAME: batch})
         return dict(zip(names, outs))
 
-    def _run_bound(self, batch: np.ndarray, names: list[str]) -> list[np.ndarray]:
+    def _run_bound(self, batch: np.ndarray, names: list[str], device: str) -> list[np.ndarray]:
         """GPU path: copy the input to the device once and let ORT allocate outputs there."""
         import onnxruntime as ort
 
         binding = self.session.io_binding()
-        binding.bind_ortvalue_input(INPUT_NAME, ort.OrtValue.ortvalue_from_numpy(batch, "cuda", 0))
+        binding.bind_ortvalue_input(INPUT_NAME, ort.OrtValue.ortvalue_from_numpy(batch, device, 0))
         for n in names:
-            binding.bind_output(n, "cuda", 0)
+            binding.bind_output(n, device, 0)
         self.session.run_with_iobinding(binding)
         return list(binding.copy_outputs_to_cpu())
 

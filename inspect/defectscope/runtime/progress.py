@@ -24,10 +24,12 @@ class Progress:
         self._last = 0.0
         self._ticks = 0
         self._width = 0
+        self._state: tuple[int, int, int, int] | None = None
 
     def update(self, done: int, ok: int, ng: int, errors: int, *, force: bool = False) -> None:
         if not self.enabled:
             return
+        self._state = (done, ok, ng, errors)
         now = time.monotonic()
         if not force and now - self._last < self.interval:
             return
@@ -44,6 +46,9 @@ class Progress:
         self.stream.flush()
 
     def close(self) -> None:
+        """Show the final counts (updates are rate-limited) and end the line."""
+        if self.enabled and self._state is not None:
+            self.update(*self._state, force=True)
         if self.enabled and self._width:
             self.stream.write("\n")
             self.stream.flush()
