@@ -102,3 +102,29 @@ def test_blocker_really_blocks(tmp_path: Path) -> None:
         [sys.executable, "-c", "import torch"], env=_env(tmp_path), capture_output=True, text=True, timeout=60
     )
     assert r.returncode != 0 and "blocked by test" in r.stderr
+
+
+def test_missing_onnxruntime_is_a_clear_exit_2(tmp_path: Path) -> None:
+    """The base install (numpy + Pillow only) must say which extra to install, not crash."""
+    model = build_model(tmp_path / "m.onnx")
+    make_image(tmp_path / "a.png", 64, 64, bright=False)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        SITECUSTOMIZE.replace(repr(BLOCKED), repr((*BLOCKED, "onnxruntime")))
+    )
+    env = dict(os.environ, PYTHONPATH=str(site))
+    cmd = [
+        sys.executable,
+        "-m",
+        "defectscope",
+        "inspect",
+        str(model),
+        str(tmp_path / "a.png"),
+        "-o",
+        str(tmp_path / "r.jsonl"),
+    ]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "onnxruntime is not installed" in r.stderr and "defectscope[cpu]" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -25,6 +25,7 @@ from .providers import (
     PROVIDERS,
     ProviderError,
     candidates,
+    import_ort,
     provider_chain,
     session_options,
 )
@@ -102,7 +103,7 @@ class Inspector:
         available: Sequence[str] | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
-        import onnxruntime as ort
+        ort = import_ort()
 
         self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         path = Path(model_path)
@@ -253,7 +254,7 @@ class Inspector:
 
     def _run_bound(self, batch: np.ndarray, names: list[str], device: str) -> list[np.ndarray]:
         """GPU path: copy the input to the device once and let ORT allocate outputs there."""
-        import onnxruntime as ort
+        ort = import_ort()
 
         binding = self.session.io_binding()
         binding.bind_ortvalue_input(INPUT_NAME, ort.OrtValue.ortvalue_from_numpy(batch, device, 0))

@@ -119,9 +119,21 @@ def candidates(requested: str, available: list[str]) -> list[str]:
     return [requested]
 
 
+def import_ort() -> Any:
+    """onnxruntime, or a clear instruction when the base install lacks it."""
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ProviderError(
+            f"onnxruntime is not installed ({exc}); install it with: pip install 'defectscope[cpu]' "
+            "(or 'defectscope[gpu]' on NVIDIA PCs)"
+        ) from None
+    return onnxruntime
+
+
 def session_options(threads: int | None, graph_opt: str) -> Any:
     """Fast defaults: one intra-op thread per physical core, sequential execution, full graph opts."""
-    import onnxruntime as ort
+    ort = import_ort()
 
     if graph_opt not in GRAPH_OPT_CHOICES:
         raise ProviderError(f"unknown graph optimisation {graph_opt!r}; choose one of {GRAPH_OPT_CHOICES}")
