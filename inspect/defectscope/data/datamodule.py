@@ -1,0 +1,317 @@
+"""`DefectDataModule`: source -> splits -> scan -> bucketed, augmented, normalised batches.
+
+Built by ``hydra.utils.instantiate(cfg.data)``.  ``setup`` does all checking up front (every
+file decoded once, all bad files reported together) and fills the attributes training, export
+and evaluation read: ``class_names``, ``good_class``, ``channels``, ``mean``, ``std``,
+``loader_config``, ``class_counts``, ``class_weights``, ``val_paths``.
+
+DDP: the dataloaders read ``trainer.global_rank`` / ``trainer.world_size`` when they are built
+and give each rank its share through :class:`BucketBatchSampler`, so the Trainer must run with
+``use_distributed_sampler=False``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from ..runtime.image import LoaderConfig
+from .dataset import DefectDataset, collate, seed_worker
+from .sampler import BucketBatchSampler
+from .scan import BadFilesError, ScanRecord, ScanResult, mean_std, scan_files, write_rejects
+from .sources import SPLITS, Sample, SourceData, SourceError, build_source, prepare_source, to_plain
+from .splits import assign_splits
+from .stats import class_counts, count_table, inverse_frequency_weights
+from .transforms import build_transform, check_size_preserving, seed_transform
+
+log = logging.getLogger(__name__)
+
+ON_BAD_FILE = ("fail", "skip")
+
+
+class DefectDataModule(pl.LightningDataModule):
+    """Data for one training run; see ``conf/data/*.yaml`` for every option.
+
+    Args:
+        source: ``{"kind": folder|csv|elpv|synthetic, ...}`` (see :mod:`defectscope.data.sources`).
+        loader: :class:`LoaderConfig` fields (channels, max_side, min_size, size_multiple, max_pixels).
+        split: ``val_fraction`` (of the non-test part), ``test_fraction`` (of all), ``seed``; used
+            only where the source has no split.  Unset keys take the source's defaults
+            (ELPV: 25 % test, seed 42), then 0.15 / 0.15 / 42.
+        batch_size / eval_batch_size: images per bucket batch for training / val+test.
+        train_transform / eval_transform: albumentations pipeline (``_target_`` mapping or object).
+        mean / std: per-channel, on the 0..1 scale; ``None`` = exact values of the training split
+            (computed during the scan at no extra decoding cost).
+        on_bad_file: ``fail`` (default: one error listing every bad file) or ``skip`` (train on the
+            rest and write ``rejects_path`` as CSV path,kind,reason).
+        seed: shuffling and augmentation seed (the split has its own ``split.seed``).
+        pin_memory: ``None`` = only when CUDA is available.
+    """
+
+    def __init__(
+        self,
+        source: Mapping[str, Any],
+        loader: Mapping[str, Any] | LoaderConfig | None = None,
+        split: Mapping[str, Any] | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = False,
+        train_transform: Any = None,
+        eval_transform: Any = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        on_bad_file: str = "fail",
+        rejects_path: str | None = "rejects.csv",
+        scan_workers: int = 2,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__()
+        if on_bad_file not in ON_BAD_FILE:
+            raise ValueError(f"data.on_bad_file must be one of {', '.join(ON_BAD_FILE)}, got {on_bad_file!r}")
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")
+        self.source_spec: dict[str, Any] = to_plain(source)
+        if "kind" not in self.source_spec:
+            raise SourceError("data.source.kind is required (folder, csv, elpv or synthetic)")
+        if isinstance(loader, LoaderConfig):
+            self.loader_config = loader
+        else:
+            try:
+                self.loader_config = LoaderConfig(**to_plain(loader or {}))
+            except TypeError as exc:
+                raise ValueError(f"data.loader: {exc}") from None
+        split_cfg = to_plain(split or {})
+        unknown = set(split_cfg) - {"val_fraction", "test_fraction", "seed"}
+        if unknown:
+            raise ValueError(
+                f"data.split: unknown key(s) {sorted(unknown)}; valid: val_fraction, test_fraction, seed"
+            )
+        self.split_cfg = split_cfg
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = (
+            torch.cuda.is_available()
+            if pin_memory is None
+            else bool(pin_memory and torch.cuda.is_available())
+        )
+        self.persistent_workers = bool(persistent_workers)
+        self.train_transform_spec = train_transform
+        self.eval_transform_spec = eval_transform
+        self.mean_cfg = None if mean is None else [float(m) for m in mean]
+        self.std_cfg = None if std is None else [float(s) for s in std]
+        self.on_bad_file = on_bad_file
+        self.rejects_path = rejects_path
+        self.scan_workers = int(scan_workers)
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+
+        # Filled by setup():
+        self.channels: int = self.loader_config.channels
+        self.class_names: list[str] = []
+        self.good_class: str = ""
+        self.mean: list[float] = []
+        self.std: list[float] = []
+        self.class_counts: dict[str, int] = {}
+        self.class_weights: torch.Tensor = torch.empty(0)
+        self.val_paths: list[str] = []
+        self.samples: dict[str, list[Sample]] = {}
+        self.sizes: dict[str, list[tuple[int, int]]] = {}
+        self.scan_result: ScanResult | None = None
+        self.rejected: list[str] = []
+        self.report: str = ""
+        self.datasets: dict[str, DefectDataset] = {}
+        self._ready = False
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def prepare_data(self) -> None:
+        """Generate the synthetic set if needed (runs once per node, before ``setup`` on all ranks)."""
+        prepare_source(self.source_spec)
+
+    def setup(self, stage: str | None = None) -> None:
+        """List, split and scan once; later calls (fit, then test) reuse the result."""
+        if self._ready:
+            return
+        # missing CSV rows go through the scan too, so `fail` reports them with every other bad file
+        source = build_source(self.source_spec, missing="keep")
+        if source.good_class is None:
+            raise SourceError("data.source.good_class must name the defect-free class")
+        self.class_names = list(source.class_names)
+        self.good_class = source.good_class
+        samples = self._split(source)
+        records = self._scan(samples, source.origin)
+        kept = [(s, r) for s, r in zip(samples, records) if r is not None]
+        self.samples = {name: [s for s, _ in kept if s.split == name] for name in SPLITS}
+        self.sizes = {name: [r.size for s, r in kept if s.split == name] for name in SPLITS}
+        train = self.samples["train"]
+        self.class_counts = class_counts(train, self.class_names)
+        empty = [c for c, n in self.class_counts.items() if n == 0]
+        if empty:
+            raise ValueError(
+                f"{source.description}: no training images for class(es) {empty}; every class in "
+                f"{self.class_names} needs training images (check data.source.classes and the split)"
+            )
+        self.class_weights = torch.tensor(inverse_frequency_weights(self.class_counts), dtype=torch.float32)
+        self.mean, self.std = self._normalisation([r for s, r in kept if s.split == "train"])
+        self.val_paths = [s.path for s in self.samples["val"]]
+        self._build_datasets(any(s.meta for s in samples))
+        self.report = self._make_report(source, [s for s, _ in kept])
+        log.info("%s", self.report)
+        self._ready = True
+
+    def train_dataloader(self) -> DataLoader[dict[str, Any]]:
+        return self._loader("train", self.batch_size, shuffle=True, drop_last=self.drop_last)
+
+    def val_dataloader(self) -> DataLoader[dict[str, Any]]:
+        return self._loader("val", self.eval_batch_size, shuffle=False, drop_last=False)
+
+    def test_dataloader(self) -> DataLoader[dict[str, Any]]:
+        return self._loader("test", self.eval_batch_size, shuffle=False, drop_last=False)
+
+    # ------------------------------------------------------------------ steps
+
+    def _split(self, source: SourceData) -> list[Sample]:
+        defaults = {"val_fraction": 0.15, "test_fraction": 0.15, "seed": 42, **source.split_defaults}
+        cfg = {**defaults, **{k: v for k, v in self.split_cfg.items() if v is not None}}
+        samples = source.samples
+        names = self.class_names
+        splits = assign_splits(
+            [s.split for s in samples],
+            [s.stratum or names[s.label] for s in samples],
+            [s.path for s in samples],
+            val_fraction=float(cfg["val_fraction"]),
+            test_fraction=float(cfg["test_fraction"]),
+            seed=int(cfg["seed"]),
+        )
+        for s, sp in zip(samples, splits):
+            s.split = sp
+        return samples
+
+    def _scan(self, samples: list[Sample], origin: Mapping[str, str]) -> list[ScanRecord | None]:
+        result = scan_files([s.path for s in samples], self.loader_config, self.scan_workers)
+        self.scan_result = result
+        log.info("scanned %d images in %.1f s (%d bad)", len(samples), result.seconds, len(result.bad))
+        if result.bad:
+            if self.on_bad_file == "fail":
+                raise BadFilesError(
+                    result.bad, len(samples), "set data.on_bad_file=skip to train on the rest", origin
+                )
+            if self.rejects_path:
+                out = write_rejects(self.rejects_path, result.bad)
+                log.warning("skipping %d bad image(s); list written to %s", len(result.bad), out)
+            self.rejected = [b.path for b in result.bad]
+        return result.records
+
+    def _normalisation(self, train_records: Sequence[ScanRecord | None]) -> tuple[list[float], list[float]]:
+        c = self.channels
+        mean, std = self.mean_cfg, self.std_cfg
+        if mean is None or std is None:
+            est_mean, est_std = mean_std(train_records, c)
+            mean = est_mean if mean is None else mean
+            std = est_std if std is None else std
+        for key, vals in (("mean", mean), ("std", std)):
+            if len(vals) not in (1, c):
+                raise ValueError(f"data.{key} has {len(vals)} values; expected 1 or {c} (loader.channels)")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"data.std values must be > 0, got {std}")
+        return (mean * c if len(mean) == 1 else list(mean)), (std * c if len(std) == 1 else list(std))
+
+    def _build_datasets(self, with_meta: bool) -> None:
+        train_tf = build_transform(self.train_transform_spec)
+        eval_tf = build_transform(self.eval_transform_spec)
+        check_size_preserving(train_tf, self.sizes["train"], self.channels, "train_transform")
+        check_size_preserving(
+            eval_tf, self.sizes["val"] + self.sizes["test"], self.channels, "eval_transform"
+        )
+        seed_transform(train_tf, self.seed)
+        seed_transform(eval_tf, self.seed)
+        for name in SPLITS:
+            self.datasets[name] = DefectDataset(
+                self.samples[name],
+                self.sizes[name],
+                self.loader_config,
+                self.mean,
+                self.std,
+                train_tf if name == "train" else eval_tf,
+                with_meta,
+            )
+
+    def _make_report(self, source: SourceData, kept: list[Sample]) -> str:
+        buckets = Counter(r for sizes in self.sizes.values() for r in sizes)
+        lines = [
+            f"data: {source.description}",
+            count_table(kept, self.class_names),
+            "class weights (train, inverse frequency): "
+            + ", ".join(f"{c}={w:.3f}" for c, w in zip(self.class_names, self.class_weights.tolist())),
+            f"good class: {self.good_class}; channels: {self.channels}; mean {self.mean}; std {self.std}",
+            f"{len(buckets)} size buckets (h x w) for {sum(buckets.values())} images",
+        ]
+        if self.rejected:
+            lines.append(f"skipped {len(self.rejected)} bad file(s) (see {self.rejects_path})")
+        if source.ignored:
+            lines.append(f"ignored {len(source.ignored)} non-image file(s), e.g. {source.ignored[0]}")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ loaders
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
+    def dataset(self, split: str) -> DefectDataset:
+        if not self._ready:
+            raise RuntimeError("call setup() before asking for datasets or dataloaders")
+        return self.datasets[split]
+
+    def _loader(
+        self, split: str, batch_size: int, *, shuffle: bool, drop_last: bool
+    ) -> DataLoader[dict[str, Any]]:
+        ds = self.dataset(split)
+        if len(ds) == 0:
+            hint = (
+                "data.split.val_fraction" if split == "val" else "data.split.test_fraction or a test/ folder"
+            )
+            raise ValueError(f"the {split} split is empty; check {hint}")
+        rank, world = self._rank_world()
+        ds.rank = rank
+        sampler = BucketBatchSampler(
+            ds.sizes,
+            batch_size,
+            shuffle=shuffle,
+            seed=self.seed,
+            drop_last=drop_last,
+            num_replicas=world,
+            rank=rank,
+        )
+        return DataLoader(
+            ds,
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            worker_init_fn=seed_worker if self.num_workers > 0 else None,
+        )
+
+    def export_info(self) -> dict[str, Any]:
+        """Plain values export and checkpoints embed (everything here round-trips through JSON)."""
+        return {
+            "class_names": list(self.class_names),
+            "good_class": self.good_class,
+            "loader": self.loader_config.to_dict(),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "val_paths": list(self.val_paths[:64]),
+        }

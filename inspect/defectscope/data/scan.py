@@ -1,0 +1,234 @@
+"""Scan every image once before training: full decode, preprocessed size, pixel statistics.
+
+One pass gives three things: (1) all bad files with their reasons before the first step (no
+crash in epoch 7 on a truncated JPEG), (2) each image's preprocessed size for the bucket
+sampler, (3) exact per-channel pixel sums for the normalisation mean/std — no second read.
+Decoding runs in a thread pool (Pillow releases the GIL while decoding and resizing).
+
+`defectscope scan` is the same check as a command; it never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..runtime.image import ImageLoadError, LoaderConfig, load_image
+
+
+@dataclass(frozen=True)
+class ScanRecord:
+    """A good image: preprocessed (height, width) and per-channel sums over its pixels (0..255)."""
+
+    height: int
+    width: int
+    sums: tuple[float, ...]
+    sq_sums: tuple[float, ...]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.height, self.width
+
+
+@dataclass(frozen=True)
+class BadFile:
+    path: str
+    kind: str
+    reason: str
+
+
+@dataclass
+class ScanResult:
+    """``records[i]`` belongs to ``paths[i]``; it is ``None`` exactly for the files in ``bad``."""
+
+    paths: list[str]
+    records: list[ScanRecord | None]
+    bad: list[BadFile]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad
+
+
+class BadFilesError(ValueError):
+    """Raised before training when files are bad and ``on_bad_file`` is ``fail``; lists them all."""
+
+    def __init__(
+        self, bad: Sequence[BadFile], total: int, hint: str = "", origin: Mapping[str, str] | None = None
+    ) -> None:
+        self.bad = list(bad)
+        where = origin or {}
+        lines = [
+            f"  {b.path}: [{b.kind}] {b.reason}"
+            + (f" (listed in {where[b.path]})" if b.path in where else "")
+            for b in self.bad
+        ]
+        super().__init__(
+            f"{len(self.bad)} of {total} image files cannot be used:\n"
+            + "\n".join(lines)
+            + (f"\n{hint}" if hint else "")
+        )
+
+
+def _check_one(path: str, cfg: LoaderConfig) -> ScanRecord | BadFile:
+    try:
+        arr = load_image(path, cfg)
+    except ImageLoadError as exc:
+        return BadFile(exc.path, exc.kind, exc.reason)
+    except Exception as exc:  # a decoder bug must not hide the other files' reports
+        return BadFile(path, "unexpected", f"{type(exc).__name__}: {exc}")
+    h, w, c = arr.shape
+    sums, sq = [], []
+    for ch in range(c):
+        hist = np.bincount(arr[:, :, ch].ravel(), minlength=256).astype(np.float64)
+        sums.append(float(hist @ _LEVELS))
+        sq.append(float(hist @ _LEVELS_SQ))
+    return ScanRecord(h, w, tuple(sums), tuple(sq))
+
+
+_LEVELS = np.arange(256, dtype=np.float64)
+_LEVELS_SQ = _LEVELS**2
+
+
+def scan_files(
+    paths: Sequence[str],
+    cfg: LoaderConfig,
+    workers: int = 2,
+    progress: Callable[[int, int], None] | None = None,
+) -> ScanResult:
+    """Decode every file fully with :func:`load_image` (the exact training/runtime path)."""
+    t0 = time.perf_counter()
+    records: list[ScanRecord | None] = []
+    bad: list[BadFile] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for i, res in enumerate(pool.map(lambda p: _check_one(p, cfg), paths)):
+            if isinstance(res, BadFile):
+                records.append(None)
+                bad.append(res)
+            else:
+                records.append(res)
+            if progress is not None:
+                progress(i + 1, len(paths))
+    return ScanResult(list(paths), records, bad, time.perf_counter() - t0)
+
+
+def write_rejects(path: str | os.PathLike[str], bad: Sequence[BadFile]) -> Path:
+    """Write ``path,kind,reason`` rows (header included) for the files that were skipped."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(("path", "kind", "reason"))
+        writer.writerows((b.path, b.kind, b.reason) for b in bad)
+    return out
+
+
+def mean_std(records: Sequence[ScanRecord | None], channels: int) -> tuple[list[float], list[float]]:
+    """Exact per-channel mean/std on the 0..1 scale over all pixels of the given records."""
+    total = np.zeros(channels)
+    total_sq = np.zeros(channels)
+    pixels = 0
+    for r in records:
+        if r is None:
+            continue
+        total += r.sums
+        total_sq += r.sq_sums
+        pixels += r.height * r.width
+    if pixels == 0:
+        raise ValueError("cannot compute mean/std: no readable training images")
+    mean = total / pixels / 255.0
+    var = np.maximum(total_sq / pixels / 255.0**2 - mean**2, 0.0)
+    std = np.maximum(np.sqrt(var), 1e-3)  # a constant image set must not divide by zero
+    return [round(float(m), 6) for m in mean], [round(float(s), 6) for s in std]
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="defectscope scan",
+        description="Decode every image of a dataset with the training loader settings and list the bad "
+        "files. Exit code 1 when any file is bad.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--folder", type=Path, help="<root>/<class>/ or <root>/<split>/<class>/ image folder")
+    src.add_argument("--csv", type=Path, help="CSV manifest with header path,label[,split]")
+    src.add_argument("--elpv", action="store_true", help="the ELPV solar-cell dataset (elpv-dataset package)")
+    p.add_argument("--elpv-task", choices=("binary", "4class"), default="binary")
+    p.add_argument("--classes", help="comma-separated class order (default: sorted names)")
+    p.add_argument("--good-class", default=None, help="the defect-free class (default: good; ELPV: its own)")
+    p.add_argument("--channels", type=int, default=1, help="loader channels (default 1)")
+    p.add_argument("--max-side", type=int, default=None, help="downscale so the long side is at most this")
+    p.add_argument("--min-size", type=int, default=32, help="smallest allowed side after resizing")
+    p.add_argument("--size-multiple", type=int, default=1, help="round sides to a multiple of this")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="decompression-bomb guard")
+    p.add_argument("--workers", type=int, default=2, help="decode threads (default 2)")
+    p.add_argument("--rejects", type=Path, help="also write the bad files as CSV path,kind,reason")
+    return p
+
+
+def _spec(args: argparse.Namespace) -> dict[str, object]:
+    if args.elpv:
+        return {"kind": "elpv", "task": args.elpv_task}
+    spec: dict[str, object] = (
+        {"kind": "folder", "root": str(args.folder)}
+        if args.folder
+        else {"kind": "csv", "path": str(args.csv)}
+    )
+    if args.classes:
+        spec["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
+    spec["good_class"] = args.good_class  # None: a scan does not need to know the good class
+    return spec
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .sources import SourceError, build_source
+    from .stats import count_table
+
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        cfg = LoaderConfig(args.channels, args.max_side, args.min_size, args.size_multiple, args.max_pixels)
+        spec = _spec(args)
+        source = build_source(spec, missing="keep")
+    except (SourceError, ValueError) as exc:
+        print(f"defectscope scan: {exc}", file=sys.stderr)
+        return 2
+    paths = [s.path for s in source.samples]
+    print(f"source: {source.description}")
+    print(f"loader: {cfg.to_dict()}")
+    result = scan_files(paths, cfg, args.workers)
+    good = [(s, r) for s, r in zip(source.samples, result.records) if r is not None]
+    rate = len(paths) / result.seconds if result.seconds > 0 else float("inf")
+    print(
+        f"scanned {len(paths)} files in {result.seconds:.2f} s ({rate:.0f}/s): {len(good)} ok, {len(result.bad)} bad"
+    )
+    if source.ignored:
+        print(f"ignored {len(source.ignored)} non-image file(s), e.g. {source.ignored[0]}")
+    print(count_table([s for s, _ in good], source.class_names))
+    sizes = Counter((r.width, r.height) for _, r in good)
+    print(f"{len(sizes)} distinct preprocessed sizes (w x h); most common: ")
+    print("  " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sizes.most_common(8)))
+    if result.bad:
+        kinds = Counter(b.kind for b in result.bad)
+        print(f"\n{len(result.bad)} bad file(s) ({', '.join(f'{k}: {n}' for k, n in kinds.most_common())}):")
+        for b in result.bad:
+            print(f"  {b.path}: [{b.kind}] {b.reason}")
+    if args.rejects:
+        print(f"rejects written to {write_rejects(args.rejects, result.bad)}")
+    return 1 if result.bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

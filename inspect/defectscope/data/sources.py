@@ -1,0 +1,432 @@
+"""Dataset sources: where the (path, label, split) list comes from, chosen by ``source.kind``.
+
+Every source returns the same :class:`SourceData`, so the scan, splits, sampler and DataModule
+never care whether the images came from a folder tree, a CSV manifest, the ELPV package or the
+synthetic generator.  Sources only list files; decoding and validation belong to the scan.
+Torch-free, so `defectscope scan` starts fast.
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import io
+import json
+import logging
+import os
+import shutil
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+SYNTH_MARKER = ".defectscope-synth.json"
+
+log = logging.getLogger(__name__)
+
+
+class SourceError(ValueError):
+    """A source is misconfigured or its listing is inconsistent; the message names the file or key."""
+
+
+@dataclass
+class Sample:
+    """One image of a dataset. ``stratum`` (default: the class) is what splits are stratified on."""
+
+    path: str
+    label: int
+    split: str | None = None
+    stratum: str | None = None
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SourceData:
+    """What a source yields: samples, the class list (label order) and the 'good' class."""
+
+    description: str
+    samples: list[Sample]
+    class_names: list[str]
+    #: ``None`` only for a bare listing (`defectscope scan` without --good-class); training requires it
+    good_class: str | None
+    #: split settings this source recommends when the config leaves them unset (ELPV: 25 % test, seed 42)
+    split_defaults: dict[str, float | int] = field(default_factory=dict)
+    #: files that were passed over (wrong extension, hidden), for the report
+    ignored: list[str] = field(default_factory=list)
+    #: path -> where it was listed (CSV: "<csv> row N"), so error lists can point at the manifest line
+    origin: dict[str, str] = field(default_factory=dict)
+
+
+def _check_good(good_class: str | None, class_names: Sequence[str], where: str) -> None:
+    if good_class is not None and good_class not in class_names:
+        raise SourceError(
+            f"{where}: good_class {good_class!r} is not one of the classes {list(class_names)}; "
+            "set data.source.good_class"
+        )
+
+
+# --------------------------------------------------------------------------- folder
+
+
+def _is_image(p: Path, extensions: Sequence[str]) -> bool:
+    return p.suffix.lower() in extensions and not p.name.startswith(".")
+
+
+def _list_class_dir(d: Path, extensions: Sequence[str], ignored: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for p in sorted(d.rglob("*")):
+        if p.is_dir():
+            continue
+        if _is_image(p, extensions):
+            files.append(p)
+        else:
+            ignored.append(str(p))
+    return files
+
+
+def folder_source(
+    root: str | os.PathLike[str],
+    classes: Sequence[str] | None = None,
+    good_class: str | None = "good",
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+) -> SourceData:
+    """``root/<class>/**/*.png`` or ``root/{train,val,test}/<class>/**/*.png``.
+
+    Class order is ``classes`` when given, else the sorted folder names.  Files in class folders
+    with other extensions or hidden names are ignored (and reported); an image extension on a
+    non-image is left for the scan to reject.
+    """
+    base = Path(root).expanduser()
+    if not base.is_dir():
+        raise SourceError(f"data.source.root: folder {base} does not exist or is not a folder")
+    exts = tuple(e.lower() for e in extensions)
+    subdirs = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    split_dirs = [p for p in subdirs if p.name in SPLITS]
+    if split_dirs:
+        others = [p.name for p in subdirs if p.name not in SPLITS]
+        if others:
+            raise SourceError(
+                f"{base}: mixes split folders ({', '.join(p.name for p in split_dirs)}) with other "
+                f"folders ({', '.join(others)}); use either <root>/<class>/ or <root>/<split>/<class>/"
+            )
+        layout: list[tuple[str | None, Path]] = [(p.name, p) for p in split_dirs]
+    else:
+        layout = [(None, base)]
+
+    found: dict[str, list[tuple[str | None, Path]]] = {}
+    for split, d in layout:
+        for cdir in sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            found.setdefault(cdir.name, []).append((split, cdir))
+    if not found:
+        raise SourceError(f"{base}: no class folders found; expected <root>/<class>/ with images inside")
+
+    names = list(classes) if classes else sorted(found)
+    unlisted = sorted(set(found) - set(names))
+    if unlisted:
+        raise SourceError(
+            f"{base}: class folders {unlisted} are not in data.source.classes {names}; "
+            "add them or move them out of the dataset folder"
+        )
+    _check_good(good_class, names, str(base))
+    ignored: list[str] = []
+    samples: list[Sample] = []
+    for label, name in enumerate(names):
+        for split, cdir in found.get(name, []):
+            samples.extend(Sample(str(p), label, split) for p in _list_class_dir(cdir, exts, ignored))
+    if not samples:
+        raise SourceError(f"{base}: the class folders contain no image files ({', '.join(exts)})")
+    return SourceData(f"folder {base}", samples, names, good_class, ignored=ignored)
+
+
+# --------------------------------------------------------------------------- csv
+
+
+def csv_source(
+    path: str | os.PathLike[str],
+    classes: Sequence[str] | None = None,
+    good_class: str | None = "good",
+    missing: str = "error",
+) -> SourceData:
+    """A manifest with header ``path,label[,split]``; relative paths resolve against the CSV's folder.
+
+    ``missing="error"`` reports every row whose file does not exist in one error; ``"keep"``
+    keeps those rows so the scan lists them with the other bad files (``on_bad_file: skip``).
+    """
+    csv_path = Path(path).expanduser()
+    if missing not in ("error", "keep"):
+        raise SourceError(f"data.source.missing must be 'error' or 'keep', got {missing!r}")
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise SourceError(f"data.source.path: cannot open CSV {csv_path}: {exc.strerror or exc}") from None
+    reader = csv.DictReader(io.StringIO(text))
+    header = [h.strip().lower() for h in (reader.fieldnames or [])]
+    if "path" not in header or "label" not in header:
+        raise SourceError(
+            f"{csv_path}: the first line must be a header with columns path,label[,split]; got {header}"
+        )
+    reader.fieldnames = header
+    rows = []
+    for rec in reader:
+        p = (rec.get("path") or "").strip()
+        if not p and not (rec.get("label") or "").strip():
+            continue  # blank line
+        rows.append((reader.line_num, p, (rec.get("label") or "").strip(), (rec.get("split") or "").strip()))
+    if not rows:
+        raise SourceError(f"{csv_path}: no data rows")
+
+    problems: list[str] = []
+    for line, p, label, split in rows:
+        if not p or not label:
+            problems.append(f"row {line}: empty path or label")
+        if split and split not in SPLITS:
+            problems.append(f"row {line}: split {split!r} is not one of {', '.join(SPLITS)} (or empty)")
+    names = list(classes) if classes else sorted({r[2] for r in rows if r[2]})
+    unknown = [f"row {line}: label {label!r}" for line, _, label, _ in rows if label and label not in names]
+    if unknown:
+        problems.append(f"labels not in data.source.classes {names}: " + "; ".join(unknown))
+    if problems:
+        raise SourceError(f"{csv_path}: invalid rows:\n  " + "\n  ".join(problems))
+    _check_good(good_class, names, str(csv_path))
+
+    folder = csv_path.parent
+    samples: list[Sample] = []
+    absent: list[str] = []
+    origin: dict[str, str] = {}
+    for line, p, label, split in rows:
+        full = Path(p).expanduser()
+        full = full if full.is_absolute() else folder / full
+        if not full.exists():
+            absent.append(f"row {line}: {p} ({full})")
+        samples.append(Sample(str(full), names.index(label), split or None))
+        origin[str(full)] = f"{csv_path} row {line}"
+    if absent and missing == "error":
+        raise SourceError(
+            f"{csv_path}: {len(absent)} of {len(rows)} rows name files that do not exist:\n  "
+            + "\n  ".join(absent)
+        )
+    return SourceData(f"csv {csv_path}", samples, names, good_class, origin=origin)
+
+
+# --------------------------------------------------------------------------- elpv
+
+ELPV_TASKS: dict[str, tuple[list[str], str]] = {
+    "binary": (["functional", "defective"], "functional"),
+    "4class": (["p0", "p33", "p67", "p100"], "p0"),
+}
+_ELPV_GRADES = ("p0", "p33", "p67", "p100")
+
+
+def elpv_data_dir() -> Path:
+    """Folder holding ``labels.csv`` and ``images/`` inside the installed ``elpv_dataset`` package."""
+    try:
+        import elpv_dataset
+    except ImportError:
+        raise SourceError(
+            "data.source.kind=elpv needs the ELPV solar-cell dataset package: pip install defectscope[elpv]"
+        ) from None
+    return Path(elpv_dataset.__file__).resolve().parent / "data"
+
+
+def elpv_source(task: str = "binary") -> SourceData:
+    """ELPV cells from the package's ``labels.csv`` (path, defect probability, module type).
+
+    Only file paths are listed (the package's loader would read all 2,624 images into memory).
+    ``binary``: defective when p >= 0.5.  ``4class``: p0/p33/p67/p100.  Splits are stratified on
+    the 4-grade label either way; the module type (mono/poly) is kept as ``meta["module_type"]``.
+    """
+    if task not in ELPV_TASKS:
+        raise SourceError(f"data.source.task must be one of {', '.join(ELPV_TASKS)}, got {task!r}")
+    names, good = ELPV_TASKS[task]
+    data_dir = elpv_data_dir()
+    labels = data_dir / "labels.csv"
+    samples: list[Sample] = []
+    try:
+        text = labels.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SourceError(f"cannot read the ELPV label file {labels}: {exc.strerror or exc}") from None
+    for line_no, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            rel, prob_text, module_type = parts
+            prob = float(prob_text)
+        except ValueError:
+            raise SourceError(
+                f"{labels}: line {line_no} is not 'path probability type': {line.strip()!r}"
+            ) from None
+        grade = _ELPV_GRADES[min(3, max(0, round(prob * 3)))]
+        label = (1 if prob >= 0.5 else 0) if task == "binary" else _ELPV_GRADES.index(grade)
+        samples.append(Sample(str(data_dir / rel), label, None, grade, {"module_type": module_type}))
+    return SourceData(
+        f"elpv ({task}) {data_dir}", samples, names, good, split_defaults={"test_fraction": 0.25, "seed": 42}
+    )
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def _synth_params(
+    n: int, seed: int, channels: int, min_size: int, max_size: int, classes: Sequence[str]
+) -> dict[str, Any]:
+    from .. import __version__
+
+    return {
+        "n": n,
+        "seed": seed,
+        "channels": channels,
+        "min_size": min_size,
+        "max_size": max_size,
+        "classes": list(classes),
+        "generator_version": __version__,
+    }
+
+
+def _read_marker(root: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((root / SYNTH_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _looks_generated(root: Path) -> bool:
+    """A folder we may delete: has our marker, or holds only a synth manifest and class folders."""
+    if (root / SYNTH_MARKER).exists():
+        return True
+    for entry in root.iterdir():
+        if entry.name == "manifest.csv":
+            continue
+        if not entry.is_dir() or not all(f.is_file() and f.suffix == ".png" for f in entry.iterdir()):
+            return False
+    return True
+
+
+def _remove_stale_partials(root: Path) -> None:
+    """Delete half-written folders left by killed generations on this host."""
+    prefix = f"{root.name}.partial-{socket.gethostname()}-"
+    for p in root.parent.glob(f"{root.name}.partial-*"):
+        if not p.name.startswith(prefix):
+            continue
+        try:
+            pid = int(p.name[len(prefix) :])
+            os.kill(pid, 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
+
+
+def ensure_synthetic(
+    root: str | os.PathLike[str],
+    n: int,
+    seed: int = 0,
+    channels: int = 1,
+    min_size: int = 96,
+    max_size: int = 512,
+    classes: Sequence[str] = ("good", "scratch", "spot", "crack"),
+) -> Path:
+    """Generate the synthetic set into ``root`` unless a complete one with these parameters is there.
+
+    Generation goes to a sibling ``<root>.partial-<host>-<pid>`` folder which gets the completion
+    marker and is then renamed, so a killed run never leaves a half dataset at ``root``.
+    """
+    from ..synth import generate
+
+    base = Path(root).expanduser()
+    params = _synth_params(n, seed, channels, min_size, max_size, classes)
+    if _read_marker(base) == params:
+        return base
+    if base.exists():
+        if not base.is_dir() or not _looks_generated(base):
+            raise SourceError(
+                f"data.source.root: {base} exists but is not a defectscope synthetic dataset; "
+                "choose another root for kind=synthetic"
+            )
+        log.warning("synthetic dataset %s is incomplete or was made with other settings; regenerating", base)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(base)
+    partial = base.with_name(f"{base.name}.partial-{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    generate(partial, n, seed, channels, (min_size, max_size), classes)
+    (partial / SYNTH_MARKER).write_text(json.dumps(params, sort_keys=True) + "\n", encoding="utf-8")
+    if _read_marker(base) == params:  # someone else finished first
+        shutil.rmtree(partial, ignore_errors=True)
+        return base
+    if base.exists():
+        shutil.rmtree(base)
+    os.replace(partial, base)
+    return base
+
+
+def synthetic_source(
+    root: str | os.PathLike[str],
+    n: int = 240,
+    seed: int = 0,
+    channels: int = 1,
+    min_size: int = 96,
+    max_size: int = 512,
+    classes: Sequence[str] = ("good", "scratch", "spot", "crack"),
+    good_class: str = "good",
+) -> SourceData:
+    """The built-in generator's output, (re)generated when missing or incomplete, read as a folder."""
+    base = ensure_synthetic(root, n, seed, channels, min_size, max_size, classes)
+    data = folder_source(base, classes=list(classes), good_class=good_class, extensions=(".png",))
+    data.description = f"synthetic {base} (n={n}, seed={seed})"
+    data.ignored = [p for p in data.ignored if not p.endswith(SYNTH_MARKER)]
+    return data
+
+
+# --------------------------------------------------------------------------- dispatch
+
+SOURCES: dict[str, Callable[..., SourceData]] = {
+    "folder": folder_source,
+    "csv": csv_source,
+    "elpv": elpv_source,
+    "synthetic": synthetic_source,
+}
+
+
+def to_plain(value: Any) -> Any:
+    """OmegaConf containers -> plain Python (without importing omegaconf here)."""
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [to_plain(v) for v in value]
+    return value
+
+
+def build_source(spec: Mapping[str, Any], *, missing: str | None = None) -> SourceData:
+    """Build the source named by ``spec["kind"]`` with the remaining keys as its arguments."""
+    params = to_plain(spec)
+    kind = params.pop("kind", None)
+    if kind not in SOURCES:
+        raise SourceError(f"data.source.kind must be one of {', '.join(SOURCES)}, got {kind!r}")
+    fn = SOURCES[kind]
+    if kind == "csv" and missing is not None:
+        params.setdefault("missing", missing)
+    if kind == "folder" and "path" in params and "root" not in params:
+        params["root"] = params.pop("path")
+    valid = list(inspect.signature(fn).parameters)
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise SourceError(f"data.source: unknown key(s) {unknown} for kind={kind}; valid keys: {valid}")
+    try:
+        return fn(**params)
+    except TypeError as exc:
+        raise SourceError(f"data.source (kind={kind}): {exc}") from None
+
+
+def prepare_source(spec: Mapping[str, Any]) -> None:
+    """Download/generate step (Lightning ``prepare_data``): only the synthetic source has one."""
+    params = to_plain(spec)
+    if params.get("kind") == "synthetic":
+        params.pop("kind")
+        params.pop("good_class", None)
+        if "root" not in params:
+            raise SourceError("data.source.root is required for kind=synthetic")
+        ensure_synthetic(**params)

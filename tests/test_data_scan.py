@@ -1,0 +1,126 @@
+"""The pre-training scan and `defectscope scan`: all bad files listed at once, rejects CSV, stats."""
+
+from __future__ import annotations
+
+import csv
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from defectscope.data.scan import BadFilesError, main, mean_std, scan_files, write_rejects
+from defectscope.runtime.image import LoaderConfig, load_image
+
+CFG = LoaderConfig(channels=1, min_size=32, size_multiple=16)
+
+
+def _good(path: Path, size: tuple[int, int], seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0]), dtype=np.uint8)).save(path)
+    return path
+
+
+def make_bad_dataset(root: Path) -> tuple[Path, dict[str, str]]:
+    """A CSV dataset with 4 good images and one bad file of every kind the scan can meet here."""
+    for i, size in enumerate([(64, 48), (64, 48), (80, 64), (100, 100)]):
+        _good(root / "good" / f"g{i}.png", size, i)
+    bad: dict[str, str] = {}
+    (root / "scratch").mkdir()
+    (root / "scratch" / "empty.png").write_bytes(b"")
+    bad["scratch/empty.png"] = "zero_bytes"
+    full = _good(root / "tmp.png", (200, 200), 9).read_bytes()
+    (root / "scratch" / "cut.png").write_bytes(full[: len(full) // 2])
+    (root / "tmp.png").unlink()
+    bad["scratch/cut.png"] = "truncated"
+    (root / "scratch" / "text.png").write_text("hello")
+    bad["scratch/text.png"] = "not_an_image"
+    Image.new("LAB", (64, 64)).save(root / "scratch" / "lab.tif")
+    bad["scratch/lab.tif"] = "unsupported_mode"
+    _good(root / "scratch" / "tiny.png", (20, 64))
+    bad["scratch/tiny.png"] = "too_small"
+    (root / "scratch" / "dir.png").mkdir()
+    bad["scratch/dir.png"] = "is_directory"
+    bad["scratch/missing.png"] = "vanished"
+    _good(root / "scratch" / "ok.png", (64, 48), 5)
+    lines = ["path,label"] + [f"good/g{i}.png,good" for i in range(4)] + ["scratch/ok.png,scratch"]
+    lines += [f"{p},scratch" for p in bad]
+    manifest = root / "manifest.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest, bad
+
+
+def test_scan_lists_every_bad_file_with_kind_and_reason(tmp_path: Path) -> None:
+    _, bad = make_bad_dataset(tmp_path)
+    paths = [str(tmp_path / "good" / f"g{i}.png") for i in range(4)] + [str(tmp_path / p) for p in bad]
+    result = scan_files(paths, CFG, workers=2)
+    assert {Path(b.path).relative_to(tmp_path).as_posix(): b.kind for b in result.bad} == bad
+    assert [r is None for r in result.records] == [False] * 4 + [True] * len(bad)
+    assert [r.size for r in result.records[:4] if r] == [(48, 64), (48, 64), (64, 80), (96, 96)]
+    err = BadFilesError(result.bad, len(paths), "hint here")
+    text = str(err)
+    assert f"{len(bad)} of {len(paths)} image files cannot be used" in text and text.endswith("hint here")
+    for b in result.bad:
+        assert f"{b.path}: [{b.kind}] {b.reason}" in text
+
+
+def test_rejects_csv_roundtrip(tmp_path: Path) -> None:
+    _, bad = make_bad_dataset(tmp_path)
+    result = scan_files([str(tmp_path / p) for p in bad], CFG)
+    out = write_rejects(tmp_path / "out" / "rejects.csv", result.bad)
+    rows = list(csv.DictReader(io.StringIO(Path(out).read_text(encoding="utf-8"))))
+    assert [r["kind"] for r in rows] == list(bad.values())
+    assert all(r["path"] and r["reason"] for r in rows)
+
+
+def test_mean_std_are_exact(tmp_path: Path) -> None:
+    paths = [str(_good(tmp_path / f"{i}.png", (40 + 8 * i, 48), i)) for i in range(3)]
+    cfg = LoaderConfig(channels=3, min_size=16)
+    result = scan_files(paths, cfg)
+    mean, std = mean_std(result.records, 3)
+    pixels = np.concatenate([load_image(p, cfg).reshape(-1, 3) for p in paths]).astype(np.float64) / 255.0
+    np.testing.assert_allclose(mean, pixels.mean(0), atol=1e-6)
+    np.testing.assert_allclose(std, pixels.std(0), atol=1e-6)
+
+
+def test_cli_reports_bad_files_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest, bad = make_bad_dataset(tmp_path)
+    rejects = tmp_path / "rej.csv"
+    rc = main(["--csv", str(manifest), "--size-multiple", "16", "--rejects", str(rejects)])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert f"scanned {5 + len(bad)} files" in out and f"5 ok, {len(bad)} bad" in out
+    for rel, kind in bad.items():
+        assert f"{tmp_path / rel}: [{kind}]" in out
+    assert "good" in out and "scratch" in out  # per-class table
+    assert len(list(csv.DictReader(io.StringIO(Path(rejects).read_text(encoding="utf-8"))))) == len(bad)
+
+
+def test_cli_clean_folder_exits_0_via_dispatcher(tmp_path: Path) -> None:
+    for i in range(3):
+        _good(tmp_path / "d" / "good" / f"{i}.png", (64, 40 + 16 * i), i)
+        _good(tmp_path / "d" / "crack" / f"{i}.png", (64, 64), i)
+    proc = subprocess.run(
+        [sys.executable, "-m", "defectscope", "scan", "--folder", str(tmp_path / "d"), "--size-multiple", "32"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "6 ok, 0 bad" in proc.stdout
+    assert "crack" in proc.stdout and "distinct preprocessed sizes" in proc.stdout
+
+
+def test_cli_config_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--folder", str(tmp_path / "absent")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["--folder", str(tmp_path), "--min-size", "64", "--max-side", "32"]) == 2
+
+
+@pytest.mark.slow
+def test_cli_elpv_full_scan(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--elpv", "--elpv-task", "4class"]) == 0
+    out = capsys.readouterr().out
+    assert "2624 ok, 0 bad" in out and "300x300: 2624" in out and "p100" in out

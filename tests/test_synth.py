@@ -1,0 +1,114 @@
+"""The synthetic generator: layout, determinism, variety, visible defects, CLI."""
+
+from __future__ import annotations
+
+import csv
+import io
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from defectscope import synth
+from defectscope.runtime.image import LoaderConfig, load_image
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_layout_manifest_and_balanced_classes(tmp_path: Path) -> None:
+    root = synth.generate(tmp_path / "s", n=22, seed=1, size_range=(64, 200))
+    rows = list(csv.DictReader(io.StringIO(Path(root / "manifest.csv").read_text(encoding="utf-8"))))
+    assert set(rows[0]) == {"path", "label"}
+    assert len(rows) == 22
+    counts = Counter(r["label"] for r in rows)
+    assert (
+        set(counts) == {"good", "scratch", "spot", "crack"}
+        and max(counts.values()) - min(counts.values()) <= 1
+    )
+    for r in rows:
+        p = root / r["path"]
+        assert p.parent.name == r["label"] and p.suffix == ".png"
+        with Image.open(p) as im:
+            assert im.mode == "L" and 64 <= im.width <= 200 and 64 <= im.height <= 200
+    assert sorted(_files(root)) == sorted([*(r["path"] for r in rows), "manifest.csv"])
+
+
+def test_sizes_vary_and_are_not_square(tmp_path: Path) -> None:
+    root = synth.generate(tmp_path / "s", n=16, seed=2)
+    sizes = [Image.open(p).size for p in root.rglob("*.png")]
+    assert len(set(sizes)) >= 12
+    assert sum(w != h for w, h in sizes) >= 12
+    assert all(96 <= s <= 512 for wh in sizes for s in wh)
+
+
+def test_same_seed_byte_identical_other_seed_differs(tmp_path: Path) -> None:
+    a = _files(synth.generate(tmp_path / "a", n=12, seed=7, size_range=(64, 128)))
+    b = _files(synth.generate(tmp_path / "b", n=12, seed=7, size_range=(64, 128), workers=1))
+    c = _files(synth.generate(tmp_path / "c", n=12, seed=8, size_range=(64, 128)))
+    assert a == b  # also independent of the number of writer threads
+    assert a != c
+    shared = set(a) & set(c)
+    assert all(a[k] != c[k] for k in shared if k != "manifest.csv")
+
+
+def test_rgb_output(tmp_path: Path) -> None:
+    root = synth.generate(tmp_path / "s", n=4, seed=0, channels=3, size_range=(64, 96))
+    for p in root.rglob("*.png"):
+        arr = load_image(p, LoaderConfig(channels=3))
+        assert arr.shape[2] == 3 and not np.array_equal(arr[:, :, 0], arr[:, :, 2])  # tinted, not grey
+
+
+@pytest.mark.parametrize("label", ["scratch", "spot", "crack"])
+def test_defects_are_visible_local_and_not_single_pixels(label: str) -> None:
+    for index in range(6):
+        good = synth.render(3, index, "good", 1, (128, 256)).astype(np.float32)
+        bad = synth.render(3, index, label, 1, (128, 256)).astype(np.float32)
+        assert good.shape == bad.shape  # same RNG stream up to the defect: the difference is the defect
+        diff = np.abs(bad - good)
+        changed = diff > 20
+        area = changed.mean()
+        assert changed.sum() >= 20, f"{label} #{index}: defect too faint/small ({changed.sum()} px)"
+        assert area < 0.15, f"{label} #{index}: defect covers {area:.0%} of the image"
+        ys, xs = np.nonzero(changed)
+        assert ys.max() - ys.min() >= 3 and xs.max() - xs.min() >= 3  # at least a few pixels across
+
+
+def test_defect_position_and_orientation_vary() -> None:
+    centres = []
+    for index in range(8):
+        good = synth.render(5, index, "good", 1, (160, 160)).astype(np.float32)
+        bad = synth.render(5, index, "scratch", 1, (160, 160)).astype(np.float32)
+        ys, xs = np.nonzero(np.abs(bad - good) > 20)
+        centres.append((round(xs.mean() / 16), round(ys.mean() / 16)))
+    assert len(set(centres)) >= 6
+
+
+def test_bad_arguments_are_named() -> None:
+    with pytest.raises(ValueError, match="unknown class"):
+        synth.generate("/nonexistent/never", 4, classes=["good", "dent"])
+    with pytest.raises(ValueError, match="size range"):
+        synth.generate("/nonexistent/never", 4, size_range=(200, 100))
+    assert synth.main(["/nonexistent/never", "--n", "0"]) == 2
+
+
+def test_cli_subprocess(tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "-m", "defectscope", "synth", str(out), "--n", "6", "--seed", "3", "--classes",
+         "good,crack", "--min-size", "64", "--max-size", "80", "--channels", "3"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote 6 images" in proc.stdout
+    labels = {
+        r["label"]
+        for r in csv.DictReader(io.StringIO(Path(out / "manifest.csv").read_text(encoding="utf-8")))
+    }
+    assert labels == {"good", "crack"} and not (out / "spot").exists()
+    assert _files(out) == _files(synth.generate(tmp_path / "api", 6, 3, 3, (64, 80), ["good", "crack"]))
