@@ -1,0 +1,82 @@
+"""Fine-tuning helpers: freeze the backbone, keep frozen BatchNorm statistics fixed, LR groups.
+
+"Backbone" is everything except ``model.head`` (the final nn.Linear).  BatchNorm layers update
+their running mean/var in train mode even when their affine parameters are frozen, so a frozen
+backbone also needs its BN layers in eval mode.  ``model.train()`` resets that; defectscope
+models (:class:`~defectscope.models.base.GapClassifier`) re-apply it automatically while
+``frozen_bn_eval`` is set, other modules need :func:`set_bn_eval` after every ``train()`` call
+(e.g. in Lightning's ``on_train_epoch_start``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .base import GapClassifier
+
+
+def _head(model: nn.Module) -> nn.Module:
+    head = getattr(model, "head", None)
+    if not isinstance(head, nn.Module):
+        raise TypeError(f"{type(model).__name__} has no `head` module; defectscope models expose model.head")
+    return head
+
+
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return list(_head(model).parameters())
+
+
+def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
+    head_ids = {id(p) for p in _head(model).parameters()}
+    return [p for p in model.parameters() if id(p) not in head_ids]
+
+
+def set_bn_eval(model: nn.Module) -> int:
+    """Put every BatchNorm outside the head into eval mode; returns how many.  Re-apply after train()."""
+    head = _head(model)
+    head_modules = {id(m) for m in head.modules()}
+    count = 0
+    for module in model.modules():
+        if isinstance(module, _BatchNorm) and id(module) not in head_modules:
+            module.eval()
+            count += 1
+    return count
+
+
+def freeze_backbone(model: nn.Module, freeze: bool, bn_eval: bool = True) -> None:
+    """(Un)freeze everything but the head.  With ``freeze`` and ``bn_eval`` the backbone BNs stay in eval.
+
+    Unfreezing restores requires_grad and puts the BN layers back in the model's current mode.
+    """
+    for p in backbone_parameters(model):
+        p.requires_grad_(not freeze)
+    for p in head_parameters(model):
+        p.requires_grad_(True)
+    frozen_bn = bool(freeze and bn_eval)
+    if isinstance(model, GapClassifier):
+        model.frozen_bn_eval = frozen_bn
+    if frozen_bn:
+        set_bn_eval(model)
+    else:
+        for module in model.modules():
+            if isinstance(module, _BatchNorm):
+                module.train(model.training)
+
+
+def param_groups(model: nn.Module, lr: float, backbone_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+    """Two optimizer groups: head at ``lr``, backbone at ``lr * backbone_lr_scale``.
+
+    Frozen parameters are included too (optimizers skip params without grads), so unfreezing
+    later needs no new optimizer.
+    """
+    if lr <= 0 or backbone_lr_scale < 0:
+        raise ValueError(
+            f"lr must be > 0 and backbone_lr_scale >= 0, got lr={lr}, backbone_lr_scale={backbone_lr_scale}"
+        )
+    return [
+        {"name": "head", "params": head_parameters(model), "lr": lr},
+        {"name": "backbone", "params": backbone_parameters(model), "lr": lr * backbone_lr_scale},
+    ]
