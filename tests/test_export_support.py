@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -90,8 +90,11 @@ class TinyNet(nn.Module):
         return torch.einsum("nkhw,ck->nchw", self.forward_features(x), self.head.weight)
 
 
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
 @torch.no_grad()
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+def randomize(model: ModelT, seed: int = 0) -> ModelT:
     """Random BN affine parameters and running statistics, so folding is really exercised."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
@@ -116,7 +119,7 @@ def checkpoint_info(
     **overrides: Any,
 ) -> dict[str, Any]:
     """A ``checkpoint["defectscope"]`` dict per contract #3."""
-    names = class_names or ["good", "crack", "scratch"][: model_kwargs.get("num_classes", 3)]
+    names = class_names or ["good", "crack", "scratch", "spot", "dent"][: model_kwargs.get("num_classes", 3)]
     info: dict[str, Any] = {
         "format_version": 1,
         "model_name": model_name,
@@ -155,6 +158,35 @@ def write_checkpoint(path: Path, model: nn.Module, info: dict[str, Any]) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, path)
     return path
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def model_presets() -> dict[str, dict[str, Any]]:
+    """``conf/model/*.yaml`` presets (random init: ``weights`` dropped), plus every registered model
+    name no preset uses, built with its defaults, so all of ``list_models()`` is covered."""
+    from omegaconf import OmegaConf
+
+    from defectscope.models import list_models
+
+    presets: dict[str, dict[str, Any]] = {}
+    for f in sorted((REPO / "conf" / "model").glob("*.yaml")):
+        cfg = OmegaConf.to_container(OmegaConf.load(f), resolve=True)
+        assert isinstance(cfg, dict)
+        cfg.pop("weights", None)
+        presets[f.stem] = {str(k): v for k, v in cfg.items()}
+    used = {c["name"] for c in presets.values()}
+    for name in list_models():
+        if name not in used:
+            presets[f"registry:{name}"] = {"name": name}
+    return presets
+
+
+def build_preset(cfg: dict[str, Any], num_classes: int = 3, in_chans: int = 1) -> Any:
+    from defectscope.models import model_from_config
+
+    return model_from_config(cfg, num_classes=num_classes, in_chans=in_chans)
 
 
 def sha256(path: Path) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from defectscope.export.fuse import (
     fuse_conv_bn_report,
     replace_bn_with_affine,
 )
-from test_export_support import TinyNet, randomize
+from test_export_support import TinyNet, build_preset, model_presets, randomize
 
 ATOL = 1e-5
 
@@ -143,3 +144,30 @@ def test_only_safe_pairs_are_folded() -> None:
         assert torch.allclose(model(x), fused(x), atol=ATOL)
     with pytest.raises(ValueError, match=r"batchstats.*running statistics"):
         replace_bn_with_affine(fused)
+
+
+PRESETS = model_presets()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_zoo_preset_fuses_exactly(preset: str) -> None:
+    """All of conf/model (resnet, normalizer-free, EfficientNet-Lite, LeNet/AlexNet-style) and every
+    registered name, with random BN statistics: no BN left, same outputs, same class."""
+    model: Any = randomize(build_preset(PRESETS[preset]), seed=11)
+    side = max(model.min_input_size, 32)
+    n_before = n_bn(model)
+    fused, report = fuse_conv_bn_report(model)
+    assert not report.kept, report.summary()
+    assert n_bn(fused) == 0 and len(report.fused) == n_before
+    assert type(fused) is type(model) and n_bn(model) == n_before
+    assert_same_outputs(model, fused, torch.randn(2, 1, side + 8, side + 24))
+
+
+def test_presets_cover_the_registry() -> None:
+    from defectscope.models import list_models
+
+    names = {cfg["name"] for cfg in PRESETS.values()}
+    assert names == set(list_models())
+    assert {"resnet_small", "nf_resnet", "efficientnet_lite0"} <= PRESETS.keys()
+    assert n_bn(build_preset(PRESETS["nf_resnet"])) == 0  # normalizer-free: nothing to fold, still exact

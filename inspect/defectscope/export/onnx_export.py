@@ -1,0 +1,303 @@
+"""Checkpoint -> BN-folded, parity-gated, self-describing ONNX file.
+
+Order matters: everything that can fail (config checks, fusion, export, ONNX checker, the parity
+gate) happens in memory before a single byte is written, and the file is then written atomically.
+A failed export therefore leaves the output path exactly as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+
+from defectscope import __version__
+from defectscope.checkpoint import file_sha256, load_checkpoint
+from defectscope.runtime.image import LoaderConfig
+from defectscope.runtime.metadata import METADATA_KEY, ModelMetadata
+
+from .atomic import atomic_write_bytes
+from .fuse import FuseReport, fuse_conv_bn_report, replace_bn_with_affine
+from .parity import ParityInputs, check_parity, list_images, random_batches, random_sizes, real_batches
+from .wrapper import ExportWrapper, head_linear
+
+MIN_OPSET = 18
+INPUT_NAME = "input"
+
+
+class ExportError(ValueError):
+    """The checkpoint/model cannot be exported as asked; the message says what and why."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    size_bytes: int
+    seconds: dict[str, float]
+    parity: dict[str, Any]
+    metadata: ModelMetadata
+    fuse_report: FuseReport
+    model_bytes: bytes = field(repr=False, default=b"")
+
+
+def loader_config(info: dict[str, Any]) -> LoaderConfig:
+    try:
+        return LoaderConfig(**info["loader"])
+    except (TypeError, ValueError) as exc:
+        raise ExportError(
+            f"checkpoint 'loader' entry {info.get('loader')!r} is not a LoaderConfig: {exc}"
+        ) from None
+
+
+def build_metadata(
+    info: dict[str, Any],
+    model: nn.Module,
+    *,
+    cam: bool,
+    fp16: bool,
+    threshold: float | None = None,
+    checkpoint_sha256: str | None = None,
+    parity: dict[str, Any] | None = None,
+) -> ModelMetadata:
+    """The runner's view of the model, from the checkpoint info and the model's attributes."""
+    cfg = loader_config(info)
+    try:
+        return ModelMetadata(
+            class_names=list(info["class_names"]),
+            good_class=str(info["good_class"]),
+            threshold=float(info["threshold"] if threshold is None else threshold),
+            channels=cfg.channels,
+            mean=[float(v) for v in info["mean"]],
+            std=[float(v) for v in info["std"]],
+            max_side=cfg.max_side,
+            min_size=cfg.min_size,
+            size_multiple=cfg.size_multiple,
+            max_pixels=cfg.max_pixels,
+            model_name=str(info["model_name"]),
+            package_version=__version__,
+            total_stride=int(getattr(model, "total_stride", 1)),
+            outputs=["logits", "probs", "cam"] if cam else ["logits", "probs"],
+            fp16=fp16,
+            mlflow_run_id=info.get("mlflow_run_id"),
+            checkpoint_sha256=checkpoint_sha256,
+            parity=dict(parity or {}),
+        )
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
+
+
+def to_onnx(wrapper: ExportWrapper, channels: int, min_side: int, opset: int) -> onnx.ModelProto:
+    """``torch.onnx.export(dynamo=True)`` with dynamic batch, height and width."""
+    from torch.export import Dim
+
+    side = max(int(min_side), 32)
+    example = torch.randn(2, channels, side + 3, side + 11)
+    dims = {
+        0: Dim("batch", min=1),
+        2: Dim("height", min=int(min_side)),
+        3: Dim("width", min=int(min_side)),
+    }
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                wrapper,
+                (example,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=wrapper.output_names,
+                dynamic_shapes={"x": dims},
+                external_data=False,
+                optimize=True,
+                verbose=False,
+            )
+    finally:
+        quiet.setLevel(level)
+    if program is None:
+        raise ExportError("torch.onnx.export returned no program")
+    proto: onnx.ModelProto = program.model_proto
+    return proto
+
+
+def all_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Every node, including those in local functions and control-flow subgraphs."""
+    out: list[onnx.NodeProto] = []
+
+    def walk(nodes: Any) -> None:
+        for n in nodes:
+            out.append(n)
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g.node)
+                for g in a.graphs:
+                    walk(g.node)
+
+    walk(proto.graph.node)
+    for fn in proto.functions:
+        walk(fn.node)
+    return out
+
+
+def check_graph(proto: onnx.ModelProto, outputs: list[str], channels: int, opset: int) -> None:
+    """ONNX checker (full), no BatchNormalization left, the I/O the runner expects."""
+    onnx.checker.check_model(proto, full_check=True)
+    bn = [n.name or n.op_type for n in all_nodes(proto) if n.op_type == "BatchNormalization"]
+    if bn:
+        raise ExportError(f"exported graph still has {len(bn)} BatchNormalization node(s): {bn[:5]}")
+    default = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    if not default or default[0] < opset:
+        raise ExportError(f"exported graph has opset {default}, expected >= {opset}")
+    ins = [i.name for i in proto.graph.input]
+    if ins != [INPUT_NAME]:
+        raise ExportError(f"exported graph inputs are {ins}, expected [{INPUT_NAME!r}]")
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    shape = [d.dim_param or d.dim_value for d in dims]
+    if len(shape) != 4 or shape[1] != channels or any(isinstance(s, int) for s in (shape[0], *shape[2:])):
+        raise ExportError(f"exported input shape is {shape}, expected (batch, {channels}, height, width)")
+    got = [o.name for o in proto.graph.output]
+    if got != outputs:
+        raise ExportError(f"exported graph outputs are {got}, expected {outputs}")
+
+
+def set_metadata(proto: onnx.ModelProto, meta: ModelMetadata) -> None:
+    """Embed (or replace) the defectscope JSON in ``metadata_props``."""
+    keep = [p for p in proto.metadata_props if p.key != METADATA_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, meta.to_json()
+    proto.doc_string = f"defectscope {meta.model_name}: classes {', '.join(meta.class_names)}"
+
+
+def parity_inputs(
+    info: dict[str, Any],
+    channels: int,
+    min_side: int,
+    *,
+    parity_images: int,
+    images_dir: str | Path | None,
+) -> ParityInputs:
+    """Random batches (3 sizes x batch 1/4) plus up to ``parity_images`` real images."""
+    inputs = ParityInputs(batches=random_batches(channels, min_side))
+    inputs.random_shapes = [[n, channels, h, w] for h, w in random_sizes(min_side) for n in (1, 4)]
+    if parity_images > 0:
+        try:
+            paths = list_images(images_dir) if images_dir is not None else list(info.get("val_paths") or [])
+        except FileNotFoundError as exc:
+            raise ExportError(str(exc)) from None
+        cfg = loader_config(info)
+        batches, used, skipped = real_batches(paths, cfg, info["mean"], info["std"], parity_images)
+        inputs.batches += batches
+        inputs.real_images, inputs.real_skipped = used, skipped
+    return inputs
+
+
+def export_model(
+    model: nn.Module,
+    info: dict[str, Any],
+    output: str | Path,
+    *,
+    cam: bool = True,
+    fp16: bool = False,
+    opset: int = MIN_OPSET,
+    parity_images: int = 16,
+    images_dir: str | Path | None = None,
+    threshold: float | None = None,
+    checkpoint_sha256: str | None = None,
+    tamper: Callable[[onnx.ModelProto], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> ExportResult:
+    """Fuse, export, verify and atomically write ``model`` (+ checkpoint ``info``) to ``output``.
+
+    ``tamper`` is a fault-injection hook for tests: it may alter the graph after export and before
+    the parity gate, which must then catch it.
+    """
+    t_start = time.perf_counter()
+    out = Path(output)
+    if out.is_dir():
+        raise ExportError(f"output {out} is a directory; expected a file path such as model.onnx")
+    if opset < MIN_OPSET:
+        raise ExportError(f"--opset {opset} is too old: defectscope exports need opset >= {MIN_OPSET}")
+    meta = build_metadata(
+        info, model, cam=cam, fp16=fp16, threshold=threshold, checkpoint_sha256=checkpoint_sha256
+    )
+    in_chans = getattr(model, "in_chans", meta.channels)
+    if in_chans != meta.channels:
+        raise ExportError(
+            f"model has in_chans={in_chans} but the checkpoint's loader has channels={meta.channels}"
+        )
+    try:
+        n_out = head_linear(model).out_features
+    except TypeError as exc:
+        raise ExportError(str(exc)) from None
+    if n_out != len(meta.class_names):
+        raise ExportError(
+            f"model has {n_out} outputs but the checkpoint names {len(meta.class_names)} classes "
+            f"{meta.class_names!r}"
+        )
+    min_side = int(getattr(model, "min_input_size", 1))
+    model = model.eval()
+
+    fused, report = fuse_conv_bn_report(model)
+    log(f"fuse: {report.summary()}")
+    if report.kept:
+        try:
+            frozen = replace_bn_with_affine(fused)
+        except ValueError as exc:
+            raise ExportError(str(exc)) from None
+        log(f"fuse: exporting unfoldable BatchNorm {', '.join(frozen)} as per-channel Mul/Add")
+    t_fused = time.perf_counter()
+
+    wrapper = ExportWrapper(copy.deepcopy(fused) if fp16 else fused, cam=cam, fp16=fp16).eval()
+    try:
+        proto = to_onnx(wrapper, meta.channels, min_side, opset)
+    except ExportError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ExportError(
+            f"torch.onnx.export failed for {meta.model_name}: {type(exc).__name__}: {first}"
+        ) from exc
+    check_graph(proto, meta.outputs, meta.channels, opset)
+    if tamper is not None:
+        tamper(proto)
+    t_exported = time.perf_counter()
+
+    inputs = parity_inputs(info, meta.channels, min_side, parity_images=parity_images, images_dir=images_dir)
+    for s in inputs.real_skipped:
+        log(f"parity: skipped image {s}")
+    numbers = check_parity(proto.SerializeToString(), {"fused": fused, "unfused": model}, inputs, fp16=fp16)
+    t_parity = time.perf_counter()
+
+    meta = replace(meta, parity=numbers)
+    set_metadata(proto, meta)
+    data = proto.SerializeToString()
+    atomic_write_bytes(out, data)
+    t_end = time.perf_counter()
+    seconds = {
+        "fuse": round(t_fused - t_start, 3),
+        "export": round(t_exported - t_fused, 3),
+        "parity": round(t_parity - t_exported, 3),
+        "write": round(t_end - t_parity, 3),
+        "total": round(t_end - t_start, 3),
+    }
+    return ExportResult(out, len(data), seconds, numbers, meta, report, data)
+
+
+def export_checkpoint(ckpt: str | Path, output: str | Path, **kwargs: Any) -> ExportResult:
+    """:func:`load_checkpoint` + :func:`export_model`, recording the checkpoint's sha256."""
+    model, info = load_checkpoint(ckpt)
+    return export_model(model, info, output, checkpoint_sha256=file_sha256(ckpt), **kwargs)

@@ -1,0 +1,184 @@
+"""Parity gate: the exported graph must compute what the trained PyTorch model computes.
+
+The ONNX model is run in ONNX Runtime (CPU, the line PC's fallback provider, default graph
+optimisations) against *both* the BN-folded and the original PyTorch model, on random inputs of
+several sizes and batch sizes (dynamic axes really work) and on real validation images loaded
+through the runtime's own loader (preprocessing matches the line).  References use the model's own
+API (``forward`` and ``cam``), so a mistake in the export wrapper cannot hide.  Probabilities are
+the gate; logits and CAM are measured and reported too (CAM also gated, relative to its scale).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from torch import nn
+
+from defectscope.runtime.image import ImageLoadError, LoaderConfig, load_image, normalize_batch
+
+FP32_PROB_TOL = 1e-4
+FP16_PROB_TOL = 2e-2
+FP32_CAM_REL_TOL = 1e-4
+FP16_CAM_REL_TOL = 5e-2
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+class ParityError(RuntimeError):
+    """ONNX Runtime disagrees with PyTorch beyond tolerance; ``numbers`` holds the measurements."""
+
+    def __init__(self, message: str, numbers: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.numbers = numbers
+
+
+@dataclass
+class ParityInputs:
+    """Batches to compare on, with a description for the report."""
+
+    batches: list[np.ndarray] = field(default_factory=list)
+    random_shapes: list[list[int]] = field(default_factory=list)
+    real_images: int = 0
+    real_skipped: list[str] = field(default_factory=list)
+
+
+def random_sizes(min_side: int) -> list[tuple[int, int]]:
+    """Three (H, W): the minimum, an odd non-square size and a larger landscape size."""
+    s = max(int(min_side), 32)
+    return [(s, s), (s + 5, 2 * s + 7), (2 * s, s + 16)]
+
+
+def random_batches(channels: int, min_side: int, seed: int = 0) -> list[np.ndarray]:
+    """Normal-distributed inputs (already in normalised space) at batch 1 and 4 for each size."""
+    rng = np.random.default_rng(seed)
+    return [
+        rng.standard_normal((n, channels, h, w)).astype(np.float32)
+        for h, w in random_sizes(min_side)
+        for n in (1, 4)
+    ]
+
+
+def list_images(directory: str | os.PathLike[str]) -> list[str]:
+    """Image files below ``directory`` (recursive, sorted for reproducibility)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: --images must be an existing directory of images")
+    return sorted(str(p) for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def real_batches(
+    paths: Iterable[str],
+    cfg: LoaderConfig,
+    mean: Sequence[float],
+    std: Sequence[float],
+    limit: int,
+) -> tuple[list[np.ndarray], int, list[str]]:
+    """Up to ``limit`` images through the runtime loader, grouped into same-size batches.
+
+    Unreadable or vanished files are skipped (the checkpoint may come from another machine) and
+    returned as ``path: reason`` strings so the caller can say so.
+    """
+    groups: dict[tuple[int, ...], list[np.ndarray]] = {}
+    skipped: list[str] = []
+    used = 0
+    for p in paths:
+        if used >= limit:
+            break
+        try:
+            arr = load_image(p, cfg)
+        except ImageLoadError as exc:
+            skipped.append(str(exc))
+            continue
+        groups.setdefault(arr.shape, []).append(arr)
+        used += 1
+    batches = [normalize_batch(imgs, mean, std) for imgs in groups.values()]
+    return batches, used, skipped
+
+
+@torch.inference_mode()
+def torch_outputs(model: nn.Module, x: np.ndarray, cam: bool) -> dict[str, np.ndarray]:
+    """Reference outputs from the model's own API: ``forward`` -> logits/probs, ``cam``."""
+    t = torch.from_numpy(x)
+    logits = model(t).float()
+    out = {"logits": logits.numpy(), "probs": torch.softmax(logits, 1).numpy()}
+    if cam:
+        out["cam"] = cast(Any, model).cam(t).float().numpy()
+    return out
+
+
+def ort_session(model_bytes: bytes) -> Any:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+
+
+def check_parity(
+    model_bytes: bytes,
+    references: dict[str, nn.Module],
+    inputs: ParityInputs,
+    *,
+    fp16: bool = False,
+    prob_tol: float | None = None,
+) -> dict[str, Any]:
+    """Compare ORT with every reference model on every batch; raise :class:`ParityError` if off.
+
+    Returns flat, JSON-friendly numbers (stored in the model's metadata).
+    """
+    prob_tol = (FP16_PROB_TOL if fp16 else FP32_PROB_TOL) if prob_tol is None else prob_tol
+    cam_tol = FP16_CAM_REL_TOL if fp16 else FP32_CAM_REL_TOL
+    session = ort_session(model_bytes)
+    names = [o.name for o in session.get_outputs()]
+    with_cam = "cam" in names
+    worst: dict[str, float] = {}
+    for x in inputs.batches:
+        got = dict(zip(names, session.run(names, {"input": x})))
+        for ref_name, model in references.items():
+            want = torch_outputs(model, x, with_cam)
+            for key in want:
+                if got[key].shape != want[key].shape:
+                    raise ParityError(
+                        f"parity: ONNX output {key!r} has shape {got[key].shape}, PyTorch "
+                        f"({ref_name}) {want[key].shape} for input {x.shape}",
+                        {},
+                    )
+                diff = float(np.max(np.abs(got[key].astype(np.float64) - want[key])))
+                if not math.isfinite(diff):
+                    diff = math.inf
+                if key == "cam":
+                    diff /= max(float(np.max(np.abs(want[key]))), 1e-6)
+                label = {"probs": "max_abs_prob", "logits": "max_abs_logit", "cam": "max_rel_cam"}[key]
+                k = f"{label}_{ref_name}"
+                worst[k] = max(worst.get(k, 0.0), diff)
+    numbers: dict[str, Any] = {
+        **{k: float(f"{v:.3e}") if math.isfinite(v) else "inf" for k, v in sorted(worst.items())},
+        "prob_tolerance": prob_tol,
+        "cam_rel_tolerance": cam_tol,
+        "random_shapes": inputs.random_shapes,
+        "real_images": inputs.real_images,
+        "provider": "CPUExecutionProvider",
+    }
+    bad = [
+        f"{k} = {v:.3e} > {prob_tol:g}"
+        for k, v in worst.items()
+        if k.startswith("max_abs_prob") and not v <= prob_tol
+    ] + [
+        f"{k} = {v:.3e} > {cam_tol:g}"
+        for k, v in worst.items()
+        if k.startswith("max_rel_cam") and not v <= cam_tol
+    ]
+    if bad:
+        raise ParityError(
+            "parity gate failed: ONNX Runtime disagrees with PyTorch: " + "; ".join(bad), numbers
+        )
+    return numbers
+
+
+def format_numbers(numbers: dict[str, Any]) -> str:
+    """One line per measurement, for the CLI."""
+    return "\n".join(f"  {k}: {v}" for k, v in numbers.items())

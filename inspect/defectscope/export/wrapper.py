@@ -1,0 +1,57 @@
+"""The module that is actually exported: one feature pass, three named outputs.
+
+``logits`` and ``probs`` come from the model's own head; ``cam`` is the class-activation map
+``sum_k w_ck f_k`` computed as a 1x1 convolution of the *same* feature map with the head weights,
+so the runner gets heat maps without running the backbone twice.  With ``fp16`` the graph takes
+and returns float32 (the runner's contract) but computes in half precision in between; softmax
+runs on float32 logits so probabilities sum to one as well as fp32 allows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+OUTPUTS_WITH_CAM = ("logits", "probs", "cam")
+OUTPUTS_NO_CAM = ("logits", "probs")
+
+
+def head_linear(model: nn.Module) -> nn.Linear:
+    head = getattr(model, "head", None)
+    if not isinstance(head, nn.Linear):
+        raise TypeError(
+            f"{type(model).__name__}.head must be the final nn.Linear (model contract), "
+            f"got {type(head).__name__}"
+        )
+    return head
+
+
+class ExportWrapper(nn.Module):
+    """``x -> (logits, probs[, cam])`` from one ``forward_features`` pass."""
+
+    def __init__(self, model: nn.Module, *, cam: bool = True, fp16: bool = False) -> None:
+        super().__init__()
+        head_linear(model)
+        self.model = model.half() if fp16 else model
+        self.with_cam = cam
+        self.fp16 = fp16
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(OUTPUTS_WITH_CAM if self.with_cam else OUTPUTS_NO_CAM)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.fp16:
+            x = x.half()
+        m: Any = self.model  # the model contract's methods are not on nn.Module
+        feats = m.forward_features(x)
+        logits = m.forward_head(feats).float()
+        probs = torch.softmax(logits, dim=1)
+        if not self.with_cam:
+            return logits, probs
+        w = m.head.weight
+        cam = F.conv2d(feats, w.reshape(w.shape[0], w.shape[1], 1, 1)).float()
+        return logits, probs, cam

@@ -1,0 +1,107 @@
+"""load_checkpoint: plain-data checkpoints back to eval-mode models, clear errors otherwise."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from defectscope.checkpoint import CheckpointError, file_sha256, load_checkpoint
+from defectscope.models import create_model
+from test_export_support import build_preset, checkpoint_info, model_presets, randomize, write_checkpoint
+
+PRESETS = model_presets()
+
+
+def _saved(
+    tmp_path: Path, preset: str = "resnet_small", **info_overrides: object
+) -> tuple[torch.nn.Module, Path]:
+    model = randomize(build_preset(PRESETS[preset], num_classes=4, in_chans=3), seed=3)
+    info = checkpoint_info(PRESETS[preset]["name"], model.model_kwargs, channels=3)
+    info.update(info_overrides)
+    return model, write_checkpoint(tmp_path / "best.ckpt", model, info)
+
+
+def test_round_trip_rebuilds_the_trained_network(tmp_path: Path) -> None:
+    model, path = _saved(tmp_path)
+    loaded, info = load_checkpoint(path)
+    assert type(loaded) is type(model) and not loaded.training
+    assert info["model_name"] == "resnet" and info["model_kwargs"]["num_classes"] == 4
+    assert info["class_names"] == ["good", "crack", "scratch", "spot"]
+    x = torch.randn(2, 3, 64, 80)
+    with torch.inference_mode():
+        assert torch.equal(model.eval()(x), loaded(x))
+    ref = model.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in loaded.state_dict().items())
+    assert len(file_sha256(path)) == 64
+
+
+def test_missing_and_foreign_files(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"nope\.ckpt: checkpoint file does not exist"):
+        load_checkpoint(tmp_path / "nope.ckpt")
+    with pytest.raises(CheckpointError, match="is not a file"):
+        load_checkpoint(tmp_path)
+    text = tmp_path / "notes.ckpt"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError, match=r"notes\.ckpt: not a readable PyTorch checkpoint"):
+        load_checkpoint(text)
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": {"model.w": torch.zeros(1)}}, plain)
+    with pytest.raises(
+        CheckpointError, match=r"plain\.ckpt: not a defectscope checkpoint \(no 'defectscope'"
+    ):
+        load_checkpoint(plain)
+    pickled = tmp_path / "pickled.ckpt"
+    torch.save({"defectscope": {}, "cfg": argparse.Namespace(lr=0.1)}, pickled)
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        load_checkpoint(pickled)
+
+
+def test_unknown_model_lists_valid_names(tmp_path: Path) -> None:
+    _, path = _saved(tmp_path, model_name="resnet9000")
+    with pytest.raises(CheckpointError, match=r"unknown model 'resnet9000'.*efficientnet_lite0.*resnet"):
+        load_checkpoint(path)
+
+
+def test_bad_info_and_mismatched_weights(tmp_path: Path) -> None:
+    _, path = _saved(tmp_path)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["defectscope"].pop("loader")
+    torch.save(ckpt, tmp_path / "noloader.ckpt")
+    with pytest.raises(CheckpointError, match=r"lacks key.*loader"):
+        load_checkpoint(tmp_path / "noloader.ckpt")
+
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["defectscope"]["format_version"] = 7
+    torch.save(ckpt, tmp_path / "future.ckpt")
+    with pytest.raises(CheckpointError, match="format_version 7 is not supported"):
+        load_checkpoint(tmp_path / "future.ckpt")
+
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["defectscope"]["model_kwargs"]["widths"] = [8, 16, 32, 64]  # weights were trained wider
+    torch.save(ckpt, tmp_path / "narrow.ckpt")
+    with pytest.raises(CheckpointError, match="weights do not fit model 'resnet'"):
+        load_checkpoint(tmp_path / "narrow.ckpt")
+
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["state_dict"]["model.extra"] = torch.zeros(1)  # strict loading: unexpected keys fail
+    torch.save(ckpt, tmp_path / "extra.ckpt")
+    with pytest.raises(CheckpointError, match=r"Unexpected key.*extra"):
+        load_checkpoint(tmp_path / "extra.ckpt")
+
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["defectscope"]["model_kwargs"]["colour"] = "red"
+    torch.save(ckpt, tmp_path / "kw.ckpt")
+    with pytest.raises(CheckpointError, match=r"cannot build model 'resnet'.*colour"):
+        load_checkpoint(tmp_path / "kw.ckpt")
+
+
+def test_model_kwargs_recorded_by_create_model_rebuild_it(tmp_path: Path) -> None:
+    """Training stores ``model.model_kwargs`` (includes num_classes/in_chans) — that must suffice."""
+    model: Any = create_model("gapcnn", num_classes=2, in_chans=1, stages=[{"channels": 8, "stride": 2}])
+    info = checkpoint_info("gapcnn", model.model_kwargs, class_names=["good", "bad"])
+    loaded, _ = load_checkpoint(write_checkpoint(tmp_path / "g.ckpt", model, info))
+    assert loaded.num_classes == 2 and loaded.in_chans == 1

@@ -1,0 +1,132 @@
+"""`defectscope export` as users run it: a zoo checkpoint in, a line-runner-ready model out."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from defectscope.export.cli import main
+from defectscope.runtime.inspector import Inspector
+from defectscope.runtime.metadata import METADATA_KEY, ModelMetadata
+from defectscope.synth import generate
+from test_export_support import (
+    build_preset,
+    checkpoint_info,
+    model_presets,
+    randomize,
+    sha256,
+    write_checkpoint,
+)
+
+PRESETS = model_presets()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A resnet_small checkpoint (grayscale, 4 classes) whose val_paths are real synthetic images."""
+    root = tmp_path_factory.mktemp("cli")
+    data = generate(root / "data", 8, seed=3, channels=1, size_range=(48, 120))
+    val = sorted(str(p) for p in data.rglob("*.png"))
+    model = randomize(build_preset(PRESETS["resnet_small"], num_classes=4, in_chans=1), seed=2)
+    info = checkpoint_info(
+        "resnet", model.model_kwargs, class_names=["good", "scratch", "spot", "crack"], val_paths=val
+    )
+    path = write_checkpoint(root / "run" / "checkpoints" / "best.ckpt", model, info)
+    return {"root": root, "path": path, "model": model, "info": info, "data": data}
+
+
+@pytest.mark.slow
+def test_export_cli_writes_a_model_the_line_runner_accepts(
+    ckpt: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "models" / "model.onnx"
+    rc = main([str(ckpt["path"]), "-o", str(out), "--threshold", "0.3", "--parity-images", "5"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    for needle in (
+        "export time:",
+        "file size:",
+        "max_abs_prob_fused",
+        "max_abs_prob_unfused",
+        f"wrote {out}",
+    ):
+        assert needle in text
+    assert "folded 20 BatchNorm" in text
+
+    insp = Inspector(out, provider="cpu")
+    meta = insp.metadata
+    assert meta.threshold == 0.3 and meta.model_name == "resnet" and meta.total_stride == 32
+    assert meta.checkpoint_sha256 == sha256(ckpt["path"])
+    assert meta.parity["real_images"] == 5
+    assert meta.class_names == ["good", "scratch", "spot", "crack"] and insp.has_cam
+    # the runner's own preprocessing + session give the PyTorch answer on a real image
+    img = sorted(Path(ckpt["data"]).rglob("*.png"))[0]
+    batch = insp.preprocess([img])
+    got = insp.predict(batch)
+    with torch.inference_mode():
+        want = ckpt["model"](torch.from_numpy(batch)).softmax(1).numpy()
+    assert float(np.abs(got["probs"] - want).max()) <= 1e-4
+    assert got["cam"].shape[2:] == (-(-batch.shape[2] // 32), -(-batch.shape[3] // 32))
+
+
+def test_export_cli_rejects_bad_input_with_exit_2(
+    ckpt: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = str(tmp_path / "m.onnx")
+    good = str(ckpt["path"])
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    unknown = write_checkpoint(
+        tmp_path / "unknown.ckpt", ckpt["model"], dict(ckpt["info"], model_name="resnet9000")
+    )
+    cases = [
+        ([str(tmp_path / "missing.ckpt"), "-o", out], "missing.ckpt: checkpoint file does not exist"),
+        ([str(foreign), "-o", out], "not a defectscope checkpoint"),
+        ([str(unknown), "-o", out], "unknown model 'resnet9000'"),
+        ([good, "-o", out, "--opset", "17"], "opset >= 18"),
+        ([good, "-o", out, "--threshold", "1.5"], "--threshold: expected a number in [0, 1]"),
+        ([good, "-o", out, "--parity-images", "-1"], "--parity-images: expected a whole number"),
+        ([good, "-o", out, "--images", str(tmp_path / "none")], "--images"),
+        (
+            [good, "-o", out, "--register-name", "x"],
+            "--register-name only makes sense together with --mlflow",
+        ),
+        ([good, "-o", str(tmp_path)], "is a directory"),
+        ([good], "-o/--output"),
+    ]
+    for argv, message in cases:
+        rc = main(argv)
+        err = capsys.readouterr().err
+        assert rc == 2, (argv, err)
+        assert message in err, (argv, err)
+    assert not Path(out).exists()
+
+
+@pytest.mark.slow
+def test_export_console_command_in_a_subprocess(ckpt: dict[str, Any], tmp_path: Path) -> None:
+    """The real `defectscope export` command line (dispatcher -> export CLI), --no-cam --fp16 --images."""
+    out = tmp_path / "m16.onnx"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "defectscope", "export", str(ckpt["path"]), "-o", str(out),
+            "--no-cam", "--fp16", "--images", str(ckpt["data"]), "--parity-images", "3",
+        ],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert f"wrote {out}" in proc.stdout and "fp16" in proc.stdout
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    meta = ModelMetadata.from_json(sess.get_modelmeta().custom_metadata_map[METADATA_KEY])
+    assert meta.fp16 and meta.outputs == ["logits", "probs"] and meta.parity["real_images"] == 3
+    assert [o.name for o in sess.get_outputs()] == ["logits", "probs"]
+    x = np.random.default_rng(0).standard_normal((4, 1, 96, 72)).astype(np.float32)
+    with torch.inference_mode():
+        want = ckpt["model"](torch.from_numpy(x)).softmax(1).numpy()
+    assert float(np.abs(sess.run(["probs"], {"input": x})[0] - want).max()) <= 2e-2
