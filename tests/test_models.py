@@ -176,6 +176,7 @@ def test_padding_errors() -> None:
         )
 
 
+@torch.no_grad()
 def _brute_force_min_size(model: Any, limit: int) -> int:
     for size in range(1, limit):
         try:
@@ -189,19 +190,19 @@ def _brute_force_min_size(model: Any, limit: int) -> int:
 def test_min_input_size_matches_brute_force() -> None:
     stages = [
         {
-            "channels": 4,
-            "kernel": 7,
+            "channels": 2,
+            "kernel": 5,
             "stride": 2,
             "padding": "valid",
             "pool": "max",
             "pool_kernel": 3,
             "pool_stride": 2,
         },
-        {"channels": 4, "kernel": 3, "dilation": 2, "padding": 1, "pool": "avg", "pool_kernel": 2},
-        {"channels": 8, "kernel": 5, "stride": 3, "padding": "valid"},
+        {"channels": 2, "kernel": 3, "dilation": 2, "padding": 1, "pool": "avg", "pool_kernel": 2},
+        {"channels": 4, "kernel": 3, "stride": 3, "padding": "valid"},
     ]
     model = create_model("gapcnn", num_classes=2, in_chans=1, stages=stages).eval()
-    assert model.min_input_size == _brute_force_min_size(model, 200)
+    assert model.min_input_size == _brute_force_min_size(model, 200) == 37
     assert model.total_stride == 2 * 2 * 2 * 3
     for name in ("lenet", "alexnet"):
         m = build(name).eval()
@@ -267,8 +268,9 @@ def test_presets_forward_head_and_cam(name: str, in_chans: int) -> None:
             cam = model.cam(x)
             assert cam.shape == (2, 3, *feats.shape[-2:])
             torch.testing.assert_close(cam.mean(dim=(2, 3)), logits - model.head.bias, atol=1e-5, rtol=0)
-            both = model.forward_with_cam(x)
-            assert torch.equal(both[0], logits) and torch.equal(both[1], cam)
+            assert torch.equal(cam, model.cam_from_features(feats))
+    both = model.forward_with_cam(x)
+    assert torch.equal(both[0], logits) and torch.equal(both[1], cam)
 
 
 def test_presets_accept_other_channel_counts_and_train_step() -> None:
@@ -361,3 +363,40 @@ def test_flop_counter_by_hand() -> None:
     assert fc.macs == conv1 + conv2 + 8 * 2
     assert fc.flops == 2 * fc.macs
     assert fc.params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_default_model_exports_to_onnx_with_dynamic_height_and_width(tmp_path: Path) -> None:
+    """Static symmetric padding and the GAP head keep the graph shape-agnostic (dynamo export)."""
+    ort = pytest.importorskip("onnxruntime")
+
+    class LogitsAndCam(nn.Module):
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.model.forward_with_cam(x)
+
+    model = build("resnet_small", num_classes=2).eval()
+    wrapper = LogitsAndCam(model).eval()
+    dims = {
+        0: torch.export.Dim("N", max=64),
+        2: torch.export.Dim("H", max=4096),
+        3: torch.export.Dim("W", max=4096),
+    }
+    program = torch.onnx.export(
+        wrapper, (torch.randn(2, 1, 96, 128),), dynamo=True, dynamic_shapes={"x": dims}
+    )
+    assert program is not None
+    path = tmp_path / "resnet_small.onnx"
+    program.save(str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for shape in [(1, 1, 96, 128), (3, 1, 131, 77)]:
+        x = torch.randn(*shape)
+        logits, cam = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            ref_logits, ref_cam = wrapper(x)
+        assert cam.shape == tuple(ref_cam.shape)
+        torch.testing.assert_close(torch.from_numpy(logits), ref_logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.from_numpy(cam), ref_cam, atol=1e-4, rtol=1e-4)

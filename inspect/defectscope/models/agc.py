@@ -31,7 +31,7 @@ def adaptive_grad_clip(parameters: Iterable[torch.Tensor], clipping: float, eps:
     """Clip gradients in place unit-wise; returns the fraction of units that were clipped."""
     if clipping <= 0:
         raise ValueError(f"clipping must be > 0, got {clipping}")
-    clipped = 0
+    clipped: list[torch.Tensor] = []
     units = 0
     for p in parameters:
         if p.grad is None:
@@ -42,9 +42,9 @@ def adaptive_grad_clip(parameters: Iterable[torch.Tensor], clipping: float, eps:
         too_big = g_norm > max_norm
         scale = torch.where(too_big, max_norm / g_norm.clamp(min=1e-6), torch.ones_like(g_norm))
         p.grad.mul_(scale.to(p.grad.dtype))
-        clipped += int(too_big.sum().item())
+        clipped.append(too_big.sum())
         units += too_big.numel()
-    return clipped / units if units else 0.0
+    return float(torch.stack(clipped).sum().item()) / units if units else 0.0  # one device sync
 
 
 def agc_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -48,8 +48,8 @@ def list_models() -> list[str]:
 
 def to_plain(value: Any) -> Any:
     """OmegaConf DictConfig/ListConfig (or any Mapping/sequence) -> plain dict/list, recursively."""
-    if isinstance(value, str | bytes | int | float | bool) or value is None:
-        return value
+    if isinstance(value, str | bytes | int | float | bool | type) or value is None or callable(value):
+        return value  # scalars, and norm/act classes or factories passed from Python
     if isinstance(value, Mapping) or (hasattr(value, "keys") and hasattr(value, "__getitem__")):
         return {str(k): to_plain(value[k]) for k in value.keys()}  # noqa: SIM118 - DictConfig duck typing
     if isinstance(value, list | tuple) or (hasattr(value, "__iter__") and hasattr(value, "__len__")):
