@@ -108,6 +108,18 @@ def test_eval_batches_are_not_augmented_and_match_runtime(tmp_path: Path) -> Non
     np.testing.assert_array_equal(batch["image"].numpy(), expected)
 
 
+def test_worker_processes_cover_the_epoch_and_keep_eval_identical(tmp_path: Path) -> None:
+    cfg = data_cfg("synthetic", tmp_path, "data.source.n=40", "data.batch_size=4")
+    serial = ready(cfg)
+    cfg.data.num_workers = 2
+    cfg.data.persistent_workers = False
+    parallel = ready(cfg)
+    seen = [i for b in parallel.train_dataloader() for i in b["index"].tolist()]
+    assert sorted(seen) == list(range(len(parallel.datasets["train"])))
+    for a, b in zip(serial.val_dataloader(), parallel.val_dataloader()):
+        assert a["path"] == b["path"] and torch.equal(a["image"], b["image"])
+
+
 def test_rgb_synthetic(tmp_path: Path) -> None:
     dm = ready(data_cfg("synthetic", tmp_path, "data.source.n=24", "data.loader.channels=3"))
     assert dm.channels == 3 and len(dm.mean) == 3

@@ -241,6 +241,29 @@ def test_synthetic_killed_generation_is_redone(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("syn.partial-*"))  # the dead run's leftovers are cleaned up
 
 
+@pytest.mark.slow
+def test_synthetic_concurrent_processes_generate_once(tmp_path: Path) -> None:
+    root = tmp_path / "syn"
+    params = {**SYN, "n": 300, "min_size": 32, "max_size": 48}
+    code = (
+        "import sys, json, logging; logging.basicConfig(level=logging.INFO);"
+        "from defectscope.data.sources import ensure_synthetic, SYNTH_MARKER;"
+        "root = ensure_synthetic(sys.argv[1], **json.loads(sys.argv[2]));"
+        "print((root / SYNTH_MARKER).stat().st_mtime_ns)"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(root), json.dumps(params)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
+    stamps = {p.communicate(timeout=120)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(stamps) == 1  # one generation, reused by the others (never replaced under them)
+    assert sum(1 for _ in root.rglob("*.png")) == 300
+    assert not list(tmp_path.glob("syn.partial-*"))
+
+
 # --------------------------------------------------------------------------- splits
 
 

@@ -16,7 +16,8 @@ import logging
 import os
 import shutil
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -333,7 +334,9 @@ def ensure_synthetic(
     """Generate the synthetic set into ``root`` unless a complete one with these parameters is there.
 
     Generation goes to a sibling ``<root>.partial-<host>-<pid>`` folder which gets the completion
-    marker and is then renamed, so a killed run never leaves a half dataset at ``root``.
+    marker and is then renamed, so a killed run never leaves a half dataset at ``root``.  A lock
+    file serialises processes that start together (DDP ranks, parallel runs): one generates, the
+    others wait and reuse its result.
     """
     from ..synth import generate
 
@@ -341,26 +344,44 @@ def ensure_synthetic(
     params = _synth_params(n, seed, channels, min_size, max_size, classes)
     if _read_marker(base) == params:
         return base
-    if base.exists():
-        if not base.is_dir() or not _looks_generated(base):
-            raise SourceError(
-                f"data.source.root: {base} exists but is not a defectscope synthetic dataset; "
-                "choose another root for kind=synthetic"
-            )
-        log.warning("synthetic dataset %s is incomplete or was made with other settings; regenerating", base)
     base.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(base)
-    partial = base.with_name(f"{base.name}.partial-{socket.gethostname()}-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    generate(partial, n, seed, channels, (min_size, max_size), classes)
-    (partial / SYNTH_MARKER).write_text(json.dumps(params, sort_keys=True) + "\n", encoding="utf-8")
-    if _read_marker(base) == params:  # someone else finished first
+    with _exclusive(base.with_name(f".{base.name}.lock")):
+        if _read_marker(base) == params:  # another process finished while we waited
+            return base
+        if base.exists():
+            if not base.is_dir() or not _looks_generated(base):
+                raise SourceError(
+                    f"data.source.root: {base} exists but is not a defectscope synthetic dataset; "
+                    "choose another root for kind=synthetic"
+                )
+            log.warning(
+                "synthetic dataset %s is incomplete or was made with other settings; regenerating", base
+            )
+        _remove_stale_partials(base)
+        partial = base.with_name(f"{base.name}.partial-{socket.gethostname()}-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
-        return base
-    if base.exists():
-        shutil.rmtree(base)
-    os.replace(partial, base)
+        generate(partial, n, seed, channels, (min_size, max_size), classes)
+        (partial / SYNTH_MARKER).write_text(json.dumps(params, sort_keys=True) + "\n", encoding="utf-8")
+        if base.exists():
+            shutil.rmtree(base)
+        os.replace(partial, base)
     return base
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An advisory inter-process lock (POSIX ``flock``); released by the OS if the holder dies."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: training is not supported there; no lock
+        yield
+        return
+    with open(lock_path, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def synthetic_source(
