@@ -1,0 +1,134 @@
+"""Training callbacks: the configured ones (conf/callbacks/) plus two the training code adds itself.
+
+* :class:`BackboneWarmup`: train only the head for ``finetune.freeze_epochs`` epochs (pretrained
+  backbones are not wrecked by the random head's first gradients), with backbone BatchNorm frozen.
+* :class:`IndexDump`: ``debug.dump_indices=true`` writes the sample indices each rank trained on,
+  per epoch, so a DDP run can be checked for disjoint shards.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+
+from .config import TrainingConfigError
+
+
+class BackboneWarmup(Callback):
+    """Frozen backbone (head-only training) for the first ``freeze_epochs`` epochs, then unfrozen."""
+
+    def __init__(self, freeze_epochs: int, bn_eval: bool = True) -> None:
+        self.freeze_epochs = int(freeze_epochs)
+        self.bn_eval = bool(bn_eval)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from defectscope.models.finetune import freeze_backbone
+
+        model = pl_module.model
+        assert isinstance(model, torch.nn.Module)
+        freeze = trainer.current_epoch < self.freeze_epochs
+        freeze_backbone(model, freeze, self.bn_eval)
+        if freeze and self.bn_eval:
+            from defectscope.models.finetune import set_bn_eval
+
+            set_bn_eval(model)  # Lightning put the module in train mode just before this hook
+
+
+class IndexDump(Callback):
+    """Writes ``<out_dir>/train_indices_rank<r>_epoch<e>.json``: the dataset indices this rank saw."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.out_dir = Path(out_dir)
+        self._seen: list[int] = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._seen = []
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._seen.extend(int(i) for i in batch["index"].tolist())
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"train_indices_rank{trainer.global_rank}_epoch{trainer.current_epoch}.json"
+        path.write_text(
+            json.dumps(
+                {
+                    "rank": trainer.global_rank,
+                    "world_size": trainer.world_size,
+                    "epoch": trainer.current_epoch,
+                    "indices": self._seen,
+                }
+            )
+        )
+
+
+def build_callbacks(
+    callbacks_cfg: Mapping[str, Any] | None, *, freeze_epochs: int, bn_eval: bool, dump_dir: str | None
+) -> list[Callback]:
+    """Instantiate ``callbacks.*`` (entries set to null are skipped) and add the code-owned ones."""
+    out: list[Callback] = []
+    for key, spec in (callbacks_cfg or {}).items():
+        if spec is None:
+            continue
+        if not isinstance(spec, Mapping) or "_target_" not in spec:
+            raise TrainingConfigError(f"callbacks.{key}: expected a mapping with _target_, got {spec!r}")
+        out.append(instantiate(spec))
+    if not any(isinstance(cb, ModelCheckpoint) for cb in out):
+        raise TrainingConfigError(
+            "callbacks: no ModelCheckpoint configured; training needs one (best.ckpt is tested, exported "
+            "and logged; last.ckpt is what ckpt_path=last resumes) - see conf/callbacks/default.yaml"
+        )
+    if freeze_epochs > 0:
+        out.append(BackboneWarmup(freeze_epochs, bn_eval))
+    if dump_dir is not None:
+        out.append(IndexDump(dump_dir))
+    return out
+
+
+def checkpoint_callback(trainer: pl.Trainer) -> ModelCheckpoint:
+    cb = trainer.checkpoint_callback
+    if not isinstance(cb, ModelCheckpoint):
+        raise TrainingConfigError("callbacks: no ModelCheckpoint configured")
+    return cb
+
+
+class Throughput(Callback):
+    """Logs ``train/images_per_s``: training images per second of the epoch's training batches
+    (data loading included, validation excluded), summed over ranks."""
+
+    def __init__(self) -> None:
+        self._images = 0
+        self._seconds = 0.0
+        self._t = 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._images, self._seconds, self._t = 0, 0.0, time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        now = time.perf_counter()
+        self._seconds += now - self._t
+        self._t = now
+        self._images += int(batch["label"].numel())
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._pause = time.perf_counter()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._t += time.perf_counter() - getattr(self, "_pause", time.perf_counter())
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._seconds > 0:
+            rate = self._images / self._seconds
+            pl_module.log("train/images_per_s", rate, on_epoch=True, sync_dist=True, reduce_fx="sum")

@@ -1,0 +1,92 @@
+"""Config helpers shared by the training pieces: plain containers, flattening, ranks, resume paths.
+
+Kept free of torch and Lightning so the Hydra entry point and the tests can use it cheaply.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class TrainingConfigError(ValueError):
+    """A training setting is wrong; the message names the config key and what was expected."""
+
+
+def to_plain(cfg: Any) -> Any:
+    """DictConfig/ListConfig -> plain, resolved dicts/lists (checkpoints must hold plain data only)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig | ListConfig):
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    if isinstance(cfg, Mapping):
+        return {str(k): to_plain(v) for k, v in cfg.items()}
+    if isinstance(cfg, list | tuple):
+        return [to_plain(v) for v in cfg]
+    return cfg
+
+
+def _walk(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+    if isinstance(node, Mapping):
+        if not node and prefix:
+            yield prefix, {}
+        for key, value in node.items():
+            yield from _walk(value, f"{prefix}.{key}" if prefix else str(key))
+    else:
+        yield prefix, node
+
+
+def flatten(cfg: Any) -> dict[str, str]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``; lists stay whole (``"[1, 2]"``), None -> ``"null"``."""
+    out: dict[str, str] = {}
+    for key, value in _walk(to_plain(cfg), ""):
+        out[key] = "null" if value is None else str(value)
+    return out
+
+
+def find_keys(cfg: Any, name: str, prefix: str) -> list[str]:
+    """Dotted paths of every key called ``name`` below ``cfg`` (to name config keys in errors)."""
+    return [k for k, _ in _walk(to_plain(cfg), prefix) if k.rsplit(".", 1)[-1] == name]
+
+
+def is_global_zero() -> bool:
+    """Rank 0 of the whole job, also before Lightning has set up the process group.
+
+    torchrun sets RANK; SLURM sets SLURM_PROCID; Lightning's own launcher sets NODE_RANK and
+    LOCAL_RANK for the processes it starts.  Any non-zero value means "not rank 0".
+    """
+    for var in ("RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            return int(os.environ[var]) == 0
+    return all(int(os.environ.get(var, "0")) == 0 for var in ("NODE_RANK", "GROUP_RANK", "LOCAL_RANK"))
+
+
+def resolve_ckpt_path(ckpt_path: Any, ckpt_dir: str | os.PathLike[str]) -> str | None:
+    """``null`` -> None; ``last`` -> ``<ckpt_dir>/last.ckpt`` (None with a warning if absent); else a file.
+
+    ``last`` is meant for restartable jobs (SLURM requeue, a killed workstation run): the same command
+    line with a stable ``hydra.run.dir`` resumes when there is something to resume and starts otherwise.
+    """
+    if ckpt_path is None or ckpt_path == "":
+        return None
+    if str(ckpt_path) == "last":
+        last = Path(ckpt_dir) / "last.ckpt"
+        if last.is_file():
+            return str(last)
+        log.warning(
+            "ckpt_path=last: no %s yet, starting a new training. (Resuming needs the same run directory: "
+            "pass the same hydra.run.dir=... as the run to continue.)",
+            last,
+        )
+        return None
+    path = Path(str(ckpt_path)).expanduser()
+    if not path.is_file():
+        raise TrainingConfigError(
+            f"ckpt_path: {path} is not a checkpoint file (give a .ckpt path, 'last' or null)"
+        )
+    return str(path.resolve())

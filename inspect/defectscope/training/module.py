@@ -1,0 +1,293 @@
+"""LightningModule around a pure defectscope network (``self.model``), plus the OK/NG threshold.
+
+Everything a checkpoint needs to be rebuilt is passed to ``__init__`` as plain data and saved as
+hyper-parameters, so checkpoints load with ``torch.load(weights_only=True)`` (contract #3) and
+``DefectClassifier(**checkpoint["hyper_parameters"])`` rebuilds the module for evaluation.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from .. import __version__
+from .metrics import (
+    DefectScores,
+    choose_threshold,
+    class_metrics,
+    confusion_matrix,
+    defect_auroc,
+    metric_key,
+    operating_point,
+)
+
+FORMAT_VERSION = 1
+MAX_VAL_PATHS = 64
+
+
+class DefectClassifier(pl.LightningModule):
+    """Cross-entropy training of a GAP classifier with val/test metrics and a recall-targeted threshold."""
+
+    def __init__(
+        self,
+        *,
+        model: Mapping[str, Any],
+        num_classes: int,
+        in_chans: int,
+        class_names: list[str],
+        good_class: str,
+        optim: Mapping[str, Any],
+        scheduler: Mapping[str, Any] | None = None,
+        loss: Mapping[str, Any] | None = None,
+        finetune: Mapping[str, Any] | None = None,
+        threshold: Mapping[str, Any] | None = None,
+        data_info: Mapping[str, Any] | None = None,
+        run_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        # logger=False: the tracker logs the whole resolved config itself, flattened.
+        self.save_hyperparameters(logger=False)
+        from defectscope.models import create_model
+
+        spec = dict(model)
+        name = spec.pop("name")
+        self.model = create_model(name, num_classes=num_classes, in_chans=in_chans, **spec)
+        self.model_name = str(name)
+        self.class_names = list(class_names)
+        if len(self.class_names) != num_classes:
+            raise ValueError(f"{len(self.class_names)} class names for num_classes={num_classes}")
+        if good_class not in self.class_names:
+            raise ValueError(f"good_class {good_class!r} is not one of {self.class_names}")
+        self.good_class = good_class
+        self.good_index = self.class_names.index(good_class)
+        loss = dict(loss or {})
+        weights = loss.get("class_weights")
+        self.register_buffer(
+            "class_weight",
+            None if weights is None else torch.tensor(weights, dtype=torch.float32),
+            persistent=False,
+        )
+        self.label_smoothing = float(loss.get("label_smoothing", 0.0) or 0.0)
+        thr = dict(threshold or {})
+        self.target_recall = float(thr.get("target_recall", 0.99))
+        self.threshold = float(thr.get("default", 0.5))
+        self.data_info = dict(data_info or {})
+        #: how many misclassified test images (with CAM) to keep for the artifact grid
+        self.misclassified_max = 16
+        self.test_outputs: dict[str, Any] = {}
+        self._misclassified: list[dict[str, Any]] = []
+
+        self.train_loss = MeanMetric()
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self.val_metrics, self.test_metrics = class_metrics(num_classes), class_metrics(num_classes)
+        self.val_confmat, self.test_confmat = confusion_matrix(num_classes), confusion_matrix(num_classes)
+        self.val_scores, self.test_scores = DefectScores(), DefectScores()
+
+    # ------------------------------------------------------------------ forward / loss
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def criterion(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        weight = self.class_weight if isinstance(self.class_weight, torch.Tensor) else None
+        return F.cross_entropy(logits.float(), target, weight=weight, label_smoothing=self.label_smoothing)
+
+    def defect_probability(self, logits: torch.Tensor) -> torch.Tensor:
+        """P(defect) = 1 - P(good class): the score every OK/NG decision uses."""
+        return 1.0 - logits.float().softmax(dim=1)[:, self.good_index]
+
+    # ------------------------------------------------------------------ steps
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        x, y = batch["image"], batch["label"]
+        logits = self.model(x)
+        loss = self.criterion(logits, y)
+        n = int(y.numel())
+        self.train_loss.update(loss.detach(), weight=n)
+        self.train_acc.update(logits.detach().argmax(dim=1), y)
+        self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
+        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, batch_size=n)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=n)
+        return loss
+
+    def _eval_step(self, batch: Mapping[str, Any], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = batch["image"], batch["label"]
+        logits = self.model(x)
+        preds = logits.argmax(dim=1)
+        getattr(self, f"{stage}_loss").update(self.criterion(logits, y), weight=int(y.numel()))
+        getattr(self, f"{stage}_metrics").update(preds, y)
+        getattr(self, f"{stage}_confmat").update(preds, y)
+        getattr(self, f"{stage}_scores").update(self.defect_probability(logits), y != self.good_index)
+        return logits, preds
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        logits, preds = self._eval_step(batch, "test")
+        if len(self._misclassified) < self.misclassified_max:
+            self._keep_misclassified(batch, logits, preds)
+
+    @torch.no_grad()
+    def _keep_misclassified(
+        self, batch: Mapping[str, Any], logits: torch.Tensor, preds: torch.Tensor
+    ) -> None:
+        wrong = (preds != batch["label"]).nonzero().flatten().tolist()
+        for i in wrong[: self.misclassified_max - len(self._misclassified)]:
+            x = batch["image"][i : i + 1]
+            cam = self.model.cam(x)[0, int(preds[i])]
+            self._misclassified.append(
+                {
+                    "image": x[0].float().cpu(),
+                    "cam": cam.float().cpu(),
+                    "label": int(batch["label"][i]),
+                    "pred": int(preds[i]),
+                    "p_defect": float(self.defect_probability(logits[i : i + 1])[0]),
+                    "path": str(batch["path"][i]) if "path" in batch else "",
+                }
+            )
+
+    # ------------------------------------------------------------------ epoch ends
+
+    def _epoch_metrics(self, stage: str) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Compute (synchronised across ranks) and reset this stage's metrics."""
+        out = {"loss": float(getattr(self, f"{stage}_loss").compute())}
+        for name, value in getattr(self, f"{stage}_metrics").compute().items():
+            if value.ndim == 0:
+                out[name] = float(value)
+            else:
+                for cls, v in zip(self.class_names, value.tolist()):
+                    out[f"{name}/{metric_key(cls)}"] = float(v)
+        confmat = getattr(self, f"{stage}_confmat").compute().cpu()
+        scores, targets = (t.cpu() for t in getattr(self, f"{stage}_scores").compute())
+        auroc = defect_auroc(scores, targets)
+        if auroc is not None:
+            out["auroc"] = auroc
+        for metric in ("loss", "metrics", "confmat", "scores"):
+            getattr(self, f"{stage}_{metric}").reset()
+        return out, confmat, scores, targets
+
+    def on_validation_epoch_end(self) -> None:
+        values, _, scores, targets = self._epoch_metrics("val")
+        if not self.trainer.sanity_checking:
+            chosen = choose_threshold(scores, targets, self.target_recall)
+            if chosen is not None:
+                self.threshold = chosen
+        values["threshold"] = self.threshold
+        values.update(operating_point(scores, targets, self.threshold))
+        self.log_dict({f"val/{k}": v for k, v in values.items()}, sync_dist=True)
+
+    def on_test_epoch_start(self) -> None:
+        self._misclassified = []
+
+    def on_test_epoch_end(self) -> None:
+        values, confmat, scores, targets = self._epoch_metrics("test")
+        values["threshold"] = self.threshold
+        values.update(operating_point(scores, targets, self.threshold))
+        self.log_dict({f"test/{k}": v for k, v in values.items()}, sync_dist=True)
+        self.test_outputs = {
+            "metrics": values,
+            "confmat": confmat.numpy(),
+            "scores": scores.numpy(),
+            "is_defect": targets.numpy(),
+            "threshold": self.threshold,
+            "class_names": self.class_names,
+            "misclassified": self._misclassified,
+        }
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self) -> Any:
+        optim = dict(self.hparams["optim"])
+        opt_cfg = dict(optim["optimizer"])
+        scale = float(dict(self.hparams.get("finetune") or {}).get("backbone_lr_scale", 1.0))
+        params: Any
+        if scale != 1.0:
+            from defectscope.models.finetune import param_groups
+
+            params = param_groups(self.model, float(opt_cfg["lr"]), scale)
+        else:
+            params = list(self.model.parameters())
+        optimizer = instantiate(opt_cfg)(params)
+        sched_cfg = dict(self.hparams.get("scheduler") or {})
+        if "_target_" not in sched_cfg:
+            return optimizer
+        interval = str(sched_cfg.pop("interval", "step"))
+        if interval not in ("step", "epoch"):
+            raise ValueError(f"scheduler.interval must be 'step' or 'epoch', got {interval!r}")
+        factory = instantiate(sched_cfg)
+        horizon = (
+            int(self.trainer.estimated_stepping_batches)
+            if interval == "step"
+            else int(self.trainer.max_epochs or 1)
+        )
+        accepted = inspect.signature(factory.func).parameters
+        given = factory.keywords
+        extra: dict[str, Any] = {}
+        for key in ("T_max", "total_steps", "total_iters"):
+            if key in accepted and key not in given and not (key == "total_steps" and "epochs" in given):
+                extra[key] = horizon
+        if "max_lr" in accepted and "max_lr" not in given:
+            extra["max_lr"] = [group["lr"] for group in optimizer.param_groups]
+        scheduler = factory(optimizer, **extra)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        clip = dict(self.hparams["optim"]).get("agc_clip")
+        if clip:
+            from defectscope.models.agc import adaptive_grad_clip, agc_parameters
+
+            adaptive_grad_clip(agc_parameters(self.model), float(clip))
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _tracking_ids(self) -> tuple[str | None, str | None]:
+        trainer = self._trainer
+        for lg in trainer.loggers if trainer is not None else []:
+            run_id = getattr(lg, "run_id", None)
+            if run_id:
+                return str(run_id), str(getattr(lg, "tracking_uri", None) or "") or None
+        return None, None
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        """``checkpoint["defectscope"]`` exactly as contract #3 defines it (plain data)."""
+        from .config import to_plain
+
+        run_id, uri = self._tracking_ids()
+        kwargs = getattr(self.model, "model_kwargs", None)
+        if kwargs is None:
+            kwargs = {k: v for k, v in dict(self.hparams["model"]).items() if k != "name"}
+            kwargs.update(num_classes=len(self.class_names), in_chans=int(self.hparams["in_chans"]))
+        info = self.data_info
+        return {
+            "format_version": FORMAT_VERSION,
+            "model_name": self.model_name,
+            "model_kwargs": to_plain(dict(kwargs)),
+            "class_names": list(self.class_names),
+            "good_class": self.good_class,
+            "threshold": float(self.threshold),
+            "loader": to_plain(dict(info.get("loader") or {})),
+            "mean": [float(v) for v in info.get("mean") or []],
+            "std": [float(v) for v in info.get("std") or []],
+            "mlflow_run_id": run_id,
+            "mlflow_tracking_uri": uri,
+            "val_paths": [str(p) for p in (info.get("val_paths") or [])][:MAX_VAL_PATHS],
+            "package_version": __version__,
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["defectscope"] = self.checkpoint_info()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        info = checkpoint.get("defectscope") or {}
+        if "threshold" in info:
+            self.threshold = float(info["threshold"])

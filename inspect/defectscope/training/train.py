@@ -1,0 +1,326 @@
+"""``train(cfg)`` and ``evaluate(cfg)``: plain functions over a composed config, returning metrics.
+
+The Hydra entry points (:mod:`defectscope.training.app`) are thin wrappers, so tests and notebooks
+can call these with a config from Hydra's compose API.  Order in ``train`` is chosen so that every
+cheap check (tracking server, checkpoint to resume, model vs. data geometry) fails before the
+first training step, and so that the best checkpoint is on disk before anything optional
+(tests, plots, uploads) can go wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from .. import __version__
+from .artifacts import log_test_artifacts, summary_lines, write_test_plots
+from .callbacks import Throughput, build_callbacks, checkpoint_callback
+from .config import TrainingConfigError, find_keys, is_global_zero, resolve_ckpt_path, to_plain
+from .module import DefectClassifier
+from .tracking import MLflowTracker
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------- building blocks
+
+
+def hydra_choice(group: str, default: str) -> str:
+    """The option chosen for a config group (``model=...``), for messages and run names."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            choice = HydraConfig.get().runtime.choices.get(group)
+            return str(choice) if choice is not None else default
+    except Exception:  # compose API without hydra config
+        pass
+    return default
+
+
+def read_resume_info(ckpt_path: str) -> dict[str, Any]:
+    """The ``defectscope`` dict of a checkpoint to resume (plain data: weights_only=True)."""
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise TrainingConfigError(
+            f"ckpt_path: cannot read {ckpt_path} ({type(exc).__name__}: {exc})"
+        ) from None
+    info = ckpt.get("defectscope") if isinstance(ckpt, dict) else None
+    if not isinstance(info, dict):
+        raise TrainingConfigError(
+            f"ckpt_path: {ckpt_path} is not a checkpoint written by `defectscope train`"
+        )
+    return info
+
+
+def resolve_class_weights(spec: Any, dm: Any) -> list[float] | None:
+    """``loss.class_weights``: null, ``balanced`` (the DataModule's inverse frequencies) or a list."""
+    n = len(dm.class_names)
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        if spec == "balanced":
+            return [float(w) for w in dm.class_weights.tolist()]
+        raise TrainingConfigError(
+            f"loss.class_weights must be null, 'balanced' or a list of {n} numbers, got {spec!r}"
+        )
+    weights = list(spec)
+    if len(weights) != n or not all(isinstance(w, int | float) and w > 0 for w in weights):
+        raise TrainingConfigError(
+            f"loss.class_weights: expected {n} positive numbers (one per class, order {dm.class_names}), got {weights}"
+        )
+    return [float(w) for w in weights]
+
+
+def check_geometry(model: torch.nn.Module, dm: Any, data_cfg: Any) -> None:
+    """Every image the loader accepts must be large enough for the model (no empty feature maps)."""
+    need = int(getattr(model, "min_input_size", 1))
+    have = int(dm.loader_config.min_size)
+    if need > have:
+        keys = find_keys(data_cfg, "min_size", "data")
+        key = next((k for k in keys if k.startswith("data.loader")), "data.loader.min_size")
+        raise TrainingConfigError(
+            f"model={hydra_choice('model', str(getattr(model, 'model_name', '?')))} needs input sides of at least "
+            f"{need} px (model.min_input_size) but {key} is {have}: raise {key} to >= {need} "
+            "(smaller images are then rejected by the scan) or choose a smaller model"
+        )
+
+
+def build_module(cfg: DictConfig, dm: Any) -> DefectClassifier:
+    info = dm.export_info() if hasattr(dm, "export_info") else {}
+    module = DefectClassifier(
+        model=to_plain(cfg.model),
+        num_classes=len(dm.class_names),
+        in_chans=int(dm.channels),
+        class_names=list(dm.class_names),
+        good_class=str(dm.good_class),
+        optim=to_plain(cfg.optim),
+        scheduler=to_plain(cfg.get("scheduler")) or None,
+        loss={
+            "class_weights": resolve_class_weights(cfg.loss.get("class_weights"), dm),
+            "label_smoothing": float(cfg.loss.get("label_smoothing", 0.0)),
+        },
+        finetune=to_plain(cfg.get("finetune")) or {},
+        threshold=to_plain(cfg.get("threshold")) or {},
+        data_info={
+            "loader": info.get("loader", dm.loader_config.to_dict()),
+            "mean": list(dm.mean),
+            "std": list(dm.std),
+            "val_paths": list(dm.val_paths[:64]),
+        },
+        run_config=to_plain(cfg),
+    )
+    check_geometry(module.model, dm, cfg.data)
+    return module
+
+
+def build_tracker(cfg: DictConfig) -> MLflowTracker | None:
+    spec = cfg.get("logger")
+    if not spec or "_target_" not in spec:  # logger=none (experiments may still set a few keys)
+        return None
+    tracker = instantiate(spec)
+    if not isinstance(tracker, MLflowTracker):
+        raise TrainingConfigError(
+            f"logger: expected defectscope.training.tracking.MLflowTracker, got {type(tracker)}"
+        )
+    if tracker.run_name is None:
+        tracker.run_name = (
+            f"{hydra_choice('model', str(cfg.model.get('name')))}-{hydra_choice('data', 'data')}-"
+            f"{time.strftime('%Y%m%d-%H%M%S')}"
+        )
+    return tracker
+
+
+def check_launch(cfg: DictConfig) -> None:
+    """Lightning's own multi-process launcher re-runs the command line; that cannot work in a sweep."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:
+        multirun = False
+    devices = cfg.trainer.get("devices", 1)
+    many = devices == -1 or (isinstance(devices, int) and devices > 1) or isinstance(devices, list | str)
+    external = any(v in os.environ for v in ("RANK", "SLURM_PROCID", "LOCAL_RANK"))
+    if multirun and many and not external and str(cfg.trainer.get("strategy", "")).startswith("ddp"):
+        raise TrainingConfigError(
+            "trainer=ddp with several devices cannot run inside --multirun (Lightning re-launches the "
+            "command line per device); run the sweep's jobs one by one, or start them with torchrun/SLURM"
+        )
+
+
+def set_threads(threads: Any) -> None:
+    if threads is not None:
+        if not isinstance(threads, int) or threads < 1:
+            raise TrainingConfigError(f"threads must be null or a positive integer, got {threads!r}")
+        torch.set_num_threads(threads)
+
+
+def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if (isinstance(value, torch.Tensor) and value.numel() == 1) or isinstance(value, int | float):
+            out[key] = float(value)
+    return out
+
+
+# ---------------------------------------------------------------------------- train
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit, test the best checkpoint, log everything; returns the final val and test metrics."""
+    t0 = time.perf_counter()
+    check_launch(cfg)
+    set_threads(cfg.get("threads"))
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    out_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.ckpt_dir)
+    resume = read_resume_info(ckpt_path) if ckpt_path else {}
+
+    tracker = build_tracker(cfg)
+    if tracker is not None:
+        tags = {
+            "defectscope.version": __version__,
+            "defectscope.output_dir": str(out_dir),
+            "defectscope.model": hydra_choice("model", str(cfg.model.get("name"))),
+            "defectscope.data": hydra_choice("data", "?"),
+            "mlflow.source.name": "defectscope train",
+        }
+        if ckpt_path:
+            tags["defectscope.resumed_from"] = ckpt_path
+        tracker.start(run_id=resume.get("mlflow_run_id"), extra_tags=tags)
+
+    status = "FAILED"
+    best: str | None = None
+    ckpt_cb = None
+    metrics: dict[str, float] = {}
+    resolved = out_dir / "config_resolved.yaml"
+    try:
+        dm = instantiate(cfg.data)
+        dm.prepare_data()
+        dm.setup("fit")
+        module = build_module(cfg, dm)
+        module.misclassified_max = tracker.misclassified_max if tracker is not None else 16
+        callbacks = build_callbacks(
+            to_plain(cfg.get("callbacks")),
+            freeze_epochs=int(cfg.finetune.get("freeze_epochs", 0)),
+            bn_eval=bool(cfg.finetune.get("bn_eval", True)),
+            dump_dir=str(out_dir / "debug") if cfg.get("debug", {}).get("dump_indices") else None,
+        )
+        callbacks.append(Throughput())
+        trainer: pl.Trainer = instantiate(
+            cfg.trainer, callbacks=callbacks, logger=[tracker] if tracker is not None else False
+        )
+        if is_global_zero():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+            (out_dir / "data_report.txt").write_text(getattr(dm, "report", "") + "\n", encoding="utf-8")
+        if tracker is not None:
+            tracker.log_config(to_plain(cfg))
+            tracker.log_artifact(resolved)
+            tracker.log_artifact(out_dir / "data_report.txt")
+
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        metrics = _scalars(dict(trainer.callback_metrics))
+        ckpt_cb = checkpoint_callback(trainer)
+        best = ckpt_cb.best_model_path or None
+        if cfg.get("test", True) and not trainer.interrupted:
+            results = trainer.test(module, datamodule=dm, ckpt_path=best or "last", verbose=False)
+            metrics.update(_scalars(results[0] if results else {}))
+            if trainer.is_global_zero:
+                plots = write_test_plots(module.test_outputs, dm, out_dir / "plots")
+                if tracker is not None:
+                    log_test_artifacts(tracker, plots)
+        if tracker is not None and tracker.log_checkpoint and best:
+            tracker.log_artifact(best, "checkpoints")
+        status = "KILLED" if trainer.interrupted else "FINISHED"
+    finally:
+        unsent = tracker.close(status) if tracker is not None else None
+
+    if is_global_zero() and ckpt_cb is not None:
+        lines = summary_lines(
+            "train",
+            seconds=time.perf_counter() - t0,
+            best=best,
+            last=ckpt_cb.last_model_path or None,
+            monitor=(str(ckpt_cb.monitor), ckpt_cb.best_model_score),
+            tracker=tracker,
+            resolved=resolved,
+            metrics=metrics,
+            unsent=unsent,
+        )
+        print("\n".join(lines), flush=True)
+    return metrics
+
+
+# ---------------------------------------------------------------------------- evaluate
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Test metrics (and plots) of a checkpoint on its own test split or on ``data=...``."""
+    from defectscope.checkpoint import read_checkpoint, validate_info
+
+    t0 = time.perf_counter()
+    set_threads(cfg.get("threads"))
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    out_dir = Path(cfg.paths.output_dir)
+    ckpt_file = str(Path(str(cfg.ckpt_path)).expanduser())
+    ckpt = read_checkpoint(ckpt_file)
+    info = validate_info(ckpt["defectscope"], ckpt_file)
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    if cfg.get("data"):
+        data_cfg = to_plain(cfg.data)
+    else:
+        data_cfg = (hparams.get("run_config") or {}).get("data")
+        if not data_cfg:
+            raise TrainingConfigError(
+                f"{ckpt_file} records no data config; choose one: data=folder data.source.root=..."
+            )
+    # The checkpoint's preprocessing, exactly as the exported model will apply it.
+    data_cfg.update(
+        loader=info["loader"], mean=info["mean"], std=info["std"], rejects_path=str(out_dir / "rejects.csv")
+    )
+    dm = instantiate(data_cfg)
+    dm.prepare_data()
+    dm.setup("test")
+    if list(dm.class_names) != list(info["class_names"]):
+        raise TrainingConfigError(
+            f"data: classes {dm.class_names} differ from the checkpoint's {info['class_names']} "
+            "(names and order must match; set data.source.classes)"
+        )
+    model_spec = {"name": info["model_name"]}
+    model_spec.update({k: v for k, v in info["model_kwargs"].items() if k not in ("num_classes", "in_chans")})
+    hparams.update(model=model_spec)
+    module = DefectClassifier(**hparams)
+    module.load_state_dict(ckpt["state_dict"], strict=True)
+    module.threshold = float(cfg.threshold) if cfg.get("threshold") is not None else float(info["threshold"])
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    results = trainer.test(module, datamodule=dm, verbose=False)
+    metrics = _scalars(results[0] if results else {})
+    if trainer.is_global_zero:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plots = write_test_plots(module.test_outputs, dm, out_dir / "plots")
+        metrics_file = Path(str(cfg.get("metrics_file") or out_dir / "metrics.json"))
+        metrics_file.write_text(
+            json.dumps({"checkpoint": ckpt_file, "metrics": metrics, "plots": plots}, indent=2) + "\n",
+            encoding="utf-8",
+        )
+        lines = summary_lines(
+            "evaluate", seconds=time.perf_counter() - t0, metrics=metrics, checkpoint=ckpt_file
+        )
+        lines.append(f"metrics file:    {metrics_file}")
+        lines.append(f"plots:           {out_dir / 'plots'}")
+        print("\n".join(lines), flush=True)
+    return metrics
