@@ -218,7 +218,7 @@ def test_synthetic_refuses_foreign_folder(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_synthetic_killed_generation_is_redone(tmp_path: Path) -> None:
     root = tmp_path / "syn"
-    params = {**SYN, "n": 4000, "min_size": 32, "max_size": 40}
+    params = {**SYN, "n": 1500, "min_size": 32, "max_size": 40}
     code = (
         "import sys, json; from defectscope.data.sources import ensure_synthetic; "
         "ensure_synthetic(sys.argv[1], **json.loads(sys.argv[2]))"
@@ -237,7 +237,7 @@ def test_synthetic_killed_generation_is_redone(tmp_path: Path) -> None:
     assert not (root / SYNTH_MARKER).exists(), "generation finished before it could be killed"
     ensure_synthetic(root, **params)  # type: ignore[arg-type]
     assert (root / SYNTH_MARKER).exists()
-    assert sum(1 for _ in root.rglob("*.png")) == 4000
+    assert sum(1 for _ in root.rglob("*.png")) == 1500
     assert not list(tmp_path.glob("syn.partial-*"))  # the dead run's leftovers are cleaned up
 
 

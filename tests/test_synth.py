@@ -57,6 +57,22 @@ def test_same_seed_byte_identical_other_seed_differs(tmp_path: Path) -> None:
     assert all(a[k] != c[k] for k in shared if k != "manifest.csv")
 
 
+def test_rerun_replaces_previous_output_and_refuses_foreign_folders(tmp_path: Path) -> None:
+    root = synth.generate(tmp_path / "s", n=12, seed=0, size_range=(48, 64))
+    (root / "good" / "mine.txt").write_text("kept")
+    synth.generate(root, n=5, seed=0, size_range=(48, 64))
+    assert len(list(root.rglob("*.png"))) == 5  # no stale images from the larger run
+    assert (root / "good" / "mine.txt").read_text() == "kept"
+    assert _files(root) == {
+        **_files(synth.generate(tmp_path / "fresh", 5, 0, 1, (48, 64))),
+        "good/mine.txt": b"kept",
+    }
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "photo.jpg").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"is not empty and holds no manifest\.csv"):
+        synth.generate(tmp_path / "other", n=2)
+
+
 def test_rgb_output(tmp_path: Path) -> None:
     root = synth.generate(tmp_path / "s", n=4, seed=0, channels=3, size_range=(64, 96))
     for p in root.rglob("*.png"):

@@ -207,6 +207,7 @@ def generate(
     classes = list(classes)
     _check(n, channels, size_range, classes)
     root = Path(out)
+    _clear_previous(root)
     for name in classes:
         (root / name).mkdir(parents=True, exist_ok=True)
     digits = max(5, len(str(n - 1)))
@@ -230,6 +231,26 @@ def generate(
         writer.writerow(("path", "label"))
         writer.writerows(rows)
     return root
+
+
+def _clear_previous(root: Path) -> None:
+    """Remove an earlier synth output in ``root`` so no stale images outlive a smaller rerun.
+
+    Only files listed in its ``manifest.csv`` are deleted (PNGs inside ``root``); a non-empty
+    folder without a manifest is refused rather than mixed with generated images.
+    """
+    if not root.is_dir() or not any(root.iterdir()):
+        return
+    manifest = root / MANIFEST
+    if not manifest.is_file():
+        raise ValueError(f"synth: {root} is not empty and holds no {MANIFEST}; choose a new or empty folder")
+    base = root.resolve()
+    with open(manifest, newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            p = (root / (row.get("path") or "")).resolve()
+            if p.suffix == ".png" and p.is_relative_to(base) and p.is_file():
+                p.unlink()
+    manifest.unlink()
 
 
 def build_parser() -> argparse.ArgumentParser:
