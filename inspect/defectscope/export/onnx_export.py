@@ -279,6 +279,9 @@ def export_model(
     inputs = parity_inputs(info, meta.channels, min_side, parity_images=parity_images, images_dir=images_dir)
     for s in inputs.real_skipped:
         log(f"parity: skipped image {s}")
+    if parity_images > 0 and inputs.real_images == 0:
+        src = f"--images {images_dir}" if images_dir is not None else "the checkpoint's val_paths"
+        log(f"parity: warning: no usable images in {src}; checked on random inputs only")
     numbers = check_parity(proto.SerializeToString(), {"fused": fused, "unfused": model}, inputs, fp16=fp16)
     t_parity = time.perf_counter()
 

@@ -26,7 +26,7 @@ from defectscope.runtime.image import ImageLoadError, LoaderConfig, load_image, 
 FP32_PROB_TOL = 1e-4
 FP16_PROB_TOL = 2e-2
 FP32_CAM_REL_TOL = 1e-4
-FP16_CAM_REL_TOL = 5e-2
+FP16_CAM_REL_TOL = 1e-1  # fp16 heat maps: ~5% of the peak on a 50-layer net is expected
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 

@@ -3,8 +3,9 @@
 ``logits`` and ``probs`` come from the model's own head; ``cam`` is the class-activation map
 ``sum_k w_ck f_k`` computed as a 1x1 convolution of the *same* feature map with the head weights,
 so the runner gets heat maps without running the backbone twice.  With ``fp16`` the graph takes
-and returns float32 (the runner's contract) but computes in half precision in between; softmax
-runs on float32 logits so probabilities sum to one as well as fp32 allows.
+and returns float32 (the runner's contract) and runs the backbone in half precision; the head
+(global average pool, Linear, CAM) stays float32: it costs nothing, and averaging a large feature
+map in fp16 would lose precision or overflow.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ class ExportWrapper(nn.Module):
     def __init__(self, model: nn.Module, *, cam: bool = True, fp16: bool = False) -> None:
         super().__init__()
         head_linear(model)
-        self.model = model.half() if fp16 else model
+        if fp16:  # backbone in half; the tiny head (GAP, Linear, CAM) stays fp32 for accuracy
+            model = model.half()
+            model.head.float()
+        self.model = model
         self.with_cam = cam
         self.fp16 = fp16
 
@@ -47,11 +51,11 @@ class ExportWrapper(nn.Module):
         if self.fp16:
             x = x.half()
         m: Any = self.model  # the model contract's methods are not on nn.Module
-        feats = m.forward_features(x)
-        logits = m.forward_head(feats).float()
+        feats = m.forward_features(x).float()
+        logits = m.forward_head(feats)
         probs = torch.softmax(logits, dim=1)
         if not self.with_cam:
             return logits, probs
         w = m.head.weight
-        cam = F.conv2d(feats, w.reshape(w.shape[0], w.shape[1], 1, 1)).float()
+        cam = F.conv2d(feats, w.reshape(w.shape[0], w.shape[1], 1, 1))
         return logits, probs, cam

@@ -1,0 +1,46 @@
+"""Every shipped model preset exports with dynamic batch/height/width and matches PyTorch in ORT.
+
+Guards the zoo against layers that fuse fine but do not survive `torch.onnx.export(dynamo=True)`
+with symbolic sizes (the full parity gate is exercised in test_export*.py; here one cheap check).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from defectscope.export.fuse import fuse_conv_bn_report
+from defectscope.export.onnx_export import check_graph, to_onnx
+from defectscope.export.wrapper import ExportWrapper
+from test_export_support import build_preset, model_presets, randomize
+
+PRESETS = {k: v for k, v in model_presets().items() if not k.startswith("registry:")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_preset_exports_with_dynamic_shapes(preset: str) -> None:
+    model: Any = randomize(build_preset(PRESETS[preset], num_classes=3, in_chans=1), seed=9)
+    fused, report = fuse_conv_bn_report(model)
+    assert not report.kept
+    proto = to_onnx(ExportWrapper(fused), channels=1, min_side=model.min_input_size, opset=18)
+    check_graph(proto, ["logits", "probs", "cam"], channels=1, opset=18)  # full checker, no BN node
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    side = max(model.min_input_size, 32)
+    for shape in [(1, 1, side, side + 40), (3, 1, side + 27, side)]:
+        x = np.random.default_rng(shape[0]).standard_normal(shape).astype(np.float32)
+        logits, probs, cam = sess.run(None, {"input": x})
+        with torch.inference_mode():
+            t = torch.from_numpy(x)
+            want_logits = model(t)
+            want_cam = model.cam(t).numpy()
+        assert float(np.abs(probs - want_logits.softmax(1).numpy()).max()) <= 1e-4, preset
+        assert float(np.abs(logits - want_logits.numpy()).max()) <= 1e-4 * max(
+            1.0, float(want_logits.abs().max())
+        )
+        assert cam.shape == want_cam.shape
+        assert float(np.abs(cam - want_cam).max()) <= 1e-4 * max(1.0, float(np.abs(want_cam).max()))
