@@ -74,8 +74,13 @@ def version_tags(meta: ModelMetadata, extra: dict[str, Any] | None = None) -> di
 def preflight(info: dict[str, Any]) -> str:
     """Point MLflow at the store and check the checkpoint's run is there — before exporting, so
     a wrong store fails fast with nothing written.  Returns a description of the store."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
+    try:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        raise MlflowExportError(
+            "--mlflow needs the mlflow package: pip install 'defectscope[train]'"
+        ) from None
 
     uri = tracking_uri(info)
     if uri:
