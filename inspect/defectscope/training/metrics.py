@@ -48,7 +48,8 @@ class DefectScores(Metric):
         self.targets.append(targets.detach().to(torch.int64).flatten())
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.scores:
+        # after a DDP sync the list states have been replaced by one gathered tensor each
+        if isinstance(self.scores, list) and not self.scores:
             return torch.zeros(0), torch.zeros(0, dtype=torch.int64)
         return dim_zero_cat(self.scores), dim_zero_cat(self.targets)
 

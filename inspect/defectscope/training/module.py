@@ -33,6 +33,43 @@ FORMAT_VERSION = 1
 MAX_VAL_PATHS = 64
 
 
+def build_optimizer(spec: Mapping[str, Any], model: torch.nn.Module, backbone_lr_scale: float) -> Any:
+    """The optimizer partial over all parameters, or over head/backbone groups when the scale != 1."""
+    cfg = dict(spec)
+    params: Any = list(model.parameters())
+    if backbone_lr_scale != 1.0:
+        from defectscope.models.finetune import param_groups
+
+        params = param_groups(model, float(cfg["lr"]), backbone_lr_scale)
+    return instantiate(cfg)(params)
+
+
+def build_scheduler(
+    spec: Mapping[str, Any], optimizer: torch.optim.Optimizer, steps: int, epochs: int
+) -> tuple[Any, str]:
+    """Instantiate a scheduler partial, filling in the horizon the config cannot know.
+
+    ``T_max`` / ``total_steps`` / ``total_iters`` (when not given) = optimizer steps of the whole
+    run for ``interval: step``, epochs for ``interval: epoch``; ``max_lr`` (one-cycle) = each
+    parameter group's own LR, so a scaled backbone LR keeps its ratio to the head.
+    """
+    cfg = dict(spec)
+    interval = str(cfg.pop("interval", "step"))
+    if interval not in ("step", "epoch"):
+        raise ValueError(f"scheduler.interval must be 'step' or 'epoch', got {interval!r}")
+    factory = instantiate(cfg)
+    horizon = steps if interval == "step" else epochs
+    accepted = inspect.signature(factory.func).parameters
+    given = factory.keywords
+    extra: dict[str, Any] = {}
+    for key in ("T_max", "total_steps", "total_iters"):
+        if key in accepted and key not in given and not (key == "total_steps" and "epochs" in given):
+            extra[key] = horizon
+    if "max_lr" in accepted and "max_lr" not in given:
+        extra["max_lr"] = [group["lr"] for group in optimizer.param_groups]
+    return factory(optimizer, **extra), interval
+
+
 class DefectClassifier(pl.LightningModule):
     """Cross-entropy training of a GAP classifier with val/test metrics and a recall-targeted threshold."""
 
@@ -207,38 +244,13 @@ class DefectClassifier(pl.LightningModule):
     # ------------------------------------------------------------------ optimisation
 
     def configure_optimizers(self) -> Any:
-        optim = dict(self.hparams["optim"])
-        opt_cfg = dict(optim["optimizer"])
         scale = float(dict(self.hparams.get("finetune") or {}).get("backbone_lr_scale", 1.0))
-        params: Any
-        if scale != 1.0:
-            from defectscope.models.finetune import param_groups
-
-            params = param_groups(self.model, float(opt_cfg["lr"]), scale)
-        else:
-            params = list(self.model.parameters())
-        optimizer = instantiate(opt_cfg)(params)
+        optimizer = build_optimizer(dict(self.hparams["optim"])["optimizer"], self.model, scale)
         sched_cfg = dict(self.hparams.get("scheduler") or {})
         if "_target_" not in sched_cfg:
             return optimizer
-        interval = str(sched_cfg.pop("interval", "step"))
-        if interval not in ("step", "epoch"):
-            raise ValueError(f"scheduler.interval must be 'step' or 'epoch', got {interval!r}")
-        factory = instantiate(sched_cfg)
-        horizon = (
-            int(self.trainer.estimated_stepping_batches)
-            if interval == "step"
-            else int(self.trainer.max_epochs or 1)
-        )
-        accepted = inspect.signature(factory.func).parameters
-        given = factory.keywords
-        extra: dict[str, Any] = {}
-        for key in ("T_max", "total_steps", "total_iters"):
-            if key in accepted and key not in given and not (key == "total_steps" and "epochs" in given):
-                extra[key] = horizon
-        if "max_lr" in accepted and "max_lr" not in given:
-            extra["max_lr"] = [group["lr"] for group in optimizer.param_groups]
-        scheduler = factory(optimizer, **extra)
+        steps = int(self.trainer.estimated_stepping_batches)
+        scheduler, interval = build_scheduler(sched_cfg, optimizer, steps, int(self.trainer.max_epochs or 1))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

@@ -13,7 +13,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -161,11 +162,18 @@ def check_launch(cfg: DictConfig) -> None:
         )
 
 
-def set_threads(threads: Any) -> None:
+@contextmanager
+def _threads(threads: Any) -> Iterator[None]:
+    """``threads``: torch CPU threads for this call; the caller's setting is restored afterwards."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise TrainingConfigError(f"threads must be null or a positive integer, got {threads!r}")
+    before = torch.get_num_threads()
     if threads is not None:
-        if not isinstance(threads, int) or threads < 1:
-            raise TrainingConfigError(f"threads must be null or a positive integer, got {threads!r}")
         torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -181,9 +189,13 @@ def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, log everything; returns the final val and test metrics."""
+    with _threads(cfg.get("threads")):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, float]:
     t0 = time.perf_counter()
     check_launch(cfg)
-    set_threads(cfg.get("threads"))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     out_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.ckpt_dir)
@@ -270,10 +282,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test metrics (and plots) of a checkpoint on its own test split or on ``data=...``."""
+    with _threads(cfg.get("threads")):
+        return _evaluate(cfg)
+
+
+def _evaluate(cfg: DictConfig) -> dict[str, float]:
     from defectscope.checkpoint import read_checkpoint, validate_info
 
     t0 = time.perf_counter()
-    set_threads(cfg.get("threads"))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     out_dir = Path(cfg.paths.output_dir)
     ckpt_file = str(Path(str(cfg.ckpt_path)).expanduser())

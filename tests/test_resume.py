@@ -1,0 +1,77 @@
+"""A training killed with SIGKILL resumes with ckpt_path=last: the epoch count continues, same MLflow run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+EPOCHS = 4
+
+
+@pytest.mark.slow
+def test_resume_after_kill(
+    defectscope_cmd: list[str], cli_env: dict[str, str], smoke_data_dir: Path, tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    run_dir = tmp_path / "runs" / "r1"  # a stable run directory: what makes ckpt_path=last resumable
+    last = run_dir / "checkpoints" / "last.ckpt"
+    args = [
+        *defectscope_cmd,
+        "train",
+        "experiment=smoke",
+        f"paths.data_dir={smoke_data_dir}",
+        f"hydra.run.dir={run_dir}",
+        "model=lenet",  # about a second per epoch here: room to kill between checkpoints
+        f"trainer.max_epochs={EPOCHS}",
+        "trainer.enable_progress_bar=false",
+        "ckpt_path=last",  # nothing to resume yet: starts fresh (with a warning)
+    ]
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:  # a file, not a pipe: nobody reads while it runs
+        proc = subprocess.Popen(args, cwd=tmp_path, env=cli_env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while not last.exists():
+                assert proc.poll() is None, f"ended before its first checkpoint:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, "no checkpoint within 120 s"
+                time.sleep(0.02)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == -signal.SIGKILL  # killed mid-run, not finished
+    killed = torch.load(last, map_location="cpu", weights_only=True)
+    done_epochs = killed["epoch"] + 1  # epochs completed when last.ckpt was written
+    run_id = killed["defectscope"]["mlflow_run_id"]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    assert client.get_run(run_id).info.status == "RUNNING"  # a SIGKILL leaves the run open
+    assert done_epochs < EPOCHS
+
+    resumed = subprocess.run(args, cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restoring states from the checkpoint path" in resumed.stdout + resumed.stderr
+    final = torch.load(last, map_location="cpu", weights_only=True)
+    assert final["epoch"] == EPOCHS - 1 and final["defectscope"]["mlflow_run_id"] == run_id
+
+    # the same MLflow run continued: one run, every epoch's metrics once, steps increasing
+    exp = client.get_experiment_by_name("defectscope-smoke")
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    epochs = [m.value for m in client.get_metric_history(run_id, "epoch")]
+    history = client.get_metric_history(run_id, "val/bal_acc")
+    steps = [m.step for m in history]
+    assert len(history) == EPOCHS and steps == sorted(set(steps)), (steps, epochs)
+    assert client.get_run(run_id).data.tags["defectscope.resumed_from"] == str(last)
+    assert "test/acc" in client.get_run(run_id).data.metrics

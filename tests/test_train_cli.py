@@ -1,0 +1,136 @@
+"""`defectscope train experiment=smoke` and `defectscope evaluate` as a user runs them (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+SMOKE_LIMIT_S = 60.0
+
+
+def _run(
+    cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 240
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _summary(stdout: str, label: str) -> str:
+    m = re.search(rf"^{re.escape(label)}:\s+(\S+)", stdout, re.M)
+    assert m, f"no '{label}:' line in\n{stdout[-2000:]}"
+    return m.group(1)
+
+
+@pytest.mark.slow
+def test_smoke_train_then_evaluate(
+    defectscope_cmd: list[str], cli_env: dict[str, str], smoke_data_dir: Path, tmp_path: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    t0 = time.perf_counter()
+    proc = _run(
+        [*defectscope_cmd, "train", "experiment=smoke", f"paths.data_dir={smoke_data_dir}"], tmp_path, cli_env
+    )
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(f"`defectscope train experiment=smoke` wall time: {wall:.1f} s")
+    assert wall < SMOKE_LIMIT_S
+
+    # outputs/<date>/<time>/ under the launch directory; MLflow store in the launch directory
+    best = Path(_summary(proc.stdout, "best checkpoint"))
+    run_dir = best.parent.parent
+    assert re.fullmatch(
+        r"\d{4}-\d{2}-\d{2}/\d{2}-\d{2}-\d{2}", str(run_dir.relative_to(tmp_path / "outputs"))
+    )
+    assert Path(_summary(proc.stdout, "last checkpoint")) == run_dir / "checkpoints" / "last.ckpt"
+    assert Path(_summary(proc.stdout, "resolved config")) == run_dir / "config_resolved.yaml"
+    assert (run_dir / ".hydra" / "overrides.yaml").is_file()
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    m = re.search(
+        r"^MLflow run:\s+(\w+) in experiment 'defectscope-smoke' \(id \d+\) at (\S+)$", proc.stdout, re.M
+    )
+    assert m and m.group(2) == uri, proc.stdout[-2000:]
+    run_id = m.group(1)
+
+    for ckpt_file in (best, run_dir / "checkpoints" / "last.ckpt"):
+        info = torch.load(ckpt_file, map_location="cpu", weights_only=True)["defectscope"]
+        assert info["mlflow_run_id"] == run_id and info["mlflow_tracking_uri"] == uri
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.name"] == "gapcnn" and run.data.params["trainer.max_epochs"] == "3"
+    history = MlflowClient(uri).get_metric_history(run_id, "val/bal_acc")
+    assert len(history) == 3  # one value per epoch
+    test_acc = run.data.metrics["test/acc"]
+
+    # evaluate: the checkpoint's own data config and preprocessing reproduce the training's test metrics
+    ev = _run([*defectscope_cmd, "evaluate", f"ckpt_path={best}", "threads=1"], tmp_path, cli_env)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    metrics = json.loads(Path(_summary(ev.stdout, "metrics file")).read_text())["metrics"]
+    assert metrics["test/acc"] == pytest.approx(test_acc, abs=1e-6)
+    assert metrics["test/threshold"] == pytest.approx(run.data.metrics["test/threshold"], abs=1e-6)
+    assert {"test/escape_rate", "test/false_reject_rate", "test/auroc"} <= set(metrics)
+
+    missing = _run([*defectscope_cmd, "evaluate", f"ckpt_path={tmp_path / 'nope.ckpt'}"], tmp_path, cli_env)
+    assert missing.returncode == 2 and "nope.ckpt" in missing.stderr and "does not exist" in missing.stderr
+
+
+@pytest.mark.slow
+def test_multirun_sweep(
+    defectscope_cmd: list[str], cli_env: dict[str, str], smoke_data_dir: Path, tmp_path: Path
+) -> None:
+    proc = _run(
+        [
+            *defectscope_cmd,
+            "train",
+            "--multirun",
+            "experiment=smoke",
+            f"paths.data_dir={smoke_data_dir}",
+            "seed=1,2",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=2",
+            "test=false",
+            "logger=none",
+        ],
+        tmp_path,
+        cli_env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted((tmp_path / "multirun").glob("*/*/[0-9]"))
+    assert [p.name for p in jobs] == ["0", "1"]
+    for job in jobs:
+        assert (job / "checkpoints" / "best.ckpt").is_file()
+    seeds = [
+        torch.load(j / "checkpoints" / "best.ckpt", weights_only=True)["hyper_parameters"]["run_config"][
+            "seed"
+        ]
+        for j in jobs
+    ]
+    assert seeds == [1, 2]
+
+
+@pytest.mark.slow
+def test_bad_config_fails_before_training(
+    defectscope_cmd: list[str], cli_env: dict[str, str], smoke_data_dir: Path, tmp_path: Path
+) -> None:
+    proc = _run(
+        [
+            *defectscope_cmd,
+            "train",
+            "experiment=smoke",
+            f"paths.data_dir={smoke_data_dir}",
+            "model=alexnet",
+            "data.loader.min_size=32",
+            "logger=none",
+        ],
+        tmp_path,
+        cli_env,
+    )
+    assert proc.returncode == 2
+    assert "data.loader.min_size" in proc.stderr and "model.min_input_size" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.rglob("*.ckpt"))
