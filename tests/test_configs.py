@@ -119,7 +119,7 @@ def test_trainer_options(option: str, compose_train: Callable[..., Any], tmp_pat
 
 @pytest.mark.parametrize("option", options("callbacks"))
 def test_callbacks_options(option: str, compose_train: Callable[..., Any], tmp_path: Path) -> None:
-    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
     from defectscope.training.callbacks import BackboneWarmup, IndexDump, build_callbacks
 
@@ -133,6 +133,15 @@ def test_callbacks_options(option: str, compose_train: Callable[..., Any], tmp_p
     ckpt = [cb for cb in cbs if isinstance(cb, ModelCheckpoint)]
     assert len(ckpt) == 1 and ckpt[0].dirpath == str(tmp_path / "checkpoints")
     assert any(isinstance(cb, BackboneWarmup) for cb in cbs) and any(isinstance(cb, IndexDump) for cb in cbs)
+    quiet = build_callbacks(
+        OmegaConf.to_container(cfg.callbacks, resolve=True),  # type: ignore[arg-type]
+        freeze_epochs=0,
+        bn_eval=True,
+        dump_dir=None,
+        has_logger=False,
+    )
+    assert not any(isinstance(cb, LearningRateMonitor) for cb in quiet)  # it would fail without a logger
+    assert not any(isinstance(cb, BackboneWarmup | IndexDump) for cb in quiet)
 
 
 @pytest.mark.parametrize("option", options("logger"))

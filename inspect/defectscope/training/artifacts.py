@@ -88,6 +88,11 @@ def summary_lines(
         lines.append(f"MLflow unsent:   {unsent} (server unreachable; see docs/training.md)")
     if resolved is not None:
         lines.append(f"resolved config: {resolved.resolve()}")
+    train = [
+        f"{k}={metrics[f'train/{k}']:.4g}" for k in ("loss", "acc", "images_per_s") if f"train/{k}" in metrics
+    ]
+    if train:
+        lines.append(f"{'train (last):':<17}{' '.join(train)}")
     for stage in ("val", "test"):
         shown = [f"{k}={metrics[f'{stage}/{k}']:.4f}" for k in _SUMMARY_KEYS if f"{stage}/{k}" in metrics]
         if shown:

@@ -73,16 +73,29 @@ class IndexDump(Callback):
 
 
 def build_callbacks(
-    callbacks_cfg: Mapping[str, Any] | None, *, freeze_epochs: int, bn_eval: bool, dump_dir: str | None
+    callbacks_cfg: Mapping[str, Any] | None,
+    *,
+    freeze_epochs: int,
+    bn_eval: bool,
+    dump_dir: str | None,
+    has_logger: bool = True,
 ) -> list[Callback]:
-    """Instantiate ``callbacks.*`` (entries set to null are skipped) and add the code-owned ones."""
+    """Instantiate ``callbacks.*`` (entries set to null are skipped) and add the code-owned ones.
+
+    Without a logger (logger=none) callbacks that only log (LearningRateMonitor) are left out.
+    """
+    from pytorch_lightning.callbacks import LearningRateMonitor
+
     out: list[Callback] = []
     for key, spec in (callbacks_cfg or {}).items():
         if spec is None:
             continue
         if not isinstance(spec, Mapping) or "_target_" not in spec:
             raise TrainingConfigError(f"callbacks.{key}: expected a mapping with _target_, got {spec!r}")
-        out.append(instantiate(spec))
+        callback = instantiate(spec)
+        if isinstance(callback, LearningRateMonitor) and not has_logger:
+            continue
+        out.append(callback)
     if not any(isinstance(cb, ModelCheckpoint) for cb in out):
         raise TrainingConfigError(
             "callbacks: no ModelCheckpoint configured; training needs one (best.ckpt is tested, exported "

@@ -176,6 +176,14 @@ def _threads(threads: Any) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def ddp_overrides(cfg: DictConfig) -> dict[str, Any]:
+    """A frozen backbone leaves parameters without gradients, which plain DDP refuses."""
+    if int(cfg.finetune.get("freeze_epochs", 0)) > 0 and str(cfg.trainer.get("strategy")) == "ddp":
+        log.info("finetune.freeze_epochs > 0: using strategy ddp_find_unused_parameters_true")
+        return {"strategy": "ddp_find_unused_parameters_true"}
+    return {}
+
+
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     for key, value in metrics.items():
@@ -230,10 +238,14 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             freeze_epochs=int(cfg.finetune.get("freeze_epochs", 0)),
             bn_eval=bool(cfg.finetune.get("bn_eval", True)),
             dump_dir=str(out_dir / "debug") if cfg.get("debug", {}).get("dump_indices") else None,
+            has_logger=tracker is not None,
         )
         callbacks.append(Throughput())
         trainer: pl.Trainer = instantiate(
-            cfg.trainer, callbacks=callbacks, logger=[tracker] if tracker is not None else False
+            cfg.trainer,
+            callbacks=callbacks,
+            logger=[tracker] if tracker is not None else False,
+            **ddp_overrides(cfg),
         )
         if is_global_zero():
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -257,6 +269,9 @@ def _train(cfg: DictConfig) -> dict[str, float]:
                     log_test_artifacts(tracker, plots)
         if tracker is not None and tracker.log_checkpoint and best:
             tracker.log_artifact(best, "checkpoints")
+        rejects = getattr(dm, "rejects_path", None)
+        if tracker is not None and getattr(dm, "rejected", None) and rejects and Path(rejects).is_file():
+            tracker.log_artifact(rejects)  # data.on_bad_file=skip: which files were left out, and why
         status = "KILLED" if trainer.interrupted else "FINISHED"
     finally:
         unsent = tracker.close(status) if tracker is not None else None
