@@ -255,3 +255,34 @@ def test_seed_and_deterministic_give_identical_metrics(
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
     m3, _ = run("c", 8)
     assert m3 != m1  # the seed matters (the assert above could fail)
+
+
+@pytest.mark.slow
+def test_evaluate_instantiates_nothing_foreign_from_a_checkpoint(
+    compose_train: Callable[..., Any], smoke_data_dir: Path, tmp_path: Path
+) -> None:
+    from defectscope.training.train import evaluate
+
+    train(smoke_cfg(compose_train, smoke_data_dir, tmp_path, *SHORT, "test=false"))
+    ckpt = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)
+
+    def evaluate_file(name: str) -> dict[str, float]:
+        cfg = compose_train(
+            [
+                f"ckpt_path={tmp_path / name}",
+                f"paths.output_dir={tmp_path / name}-eval",
+                f"paths.launch_dir={tmp_path}",
+            ],
+            config_name="evaluate",
+        )
+        return evaluate(cfg)
+
+    torch.save(ckpt, tmp_path / "ok.ckpt")
+    assert 0.0 <= evaluate_file("ok.ckpt")["test/acc"] <= 1.0
+    ckpt["hyper_parameters"]["run_config"]["data"]["eval_transform"] = {
+        "_target_": "os.system",
+        "command": "true",
+    }
+    torch.save(ckpt, tmp_path / "evil.ckpt")
+    with pytest.raises(TrainingConfigError, match=r"data\.eval_transform\._target_ is 'os\.system'"):
+        evaluate_file("evil.ckpt")

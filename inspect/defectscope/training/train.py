@@ -184,6 +184,25 @@ def ddp_overrides(cfg: DictConfig) -> dict[str, Any]:
     return {}
 
 
+SAFE_TARGETS = ("defectscope.", "albumentations.")
+
+
+def check_targets(node: Any, source: str, key: str = "data") -> None:
+    """A checkpoint is data: never instantiate arbitrary ``_target_`` callables named inside one."""
+    if isinstance(node, Mapping):
+        target = node.get("_target_")
+        if target is not None and not str(target).startswith(SAFE_TARGETS):
+            raise TrainingConfigError(
+                f"{source}: its {key}._target_ is {target!r}; from a checkpoint only defectscope.* and "
+                "albumentations.* are instantiated (give the data config explicitly: data=...)"
+            )
+        for k, v in node.items():
+            check_targets(v, source, f"{key}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            check_targets(v, source, f"{key}[{i}]")
+
+
 def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     for key, value in metrics.items():
@@ -319,6 +338,8 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
             raise TrainingConfigError(
                 f"{ckpt_file} records no data config; choose one: data=folder data.source.root=..."
             )
+        data_cfg["train_transform"] = None  # not used for testing
+        check_targets(data_cfg, ckpt_file)
     # The checkpoint's preprocessing, exactly as the exported model will apply it.
     data_cfg.update(
         loader=info["loader"], mean=info["mean"], std=info["std"], rejects_path=str(out_dir / "rejects.csv")
