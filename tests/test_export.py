@@ -3,6 +3,7 @@ atomic write, fp16, and independent consumers (onnx reference evaluator, OpenCV 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -235,3 +236,20 @@ def test_bad_requests_fail_before_any_work(setup: dict[str, Any], tmp_path: Path
     with pytest.raises(ExportError, match="--images"):
         export_model(model, info, tmp_path / "d.onnx", images_dir=tmp_path / "nope", log=lambda _s: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_atomic_write_mode_is_what_a_plain_write_gives(tmp_path: Path) -> None:
+    """mkstemp's 0600 must not leak: a line-PC service user has to read the exported model."""
+    from defectscope.export.atomic import atomic_write_bytes
+
+    old_umask = os.umask(0o022)
+    try:
+        fresh = atomic_write_bytes(tmp_path / "fresh.onnx", b"model")
+        assert fresh.stat().st_mode & 0o777 == 0o644
+        kept = tmp_path / "kept.onnx"
+        kept.write_bytes(b"old")
+        kept.chmod(0o640)
+        atomic_write_bytes(kept, b"new")
+        assert kept.read_bytes() == b"new" and kept.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old_umask)
