@@ -218,3 +218,34 @@ def test_param_groups_split_head_and_backbone() -> None:
     assert groups[1]["lr"] == pytest.approx(1e-4)
     assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(list(model.parameters()))
     torch.optim.AdamW(groups)  # accepted by a real optimizer
+
+
+def test_imagenet_sanity_on_a_real_photo() -> None:
+    """A real photo, not a synthetic tensor: matplotlib's sample portrait of Grace Hopper in uniform.
+
+    Correct weights, key mapping and input normalisation put ImageNet's 'military uniform' (652)
+    on top; a mapping that scrambles any layer gives an unrelated class.
+    """
+    import numpy as np
+    from matplotlib import cbook
+    from PIL import Image
+
+    with cbook.get_sample_data("grace_hopper.jpg") as fh:
+        img = Image.open(fh).convert("RGB").resize((224, 224), Image.Resampling.BILINEAR)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)[None] / 255.0
+    mean = torch.tensor(TF_LITE_MEAN).view(1, -1, 1, 1)
+    std = torch.tensor(TF_LITE_STD).view(1, -1, 1, 1)
+    model = lite0(weights="package").eval()
+    with torch.no_grad():
+        top5 = model((x - mean) / std).softmax(1)[0].topk(5).indices.tolist()
+    assert top5[0] == 652, top5
+    assert 834 in top5  # 'suit'
+
+
+def test_bn_momentum_is_configurable() -> None:
+    default = lite0()
+    tuned = lite0(bn_momentum=0.1)
+    assert {m.momentum for m in default.modules() if isinstance(m, nn.BatchNorm2d)} == {0.01}
+    assert {m.momentum for m in tuned.modules() if isinstance(m, nn.BatchNorm2d)} == {0.1}
+    with pytest.raises(ValueError, match="bn_momentum"):
+        lite0(bn_momentum=0.0)

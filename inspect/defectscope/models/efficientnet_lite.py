@@ -49,7 +49,7 @@ LITE_PARAMS: dict[str, tuple[float, float, int, float]] = {
 STEM_WIDTH = 32
 HEAD_WIDTH = 1280
 BN_EPS = 1e-3
-BN_MOMENTUM = 0.01
+BN_MOMENTUM = 0.01  # TF's 0.99 decay; fine-tuning on a few hundred steps wants more (model.bn_momentum)
 
 
 def round_filters(filters: int, multiplier: float, divisor: int = 8) -> int:
@@ -144,6 +144,7 @@ class EfficientNetLite(GapClassifier):
         norm: NormSpec = "batch",
         norm_groups: int = 8,
         act: ActSpec = "relu6",
+        bn_momentum: float = BN_MOMENTUM,
     ) -> None:
         super().__init__(num_classes=num_classes, in_chans=in_chans)
         if variant not in LITE_PARAMS:
@@ -157,7 +158,9 @@ class EfficientNetLite(GapClassifier):
             raise ModelConfigError(f"drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
         norm_kwargs: dict[str, Any] = {"norm_groups": norm_groups, "eps": BN_EPS}
         if isinstance(norm, str) and norm.strip().lower() in ("batch", "bn", "batchnorm"):
-            norm_kwargs["momentum"] = BN_MOMENTUM
+            if not 0.0 < bn_momentum <= 1.0:
+                raise ModelConfigError(f"bn_momentum must be in (0, 1], got {bn_momentum!r}")
+            norm_kwargs["momentum"] = bn_momentum
 
         stem = ConvNormAct(
             self.in_chans, STEM_WIDTH, 3, 2, "same", norm=norm, act=act, norm_kwargs=norm_kwargs
@@ -211,6 +214,7 @@ def _build(
     norm: NormSpec,
     norm_groups: int,
     act: ActSpec,
+    bn_momentum: float,
 ) -> EfficientNetLite:
     model = EfficientNetLite(
         variant,
@@ -221,6 +225,7 @@ def _build(
         norm=norm,
         norm_groups=norm_groups,
         act=act,
+        bn_momentum=bn_momentum,
     )
     if weights is not None:
         from .pretrained import load_pretrained
@@ -240,9 +245,21 @@ def efficientnet_lite0(
     norm: NormSpec = "batch",
     norm_groups: int = 8,
     act: ActSpec = "relu6",
+    bn_momentum: float = BN_MOMENTUM,
 ) -> EfficientNetLite:
     """EfficientNet-Lite0 (width 1.0, depth 1.0). ``weights``: None | 'package' | path | https URL."""
-    return _build("lite0", num_classes, in_chans, weights, drop_rate, drop_path_rate, norm, norm_groups, act)
+    return _build(
+        "lite0",
+        num_classes,
+        in_chans,
+        weights,
+        drop_rate,
+        drop_path_rate,
+        norm,
+        norm_groups,
+        act,
+        bn_momentum,
+    )
 
 
 @register_model
@@ -256,9 +273,21 @@ def efficientnet_lite1(
     norm: NormSpec = "batch",
     norm_groups: int = 8,
     act: ActSpec = "relu6",
+    bn_momentum: float = BN_MOMENTUM,
 ) -> EfficientNetLite:
     """EfficientNet-Lite1 (width 1.0, depth 1.1)."""
-    return _build("lite1", num_classes, in_chans, weights, drop_rate, drop_path_rate, norm, norm_groups, act)
+    return _build(
+        "lite1",
+        num_classes,
+        in_chans,
+        weights,
+        drop_rate,
+        drop_path_rate,
+        norm,
+        norm_groups,
+        act,
+        bn_momentum,
+    )
 
 
 @register_model
@@ -272,6 +301,18 @@ def efficientnet_lite2(
     norm: NormSpec = "batch",
     norm_groups: int = 8,
     act: ActSpec = "relu6",
+    bn_momentum: float = BN_MOMENTUM,
 ) -> EfficientNetLite:
     """EfficientNet-Lite2 (width 1.1, depth 1.2)."""
-    return _build("lite2", num_classes, in_chans, weights, drop_rate, drop_path_rate, norm, norm_groups, act)
+    return _build(
+        "lite2",
+        num_classes,
+        in_chans,
+        weights,
+        drop_rate,
+        drop_path_rate,
+        norm,
+        norm_groups,
+        act,
+        bn_momentum,
+    )
