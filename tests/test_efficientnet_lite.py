@@ -230,8 +230,8 @@ def test_imagenet_sanity_on_a_real_photo() -> None:
     from matplotlib import cbook
     from PIL import Image
 
-    with cbook.get_sample_data("grace_hopper.jpg") as fh:
-        img = Image.open(fh).convert("RGB").resize((224, 224), Image.Resampling.BILINEAR)
+    photo = Path(str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)))
+    img = Image.open(photo).convert("RGB").resize((224, 224), Image.Resampling.BILINEAR)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)[None] / 255.0
     mean = torch.tensor(TF_LITE_MEAN).view(1, -1, 1, 1)
     std = torch.tensor(TF_LITE_STD).view(1, -1, 1, 1)
