@@ -1,0 +1,255 @@
+"""Turn the benchmark's JSON into target verdicts, a markdown table for docs/benchmarks.md and a plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+ENGINE_LABELS = {
+    "eager": "PyTorch eager",
+    "eager_fused": "PyTorch eager, BN folded",
+    "onnxruntime": "defectscope ONNX Runtime (CPU)",
+}
+
+
+def _verdict(value: float | None, goal: float, higher_is_better: bool = True) -> str:
+    if value is None:
+        return "not measured"
+    ok = value >= goal if higher_is_better else value <= goal
+    return "MET" if ok else "MISSED"
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One entry per target of the issue: what, goal, measured value and MET/MISSED."""
+    out: list[dict[str, Any]] = []
+    tp = results.get("throughput") or {}
+    peak = (results.get("sgemm") or {}).get("peak_gflops")
+    for shape in (tp.get("models") or {}).keys() or ["1x300x300", "3x384x512"]:
+        ratio = (tp.get("ratios") or {}).get("onnxruntime_vs_eager", {}).get(f"{shape}_b8")
+        out.append(
+            {
+                "target": f"ONNX Runtime / PyTorch eager images/s, batch 8, {shape}",
+                "goal": ">= 2.0x",
+                "value": ratio,
+                "text": f"{ratio:.2f}x" if ratio is not None else "-",
+                "status": _verdict(ratio, 2.0),
+            }
+        )
+    for shape in (tp.get("models") or {}).keys() or ["1x300x300", "3x384x512"]:
+        row = next(
+            (
+                r
+                for r in tp.get("rows") or []
+                if r["engine"] == "onnxruntime" and r["shape"] == shape and r["batch"] == 32
+            ),
+            None,
+        )
+        frac = row["gflops_achieved"] / peak if row and peak else None
+        text = f"{frac:.1%} ({row['gflops_achieved']:.1f} of {peak:.1f} GFLOP/s)" if frac and row else "-"
+        out.append(
+            {
+                "target": f"ONNX Runtime share of sgemm peak, batch 32, {shape}",
+                "goal": ">= 50%",
+                "value": round(frac, 4) if frac is not None else None,
+                "text": text,
+                "status": _verdict(frac, 0.5),
+            }
+        )
+    e2e = results.get("e2e") or {}
+    frac = e2e.get("fraction_of_bound_sequential")
+    out.append(
+        {
+            "target": "`defectscope inspect` images/s / (decode + compute) bound",
+            "goal": ">= 85%",
+            "value": frac,
+            "text": (
+                f"{frac:.1%} ({e2e['inspect_images_per_s']} vs {e2e['bound_sequential_images_per_s']} img/s; "
+                f"{e2e.get('in_run_fraction_of_bound_sequential') or 0:.1%} leaving out start-up)"
+                if frac is not None
+                else "-"
+            ),
+            "status": _verdict(frac, 0.85),
+        }
+    )
+    tr = results.get("train") or {}
+    ratio = tr.get("ratio_app_vs_plain")
+    out.append(
+        {
+            "target": "`defectscope train` images/s / plain PyTorch loop",
+            "goal": ">= 0.90x",
+            "value": ratio,
+            "text": (
+                f"{ratio:.2f}x ({tr['app']['images_per_s']} vs {tr['plain']['images_per_s']} img/s)"
+                if ratio is not None
+                else "-"
+            ),
+            "status": _verdict(ratio, 0.9),
+        }
+    )
+    mem = results.get("memory") or {}
+    ratio = mem.get("rss_ratio")
+    runs = mem.get("runs") or []
+    out.append(
+        {
+            "target": f"inspect peak RSS, {' vs '.join(f'{n:,}' for n in mem.get('inputs', [1000, 10000])[::-1])} inputs",
+            "goal": "within 10%",
+            "value": ratio,
+            "text": (
+                f"{ratio:.3f}x ({runs[1]['peak_rss_mib']} vs {runs[0]['peak_rss_mib']} MiB)"
+                if ratio is not None and len(runs) == 2
+                else "-"
+            ),
+            "status": _verdict(abs(ratio - 1.0) if ratio is not None else None, 0.10, higher_is_better=False),
+        }
+    )
+    return out
+
+
+def busy_warning(results: dict[str, Any]) -> str:
+    """A loud note when other processes were running: OpenMP (PyTorch) rows suffer most."""
+    m = results.get("machine") or {}
+    loads = [m.get("load_average_at_start")] + [
+        s.get("load_average_before") for s in (results.get("sections") or {}).values()
+    ]
+    worst = max((la[0] for la in loads if la), default=0.0)
+    if worst < 0.5:
+        return ""
+    return (
+        f" **WARNING: the machine was busy (1-minute load up to {worst:.2f}); the figures are not "
+        "representative, rerun on an idle machine.**"
+    )
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """Tables ready to paste into docs/benchmarks.md."""
+    m = results.get("machine") or {}
+    lines = [
+        f"## Speed benchmark: {results.get('model', '?')}",
+        "",
+        f"{m.get('cpu', '?')}, {m.get('logical_cores', '?')} logical / {m.get('physical_cores', '?')} "
+        f"physical cores, {m.get('threads', '?')} threads for every row; torch {m.get('torch', '?')}, "
+        f"onnxruntime {m.get('onnxruntime', '?')}, numpy {m.get('numpy', '?')}; {m.get('date', '?')}"
+        + (" (QUICK MODE: sizes too small for real figures)" if results.get("quick") else ""),
+        f"Load average at start: {m.get('load_average_at_start')}." + busy_warning(results),
+        "",
+        "| Target | Goal | Measured | Status |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {t['target']} | {t['goal']} | {t['text']} | {t['status']} |" for t in targets(results)]
+    tp = results.get("throughput")
+    if tp:
+        batches = sorted({int(r["batch"]) for r in tp["rows"]})
+        lines += [
+            "",
+            "Model throughput, images/s (input already preprocessed; "
+            "GFLOP/s = 2 x MACs of convs and linears per image x images/s):",
+            "",
+            "| Shape (CxHxW) | Engine | "
+            + " | ".join(f"batch {b}" for b in batches)
+            + " | GFLOP/s at largest batch |",
+            "|---|---|" + "---|" * len(batches) + "---|",
+        ]
+        for shape in tp["models"]:
+            for engine, label in ENGINE_LABELS.items():
+                rows = {r["batch"]: r for r in tp["rows"] if r["shape"] == shape and r["engine"] == engine}
+                if not rows:
+                    continue
+                cells = [f"{rows[b]['images_per_s']:.1f}" if b in rows else "-" for b in batches]
+                last = rows.get(batches[-1])
+                lines.append(
+                    f"| {shape} | {label} | "
+                    + " | ".join(cells)
+                    + f" | {last['gflops_achieved'] if last else '-'} |"
+                )
+    sg = results.get("sgemm")
+    if sg:
+        lines += [
+            "",
+            f"Machine peak: sgemm {sg['n']}x{sg['n']}, best call: numpy {sg['numpy']['best_gflops']}, "
+            f"torch.mm {sg['torch']['best_gflops']}, ONNX Runtime MatMul "
+            f"{sg.get('onnxruntime', {}).get('best_gflops', '-')} GFLOP/s; peak = {sg['peak_gflops']} "
+            f"({sg['peak_source']}).",
+        ]
+    e2e = results.get("e2e")
+    if e2e:
+        lines += [
+            "",
+            f"End to end over {e2e['images']} synthetic PNGs (batch {e2e['batch_size']}, "
+            f"{e2e['decode_workers']} decode workers, mean batch {e2e['mean_batch']}): "
+            f"inspect {e2e['inspect_images_per_s']} img/s end to end ({e2e['inspect_in_run_images_per_s']} "
+            f"after start-up), decode {e2e['decode_single_thread_images_per_s']} img/s on 1 thread / "
+            f"{e2e['decode_parallel_images_per_s']} with {e2e['decode_workers']} workers, compute "
+            f"{e2e['compute_images_per_s']} img/s; bound {e2e['bound_sequential_images_per_s']} img/s "
+            f"(decode then compute), {e2e['bound_overlap_images_per_s']} img/s if decoding overlapped "
+            f"compute for free ({e2e['fraction_of_bound_overlap']:.0%} of that); peak RSS "
+            f"{e2e['inspect_peak_rss_mib']} MiB. inspect commits (write + fsync) its JSONL once per batch: "
+            f"{e2e['batches']} batches x {e2e.get('commit_ms', '?')} ms = about "
+            f"{e2e.get('estimated_commit_seconds', '?')} s of its {e2e['inspect_seconds']} s.",
+        ]
+    tr = results.get("train")
+    if tr:
+        lines += [
+            "",
+            f"Training: batch {tr['batch_size']}, {tr['num_workers']} loader workers, epochs "
+            f"{tr['app']['timed_epochs']} timed of {tr['epochs']}: app {tr['app']['images_per_s']} img/s, "
+            f"plain loop {tr['plain']['images_per_s']} img/s.",
+        ]
+    gpu = results.get("gpu")
+    if isinstance(gpu, str):
+        lines += ["", f"GPU: {gpu}."]
+    elif gpu:
+        lines += [
+            "",
+            f"GPU ({gpu.get('device')}):",
+            "",
+            "| Shape | Engine | Batch | images/s |",
+            "|---|---|---|---|",
+        ]
+        for r in gpu["rows"]:
+            value = r.get("images_per_s", r.get("error", "-"))
+            lines.append(f"| {r['shape']} | {r['engine']} | {r.get('batch', '-')} | {value} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: Path) -> Path | None:
+    """Images/s vs batch size, one panel per input shape, one line per engine."""
+    tp = results.get("throughput")
+    if not tp:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(tp["models"])
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5.5 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        for engine, label in ENGINE_LABELS.items():
+            rows = sorted(
+                (r for r in tp["rows"] if r["shape"] == shape and r["engine"] == engine),
+                key=lambda r: r["batch"],
+            )
+            if rows:
+                ax.plot(
+                    [r["batch"] for r in rows], [r["images_per_s"] for r in rows], marker="o", label=label
+                )
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["batch"] for r in tp["rows"]}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("images/s")
+        values = [r["images_per_s"] for r in tp["rows"] if r["shape"] == shape and r["images_per_s"] > 0]
+        if values and max(values) / min(values) > 30:
+            ax.set_yscale("log")  # engines orders of magnitude apart: keep the slow ones readable
+        else:
+            ax.set_ylim(bottom=0)
+        ax.set_title(f"{results.get('model', '')}, input {shape}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    m = results.get("machine") or {}
+    fig.suptitle(f"{m.get('cpu', '')}, {m.get('threads', '?')} threads", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,140 @@
+"""benchmarks/speed.py as the lead runs it, in --quick mode: a real subprocess through every section.
+
+The figures of a quick run mean nothing; what is checked is that every section ran for real and that
+the JSON is internally consistent (ratios, bounds and fractions match the rows they come from), so a
+full run on a quiet machine can be trusted to report what it measured.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "speed.py"
+ENGINES = {"eager", "eager_fused", "onnxruntime"}
+SHAPES = {"1x300x300", "3x384x512"}
+BATCHES = {1, 8, 32}
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def _close(a: float, b: float, rel: float) -> bool:
+    return math.isclose(a, b, rel_tol=rel)
+
+
+def _check_throughput(tp: dict[str, Any], threads: int) -> None:
+    rows = tp["rows"]
+    assert {(r["engine"], r["shape"], r["batch"]) for r in rows} == {
+        (e, s, b) for e in ENGINES for s in SHAPES for b in BATCHES
+    }
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["calls"] >= 3, r
+        assert r["max_prob_diff_vs_eager"] < 1e-4, r  # same weights in all three engines
+        flops = tp["models"][r["shape"]]["flops_per_image"]
+        assert _close(r["gflops_achieved"], r["images_per_s"] * flops / 1e9, 0.02), r
+    for shape, m in tp["models"].items():
+        assert m["flops_per_image"] == 2 * m["macs_per_image"] > 0
+        assert m["bn_folded"] >= 1 and m["bn_kept"] == 0  # the BN statistics were non-trivial and folded
+        assert m["ort_threads"] == threads and Path(m["onnx"]).is_file(), shape
+    rate = {(r["engine"], r["shape"], r["batch"]): r["images_per_s"] for r in rows}
+    for shape in SHAPES:
+        got = tp["ratios"]["onnxruntime_vs_eager"][f"{shape}_b8"]
+        assert _close(got, rate[("onnxruntime", shape, 8)] / rate[("eager", shape, 8)], 0.01)
+
+
+def _check_e2e(e2e: dict[str, Any], n: int) -> None:
+    assert e2e["images"] == n and e2e["batches"] >= 1
+    t_dec, t_comp = 1 / e2e["decode_single_thread_images_per_s"], 1 / e2e["compute_images_per_s"]
+    assert _close(e2e["bound_sequential_images_per_s"], 1 / (t_dec + t_comp), 0.02)
+    assert _close(
+        e2e["fraction_of_bound_sequential"],
+        e2e["inspect_images_per_s"] / e2e["bound_sequential_images_per_s"],
+        0.02,
+    )
+    # inspect's own rate leaves out interpreter start-up and model load, so it is the larger one
+    assert e2e["inspect_in_run_images_per_s"] >= e2e["inspect_images_per_s"] > 0
+    assert f"inspected {n} inputs" in e2e["inspect_summary"]
+    # the RSS is inspect's own: a child started straight from the benchmark process (torch, models,
+    # decoded images: 500+ MiB) would report the parent's size instead
+    assert 20 < e2e["inspect_peak_rss_mib"] < 400
+    assert e2e["commit_ms"] > 0
+
+
+@pytest.mark.slow
+def test_quick_run_measures_every_section(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    out = tmp_path / "results" / "speed.json"
+    work = tmp_path / "work"
+    args = ["--quick", "--model", "tiny", "--min-seconds", "0.1", "--out", str(out), "--workdir", str(work)]
+    args += ["--e2e-images", "24", "--memory-inputs", "12,48", "--train-images", "48"]
+    proc = _run(args, tmp_path, cli_env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(out.read_text(encoding="utf-8"))
+
+    m = r["machine"]
+    assert m["cpu"] and m["threads"] == m["logical_cores"] >= 1
+    for pkg in ("torch", "onnxruntime", "numpy"):
+        assert m[pkg] == importlib.metadata.version(pkg)
+    assert set(r["sections"]) == {"sgemm", "throughput", "gpu", "e2e", "memory", "train"}
+    assert r["quick"] is True and r["model"] == "tiny" and r["model_config"]["name"] == "gapcnn"
+
+    _check_throughput(r["throughput"], m["threads"])
+    sg = r["sgemm"]
+    best = {k: sg[k]["best_gflops"] for k in ("numpy", "torch", "onnxruntime")}
+    assert sg["peak_gflops"] == max(best.values()) > 0 and best[sg["peak_source"]] == sg["peak_gflops"]
+    _check_e2e(r["e2e"], 24)
+
+    mem = r["memory"]
+    assert [run["inputs"] for run in mem["runs"]] == [12, 48]
+    assert _close(mem["rss_ratio"], mem["runs"][1]["peak_rss_mib"] / mem["runs"][0]["peak_rss_mib"], 0.01)
+
+    tr = r["train"]
+    app, plain = tr["app"], tr["plain"]
+    assert app["timed_epochs"] == plain["timed_epochs"] == [2]  # epoch 1 (start-up) left out of both
+    assert app["images_per_epoch"] == plain["images_per_epoch"] > 0  # same data on both sides
+    assert _close(tr["ratio_app_vs_plain"], app["images_per_s"] / plain["images_per_s"], 0.01)
+    # the app's own Throughput callback measured (nearly) the same epoch
+    assert _close(app["app_logged_images_per_s_last_epoch"], app["images_per_s"], 0.25)
+
+    import onnxruntime as ort
+    import torch
+
+    if not torch.cuda.is_available() and "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert r["gpu"] == "not available on this machine"
+
+    targets = r["targets"]
+    assert len(targets) == 7 and all(t["status"] in ("MET", "MISSED") for t in targets)
+    by_name = {t["target"]: t for t in targets}
+    b8 = by_name["ONNX Runtime / PyTorch eager images/s, batch 8, 1x300x300"]
+    assert b8["value"] == r["throughput"]["ratios"]["onnxruntime_vs_eager"]["1x300x300_b8"]
+    assert b8["status"] == ("MET" if b8["value"] >= 2.0 else "MISSED")
+
+    table = out.with_suffix(".md").read_text(encoding="utf-8")
+    assert "| Target | Goal | Measured | Status |" in table and "QUICK MODE" in table
+    assert table in proc.stdout
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # --only re-measures one section and keeps the rest of the file
+    proc = _run([*args, "--only", "sgemm"], tmp_path, cli_env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    again = json.loads(out.read_text(encoding="utf-8"))
+    assert again["throughput"] == r["throughput"] and again["train"] == r["train"]
+    assert again["sections"]["sgemm"]["measured_at"] >= r["sections"]["sgemm"]["measured_at"]
+
+
+def test_unknown_section_is_a_usage_error(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    proc = _run(["--only", "throughput,bogus", "--out", str(tmp_path / "x.json")], tmp_path, cli_env)
+    assert proc.returncode == 2
+    assert "bogus" in proc.stderr and "choose from sgemm, throughput, gpu, e2e, memory, train" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
