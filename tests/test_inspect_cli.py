@@ -270,3 +270,23 @@ def test_progress_bar_on_a_tty_and_plain_summary_otherwise(
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)  # pipes: no bar
     assert r.returncode == 0 and "\r" not in r.stderr and "img/s" not in r.stderr
     assert "inspected 16 inputs: OK" in r.stdout
+
+
+def test_jsonl_writer_flushes_every_commit_and_fsyncs_by_interval(tmp_path: Path) -> None:
+    """A row is readable by another process right after commit (what kill -9 safety needs);
+    fsync, the slow part, runs at most once per interval and always at close."""
+    from defectscope.runtime.results import JsonlWriter
+
+    lazy = JsonlWriter(tmp_path / "lazy.jsonl", append=False, fsync_interval_s=3600)
+    eager = JsonlWriter(tmp_path / "eager.jsonl", append=False, fsync_interval_s=0)
+    for i in range(3):
+        for w in (lazy, eager):
+            w.add({"path": f"img{i}.png"})
+            w.commit()
+        for name in ("lazy.jsonl", "eager.jsonl"):
+            lines = (tmp_path / name).read_text(encoding="utf-8").splitlines()
+            assert [json.loads(x)["path"] for x in lines] == [f"img{k}.png" for k in range(i + 1)]
+    assert lazy.fsyncs == 0 and eager.fsyncs == 3
+    lazy.close()
+    eager.close()
+    assert lazy.fsyncs == 1 and eager.fsyncs == 3
