@@ -1,0 +1,69 @@
+"""The main job end to end: `defectscope demo` runs the real CLI (synth -> train -> export -> inspect)
+and scores the held-out images against their class folders."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from defectscope.demo import score_holdout
+
+
+def _row(path: str, label: str, verdict: str | None, status: str = "ok") -> dict[str, object]:
+    return {"path": path, "status": status, "label": label, "verdict": verdict}
+
+
+def test_score_holdout_counts_escapes_and_false_rejects(tmp_path: Path) -> None:
+    rows = [
+        _row("/h/good/a.png", "good", "OK"),
+        _row("/h/good/b.png", "spot", "NG"),  # false reject
+        _row("/h/spot/c.png", "spot", "NG"),
+        _row("/h/crack/d.png", "good", "OK"),  # escape
+        _row("/h/crack/e.png", "scratch", "NG"),  # right verdict, wrong label
+        _row("/h/spot/f.png", "", None, status="error"),
+    ]
+    results = tmp_path / "r.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    score = score_holdout(results)
+    assert score["images"] == 6 and score["inspected"] == 5
+    assert score["label_accuracy"] == pytest.approx(2 / 5)
+    assert score["verdict_accuracy"] == pytest.approx(3 / 5)
+    assert score["escape_rate"] == pytest.approx(1 / 3)
+    assert score["false_reject_rate"] == pytest.approx(1 / 2)
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_product(
+    tmp_path: Path, defectscope_cmd: list[str], cli_env: dict[str, str]
+) -> None:
+    work = tmp_path / "demo"
+    proc = subprocess.run(
+        [*defectscope_cmd, "demo", "--workdir", str(work), "--holdout", "24", "--experiment", "smoke"],
+        cwd=tmp_path,  # the local MLflow store (mlflow.db) lands here, not in the checkout
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = work / "results.jsonl"
+    rows = [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines()]
+    holdout = sorted((work / "holdout").rglob("*.png"))
+    assert len(holdout) == 24
+    assert sorted(r["path"] for r in rows) == sorted(str(p) for p in holdout)  # one row per input
+    # held-out images follow the training data's size range (smoke: 64..96 px)
+    assert all(64 <= r["width"] <= 96 and 64 <= r["height"] <= 96 for r in rows)
+    report = work / "report.html"
+    assert report.stat().st_size > 1000 and "<html" in report.read_text(encoding="utf-8").lower()
+    assert (tmp_path / "mlflow.db").is_file()
+    # the printed held-out check is the one recomputed from the rows on disk
+    printed = re.search(r"OK/NG accuracy\s+([\d.]+)%", proc.stdout)
+    assert printed is not None, proc.stdout[-2000:]
+    assert float(printed.group(1)) == pytest.approx(
+        100 * score_holdout(results)["verdict_accuracy"], abs=0.05
+    )
+    assert f"Report:  {report}" in proc.stdout
