@@ -35,7 +35,7 @@ def options(group: str) -> list[str]:
 def test_every_group_has_options() -> None:
     for group in GROUPS:
         assert options(group), f"conf/{group}/ has no options"
-    assert {"smoke", "synthetic", "elpv"} <= set(options("experiment"))
+    assert {"smoke", "demo", "synthetic", "elpv", "elpv_scratch"} <= set(options("experiment"))
     assert {"default", "ddp"} <= set(options("trainer"))
 
 
@@ -181,10 +181,20 @@ def test_experiment_options(option: str, compose_train: Callable[..., Any], tmp_
         assert (
             cfg.model.name == "gapcnn" and cfg.trainer.max_epochs <= 3 and cfg.data.source.kind == "synthetic"
         )
-    if option == "elpv":
-        assert cfg.data.source.kind == "elpv" and cfg.loss.class_weights == "balanced"
-        four = compose_train(["experiment=elpv", "data.source.task=4class", f"paths.output_dir={tmp_path}"])
-        assert four.logger.experiment_name == "defectscope-elpv-4class"
+    if option == "elpv":  # the measured best recipe of docs/benchmarks.md
+        assert cfg.data.source.kind == "elpv" and cfg.data.source.task == "4class"
+        assert cfg.model.name == "efficientnet_lite0" and cfg.model.bn_momentum == pytest.approx(0.1)
+        assert cfg.finetune.backbone_lr_scale == pytest.approx(0.5)  # experiment beats the model recipe
+        assert cfg.data.mean == pytest.approx([127 / 255])  # the recipe's pretrained normalisation stays
+        assert cfg.loss.class_weights is None and cfg.callbacks.model_checkpoint.monitor == "val/acc"
+        assert cfg.logger.experiment_name == "defectscope-elpv-4class"
+        binary = compose_train(["experiment=elpv", "data.source.task=binary", f"paths.output_dir={tmp_path}"])
+        assert binary.logger.experiment_name == "defectscope-elpv-binary"
+    if option == "elpv_scratch":
+        assert cfg.data.source.kind == "elpv" and cfg.model.name == "resnet"
+        assert cfg.model.get("weights") is None and cfg.finetune.freeze_epochs == 0
+    if option == "demo":
+        assert cfg.model.name == "gapcnn" and cfg.data.source.kind == "synthetic" and cfg.threads == 2
 
 
 def test_model_recipes_follow_the_model(compose_train: Callable[..., Any]) -> None:
@@ -230,7 +240,7 @@ def test_cli_is_a_hydra_app(defectscope_cmd: list[str], cli_env: dict[str, str],
 
     helped = run("train", "--help")
     assert helped.returncode == 0 and "defectscope train" in helped.stdout
-    assert "experiment: elpv, smoke, synthetic" in helped.stdout
+    assert "experiment: demo, elpv, elpv_scratch, smoke, synthetic" in helped.stdout
 
     ev = run("evaluate", "--cfg", "job", "ckpt_path=a.ckpt")
     assert ev.returncode == 0 and "ckpt_path: a.ckpt" in ev.stdout
