@@ -56,6 +56,46 @@ def load_average() -> list[float] | None:
         return None
 
 
+def _machine_busy_seconds() -> float | None:
+    """CPU seconds all processes have spent busy since boot (Linux /proc/stat), or None elsewhere."""
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            fields = [int(v) for v in fh.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds of this process and of the children it has waited for (inspect runs, workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class ForeignLoad:
+    """How many cores *other* processes kept busy while a section ran.
+
+    The load average cannot tell: the benchmark's own threads raise it, and it decays over minutes,
+    so it flags every section after the first. Machine busy time minus our own (and our reaped
+    children's) CPU time over the same interval is what competed with the measurement.
+    """
+
+    def __init__(self) -> None:
+        self._busy0 = _machine_busy_seconds()
+        self._own0 = _own_cpu_seconds()
+        self._t0 = time.perf_counter()
+
+    def cores(self) -> float | None:
+        busy = _machine_busy_seconds()
+        if busy is None or self._busy0 is None:
+            return None
+        wall = max(time.perf_counter() - self._t0, 1e-9)
+        foreign = (busy - self._busy0) - (_own_cpu_seconds() - self._own0)
+        return round(max(foreign, 0.0) / wall, 2)
+
+
 def machine_info(threads: int) -> dict[str, Any]:
     """What the figures were measured on."""
     import onnxruntime as ort

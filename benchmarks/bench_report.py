@@ -106,11 +106,23 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def busy_warning(results: dict[str, Any]) -> str:
-    """A loud note when other processes were running: OpenMP (PyTorch) rows suffer most."""
+    """A loud note when other processes competed for the cores: OpenMP (PyTorch) rows suffer most.
+
+    Judged on the cores other processes kept busy during each section (``foreign_cores``); the load
+    average also counts the benchmark's own threads, so it is only the fallback for old result files.
+    """
     m = results.get("machine") or {}
-    loads = [m.get("load_average_at_start")] + [
-        s.get("load_average_before") for s in (results.get("sections") or {}).values()
-    ]
+    sections = (results.get("sections") or {}).values()
+    foreign = [s["foreign_cores"] for s in sections if s.get("foreign_cores") is not None]
+    if foreign:
+        worst = max(foreign)
+        if worst < 0.25:
+            return ""
+        return (
+            f" **WARNING: other processes kept up to {worst:.2f} cores busy during a section; the figures "
+            "are not representative, rerun on an idle machine.**"
+        )
+    loads = [m.get("load_average_at_start")] + [s.get("load_average_before") for s in sections]
     worst = max((la[0] for la in loads if la), default=0.0)
     if worst < 0.5:
         return ""
@@ -130,7 +142,13 @@ def markdown(results: dict[str, Any]) -> str:
         f"physical cores, {m.get('threads', '?')} threads for every row; torch {m.get('torch', '?')}, "
         f"onnxruntime {m.get('onnxruntime', '?')}, numpy {m.get('numpy', '?')}; {m.get('date', '?')}"
         + (" (QUICK MODE: sizes too small for real figures)" if results.get("quick") else ""),
-        f"Load average at start: {m.get('load_average_at_start')}." + busy_warning(results),
+        f"Load average at start: {m.get('load_average_at_start')}; cores used by other processes per section: "
+        + (
+            ", ".join(f"{k} {v.get('foreign_cores')}" for k, v in (results.get("sections") or {}).items())
+            or "-"
+        )
+        + "."
+        + busy_warning(results),
         "",
         "| Target | Goal | Measured | Status |",
         "|---|---|---|---|",

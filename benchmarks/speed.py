@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench_common import REPO, load_average, logical_cores, machine_info, preset_config
+from bench_common import REPO, ForeignLoad, load_average, logical_cores, machine_info, preset_config
 
 SECTIONS = ("sgemm", "throughput", "gpu", "e2e", "memory", "train")
 
@@ -233,13 +233,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     state: dict[str, Any] = {}
     for name in [s for s in SECTIONS if s in args.only]:
         _log(f"{name} ...")
-        start, t0 = load_average(), time.perf_counter()
+        start, t0, foreign = load_average(), time.perf_counter(), ForeignLoad()
         results[name] = run_section(name, args, sizes, cfg, threads, state)
         sections[name] = {
             "measured_at": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "seconds": round(time.perf_counter() - t0, 1),
             "load_average_before": start,
             "load_average_after": load_average(),
+            "foreign_cores": foreign.cores(),
         }
         _log(f"{name} done in {sections[name]['seconds']} s")
         write_outputs(results, args.out)  # a later failure keeps what was measured

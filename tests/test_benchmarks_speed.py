@@ -7,11 +7,13 @@ full run on a quiet machine can be trusted to report what it measured.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -138,3 +140,35 @@ def test_unknown_section_is_a_usage_error(tmp_path: Path, cli_env: dict[str, str
     assert proc.returncode == 2
     assert "bogus" in proc.stderr and "choose from sgemm, throughput, gpu, e2e, memory, train" in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def _bench_module(name: str) -> Any:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux /proc/stat")
+def test_foreign_load_counts_other_processes_not_our_own() -> None:
+    """A process we did not reap is foreign; the busy-warning then fires on it, not on our own threads."""
+    common = _bench_module("bench_common")
+    report = _bench_module("bench_report")
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        probe = common.ForeignLoad()
+        time.sleep(1.5)
+        busy = probe.cores()
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy is not None and busy >= 0.5  # one spinning process is about one core
+
+    def sections(*cores: float) -> dict[str, Any]:
+        return {"machine": {}, "sections": {f"s{i}": {"foreign_cores": c} for i, c in enumerate(cores)}}
+
+    assert report.busy_warning(sections(0.0, 0.1)) == ""
+    assert "1.20 cores" in report.busy_warning(sections(0.0, 1.2))
+    # old result files without foreign_cores fall back to the load average
+    assert "load up to 1.50" in report.busy_warning({"machine": {"load_average_at_start": [1.5, 1, 1]}})
