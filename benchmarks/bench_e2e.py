@@ -117,7 +117,7 @@ def run_e2e(
     if bad or decoded != n:
         raise RuntimeError(f"decode failed for {len(bad)} image(s), e.g. {bad[:1]}")
 
-    batcher = Batcher(batch_size, max_pending=batch_size * 4)
+    batcher = Batcher.for_stream(batch_size)  # the same policy as `defectscope inspect`
     batches = [b for it in items for b in batcher.add(it)] + batcher.drain()
     del items
     warm = inspector.preprocess([it.array for it in batches[0] if it.array is not None])

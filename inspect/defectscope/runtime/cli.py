@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     writer = JsonlWriter(out, append=bool(args.resume), fsync_interval_s=args.fsync_interval)
     session = _Session(inspector, writer, args, threshold)
     want_cam = bool(args.heatmaps) and inspector.has_cam
-    batcher = Batcher(args.batch_size, max_pending=args.batch_size * 4)
+    batcher = Batcher.for_stream(args.batch_size)
     window = max(2 * args.workers, args.batch_size) + args.workers
     t0 = time.perf_counter()
     interrupted = False

@@ -84,6 +84,18 @@ class Batcher:
     _buckets: dict[tuple[int, ...], list[Item]] = field(default_factory=dict)
     _count: int = 0
 
+    PENDING_BATCHES = 4
+
+    @classmethod
+    def for_stream(cls, batch_size: int) -> Batcher:
+        """The policy of `inspect` over a stream: at most four batches of decoded images wait.
+
+        More waiting images would fill more same-size batches when inputs come in many sizes, but
+        memory would then grow with the image size; four batches keeps peak RSS flat over any number
+        of inputs (docs/benchmarks.md, memory row).
+        """
+        return cls(batch_size, max_pending=batch_size * cls.PENDING_BATCHES)
+
     def add(self, item: Item) -> list[list[Item]]:
         assert item.array is not None
         key = tuple(item.array.shape)
