@@ -200,7 +200,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"{e2e['compute_images_per_s']} img/s; bound {e2e['bound_sequential_images_per_s']} img/s "
             f"(decode then compute), {e2e['bound_overlap_images_per_s']} img/s if decoding overlapped "
             f"compute for free ({e2e['fraction_of_bound_overlap']:.0%} of that); peak RSS "
-            f"{e2e['inspect_peak_rss_mib']} MiB. inspect commits (write + fsync) its JSONL once per batch: "
+            f"{e2e['inspect_peak_rss_mib']} MiB. inspect flushes its JSONL every batch and fsyncs at most once a "
+            "second; an fsync per batch would cost "
             f"{e2e['batches']} batches x {e2e.get('commit_ms', '?')} ms = about "
             f"{e2e.get('estimated_commit_seconds', '?')} s of its {e2e['inspect_seconds']} s.",
         ]
