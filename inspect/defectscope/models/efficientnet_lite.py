@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -204,115 +205,43 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.kaiming_normal_(m.weight, mode="fan_out")
 
 
-def _build(
-    variant: str,
-    num_classes: int,
-    in_chans: int,
-    weights: str | None,
-    drop_rate: float | None,
-    drop_path_rate: float,
-    norm: NormSpec,
-    norm_groups: int,
-    act: ActSpec,
-    bn_momentum: float,
-) -> EfficientNetLite:
-    model = EfficientNetLite(
-        variant,
-        num_classes=num_classes,
-        in_chans=in_chans,
-        drop_rate=drop_rate,
-        drop_path_rate=drop_path_rate,
-        norm=norm,
-        norm_groups=norm_groups,
-        act=act,
-        bn_momentum=bn_momentum,
-    )
-    if weights is not None:
-        from .pretrained import load_pretrained
+def _variant_builder(variant: str, doc: str) -> Callable[..., EfficientNetLite]:
+    """One registry builder per Lite variant; they differ only in the variant's scaling row."""
 
-        load_pretrained(model, weights)
-    return model
+    def build(
+        *,
+        num_classes: int,
+        in_chans: int,
+        weights: str | None = None,
+        drop_rate: float | None = None,
+        drop_path_rate: float = 0.0,
+        norm: NormSpec = "batch",
+        norm_groups: int = 8,
+        act: ActSpec = "relu6",
+        bn_momentum: float = BN_MOMENTUM,
+    ) -> EfficientNetLite:
+        model = EfficientNetLite(
+            variant,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            drop_rate=drop_rate,
+            drop_path_rate=drop_path_rate,
+            norm=norm,
+            norm_groups=norm_groups,
+            act=act,
+            bn_momentum=bn_momentum,
+        )
+        if weights is not None:
+            from .pretrained import load_pretrained
 
+            load_pretrained(model, weights)
+        return model
 
-@register_model
-def efficientnet_lite0(
-    *,
-    num_classes: int,
-    in_chans: int,
-    weights: str | None = None,
-    drop_rate: float | None = None,
-    drop_path_rate: float = 0.0,
-    norm: NormSpec = "batch",
-    norm_groups: int = 8,
-    act: ActSpec = "relu6",
-    bn_momentum: float = BN_MOMENTUM,
-) -> EfficientNetLite:
-    """EfficientNet-Lite0 (width 1.0, depth 1.0). ``weights``: None | 'package' | path | https URL."""
-    return _build(
-        "lite0",
-        num_classes,
-        in_chans,
-        weights,
-        drop_rate,
-        drop_path_rate,
-        norm,
-        norm_groups,
-        act,
-        bn_momentum,
-    )
+    build.__name__ = build.__qualname__ = f"efficientnet_{variant}"
+    build.__doc__ = doc + " ``weights``: None | 'package' | path | https URL."
+    return build
 
 
-@register_model
-def efficientnet_lite1(
-    *,
-    num_classes: int,
-    in_chans: int,
-    weights: str | None = None,
-    drop_rate: float | None = None,
-    drop_path_rate: float = 0.0,
-    norm: NormSpec = "batch",
-    norm_groups: int = 8,
-    act: ActSpec = "relu6",
-    bn_momentum: float = BN_MOMENTUM,
-) -> EfficientNetLite:
-    """EfficientNet-Lite1 (width 1.0, depth 1.1)."""
-    return _build(
-        "lite1",
-        num_classes,
-        in_chans,
-        weights,
-        drop_rate,
-        drop_path_rate,
-        norm,
-        norm_groups,
-        act,
-        bn_momentum,
-    )
-
-
-@register_model
-def efficientnet_lite2(
-    *,
-    num_classes: int,
-    in_chans: int,
-    weights: str | None = None,
-    drop_rate: float | None = None,
-    drop_path_rate: float = 0.0,
-    norm: NormSpec = "batch",
-    norm_groups: int = 8,
-    act: ActSpec = "relu6",
-    bn_momentum: float = BN_MOMENTUM,
-) -> EfficientNetLite:
-    """EfficientNet-Lite2 (width 1.1, depth 1.2)."""
-    return _build(
-        "lite2",
-        num_classes,
-        in_chans,
-        weights,
-        drop_rate,
-        drop_path_rate,
-        norm,
-        norm_groups,
-        act,
-        bn_momentum,
-    )
+efficientnet_lite0 = register_model(_variant_builder("lite0", "EfficientNet-Lite0 (width 1.0, depth 1.0)."))
+efficientnet_lite1 = register_model(_variant_builder("lite1", "EfficientNet-Lite1 (width 1.0, depth 1.1)."))
+efficientnet_lite2 = register_model(_variant_builder("lite2", "EfficientNet-Lite2 (width 1.1, depth 1.2)."))
