@@ -184,14 +184,7 @@ class _Session:
 
 def run(args: argparse.Namespace) -> int:
     check_specs(args.inputs)
-    inspector = Inspector(
-        args.model,
-        provider=args.provider,
-        threads=args.threads,
-        graph_opt=args.graph_opt,
-        trt_cache_dir=args.trt_cache,
-        max_batch=args.batch_size,
-    )
+    inspector = Inspector.from_args(args)
     threshold = inspector.threshold if args.threshold is None else float(args.threshold)
     out = Path(args.output)
     done = None

@@ -90,6 +90,18 @@ class Inspector:
     or ``tensorrt`` force one and raise :class:`ProviderError` when it is unavailable.
     """
 
+    @classmethod
+    def from_args(cls, args: Any) -> Inspector:
+        """The session the `inspect` and `watch` commands open from their shared options."""
+        return cls(
+            args.model,
+            provider=args.provider,
+            threads=args.threads,
+            graph_opt=args.graph_opt,
+            trt_cache_dir=args.trt_cache,
+            max_batch=args.batch_size,
+        )
+
     def __init__(
         self,
         model_path: str | os.PathLike[str],

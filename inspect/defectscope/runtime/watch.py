@@ -449,14 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     try:
-        inspector = Inspector(
-            args.model,
-            provider=args.provider,
-            threads=args.threads,
-            graph_opt=args.graph_opt,
-            trt_cache_dir=args.trt_cache,
-            max_batch=args.batch_size,
-        )
+        inspector = Inspector.from_args(args)
         watcher = Watcher(args, inspector)
     except (MetadataError, ModelLoadError, ProviderError, ResultsFileError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
