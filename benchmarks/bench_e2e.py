@@ -172,7 +172,7 @@ def run_e2e(
             "inspect flushes its JSONL every batch and fsyncs at most once per --fsync-interval (1 s); "
             "commit_ms x batches is what an fsync per batch would cost (not part of the bound)"
         ),
-        "estimated_commit_seconds": round(fsync * len(sizes) / 1e3, 2),
+        "per_batch_fsync_seconds": round(fsync * len(sizes) / 1e3, 2),
         "fraction_of_bound_sequential": round(e2e / bound_seq, 3),
         "fraction_of_bound_overlap": round(e2e / bound_overlap, 3),
         "in_run_fraction_of_bound_sequential": round(in_run / bound_seq, 3) if in_run else None,

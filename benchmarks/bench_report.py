@@ -119,8 +119,8 @@ def busy_warning(results: dict[str, Any]) -> str:
         if worst < 0.25:
             return ""
         return (
-            f" **WARNING: other processes kept up to {worst:.2f} cores busy during a section; the figures "
-            "are not representative, rerun on an idle machine.**"
+            f" **WARNING: other load (processes, or the hypervisor's steal time) kept up to {worst:.2f} cores "
+            "busy during a section; the figures are not representative, rerun on an idle machine.**"
         )
     loads = [m.get("load_average_at_start")] + [s.get("load_average_before") for s in sections]
     worst = max((la[0] for la in loads if la), default=0.0)
@@ -142,7 +142,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"physical cores, {m.get('threads', '?')} threads for every row; torch {m.get('torch', '?')}, "
         f"onnxruntime {m.get('onnxruntime', '?')}, numpy {m.get('numpy', '?')}; {m.get('date', '?')}"
         + (" (QUICK MODE: sizes too small for real figures)" if results.get("quick") else ""),
-        f"Load average at start: {m.get('load_average_at_start')}; cores used by other processes per section: "
+        f"Load average at start: {m.get('load_average_at_start')}; cores used by other load per section: "
         + (
             ", ".join(f"{k} {v.get('foreign_cores')}" for k, v in (results.get("sections") or {}).items())
             or "-"
@@ -203,7 +203,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"{e2e['inspect_peak_rss_mib']} MiB. inspect flushes its JSONL every batch and fsyncs at most once a "
             "second; an fsync per batch would cost "
             f"{e2e['batches']} batches x {e2e.get('commit_ms', '?')} ms = about "
-            f"{e2e.get('estimated_commit_seconds', '?')} s of its {e2e['inspect_seconds']} s.",
+            f"{e2e.get('per_batch_fsync_seconds', '?')} s of its {e2e['inspect_seconds']} s.",
         ]
     tr = results.get("train")
     if tr:

@@ -194,7 +194,13 @@ def test_experiment_options(option: str, compose_train: Callable[..., Any], tmp_
         assert cfg.data.source.kind == "elpv" and cfg.model.name == "resnet"
         assert cfg.model.get("weights") is None and cfg.finetune.freeze_epochs == 0
     if option == "demo":
-        assert cfg.model.name == "gapcnn" and cfg.data.source.kind == "synthetic" and cfg.threads == 2
+        assert cfg.model.name == "gapcnn" and [st.channels for st in cfg.model.stages] == [
+            6,
+            16,
+            120,
+        ]  # LeNet
+        assert cfg.data.source.kind == "synthetic" and cfg.data.source.n == 600
+        assert (cfg.data.source.min_size, cfg.data.source.max_size) == (64, 128) and cfg.threads == 2
 
 
 def test_model_recipes_follow_the_model(compose_train: Callable[..., Any]) -> None:

@@ -67,3 +67,21 @@ def test_demo_runs_the_whole_product(
         100 * score_holdout(results)["verdict_accuracy"], abs=0.05
     )
     assert f"Report:  {report}" in proc.stdout
+
+
+def test_demo_refuses_non_synthetic_data_before_training(
+    tmp_path: Path, defectscope_cmd: list[str], cli_env: dict[str, str]
+) -> None:
+    """The held-out images are generated, so ELPV (or a folder) must be refused before a long fit."""
+    work = tmp_path / "demo"
+    proc = subprocess.run(
+        [*defectscope_cmd, "demo", "--workdir", str(work), "--experiment", "elpv"],
+        cwd=tmp_path,
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "data.source.kind must be 'synthetic'" in proc.stderr and "'elpv'" in proc.stderr
+    assert "== train:" not in proc.stdout and not (work / "train").exists()

@@ -254,8 +254,8 @@ def test_lite1_lite2_load_every_tensor_and_see_the_uniform(variant: str, side: i
     state = torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
     torch.manual_seed(0)
     model = create_model(f"efficientnet_{variant}", num_classes=1000, in_chans=3, weights="package").eval()
-    assert model.pretrained_cfg["tensors_loaded"] == len(state)
-    assert model.pretrained_cfg["input_size"] == side
+    cfg = model.pretrained_cfg
+    assert cfg is not None and cfg["tensors_loaded"] == len(state) and cfg["input_size"] == side
     with torch.no_grad():
         top5 = model(_grace_hopper(side)).softmax(1)[0].topk(5).indices.tolist()
     assert top5[0] == 652, top5  # military uniform

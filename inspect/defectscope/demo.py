@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,18 +67,32 @@ def score_holdout(results: Path, good_class: str = "good") -> dict[str, float | 
     }
 
 
-def holdout_options(run_dir: Path) -> list[str]:
-    """synth options that match the training data (sizes, channels, classes) of the finished run.
+def composed_source(train_cmd: list[str]) -> dict[str, Any]:
+    """``data.source`` of the training config, composed (not run) before anything is trained.
+
+    The demo draws its held-out images with the generator, so the data must be synthetic; a wrong
+    ``--experiment`` or ``data=`` override stops here, not after a long training run.
+    """
+    import yaml  # PyYAML comes with hydra-core (the train extra)
+
+    proc = subprocess.run([*train_cmd, "--cfg", "job", "--resolve"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"defectscope demo: the training config does not compose:\n{proc.stderr.strip()}")
+    source = ((yaml.safe_load(proc.stdout) or {}).get("data") or {}).get("source") or {}
+    if source.get("kind") != "synthetic":
+        raise SystemExit(
+            f"defectscope demo: data.source.kind must be 'synthetic' (the held-out images are generated), "
+            f"got {source.get('kind')!r}; use --experiment demo, smoke or synthetic"
+        )
+    return dict(source)
+
+
+def holdout_options(source: dict[str, Any]) -> list[str]:
+    """synth options that match the training data (sizes, channels, classes).
 
     Held-out images drawn from another size range or channel count would test a distribution shift,
     not the model the demo just trained.
     """
-    import yaml  # PyYAML comes with hydra-core (the train extra)
-
-    cfg_file = run_dir / "config_resolved.yaml"  # .hydra/config.yaml keeps ${...} interpolations
-    source = (yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}).get("data", {}).get("source", {})
-    if source.get("kind") != "synthetic":
-        raise SystemExit(f"defectscope demo: {cfg_file}: data.source.kind must be 'synthetic' for the demo")
     return [
         "--min-size",
         str(source["min_size"]),
@@ -100,17 +115,16 @@ def main(argv: list[str]) -> int:
     results = work / "results.jsonl"
     report = work / "report.html"
 
-    _run(
+    train_cmd = [
+        *exe,
         "train",
-        [
-            *exe,
-            "train",
-            f"experiment={args.experiment}",
-            f"paths.data_dir={work / 'data'}",
-            f"hydra.run.dir={run_dir}",
-            *args.overrides,
-        ],
-    )
+        f"experiment={args.experiment}",
+        f"paths.data_dir={work / 'data'}",
+        f"hydra.run.dir={run_dir}",
+        *args.overrides,
+    ]
+    source = composed_source(train_cmd)
+    _run("train", train_cmd)
     ckpt = run_dir / "checkpoints" / "best.ckpt"
     if not ckpt.is_file():
         raise SystemExit(f"defectscope demo: training finished but {ckpt} is missing")
@@ -125,7 +139,7 @@ def main(argv: list[str]) -> int:
             str(args.holdout),
             "--seed",
             "20261125",
-            *holdout_options(run_dir),
+            *holdout_options(source),
         ],
     )
     _run(
@@ -142,7 +156,7 @@ def main(argv: list[str]) -> int:
             str(report),
         ],
     )
-    score = score_holdout(results)
+    score = score_holdout(results, good_class=str(source.get("good_class", "good")))
     print(
         f"\nHeld-out check ({score['inspected']}/{score['images']} images inspected, truth = class folders):"
         f"\n  label accuracy     {score['label_accuracy']:.1%}"
