@@ -6,6 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXTRAS ?= train,cpu,elpv,pretrained,dev
+# Extra pip arguments for the torch install only, e.g. on plain PyPI (where the Linux wheel is the CUDA
+# build): make test TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cpu'
+TORCH_PIP_ARGS ?=
 
 .PHONY: install browser test demo lint clean
 
@@ -13,7 +16,7 @@ EXTRAS ?= train,cpu,elpv,pretrained,dev
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q $(TORCH_PIP_ARGS) torch==2.13.0
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
