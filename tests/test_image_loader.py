@@ -122,6 +122,14 @@ def test_unreadable(tmp_path: Path) -> None:
         p.chmod(0o644)
 
 
+def test_unreadable_even_as_root(tmp_path: Path) -> None:
+    """An OS error that root gets too (a file used as a folder): the same 'unreadable' row, with the reason."""
+    p = _png(tmp_path / "flat.png") / "inside.png"
+    err = _load_error(p)
+    assert err.kind == "unreadable" and "cannot be read" in str(err) and "Not a directory" in str(err)
+    assert str(p) in str(err)
+
+
 # --------------------------------------------------------------------------- modes
 
 
