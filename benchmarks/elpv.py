@@ -5,6 +5,7 @@
                               [--out results.json] [--predictions preds.jsonl] [--plot confusion.png]
     python benchmarks/elpv.py --checkpoint best.ckpt ...      # the same through PyTorch (needs torch)
     python benchmarks/elpv.py --table a.json b.json ...        # merge result files into one table
+    python benchmarks/elpv.py --val-list val.txt               # validation cells, for export --int8
 
 Protocol (Deitsch et al. 2019): the 2,624 cells are split 75/25, stratified on the 4-grade label, seed
 42 (1,968 train / 656 test).  The split is computed by the project's own ELPV source and split code
@@ -116,6 +117,22 @@ class Split:
     n_train: int  # train + val: everything training may use
     test_fraction: float
     seed: int
+
+
+def elpv_val_paths() -> list[str]:
+    """The validation cells training holds out (data.val_fraction 0.15 of the non-test part), for
+    ``defectscope export --int8 --images LIST``: calibration must not see the test cells."""
+    data = elpv_source("4class")
+    samples = data.samples
+    splits = assign_splits(
+        [s.split for s in samples],
+        [s.stratum or data.class_names[s.label] for s in samples],
+        [s.path for s in samples],
+        val_fraction=VAL_FRACTION,
+        test_fraction=float(data.split_defaults["test_fraction"]),
+        seed=int(data.split_defaults["seed"]),
+    )
+    return [s.path for s, sp in zip(samples, splits) if sp == "val"]
 
 
 def elpv_test_split() -> Split:
@@ -687,6 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predictions", type=Path,
                    help="per-cell JSONL (default: next to --out as <out>.predictions.jsonl)")  # fmt: skip
     p.add_argument("--plot", type=Path, help="confusion-matrix PNG")
+    p.add_argument("--val-list", type=Path, metavar="FILE",
+                   help="write the validation cells' paths (one per line) for export --int8 --images, and exit")  # fmt: skip
     p.add_argument("--table", nargs="+", type=Path, metavar="RESULT_JSON",
                    help="print one markdown table from result files (+ baseline and published rows)")  # fmt: skip
     return p
@@ -706,6 +725,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     try:
+        if a.val_list:
+            paths = elpv_val_paths()
+            a.val_list.parent.mkdir(parents=True, exist_ok=True)
+            a.val_list.write_text("".join(f"{q}\n" for q in paths), encoding="utf-8")
+            print(f"wrote {len(paths)} ELPV validation cells to {a.val_list}")
+            return 0
         if a.table:
             if a.model or a.checkpoint:
                 p.error("--table merges result files; give no model with it")

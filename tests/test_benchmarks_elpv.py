@@ -248,3 +248,19 @@ def test_checkpoint_path_agrees_with_its_onnx_export(bench: ModuleType, tmp_path
     ref = np.array([[r["probs"][g] for g in GRADES] for r in rows_ckpt])
     np.testing.assert_allclose(got, ref, atol=1e-4)
     _check_metrics(r_ckpt, rows_ckpt, "4class")
+
+
+def test_val_list_is_the_training_validation_split(
+    bench: ModuleType, tmp_path: Path, compose_train: Any
+) -> None:
+    """`--val-list` (export --int8 calibrates on it) is exactly what training validates on, no test cell."""
+    from hydra.utils import instantiate
+
+    out = tmp_path / "val.txt"
+    assert bench.main(["--val-list", str(out)]) == 0
+    listed = out.read_text(encoding="utf-8").splitlines()
+    cfg = compose_train(["experiment=elpv", f"paths.output_dir={tmp_path}", "data.num_workers=0"])
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    assert sorted(listed) == sorted(s.path for s in dm.samples["val"]) and len(listed) == 295
+    assert not set(listed) & {c.path for c in bench.elpv_test_split().cells}

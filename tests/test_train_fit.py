@@ -73,7 +73,7 @@ def check_checkpoint(path: Path, preset_name: str | None = None) -> dict[str, An
         info["model_kwargs"]["num_classes"] == len(info["class_names"]) and "in_chans" in info["model_kwargs"]
     )
     assert info["good_class"] in info["class_names"] and 0.0 <= info["threshold"] <= 1.0
-    assert 0 < len(info["val_paths"]) <= 64 and all(Path(p).is_file() for p in info["val_paths"])
+    assert 0 < len(info["val_paths"]) <= 512 and all(Path(p).is_file() for p in info["val_paths"])
     assert len(info["mean"]) == len(info["std"]) == info["loader"]["channels"]
     assert all(k.startswith("model.") for k in ckpt["state_dict"])
     if preset_name:
@@ -170,7 +170,7 @@ def test_threshold_is_chosen_on_validation_and_saved(
             scores.append(1.0 - model(batch["image"]).softmax(1)[:, good])
             defect.append(batch["label"] != good)
     s, d = torch.cat(scores), torch.cat(defect)
-    assert len(s) == len(dm.val_paths)
+    assert len(s) == len(dm.samples["val"])
     expected = choose_threshold(s, d, float(cfg.threshold.target_recall))
     assert info["threshold"] == pytest.approx(expected, abs=1e-6)
     assert operating_point(s, d, info["threshold"])["escape_rate"] <= 1 - cfg.threshold.target_recall + 1e-9

@@ -13,6 +13,7 @@ and give each rank its share through :class:`BucketBatchSampler`, so the Trainer
 from __future__ import annotations
 
 import logging
+import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -33,6 +34,29 @@ from .transforms import build_transform, check_size_preserving, seed_transform
 log = logging.getLogger(__name__)
 
 ON_BAD_FILE = ("fail", "skip")
+
+
+#: validation images recorded in checkpoints for export's parity and int8 calibration/gate
+MAX_EXPORT_VAL_PATHS = 512
+
+
+def spread_paths(samples: Sequence[Sample], limit: int, seed: int = 0) -> list[str]:
+    """Up to ``limit`` sample paths, classes taken in turn (each class shuffled with ``seed``).
+
+    Why: export checks parity on the first few paths and calibrates int8 on a few hundred; a
+    prefix of a class-sorted list would be one class only.
+    """
+    by_class: dict[int, list[str]] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s.path)
+    rng = random.Random(seed)
+    queues = [rng.sample(paths, len(paths)) for _, paths in sorted(by_class.items())]
+    out: list[str] = []
+    while len(out) < limit and any(queues):
+        for q in queues:
+            if q and len(out) < limit:
+                out.append(q.pop(0))
+    return out
 
 
 class DefectDataModule(pl.LightningDataModule):
@@ -163,7 +187,7 @@ class DefectDataModule(pl.LightningDataModule):
             )
         self.class_weights = torch.tensor(inverse_frequency_weights(self.class_counts), dtype=torch.float32)
         self.mean, self.std = self._normalisation([r for s, r in kept if s.split == "train"])
-        self.val_paths = [s.path for s in self.samples["val"]]
+        self.val_paths = spread_paths(self.samples["val"], MAX_EXPORT_VAL_PATHS)
         self._build_datasets(any(s.meta for s in samples))
         self.report = self._make_report(source, [s for s, _ in kept])
         log.info("%s", self.report)
@@ -313,5 +337,5 @@ class DefectDataModule(pl.LightningDataModule):
             "loader": self.loader_config.to_dict(),
             "mean": list(self.mean),
             "std": list(self.std),
-            "val_paths": list(self.val_paths[:64]),
+            "val_paths": list(self.val_paths),
         }

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .onnx_export import MIN_OPSET
+from .quantize import INT8_METHODS
 
 
 def _threshold(text: str) -> float:
@@ -46,6 +47,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fp16", action="store_true", help="half-precision weights/compute (fp32 inputs and outputs)"
     )
+    q = p.add_argument_group(
+        "int8 (CPU line PCs)",
+        "static int8 quantisation calibrated on real images (--images DIR|LIST or the checkpoint's "
+        "val_paths), gated on agreement with fp32 on held-back images; needs a CPU with VNNI for speed",
+    )
+    q.add_argument("--int8", action="store_true", help="write a QDQ int8 model instead of fp32")
+    q.add_argument(
+        "--calib-images",
+        type=_count,
+        default=128,
+        metavar="N",
+        help="calibration images (default %(default)s)",
+    )
+    q.add_argument(
+        "--check-images",
+        type=_count,
+        default=128,
+        metavar="N",
+        help="held-back images the int8 gate compares on (default %(default)s)",
+    )
+    q.add_argument(
+        "--calibration",
+        choices=INT8_METHODS,
+        default="minmax",
+        help="activation range estimate (default %(default)s)",
+    )
+    q.add_argument(
+        "--min-agreement",
+        type=_threshold,
+        default=0.95,
+        metavar="F",
+        help="gate: share of held-back images whose class and OK/NG verdict must match fp32 "
+        "(default %(default)s)",
+    )
+    q.add_argument(
+        "--reduce-range",
+        action="store_true",
+        help="7-bit weights, for line PCs without VNNI (avoids uint8 x int8 saturation)",
+    )
     p.add_argument(
         "--opset", type=int, default=MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET}; default %(default)s)"
     )
@@ -57,7 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="real validation images for the parity gate (default %(default)s; 0 = random inputs only)",
     )
     p.add_argument(
-        "--images", type=Path, metavar="DIR", help="take parity images from DIR instead of val_paths"
+        "--images",
+        type=Path,
+        metavar="DIR|LIST",
+        help="take parity (and int8 calibration) images from DIR, or from a text file listing one "
+        "image path per line, instead of the checkpoint's val_paths",
     )
     p.add_argument(
         "--threshold",
@@ -87,10 +131,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     if args.opset < MIN_OPSET:
         return _fail(2, f"--opset {args.opset} is too old; defectscope exports need opset >= {MIN_OPSET}")
-    if args.images is not None and not args.images.is_dir():
-        return _fail(2, f"--images {args.images}: not an existing directory")
+    if args.images is not None and not (args.images.is_dir() or args.images.is_file()):
+        return _fail(2, f"--images {args.images}: not an existing directory or list file")
     if args.register_name is not None and not args.mlflow:
         return _fail(2, "--register-name only makes sense together with --mlflow")
+    if args.int8 and args.fp16:
+        return _fail(2, "--fp16 and --int8 exclude each other: fp16 is for GPU line PCs, int8 for CPUs")
+
+    from .quantize import Int8Config, Int8GateError, QuantizationError
+
+    try:
+        int8 = (
+            Int8Config(
+                calib_images=args.calib_images,
+                check_images=args.check_images,
+                method=args.calibration,
+                reduce_range=args.reduce_range,
+                min_agreement=args.min_agreement,
+            )
+            if args.int8
+            else None
+        )
+    except QuantizationError as exc:
+        return _fail(2, str(exc))
 
     import onnx
 
@@ -118,12 +181,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             images_dir=args.images,
             threshold=args.threshold,
             checkpoint_sha256=file_sha256(args.checkpoint),
+            int8=int8,
         )
     except (CheckpointError, ExportError) as exc:
         return _fail(2, str(exc))
     except MlflowExportError as exc:
         return _fail(2, f"{exc}; nothing was exported")
-    except ParityError as exc:
+    except (ParityError, Int8GateError) as exc:
         print(format_numbers(exc.numbers), file=sys.stderr)
         return _fail(1, f"{exc}; nothing was written to {args.output}")
 
@@ -133,14 +197,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{p['real_images']} real images):"
     )
     print(format_numbers({k: v for k, v in p.items() if k != "random_shapes"}))
+    if result.metadata.int8:
+        print("int8 gate (int8 vs fp32 ONNX Runtime CPU, held-back images):")
+        print(format_numbers(result.metadata.quantization))
     s = result.seconds
-    print(
-        f"export time: {s['total']:.2f} s (fuse {s['fuse']:.2f}, export {s['export']:.2f}, "
-        f"parity {s['parity']:.2f}, write {s['write']:.2f})"
-    )
-    print(
-        f"file size: {result.size_bytes / 1e6:.2f} MB ({result.size_bytes} bytes){' fp16' if args.fp16 else ''}"
-    )
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in s.items() if k != "total")
+    print(f"export time: {s['total']:.2f} s ({parts})")
+    kind = " fp16" if args.fp16 else " int8" if args.int8 else ""
+    print(f"file size: {result.size_bytes / 1e6:.2f} MB ({result.size_bytes} bytes){kind}")
     print(f"wrote {result.path.resolve()}")
 
     if args.mlflow:

@@ -28,6 +28,7 @@ from defectscope.runtime.metadata import METADATA_KEY, ModelMetadata
 from .atomic import atomic_write_bytes
 from .fuse import FuseReport, fuse_conv_bn_report, replace_bn_with_affine
 from .parity import ParityInputs, check_parity, list_images, random_batches, random_sizes, real_batches
+from .quantize import Int8Config, QuantizationError, check_int8, quantize_qdq, split_paths
 from .wrapper import ExportWrapper, head_linear
 
 MIN_OPSET = 18
@@ -182,6 +183,66 @@ def set_metadata(proto: onnx.ModelProto, meta: ModelMetadata) -> None:
     proto.doc_string = f"defectscope {meta.model_name}: classes {', '.join(meta.class_names)}"
 
 
+def image_paths(info: dict[str, Any], images_dir: str | Path | None) -> list[str]:
+    """Real images for the gates: ``images_dir`` (recursive) or the checkpoint's validation paths."""
+    try:
+        return list_images(images_dir) if images_dir is not None else list(info.get("val_paths") or [])
+    except FileNotFoundError as exc:
+        raise ExportError(str(exc)) from None
+
+
+def _chunks(batches: list[Any], size: int) -> list[Any]:
+    return [b[i : i + size] for b in batches for i in range(0, len(b), size)]
+
+
+def quantize_model(
+    fp32_bytes: bytes,
+    info: dict[str, Any],
+    meta: ModelMetadata,
+    cfg: Int8Config,
+    images_dir: str | Path | None,
+    log: Callable[[str], None],
+) -> tuple[bytes, dict[str, Any]]:
+    """Calibrate, quantise and gate (see :mod:`.quantize`); returns the int8 bytes and the figures."""
+    src = f"--images {images_dir}" if images_dir is not None else "the checkpoint's val_paths"
+    try:
+        calib_paths, check_paths = split_paths(image_paths(info, images_dir), cfg)
+    except QuantizationError as exc:
+        raise ExportError(f"int8: {exc} (looked in {src})") from None
+    loader = meta.loader_config()
+    calib, n_calib, skipped = real_batches(calib_paths, loader, meta.mean, meta.std, len(calib_paths))
+    check, n_check, skipped2 = real_batches(check_paths, loader, meta.mean, meta.std, len(check_paths))
+    for s in skipped + skipped2:
+        log(f"int8: skipped image {s}")
+    if n_calib == 0 or n_check == 0:
+        raise ExportError(f"int8: no readable images to calibrate on and check with in {src}")
+    log(
+        f"int8: calibrating ({cfg.method}) on {n_calib} images, gate on {n_check} held-back images from {src}"
+    )
+    try:
+        int8_bytes = quantize_qdq(fp32_bytes, _chunks(calib, 16), cfg)
+    except QuantizationError as exc:
+        raise ExportError(f"int8: {exc}") from None
+    onnx.checker.check_model(onnx.load_from_string(int8_bytes), full_check=True)
+    numbers = check_int8(
+        fp32_bytes,
+        int8_bytes,
+        _chunks(check, 16),
+        good_index=meta.good_index,
+        threshold=meta.threshold,
+        min_agreement=cfg.min_agreement,
+    )
+    numbers = {
+        "format": "QDQ",
+        "weights": "int8 per channel" + (" (7-bit, reduce_range)" if cfg.reduce_range else ""),
+        "activations": "uint8 per tensor",
+        "calibration": cfg.method,
+        "calib_images": n_calib,
+        **numbers,
+    }
+    return int8_bytes, numbers
+
+
 def parity_inputs(
     info: dict[str, Any],
     channels: int,
@@ -194,10 +255,7 @@ def parity_inputs(
     inputs = ParityInputs(batches=random_batches(channels, min_side))
     inputs.random_shapes = [[n, channels, h, w] for h, w in random_sizes(min_side) for n in (1, 4)]
     if parity_images > 0:
-        try:
-            paths = list_images(images_dir) if images_dir is not None else list(info.get("val_paths") or [])
-        except FileNotFoundError as exc:
-            raise ExportError(str(exc)) from None
+        paths = image_paths(info, images_dir)
         cfg = loader_config(info)
         batches, used, skipped = real_batches(paths, cfg, info["mean"], info["std"], parity_images)
         inputs.batches += batches
@@ -217,11 +275,14 @@ def export_model(
     images_dir: str | Path | None = None,
     threshold: float | None = None,
     checkpoint_sha256: str | None = None,
+    int8: Int8Config | None = None,
     tamper: Callable[[onnx.ModelProto], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> ExportResult:
     """Fuse, export, verify and atomically write ``model`` (+ checkpoint ``info``) to ``output``.
 
+    ``int8``: also quantise the verified fp32 graph to static int8 for CPU line PCs, gated on its
+    agreement with fp32 on held-back real images (:mod:`.quantize`); the int8 graph is written.
     ``tamper`` is a fault-injection hook for tests: it may alter the graph after export and before
     the parity gate, which must then catch it.
     """
@@ -231,6 +292,8 @@ def export_model(
         raise ExportError(f"output {out} is a directory; expected a file path such as model.onnx")
     if opset < MIN_OPSET:
         raise ExportError(f"--opset {opset} is too old: defectscope exports need opset >= {MIN_OPSET}")
+    if fp16 and int8 is not None:
+        raise ExportError("--fp16 and --int8 exclude each other: fp16 is for GPUs, int8 for CPUs")
     meta = build_metadata(
         info, model, cam=cam, fp16=fp16, threshold=threshold, checkpoint_sha256=checkpoint_sha256
     )
@@ -288,13 +351,22 @@ def export_model(
     meta = replace(meta, parity=numbers)
     set_metadata(proto, meta)
     data = proto.SerializeToString()
+    t_quant = t_parity
+    if int8 is not None:
+        data, figures = quantize_model(data, info, meta, int8, images_dir, log)
+        meta = replace(meta, int8=True, quantization=figures)
+        quant = onnx.load_from_string(data)
+        set_metadata(quant, meta)
+        data = quant.SerializeToString()
+        t_quant = time.perf_counter()
     atomic_write_bytes(out, data)
     t_end = time.perf_counter()
     seconds = {
         "fuse": round(t_fused - t_start, 3),
         "export": round(t_exported - t_fused, 3),
         "parity": round(t_parity - t_exported, 3),
-        "write": round(t_end - t_parity, 3),
+        **({"int8": round(t_quant - t_parity, 3)} if int8 is not None else {}),
+        "write": round(t_end - t_quant, 3),
         "total": round(t_end - t_start, 3),
     }
     return ExportResult(out, len(data), seconds, numbers, meta, report, data)

@@ -64,11 +64,21 @@ def random_batches(channels: int, min_side: int, seed: int = 0) -> list[np.ndarr
     ]
 
 
-def list_images(directory: str | os.PathLike[str]) -> list[str]:
-    """Image files below ``directory`` (recursive, sorted for reproducibility)."""
-    d = Path(directory)
+def list_images(source: str | os.PathLike[str]) -> list[str]:
+    """Image files below a directory (recursive, sorted for reproducibility), or the paths listed in
+    a text file, one per line (relative ones resolved against the file's folder; '#' comments)."""
+    d = Path(source)
+    if d.is_file():
+        try:
+            lines = d.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise FileNotFoundError(f"{d}: --images list cannot be read as UTF-8 text: {exc}") from None
+        entries = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        return [str(p if p.is_absolute() else d.parent / p) for p in map(Path, entries)]
     if not d.is_dir():
-        raise FileNotFoundError(f"{d}: --images must be an existing directory of images")
+        raise FileNotFoundError(
+            f"{d}: --images must be an existing directory of images or a text file listing image paths"
+        )
     return sorted(str(p) for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 

@@ -156,6 +156,11 @@ class Inspector:
             session.get_modelmeta().custom_metadata_map.get(METADATA_KEY), source=self.model_path
         )
         self._check_graph()
+        if self.metadata.int8 and self.provider in GPU_PROVIDERS:
+            self._log(
+                f"defectscope: {path.name} is an int8 model calibrated for CPUs; on {self.provider} it "
+                "runs dequantised. For GPU line PCs export fp32 or --fp16 instead"
+            )
         self.has_cam = "cam" in self.output_names
         # IO binding: the batch is copied to the device once and outputs come back in one copy.
         # On by default for GPU providers; ``io_binding=True`` on the CPU exercises the same path.

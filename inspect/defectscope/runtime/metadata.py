@@ -43,6 +43,9 @@ class ModelMetadata:
     total_stride: int = 1
     outputs: list[str] = field(default_factory=lambda: ["logits", "probs", "cam"])
     fp16: bool = False
+    #: static int8 (QDQ) graph for CPU line PCs; ``quantization`` holds its calibration and gate figures
+    int8: bool = False
+    quantization: dict[str, Any] = field(default_factory=dict)
     mlflow_run_id: str | None = None
     checkpoint_sha256: str | None = None
     parity: dict[str, Any] = field(default_factory=dict)
@@ -61,6 +64,8 @@ class ModelMetadata:
             problems.append(
                 f"mean/std need {self.channels} values (channels), got {len(self.mean)}/{len(self.std)}"
             )
+        if self.fp16 and self.int8:
+            problems.append("fp16 and int8 exclude each other")
         if any(float(s) <= 0 for s in self.std):
             problems.append(f"std values must be > 0, got {self.std!r}")
         if problems:

@@ -30,7 +30,7 @@ from .metrics import (
 )
 
 FORMAT_VERSION = 1
-MAX_VAL_PATHS = 64
+MAX_VAL_PATHS = 512  # parity images and int8 calibration (data.datamodule.MAX_EXPORT_VAL_PATHS)
 
 
 def build_optimizer(spec: Mapping[str, Any], model: torch.nn.Module, backbone_lr_scale: float) -> Any:

@@ -118,7 +118,7 @@ def build_module(cfg: DictConfig, dm: Any) -> DefectClassifier:
             "loader": info.get("loader", dm.loader_config.to_dict()),
             "mean": list(dm.mean),
             "std": list(dm.std),
-            "val_paths": list(dm.val_paths[:64]),
+            "val_paths": list(dm.val_paths),
         },
         run_config=to_plain(cfg),
     )

@@ -1,0 +1,231 @@
+"""Post-training static int8 quantisation of an exported model, for CPU line PCs.
+
+Why: on a 2-core line PC the 1x1 convolutions of an EfficientNet-Lite are compute-bound at ~80 % of
+the fp32 peak, so the only way to serve it faster is fewer or cheaper operations.  x86 CPUs with
+VNNI (AVX512-VNNI / AVX-VNNI) do 8-bit multiply-adds at several times the fp32 rate, and ONNX
+Runtime runs a QDQ graph (QuantizeLinear/DequantizeLinear around each Conv) as QLinearConv kernels.
+
+How: activation ranges are calibrated on real images (never random inputs: the ranges must be the
+line's), weights are quantised per output channel (int8), activations per tensor (uint8).  The
+nodes that produce the outputs (classifier, softmax, CAM projection) stay fp32: they are a
+negligible share of the work.  Then a gate runs the fp32 and the int8 graph on held-back
+images that calibration did not see and requires that they agree on the class and on the OK/NG
+verdict; the measured agreement, probability error and speed-up go into the metadata.
+
+Not for GPUs: TensorRT's explicit quantisation wants symmetric activations, and CUDA runs QDQ
+graphs dequantised; export fp16 for GPU line PCs instead.  CPUs without VNNI can saturate the
+uint8 x int8 products; ``reduce_range`` (7-bit weights) avoids that at a small accuracy cost.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+INT8_METHODS = ("minmax", "percentile", "entropy")
+
+
+class QuantizationError(ValueError):
+    """The model cannot be quantised as asked (no calibration images, bad settings)."""
+
+
+class Int8GateError(RuntimeError):
+    """The int8 graph disagrees with the fp32 graph beyond the gate; ``numbers`` has the figures."""
+
+    def __init__(self, message: str, numbers: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.numbers = numbers
+
+
+@dataclass(frozen=True)
+class Int8Config:
+    """Calibration and gate settings (``defectscope export --int8 ...``)."""
+
+    calib_images: int = 128
+    check_images: int = 128
+    method: str = "minmax"
+    reduce_range: bool = False
+    min_agreement: float = 0.95
+
+    def __post_init__(self) -> None:
+        if self.method not in INT8_METHODS:
+            raise QuantizationError(
+                f"int8 calibration method {self.method!r} is unknown; choose one of {', '.join(INT8_METHODS)}"
+            )
+        if self.calib_images < 1:
+            raise QuantizationError(
+                f"int8 calibration needs >= 1 image, got calib_images={self.calib_images}"
+            )
+        if self.check_images < 1:
+            raise QuantizationError(
+                f"the int8 gate needs >= 1 held-back image, got check_images={self.check_images}"
+            )
+        if not 0.0 <= self.min_agreement <= 1.0:
+            raise QuantizationError(f"min_agreement must lie in [0, 1], got {self.min_agreement}")
+
+
+def split_paths(paths: Sequence[str], cfg: Int8Config, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Disjoint (calibration, check) image lists from ``paths``, shuffled with a fixed seed.
+
+    With fewer images than asked for, a third (at least one) is held back for the gate and the rest
+    calibrates; fewer than two images cannot give both and raise :class:`QuantizationError`.
+    """
+    unique = list(dict.fromkeys(paths))
+    if len(unique) < 2:
+        raise QuantizationError(
+            f"int8 needs real images to calibrate on and others to check with, got {len(unique)}; "
+            "pass --images DIR (a folder of line images) or export a checkpoint whose val_paths exist here"
+        )
+    random.Random(seed).shuffle(unique)
+    n_check = min(cfg.check_images, max(1, len(unique) // 3))
+    check = unique[:n_check]
+    calib = unique[n_check : n_check + cfg.calib_images]
+    return calib, check
+
+
+def _exclude(proto: onnx.ModelProto) -> list[str]:
+    """Nodes that stay fp32 although their type is quantisable: producers of graph outputs (CAM)."""
+    outputs = {o.name for o in proto.graph.output}
+    return [n.name for n in proto.graph.node if n.name and outputs.intersection(n.output)]
+
+
+class _Batches:
+    """ONNX Runtime's CalibrationDataReader protocol over preprocessed NCHW batches."""
+
+    def __init__(self, batches: Sequence[np.ndarray], input_name: str) -> None:
+        self._batches = batches
+        self._it: Iterator[np.ndarray] = iter(batches)
+        self._name = input_name
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._it, None)
+        return None if batch is None else {self._name: batch}
+
+    def rewind(self) -> None:
+        self._it = iter(self._batches)
+
+
+def quantize_qdq(model_bytes: bytes, batches: Sequence[np.ndarray], cfg: Int8Config) -> bytes:
+    """Calibrate on ``batches`` and return the QDQ int8 model (metadata_props are carried over)."""
+    if not batches:
+        raise QuantizationError("int8 calibration got no images")
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    proto = onnx.load_from_string(model_bytes)
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser logs advice through the root logger
+    with tempfile.TemporaryDirectory(prefix="defectscope-int8-") as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(model_bytes)
+        try:
+            quantize_static(
+                str(src),
+                str(dst),
+                _Batches(batches, proto.graph.input[0].name),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=None,  # every op ORT can quantise: Clip/Relu then fold into
+                # the Conv's output range; a Conv-only graph leaves float activations between the
+                # convs and measured 2.2x slower and less accurate on Lite0/ELPV
+                nodes_to_exclude=_exclude(proto),
+                per_channel=True,
+                reduce_range=cfg.reduce_range,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=methods[cfg.method],
+                calibration_providers=["CPUExecutionProvider"],
+            )
+        finally:
+            root.setLevel(level)
+        quant = onnx.load(str(dst))
+    del quant.metadata_props[:]
+    quant.metadata_props.extend(proto.metadata_props)
+    quant.doc_string = proto.doc_string
+    return quant.SerializeToString()
+
+
+def _session(model_bytes: bytes) -> Any:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+
+
+def _timed_run(
+    session: Any, names: list[str], batches: Sequence[np.ndarray]
+) -> tuple[list[dict[str, np.ndarray]], float]:
+    """Outputs per batch and the best-of-two total run time (the first pass also warms up)."""
+    best = math.inf
+    outs: list[dict[str, np.ndarray]] = []
+    for _ in range(2):
+        outs = []
+        t0 = time.perf_counter()
+        for x in batches:
+            outs.append(dict(zip(names, session.run(names, {"input": x}))))
+        best = min(best, time.perf_counter() - t0)
+    return outs, best
+
+
+def check_int8(
+    fp32_bytes: bytes,
+    int8_bytes: bytes,
+    batches: Sequence[np.ndarray],
+    *,
+    good_index: int,
+    threshold: float,
+    min_agreement: float,
+) -> dict[str, Any]:
+    """Run both graphs on the held-back ``batches``; raise :class:`Int8GateError` below the gate.
+
+    Agreement is measured on what the line acts on: the top-1 class and the OK/NG verdict
+    (``1 - P(good) >= threshold``).  Probability and CAM errors are reported, not gated: int8 moves
+    probabilities by ~1e-2 and what matters is whether a decision flips.
+    """
+    ref, q = _session(fp32_bytes), _session(int8_bytes)
+    names = [o.name for o in ref.get_outputs()]
+    want, t_ref = _timed_run(ref, names, batches)
+    got, t_q = _timed_run(q, names, batches)
+    n = sum(int(x.shape[0]) for x in batches)
+    p_ref = np.concatenate([w["probs"] for w in want]).astype(np.float64)
+    p_q = np.concatenate([g["probs"] for g in got]).astype(np.float64)
+    top1 = float(np.mean(p_ref.argmax(1) == p_q.argmax(1)))
+    verdict = float(np.mean((1 - p_ref[:, good_index] >= threshold) == (1 - p_q[:, good_index] >= threshold)))
+    diff = np.abs(p_ref - p_q)
+    numbers: dict[str, Any] = {
+        "check_images": n,
+        "top1_agreement": round(top1, 4),
+        "verdict_agreement": round(verdict, 4),
+        "min_agreement": min_agreement,
+        "max_abs_prob": float(f"{float(diff.max()):.3e}"),
+        "mean_abs_prob": float(f"{float(diff.mean()):.3e}"),
+        "speedup_vs_fp32_cpu": round(t_ref / t_q, 2) if t_q > 0 else None,
+    }
+    if "cam" in names:
+        rel = [
+            float(np.max(np.abs(g["cam"] - w["cam"]))) / max(float(np.max(np.abs(w["cam"]))), 1e-6)
+            for g, w in zip(got, want)
+        ]
+        numbers["max_rel_cam"] = float(f"{max(rel):.3e}")
+    bad = [f"{k} = {numbers[k]:.4f} < {min_agreement:g}" for k in ("top1_agreement", "verdict_agreement")
+           if not numbers[k] >= min_agreement]  # fmt: skip
+    if bad:
+        raise Int8GateError(
+            f"int8 gate failed on {n} held-back images: the int8 model disagrees with fp32: "
+            + "; ".join(bad),
+            numbers,
+        )
+    return numbers

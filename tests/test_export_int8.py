@@ -1,0 +1,215 @@
+"""`defectscope export --int8`: a trained model calibrated on real images, gated against fp32, run by
+the line runner; plus the gate, the image split and the list/metadata plumbing it relies on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+
+from defectscope.data.datamodule import spread_paths
+from defectscope.data.sources import Sample
+from defectscope.export.cli import main
+from defectscope.export.parity import list_images, real_batches
+from defectscope.export.quantize import (
+    Int8Config,
+    Int8GateError,
+    QuantizationError,
+    check_int8,
+    quantize_qdq,
+    split_paths,
+)
+from defectscope.runtime.inspector import Inspector
+from defectscope.runtime.metadata import MetadataError, ModelMetadata
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, smoke_data_dir: Path) -> dict[str, Any]:
+    """`defectscope train experiment=smoke` (a real trained model) and its fp32 export."""
+    root = tmp_path_factory.mktemp("int8")
+    proc = subprocess.run(
+        [sys.executable, "-m", "defectscope", "train", "experiment=smoke", f"paths.data_dir={smoke_data_dir}",
+         f"hydra.run.dir={root / 'run'}", "logger=none"],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = root / "run" / "checkpoints" / "best.ckpt"
+    fp32 = root / "fp32.onnx"
+    assert main([str(ckpt), "-o", str(fp32), "--parity-images", "4"]) == 0
+    images = sorted((smoke_data_dir / "synthetic-smoke").rglob("*.png"))
+    return {"root": root, "ckpt": ckpt, "fp32": fp32, "images": images}
+
+
+def _qdq_ops(model: onnx.ModelProto) -> Counter[str]:
+    return Counter(n.op_type for n in model.graph.node)
+
+
+@pytest.mark.slow
+def test_int8_export_is_gated_self_describing_and_runs_in_the_line_runner(
+    trained: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "line" / "model-int8.onnx"
+    capsys.readouterr()
+    rc = main([str(trained["ckpt"]), "-o", str(out), "--int8", "--parity-images", "4"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "int8 gate" in text and "top1_agreement" in text and " int8" in text
+
+    proto = onnx.load(str(out))
+    ops = _qdq_ops(proto)
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
+    int8_weights = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(int8_weights) >= sum(1 for n in proto.graph.node if n.op_type == "Conv") - 1  # all but CAM
+
+    insp = Inspector(out, provider="cpu", threads=1)
+    ref = Inspector(trained["fp32"], provider="cpu", threads=1)
+    meta = insp.metadata
+    q = meta.quantization
+    assert meta.int8 and not meta.fp16 and not ref.metadata.int8
+    # the checkpoint's validation images: some calibrate, the others (disjoint) gate
+    assert q["calib_images"] >= 1 and q["check_images"] >= 1
+    assert q["top1_agreement"] >= q["min_agreement"] == 0.95
+    assert q["verdict_agreement"] >= 0.95 and q["calibration"] == "minmax"
+    # everything else the runner needs is the fp32 export's
+    for key in ("class_names", "good_class", "threshold", "mean", "std", "channels", "checkpoint_sha256"):
+        assert getattr(meta, key) == getattr(ref.metadata, key), key
+
+    # the runner's own loader and session, on every size bucket: int8 decides like fp32
+    groups: dict[tuple[int, ...], list[np.ndarray]] = {}
+    for p in trained["images"][:120]:
+        img = insp.load(p)[0]
+        groups.setdefault(img.shape, []).append(img)
+    assert len(groups) >= 2
+    same = total = 0
+    for imgs in groups.values():
+        batch = insp.preprocess(imgs[:16])
+        got, want = insp.predict(batch), ref.predict(batch)
+        assert got["cam"].shape == want["cam"].shape
+        assert np.isfinite(got["probs"]).all() and np.allclose(got["probs"].sum(1), 1, atol=1e-5)
+        assert float(np.abs(got["probs"] - want["probs"]).max()) < 0.5
+        same += int((got["probs"].argmax(1) == want["probs"].argmax(1)).sum())
+        total += len(batch)
+    assert same / total >= 0.9, (same, total)
+
+
+@pytest.mark.slow
+def test_int8_through_defectscope_inspect(trained: dict[str, Any], tmp_path: Path) -> None:
+    """An int8 model is just a model to `defectscope inspect`: one row per image, verdicts written."""
+    model = tmp_path / "int8.onnx"
+    assert main([str(trained["ckpt"]), "-o", str(model), "--int8", "--parity-images", "0"]) == 0
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in trained["images"][:10]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "res.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "defectscope", "inspect", str(model), str(folder), "-o", str(out),
+         "--threads", "1", "--report", str(tmp_path / "report.html")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode in (0, 1), proc.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(Path(r["path"]).name for r in rows) == sorted(p.name for p in trained["images"][:10])
+    assert all(r["verdict"] in ("OK", "NG") for r in rows)
+    assert (tmp_path / "report.html").stat().st_size > 0
+
+
+def test_gate_rejects_a_badly_calibrated_model(trained: dict[str, Any]) -> None:
+    """Calibrated on black frames, every activation range collapses: the gate must refuse it."""
+    fp32 = trained["fp32"].read_bytes()
+    insp = Inspector(trained["fp32"], provider="cpu", threads=1)
+    meta = insp.metadata
+    batches, n, _ = real_batches(
+        [str(p) for p in trained["images"][:32]], meta.loader_config(), meta.mean, meta.std, 32
+    )
+    black = [np.full_like(b[:4], -float(meta.mean[0]) / float(meta.std[0])) for b in batches]
+    bad = quantize_qdq(fp32, black, Int8Config())
+    with pytest.raises(Int8GateError, match="int8 gate failed on 32 held-back images") as err:
+        check_int8(
+            fp32, bad, batches, good_index=meta.good_index, threshold=meta.threshold, min_agreement=0.95
+        )
+    assert err.value.numbers["check_images"] == n == 32
+    assert err.value.numbers["top1_agreement"] < 0.95 or err.value.numbers["verdict_agreement"] < 0.95
+    # the same model calibrated on real frames passes the same gate
+    good = quantize_qdq(fp32, batches, Int8Config())
+    numbers = check_int8(
+        fp32, good, batches, good_index=meta.good_index, threshold=meta.threshold, min_agreement=0.9
+    )
+    assert numbers["top1_agreement"] >= 0.9 and numbers["max_abs_prob"] < err.value.numbers["max_abs_prob"]
+
+
+def test_int8_bad_requests_exit_2_and_write_nothing(
+    trained: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "m.onnx"
+    ckpt = str(trained["ckpt"])
+    one = tmp_path / "one.txt"
+    one.write_text(f"{trained['images'][0]}\n")
+    cases = [
+        ([ckpt, "-o", str(out), "--int8", "--fp16"], "--fp16 and --int8 exclude each other"),
+        ([ckpt, "-o", str(out), "--int8", "--calibration", "mean"], "--calibration: invalid choice"),
+        (
+            [ckpt, "-o", str(out), "--int8", "--min-agreement", "2"],
+            "--min-agreement: expected a number in [0, 1]",
+        ),
+        ([ckpt, "-o", str(out), "--int8", "--calib-images", "0"], "calib_images=0"),
+        ([ckpt, "-o", str(out), "--int8", "--images", str(one)], "int8 needs real images to calibrate on"),
+    ]
+    for argv, message in cases:
+        rc = main(argv)
+        err = capsys.readouterr().err
+        assert rc == 2, (argv, err)
+        assert message in err, (argv, err)
+        if "--images" in argv:
+            assert str(one) in err  # names where it looked
+    assert not out.exists()
+
+
+def test_split_paths_is_disjoint_deterministic_and_sized() -> None:
+    paths = [f"/img/{i:03d}.png" for i in range(300)]
+    cfg = Int8Config(calib_images=128, check_images=64)
+    calib, check = split_paths(paths + paths[:10], cfg)  # duplicates count once
+    assert len(check) == 64 and len(calib) == 128 and not set(calib) & set(check)
+    assert (calib, check) == split_paths(paths, cfg)
+    assert check != paths[:64]  # shuffled: not a class-sorted prefix
+    small_calib, small_check = split_paths(paths[:9], cfg)
+    assert len(small_check) == 3 and len(small_calib) == 6
+    with pytest.raises(QuantizationError, match="got 1"):
+        split_paths(paths[:1], cfg)
+    with pytest.raises(QuantizationError, match="choose one of minmax, percentile, entropy"):
+        Int8Config(method="mean")
+
+
+def test_images_list_file_and_class_spread_val_paths(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    listing = tmp_path / "sub" / "list.txt"
+    listing.write_text("# calibration set\nrel/a.png\n\n/abs/b.png\n")
+    assert list_images(listing) == [str(tmp_path / "sub" / "rel" / "a.png"), "/abs/b.png"]
+    with pytest.raises(FileNotFoundError, match="directory of images or a text file"):
+        list_images(tmp_path / "missing")
+
+    samples = [Sample(f"/c{label}/{i}.png", label) for label in (0, 1, 2) for i in range(10 if label else 50)]
+    picked = spread_paths(samples, 12)
+    assert len(picked) == len(set(picked)) == 12
+    assert Counter(p.split("/")[1] for p in picked) == {"c0": 4, "c1": 4, "c2": 4}
+    assert spread_paths(samples, 12) == picked and len(spread_paths(samples, 500)) == 70
+
+
+def test_metadata_int8_fields_default_and_validate() -> None:
+    base = {
+        "class_names": ["good", "bad"], "good_class": "good", "threshold": 0.5, "channels": 1,
+        "mean": [0.5], "std": [0.5], "max_side": None, "min_size": 32, "size_multiple": 1,
+        "max_pixels": 10**8, "model_name": "tiny", "package_version": "0", "format": "defectscope.model",
+        "format_version": 1,
+    }  # fmt: skip
+    old = ModelMetadata.from_json(json.dumps(base))  # written before int8 existed
+    assert old.int8 is False and old.quantization == {}
+    with pytest.raises(MetadataError, match="fp16 and int8 exclude each other"):
+        ModelMetadata.from_json(json.dumps({**base, "fp16": True, "int8": True}))
