@@ -705,7 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-cell JSONL (default: next to --out as <out>.predictions.jsonl)")  # fmt: skip
     p.add_argument("--plot", type=Path, help="confusion-matrix PNG")
     p.add_argument("--val-list", type=Path, metavar="FILE",
-                   help="write the validation cells' paths (one per line) for export --int8 --images, and exit")  # fmt: skip
+                   help="write the validation cells' paths (one per line) for export --int8 --images, and exit; "
+                   "the split of experiment=elpv (data.split.val_fraction 0.15)")  # fmt: skip
     p.add_argument("--table", nargs="+", type=Path, metavar="RESULT_JSON",
                    help="print one markdown table from result files (+ baseline and published rows)")  # fmt: skip
     return p
@@ -726,6 +727,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         if a.val_list:
+            if a.model or a.checkpoint or a.table:
+                p.error("--val-list writes the validation cells and exits; give no model or --table with it")
             paths = elpv_val_paths()
             a.val_list.parent.mkdir(parents=True, exist_ok=True)
             a.val_list.write_text("".join(f"{q}\n" for q in paths), encoding="utf-8")

@@ -1,7 +1,7 @@
 """`defectscope export CKPT -o model.onnx`: checkpoint -> verified ONNX (+ optional MLflow registry).
 
-Exit codes: 0 written; 1 the export ran but failed its checks (parity, MLflow); 2 bad input
-(arguments, checkpoint, model that cannot be exported).
+Exit codes: 0 written; 1 the export ran but failed its checks (parity, the int8 gate, MLflow); 2 bad
+input (arguments, checkpoint, model that cannot be exported or quantised, too few int8 images).
 """
 
 from __future__ import annotations
@@ -35,6 +35,16 @@ def _count(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="defectscope export",
@@ -55,14 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--int8", action="store_true", help="write a QDQ int8 model instead of fp32")
     q.add_argument(
         "--calib-images",
-        type=_count,
+        type=_positive,
         default=128,
         metavar="N",
         help="calibration images (default %(default)s)",
     )
     q.add_argument(
         "--check-images",
-        type=_count,
+        type=_positive,
         default=128,
         metavar="N",
         help="held-back images the int8 gate compares on (default %(default)s)",

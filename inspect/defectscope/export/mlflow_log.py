@@ -59,6 +59,7 @@ def version_tags(meta: ModelMetadata, extra: dict[str, Any] | None = None) -> di
         "defectscope.threshold": f"{meta.threshold:g}",
         "defectscope.channels": str(meta.channels),
         "defectscope.fp16": str(meta.fp16).lower(),
+        "defectscope.int8": str(meta.int8).lower(),
         "defectscope.outputs": ",".join(meta.outputs),
         "defectscope.checkpoint_sha256": meta.checkpoint_sha256 or "",
         "defectscope.package_version": meta.package_version,
@@ -128,6 +129,11 @@ def log_onnx_model(
                     f"export/{k}": float(v)
                     for k, v in meta.parity.items()
                     if k.startswith("max_") and isinstance(v, (int, float))
+                }
+                | {
+                    f"export/int8_{k}": float(v)
+                    for k, v in meta.quantization.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)
                 }
             )
             logged = mlflow.onnx.log_model(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -22,13 +23,29 @@ from torch import nn
 
 from defectscope import __version__
 from defectscope.checkpoint import file_sha256, load_checkpoint
-from defectscope.runtime.image import LoaderConfig
+from defectscope.runtime.image import LoaderConfig, normalize_batch
 from defectscope.runtime.metadata import METADATA_KEY, ModelMetadata
 
 from .atomic import atomic_write_bytes
 from .fuse import FuseReport, fuse_conv_bn_report, replace_bn_with_affine
-from .parity import ParityInputs, check_parity, list_images, random_batches, random_sizes, real_batches
-from .quantize import Int8Config, QuantizationError, check_int8, quantize_qdq, split_paths
+from .parity import (
+    ParityInputs,
+    check_parity,
+    list_images,
+    load_groups,
+    random_batches,
+    random_sizes,
+    real_batches,
+)
+from .quantize import (
+    MIN_CHECK_IMAGES,
+    Int8Config,
+    Int8GateError,
+    QuantizationError,
+    check_int8,
+    quantize_qdq,
+    split_paths,
+)
 from .wrapper import ExportWrapper, head_linear
 
 MIN_OPSET = 18
@@ -195,43 +212,87 @@ def _chunks(batches: list[Any], size: int) -> list[Any]:
     return [b[i : i + size] for b in batches for i in range(0, len(b), size)]
 
 
+@dataclass
+class Int8Plan:
+    """The images int8 calibrates and gates on, chosen before any export work is done."""
+
+    calib: list[str]
+    check: list[str]
+    source: str
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def plan_int8(
+    info: dict[str, Any], images_dir: str | Path | None, cfg: Int8Config, log: Callable[[str], None]
+) -> Int8Plan:
+    """List and split the int8 images up front, so a bad request fails before the export runs."""
+    source = f"--images {images_dir}" if images_dir is not None else "the checkpoint's val_paths"
+    listed = image_paths(info, images_dir)
+    present = [p for p in listed if os.path.isfile(p)]
+    if len(present) < len(listed):
+        missing = [p for p in listed if not os.path.isfile(p)]
+        log(
+            f"int8: {len(missing)} of {len(listed)} images in {source} do not exist here (first: {missing[0]})"
+        )
+    try:
+        calib, check = split_paths(present, cfg)
+    except QuantizationError as exc:
+        hint = (
+            "add line images to it" if images_dir is not None else "pass --images DIR|LIST with line images"
+        )
+        raise ExportError(f"{exc} in {source}; {hint}") from None
+    return Int8Plan(calib, check, source)
+
+
 def quantize_model(
     fp32_bytes: bytes,
-    info: dict[str, Any],
     meta: ModelMetadata,
     cfg: Int8Config,
-    images_dir: str | Path | None,
+    plan: Int8Plan,
     log: Callable[[str], None],
 ) -> tuple[bytes, dict[str, Any]]:
     """Calibrate, quantise and gate (see :mod:`.quantize`); returns the int8 bytes and the figures."""
-    src = f"--images {images_dir}" if images_dir is not None else "the checkpoint's val_paths"
-    try:
-        calib_paths, check_paths = split_paths(image_paths(info, images_dir), cfg)
-    except QuantizationError as exc:
-        raise ExportError(f"int8: {exc} (looked in {src})") from None
     loader = meta.loader_config()
-    calib, n_calib, skipped = real_batches(calib_paths, loader, meta.mean, meta.std, len(calib_paths))
-    check, n_check, skipped2 = real_batches(check_paths, loader, meta.mean, meta.std, len(check_paths))
-    for s in skipped + skipped2:
-        log(f"int8: skipped image {s}")
-    if n_calib == 0 or n_check == 0:
-        raise ExportError(f"int8: no readable images to calibrate on and check with in {src}")
+    calib, n_calib, skipped = load_groups(plan.calib, loader, len(plan.calib))
+    check, n_check, skipped2 = real_batches(plan.check, loader, meta.mean, meta.std, len(plan.check))
+    bad = skipped + skipped2
+    if bad:
+        log(f"int8: skipped {len(bad)} unreadable image(s) in {plan.source} (first: {bad[0]})")
+    if n_calib == 0 or n_check < MIN_CHECK_IMAGES:
+        raise ExportError(
+            f"int8: {n_calib} readable calibration and {n_check} readable check images in {plan.source}; "
+            f"need >= 1 and >= {MIN_CHECK_IMAGES}"
+        )
     log(
-        f"int8: calibrating ({cfg.method}) on {n_calib} images, gate on {n_check} held-back images from {src}"
+        f"int8: calibrating ({cfg.method}) on {n_calib} images, gate on {n_check} held-back images from {plan.source}"
     )
     try:
-        int8_bytes = quantize_qdq(fp32_bytes, _chunks(calib, 16), cfg)
-    except QuantizationError as exc:
-        raise ExportError(f"int8: {exc}") from None
-    onnx.checker.check_model(onnx.load_from_string(int8_bytes), full_check=True)
-    numbers = check_int8(
-        fp32_bytes,
-        int8_bytes,
-        _chunks(check, 16),
-        good_index=meta.good_index,
-        threshold=meta.threshold,
-        min_agreement=cfg.min_agreement,
-    )
+        int8_bytes = quantize_qdq(
+            fp32_bytes, _chunks(calib, 16), cfg, lambda imgs: normalize_batch(imgs, meta.mean, meta.std)
+        )
+        onnx.checker.check_model(onnx.load_from_string(int8_bytes), full_check=True)
+        numbers = check_int8(
+            fp32_bytes,
+            int8_bytes,
+            _chunks(check, 16),
+            good_index=meta.good_index,
+            threshold=meta.threshold,
+            min_agreement=cfg.min_agreement,
+        )
+    except Int8GateError:
+        raise
+    except Exception as exc:  # the quantiser and ORT raise many unrelated types
+        raise ExportError(f"int8: quantisation failed: {_first_line(exc)}") from exc
+    speedup = numbers.get("speedup_vs_fp32_cpu")
+    if isinstance(speedup, float) and speedup < 1.0:
+        log(
+            f"int8: warning: int8 ran {speedup:.2f}x the fp32 speed on this CPU (no VNNI, or a model too small "
+            "to gain); measure on the line PC with deploy/bench_inspect.py before deploying it"
+        )
     numbers = {
         "format": "QDQ",
         "weights": "int8 per channel" + (" (7-bit, reduce_range)" if cfg.reduce_range else ""),
@@ -312,6 +373,7 @@ def export_model(
             f"{meta.class_names!r}"
         )
     min_side = int(getattr(model, "min_input_size", 1))
+    plan = plan_int8(info, images_dir, int8, log) if int8 is not None else None
     model = model.eval()
 
     fused, report = fuse_conv_bn_report(model)
@@ -352,9 +414,10 @@ def export_model(
     set_metadata(proto, meta)
     data = proto.SerializeToString()
     t_quant = t_parity
-    if int8 is not None:
-        data, figures = quantize_model(data, info, meta, int8, images_dir, log)
-        meta = replace(meta, int8=True, quantization=figures)
+    if int8 is not None and plan is not None:
+        data, figures = quantize_model(data, meta, int8, plan, log)
+        parity = {**meta.parity, "graph": "fp32, before int8 quantisation"}
+        meta = replace(meta, int8=True, quantization=figures, parity=parity)
         quant = onnx.load_from_string(data)
         set_metadata(quant, meta)
         data = quant.SerializeToString()

@@ -69,8 +69,12 @@ def list_images(source: str | os.PathLike[str]) -> list[str]:
     a text file, one per line (relative ones resolved against the file's folder; '#' comments)."""
     d = Path(source)
     if d.is_file():
+        if d.suffix.lower() in IMAGE_SUFFIXES:
+            raise FileNotFoundError(
+                f"{d}: --images takes a folder of images or a text file listing images, not one image"
+            )
         try:
-            lines = d.read_text(encoding="utf-8").splitlines()
+            lines = d.read_text(encoding="utf-8-sig").splitlines()
         except (OSError, UnicodeDecodeError) as exc:
             raise FileNotFoundError(f"{d}: --images list cannot be read as UTF-8 text: {exc}") from None
         entries = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
@@ -82,14 +86,10 @@ def list_images(source: str | os.PathLike[str]) -> list[str]:
     return sorted(str(p) for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def real_batches(
-    paths: Iterable[str],
-    cfg: LoaderConfig,
-    mean: Sequence[float],
-    std: Sequence[float],
-    limit: int,
-) -> tuple[list[np.ndarray], int, list[str]]:
-    """Up to ``limit`` images through the runtime loader, grouped into same-size batches.
+def load_groups(
+    paths: Iterable[str], cfg: LoaderConfig, limit: int
+) -> tuple[list[list[np.ndarray]], int, list[str]]:
+    """Up to ``limit`` images through the runtime loader (HWC uint8), grouped by shape.
 
     Unreadable or vanished files are skipped (the checkpoint may come from another machine) and
     returned as ``path: reason`` strings so the caller can say so.
@@ -107,8 +107,19 @@ def real_batches(
             continue
         groups.setdefault(arr.shape, []).append(arr)
         used += 1
-    batches = [normalize_batch(imgs, mean, std) for imgs in groups.values()]
-    return batches, used, skipped
+    return list(groups.values()), used, skipped
+
+
+def real_batches(
+    paths: Iterable[str],
+    cfg: LoaderConfig,
+    mean: Sequence[float],
+    std: Sequence[float],
+    limit: int,
+) -> tuple[list[np.ndarray], int, list[str]]:
+    """:func:`load_groups`, each group normalised into one NCHW float32 batch."""
+    groups, used, skipped = load_groups(paths, cfg, limit)
+    return [normalize_batch(imgs, mean, std) for imgs in groups], used, skipped
 
 
 @torch.inference_mode()

@@ -19,6 +19,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from .. import __version__
+from ..data.datamodule import MAX_EXPORT_VAL_PATHS
 from .metrics import (
     DefectScores,
     choose_threshold,
@@ -30,7 +31,7 @@ from .metrics import (
 )
 
 FORMAT_VERSION = 1
-MAX_VAL_PATHS = 512  # parity images and int8 calibration (data.datamodule.MAX_EXPORT_VAL_PATHS)
+MAX_VAL_PATHS = MAX_EXPORT_VAL_PATHS
 
 
 def build_optimizer(spec: Mapping[str, Any], model: torch.nn.Module, backbone_lr_scale: float) -> Any:
