@@ -263,3 +263,34 @@ def test_metadata_int8_fields_default_and_validate() -> None:
     assert new.int8 is True and new.quantization == quant
     with pytest.raises(MetadataError, match="fp16 and int8 exclude each other"):
         ModelMetadata.from_json(json.dumps({**base, "fp16": True, "int8": True}))
+
+
+@pytest.mark.slow
+def test_int8_mlflow_registration_is_tagged_with_the_gate_figures(
+    trained: dict[str, Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    mlflow = pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    before = mlflow.get_tracking_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    try:
+        rc = main([str(trained["ckpt"]), "-o", str(tmp_path / "m8.onnx"), "--int8", "--mlflow",
+                   "--parity-images", "0"])  # fmt: skip
+        text = capsys.readouterr().out
+        assert rc == 0, text
+        client = MlflowClient(uri)
+        version = client.get_model_version("defectscope-gapcnn", "1")
+        assert version.tags["defectscope.int8"] == "true" and version.tags["defectscope.fp16"] == "false"
+        metrics = client.get_run(version.run_id).data.metrics
+        stored = ModelMetadata.from_json(version.tags["defectscope.defectscope_json"]).quantization
+        assert metrics["export/int8_top1_agreement"] == stored["top1_agreement"]
+        assert metrics["export/int8_check_images"] == stored["check_images"] >= 10
+        loaded = mlflow.onnx.load_model(f"models:/defectscope-gapcnn/{version.version}")
+        assert _qdq_ops(loaded)["QuantizeLinear"] > 0
+    finally:
+        mlflow.set_tracking_uri(before)
