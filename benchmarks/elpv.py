@@ -119,9 +119,8 @@ class Split:
     seed: int
 
 
-def elpv_val_paths() -> list[str]:
-    """The validation cells training holds out (data.val_fraction 0.15 of the non-test part), for
-    ``defectscope export --int8 --images LIST``: calibration must not see the test cells."""
+def _elpv_splits() -> tuple[Any, list[str]]:
+    """The 4-class ELPV source and each sample's split, with training's source, strata, keys and settings."""
     data = elpv_source("4class")
     samples = data.samples
     splits = assign_splits(
@@ -132,28 +131,27 @@ def elpv_val_paths() -> list[str]:
         test_fraction=float(data.split_defaults["test_fraction"]),
         seed=int(data.split_defaults["seed"]),
     )
-    return [s.path for s, sp in zip(samples, splits) if sp == "val"]
+    return data, splits
+
+
+def elpv_val_paths() -> list[str]:
+    """The validation cells training holds out (data.split.val_fraction 0.15 of the non-test part),
+    for ``defectscope export --int8 --images LIST``: calibration must not see the test cells."""
+    data, splits = _elpv_splits()
+    return [s.path for s, sp in zip(data.samples, splits) if sp == "val"]
 
 
 def elpv_test_split() -> Split:
     """The ELPV test cells, computed with the same source, strata, keys and settings as training."""
-    data = elpv_source("4class")
-    test_fraction = float(data.split_defaults["test_fraction"])
-    seed = int(data.split_defaults["seed"])
+    data, splits = _elpv_splits()
     samples = data.samples
-    splits = assign_splits(
-        [s.split for s in samples],
-        [s.stratum or data.class_names[s.label] for s in samples],
-        [s.path for s in samples],
-        val_fraction=VAL_FRACTION,
-        test_fraction=test_fraction,
-        seed=seed,
-    )
     cells = [
         Cell(s.path, data.class_names[s.label], s.meta.get("module_type", "unknown"))
         for s, sp in zip(samples, splits)
         if sp == "test"
     ]
+    test_fraction = float(data.split_defaults["test_fraction"])
+    seed = int(data.split_defaults["seed"])
     return Split(cells, len(samples), len(samples) - len(cells), test_fraction, seed)
 
 
