@@ -6,6 +6,7 @@
     python benchmarks/elpv.py --checkpoint best.ckpt ...      # the same through PyTorch (needs torch)
     python benchmarks/elpv.py --table a.json b.json ...        # merge result files into one table
     python benchmarks/elpv.py --val-list val.txt               # validation cells, for export --int8
+    python benchmarks/elpv.py --test-list test.txt             # test cells, for defectscope inspect @test.txt
 
 Protocol (Deitsch et al. 2019): the 2,624 cells are split 75/25, stratified on the 4-grade label, seed
 42 (1,968 train / 656 test).  The split is computed by the project's own ELPV source and split code
@@ -705,6 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-list", type=Path, metavar="FILE",
                    help="write the validation cells' paths (one per line) for export --int8 --images, and exit; "
                    "the split of experiment=elpv (data.split.val_fraction 0.15)")  # fmt: skip
+    p.add_argument("--test-list", type=Path, metavar="FILE",
+                   help="write the 656 test cells' paths (one per line) for `defectscope inspect MODEL @FILE`, and exit")  # fmt: skip
     p.add_argument("--table", nargs="+", type=Path, metavar="RESULT_JSON",
                    help="print one markdown table from result files (+ baseline and published rows)")  # fmt: skip
     return p
@@ -724,13 +727,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     try:
-        if a.val_list:
+        lists = [(f, name) for f, name in ((a.val_list, "validation"), (a.test_list, "test")) if f]
+        if lists:
             if a.model or a.checkpoint or a.table:
-                p.error("--val-list writes the validation cells and exits; give no model or --table with it")
-            paths = elpv_val_paths()
-            a.val_list.parent.mkdir(parents=True, exist_ok=True)
-            a.val_list.write_text("".join(f"{q}\n" for q in paths), encoding="utf-8")
-            print(f"wrote {len(paths)} ELPV validation cells to {a.val_list}")
+                p.error(
+                    "--val-list/--test-list write cell lists and exit; give no model or --table with them"
+                )
+            for path, name in lists:
+                cells = (
+                    elpv_val_paths() if name == "validation" else [c.path for c in elpv_test_split().cells]
+                )
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("".join(f"{q}\n" for q in cells), encoding="utf-8")
+                print(f"wrote {len(cells)} ELPV {name} cells to {path}")
             return 0
         if a.table:
             if a.model or a.checkpoint:

@@ -256,9 +256,10 @@ def test_val_list_is_the_training_validation_split(
     """`--val-list` (export --int8 calibrates on it) is exactly what training validates on, no test cell."""
     from hydra.utils import instantiate
 
-    out = tmp_path / "val.txt"
-    assert bench.main(["--val-list", str(out)]) == 0
+    out, test = tmp_path / "val.txt", tmp_path / "test.txt"
+    assert bench.main(["--val-list", str(out), "--test-list", str(test)]) == 0
     listed = out.read_text(encoding="utf-8").splitlines()
+    assert test.read_text(encoding="utf-8").splitlines() == [c.path for c in bench.elpv_test_split().cells]
     cfg = compose_train(["experiment=elpv", f"paths.output_dir={tmp_path}", "data.num_workers=0"])
     dm = instantiate(cfg.data)
     dm.setup("fit")
