@@ -9,11 +9,13 @@ How: activation ranges are calibrated on real images (never random inputs: the r
 line's), weights are quantised per output channel (int8), activations per tensor (uint8).  The
 nodes that produce the outputs (classifier, softmax, CAM projection) stay fp32: they are a
 negligible share of the work.  Then a gate runs the fp32 and the int8 graph on held-back
-images that calibration did not see and requires that they agree on the class and on the OK/NG
-verdict; the measured agreement, probability error and speed-up go into the metadata.
+images that calibration did not see and requires that they agree on the class, on the OK/NG
+verdict and on the verdict of the images fp32 calls NG; the measured agreement, probability error
+and speed-up go into the metadata.
 
-Not for GPUs: TensorRT's explicit quantisation wants symmetric activations, and CUDA runs QDQ
-graphs dequantised; export fp16 for GPU line PCs instead.  CPUs without VNNI can saturate the
+Not for GPUs: TensorRT's explicit quantisation wants symmetric (int8) activations, not these uint8
+ones, and no GPU was available to measure what the CUDA provider makes of a QDQ graph; export fp16
+for GPU line PCs instead.  CPUs without VNNI can saturate the
 uint8 x int8 products; ``reduce_range`` (7-bit weights) avoids that at a small accuracy cost.
 """
 

@@ -158,8 +158,8 @@ class Inspector:
         self._check_graph()
         if self.metadata.int8 and self.provider in GPU_PROVIDERS:
             self._log(
-                f"defectscope: {path.name} is an int8 model calibrated for CPUs; on {self.provider} it "
-                "runs dequantised. For GPU line PCs export fp32 or --fp16 instead"
+                f"defectscope: {path.name} is an int8 model made for the CPU provider, not {self.provider}; "
+                "for GPU line PCs export fp32 or --fp16 instead"
             )
         self.has_cam = "cam" in self.output_names
         # IO binding: the batch is copied to the device once and outputs come back in one copy.
