@@ -232,9 +232,10 @@ def plan_int8(
     """List and split the int8 images up front, so a bad request fails before the export runs."""
     source = f"--images {images_dir}" if images_dir is not None else "the checkpoint's val_paths"
     listed = image_paths(info, images_dir)
-    present = [p for p in listed if os.path.isfile(p)]
-    if len(present) < len(listed):
-        missing = [p for p in listed if not os.path.isfile(p)]
+    exists = [os.path.isfile(p) for p in listed]
+    present = [p for p, ok in zip(listed, exists) if ok]
+    missing = [p for p, ok in zip(listed, exists) if not ok]
+    if missing:
         log(
             f"int8: {len(missing)} of {len(listed)} images in {source} do not exist here (first: {missing[0]})"
         )
@@ -392,10 +393,7 @@ def export_model(
     except ExportError:
         raise
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ExportError(
-            f"torch.onnx.export failed for {meta.model_name}: {type(exc).__name__}: {first}"
-        ) from exc
+        raise ExportError(f"torch.onnx.export failed for {meta.model_name}: {_first_line(exc)}") from exc
     check_graph(proto, meta.outputs, meta.channels, opset)
     if tamper is not None:
         tamper(proto)
