@@ -275,7 +275,12 @@ class OnnxRunner:
         self.threads = self.inspector.threads
         self.provider = self.inspector.provider
         self.sha256: str | None = self.inspector.sha256
-        self.info: dict[str, Any] = {"threshold": meta.threshold, "good_class": meta.good_class}
+        self.info: dict[str, Any] = {
+            "threshold": meta.threshold,
+            "good_class": meta.good_class,
+            "graph_tta": meta.tta,
+            "graph_tta_views": meta.tta_views,
+        }
 
     def probs(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self.inspector.predict(batch, cam=False)["probs"], dtype=np.float64)
@@ -453,13 +458,20 @@ def evaluate(
     if batch_size < 1:
         raise EvalError(f"--batch-size must be >= 1, got {batch_size}")
     runner: Runner = TorchRunner(model, threads) if checkpoint else OnnxRunner(model, provider, threads)
+    graph_tta = str(runner.info.get("graph_tta", "none"))
+    if graph_tta != "none" and tta != "none":
+        raise EvalError(
+            f"{model} already averages test-time {graph_tta} in its graph (defectscope export --tta); "
+            f"run it with --tta none, not --tta {tta}"
+        )
     task = model_task(runner.class_names, model)
     split = elpv_test_split()
     cells = limit_cells(split.cells, limit)
     log(
         f"ELPV test split: {split.n_train} train / {len(split.cells)} test cells (stratified on the "
         f"4 grades, seed {split.seed}); evaluating {len(cells)} with {runner.name} ({task}, "
-        f"TTA {tta}, {runner.threads} threads, {runner.provider})"
+        f"TTA {tta if graph_tta == 'none' else graph_tta + ' in the graph'}, {runner.threads} threads, "
+        f"{runner.provider})"
     )
     probs, timings = predict_cells(runner, cells, tta, batch_size)
     rows = prediction_rows(cells, probs, runner.class_names, task)
@@ -477,7 +489,7 @@ def evaluate(
         "class_names": runner.class_names,
         "model_threshold": runner.info["threshold"],
         "binary_rule": "P(p67) + P(p100) >= 0.5" if task == "4class" else "P(defective) >= 0.5",
-        "tta": tta,
+        "tta": tta if graph_tta == "none" else f"graph {graph_tta}",
         "split": {
             "test_fraction": split.test_fraction,
             "seed": split.seed,
@@ -494,7 +506,8 @@ def evaluate(
             "threads": runner.threads,
             "provider": runner.provider,
             "batch_size": batch_size,
-            "tta_views": len(tta_views(np.zeros((1, 1, 2, 2), np.float32), tta)),
+            "tta_views": len(tta_views(np.zeros((1, 1, 2, 2), np.float32), tta))
+            * int(runner.info.get("graph_tta_views", 1)),
         },
         "machine": machine(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -249,6 +249,22 @@ def test_checkpoint_path_agrees_with_its_onnx_export(bench: ModuleType, tmp_path
     np.testing.assert_allclose(got, ref, atol=1e-4)
     _check_metrics(r_ckpt, rows_ckpt, "4class")
 
+    # flips built into the graph (export --tta hflip): the PyTorch mean of the copies' logits
+    graph_path = tmp_path / "tiny-hflip.onnx"
+    assert export_main([str(ckpt), "-o", str(graph_path), "--parity-images", "0", "--tta", "hflip"]) == 0
+    r_graph, rows_graph = bench.evaluate(str(graph_path), provider="cpu", **quiet)
+    assert r_graph["tta"] == "graph hflip" and r_graph["speed"]["tta_views"] == 2
+    with pytest.raises(bench.EvalError, match="already averages test-time hflip in its graph"):
+        bench.evaluate(str(graph_path), provider="cpu", tta="flips", **quiet)
+    from defectscope.runtime.image import LoaderConfig, load_image, normalize_batch
+
+    cells = [load_image(r["path"], LoaderConfig(**loader)) for r in rows_graph]
+    x = torch.from_numpy(normalize_batch(cells, info["mean"], info["std"]))
+    with torch.inference_mode():
+        want = ((net(x) + net(x.flip(3))) / 2).softmax(1).double().numpy()
+    got = np.array([[r["probs"][g] for g in GRADES] for r in rows_graph])
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
 
 def test_val_list_is_the_training_validation_split(
     bench: ModuleType, tmp_path: Path, compose_train: Any

@@ -76,6 +76,40 @@ def test_export_cli_writes_a_model_the_line_runner_accepts(
     assert got["cam"].shape[2:] == (-(-batch.shape[2] // 32), -(-batch.shape[3] // 32))
 
 
+@pytest.mark.slow
+def test_export_cli_builds_test_time_flips_into_the_graph(
+    ckpt: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--tta flips: the runner gets the mean logits of 4 flipped copies and says so in its report."""
+    out = tmp_path / "flips.onnx"
+    rc = main([str(ckpt["path"]), "-o", str(out), "--tta", "flips", "--parity-images", "4"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "fp32, test-time flips (4 views)" in text
+    insp = Inspector(out, provider="cpu")
+    assert insp.metadata.tta == "flips" and insp.metadata.parity["real_images"] == 4
+    imgs = sorted(Path(ckpt["data"]).rglob("*.png"))
+    batch = insp.preprocess([imgs[0]])
+    got = insp.predict(batch)
+    t = torch.from_numpy(batch)
+    with torch.inference_mode():
+        views = [t, t.flip(3), t.flip(2), t.flip((2, 3))]
+        logits = torch.stack([ckpt["model"](v) for v in views]).mean(0)
+    assert float(np.abs(got["probs"] - logits.softmax(1).numpy()).max()) <= 1e-4
+    cam_mean = got["cam"].mean(axis=(2, 3))
+    bias = ckpt["model"].head.bias.detach().numpy()
+    assert float(np.abs(cam_mean - (logits.numpy() - bias)).max()) <= 1e-3
+
+    from defectscope.runtime.cli import main as inspect_main
+
+    report = tmp_path / "report.html"
+    rc = inspect_main(
+        [str(out), *map(str, imgs[:3]), "-o", str(tmp_path / "r.jsonl"), "--report", str(report)]
+    )
+    assert rc == 0, capsys.readouterr().err
+    assert "test-time flips (4 views)" in report.read_text(encoding="utf-8")
+
+
 def test_export_cli_rejects_bad_input_with_exit_2(
     ckpt: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -92,6 +126,7 @@ def test_export_cli_rejects_bad_input_with_exit_2(
         ([str(unknown), "-o", out], "unknown model 'resnet9000'"),
         ([good, "-o", out, "--opset", "17"], "opset >= 18"),
         ([good, "-o", out, "--threshold", "1.5"], "--threshold: expected a number in [0, 1]"),
+        ([good, "-o", out, "--tta", "rot90"], "argument --tta: invalid choice: 'rot90'"),
         ([good, "-o", out, "--parity-images", "-1"], "--parity-images: expected a whole number"),
         ([good, "-o", out, "--images", str(tmp_path / "none")], "--images"),
         (

@@ -11,6 +11,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from defectscope.runtime.metadata import TTA_NAMES
+
 from .onnx_export import MIN_OPSET
 from .quantize import INT8_METHODS
 
@@ -54,6 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cam", action="store_true", help="leave out the class-activation-map output 'cam'")
     p.add_argument(
         "--fp16", action="store_true", help="half-precision weights/compute (fp32 inputs and outputs)"
+    )
+    p.add_argument(
+        "--tta",
+        choices=TTA_NAMES,
+        default="none",
+        help="build test-time flips into the graph: hflip = 2 views, flips = 4 views (left-right, "
+        "up-down, both); logits averaged, heat maps too; costs that many backbone passes per image "
+        "(default %(default)s)",
     )
     q = p.add_argument_group(
         "int8 (CPU line PCs)",
@@ -190,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             threshold=args.threshold,
             checkpoint_sha256=file_sha256(args.checkpoint),
             int8=int8,
+            tta=args.tta,
         )
     except (CheckpointError, ExportError) as exc:
         return _fail(2, str(exc))
@@ -211,8 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = result.seconds
     parts = ", ".join(f"{k} {v:.2f}" for k, v in s.items() if k != "total")
     print(f"export time: {s['total']:.2f} s ({parts})")
-    kind = " fp16" if args.fp16 else " int8" if args.int8 else ""
-    print(f"file size: {result.size_bytes / 1e6:.2f} MB ({result.size_bytes} bytes){kind}")
+    print(
+        f"file size: {result.size_bytes / 1e6:.2f} MB ({result.size_bytes} bytes), {result.metadata.variant}"
+    )
     print(f"wrote {result.path.resolve()}")
 
     if args.mlflow:

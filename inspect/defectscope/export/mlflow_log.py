@@ -60,6 +60,7 @@ def version_tags(meta: ModelMetadata, extra: dict[str, Any] | None = None) -> di
         "defectscope.channels": str(meta.channels),
         "defectscope.fp16": str(meta.fp16).lower(),
         "defectscope.int8": str(meta.int8).lower(),
+        "defectscope.tta": meta.tta,
         "defectscope.outputs": ",".join(meta.outputs),
         "defectscope.checkpoint_sha256": meta.checkpoint_sha256 or "",
         "defectscope.package_version": meta.package_version,

@@ -23,8 +23,9 @@ from torch import nn
 
 from defectscope import __version__
 from defectscope.checkpoint import file_sha256, load_checkpoint
+from defectscope.models.tta import FlipTTA
 from defectscope.runtime.image import LoaderConfig, normalize_batch
-from defectscope.runtime.metadata import METADATA_KEY, ModelMetadata
+from defectscope.runtime.metadata import METADATA_KEY, TTA_NAMES, ModelMetadata
 
 from .atomic import atomic_write_bytes
 from .fuse import FuseReport, fuse_conv_bn_report, replace_bn_with_affine
@@ -85,6 +86,7 @@ def build_metadata(
     threshold: float | None = None,
     checkpoint_sha256: str | None = None,
     parity: dict[str, Any] | None = None,
+    tta: str = "none",
 ) -> ModelMetadata:
     """The runner's view of the model, from the checkpoint info and the model's attributes."""
     cfg = loader_config(info)
@@ -105,6 +107,7 @@ def build_metadata(
             total_stride=int(getattr(model, "total_stride", 1)),
             outputs=["logits", "probs", "cam"] if cam else ["logits", "probs"],
             fp16=fp16,
+            tta=tta,
             mlflow_run_id=info.get("mlflow_run_id"),
             checkpoint_sha256=checkpoint_sha256,
             parity=dict(parity or {}),
@@ -338,6 +341,7 @@ def export_model(
     threshold: float | None = None,
     checkpoint_sha256: str | None = None,
     int8: Int8Config | None = None,
+    tta: str = "none",
     tamper: Callable[[onnx.ModelProto], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> ExportResult:
@@ -345,6 +349,8 @@ def export_model(
 
     ``int8``: also quantise the verified fp32 graph to static int8 for CPU line PCs, gated on its
     agreement with fp32 on held-back real images (:mod:`.quantize`); the int8 graph is written.
+    ``tta``: build test-time flips into the graph (:class:`~defectscope.models.tta.FlipTTA`); the
+    parity gate then compares against the same flips in PyTorch.
     ``tamper`` is a fault-injection hook for tests: it may alter the graph after export and before
     the parity gate, which must then catch it.
     """
@@ -356,8 +362,10 @@ def export_model(
         raise ExportError(f"--opset {opset} is too old: defectscope exports need opset >= {MIN_OPSET}")
     if fp16 and int8 is not None:
         raise ExportError("--fp16 and --int8 exclude each other: fp16 is for GPUs, int8 for CPUs")
+    if tta not in TTA_NAMES:
+        raise ExportError(f"--tta must be one of {', '.join(TTA_NAMES)}, got {tta!r}")
     meta = build_metadata(
-        info, model, cam=cam, fp16=fp16, threshold=threshold, checkpoint_sha256=checkpoint_sha256
+        info, model, cam=cam, fp16=fp16, threshold=threshold, checkpoint_sha256=checkpoint_sha256, tta=tta
     )
     in_chans = getattr(model, "in_chans", meta.channels)
     if in_chans != meta.channels:
@@ -387,7 +395,11 @@ def export_model(
         log(f"fuse: exporting unfoldable BatchNorm {', '.join(frozen)} as per-channel Mul/Add")
     t_fused = time.perf_counter()
 
-    wrapper = ExportWrapper(copy.deepcopy(fused) if fp16 else fused, cam=cam, fp16=fp16).eval()
+    references: dict[str, nn.Module] = {"fused": fused, "unfused": model}
+    if tta != "none":
+        references = {name: FlipTTA(m, tta).eval() for name, m in references.items()}
+    graph = references["fused"]
+    wrapper = ExportWrapper(copy.deepcopy(graph) if fp16 else graph, cam=cam, fp16=fp16).eval()
     try:
         proto = to_onnx(wrapper, meta.channels, min_side, opset)
     except ExportError:
@@ -405,7 +417,7 @@ def export_model(
     if parity_images > 0 and inputs.real_images == 0:
         src = f"--images {images_dir}" if images_dir is not None else "the checkpoint's val_paths"
         log(f"parity: warning: no usable images in {src}; checked on random inputs only")
-    numbers = check_parity(proto.SerializeToString(), {"fused": fused, "unfused": model}, inputs, fp16=fp16)
+    numbers = check_parity(proto.SerializeToString(), references, inputs, fp16=fp16)
     t_parity = time.perf_counter()
 
     meta = replace(meta, parity=numbers)

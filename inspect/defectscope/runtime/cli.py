@@ -250,6 +250,7 @@ def _finish(
             model_path=inspector.model_path,
             model_sha256=inspector.sha256,
             model_name=meta.model_name,
+            model_variant=meta.variant,
             provider=_provider_text(summary.providers, inspector),
             threshold=threshold,
             class_names=list(meta.class_names),

@@ -15,6 +15,9 @@ from .image import LoaderConfig
 METADATA_KEY = "defectscope"
 FORMAT_NAME = "defectscope.model"
 FORMAT_VERSION = 1
+#: test-time augmentation an export can build into the graph (see ``defectscope.models.tta``)
+_TTA_VIEWS = {"none": 1, "hflip": 2, "flips": 4}  # backbone passes per image
+TTA_NAMES: tuple[str, ...] = tuple(_TTA_VIEWS)
 
 
 class MetadataError(ValueError):
@@ -46,6 +49,8 @@ class ModelMetadata:
     #: static int8 (QDQ) graph for CPU line PCs; ``quantization`` holds its calibration and gate figures
     int8: bool = False
     quantization: dict[str, Any] = field(default_factory=dict)
+    #: flips averaged inside the graph (logits of the flipped copies); costs ``tta_views`` passes per image
+    tta: str = "none"
     mlflow_run_id: str | None = None
     checkpoint_sha256: str | None = None
     parity: dict[str, Any] = field(default_factory=dict)
@@ -66,6 +71,8 @@ class ModelMetadata:
             )
         if self.fp16 and self.int8:
             problems.append("fp16 and int8 exclude each other")
+        if self.tta not in TTA_NAMES:
+            problems.append(f"tta must be one of {', '.join(TTA_NAMES)}, got {self.tta!r}")
         if any(float(s) <= 0 for s in self.std):
             problems.append(f"std values must be > 0, got {self.std!r}")
         if problems:
@@ -74,6 +81,17 @@ class ModelMetadata:
     @property
     def good_index(self) -> int:
         return self.class_names.index(self.good_class)
+
+    @property
+    def tta_views(self) -> int:
+        """Backbone passes per image that the graph runs (1 without test-time flips)."""
+        return _TTA_VIEWS[self.tta]
+
+    @property
+    def variant(self) -> str:
+        """One line for logs and reports, e.g. ``int8, test-time flips (4 views)``."""
+        kind = "int8" if self.int8 else "fp16" if self.fp16 else "fp32"
+        return kind if self.tta == "none" else f"{kind}, test-time {self.tta} ({self.tta_views} views)"
 
     def loader_config(self) -> LoaderConfig:
         return LoaderConfig(

@@ -34,6 +34,7 @@ class RunInfo:
     created: str
     session_images: int = 0
     session_seconds: float = 0.0
+    model_variant: str = ""
 
     @property
     def images_per_s(self) -> float | None:
@@ -153,6 +154,7 @@ def render_html(summary: Summary, info: RunInfo, figures: Sequence[Figure]) -> s
     ips = info.images_per_s
     rows = [
         ("model", f"{info.model_name} — {info.model_path}"),
+        *([("variant", info.model_variant)] if info.model_variant else []),
         ("model sha256", info.model_sha256),
         ("provider", info.provider),
         ("threshold", f"{info.threshold:g} (NG when P(defect) ≥ threshold)"),

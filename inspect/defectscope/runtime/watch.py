@@ -217,7 +217,8 @@ class Watcher:
         workers = self.args.workers
         pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
         _log(
-            f"watch: model {self.inspector.metadata.model_name} ({self.inspector.sha256[:12]}), provider "
+            f"watch: model {self.inspector.metadata.model_name} ({self.inspector.metadata.variant}, "
+            f"{self.inspector.sha256[:12]}), provider "
             f"{self.inspector.provider}, threshold {self.threshold:g}; watching {self.hot} -> {self.out}"
         )
         try:

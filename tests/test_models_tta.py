@@ -1,0 +1,102 @@
+"""Test-time flips inside the model (FlipTTA): exact averages, the GAP/CAM contract, clear errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from defectscope.models import ModelConfigError, create_model
+from defectscope.models.tta import TTA_VIEWS, FlipTTA, tta_view_count
+from defectscope.runtime.metadata import TTA_NAMES, ModelMetadata
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = create_model("resnet", num_classes=3, in_chans=1, widths=[8, 16], depths=[1, 1]).eval()
+    with torch.no_grad():  # non-trivial BN statistics, so eval-mode BN is not an identity
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.5, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+@pytest.mark.parametrize(
+    ("views", "copies"),
+    [
+        ("hflip", [(), (3,)]),
+        ("flips", [(), (3,), (2,), (2, 3)]),
+    ],
+)
+@torch.inference_mode()
+def test_logits_are_the_mean_over_flipped_copies(
+    model: torch.nn.Module, views: str, copies: list[tuple[int, ...]]
+) -> None:
+    x = torch.randn(3, 1, 45, 61)  # odd sizes: the feature maps of flipped copies do not align exactly
+    want = torch.stack([model(x.flip(d) if d else x) for d in copies]).mean(0)
+    got = FlipTTA(model, views)(x)
+    assert got.shape == (3, 3)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert tta_view_count(views) == len(copies)
+    assert not torch.allclose(got, model(x), atol=1e-3)  # the flips change the answer
+
+
+@torch.inference_mode()
+def test_cam_keeps_the_gap_contract_and_input_orientation(model: torch.nn.Module) -> None:
+    tta = FlipTTA(model, "flips")
+    x = torch.randn(2, 1, 64, 96)
+    x[:, :, :16, :16] += 6.0  # a bright top-left corner: the map must stay top-left after averaging
+    cam, logits = tta.cam(x), tta(x)
+    assert cam.shape == model.cam(x).shape
+    torch.testing.assert_close(cam.mean(dim=(2, 3)), logits - model.head.bias, rtol=0, atol=1e-5)
+    plain = model.cam(x)
+    k = int(plain[0].flatten(1).abs().amax(1).argmax())  # the class whose map reacts most
+    corner = (plain[0, k] - plain[0, k].mean()).abs()
+    tta_corner = (cam[0, k] - cam[0, k].mean()).abs()
+    assert tta_corner[:2, :2].mean() > tta_corner[-2:, -2:].mean()
+    assert corner[:2, :2].mean() > corner[-2:, -2:].mean()
+
+
+def test_none_is_the_plain_model_and_geometry_is_kept(model: torch.nn.Module) -> None:
+    tta = FlipTTA(model, "none")
+    x = torch.randn(1, 1, 40, 40)
+    with torch.inference_mode():
+        torch.testing.assert_close(tta(x), model(x), rtol=0, atol=0)
+    for name in ("num_classes", "in_chans", "min_input_size", "total_stride"):
+        assert getattr(FlipTTA(model, "flips"), name) == getattr(model, name)
+    assert FlipTTA(model).head is model.head
+
+
+def test_unknown_view_name_lists_the_valid_ones(model: torch.nn.Module) -> None:
+    with pytest.raises(ModelConfigError, match="tta must be one of none, hflip, flips, got 'rot90'"):
+        FlipTTA(model, "rot90")
+
+
+def test_runtime_metadata_knows_the_same_views() -> None:
+    """The torch-free runtime validates ``tta`` with its own list; both must agree."""
+    assert tuple(TTA_VIEWS) == TTA_NAMES
+    base: dict[str, Any] = {
+        "class_names": ["good", "bad"],
+        "good_class": "good",
+        "threshold": 0.5,
+        "channels": 1,
+        "mean": [0.5],
+        "std": [0.25],
+        "max_side": None,
+        "min_size": 8,
+        "size_multiple": 1,
+        "max_pixels": 10**7,
+        "model_name": "resnet",
+        "package_version": "0",
+    }
+    assert ModelMetadata(**base).variant == "fp32"
+    for name in TTA_NAMES:
+        assert tta_view_count(name) == ModelMetadata(**base, tta=name).tta_views
+    meta = ModelMetadata(**base, int8=True, tta="flips")
+    assert meta.tta_views == 4 and meta.variant == "int8, test-time flips (4 views)"
+    assert ModelMetadata.from_json(meta.to_json()).tta == "flips"
+    with pytest.raises(ValueError, match="tta must be one of none, hflip, flips, got 'all'"):
+        ModelMetadata(**base, tta="all")
