@@ -279,13 +279,15 @@ def test_int8_mlflow_registration_is_tagged_with_the_gate_figures(
     before = mlflow.get_tracking_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     try:
+        # with flips in the graph: the int8 gate compares against the fp32 graph with the same flips
         rc = main([str(trained["ckpt"]), "-o", str(tmp_path / "m8.onnx"), "--int8", "--mlflow",
-                   "--parity-images", "0"])  # fmt: skip
+                   "--parity-images", "0", "--tta", "hflip"])  # fmt: skip
         text = capsys.readouterr().out
         assert rc == 0, text
         client = MlflowClient(uri)
         version = client.get_model_version("defectscope-gapcnn", "1")
         assert version.tags["defectscope.int8"] == "true" and version.tags["defectscope.fp16"] == "false"
+        assert version.tags["defectscope.tta"] == "hflip" and "int8, test-time hflip (2 views)" in text
         metrics = client.get_run(version.run_id).data.metrics
         stored = ModelMetadata.from_json(version.tags["defectscope.defectscope_json"]).quantization
         assert metrics["export/int8_top1_agreement"] == stored["top1_agreement"]

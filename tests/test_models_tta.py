@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -52,6 +53,9 @@ def test_cam_keeps_the_gap_contract_and_input_orientation(model: torch.nn.Module
     cam, logits = tta.cam(x), tta(x)
     assert cam.shape == model.cam(x).shape
     torch.testing.assert_close(cam.mean(dim=(2, 3)), logits - model.head.bias, rtol=0, atol=1e-5)
+    copies = [(), (3,), (2,), (2, 3)]
+    want = torch.stack([model.cam(x.flip(d)).flip(d) if d else model.cam(x) for d in copies]).mean(0)
+    torch.testing.assert_close(cam, want, rtol=0, atol=1e-5)  # each copy's map flipped back
     plain = model.cam(x)
     k = int(plain[0].flatten(1).abs().amax(1).argmax())  # the class whose map reacts most
     corner = (plain[0, k] - plain[0, k].mean()).abs()
@@ -68,6 +72,24 @@ def test_none_is_the_plain_model_and_geometry_is_kept(model: torch.nn.Module) ->
     for name in ("num_classes", "in_chans", "min_input_size", "total_stride"):
         assert getattr(FlipTTA(model, "flips"), name) == getattr(model, name)
     assert FlipTTA(model).head is model.head
+
+
+def test_fp16_export_wrapper_keeps_the_head_and_the_average_in_fp32(model: torch.nn.Module) -> None:
+    import copy
+
+    from defectscope.export.wrapper import ExportWrapper
+
+    tta = FlipTTA(copy.deepcopy(model), "flips")
+    w = ExportWrapper(tta, fp16=True).eval()
+    assert w.model.head is tta.model.head and w.model.head.weight.dtype == torch.float32
+    convs = [m for m in tta.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.dtype == torch.float16 for c in convs)
+    x = torch.randn(2, 1, 48, 64)
+    with torch.inference_mode():
+        logits, probs, cam = w(x)
+        want = FlipTTA(model, "flips")(x)
+    assert logits.dtype == probs.dtype == cam.dtype == torch.float32
+    torch.testing.assert_close(logits, want, rtol=0, atol=5e-2)
 
 
 def test_unknown_view_name_lists_the_valid_ones(model: torch.nn.Module) -> None:
@@ -98,5 +120,10 @@ def test_runtime_metadata_knows_the_same_views() -> None:
     meta = ModelMetadata(**base, int8=True, tta="flips")
     assert meta.tta_views == 4 and meta.variant == "int8, test-time flips (4 views)"
     assert ModelMetadata.from_json(meta.to_json()).tta == "flips"
+    # a model exported before ``tta`` existed reads as no flips; unknown future keys are ignored
+    doc = json.loads(ModelMetadata(**base).to_json())
+    del doc["tta"]
+    old = ModelMetadata.from_json(json.dumps({**doc, "added_later": 1}))
+    assert old.tta == "none" and old.variant == "fp32" and old.tta_views == 1
     with pytest.raises(ValueError, match="tta must be one of none, hflip, flips, got 'all'"):
         ModelMetadata(**base, tta="all")

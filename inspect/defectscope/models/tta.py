@@ -3,9 +3,10 @@
 The flipped copies of a batch go through the backbone as one larger batch; each copy's feature
 map is flipped back and the maps are averaged.  Because the head is global average pooling
 followed by a Linear layer, the logits of the averaged map are exactly the mean of the copies'
-logits, and its class-activation map is the mean of the copies' maps in the original orientation,
-so the GAP contract (``cam.mean() == logits - bias``) still holds.  Note that this averages
-logits; ``benchmarks/elpv.py --tta`` averages probabilities outside the graph.
+logits, and its class-activation map is the mean of the copies' maps flipped back, so the GAP
+contract (``cam.mean() == logits - bias``) still holds.  With strided layers the flipped-back maps
+can be up to one cell out of line, which blurs the heat map slightly; the logits are exact.  This
+averages logits; ``benchmarks/elpv.py --tta`` averages probabilities outside the graph.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class FlipTTA(nn.Module):
         if not flips:
             return m.forward_features(x)
         stacked = torch.cat([x, *(torch.flip(x, dims) for dims in flips)], dim=0)
-        f = m.forward_features(stacked)
+        f = m.forward_features(stacked).float()  # sum in fp32: k fp16 maps could overflow
         per_view = f.unflatten(0, (len(flips) + 1, -1))
         total = per_view[0]
         for i, dims in enumerate(flips, start=1):
