@@ -6,6 +6,7 @@ with symbolic sizes (the full parity gate is exercised in test_export*.py; here 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,3 +45,19 @@ def test_preset_exports_with_dynamic_shapes(preset: str) -> None:
         )
         assert cam.shape == want_cam.shape
         assert float(np.abs(cam - want_cam).max()) <= 1e-4 * max(1.0, float(np.abs(want_cam).max()))
+
+
+@pytest.mark.slow
+def test_instance_norm_model_passes_the_full_export_gate(tmp_path: Path) -> None:
+    """Regression: the parity gate's smallest random input once left InstanceNorm a 1×1 map (a crash)."""
+    from defectscope.export.onnx_export import export_model
+    from test_export_support import checkpoint_info
+
+    torch.manual_seed(4)
+    cfg = {**PRESETS["resnet_small"], "norm": "instance", "widths": [8, 8, 16, 16]}
+    model: Any = build_preset(cfg, num_classes=3, in_chans=1)  # total stride 32: 32 px gives a 1×1 map
+    info = checkpoint_info("resnet", model.model_kwargs)
+    result = export_model(model.eval(), info, tmp_path / "in.onnx", parity_images=0, log=lambda _s: None)
+    assert model.total_stride == 32 and model.min_input_size == 33
+    assert result.parity["random_shapes"][0][2] == 33
+    assert result.parity["max_abs_prob_fused"] <= 1e-4 and result.path.is_file()

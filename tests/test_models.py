@@ -400,3 +400,24 @@ def test_default_model_exports_to_onnx_with_dynamic_height_and_width(tmp_path: P
         assert cam.shape == tuple(ref_cam.shape)
         torch.testing.assert_close(torch.from_numpy(logits), ref_logits, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(torch.from_numpy(cam), ref_cam, atol=1e-4, rtol=1e-4)
+
+
+def test_instance_norm_needs_a_2x2_feature_map_and_min_input_size_says_so() -> None:
+    """InstanceNorm of a 1×1 map has nothing to normalise over; the geometry must not offer that size."""
+    kw: dict[str, Any] = {"widths": [8, 16, 16], "depths": [1, 1, 1]}
+    bn = create_model("resnet", num_classes=2, in_chans=1, norm="batch", **kw)
+    inn = create_model("resnet", num_classes=2, in_chans=1, norm="instance", **kw)
+    assert (bn.min_feature_size, inn.min_feature_size) == (1, 2)
+    need = inn.min_input_size
+    assert need > bn.min_input_size
+    assert inn.feature_size(need) == 2 and inn.feature_size(need - 1) == 1
+    inn.train()
+    assert torch.isfinite(inn(torch.randn(2, 1, need, need))).all()
+    with pytest.raises(ValueError, match="more than 1 spatial element"):  # PyTorch's own refusal below it
+        inn(torch.randn(2, 1, need - 1, need - 1))
+    with pytest.raises(
+        ModelConfigError, match=rf"InstanceNorm layers need at least 2×2.*min_input_size is {need}"
+    ):
+        check_input_size(inn, need - 1)
+    check_input_size(inn, need)
+    check_input_size(bn, need - 1)

@@ -116,6 +116,7 @@ def test_short_fit_every_norm(
         f"model.norm={norm}",
         *SHORT,
         "test=false",
+        "data.loader.min_size=64",  # instance norm needs 33 px (a 2×2 final map); the same data for all
     )
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
@@ -123,6 +124,20 @@ def test_short_fit_every_norm(
     assert ckpt["defectscope"]["model_kwargs"]["norm"] == norm
     has_bn = any("running_mean" in k for k in ckpt["state_dict"])
     assert has_bn == (norm == "batch")
+
+
+@pytest.mark.slow
+def test_instance_norm_refuses_a_min_size_that_leaves_a_1x1_map(
+    compose_train: Callable[..., Any], smoke_data_dir: Path, tmp_path: Path
+) -> None:
+    cfg = smoke_cfg(
+        compose_train, smoke_data_dir, tmp_path, "model=resnet_small", "model.norm=instance",
+        *SHORT, "data.loader.min_size=32",
+    )  # fmt: skip
+    with pytest.raises(
+        TrainingConfigError, match=r"at least 33 px .*InstanceNorm.*data.loader.min_size is 32"
+    ):
+        train(cfg)
 
 
 def test_choose_threshold_is_the_largest_reaching_the_target() -> None:

@@ -40,6 +40,7 @@ class GapClassifier(nn.Module):
         self.in_chans = check_positive_int(in_chans, "in_chans")
         self.num_features = 0
         self.min_input_size = 1
+        self.min_feature_size = 1
         self.total_stride = 1
         self.size_ops_cache: list[SizeOp] = []
         self.pretrained_cfg: dict[str, Any] | None = None
@@ -57,7 +58,11 @@ class GapClassifier(nn.Module):
         self.head_drop = nn.Dropout(float(drop_rate)) if drop_rate > 0 else nn.Identity()
         self.head = nn.Linear(num_features, self.num_classes)
         self.size_ops_cache = collect_size_ops(self.features)
-        self.min_input_size = min_input_size(self.size_ops_cache)
+        # InstanceNorm of a 1x1 map has no variance to normalise by (PyTorch refuses it), so models
+        # with one need a final feature map of at least 2x2; the others need 1x1.
+        has_instance_norm = any(isinstance(m, nn.InstanceNorm2d) for m in self.features.modules())
+        self.min_feature_size = 2 if has_instance_norm else 1
+        self.min_input_size = min_input_size(self.size_ops_cache, self.min_feature_size)
         self.total_stride = total_stride(self.size_ops_cache)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -115,9 +115,9 @@ def total_stride(ops: Iterable[SizeOp]) -> int:
     return stride
 
 
-def min_input_size(ops: list[SizeOp]) -> int:
-    """Smallest square input side whose feature map is at least 1×1."""
-    need = 1
+def min_input_size(ops: list[SizeOp], min_output: int = 1) -> int:
+    """Smallest square input side whose feature map is at least ``min_output``×``min_output``."""
+    need = min_output
     for op in reversed(ops):
         need = op.min_in_size(need)
     return need
@@ -166,6 +166,15 @@ def check_input_size(model: nn.Module, size: int) -> None:
     if ops is None:
         ops = collect_size_ops(getattr(model, "features", model))
     rows = trace_sizes(ops, size)
+    need_out = int(getattr(model, "min_feature_size", 1))
+    if rows and 1 <= rows[-1][2] < need_out:
+        need = min_input_size(ops, need_out)
+        raise ModelConfigError(
+            f"min_size={size}: a {size}×{size} input leaves a {rows[-1][2]}×{rows[-1][2]} feature map in "
+            f"{type(model).__name__}, whose InstanceNorm layers need at least {need_out}×{need_out} to normalise "
+            f"over (its min_input_size is {need}).\nLayer-by-layer sizes, {FORMULA}:\n{format_trace(rows)}\n"
+            f"Raise the loader's min_size to >= {need}, or use another norm."
+        )
     if rows and rows[-1][2] < 1:
         need = min_input_size(ops)
         raise ModelConfigError(

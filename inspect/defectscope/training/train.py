@@ -91,10 +91,16 @@ def check_geometry(model: torch.nn.Module, dm: Any, data_cfg: Any) -> None:
     if need > have:
         keys = find_keys(data_cfg, "min_size", "data")
         key = next((k for k in keys if k.startswith("data.loader")), "data.loader.min_size")
+        why = (
+            "; its InstanceNorm layers need a feature map of at least 2×2"
+            if int(getattr(model, "min_feature_size", 1)) > 1
+            else ""
+        )
         raise TrainingConfigError(
             f"model={hydra_choice('model', str(getattr(model, 'model_name', '?')))} needs input sides of at least "
-            f"{need} px (model.min_input_size) but {key} is {have}: raise {key} to >= {need} "
+            f"{need} px (model.min_input_size{why}) but {key} is {have}: raise {key} to >= {need} "
             "(smaller images are then rejected by the scan) or choose a smaller model"
+            + (" or another norm" if why else "")
         )
 
 
