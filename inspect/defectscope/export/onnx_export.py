@@ -25,7 +25,7 @@ from defectscope import __version__
 from defectscope.checkpoint import file_sha256, load_checkpoint
 from defectscope.models.tta import FlipTTA
 from defectscope.runtime.image import LoaderConfig, normalize_batch
-from defectscope.runtime.metadata import METADATA_KEY, TTA_NAMES, ModelMetadata
+from defectscope.runtime.metadata import METADATA_KEY, ModelMetadata
 
 from .atomic import atomic_write_bytes
 from .fuse import FuseReport, fuse_conv_bn_report, replace_bn_with_affine
@@ -362,8 +362,6 @@ def export_model(
         raise ExportError(f"--opset {opset} is too old: defectscope exports need opset >= {MIN_OPSET}")
     if fp16 and int8 is not None:
         raise ExportError("--fp16 and --int8 exclude each other: fp16 is for GPUs, int8 for CPUs")
-    if tta not in TTA_NAMES:
-        raise ExportError(f"--tta must be one of {', '.join(TTA_NAMES)}, got {tta!r}")
     meta = build_metadata(
         info, model, cam=cam, fp16=fp16, threshold=threshold, checkpoint_sha256=checkpoint_sha256, tta=tta
     )

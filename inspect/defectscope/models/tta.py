@@ -16,17 +16,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from defectscope.runtime.metadata import TTA_NAMES
+from defectscope.runtime.metadata import TTA_FLIPS, TTA_NAMES
 
 from .errors import ModelConfigError
 
-#: view name (one per ``TTA_NAMES`` entry) -> the flipped axes of each extra copy (NCHW: 3 = left-right, 2 = up-down)
-TTA_VIEWS: dict[str, tuple[tuple[int, ...], ...]] = {
-    "none": (),
-    "hflip": ((3,),),
-    "flips": ((3,), (2,), (2, 3)),
-}
-_COPIED = ("num_classes", "in_chans", "num_features", "min_input_size", "total_stride", "model_name")
+#: view name -> the flipped axes of each extra copy; one table, shared with the runtime's metadata
+TTA_VIEWS = TTA_FLIPS
+_COPIED = (
+    "num_classes",
+    "in_chans",
+    "num_features",
+    "min_input_size",
+    "min_feature_size",
+    "total_stride",
+    "model_name",
+)
 
 
 def check_tta(views: str) -> str:

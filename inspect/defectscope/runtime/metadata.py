@@ -15,9 +15,14 @@ from .image import LoaderConfig
 METADATA_KEY = "defectscope"
 FORMAT_NAME = "defectscope.model"
 FORMAT_VERSION = 1
-#: test-time augmentation an export can build into the graph (see ``defectscope.models.tta``)
-_TTA_VIEWS = {"none": 1, "hflip": 2, "flips": 4}  # backbone passes per image
-TTA_NAMES: tuple[str, ...] = tuple(_TTA_VIEWS)
+#: test-time flips an export can build into the graph (``defectscope.models.tta``): name -> the
+#: flipped axes of each extra copy of the image (NCHW: 3 = left-right, 2 = up-down)
+TTA_FLIPS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "none": (),
+    "hflip": ((3,),),
+    "flips": ((3,), (2,), (2, 3)),
+}
+TTA_NAMES: tuple[str, ...] = tuple(TTA_FLIPS)
 
 
 class MetadataError(ValueError):
@@ -85,7 +90,7 @@ class ModelMetadata:
     @property
     def tta_views(self) -> int:
         """Backbone passes per image that the graph runs (1 without test-time flips)."""
-        return _TTA_VIEWS[self.tta]
+        return 1 + len(TTA_FLIPS[self.tta])
 
     @property
     def variant(self) -> str:
