@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 
-from defectscope.data.datamodule import spread_paths
+from defectscope.data.datamodule import spread_samples
 from defectscope.data.sources import Sample
 from defectscope.export.cli import main
 from defectscope.export.parity import list_images, real_batches
@@ -243,10 +243,10 @@ def test_images_list_file_and_class_spread_val_paths(tmp_path: Path) -> None:
         list_images(tmp_path / "missing")
 
     samples = [Sample(f"/c{label}/{i}.png", label) for label in (0, 1, 2) for i in range(10 if label else 50)]
-    picked = spread_paths(samples, 12)
+    picked = [s.path for s in spread_samples(samples, 12)]
     assert len(picked) == len(set(picked)) == 12
     assert Counter(p.split("/")[1] for p in picked) == {"c0": 4, "c1": 4, "c2": 4}
-    assert spread_paths(samples, 12) == picked and len(spread_paths(samples, 500)) == 70
+    assert [s.path for s in spread_samples(samples, 12)] == picked and len(spread_samples(samples, 500)) == 70
 
 
 def test_metadata_int8_fields_default_and_validate() -> None:

@@ -30,6 +30,7 @@ CONTRACT_KEYS = {
     "mlflow_run_id",
     "mlflow_tracking_uri",
     "val_paths",
+    "val_labels",
     "package_version",
 }
 SHORT = [

@@ -37,21 +37,22 @@ ON_BAD_FILE = ("fail", "skip")
 
 
 #: validation images recorded in checkpoints for export's parity and int8 calibration/gate
-MAX_EXPORT_VAL_PATHS = 512
+MAX_EXPORT_VAL_PATHS = 4096
 
 
-def spread_paths(samples: Sequence[Sample], limit: int, seed: int = 0) -> list[str]:
-    """Up to ``limit`` sample paths, classes taken in turn (each class shuffled with ``seed``).
+def spread_samples(samples: Sequence[Sample], limit: int, seed: int = 0) -> list[Sample]:
+    """Up to ``limit`` samples, classes taken in turn (each class shuffled with ``seed``).
 
-    Why: export checks parity on the first few paths and calibrates int8 on a few hundred; a
-    prefix of a class-sorted list would be one class only.
+    Why: export checks parity on the first few paths, calibrates int8 on a few hundred and
+    re-derives the threshold on all of them; a prefix of a class-sorted list would be one class only.
+    Per-class rates (recall, false-reject rate) are unaffected by taking classes in turn.
     """
-    by_class: dict[int, list[str]] = {}
+    by_class: dict[int, list[Sample]] = {}
     for s in samples:
-        by_class.setdefault(s.label, []).append(s.path)
+        by_class.setdefault(s.label, []).append(s)
     rng = random.Random(seed)
-    queues = [rng.sample(paths, len(paths)) for _, paths in sorted(by_class.items())]
-    out: list[str] = []
+    queues = [rng.sample(items, len(items)) for _, items in sorted(by_class.items())]
+    out: list[Sample] = []
     while len(out) < limit and any(queues):
         for q in queues:
             if q and len(out) < limit:
@@ -148,6 +149,8 @@ class DefectDataModule(pl.LightningDataModule):
         self.class_counts: dict[str, int] = {}
         self.class_weights: torch.Tensor = torch.empty(0)
         self.val_paths: list[str] = []
+        #: class name of each of ``val_paths`` (export re-derives the threshold on them)
+        self.val_labels: list[str] = []
         self.samples: dict[str, list[Sample]] = {}
         self.sizes: dict[str, list[tuple[int, int]]] = {}
         self.scan_result: ScanResult | None = None
@@ -187,7 +190,9 @@ class DefectDataModule(pl.LightningDataModule):
             )
         self.class_weights = torch.tensor(inverse_frequency_weights(self.class_counts), dtype=torch.float32)
         self.mean, self.std = self._normalisation([r for s, r in kept if s.split == "train"])
-        self.val_paths = spread_paths(self.samples["val"], MAX_EXPORT_VAL_PATHS)
+        val = spread_samples(self.samples["val"], MAX_EXPORT_VAL_PATHS)
+        self.val_paths = [s.path for s in val]
+        self.val_labels = [self.class_names[s.label] for s in val]
         self._build_datasets(any(s.meta for s in samples))
         self.report = self._make_report(source, [s for s, _ in kept])
         log.info("%s", self.report)
@@ -338,4 +343,5 @@ class DefectDataModule(pl.LightningDataModule):
             "mean": list(self.mean),
             "std": list(self.std),
             "val_paths": list(self.val_paths),
+            "val_labels": list(self.val_labels),
         }

@@ -294,6 +294,7 @@ class DefectClassifier(pl.LightningModule):
             "mlflow_run_id": run_id,
             "mlflow_tracking_uri": uri,
             "val_paths": [str(p) for p in (info.get("val_paths") or [])][:MAX_VAL_PATHS],
+            "val_labels": [str(c) for c in (info.get("val_labels") or [])][:MAX_VAL_PATHS],
             "package_version": __version__,
         }
 

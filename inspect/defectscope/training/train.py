@@ -125,6 +125,7 @@ def build_module(cfg: DictConfig, dm: Any) -> DefectClassifier:
             "mean": list(dm.mean),
             "std": list(dm.std),
             "val_paths": list(dm.val_paths),
+            "val_labels": list(getattr(dm, "val_labels", [])),
         },
         run_config=to_plain(cfg),
     )
