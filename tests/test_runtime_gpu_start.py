@@ -419,3 +419,21 @@ def test_start_up_run_compares_with_the_shipped_graph_on_the_cpu(model: Path, tm
             ort.InferenceSession(str(fails_above_min_size(tmp_path)), providers=[PROVIDERS["cpu"]]),
             [(1, 1, 64, 64)],
         )
+
+
+def test_an_unusable_cache_or_a_clean_request_goes_through_the_start(model: Path, tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "cache-file"
+    not_a_folder.write_text("")
+    lines: list[str] = []
+    Inspector(model, available=GPU_AVAILABLE, trt_cache_dir=not_a_folder, log=lines.append)
+    assert (
+        len(lines) == 1 and f"tensorrt failed (TensorRT engine cache {not_a_folder} is not usable" in lines[0]
+    )
+    root = tmp_path / "trt"
+    old = root / "fedcba9876543210" / "ort1.0.0-b16-c1-32-512-fp32"
+    old.mkdir(parents=True)
+    (old / "TensorrtExecutionProvider_x.engine").write_bytes(b"x" * 2_000_000)
+    lines.clear()
+    Inspector(model, available=GPU_AVAILABLE, trt_cache_dir=root, trt_clean=True, log=lines.append)
+    assert not old.parent.exists()
+    assert f"defectscope: TensorRT cache {root}: removed 1 old engine entries (2.0 MB)" in lines

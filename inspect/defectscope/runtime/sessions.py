@@ -203,17 +203,25 @@ class SessionOpener:
             )
         root = self.trt.cache_dir or default_trt_cache()
         folder = engine_folder(root, self.sha256, profile, meta.fp16, self.ort.__version__)
-        if self.trt.clean:
-            n, freed = clean_engine_cache(root, keep=folder)
-            self.notes.append(f"TensorRT cache {root}: removed {n} old engine entries ({freed / 1e6:.1f} MB)")
-        return profile, EngineCache(folder)
+        cache = EngineCache(folder)
+        try:
+            if self.trt.clean:
+                n, freed = clean_engine_cache(root, keep=folder)
+                self.notes.append(
+                    f"TensorRT cache {root}: removed {n} old engine entries ({freed / 1e6:.1f} MB)"
+                )
+            cache.open()
+        except OSError as exc:
+            raise _StartFailure(f"TensorRT engine cache {root} is not usable: {exc}") from None
+        return profile, cache
 
     def _start(self, kind: str, meta: ModelMetadata | None, reference: Any | None) -> Opened:
         profile = cache = options = None
         if kind == "tensorrt":
             assert meta is not None  # read by _reference whenever a GPU provider is a candidate
             profile, cache = self._engine_cache(meta)
-            options = trt_options(profile, cache.open(), meta.fp16)
+            assert cache.workdir is not None
+            options = trt_options(profile, cache.workdir, meta.fp16)
         # ORT < 1.24 cannot report node placement: profile the start-up run instead
         prof_dir = (
             None
@@ -234,8 +242,11 @@ class SessionOpener:
             raise _StartFailure(message, cap.summary(120))
         assert opened is not None
         if cache is not None and cache.workdir is not None:
-            if cache.publish():
-                opened.notes.append(f"TensorRT engine for {profile} built and cached in {cache.folder}")
+            try:
+                if cache.publish():
+                    opened.notes.append(f"TensorRT engine for {profile} built and cached in {cache.folder}")
+            except OSError as exc:  # the engine works; the next start builds it again
+                opened.notes.append(f"TensorRT engine not cached in {cache.folder}: {exc}")
             weakref.finalize(opened.session, shutil.rmtree, str(cache.workdir), True)
         said = cap.summary(120)
         if said:
