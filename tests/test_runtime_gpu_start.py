@@ -26,7 +26,7 @@ from onnx import helper, numpy_helper
 from defectscope.runtime import cli, watch
 from defectscope.runtime.image import LoaderConfig, target_size
 from defectscope.runtime.inspector import Inspector, MetadataError, ModelLoadError, ProviderError, file_sha256
-from defectscope.runtime.ortlog import quiet_ort
+from defectscope.runtime.ortlog import Captured, quiet_ort
 from defectscope.runtime.providers import PROVIDERS, candidates, session_options
 from defectscope.runtime.sessions import start_shapes
 from defectscope.runtime.startcheck import Placement, StartCheckError, exercise, placement_from_profile
@@ -437,3 +437,24 @@ def test_an_unusable_cache_or_a_clean_request_goes_through_the_start(model: Path
     Inspector(model, available=GPU_AVAILABLE, trt_cache_dir=root, trt_clean=True, log=lines.append)
     assert not old.parent.exists()
     assert f"defectscope: TensorRT cache {root}: removed 1 old engine entries (2.0 MB)" in lines
+
+
+def test_library_load_errors_are_condensed_to_their_cause() -> None:
+    # the format ONNX Runtime's GPU builds log when TensorRT's libraries are missing (coloured on a tty)
+    cap = Captured(
+        [
+            "\x1b[1;31m2025-01-07 10:00:00.1 [E:onnxruntime:Default, provider_bridge_ort.cc:1862 "
+            "TryGetProviderInfo_TensorRT] /onnxruntime_src/onnxruntime/core/session/provider_bridge_ort.cc:1539 "
+            "onnxruntime::Provider& onnxruntime::ProviderLibrary::Get() [ONNXRuntimeError] : 1 : FAIL : "
+            "Failed to load library libonnxruntime_providers_tensorrt.so with error: libnvinfer.so.10: "
+            "cannot open shared object file: No such file or directory",
+            "\x1b[m",
+            "2025-01-07 10:00:00.2 [W:onnxruntime:Default, onnxruntime_pybind_state.cc:965 "
+            "CreateExecutionProviderInstance] Failed to create TensorrtExecutionProvider.",
+        ]
+    )
+    assert cap.summary(200) == (
+        "Failed to load library libonnxruntime_providers_tensorrt.so with error: libnvinfer.so.10: "
+        "cannot open shared object file: No such file or directory"
+    )
+    assert Captured(["*************** EP Error ***************"]).summary() is None

@@ -8,7 +8,7 @@ What reaches the console while a session starts, and from where:
 * ``onnxruntime.preload_dlls()`` prints to stdout ("Failed to load libcudnn...", a link to follow);
 * onnxruntime < 1.23 ignores ``enable_fallback=0``: a failed session prints a four-line
   "EP Error" banner to stdout and retries on other providers;
-* Python warnings ("Specified provider ... is not in available provider names").
+* Python warnings from onnxruntime ("Specified provider ... is not in available provider names").
 
 :func:`quiet_ort` sends all four to a buffer for the duration of a block;
 :meth:`Captured.summary` condenses them to the first message that explains a failure.
@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 #: "2024-06-01 12:00:00.1 [E:onnxruntime:Default, provider_bridge_ort.cc:1862 TryGet...] message"
 _NATIVE = re.compile(r"\[([VIWEF]):onnxruntime:[^\]]*\]\s*(.*)")
-_ORT_STATUS = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+#: everything up to ORT's status code, e.g. "/onnxruntime_src/...cc:1539 Get() [ONNXRuntimeError] : 1 : FAIL : "
+_ORT_STATUS = re.compile(r"^.*\[ONNXRuntimeError\] : \d+ : \w+ : ")
 _BANNER = re.compile(r"^\*+( EP Error \*+)?$")
 #: Said by ORT < 1.24 for each session that fails to load while profiling is on, which the
 #: runner turns on itself there (node placement from the start-up run): not news to the user.
@@ -100,7 +101,7 @@ def quiet_ort() -> Iterator[Captured]:
             native = sink.read().decode("utf-8", "replace")
             for text in (native, out.getvalue(), err.getvalue()):
                 captured.lines.extend(text.splitlines())
-            captured.lines.extend(str(w.message) for w in caught)
+            captured.lines.extend(str(w.message) for w in caught if "onnxruntime" in w.filename)
 
 
 def _point_fds_at(target: int) -> list[tuple[int, int]]:

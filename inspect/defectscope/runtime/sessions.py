@@ -300,7 +300,8 @@ class SessionOpener:
                 self.path, sess_options=so, providers=provider_chain(kind, trt), enable_fallback=0
             )
         except Exception as exc:  # ORT raises unrelated types (InvalidProtobuf, Fail, RuntimeError, ...)
-            raise _StartFailure(f"onnxruntime cannot load the model: {first_line(exc)}") from None
+            what = "cannot load the model" if kind == "cpu" else "could not create the session"
+            raise _StartFailure(f"onnxruntime {what}: {first_line(exc)}") from None
         session.disable_fallback()  # ORT < 1.23 ignores enable_fallback=0 and would switch providers mid-lot
         active = session.get_providers()
         if not active or active[0] != PROVIDERS[kind]:
