@@ -1,24 +1,14 @@
 """End-to-end check of defectscope's GPU path on an NVIDIA PC: one verdict line per check.
 
-    deploy/gpu_check.sh [MODEL.onnx] [--ckpt CKPT] [--images DIR] [--providers tensorrt,cuda,cpu]
-                        [--preset efficientnet_lite0] [--trt-max-side N] [--workdir DIR] [--seconds 5]
+    deploy/gpu_check.sh [MODEL.onnx] [--ckpt CKPT] [--images DIR] [--providers tensorrt,cuda,cpu] ...
 
-Without MODEL the script builds one (train extra and this checkout needed): the preset with seeded
-random weights, exported fp32 and fp16 by the project's exporter; eager PyTorch then runs that same
-network.  With MODEL, the eager row needs --ckpt (the checkpoint MODEL was exported from).
-
-Checks, each printed as ``PASS|WARN|FAIL|SKIP  name  details``:
-
-  providers         onnxruntime version and the providers its build offers
-  start-<provider>  the provider starts and passes its start-up run; where the nodes run; start time
-  parity[-fp16]     the same images on every provider against the CPU: verdicts agree, max |Δp|
-  cache-reuse       a new process loads the cached TensorRT engine and builds nothing
-  cache-invalidate  a different model under the same file name gets its own engine and its own numbers
-  second-process    two processes build into one cold cache at once, then a third reads it
-  throughput        images/s of every provider and of eager PyTorch on the same batch
-
-Every provider start runs in its own process (as a line PC starts), with the real engine cache.
-Exit status 0 when no check FAILs.  Results also go to WORKDIR/gpu_check.json.
+Without MODEL it builds one (train extra and this checkout needed): ``--preset`` with seeded random
+weights, exported fp32 and fp16 by the project's exporter; eager PyTorch then runs that network.
+With MODEL, the eager row needs --ckpt.  Checks (PASS / WARN / FAIL / SKIP): providers,
+start-<provider>, parity[-fp16], cache-reuse, cache-invalidate, second-process, throughput; what
+each shows is tabled in deploy/README.md.  Every provider start runs in its own process, as on a
+line PC, with the real engine cache.  Exit status 0 when no check FAILs; results also go to
+WORKDIR/gpu_check.json.
 """
 
 from __future__ import annotations
