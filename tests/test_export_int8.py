@@ -129,7 +129,7 @@ def test_gate_rejects_a_badly_calibrated_model(trained: dict[str, Any]) -> None:
     meta = insp.metadata
     spread = [str(p) for p in trained["images"][::8]]  # sorted by class folder: every 8th covers all
     assert len({Path(p).parent.name for p in spread}) == 4
-    batches, n, _ = real_batches(spread, meta.loader_config(), meta.mean, meta.std, len(spread))
+    batches, n, _ = real_batches(spread, meta.loader, meta.mean, meta.std, len(spread))
     black = [np.full_like(b[:4], -float(meta.mean[0]) / float(meta.std[0])) for b in batches]
     bad = quantize_qdq(fp32, black, Int8Config())
     with pytest.raises(Int8GateError, match=f"int8 gate failed on {n} held-back images") as err:

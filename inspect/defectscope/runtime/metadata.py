@@ -97,10 +97,6 @@ class ModelMetadata:
         return self.loader.channels
 
     @property
-    def good_index(self) -> int:
-        return self.class_names.index(self.good_class)
-
-    @property
     def ng_indices(self) -> list[int]:
         """Probability columns whose sum is P(defect)."""
         return ng_indices(self.class_names, self.good_class, self.ng_classes)
