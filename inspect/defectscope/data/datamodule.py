@@ -77,6 +77,10 @@ class DefectDataModule(pl.LightningDataModule):
             rest and write ``rejects_path`` as CSV path,kind,reason).
         seed: shuffling and augmentation seed (the split has its own ``split.seed``).
         pin_memory: ``None`` = only when CUDA is available.
+        ordered: the classes, in class order, are grades from best to worst (the good class first);
+            training then uses an ordinal objective (``ordinal.*``).
+        dihedral: train on random 90° rotations, transposes and flips (:mod:`.dihedral`), each
+            batch keeping one size.
     """
 
     def __init__(
@@ -98,6 +102,8 @@ class DefectDataModule(pl.LightningDataModule):
         scan_workers: int = 2,
         seed: int = 0,
         drop_last: bool = False,
+        ordered: bool = False,
+        dihedral: bool = False,
     ) -> None:
         super().__init__()
         if on_bad_file not in ON_BAD_FILE:
@@ -139,6 +145,8 @@ class DefectDataModule(pl.LightningDataModule):
         self.scan_workers = int(scan_workers)
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
+        self.ordered = bool(ordered)
+        self.dihedral = bool(dihedral)
 
         # Filled by setup():
         self.channels: int = self.loader_config.channels
@@ -323,6 +331,7 @@ class DefectDataModule(pl.LightningDataModule):
             drop_last=drop_last,
             num_replicas=world,
             rank=rank,
+            dihedral=self.dihedral and split == "train",
         )
         return DataLoader(
             ds,

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from ..runtime.image import LoaderConfig, load_image, normalize_batch
+from .dihedral import apply_view
 from .sources import Sample
 from .transforms import Transform, apply_transform, seed_transform
 
@@ -21,7 +22,8 @@ from .transforms import Transform, apply_transform, seed_transform
 class DefectDataset(Dataset[dict[str, Any]]):
     """``ds[i]`` -> ``{"image": CHW float32, "label": int, "index": i, "path": str[, "meta": dict]}``.
 
-    ``index`` is the position in this split's dataset.  ``sizes[i]`` is the (h, w) the scan
+    ``index`` is the position in this split's dataset; ``ds[(i, view)]`` gives image i in D4 view
+    ``view`` (the batch sampler's ``dihedral`` option).  ``sizes[i]`` is the (h, w) the scan
     measured; a file that changed size since then is an error, not a silently mixed batch.
     """
 
@@ -57,7 +59,8 @@ class DefectDataset(Dataset[dict[str, Any]]):
     def labels(self) -> list[int]:
         return [s.label for s in self.samples]
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, view = key if isinstance(key, tuple) else (key, 0)
         sample = self.samples[index]
         arr = load_image(sample.path, self.loader)
         if arr.shape[:2] != self.sizes[index]:
@@ -66,6 +69,8 @@ class DefectDataset(Dataset[dict[str, Any]]):
                 f"{self.sizes[index][0]}x{self.sizes[index][1]} measured by the scan; the file changed "
                 "during training"
             )
+        if view:
+            arr = apply_view(arr, view)
         out = apply_transform(self.transform, arr)
         if out.shape != arr.shape:
             raise RuntimeError(

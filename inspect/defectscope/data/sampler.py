@@ -16,6 +16,10 @@ Epoch plan (identical on every rank, computed from ``(seed, epoch)`` only):
    twice) or dropping batches (which would skip samples);
 4. deal the batches round-robin: rank ``r`` gets batches ``r, r + N, r + 2N, ...``.
 
+With ``dihedral=True`` (training's ``data.dihedral``) each index comes paired with the D4 view the
+dataset applies to it, chosen per batch so that the batch keeps one size (:mod:`.dihedral`); the
+batches themselves are the same as without it.
+
 So every rank gets exactly ``ceil(B / N)`` batches — Lightning DDP never waits on a rank that ran
 out — and, without ``drop_last``, every sample is in exactly one batch on exactly one rank per
 epoch.  The split batches carry the same weight as full ones in DDP's gradient average, a small
@@ -27,13 +31,17 @@ at construction with a clear error instead of hanging later.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from torch.utils.data import Sampler
 
+from .dihedral import assign_views
 
-class BucketBatchSampler(Sampler[list[int]]):
-    """Yields lists of dataset indices; all images in one list share the same (height, width)."""
+
+class BucketBatchSampler(Sampler[list[Any]]):
+    """Yields lists of dataset indices (or ``(index, view)`` pairs with ``dihedral``); all images in
+    one list share the same (height, width) after their view."""
 
     def __init__(
         self,
@@ -45,6 +53,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         drop_last: bool = False,
         num_replicas: int = 1,
         rank: int = 0,
+        dihedral: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -57,6 +66,8 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.drop_last = drop_last
         self.num_replicas = num_replicas
         self.rank = rank
+        self.dihedral = bool(dihedral)
+        self.sizes = [(int(h), int(w)) for h, w in sizes]
         self.epoch = 0
         buckets: dict[tuple[int, int], list[int]] = {}
         for i, hw in enumerate(sizes):
@@ -95,7 +106,7 @@ class BucketBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return self._total_batches // self.num_replicas
 
-    def plan(self) -> list[list[int]]:
+    def plan(self) -> list[list[Any]]:
         """All ranks' batches for the current epoch, in dealing order (rank r takes ``[r::N]``)."""
         rng = np.random.default_rng([self.seed, self.epoch])
         batches: list[list[int]] = []
@@ -109,6 +120,9 @@ class BucketBatchSampler(Sampler[list[int]]):
                     batches.append(chunk)
         if self.shuffle:
             batches = [batches[int(j)] for j in rng.permutation(len(batches))]
+        if self.dihedral:  # a stream of its own: the batches are the same with or without views
+            views = np.random.default_rng([self.seed, self.epoch, 1])
+            batches = assign_views(batches, self.sizes, views)  # type: ignore[assignment]
         while len(batches) < self._total_batches:
             k = max(range(len(batches)), key=lambda i: (len(batches[i]), -i))  # largest, earliest
             big = batches[k]
@@ -116,5 +130,5 @@ class BucketBatchSampler(Sampler[list[int]]):
             batches[k : k + 1] = [big[:half], big[half:]]
         return batches
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[Any]]:
         yield from self.plan()[self.rank :: self.num_replicas]

@@ -73,5 +73,6 @@ def check_size_preserving(
                 raise ValueError(
                     f"data.{name} changed an image of shape {img.shape} (uint8) into {out.shape} ({out.dtype}); "
                     "bucket batches need transforms that keep size and dtype (RandomRotate90/Transpose only "
-                    "for square images, no crops or resizes, no normalisation — that comes after)"
+                    "for square images: data.dihedral=true rotates any size; no crops or resizes, no "
+                    "normalisation — that comes after)"
                 )

@@ -23,12 +23,14 @@ from torch import nn
 
 from defectscope import __version__
 from defectscope.checkpoint import file_sha256, load_checkpoint
+from defectscope.models.corn import raw_outputs, with_link
 from defectscope.models.tta import FlipTTA
 from defectscope.runtime.image import LoaderConfig, normalize_batch
 from defectscope.runtime.metadata import METADATA_KEY, MetadataError, ModelMetadata
 
 from .atomic import atomic_write_bytes
 from .fuse import FuseReport, fuse_conv_bn_report, replace_bn_with_affine
+from .grading import GradingExportError, checkpoint_grading, earn_cuts
 from .parity import (
     ParityInputs,
     check_parity,
@@ -91,6 +93,7 @@ def build_metadata(
     """The runner's view of the model, from the checkpoint info and the model's attributes."""
     cfg = loader_config(info)
     try:
+        _, grading = checkpoint_grading(info)
         return ModelMetadata(
             class_names=list(info["class_names"]),
             good_class=str(info["good_class"]),
@@ -105,11 +108,12 @@ def build_metadata(
             outputs=["logits", "probs", "cam"] if cam else ["logits", "probs"],
             fp16=fp16,
             tta=tta,
+            grading=grading,
             mlflow_run_id=info.get("mlflow_run_id"),
             checkpoint_sha256=checkpoint_sha256,
             parity=dict(parity or {}),
         )
-    except MetadataError as exc:
+    except (MetadataError, GradingExportError) as exc:
         raise ExportError(str(exc)) from None
 
 
@@ -283,6 +287,7 @@ def quantize_model(
             ng_indices=meta.ng_indices,
             threshold=meta.threshold,
             min_agreement=cfg.min_agreement,
+            grading=meta.grader,
         )
     except Int8GateError:
         raise
@@ -367,14 +372,15 @@ def export_model(
         raise ExportError(
             f"model has in_chans={in_chans} but the checkpoint's loader has channels={meta.channels}"
         )
+    link, _ = checkpoint_grading(info)
     try:
         n_out = head_linear(model).out_features
     except TypeError as exc:
         raise ExportError(str(exc)) from None
-    if n_out != len(meta.class_names):
+    if n_out != raw_outputs(len(meta.class_names), link):
         raise ExportError(
             f"model has {n_out} outputs but the checkpoint names {len(meta.class_names)} classes "
-            f"{meta.class_names!r}"
+            f"{meta.class_names!r} ({link} link)"
         )
     min_side = int(getattr(model, "min_input_size", 1))
     plan = plan_int8(info, images_dir, int8, log) if int8 is not None else None
@@ -390,7 +396,7 @@ def export_model(
         log(f"fuse: exporting unfoldable BatchNorm {', '.join(frozen)} as per-channel Mul/Add")
     t_fused = time.perf_counter()
 
-    references: dict[str, nn.Module] = {"fused": fused, "unfused": model}
+    references: dict[str, nn.Module] = {"fused": with_link(fused, link), "unfused": with_link(model, link)}
     if tta != "none":
         references = {name: FlipTTA(m, tta).eval() for name, m in references.items()}
     graph = references["fused"]
@@ -418,11 +424,16 @@ def export_model(
     meta = replace(meta, parity=numbers)
     set_metadata(proto, meta)
     data = proto.SerializeToString()
+    if meta.grading.get("rule") == "cuts":  # the fp32 graph's own cut points (int8 re-earns them below)
+        meta = replace(meta, grading=earn_cuts(data, meta, info, log))
+        set_metadata(proto, meta)
+        data = proto.SerializeToString()
     t_quant = t_parity
     if int8 is not None and plan is not None:
         data, figures = quantize_model(data, meta, int8, plan, log)
         parity = {**meta.parity, "graph": "fp32, before int8 quantisation"}
         meta = replace(meta, int8=True, quantization=figures, parity=parity)
+        meta = replace(meta, grading=earn_cuts(data, meta, info, log))
         quant = onnx.load_from_string(data)
         set_metadata(quant, meta)
         data = quant.SerializeToString()

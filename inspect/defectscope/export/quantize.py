@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 
 from defectscope.runtime.decision import defect_probability, is_ng
+from defectscope.runtime.grading import Grading, grade_indices
 
 #: calibration methods offered. onnxruntime's "entropy" is left out: in onnxruntime 1.32 it gave
 #: exactly the min/max scales for every tensor of Lite0 (docs/benchmarks.md)
@@ -218,10 +219,12 @@ def check_int8(
     ng_indices: Sequence[int],
     threshold: float,
     min_agreement: float,
+    grading: Grading | None = None,
 ) -> dict[str, Any]:
     """Run both graphs on the held-back ``batches``; raise :class:`Int8GateError` below the gate.
 
-    Agreement is measured on what the line acts on: the top-1 class, the OK/NG verdict
+    Agreement is measured on what the line acts on: the top-1 class (the grade, for a model with a
+    grading rule), the OK/NG verdict
     (:func:`defectscope.runtime.decision.is_ng`) and, separately, the verdict on the images fp32 calls NG, so a
     mostly-OK check set cannot hide an int8 model that lets defects through.  Probability and CAM
     errors are reported, not gated: int8 moves probabilities by ~1e-2 and what matters is whether a
@@ -238,7 +241,7 @@ def check_int8(
     ng_ref = is_ng(defect_probability(p_ref, ng_indices), threshold)
     ng_q = is_ng(defect_probability(p_q, ng_indices), threshold)
     agreement = {
-        "top1_agreement": float(np.mean(p_ref.argmax(1) == p_q.argmax(1))),
+        "top1_agreement": float(np.mean(grade_indices(p_ref, grading) == grade_indices(p_q, grading))),
         "verdict_agreement": float(np.mean(ng_ref == ng_q)),
     }
     if ng_ref.any():

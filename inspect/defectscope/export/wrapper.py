@@ -1,8 +1,10 @@
 """The module that is actually exported: one feature pass, three named outputs.
 
 ``logits`` and ``probs`` come from the model's own head; ``cam`` is the class-activation map
-``sum_k w_ck f_k`` computed as a 1x1 convolution of the *same* feature map with the head weights,
-so the runner gets heat maps without running the backbone twice.  With ``fp16`` the graph takes
+``sum_k w_ck f_k`` computed by the model's ``cam_from_features`` (a 1x1 convolution with the head
+weights) from the *same* feature map, so the runner gets heat maps without running the backbone
+twice.  ``probs`` is the softmax of ``logits``; a CORN model's "logits" are its log probabilities
+(:mod:`defectscope.models.corn`), so the same holds for it.  With ``fp16`` the graph takes
 and returns float32 (the runner's contract) and runs the backbone in half precision; the head
 (global average pool, Linear, CAM) stays float32: it costs nothing, and averaging a large feature
 map in fp16 would lose precision or overflow.
@@ -13,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 OUTPUTS_WITH_CAM = ("logits", "probs", "cam")
@@ -56,6 +57,4 @@ class ExportWrapper(nn.Module):
         probs = torch.softmax(logits, dim=1)
         if not self.with_cam:
             return logits, probs
-        w = m.head.weight
-        cam = F.conv2d(feats, w.reshape(w.shape[0], w.shape[1], 1, 1))
-        return logits, probs, cam
+        return logits, probs, m.cam_from_features(feats)

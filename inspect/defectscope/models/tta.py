@@ -1,12 +1,15 @@
-"""Test-time flips as part of the model, so an exported graph can carry them to the line PC.
+"""Test-time flips and transposes as part of the model, so an exported graph carries them to the line PC.
 
-The flipped copies of a batch go through the backbone as one larger batch; each copy's feature
-map is flipped back and the maps are averaged.  Because the head is global average pooling
-followed by a Linear layer, the logits of the averaged map are exactly the mean of the copies'
-logits, and its class-activation map is the mean of the copies' maps flipped back, so the GAP
-contract (``cam.mean() == logits - bias``) still holds.  With strided layers the flipped-back maps
-can be up to one cell out of line, which blurs the heat map slightly; the logits are exact.  This
-averages logits; ``benchmarks/elpv.py --tta`` averages probabilities outside the graph.
+The flipped copies of a batch go through the backbone as one larger batch; the transposed copies
+(``dihedral``) as a second one, since they are W x H and share a shape with the others only when the
+image is square.  Each copy's feature map is turned back to the input's orientation (every layer
+treats height and width alike, so a transposed input gives a transposed map of the same size) and the
+maps are averaged.  Because the head is global average pooling followed by a Linear layer, the
+logits of the averaged map are exactly the mean of the copies' logits, and its class-activation map
+is the mean of the copies' maps turned back, so the GAP contract (``cam.mean() == logits - bias``)
+still holds.  With strided layers the turned-back maps can be up to one cell out of line, which blurs
+the heat map slightly; the logits are exact.  This averages logits; ``benchmarks/elpv.py --tta``
+averages probabilities outside the graph.
 """
 
 from __future__ import annotations
@@ -16,12 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from defectscope.runtime.metadata import TTA_FLIPS, TTA_NAMES
+from defectscope.runtime.metadata import TTA_NAMES, TTA_VIEWS, View
 
 from .errors import ModelConfigError
 
-#: view name -> the flipped axes of each extra copy; one table, shared with the runtime's metadata
-TTA_VIEWS = TTA_FLIPS
+IDENTITY: View = (False, ())
 _COPIED = (
     "num_classes",
     "in_chans",
@@ -40,12 +42,26 @@ def check_tta(views: str) -> str:
 
 
 def tta_view_count(views: str) -> int:
-    """Backbone passes per image: 1 for ``none``, 2 for ``hflip``, 4 for ``flips``."""
+    """Backbone passes per image: 1 for ``none``, 2 for ``hflip``, 4 for ``flips``, 8 for ``dihedral``."""
     return 1 + len(TTA_VIEWS[check_tta(views)])
 
 
+def apply_view(x: torch.Tensor, view: View) -> torch.Tensor:
+    """One view of an NCHW batch: transposed (H <-> W) first, then flipped."""
+    transposed, axes = view
+    y = x.transpose(2, 3) if transposed else x
+    return torch.flip(y, axes) if axes else y
+
+
+def undo_view(f: torch.Tensor, view: View) -> torch.Tensor:
+    """A view's feature map back in the input's orientation (flips undone, then the transpose)."""
+    transposed, axes = view
+    y = torch.flip(f, axes) if axes else f
+    return y.transpose(2, 3) if transposed else y
+
+
 class FlipTTA(nn.Module):
-    """A GAP classifier averaged over flipped copies of each input, in one backbone pass.
+    """A GAP classifier averaged over flipped (and transposed) copies of each input.
 
     It keeps the model contract (``forward_features``, ``forward_head``, ``cam``, ``head``, the
     geometry attributes), so fusion checks, the export wrapper and the parity gate use it as is.
@@ -65,18 +81,25 @@ class FlipTTA(nn.Module):
         return self.model.head
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Features of every view, flipped back to the input's orientation and averaged."""
+        """Features of every view, turned back to the input's orientation and averaged."""
         m: Any = self.model
-        flips = TTA_VIEWS[self.views]
-        if not flips:
+        extra = TTA_VIEWS[self.views]
+        if not extra:
             return m.forward_features(x)
-        stacked = torch.cat([x, *(torch.flip(x, dims) for dims in flips)], dim=0)
-        f = m.forward_features(stacked).float()  # sum in fp32: k fp16 maps could overflow
-        per_view = f.unflatten(0, (len(flips) + 1, -1))
-        total = per_view[0]
-        for i, dims in enumerate(flips, start=1):
-            total = total + torch.flip(per_view[i], dims)
-        return total / (len(flips) + 1)
+        views = (IDENTITY, *extra)
+        total: torch.Tensor | None = None
+        for transposed in (False, True):  # one backbone pass per orientation
+            group = [v for v in views if v[0] == transposed]
+            if not group:
+                continue
+            stacked = torch.cat([apply_view(x, v) for v in group], dim=0)
+            f = m.forward_features(stacked).float()  # sum in fp32: k fp16 maps could overflow
+            per_view = f.unflatten(0, (len(group), -1))
+            for i, v in enumerate(group):
+                back = undo_view(per_view[i], v)
+                total = back if total is None else total + back
+        assert total is not None
+        return total / len(views)
 
     def forward_head(self, f: torch.Tensor) -> torch.Tensor:
         m: Any = self.model

@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from .grading import Grading, expected_grade, grade_indices
+
 ArrayLike = TypeVar("ArrayLike")
 
 OK, NG = "OK", "NG"
@@ -26,15 +28,28 @@ class DecisionRuleError(ValueError):
     """The NG classes do not fit the class list."""
 
 
+#: ``">= p67"``: every grade from p67 on (ordered classes only)
+GRADE_AT_LEAST = ">="
+
+
 def ng_class_names(
-    class_names: Sequence[str], good_class: str, ng_classes: Sequence[str] | None
+    class_names: Sequence[str],
+    good_class: str,
+    ng_classes: Sequence[str] | str | None,
+    ordered: bool = False,
 ) -> list[str]:
-    """The NG classes in class order; ``None`` or empty = every class except ``good_class``."""
+    """The NG classes in class order; ``None`` or empty = every class except ``good_class``.
+
+    ``">= NAME"`` (ordered classes only, ``ordered=True``) is the grade NAME and every worse grade,
+    i.e. NAME and the classes after it in class order.
+    """
     names = list(class_names)
     if good_class not in names:
         raise DecisionRuleError(f"good class {good_class!r} is not one of the classes {names}")
     if not ng_classes:
         return [c for c in names if c != good_class]
+    if isinstance(ng_classes, str):
+        ng_classes = _grades_from(names, ng_classes, ordered)
     wanted = [str(c) for c in ng_classes]
     unknown = [c for c in wanted if c not in names]
     if unknown:
@@ -44,9 +59,31 @@ def ng_class_names(
     return [c for c in names if c in set(wanted)]
 
 
-def ng_indices(class_names: Sequence[str], good_class: str, ng_classes: Sequence[str] | None) -> list[int]:
+def _grades_from(names: list[str], spec: str, ordered: bool) -> list[str]:
+    """``">= NAME"`` -> NAME and the grades after it; anything else is a usage error."""
+    text = spec.strip()
+    if not text.startswith(GRADE_AT_LEAST):
+        raise DecisionRuleError(
+            f"NG classes {spec!r}: expected a list of class names or '>= GRADE' (ordered grades)"
+        )
+    first = text[len(GRADE_AT_LEAST) :].strip()
+    if not ordered:
+        raise DecisionRuleError(
+            f"NG classes {spec!r} need ordered grades (data.ordered: true); give a list of class names instead"
+        )
+    if first not in names:
+        raise DecisionRuleError(f"NG classes {spec!r}: {first!r} is not among the classes {names}")
+    return names[names.index(first) :]
+
+
+def ng_indices(
+    class_names: Sequence[str],
+    good_class: str,
+    ng_classes: Sequence[str] | str | None,
+    ordered: bool = False,
+) -> list[int]:
     """Column indices of the NG classes in a probability matrix."""
-    chosen = set(ng_class_names(class_names, good_class, ng_classes))
+    chosen = set(ng_class_names(class_names, good_class, ng_classes, ordered))
     return [i for i, c in enumerate(class_names) if c in chosen]
 
 
@@ -81,14 +118,24 @@ class Decision:
     defect_prob: float
     probs: dict[str, float]
     defect_class: str  # most likely NG class (whose CAM explains an NG)
+    #: ordered grades only: the expected grade index sum_k k * p_k (0 = best)
+    expected_grade: float | None = None
 
 
 def decide(
-    probs: np.ndarray, class_names: Sequence[str], indices: Sequence[int], threshold: float
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    indices: Sequence[int],
+    threshold: float,
+    grading: Grading | None = None,
 ) -> Decision:
-    """One image's (K,) probabilities -> :class:`Decision` under the project-wide rule."""
+    """One image's (K,) probabilities -> :class:`Decision` under the project-wide rule.
+
+    ``top_class`` is the most probable class, or with ordered grades the grade ``grading`` gives
+    (:mod:`.grading`); the OK/NG verdict is the threshold rule either way.
+    """
     p = np.asarray(probs, dtype=np.float64).reshape(1, -1)
-    top = int(np.argmax(p[0]))
+    top = int(grade_indices(p, grading)[0])
     defect_prob = float(defect_probability(p, indices)[0])
     defect_idx = max(indices, key=lambda i: p[0, i])
     return Decision(
@@ -98,4 +145,5 @@ def decide(
         defect_prob=defect_prob,
         probs={c: float(v) for c, v in zip(class_names, p[0])},
         defect_class=class_names[defect_idx],
+        expected_grade=None if grading is None else float(expected_grade(p)[0]),
     )

@@ -98,6 +98,7 @@ class Inspector:
         self.provider_summary = opened.summary
         self.trt_profile = opened.profile
         self._ng_indices = self.metadata.ng_indices
+        self._grading = self.metadata.grader
         if self.metadata.int8 and self.provider in GPU_PROVIDERS:
             self._log(f"defectscope: {path.name} is int8 but runs on {self.provider}: {INT8_ON_GPU}")
         self.has_cam = "cam" in self.output_names
@@ -169,4 +170,4 @@ class Inspector:
     def decide(self, probs: np.ndarray, threshold: float | None = None) -> Decision:
         """The verdict for one image's probabilities under the model's NG classes."""
         chosen = self.threshold if threshold is None else threshold
-        return decide(probs, self.metadata.class_names, self._ng_indices, chosen)
+        return decide(probs, self.metadata.class_names, self._ng_indices, chosen, self._grading)

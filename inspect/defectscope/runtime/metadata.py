@@ -17,20 +17,27 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .decision import DecisionRuleError, ng_class_names, ng_indices
+from .grading import Grading, GradingError
 from .image import LoaderConfig
 
 METADATA_KEY = "defectscope"
 FORMAT_NAME = "defectscope.model"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-#: test-time flips an export can build into the graph (``defectscope.models.tta``): name -> the
-#: flipped axes of each extra copy of the image (NCHW: 3 = left-right, 2 = up-down)
-TTA_FLIPS: dict[str, tuple[tuple[int, ...], ...]] = {
+#: one view of an image: (transposed, flipped axes); the transpose (H <-> W) comes first, then the
+#: flips (NCHW: 3 = left-right, 2 = up-down)
+View = tuple[bool, tuple[int, ...]]
+_FLIPS: tuple[View, ...] = ((False, (3,)), (False, (2,)), (False, (2, 3)))
+#: test-time views an export can build into the graph (``defectscope.models.tta``): name -> each
+#: extra copy of the image; ``dihedral`` = all 8 symmetries of a square (training's ``data.dihedral``
+#: draws from the same 8)
+TTA_VIEWS: dict[str, tuple[View, ...]] = {
     "none": (),
-    "hflip": ((3,),),
-    "flips": ((3,), (2,), (2, 3)),
+    "hflip": ((False, (3,)),),
+    "flips": _FLIPS,
+    "dihedral": (*_FLIPS, (True, ()), *((True, axes) for _, axes in _FLIPS)),
 }
-TTA_NAMES: tuple[str, ...] = tuple(TTA_FLIPS)
+TTA_NAMES: tuple[str, ...] = tuple(TTA_VIEWS)
 OUTPUT_NAMES = ("logits", "probs", "cam")
 
 #: caps on the untrusted document (generous for real models, small enough to keep a runner safe)
@@ -75,8 +82,12 @@ class ModelMetadata:
     #: static int8 (QDQ) graph for CPU line PCs; ``quantization`` holds its calibration and gate figures
     int8: bool = False
     quantization: dict[str, Any] = field(default_factory=dict)
-    #: flips averaged inside the graph (logits of the flipped copies); costs ``tta_views`` passes per image
+    #: views averaged inside the graph (logits of the flipped/transposed copies); costs ``tta_views``
+    #: passes per image
     tta: str = "none"
+    #: ordered grades (:mod:`.grading`): ``{"rule": argmax|median|cuts, "cuts": [...]}``; empty = the
+    #: classes are not grades and ``top_class`` is the most probable one
+    grading: dict[str, Any] = field(default_factory=dict)
     mlflow_run_id: str | None = None
     checkpoint_sha256: str | None = None
     parity: dict[str, Any] = field(default_factory=dict)
@@ -104,7 +115,12 @@ class ModelMetadata:
     @property
     def tta_views(self) -> int:
         """Backbone passes per image that the graph runs (1 without test-time flips)."""
-        return 1 + len(TTA_FLIPS[self.tta])
+        return 1 + len(TTA_VIEWS[self.tta])
+
+    @property
+    def grader(self) -> Grading | None:
+        """The grading rule the runtime applies, or None for unordered classes."""
+        return Grading.from_doc(self.grading, len(self.class_names)) if self.grading else None
 
     @property
     def variant(self) -> str:
@@ -269,7 +285,12 @@ def _problems(m: ModelMetadata) -> list[str]:
         out.append("fp16 and int8 exclude each other")
     if m.tta not in TTA_NAMES:
         out.append(f"tta must be one of {', '.join(TTA_NAMES)}, got {m.tta!r}")
-    for key in ("quantization", "parity", "threshold_source"):
+    for key in ("quantization", "parity", "threshold_source", "grading"):
         if not isinstance(getattr(m, key), dict):
             out.append(f"{key} must be an object")
+    if isinstance(m.grading, dict) and m.grading and isinstance(names, list):
+        try:
+            Grading.from_doc(m.grading, len(names))
+        except GradingError as exc:
+            out.append(str(exc))
     return out

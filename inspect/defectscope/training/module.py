@@ -13,13 +13,13 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from .. import __version__
 from ..data.datamodule import MAX_EXPORT_VAL_PATHS
+from ..models.corn import raw_outputs, with_link
 from ..runtime.decision import (
     DecisionRuleError,
     defect_probability,
@@ -27,6 +27,7 @@ from ..runtime.decision import (
     ng_class_names,
     ng_indices,
 )
+from ..runtime.grading import Grading, choose_cuts, expected_grade, grade_indices, ordinal_metrics
 from .metrics import (
     DefectScores,
     choose_threshold,
@@ -36,6 +37,7 @@ from .metrics import (
     metric_key,
     operating_point,
 )
+from .ordinal import ObjectiveError, ProbsAndLabels, resolve_objective
 
 FORMAT_VERSION = 1
 MAX_VAL_PATHS = MAX_EXPORT_VAL_PATHS
@@ -96,36 +98,53 @@ class DefectClassifier(pl.LightningModule):
         threshold: Mapping[str, Any] | None = None,
         data_info: Mapping[str, Any] | None = None,
         run_config: Mapping[str, Any] | None = None,
+        ordinal: Mapping[str, Any] | None = None,
+        ordered: bool = False,
     ) -> None:
         super().__init__()
         # logger=False: the tracker logs the whole resolved config itself, flattened.
         self.save_hyperparameters(logger=False)
         from defectscope.models import create_model
 
-        spec = dict(model)
-        name = spec.pop("name")
-        self.model = create_model(name, num_classes=num_classes, in_chans=in_chans, **spec)
-        self.model_name = str(name)
         self.class_names = list(class_names)
         if len(self.class_names) != num_classes:
             raise ValueError(f"{len(self.class_names)} class names for num_classes={num_classes}")
         if good_class not in self.class_names:
             raise ValueError(f"good_class {good_class!r} is not one of {self.class_names}")
+        if ordered and self.class_names[0] != good_class:
+            raise ValueError(
+                f"data.ordered: the classes {self.class_names} are grades best first, so the good class "
+                f"{good_class!r} must come first (set data.source.classes in grade order)"
+            )
+        loss = dict(loss or {})
+        self.label_smoothing = float(loss.get("label_smoothing", 0.0) or 0.0)
+        try:
+            self.objective = resolve_objective(ordinal, bool(ordered), self.label_smoothing)
+        except ObjectiveError as exc:
+            raise ValueError(str(exc)) from None
+        #: the grading rule; the cut points of ``cuts`` are chosen on validation each epoch
+        cuts = tuple(k + 0.5 for k in range(num_classes - 1)) if self.objective.rule == "cuts" else ()
+        self.grading = Grading(self.objective.rule, cuts)
+        spec = dict(model)
+        name = spec.pop("name")
+        outputs = raw_outputs(num_classes, self.objective.link)
+        self.model = create_model(name, num_classes=outputs, in_chans=in_chans, **spec)
+        self.model_name = str(name)
         self.good_class = good_class
         thr = dict(threshold or {})
         try:
-            self.ng_classes = ng_class_names(self.class_names, good_class, thr.get("ng_classes"))
+            self.ng_classes = ng_class_names(
+                self.class_names, good_class, thr.get("ng_classes"), bool(ordered)
+            )
         except DecisionRuleError as exc:
             raise ValueError(f"threshold.ng_classes: {exc}") from None
         self.ng_indices = ng_indices(self.class_names, good_class, self.ng_classes)
-        loss = dict(loss or {})
         weights = loss.get("class_weights")
         self.register_buffer(
             "class_weight",
             None if weights is None else torch.tensor(weights, dtype=torch.float32),
             persistent=False,
         )
-        self.label_smoothing = float(loss.get("label_smoothing", 0.0) or 0.0)
         self.target_recall = float(thr.get("target_recall", 0.99))
         self.threshold = float(thr.get("default", 0.5))
         self.data_info = dict(data_info or {})
@@ -140,45 +159,56 @@ class DefectClassifier(pl.LightningModule):
         self.val_metrics, self.test_metrics = class_metrics(num_classes), class_metrics(num_classes)
         self.val_confmat, self.test_confmat = confusion_matrix(num_classes), confusion_matrix(num_classes)
         self.val_scores, self.test_scores = DefectScores(), DefectScores()
+        self.val_probs, self.test_probs = ProbsAndLabels(), ProbsAndLabels()
 
     # ------------------------------------------------------------------ forward / loss
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw network outputs (K logits; K - 1 for CORN): see :meth:`class_model` for K classes."""
         return self.model(x)
 
-    def criterion(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        weight = self.class_weight if isinstance(self.class_weight, torch.Tensor) else None
-        return F.cross_entropy(logits.float(), target, weight=weight, label_smoothing=self.label_smoothing)
+    def class_model(self) -> torch.nn.Module:
+        """The network as a K-class model (log-probabilities, K heat maps), as export builds it."""
+        return with_link(self.model, self.objective.link)
 
-    def defect_probability(self, logits: torch.Tensor) -> torch.Tensor:
+    def criterion(self, raw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        weight = self.class_weight if isinstance(self.class_weight, torch.Tensor) else None
+        return self.objective.loss(raw, target, weight)
+
+    def defect_probability(self, raw: torch.Tensor) -> torch.Tensor:
         """P(defect) under the project-wide rule (:mod:`defectscope.runtime.decision`)."""
-        return defect_probability(logits.float().softmax(dim=1), self.ng_indices)
+        return defect_probability(self.objective.probs(raw), self.ng_indices)
+
+    def grade(self, probs: torch.Tensor) -> torch.Tensor:
+        """The class each image is given: argmax, or the grade under the grading rule."""
+        graded = grade_indices(probs.detach().double().cpu().numpy(), self.grading)
+        return torch.from_numpy(graded).to(probs.device)
 
     # ------------------------------------------------------------------ steps
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         x, y = batch["image"], batch["label"]
-        logits = self.model(x)
-        loss = self.criterion(logits, y)
+        raw = self.model(x)
+        loss = self.criterion(raw, y)
         n = int(y.numel())
         self.train_loss.update(loss.detach(), weight=n)
-        self.train_acc.update(logits.detach().argmax(dim=1), y)
+        self.train_acc.update(self.objective.probs(raw.detach()).argmax(dim=1), y)
         self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=n)
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, batch_size=n)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, batch_size=n)
         return loss
 
     def _eval_step(self, batch: Mapping[str, Any], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss now; everything that depends on the grade is counted at the epoch's end."""
         x, y = batch["image"], batch["label"]
-        logits = self.model(x)
-        preds = logits.argmax(dim=1)
-        getattr(self, f"{stage}_loss").update(self.criterion(logits, y), weight=int(y.numel()))
-        getattr(self, f"{stage}_metrics").update(preds, y)
-        getattr(self, f"{stage}_confmat").update(preds, y)
-        getattr(self, f"{stage}_scores").update(
-            self.defect_probability(logits), is_defect_label(y, self.ng_indices)
-        )
-        return logits, preds
+        raw = self.model(x)
+        getattr(self, f"{stage}_loss").update(self.criterion(raw, y), weight=int(y.numel()))
+        probs = self.objective.probs(raw)
+        self._outputs(stage).update(probs, y)
+        return raw, self.grade(probs)
+
+    def _outputs(self, stage: str) -> ProbsAndLabels:
+        return self.val_probs if stage == "val" else self.test_probs
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -195,7 +225,8 @@ class DefectClassifier(pl.LightningModule):
         wrong = (preds != batch["label"]).nonzero().flatten().tolist()
         for i in wrong[: self.misclassified_max - len(self._misclassified)]:
             x = batch["image"][i : i + 1]
-            cam = self.model.cam(x)[0, int(preds[i])]
+            class_model: Any = self.class_model()
+            cam = class_model.cam(x)[0, int(preds[i])]
             self._misclassified.append(
                 {
                     "image": x[0].float().cpu(),
@@ -209,8 +240,28 @@ class DefectClassifier(pl.LightningModule):
 
     # ------------------------------------------------------------------ epoch ends
 
+    def _count(self, stage: str, choose_cuts_now: bool) -> None:
+        """Grade the epoch's images (choosing the cut points first on validation) and count them."""
+        outputs = self._outputs(stage)
+        if choose_cuts_now and self.grading.rule == "cuts":
+            every_probs, every_label = outputs.gathered()  # the same cuts on every rank
+            if every_label.numel() > 0:
+                expected = expected_grade(every_probs.double().cpu().numpy())
+                cuts = choose_cuts(expected, every_label.cpu().numpy(), len(self.class_names))
+                self.grading = Grading("cuts", cuts)
+        probs, labels = outputs.compute()
+        if labels.numel() == 0:
+            return
+        preds = self.grade(probs)
+        getattr(self, f"{stage}_metrics").update(preds, labels)
+        getattr(self, f"{stage}_confmat").update(preds, labels)
+        getattr(self, f"{stage}_scores").update(
+            defect_probability(probs, self.ng_indices), is_defect_label(labels, self.ng_indices)
+        )
+
     def _epoch_metrics(self, stage: str) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, torch.Tensor]:
         """Compute (synchronised across ranks) and reset this stage's metrics."""
+        self._count(stage, choose_cuts_now=stage == "val" and not self.trainer.sanity_checking)
         out = {"loss": float(getattr(self, f"{stage}_loss").compute())}
         for name, value in getattr(self, f"{stage}_metrics").compute().items():
             if value.ndim == 0:
@@ -223,8 +274,11 @@ class DefectClassifier(pl.LightningModule):
         auroc = defect_auroc(scores, targets)
         if auroc is not None:
             out["auroc"] = auroc
+        if self.objective.ordered and int(confmat.sum()) > 0:
+            out.update(ordinal_metrics(confmat.numpy()))
         for metric in ("loss", "metrics", "confmat", "scores"):
             getattr(self, f"{stage}_{metric}").reset()
+        self._outputs(stage).reset()
         return out, confmat, scores, targets
 
     def on_validation_epoch_end(self) -> None:
@@ -301,6 +355,7 @@ class DefectClassifier(pl.LightningModule):
             "class_names": list(self.class_names),
             "good_class": self.good_class,
             "ng_classes": list(self.ng_classes),
+            "grading": self.grading_info(),
             "threshold": float(self.threshold),
             "target_recall": float(self.target_recall),
             "loader": to_plain(dict(info.get("loader") or {})),
@@ -313,6 +368,10 @@ class DefectClassifier(pl.LightningModule):
             "package_version": __version__,
         }
 
+    def grading_info(self) -> dict[str, Any]:
+        """Plain data: the objective, its link (export rebuilds it) and the grading rule with its cuts."""
+        return {**self.objective.to_info(), **self.grading.to_doc()}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["defectscope"] = self.checkpoint_info()
 
@@ -320,3 +379,7 @@ class DefectClassifier(pl.LightningModule):
         info = checkpoint.get("defectscope") or {}
         if "threshold" in info:
             self.threshold = float(info["threshold"])
+        grading = info.get("grading")
+        if isinstance(grading, dict) and grading.get("rule") == self.grading.rule:
+            doc = {k: grading[k] for k in ("rule", "cuts") if k in grading}
+            self.grading = Grading.from_doc(doc, len(self.class_names), "checkpoint grading")

@@ -128,6 +128,8 @@ def build_module(cfg: DictConfig, dm: Any) -> DefectClassifier:
             "val_labels": list(getattr(dm, "val_labels", [])),
         },
         run_config=to_plain(cfg),
+        ordinal=to_plain(cfg.get("ordinal")) or {},
+        ordered=bool(getattr(dm, "ordered", False)),
     )
     check_geometry(module.model, dm, cfg.data)
     return module

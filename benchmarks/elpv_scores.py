@@ -1,0 +1,77 @@
+"""Figures beside accuracy for the ELPV benchmark (``benchmarks/elpv.py``): balanced accuracy, the
+ordinal figures of the 4 grades, and the OK/NG operating point a line would run at.
+
+Operating point: the defective cells are those with p >= 0.5 (grades p67 and p100) and their score is the
+protocol's P(defect) = P(p67) + P(p100).  For a recall target r, the threshold is the one training and
+export choose (the largest that catches a share r of the defective cells; ``choose_threshold``), here
+chosen on the test cells themselves, so the figure says what the model's ranking allows, not what a
+threshold picked in advance delivers.  The false-reject rate is reported on the functional p0 cells (the
+issue's figure) and on all cells below 0.5 (p0 and p33).  The shipped threshold, with the model's own NG
+classes, is reported separately (``shipped``): that is what a line running the file gets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+RECALLS = (0.95, 0.99)
+
+
+def balanced_accuracy(cm: np.ndarray) -> float | None:
+    """Mean recall over the classes that occur in the truth (rows of the confusion matrix)."""
+    cm = np.asarray(cm, dtype=np.float64)
+    support = cm.sum(axis=1)
+    present = support > 0
+    if not present.any():
+        return None
+    return float((np.diag(cm)[present] / support[present]).mean())
+
+
+def _rates(ng: np.ndarray, grades: np.ndarray) -> dict[str, float | None]:
+    defective = np.isin(grades, ("p67", "p100"))
+    p0 = grades == "p0"
+    functional = ~defective
+
+    def share(mask: np.ndarray) -> float | None:
+        return float(ng[mask].mean()) if mask.any() else None
+
+    return {
+        "recall": share(defective),
+        "false_reject_rate_p0": share(p0),
+        "false_reject_rate_functional": share(functional),
+    }
+
+
+def operating_points(
+    p_defective: Sequence[float], grades: Sequence[str], recalls: Sequence[float] = RECALLS
+) -> dict[str, dict[str, float | None]]:
+    """``{"recall_95": {...}, "recall_99": {...}}``: threshold and rates at each recall target."""
+    import torch
+
+    from defectscope.training.metrics import choose_threshold
+
+    scores = np.asarray(p_defective, dtype=np.float64)
+    g = np.asarray(grades)
+    is_defective = torch.from_numpy(np.isin(g, ("p67", "p100")))
+    out: dict[str, dict[str, float | None]] = {}
+    for r in recalls:
+        t = choose_threshold(torch.from_numpy(scores), is_defective, r)
+        entry: dict[str, float | None] = {"threshold": t}
+        entry.update(_rates(scores >= t, g) if t is not None else {})
+        out[f"recall_{round(100 * r)}"] = entry
+    return out
+
+
+def shipped_point(
+    probs: np.ndarray, class_names: Sequence[str], ng_classes: Sequence[str], threshold: float,
+    grades: Sequence[str],
+) -> dict[str, Any]:  # fmt: skip
+    """Recall and false-reject rates at the model's own threshold and NG classes (its line verdict)."""
+    from defectscope.runtime.decision import defect_probability, is_ng
+
+    cols = [list(class_names).index(c) for c in ng_classes]
+    ng = np.asarray(is_ng(defect_probability(np.asarray(probs, dtype=np.float64), cols), threshold))
+    return {"threshold": float(threshold), "ng_classes": list(ng_classes), **_rates(ng, np.asarray(grades))}

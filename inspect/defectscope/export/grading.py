@@ -1,0 +1,99 @@
+"""Ordered grades at export: the checkpoint's link rebuilt, and the grading rule earned by the graph.
+
+The checkpoint's ``grading`` entry (plain data written by training) names the objective's link
+(``softmax`` or ``corn``, looked up in :data:`defectscope.models.corn.LINKS`) and the grading rule.  A
+``cuts`` rule's cut points are chosen again on the exported graph itself, on the checkpoint's labelled
+validation images, as the threshold is: fp16, int8 and test-time views all move the expected grade a
+little, and what ships must be what that graph grades best.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from defectscope.models.corn import LINKS
+from defectscope.runtime.grading import Grading, GradingError, choose_cuts, expected_grade
+from defectscope.runtime.image import ImageLoadError, load_image, normalize_batch
+from defectscope.runtime.metadata import ModelMetadata
+
+#: fewer labelled images than this: keep the cut points chosen in training
+MIN_CUT_IMAGES = 20
+
+
+class GradingExportError(ValueError):
+    """The checkpoint's grading entry cannot be used (unknown link, bad rule or cut points)."""
+
+
+def checkpoint_grading(info: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The link to rebuild the class model with, and the metadata's ``grading`` ({} = unordered)."""
+    entry = info.get("grading")
+    if not entry:
+        return "softmax", {}
+    if not isinstance(entry, dict):
+        raise GradingExportError(f"checkpoint 'grading' entry must be an object, got {type(entry).__name__}")
+    link = entry.get("link", "softmax")
+    if link not in LINKS:
+        raise GradingExportError(
+            f"checkpoint grading.link is {link!r}; this defectscope knows {', '.join(LINKS)}"
+        )
+    if not entry.get("ordered"):
+        return str(link), {}
+    doc = {k: entry[k] for k in ("rule", "cuts") if k in entry}
+    try:
+        grading = Grading.from_doc(doc, len(info["class_names"]), "checkpoint grading")
+    except GradingError as exc:
+        raise GradingExportError(str(exc)) from None
+    return str(link), grading.to_doc()
+
+
+def labelled_batches(
+    info: dict[str, Any], meta: ModelMetadata
+) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    """The checkpoint's validation images (that exist here) as normalised batches by shape, with labels."""
+    names = list(meta.class_names)
+    groups: dict[tuple[int, ...], tuple[list[np.ndarray], list[int]]] = {}
+    paths, labels = info.get("val_paths") or [], info.get("val_labels") or []
+    for path, label in zip(paths, labels):
+        if label not in names or not os.path.isfile(path):
+            continue
+        try:
+            arr = load_image(path, meta.loader)
+        except ImageLoadError:
+            continue
+        images, classes = groups.setdefault(arr.shape, ([], []))
+        images.append(arr)
+        classes.append(names.index(label))
+    batches = [normalize_batch(imgs, meta.mean, meta.std) for imgs, _ in groups.values()]
+    targets = [np.asarray(cls, dtype=np.int64) for _, cls in groups.values()]
+    return batches, targets, sum(len(t) for t in targets)
+
+
+def earn_cuts(
+    model_bytes: bytes, meta: ModelMetadata, info: dict[str, Any], log: Callable[[str], None]
+) -> dict[str, Any]:
+    """The ``grading`` to ship: for ``cuts``, the cut points chosen on the graph's own expected grades."""
+    if meta.grading.get("rule") != "cuts":
+        return dict(meta.grading)
+    batches, targets, n = labelled_batches(info, meta)
+    if n < MIN_CUT_IMAGES:
+        log(
+            f"grading: {n} labelled validation images here (< {MIN_CUT_IMAGES}); keeping training's cut points"
+        )
+        return dict(meta.grading)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    expected = [
+        expected_grade(session.run(["probs"], {"input": x[i : i + 16]})[0])
+        for x in batches
+        for i in range(0, len(x), 16)
+    ]
+    cuts = choose_cuts(np.concatenate(expected), np.concatenate(targets), len(meta.class_names))
+    log(
+        f"grading: cut points {', '.join(f'{c:.3f}' for c in cuts)} chosen on {n} validation images (this graph)"
+    )
+    return Grading("cuts", cuts).to_doc()

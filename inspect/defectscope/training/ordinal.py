@@ -1,0 +1,185 @@
+"""Training objectives, nominal and ordinal, and the grading rule each one ships with.
+
+With ordered classes (``data.ordered: true``: class order = grade order, best first) a confusion
+between neighbouring grades is a smaller mistake than one across the scale, and the objectives here
+say so in different ways (``ordinal.objective``):
+
+* ``ce``: cross-entropy, the classes as unrelated labels (the only choice for unordered classes);
+* ``soft``: cross-entropy against distance-aware soft targets, ``q_j ∝ exp(-soft_beta * |j - y|)``
+  (soft ordinal labels): neighbouring grades share some of the target;
+* ``expected``: the squared error of the expected grade ``E = sum_k k p_k`` (a regression of the grade,
+  as Deitsch et al. regressed the defect probability) plus ``expected_ce`` times cross-entropy to keep
+  the probabilities sharp; graded by cut points on E chosen on validation;
+* ``corn``: CORN, K - 1 conditional binary tasks "grade > k given grade > k - 1"
+  (:mod:`defectscope.models.corn`), graded by the median.
+
+Every objective yields per-class probabilities, so P(defect), the threshold, the export and the
+runtime contract are the same for all; the rule that picks the grade (:mod:`defectscope.runtime.grading`)
+travels with the model.  Names are looked up in :data:`OBJECTIVES`; nothing here is built from a string
+read out of a file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from ..models.corn import corn_log_probs
+from ..runtime.grading import RULES
+
+
+class ObjectiveError(ValueError):
+    """The ``ordinal`` settings do not fit the classes (ordinal objective without ordered grades)."""
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    link: str  # how raw outputs become probabilities (defectscope.models.corn.LINKS)
+    rule: str  # the grading rule it ships with by default
+    ordinal: bool  # needs ordered grades
+
+
+OBJECTIVES: dict[str, ObjectiveSpec] = {
+    "ce": ObjectiveSpec("softmax", "argmax", False),
+    "soft": ObjectiveSpec("softmax", "argmax", True),
+    "expected": ObjectiveSpec("softmax", "cuts", True),
+    "corn": ObjectiveSpec("corn", "median", True),
+}
+#: ``ordinal.objective: auto`` with ordered grades (the measured best on ELPV, docs/benchmarks.md)
+DEFAULT_ORDINAL = "soft"
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One resolved objective: its loss, its link and the grading rule the model ships with."""
+
+    name: str = "ce"
+    rule: str = "argmax"
+    ordered: bool = False
+    soft_beta: float = 2.0
+    expected_ce: float = 0.5
+    label_smoothing: float = 0.0
+
+    @property
+    def link(self) -> str:
+        return OBJECTIVES[self.name].link
+
+    def log_probs(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw network outputs -> (N, K) log class probabilities."""
+        raw = raw.float()
+        return corn_log_probs(raw) if self.link == "corn" else F.log_softmax(raw, dim=1)
+
+    def probs(self, raw: torch.Tensor) -> torch.Tensor:
+        return self.log_probs(raw).exp()
+
+    def loss(
+        self, raw: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean loss over the batch; ``weight`` (per class) weighs each image by its class's weight."""
+        raw = raw.float()
+        if self.name == "ce":
+            return F.cross_entropy(raw, target, weight=weight, label_smoothing=self.label_smoothing)
+        if self.name == "corn":
+            return _corn_loss(raw, target, weight)
+        log_p = F.log_softmax(raw, dim=1)
+        k = log_p.shape[1]
+        if self.name == "soft":
+            grades = torch.arange(k, device=raw.device, dtype=torch.float32)
+            q = torch.softmax(-self.soft_beta * (grades[None, :] - target[:, None].float()).abs(), dim=1)
+            q = (1 - self.label_smoothing) * q + self.label_smoothing / k
+            return _weighted_mean(-(q * log_p).sum(dim=1), target, weight)
+        grades = torch.arange(k, device=raw.device, dtype=torch.float32)
+        err = (log_p.exp() @ grades - target.float()) ** 2
+        ce = F.cross_entropy(raw, target, weight=weight, label_smoothing=self.label_smoothing)
+        return _weighted_mean(err, target, weight) + self.expected_ce * ce
+
+    def to_info(self) -> dict[str, Any]:
+        """Plain data for the checkpoint (export rebuilds the link and ships the rule)."""
+        return {"objective": self.name, "link": self.link, "rule": self.rule, "ordered": self.ordered}
+
+
+def _weighted_mean(values: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    if weight is None:
+        return values.mean()
+    w = weight[target]
+    return (values * w).sum() / w.sum()
+
+
+def _corn_loss(raw: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """CORN: task k sees only the images of grade >= k and asks "grade > k"; mean over (image, task)."""
+    steps = torch.arange(raw.shape[1], device=raw.device)
+    seen = (target[:, None] >= steps[None, :]).float()  # task k is conditional on grade > k - 1
+    above = (target[:, None] > steps[None, :]).float()
+    losses = F.binary_cross_entropy_with_logits(raw, above, reduction="none") * seen
+    w = seen if weight is None else seen * weight[target][:, None]
+    return (losses * w).sum() / w.sum().clamp(min=1e-12)
+
+
+def resolve_objective(
+    spec: Mapping[str, Any] | None, ordered: bool, label_smoothing: float = 0.0
+) -> Objective:
+    """``ordinal.*`` from the config -> :class:`Objective`; errors name the key and the choices."""
+    cfg = dict(spec or {})
+    name = str(cfg.get("objective") or AUTO)
+    if name == AUTO:
+        name = DEFAULT_ORDINAL if ordered else "ce"
+    if name not in OBJECTIVES:
+        raise ObjectiveError(
+            f"ordinal.objective must be auto or one of {', '.join(OBJECTIVES)}, got {name!r}"
+        )
+    if OBJECTIVES[name].ordinal and not ordered:
+        raise ObjectiveError(
+            f"ordinal.objective={name} needs ordered grades: set data.ordered=true (the class order is then "
+            "the grade order, best first) or use ordinal.objective=ce"
+        )
+    rule = str(cfg.get("rule") or AUTO)
+    rule = OBJECTIVES[name].rule if rule == AUTO else rule
+    if rule not in RULES:
+        raise ObjectiveError(f"ordinal.rule must be auto or one of {', '.join(RULES)}, got {rule!r}")
+    if rule != "argmax" and not ordered:
+        raise ObjectiveError(f"ordinal.rule={rule} grades ordered classes only: set data.ordered=true")
+    beta, weight = float(cfg.get("soft_beta", 2.0)), float(cfg.get("expected_ce", 0.5))
+    if beta <= 0 or weight < 0:
+        raise ObjectiveError(
+            f"ordinal.soft_beta must be > 0 and ordinal.expected_ce >= 0, got {beta}, {weight}"
+        )
+    return Objective(name, rule, ordered, beta, weight, float(label_smoothing))
+
+
+class ProbsAndLabels(Metric):
+    """Every image's class probabilities and label, so the grade is decided once per epoch (the
+    cut points of the ``cuts`` rule are chosen on all of validation before anything is counted).
+
+    ``compute()`` gives this rank's own images (the metrics they are counted into sync themselves);
+    :meth:`gathered` gives every rank's, for choosing the cut points identically everywhere.
+    """
+
+    full_state_update = False
+    probs: list[torch.Tensor]
+    labels: list[torch.Tensor]
+
+    def __init__(self) -> None:
+        super().__init__(sync_on_compute=False)
+        self.add_state("probs", default=[], dist_reduce_fx="cat")
+        self.add_state("labels", default=[], dist_reduce_fx="cat")
+
+    def update(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        self.probs.append(probs.detach().float())
+        self.labels.append(labels.detach().to(torch.int64).flatten())
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(self.probs, list) and not self.probs:
+            return torch.zeros(0, 0), torch.zeros(0, dtype=torch.int64)
+        return dim_zero_cat(self.probs), dim_zero_cat(self.labels)
+
+    def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All ranks' probabilities and labels (this rank's alone when not distributed)."""
+        with self.sync_context():
+            return self.compute()

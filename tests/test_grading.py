@@ -1,0 +1,134 @@
+"""Ordered grades, the torch-free part: grading rules, cut points, ordinal figures, "grade >= k" NG sugar."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+
+from defectscope.runtime.decision import DecisionRuleError, decide, ng_class_names
+from defectscope.runtime.grading import Grading, GradingError, choose_cuts, grade_indices, ordinal_metrics
+from defectscope.runtime.metadata import MetadataError, ModelMetadata
+from onnx_models import fixture_metadata
+
+GRADES = ["p0", "p33", "p67", "p100"]
+
+
+def test_ordinal_metrics_against_hand_computed_values() -> None:
+    # truth 0,0,0,1,1,2,3 graded 0,1,0,1,3,2,1: errors |0-1| = 1, |1-3| = 2, |3-1| = 2
+    cm = np.zeros((4, 4), int)
+    for t, p in [(0, 0), (0, 1), (0, 0), (1, 1), (1, 3), (2, 2), (3, 1)]:
+        cm[t, p] += 1
+    got = ordinal_metrics(cm)
+    assert got["mae"] == pytest.approx(5 / 7)
+    assert got["off_by_more_than_one"] == pytest.approx(2 / 7)
+    # kappa by hand: weights (i-j)^2/9; observed sum w*cm = (1 + 4 + 4) / 9 = 1;
+    # expected E = outer(rows, cols) / 7 with rows (3,2,1,1), cols (2,3,1,1)
+    rows, cols = [3, 2, 1, 1], [2, 3, 1, 1]
+    expected = sum(rows[i] * cols[j] / 7 * (i - j) ** 2 / 9 for i in range(4) for j in range(4))
+    assert got["qwk"] == pytest.approx(1 - 1 / expected)
+    perfect = ordinal_metrics(np.diag([3, 2, 1, 1]))
+    assert perfect == {"mae": 0.0, "off_by_more_than_one": 0.0, "qwk": 1.0}
+
+
+def test_grading_rules_on_hand_examples() -> None:
+    probs = np.array(
+        [
+            [0.40, 0.05, 0.05, 0.50],  # argmax 3; cumulative 0.40, 0.45, 0.50 -> median 2; E = 1.65
+            [0.10, 0.45, 0.44, 0.01],  # argmax 1; median 1; E = 1.36
+            [0.60, 0.20, 0.10, 0.10],  # argmax 0; median 0; E = 0.7
+        ]
+    )
+    assert grade_indices(probs).tolist() == [3, 1, 0]
+    assert grade_indices(probs, Grading("median")).tolist() == [2, 1, 0]
+    assert grade_indices(probs, Grading("cuts", (0.5, 1.4, 2.5))).tolist() == [2, 1, 1]
+    half = np.array([[0.5, 0.0, 0.0, 0.5]])  # E = 1.5 exactly: a cut at E counts
+    assert grade_indices(half, Grading("cuts", (0.5, 1.5, 1.5))).tolist() == [3]
+    assert grade_indices(half, Grading("cuts", (0.5, 1.5000001, 2.5))).tolist() == [1]
+
+
+def _probs_with_expected_grade(e: np.ndarray, k: int) -> np.ndarray:
+    """Probabilities on the two grades around each e, so that sum_k k p_k = e."""
+    lo = np.floor(e).astype(int)
+    frac = e - lo
+    p = np.zeros((e.size, k))
+    p[np.arange(e.size), lo] = 1 - frac
+    p[np.arange(e.size), np.minimum(lo + 1, k - 1)] += frac
+    return p
+
+
+def test_chosen_cut_points_grade_the_most_images_right() -> None:
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        n, k = int(rng.integers(1, 14)), int(rng.integers(2, 5))
+        y = rng.integers(0, k, n) if trial % 4 else np.full(n, rng.integers(0, k))
+        e = np.round(np.clip(y + rng.normal(0, 0.8, n), 0, k - 1), 1)
+        probs = _probs_with_expected_grade(e, k)
+        cuts = choose_cuts(e, y, k)
+        Grading.from_doc(Grading("cuts", cuts).to_doc(), k)  # what training finds, metadata accepts
+        right = int((grade_indices(probs, Grading("cuts", cuts)) == y).sum())
+        # every placement of k - 1 cuts among the values that matter (brute force)
+        values = sorted({-0.5, k - 0.5, *e.tolist(), *(e + 1e-9).tolist()})
+        best = max(
+            int((grade_indices(probs, Grading("cuts", c)) == y).sum())
+            for c in itertools.combinations_with_replacement(values, k - 1)
+        )
+        assert right == best, (e, y, cuts)
+
+
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        ({"rule": "mean"}, "grading.rule must be one of argmax, median, cuts"),
+        ({"rule": "cuts", "cuts": [0.5]}, "grading.cuts needs 3 value(s)"),
+        ({"rule": "cuts", "cuts": [1.5, 0.5, 2.5]}, "non-decreasing"),
+        ({"rule": "cuts", "cuts": [0.5, 1.5, 9.0]}, "non-decreasing values in [-0.5, 3.5]"),
+        ({"rule": "cuts", "cuts": [0.5, 1.5, float("nan")]}, "finite numbers"),
+        ({"rule": "argmax", "cuts": [0.5, 1.5, 2.5]}, "needs 0 value(s)"),
+        ({"rule": "argmax", "code": "import os"}, "unknown key(s) ['code']"),
+        ([1, 2], "grading must be an object"),
+    ],
+)
+def test_untrusted_grading_documents_are_refused_by_field(doc: Any, message: str) -> None:
+    with pytest.raises(GradingError, match=None) as exc:
+        Grading.from_doc(doc, 4)
+    assert message in str(exc.value)
+    meta = json.loads(fixture_metadata(class_names=GRADES, good_class="p0").to_json())
+    meta["grading"] = doc
+    if isinstance(doc, dict) and any(isinstance(v, float) and v != v for v in doc.get("cuts", [])):
+        return  # NaN is not JSON; the metadata parser refuses it earlier
+    with pytest.raises(MetadataError) as meta_exc:
+        ModelMetadata.from_json(json.dumps(meta), source="m.onnx")
+    assert message in str(meta_exc.value) and str(meta_exc.value).startswith("m.onnx: ")
+
+
+def test_models_without_grading_still_load_and_decide_by_argmax() -> None:
+    doc = json.loads(fixture_metadata(class_names=GRADES, good_class="p0").to_json())
+    del doc["grading"]
+    meta = ModelMetadata.from_json(json.dumps(doc))
+    assert meta.grading == {} and meta.grader is None
+    d = decide(np.array([0.4, 0.05, 0.05, 0.5]), GRADES, meta.ng_indices, 0.5, meta.grader)
+    assert d.top_class == "p100" and d.expected_grade is None
+
+
+def test_decide_gives_the_grade_of_the_rule_and_keeps_the_threshold_verdict() -> None:
+    probs = np.array([0.40, 0.05, 0.05, 0.50])  # E = 1.65
+    d = decide(probs, GRADES, [2, 3], 0.56, Grading("cuts", (0.5, 1.5, 2.5)))
+    assert (d.top_class, d.top_prob, d.verdict) == ("p67", 0.05, "OK")  # graded p67, P(defect) 0.55
+    assert d.expected_grade == pytest.approx(1.65) and d.defect_prob == pytest.approx(0.55)
+
+
+def test_grade_at_least_resolves_to_a_class_list() -> None:
+    assert ng_class_names(GRADES, "p0", ">= p67", ordered=True) == ["p67", "p100"]
+    assert ng_class_names(GRADES, "p0", ">=p33", ordered=True) == ["p33", "p67", "p100"]
+    with pytest.raises(DecisionRuleError, match="need ordered grades"):
+        ng_class_names(GRADES, "p0", ">= p67")
+    with pytest.raises(DecisionRuleError, match="'p50' is not among the classes"):
+        ng_class_names(GRADES, "p0", ">= p50", ordered=True)
+    with pytest.raises(DecisionRuleError, match="cannot also be an NG class"):
+        ng_class_names(GRADES, "p0", ">= p0", ordered=True)
+    with pytest.raises(DecisionRuleError, match="expected a list of class names or '>= GRADE'"):
+        ng_class_names(GRADES, "p0", "p67", ordered=True)

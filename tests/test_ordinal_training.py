@@ -1,0 +1,171 @@
+"""Ordered grades end to end: every ordinal objective trains on a tiny ordered synthetic set, the
+checkpoint carries its grading rule, export keeps parity with it, and the runtime grades by it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from defectscope.training.ordinal import Objective, resolve_objective
+from defectscope.training.train import train
+
+GRADES = ["g0", "g1", "g2", "g3"]
+SIDES = (0, 6, 12, 20)  # the bright square grows with the grade
+
+
+def make_ordered_set(root: Path, per_grade: int = 40, size: int = 48, seed: int = 0) -> Path:
+    """Grey noise with a bright square whose side grows with the grade (g0: none)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for grade, side in zip(GRADES, SIDES):
+        folder = root / grade
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_grade):
+            img = rng.normal(90, 12, (size, size))
+            if side:
+                y, x = rng.integers(0, size - side, 2)
+                img[y : y + side, x : x + side] += 90
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ordered_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_ordered_set(tmp_path_factory.mktemp("ordered"))
+
+
+def ordered_cfg(compose_train: Callable[..., Any], data: Path, out: Path, *extra: str) -> Any:
+    return compose_train(
+        [
+            "data=folder", "model=tiny", "callbacks=minimal", "scheduler=onecycle", "logger=none",
+            f"data.source.root={data}", f"data.source.classes=[{','.join(GRADES)}]",
+            "data.source.good_class=g0", "data.ordered=true", "data.loader.size_multiple=16",
+            "data.num_workers=0", "data.persistent_workers=false", "data.batch_size=16", "data.scan_workers=1",
+            "threads=1", "trainer.accelerator=cpu", "trainer.num_sanity_val_steps=0",
+            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.max_epochs=12",
+            "optim.optimizer.lr=0.01", 'threshold.ng_classes=">= g2"',
+            f"paths.output_dir={out}", "paths.launch_dir=.", f"paths.data_dir={data}", *extra,
+        ]
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(
+    ordered_dir: Path, compose_train: Callable[..., Any], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[Path, dict[str, float]]]:
+    """One short training per ordinal objective: (best checkpoint, final metrics)."""
+    runs = {}
+    for objective in ("soft", "expected", "corn"):
+        out = tmp_path_factory.mktemp(objective)
+        metrics = train(ordered_cfg(compose_train, ordered_dir, out, f"ordinal.objective={objective}"))
+        runs[objective] = (out / "checkpoints" / "best.ckpt", metrics)
+    return runs
+
+
+@pytest.mark.parametrize("objective", ["soft", "expected", "corn"])
+def test_each_ordinal_objective_learns_the_grades(
+    trained: dict[str, tuple[Path, dict[str, float]]], objective: str
+) -> None:
+    ckpt, metrics = trained[objective]
+    # chance on 4 balanced grades: accuracy 0.25, kappa 0, MAE 1.25
+    assert metrics["test/acc"] >= 0.5 and metrics["test/qwk"] >= 0.6 and metrics["test/mae"] <= 0.6, metrics
+    assert {"val/mae", "val/off_by_more_than_one", "val/qwk"} <= set(metrics)
+    info = torch.load(ckpt, map_location="cpu", weights_only=True)["defectscope"]
+    rule = {"soft": "argmax", "expected": "cuts", "corn": "median"}[objective]
+    assert info["grading"]["objective"] == objective and info["grading"]["rule"] == rule
+    assert info["grading"]["ordered"] is True and info["ng_classes"] == ["g2", "g3"]
+    assert info["model_kwargs"]["num_classes"] == (3 if objective == "corn" else 4)
+    if objective == "expected":  # chosen on validation, not the initial 0.5 / 1.5 / 2.5
+        assert len(info["grading"]["cuts"]) == 3 and info["grading"]["cuts"] != [0.5, 1.5, 2.5]
+
+
+def _rule_by_hand(probs: dict[str, float], grading: dict[str, Any]) -> str:
+    p = [probs[g] for g in GRADES]
+    if grading["rule"] == "median":
+        total = 0.0
+        for g, v in zip(GRADES, p):
+            total += v
+            if total >= 0.5:
+                return g
+        return GRADES[-1]
+    expected = sum(i * v for i, v in enumerate(p))
+    return GRADES[sum(c <= expected for c in grading["cuts"])]
+
+
+@pytest.mark.parametrize("objective", ["expected", "corn"])
+def test_export_keeps_parity_and_the_runtime_grades_by_the_rule(
+    trained: dict[str, tuple[Path, dict[str, float]]],
+    ordered_dir: Path,
+    objective: str,
+    tmp_path: Path,
+    defectscope_cmd: list[str],
+    cli_env: dict[str, str],
+) -> None:
+    from defectscope.export.onnx_export import export_checkpoint
+
+    ckpt, _ = trained[objective]
+    result = export_checkpoint(ckpt, tmp_path / "m.onnx", log=lambda _: None)
+    meta = result.metadata
+    assert meta.grading["rule"] == ("cuts" if objective == "expected" else "median")
+    assert result.parity["max_abs_prob_fused"] <= 1e-4 and result.parity["max_rel_cam_unfused"] <= 1e-4
+    assert meta.ng_classes == ["g2", "g3"] and meta.class_names == GRADES
+
+    rows_file = tmp_path / "rows.jsonl"
+    proc = subprocess.run(
+        [*defectscope_cmd, "inspect", str(result.path), str(ordered_dir), "--recursive", "-o", str(rows_file)],
+        capture_output=True, text=True, env=cli_env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    assert len(rows) == 4 * 40
+    for row in rows:
+        assert row["label"] == _rule_by_hand(row["probs"], meta.grading)
+        defect = row["probs"]["g2"] + row["probs"]["g3"]
+        assert row["verdict"] == ("NG" if defect >= meta.threshold else "OK")
+    truth = [Path(r["path"]).parent.name for r in rows]
+    assert np.mean([r["label"] == t for r, t in zip(rows, truth)]) >= 0.5
+
+
+def test_objectives_need_ordered_grades_and_name_the_key() -> None:
+    with pytest.raises(
+        ValueError, match=r"ordinal\.objective=corn needs ordered grades: set data.ordered=true"
+    ):
+        resolve_objective({"objective": "corn"}, ordered=False)
+    with pytest.raises(ValueError, match=r"ordinal\.rule=cuts grades ordered classes only"):
+        resolve_objective({"rule": "cuts"}, ordered=False)
+    with pytest.raises(
+        ValueError, match=r"ordinal\.objective must be auto or one of ce, soft, expected, corn"
+    ):
+        resolve_objective({"objective": "ordinal"}, ordered=True)
+    assert resolve_objective({}, ordered=False).name == "ce"
+    assert resolve_objective({"objective": "expected", "rule": "median"}, ordered=True).rule == "median"
+
+
+def test_losses_on_hand_examples() -> None:
+    y = torch.tensor([0, 2])
+    raw = torch.tensor([[2.0, 0.5, -1.0], [0.0, 0.3, 1.2]])
+    ce = torch.nn.functional.cross_entropy(raw, y)
+    soft_sharp = Objective("soft", ordered=True, soft_beta=60.0).loss(raw, y)  # targets one-hot
+    torch.testing.assert_close(soft_sharp, ce)
+    # expected: squared error of sum_k k p_k, plus half the cross-entropy
+    p = raw.softmax(1)
+    want = ((p @ torch.arange(3.0) - y.float()) ** 2).mean() + 0.5 * ce
+    torch.testing.assert_close(Objective("expected", ordered=True).loss(raw, y), want)
+    # CORN: image 0 (grade 0) sees task 0 only ("> 0": no); image 2 sees both tasks ("> 0", "> 1": yes)
+    corn_raw = torch.tensor([[0.4, -0.2], [1.0, 0.7]])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    parts = [bce(torch.tensor(0.4), torch.tensor(0.0)), bce(torch.tensor(1.0), torch.tensor(1.0)),
+             bce(torch.tensor(0.7), torch.tensor(1.0))]  # fmt: skip
+    torch.testing.assert_close(Objective("corn", ordered=True).loss(corn_raw, y), sum(parts) / 3)
+    probs = Objective("corn", ordered=True).probs(corn_raw)
+    s = torch.sigmoid(corn_raw)
+    by_hand = torch.stack([1 - s[:, 0], s[:, 0] * (1 - s[:, 1]), s[:, 0] * s[:, 1]], dim=1)
+    torch.testing.assert_close(probs, by_hand)
