@@ -94,7 +94,7 @@ def test_fp16_export_wrapper_keeps_the_head_and_the_average_in_fp32(model: torch
 
 
 def test_unknown_view_name_lists_the_valid_ones(model: torch.nn.Module) -> None:
-    with pytest.raises(ModelConfigError, match="tta must be one of none, hflip, flips, got 'rot90'"):
+    with pytest.raises(ModelConfigError, match="tta must be one of none, hflip, flips, dihedral, got 'rot90'"):
         FlipTTA(model, "rot90")
 
 
@@ -122,5 +122,5 @@ def test_runtime_metadata_knows_the_same_views() -> None:
     del doc["tta"]
     old = ModelMetadata.from_json(json.dumps({**doc, "added_later": 1}))
     assert old.tta == "none" and old.variant == "fp32" and old.tta_views == 1
-    with pytest.raises(ValueError, match="tta must be one of none, hflip, flips, got 'all'"):
+    with pytest.raises(ValueError, match="tta must be one of none, hflip, flips, dihedral, got 'all'"):
         ModelMetadata(**base, tta="all")

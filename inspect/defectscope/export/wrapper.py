@@ -2,7 +2,7 @@
 
 ``logits`` and ``probs`` come from the model's own head; ``cam`` is the class-activation map
 ``sum_k w_ck f_k`` computed by the model's ``cam_from_features`` (a 1x1 convolution with the head
-weights) from the *same* feature map, so the runner gets heat maps without running the backbone
+weights; the same convolution here for a module without one) from the *same* feature map, so the runner gets heat maps without running the backbone
 twice.  ``probs`` is the softmax of ``logits``; a CORN model's "logits" are its log probabilities
 (:mod:`defectscope.models.corn`), so the same holds for it.  With ``fp16`` the graph takes
 and returns float32 (the runner's contract) and runs the backbone in half precision; the head
@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 OUTPUTS_WITH_CAM = ("logits", "probs", "cam")
@@ -57,4 +58,7 @@ class ExportWrapper(nn.Module):
         probs = torch.softmax(logits, dim=1)
         if not self.with_cam:
             return logits, probs
-        return logits, probs, m.cam_from_features(feats)
+        if hasattr(m, "cam_from_features"):  # defectscope models, and wrappers (TTA, CORN) around them
+            return logits, probs, m.cam_from_features(feats)
+        w = m.head.weight
+        return logits, probs, F.conv2d(feats, w.reshape(w.shape[0], w.shape[1], 1, 1))
