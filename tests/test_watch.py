@@ -24,6 +24,7 @@ from defectscope.runtime.watch import build_parser, is_ignored
 from onnx_models import build_model
 
 FOLDERS = ("OK", "NG", "error")
+CRASH_SCRIPT = Path(__file__).with_name("watch_crash.py")
 
 
 def png_bytes(i: int, bright: bool) -> bytes:
@@ -70,17 +71,14 @@ class Dropper:
 
 
 def start_watch(
-    model: Path,
-    hot: Path,
-    out: Path,
-    log: Path,
-    env_extra: dict[str, str] | None = None,
-    extra: tuple[str, ...] = (),
+    model: Path, hot: Path, out: Path, log: Path, extra: tuple[str, ...] = (), crash_at: str | None = None
 ) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, **(env_extra or {}))
-    cmd = [sys.executable, "-m", "defectscope", "watch", str(model), "--in", str(hot), "--out", str(out)]
-    cmd += ["--interval", "0.1", "--stable-polls", "4", "--batch-size", "8", "--workers", "2", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "ab"), env=env)
+    """`defectscope watch` as a subprocess; ``crash_at="after_commit:1"`` kills it there (watch_crash.py)."""
+    prog = ["-m", "defectscope", "watch"] if crash_at is None else [str(CRASH_SCRIPT), crash_at]
+    cmd = [sys.executable, *prog, str(model), "--in", str(hot), "--out", str(out)]
+    cmd += ["--interval", "0.1", "--stable-polls", "4", "--grace", "1", "--batch-size", "8", "--workers", "2"]
+    cmd += extra
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "ab"))
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
@@ -190,7 +188,7 @@ def test_crash_between_row_and_move_is_recovered_without_reinference(
     dropper = Dropper(hot)
     for i in range(20):
         dropper.atomic(f"p{i:02d}.png", png_bytes(i, bright=i % 2 == 0))
-    proc = start_watch(model, hot, out, log, {"DEFECTSCOPE_WATCH_FAULT": fault})
+    proc = start_watch(model, hot, out, log, crash_at=fault)
     assert proc.wait(timeout=60) == -signal.SIGKILL  # the hook killed it at the chosen point
     rows = read_rows(out)
     batches = int(fault.split(":")[1])

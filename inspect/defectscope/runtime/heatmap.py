@@ -81,6 +81,10 @@ def save_overlay(folder: str | os.PathLike[str], path: str, image: np.ndarray, c
     """Write the overlay PNG atomically (a crash never leaves a half-written image)."""
     out = Path(folder) / heatmap_name(path)
     tmp = out.with_name("." + out.name + ".tmp")
-    Image.fromarray(overlay(image, cam)).save(tmp, "PNG")
-    os.replace(tmp, out)
+    try:
+        Image.fromarray(overlay(image, cam)).save(tmp, "PNG")
+        os.replace(tmp, out)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     return out

@@ -7,7 +7,6 @@ Everything a line PC needs comes from the ``.onnx`` file itself (graph + embedde
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import sys
 import warnings
@@ -18,8 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from .files import file_sha256, model_file_problem, model_load_failure
 from .image import LoaderConfig, load_image_with_size, normalize_batch
 from .metadata import METADATA_KEY, MetadataError, ModelMetadata
+from .options import SessionConfig
 from .providers import (
     GPU_PROVIDERS,
     PROVIDERS,
@@ -38,14 +39,6 @@ REQUIRED_OUTPUTS = ("logits", "probs")
 
 class ModelLoadError(RuntimeError):
     """The model file cannot be used: missing, not ONNX, or not shaped like a defectscope export."""
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -91,15 +84,15 @@ class Inspector:
     """
 
     @classmethod
-    def from_args(cls, args: Any) -> Inspector:
+    def from_config(cls, cfg: SessionConfig) -> Inspector:
         """The session the `inspect` and `watch` commands open from their shared options."""
         return cls(
-            args.model,
-            provider=args.provider,
-            threads=args.threads,
-            graph_opt=args.graph_opt,
-            trt_cache_dir=args.trt_cache,
-            max_batch=args.batch_size,
+            cfg.model,
+            provider=cfg.provider,
+            threads=cfg.threads,
+            graph_opt=cfg.graph_opt,
+            trt_cache_dir=cfg.trt_cache,
+            max_batch=cfg.max_batch,
         )
 
     def __init__(
@@ -121,6 +114,9 @@ class Inspector:
         path = Path(model_path)
         if not path.is_file():
             raise ModelLoadError(f"{path}: model file not found")
+        problem = model_file_problem(path)
+        if problem:
+            raise ModelLoadError(problem)
         self.model_path = str(path)
         self.sha256 = file_sha256(path)
         ort.set_default_logger_severity(3)
@@ -139,9 +135,7 @@ class Inspector:
                 break
             except Exception as exc:  # ORT raises several unrelated types for a failed provider
                 if kind == "cpu":
-                    raise ModelLoadError(
-                        f"{path}: onnxruntime cannot load the model: {_first_line(exc)}"
-                    ) from None
+                    raise ModelLoadError(model_load_failure(path, _first_line(exc))) from None
                 if provider != "auto":
                     raise ProviderError(f"provider {kind!r} failed to start: {_first_line(exc)}") from None
                 failures.append(f"{kind} failed ({_first_line(exc, 100)})")

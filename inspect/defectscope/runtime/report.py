@@ -18,6 +18,7 @@ from typing import Any
 
 from .heatmap import data_uri, overlay, thumbnail
 from .inspector import Inspector
+from .outputs import write_text
 from .summary import HIST_BINS, Summary
 
 
@@ -225,9 +226,5 @@ def render_html(summary: Summary, info: RunInfo, figures: Sequence[Figure]) -> s
 
 
 def write_report(path: str | os.PathLike[str], text: str) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    """Replace the report at once (a special file such as /dev/stdout is written directly)."""
+    return write_text(path, text, "--report")

@@ -8,16 +8,19 @@ of a run, so it can never disagree with it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .inspector import Decision
+from .outputs import OutputError, replaced_file, write_all
 
 ROW_KEYS = (
     "path",
@@ -103,24 +106,29 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 
 class JsonlWriter:
-    """Buffered rows, committed per batch with one write + flush; fsync at most every interval.
+    """Buffered rows, committed per batch with one write; fsync at most every interval.
 
-    A flushed row is in the OS: a killed process (``kill -9``, crash) loses nothing.  Only a power
+    A committed row is in the OS: a killed process (``kill -9``, crash) loses nothing.  Only a power
     cut can lose rows not yet fsync'd, and their inputs are then simply inspected again by
     ``--resume`` (no row is ever duplicated).  ``fsync_interval_s=0`` syncs every commit, which
-    ``watch`` needs because it moves the original right after the commit.
+    ``watch`` needs because it moves the original right after the commit.  A failed write (disk
+    full) cuts the file back to its last complete row and raises :class:`OutputError`, so every
+    row before stays intact and ``--resume`` goes on from there.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, append: bool, fsync_interval_s: float = 0.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "ab" if append else "wb")  # noqa: SIM115 - lives as long as the writer
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
+        self._fd = os.open(self.path, flags, 0o666)
+        self._end = os.fstat(self._fd).st_size  # end of the last complete row
         self._buf: list[bytes] = []
         self.committed = 0
         self.fsync_interval_s = float(fsync_interval_s)
         self.fsyncs = 0
         self._last_sync = time.monotonic()
         self._unsynced = False
+        self._failed = False
 
     @property
     def pending(self) -> int:
@@ -132,25 +140,43 @@ class JsonlWriter:
     def commit(self) -> None:
         if not self._buf:
             return
-        self._f.write(b"".join(self._buf))
-        self._f.flush()
-        self.committed += len(self._buf)
+        data = b"".join(self._buf)
+        n = len(self._buf)
         self._buf.clear()
+        try:
+            write_all(self._fd, data)
+        except OSError as exc:
+            self._fail(exc)
+        self._end += len(data)
+        self.committed += n
         self._unsynced = True
         if time.monotonic() - self._last_sync >= self.fsync_interval_s:
             self.sync()
 
     def sync(self) -> None:
         if self._unsynced:
-            os.fsync(self._f.fileno())
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                self._fail(exc)
             self.fsyncs += 1
             self._unsynced = False
         self._last_sync = time.monotonic()
 
+    def _fail(self, exc: OSError) -> NoReturn:
+        """Cut a partly written batch off (the file ends with a complete row again) and say so."""
+        self._failed = True
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, self._end)
+        raise OutputError(f"cannot write results to {self.path} ({exc.strerror or exc})") from None
+
     def close(self) -> None:
-        self.commit()
-        self.sync()
-        self._f.close()
+        try:
+            if not self._failed:
+                self.commit()
+                self.sync()
+        finally:
+            os.close(self._fd)
 
 
 def recover_jsonl(path: str | os.PathLike[str]) -> int:
@@ -225,14 +251,12 @@ def csv_columns(class_names: Sequence[str]) -> list[str]:
 def write_csv(
     jsonl_path: str | os.PathLike[str], csv_path: str | os.PathLike[str], class_names: Sequence[str]
 ) -> int:
-    """Regenerate the CSV from the JSONL (atomically); returns the number of rows."""
-    out = Path(csv_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    """Regenerate the CSV from the JSONL (see :func:`replaced_file`); returns the number of rows."""
     cols = csv_columns(class_names)
     n = 0
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
+    with replaced_file(csv_path, "--csv") as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        w = csv.writer(text)
         w.writerow(cols)
         for row in iter_rows(jsonl_path):
             probs = row.get("probs") or {}
@@ -240,5 +264,6 @@ def write_csv(
             flat.update({f"prob_{c}": probs.get(c) for c in class_names})
             w.writerow(["" if flat[c] is None else flat[c] for c in cols])
             n += 1
-    os.replace(tmp, out)
+        text.flush()
+        text.detach()
     return n
