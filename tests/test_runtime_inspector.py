@@ -8,6 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from defectscope.runtime.files import file_sha256
 from defectscope.runtime.image import ImageLoadError
 from defectscope.runtime.inspector import (
     Inspector,
@@ -15,7 +16,6 @@ from defectscope.runtime.inspector import (
     ModelLoadError,
     ProviderError,
     decide,
-    file_sha256,
 )
 from defectscope.runtime.providers import candidates, physical_cores
 from onnx_models import build_model, fixture_metadata, make_image, metadata_without

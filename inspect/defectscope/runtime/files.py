@@ -61,14 +61,17 @@ def read_path_list(list_file: str | os.PathLike[str]) -> Iterator[str]:
 
 
 def file_kind(path: str | os.PathLike[str]) -> str:
-    """``checkpoint``, ``PNG image`` (etc.), ``empty``, or ``other`` (perhaps ONNX) from the first bytes."""
+    """``checkpoint``, ``ONNX model``, ``PNG image`` (etc.), ``empty`` or ``other``, from the first bytes."""
     with open(path, "rb") as fh:
         head = fh.read(16)
     if not head:
         return "empty"
     if head[8:12] == b"WEBP" and head.startswith(b"RIFF"):
         return "WebP image"
-    return next((kind for magic, kind in _SIGNATURES if head.startswith(magic)), "other")
+    kind = next((kind for magic, kind in _SIGNATURES if head.startswith(magic)), "other")
+    if kind == "other" and head[:1] == b"\x08":  # ModelProto field 1 (ir_version) comes first
+        return "ONNX model"
+    return kind
 
 
 def model_file_problem(path: str | os.PathLike[str]) -> str | None:
@@ -87,6 +90,23 @@ def model_file_problem(path: str | os.PathLike[str]) -> str | None:
             f"{p} is a {kind}, not a model; the exported .onnx model comes first: "
             "defectscope inspect MODEL.onnx IMAGES... -o results.jsonl"
         )
+    return None
+
+
+def checkpoint_file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why an existing ``path`` cannot be a training checkpoint; ``None`` if it may be one."""
+    p = Path(path)
+    if not p.is_file():
+        return None  # the checkpoint reader says "does not exist" / "not a file"
+    kind = file_kind(p)
+    if kind == "ONNX model" or (kind == "other" and p.suffix.lower() == ".onnx"):
+        return (
+            f"{p} is an exported model (ONNX), not a training checkpoint; export reads the .ckpt that "
+            "defectscope train writes (outputs/<date>/<time>/checkpoints/best.ckpt), and an exported "
+            f"model is used as it is: defectscope inspect {p} IMAGES... -o results.jsonl"
+        )
+    if kind == "empty" or kind.endswith("image"):
+        return f"{p} is {'empty (0 bytes)' if kind == 'empty' else 'a ' + kind}, not a training checkpoint (.ckpt)"
     return None
 
 
