@@ -11,6 +11,7 @@ shift
 work="$(mktemp -d "${TMPDIR:-/tmp}/defectscope-wheel.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 step() { printf '\n== wheel check: %s\n' "$*"; }
+trap 'echo "wheel check FAILED (line $LINENO: $BASH_COMMAND)" >&2' ERR
 
 step "build the wheel"
 # from a copy of the files git knows (tracked or not ignored): no stale build/ folder gets in, and
@@ -56,7 +57,7 @@ trainer:
   max_epochs: 1
 YAML
 "$ds" train --config-dir my-configs experiment=quick | tee train.txt
-ckpt="$(sed -n 's/^best checkpoint: *//p' train.txt)"
+ckpt="$(sed -n 's/^best checkpoint: *\([^ ]*\).*/\1/p' train.txt)"
 test -f "$ckpt"
 
 step "export and inspect"

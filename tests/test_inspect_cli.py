@@ -175,6 +175,28 @@ def test_input_expansion_folders_globs_lists_duplicates(model: Path, tmp_path: P
     assert [Path(r["path"]).name for r in rows_of(out)].count("a.png") == 3
 
 
+def test_list_file_lines_are_relative_to_the_list_folder(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`inspect @list` and `export --images` read lists with one rule (runtime.files.read_path_list):
+    relative lines start at the list's folder, wherever the command runs; a BOM and comments are fine."""
+    from defectscope.export.parity import list_images
+
+    make_image(tmp_path / "cells" / "a.png", 64, 64, bright=False)
+    make_image(tmp_path / "cells" / "b.png", 64, 64, bright=True)
+    listing = tmp_path / "lists" / "todo.txt"
+    listing.parent.mkdir()
+    listing.write_text("\ufeff# two cells\n../cells/a.png\n\n" + str(tmp_path / "cells" / "b.png") + "\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out = tmp_path / "r.jsonl"
+    assert run(model, f"@{listing}", "-o", out) == 0
+    paths = [r["path"] for r in rows_of(out)]
+    assert [os.path.realpath(p) for p in paths] == [str(tmp_path / "cells" / n) for n in ("a.png", "b.png")]
+    assert list_images(listing) == paths
+
+
 def test_resume_truncates_torn_line_and_finishes_exactly_once(
     model: Path, good_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
