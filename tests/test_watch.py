@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from defectscope.runtime.watch import build_parser, is_ignored
+from defectscope.runtime.hotfolder import is_ignored
+from defectscope.runtime.watch import build_parser
 from onnx_models import build_model
 
 FOLDERS = ("OK", "NG", "error")

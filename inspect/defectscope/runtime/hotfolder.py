@@ -10,11 +10,14 @@ only a file that stayed the same for the whole grace period gets its error row.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .results import fsync_dir
 
@@ -79,3 +82,24 @@ def move_no_overwrite(src: Path, dst: Path) -> None:
     os.rename(tmp, dst)
     fsync_dir(dst.parent)
     os.unlink(src)
+
+
+def recorded_rows(results: Path, wanted: dict[str, str]) -> Iterator[dict[str, Any]]:
+    """Rows whose path is in ``wanted``; decodes only the leading path field of other rows."""
+    dec = json.JSONDecoder()
+    prefix = '{"path":'
+    with open(results, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith(prefix):
+                try:
+                    path, _ = dec.raw_decode(line, len(prefix))
+                except json.JSONDecodeError:
+                    continue
+                if path not in wanted:
+                    continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("path") in wanted and "moved_to" in row:
+                yield row
