@@ -179,7 +179,7 @@ class _Session:
                 and r.cam is not None
                 and r.item.array is not None
             ):
-                _save_heatmap(self.heatmaps, r)
+                save_overlay(self.heatmaps, r.item.path, r.item.array, r.cam)
             self.writer.add(
                 ok_row(
                     r.item.path,
@@ -196,16 +196,6 @@ class _Session:
                 self.ok += 1
         self.writer.commit()  # heat maps first, then the rows: a crash in between only redoes work
         self.progress.update(self.done, self.ok, self.ng, self.errors)
-
-
-def _save_heatmap(folder: str, r: Result) -> None:
-    assert r.item.array is not None and r.cam is not None
-    try:
-        save_overlay(folder, r.item.path, r.item.array, r.cam)
-    except OSError as exc:
-        raise OutputError(
-            f"cannot write a heat map into --heatmaps {folder} ({exc.strerror or exc})"
-        ) from None
 
 
 def run(cfg: InspectConfig) -> int:

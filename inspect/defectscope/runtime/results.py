@@ -118,7 +118,6 @@ class JsonlWriter:
 
     def __init__(self, path: str | os.PathLike[str], *, append: bool, fsync_interval_s: float = 0.0) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
         self._fd = os.open(self.path, flags, 0o666)
         self._end = os.fstat(self._fd).st_size  # end of the last complete row

@@ -110,7 +110,11 @@ def main(argv: Sequence[str] | None = None, *, on_event: EventHook | None = None
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     _install_signals(watcher.stop)
-    return watcher.run()
+    try:
+        return watcher.run()
+    except (OutputError, ResultsFileError) as exc:  # at start-up: the results file cannot be used
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 __all__ = ["WatchConfig", "Watcher", "build_parser", "main"]
