@@ -204,3 +204,18 @@ def test_systemd_unit_does_not_restart_a_configuration_error() -> None:
     )
     assert settings["Restart"] == "on-failure"
     assert "2" in settings["RestartPreventExitStatus"].split()
+
+
+def test_watch_refuses_results_of_another_threshold(model: Path, images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    made = defectscope(
+        "inspect", model, images, "-o", out / "results.jsonl", "--threshold", 0.25, cwd=tmp_path
+    )
+    assert made.returncode == 0, made.stderr
+    before = (out / "results.jsonl").read_bytes()
+    hot = tmp_path / "hot"
+    hot.mkdir()
+    make_image(hot / "a.png", 64, 64, bright=False)
+    proc = defectscope("watch", model, "--in", hot, "--out", out, cwd=tmp_path)
+    one_line_error(proc, "threshold 0.25 (--threshold)", "uses 0.5 (model)", "--threshold 0.25")
+    assert (out / "results.jsonl").read_bytes() == before and (hot / "a.png").exists()

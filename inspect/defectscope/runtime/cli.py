@@ -3,8 +3,10 @@
 Exactly-once contract: each input gets one JSONL row; rows are committed (one write + flush) batch
 by batch and fsync'd at most every ``--fsync-interval`` seconds, so after a crash or ``kill -9`` a rerun with ``--resume`` truncates a torn last
 line, skips every input that has a row and inspects the rest.  CSV and HTML report are rebuilt
-from the JSONL at the end.  Exit codes: 0 all inputs inspected, 1 some error rows, 2 bad command
-line or unusable model, 130 interrupted.
+from the JSONL at the end.  Every row records the threshold that decided it and where that came
+from; ``--resume`` refuses a file of another model or threshold.  Exit codes: 0 all inputs
+inspected, 1 some error rows, 2 bad command line, model, input or output (checked before the first
+image; a disk filling up later stops the run with every row before intact), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ from .report import RunInfo, build_figures, render_html, write_report
 from .results import (
     JsonlWriter,
     ResultsFileError,
-    error_row,
+    RunStamp,
     load_done,
-    ok_row,
     recover_jsonl,
+    result_row,
     skip_done,
     write_csv,
 )
@@ -141,9 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 class _Session:
     """Mutable state of one run: counts for the progress line and the writer."""
 
-    def __init__(self, inspector: Inspector, writer: JsonlWriter, heatmaps: str | None) -> None:
-        self.inspector = inspector
+    def __init__(self, writer: JsonlWriter, stamp: RunStamp, heatmaps: str | None) -> None:
         self.writer = writer
+        self.stamp = stamp
         self.heatmaps = heatmaps
         self.ok = self.ng = self.errors = 0
         self.progress = Progress()
@@ -153,47 +155,20 @@ class _Session:
         return self.ok + self.ng + self.errors
 
     def error(self, item: Item) -> None:
-        insp = self.inspector
-        self.writer.add(
-            error_row(
-                item.path,
-                item.error or "unknown",
-                sha256=insp.sha256,
-                provider=insp.provider,
-                latency_ms=item.decode_ms,
-            )
-        )
+        self.writer.add(result_row(Result(item, error=item.error, latency_ms=item.decode_ms), self.stamp))
         self.errors += 1
         self.progress.update(self.done, self.ok, self.ng, self.errors)
 
     def results(self, results: list[Result]) -> None:
-        insp = self.inspector
         for r in results:
-            if r.decision is None or r.item.size is None:
-                r.item.error = r.error
-                self.error(r.item)
-                continue
-            if (
-                self.heatmaps
-                and r.decision.verdict == "NG"
-                and r.cam is not None
-                and r.item.array is not None
-            ):
+            row = result_row(r, self.stamp)
+            verdict = row["verdict"]
+            if verdict == "NG" and self.heatmaps and r.cam is not None and r.item.array is not None:
                 save_overlay(self.heatmaps, r.item.path, r.item.array, r.cam)
-            self.writer.add(
-                ok_row(
-                    r.item.path,
-                    r.decision,
-                    r.item.size,
-                    sha256=insp.sha256,
-                    provider=insp.provider,
-                    latency_ms=r.latency_ms,
-                )
-            )
-            if r.decision.verdict == "NG":
-                self.ng += 1
-            else:
-                self.ok += 1
+            self.writer.add(row)
+            self.ok += verdict == "OK"
+            self.ng += verdict == "NG"
+            self.errors += verdict is None
         self.writer.commit()  # heat maps first, then the rows: a crash in between only redoes work
         self.progress.update(self.done, self.ok, self.ng, self.errors)
 
@@ -204,14 +179,15 @@ def run(cfg: InspectConfig) -> int:
     check_specs(cfg.inputs, recursive=cfg.recursive)
     check_outputs(cfg)
     inspector = Inspector.from_config(cfg.run.session)
-    threshold = inspector.threshold if cfg.run.threshold is None else float(cfg.run.threshold)
+    stamp = RunStamp.of(inspector.sha256, inspector.provider, inspector.threshold, cfg.run.threshold)
+    threshold = stamp.threshold
     out = Path(cfg.output)
     done = None
     if cfg.resume and out.exists():
         torn = recover_jsonl(out)
         if torn:
             print(f"{PROG}: dropped a torn last line ({torn} bytes) from {out}", file=sys.stderr)
-        done = load_done(out, inspector.sha256)
+        done = load_done(out, stamp)
     if cfg.run.heatmaps:
         Path(cfg.run.heatmaps).mkdir(parents=True, exist_ok=True)
 
@@ -220,7 +196,7 @@ def run(cfg: InspectConfig) -> int:
     if done:
         paths = skip_done(paths, done)
     writer = JsonlWriter(out, append=cfg.resume, fsync_interval_s=cfg.fsync_interval)
-    session = _Session(inspector, writer, cfg.run.heatmaps)
+    session = _Session(writer, stamp, cfg.run.heatmaps)
     t0 = time.perf_counter()
     try:
         _inspect_all(cfg, inspector, session, paths, threshold)
@@ -239,7 +215,7 @@ def run(cfg: InspectConfig) -> int:
     finally:
         writer.close()
         session.progress.close()
-    return _finish(cfg, inspector, threshold, session.done, time.perf_counter() - t0)
+    return _finish(cfg, inspector, stamp, session.done, time.perf_counter() - t0)
 
 
 def _inspect_all(
@@ -261,10 +237,9 @@ def _inspect_all(
         session.results(infer(inspector, batch, threshold, want_cam=want_cam))
 
 
-def _finish(
-    cfg: InspectConfig, inspector: Inspector, threshold: float, n_session: int, elapsed: float
-) -> int:
+def _finish(cfg: InspectConfig, inspector: Inspector, stamp: RunStamp, n_session: int, elapsed: float) -> int:
     """Everything after inference is derived from the JSONL, the source of truth."""
+    threshold = stamp.threshold
     summary = Summary.from_jsonl(cfg.output, max_items=cfg.report_items)
     if summary.total == 0:
         print(f"{PROG}: error: no input images found in {' '.join(cfg.inputs)}", file=sys.stderr)
@@ -280,6 +255,7 @@ def _finish(
             model_variant=meta.variant,
             provider=_provider_text(summary.providers, inspector),
             threshold=threshold,
+            threshold_source=stamp.threshold_source,
             class_names=list(meta.class_names),
             good_class=meta.good_class,
             results_path=str(cfg.output),
@@ -293,7 +269,7 @@ def _finish(
     print(
         f"inspected {summary.total} inputs: OK {summary.ok}, NG {summary.ng}, errors {summary.error} "
         f"(this session {n_session} in {elapsed:.1f} s, {rate}; provider {inspector.provider}, "
-        f"threshold {threshold:g})"
+        f"threshold {threshold:g} ({stamp.threshold_source}))"
     )
     if summary.error_kinds:
         print("errors by kind: " + ", ".join(f"{k} {n}" for k, n in summary.error_kinds.most_common()))

@@ -16,19 +16,23 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .inspector import Decision
 from .outputs import OutputError, replaced_file, write_all
+from .pipeline import Result
 
+#: every row's fields, in file and CSV order; each is documented in deploy/README.md ("Result rows")
 ROW_KEYS = (
     "path",
     "status",
     "verdict",
-    "label",
-    "score",
     "defect_prob",
+    "threshold",
+    "threshold_source",
+    "top_class",
+    "top_prob",
     "probs",
     "width",
     "height",
@@ -37,54 +41,86 @@ ROW_KEYS = (
     "provider",
     "latency_ms",
 )
+#: fields renamed since the first row format; :func:`iter_rows` reads old files under the new names
+RENAMED = {"label": "top_class", "score": "top_prob"}
+THRESHOLD_FROM_MODEL = "model"
+THRESHOLD_FROM_OPTION = "--threshold"
 
 
 class ResultsFileError(RuntimeError):
-    """An existing results file cannot be continued (corrupt line, other model)."""
+    """An existing results file cannot be continued (corrupt line, other model or threshold)."""
 
 
-def ok_row(
-    path: str,
-    decision: Decision,
-    size: tuple[int, int],
-    *,
-    sha256: str,
-    provider: str,
-    latency_ms: float,
-) -> dict[str, Any]:
-    return {
-        "path": path,
-        "status": "ok",
-        "verdict": decision.verdict,
-        "label": decision.label,
-        "score": decision.score,
-        "defect_prob": decision.defect_prob,
-        "probs": decision.probs,
-        "width": size[0],
-        "height": size[1],
-        "error": None,
-        "model_sha256": sha256,
-        "provider": provider,
-        "latency_ms": round(latency_ms, 3),
-    }
+@dataclass(frozen=True)
+class RunStamp:
+    """What every row of one results file must share: the model and the threshold that decided."""
+
+    model_sha256: str
+    provider: str
+    threshold: float
+    threshold_source: str  # THRESHOLD_FROM_MODEL or THRESHOLD_FROM_OPTION
+
+    @classmethod
+    def of(cls, sha256: str, provider: str, model_threshold: float, override: float | None) -> RunStamp:
+        if override is None:
+            return cls(sha256, provider, float(model_threshold), THRESHOLD_FROM_MODEL)
+        return cls(sha256, provider, float(override), THRESHOLD_FROM_OPTION)
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "threshold": self.threshold,
+            "threshold_source": self.threshold_source,
+            "model_sha256": self.model_sha256,
+            "provider": self.provider,
+        }
 
 
-def error_row(path: str, error: str, *, sha256: str, provider: str, latency_ms: float) -> dict[str, Any]:
-    return {
-        "path": path,
-        "status": "error",
-        "verdict": None,
-        "label": None,
-        "score": None,
-        "defect_prob": None,
-        "probs": None,
-        "width": None,
-        "height": None,
-        "error": error,
-        "model_sha256": sha256,
-        "provider": provider,
-        "latency_ms": round(latency_ms, 3),
-    }
+def result_row(result: Result, stamp: RunStamp) -> dict[str, Any]:
+    """The row of one pipeline result: a verdict, or ``status: error`` with the loader's reason."""
+    d, size = result.decision, result.item.size
+    row: dict[str, Any] = dict.fromkeys(ROW_KEYS)
+    row.update(path=result.item.path, latency_ms=round(result.latency_ms, 3), **stamp.fields())
+    if d is not None and size is not None:
+        row.update(
+            status="ok",
+            verdict=d.verdict,
+            defect_prob=d.defect_prob,
+            top_class=d.label,
+            top_prob=d.score,
+            probs=d.probs,
+            width=size[0],
+            height=size[1],
+        )
+    else:
+        row.update(status="error", error=result.error or result.item.error or "unknown")
+    return row
+
+
+def upgrade_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row of any format under today's names (``label`` -> ``top_class``, ...); missing -> None."""
+    for old, new in RENAMED.items():
+        if old in row and new not in row:
+            row[new] = row.pop(old)
+    for key in ROW_KEYS:
+        row.setdefault(key, None)
+    return row
+
+
+def check_same_run(row: dict[str, Any], stamp: RunStamp, where: str) -> None:
+    """Refuse to append rows of this run to a file whose rows came from another model or threshold
+    (rows written before thresholds were recorded are checked on the model only)."""
+    if row.get("model_sha256") != stamp.model_sha256:
+        raise ResultsFileError(
+            f"{where}: holds results of another model (sha256 {row.get('model_sha256')}); this model is "
+            f"{stamp.model_sha256}; write to a new results file"
+        )
+    old = row.get("threshold")
+    if old is not None and float(old) != stamp.threshold:
+        raise ResultsFileError(
+            f"{where}: holds results decided with threshold {old:g} ({row.get('threshold_source')}), "
+            f"but this run uses {stamp.threshold:g} ({stamp.threshold_source}); write to a new results "
+            f"file, or run with --threshold {old:g}"
+        )
 
 
 def encode_row(row: dict[str, Any]) -> bytes:
@@ -119,7 +155,11 @@ class JsonlWriter:
     def __init__(self, path: str | os.PathLike[str], *, append: bool, fsync_interval_s: float = 0.0) -> None:
         self.path = Path(path)
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
-        self._fd = os.open(self.path, flags, 0o666)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, flags, 0o666)
+        except OSError as exc:
+            raise OutputError(f"cannot open results {self.path} ({exc.strerror or exc})") from None
         self._end = os.fstat(self._fd).st_size  # end of the last complete row
         self._buf: list[bytes] = []
         self.committed = 0
@@ -207,7 +247,8 @@ def recover_jsonl(path: str | os.PathLike[str]) -> int:
 
 
 def iter_rows(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """Rows of a results file, streamed; a corrupt complete line is an error naming the line."""
+    """Rows of a results file of any format (:func:`upgrade_row`), streamed; a corrupt complete
+    line is an error naming the line."""
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -218,18 +259,36 @@ def iter_rows(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
                 raise ResultsFileError(f"{path}:{lineno}: not a valid result row ({exc})") from None
             if not isinstance(row, dict) or "path" not in row:
                 raise ResultsFileError(f"{path}:{lineno}: not a result row (no 'path')")
-            yield row
+            yield upgrade_row(row)
 
 
-def load_done(path: str | os.PathLike[str], sha256: str) -> Counter[str]:
-    """How many rows each path already has; refuses a file written with another model."""
+def last_row(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The last complete row of a results file (read from the end; ``None`` when there is none)."""
+    try:
+        with open(path, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            f.seek(max(0, end - (1 << 20)))
+            tail = f.read()
+    except FileNotFoundError:
+        return None
+    lines = [ln for ln in tail.split(b"\n") if ln.strip()]
+    if not tail.endswith(b"\n") and lines:
+        lines.pop()  # a torn last line is no row
+    for line in reversed(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "path" in row:
+            return upgrade_row(row)
+    return None
+
+
+def load_done(path: str | os.PathLike[str], stamp: RunStamp) -> Counter[str]:
+    """How many rows each path already has; refuses a file of another model or threshold."""
     done: Counter[str] = Counter()
-    for row in iter_rows(path):
-        if row.get("model_sha256") != sha256:
-            raise ResultsFileError(
-                f"{path}: holds results of another model (sha256 {row.get('model_sha256')}); "
-                f"this model is {sha256}; write to a new results file instead of --resume"
-            )
+    for lineno, row in enumerate(iter_rows(path), 1):
+        check_same_run(row, stamp, f"{path} (row {lineno})")
         done[row["path"]] += 1
     return done
 

@@ -47,7 +47,7 @@ from .inspector import Inspector
 from .options import RunOptions
 from .outputs import OutputError
 from .pipeline import Batcher, Result, decode, infer
-from .results import JsonlWriter, error_row, fsync_dir, ok_row, recover_jsonl
+from .results import JsonlWriter, RunStamp, check_same_run, fsync_dir, last_row, recover_jsonl, result_row
 
 RESULTS_NAME = "results.jsonl"
 FOLDERS = {"OK": "OK", "NG": "NG", None: "error"}
@@ -85,7 +85,7 @@ def verdict_text(row: dict[str, Any]) -> str:
     """One row in a few words, for the log line of its move."""
     if row.get("status") != "ok":
         return f"error ({row.get('error')})"
-    return f"{row.get('verdict')} ({row.get('label')}, P(defect) {float(row.get('defect_prob') or 0):.3f})"
+    return f"{row.get('verdict')} (P(defect) {float(row.get('defect_prob') or 0):.3f}, most likely {row.get('top_class')})"
 
 
 class Watcher:
@@ -95,7 +95,8 @@ class Watcher:
         self.hot = Path(cfg.hot).resolve()
         self.out = Path(cfg.out).resolve()
         self.heatmaps = cfg.run.heatmaps
-        self.threshold = inspector.threshold if cfg.run.threshold is None else float(cfg.run.threshold)
+        self.stamp = RunStamp.of(inspector.sha256, inspector.provider, inspector.threshold, cfg.run.threshold)
+        self.threshold = self.stamp.threshold
         self.stop = threading.Event()
         self.seen: dict[str, Observation] = {}
         self.stuck: dict[str, _Pending] = {}
@@ -178,13 +179,16 @@ class Watcher:
 
     def run(self) -> int:
         self.recover()
+        last = last_row(self.results)
+        if last is not None:  # one results file, one model and threshold: refuse to mix
+            check_same_run(last, self.stamp, f"--out {self.out}: {RESULTS_NAME} (last row)")
         self.writer = JsonlWriter(self.results, append=True)
         workers = self.cfg.run.workers
         pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
         meta = self.inspector.metadata
         log(
             f"watch: model {meta.model_name} ({meta.variant}, {self.inspector.sha256[:12]}), provider "
-            f"{self.inspector.provider}, threshold {self.threshold:g}; watching {self.hot} -> {self.out}"
+            f"{self.inspector.provider}, threshold {self.threshold:g} ({self.stamp.threshold_source}); watching {self.hot} -> {self.out}"
         )
         status = 0
         try:
@@ -287,31 +291,12 @@ class Watcher:
         return True
 
     def _row(self, r: Result, obs: Observation, dest: str) -> dict[str, Any]:
-        insp = self.inspector
-        if r.decision is not None and r.item.size is not None:
-            row = ok_row(
-                r.item.path,
-                r.decision,
-                r.item.size,
-                sha256=insp.sha256,
-                provider=insp.provider,
-                latency_ms=r.latency_ms,
-            )
-        else:
-            row = error_row(
-                r.item.path,
-                r.error or "unknown",
-                sha256=insp.sha256,
-                provider=insp.provider,
-                latency_ms=r.latency_ms,
-            )
+        row = result_row(r, self.stamp)
         row.update(
-            {
-                "moved_to": dest,
-                "source_size": obs.size,
-                "source_mtime_ns": obs.mtime_ns,
-                "time": _dt.datetime.now().astimezone().isoformat(timespec="milliseconds"),
-            }
+            moved_to=dest,
+            source_size=obs.size,
+            source_mtime_ns=obs.mtime_ns,
+            time=_dt.datetime.now().astimezone().isoformat(timespec="milliseconds"),
         )
         return row
 
