@@ -268,7 +268,7 @@ def _finish(cfg: InspectConfig, inspector: Inspector, stamp: RunStamp, n_session
     rate = f"{n_session / elapsed:.1f} img/s" if elapsed > 0 and n_session else "n/a"
     print(
         f"inspected {summary.total} inputs: OK {summary.ok}, NG {summary.ng}, errors {summary.error} "
-        f"(this session {n_session} in {elapsed:.1f} s, {rate}; provider {inspector.provider}, "
+        f"(this session {n_session} in {elapsed:.1f} s, {rate}; provider {inspector.provider_summary}, "
         f"threshold {threshold:g} ({stamp.threshold_source}))"
     )
     if summary.error_kinds:
@@ -281,4 +281,4 @@ def _finish(cfg: InspectConfig, inspector: Inspector, stamp: RunStamp, n_session
 
 def _provider_text(providers: Any, inspector: Inspector) -> str:
     used = ", ".join(f"{k} ({n} rows)" for k, n in providers.most_common())
-    return f"{inspector.provider} ({', '.join(inspector.providers)}); rows by provider: {used}"
+    return f"{inspector.provider_summary} ({', '.join(inspector.providers)}); rows by provider: {used}"

@@ -112,10 +112,10 @@ def checkpoint_file_problem(path: str | os.PathLike[str]) -> str | None:
 
 def model_load_failure(path: str | os.PathLike[str], detail: str) -> str:
     """The message when ONNX Runtime cannot load ``path``: a file it cannot even parse is damaged
-    (a cut-off copy) or no ONNX model at all; anything else is ORT's own first line."""
+    (a cut-off copy) or no ONNX model at all; anything else keeps ORT's own words (``detail``)."""
     if "protobuf" in detail.lower():
         return (
-            f"{path} is damaged (cut off?) or not an ONNX model (onnxruntime: {detail}); copy it again, "
-            "or re-run defectscope export on its checkpoint"
+            f"{path} is damaged (cut off?) or not an ONNX model ({detail}); copy it again, or re-run "
+            "defectscope export on its checkpoint"
         )
-    return f"{path}: onnxruntime cannot load the model: {detail}"
+    return f"{path}: {detail}"

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 from .providers import GRAPH_OPT_CHOICES, PROVIDER_CHOICES
+from .trt import TRT_MAX_BATCH, add_trt_options
 
 
 @dataclass(frozen=True)
@@ -23,8 +24,10 @@ class SessionConfig:
     threads: int | None = None
     graph_opt: str = "all"
     trt_cache: str | None = None
-    #: largest batch the session will see (sizes TensorRT's optimisation profile)
-    max_batch: int = 16
+    #: TensorRT profile and cache (:mod:`.trt`)
+    trt_max_batch: int = TRT_MAX_BATCH
+    trt_max_side: int | None = None
+    trt_clean: bool = False
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ def add_shared_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--graph-opt", choices=GRAPH_OPT_CHOICES, default="all", help="graph optimisation level")
     p.add_argument("--trt-cache", default=None, help="TensorRT engine cache folder")
+    add_trt_options(p)
     p.add_argument(
         "--threshold", type=float, default=None, help="NG when P(defect) >= this (default: the model's)"
     )
@@ -71,5 +75,14 @@ def run_options(p: argparse.ArgumentParser, a: argparse.Namespace) -> RunOptions
         p.error(f"--threads must be >= 0 (0: one per physical core), got {a.threads}")
     if a.threshold is not None and not 0.0 <= a.threshold <= 1.0:
         p.error(f"--threshold must lie in [0, 1], got {a.threshold}")
-    session = SessionConfig(a.model, a.provider, a.threads, a.graph_opt, a.trt_cache, a.batch_size)
+    session = SessionConfig(
+        a.model,
+        a.provider,
+        a.threads,
+        a.graph_opt,
+        a.trt_cache,
+        a.trt_max_batch,
+        a.trt_max_side,
+        a.trt_cache_clean,
+    )
     return RunOptions(session, a.threshold, a.batch_size, a.workers, a.heatmaps)

@@ -188,7 +188,7 @@ class Watcher:
         meta = self.inspector.metadata
         log(
             f"watch: model {meta.model_name} ({meta.variant}, {self.inspector.sha256[:12]}), provider "
-            f"{self.inspector.provider}, threshold {self.threshold:g} ({self.stamp.threshold_source}); watching {self.hot} -> {self.out}"
+            f"{self.inspector.provider_summary}, threshold {self.threshold:g} ({self.stamp.threshold_source}); watching {self.hot} -> {self.out}"
         )
         status = 0
         try:
