@@ -202,7 +202,7 @@ def _loader(value: Any) -> LoaderConfig:
     try:
         return LoaderConfig(**value)
     except ValueError as exc:
-        raise MetadataError(str(exc)) from None
+        raise MetadataError(f"metadata has an unusable loader config: {exc}") from None
 
 
 def _int_in(value: Any, key: str, lo: int, hi: int) -> None:
