@@ -314,10 +314,11 @@ class TorchRunner:
     def __init__(self, path: str, threads: int | None) -> None:
         import torch
 
-        from defectscope.checkpoint import CheckpointError, file_sha256, load_checkpoint
+        from defectscope.checkpoint import CheckpointError, load_checkpoint
         from defectscope.export.grading import GradingExportError, checkpoint_grading
         from defectscope.models.corn import with_link
         from defectscope.runtime.decision import ng_class_names
+        from defectscope.runtime.files import file_sha256
 
         self._torch = torch
         self.threads = threads or torch.get_num_threads()

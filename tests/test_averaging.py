@@ -57,7 +57,7 @@ def test_averaged_weights_are_validated_checkpointed_and_exported(
     compose_train: Callable[..., Any], smoke_data_dir: Path, tmp_path: Path
 ) -> None:
     from defectscope.checkpoint import load_checkpoint
-    from defectscope.export.onnx_export import export_checkpoint
+    from defectscope.export.onnx_export import export_model
     from defectscope.runtime.inspector import Inspector
 
     cfg = compose_train(
@@ -92,8 +92,8 @@ def test_averaged_weights_are_validated_checkpointed_and_exported(
         torch.testing.assert_close(last["weight_average"]["raw"][k], raw_last[k])
     assert last["weight_average"]["count"] == 3  # epoch 1's three steps
 
-    result = export_checkpoint(tmp_path / "ck" / "latest.ckpt", tmp_path / "m.onnx", log=lambda _: None)
-    exported, _ = load_checkpoint(tmp_path / "ck" / "latest.ckpt")
+    exported, info = load_checkpoint(tmp_path / "ck" / "latest.ckpt")
+    result = export_model(exported, info, tmp_path / "m.onnx", log=lambda _: None)
     raw_model, _ = load_checkpoint(tmp_path / "ck" / "latest.ckpt")
     raw_model.load_state_dict(raw_last)
     x = np.random.default_rng(0).standard_normal((2, 1, 64, 96)).astype(np.float32)

@@ -109,10 +109,12 @@ def test_export_keeps_parity_and_the_runtime_grades_by_the_rule(
     defectscope_cmd: list[str],
     cli_env: dict[str, str],
 ) -> None:
-    from defectscope.export.onnx_export import export_checkpoint
+    from defectscope.checkpoint import load_checkpoint
+    from defectscope.export.onnx_export import export_model
 
     ckpt, _ = trained[objective]
-    result = export_checkpoint(ckpt, tmp_path / "m.onnx", log=lambda _: None)
+    model, info = load_checkpoint(ckpt)
+    result = export_model(model, info, tmp_path / "m.onnx", log=lambda _: None)
     meta = result.metadata
     assert meta.grading["rule"] == ("cuts" if objective == "expected" else "median")
     assert result.parity["max_abs_prob_fused"] <= 1e-4 and result.parity["max_rel_cam_unfused"] <= 1e-4

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from defectscope import __version__
-from defectscope.checkpoint import file_sha256, load_checkpoint
 from defectscope.models.corn import raw_outputs, with_link
 from defectscope.models.tta import FlipTTA
 from defectscope.runtime.image import LoaderConfig, normalize_batch
@@ -449,9 +448,3 @@ def export_model(
         "total": round(t_end - t_start, 3),
     }
     return ExportResult(out, len(data), seconds, numbers, meta, report, data)
-
-
-def export_checkpoint(ckpt: str | Path, output: str | Path, **kwargs: Any) -> ExportResult:
-    """:func:`load_checkpoint` + :func:`export_model`, recording the checkpoint's sha256."""
-    model, info = load_checkpoint(ckpt)
-    return export_model(model, info, output, checkpoint_sha256=file_sha256(ckpt), **kwargs)

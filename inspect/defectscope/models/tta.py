@@ -41,11 +41,6 @@ def check_tta(views: str) -> str:
     return views
 
 
-def tta_view_count(views: str) -> int:
-    """Backbone passes per image: 1 for ``none``, 2 for ``hflip``, 4 for ``flips``, 8 for ``dihedral``."""
-    return 1 + len(TTA_VIEWS[check_tta(views)])
-
-
 def apply_view(x: torch.Tensor, view: View) -> torch.Tensor:
     """One view of an NCHW batch: transposed (H <-> W) first, then flipped."""
     transposed, axes = view
