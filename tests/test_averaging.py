@@ -61,8 +61,13 @@ def test_averaged_weights_are_validated_checkpointed_and_exported(
     from defectscope.runtime.inspector import Inspector
 
     cfg = compose_train(
-        ["experiment=smoke", f"paths.data_dir={smoke_data_dir}", f"paths.output_dir={tmp_path}", "logger=none",
-         "paths.launch_dir=."]
+        [
+            "experiment=smoke",
+            f"paths.data_dir={smoke_data_dir}",
+            f"paths.output_dir={tmp_path}",
+            "logger=none",
+            "paths.launch_dir=.",
+        ]
     )
     pl.seed_everything(0)
     dm = instantiate(cfg.data)
@@ -84,7 +89,9 @@ def test_averaged_weights_are_validated_checkpointed_and_exported(
     assert not torch.allclose(want[key], raw_last[key])  # the average really differs from the weights
     for k in want:  # validation ran on the average (after epoch 1: the average of epoch 1's steps)
         torch.testing.assert_close(recorder.validated[-1][k], want[k].to(recorder.validated[-1][k].dtype))
-        torch.testing.assert_close(module.model.state_dict()[k], want[k].to(raw_last[k].dtype))  # ends averaged
+        torch.testing.assert_close(
+            module.model.state_dict()[k], want[k].to(raw_last[k].dtype)
+        )  # ends averaged
 
     last = torch.load(tmp_path / "ck" / "latest.ckpt", map_location="cpu", weights_only=True)
     for k in want:
@@ -119,7 +126,7 @@ def test_averaged_weights_are_validated_checkpointed_and_exported(
 
 
 def test_bad_settings_name_the_key() -> None:
-    with pytest.raises(TrainingConfigError, match="weight_average.kind must be one of ema, swa"):
+    with pytest.raises(TrainingConfigError, match=r"weight_average\.kind must be one of ema, swa"):
         WeightAverage("mean")
     with pytest.raises(TrainingConfigError, match=r"weight_average\.decay must be in \(0, 1\)"):
         WeightAverage("ema", decay=1.0)

@@ -70,7 +70,9 @@ def test_the_dataset_applies_the_view_it_is_given(tmp_path: Path) -> None:
     ds = DefectDataset([Sample(str(tmp_path / "a.png"), 0)], [(40, 56)], loader, [0.0], [1.0 / 255])
     for e in range(8):
         item = ds[(0, e)]
-        np.testing.assert_allclose(item["image"][0].numpy(), apply_view(arr[:, :, None], e)[:, :, 0], atol=1e-3)
+        np.testing.assert_allclose(
+            item["image"][0].numpy(), apply_view(arr[:, :, None], e)[:, :, 0], atol=1e-3
+        )
         assert item["index"] == 0
 
 
@@ -102,7 +104,9 @@ def test_dihedral_export_is_parity_gated_and_runs_in_the_runtime(tmp_path: Path)
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
     info = checkpoint_info("resnet", {"num_classes": 3, "in_chans": 1, "widths": [8, 16], "depths": [1, 1]})
-    result = export_model(model, info, tmp_path / "d4.onnx", tta="dihedral", parity_images=0, log=lambda _: None)
+    result = export_model(
+        model, info, tmp_path / "d4.onnx", tta="dihedral", parity_images=0, log=lambda _: None
+    )
     assert result.metadata.tta == "dihedral" and result.metadata.tta_views == 8
     assert result.parity["max_abs_prob_fused"] <= 1e-4  # random shapes include non-square ones
     insp = Inspector(result.path, provider="cpu", threads=1)

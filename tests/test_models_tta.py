@@ -94,7 +94,9 @@ def test_fp16_export_wrapper_keeps_the_head_and_the_average_in_fp32(model: torch
 
 
 def test_unknown_view_name_lists_the_valid_ones(model: torch.nn.Module) -> None:
-    with pytest.raises(ModelConfigError, match="tta must be one of none, hflip, flips, dihedral, got 'rot90'"):
+    with pytest.raises(
+        ModelConfigError, match="tta must be one of none, hflip, flips, dihedral, got 'rot90'"
+    ):
         FlipTTA(model, "rot90")
 
 
