@@ -129,11 +129,11 @@ def test_export_keeps_parity_and_the_runtime_grades_by_the_rule(
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     assert len(rows) == 4 * 40
     for row in rows:
-        assert row["label"] == _rule_by_hand(row["probs"], meta.grading)
+        assert row["top_class"] == _rule_by_hand(row["probs"], meta.grading)
         defect = row["probs"]["g2"] + row["probs"]["g3"]
         assert row["verdict"] == ("NG" if defect >= meta.threshold else "OK")
     truth = [Path(r["path"]).parent.name for r in rows]
-    assert np.mean([r["label"] == t for r, t in zip(rows, truth)]) >= 0.5
+    assert np.mean([r["top_class"] == t for r, t in zip(rows, truth)]) >= 0.5
 
 
 def test_objectives_need_ordered_grades_and_name_the_key() -> None:
@@ -171,3 +171,27 @@ def test_losses_on_hand_examples() -> None:
     s = torch.sigmoid(corn_raw)
     by_hand = torch.stack([1 - s[:, 0], s[:, 0] * (1 - s[:, 1]), s[:, 0] * s[:, 1]], dim=1)
     torch.testing.assert_close(probs, by_hand)
+
+
+def test_mixup_trains_on_the_mixed_images_with_the_mixed_losses() -> None:
+    from defectscope.training.module import DefectClassifier
+
+    stages = [{"channels": 4, "kernel": 3, "stride": 2}]
+    common: dict[str, Any] = {
+        "model": {"name": "gapcnn", "stages": stages}, "num_classes": 4, "in_chans": 1, "class_names": GRADES,
+        "good_class": "g0", "optim": {"optimizer": {}}, "ordinal": {"objective": "soft"}, "ordered": True,
+    }  # fmt: skip
+    module = DefectClassifier(**common, loss={"mixup": 0.4})
+    x, y = torch.randn(6, 1, 24, 24), torch.tensor([0, 1, 2, 3, 0, 3])
+    module.log = lambda *a, **k: None  # type: ignore[method-assign]  # no trainer to log to
+    torch.manual_seed(3)
+    got = module.training_step({"image": x, "label": y}, 0)
+    torch.manual_seed(3)  # the same draws, by hand
+    lam = float(torch.distributions.Beta(0.4, 0.4).sample())
+    order = torch.randperm(6)
+    raw = module.model(lam * x + (1 - lam) * x[order])
+    want = lam * module.criterion(raw, y) + (1 - lam) * module.criterion(raw, y[order])
+    torch.testing.assert_close(got, want)
+    assert 0 < lam < 1 and not torch.equal(order, torch.arange(6))
+    with pytest.raises(ValueError, match=r"loss\.mixup must be >= 0"):
+        DefectClassifier(**common, loss={"mixup": -1.0})

@@ -32,6 +32,9 @@ CONTRACT_KEYS = {
     "val_paths",
     "val_labels",
     "package_version",
+    "ng_classes",
+    "target_recall",
+    "grading",
 }
 SHORT = [
     "trainer.max_epochs=1",

@@ -118,6 +118,9 @@ class DefectClassifier(pl.LightningModule):
             )
         loss = dict(loss or {})
         self.label_smoothing = float(loss.get("label_smoothing", 0.0) or 0.0)
+        self.mixup = float(loss.get("mixup", 0.0) or 0.0)
+        if self.mixup < 0:
+            raise ValueError(f"loss.mixup must be >= 0 (0 = off), got {self.mixup}")
         try:
             self.objective = resolve_objective(ordinal, bool(ordered), self.label_smoothing)
         except ObjectiveError as exc:
@@ -188,8 +191,14 @@ class DefectClassifier(pl.LightningModule):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         x, y = batch["image"], batch["label"]
-        raw = self.model(x)
-        loss = self.criterion(raw, y)
+        if self.mixup > 0:  # mixup: a convex mix of two images trains on the same mix of their losses
+            lam = float(torch.distributions.Beta(self.mixup, self.mixup).sample())
+            order = torch.randperm(x.shape[0], device=x.device)
+            raw = self.model(lam * x + (1 - lam) * x[order])
+            loss = lam * self.criterion(raw, y) + (1 - lam) * self.criterion(raw, y[order])
+        else:
+            raw = self.model(x)
+            loss = self.criterion(raw, y)
         n = int(y.numel())
         self.train_loss.update(loss.detach(), weight=n)
         self.train_acc.update(self.objective.probs(raw.detach()).argmax(dim=1), y)

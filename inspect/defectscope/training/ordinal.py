@@ -77,7 +77,9 @@ class Objective:
         return corn_log_probs(raw) if self.link == "corn" else F.log_softmax(raw, dim=1)
 
     def probs(self, raw: torch.Tensor) -> torch.Tensor:
-        return self.log_probs(raw).exp()
+        """Class probabilities, computed as the exported graph computes them (softmax of the logits)."""
+        raw = raw.float()
+        return corn_log_probs(raw).softmax(dim=1) if self.link == "corn" else raw.softmax(dim=1)
 
     def loss(
         self, raw: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None

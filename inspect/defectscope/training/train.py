@@ -117,6 +117,7 @@ def build_module(cfg: DictConfig, dm: Any) -> DefectClassifier:
         loss={
             "class_weights": resolve_class_weights(cfg.loss.get("class_weights"), dm),
             "label_smoothing": float(cfg.loss.get("label_smoothing", 0.0)),
+            "mixup": float(cfg.loss.get("mixup", 0.0) or 0.0),
         },
         finetune=to_plain(cfg.get("finetune")) or {},
         threshold=to_plain(cfg.get("threshold")) or {},
