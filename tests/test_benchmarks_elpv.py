@@ -281,3 +281,45 @@ def test_val_list_is_the_training_validation_split(
     dm.setup("fit")
     assert sorted(listed) == sorted(s.path for s in dm.samples["val"]) and len(listed) == 295
     assert not set(listed) & {c.path for c in bench.elpv_test_split().cells}
+
+
+def test_grading_rule_ordinal_figures_and_operating_point(bench: ModuleType, tmp_path: Path) -> None:
+    """A model that ships a grading rule is graded by it (as the runtime does); balanced accuracy, the
+    ordinal figures and the operating point agree with independent computations."""
+    from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score
+
+    cuts = [0.3, 0.35, 0.4]
+    model = build_model(
+        tmp_path / "graded.onnx", class_names=GRADES, good_class="p0", max_side=64, model_name="graded",
+        grading={"rule": "cuts", "cuts": cuts}, ng_classes=["p67", "p100"], threshold=0.3,
+    )  # fmt: skip
+    result, rows = bench.evaluate(str(model), limit=60, threads=1, provider="cpu", log=lambda _: None)
+    assert result["grading"] == {"rule": "cuts", "cuts": cuts}
+    for r in rows:
+        e = sum(i * r["probs"][g] for i, g in enumerate(GRADES))
+        assert r["expected_grade"] == pytest.approx(e)
+        assert r["pred_grade"] == GRADES[sum(c <= e for c in cuts)]
+    assert any(r["pred_grade"] != max(GRADES, key=lambda g: r["probs"][g]) for r in rows)  # not argmax
+    truth, pred = [r["grade"] for r in rows], [r["pred_grade"] for r in rows]
+    four = result["metrics"]["overall"]["four_class"]
+    assert four["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(truth, pred))
+    t, p = [GRADES.index(g) for g in truth], [GRADES.index(g) for g in pred]
+    assert four["qwk"] == pytest.approx(cohen_kappa_score(t, p, weights="quadratic"))
+    assert four["mae"] == pytest.approx(np.mean(np.abs(np.subtract(t, p))))
+    assert four["off_by_more_than_one"] == pytest.approx(np.mean(np.abs(np.subtract(t, p)) > 1))
+
+    scores = np.array([r["p_defective"] for r in rows])
+    defective = np.array([r["grade"] in ("p67", "p100") for r in rows])
+    for key, target in (("recall_95", 0.95), ("recall_99", 0.99)):
+        point = result["metrics"]["overall"]["operating_point"][key]
+        flagged = scores >= point["threshold"]
+        assert flagged[defective].mean() >= target  # the threshold reaches the recall ...
+        assert (
+            not (scores[defective] > point["threshold"]).mean() >= target
+        )  # ... and is the largest that does
+        p0 = np.array([r["grade"] == "p0" for r in rows])
+        assert point["false_reject_rate_p0"] == pytest.approx(flagged[p0].mean())
+        assert point["false_reject_rate_functional"] == pytest.approx(flagged[~defective].mean())
+    shipped = result["shipped"]
+    assert shipped["threshold"] == 0.3 and shipped["ng_classes"] == ["p67", "p100"]
+    assert shipped["recall"] == pytest.approx((scores[defective] >= 0.3).mean())
