@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--tta",
         choices=TTA_NAMES,
         default="none",
-        help="build test-time flips into the graph: hflip = 2 views, flips = 4 views (left-right, "
-        "up-down, both); logits averaged, heat maps too; costs that many backbone passes per image "
+        help="build test-time views into the graph: hflip = 2 views, flips = 4 views (left-right, "
+        "up-down, both), dihedral = 8 (the flips and the transposed image's flips: every 90° rotation "
+        "and mirror); logits averaged, heat maps too; costs that many backbone passes per image "
         "(default %(default)s)",
     )
     q = p.add_argument_group(
