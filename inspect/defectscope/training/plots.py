@@ -53,7 +53,7 @@ def confusion_png(
     threshold: float,
     path: str | os.PathLike[str],
 ) -> str:
-    """Multi-class confusion (argmax) next to the OK/NG confusion at the operating threshold."""
+    """Multi-class confusion (argmax, or the grading rule) next to the OK/NG confusion at the threshold."""
     ng = is_ng(scores, threshold)
     okng = np.array(
         [
@@ -63,7 +63,7 @@ def confusion_png(
     )
     fig = Figure(figsize=(4 + 0.6 * len(class_names) + 3.5, 4.2))
     ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [max(2, len(class_names)), 2]})
-    _matrix(ax1, np.asarray(confmat), list(class_names), "classes (argmax)")
+    _matrix(ax1, np.asarray(confmat), list(class_names), "classes (as graded)")
     _matrix(ax2, okng, ["OK", "NG"], f"OK/NG at P(defect) >= {threshold:.3g}")
     fig.tight_layout()
     return _save(fig, path)
