@@ -9,7 +9,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-_SUMMARY_KEYS = ("acc", "bal_acc", "f1_macro", "auroc", "threshold", "escape_rate", "false_reject_rate")
+_SUMMARY_KEYS = (
+    "acc", "bal_acc", "f1_macro", "mae", "qwk", "auroc", "threshold", "escape_rate", "false_reject_rate",
+)  # fmt: skip
 
 
 def write_test_plots(outputs: Mapping[str, Any], dm: Any, plots_dir: Path) -> dict[str, str]:
