@@ -195,3 +195,19 @@ def test_mixup_trains_on_the_mixed_images_with_the_mixed_losses() -> None:
     assert 0 < lam < 1 and not torch.equal(order, torch.arange(6))
     with pytest.raises(ValueError, match=r"loss\.mixup must be >= 0"):
         DefectClassifier(**common, loss={"mixup": -1.0})
+
+
+def test_evaluate_grades_with_the_checkpoints_cut_points(
+    trained: dict[str, tuple[Path, dict[str, float]]], compose_train: Callable[..., Any], tmp_path: Path
+) -> None:
+    from defectscope.training.train import evaluate
+
+    ckpt, metrics = trained["expected"]
+    cfg = compose_train(
+        [f"ckpt_path={ckpt}", f"paths.output_dir={tmp_path}", "paths.launch_dir=.", "threads=1",
+         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"],
+        config_name="evaluate",
+    )  # fmt: skip
+    got = evaluate(cfg)
+    for key in ("test/acc", "test/mae", "test/qwk", "test/off_by_more_than_one"):
+        assert got[key] == pytest.approx(metrics[key], abs=1e-6), key

@@ -367,6 +367,7 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
     hparams.update(model=model_spec)
     module = DefectClassifier(**hparams)
     module.load_state_dict(ckpt["state_dict"], strict=True)
+    module.on_load_checkpoint(ckpt)  # the checkpoint's threshold and grading rule (cut points)
     module.threshold = float(cfg.threshold) if cfg.get("threshold") is not None else float(info["threshold"])
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     results = trainer.test(module, datamodule=dm, verbose=False)
