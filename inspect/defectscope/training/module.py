@@ -29,6 +29,7 @@ from .metrics import (
     metric_key,
     operating_point,
 )
+from .shift import ShiftScores
 
 FORMAT_VERSION = 1
 MAX_VAL_PATHS = MAX_EXPORT_VAL_PATHS
@@ -129,6 +130,9 @@ class DefectClassifier(pl.LightningModule):
         self.val_metrics, self.test_metrics = class_metrics(num_classes), class_metrics(num_classes)
         self.val_confmat, self.test_confmat = confusion_matrix(num_classes), confusion_matrix(num_classes)
         self.val_scores, self.test_scores = DefectScores(), DefectScores()
+        #: shift-consistency protocol of the test stage (training.shift.protocol_from_config); None = off
+        self.shift_protocol: Any = None
+        self.test_shift = ShiftScores()
 
     # ------------------------------------------------------------------ forward / loss
 
@@ -172,6 +176,8 @@ class DefectClassifier(pl.LightningModule):
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         logits, preds = self._eval_step(batch, "test")
+        if self.shift_protocol is not None:
+            self.test_shift.update_batch(self.model, batch["image"], self.good_index, self.shift_protocol)
         if len(self._misclassified) < self.misclassified_max:
             self._keep_misclassified(batch, logits, preds)
 
@@ -231,6 +237,8 @@ class DefectClassifier(pl.LightningModule):
         values, confmat, scores, targets = self._epoch_metrics("test")
         values["threshold"] = self.threshold
         values.update(operating_point(scores, targets, self.threshold))
+        values.update(self.test_shift.figures(self.threshold))
+        self.test_shift.reset()
         self.log_dict({f"test/{k}": v for k, v in values.items()}, sync_dist=True)
         self.test_outputs = {
             "metrics": values,

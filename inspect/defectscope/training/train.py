@@ -28,6 +28,7 @@ from .artifacts import log_test_artifacts, summary_lines, write_test_plots
 from .callbacks import Throughput, build_callbacks, checkpoint_callback
 from .config import TrainingConfigError, find_keys, is_global_zero, resolve_ckpt_path, to_plain
 from .module import DefectClassifier
+from .shift import protocol_from_config
 from .tracking import MLflowTracker
 
 log = logging.getLogger(__name__)
@@ -259,6 +260,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         dm.setup("fit")
         module = build_module(cfg, dm)
         module.misclassified_max = tracker.misclassified_max if tracker is not None else 16
+        module.shift_protocol = protocol_from_config(cfg.get("shift_consistency"), module.model.total_stride)
         callbacks = build_callbacks(
             to_plain(cfg.get("callbacks")),
             freeze_epochs=int(cfg.finetune.get("freeze_epochs", 0)),
@@ -365,6 +367,7 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
     module = DefectClassifier(**hparams)
     module.load_state_dict(ckpt["state_dict"], strict=True)
     module.threshold = float(cfg.threshold) if cfg.get("threshold") is not None else float(info["threshold"])
+    module.shift_protocol = protocol_from_config(cfg.get("shift_consistency"), module.model.total_stride)
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     results = trainer.test(module, datamodule=dm, verbose=False)
     metrics = _scalars(results[0] if results else {})
