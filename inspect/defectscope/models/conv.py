@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from math import comb
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -40,16 +40,17 @@ from .geometry import SizeOp, padding_min_input
 from .norm import NormSpec, get_norm, is_no_norm
 
 POOL_NAMES: tuple[str, ...] = ("max", "avg", "none")
-PADDING_MODES: tuple[str, ...] = ("zeros", "reflect", "replicate")
+PaddingMode = Literal["zeros", "reflect", "replicate"]
+PADDING_MODES: tuple[PaddingMode, ...] = ("zeros", "reflect", "replicate")
 #: 0 = no anti-aliasing; otherwise the side of the binomial filter (1 would be no filter at all)
 BLUR_SIZES: tuple[int, ...] = (0, 2, 3, 4, 5, 6, 7)
 
 
-def check_padding_mode(mode: object, key: str = "padding_mode") -> str:
+def check_padding_mode(mode: object, key: str = "padding_mode") -> PaddingMode:
     """``mode`` if it is one of :data:`PADDING_MODES`, else an error listing them."""
     if not isinstance(mode, str) or mode not in PADDING_MODES:
         raise ModelConfigError(f"{key}={mode!r} is not a padding mode; valid: {', '.join(PADDING_MODES)}")
-    return mode
+    return cast(PaddingMode, mode)
 
 
 def check_blur(size: object, key: str = "blur") -> int:
@@ -69,6 +70,8 @@ class BlurPool(nn.Module):
     like a 'same' strided layer.  Shifting the input by ``stride`` pixels shifts the output by
     exactly one, away from the borders.
     """
+
+    filt: torch.Tensor
 
     def __init__(self, channels: int, size: int, stride: int, padding_mode: str = "zeros") -> None:
         super().__init__()

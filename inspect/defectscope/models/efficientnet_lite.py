@@ -154,7 +154,7 @@ class EfficientNetLite(GapClassifier):
         padding_mode: str = "zeros",
     ) -> None:
         super().__init__(num_classes=num_classes, in_chans=in_chans)
-        shift = {"blur": check_blur(blur), "padding_mode": check_padding_mode(padding_mode)}
+        shift: dict[str, Any] = {"blur": check_blur(blur), "padding_mode": check_padding_mode(padding_mode)}
         if variant not in LITE_PARAMS:
             raise ModelConfigError(
                 f"unknown EfficientNet-Lite variant {variant!r}; valid: {', '.join(LITE_PARAMS)}"

@@ -99,7 +99,7 @@ class GapCNN(GapClassifier):
         if isinstance(stages, str | bytes) or not isinstance(stages, Sequence) or not stages:
             raise ModelConfigError(f"stages must be a non-empty list of stage specs, got {stages!r}")
         self.stages = [StageSpec.parse(s, i) for i, s in enumerate(stages)]
-        shift = {"blur": check_blur(blur), "padding_mode": check_padding_mode(padding_mode)}
+        shift: dict[str, Any] = {"blur": check_blur(blur), "padding_mode": check_padding_mode(padding_mode)}
         norm_kwargs = {"norm_groups": norm_groups}
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         chans = self.in_chans

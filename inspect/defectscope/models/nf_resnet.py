@@ -27,7 +27,7 @@ from torch import nn
 
 from .act import ActSpec, get_act
 from .base import GapClassifier, check_positive_int
-from .conv import check_blur, check_padding_mode, make_blur, resolve_padding
+from .conv import BlurPool, check_blur, check_padding_mode, make_blur, resolve_padding
 from .errors import ModelConfigError
 from .geometry import SizeOp, branch_sizes_agree, collect_size_ops
 from .registry import register_model
@@ -51,9 +51,8 @@ class ScaledStdConv2d(nn.Conv2d):
         padding_mode: str = "zeros",
     ) -> None:
         pad = resolve_padding(padding, kernel, dilation)
-        super().__init__(
-            in_chans, out_chans, kernel, stride, pad, dilation, groups, bias, check_padding_mode(padding_mode)
-        )
+        mode = check_padding_mode(padding_mode)
+        super().__init__(in_chans, out_chans, kernel, stride, pad, dilation, groups, bias, mode)
         self.gain = nn.Parameter(torch.full((out_chans, 1, 1, 1), float(gain_init)))
         self.eps = eps
         self.fan_in = (in_chans // groups) * kernel * kernel
@@ -197,7 +196,7 @@ class NFResNet(GapClassifier):
             stem_width, stem_width, 3, stem_stride, padding_mode=padding_mode
         )
         if stem_blur is not None:
-            layers["stem_blur2"] = make_blur(stem_width, blur, 2, padding_mode)
+            layers["stem_blur2"] = BlurPool(stem_width, blur, 2, padding_mode)
         expected_var = 1.0
         chans = stem_width
         for i, (width, depth) in enumerate(zip(widths, depths)):
