@@ -83,12 +83,18 @@ class LoaderConfig:
         return asdict(self)
 
 
-def target_size(width: int, height: int, cfg: LoaderConfig) -> tuple[int, int]:
-    """Size (w, h) an image of ``width`` x ``height`` has after the resize policy."""
+def scaled_size(width: int, height: int, cfg: LoaderConfig) -> tuple[int, int]:
+    """Size (w, h) after the ``max_side`` downscale only: the real pixels, before any rounding."""
     w, h = width, height
     if cfg.max_side is not None and max(w, h) > cfg.max_side:
         scale = cfg.max_side / max(w, h)
         w, h = max(1, round(w * scale)), max(1, round(h * scale))
+    return w, h
+
+
+def target_size(width: int, height: int, cfg: LoaderConfig) -> tuple[int, int]:
+    """Size (w, h) an image of ``width`` x ``height`` has after the resize policy."""
+    w, h = scaled_size(width, height, cfg)
     m = cfg.size_multiple
     if m > 1:
         w, h = max(m, round(w / m) * m), max(m, round(h / m) * m)
@@ -96,6 +102,27 @@ def target_size(width: int, height: int, cfg: LoaderConfig) -> tuple[int, int]:
             cap = (cfg.max_side // m) * m
             w, h = min(w, max(m, cap)), min(h, max(m, cap))
     return w, h
+
+
+def too_small(width: int, height: int, cfg: LoaderConfig) -> str | None:
+    """Why an image is too small for ``cfg.min_size``, or None.
+
+    The rule is on real pixels (after the ``max_side`` downscale, before rounding to the size
+    multiple): a 4x4 image rounded up to 32x32 would be all invented pixels.  The rounded size
+    must fit too, since the model's geometry check relies on ``min_size``.
+    """
+    (w, h), m = scaled_size(width, height, cfg), cfg.size_multiple
+    if min(w, h) < cfg.min_size:
+        becomes = "" if (w, h) == (width, height) else f" becomes {w}x{h} after resizing"
+        note = f" (checked before rounding to the size multiple {m})" if m > 1 else ""
+        return f"{width}x{height}{becomes}; the minimum side is {cfg.min_size} px{note}"
+    w, h = target_size(width, height, cfg)
+    if min(w, h) < cfg.min_size:
+        return (
+            f"{width}x{height} becomes {w}x{h} after rounding to the size multiple {m}; "
+            f"the minimum side is {cfg.min_size} px"
+        )
+    return None
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -197,13 +224,10 @@ def load_image_with_size(
     """:func:`load_image` plus the decoded (width, height) before resizing, for result rows."""
     p = Path(path)
     img = _open(p, _read_bytes(p), cfg.max_pixels)
+    problem = too_small(img.width, img.height, cfg)
+    if problem:
+        raise ImageLoadError(p, "too_small", problem)
     w, h = target_size(img.width, img.height, cfg)
-    if min(w, h) < cfg.min_size:
-        raise ImageLoadError(
-            p,
-            "too_small",
-            f"{img.width}x{img.height} becomes {w}x{h} after resizing; the minimum side is {cfg.min_size}",
-        )
     arr = to_channels(img, cfg.channels)
     if (w, h) != (arr.shape[1], arr.shape[0]):
         arr = resize_array(arr, w, h)

@@ -20,6 +20,7 @@ import numpy as np
 
 from .image import LoaderConfig, load_image_with_size, normalize_batch
 from .metadata import METADATA_KEY, MetadataError, ModelMetadata
+from .model_checks import ModelCheckError, check_model_file
 from .providers import (
     GPU_PROVIDERS,
     PROVIDERS,
@@ -122,6 +123,10 @@ class Inspector:
         if not path.is_file():
             raise ModelLoadError(f"{path}: model file not found")
         self.model_path = str(path)
+        try:  # a model is data: nothing outside its folder, no custom operators (docs/trust.md)
+            check_model_file(path)
+        except ModelCheckError as exc:
+            raise ModelLoadError(str(exc)) from None
         self.sha256 = file_sha256(path)
         ort.set_default_logger_severity(3)
         avail = list(available) if available is not None else list(ort.get_available_providers())

@@ -99,7 +99,7 @@ def _train(cfg: Any) -> dict[str, float]:
 
 
 def _evaluate(cfg: Any) -> dict[str, float]:
-    from .train import evaluate
+    from .evaluate import evaluate
 
     return evaluate(cfg)
 
