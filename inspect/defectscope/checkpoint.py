@@ -211,7 +211,14 @@ def model_state(ckpt: dict[str, Any], source: str) -> dict[str, torch.Tensor]:
 
 def model_spec(info: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """Registry name and kwargs to rebuild the network; pretrained ``weights`` are never fetched again
-    (the checkpoint carries the weights, and a file must not choose a download)."""
+    (the checkpoint carries the weights, and a file must not choose a download).  The name must be
+    registered: it is looked up, never imported."""
+    from defectscope.models import list_models
+
+    if info["model_name"] not in list_models():
+        raise CheckpointError(
+            f"unknown model {info['model_name']!r} (this defectscope knows: {', '.join(list_models())})"
+        )
     kwargs = dict(info["model_kwargs"])
     if "weights" in kwargs:
         kwargs["weights"] = None
@@ -220,13 +227,12 @@ def model_spec(info: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
 
 def build_model(info: dict[str, Any], source: str) -> nn.Module:
     """``create_model(model_name, **model_kwargs)``; unknown names list the valid ones."""
-    from defectscope.models import create_model, list_models
+    from defectscope.models import create_model
 
-    name, kwargs = model_spec(info)
-    if name not in list_models():
-        raise CheckpointError(
-            f"{source}: unknown model {name!r} (this defectscope knows: {', '.join(list_models())})"
-        )
+    try:
+        name, kwargs = model_spec(info)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
     try:
         model: nn.Module = create_model(name, **kwargs)
     except Exception as exc:
@@ -237,9 +243,11 @@ def build_model(info: dict[str, Any], source: str) -> nn.Module:
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the trained network in eval mode; returns ``(model, checkpoint["defectscope"])``."""
+    """Rebuild the trained network in eval mode; returns ``(model, checkpoint["defectscope"])``, the
+    entry checked, with ``target_recall`` filled in from older checkpoints' hyper-parameters."""
     source = str(path)
     ckpt, info = read_info(path)
+    info["target_recall"] = target_recall(ckpt, info, source)
     model = build_model(info, source)
     try:
         model.load_state_dict(model_state(ckpt, source), strict=True)

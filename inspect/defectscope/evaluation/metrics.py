@@ -54,9 +54,10 @@ def operating_point(scores: np.ndarray, is_defect: np.ndarray, threshold: float)
 
 def tradeoff_table(
     scores: np.ndarray, is_defect: np.ndarray, recalls: Sequence[float] = TRADEOFF_RECALLS
-) -> list[dict[str, float]]:
-    """Recall against false-reject rate at the threshold each recall target would choose."""
-    rows = []
+) -> list[dict[str, float | None]]:
+    """Recall against false-reject rate at the threshold each recall target would choose
+    (plain, JSON-able rows; a rate that cannot be measured is None)."""
+    rows: list[dict[str, float | None]] = []
     for target in recalls:
         t = choose_threshold(scores, is_defect, target)
         if t is None:
@@ -66,25 +67,28 @@ def tradeoff_table(
             {
                 "target_recall": float(target),
                 "threshold": t,
-                "recall": point.get("recall", math.nan),
-                "false_reject_rate": point.get("false_reject_rate", math.nan),
+                "recall": point.get("recall"),
+                "false_reject_rate": point.get("false_reject_rate"),
             }
         )
     return rows
 
 
-def tradeoff_text(rows: Sequence[dict[str, float]], chosen: float | None = None) -> str:
+def _pct(v: float | None, width: int) -> str:
+    return f"{'n/a':>{width}}  " if v is None else f"{100 * v:>{width}.1f} %"
+
+
+def tradeoff_text(rows: Sequence[dict[str, float | None]], chosen: float | None = None) -> str:
     """The trade-off table as aligned text lines (the chosen threshold marked)."""
-    lines = ["  target recall  threshold  recall  false-reject rate"]
+    lines = ["  target recall  threshold   recall  false-reject rate"]
+    marked = False
     for r in rows:
-        mark = (
-            "  <- chosen"
-            if chosen is not None and math.isclose(r["threshold"], chosen, abs_tol=1e-12)
-            else ""
-        )
+        t = float(r["threshold"] or 0.0)
+        here = not marked and chosen is not None and math.isclose(t, chosen, abs_tol=1e-12)
+        marked = marked or here
         lines.append(
-            f"  {100 * r['target_recall']:>12.1f} %  {r['threshold']:>9.4g}  {100 * r['recall']:>5.1f} %"
-            f"  {100 * r['false_reject_rate']:>16.1f} %{mark}"
+            f"  {_pct(r['target_recall'], 11)}  {t:>9.4g}  {_pct(r['recall'], 5)}"
+            f"  {_pct(r['false_reject_rate'], 15)}{'  <- chosen' if here else ''}"
         )
     return "\n".join(lines)
 

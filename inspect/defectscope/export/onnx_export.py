@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from defectscope import __version__
-from defectscope.checkpoint import file_sha256, load_checkpoint
+from defectscope.checkpoint import DEFAULT_TARGET_RECALL, file_sha256, load_checkpoint
+from defectscope.data.sources import SourceError
 from defectscope.models.tta import FlipTTA
 from defectscope.runtime.image import LoaderConfig, normalize_batch
 from defectscope.runtime.metadata import METADATA_KEY, ModelMetadata
@@ -47,6 +48,7 @@ from .quantize import (
     quantize_qdq,
     split_paths,
 )
+from .threshold import ThresholdError, ThresholdPlan, plan_threshold, rederive
 from .wrapper import ExportWrapper, head_linear
 
 MIN_OPSET = 18
@@ -342,6 +344,7 @@ def export_model(
     checkpoint_sha256: str | None = None,
     int8: Int8Config | None = None,
     tta: str = "none",
+    target_recall: float | None = None,
     tamper: Callable[[onnx.ModelProto], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> ExportResult:
@@ -351,6 +354,8 @@ def export_model(
     agreement with fp32 on held-back real images (:mod:`.quantize`); the int8 graph is written.
     ``tta``: build test-time flips into the graph (:class:`~defectscope.models.tta.FlipTTA`); the
     parity gate then compares against the same flips in PyTorch.
+    ``threshold``: set by hand; otherwise it is chosen again on the written graph for ``target_recall``
+    (default: the checkpoint's) on labelled images (:mod:`.threshold`).
     ``tamper`` is a fault-injection hook for tests: it may alter the graph after export and before
     the parity gate, which must then catch it.
     """
@@ -381,6 +386,13 @@ def export_model(
         )
     min_side = int(getattr(model, "min_input_size", 1))
     plan = plan_int8(info, images_dir, int8, log) if int8 is not None else None
+    recall = float(
+        target_recall if target_recall is not None else info.get("target_recall", DEFAULT_TARGET_RECALL)
+    )
+    try:
+        threshold_plan = plan_threshold(info, images_dir, target_recall=recall, by_hand=threshold, log=log)
+    except (ThresholdError, SourceError) as exc:
+        raise ExportError(str(exc)) from None
     model = model.eval()
 
     fused, report = fuse_conv_bn_report(model)
@@ -430,6 +442,8 @@ def export_model(
         set_metadata(quant, meta)
         data = quant.SerializeToString()
         t_quant = time.perf_counter()
+    data, meta = earn_threshold(data, meta, threshold_plan)
+    t_threshold = time.perf_counter()
     atomic_write_bytes(out, data)
     t_end = time.perf_counter()
     seconds = {
@@ -437,10 +451,23 @@ def export_model(
         "export": round(t_exported - t_fused, 3),
         "parity": round(t_parity - t_exported, 3),
         **({"int8": round(t_quant - t_parity, 3)} if int8 is not None else {}),
-        "write": round(t_end - t_quant, 3),
+        "threshold": round(t_threshold - t_quant, 3),
+        "write": round(t_end - t_threshold, 3),
         "total": round(t_end - t_start, 3),
     }
     return ExportResult(out, len(data), seconds, numbers, meta, report, data)
+
+
+def earn_threshold(data: bytes, meta: ModelMetadata, plan: ThresholdPlan) -> tuple[bytes, ModelMetadata]:
+    """Choose the threshold on the final graph bytes and embed it with its provenance."""
+    try:
+        source = rederive(data, meta, plan)
+    except ThresholdError as exc:
+        raise ExportError(str(exc)) from None
+    meta = replace(meta, threshold=float(source["threshold"]), threshold_source=source)
+    proto = onnx.load_from_string(data)
+    set_metadata(proto, meta)
+    return proto.SerializeToString(), meta
 
 
 def export_checkpoint(ckpt: str | Path, output: str | Path, **kwargs: Any) -> ExportResult:

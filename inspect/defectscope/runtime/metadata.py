@@ -59,6 +59,8 @@ class ModelMetadata:
     mlflow_run_id: str | None = None
     checkpoint_sha256: str | None = None
     parity: dict[str, Any] = field(default_factory=dict)
+    #: where the threshold came from: chosen on this graph for a recall target, or set by hand
+    threshold_source: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
 

@@ -73,7 +73,10 @@ def evaluation_module(ckpt: dict[str, Any], info: dict[str, Any], source: str, t
     """The LightningModule for testing, built from checked values only (no hyper-parameters from the file)."""
     from .module import DefectClassifier
 
-    name, kwargs = model_spec(info)
+    try:
+        name, kwargs = model_spec(info)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
     channels = int(info["loader"].get("channels", 1))
     in_chans = int(kwargs.pop("in_chans", channels))
     kwargs.pop("num_classes", None)

@@ -20,9 +20,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .. import __version__
 from ..data.datamodule import MAX_EXPORT_VAL_PATHS
+from ..evaluation.threshold import DEFAULT_WARN_FALSE_REJECT_RATE, threshold_report
 from .metrics import (
     DefectScores,
-    choose_threshold,
     class_metrics,
     confusion_matrix,
     defect_auroc,
@@ -116,7 +116,10 @@ class DefectClassifier(pl.LightningModule):
         self.label_smoothing = float(loss.get("label_smoothing", 0.0) or 0.0)
         thr = dict(threshold or {})
         self.target_recall = float(thr.get("target_recall", 0.99))
+        self.warn_false_reject_rate = float(thr.get("warn_false_reject_rate", DEFAULT_WARN_FALSE_REJECT_RATE))
         self.threshold = float(thr.get("default", 0.5))
+        #: what the last validation's threshold costs (evaluation.threshold.threshold_report), or None
+        self.threshold_report: dict[str, Any] | None = None
         self.data_info = dict(data_info or {})
         #: how many misclassified test images (with CAM) to keep for the artifact grid
         self.misclassified_max = 16
@@ -217,9 +220,11 @@ class DefectClassifier(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         values, _, scores, targets = self._epoch_metrics("val")
         if not self.trainer.sanity_checking:
-            chosen = choose_threshold(scores, targets, self.target_recall)
-            if chosen is not None:
-                self.threshold = chosen
+            report = threshold_report(
+                scores.numpy(), targets.numpy(), self.target_recall, self.warn_false_reject_rate
+            )
+            if report is not None:
+                self.threshold, self.threshold_report = float(report["threshold"]), report
         values["threshold"] = self.threshold
         values.update(operating_point(scores, targets, self.threshold))
         self.log_dict({f"val/{k}": v for k, v in values.items()}, sync_dist=True)
@@ -295,6 +300,9 @@ class DefectClassifier(pl.LightningModule):
             "mlflow_tracking_uri": uri,
             "val_paths": [str(p) for p in (info.get("val_paths") or [])][:MAX_VAL_PATHS],
             "val_labels": [str(c) for c in (info.get("val_labels") or [])][:MAX_VAL_PATHS],
+            "target_recall": self.target_recall,
+            "warn_false_reject_rate": self.warn_false_reject_rate,
+            "threshold_report": self.threshold_report,
             "package_version": __version__,
         }
 

@@ -135,6 +135,31 @@ def build_module(cfg: DictConfig, dm: Any) -> DefectClassifier:
     return module
 
 
+def report_threshold(best: str, out_dir: Path, tracker: MLflowTracker | None) -> list[str]:
+    """What the best checkpoint's threshold costs: threshold_report.txt, the log, MLflow; loud when too costly."""
+    from defectscope.checkpoint import read_info
+    from defectscope.evaluation.threshold import threshold_lines, too_costly
+
+    report = read_info(best)[1].get("threshold_report")
+    if not isinstance(report, dict):
+        return ["threshold:       not chosen (no defect images in validation; threshold.default is used)"]
+    lines = threshold_lines(
+        report,
+        "validation images, PyTorch fp32",
+        "lower threshold.target_recall, set the threshold by hand (defectscope export --threshold T), "
+        "or improve the model",
+    )
+    path = out_dir / "threshold_report.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    costly = too_costly(report)
+    for line in lines:
+        (log.warning if costly else log.info)("%s", line)
+    if tracker is not None:
+        tracker.log_artifact(path)
+        tracker.set_tags({"defectscope.threshold_warning": lines[1] if costly else "none"})
+    return [f"threshold:       {lines[0]}", *lines[1:], f"threshold report: {path}"]
+
+
 def build_tracker(cfg: DictConfig) -> MLflowTracker | None:
     spec = cfg.get("logger")
     if not spec or "_target_" not in spec:  # logger=none (experiments may still set a few keys)
@@ -211,6 +236,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
 
     status = "FAILED"
     best: str | None = None
+    threshold_lines: list[str] = []
     ckpt_cb = None
     metrics: dict[str, float] = {}
     resolved = out_dir / "config_resolved.yaml"
@@ -256,6 +282,8 @@ def _train(cfg: DictConfig) -> dict[str, float]:
                 plots = write_test_plots(module.test_outputs, dm, out_dir / "plots")
                 if tracker is not None:
                     log_test_artifacts(tracker, plots)
+        if trainer.is_global_zero and best:
+            threshold_lines = report_threshold(best, out_dir, tracker)
         if tracker is not None and tracker.log_checkpoint and best:
             tracker.log_artifact(best, "checkpoints")
         rejects = getattr(dm, "rejects_path", None)
@@ -277,5 +305,5 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             metrics=metrics,
             unsent=unsent,
         )
-        print("\n".join(lines), flush=True)
+        print("\n".join(lines + threshold_lines), flush=True)
     return metrics
