@@ -225,7 +225,15 @@ def export(model: nn.Module, cfg: dict[str, Any], channels: int, path: Path, *, 
     from defectscope.export.onnx_export import export_model
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    export_model(model, export_info(cfg, channels), path, fp16=fp16, parity_images=0, log=lambda _m: None)
+    export_model(  # speed only: the threshold is set by hand, not earned on images
+        model,
+        export_info(cfg, channels),
+        path,
+        fp16=fp16,
+        parity_images=0,
+        threshold=0.5,
+        log=lambda _m: None,
+    )
     return path
 
 

@@ -97,7 +97,10 @@ def test_metadata_round_trips_through_the_ort_session(setup: dict[str, Any]) -> 
     meta = ModelMetadata.from_json(meta_json, source=str(result.path))
     assert meta == result.metadata
     assert meta.class_names == info["class_names"] and meta.good_class == "good"
-    assert meta.threshold == 0.5 and meta.channels == 1 and meta.mean == [0.5] and meta.std == [0.25]
+    source = meta.threshold_source  # chosen again on this graph, over the labelled val images that exist
+    assert source["method"] == "recall target" and meta.threshold == source["threshold"]
+    assert source["n_defect"] + source["n_good"] == 6 and source["variant"] == "fp32"
+    assert meta.channels == 1 and meta.mean == [0.5] and meta.std == [0.25]
     loader = info["loader"]
     assert (meta.max_side, meta.min_size, meta.size_multiple, meta.max_pixels) == (
         loader["max_side"],

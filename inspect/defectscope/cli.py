@@ -18,7 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "defectscope.training.app:train_main",
         "train a model (Hydra app: overrides, --multirun, --cfg)",
     ),
-    "evaluate": ("defectscope.training.app:evaluate_main", "test metrics for a checkpoint (Hydra app)"),
+    "evaluate": (
+        "defectscope.training.app:evaluate_main",
+        "figures of a checkpoint (Hydra app: ckpt_path=...) or of an exported MODEL.onnx on labelled DATA",
+    ),
     "export": (
         "defectscope.export.cli:main",
         "fuse BatchNorm and export a verified, self-describing ONNX model",

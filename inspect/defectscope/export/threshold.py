@@ -62,6 +62,8 @@ def plan_threshold(
     if by_hand is not None:
         return ThresholdPlan(target_recall, warn, by_hand=by_hand)
     names, good = list(info["class_names"]), str(info["good_class"])
+    if images is not None and not Path(images).exists():
+        raise ThresholdError(f"--images {images}: not an existing folder or file")
     labelled = read_labelled(Path(images), names, good) if images is not None else None
     if images is not None and labelled is None:
         log(f"threshold: --images {images} has no labels; re-deriving on the checkpoint's validation images")
