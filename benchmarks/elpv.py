@@ -270,7 +270,7 @@ class OnnxRunner:
         meta = self.inspector.metadata
         self.name = meta.model_name
         self.class_names = list(meta.class_names)
-        self.loader_config = meta.loader_config()
+        self.loader_config = meta.loader
         self.mean, self.std = list(meta.mean), list(meta.std)
         self.threads = self.inspector.threads
         self.provider = self.inspector.provider

@@ -10,6 +10,7 @@ import torch
 
 from defectscope.models import ModelConfigError, create_model
 from defectscope.models.tta import TTA_VIEWS, FlipTTA, tta_view_count
+from defectscope.runtime.image import LoaderConfig
 from defectscope.runtime.metadata import TTA_NAMES, ModelMetadata
 
 
@@ -104,13 +105,9 @@ def test_runtime_metadata_knows_the_same_views() -> None:
         "class_names": ["good", "bad"],
         "good_class": "good",
         "threshold": 0.5,
-        "channels": 1,
+        "loader": LoaderConfig(channels=1, min_size=8, max_pixels=10**7),
         "mean": [0.5],
         "std": [0.25],
-        "max_side": None,
-        "min_size": 8,
-        "size_multiple": 1,
-        "max_pixels": 10**7,
         "model_name": "resnet",
         "package_version": "0",
     }

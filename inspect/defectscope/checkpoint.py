@@ -154,6 +154,9 @@ def _check_optional(info: dict[str, Any], where: str, names: list[str]) -> None:
                 f"{where}.val_labels: expected one class name of {names} per val_paths entry "
                 f"({len(paths)}), got {len(labels)} labels"
             )
+    ng = string_list(info.get("ng_classes") or [], f"{where}.ng_classes", MAX_CLASSES, MAX_NAME)
+    if not set(ng) <= set(names) - {info["good_class"]}:
+        raise PlainDataError(f"{where}.ng_classes: {ng!r} must be classes of {names} other than the good one")
     run_id = info.get("mlflow_run_id")
     if run_id is not None and not (isinstance(run_id, str) and _RUN_ID.match(run_id)):
         raise PlainDataError(

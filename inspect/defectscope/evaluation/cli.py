@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..data.sources import SourceError
+from ..runtime.decision import defect_probability, is_defect_label, is_ng
 from ..runtime.inspector import Inspector, MetadataError, ModelLoadError, ProviderError
 from .labelled import Labelled, read_labelled
 from .metrics import confusion
@@ -78,7 +79,7 @@ def evaluate_model(
     scored = score_paths(
         lambda b: inspector.predict(b, cam=False)["probs"],
         labelled.paths,
-        meta.loader_config(),
+        meta.loader,
         meta.mean,
         meta.std,
         batch_size,
@@ -86,8 +87,8 @@ def evaluate_model(
     names = meta.class_names
     truth = np.array([names.index(labelled.labels[i]) for i in scored.index], dtype=np.int64)
     pred = scored.probs.argmax(axis=1) if len(truth) else np.zeros(0, dtype=np.int64)
-    p_defect = 1.0 - scored.probs[:, meta.good_index] if len(truth) else np.zeros(0)
-    is_defect = truth != meta.good_index
+    p_defect = defect_probability(scored.probs, meta.ng_indices) if len(truth) else np.zeros(0)
+    is_defect = np.asarray(is_defect_label(truth, meta.ng_indices), dtype=bool)
     doc = evaluation_doc(
         confusion(truth, pred, len(names)), names, p_defect, is_defect, threshold, sweep=sweep
     )
@@ -95,6 +96,8 @@ def evaluate_model(
         model=inspector.model_path,
         model_sha256=inspector.sha256,
         variant=meta.variant,
+        good_class=meta.good_class,
+        ng_classes=list(meta.ng_classes),
         model_threshold=meta.threshold,
         threshold_source=meta.threshold_source,
         data=labelled.source,
@@ -102,7 +105,7 @@ def evaluate_model(
     )
     rows = [
         {"path": labelled.paths[i], "label": labelled.labels[i], "predicted": names[int(k)],
-         "defect_prob": round(float(p), 6), "verdict": "NG" if p >= threshold else "OK"}
+         "defect_prob": round(float(p), 6), "verdict": "NG" if is_ng(float(p), threshold) else "OK"}
         for i, k, p in zip(scored.index, pred, p_defect)
     ]  # fmt: skip
     return doc, rows
@@ -124,7 +127,7 @@ def write_outputs(out: Path, doc: dict[str, Any], rows: list[dict[str, Any]]) ->
     except ImportError:
         return [*written, "(no PNG plots: they need matplotlib, pip install matplotlib)"]
     scores = np.array([r["defect_prob"] for r in rows])
-    defect = np.array([r["label"] != doc["class_names"][_good(doc)] for r in rows])
+    defect = np.array([r["label"] in doc["ng_classes"] for r in rows], dtype=bool)
     written.append(
         plots.confusion_png(
             np.asarray(doc["confusion"]),
@@ -138,10 +141,6 @@ def write_outputs(out: Path, doc: dict[str, Any], rows: list[dict[str, Any]]) ->
     if "tradeoff" in doc:
         written.append(plots.roc_pr_png(scores, defect, doc["threshold"], out / "roc_pr.png"))
     return written
-
-
-def _good(doc: dict[str, Any]) -> int:
-    return int(doc["class_names"].index(doc["good_class"]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,7 +161,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (EvaluateError, SourceError, ModelLoadError, MetadataError, ProviderError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    doc["good_class"] = inspector.metadata.good_class
     given = "" if args.threshold is None else f" (given; the model's is {inspector.threshold:g})"
     print(f"model: {args.model} ({doc['variant']}), threshold {threshold:g}{given}")
     print("\n".join(report_lines(doc, f"every readable image of {labelled.source}")))

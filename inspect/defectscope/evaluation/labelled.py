@@ -27,8 +27,9 @@ class Labelled:
     labels: list[str]
     source: str
 
-    def is_defect(self, good_class: str) -> list[bool]:
-        return [label != good_class for label in self.labels]
+    def is_defect(self, ng_classes: Sequence[str]) -> list[bool]:
+        """Ground truth for recall and false-reject rates: the label is one of the NG classes."""
+        return [label in set(ng_classes) for label in self.labels]
 
 
 def has_labels(path: Path, class_names: Sequence[str]) -> bool:

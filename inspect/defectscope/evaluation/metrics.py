@@ -1,7 +1,8 @@
 """The figures a model is judged by, computed once for every path (PyTorch, ONNX, export).
 
-Inputs are plain numpy arrays: ``scores`` = P(defect) = 1 - P(good) per image, ``is_defect`` per
-image, class indices for the confusion matrix.  Training (torch tensors), export (ONNX Runtime on
+Inputs are plain numpy arrays: ``scores`` = P(defect) per image and ``is_defect`` (the label is an
+NG class) per image, both under the one NG rule (:mod:`defectscope.runtime.decision`), and class
+indices for the confusion matrix.  Training (torch tensors), export (ONNX Runtime on
 the written graph) and ``defectscope evaluate`` (either) all call these functions, so a threshold
 or a false-reject rate means the same thing everywhere.
 """
@@ -14,13 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime.decision import is_ng
+
 #: recall targets of the trade-off table shown when the chosen threshold costs too many good parts
 TRADEOFF_RECALLS = (0.80, 0.90, 0.95, 0.98, 0.99, 0.995, 1.0)
-
-
-def is_ng(scores: np.ndarray, threshold: float) -> np.ndarray:
-    """The verdict rule: NG when P(defect) >= threshold."""
-    return np.asarray(scores, dtype=np.float64) >= float(threshold)
 
 
 def choose_threshold(scores: np.ndarray, is_defect: np.ndarray, target_recall: float) -> float | None:
@@ -41,7 +39,7 @@ def choose_threshold(scores: np.ndarray, is_defect: np.ndarray, target_recall: f
 
 def operating_point(scores: np.ndarray, is_defect: np.ndarray, threshold: float) -> dict[str, Any]:
     """Recall, escape rate (defects passed as OK) and false-reject rate (good parts called NG)."""
-    ng = is_ng(scores, threshold)
+    ng = np.asarray(is_ng(np.asarray(scores, dtype=np.float64), threshold), dtype=bool)
     defect = np.asarray(is_defect, dtype=bool)
     out: dict[str, Any] = {"n_defect": int(defect.sum()), "n_good": int((~defect).sum())}
     if defect.any():

@@ -21,6 +21,7 @@ import numpy as np
 from defectscope.evaluation.labelled import Labelled, read_labelled
 from defectscope.evaluation.scoring import score_paths
 from defectscope.evaluation.threshold import DEFAULT_WARN_FALSE_REJECT_RATE, threshold_report
+from defectscope.runtime.decision import defect_probability
 from defectscope.runtime.metadata import ModelMetadata
 
 #: fewer defect images than this and the recall reached moves in steps of more than 5 pp
@@ -105,9 +106,9 @@ def rederive(model_bytes: bytes, meta: ModelMetadata, plan: ThresholdPlan) -> di
         return {"method": "set by hand", "threshold": plan.by_hand, "variant": meta.variant}
     images = plan.images
     assert images is not None
-    scored = score_paths(_ort_predict(model_bytes), images.paths, meta.loader_config(), meta.mean, meta.std)
-    defect = np.asarray(images.is_defect(meta.good_class))[scored.index]
-    p_defect = 1.0 - scored.probs[:, meta.good_index] if len(scored.index) else np.zeros(0)
+    scored = score_paths(_ort_predict(model_bytes), images.paths, meta.loader, meta.mean, meta.std)
+    defect = np.asarray(images.is_defect(meta.ng_classes), dtype=bool)[scored.index]
+    p_defect = defect_probability(scored.probs, meta.ng_indices) if len(scored.index) else np.zeros(0)
     report = threshold_report(p_defect, defect, plan.target_recall, plan.warn_false_reject_rate)
     if report is None:
         raise ThresholdError(

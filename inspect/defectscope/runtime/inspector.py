@@ -12,12 +12,12 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .decision import Decision, decide
 from .image import LoaderConfig, load_image_with_size, normalize_batch
 from .metadata import METADATA_KEY, MetadataError, ModelMetadata
 from .model_checks import ModelCheckError, check_model_file
@@ -47,35 +47,6 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class Decision:
-    """The verdict for one image under the project-wide rule P(defect) = 1 - P(good)."""
-
-    verdict: str
-    label: str
-    score: float
-    defect_prob: float
-    probs: dict[str, float]
-    defect_class: str  # most likely non-good class (whose CAM explains an NG)
-
-
-def decide(probs: np.ndarray, meta: ModelMetadata, threshold: float) -> Decision:
-    p = [float(v) for v in probs]
-    top = int(np.argmax(probs))
-    good = meta.good_index
-    defect_prob = min(1.0, max(0.0, 1.0 - p[good]))
-    others = [i for i in range(len(p)) if i != good]
-    defect_idx = max(others, key=lambda i: p[i])
-    return Decision(
-        verdict="NG" if defect_prob >= threshold else "OK",
-        label=meta.class_names[top],
-        score=p[top],
-        defect_prob=defect_prob,
-        probs=dict(zip(meta.class_names, p)),
-        defect_class=meta.class_names[defect_idx],
-    )
 
 
 def _first_line(exc: BaseException, limit: int = 160) -> str:
@@ -161,6 +132,7 @@ class Inspector:
             session.get_modelmeta().custom_metadata_map.get(METADATA_KEY), source=self.model_path
         )
         self._check_graph()
+        self._ng_indices = self.metadata.ng_indices
         if self.metadata.int8 and self.provider in GPU_PROVIDERS:
             self._log(
                 f"defectscope: {path.name} is an int8 model made for the CPU provider, not {self.provider}; "
@@ -193,8 +165,8 @@ class Inspector:
         trt_cache_dir: str | os.PathLike[str] | None,
     ) -> Any:
         profile = None
-        if kind == "tensorrt" and hint is not None and hint.max_side:
-            profile = (max_batch, hint.channels, hint.min_size, hint.max_side)
+        if kind == "tensorrt" and hint is not None and hint.loader.max_side:
+            profile = (max_batch, hint.channels, hint.loader.min_size, hint.loader.max_side)
         chain = provider_chain(
             kind,
             trt_cache_dir=Path(trt_cache_dir) if trt_cache_dir else None,
@@ -240,7 +212,7 @@ class Inspector:
     # -- properties ------------------------------------------------------------------------
     @property
     def loader_config(self) -> LoaderConfig:
-        return self.metadata.loader_config()
+        return self.metadata.loader
 
     @property
     def threshold(self) -> float:
@@ -286,4 +258,6 @@ class Inspector:
         return list(binding.copy_outputs_to_cpu())
 
     def decide(self, probs: np.ndarray, threshold: float | None = None) -> Decision:
-        return decide(probs, self.metadata, self.threshold if threshold is None else threshold)
+        """The verdict for one image's probabilities under the model's NG classes."""
+        chosen = self.threshold if threshold is None else threshold
+        return decide(probs, self.metadata.class_names, self._ng_indices, chosen)

@@ -87,7 +87,11 @@ def evaluation_module(ckpt: dict[str, Any], info: dict[str, Any], source: str, t
         class_names=list(info["class_names"]),
         good_class=str(info["good_class"]),
         optim={},
-        threshold={"target_recall": target_recall(ckpt, info, source), "default": threshold},
+        threshold={
+            "target_recall": target_recall(ckpt, info, source),
+            "default": threshold,
+            "ng_classes": info.get("ng_classes"),
+        },
         data_info={"loader": info["loader"], "mean": info["mean"], "std": info["std"]},
     )
     try:
