@@ -20,7 +20,7 @@ import numpy as np
 
 from defectscope.evaluation.labelled import Labelled, read_labelled
 from defectscope.evaluation.scoring import score_paths
-from defectscope.evaluation.threshold import DEFAULT_WARN_FALSE_REJECT_RATE, threshold_report
+from defectscope.evaluation.threshold import DEFAULT_WARN_FALSE_REJECT_RATE, threshold_report, too_costly
 from defectscope.runtime.decision import defect_probability
 from defectscope.runtime.metadata import ModelMetadata
 
@@ -39,6 +39,7 @@ class ThresholdPlan:
 
     target_recall: float
     warn_false_reject_rate: float
+    training_threshold: float
     images: Labelled | None = None
     by_hand: float | None = None
 
@@ -60,8 +61,9 @@ def plan_threshold(
 ) -> ThresholdPlan:
     """Choose the labelled images up front: ``--images`` when it carries labels, else the checkpoint's."""
     warn = float(info.get("warn_false_reject_rate") or DEFAULT_WARN_FALSE_REJECT_RATE)
+    trained = float(info["threshold"])
     if by_hand is not None:
-        return ThresholdPlan(target_recall, warn, by_hand=by_hand)
+        return ThresholdPlan(target_recall, warn, trained, by_hand=by_hand)
     names, good = list(info["class_names"]), str(info["good_class"])
     if images is not None and not Path(images).exists():
         raise ThresholdError(f"--images {images}: not an existing folder or file")
@@ -88,7 +90,7 @@ def plan_threshold(
             f"threshold: {len(labelled.paths) - len(kept)} of {labelled.source} do not exist here; using the rest"
         )
     chosen = Labelled([p for p, _ in kept], [c for _, c in kept], labelled.source)
-    return ThresholdPlan(target_recall, warn, images=chosen)
+    return ThresholdPlan(target_recall, warn, trained, images=chosen)
 
 
 def _ort_predict(model_bytes: bytes) -> Callable[[np.ndarray], np.ndarray]:
@@ -103,7 +105,12 @@ def _ort_predict(model_bytes: bytes) -> Callable[[np.ndarray], np.ndarray]:
 def rederive(model_bytes: bytes, meta: ModelMetadata, plan: ThresholdPlan) -> dict[str, Any]:
     """Score the labelled images with the final graph and choose the threshold: the provenance record."""
     if plan.by_hand is not None:
-        return {"method": "set by hand", "threshold": plan.by_hand, "variant": meta.variant}
+        return {
+            "method": "set by hand",
+            "threshold": plan.by_hand,
+            "variant": meta.variant,
+            "training_threshold": plan.training_threshold,
+        }
     images = plan.images
     assert images is not None
     scored = score_paths(_ort_predict(model_bytes), images.paths, meta.loader, meta.mean, meta.std)
@@ -118,7 +125,9 @@ def rederive(model_bytes: bytes, meta: ModelMetadata, plan: ThresholdPlan) -> di
     return {
         "method": "recall target",
         **report,
+        "too_costly": too_costly(report),
         "variant": meta.variant,
         "images": images.source,
         "unreadable_images": len(scored.failed),
+        "training_threshold": plan.training_threshold,
     }

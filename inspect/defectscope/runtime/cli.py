@@ -253,6 +253,8 @@ def _finish(
             model_variant=meta.variant,
             provider=_provider_text(summary.providers, inspector),
             threshold=threshold,
+            model_threshold=meta.threshold,
+            threshold_source=dict(meta.threshold_source),
             class_names=list(meta.class_names),
             good_class=meta.good_class,
             results_path=str(args.output),
