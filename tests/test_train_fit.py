@@ -31,6 +31,10 @@ CONTRACT_KEYS = {
     "mlflow_tracking_uri",
     "val_paths",
     "val_labels",
+    "ng_classes",
+    "target_recall",
+    "warn_false_reject_rate",
+    "threshold_report",
     "package_version",
 }
 SHORT = [
@@ -277,7 +281,8 @@ def test_seed_and_deterministic_give_identical_metrics(
 def test_evaluate_instantiates_nothing_foreign_from_a_checkpoint(
     compose_train: Callable[..., Any], smoke_data_dir: Path, tmp_path: Path
 ) -> None:
-    from defectscope.training.train import evaluate
+    from defectscope.plain import PlainDataError
+    from defectscope.training.evaluate import evaluate
 
     train(smoke_cfg(compose_train, smoke_data_dir, tmp_path, *SHORT, "test=false"))
     ckpt = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)
@@ -300,5 +305,5 @@ def test_evaluate_instantiates_nothing_foreign_from_a_checkpoint(
         "command": "true",
     }
     torch.save(ckpt, tmp_path / "evil.ckpt")
-    with pytest.raises(TrainingConfigError, match=r"data\.eval_transform\._target_ is 'os\.system'"):
+    with pytest.raises(PlainDataError, match=r"data\.eval_transform\._target_ is 'os\.system'"):
         evaluate_file("evil.ckpt")

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from defectscope.evaluation.labelled import Labelled, read_labelled
+from defectscope.evaluation.metrics import operating_point
 from defectscope.evaluation.scoring import score_paths
 from defectscope.evaluation.threshold import DEFAULT_WARN_FALSE_REJECT_RATE, threshold_report, too_costly
 from defectscope.runtime.decision import defect_probability
@@ -130,4 +131,10 @@ def rederive(model_bytes: bytes, meta: ModelMetadata, plan: ThresholdPlan) -> di
         "images": images.source,
         "unreadable_images": len(scored.failed),
         "training_threshold": plan.training_threshold,
+        # what training's threshold would have given on this graph: how far the variant moved the scores
+        "at_training_threshold": {
+            k: v
+            for k, v in operating_point(p_defect, defect, plan.training_threshold).items()
+            if k in ("recall", "false_reject_rate")
+        },
     }
