@@ -121,7 +121,7 @@ class DefectDataModule(pl.LightningDataModule):
         else:
             try:
                 self.loader_config = LoaderConfig(**to_plain(loader or {}))
-            except TypeError as exc:
+            except (TypeError, ValueError) as exc:  # name the config key training users set
                 raise ValueError(f"data.loader: {exc}") from None
         split_cfg = to_plain(split or {})
         unknown = set(split_cfg) - {"val_fraction", "test_fraction", "seed"}

@@ -36,6 +36,7 @@ from .results import (
     write_csv,
 )
 from .summary import DEFAULT_MAX_ITEMS, Summary
+from .trt import add_trt_options
 
 PROG = "defectscope inspect"
 
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--graph-opt", choices=GRAPH_OPT_CHOICES, default="all", help="graph optimisation level")
     p.add_argument("--trt-cache", default=None, help="TensorRT engine cache folder")
+    add_trt_options(p)
     p.add_argument(
         "--threshold", type=float, default=None, help="NG when P(defect) >= this (default: the model's)"
     )
@@ -267,7 +269,7 @@ def _finish(
     rate = f"{n_session / elapsed:.1f} img/s" if elapsed > 0 and n_session else "n/a"
     print(
         f"inspected {summary.total} inputs: OK {summary.ok}, NG {summary.ng}, errors {summary.error} "
-        f"(this session {n_session} in {elapsed:.1f} s, {rate}; provider {inspector.provider}, "
+        f"(this session {n_session} in {elapsed:.1f} s, {rate}; provider {inspector.provider_summary}, "
         f"threshold {threshold:g})"
     )
     if summary.error_kinds:
@@ -279,4 +281,4 @@ def _finish(
 
 def _provider_text(providers: Any, inspector: Inspector) -> str:
     used = ", ".join(f"{k} ({n} rows)" for k, n in providers.most_common())
-    return f"{inspector.provider} ({', '.join(inspector.providers)}); rows by provider: {used}"
+    return f"{inspector.provider_summary} ({', '.join(inspector.providers)}); rows by provider: {used}"

@@ -97,10 +97,6 @@ class ModelMetadata:
         return self.loader.channels
 
     @property
-    def good_index(self) -> int:
-        return self.class_names.index(self.good_class)
-
-    @property
     def ng_indices(self) -> list[int]:
         """Probability columns whose sum is P(defect)."""
         return ng_indices(self.class_names, self.good_class, self.ng_classes)
@@ -206,7 +202,7 @@ def _loader(value: Any) -> LoaderConfig:
     try:
         return LoaderConfig(**value)
     except ValueError as exc:
-        raise MetadataError(str(exc)) from None
+        raise MetadataError(f"metadata has an unusable loader config: {exc}") from None
 
 
 def _int_in(value: Any, key: str, lo: int, hi: int) -> None:

@@ -43,6 +43,7 @@ from .inspector import Inspector, MetadataError, ModelLoadError, ProviderError
 from .pipeline import Batcher, Result, decode, infer
 from .providers import GRAPH_OPT_CHOICES, PROVIDER_CHOICES
 from .results import JsonlWriter, ResultsFileError, error_row, fsync_dir, ok_row, recover_jsonl
+from .trt import add_trt_options
 
 PROG = "defectscope watch"
 RESULTS_NAME = "results.jsonl"
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.add_argument("--graph-opt", choices=GRAPH_OPT_CHOICES, default="all", help="graph optimisation level")
     p.add_argument("--trt-cache", default=None, help="TensorRT engine cache folder")
+    add_trt_options(p)
     p.add_argument(
         "--threshold", type=float, default=None, help="NG when P(defect) >= this (default: the model's)"
     )
@@ -219,7 +221,7 @@ class Watcher:
         _log(
             f"watch: model {self.inspector.metadata.model_name} ({self.inspector.metadata.variant}, "
             f"{self.inspector.sha256[:12]}), provider "
-            f"{self.inspector.provider}, threshold {self.threshold:g}; watching {self.hot} -> {self.out}"
+            f"{self.inspector.provider_summary}, threshold {self.threshold:g}; watching {self.hot} -> {self.out}"
         )
         try:
             while not self.stop.is_set():
