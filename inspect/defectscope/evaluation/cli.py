@@ -150,9 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise EvaluateError(f"--threshold must lie in [0, 1], got {args.threshold}")
         if args.batch_size < 1:
             raise EvaluateError(f"--batch-size must be >= 1, got {args.batch_size}")
-        inspector = Inspector(
-            args.model, provider=args.provider, threads=args.threads, max_batch=args.batch_size
-        )
+        inspector = Inspector(args.model, provider=args.provider, threads=args.threads)
         labelled = _labelled(args.data, inspector)
         threshold = inspector.threshold if args.threshold is None else float(args.threshold)
         doc, rows = evaluate_model(

@@ -18,10 +18,10 @@ import numpy as np
 from .decision import Decision, decide
 from .image import LoaderConfig, load_image_with_size, normalize_batch
 from .metadata import MetadataError
+from .model_checks import ModelCheckError, check_model_file
 from .providers import GPU_PROVIDERS, INT8_ON_GPU, ProviderError, import_ort
 from .sessions import INPUT_NAME, REQUIRED_OUTPUTS, ModelLoadError, SessionOpener, TrtRequest
 from .trt import TRT_MAX_BATCH
-from .model_checks import ModelCheckError, check_model_file
 
 __all__ = ["Decision", "Inspector", "MetadataError", "ModelLoadError", "ProviderError", "decide"]
 
