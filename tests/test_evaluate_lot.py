@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,20 +13,9 @@ import pytest
 
 from defectscope.runtime.image import load_image, normalize_batch
 from defectscope.runtime.metadata import METADATA_KEY, ModelMetadata
-from trust_files import genuine_checkpoint, write_images
+from trust_files import cli, genuine_checkpoint, write_images
 
 pytestmark = pytest.mark.slow  # subprocesses of the CLI with torch and an export
-
-
-def _cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "defectscope", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +26,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory, cli_env: dict[str, str]) -> 
     lot = write_images(root / "lot", per_class=9)
     (lot / "crack" / "notes.txt").write_text("not an image")  # ignored, like training does
     model = root / "model.onnx"
-    proc = _cli(["export", str(ckpt), "-o", str(model), "--images", str(lot)], root, cli_env)
+    proc = cli(["export", str(ckpt), "-o", str(model), "--images", str(lot)], root, cli_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"root": root, "ckpt": ckpt, "lot": lot, "model": model}
 
@@ -49,7 +35,7 @@ def test_pytorch_evaluate_scores_every_image_of_the_lot(
     setup: dict[str, Any], cli_env: dict[str, str]
 ) -> None:
     out = setup["root"] / "ev-torch"
-    proc = _cli(
+    proc = cli(
         ["evaluate", f"ckpt_path={setup['ckpt']}", "data=folder", f"data.source.root={setup['lot']}",
          f"hydra.run.dir={out}", "threads=1", "threshold=0.5"],
         setup["root"], cli_env,
@@ -61,7 +47,7 @@ def test_pytorch_evaluate_scores_every_image_of_the_lot(
     assert doc["evaluation"]["n"] == 18 and (out / "plots" / "confusion.png").is_file()
 
     # test_fraction=1.0 on the checkpoint's own data config works too (everything is the test split)
-    proc = _cli(
+    proc = cli(
         ["evaluate", f"ckpt_path={setup['ckpt']}", "data=folder", f"data.source.root={setup['lot']}",
          "data.split.test_fraction=1.0", "evaluate_on=test", f"hydra.run.dir={out}-2", "threads=1"],
         setup["root"], cli_env,
@@ -74,7 +60,7 @@ def test_pytorch_evaluate_scores_every_image_of_the_lot(
 
 def test_onnx_evaluate_matches_an_independent_count(setup: dict[str, Any], cli_env: dict[str, str]) -> None:
     out = setup["root"] / "ev-onnx"
-    proc = _cli(
+    proc = cli(
         ["evaluate", str(setup["model"]), str(setup["lot"]), "--threshold", "0.5", "--sweep", "--out", str(out)],
         setup["root"], cli_env,
     )  # fmt: skip
@@ -112,7 +98,7 @@ def test_onnx_evaluate_matches_an_independent_count(setup: dict[str, Any], cli_e
 
 
 def test_evaluate_usage_errors_are_one_line(setup: dict[str, Any], cli_env: dict[str, str]) -> None:
-    proc = _cli(["evaluate"], setup["root"], cli_env)
+    proc = cli(["evaluate"], setup["root"], cli_env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == (
         "defectscope evaluate: error: ckpt_path is required: defectscope evaluate ckpt_path=CHECKPOINT "
@@ -120,6 +106,6 @@ def test_evaluate_usage_errors_are_one_line(setup: dict[str, Any], cli_env: dict
     )
     flat = setup["root"] / "flat"
     flat.mkdir()
-    proc = _cli(["evaluate", str(setup["model"]), str(flat)], setup["root"], cli_env)
+    proc = cli(["evaluate", str(setup["model"]), str(flat)], setup["root"], cli_env)
     assert proc.returncode == 2 and "expected labelled images" in proc.stderr
     assert proc.stderr.count("\n") == 1

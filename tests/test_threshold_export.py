@@ -9,8 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +19,9 @@ import torch
 
 from defectscope.runtime.image import load_image, normalize_batch
 from defectscope.runtime.metadata import METADATA_KEY, ModelMetadata
-from trust_files import genuine_checkpoint, write_images
+from trust_files import cli, genuine_checkpoint, write_images
 
 pytestmark = pytest.mark.slow  # each test exports a model (a few seconds each on 2 cores)
-
-
-def _cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "defectscope", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def _meta(path: Path) -> ModelMetadata:
@@ -81,7 +68,7 @@ def test_export_chooses_the_threshold_on_the_graph_it_writes(
     ckpt: dict[str, Any], variant: list[str], tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
     out = tmp_path / "m.onnx"
-    proc = _cli(["export", str(ckpt["path"]), "-o", str(out), *variant], tmp_path, cli_env)
+    proc = cli(["export", str(ckpt["path"]), "-o", str(out), *variant], tmp_path, cli_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = _meta(out)
     source = meta.threshold_source
@@ -102,7 +89,7 @@ def test_by_hand_labelled_csv_and_missing_labels(
     ckpt: dict[str, Any], tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
     hand = tmp_path / "hand.onnx"
-    proc = _cli(["export", str(ckpt["path"]), "-o", str(hand), "--threshold", "0.3"], tmp_path, cli_env)
+    proc = cli(["export", str(ckpt["path"]), "-o", str(hand), "--threshold", "0.3"], tmp_path, cli_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _meta(hand).threshold == 0.3 and _meta(hand).threshold_source["method"] == "set by hand"
     assert "set by hand (--threshold)" in proc.stdout
@@ -113,7 +100,7 @@ def test_by_hand_labelled_csv_and_missing_labels(
         writer.writerow(["path", "label"])
         writer.writerows((p, Path(p).parent.name) for p in ckpt["paths"][::2])
     via_csv = tmp_path / "csv.onnx"
-    proc = _cli(
+    proc = cli(
         ["export", str(ckpt["path"]), "-o", str(via_csv), "--images", str(listing), "--target-recall", "1.0"],
         tmp_path,
         cli_env,
@@ -130,7 +117,7 @@ def test_by_hand_labelled_csv_and_missing_labels(
     doc = torch.load(ckpt["path"], weights_only=True)
     doc["defectscope"].pop("val_labels")  # a checkpoint written before val_labels existed
     torch.save(doc, old)
-    proc = _cli(["export", str(old), "-o", str(tmp_path / "x.onnx")], tmp_path, cli_env)
+    proc = cli(["export", str(old), "-o", str(tmp_path / "x.onnx")], tmp_path, cli_env)
     assert proc.returncode == 2 and not (tmp_path / "x.onnx").exists()
     assert "records no labelled validation images" in proc.stderr and "--threshold T" in proc.stderr
 
@@ -139,10 +126,10 @@ def test_the_html_report_says_where_the_threshold_came_from(
     ckpt: dict[str, Any], tmp_path: Path, cli_env: dict[str, str]
 ) -> None:
     out = tmp_path / "m.onnx"
-    assert _cli(["export", str(ckpt["path"]), "-o", str(out)], tmp_path, cli_env).returncode == 0
+    assert cli(["export", str(ckpt["path"]), "-o", str(out)], tmp_path, cli_env).returncode == 0
     source = _meta(out).threshold_source
     report = tmp_path / "r.html"
-    proc = _cli(
+    proc = cli(
         ["inspect", str(out), str(ckpt["root"] / "images"), "--recursive", "-o", str(tmp_path / "r.jsonl"),
          "--report", str(report)],
         tmp_path, cli_env,

@@ -16,20 +16,9 @@ from typing import Any
 import pytest
 import torch
 
-from trust_files import Payload, data_of, genuine_checkpoint, variant, write_images
+from trust_files import Payload, cli, data_of, genuine_checkpoint, variant, write_images
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "defectscope", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def _error_line(proc: subprocess.CompletedProcess[str]) -> str:
@@ -156,7 +145,7 @@ def test_evaluate_refuses_a_hostile_data_config(
     torch.save(Payload(marker), pickled)  # what the torch.load attack would unpickle
     evil = variant(genuine[1], tmp_path / "evil.ckpt", edit_for(marker, pickled))
     out = tmp_path / "eval-out"
-    proc = _cli(["evaluate", f"ckpt_path={evil}", f"hydra.run.dir={out}"], tmp_path, cli_env)
+    proc = cli(["evaluate", f"ckpt_path={evil}", f"hydra.run.dir={out}"], tmp_path, cli_env)
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = _error_line(proc)
     assert line.startswith("defectscope evaluate: error: ") and expected in line, line
@@ -222,7 +211,7 @@ def test_checkpoint_info_is_checked_by_every_reader(
         if command == "evaluate"
         else ["export", str(evil), "-o", str(out)]
     )
-    proc = _cli(args, tmp_path, cli_env)
+    proc = cli(args, tmp_path, cli_env)
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = _error_line(proc)
     assert f"defectscope {command}: error: " in line and expected in line, line
@@ -275,7 +264,7 @@ def test_resume_refuses_checkpoint_paths_outside_its_folder(
         }
 
     evil = variant(genuine[1], tmp_path / "evil.ckpt", edit)
-    proc = _cli(
+    proc = cli(
         ["train", "experiment=smoke", "logger=none", f"ckpt_path={evil}", f"hydra.run.dir={tmp_path / 'tr'}",
          f"paths.data_dir={tmp_path / 'nodata'}"],
         tmp_path, cli_env,
@@ -291,7 +280,7 @@ def test_the_genuine_checkpoint_evaluates(
 ) -> None:
     """The control: the same file unmodified is evaluated on its own test split (allow-listed transforms)."""
     out = tmp_path / "ev"
-    proc = _cli(
+    proc = cli(
         ["evaluate", f"ckpt_path={genuine[0]}", f"hydra.run.dir={out}", "threads=1"], tmp_path, cli_env
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

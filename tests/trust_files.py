@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import pathlib
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,18 @@ from PIL import Image
 from defectscope.data.rebuild import DATAMODULE_TARGET
 from defectscope.models import create_model
 from test_export_support import checkpoint_info, write_checkpoint
+
+
+def cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``python -m defectscope ARGS`` as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "defectscope", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 class Payload:
