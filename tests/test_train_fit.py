@@ -13,6 +13,7 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import CONF
+from defectscope.runtime.decision import defect_probability, is_defect_label, ng_indices
 from defectscope.training.config import TrainingConfigError
 from defectscope.training.metrics import choose_threshold, operating_point
 from defectscope.training.train import build_module, train
@@ -183,12 +184,12 @@ def test_threshold_is_chosen_on_validation_and_saved(
     model, info = load_checkpoint(tmp_path / "checkpoints" / "best.ckpt")
     dm = instantiate(cfg.data)
     dm.setup("fit")
-    good = info["class_names"].index(info["good_class"])
+    ng = ng_indices(info["class_names"], info["good_class"], info.get("ng_classes"))
     scores, defect = [], []
-    with torch.no_grad():
+    with torch.no_grad():  # the one NG rule, as training scores (a sum of NG classes, not 1 - P(good))
         for batch in dm.val_dataloader():
-            scores.append(1.0 - model(batch["image"]).softmax(1)[:, good])
-            defect.append(batch["label"] != good)
+            scores.append(defect_probability(model(batch["image"]).softmax(1), ng))
+            defect.append(is_defect_label(batch["label"], ng))
     s, d = torch.cat(scores), torch.cat(defect)
     assert len(s) == len(dm.samples["val"])
     expected = choose_threshold(s, d, float(cfg.threshold.target_recall))
