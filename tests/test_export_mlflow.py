@@ -71,7 +71,7 @@ def test_register_and_load_back(
             "0",
             "--threshold",
             "0.5",
-        ]  # fmt: skip
+        ]
     )
     text = capsys.readouterr().out
     assert rc == 0, text
