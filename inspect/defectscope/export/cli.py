@@ -171,6 +171,21 @@ def threshold_summary(source: dict[str, Any]) -> list[str]:
     ]
 
 
+def usage_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with a combination of options, before any work."""
+    if args.opset < MIN_OPSET:
+        return f"--opset {args.opset} is too old; defectscope exports need opset >= {MIN_OPSET}"
+    if args.images is not None and not (args.images.is_dir() or args.images.is_file()):
+        return f"--images {args.images}: not an existing directory or list file"
+    if args.register_name is not None and not args.mlflow:
+        return "--register-name only makes sense together with --mlflow"
+    if args.threshold is not None and args.target_recall is not None:
+        return "--threshold sets the threshold by hand; --target-recall chooses it: give one"
+    if args.int8 and args.fp16:
+        return "--fp16 and --int8 exclude each other: fp16 is for GPU line PCs, int8 for CPUs"
+    return None
+
+
 def _fail(code: int, message: str) -> int:
     print(f"defectscope export: error: {message}", file=sys.stderr)
     return code
@@ -182,16 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # argparse has printed usage and the problem
         return int(exc.code or 0)
-    if args.opset < MIN_OPSET:
-        return _fail(2, f"--opset {args.opset} is too old; defectscope exports need opset >= {MIN_OPSET}")
-    if args.images is not None and not (args.images.is_dir() or args.images.is_file()):
-        return _fail(2, f"--images {args.images}: not an existing directory or list file")
-    if args.register_name is not None and not args.mlflow:
-        return _fail(2, "--register-name only makes sense together with --mlflow")
-    if args.threshold is not None and args.target_recall is not None:
-        return _fail(2, "--threshold sets the threshold by hand; --target-recall chooses it: give one")
-    if args.int8 and args.fp16:
-        return _fail(2, "--fp16 and --int8 exclude each other: fp16 is for GPU line PCs, int8 for CPUs")
+    problem = usage_problem(args)
+    if problem:
+        return _fail(2, problem)
 
     from .quantize import Int8Config, Int8GateError, QuantizationError
 

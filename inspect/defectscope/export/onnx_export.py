@@ -22,13 +22,13 @@ import torch
 from torch import nn
 
 from defectscope import __version__
-from defectscope.checkpoint import DEFAULT_TARGET_RECALL, file_sha256, load_checkpoint
-from defectscope.data.sources import SourceError
+from defectscope.checkpoint import file_sha256, load_checkpoint
 from defectscope.models.tta import FlipTTA
 from defectscope.runtime.image import LoaderConfig, normalize_batch
 from defectscope.runtime.metadata import METADATA_KEY, MetadataError, ModelMetadata
 
 from .atomic import atomic_write_bytes
+from .errors import ExportError
 from .fuse import FuseReport, fuse_conv_bn_report, replace_bn_with_affine
 from .parity import (
     ParityInputs,
@@ -48,15 +48,11 @@ from .quantize import (
     quantize_qdq,
     split_paths,
 )
-from .threshold import ThresholdError, ThresholdPlan, plan_threshold, rederive
+from .threshold import earn_threshold, plan_threshold
 from .wrapper import ExportWrapper, head_linear
 
 MIN_OPSET = 18
 INPUT_NAME = "input"
-
-
-class ExportError(ValueError):
-    """The checkpoint/model cannot be exported as asked; the message says what and why."""
 
 
 @dataclass
@@ -352,7 +348,8 @@ def export_model(
     ``tta``: build test-time flips into the graph (:class:`~defectscope.models.tta.FlipTTA`); the
     parity gate then compares against the same flips in PyTorch.
     ``threshold``: set by hand; otherwise it is chosen again on the written graph for ``target_recall``
-    (default: the checkpoint's) on labelled images (:mod:`.threshold`).
+    (default: the checkpoint's) on labelled images (:mod:`.threshold`, whose errors are
+    :class:`~.threshold.ThresholdError`).
     ``tamper`` is a fault-injection hook for tests: it may alter the graph after export and before
     the parity gate, which must then catch it.
     """
@@ -383,13 +380,7 @@ def export_model(
         )
     min_side = int(getattr(model, "min_input_size", 1))
     plan = plan_int8(info, images_dir, int8, log) if int8 is not None else None
-    recall = float(
-        target_recall if target_recall is not None else info.get("target_recall", DEFAULT_TARGET_RECALL)
-    )
-    try:
-        threshold_plan = plan_threshold(info, images_dir, target_recall=recall, by_hand=threshold, log=log)
-    except (ThresholdError, SourceError) as exc:
-        raise ExportError(str(exc)) from None
+    threshold_plan = plan_threshold(info, images_dir, target_recall=target_recall, by_hand=threshold, log=log)
     model = model.eval()
 
     fused, report = fuse_conv_bn_report(model)
@@ -435,11 +426,10 @@ def export_model(
         data, figures = quantize_model(data, meta, int8, plan, log)
         parity = {**meta.parity, "graph": "fp32, before int8 quantisation"}
         meta = replace(meta, int8=True, quantization=figures, parity=parity)
-        quant = onnx.load_from_string(data)
-        set_metadata(quant, meta)
-        data = quant.SerializeToString()
+        data = with_metadata(data, meta)
         t_quant = time.perf_counter()
-    data, meta = earn_threshold(data, meta, threshold_plan)
+    meta = replace(meta, **earn_threshold(data, meta, threshold_plan))
+    data = with_metadata(data, meta)
     t_threshold = time.perf_counter()
     atomic_write_bytes(out, data)
     t_end = time.perf_counter()
@@ -455,16 +445,11 @@ def export_model(
     return ExportResult(out, len(data), seconds, numbers, meta, report, data)
 
 
-def earn_threshold(data: bytes, meta: ModelMetadata, plan: ThresholdPlan) -> tuple[bytes, ModelMetadata]:
-    """Choose the threshold on the final graph bytes and embed it with its provenance."""
-    try:
-        source = rederive(data, meta, plan)
-    except ThresholdError as exc:
-        raise ExportError(str(exc)) from None
-    meta = replace(meta, threshold=float(source["threshold"]), threshold_source=source)
+def with_metadata(data: bytes, meta: ModelMetadata) -> bytes:
+    """The serialised model ``data`` with ``meta`` embedded (the graph is unchanged)."""
     proto = onnx.load_from_string(data)
     set_metadata(proto, meta)
-    return proto.SerializeToString(), meta
+    return proto.SerializeToString()
 
 
 def export_checkpoint(ckpt: str | Path, output: str | Path, **kwargs: Any) -> ExportResult:

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from defectscope.checkpoint import DEFAULT_TARGET_RECALL
+from defectscope.data.sources import SourceError
 from defectscope.evaluation.labelled import Labelled, read_labelled
 from defectscope.evaluation.metrics import operating_point
 from defectscope.evaluation.scoring import score_paths
@@ -25,12 +27,14 @@ from defectscope.evaluation.threshold import DEFAULT_WARN_FALSE_REJECT_RATE, thr
 from defectscope.runtime.decision import defect_probability
 from defectscope.runtime.metadata import ModelMetadata
 
+from .errors import ExportError
+
 #: fewer defect images than this and the recall reached moves in steps of more than 5 pp
 MIN_DEFECT_IMAGES = 20
 HOW_TO_CHANGE = "re-export with --target-recall R or --threshold T, or improve the model"
 
 
-class ThresholdError(ValueError):
+class ThresholdError(ExportError):
     """The threshold cannot be re-derived as asked (no labelled images, no defect images)."""
 
 
@@ -56,11 +60,14 @@ def plan_threshold(
     info: dict[str, Any],
     images: str | Path | None,
     *,
-    target_recall: float,
+    target_recall: float | None,
     by_hand: float | None,
     log: Callable[[str], None],
 ) -> ThresholdPlan:
-    """Choose the labelled images up front: ``--images`` when it carries labels, else the checkpoint's."""
+    """Choose the labelled images up front: ``--images`` when it carries labels, else the checkpoint's.
+    ``target_recall`` None = the checkpoint's."""
+    if target_recall is None:
+        target_recall = float(info.get("target_recall") or DEFAULT_TARGET_RECALL)
     warn = float(info.get("warn_false_reject_rate") or DEFAULT_WARN_FALSE_REJECT_RATE)
     trained = float(info["threshold"])
     if by_hand is not None:
@@ -68,7 +75,10 @@ def plan_threshold(
     names, good = list(info["class_names"]), str(info["good_class"])
     if images is not None and not Path(images).exists():
         raise ThresholdError(f"--images {images}: not an existing folder or file")
-    labelled = read_labelled(Path(images), names, good) if images is not None else None
+    try:
+        labelled = read_labelled(Path(images), names, good) if images is not None else None
+    except SourceError as exc:
+        raise ThresholdError(f"--images {images}: {exc}") from None
     if images is not None and labelled is None:
         log(f"threshold: --images {images} has no labels; re-deriving on the checkpoint's validation images")
     labelled = labelled or _checkpoint_images(info)
@@ -101,6 +111,12 @@ def _ort_predict(model_bytes: bytes) -> Callable[[np.ndarray], np.ndarray]:
     options.log_severity_level = 3
     session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
     return lambda batch: session.run(["probs"], {"input": batch})[0]
+
+
+def earn_threshold(model_bytes: bytes, meta: ModelMetadata, plan: ThresholdPlan) -> dict[str, Any]:
+    """The metadata fields the final graph earns: ``threshold`` and its ``threshold_source``."""
+    source = rederive(model_bytes, meta, plan)
+    return {"threshold": float(source["threshold"]), "threshold_source": source}
 
 
 def rederive(model_bytes: bytes, meta: ModelMetadata, plan: ThresholdPlan) -> dict[str, Any]:
