@@ -276,7 +276,8 @@ class TorchRunner:
     def __init__(self, path: str, threads: int | None) -> None:
         import torch
 
-        from defectscope.checkpoint import CheckpointError, file_sha256, load_checkpoint
+        from defectscope.checkpoint import CheckpointError, load_checkpoint
+        from defectscope.runtime.files import file_sha256
 
         self._torch = torch
         self.threads = threads or torch.get_num_threads()

@@ -100,9 +100,10 @@ def test_onnx_evaluate_matches_an_independent_count(setup: dict[str, Any], cli_e
 def test_evaluate_usage_errors_are_one_line(setup: dict[str, Any], cli_env: dict[str, str]) -> None:
     proc = cli(["evaluate"], setup["root"], cli_env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == (
-        "defectscope evaluate: error: ckpt_path is required: defectscope evaluate ckpt_path=CHECKPOINT "
-        "[data=folder data.source.root=LOT] (an exported model: defectscope evaluate MODEL.onnx DATA)"
+    assert (
+        proc.stderr.count("\n") == 1
+        and "ckpt_path" in proc.stderr
+        and "defectscope evaluate ckpt_path=" in proc.stderr
     )
     flat = setup["root"] / "flat"
     flat.mkdir()

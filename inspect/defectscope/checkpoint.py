@@ -10,7 +10,6 @@ name or handed to ``hydra.utils.instantiate``: data configs go through
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import re
@@ -293,12 +292,3 @@ def check_resume_state(ckpt: Mapping[str, Any], source: str) -> None:
                     f"{where}: names {str(p)[:200]!r}; a resumed checkpoint may only name .ckpt files in its "
                     f"own folder {folder!r}"
                 )
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Content hash recorded in the exported metadata, to trace a model back to its checkpoint."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -2,8 +2,9 @@
 
 Evaluation rebuilds the training data from the config recorded in the checkpoint.  That config is
 data: its ``_target_`` is compared with the one class it may name (never imported), its source is
-chosen by ``source.kind`` from the source registry, its transforms come from an exact allow-list
-(:mod:`.transforms`), and every other value must be plain.  Anything else is refused, with the key,
+chosen by ``source.kind`` from the source registry, its transforms must name only an exact
+allow-list (:mod:`.transforms`; checked, then left out: evaluation applies none), and every other
+value must be plain.  Anything else is refused, with the key,
 before a single file is listed.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 
 from ..plain import PlainDataError, check_plain
 from .sources import SOURCES
-from .transforms import build_transform, check_transform_spec
+from .transforms import check_transform_spec
 
 DATAMODULE_TARGET = "defectscope.data.datamodule.DefectDataModule"
 #: DefectDataModule arguments evaluation sets itself, whatever the config says
@@ -63,8 +64,7 @@ def datamodule_kwargs(spec: Any, where: str, *, from_file: bool) -> dict[str, An
         kwargs.pop(key, None)
     if from_file and kind == "synthetic" and isinstance(source, Mapping):
         kwargs["source"] = generated_folder(source, f"{where}.source")
-    kwargs["eval_transform"] = build_transform(transforms["eval_transform"], f"{where}.eval_transform")
-    return kwargs  # train_transform stays unset: evaluation never augments
+    return kwargs  # transforms stay unset: evaluation sees images as the line PC does
 
 
 def generated_folder(source: Mapping[str, Any], where: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from defectscope.runtime.files import checkpoint_file_problem
 from defectscope.runtime.metadata import TTA_NAMES
 
 from .onnx_export import MIN_OPSET
@@ -200,6 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     problem = usage_problem(args)
     if problem:
         return _fail(2, problem)
+    not_a_checkpoint = checkpoint_file_problem(args.checkpoint)
+    if not_a_checkpoint:
+        return _fail(2, not_a_checkpoint)
 
     from .quantize import Int8Config, Int8GateError, QuantizationError
 
@@ -220,7 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import onnx
 
-    from defectscope.checkpoint import CheckpointError, file_sha256, load_checkpoint
+    from defectscope.checkpoint import CheckpointError, load_checkpoint
+    from defectscope.runtime.files import file_sha256
 
     from .mlflow_log import MlflowExportError, log_onnx_model, preflight
     from .onnx_export import ExportError, export_model

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from defectscope import __version__
-from defectscope.checkpoint import file_sha256, load_checkpoint
 from defectscope.models.tta import FlipTTA
 from defectscope.runtime.image import LoaderConfig, normalize_batch
 from defectscope.runtime.metadata import METADATA_KEY, MetadataError, ModelMetadata
@@ -450,9 +449,3 @@ def with_metadata(data: bytes, meta: ModelMetadata) -> bytes:
     proto = onnx.load_from_string(data)
     set_metadata(proto, meta)
     return proto.SerializeToString()
-
-
-def export_checkpoint(ckpt: str | Path, output: str | Path, **kwargs: Any) -> ExportResult:
-    """:func:`load_checkpoint` + :func:`export_model`, recording the checkpoint's sha256."""
-    model, info = load_checkpoint(ckpt)
-    return export_model(model, info, output, checkpoint_sha256=file_sha256(ckpt), **kwargs)

@@ -262,12 +262,6 @@ def resize_array(arr: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.stack(planes, axis=2)
 
 
-def probe_size(path: str | os.PathLike[str], cfg: LoaderConfig) -> tuple[int, int]:
-    """Fully decode ``path`` (catching truncation) and return its preprocessed (w, h)."""
-    arr = load_image(path, cfg)
-    return arr.shape[1], arr.shape[0]
-
-
 def normalize_batch(images: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """Stack equally sized HWC uint8 images into NCHW float32, ``(x/255 - mean) / std``."""
     stacked = np.stack(images).astype(np.float32)

@@ -6,32 +6,24 @@ Everything a line PC needs comes from the ``.onnx`` file itself (graph + embedde
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from .decision import Decision, decide
+from .files import file_sha256, model_file_problem
 from .image import LoaderConfig, load_image_with_size, normalize_batch
 from .metadata import MetadataError
 from .model_checks import ModelCheckError, check_model_file
+from .options import SessionConfig
 from .providers import GPU_PROVIDERS, INT8_ON_GPU, ProviderError, import_ort
 from .sessions import INPUT_NAME, REQUIRED_OUTPUTS, ModelLoadError, SessionOpener, TrtRequest
 from .trt import TRT_MAX_BATCH
 
 __all__ = ["Decision", "Inspector", "MetadataError", "ModelLoadError", "ProviderError", "decide"]
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Inspector:
@@ -44,17 +36,17 @@ class Inspector:
     """
 
     @classmethod
-    def from_args(cls, args: Any) -> Inspector:
+    def from_config(cls, cfg: SessionConfig) -> Inspector:
         """The session the `inspect` and `watch` commands open from their shared options."""
         return cls(
-            args.model,
-            provider=args.provider,
-            threads=args.threads,
-            graph_opt=args.graph_opt,
-            trt_cache_dir=args.trt_cache,
-            trt_max_batch=args.trt_max_batch,
-            trt_max_side=args.trt_max_side,
-            trt_clean=args.trt_cache_clean,
+            cfg.model,
+            provider=cfg.provider,
+            threads=cfg.threads,
+            graph_opt=cfg.graph_opt,
+            trt_cache_dir=cfg.trt_cache,
+            trt_max_batch=cfg.trt_max_batch,
+            trt_max_side=cfg.trt_max_side,
+            trt_clean=cfg.trt_clean,
         )
 
     def __init__(
@@ -78,6 +70,9 @@ class Inspector:
         path = Path(model_path)
         if not path.is_file():
             raise ModelLoadError(f"{path}: model file not found")
+        problem = model_file_problem(path)
+        if problem:
+            raise ModelLoadError(problem)
         self.model_path = str(path)
         try:  # a model is data: nothing outside its folder, no custom operators (docs/trust.md)
             check_model_file(path)

@@ -18,6 +18,7 @@ from typing import Any
 
 from .heatmap import data_uri, overlay, thumbnail
 from .inspector import Inspector
+from .outputs import write_text
 from .summary import HIST_BINS, Summary
 
 
@@ -35,9 +36,10 @@ class RunInfo:
     session_images: int = 0
     session_seconds: float = 0.0
     model_variant: str = ""
-    #: the model's own threshold and where it came from (metadata ``threshold_source``)
+    threshold_source: str = "model"
+    #: the model's own threshold and how export chose it (metadata ``threshold_source``)
     model_threshold: float | None = None
-    threshold_source: dict[str, Any] = field(default_factory=dict)
+    model_threshold_source: dict[str, Any] = field(default_factory=dict)
 
     @property
     def images_per_s(self) -> float | None:
@@ -47,9 +49,9 @@ class RunInfo:
 @dataclass
 class Figure:
     path: str
-    label: str
+    top_class: str
     defect_prob: float
-    score: float
+    top_prob: float
     thumb: str | None = None  # data URI
     heat: str | None = None  # data URI
     note: str | None = None
@@ -59,7 +61,7 @@ def build_figures(inspector: Inspector, items: Sequence[dict[str, Any]], thresho
     """Reload each kept NG image and recompute its CAM (a vanished file gets a note instead)."""
     figures = []
     for row in items:
-        fig = Figure(row["path"], str(row["label"]), float(row["defect_prob"]), float(row["score"]))
+        fig = Figure(row["path"], str(row["top_class"]), float(row["defect_prob"]), float(row["top_prob"]))
         try:
             arr, _ = inspector.load(row["path"])
             outs = inspector.predict(inspector.preprocess([arr]), cam=inspector.has_cam)
@@ -191,12 +193,13 @@ def tradeoff_html(source: dict[str, Any]) -> str:
 
 
 def _threshold_rows(info: RunInfo) -> list[tuple[str, str]]:
-    own = info.model_threshold
-    note = "" if own is None or own == info.threshold else f"; set for this run, the model's is {own:g}"
-    return [
-        ("threshold", f"{info.threshold:g} (NG when P(defect) ≥ threshold{note})"),
-        ("threshold source", threshold_source_text(info.threshold_source)),
+    rows = [
+        ("threshold", f"{info.threshold:g} from the {info.threshold_source} (NG when P(defect) ≥ threshold)")
     ]
+    if info.model_threshold is not None:
+        how = threshold_source_text(info.model_threshold_source)
+        rows.append(("model's threshold", f"{info.model_threshold:g}, {how}"))
+    return rows
 
 
 def render_html(summary: Summary, info: RunInfo, figures: Sequence[Figure]) -> str:
@@ -234,7 +237,7 @@ def render_html(summary: Summary, info: RunInfo, figures: Sequence[Figure]) -> s
         '<table class="info">'
         + "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in rows)
         + "</table>",
-        tradeoff_html(info.threshold_source),
+        tradeoff_html(info.model_threshold_source),
         f'<h2 id="ng">NG items ({summary.ng})</h2>',
     ]
     if summary.ng > len(figures):
@@ -252,7 +255,8 @@ def render_html(summary: Summary, info: RunInfo, figures: Sequence[Figure]) -> s
         note = f'<div class="note">{_e(f.note)}</div>' if f.note else ""
         out.append(
             f'<figure class="ng-item"><div class="imgs">{imgs}</div><figcaption>'
-            f'<span class="p">P(defect) {f.defect_prob:.3f}</span> · {_e(f.label)} ({f.score:.3f})<br>'
+            f'<span class="p">P(defect) {f.defect_prob:.3f}</span> · most likely {_e(f.top_class)} '
+            f"({f.top_prob:.3f})<br>"
             f"{_e(f.path)}{note}</figcaption></figure>"
         )
     out.append("</div>")
@@ -275,9 +279,5 @@ def render_html(summary: Summary, info: RunInfo, figures: Sequence[Figure]) -> s
 
 
 def write_report(path: str | os.PathLike[str], text: str) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    """Replace the report at once (a special file such as /dev/stdout is written directly)."""
+    return write_text(path, text, "--report")

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .files import model_load_failure
 from .metadata import METADATA_KEY, MetadataError, ModelMetadata
 from .ortlog import Captured, first_line, quiet_ort
 from .providers import (
@@ -159,7 +160,7 @@ class SessionOpener:
                 opened = self._start(kind, meta, reference)
             except _StartFailure as fail:
                 if kind == "cpu":
-                    raise ModelLoadError(f"{self.path}: {fail}") from None
+                    raise ModelLoadError(model_load_failure(self.path, str(fail))) from None
                 if requested != "auto":
                     raise ProviderError(f"provider {kind!r} failed to start: {fail}") from None
                 failures.append(f"{kind} failed ({fail})")
@@ -183,7 +184,7 @@ class SessionOpener:
             except Exception as exc:  # ORT raises unrelated types (InvalidProtobuf, Fail, ...)
                 error = first_line(exc)
         if session is None:
-            raise ModelLoadError(f"{self.path}: onnxruntime cannot load the model: {error}")
+            raise ModelLoadError(model_load_failure(self.path, f"onnxruntime cannot load the model: {error}"))
         return session, read_metadata(session, self.path)
 
     def _engine_cache(self, meta: ModelMetadata) -> tuple[TrtProfile, EngineCache]:

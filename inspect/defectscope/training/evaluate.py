@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import CheckpointError, model_spec, model_state, read_info, run_data_config, target_recall
 from ..data.rebuild import datamodule_kwargs
@@ -31,8 +31,9 @@ CKPT_HELP = (
 
 
 def checkpoint_file(cfg: DictConfig) -> str:
-    value = cfg.get("ckpt_path")
-    if value is None or str(value).strip() in ("", "???"):
+    """``ckpt_path`` (the app refuses a missing ``???`` value before this runs; this covers null/empty)."""
+    value = None if OmegaConf.is_missing(cfg, "ckpt_path") else cfg.get("ckpt_path")
+    if value is None or not str(value).strip():
         raise TrainingConfigError(CKPT_HELP)
     return str(Path(str(value)).expanduser())
 
