@@ -75,7 +75,7 @@ def test_degenerate_images_fail_training_scan(
             _png(root / cls / f"{i}.png", 64, 64, 40 + 60 * i)
     _png(root / "bad" / "dot.png", 4, 4)
     proc = _run(
-        [*defectscope_cmd, "scan", "--folder", str(root), "--size-multiple", "32", "--min-size", "32"],
+        [*defectscope_cmd, "scan", str(root), "data.loader.size_multiple=32", "data.loader.min_size=32"],
         tmp_path,
         cli_env,
     )

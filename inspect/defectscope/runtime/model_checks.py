@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from .files import model_load_failure
+
 #: operator domains ONNX Runtime implements itself ("" and "ai.onnx" are the standard operators)
 KNOWN_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
 
@@ -202,8 +204,8 @@ def check_model_file(path: str | os.PathLike[str]) -> None:
         raise ModelCheckError(f"{p}: cannot be read: {exc.strerror or exc}") from None
     try:
         found = scan_model(data)
-    except ModelCheckError as exc:
-        raise ModelCheckError(f"{p}: not a valid ONNX file ({exc})") from None
+    except ModelCheckError as exc:  # ORT could not parse it either; say so as the runtime does
+        raise ModelCheckError(model_load_failure(p, str(exc))) from None
     for name, location in found.external:
         why = _outside(location, p.parent)
         if why:
