@@ -200,7 +200,9 @@ def resnet(
         )
     kernels = [3] * len(widths) if kernels is None else list(kernels)
     if len(kernels) != len(widths):
-        raise ModelConfigError(f"kernels {kernels} must give one kernel size per stage ({len(widths)} stages)")
+        raise ModelConfigError(
+            f"kernels {kernels} must give one kernel size per stage ({len(widths)} stages)"
+        )
     stages: list[dict[str, Any]] = [
         {
             "channels": stem_width,
@@ -214,7 +216,13 @@ def resnet(
     ]
     for i, (width, depth, kernel) in enumerate(zip(widths, depths, kernels)):
         stages.append(
-            {"channels": width, "kernel": kernel, "stride": 1 if i == 0 else 2, "repeat": depth, "residual": True}
+            {
+                "channels": width,
+                "kernel": kernel,
+                "stride": 1 if i == 0 else 2,
+                "repeat": depth,
+                "residual": True,
+            }
         )
     return GapCNN(
         stages,

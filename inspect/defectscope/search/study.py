@@ -2,7 +2,7 @@
 
 Scale-out is Optuna's own: every worker opens the same database URL and study name and asks the
 study for its next trial. A worker that dies leaves its trial RUNNING; Optuna's heartbeat notices
-(``search.grace_s`` after the last beat) and marks it FAIL, and ``RetryFailedTrialCallback`` queues the
+(``search.grace_s`` after the last beat) and marks it FAIL, and ``RetryHeartbeatStaleTrialCallback`` queues the
 same parameters again (``search.retry_interrupted`` times), so an interrupted trial is failed, not lost.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
 from .errors import SearchConfigError
 from .settings import SearchSettings
@@ -53,7 +53,9 @@ def open_storage(s: SearchSettings) -> RDBStorage:
                     engine_kwargs=engine,
                     heartbeat_interval=s.heartbeat_s,
                     grace_period=s.grace_s,
-                    failed_trial_callback=RetryFailedTrialCallback(max_retry=s.retry_interrupted)
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                        max_retry=s.retry_interrupted
+                    )
                     if s.retry_interrupted
                     else None,
                 )
