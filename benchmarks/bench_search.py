@@ -1,10 +1,12 @@
 """Does a search find a front member as accurate as the baseline and faster? (docs/search.md)
 
-    python benchmarks/bench_search.py --storage sqlite:///search.db --study NAME [--baseline-trial N]
-        [--rounds 5] [--out result.json]
+    python benchmarks/bench_search.py --storage sqlite:///search.db --study NAME
+        [--baseline-trial N | --baseline-run DIR] [--rounds 5] [--out result.json]
 
 The baseline is the study's seed trial (the composed config: the experiment's own model and recipe,
-trained at the search's fidelity) unless ``--baseline-trial`` names another. Speeds are re-measured
+trained at the search's fidelity), another trial (``--baseline-trial``), or a ``defectscope train``
+run folder (``--baseline-run``: e.g. the default model with its full recipe; its best checkpoint is
+exported here and timed at the seed trial's input size). Speeds are re-measured
 here, baseline and front members interleaved round by round through the runtime (each round the
 median of the search's own ``latency`` settings), so load from other processes hits them alike. The
 target: a front member within ``--max-drop`` points of the baseline's validation metric at
@@ -36,6 +38,25 @@ def interleaved_ms(
     return {n: statistics.median(v) for n, v in runs.items()}
 
 
+def run_baseline(run_dir: Path, metric: str) -> tuple[float, str]:
+    """(best validation metric, exported ONNX path) of a ``defectscope train`` run folder."""
+    import torch
+
+    from defectscope.export.onnx_export import export_checkpoint
+
+    ckpt = run_dir / "checkpoints" / "best.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["callbacks"]
+    scores = [
+        v["best_model_score"] for k, v in state.items() if k.startswith("ModelCheckpoint") and metric in k
+    ]
+    if not scores:
+        raise SystemExit(f"{ckpt}: no ModelCheckpoint state monitoring {metric}")
+    onnx = run_dir / "model.onnx"
+    if not onnx.is_file():
+        export_checkpoint(ckpt, onnx, log=lambda _m: None)
+    return float(scores[0]), str(onnx)
+
+
 def main(argv: list[str] | None = None) -> int:
     import optuna
 
@@ -43,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--storage", required=True)
     p.add_argument("--study", required=True)
     p.add_argument("--baseline-trial", type=int, default=None)
+    p.add_argument("--baseline-run", type=Path, default=None, help="a defectscope train run folder")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--max-drop", type=float, default=0.5, help="points of the metric (x100)")
     p.add_argument("--min-speedup", type=float, default=1.5)
@@ -76,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                 "speedup": round(ips / base_ips, 3),
                 "metric_drop_pt": round((base_metric - metric) * 100, 2),
                 "input": [lat[n]["height"], lat[n]["width"]],
-                "flops": done[n].user_attrs.get("flops"),
-                "params": done[n].params,
+                "flops": done[n].user_attrs.get("flops") if n in done else None,
+                "params": done[n].params if n in done else str(a.baseline_run),
                 "meets_target": (base_metric - metric) * 100 <= a.max_drop
                 and ips / base_ips >= a.min_speedup,
             }
@@ -88,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "study": a.study,
         "storage": a.storage.split("@")[-1],
-        "baseline_trial": base_no,
+        "baseline": str(a.baseline_run) if base_no == -1 else f"trial {base_no}",
         "trials_complete": len(done),
         "target": {"max_drop_pt": a.max_drop, "min_speedup": a.min_speedup},
         "met": any(r["meets_target"] and r["trial"] != base_no for r in rows),

@@ -50,6 +50,23 @@ def test_default_space_passes_every_check(compose_train: Callable[..., Any]) -> 
     assert settings.objectives == ["val/bal_acc", "latency_ms"] and settings.sampler == "tpe"
 
 
+@pytest.mark.parametrize(
+    ("option", "base"),
+    [("smoke", ["experiment=smoke", "model=resnet_small"]), ("elpv_proxy", ["experiment=elpv_scratch"])],
+)
+def test_every_search_option_passes_its_checks(
+    option: str, base: list[str], compose_train: Callable[..., Any]
+) -> None:
+    from defectscope.search.preflight import check_choices
+    from defectscope.search.settings import SearchSettings
+
+    cfg = compose_train([*base, f"search={option}", "paths.launch_dir=."], config_name="search")
+    SearchSettings.from_config(OmegaConf.to_container(cfg.search, resolve=True))
+    params = parse_space(_space(cfg))
+    check_keys(params, cfg)
+    check_choices(cfg, params)
+
+
 def test_sampled_values_round_trip_through_overrides(compose_train: Callable[..., Any]) -> None:
     """A trial's parameters, written as the retrain command's overrides, compose the same config."""
     from defectscope.search.report import param_overrides

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 PARENT_ATTR = "mlflow_parent_run_id"
 SIGNATURE_ATTR = "defectscope_objectives"
+#: what two workers opening one new SQLite file at once may see while the other creates the tables
+RACES = ("locked", "UNIQUE constraint failed", "already exists")
 
 
 def redact(url: str) -> str:
@@ -39,12 +41,17 @@ def redact(url: str) -> str:
         return url.split("@")[-1] if "@" in url else url
 
 
+def _first_line(exc: BaseException | None) -> str:
+    text = str(exc).strip() if exc is not None else ""
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def open_storage(s: SearchSettings) -> RDBStorage:
     """The study's database (SQLite file by default, any SQLAlchemy URL for several workers)."""
     sqlite = s.storage.startswith("sqlite")
     engine: dict[str, Any] = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
     last: Exception | None = None
-    for attempt in range(3):  # two workers creating one new SQLite file can race on its tables
+    for attempt in range(5):  # two workers creating one new SQLite file race on its tables
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -61,10 +68,12 @@ def open_storage(s: SearchSettings) -> RDBStorage:
                 )
         except Exception as exc:  # SQLAlchemy, a missing driver, a bad URL: all mean "cannot open"
             last = exc
-            if not sqlite or "locked" not in str(exc):
+            if not sqlite or not any(m in str(exc) for m in RACES):
                 break
             time.sleep(1.0 + attempt)
-    text = str(last).strip().splitlines()[0] if last and str(last).strip() else type(last).__name__
+    text = _first_line(last)
+    if last is not None and last.__cause__ is not None:  # e.g. the missing driver behind an ImportError
+        text += f" ({_first_line(last.__cause__)})"
     raise SearchConfigError(f"search.storage: cannot open {redact(s.storage)}: {text}") from None
 
 
@@ -185,6 +194,36 @@ def parent_run(cfg: Any, study: optuna.Study, created: bool, s: SearchSettings) 
     return tracker
 
 
+class FailureStreak:
+    """Stops this worker after ``limit`` failed trials in a row: failures do not count towards
+    ``n_trials``, so a cause that fails every trial would otherwise loop until the timeout."""
+
+    def __init__(self, limit: int = 3) -> None:
+        self.limit = limit
+        self.streak = 0
+        self.last = ""
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state != optuna.trial.TrialState.FAIL:
+            self.streak = 0
+            return
+        self.streak += 1
+        self.last = str(trial.user_attrs.get("error", "see the log"))
+        if self.streak >= self.limit:
+            study.stop()
+
+    def check(self) -> None:
+        if self.streak >= self.limit:
+            raise SearchFailedError(
+                f"{self.streak} trials in a row failed, the last with: {self.last}; fix the cause (the log has "
+                "the traceback) and run the same command to continue"
+            )
+
+
+class SearchFailedError(RuntimeError):
+    """Trials keep failing; the message names the last error."""
+
+
 def optimize(study: optuna.Study, objective: Any, s: SearchSettings) -> None:
     """Run trials until the study holds ``n_trials`` finished ones (all workers together) or the timeout."""
     from optuna.study import MaxTrialsCallback
@@ -199,14 +238,16 @@ def optimize(study: optuna.Study, objective: Any, s: SearchSettings) -> None:
             s.n_trials,
         )
         return
+    streak = FailureStreak()
     study.optimize(
         objective,
         n_trials=None,
         timeout=s.timeout,
         catch=(Exception,),
-        callbacks=[MaxTrialsCallback(s.n_trials, states=done)],
+        callbacks=[MaxTrialsCallback(s.n_trials, states=done), streak],
         gc_after_trial=True,
     )
+    streak.check()
 
 
 def fail_stale(study: optuna.Study) -> None:

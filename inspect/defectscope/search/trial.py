@@ -115,6 +115,18 @@ def _check_feasible(trial: optuna.Trial, ctx: SearchContext, values: dict[str, A
 
 
 def run_trial(trial: optuna.Trial, ctx: SearchContext) -> list[float]:
+    """One trial; an error is recorded on the trial (``error``) before Optuna marks it failed."""
+    try:
+        return _run_trial(trial, ctx)
+    except Exception as exc:
+        if not isinstance(exc, optuna.TrialPruned):
+            trial.set_user_attr(
+                "error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            )
+        raise
+
+
+def _run_trial(trial: optuna.Trial, ctx: SearchContext) -> list[float]:
     from defectscope.training.train import train
 
     s = ctx.settings
