@@ -114,6 +114,7 @@ def plot_front(
 ) -> Path:
     """Left: every finished trial, latency against the metric, front in red; right: FLOPs against latency."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     fig = Figure(figsize=(11, 4.5), dpi=110)
     ax, bx = fig.subplots(1, 2)
@@ -126,9 +127,9 @@ def plot_front(
             ax.scatter(r[LATENCY], r[s.metric], s=160, marker="*", color="tab:blue", zorder=3)
     pts = sorted((r[LATENCY], r[s.metric], r["trial"]) for r in rows if r["trial"] in front)
     if pts:
-        ax.plot(
-            [p[0] for p in pts], [p[1] for p in pts], "-o", color="tab:red", zorder=4, label="Pareto front"
-        )
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        ax.step(xs, ys, where="post", color="tab:red", zorder=4, label="Pareto front")
+        ax.scatter(xs, ys, color="tab:red", zorder=5)
         for x, y, n in pts:
             ax.annotate(
                 str(n), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8, color="tab:red"
@@ -139,11 +140,13 @@ def plot_front(
     ax.set_xlabel("latency per image through the runtime (ms, log scale)")
     ax.set_ylabel(s.metric)
     ax.set_title(f"{s.study_name}: {len(rows)} trials (star: seed, hollow: stopped early)", fontsize=9)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     with_flops = [r for r in rows if r.get("flops")]
     bx.scatter([r["flops"] / 1e9 for r in with_flops], [r[LATENCY] for r in with_flops], s=20, color="0.3")
     bx.set_xscale("log")
     bx.set_yscale("log")
+    for axis in (ax.xaxis, bx.xaxis, bx.yaxis):
+        axis.set_minor_formatter(NullFormatter())
     bx.set_xlabel("GFLOPs per image")
     bx.set_ylabel("measured latency (ms per image)")
     bx.set_title(

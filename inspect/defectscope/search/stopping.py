@@ -15,11 +15,14 @@ the training time it would have spent goes to the next trial.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
+
+log = logging.getLogger(__name__)
 
 #: (latency_ms, curve) of each finished trial; a curve is [[epoch, best-so-far metric], ...]
 Peers = Callable[[], Sequence[tuple[float, Sequence[Sequence[float]]]]]
@@ -103,6 +106,7 @@ class TrialMonitor(Callback):
                 f"stopped at epoch {epoch}: a finished trial measured {hit[0]:.3f} ms <= {self.latency_ms:.3f} ms "
                 f"and had {self.metric} {hit[1]:.4f} against {best:.4f} at that epoch"
             )
+            log.info("trial %s", self.stop_reason)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         cb = trainer.checkpoint_callback
