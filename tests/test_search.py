@@ -98,6 +98,13 @@ def test_search_three_trials(
     summary = json.loads((out / "search_summary.json").read_text())
     assert summary["trials"]["complete"] == 3 and len(summary["all"]) == 3
 
+    # search.max_latency_ms: the best metric among trials that measure under the budget
+    budget = sorted(t.values[1] for t in done)[1]
+    under = [t for t in done if t.values[1] <= budget]
+    best = max(under, key=lambda t: (t.values[0], -t.values[1]))
+    pick = _report_with_budget(study, smoke_data_dir, budget, tmp_path / "budget")
+    assert pick["trial"] == best.number and pick["latency_ms"] <= budget
+
     # MLflow: one parent run; each trial a nested run with its params, objectives, checkpoint and ONNX file
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
@@ -136,6 +143,31 @@ def test_search_three_trials(
     assert body["name"] == "defectscope-smoke" and body["directions"] == ["maximize", "minimize"]
     assert len(body["trials"]) == 3
     assert sorted(t["number"] for t in body["best_trials"]) == sorted(t.number for t in study.best_trials)
+
+
+def _report_with_budget(study: optuna.Study, data_dir: Path, budget: float, out: Path) -> dict[str, Any]:
+    """The report of a finished study, asked with a latency budget afterwards."""
+    from hydra import compose, initialize_config_dir
+
+    from defectscope.search.report import write_report
+    from defectscope.search.settings import SearchSettings
+    from defectscope.search.space import parse_space
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    overrides = [
+        *SMOKE,
+        f"paths.data_dir={data_dir}",
+        "paths.launch_dir=.",
+        f"search.max_latency_ms={budget}",
+    ]
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        cfg = compose("search", overrides=overrides)
+    settings = SearchSettings.from_config(OmegaConf.to_container(cfg.search, resolve=True))
+    params = parse_space(OmegaConf.to_container(cfg.search.space, resolve=True))
+    summary = write_report(study, cfg, params, settings, out)
+    assert summary["best_under_budget"] is not None
+    pick: dict[str, Any] = summary["best_under_budget"]
+    return pick
 
 
 def _first_front_command(stdout: str) -> tuple[int, str]:
