@@ -270,7 +270,7 @@ class OnnxRunner:
         meta = self.inspector.metadata
         self.name = meta.model_name
         self.class_names = list(meta.class_names)
-        self.loader_config = meta.loader_config()
+        self.loader_config = meta.loader
         self.mean, self.std = list(meta.mean), list(meta.std)
         self.threads = self.inspector.threads
         self.provider = self.inspector.provider
@@ -292,7 +292,8 @@ class TorchRunner:
     def __init__(self, path: str, threads: int | None) -> None:
         import torch
 
-        from defectscope.checkpoint import CheckpointError, file_sha256, load_checkpoint
+        from defectscope.checkpoint import CheckpointError, load_checkpoint
+        from defectscope.runtime.files import file_sha256
 
         self._torch = torch
         self.threads = threads or torch.get_num_threads()

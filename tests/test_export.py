@@ -99,12 +99,7 @@ def test_metadata_round_trips_through_the_ort_session(setup: dict[str, Any]) -> 
     assert meta.class_names == info["class_names"] and meta.good_class == "good"
     assert meta.threshold == 0.5 and meta.channels == 1 and meta.mean == [0.5] and meta.std == [0.25]
     loader = info["loader"]
-    assert (meta.max_side, meta.min_size, meta.size_multiple, meta.max_pixels) == (
-        loader["max_side"],
-        loader["min_size"],
-        loader["size_multiple"],
-        loader["max_pixels"],
-    )
+    assert meta.loader.to_dict() == loader
     assert meta.model_name == "tinynet" and meta.total_stride == 4
     assert meta.outputs == ["logits", "probs", "cam"] and meta.fp16 is False
     assert meta.mlflow_run_id == "r1" and meta.checkpoint_sha256 == SHA

@@ -8,7 +8,6 @@ from an incompatible model version fails loudly instead of exporting half-initia
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 from pathlib import Path
@@ -125,12 +124,3 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, 
             f"{source}: weights do not fit model {info['model_name']!r} with {info['model_kwargs']!r}: {exc}"
         ) from None
     return model.eval(), info
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Content hash recorded in the exported metadata, to trace a model back to its checkpoint."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

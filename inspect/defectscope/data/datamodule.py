@@ -70,7 +70,10 @@ class DefectDataModule(pl.LightningDataModule):
             only where the source has no split.  Unset keys take the source's defaults
             (ELPV: 25 % test, seed 42), then 0.15 / 0.15 / 42.
         batch_size / eval_batch_size: images per bucket batch for training / val+test.
-        train_transform / eval_transform: albumentations pipeline (``_target_`` mapping or object).
+        train_transform: albumentations pipeline (``_target_`` mapping or object).
+        eval_transform: must be ``None``. The line PC runs no transform, and validation chooses the
+            threshold, so a transform there would earn the threshold on images the line never
+            sees; the keyword stays only so older run configs (``eval_transform: null``) load.
         mean / std: per-channel, on the 0..1 scale; ``None`` = exact values of the training split
             (computed during the scan at no extra decoding cost).
         on_bad_file: ``fail`` (default: one error listing every bad file) or ``skip`` (train on the
@@ -100,6 +103,11 @@ class DefectDataModule(pl.LightningDataModule):
         drop_last: bool = False,
     ) -> None:
         super().__init__()
+        if eval_transform is not None:
+            raise ValueError(
+                "data.eval_transform is not supported: validation (where the threshold is chosen) and "
+                "test must see images exactly as the line PC does, which applies no transform; remove it"
+            )
         if on_bad_file not in ON_BAD_FILE:
             raise ValueError(f"data.on_bad_file must be one of {', '.join(ON_BAD_FILE)}, got {on_bad_file!r}")
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
@@ -112,7 +120,7 @@ class DefectDataModule(pl.LightningDataModule):
         else:
             try:
                 self.loader_config = LoaderConfig(**to_plain(loader or {}))
-            except TypeError as exc:
+            except (TypeError, ValueError) as exc:  # name the config key training users set
                 raise ValueError(f"data.loader: {exc}") from None
         split_cfg = to_plain(split or {})
         unknown = set(split_cfg) - {"val_fraction", "test_fraction", "seed"}
@@ -131,7 +139,6 @@ class DefectDataModule(pl.LightningDataModule):
         )
         self.persistent_workers = bool(persistent_workers)
         self.train_transform_spec = train_transform
-        self.eval_transform_spec = eval_transform
         self.mean_cfg = None if mean is None else [float(m) for m in mean]
         self.std_cfg = None if std is None else [float(s) for s in std]
         self.on_bad_file = on_bad_file
@@ -257,13 +264,8 @@ class DefectDataModule(pl.LightningDataModule):
 
     def _build_datasets(self, with_meta: bool) -> None:
         train_tf = build_transform(self.train_transform_spec)
-        eval_tf = build_transform(self.eval_transform_spec)
         check_size_preserving(train_tf, self.sizes["train"], self.channels, "train_transform")
-        check_size_preserving(
-            eval_tf, self.sizes["val"] + self.sizes["test"], self.channels, "eval_transform"
-        )
         seed_transform(train_tf, self.seed)
-        seed_transform(eval_tf, self.seed)
         for name in SPLITS:
             self.datasets[name] = DefectDataset(
                 self.samples[name],
@@ -271,7 +273,7 @@ class DefectDataModule(pl.LightningDataModule):
                 self.loader_config,
                 self.mean,
                 self.std,
-                train_tf if name == "train" else eval_tf,
+                train_tf if name == "train" else None,
                 with_meta,
             )
 

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from defectscope.runtime.files import checkpoint_file_problem
 from defectscope.runtime.metadata import TTA_NAMES
 
 from .onnx_export import MIN_OPSET
@@ -155,6 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(2, "--register-name only makes sense together with --mlflow")
     if args.int8 and args.fp16:
         return _fail(2, "--fp16 and --int8 exclude each other: fp16 is for GPU line PCs, int8 for CPUs")
+    not_a_checkpoint = checkpoint_file_problem(args.checkpoint)
+    if not_a_checkpoint:
+        return _fail(2, not_a_checkpoint)
 
     from .quantize import Int8Config, Int8GateError, QuantizationError
 
@@ -175,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import onnx
 
-    from defectscope.checkpoint import CheckpointError, file_sha256, load_checkpoint
+    from defectscope.checkpoint import CheckpointError, load_checkpoint
+    from defectscope.runtime.files import file_sha256
 
     from .mlflow_log import MlflowExportError, log_onnx_model, preflight
     from .onnx_export import ExportError, export_model

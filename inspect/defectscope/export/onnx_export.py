@@ -22,10 +22,9 @@ import torch
 from torch import nn
 
 from defectscope import __version__
-from defectscope.checkpoint import file_sha256, load_checkpoint
 from defectscope.models.tta import FlipTTA
 from defectscope.runtime.image import LoaderConfig, normalize_batch
-from defectscope.runtime.metadata import METADATA_KEY, ModelMetadata
+from defectscope.runtime.metadata import METADATA_KEY, MetadataError, ModelMetadata
 
 from .atomic import atomic_write_bytes
 from .fuse import FuseReport, fuse_conv_bn_report, replace_bn_with_affine
@@ -95,14 +94,11 @@ def build_metadata(
             class_names=list(info["class_names"]),
             good_class=str(info["good_class"]),
             threshold=float(info["threshold"] if threshold is None else threshold),
-            channels=cfg.channels,
+            loader=cfg,
             mean=[float(v) for v in info["mean"]],
             std=[float(v) for v in info["std"]],
-            max_side=cfg.max_side,
-            min_size=cfg.min_size,
-            size_multiple=cfg.size_multiple,
-            max_pixels=cfg.max_pixels,
             model_name=str(info["model_name"]),
+            ng_classes=[str(c) for c in info.get("ng_classes") or []],
             package_version=__version__,
             total_stride=int(getattr(model, "total_stride", 1)),
             outputs=["logits", "probs", "cam"] if cam else ["logits", "probs"],
@@ -112,7 +108,7 @@ def build_metadata(
             checkpoint_sha256=checkpoint_sha256,
             parity=dict(parity or {}),
         )
-    except ValueError as exc:
+    except MetadataError as exc:
         raise ExportError(str(exc)) from None
 
 
@@ -260,7 +256,7 @@ def quantize_model(
     log: Callable[[str], None],
 ) -> tuple[bytes, dict[str, Any]]:
     """Calibrate, quantise and gate (see :mod:`.quantize`); returns the int8 bytes and the figures."""
-    loader = meta.loader_config()
+    loader = meta.loader
     calib, n_calib, skipped = load_groups(plan.calib, loader, len(plan.calib))
     check, n_check, skipped2 = real_batches(plan.check, loader, meta.mean, meta.std, len(plan.check))
     bad = skipped + skipped2
@@ -283,7 +279,7 @@ def quantize_model(
             fp32_bytes,
             int8_bytes,
             _chunks(check, 16),
-            good_index=meta.good_index,
+            ng_indices=meta.ng_indices,
             threshold=meta.threshold,
             min_agreement=cfg.min_agreement,
         )
@@ -441,9 +437,3 @@ def export_model(
         "total": round(t_end - t_start, 3),
     }
     return ExportResult(out, len(data), seconds, numbers, meta, report, data)
-
-
-def export_checkpoint(ckpt: str | Path, output: str | Path, **kwargs: Any) -> ExportResult:
-    """:func:`load_checkpoint` + :func:`export_model`, recording the checkpoint's sha256."""
-    model, info = load_checkpoint(ckpt)
-    return export_model(model, info, output, checkpoint_sha256=file_sha256(ckpt), **kwargs)

@@ -78,6 +78,21 @@ class LoaderConfig:
             raise ValueError(f"LoaderConfig.max_side ({self.max_side}) must be >= min_size ({self.min_size})")
         if self.size_multiple < 1:
             raise ValueError(f"LoaderConfig.size_multiple must be >= 1, got {self.size_multiple}")
+        if self.max_side is not None and self.size_multiple > 1:
+            # target_size caps rounded sides at the largest multiple <= max_side: there must be one,
+            # and it must not be below min_size, or sizes leave the range the model was made for
+            top = self.max_side // self.size_multiple * self.size_multiple
+            if top == 0:
+                raise ValueError(
+                    f"LoaderConfig.size_multiple ({self.size_multiple}) must be <= max_side ({self.max_side}): "
+                    f"rounding would make sides of {self.size_multiple}, above max_side"
+                )
+            if top < self.min_size:
+                raise ValueError(
+                    f"LoaderConfig.size_multiple ({self.size_multiple}) leaves no side between min_size "
+                    f"({self.min_size}) and max_side ({self.max_side}): the largest multiple <= max_side "
+                    f"is {top}; lower size_multiple or raise max_side"
+                )
 
     def to_dict(self) -> dict[str, int | None]:
         return asdict(self)
@@ -221,12 +236,6 @@ def resize_array(arr: np.ndarray, width: int, height: int) -> np.ndarray:
         for c in range(arr.shape[2])
     ]
     return np.stack(planes, axis=2)
-
-
-def probe_size(path: str | os.PathLike[str], cfg: LoaderConfig) -> tuple[int, int]:
-    """Fully decode ``path`` (catching truncation) and return its preprocessed (w, h)."""
-    arr = load_image(path, cfg)
-    return arr.shape[1], arr.shape[0]
 
 
 def normalize_batch(images: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

@@ -18,6 +18,7 @@ from typing import Any
 
 from .heatmap import data_uri, overlay, thumbnail
 from .inspector import Inspector
+from .outputs import write_text
 from .summary import HIST_BINS, Summary
 
 
@@ -35,6 +36,7 @@ class RunInfo:
     session_images: int = 0
     session_seconds: float = 0.0
     model_variant: str = ""
+    threshold_source: str = "model"
 
     @property
     def images_per_s(self) -> float | None:
@@ -44,9 +46,9 @@ class RunInfo:
 @dataclass
 class Figure:
     path: str
-    label: str
+    top_class: str
     defect_prob: float
-    score: float
+    top_prob: float
     thumb: str | None = None  # data URI
     heat: str | None = None  # data URI
     note: str | None = None
@@ -56,7 +58,7 @@ def build_figures(inspector: Inspector, items: Sequence[dict[str, Any]], thresho
     """Reload each kept NG image and recompute its CAM (a vanished file gets a note instead)."""
     figures = []
     for row in items:
-        fig = Figure(row["path"], str(row["label"]), float(row["defect_prob"]), float(row["score"]))
+        fig = Figure(row["path"], str(row["top_class"]), float(row["defect_prob"]), float(row["top_prob"]))
         try:
             arr, _ = inspector.load(row["path"])
             outs = inspector.predict(inspector.preprocess([arr]), cam=inspector.has_cam)
@@ -157,7 +159,7 @@ def render_html(summary: Summary, info: RunInfo, figures: Sequence[Figure]) -> s
         *([("variant", info.model_variant)] if info.model_variant else []),
         ("model sha256", info.model_sha256),
         ("provider", info.provider),
-        ("threshold", f"{info.threshold:g} (NG when P(defect) ≥ threshold)"),
+        ("threshold", f"{info.threshold:g} from the {info.threshold_source} (NG when P(defect) ≥ threshold)"),
         ("classes", ", ".join(info.class_names) + f" (good: {info.good_class})"),
         (
             "throughput",
@@ -202,7 +204,8 @@ def render_html(summary: Summary, info: RunInfo, figures: Sequence[Figure]) -> s
         note = f'<div class="note">{_e(f.note)}</div>' if f.note else ""
         out.append(
             f'<figure class="ng-item"><div class="imgs">{imgs}</div><figcaption>'
-            f'<span class="p">P(defect) {f.defect_prob:.3f}</span> · {_e(f.label)} ({f.score:.3f})<br>'
+            f'<span class="p">P(defect) {f.defect_prob:.3f}</span> · most likely {_e(f.top_class)} '
+            f"({f.top_prob:.3f})<br>"
             f"{_e(f.path)}{note}</figcaption></figure>"
         )
     out.append("</div>")
@@ -225,9 +228,5 @@ def render_html(summary: Summary, info: RunInfo, figures: Sequence[Figure]) -> s
 
 
 def write_report(path: str | os.PathLike[str], text: str) -> Path:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    """Replace the report at once (a special file such as /dev/stdout is written directly)."""
+    return write_text(path, text, "--report")

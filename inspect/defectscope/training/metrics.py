@@ -23,6 +23,8 @@ from torchmetrics.classification import (
 from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 
+from defectscope.runtime.decision import is_ng
+
 _UNSAFE = re.compile(r"[^\w\-. /]")
 
 
@@ -90,7 +92,7 @@ def choose_threshold(scores: torch.Tensor, is_defect: torch.Tensor, target_recal
 
 def operating_point(scores: torch.Tensor, is_defect: torch.Tensor, threshold: float) -> dict[str, float]:
     """Escape rate (defects passed as OK) and false-reject rate (good parts called NG) at ``threshold``."""
-    ng = scores >= threshold
+    ng = is_ng(scores, threshold)
     defect = is_defect.bool()
     out: dict[str, float] = {}
     if defect.any():

@@ -20,6 +20,13 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .. import __version__
 from ..data.datamodule import MAX_EXPORT_VAL_PATHS
+from ..runtime.decision import (
+    DecisionRuleError,
+    defect_probability,
+    is_defect_label,
+    ng_class_names,
+    ng_indices,
+)
 from .metrics import (
     DefectScores,
     choose_threshold,
@@ -105,7 +112,12 @@ class DefectClassifier(pl.LightningModule):
         if good_class not in self.class_names:
             raise ValueError(f"good_class {good_class!r} is not one of {self.class_names}")
         self.good_class = good_class
-        self.good_index = self.class_names.index(good_class)
+        thr = dict(threshold or {})
+        try:
+            self.ng_classes = ng_class_names(self.class_names, good_class, thr.get("ng_classes"))
+        except DecisionRuleError as exc:
+            raise ValueError(f"threshold.ng_classes: {exc}") from None
+        self.ng_indices = ng_indices(self.class_names, good_class, self.ng_classes)
         loss = dict(loss or {})
         weights = loss.get("class_weights")
         self.register_buffer(
@@ -114,7 +126,6 @@ class DefectClassifier(pl.LightningModule):
             persistent=False,
         )
         self.label_smoothing = float(loss.get("label_smoothing", 0.0) or 0.0)
-        thr = dict(threshold or {})
         self.target_recall = float(thr.get("target_recall", 0.99))
         self.threshold = float(thr.get("default", 0.5))
         self.data_info = dict(data_info or {})
@@ -140,8 +151,8 @@ class DefectClassifier(pl.LightningModule):
         return F.cross_entropy(logits.float(), target, weight=weight, label_smoothing=self.label_smoothing)
 
     def defect_probability(self, logits: torch.Tensor) -> torch.Tensor:
-        """P(defect) = 1 - P(good class): the score every OK/NG decision uses."""
-        return 1.0 - logits.float().softmax(dim=1)[:, self.good_index]
+        """P(defect) under the project-wide rule (:mod:`defectscope.runtime.decision`)."""
+        return defect_probability(logits.float().softmax(dim=1), self.ng_indices)
 
     # ------------------------------------------------------------------ steps
 
@@ -164,7 +175,9 @@ class DefectClassifier(pl.LightningModule):
         getattr(self, f"{stage}_loss").update(self.criterion(logits, y), weight=int(y.numel()))
         getattr(self, f"{stage}_metrics").update(preds, y)
         getattr(self, f"{stage}_confmat").update(preds, y)
-        getattr(self, f"{stage}_scores").update(self.defect_probability(logits), y != self.good_index)
+        getattr(self, f"{stage}_scores").update(
+            self.defect_probability(logits), is_defect_label(y, self.ng_indices)
+        )
         return logits, preds
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
@@ -287,7 +300,9 @@ class DefectClassifier(pl.LightningModule):
             "model_kwargs": to_plain(dict(kwargs)),
             "class_names": list(self.class_names),
             "good_class": self.good_class,
+            "ng_classes": list(self.ng_classes),
             "threshold": float(self.threshold),
+            "target_recall": float(self.target_recall),
             "loader": to_plain(dict(info.get("loader") or {})),
             "mean": [float(v) for v in info.get("mean") or []],
             "std": [float(v) for v in info.get("std") or []],

@@ -15,6 +15,8 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from PIL import Image
 
+from defectscope.runtime.decision import is_ng
+
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> str:
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -52,7 +54,7 @@ def confusion_png(
     path: str | os.PathLike[str],
 ) -> str:
     """Multi-class confusion (argmax) next to the OK/NG confusion at the operating threshold."""
-    ng = scores >= threshold
+    ng = is_ng(scores, threshold)
     okng = np.array(
         [
             [np.sum(~is_defect.astype(bool) & ~ng), np.sum(~is_defect.astype(bool) & ng)],
@@ -90,7 +92,7 @@ def roc_pr_png(
     """ROC and PR curves of P(defect), with the operating point at ``threshold`` marked."""
     c = roc_pr_curves(scores, is_defect)
     y = is_defect.astype(bool)
-    ng = scores >= threshold
+    ng = is_ng(scores, threshold)
     tpr = float(ng[y].mean()) if y.any() else 0.0
     fpr = float(ng[~y].mean()) if (~y).any() else 0.0
     prec = float(y[ng].mean()) if ng.any() else 1.0
