@@ -42,7 +42,8 @@ def run_entry(run_dir: Path, metric: str) -> dict[str, Any]:
     import torch
 
     from defectscope.checkpoint import load_checkpoint
-    from defectscope.export.onnx_export import export_checkpoint
+    from defectscope.export.onnx_export import export_model
+    from defectscope.runtime.files import file_sha256
     from defectscope.runtime.image import LoaderConfig
     from defectscope.search.measure import input_size, model_cost, native_size
 
@@ -54,9 +55,9 @@ def run_entry(run_dir: Path, metric: str) -> dict[str, Any]:
     if not scores:
         raise SystemExit(f"{ckpt}: no ModelCheckpoint state monitoring {metric}")
     onnx = run_dir / "model.onnx"
-    if not onnx.is_file():
-        export_checkpoint(ckpt, onnx, log=lambda _m: None)
     model, info = load_checkpoint(ckpt)
+    if not onnx.is_file():
+        export_model(model, info, onnx, checkpoint_sha256=file_sha256(ckpt), log=lambda _m: None)
     loader = LoaderConfig(**info["loader"])
     h, w = input_size(native_size(info["val_paths"], loader.channels), loader)
     return {

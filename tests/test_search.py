@@ -61,7 +61,7 @@ def test_search_three_trials(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    from defectscope.runtime.inspector import file_sha256
+    from defectscope.runtime.files import file_sha256
     from defectscope.runtime.metadata import METADATA_KEY, ModelMetadata
 
     out = tmp_path / "run"

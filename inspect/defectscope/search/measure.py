@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from defectscope.runtime.image import LoaderConfig, probe_size, target_size
+from defectscope.runtime.image import LoaderConfig, load_image_with_size, target_size
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def native_size(paths: Sequence[str], channels: int, limit: int = 64) -> tuple[i
     sizes = []
     for path in list(paths)[:limit]:
         try:
-            w, h = probe_size(path, native)
+            w, h = load_image_with_size(path, native)[1]
         except Exception:  # an unreadable image is the scan's business, not the timer's
             continue
         sizes.append((h * w, h, w))
@@ -107,7 +107,7 @@ def measure_latency(
         onnx_path,
         provider=settings.provider,
         threads=settings.threads,
-        max_batch=settings.batch,
+        trt_max_batch=settings.batch,
         log=lambda _msg: None,
     )
     channels = inspector.metadata.channels

@@ -170,10 +170,20 @@ def _run_trial(trial: optuna.Trial, ctx: SearchContext) -> list[float]:
 def _export_and_measure(
     trial: optuna.Trial, ctx: SearchContext, best: str, h: int, w: int
 ) -> tuple[Latency, int, str | None]:
-    from defectscope.export.onnx_export import export_checkpoint
+    from defectscope.checkpoint import load_checkpoint
+    from defectscope.export.onnx_export import export_model
+    from defectscope.runtime.files import file_sha256
 
     out = Path(best).parent.parent / "model.onnx"
-    result = export_checkpoint(best, out, parity_images=ctx.settings.parity_images, log=log.info)
+    model, info = load_checkpoint(best)  # exactly what `defectscope export` does with a checkpoint
+    result = export_model(
+        model,
+        info,
+        out,
+        checkpoint_sha256=file_sha256(best),
+        parity_images=ctx.settings.parity_images,
+        log=log.info,
+    )
     lat = measure_latency(out, h, w, ctx.settings.latency)
     trial.set_user_attr(LATENCY, lat.ms_per_image)
     trial.set_user_attr("latency", lat.to_dict())
