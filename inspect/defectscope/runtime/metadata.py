@@ -43,6 +43,9 @@ MAX_SIDE = 1 << 16
 MAX_PIXELS = 1 << 30
 #: the loader fields of a version-1 document (flat there, nested under ``loader`` since version 2)
 LOADER_KEYS = ("channels", "max_side", "min_size", "size_multiple", "max_pixels")
+#: loader fields added since: a document without one was made with the field's default
+#: (``downscale``: "exact", the only policy before the field existed)
+LOADER_OPTIONAL_KEYS = ("downscale",)
 
 
 class MetadataError(ValueError):
@@ -187,8 +190,11 @@ def _upgrade_v1(doc: dict[str, Any]) -> dict[str, Any]:
 def _loader(value: Any) -> LoaderConfig:
     if isinstance(value, LoaderConfig):
         return value
-    if not isinstance(value, dict) or set(value) != set(LOADER_KEYS):
-        raise MetadataError(f"loader must be an object with exactly the keys {', '.join(LOADER_KEYS)}")
+    if not isinstance(value, dict) or not set(LOADER_KEYS) <= set(value) <= {*LOADER_KEYS, *LOADER_OPTIONAL_KEYS}:
+        raise MetadataError(
+            f"loader must be an object with exactly the keys {', '.join(LOADER_KEYS)} "
+            f"(optionally also {', '.join(LOADER_OPTIONAL_KEYS)})"
+        )
     checks = {
         "channels": (1, MAX_CHANNELS),
         "min_size": (1, MAX_SIDE),
