@@ -48,6 +48,7 @@ class Sizes:
     small_repeat: int = 4
     camera_frames: int = 8  # case (c): distinct frames per kind
     camera_size: tuple[int, int] = (2448, 2048)
+    camera_kinds: tuple[str, ...] = ("grey-png", "grey-jpg", "rgb-png", "rgb-jpg")
     camera_seconds: float = 6.0  # inputs per camera case: about this long at the bound
     watch_frames: int = 100
     watch_fps: float = 5.0
@@ -66,10 +67,11 @@ QUICK = Sizes(
     small_repeat=2,
     camera_frames=2,
     camera_size=(612, 512),
+    camera_kinds=("grey-jpg",),
     camera_seconds=0.2,
     watch_frames=6,
     watch_fps=10.0,
-    watch_kinds=("grey-png",),
+    watch_kinds=("grey-jpg",),
 )
 
 
@@ -237,22 +239,24 @@ def _decode_bound(
     from defectscope.runtime.cli import build_parser as inspect_parser
 
     work: Path = args.workdir
+    frames, size = sizes.camera_frames, sizes.camera_size
     if name == "watch":
-        return {
-            "rows": [
-                bench_watch.watch_row(work, kind, sizes.camera_frames, sizes.camera_size, args.seed,
-                                      fps=sizes.watch_fps, count=sizes.watch_frames)
-                for kind in sizes.watch_kinds
-            ]
-        }  # fmt: skip
+        rows = [
+            bench_watch.watch_row(
+                work, kind, frames, size, args.seed, fps=sizes.watch_fps, count=sizes.watch_frames
+            )
+            for kind in sizes.watch_kinds
+        ]
+        return {"rows": rows}
     mixed = bench_e2e.image_set(work, sizes.e2e_images, sizes.e2e_min_side, sizes.e2e_max_side)
     small = bench_e2e.image_set(work, sizes.small_images, 300, 300)
+    big_model = one_channel_model(cfg, work, args.seed, state)
     small_model = bench_cases.small_model(work, 1, "exact", args.seed)
     cases = [
-        (bench_cases.Case(f"mixed-png-{args.model}", one_channel_model(cfg, work, args.seed, state), mixed), 0.0),
+        (bench_cases.Case(f"mixed-png-{args.model}", big_model, mixed), 0.0),
         (bench_cases.Case("300-grey-png-tiny", small_model, small, sizes.small_repeat), 0.0),
-        *bench_cases.camera_cases(work, sizes.camera_frames, sizes.camera_size, sizes.camera_seconds, args.seed),
-    ]  # fmt: skip
+        *bench_cases.camera_cases(work, frames, size, sizes.camera_seconds, args.seed, sizes.camera_kinds),
+    ]
     env = None
     if args.baseline is not None:
         if not (args.baseline / "defectscope" / "__init__.py").is_file():

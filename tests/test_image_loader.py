@@ -427,7 +427,10 @@ def test_normalize_batch_into_a_buffer() -> None:
     rng = np.random.default_rng(3)
     images = [rng.integers(0, 256, (5, 7, 3), dtype=np.uint8) for _ in range(4)]
     mean, std = [0.1, 0.5, 0.9], [0.2, 0.25, 0.3]
-    want = (np.stack(images).astype(np.float32) * (1.0 / (255.0 * np.float32(std))) - np.float32(mean) / np.float32(std)).transpose(0, 3, 1, 2)  # fmt: skip
+    std32, mean32 = np.asarray(std, np.float32), np.asarray(mean, np.float32)
+    want = (np.stack(images).astype(np.float32) * (1.0 / (255.0 * std32)) - mean32 / std32).transpose(
+        0, 3, 1, 2
+    )
     fresh = normalize_batch(images, mean, std)
     buffer = np.full((4, 3, 5, 7), np.nan, np.float32)
     into = normalize_batch(images, mean, std, out=buffer)

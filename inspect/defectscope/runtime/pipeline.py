@@ -23,6 +23,7 @@ import numpy as np
 from .image import ImageLoadError, LoaderConfig, load_image_with_size, normalize_batch
 from .inspector import Decision, Inspector
 from .metadata import ModelMetadata
+from .providers import physical_cores
 
 
 @dataclass
@@ -194,6 +195,13 @@ def infer(
         cam = cams[i, names.index(d.defect_class)] if cams is not None else None
         results.append(Result(it, d, cam, None, it.decode_ms + share))
     return results
+
+
+def inference_lanes(inspector: Inspector) -> int:
+    """Batches to run at once: on the CPU provider one per ``threads`` physical cores, else one."""
+    if inspector.provider != "cpu":
+        return 1
+    return max(1, physical_cores() // max(1, inspector.threads))
 
 
 class InferenceLanes:
