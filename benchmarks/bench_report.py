@@ -5,18 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bench_cases_report import decode_bound_markdown, decode_bound_targets, verdict
+
 ENGINE_LABELS = {
     "eager": "PyTorch eager",
     "eager_fused": "PyTorch eager, BN folded",
     "onnxruntime": "defectscope ONNX Runtime (CPU)",
 }
-
-
-def _verdict(value: float | None, goal: float, higher_is_better: bool = True) -> str:
-    if value is None:
-        return "not measured"
-    ok = value >= goal if higher_is_better else value <= goal
-    return "MET" if ok else "MISSED"
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -32,7 +27,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "goal": ">= 2.0x",
                 "value": ratio,
                 "text": f"{ratio:.2f}x" if ratio is not None else "-",
-                "status": _verdict(ratio, 2.0),
+                "status": verdict(ratio, 2.0),
             }
         )
     for shape in (tp.get("models") or {}).keys() or ["1x300x300", "3x384x512"]:
@@ -52,7 +47,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "goal": ">= 50%",
                 "value": round(frac, 4) if frac is not None else None,
                 "text": text,
-                "status": _verdict(frac, 0.5),
+                "status": verdict(frac, 0.5),
             }
         )
     e2e = results.get("e2e") or {}
@@ -68,7 +63,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 if frac is not None
                 else "-"
             ),
-            "status": _verdict(frac, 0.85),
+            "status": verdict(frac, 0.85),
         }
     )
     tr = results.get("train") or {}
@@ -83,7 +78,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 if ratio is not None
                 else "-"
             ),
-            "status": _verdict(ratio, 0.9),
+            "status": verdict(ratio, 0.9),
         }
     )
     mem = results.get("memory") or {}
@@ -99,120 +94,11 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 if ratio is not None and len(runs) == 2
                 else "-"
             ),
-            "status": _verdict(abs(ratio - 1.0) if ratio is not None else None, 0.10, higher_is_better=False),
+            "status": verdict(abs(ratio - 1.0) if ratio is not None else None, 0.10, higher_is_better=False),
         }
     )
     out += decode_bound_targets(results)
     return out
-
-
-def decode_bound_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 20: inspect against the all-cores bound and a naive loop (worst case), watch p99 latency."""
-    cases = results.get("cases") or {}
-    rows = cases.get("cases") or []
-    worst = min(rows, key=lambda r: r["fraction_of_bound"], default=None)
-    slow = min(rows, key=lambda r: r["vs_naive"], default=None)
-    watch = (results.get("watch") or {}).get("rows") or []
-    late = max(watch, key=lambda r: r["p99_over_budget"], default=None)
-    return [
-        {
-            "target": f"`defectscope inspect` / all-cores CPU bound, worst of {len(rows)} decode-bound cases",
-            "goal": ">= 85%",
-            "value": worst["fraction_of_bound"] if worst else None,
-            "text": (
-                f"{worst['fraction_of_bound']:.1%} ({worst['case']}: {worst['inspect']['images_per_s']} vs "
-                f"{worst['bound_images_per_s']} img/s)"
-                if worst
-                else "-"
-            ),
-            "status": _verdict(worst["fraction_of_bound"] if worst else None, 0.85),
-        },
-        {
-            "target": f"`defectscope inspect` / naive loop, worst of {len(rows)} decode-bound cases",
-            "goal": ">= 1.0x",
-            "value": slow["vs_naive"] if slow else None,
-            "text": (
-                f"{slow['vs_naive']:.2f}x ({slow['case']}: {slow['inspect']['images_per_s']} vs "
-                f"{slow['naive_images_per_s']} img/s)"
-                if slow
-                else "-"
-            ),
-            "status": _verdict(slow["vs_naive"] if slow else None, 1.0),
-        },
-        {
-            "target": "`defectscope watch` p99 latency to a durable row, 5 MP frames at 5/s, worst kind",
-            "goal": "<= 2x single-image work",
-            "value": late["p99_over_budget"] if late else None,
-            "text": (
-                f"{late['durable']['p99_ms']} ms vs {late['budget_ms']} ms ({late['kind']}; "
-                f"{late['p99_over_budget']:.2f}x the budget)"
-                if late
-                else "-"
-            ),
-            "status": _verdict(late["p99_over_budget"] if late else None, 1.0, higher_is_better=False),
-        },
-    ]
-
-
-def decode_bound_markdown(results: dict[str, Any]) -> list[str]:
-    """The per-case table (stage costs, bound, naive loop, inspect, ratios) and the watch latencies."""
-    lines: list[str] = []
-    cases = results.get("cases") or {}
-    rows = cases.get("cases") or []
-    if rows:
-        before = cases.get("baseline")
-        lines += [
-            "",
-            f"Decode-bound cases: CPU ms per image of each stage on one thread (model at inspect's batch size "
-            f"{cases.get('batch_size')}); bound = cores / sum; inspect with its default options, start-up "
-            "left out"
-            + ("; before = the baseline checkout's inspect on the same inputs" if before else "")
-            + ":",
-            "",
-            "| case | inputs | decoded → model | read | decode | resize | normalise | model | bound img/s | "
-            "naive img/s | inspect img/s | inspect / bound | inspect / naive |"
-            + (" before img/s | before / bound |" if before else ""),
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-            + ("---:|---:|" if before else ""),
-        ]
-        for r in rows:
-            st = r["stages"]
-            shape = "x".join(str(v) for v in st["input_shape"][:2][::-1])
-            cells = [
-                r["case"],
-                str(r["inputs"]),
-                f"{'x'.join(map(str, st['decoded_size']))} → {shape}",
-                *(f"{st['ms'][k]:.2f}" for k in ("read", "decode", "resize", "normalise", "model")),
-                f"{r['bound_images_per_s']}",
-                f"{r['naive_images_per_s']}",
-                f"{r['inspect']['images_per_s']}",
-                f"{r['fraction_of_bound']:.1%}",
-                f"{r['vs_naive']:.2f}x",
-            ]
-            if before:
-                b = r.get("before")
-                cells += [f"{b['images_per_s']}", f"{r['before_fraction_of_bound']:.1%}"] if b else ["-", "-"]
-            lines.append("| " + " | ".join(cells) + " |")
-    watch = (results.get("watch") or {}).get("rows") or []
-    if watch:
-        w0 = watch[0]
-        lines += [
-            "",
-            f"`defectscope watch` latency, {w0['frames']} frames per kind at {w0['fps']:g}/s (`{w0['options']}`): "
-            "visible = row readable, durable = frame moved (only after its row was fsync'd); "
-            "budget = 2 x (read + decode + resize + normalise + model at batch 1, one thread):",
-            "",
-            "| frames | budget ms | visible p50 / p99 ms | durable p50 / p99 / max ms | p99 / budget |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for r in watch:
-            v, d = r["visible"], r["durable"]
-            lines.append(
-                f"| {r['kind']} {'x'.join(map(str, r['decoded_size']))} | {r['budget_ms']} | "
-                f"{v['p50_ms']} / {v['p99_ms']} | {d['p50_ms']} / {d['p99_ms']} / {d['max_ms']} | "
-                f"{r['p99_over_budget']:.2f} |"
-            )
-    return lines
 
 
 def busy_warning(results: dict[str, Any]) -> str:
