@@ -195,7 +195,7 @@ def naive_loop(listing: Sequence[Path], model: Path) -> float:
     from defectscope.runtime import Inspector, load_image
 
     meta = Inspector(model, provider="cpu", log=lambda _m: None).metadata
-    cfg = meta.loader_config()
+    cfg = meta.loader
     session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     mean, std = np.asarray(meta.mean, np.float32), np.asarray(meta.std, np.float32)
 

@@ -405,19 +405,23 @@ def test_fast_policy_keeps_exif_orientation_when_drafting(tmp_path: Path) -> Non
 def test_downscale_policy_is_validated_and_old_models_read_exact() -> None:
     with pytest.raises(ValueError, match="downscale must be one of exact, fast, got 'quick'"):
         LoaderConfig(downscale="quick")
+    loader = {"channels": 1, "max_side": 512, "min_size": 32, "size_multiple": 32, "max_pixels": 10**7}
     doc = {
-        "class_names": ["good", "bad"], "good_class": "good", "threshold": 0.5, "channels": 1,
-        "mean": [0.5], "std": [0.25], "max_side": 512, "min_size": 32, "size_multiple": 32,
-        "max_pixels": 10**7, "model_name": "m", "package_version": "0",
-        "format": "defectscope.model", "format_version": 1,
+        "class_names": ["good", "bad"], "good_class": "good", "threshold": 0.5, "loader": loader,
+        "mean": [0.5], "std": [0.25], "model_name": "m", "package_version": "0",
+        "format": "defectscope.model", "format_version": 2,
     }  # fmt: skip
-    old = ModelMetadata.from_json(json.dumps(doc))  # exported before the field existed
-    assert old.downscale == "exact" and old.loader_config().downscale == "exact"
-    assert (
-        ModelMetadata.from_json(json.dumps({**doc, "downscale": "fast"})).loader_config().downscale == "fast"
-    )
-    with pytest.raises(MetadataError, match="downscale must be one of exact, fast"):
-        ModelMetadata.from_json(json.dumps({**doc, "downscale": "lanczos"}))
+    v1 = {**{k: v for k, v in doc.items() if k != "loader"}, **loader, "format_version": 1}
+    for old in (doc, v1):  # exported before the field existed: the one policy there was
+        assert ModelMetadata.from_json(json.dumps(old)).loader.downscale == "exact"
+    fast = {**doc, "loader": {**loader, "downscale": "fast"}}
+    meta = ModelMetadata.from_json(json.dumps(fast))
+    assert meta.loader.downscale == "fast"
+    assert ModelMetadata.from_json(meta.to_json()) == meta  # written back with the field
+    with pytest.raises(MetadataError, match="downscale must be one of exact, fast, got 'lanczos'"):
+        ModelMetadata.from_json(json.dumps({**doc, "loader": {**loader, "downscale": "lanczos"}}))
+    with pytest.raises(MetadataError, match="optionally also downscale"):
+        ModelMetadata.from_json(json.dumps({**doc, "loader": {**loader, "filter": "bicubic"}}))
 
 
 # --------------------------------------------------------------------------- normalisation
