@@ -190,7 +190,8 @@ def _upgrade_v1(doc: dict[str, Any]) -> dict[str, Any]:
 def _loader(value: Any) -> LoaderConfig:
     if isinstance(value, LoaderConfig):
         return value
-    if not isinstance(value, dict) or not set(LOADER_KEYS) <= set(value) <= {*LOADER_KEYS, *LOADER_OPTIONAL_KEYS}:
+    allowed = {*LOADER_KEYS, *LOADER_OPTIONAL_KEYS}
+    if not isinstance(value, dict) or not set(LOADER_KEYS) <= set(value) <= allowed:
         raise MetadataError(
             f"loader must be an object with exactly the keys {', '.join(LOADER_KEYS)} "
             f"(optionally also {', '.join(LOADER_OPTIONAL_KEYS)})"
