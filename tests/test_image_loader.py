@@ -417,7 +417,12 @@ def test_downscale_policy_is_validated_and_old_models_read_exact() -> None:
     fast = {**doc, "loader": {**loader, "downscale": "fast"}}
     meta = ModelMetadata.from_json(json.dumps(fast))
     assert meta.loader.downscale == "fast"
-    assert ModelMetadata.from_json(meta.to_json()) == meta  # written back with the field
+    assert ModelMetadata.from_json(meta.to_json()) == meta
+    # written only when it is not the default: an "exact" model stays readable by older runners,
+    # which refuse a "fast" one (unknown loader key) rather than preprocess it the exact way
+    assert json.loads(meta.to_json())["loader"]["downscale"] == "fast"
+    exact = ModelMetadata.from_json(json.dumps(doc))
+    assert json.loads(exact.to_json())["loader"] == loader
     with pytest.raises(MetadataError, match="downscale must be one of exact, fast, got 'lanczos'"):
         ModelMetadata.from_json(json.dumps({**doc, "loader": {**loader, "downscale": "lanczos"}}))
     with pytest.raises(MetadataError, match="optionally also downscale"):

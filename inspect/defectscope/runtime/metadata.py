@@ -117,7 +117,7 @@ class ModelMetadata:
 
     def to_json(self) -> str:
         doc = asdict(self)
-        doc["loader"] = self.loader.to_dict()
+        doc["loader"] = _loader_doc(self.loader)
         return json.dumps(doc, sort_keys=True, allow_nan=False)
 
     @classmethod
@@ -185,6 +185,18 @@ def _upgrade_v1(doc: dict[str, Any]) -> dict[str, Any]:
     if all(k in doc for k in LOADER_KEYS):
         out["loader"] = {k: doc[k] for k in LOADER_KEYS}
     return out
+
+
+def _loader_doc(loader: LoaderConfig) -> dict[str, Any]:
+    """The loader as a model stores it: optional fields only where they differ from their default,
+    so a model that does not use one stays readable by runners that predate it, and a model that
+    does is refused by them instead of being preprocessed another way."""
+    doc: dict[str, Any] = loader.to_dict()
+    default = LoaderConfig()
+    for key in LOADER_OPTIONAL_KEYS:
+        if doc[key] == getattr(default, key):
+            del doc[key]
+    return doc
 
 
 def _loader(value: Any) -> LoaderConfig:
