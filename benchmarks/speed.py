@@ -96,7 +96,7 @@ def _sections(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from defectscope.runtime.cli import default_workers
+    from defectscope.runtime.options import default_workers
 
     p = argparse.ArgumentParser(
         prog="python benchmarks/speed.py", description=(__doc__ or "").strip().splitlines()[0]
