@@ -158,6 +158,13 @@ def stage_costs(
     }
 
 
+def decode_many(paths: Sequence[str], cfg: Any) -> list[Any]:
+    """One process-pool task: decode ``paths`` with inspect's own per-file step."""
+    from defectscope.runtime.pipeline import decode
+
+    return [decode(p, cfg) for p in paths]
+
+
 def decode_scaling(paths: Sequence[Path], cfg: Any, workers: int, min_samples: int = 48) -> dict[str, Any]:
     """Images/s of decoding alone (read, decode, resize): one thread, ``workers`` threads through
     inspect's own :func:`decode_stream`, and ``workers`` processes (a warm pool, chunks of paths).
@@ -168,7 +175,7 @@ def decode_scaling(paths: Sequence[Path], cfg: Any, workers: int, min_samples: i
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from defectscope.runtime.pipeline import decode_many, decode_stream
+    from defectscope.runtime.pipeline import decode_stream
 
     names = [str(p) for p in paths] * max(1, math.ceil(min_samples / len(paths)))
     chunk = max(1, len(names) // (8 * workers))

@@ -62,38 +62,21 @@ def decode(path: str, cfg: LoaderConfig) -> Item:
         return Item(path, None, None, describe_error(exc), (time.perf_counter() - t0) * 1e3)
 
 
-def decode_many(paths: Sequence[str], cfg: LoaderConfig) -> list[Item]:
-    return [decode(p, cfg) for p in paths]
-
-
-def decode_stream(
-    paths: Iterable[str], cfg: LoaderConfig, workers: int, window: int, chunk: int = 1
-) -> Iterator[Item]:
-    """Decoded items in input order; at most ``window`` decodes are in flight or buffered.
-
-    ``chunk`` paths make one task, so small images do not pay a future each.
-    """
+def decode_stream(paths: Iterable[str], cfg: LoaderConfig, workers: int, window: int) -> Iterator[Item]:
+    """Decoded items in input order; at most ``window`` decodes are in flight or buffered."""
     if workers <= 0:
         for p in paths:
             yield decode(p, cfg)
         return
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
-    pending: deque[Future[list[Item]]] = deque()
-    tasks = max(1, window // chunk)
-    group: list[str] = []
+    pending: deque[Future[Item]] = deque()
     try:
         for p in paths:
-            group.append(p)
-            if len(group) < chunk:
-                continue
-            pending.append(pool.submit(decode_many, group, cfg))
-            group = []
-            if len(pending) >= tasks:
-                yield from pending.popleft().result()
-        if group:
-            pending.append(pool.submit(decode_many, group, cfg))
+            pending.append(pool.submit(decode, p, cfg))
+            if len(pending) >= window:
+                yield pending.popleft().result()
         while pending:
-            yield from pending.popleft().result()
+            yield pending.popleft().result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
