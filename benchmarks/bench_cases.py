@@ -223,10 +223,12 @@ def _loader_of(model: Path) -> Any:
     return Inspector(model, provider="cpu", log=lambda _m: None).loader_config
 
 
-def _inspect(case: Case, listing: Path, workdir: Path, env: dict[str, str] | None) -> dict[str, Any]:
+def _inspect(
+    case: Case, listing: Path, workdir: Path, env: dict[str, str] | None, extra: Sequence[str]
+) -> dict[str, Any]:
     tag = "before" if env else "after"
     out = workdir / "cases" / f"{case.name}-{tag}.jsonl"
-    run = run_inspect(case.model, listing, out, ["--provider", "cpu"], env=env)
+    run = run_inspect(case.model, listing, out, ["--provider", "cpu", *extra], env=env)
     if run["exit_code"] != 0 or run["rows"] != case.inputs or not run["in_run_images_per_s"]:
         raise RuntimeError(f"defectscope inspect ({tag}) failed on {case.name}: {run}")
     return {
@@ -238,7 +240,12 @@ def _inspect(case: Case, listing: Path, workdir: Path, env: dict[str, str] | Non
 
 
 def run_case(
-    case: Case, workdir: Path, cores: int, batch_size: int, baseline_env: dict[str, str] | None
+    case: Case,
+    workdir: Path,
+    cores: int,
+    batch_size: int,
+    baseline_env: dict[str, str] | None,
+    extra: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Stages, bound, naive loop, inspect (and the baseline's inspect) for one case."""
     stages = stage_costs(case.images, case.model, batch_size, case.inputs)
@@ -248,7 +255,7 @@ def run_case(
     naive = naive_loop(listing_paths, case.model)
     meta_cfg = _loader_of(case.model)
     scaling = decode_scaling(case.images, meta_cfg, cores)
-    after = _inspect(case, listing, workdir, None)
+    after = _inspect(case, listing, workdir, None, extra)
     row: dict[str, Any] = {
         "case": case.name,
         "model": case.model.name,
@@ -264,7 +271,7 @@ def run_case(
         "vs_naive": round(after["images_per_s"] / naive, 3),
     }
     if baseline_env is not None and case.baseline:
-        before = _inspect(case, listing, workdir, baseline_env)
+        before = _inspect(case, listing, workdir, baseline_env, extra)
         row["before"] = before
         row["before_fraction_of_bound"] = round(before["images_per_s"] / bound, 3)
         row["before_vs_naive"] = round(before["images_per_s"] / naive, 3)
@@ -297,6 +304,7 @@ def run_cases(
     batch_size: int,
     baseline_env: dict[str, str] | None,
     log: Any = print,
+    extra: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Every case; a case given ``seconds`` > 0 lists its images often enough for about that long."""
     rows = []
@@ -308,7 +316,7 @@ def run_cases(
                 case.name, case.model, case.images, max(1, round(want / len(case.images))), case.baseline
             )
         log(f"case {case.name}: {case.inputs} inputs")
-        rows.append(run_case(case, workdir, cores, batch_size, baseline_env))
+        rows.append(run_case(case, workdir, cores, batch_size, baseline_env, extra))
     worst_bound = min(rows, key=lambda r: r["fraction_of_bound"])
     worst_naive = min(rows, key=lambda r: r["vs_naive"])
     return {
@@ -317,4 +325,5 @@ def run_cases(
         "worst_fraction_of_bound": {"case": worst_bound["case"], "value": worst_bound["fraction_of_bound"]},
         "worst_vs_naive": {"case": worst_naive["case"], "value": worst_naive["vs_naive"]},
         "baseline": bool(baseline_env),
+        "inspect_args": ["--provider", "cpu", *extra],
     }

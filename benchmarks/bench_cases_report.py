@@ -59,7 +59,8 @@ def decode_bound_markdown(results: dict[str, Any]) -> list[str]:
         lines += [
             "",
             f"Decode-bound cases: CPU ms per image of each stage on one thread (model at inspect's batch size "
-            f"{cases.get('batch_size')}); bound = cores / sum; inspect with its default options, start-up "
+            f"{cases.get('batch_size')}); bound = cores / sum; inspect "
+            f"`{' '.join(cases.get('inspect_args') or ['--provider', 'cpu'])}` (otherwise its defaults), start-up "
             "left out"
             + ("; before = the baseline checkout's inspect on the same inputs" if before else "")
             + ":",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -127,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="source folder of another checkout (holding defectscope/): the cases section also runs its "
         "inspect, for before figures (e.g. git archive main inspect | tar -x -C /tmp/base; /tmp/base/inspect)",
+    )
+    p.add_argument(
+        "--inspect-args",
+        type=shlex.split,
+        default=[],
+        help="extra options for the cases section's inspect runs, to measure a lever against the defaults "
+        "(e.g. --inspect-args='--threads 2': one batch on all cores instead of one per core)",
     )
     return p
 
@@ -263,7 +271,7 @@ def _decode_bound(
             raise SystemExit(f"--baseline {args.baseline}: no defectscope/ package in that folder")
         env = {**os.environ, "PYTHONPATH": str(args.baseline.resolve())}
     batch = int(inspect_parser().get_default("batch_size"))
-    return bench_cases.run_cases(cases, work, logical_cores(), batch, env, _log)
+    return bench_cases.run_cases(cases, work, logical_cores(), batch, env, _log, args.inspect_args)
 
 
 def write_outputs(results: dict[str, Any], out: Path) -> str:

@@ -93,6 +93,7 @@ def _check_cases(cases: dict[str, Any], cores: int) -> None:
     camera = {r["case"]: r for r in rows[2:]}
     assert camera["camera-grey-jpg-fast"]["stages"]["downscale"] == "fast"
     assert camera["camera-grey-jpg-exact"]["stages"]["input_shape"] == [416, 512, 1]
+    assert cases["inspect_args"] == ["--provider", "cpu"]  # inspect's own defaults otherwise
     worst = min(rows, key=lambda r: r["fraction_of_bound"])
     assert cases["worst_fraction_of_bound"] == {"case": worst["case"], "value": worst["fraction_of_bound"]}
 
