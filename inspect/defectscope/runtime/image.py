@@ -18,7 +18,7 @@ antialiased bilinear pass.  ``fast`` lets libjpeg decode a JPEG at 1/2, 1/4 or 1
 domain (Pillow ``draft``; a 1-channel model gets the JPEG's own luma), then box-reduces by whole
 factors to within ``REDUCING_GAP`` times the target (Pillow ``reduce``) before the same bilinear
 pass.  It only differs where the model shrinks an image at least 2x (or reads an RGB JPEG as grey)
-and makes large frames 2-4x cheaper; pixels differ by a few grey levels, which is why the policy
+and makes large JPEG frames 1.7-2.6x cheaper; pixels differ by a few grey levels, which is why the policy
 is part of the exported model and training reads it from the same config.
 """
 
