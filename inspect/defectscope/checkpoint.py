@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .plain import PlainDataError, check_plain, expect, number, string_list
+from .runtime.metadata import MAX_CLASSES, MAX_NAME_CHARS, MetadataError, parse_loader
 
 INFO_KEY = "defectscope"
 STATE_PREFIX = "model."
@@ -38,17 +39,7 @@ REQUIRED_INFO_KEYS = (
 )
 #: threshold.target_recall of checkpoints that recorded none (the training default)
 DEFAULT_TARGET_RECALL = 0.99
-MAX_CLASSES = 1000
-MAX_NAME = 200
 _RUN_ID = re.compile(r"^[0-9A-Za-z_\-]{1,64}$")
-#: LoaderConfig field -> (lowest, highest) accepted from a file
-_LOADER_LIMITS = {
-    "channels": (1, 64),
-    "max_side": (1, 1 << 16),
-    "min_size": (1, 1 << 16),
-    "size_multiple": (1, 1 << 12),
-    "max_pixels": (1, 1 << 34),
-}
 
 
 class CheckpointError(ValueError):
@@ -112,7 +103,7 @@ def validate_info(info: Any, source: str) -> dict[str, Any]:
 def _check_fields(info: dict[str, Any], where: str) -> None:
     expect(info["model_name"], str, f"{where}.model_name", "a model name")
     expect(info["model_kwargs"], dict, f"{where}.model_kwargs", "a dict of plain arguments")
-    names = string_list(info["class_names"], f"{where}.class_names", MAX_CLASSES, MAX_NAME)
+    names = string_list(info["class_names"], f"{where}.class_names", MAX_CLASSES, MAX_NAME_CHARS)
     if len(names) < 2 or len(set(names)) != len(names) or not all(names):
         raise PlainDataError(f"{where}.class_names: expected >= 2 distinct non-empty names, got {names!r}")
     if expect(info["good_class"], str, f"{where}.good_class", "a class name") not in names:
@@ -130,17 +121,11 @@ def _check_fields(info: dict[str, Any], where: str) -> None:
 
 
 def _check_loader(loader: Any, where: str) -> int:
-    expect(loader, dict, where, "a dict of loader settings")
-    unknown = sorted(set(loader) - set(_LOADER_LIMITS))
-    if unknown:
-        raise PlainDataError(f"{where}: unknown key(s) {unknown}; valid: {', '.join(_LOADER_LIMITS)}")
-    for key, (low, high) in _LOADER_LIMITS.items():
-        if key not in loader or (key == "max_side" and loader[key] is None):
-            continue  # LoaderConfig's default / no downscale
-        v = expect(loader[key], int, f"{where}.{key}", "a whole number")
-        if not low <= v <= high:
-            raise PlainDataError(f"{where}.{key}: {v} is outside [{low}, {high}]")
-    return int(loader.get("channels", 1))
+    """The loader settings, by the same rule as a model's metadata (:func:`parse_loader`)."""
+    try:
+        return parse_loader(loader).channels
+    except MetadataError as exc:
+        raise PlainDataError(f"{where}: {exc}") from None
 
 
 def _check_optional(info: dict[str, Any], where: str, names: list[str]) -> None:
@@ -153,7 +138,7 @@ def _check_optional(info: dict[str, Any], where: str, names: list[str]) -> None:
                 f"{where}.val_labels: expected one class name of {names} per val_paths entry "
                 f"({len(paths)}), got {len(labels)} labels"
             )
-    ng = string_list(info.get("ng_classes") or [], f"{where}.ng_classes", MAX_CLASSES, MAX_NAME)
+    ng = string_list(info.get("ng_classes") or [], f"{where}.ng_classes", MAX_CLASSES, MAX_NAME_CHARS)
     if not set(ng) <= set(names) - {info["good_class"]}:
         raise PlainDataError(f"{where}.ng_classes: {ng!r} must be classes of {names} other than the good one")
     run_id = info.get("mlflow_run_id")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -207,13 +208,17 @@ def ddp_overrides(cfg: DictConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- train
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit, test the best checkpoint, log everything; returns the final val and test metrics."""
+def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, float]:
+    """Fit, test the best checkpoint, log everything; returns the final val and test metrics.
+
+    ``extra_callbacks``: Lightning callbacks a caller adds from code (``defectscope search`` watches
+    and stops its trials with one), after those of ``cfg.callbacks``.
+    """
     with torch_threads(cfg.get("threads")):
-        return _train(cfg)
+        return _train(cfg, extra_callbacks)
 
 
-def _train(cfg: DictConfig) -> dict[str, float]:
+def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, float]:
     t0 = time.perf_counter()
     check_launch(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -254,6 +259,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             has_logger=tracker is not None,
         )
         callbacks.append(Throughput())
+        callbacks.extend(extra_callbacks)
         trainer: pl.Trainer = instantiate(
             cfg.trainer,
             callbacks=callbacks,
