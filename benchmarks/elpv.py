@@ -53,6 +53,7 @@ import numpy as np
 
 from defectscope.data.sources import SourceError, elpv_source
 from defectscope.data.splits import apportion, assign_splits
+from defectscope.evaluation.metrics import class_figures, confusion
 from defectscope.runtime.image import ImageLoadError, LoaderConfig, load_image, normalize_batch
 from defectscope.runtime.inspector import Inspector, MetadataError, ModelLoadError, ProviderError
 
@@ -184,33 +185,16 @@ def always_functional(cells: Sequence[Cell]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- metrics
 
 
-def confusion(truth: Sequence[int], pred: Sequence[int], k: int) -> np.ndarray:
-    """k x k counts, rows = truth, columns = prediction."""
-    cm = np.zeros((k, k), dtype=np.int64)
-    np.add.at(cm, (np.asarray(truth, dtype=np.int64), np.asarray(pred, dtype=np.int64)), 1)
-    return cm
-
-
-def macro_f1(cm: np.ndarray) -> float:
-    """Mean F1 over the classes present in truth or prediction (absent classes have no F1)."""
-    tp = np.diag(cm).astype(np.float64)
-    fp = cm.sum(axis=0) - tp
-    fn = cm.sum(axis=1) - tp
-    present = (cm.sum(axis=0) + cm.sum(axis=1)) > 0
-    if not present.any():
-        return float("nan")
-    f1 = 2 * tp[present] / (2 * tp[present] + fp[present] + fn[present])
-    return float(f1.mean())
-
-
 def block(truth: Sequence[int], pred: Sequence[int], labels: Sequence[str]) -> dict[str, Any]:
-    """Accuracy, macro-F1 and the confusion matrix of one task on one set of cells."""
+    """Accuracy, macro-F1 and the confusion matrix of one task on one set of cells (the product's
+    metric code, :mod:`defectscope.evaluation.metrics`, as ``defectscope evaluate`` reports them)."""
     cm = confusion(truth, pred, len(labels))
+    figures = class_figures(cm, labels)
     n = int(cm.sum())
     return {
         "n": n,
-        "accuracy": float(np.trace(cm) / n) if n else None,
-        "macro_f1": macro_f1(cm) if n else None,
+        "accuracy": figures["accuracy"] if n else None,
+        "macro_f1": figures["macro_f1"] if n else None,
         "labels": list(labels),
         "confusion": cm.tolist(),
     }
@@ -270,7 +254,7 @@ class OnnxRunner:
         meta = self.inspector.metadata
         self.name = meta.model_name
         self.class_names = list(meta.class_names)
-        self.loader_config = meta.loader_config()
+        self.loader_config = meta.loader
         self.mean, self.std = list(meta.mean), list(meta.std)
         self.threads = self.inspector.threads
         self.provider = self.inspector.provider
@@ -292,7 +276,8 @@ class TorchRunner:
     def __init__(self, path: str, threads: int | None) -> None:
         import torch
 
-        from defectscope.checkpoint import CheckpointError, file_sha256, load_checkpoint
+        from defectscope.checkpoint import CheckpointError, load_checkpoint
+        from defectscope.runtime.files import file_sha256
 
         self._torch = torch
         self.threads = threads or torch.get_num_threads()

@@ -112,7 +112,7 @@ def onnx_shift_consistency(
         for i in range(0, len(imgs), batch):
             x = insp.preprocess(imgs[i : i + batch])
             records.append(
-                shift_measure(lambda b: insp.predict(b, cam=False)["probs"], x, meta.good_index, protocol)
+                shift_measure(lambda b: insp.predict(b, cam=False)["probs"], x, meta.ng_indices, protocol)
             )
     figures: dict[str, Any] = summarise(ShiftRecord.concat(records), insp.threshold)
     figures.update(images=len(images), copies=protocol.copies, max_shift=protocol.max_shift)

@@ -28,7 +28,6 @@ def defectscope_cmd() -> list[str]:
 def cli_env() -> dict[str, str]:
     """Environment for CLI subprocesses: no inherited tracking URI, no Hydra full traces."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
-    env.pop("DEFECTSCOPE_CONF", None)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

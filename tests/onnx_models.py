@@ -18,6 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from defectscope import __version__
+from defectscope.runtime.image import LoaderConfig
 from defectscope.runtime.metadata import METADATA_KEY, ModelMetadata
 
 CLASS_NAMES = ["good", "crack", "scratch"]
@@ -26,17 +27,21 @@ CLASS_NAMES = ["good", "crack", "scratch"]
 def fixture_metadata(**overrides: Any) -> ModelMetadata:
     """Metadata matching :func:`build_model`'s defaults; keyword overrides replace fields."""
     channels = int(overrides.pop("channels", 1))
-    fields: dict[str, Any] = {
-        "class_names": list(CLASS_NAMES),
-        "good_class": "good",
-        "threshold": 0.5,
+    loader = {
         "channels": channels,
-        "mean": [0.5] * channels,
-        "std": [0.25] * channels,
         "max_side": 512,
         "min_size": 32,
         "size_multiple": 1,
         "max_pixels": 4_000_000,
+    }
+    loader.update({k: overrides.pop(k) for k in list(overrides) if k in loader})
+    fields: dict[str, Any] = {
+        "class_names": list(CLASS_NAMES),
+        "good_class": "good",
+        "threshold": 0.5,
+        "loader": LoaderConfig(**loader),
+        "mean": [0.5] * channels,
+        "std": [0.25] * channels,
         "model_name": "fixture_cnn",
         "package_version": __version__,
         "total_stride": 4,

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from defectscope.checkpoint import CheckpointError, file_sha256, load_checkpoint
+from defectscope.checkpoint import CheckpointError, load_checkpoint
 from defectscope.models import create_model
+from defectscope.runtime.files import file_sha256
 from test_export_support import build_preset, checkpoint_info, model_presets, randomize, write_checkpoint
 
 PRESETS = model_presets()

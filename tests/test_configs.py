@@ -256,3 +256,49 @@ def test_cli_is_a_hydra_app(defectscope_cmd: list[str], cli_env: dict[str, str],
     bad = run("train", "trainer.no_such_key=1")
     assert bad.returncode != 0 and "no_such_key" in bad.stderr
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.ckpt"))
+
+
+def test_help_lists_user_groups_and_a_user_config_dir(
+    defectscope_cmd: list[str], cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`--help` lists what a user chooses (no data/_base, no model_recipe, no hydra), including the
+    options a user's own --config-dir adds; the docs' own-experiment example composes."""
+    mine = tmp_path / "my-configs"
+    (mine / "experiment").mkdir(parents=True)
+    (mine / "data").mkdir()
+    (mine / "experiment" / "line3.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - smoke\n  - override /data: line3\ntrainer:\n  max_epochs: 7\n"
+    )
+    (mine / "data" / "line3.yaml").write_text(
+        "defaults:\n  - folder\n  - _self_\nsource:\n  root: /data/line3\n  good_class: ok\n"
+    )
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*defectscope_cmd, *args], cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=120
+        )
+
+    helped = run("train", "--config-dir", str(mine), "--help")
+    assert helped.returncode == 0, helped.stderr
+    groups = helped.stdout.split("== Config groups", 1)[1].split("== Config ==", 1)[0]
+    listed = dict(line.split(": ", 1) for line in groups.strip().splitlines()[1:] if ": " in line)
+    assert listed["data"] == "csv, elpv, folder, line3, synthetic"
+    assert "line3" in listed["experiment"].split(", ") and "smoke" in listed["experiment"]
+    assert not {"model_recipe", "hydra"} & set(listed) and "_base" not in groups
+    assert set(listed) == {
+        "callbacks",
+        "data",
+        "experiment",
+        "logger",
+        "model",
+        "optim",
+        "paths",
+        "scheduler",
+        "trainer",
+    }
+
+    job = run("train", "--config-dir", str(mine), "experiment=line3", "--cfg", "job")
+    assert job.returncode == 0, job.stderr
+    cfg = OmegaConf.create(job.stdout)
+    assert cfg.trainer.max_epochs == 7 and cfg.model.name == "gapcnn"  # smoke's tiny model, our epochs
+    assert cfg.data.source.kind == "folder" and cfg.data.source.good_class == "ok"

@@ -184,6 +184,13 @@ def test_bad_config_values_are_named(tmp_path: Path) -> None:
         DefectDataModule({"kind": "folder", "root": str(tmp_path)}, on_bad_file="ignore")
     with pytest.raises(ValueError, match=r"data\.split: unknown key"):
         DefectDataModule({"kind": "folder", "root": str(tmp_path)}, split={"val": 0.1})
+    # sizes the loader would produce outside [min_size, max_side] (issue 21): refused before training
+    with pytest.raises(
+        ValueError, match=r"^data\.loader: LoaderConfig\.size_multiple \(128\) must be <= max_side"
+    ):
+        DefectDataModule(
+            {"kind": "folder", "root": str(tmp_path)}, loader={"max_side": 100, "size_multiple": 128}
+        )
     _folder_dataset(tmp_path / "imgs", 3)
     dm = DefectDataModule({"kind": "folder", "root": str(tmp_path / "imgs")}, mean=[0.5, 0.5], std=[0.2])
     with pytest.raises(ValueError, match=r"data\.mean has 2 values; expected 1 or 1"):

@@ -7,6 +7,7 @@ import io
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -90,7 +91,15 @@ def test_mean_std_are_exact(tmp_path: Path) -> None:
 def test_cli_reports_bad_files_and_exits_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     manifest, bad = make_bad_dataset(tmp_path)
     rejects = tmp_path / "rej.csv"
-    rc = main(["--csv", str(manifest), "--size-multiple", "16", "--rejects", str(rejects)])
+    rc = main(
+        [
+            "data=csv",
+            f"data.source.path={manifest}",
+            "data.loader.size_multiple=16",
+            "--rejects",
+            str(rejects),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 1
     assert f"scanned {5 + len(bad)} files" in out and f"5 ok, {len(bad)} bad" in out
@@ -100,27 +109,41 @@ def test_cli_reports_bad_files_and_exits_1(tmp_path: Path, capsys: pytest.Captur
     assert len(list(csv.DictReader(io.StringIO(Path(rejects).read_text(encoding="utf-8"))))) == len(bad)
 
 
-def test_cli_clean_folder_exits_0_via_dispatcher(tmp_path: Path) -> None:
+def test_cli_folder_short_form_uses_the_training_loader(tmp_path: Path, compose_train: Any) -> None:
+    """`scan FOLDER` is `data=folder data.source.root=FOLDER` of the training config: same loader
+    (size_multiple 32, not a scan-only default), so the same size buckets as training."""
     for i in range(3):
         _good(tmp_path / "d" / "good" / f"{i}.png", (64, 40 + 16 * i), i)
         _good(tmp_path / "d" / "crack" / f"{i}.png", (64, 64), i)
     proc = subprocess.run(
-        [sys.executable, "-m", "defectscope", "scan", "--folder", str(tmp_path / "d"), "--size-multiple", "32"],
-        capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "defectscope", "scan", str(tmp_path / "d")],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "6 ok, 0 bad" in proc.stdout
-    assert "crack" in proc.stdout and "distinct preprocessed sizes" in proc.stdout
+    trained = compose_train(["data=folder", "paths.launch_dir=."]).data.loader
+    assert f"loader: {LoaderConfig(**trained).to_dict()}" in proc.stdout
+    assert trained.size_multiple == 32
+    sizes = {(64, 64), (64, 32)}  # heights 40, 56, 64 round to multiples of 32 as training does
+    assert f"{len(sizes)} distinct preprocessed sizes" in proc.stdout
 
 
-def test_cli_config_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--folder", str(tmp_path / "absent")]) == 2
+def test_cli_overrides_and_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _good(tmp_path / "d" / "good" / "0.png", (64, 40), 0)
+    _good(tmp_path / "d" / "crack" / "0.png", (64, 64), 1)
+    assert main([str(tmp_path / "d"), "data.loader.size_multiple=1"]) == 0
+    assert "2 distinct preprocessed sizes" in capsys.readouterr().out
+    assert main([str(tmp_path / "absent")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main(["--folder", str(tmp_path), "--min-size", "64", "--max-side", "32"]) == 2
+    assert main([str(tmp_path / "d"), "data.loader.min_size=64", "data.loader.max_side=32"]) == 2
+    assert "min_size" in capsys.readouterr().err
+    assert main(["data=nope"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Could not find 'data/nope'" in err and "folder" in err
 
 
 @pytest.mark.slow
 def test_cli_elpv_full_scan(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--elpv", "--elpv-task", "4class"]) == 0
+    assert main(["data=elpv", "data.source.task=4class"]) == 0
     out = capsys.readouterr().out
     assert "2624 ok, 0 bad" in out and "300x300: 2624" in out and "p100" in out

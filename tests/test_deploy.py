@@ -117,3 +117,20 @@ def test_readme_covers_the_line_pc_topics() -> None:
         "watch.env",
     ):
         assert needle in text, needle
+
+
+def test_every_result_field_is_documented_once() -> None:
+    """The README's "Result rows" table names every field a row can have, inspect's and watch's."""
+    from defectscope.runtime.results import ROW_KEYS
+
+    text = (DEPLOY / "README.md").read_text()
+    table = text.split("### Result rows", 1)[1].split("\n## ", 1)[0]
+    documented = {
+        name
+        for line in table.splitlines()
+        if line.startswith("| `")
+        for name in re.findall(r"`([a-z_0-9]+)`", line.split("|")[1])
+    }
+    watch_fields = {"moved_to", "source_size", "source_mtime_ns", "time"}
+    assert documented == set(ROW_KEYS) | watch_fields
+    assert text.count("### Result rows") == 1

@@ -129,12 +129,12 @@ def test_gate_rejects_a_badly_calibrated_model(trained: dict[str, Any]) -> None:
     meta = insp.metadata
     spread = [str(p) for p in trained["images"][::8]]  # sorted by class folder: every 8th covers all
     assert len({Path(p).parent.name for p in spread}) == 4
-    batches, n, _ = real_batches(spread, meta.loader_config(), meta.mean, meta.std, len(spread))
+    batches, n, _ = real_batches(spread, meta.loader, meta.mean, meta.std, len(spread))
     black = [np.full_like(b[:4], -float(meta.mean[0]) / float(meta.std[0])) for b in batches]
     bad = quantize_qdq(fp32, black, Int8Config())
     with pytest.raises(Int8GateError, match=f"int8 gate failed on {n} held-back images") as err:
         check_int8(
-            fp32, bad, batches, good_index=meta.good_index, threshold=meta.threshold, min_agreement=0.95
+            fp32, bad, batches, ng_indices=meta.ng_indices, threshold=meta.threshold, min_agreement=0.95
         )
     figures = err.value.numbers
     assert figures["check_images"] == n == len(spread)
@@ -142,7 +142,7 @@ def test_gate_rejects_a_badly_calibrated_model(trained: dict[str, Any]) -> None:
     # the same model calibrated on real frames passes the same gate
     good = quantize_qdq(fp32, batches[::2], Int8Config())
     numbers = check_int8(
-        fp32, good, batches, good_index=meta.good_index, threshold=meta.threshold, min_agreement=0.9
+        fp32, good, batches, ng_indices=meta.ng_indices, threshold=meta.threshold, min_agreement=0.9
     )
     assert numbers["top1_agreement"] >= 0.9 and numbers["max_abs_prob"] < figures["max_abs_prob"]
 
@@ -259,7 +259,8 @@ def test_metadata_int8_fields_default_and_validate() -> None:
     old = ModelMetadata.from_json(json.dumps(base))  # written before int8 existed
     assert old.int8 is False and old.quantization == {}
     quant = {"format": "QDQ", "top1_agreement": 0.99, "check_images": 98}
-    new = ModelMetadata.from_json(ModelMetadata(**{**base, "int8": True, "quantization": quant}).to_json())
+    new = ModelMetadata.from_json(json.dumps({**base, "int8": True, "quantization": quant}))
+    assert ModelMetadata.from_json(new.to_json()) == new
     assert new.int8 is True and new.quantization == quant
     with pytest.raises(MetadataError, match="fp16 and int8 exclude each other"):
         ModelMetadata.from_json(json.dumps({**base, "fp16": True, "int8": True}))

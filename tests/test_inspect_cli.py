@@ -103,8 +103,10 @@ def test_rows_are_complete_and_consistent(model: Path, good_dir: Path, tmp_path:
         assert list(probs) == ["good", "crack", "scratch"]
         assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
         assert r["defect_prob"] == pytest.approx(1 - probs["good"])
-        assert r["label"] == max(probs, key=probs.get) and r["score"] == pytest.approx(probs[r["label"]])
-        assert r["verdict"] == ("NG" if r["defect_prob"] >= 0.5 else "OK")
+        assert r["top_class"] == max(probs, key=probs.get)
+        assert r["top_prob"] == pytest.approx(probs[r["top_class"]])
+        assert (r["threshold"], r["threshold_source"]) == (0.5, "model")  # the fixture model's own
+        assert r["verdict"] == ("NG" if r["defect_prob"] >= r["threshold"] else "OK")
         with Image.open(r["path"]) as im:
             assert (r["width"], r["height"]) == im.size
     with open(csv_path, newline="") as f:
@@ -120,7 +122,51 @@ def test_threshold_override(model: Path, good_dir: Path, tmp_path: Path) -> None
     assert run(model, good_dir, "-o", tmp_path / "a.jsonl", "--threshold", 0) == 0
     assert {r["verdict"] for r in rows_of(tmp_path / "a.jsonl")} == {"NG"}
     assert run(model, good_dir, "-o", tmp_path / "b.jsonl", "--threshold", 1) == 0
-    assert {r["verdict"] for r in rows_of(tmp_path / "b.jsonl")} == {"OK"}
+    rows = rows_of(tmp_path / "b.jsonl")
+    assert {r["verdict"] for r in rows} == {"OK"}
+    assert {(r["threshold"], r["threshold_source"]) for r in rows} == {(1.0, "--threshold")}
+
+
+def test_resume_refuses_results_of_another_threshold_or_model(
+    model: Path, good_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "r.jsonl"
+    assert run(model, good_dir, "-o", out, "--threshold", 0.3) == 0
+    before = out.read_bytes()
+    assert run(model, good_dir, "-o", out, "--resume") == 2  # the model's 0.5 now: refused
+    err = capsys.readouterr().err
+    assert "threshold 0.3 (--threshold)" in err and "uses 0.5 (model)" in err and "--threshold 0.3" in err
+    other = build_model(tmp_path / "other.onnx", seed=1)
+    assert run(other, good_dir, "-o", out, "--resume", "--threshold", 0.3) == 2
+    assert "another model" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert run(model, good_dir, "-o", out, "--resume", "--threshold", 0.3) == 0  # the same run goes on
+
+
+def test_results_of_the_first_row_format_still_resume_report_and_export(
+    model: Path, good_dir: Path, tmp_path: Path
+) -> None:
+    """Rows written before the fields were renamed (``label``/``score``) and before thresholds were
+    recorded: --resume continues them, and CSV and report read them under today's names."""
+    new = tmp_path / "new.jsonl"
+    assert run(model, good_dir, "-o", new) == 0
+    old_rows = []
+    for r in rows_of(new)[:10]:
+        r["label"], r["score"] = r.pop("top_class"), r.pop("top_prob")
+        del r["threshold"], r["threshold_source"]
+        old_rows.append(r)
+    out = tmp_path / "old.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in old_rows))
+    csv_path, page = tmp_path / "r.csv", tmp_path / "r.html"
+    assert run(model, good_dir, "-o", out, "--resume", "--csv", csv_path, "--report", page) == 0
+    rows = rows_of(out)
+    assert len(rows) == 16 and rows[:10] == old_rows
+    with open(csv_path, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [c["top_class"] for c in table[:10]] == [r["label"] for r in old_rows]
+    assert [c["top_class"] for c in table[10:]] == [r["top_class"] for r in rows[10:]]
+    assert {c["threshold"] for c in table[:10]} == {""} and {c["threshold"] for c in table[10:]} == {"0.5"}
+    assert "most likely" in page.read_text()
 
 
 def test_batching_and_workers_do_not_change_probabilities(
@@ -173,6 +219,28 @@ def test_input_expansion_folders_globs_lists_duplicates(model: Path, tmp_path: P
     listing.write_text(f"{root / 'a.png'}\n{root / 'a.png'}\n{root / 'b.jpg'}\n{root / 'a.png'}\n")
     assert run(model, f"@{listing}", "-o", out) == 0
     assert [Path(r["path"]).name for r in rows_of(out)].count("a.png") == 3
+
+
+def test_list_file_lines_are_relative_to_the_list_folder(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`inspect @list` and `export --images` read lists with one rule (runtime.files.read_path_list):
+    relative lines start at the list's folder, wherever the command runs; a BOM and comments are fine."""
+    from defectscope.export.parity import list_images
+
+    make_image(tmp_path / "cells" / "a.png", 64, 64, bright=False)
+    make_image(tmp_path / "cells" / "b.png", 64, 64, bright=True)
+    listing = tmp_path / "lists" / "todo.txt"
+    listing.parent.mkdir()
+    listing.write_text("\ufeff# two cells\n../cells/a.png\n\n" + str(tmp_path / "cells" / "b.png") + "\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out = tmp_path / "r.jsonl"
+    assert run(model, f"@{listing}", "-o", out) == 0
+    paths = [r["path"] for r in rows_of(out)]
+    assert [os.path.realpath(p) for p in paths] == [str(tmp_path / "cells" / n) for n in ("a.png", "b.png")]
+    assert list_images(listing) == paths
 
 
 def test_resume_truncates_torn_line_and_finishes_exactly_once(

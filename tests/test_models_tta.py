@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from defectscope.models import ModelConfigError, create_model
-from defectscope.models.tta import TTA_VIEWS, FlipTTA, tta_view_count
+from defectscope.models.tta import TTA_VIEWS, FlipTTA
+from defectscope.runtime.image import LoaderConfig
 from defectscope.runtime.metadata import TTA_NAMES, ModelMetadata
 
 
@@ -41,7 +42,7 @@ def test_logits_are_the_mean_over_flipped_copies(
     got = FlipTTA(model, views)(x)
     assert got.shape == (3, 3)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-    assert tta_view_count(views) == len(copies)
+    assert 1 + len(TTA_VIEWS[views]) == len(copies)
     assert not torch.allclose(got, model(x), atol=1e-3)  # the flips change the answer
 
 
@@ -104,19 +105,15 @@ def test_runtime_metadata_knows_the_same_views() -> None:
         "class_names": ["good", "bad"],
         "good_class": "good",
         "threshold": 0.5,
-        "channels": 1,
+        "loader": LoaderConfig(channels=1, min_size=8, max_pixels=10**7),
         "mean": [0.5],
         "std": [0.25],
-        "max_side": None,
-        "min_size": 8,
-        "size_multiple": 1,
-        "max_pixels": 10**7,
         "model_name": "resnet",
         "package_version": "0",
     }
     assert ModelMetadata(**base).variant == "fp32"
     for name in TTA_NAMES:
-        assert tta_view_count(name) == ModelMetadata(**base, tta=name).tta_views
+        assert 1 + len(TTA_VIEWS[name]) == ModelMetadata(**base, tta=name).tta_views
     meta = ModelMetadata(**base, int8=True, tta="flips")
     assert meta.tta_views == 4 and meta.variant == "int8, test-time flips (4 views)"
     assert ModelMetadata.from_json(meta.to_json()).tta == "flips"

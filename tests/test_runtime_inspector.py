@@ -8,14 +8,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from defectscope.runtime.files import file_sha256
 from defectscope.runtime.image import ImageLoadError
 from defectscope.runtime.inspector import (
     Inspector,
     MetadataError,
     ModelLoadError,
     ProviderError,
-    decide,
-    file_sha256,
 )
 from defectscope.runtime.providers import candidates, physical_cores
 from onnx_models import build_model, fixture_metadata, make_image, metadata_without
@@ -71,7 +70,9 @@ def test_missing_or_broken_model_files(tmp_path: Path) -> None:
         Inspector(tmp_path / "nope.onnx")
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"this is not a protobuf")
-    with pytest.raises(ModelLoadError, match="onnxruntime cannot load the model"):
+    with pytest.raises(
+        ModelLoadError, match=r"junk\.onnx is damaged \(cut off\?\)"
+    ):  # model_checks, before ORT
         Inspector(junk)
 
 
@@ -135,11 +136,10 @@ def test_predict_outputs_and_cam_matches_logits(inspector: Inspector, tmp_path: 
 
 
 def test_decision_rule(inspector: Inspector) -> None:
-    meta = inspector.metadata
-    d = decide(np.array([0.6, 0.1, 0.3]), meta, 0.4)
-    assert (d.verdict, d.label, d.defect_class) == ("NG", "good", "scratch")  # 1 - 0.6 >= 0.4
-    assert d.defect_prob == pytest.approx(0.4) and d.score == pytest.approx(0.6)
-    assert decide(np.array([0.6, 0.1, 0.3]), meta, 0.41).verdict == "OK"
+    d = inspector.decide(np.array([0.6, 0.1, 0.3]), 0.4)
+    assert (d.verdict, d.top_class, d.defect_class) == ("NG", "good", "scratch")  # 1 - 0.6 >= 0.4
+    assert d.defect_prob == pytest.approx(0.4) and d.top_prob == pytest.approx(0.6)
+    assert inspector.decide(np.array([0.6, 0.1, 0.3]), 0.41).verdict == "OK"
 
 
 def test_same_probabilities_alone_or_in_any_batch(inspector: Inspector, tmp_path: Path) -> None:

@@ -80,7 +80,7 @@ def test_offsets_are_distinct_nonzero_bounded_and_fixed_by_the_seed() -> None:
 
 def test_a_position_independent_model_is_fully_consistent() -> None:
     proto = ShiftProtocol(copies=8, max_shift=12)
-    record = measure(brightness_anywhere, _blob_images(), good_index=0, protocol=proto)
+    record = measure(brightness_anywhere, _blob_images(), ng_indices=[1], protocol=proto)
     assert record.p_defect_copies.shape == (6, 8)
     figures = summarise(record, threshold=0.5)
     assert figures == {
@@ -94,7 +94,7 @@ def test_a_position_independent_model_is_fully_consistent() -> None:
 
 def test_a_model_built_to_depend_on_position_is_not() -> None:
     proto = ShiftProtocol(copies=8, max_shift=12)
-    record = measure(brightness_left_half, _blob_images(), good_index=0, protocol=proto)
+    record = measure(brightness_left_half, _blob_images(), ng_indices=[1], protocol=proto)
     figures = summarise(record, threshold=0.5)
     # the blob straddles the centre line: moving it a few px left or right changes the answer
     crossed = (record.top1_copies != record.top1[:, None]).sum()
@@ -120,14 +120,14 @@ def test_the_same_function_runs_an_onnx_runtime_session(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model: Any = randomize(create_model("resnet", num_classes=3, in_chans=1, widths=[4, 8], depths=[1, 1]), 1)
     info = checkpoint_info("resnet", model.model_kwargs)
-    export_model(model, info, tmp_path / "m.onnx", parity_images=0, log=lambda _s: None)
+    export_model(model, info, tmp_path / "m.onnx", parity_images=0, threshold=0.5, log=lambda _s: None)
     insp = Inspector(tmp_path / "m.onnx", provider="cpu", threads=1)
     x = np.random.default_rng(2).standard_normal((3, 1, 48, 56)).astype(np.float32)
     proto = ShiftProtocol(copies=4, max_shift=insp.metadata.total_stride)
-    via_ort = measure(lambda b: insp.predict(b, cam=False)["probs"], x, insp.metadata.good_index, proto)
+    via_ort = measure(lambda b: insp.predict(b, cam=False)["probs"], x, insp.metadata.ng_indices, proto)
     with torch.no_grad():
         via_torch = measure(
-            lambda b: model(torch.from_numpy(b)).softmax(1).numpy(), x, insp.metadata.good_index, proto
+            lambda b: model(torch.from_numpy(b)).softmax(1).numpy(), x, insp.metadata.ng_indices, proto
         )
     assert np.array_equal(via_ort.top1_copies, via_torch.top1_copies)
     assert np.abs(via_ort.p_defect_copies - via_torch.p_defect_copies).max() < 1e-4
@@ -139,7 +139,8 @@ def test_training_test_stage_logs_shift_figures_and_evaluate_reproduces_them(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    from defectscope.training.train import evaluate, train
+    from defectscope.training.evaluate import evaluate
+    from defectscope.training.train import train
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     common = [f"paths.data_dir={smoke_data_dir}", "trainer.enable_progress_bar=false"]

@@ -137,7 +137,7 @@ def _export_and_check(model: Any, tmp_path: Path, fp16: bool) -> None:
 
     info = checkpoint_info(model.model_name, model.model_kwargs)
     out = tmp_path / f"m{int(fp16)}.onnx"
-    result = export_model(model, info, out, parity_images=0, fp16=fp16, log=lambda _s: None)
+    result = export_model(model, info, out, parity_images=0, fp16=fp16, threshold=0.5, log=lambda _s: None)
     assert result.parity["max_abs_prob_fused"] <= result.parity["prob_tolerance"] == (2e-2 if fp16 else 1e-4)
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(1).standard_normal((2, 1, 70, 97)).astype(np.float32)
@@ -161,6 +161,7 @@ def test_export_parity_with_blur_and_every_padding_mode(mode: str, tmp_path: Pat
         **model_presets()["resnet_small"],
         "widths": [8, 16],
         "depths": [1, 1],
+        "kernels": [3, 3],
         "blur": 3,
         "padding_mode": mode,
     }

@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from defectscope.runtime.watch import build_parser, is_ignored
+from defectscope.runtime.hotfolder import is_ignored
+from defectscope.runtime.watch import build_parser
 from onnx_models import build_model
 
 FOLDERS = ("OK", "NG", "error")
+CRASH_SCRIPT = Path(__file__).with_name("watch_crash.py")
 
 
 def png_bytes(i: int, bright: bool) -> bytes:
@@ -70,17 +73,14 @@ class Dropper:
 
 
 def start_watch(
-    model: Path,
-    hot: Path,
-    out: Path,
-    log: Path,
-    env_extra: dict[str, str] | None = None,
-    extra: tuple[str, ...] = (),
+    model: Path, hot: Path, out: Path, log: Path, extra: tuple[str, ...] = (), crash_at: str | None = None
 ) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, **(env_extra or {}))
-    cmd = [sys.executable, "-m", "defectscope", "watch", str(model), "--in", str(hot), "--out", str(out)]
-    cmd += ["--interval", "0.1", "--stable-polls", "4", "--batch-size", "8", "--workers", "2", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "ab"), env=env)
+    """`defectscope watch` as a subprocess; ``crash_at="after_commit:1"`` kills it there (watch_crash.py)."""
+    prog = ["-m", "defectscope", "watch"] if crash_at is None else [str(CRASH_SCRIPT), crash_at]
+    cmd = [sys.executable, *prog, str(model), "--in", str(hot), "--out", str(out)]
+    cmd += ["--interval", "0.1", "--stable-polls", "4", "--grace", "1", "--batch-size", "8", "--workers", "2"]
+    cmd += extra
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "ab"))
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
@@ -190,7 +190,7 @@ def test_crash_between_row_and_move_is_recovered_without_reinference(
     dropper = Dropper(hot)
     for i in range(20):
         dropper.atomic(f"p{i:02d}.png", png_bytes(i, bright=i % 2 == 0))
-    proc = start_watch(model, hot, out, log, {"DEFECTSCOPE_WATCH_FAULT": fault})
+    proc = start_watch(model, hot, out, log, crash_at=fault)
     assert proc.wait(timeout=60) == -signal.SIGKILL  # the hook killed it at the chosen point
     rows = read_rows(out)
     batches = int(fault.split(":")[1])
@@ -268,3 +268,39 @@ def test_watch_rejects_bad_setups(model: Path, tmp_path: Path) -> None:
     assert main([str(model), "--in", str(hot), "--out", str(hot)]) == 2
     assert main([str(model), "--in", str(hot), "--out", str(tmp_path / "o"), "--stable-polls", "0"]) == 2
     assert main([str(tmp_path / "missing.onnx"), "--in", str(hot), "--out", str(tmp_path / "o")]) == 2
+
+
+@pytest.mark.slow
+def test_slow_writer_pausing_mid_file_is_waited_for_and_every_move_is_logged(
+    model: Path, tmp_path: Path
+) -> None:
+    """A writer pausing far longer than the stable window (0.2 s here) is not called truncated
+    while it is inside --grace; a file that stays cut off is, once --grace has passed."""
+    hot, out, log = tmp_path / "hot", tmp_path / "out", tmp_path / "watch.log"
+    hot.mkdir()
+    (hot / "archive").mkdir()  # a sub-folder: never descended into, but said so in the log
+    proc = start_watch(model, hot, out, log, extra=("--stable-polls", "2", "--grace", "3", "--workers", "0"))
+    wait_for(lambda: (out / "results.jsonl").exists(), what="watcher start")
+    slow, cut = png_bytes(1, bright=True), png_bytes(2, bright=False)
+    with open(hot / "slow.png", "wb") as f:
+        f.write(slow[: len(slow) // 2])
+        f.flush()
+        (hot / "cut.png").write_bytes(cut[: len(cut) // 2])
+        time.sleep(1.5)  # the writer stalls mid-file (a network share): 7x the stable window
+        f.write(slow[len(slow) // 2 :])
+    wait_for(lambda: len(read_rows(out)) == 2, timeout=30, what="both files handled")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+    rows = {Path(r["path"]).name: r for r in read_rows(out)}
+    assert rows["slow.png"]["status"] == "ok" and rows["slow.png"]["moved_to"] == "NG/slow.png"
+    assert (out / "NG" / "slow.png").read_bytes() == slow  # the whole file, inspected once
+    assert rows["cut.png"]["status"] == "error" and rows["cut.png"]["error"].startswith("truncated")
+    cut_mtime = (out / "error" / "cut.png").stat().st_mtime
+    decided = datetime.fromisoformat(rows["cut.png"]["time"]).timestamp()
+    assert decided - cut_mtime >= 3.0  # held for the whole grace period after its last change
+    text = log.read_text()
+    assert "slow.png reads as truncated; watching it for more writes" in text
+    assert "slow.png -> NG/slow.png: NG (" in text and "cut.png -> error/cut.png: error (truncated" in text
+    assert text.count("ignoring sub-folder archive/") == 1
+    assert (hot / "archive").is_dir()

@@ -7,13 +7,14 @@ the commands a quality engineer types, not an in-process shortcut.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from .runtime.results import iter_rows
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,22 +42,20 @@ def score_holdout(results: Path, good_class: str = "good") -> dict[str, float | 
     label accuracy, the OK/NG decision's accuracy, escapes (defects passed as OK) and false rejects.
     """
     n = ok_rows = label_hits = verdict_hits = escapes = false_rejects = defects = goods = 0
-    with results.open(encoding="utf-8") as fh:
-        for line in fh:
-            row = json.loads(line)
-            n += 1
-            if row["status"] != "ok":
-                continue
-            ok_rows += 1
-            truth = Path(row["path"]).parent.name
-            is_defect = truth != good_class
-            defects += is_defect
-            goods += not is_defect
-            label_hits += row["label"] == truth
-            called_ng = row["verdict"] == "NG"
-            verdict_hits += called_ng == is_defect
-            escapes += is_defect and not called_ng
-            false_rejects += (not is_defect) and called_ng
+    for row in iter_rows(results):
+        n += 1
+        if row["status"] != "ok":
+            continue
+        ok_rows += 1
+        truth = Path(row["path"]).parent.name
+        is_defect = truth != good_class
+        defects += is_defect
+        goods += not is_defect
+        label_hits += row["top_class"] == truth
+        called_ng = row["verdict"] == "NG"
+        verdict_hits += called_ng == is_defect
+        escapes += is_defect and not called_ng
+        false_rejects += (not is_defect) and called_ng
     return {
         "images": n,
         "inspected": ok_rows,

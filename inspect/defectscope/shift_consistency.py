@@ -17,13 +17,14 @@ Protocol (one rule, used by the PyTorch test stage and by any ONNX Runtime evalu
    down and dx columns right.  The size stays the image's own, so it is valid for the model;
    |dy| rows and |dx| columns of the far side leave the frame.
 3. The model's class probabilities of the image and of each copy give, per image: the original's
-   top-1 class and P(defect) = 1 − P(good class), and those of every copy.
+   top-1 class and P(defect) (the NG classes' summed probability, the runtime's one rule in
+   :mod:`defectscope.runtime.decision`), and those of every copy.
 4. Figures (over N images and K copies):
 
    * ``top1_consistency``: share of images whose top-1 class is the same in all K copies;
    * ``pair_consistency``: share of (image, copy) pairs with the same top-1 (Zhang's per-pair figure);
    * ``dp_mean`` / ``dp_max``: mean and maximum over pairs of |P(defect, copy) − P(defect, image)|;
-   * ``verdict_flip_rate``: share of images whose OK/NG verdict (P(defect) ≥ threshold) differs
+   * ``verdict_flip_rate``: share of images whose OK/NG verdict (:func:`~defectscope.runtime.decision.is_ng`) differs
      in at least one copy.
 
 numpy only (no torch), so the line runtime and the training side share it.
@@ -35,6 +36,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from .runtime.decision import defect_probability, is_ng
 
 #: (N, C, H, W) float32 preprocessed batch -> (N, num_classes) class probabilities
 PredictFn = Callable[[np.ndarray], np.ndarray]
@@ -102,7 +105,9 @@ class ShiftRecord:
         return cls(*(np.concatenate([getattr(r, f) for r in records]) for f in cls.__dataclass_fields__))
 
 
-def measure(predict: PredictFn, batch: np.ndarray, good_index: int, protocol: ShiftProtocol) -> ShiftRecord:
+def measure(
+    predict: PredictFn, batch: np.ndarray, ng_indices: Sequence[int], protocol: ShiftProtocol
+) -> ShiftRecord:
     """Run ``predict`` on a batch and on its translated copies (step 2 and 3 of the protocol)."""
     x = np.asarray(batch, dtype=np.float32)
     probs = np.asarray(predict(x), dtype=np.float64)
@@ -113,9 +118,11 @@ def measure(predict: PredictFn, batch: np.ndarray, good_index: int, protocol: Sh
     stacked = np.stack(copies, axis=1)  # (N, K, classes)
     return ShiftRecord(
         top1=probs.argmax(axis=1),
-        p_defect=1.0 - probs[:, good_index],
+        p_defect=defect_probability(probs, ng_indices),
         top1_copies=stacked.argmax(axis=2),
-        p_defect_copies=1.0 - stacked[:, :, good_index],
+        p_defect_copies=np.stack(
+            [defect_probability(stacked[:, k], ng_indices) for k in range(stacked.shape[1])], axis=1
+        ),
     )
 
 
@@ -125,8 +132,8 @@ def summarise(record: ShiftRecord, threshold: float) -> dict[str, float]:
         return {}
     same = record.top1_copies == record.top1[:, None]
     dp = np.abs(record.p_defect_copies - record.p_defect[:, None])
-    ng = record.p_defect >= threshold
-    ng_copies = record.p_defect_copies >= threshold
+    ng = is_ng(record.p_defect, threshold)
+    ng_copies = is_ng(record.p_defect_copies, threshold)
     return {
         "top1_consistency": float(same.all(axis=1).mean()),
         "pair_consistency": float(same.mean()),

@@ -28,12 +28,15 @@ from .sampler import BucketBatchSampler
 from .scan import BadFilesError, ScanRecord, ScanResult, mean_std, scan_files, write_rejects
 from .sources import SPLITS, Sample, SourceData, SourceError, build_source, prepare_source, to_plain
 from .splits import assign_splits
-from .stats import class_counts, count_table, inverse_frequency_weights
+from .stats import class_counts, count_table, inverse_frequency_weights, split_warnings
 from .transforms import build_transform, check_size_preserving, seed_transform
 
 log = logging.getLogger(__name__)
 
 ON_BAD_FILE = ("fail", "skip")
+#: ``evaluate_on``: None = training (train/val/test split); "test" = only the test split is scored;
+#: "all" = every image of the source is scored (a new lot)
+EVALUATE_ON = (None, "test", "all")
 
 
 #: validation images recorded in checkpoints for export's parity and int8 calibration/gate
@@ -65,16 +68,21 @@ class DefectDataModule(pl.LightningDataModule):
 
     Args:
         source: ``{"kind": folder|csv|elpv|synthetic, ...}`` (see :mod:`defectscope.data.sources`).
-        loader: :class:`LoaderConfig` fields (channels, max_side, min_size, size_multiple, max_pixels).
+        loader: :class:`LoaderConfig` fields (channels, max_side, min_size, size_multiple, max_pixels, downscale).
         split: ``val_fraction`` (of the non-test part), ``test_fraction`` (of all), ``seed``; used
             only where the source has no split.  Unset keys take the source's defaults
             (ELPV: 25 % test, seed 42), then 0.15 / 0.15 / 42.
         batch_size / eval_batch_size: images per bucket batch for training / val+test.
-        train_transform / eval_transform: albumentations pipeline (``_target_`` mapping or object).
+        train_transform: albumentations pipeline (``_target_`` mapping or object).
+        eval_transform: must be ``None``. The line PC runs no transform, and validation chooses the
+            threshold, so a transform there would earn the threshold on images the line never
+            sees; the keyword stays only so older run configs (``eval_transform: null``) load.
         mean / std: per-channel, on the 0..1 scale; ``None`` = exact values of the training split
             (computed during the scan at no extra decoding cost).
         on_bad_file: ``fail`` (default: one error listing every bad file) or ``skip`` (train on the
             rest and write ``rejects_path`` as CSV path,kind,reason).
+        evaluate_on: None for training; ``test`` (the test split) or ``all`` (every image, e.g. a
+            new lot) for evaluation, which needs no training images and takes ``mean``/``std`` as given.
         seed: shuffling and augmentation seed (the split has its own ``split.seed``).
         pin_memory: ``None`` = only when CUDA is available.
     """
@@ -98,8 +106,17 @@ class DefectDataModule(pl.LightningDataModule):
         scan_workers: int = 2,
         seed: int = 0,
         drop_last: bool = False,
+        evaluate_on: str | None = None,
     ) -> None:
         super().__init__()
+        if evaluate_on not in EVALUATE_ON:
+            raise ValueError(f"evaluate_on must be one of {EVALUATE_ON}, got {evaluate_on!r}")
+        self.evaluate_on = evaluate_on
+        if eval_transform is not None:
+            raise ValueError(
+                "data.eval_transform is not supported: validation (where the threshold is chosen) and "
+                "test must see images exactly as the line PC does, which applies no transform; remove it"
+            )
         if on_bad_file not in ON_BAD_FILE:
             raise ValueError(f"data.on_bad_file must be one of {', '.join(ON_BAD_FILE)}, got {on_bad_file!r}")
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
@@ -112,7 +129,7 @@ class DefectDataModule(pl.LightningDataModule):
         else:
             try:
                 self.loader_config = LoaderConfig(**to_plain(loader or {}))
-            except TypeError as exc:
+            except (TypeError, ValueError) as exc:  # name the config key training users set
                 raise ValueError(f"data.loader: {exc}") from None
         split_cfg = to_plain(split or {})
         unknown = set(split_cfg) - {"val_fraction", "test_fraction", "seed"}
@@ -131,7 +148,6 @@ class DefectDataModule(pl.LightningDataModule):
         )
         self.persistent_workers = bool(persistent_workers)
         self.train_transform_spec = train_transform
-        self.eval_transform_spec = eval_transform
         self.mean_cfg = None if mean is None else [float(m) for m in mean]
         self.std_cfg = None if std is None else [float(s) for s in std]
         self.on_bad_file = on_bad_file
@@ -151,6 +167,8 @@ class DefectDataModule(pl.LightningDataModule):
         self.val_paths: list[str] = []
         #: class name of each of ``val_paths`` (export re-derives the threshold on them)
         self.val_labels: list[str] = []
+        #: what the split cannot measure (classes missing from validation/test); also in ``report``
+        self.split_warnings: list[str] = []
         self.samples: dict[str, list[Sample]] = {}
         self.sizes: dict[str, list[tuple[int, int]]] = {}
         self.scan_result: ScanResult | None = None
@@ -175,28 +193,46 @@ class DefectDataModule(pl.LightningDataModule):
             raise SourceError("data.source.good_class must name the defect-free class")
         self.class_names = list(source.class_names)
         self.good_class = source.good_class
+        if self.evaluate_on is None and len(self.class_names) < 2:
+            raise SourceError(
+                f"{source.description}: only one class ({', '.join(self.class_names)}); training needs at least 2 "
+                "classes, e.g. <root>/good/ and <root>/<defect>/ with images in each"
+            )
         samples = self._split(source)
         records = self._scan(samples, source.origin)
         kept = [(s, r) for s, r in zip(samples, records) if r is not None]
         self.samples = {name: [s for s, _ in kept if s.split == name] for name in SPLITS}
         self.sizes = {name: [r.size for s, r in kept if s.split == name] for name in SPLITS}
+        if self.evaluate_on is None:
+            self._check_training_split(source, kept)
+        elif self.mean_cfg is None or self.std_cfg is None:
+            raise ValueError("evaluation needs data.mean and data.std (the checkpoint's normalisation)")
+        else:
+            self.mean, self.std = self._normalisation([])
+        self._build_datasets(any(s.meta for s in samples))
+        self.report = self._make_report(source, [s for s, _ in kept])
+        log.info("%s", self.report)
+        for line in self.split_warnings:
+            log.warning("data: %s", line)
+        self._ready = True
+
+    def _check_training_split(self, source: SourceData, kept: Sequence[tuple[Sample, ScanRecord]]) -> None:
+        """Every class in training; class weights, normalisation and the val paths export records."""
         train = self.samples["train"]
         self.class_counts = class_counts(train, self.class_names)
         empty = [c for c, n in self.class_counts.items() if n == 0]
         if empty:
             raise ValueError(
                 f"{source.description}: no training images for class(es) {empty}; every class in "
-                f"{self.class_names} needs training images (check data.source.classes and the split)"
+                f"{self.class_names} needs training images (check data.source.classes and data.split: "
+                f"{self.split_cfg or 'defaults'})"
             )
         self.class_weights = torch.tensor(inverse_frequency_weights(self.class_counts), dtype=torch.float32)
         self.mean, self.std = self._normalisation([r for s, r in kept if s.split == "train"])
         val = spread_samples(self.samples["val"], MAX_EXPORT_VAL_PATHS)
         self.val_paths = [s.path for s in val]
         self.val_labels = [self.class_names[s.label] for s in val]
-        self._build_datasets(any(s.meta for s in samples))
-        self.report = self._make_report(source, [s for s, _ in kept])
-        log.info("%s", self.report)
-        self._ready = True
+        self.split_warnings = split_warnings([s for s, _ in kept], self.class_names, self.good_class)
 
     def train_dataloader(self) -> DataLoader[dict[str, Any]]:
         return self._loader("train", self.batch_size, shuffle=True, drop_last=self.drop_last)
@@ -210,6 +246,10 @@ class DefectDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------ steps
 
     def _split(self, source: SourceData) -> list[Sample]:
+        if self.evaluate_on == "all":
+            for s in source.samples:
+                s.split = "test"
+            return source.samples
         defaults = {"val_fraction": 0.15, "test_fraction": 0.15, "seed": 42, **source.split_defaults}
         cfg = {**defaults, **{k: v for k, v in self.split_cfg.items() if v is not None}}
         samples = source.samples
@@ -256,14 +296,9 @@ class DefectDataModule(pl.LightningDataModule):
         return (mean * c if len(mean) == 1 else list(mean)), (std * c if len(std) == 1 else list(std))
 
     def _build_datasets(self, with_meta: bool) -> None:
-        train_tf = build_transform(self.train_transform_spec)
-        eval_tf = build_transform(self.eval_transform_spec)
+        train_tf = build_transform(self.train_transform_spec, "data.train_transform")
         check_size_preserving(train_tf, self.sizes["train"], self.channels, "train_transform")
-        check_size_preserving(
-            eval_tf, self.sizes["val"] + self.sizes["test"], self.channels, "eval_transform"
-        )
         seed_transform(train_tf, self.seed)
-        seed_transform(eval_tf, self.seed)
         for name in SPLITS:
             self.datasets[name] = DefectDataset(
                 self.samples[name],
@@ -271,7 +306,7 @@ class DefectDataModule(pl.LightningDataModule):
                 self.loader_config,
                 self.mean,
                 self.std,
-                train_tf if name == "train" else eval_tf,
+                train_tf if name == "train" else None,
                 with_meta,
             )
 
@@ -280,11 +315,18 @@ class DefectDataModule(pl.LightningDataModule):
         lines = [
             f"data: {source.description}",
             count_table(kept, self.class_names),
-            "class weights (train, inverse frequency): "
-            + ", ".join(f"{c}={w:.3f}" for c, w in zip(self.class_names, self.class_weights.tolist())),
+            *(
+                [
+                    "class weights (train, inverse frequency): "
+                    + ", ".join(f"{c}={w:.3f}" for c, w in zip(self.class_names, self.class_weights.tolist()))
+                ]
+                if self.evaluate_on is None
+                else [f"evaluation: {'every image' if self.evaluate_on == 'all' else 'the test split'}"]
+            ),
             f"good class: {self.good_class}; channels: {self.channels}; mean {self.mean}; std {self.std}",
             f"{len(buckets)} size buckets (h x w) for {sum(buckets.values())} images",
         ]
+        lines += [f"WARNING: {w}" for w in self.split_warnings]
         if self.rejected:
             lines.append(f"skipped {len(self.rejected)} bad file(s) (see {self.rejects_path})")
         if source.ignored:

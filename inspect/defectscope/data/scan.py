@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -159,60 +160,106 @@ def mean_std(records: Sequence[ScanRecord | None], channels: int) -> tuple[list[
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="defectscope scan",
-        description="Decode every image of a dataset with the training loader settings and list the bad "
-        "files. Exit code 1 when any file is bad.",
+        description="Decode every image of the dataset that `defectscope train` would load, with the "
+        "same Hydra data config (conf/train.yaml, the same groups, overrides and defaults), and list "
+        "the bad files. Exit status: 0 all good, 1 some files bad, 2 config error.",
+        epilog="examples: defectscope scan data/images   (short form: data=folder data.source.root=...)\n"
+        "          defectscope scan experiment=elpv\n"
+        "          defectscope scan data=csv data.source.path=manifest.csv data.loader.channels=3",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--folder", type=Path, help="<root>/<class>/ or <root>/<split>/<class>/ image folder")
-    src.add_argument("--csv", type=Path, help="CSV manifest with header path,label[,split]")
-    src.add_argument("--elpv", action="store_true", help="the ELPV solar-cell dataset (elpv-dataset package)")
-    p.add_argument("--elpv-task", choices=("binary", "4class"), default="binary")
-    p.add_argument("--classes", help="comma-separated class order (default: sorted names)")
-    p.add_argument("--good-class", default=None, help="the defect-free class (default: good; ELPV: its own)")
-    p.add_argument("--channels", type=int, default=1, help="loader channels (default 1)")
-    p.add_argument("--max-side", type=int, default=None, help="downscale so the long side is at most this")
-    p.add_argument("--min-size", type=int, default=32, help="smallest allowed side after resizing")
-    p.add_argument("--size-multiple", type=int, default=1, help="round sides to a multiple of this")
-    p.add_argument("--max-pixels", type=int, default=40_000_000, help="decompression-bomb guard")
-    p.add_argument("--workers", type=int, default=2, help="decode threads (default 2)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="[FOLDER] OVERRIDE",
+        help="Hydra overrides as for `defectscope train`; a first argument without '=' is an image "
+        "folder (<root>/<class>/...)",
+    )
+    p.add_argument("--config-dir", help="a folder of your own configs, as `defectscope train --config-dir`")
+    p.add_argument("--workers", type=int, default=None, help="decode threads (default: data.scan_workers)")
     p.add_argument("--rejects", type=Path, help="also write the bad files as CSV path,kind,reason")
     return p
 
 
-def _spec(args: argparse.Namespace) -> dict[str, object]:
-    if args.elpv:
-        return {"kind": "elpv", "task": args.elpv_task}
-    spec: dict[str, object] = (
-        {"kind": "folder", "root": str(args.folder)}
-        if args.folder
-        else {"kind": "csv", "path": str(args.csv)}
-    )
-    if args.classes:
-        spec["classes"] = [c.strip() for c in args.classes.split(",") if c.strip()]
-    spec["good_class"] = args.good_class  # None: a scan does not need to know the good class
-    return spec
+@dataclass(frozen=True)
+class ScanConfig:
+    """What `defectscope scan` checks: the training data config's source and loader."""
+
+    source: dict[str, Any]
+    loader: LoaderConfig
+    workers: int
+
+
+def compose_data_config(overrides: Sequence[str], folder: str | None, config_dir: str | None) -> ScanConfig:
+    """Compose conf/train.yaml exactly as `defectscope train` would and take its ``data`` part."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf, open_dict
+
+    from ..training.app import conf_dir
+    from .sources import to_plain
+
+    extra = [f"hydra.searchpath=[file://{os.path.abspath(config_dir)}]"] if config_dir else []
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=[*(["data=folder"] if folder else []), *overrides, *extra])
+    with open_dict(cfg):
+        if OmegaConf.is_interpolation(cfg.paths, "launch_dir"):  # ${hydra:runtime.cwd} needs a running app
+            cfg.paths.launch_dir = os.getcwd()
+        if folder:
+            cfg.data.source.root = folder
+    data = cfg.data
+    loader = LoaderConfig(**to_plain(OmegaConf.to_container(data.loader, resolve=True)))
+    source = to_plain(OmegaConf.to_container(data.source, resolve=True))
+    return ScanConfig(source, loader, int(data.get("scan_workers", 2)))
+
+
+def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, str | None]:
+    p = build_parser()
+    args = p.parse_args(list(argv))
+    folder = None
+    if args.overrides and "=" not in args.overrides[0]:
+        folder, args.overrides = args.overrides[0], args.overrides[1:]
+    if args.workers is not None and args.workers < 1:
+        p.error(f"--workers must be >= 1, got {args.workers}")
+    return args, folder
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .sources import SourceError, build_source
-    from .stats import count_table
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    from .sources import SourceError, build_source, prepare_source
+
     try:
-        cfg = LoaderConfig(args.channels, args.max_side, args.min_size, args.size_multiple, args.max_pixels)
-        spec = _spec(args)
-        source = build_source(spec, missing="keep")
-    except (SourceError, ValueError) as exc:
-        print(f"defectscope scan: {exc}", file=sys.stderr)
+        args, folder = _parse(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exc:
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    try:
+        cfg = compose_data_config(args.overrides, folder, args.config_dir)
+        prepare_source(cfg.source)
+        source = build_source(cfg.source, missing="keep")
+    except (SourceError, ValueError, TypeError, HydraException, OmegaConfBaseException) as exc:
+        text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"defectscope scan: error: {text or type(exc).__name__}", file=sys.stderr)
         return 2
+    workers = args.workers or cfg.workers
     paths = [s.path for s in source.samples]
     print(f"source: {source.description}")
-    print(f"loader: {cfg.to_dict()}")
-    result = scan_files(paths, cfg, args.workers)
+    print(f"loader: {cfg.loader.to_dict()}")
+    result = scan_files(paths, cfg.loader, workers)
+    _print_result(source, result)
+    if args.rejects:
+        print(f"rejects written to {write_rejects(args.rejects, result.bad)}")
+    return 1 if result.bad else 0
+
+
+def _print_result(source: Any, result: ScanResult) -> None:
+    from .stats import count_table
+
     good = [(s, r) for s, r in zip(source.samples, result.records) if r is not None]
-    rate = len(paths) / result.seconds if result.seconds > 0 else float("inf")
+    n = len(result.paths)
+    rate = n / result.seconds if result.seconds > 0 else float("inf")
     print(
-        f"scanned {len(paths)} files in {result.seconds:.2f} s ({rate:.0f}/s): {len(good)} ok, {len(result.bad)} bad"
+        f"scanned {n} files in {result.seconds:.2f} s ({rate:.0f}/s): {len(good)} ok, {len(result.bad)} bad"
     )
     if source.ignored:
         print(f"ignored {len(source.ignored)} non-image file(s), e.g. {source.ignored[0]}")
@@ -225,9 +272,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n{len(result.bad)} bad file(s) ({', '.join(f'{k}: {n}' for k, n in kinds.most_common())}):")
         for b in result.bad:
             print(f"  {b.path}: [{b.kind}] {b.reason}")
-    if args.rejects:
-        print(f"rejects written to {write_rejects(args.rejects, result.bad)}")
-    return 1 if result.bad else 0
 
 
 if __name__ == "__main__":

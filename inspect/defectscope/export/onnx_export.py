@@ -22,12 +22,12 @@ import torch
 from torch import nn
 
 from defectscope import __version__
-from defectscope.checkpoint import file_sha256, load_checkpoint
 from defectscope.models.tta import FlipTTA
 from defectscope.runtime.image import LoaderConfig, normalize_batch
-from defectscope.runtime.metadata import METADATA_KEY, ModelMetadata
+from defectscope.runtime.metadata import METADATA_KEY, MetadataError, ModelMetadata
 
 from .atomic import atomic_write_bytes
+from .errors import ExportError
 from .fuse import FuseReport, fuse_conv_bn_report, replace_bn_with_affine
 from .parity import (
     ParityInputs,
@@ -47,14 +47,11 @@ from .quantize import (
     quantize_qdq,
     split_paths,
 )
+from .threshold import earn_threshold, plan_threshold
 from .wrapper import ExportWrapper, head_linear
 
 MIN_OPSET = 18
 INPUT_NAME = "input"
-
-
-class ExportError(ValueError):
-    """The checkpoint/model cannot be exported as asked; the message says what and why."""
 
 
 @dataclass
@@ -95,14 +92,11 @@ def build_metadata(
             class_names=list(info["class_names"]),
             good_class=str(info["good_class"]),
             threshold=float(info["threshold"] if threshold is None else threshold),
-            channels=cfg.channels,
+            loader=cfg,
             mean=[float(v) for v in info["mean"]],
             std=[float(v) for v in info["std"]],
-            max_side=cfg.max_side,
-            min_size=cfg.min_size,
-            size_multiple=cfg.size_multiple,
-            max_pixels=cfg.max_pixels,
             model_name=str(info["model_name"]),
+            ng_classes=[str(c) for c in info.get("ng_classes") or []],
             package_version=__version__,
             total_stride=int(getattr(model, "total_stride", 1)),
             outputs=["logits", "probs", "cam"] if cam else ["logits", "probs"],
@@ -112,7 +106,7 @@ def build_metadata(
             checkpoint_sha256=checkpoint_sha256,
             parity=dict(parity or {}),
         )
-    except ValueError as exc:
+    except MetadataError as exc:
         raise ExportError(str(exc)) from None
 
 
@@ -260,7 +254,7 @@ def quantize_model(
     log: Callable[[str], None],
 ) -> tuple[bytes, dict[str, Any]]:
     """Calibrate, quantise and gate (see :mod:`.quantize`); returns the int8 bytes and the figures."""
-    loader = meta.loader_config()
+    loader = meta.loader
     calib, n_calib, skipped = load_groups(plan.calib, loader, len(plan.calib))
     check, n_check, skipped2 = real_batches(plan.check, loader, meta.mean, meta.std, len(plan.check))
     bad = skipped + skipped2
@@ -283,7 +277,7 @@ def quantize_model(
             fp32_bytes,
             int8_bytes,
             _chunks(check, 16),
-            good_index=meta.good_index,
+            ng_indices=meta.ng_indices,
             threshold=meta.threshold,
             min_agreement=cfg.min_agreement,
         )
@@ -342,6 +336,7 @@ def export_model(
     checkpoint_sha256: str | None = None,
     int8: Int8Config | None = None,
     tta: str = "none",
+    target_recall: float | None = None,
     tamper: Callable[[onnx.ModelProto], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> ExportResult:
@@ -351,6 +346,9 @@ def export_model(
     agreement with fp32 on held-back real images (:mod:`.quantize`); the int8 graph is written.
     ``tta``: build test-time flips into the graph (:class:`~defectscope.models.tta.FlipTTA`); the
     parity gate then compares against the same flips in PyTorch.
+    ``threshold``: set by hand; otherwise it is chosen again on the written graph for ``target_recall``
+    (default: the checkpoint's) on labelled images (:mod:`.threshold`, whose errors are
+    :class:`~.threshold.ThresholdError`).
     ``tamper`` is a fault-injection hook for tests: it may alter the graph after export and before
     the parity gate, which must then catch it.
     """
@@ -381,6 +379,7 @@ def export_model(
         )
     min_side = int(getattr(model, "min_input_size", 1))
     plan = plan_int8(info, images_dir, int8, log) if int8 is not None else None
+    threshold_plan = plan_threshold(info, images_dir, target_recall=target_recall, by_hand=threshold, log=log)
     model = model.eval()
 
     fused, report = fuse_conv_bn_report(model)
@@ -426,10 +425,11 @@ def export_model(
         data, figures = quantize_model(data, meta, int8, plan, log)
         parity = {**meta.parity, "graph": "fp32, before int8 quantisation"}
         meta = replace(meta, int8=True, quantization=figures, parity=parity)
-        quant = onnx.load_from_string(data)
-        set_metadata(quant, meta)
-        data = quant.SerializeToString()
+        data = with_metadata(data, meta)
         t_quant = time.perf_counter()
+    meta = replace(meta, **earn_threshold(data, meta, threshold_plan))
+    data = with_metadata(data, meta)
+    t_threshold = time.perf_counter()
     atomic_write_bytes(out, data)
     t_end = time.perf_counter()
     seconds = {
@@ -437,13 +437,15 @@ def export_model(
         "export": round(t_exported - t_fused, 3),
         "parity": round(t_parity - t_exported, 3),
         **({"int8": round(t_quant - t_parity, 3)} if int8 is not None else {}),
-        "write": round(t_end - t_quant, 3),
+        "threshold": round(t_threshold - t_quant, 3),
+        "write": round(t_end - t_threshold, 3),
         "total": round(t_end - t_start, 3),
     }
     return ExportResult(out, len(data), seconds, numbers, meta, report, data)
 
 
-def export_checkpoint(ckpt: str | Path, output: str | Path, **kwargs: Any) -> ExportResult:
-    """:func:`load_checkpoint` + :func:`export_model`, recording the checkpoint's sha256."""
-    model, info = load_checkpoint(ckpt)
-    return export_model(model, info, output, checkpoint_sha256=file_sha256(ckpt), **kwargs)
+def with_metadata(data: bytes, meta: ModelMetadata) -> bytes:
+    """The serialised model ``data`` with ``meta`` embedded (the graph is unchanged)."""
+    proto = onnx.load_from_string(data)
+    set_metadata(proto, meta)
+    return proto.SerializeToString()

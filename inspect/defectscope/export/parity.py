@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from defectscope.runtime.files import is_image_name, read_path_list
 from defectscope.runtime.image import ImageLoadError, LoaderConfig, load_image, normalize_batch
 
 FP32_PROB_TOL = 1e-4
 FP16_PROB_TOL = 2e-2
 FP32_CAM_REL_TOL = 1e-4
 FP16_CAM_REL_TOL = 1e-1  # fp16 heat maps: ~5% of the peak on a 50-layer net is expected
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 class ParityError(RuntimeError):
@@ -66,24 +66,23 @@ def random_batches(channels: int, min_side: int, seed: int = 0) -> list[np.ndarr
 
 def list_images(source: str | os.PathLike[str]) -> list[str]:
     """Image files below a directory (recursive, sorted for reproducibility), or the paths listed in
-    a text file, one per line (relative ones resolved against the file's folder; '#' comments)."""
+    a text file (:func:`~defectscope.runtime.files.read_path_list`: relative lines are resolved
+    against the list's folder, as `defectscope inspect @list.txt` does)."""
     d = Path(source)
     if d.is_file():
-        if d.suffix.lower() in IMAGE_SUFFIXES:
+        if is_image_name(d.name):
             raise FileNotFoundError(
                 f"{d}: --images takes a folder of images or a text file listing images, not one image"
             )
         try:
-            lines = d.read_text(encoding="utf-8-sig").splitlines()
+            return list(read_path_list(d))
         except (OSError, UnicodeDecodeError) as exc:
             raise FileNotFoundError(f"{d}: --images list cannot be read as UTF-8 text: {exc}") from None
-        entries = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-        return [str(p if p.is_absolute() else d.parent / p) for p in map(Path, entries)]
     if not d.is_dir():
         raise FileNotFoundError(
             f"{d}: --images must be an existing directory of images or a text file listing image paths"
         )
-    return sorted(str(p) for p in d.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    return sorted(str(p) for p in d.rglob("*") if is_image_name(p.name) and p.is_file())
 
 
 def load_groups(

@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from defectscope.runtime.decision import defect_probability, is_ng
+
 #: calibration methods offered. onnxruntime's "entropy" is left out: in onnxruntime 1.32 it gave
 #: exactly the min/max scales for every tensor of Lite0 (docs/benchmarks.md)
 INT8_METHODS = ("minmax", "percentile")
@@ -213,14 +215,14 @@ def check_int8(
     int8_bytes: bytes,
     batches: Sequence[np.ndarray],
     *,
-    good_index: int,
+    ng_indices: Sequence[int],
     threshold: float,
     min_agreement: float,
 ) -> dict[str, Any]:
     """Run both graphs on the held-back ``batches``; raise :class:`Int8GateError` below the gate.
 
     Agreement is measured on what the line acts on: the top-1 class, the OK/NG verdict
-    (``1 - P(good) >= threshold``) and, separately, the verdict on the images fp32 calls NG, so a
+    (:func:`defectscope.runtime.decision.is_ng`) and, separately, the verdict on the images fp32 calls NG, so a
     mostly-OK check set cannot hide an int8 model that lets defects through.  Probability and CAM
     errors are reported, not gated: int8 moves probabilities by ~1e-2 and what matters is whether a
     decision flips.  Non-finite int8 outputs fail the gate outright.
@@ -233,8 +235,8 @@ def check_int8(
     p_ref = np.concatenate([w["probs"] for w in want]).astype(np.float64)
     p_q = np.concatenate([g["probs"] for g in got]).astype(np.float64)
     finite = bool(np.isfinite(p_q).all())
-    ng_ref = 1 - p_ref[:, good_index] >= threshold
-    ng_q = 1 - p_q[:, good_index] >= threshold
+    ng_ref = is_ng(defect_probability(p_ref, ng_indices), threshold)
+    ng_q = is_ng(defect_probability(p_q, ng_indices), threshold)
     agreement = {
         "top1_agreement": float(np.mean(p_ref.argmax(1) == p_q.argmax(1))),
         "verdict_agreement": float(np.mean(ng_ref == ng_q)),

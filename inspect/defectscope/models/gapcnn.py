@@ -190,6 +190,7 @@ def resnet(
     in_chans: int,
     widths: Sequence[int] = (16, 32, 64, 128),
     depths: Sequence[int] = (2, 2, 2, 2),
+    kernels: Sequence[int] | None = None,
     stem_width: int = 16,
     stem_kernel: int = 3,
     stem_stride: int = 2,
@@ -205,10 +206,16 @@ def resnet(
     """Small ResNet: stem conv (stride 2) + 3×3/2 max pool, then basic-block stages.
 
     Stage i > 0 halves the resolution in its first block; total stride 32 with the defaults.
+    ``kernels``: the blocks' kernel size per stage (None: 3 everywhere).
     """
     if len(widths) != len(depths) or not widths:
         raise ModelConfigError(
             f"widths {list(widths)} and depths {list(depths)} must be non-empty and equally long"
+        )
+    kernels = [3] * len(widths) if kernels is None else list(kernels)
+    if len(kernels) != len(widths):
+        raise ModelConfigError(
+            f"kernels {kernels} must give one kernel size per stage ({len(widths)} stages)"
         )
     stages: list[dict[str, Any]] = [
         {
@@ -221,8 +228,16 @@ def resnet(
             "pool_padding": 1,
         },
     ]
-    for i, (width, depth) in enumerate(zip(widths, depths)):
-        stages.append({"channels": width, "stride": 1 if i == 0 else 2, "repeat": depth, "residual": True})
+    for i, (width, depth, kernel) in enumerate(zip(widths, depths, kernels)):
+        stages.append(
+            {
+                "channels": width,
+                "kernel": kernel,
+                "stride": 1 if i == 0 else 2,
+                "repeat": depth,
+                "residual": True,
+            }
+        )
     return GapCNN(
         stages,
         num_classes=num_classes,

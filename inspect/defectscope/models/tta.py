@@ -39,11 +39,6 @@ def check_tta(views: str) -> str:
     return views
 
 
-def tta_view_count(views: str) -> int:
-    """Backbone passes per image: 1 for ``none``, 2 for ``hflip``, 4 for ``flips``."""
-    return 1 + len(TTA_VIEWS[check_tta(views)])
-
-
 class FlipTTA(nn.Module):
     """A GAP classifier averaged over flipped copies of each input, in one backbone pass.
 

@@ -4,8 +4,9 @@ Only numpy, Pillow and onnxruntime may be imported here (a test enforces it); on
 imported when an :class:`Inspector` is created, so importing this package stays cheap.
 """
 
+from .decision import Decision, decide, defect_probability, is_ng
 from .image import ERROR_KINDS, ImageLoadError, LoaderConfig, load_image, normalize_batch, target_size
-from .inspector import Decision, Inspector, ModelLoadError, decide
+from .inspector import Inspector, ModelLoadError
 from .metadata import METADATA_KEY, MetadataError, ModelMetadata
 from .providers import ProviderError
 
@@ -21,6 +22,8 @@ __all__ = [
     "ModelMetadata",
     "ProviderError",
     "decide",
+    "defect_probability",
+    "is_ng",
     "load_image",
     "normalize_batch",
     "target_size",

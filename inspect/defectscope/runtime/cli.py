@@ -3,75 +3,82 @@
 Exactly-once contract: each input gets one JSONL row; rows are committed (one write + flush) batch
 by batch and fsync'd at most every ``--fsync-interval`` seconds, so after a crash or ``kill -9`` a rerun with ``--resume`` truncates a torn last
 line, skips every input that has a row and inspects the rest.  CSV and HTML report are rebuilt
-from the JSONL at the end.  Exit codes: 0 all inputs inspected, 1 some error rows, 2 bad command
-line or unusable model, 130 interrupted.
+from the JSONL at the end.  Every row records the threshold that decided it and where that came
+from; ``--resume`` refuses a file of another model or threshold.  Exit codes: 0 all inputs
+inspected, 1 some error rows, 2 bad command line, model, input or output (checked before the first
+image; a disk filling up later stops the run with every row before intact), 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .heatmap import save_overlay
 from .inputs import InputSpecError, check_specs, expand_inputs
 from .inspector import Inspector, MetadataError, ModelLoadError, ProviderError
-from .pipeline import Batcher, Item, Result, decode_stream, infer
+from .options import RunOptions, SessionConfig, add_shared_options, run_options
+from .outputs import OutputError, check_distinct, check_output_file, check_output_folder
+from .pipeline import Batcher, InferenceLanes, Item, Result, decode_stream, inference_lanes
 from .progress import Progress
-from .providers import GRAPH_OPT_CHOICES, PROVIDER_CHOICES
+from .providers import candidates, import_ort
 from .report import RunInfo, build_figures, render_html, write_report
 from .results import (
     JsonlWriter,
     ResultsFileError,
-    error_row,
+    RunStamp,
     load_done,
-    ok_row,
     recover_jsonl,
+    result_row,
     skip_done,
     write_csv,
 )
 from .summary import DEFAULT_MAX_ITEMS, Summary
 
 PROG = "defectscope inspect"
+#: one-line errors (exit 2): bad model, inputs, outputs or results file
+USER_ERRORS = (MetadataError, ModelLoadError, ProviderError, InputSpecError, ResultsFileError, OutputError)
 
 
-def default_workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
+@dataclass(frozen=True)
+class InspectConfig:
+    """One `inspect` command line, checked and typed."""
+
+    run: RunOptions
+    inputs: tuple[str, ...]
+    output: str
+    csv: str | None = None
+    report: str | None = None
+    recursive: bool = False
+    resume: bool = False
+    fsync_interval: float = 1.0
+    report_items: int = DEFAULT_MAX_ITEMS
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Inspect images with an exported defectscope ONNX model (no torch needed).",
-        epilog="Exit status: 0 all inputs inspected, 1 some inputs failed (error rows), 2 bad usage or model.",
+        epilog="Exit status: 0 all inputs inspected, 1 some inputs failed (error rows), 2 bad usage, "
+        "model, input or output (one line on stderr, before any image where possible), 130 interrupted.",
     )
-    p.add_argument("model", help="exported .onnx model (carries its own preprocessing and classes)")
+    add_shared_options(p)
     p.add_argument(
-        "inputs", nargs="+", metavar="INPUT", help="image files, folders, glob patterns or @list.txt"
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="image files, folders, glob patterns or @list.txt (relative lines: from the list's folder)",
     )
     p.add_argument("-o", "--output", required=True, help="results JSONL (one row per input)")
     p.add_argument("--csv", help="also write the rows as CSV (regenerated from the JSONL)")
     p.add_argument("--report", help="write a self-contained HTML report")
-    p.add_argument("--heatmaps", help="folder for CAM overlay PNGs of NG images")
     p.add_argument("--recursive", action="store_true", help="descend into sub-folders of folder inputs")
-    p.add_argument("--batch-size", type=int, default=16, help="images per inference batch (default 16)")
-    p.add_argument(
-        "--workers", type=int, default=default_workers(), help="decoding threads (default: min(4, CPUs))"
-    )
-    p.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto", help="execution provider")
-    p.add_argument(
-        "--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: physical cores)"
-    )
-    p.add_argument("--graph-opt", choices=GRAPH_OPT_CHOICES, default="all", help="graph optimisation level")
-    p.add_argument("--trt-cache", default=None, help="TensorRT engine cache folder")
-    p.add_argument(
-        "--threshold", type=float, default=None, help="NG when P(defect) >= this (default: the model's)"
-    )
     p.add_argument(
         "--resume", action="store_true", help="continue an interrupted run: keep rows, skip their inputs"
     )
@@ -89,34 +96,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
-    if a.batch_size < 1:
-        p.error(f"--batch-size must be >= 1, got {a.batch_size}")
-    if a.workers < 0:
-        p.error(f"--workers must be >= 0, got {a.workers}")
-    if a.threshold is not None and not 0.0 <= a.threshold <= 1.0:
-        p.error(f"--threshold must lie in [0, 1], got {a.threshold}")
+def parse_config(p: argparse.ArgumentParser, argv: Sequence[str]) -> InspectConfig:
+    """Parse and check the command line (``p.error`` exits 2 on a usage error)."""
+    a = p.parse_args(list(argv))
+    run = run_options(p, a)
     if a.fsync_interval < 0:
         p.error(f"--fsync-interval must be >= 0 seconds, got {a.fsync_interval}")
     if a.report_items < 0:
         p.error(f"--report-items must be >= 0, got {a.report_items}")
-    if os.path.isdir(a.output):
-        p.error(f"-o {a.output!r} is a folder; give a file name such as results.jsonl")
-    outs = [os.path.abspath(x) for x in (a.output, a.csv, a.report) if x]
-    if len(set(outs)) != len(outs):
-        p.error("-o, --csv and --report must be different files")
+    return InspectConfig(
+        run,
+        tuple(a.inputs),
+        a.output,
+        a.csv,
+        a.report,
+        a.recursive,
+        a.resume,
+        a.fsync_interval,
+        a.report_items,
+    )
+
+
+def check_outputs(cfg: InspectConfig) -> None:
+    """Every output path, before any work: results must be a regular file (``--resume`` reads it)."""
+    check_distinct({"-o": cfg.output, "--csv": cfg.csv, "--report": cfg.report})
+    check_output_file(cfg.output, "-o", special_ok=False)
+    for option, path in (("--csv", cfg.csv), ("--report", cfg.report)):
+        if path:
+            check_output_file(path, option)
+    if cfg.run.heatmaps:
+        check_output_folder(cfg.run.heatmaps, "--heatmaps")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-        _check_args(parser, args)
+        cfg = parse_config(parser, sys.argv[1:] if argv is None else argv)
     except SystemExit as exc:  # argparse: 2 for usage errors, 0 for --help
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     try:
-        return run(args)
-    except (MetadataError, ModelLoadError, ProviderError, InputSpecError, ResultsFileError) as exc:
+        return run(cfg)
+    except USER_ERRORS as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -124,11 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 class _Session:
     """Mutable state of one run: counts for the progress line and the writer."""
 
-    def __init__(self, inspector: Inspector, writer: JsonlWriter, args: argparse.Namespace, threshold: float):
-        self.inspector = inspector
+    def __init__(self, writer: JsonlWriter, stamp: RunStamp, heatmaps: str | None) -> None:
         self.writer = writer
-        self.args = args
-        self.threshold = threshold
+        self.stamp = stamp
+        self.heatmaps = heatmaps
         self.ok = self.ng = self.errors = 0
         self.progress = Progress()
 
@@ -137,115 +156,118 @@ class _Session:
         return self.ok + self.ng + self.errors
 
     def error(self, item: Item) -> None:
-        insp = self.inspector
-        self.writer.add(
-            error_row(
-                item.path,
-                item.error or "unknown",
-                sha256=insp.sha256,
-                provider=insp.provider,
-                latency_ms=item.decode_ms,
-            )
-        )
+        self.writer.add(result_row(Result(item, error=item.error, latency_ms=item.decode_ms), self.stamp))
         self.errors += 1
         self.progress.update(self.done, self.ok, self.ng, self.errors)
 
+    def results_of(self, batches: list[list[Result]]) -> None:
+        for results in batches:
+            self.results(results)
+
     def results(self, results: list[Result]) -> None:
-        insp = self.inspector
         for r in results:
-            if r.decision is None or r.item.size is None:
-                r.item.error = r.error
-                self.error(r.item)
-                continue
-            if (
-                self.args.heatmaps
-                and r.decision.verdict == "NG"
-                and r.cam is not None
-                and r.item.array is not None
-            ):
-                save_overlay(self.args.heatmaps, r.item.path, r.item.array, r.cam)
-            self.writer.add(
-                ok_row(
-                    r.item.path,
-                    r.decision,
-                    r.item.size,
-                    sha256=insp.sha256,
-                    provider=insp.provider,
-                    latency_ms=r.latency_ms,
-                )
-            )
-            if r.decision.verdict == "NG":
-                self.ng += 1
-            else:
-                self.ok += 1
+            row = result_row(r, self.stamp)
+            verdict = row["verdict"]
+            if verdict == "NG" and self.heatmaps and r.cam is not None and r.item.array is not None:
+                save_overlay(self.heatmaps, r.item.path, r.item.array, r.cam)
+            self.writer.add(row)
+            self.ok += verdict == "OK"
+            self.ng += verdict == "NG"
+            self.errors += verdict is None
         self.writer.commit()  # heat maps first, then the rows: a crash in between only redoes work
         self.progress.update(self.done, self.ok, self.ng, self.errors)
 
 
-def run(args: argparse.Namespace) -> int:
-    check_specs(args.inputs)
-    inspector = Inspector.from_args(args)
-    threshold = inspector.threshold if args.threshold is None else float(args.threshold)
-    out = Path(args.output)
+def session_threads(session: SessionConfig) -> int | None:
+    """``--threads``, or 1 when the session will run on the CPU provider.
+
+    :class:`InferenceLanes` then runs one single-threaded batch per physical core at once beside
+    the decode threads: no intra-op synchronisation, and a preempted thread stalls only its own
+    batch (docs/benchmarks.md, decode-bound cases).  GPU providers keep ONNX Runtime's threads.
+    """
+    if session.threads is not None:
+        return session.threads
+    first = candidates(session.provider, list(import_ort().get_available_providers()))[0]
+    return 1 if first == "cpu" else None
+
+
+def run(cfg: InspectConfig) -> int:
+    """Inputs, outputs and model are checked before the first image; a write that fails later
+    (disk full) stops the run with every row written before intact, so ``--resume`` goes on."""
+    check_specs(cfg.inputs, recursive=cfg.recursive)
+    check_outputs(cfg)
+    inspector = Inspector.from_config(replace(cfg.run.session, threads=session_threads(cfg.run.session)))
+    stamp = RunStamp.of(inspector.sha256, inspector.provider, inspector.threshold, cfg.run.threshold)
+    threshold = stamp.threshold
+    out = Path(cfg.output)
     done = None
-    if args.resume and out.exists():
+    if cfg.resume and out.exists():
         torn = recover_jsonl(out)
         if torn:
             print(f"{PROG}: dropped a torn last line ({torn} bytes) from {out}", file=sys.stderr)
-        done = load_done(out, inspector.sha256)
-    if args.heatmaps:
-        Path(args.heatmaps).mkdir(parents=True, exist_ok=True)
+        done = load_done(out, stamp)
+    if cfg.run.heatmaps:
+        Path(cfg.run.heatmaps).mkdir(parents=True, exist_ok=True)
 
     warn = lambda msg: print(f"{PROG}: warning: {msg}", file=sys.stderr)  # noqa: E731
-    paths = expand_inputs(args.inputs, recursive=args.recursive, warn=warn)
+    paths = expand_inputs(cfg.inputs, recursive=cfg.recursive, warn=warn)
     if done:
         paths = skip_done(paths, done)
-    writer = JsonlWriter(out, append=bool(args.resume), fsync_interval_s=args.fsync_interval)
-    session = _Session(inspector, writer, args, threshold)
-    want_cam = bool(args.heatmaps) and inspector.has_cam
-    batcher = Batcher.for_stream(args.batch_size)
-    window = max(2 * args.workers, args.batch_size) + args.workers
+    writer = JsonlWriter(out, append=cfg.resume, fsync_interval_s=cfg.fsync_interval)
+    session = _Session(writer, stamp, cfg.run.heatmaps)
     t0 = time.perf_counter()
-    interrupted = False
     try:
-        for item in decode_stream(paths, inspector.loader_config, args.workers, window):
-            if item.error is not None:
-                session.error(item)
-                if writer.pending >= args.batch_size:
-                    writer.commit()
-                continue
-            for batch in batcher.add(item):
-                session.results(infer(inspector, batch, threshold, want_cam=want_cam))
-        for batch in batcher.drain():
-            session.results(infer(inspector, batch, threshold, want_cam=want_cam))
+        _inspect_all(cfg, inspector, session, paths, threshold)
     except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        writer.close()
-        session.progress.close()
-    elapsed = time.perf_counter() - t0
-    if interrupted:
         print(
             f"{PROG}: interrupted after {writer.committed} rows this session; "
             f"rerun the same command with --resume to finish",
             file=sys.stderr,
         )
         return 130
-    return _finish(args, inspector, threshold, session.done, elapsed)
+    except OutputError as exc:
+        raise OutputError(
+            f"{exc}; the rows written before are intact: free space (or fix the folder), then rerun "
+            "the same command with --resume"
+        ) from None
+    finally:
+        writer.close()
+        session.progress.close()
+    return _finish(cfg, inspector, stamp, session.done, time.perf_counter() - t0)
 
 
-def _finish(
-    args: argparse.Namespace, inspector: Inspector, threshold: float, n_session: int, elapsed: float
-) -> int:
+def _inspect_all(
+    cfg: InspectConfig, inspector: Inspector, session: _Session, paths: Any, threshold: float
+) -> None:
+    writer, batch_size, workers = session.writer, cfg.run.batch_size, cfg.run.workers
+    want_cam = bool(cfg.run.heatmaps) and inspector.has_cam
+    batcher = Batcher.for_stream(batch_size)
+    window = max(2 * workers, batch_size) + workers
+    with InferenceLanes(inspector, threshold, want_cam=want_cam, lanes=inference_lanes(inspector)) as lanes:
+        for item in decode_stream(paths, inspector.loader_config, workers, window):
+            if item.error is not None:
+                session.error(item)
+                if writer.pending >= batch_size:
+                    writer.commit()
+                continue
+            for batch in batcher.add(item):
+                session.results_of(lanes.submit(batch))
+        for batch in batcher.drain():
+            session.results_of(lanes.submit(batch))
+        session.results_of(lanes.drain())
+
+
+def _finish(cfg: InspectConfig, inspector: Inspector, stamp: RunStamp, n_session: int, elapsed: float) -> int:
     """Everything after inference is derived from the JSONL, the source of truth."""
-    summary = Summary.from_jsonl(args.output, max_items=args.report_items)
+    threshold = stamp.threshold
+    summary = Summary.from_jsonl(cfg.output, max_items=cfg.report_items)
     if summary.total == 0:
-        print(f"{PROG}: error: no input images found in {' '.join(args.inputs)}", file=sys.stderr)
+        print(f"{PROG}: error: no input images found in {' '.join(cfg.inputs)}", file=sys.stderr)
         return 2
     meta = inspector.metadata
-    if args.csv:
-        write_csv(args.output, args.csv, meta.class_names)
-    if args.report:
+    if cfg.csv:
+        write_csv(cfg.output, cfg.csv, meta.class_names)
+    if cfg.report:
         info = RunInfo(
             model_path=inspector.model_path,
             model_sha256=inspector.sha256,
@@ -253,28 +275,32 @@ def _finish(
             model_variant=meta.variant,
             provider=_provider_text(summary.providers, inspector),
             threshold=threshold,
+            threshold_source=stamp.threshold_source,
+            model_threshold=meta.threshold,
+            model_threshold_source=dict(meta.threshold_source),
             class_names=list(meta.class_names),
             good_class=meta.good_class,
-            results_path=str(args.output),
+            results_path=str(cfg.output),
             created=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z"),
             session_images=n_session,
             session_seconds=elapsed,
         )
         figures = build_figures(inspector, summary.ng_items, threshold)
-        write_report(args.report, render_html(summary, info, figures))
+        write_report(cfg.report, render_html(summary, info, figures))
     rate = f"{n_session / elapsed:.1f} img/s" if elapsed > 0 and n_session else "n/a"
     print(
         f"inspected {summary.total} inputs: OK {summary.ok}, NG {summary.ng}, errors {summary.error} "
-        f"(this session {n_session} in {elapsed:.1f} s, {rate}; provider {inspector.provider}, "
-        f"threshold {threshold:g})"
+        f"(this session {n_session} in {elapsed:.1f} s, {rate}; provider {inspector.provider_summary}, "
+        f"threshold {threshold:g} ({stamp.threshold_source}))"
     )
     if summary.error_kinds:
         print("errors by kind: " + ", ".join(f"{k} {n}" for k, n in summary.error_kinds.most_common()))
-    written = [str(x) for x in (args.output, args.csv, args.report) if x]
-    print("wrote " + ", ".join(written) + (f"; heat maps in {args.heatmaps}" if args.heatmaps else ""))
+    written = [str(x) for x in (cfg.output, cfg.csv, cfg.report) if x]
+    heat = f"; heat maps in {cfg.run.heatmaps}" if cfg.run.heatmaps else ""
+    print("wrote " + ", ".join(written) + heat)
     return 1 if summary.error else 0
 
 
 def _provider_text(providers: Any, inspector: Inspector) -> str:
     used = ", ".join(f"{k} ({n} rows)" for k, n in providers.most_common())
-    return f"{inspector.provider} ({', '.join(inspector.providers)}); rows by provider: {used}"
+    return f"{inspector.provider_summary} ({', '.join(inspector.providers)}); rows by provider: {used}"

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .outputs import OutputError
+
 # A blue -> cyan -> yellow -> red ramp: cold areas read as "model ignored this", hot as "defect here".
 _STOPS = np.array([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
 _COLOURS = np.array(
@@ -78,9 +80,16 @@ def heatmap_name(path: str) -> str:
 
 
 def save_overlay(folder: str | os.PathLike[str], path: str, image: np.ndarray, cam: np.ndarray) -> Path:
-    """Write the overlay PNG atomically (a crash never leaves a half-written image)."""
+    """Write the overlay PNG atomically (a crash never leaves a half-written image); a failed write
+    (disk full) leaves no temporary file and raises :class:`OutputError`."""
     out = Path(folder) / heatmap_name(path)
     tmp = out.with_name("." + out.name + ".tmp")
-    Image.fromarray(overlay(image, cam)).save(tmp, "PNG")
-    os.replace(tmp, out)
+    try:
+        Image.fromarray(overlay(image, cam)).save(tmp, "PNG")
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(
+            f"cannot write a heat map into --heatmaps {folder} ({exc.strerror or exc})"
+        ) from None
     return out

@@ -5,42 +5,82 @@ are listed one directory at a time, globs with :func:`glob.iglob`, list files li
 
 Rules: a folder yields its image files (by extension; sub-folders with ``--recursive``); a glob
 yields its matches (matched folders are expanded like folder arguments); ``@list.txt`` yields
-each non-empty, non-``#`` line verbatim, so every listed line gets exactly one result row, even a
-missing file or a folder (they become error rows).  A plain path that does not exist is yielded
-too: it gets a ``vanished`` error row instead of stopping the run.
+each non-empty, non-``#`` line (relative lines joined to the list's folder, see
+:func:`~defectscope.runtime.files.read_path_list`), so every listed line gets exactly one result
+row, even a missing file or a folder (they become error rows).  Arguments are checked before any
+work (:func:`check_specs`): a plain path that does not exist is a misspelt argument, and a
+folder whose images all sit in sub-folders needs ``--recursive``.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import os
 from collections.abc import Callable, Iterable, Iterator
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+from .files import is_image_name, read_path_list
+
 _GLOB_CHARS = frozenset("*?[")
 
 
 class InputSpecError(ValueError):
-    """An INPUT argument is unusable as a whole (e.g. an unreadable @list file)."""
-
-
-def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    """An INPUT argument is unusable as a whole (missing, an unreadable @list file, ...)."""
 
 
 def _is_glob(spec: str) -> bool:
     return any(c in _GLOB_CHARS for c in spec) and not os.path.lexists(spec)
 
 
-def check_specs(specs: Iterable[str]) -> None:
-    """Fail fast, before any work, on arguments that can never produce rows."""
+def _has_image(folder: str) -> bool:
+    """Whether ``folder`` holds an image file directly (stops at the first one)."""
+    try:
+        with os.scandir(folder) as it:
+            return any(is_image_name(e.name) and not e.is_dir() for e in it)
+    except OSError:
+        return False
+
+
+def _image_subfolders(folder: str, limit: int = 4) -> list[str]:
+    """Up to ``limit`` sub-folders of ``folder`` that hold images directly."""
+    try:
+        with os.scandir(folder) as it:
+            subs = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+    except OSError:
+        return []
+    return [s for s in subs if _has_image(os.path.join(folder, s))][:limit]
+
+
+def _check_list_text(name: str) -> None:
+    """The list opens and its start is UTF-8 text (a binary file given as a list fails here)."""
+    try:
+        with open(name, "rb") as fh:
+            codecs.getincrementaldecoder("utf-8-sig")().decode(fh.read(1 << 16))
+    except OSError as exc:
+        raise InputSpecError(f"list file {name!r} cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise InputSpecError(f"list file {name!r} is not UTF-8 text (one image path per line)") from None
+
+
+def check_specs(specs: Iterable[str], *, recursive: bool = False) -> None:
+    """Fail fast, before any work, on arguments that can never produce the rows meant."""
     for spec in specs:
         if spec.startswith("@"):
             name = spec[1:]
             if not os.path.isfile(name):
                 raise InputSpecError(f"list file {name!r} (from {spec!r}) does not exist or is not a file")
-            if not os.access(name, os.R_OK):
-                raise InputSpecError(f"list file {name!r} is not readable")
+            _check_list_text(name)
+        elif os.path.isdir(spec):
+            if not recursive and not _has_image(spec):
+                subs = _image_subfolders(spec)
+                if subs:
+                    shown = ", ".join(f"{s}/" for s in subs)
+                    raise InputSpecError(
+                        f"folder {spec!r} has no images directly inside, but its sub-folders ({shown}) "
+                        "do: add --recursive"
+                    )
+        elif not _is_glob(spec) and not os.path.lexists(spec):
+            raise InputSpecError(f"input not found: {spec!r} (no such file or folder)")
 
 
 def walk_folder(folder: str, recursive: bool) -> Iterator[str]:
@@ -54,20 +94,12 @@ def walk_folder(folder: str, recursive: bool) -> Iterator[str]:
     for name, is_dir in entries:
         if is_dir:
             subdirs.append(name)
-        elif is_image_name(name) and not name.startswith("."):
+        elif is_image_name(name):
             yield os.path.join(folder, name)
     if recursive:
         for name in subdirs:
             if not name.startswith("."):
                 yield from walk_folder(os.path.join(folder, name), recursive)
-
-
-def read_list(list_path: str) -> Iterator[str]:
-    with open(list_path, encoding="utf-8") as f:
-        for line in f:
-            entry = line.rstrip("\r\n")
-            if entry.strip() and not entry.lstrip().startswith("#"):
-                yield entry
 
 
 def expand_inputs(
@@ -77,7 +109,7 @@ def expand_inputs(
     for spec in specs:
         count = 0
         if spec.startswith("@"):
-            source: Iterator[str] = read_list(spec[1:])
+            source: Iterator[str] = read_path_list(spec[1:])
             what = f"list file {spec[1:]!r}"
         elif os.path.isdir(spec):
             source = walk_folder(spec, recursive)

@@ -6,100 +6,47 @@ Everything a line PC needs comes from the ``.onnx`` file itself (graph + embedde
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
 import sys
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from .decision import Decision, decide
+from .files import file_sha256, model_file_problem
 from .image import LoaderConfig, load_image_with_size, normalize_batch
-from .metadata import METADATA_KEY, MetadataError, ModelMetadata
-from .providers import (
-    GPU_PROVIDERS,
-    PROVIDERS,
-    ProviderError,
-    candidates,
-    import_ort,
-    provider_chain,
-    session_options,
-)
+from .metadata import MetadataError
+from .model_checks import ModelCheckError, check_model_file
+from .options import SessionConfig
+from .providers import GPU_PROVIDERS, INT8_ON_GPU, ProviderError, import_ort
+from .sessions import INPUT_NAME, REQUIRED_OUTPUTS, ModelLoadError, SessionOpener, TrtRequest
+from .trt import TRT_MAX_BATCH
 
 __all__ = ["Decision", "Inspector", "MetadataError", "ModelLoadError", "ProviderError", "decide"]
-
-INPUT_NAME = "input"
-REQUIRED_OUTPUTS = ("logits", "probs")
-
-
-class ModelLoadError(RuntimeError):
-    """The model file cannot be used: missing, not ONNX, or not shaped like a defectscope export."""
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@dataclass(frozen=True)
-class Decision:
-    """The verdict for one image under the project-wide rule P(defect) = 1 - P(good)."""
-
-    verdict: str
-    label: str
-    score: float
-    defect_prob: float
-    probs: dict[str, float]
-    defect_class: str  # most likely non-good class (whose CAM explains an NG)
-
-
-def decide(probs: np.ndarray, meta: ModelMetadata, threshold: float) -> Decision:
-    p = [float(v) for v in probs]
-    top = int(np.argmax(probs))
-    good = meta.good_index
-    defect_prob = min(1.0, max(0.0, 1.0 - p[good]))
-    others = [i for i in range(len(p)) if i != good]
-    defect_idx = max(others, key=lambda i: p[i])
-    return Decision(
-        verdict="NG" if defect_prob >= threshold else "OK",
-        label=meta.class_names[top],
-        score=p[top],
-        defect_prob=defect_prob,
-        probs=dict(zip(meta.class_names, p)),
-        defect_class=meta.class_names[defect_idx],
-    )
-
-
-def _first_line(exc: BaseException, limit: int = 160) -> str:
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Inspector:
     """An ONNX Runtime session for one defectscope model.
 
-    ``provider``: ``auto`` tries TensorRT, CUDA, then CPU among those this ORT build offers,
-    moving on when a session cannot be created (one line on stderr says so); ``cpu``, ``cuda``
-    or ``tensorrt`` force one and raise :class:`ProviderError` when it is unavailable.
+    ``provider``: ``auto`` tries TensorRT, CUDA, then CPU among those this ORT build offers (the
+    CPU alone for an int8 model), moving on when a session cannot start or fails its start-up run
+    (one line on stderr says so); ``cpu``, ``cuda`` or ``tensorrt`` force one and raise
+    :class:`ProviderError` when it is unavailable or fails.  ``trt_*``: see :class:`TrtRequest`.
     """
 
     @classmethod
-    def from_args(cls, args: Any) -> Inspector:
+    def from_config(cls, cfg: SessionConfig) -> Inspector:
         """The session the `inspect` and `watch` commands open from their shared options."""
         return cls(
-            args.model,
-            provider=args.provider,
-            threads=args.threads,
-            graph_opt=args.graph_opt,
-            trt_cache_dir=args.trt_cache,
-            max_batch=args.batch_size,
+            cfg.model,
+            provider=cfg.provider,
+            threads=cfg.threads,
+            graph_opt=cfg.graph_opt,
+            trt_cache_dir=cfg.trt_cache,
+            trt_max_batch=cfg.trt_max_batch,
+            trt_max_side=cfg.trt_max_side,
+            trt_clean=cfg.trt_clean,
         )
 
     def __init__(
@@ -110,7 +57,9 @@ class Inspector:
         graph_opt: str = "all",
         trt_cache_dir: str | os.PathLike[str] | None = None,
         *,
-        max_batch: int = 32,
+        trt_max_batch: int = TRT_MAX_BATCH,
+        trt_max_side: int | None = None,
+        trt_clean: bool = False,
         io_binding: bool | None = None,
         available: Sequence[str] | None = None,
         log: Callable[[str], None] | None = None,
@@ -121,121 +70,46 @@ class Inspector:
         path = Path(model_path)
         if not path.is_file():
             raise ModelLoadError(f"{path}: model file not found")
+        problem = model_file_problem(path)
+        if problem:
+            raise ModelLoadError(problem)
         self.model_path = str(path)
+        try:  # a model is data: nothing outside its folder, no custom operators (docs/trust.md)
+            check_model_file(path)
+        except ModelCheckError as exc:
+            raise ModelLoadError(str(exc)) from None
         self.sha256 = file_sha256(path)
         ort.set_default_logger_severity(3)
         avail = list(available) if available is not None else list(ort.get_available_providers())
-        kinds = candidates(provider, avail)
-        self._options = session_options(threads, graph_opt)
-        self.threads = int(self._options.intra_op_num_threads)
-
-        hint = self._peek_metadata(ort) if any(k == "tensorrt" for k in kinds) else None
-        failures: list[str] = []
-        session = None
-        for kind in kinds:
-            try:
-                session = self._create(ort, kind, hint, max_batch, trt_cache_dir)
-                self.provider = kind
-                break
-            except Exception as exc:  # ORT raises several unrelated types for a failed provider
-                if kind == "cpu":
-                    raise ModelLoadError(
-                        f"{path}: onnxruntime cannot load the model: {_first_line(exc)}"
-                    ) from None
-                if provider != "auto":
-                    raise ProviderError(f"provider {kind!r} failed to start: {_first_line(exc)}") from None
-                failures.append(f"{kind} failed ({_first_line(exc, 100)})")
-        if session is None:  # every GPU candidate failed and CPU was not among them
-            raise ProviderError("no execution provider could start: " + "; ".join(failures))
-        if failures:
-            self._log(f"defectscope: provider fallback: {'; '.join(failures)} -> using {self.provider}")
-        self.session = session
-        self.providers = list(session.get_providers())
-
-        self.metadata = ModelMetadata.from_json(
-            session.get_modelmeta().custom_metadata_map.get(METADATA_KEY), source=self.model_path
+        trt = TrtRequest(
+            Path(trt_cache_dir) if trt_cache_dir else None, trt_max_batch, trt_max_side, trt_clean
         )
-        self._check_graph()
+        opener = SessionOpener(ort, self.model_path, self.sha256, threads, graph_opt, trt)
+        opened = opener.open(provider, avail)
+        for note in opened.notes:
+            self._log(f"defectscope: {note}")
+        self.session = opened.session
+        self.provider = opened.kind
+        self.providers = list(self.session.get_providers())
+        self.threads = int(self.session.get_session_options().intra_op_num_threads)
+        self.metadata = opened.metadata
+        self.output_names = opened.output_names
+        #: where the nodes run and what the start-up run measured, for logs and reports
+        self.provider_summary = opened.summary
+        self.trt_profile = opened.profile
+        self._ng_indices = self.metadata.ng_indices
         if self.metadata.int8 and self.provider in GPU_PROVIDERS:
-            self._log(
-                f"defectscope: {path.name} is an int8 model made for the CPU provider, not {self.provider}; "
-                "for GPU line PCs export fp32 or --fp16 instead"
-            )
+            self._log(f"defectscope: {path.name} is int8 but runs on {self.provider}: {INT8_ON_GPU}")
         self.has_cam = "cam" in self.output_names
         # IO binding: the batch is copied to the device once and outputs come back in one copy.
         # On by default for GPU providers; ``io_binding=True`` on the CPU exercises the same path.
         use_binding = self.provider in GPU_PROVIDERS if io_binding is None else io_binding
         self._io_device = ("cuda" if self.provider in GPU_PROVIDERS else "cpu") if use_binding else None
 
-    # -- loading ---------------------------------------------------------------------------
-    def _peek_metadata(self, ort: Any) -> ModelMetadata | None:
-        """Read metadata with a throw-away CPU session: TensorRT options depend on it."""
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        try:
-            s = ort.InferenceSession(self.model_path, so, providers=[PROVIDERS["cpu"]])
-            return ModelMetadata.from_json(s.get_modelmeta().custom_metadata_map.get(METADATA_KEY))
-        except Exception:
-            return None  # the real session reports the problem with full context
-
-    def _create(
-        self,
-        ort: Any,
-        kind: str,
-        hint: ModelMetadata | None,
-        max_batch: int,
-        trt_cache_dir: str | os.PathLike[str] | None,
-    ) -> Any:
-        profile = None
-        if kind == "tensorrt" and hint is not None and hint.max_side:
-            profile = (max_batch, hint.channels, hint.min_size, hint.max_side)
-        chain = provider_chain(
-            kind,
-            trt_cache_dir=Path(trt_cache_dir) if trt_cache_dir else None,
-            fp16=bool(hint and hint.fp16),
-            profile=profile,
-        )
-        if kind == "tensorrt":
-            Path(chain[0][1]["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
-        if kind in GPU_PROVIDERS and hasattr(ort, "preload_dlls"):
-            # CUDA/cuDNN from pip wheels (onnxruntime-gpu[cuda,cudnn]) must be preloaded
-            with contextlib.suppress(Exception):
-                ort.preload_dlls()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            session = ort.InferenceSession(
-                self.model_path, sess_options=self._options, providers=chain, enable_fallback=0
-            )
-        active = session.get_providers()
-        if not active or active[0] != PROVIDERS[kind]:
-            raise ProviderError(f"not activated, the session runs on {', '.join(active)}")
-        return session
-
-    def _check_graph(self) -> None:
-        inputs = self.session.get_inputs()
-        if len(inputs) != 1 or inputs[0].name != INPUT_NAME or len(inputs[0].shape) != 4:
-            got = ", ".join(f"{i.name}{i.shape}" for i in inputs)
-            raise ModelLoadError(
-                f"{self.model_path}: expected one input named {INPUT_NAME!r} shaped (N, C, H, W), got {got}"
-            )
-        ch = inputs[0].shape[1]
-        if isinstance(ch, int) and ch != self.metadata.channels:
-            raise ModelLoadError(
-                f"{self.model_path}: graph input has {ch} channels but metadata says {self.metadata.channels}"
-            )
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        missing = [n for n in REQUIRED_OUTPUTS if n not in self.output_names]
-        if missing:
-            raise ModelLoadError(
-                f"{self.model_path}: graph lacks output(s) {', '.join(missing)} "
-                f"(has {', '.join(self.output_names)})"
-            )
-
     # -- properties ------------------------------------------------------------------------
     @property
     def loader_config(self) -> LoaderConfig:
-        return self.metadata.loader_config()
+        return self.metadata.loader
 
     @property
     def threshold(self) -> float:
@@ -263,11 +137,23 @@ class Inspector:
             )
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         names = [n for n in self.output_names if n in REQUIRED_OUTPUTS or (cam and n == "cam")]
+        step = len(batch)
+        if self.trt_profile is not None:  # the engine takes only shapes inside its profile
+            if not self.trt_profile.covers(batch.shape):
+                raise ValueError(
+                    f"a {batch.shape[3]}x{batch.shape[2]} input is outside the TensorRT profile "
+                    f"({self.trt_profile}); for a native-size model raise --trt-max-side"
+                )
+            step = self.trt_profile.max_batch
+        if len(batch) <= step:
+            return dict(zip(names, self._run(batch, names)))
+        parts = [self._run(batch[i : i + step], names) for i in range(0, len(batch), step)]
+        return {n: np.concatenate([p[k] for p in parts]) for k, n in enumerate(names)}
+
+    def _run(self, batch: np.ndarray, names: list[str]) -> list[np.ndarray]:
         if self._io_device is not None:
-            outs = self._run_bound(batch, names, self._io_device)
-        else:
-            outs = self.session.run(names, {INPUT_NAME: batch})
-        return dict(zip(names, outs))
+            return self._run_bound(batch, names, self._io_device)
+        return list(self.session.run(names, {INPUT_NAME: batch}))
 
     def _run_bound(self, batch: np.ndarray, names: list[str], device: str) -> list[np.ndarray]:
         """GPU path: copy the input to the device once and let ORT allocate outputs there."""
@@ -281,4 +167,6 @@ class Inspector:
         return list(binding.copy_outputs_to_cpu())
 
     def decide(self, probs: np.ndarray, threshold: float | None = None) -> Decision:
-        return decide(probs, self.metadata, self.threshold if threshold is None else threshold)
+        """The verdict for one image's probabilities under the model's NG classes."""
+        chosen = self.threshold if threshold is None else threshold
+        return decide(probs, self.metadata.class_names, self._ng_indices, chosen)

@@ -2,19 +2,27 @@
 
 Export writes it into ``metadata_props[METADATA_KEY]``; the runner reads and validates it, so a
 line PC needs nothing but the ``.onnx`` file.  numpy/Pillow-free and torch-free by design.
+
+The document is **untrusted input** (a model file may come from anywhere): :meth:`ModelMetadata.from_json`
+caps its size and nesting, checks every field's type and range, and rejects what does not fit, with
+an error naming the field.  Nothing in it is ever used to choose code.  Version 2 nests the loader
+settings and adds the NG classes and the threshold's provenance; version 1 documents still load.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields
+import math
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .decision import DecisionRuleError, ng_class_names, ng_indices
 from .image import LoaderConfig
 
 METADATA_KEY = "defectscope"
 FORMAT_NAME = "defectscope.model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 #: test-time flips an export can build into the graph (``defectscope.models.tta``): name -> the
 #: flipped axes of each extra copy of the image (NCHW: 3 = left-right, 2 = up-down)
 TTA_FLIPS: dict[str, tuple[tuple[int, ...], ...]] = {
@@ -23,6 +31,21 @@ TTA_FLIPS: dict[str, tuple[tuple[int, ...], ...]] = {
     "flips": ((3,), (2,), (2, 3)),
 }
 TTA_NAMES: tuple[str, ...] = tuple(TTA_FLIPS)
+OUTPUT_NAMES = ("logits", "probs", "cam")
+
+#: caps on the untrusted document (generous for real models, small enough to keep a runner safe)
+MAX_JSON_BYTES = 1 << 20
+MAX_DEPTH = 8
+MAX_CLASSES = 1000
+MAX_NAME_CHARS = 200
+MAX_CHANNELS = 64
+MAX_SIDE = 1 << 16
+MAX_PIXELS = 1 << 30
+#: the loader fields of a version-1 document (flat there, nested under ``loader`` since version 2)
+LOADER_KEYS = ("channels", "max_side", "min_size", "size_multiple", "max_pixels")
+#: loader fields added since: a document without one was made with the field's default
+#: (``downscale``: "exact", the only policy before the field existed)
+LOADER_OPTIONAL_KEYS = ("downscale",)
 
 
 class MetadataError(ValueError):
@@ -33,23 +56,24 @@ class MetadataError(ValueError):
 class ModelMetadata:
     """Everything the runner needs besides the graph.
 
-    Decision rule: ``defect_prob = 1 - P(good_class)``; verdict NG when ``defect_prob >= threshold``.
+    Decision rule (:mod:`.decision`): ``P(defect)`` = the summed probability of ``ng_classes``
+    (empty = every class except ``good_class``); verdict NG when ``P(defect) >= threshold``.
+    ``threshold_source`` says where the threshold came from (export fills it: the recall target,
+    what it reached on how many validation images, the graph variant, or "set by hand").
     """
 
     class_names: list[str]
     good_class: str
     threshold: float
-    channels: int
+    loader: LoaderConfig
     mean: list[float]
     std: list[float]
-    max_side: int | None
-    min_size: int
-    size_multiple: int
-    max_pixels: int
     model_name: str
     package_version: str
+    ng_classes: list[str] = field(default_factory=list)
+    threshold_source: dict[str, Any] = field(default_factory=dict)
     total_stride: int = 1
-    outputs: list[str] = field(default_factory=lambda: ["logits", "probs", "cam"])
+    outputs: list[str] = field(default_factory=lambda: list(OUTPUT_NAMES))
     fp16: bool = False
     #: static int8 (QDQ) graph for CPU line PCs; ``quantization`` holds its calibration and gate figures
     int8: bool = False
@@ -63,29 +87,22 @@ class ModelMetadata:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        problems = []
-        if len(self.class_names) < 2:
-            problems.append(f"class_names needs at least 2 names, got {self.class_names!r}")
-        if self.good_class not in self.class_names:
-            problems.append(f"good_class {self.good_class!r} is not one of class_names {self.class_names!r}")
-        if not 0.0 <= float(self.threshold) <= 1.0:
-            problems.append(f"threshold must lie in [0, 1], got {self.threshold!r}")
-        if len(self.mean) != self.channels or len(self.std) != self.channels:
-            problems.append(
-                f"mean/std need {self.channels} values (channels), got {len(self.mean)}/{len(self.std)}"
-            )
-        if self.fp16 and self.int8:
-            problems.append("fp16 and int8 exclude each other")
-        if self.tta not in TTA_NAMES:
-            problems.append(f"tta must be one of {', '.join(TTA_NAMES)}, got {self.tta!r}")
-        if any(float(s) <= 0 for s in self.std):
-            problems.append(f"std values must be > 0, got {self.std!r}")
+        problems = _problems(self)
         if problems:
             raise MetadataError("invalid defectscope metadata: " + "; ".join(problems))
+        try:
+            self.ng_classes = ng_class_names(self.class_names, self.good_class, self.ng_classes)
+        except DecisionRuleError as exc:
+            raise MetadataError(f"invalid defectscope metadata: ng_classes: {exc}") from None
 
     @property
-    def good_index(self) -> int:
-        return self.class_names.index(self.good_class)
+    def channels(self) -> int:
+        return self.loader.channels
+
+    @property
+    def ng_indices(self) -> list[int]:
+        """Probability columns whose sum is P(defect)."""
+        return ng_indices(self.class_names, self.good_class, self.ng_classes)
 
     @property
     def tta_views(self) -> int:
@@ -98,43 +115,181 @@ class ModelMetadata:
         kind = "int8" if self.int8 else "fp16" if self.fp16 else "fp32"
         return kind if self.tta == "none" else f"{kind}, test-time {self.tta} ({self.tta_views} views)"
 
-    def loader_config(self) -> LoaderConfig:
-        return LoaderConfig(
-            channels=self.channels,
-            max_side=self.max_side,
-            min_size=self.min_size,
-            size_multiple=self.size_multiple,
-            max_pixels=self.max_pixels,
-        )
-
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        doc = asdict(self)
+        doc["loader"] = _loader_doc(self.loader)
+        return json.dumps(doc, sort_keys=True, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str | None, source: str = "model") -> ModelMetadata:
-        """Parse and validate; errors name the source and every missing key."""
-        if not text:
-            raise MetadataError(
-                f"{source}: no {METADATA_KEY!r} metadata; this is not a model exported by "
-                "`defectscope export` (re-export it with defectscope)"
-            )
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise MetadataError(f"{source}: metadata is not valid JSON: {exc}") from None
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
-            raise MetadataError(
-                f"{source}: metadata format is {doc.get('format')!r}, expected {FORMAT_NAME!r}"
-            )
+        """Parse and validate an untrusted document; errors name the source and the field."""
+        doc = _parse(text, source)
         version = doc.get("format_version")
-        if version != FORMAT_VERSION:
+        if isinstance(version, bool) or version not in READABLE_VERSIONS:
             raise MetadataError(
                 f"{source}: metadata format_version {version!r} is not supported "
-                f"(this runner reads version {FORMAT_VERSION}); re-export the model"
+                f"(this runner reads versions {', '.join(map(str, READABLE_VERSIONS))}); re-export the model"
             )
+        if version == 1:
+            doc = _upgrade_v1(doc)
         known = {f.name for f in fields(cls)}
-        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
-        missing = sorted(required - doc.keys())
+        required = ("class_names", "good_class", "threshold", "loader", "mean", "std", "model_name")
+        missing = sorted(k for k in required if k not in doc)
         if missing:
             raise MetadataError(f"{source}: metadata lacks required keys: {', '.join(missing)}")
-        return cls(**{k: v for k, v in doc.items() if k in known})
+        values = {k: v for k, v in doc.items() if k in known}
+        values.setdefault("package_version", "unknown")
+        values["format_version"] = FORMAT_VERSION
+        try:
+            values["loader"] = parse_loader(values["loader"])
+            return cls(**values)
+        except (MetadataError, DecisionRuleError, TypeError, ValueError) as exc:
+            raise MetadataError(f"{source}: {exc}") from None
+
+
+def _parse(text: str | None, source: str) -> dict[str, Any]:
+    if not text:
+        raise MetadataError(
+            f"{source}: no {METADATA_KEY!r} metadata; this is not a model exported by "
+            "`defectscope export` (re-export it with defectscope)"
+        )
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_JSON_BYTES:
+        raise MetadataError(f"{source}: metadata is larger than {MAX_JSON_BYTES} bytes; refusing it")
+    try:
+        doc = json.loads(text, parse_constant=_no_constant)
+    except (json.JSONDecodeError, RecursionError, ValueError) as exc:
+        raise MetadataError(f"{source}: metadata is not valid JSON: {str(exc).splitlines()[0]}") from None
+    if _depth(doc) > MAX_DEPTH:
+        raise MetadataError(f"{source}: metadata nests deeper than {MAX_DEPTH} levels; refusing it")
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise MetadataError(f"{source}: metadata format is {got!r}, expected {FORMAT_NAME!r}")
+    return doc
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed in metadata")
+
+
+def _depth(node: Any) -> int:
+    if isinstance(node, dict):
+        return 1 + max((_depth(v) for v in node.values()), default=0)
+    if isinstance(node, list):
+        return 1 + max((_depth(v) for v in node), default=0)
+    return 0
+
+
+def _upgrade_v1(doc: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 kept the loader settings flat; everything else reads the same."""
+    out = {k: v for k, v in doc.items() if k not in LOADER_KEYS}
+    if all(k in doc for k in LOADER_KEYS):
+        out["loader"] = {k: doc[k] for k in LOADER_KEYS}
+    return out
+
+
+def _loader_doc(loader: LoaderConfig) -> dict[str, Any]:
+    """The loader as a model stores it: optional fields only where they differ from their default,
+    so a model that does not use one stays readable by runners that predate it, and a model that
+    does is refused by them instead of being preprocessed another way."""
+    doc: dict[str, Any] = loader.to_dict()
+    default = LoaderConfig()
+    for key in LOADER_OPTIONAL_KEYS:
+        if doc[key] == getattr(default, key):
+            del doc[key]
+    return doc
+
+
+def parse_loader(value: Any) -> LoaderConfig:
+    """Loader settings read from a file (a model's metadata, a checkpoint): keys, types, ranges."""
+    if isinstance(value, LoaderConfig):
+        return value
+    allowed = {*LOADER_KEYS, *LOADER_OPTIONAL_KEYS}
+    if not isinstance(value, dict) or not set(LOADER_KEYS) <= set(value) <= allowed:
+        raise MetadataError(
+            f"loader must be an object with exactly the keys {', '.join(LOADER_KEYS)} "
+            f"(optionally also {', '.join(LOADER_OPTIONAL_KEYS)})"
+        )
+    checks = {
+        "channels": (1, MAX_CHANNELS),
+        "min_size": (1, MAX_SIDE),
+        "size_multiple": (1, MAX_SIDE),
+        "max_pixels": (1, MAX_PIXELS),
+    }
+    for key, (lo, hi) in checks.items():
+        _int_in(value[key], f"loader.{key}", lo, hi)
+    if value["max_side"] is not None:
+        _int_in(value["max_side"], "loader.max_side", 1, MAX_SIDE)
+    try:
+        return LoaderConfig(**value)
+    except ValueError as exc:
+        raise MetadataError(f"metadata has an unusable loader config: {exc}") from None
+
+
+def _int_in(value: Any, key: str, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise MetadataError(f"{key} must be a whole number in [{lo}, {hi}], got {value!r}")
+
+
+def _name(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_NAME_CHARS and value.isprintable()
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _problems(m: ModelMetadata) -> list[str]:
+    """Every type and range problem of a document, so one error lists them all."""
+    out: list[str] = []
+    names = m.class_names
+    if not isinstance(names, list) or not 2 <= len(names) <= MAX_CLASSES or not all(map(_name, names)):
+        out.append(f"class_names must be 2..{MAX_CLASSES} printable names of <= {MAX_NAME_CHARS} characters")
+    elif len(set(names)) != len(names):
+        out.append(f"class_names must be unique, got {names!r}")
+    elif m.good_class not in names:
+        out.append(f"good_class {m.good_class!r} is not one of class_names {names!r}")
+    if not isinstance(m.ng_classes, list) or not all(map(_name, m.ng_classes)):
+        out.append("ng_classes must be a list of class names")
+    if not _number(m.threshold) or not 0.0 <= float(m.threshold) <= 1.0:
+        out.append(f"threshold must be a number in [0, 1], got {m.threshold!r}")
+    if not isinstance(m.loader, LoaderConfig):
+        out.append("loader must be a LoaderConfig")
+    for key in ("mean", "std"):
+        vals = getattr(m, key)
+        if not isinstance(vals, list) or not all(map(_number, vals)):
+            out.append(f"{key} must be a list of finite numbers")
+        elif isinstance(m.loader, LoaderConfig) and len(vals) != m.loader.channels:
+            out.append(f"{key} needs {m.loader.channels} values (loader.channels), got {len(vals)}")
+    if isinstance(m.std, list) and any(_number(s) and s <= 0 for s in m.std):
+        out.append(f"std values must be > 0, got {m.std!r}")
+    for key in ("model_name", "package_version"):
+        if not _name(getattr(m, key)):
+            out.append(f"{key} must be a printable name of <= {MAX_NAME_CHARS} characters")
+    for key in ("mlflow_run_id", "checkpoint_sha256"):
+        value = getattr(m, key)
+        if value is not None and not _name(value):
+            out.append(f"{key} must be null or a printable string of <= {MAX_NAME_CHARS} characters")
+    if (
+        isinstance(m.total_stride, bool)
+        or not isinstance(m.total_stride, int)
+        or not 1 <= m.total_stride <= MAX_SIDE
+    ):
+        out.append(f"total_stride must be a whole number in [1, {MAX_SIDE}], got {m.total_stride!r}")
+    outs = m.outputs
+    if (
+        not isinstance(outs, list)
+        or not set(outs) <= set(OUTPUT_NAMES)
+        or not {"logits", "probs"} <= set(outs)
+    ):
+        out.append(f"outputs must list logits, probs and optionally cam, got {outs!r}")
+    for key in ("fp16", "int8"):
+        if not isinstance(getattr(m, key), bool):
+            out.append(f"{key} must be true or false")
+    if m.fp16 is True and m.int8 is True:
+        out.append("fp16 and int8 exclude each other")
+    if m.tta not in TTA_NAMES:
+        out.append(f"tta must be one of {', '.join(TTA_NAMES)}, got {m.tta!r}")
+    for key in ("quantization", "parity", "threshold_source"):
+        if not isinstance(getattr(m, key), dict):
+            out.append(f"{key} must be an object")
+    return out

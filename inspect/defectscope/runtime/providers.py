@@ -20,6 +20,13 @@ PROVIDER_CHOICES = ("auto", *PROVIDERS)
 GRAPH_OPT_CHOICES = ("disable", "basic", "extended", "all")
 #: Providers that run on the GPU and therefore want IO binding.
 GPU_PROVIDERS = frozenset({"tensorrt", "cuda"})
+#: Why an int8 export stays on the CPU provider (NVIDIA/TensorRT #2774; ORT's CUDA QDQ handling).
+INT8_ON_GPU = (
+    "int8 exports (QDQ, uint8 with non-zero zero points) are made for the CPU provider: TensorRT takes "
+    "int8 only with zero point 0, and CUDA runs QDQ convolutions in fp32 with extra steps"
+)
+#: Session config key behind ``InferenceSession.get_provider_graph_assignment_info`` (ORT >= 1.24).
+RECORD_ASSIGNMENT = "session.record_ep_graph_assignment_info"
 
 
 class ProviderError(RuntimeError):
@@ -56,52 +63,32 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-def default_trt_cache() -> Path:
-    """Per-user cache folder for TensorRT engines (building one takes minutes; reuse it)."""
-    base = os.environ.get("LOCALAPPDATA") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "defectscope" / "trt"
-
-
-def provider_chain(
-    kind: str,
-    *,
-    trt_cache_dir: Path | None = None,
-    fp16: bool = False,
-    profile: tuple[int, int, int, int] | None = None,
-) -> list[Any]:
+def provider_chain(kind: str, trt_options: dict[str, str] | None = None) -> list[Any]:
     """The ORT ``providers`` list that makes ``kind`` primary, with the usual partition fallbacks.
 
     TensorRT hands unsupported nodes to CUDA, CUDA to the CPU; the primary is verified after the
-    session exists, so a silently missing library cannot pass for success.  ``profile`` =
-    (max_batch, channels, min_side, max_side) gives TensorRT one optimisation profile covering
-    every input size, instead of an engine rebuild for each new shape.
+    session exists, so a silently missing library cannot pass for success, and the start-up check
+    reports how many nodes each provider took.  ``trt_options`` come from :mod:`.trt`.
     """
     if kind == "cpu":
         return [PROVIDERS["cpu"]]
     if kind == "cuda":
         return [(PROVIDERS["cuda"], {"cudnn_conv_algo_search": "HEURISTIC"}), PROVIDERS["cpu"]]
     if kind == "tensorrt":
-        cache = str(trt_cache_dir or default_trt_cache())
-        trt = {
-            "trt_engine_cache_enable": "True",
-            "trt_engine_cache_path": cache,
-            "trt_timing_cache_enable": "True",
-            "trt_timing_cache_path": cache,
-            "trt_fp16_enable": "True" if fp16 else "False",
-        }
-        if profile is not None:
-            batch, ch, lo, hi = profile
-            trt["trt_profile_min_shapes"] = f"input:1x{ch}x{lo}x{lo}"
-            trt["trt_profile_opt_shapes"] = f"input:{batch}x{ch}x{hi}x{hi}"
-            trt["trt_profile_max_shapes"] = f"input:{batch}x{ch}x{hi}x{hi}"
-        return [(PROVIDERS["tensorrt"], trt), PROVIDERS["cuda"], PROVIDERS["cpu"]]
+        return [(PROVIDERS["tensorrt"], dict(trt_options or {})), PROVIDERS["cuda"], PROVIDERS["cpu"]]
     raise ProviderError(f"unknown provider {kind!r}; choose one of {', '.join(PROVIDER_CHOICES)}")
 
 
-def candidates(requested: str, available: list[str]) -> list[str]:
-    """Short provider names to try, best first; raises when a forced one is not in this ORT build."""
+def candidates(requested: str, available: list[str], *, int8: bool = False) -> list[str]:
+    """Short provider names to try, best first; raises when a forced one is not in this ORT build.
+
+    ``auto`` runs an int8 model on the CPU provider (:data:`INT8_ON_GPU` says why); a forced GPU
+    provider is the user's call and only gets a warning.
+    """
     have = [short_name(p) for p in available]
     if requested == "auto":
+        if int8 and PROVIDERS["cpu"] in available:
+            return ["cpu"]
         return [k for k in PROVIDERS if PROVIDERS[k] in available] or ["cpu"]
     if requested not in PROVIDERS:
         raise ProviderError(f"unknown provider {requested!r}; choose one of {', '.join(PROVIDER_CHOICES)}")
@@ -131,8 +118,12 @@ def import_ort() -> Any:
     return onnxruntime
 
 
-def session_options(threads: int | None, graph_opt: str) -> Any:
-    """Fast defaults: one intra-op thread per physical core, sequential execution, full graph opts."""
+def session_options(threads: int | None, graph_opt: str, *, profile_prefix: str | None = None) -> Any:
+    """Fast defaults: one intra-op thread per physical core, sequential execution, full graph opts.
+
+    Node placement is recorded for the start-up report; ``profile_prefix`` turns on ORT's profiler
+    instead, for versions without that record.
+    """
     ort = import_ort()
 
     if graph_opt not in GRAPH_OPT_CHOICES:
@@ -154,4 +145,8 @@ def session_options(threads: int | None, graph_opt: str) -> Any:
     # would only pile up.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.enable_mem_pattern = False
+    so.add_session_config_entry(RECORD_ASSIGNMENT, "1")
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
     return so

@@ -8,24 +8,31 @@ of a run, so it can never disagree with it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from .inspector import Decision
+from .outputs import OutputError, replaced_file, write_all
+from .pipeline import Result
 
+#: every row's fields, in file and CSV order; each is documented in deploy/README.md ("Result rows")
 ROW_KEYS = (
     "path",
     "status",
     "verdict",
-    "label",
-    "score",
     "defect_prob",
+    "threshold",
+    "threshold_source",
+    "top_class",
+    "top_prob",
     "probs",
     "width",
     "height",
@@ -34,54 +41,86 @@ ROW_KEYS = (
     "provider",
     "latency_ms",
 )
+#: fields renamed since the first row format; :func:`iter_rows` reads old files under the new names
+RENAMED = {"label": "top_class", "score": "top_prob"}
+THRESHOLD_FROM_MODEL = "model"
+THRESHOLD_FROM_OPTION = "--threshold"
 
 
 class ResultsFileError(RuntimeError):
-    """An existing results file cannot be continued (corrupt line, other model)."""
+    """An existing results file cannot be continued (corrupt line, other model or threshold)."""
 
 
-def ok_row(
-    path: str,
-    decision: Decision,
-    size: tuple[int, int],
-    *,
-    sha256: str,
-    provider: str,
-    latency_ms: float,
-) -> dict[str, Any]:
-    return {
-        "path": path,
-        "status": "ok",
-        "verdict": decision.verdict,
-        "label": decision.label,
-        "score": decision.score,
-        "defect_prob": decision.defect_prob,
-        "probs": decision.probs,
-        "width": size[0],
-        "height": size[1],
-        "error": None,
-        "model_sha256": sha256,
-        "provider": provider,
-        "latency_ms": round(latency_ms, 3),
-    }
+@dataclass(frozen=True)
+class RunStamp:
+    """What every row of one results file must share: the model and the threshold that decided."""
+
+    model_sha256: str
+    provider: str
+    threshold: float
+    threshold_source: str  # THRESHOLD_FROM_MODEL or THRESHOLD_FROM_OPTION
+
+    @classmethod
+    def of(cls, sha256: str, provider: str, model_threshold: float, override: float | None) -> RunStamp:
+        if override is None:
+            return cls(sha256, provider, float(model_threshold), THRESHOLD_FROM_MODEL)
+        return cls(sha256, provider, float(override), THRESHOLD_FROM_OPTION)
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "threshold": self.threshold,
+            "threshold_source": self.threshold_source,
+            "model_sha256": self.model_sha256,
+            "provider": self.provider,
+        }
 
 
-def error_row(path: str, error: str, *, sha256: str, provider: str, latency_ms: float) -> dict[str, Any]:
-    return {
-        "path": path,
-        "status": "error",
-        "verdict": None,
-        "label": None,
-        "score": None,
-        "defect_prob": None,
-        "probs": None,
-        "width": None,
-        "height": None,
-        "error": error,
-        "model_sha256": sha256,
-        "provider": provider,
-        "latency_ms": round(latency_ms, 3),
-    }
+def result_row(result: Result, stamp: RunStamp) -> dict[str, Any]:
+    """The row of one pipeline result: a verdict, or ``status: error`` with the loader's reason."""
+    d, size = result.decision, result.item.size
+    row: dict[str, Any] = dict.fromkeys(ROW_KEYS)
+    row.update(path=result.item.path, latency_ms=round(result.latency_ms, 3), **stamp.fields())
+    if d is not None and size is not None:
+        row.update(
+            status="ok",
+            verdict=d.verdict,
+            defect_prob=d.defect_prob,
+            top_class=d.top_class,
+            top_prob=d.top_prob,
+            probs=d.probs,
+            width=size[0],
+            height=size[1],
+        )
+    else:
+        row.update(status="error", error=result.error or result.item.error or "unknown")
+    return row
+
+
+def upgrade_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row of any format under today's names (``label`` -> ``top_class``, ...); missing -> None."""
+    for old, new in RENAMED.items():
+        if old in row and new not in row:
+            row[new] = row.pop(old)
+    for key in ROW_KEYS:
+        row.setdefault(key, None)
+    return row
+
+
+def check_same_run(row: dict[str, Any], stamp: RunStamp, where: str) -> None:
+    """Refuse to append rows of this run to a file whose rows came from another model or threshold
+    (rows written before thresholds were recorded are checked on the model only)."""
+    if row.get("model_sha256") != stamp.model_sha256:
+        raise ResultsFileError(
+            f"{where}: holds results of another model (sha256 {row.get('model_sha256')}); this model is "
+            f"{stamp.model_sha256}; write to a new results file"
+        )
+    old = row.get("threshold")
+    if old is not None and float(old) != stamp.threshold:
+        raise ResultsFileError(
+            f"{where}: holds results decided with threshold {old:g} ({row.get('threshold_source')}), "
+            f"but this run uses {stamp.threshold:g} ({stamp.threshold_source}); write to a new results "
+            f"file, or run with --threshold {old:g}"
+        )
 
 
 def encode_row(row: dict[str, Any]) -> bytes:
@@ -103,24 +142,32 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 
 class JsonlWriter:
-    """Buffered rows, committed per batch with one write + flush; fsync at most every interval.
+    """Buffered rows, committed per batch with one write; fsync at most every interval.
 
-    A flushed row is in the OS: a killed process (``kill -9``, crash) loses nothing.  Only a power
+    A committed row is in the OS: a killed process (``kill -9``, crash) loses nothing.  Only a power
     cut can lose rows not yet fsync'd, and their inputs are then simply inspected again by
     ``--resume`` (no row is ever duplicated).  ``fsync_interval_s=0`` syncs every commit, which
-    ``watch`` needs because it moves the original right after the commit.
+    ``watch`` needs because it moves the original right after the commit.  A failed write (disk
+    full) cuts the file back to its last complete row and raises :class:`OutputError`, so every
+    row before stays intact and ``--resume`` goes on from there.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, append: bool, fsync_interval_s: float = 0.0) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "ab" if append else "wb")  # noqa: SIM115 - lives as long as the writer
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.path, flags, 0o666)
+        except OSError as exc:
+            raise OutputError(f"cannot open results {self.path} ({exc.strerror or exc})") from None
+        self._end = os.fstat(self._fd).st_size  # end of the last complete row
         self._buf: list[bytes] = []
         self.committed = 0
         self.fsync_interval_s = float(fsync_interval_s)
         self.fsyncs = 0
         self._last_sync = time.monotonic()
         self._unsynced = False
+        self._failed = False
 
     @property
     def pending(self) -> int:
@@ -132,25 +179,43 @@ class JsonlWriter:
     def commit(self) -> None:
         if not self._buf:
             return
-        self._f.write(b"".join(self._buf))
-        self._f.flush()
-        self.committed += len(self._buf)
+        data = b"".join(self._buf)
+        n = len(self._buf)
         self._buf.clear()
+        try:
+            write_all(self._fd, data)
+        except OSError as exc:
+            self._fail(exc)
+        self._end += len(data)
+        self.committed += n
         self._unsynced = True
         if time.monotonic() - self._last_sync >= self.fsync_interval_s:
             self.sync()
 
     def sync(self) -> None:
         if self._unsynced:
-            os.fsync(self._f.fileno())
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                self._fail(exc)
             self.fsyncs += 1
             self._unsynced = False
         self._last_sync = time.monotonic()
 
+    def _fail(self, exc: OSError) -> NoReturn:
+        """Cut a partly written batch off (the file ends with a complete row again) and say so."""
+        self._failed = True
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, self._end)
+        raise OutputError(f"cannot write results to {self.path} ({exc.strerror or exc})") from None
+
     def close(self) -> None:
-        self.commit()
-        self.sync()
-        self._f.close()
+        try:
+            if not self._failed:
+                self.commit()
+                self.sync()
+        finally:
+            os.close(self._fd)
 
 
 def recover_jsonl(path: str | os.PathLike[str]) -> int:
@@ -182,7 +247,8 @@ def recover_jsonl(path: str | os.PathLike[str]) -> int:
 
 
 def iter_rows(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """Rows of a results file, streamed; a corrupt complete line is an error naming the line."""
+    """Rows of a results file of any format (:func:`upgrade_row`), streamed; a corrupt complete
+    line is an error naming the line."""
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -193,18 +259,36 @@ def iter_rows(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
                 raise ResultsFileError(f"{path}:{lineno}: not a valid result row ({exc})") from None
             if not isinstance(row, dict) or "path" not in row:
                 raise ResultsFileError(f"{path}:{lineno}: not a result row (no 'path')")
-            yield row
+            yield upgrade_row(row)
 
 
-def load_done(path: str | os.PathLike[str], sha256: str) -> Counter[str]:
-    """How many rows each path already has; refuses a file written with another model."""
+def last_row(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The last complete row of a results file (read from the end; ``None`` when there is none)."""
+    try:
+        with open(path, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            f.seek(max(0, end - (1 << 20)))
+            tail = f.read()
+    except FileNotFoundError:
+        return None
+    lines = [ln for ln in tail.split(b"\n") if ln.strip()]
+    if not tail.endswith(b"\n") and lines:
+        lines.pop()  # a torn last line is no row
+    for line in reversed(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and "path" in row:
+            return upgrade_row(row)
+    return None
+
+
+def load_done(path: str | os.PathLike[str], stamp: RunStamp) -> Counter[str]:
+    """How many rows each path already has; refuses a file of another model or threshold."""
     done: Counter[str] = Counter()
-    for row in iter_rows(path):
-        if row.get("model_sha256") != sha256:
-            raise ResultsFileError(
-                f"{path}: holds results of another model (sha256 {row.get('model_sha256')}); "
-                f"this model is {sha256}; write to a new results file instead of --resume"
-            )
+    for lineno, row in enumerate(iter_rows(path), 1):
+        check_same_run(row, stamp, f"{path} (row {lineno})")
         done[row["path"]] += 1
     return done
 
@@ -225,14 +309,12 @@ def csv_columns(class_names: Sequence[str]) -> list[str]:
 def write_csv(
     jsonl_path: str | os.PathLike[str], csv_path: str | os.PathLike[str], class_names: Sequence[str]
 ) -> int:
-    """Regenerate the CSV from the JSONL (atomically); returns the number of rows."""
-    out = Path(csv_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    """Regenerate the CSV from the JSONL (see :func:`replaced_file`); returns the number of rows."""
     cols = csv_columns(class_names)
     n = 0
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
+    with replaced_file(csv_path, "--csv") as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        w = csv.writer(text)
         w.writerow(cols)
         for row in iter_rows(jsonl_path):
             probs = row.get("probs") or {}
@@ -240,5 +322,6 @@ def write_csv(
             flat.update({f"prob_{c}": probs.get(c) for c in class_names})
             w.writerow(["" if flat[c] is None else flat[c] for c in cols])
             n += 1
-    os.replace(tmp, out)
+        text.flush()
+        text.detach()
     return n

@@ -47,12 +47,13 @@ class Summary:
             return
         p = float(row["defect_prob"])
         b = min(HIST_BINS - 1, max(0, int(p * HIST_BINS)))
-        self.labels[str(row.get("label"))] += 1
+        self.labels[str(row.get("top_class"))] += 1
         if row.get("verdict") == "NG":
             self.ng += 1
             self.hist_ng[b] += 1
             keep = {
-                k: row.get(k) for k in ("path", "label", "score", "defect_prob", "probs", "width", "height")
+                k: row.get(k)
+                for k in ("path", "top_class", "top_prob", "defect_prob", "probs", "width", "height")
             }
             entry = (p, -self.total, keep)  # ties: earlier rows win
             if len(self._ng_heap) < self.max_items:

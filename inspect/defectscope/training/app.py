@@ -1,8 +1,9 @@
 """Hydra entry points: ``defectscope train [overrides]`` and ``defectscope evaluate ckpt_path=... [overrides]``.
 
 Every argument goes to Hydra unchanged, so overrides, ``--multirun``, ``--cfg job``, ``-cn``,
-``--help`` behave as in any Hydra app.  Configs come from the repository's ``conf/`` (found
-relative to this package) or from the folder named by ``DEFECTSCOPE_CONF``.
+``--help`` and ``--config-dir`` (a folder of the user's own configs, searched first) behave as in
+any Hydra app.  The configs ship inside the package (``defectscope/conf`` in a wheel, built from
+the repository's ``conf/``, which a source checkout uses directly); see :func:`conf_dir`.
 
 DDP on one machine: Lightning starts ranks 1..N-1 by re-running *this process's command line*
 (``sys.argv``) with a few Hydra overrides appended.  While the job runs, ``sys.argv`` is therefore
@@ -12,20 +13,62 @@ the children run the same command.
 
 from __future__ import annotations
 
-import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-CONF_ENV = "DEFECTSCOPE_CONF"
+#: config groups the app chooses itself (``optional model_recipe: ${model}``); ``hydra`` is Hydra's own
+INTERNAL_GROUPS = frozenset({"hydra", "model_recipe"})
+#: groups that only one command composes, listed in that command's --help only (conf/search.yaml)
+COMMAND_GROUPS = {"search": "search"}
+HELP_GROUPS_RESOLVER = "defectscope_help_groups"
+#: what a required (``???``) key looks like, for the one-line error that names it
+EXAMPLE_VALUES = {"ckpt_path": "outputs/<date>/<time>/checkpoints/best.ckpt"}
 
 
 def conf_dir() -> Path:
-    """``$DEFECTSCOPE_CONF`` or ``<repo>/conf`` (inspect/defectscope/training -> ../../../conf)."""
-    env = os.environ.get(CONF_ENV)
-    path = Path(env).expanduser() if env else Path(__file__).resolve().parents[3] / "conf"
-    return path.resolve()
+    """The packaged configs (``defectscope/conf``, present in a wheel install), else the source
+    checkout's ``conf/`` beside ``inspect/`` (setup.py maps that folder into the wheel)."""
+    package = Path(__file__).resolve().parents[1]
+    shipped = package / "conf"
+    return shipped if shipped.is_dir() else package.parents[1] / "conf"
+
+
+def _user_groups(loader: Any, parent: str = "", task: str = "") -> Iterator[str]:
+    """``group: option, ...`` lines for groups a user chooses: no internal group, no ``_`` option."""
+    for name in sorted(loader.list_groups(parent)):
+        group = f"{parent}/{name}" if parent else name
+        top = group.split("/")[0]
+        if name.startswith("_") or top in INTERNAL_GROUPS or COMMAND_GROUPS.get(top, task) != task:
+            continue
+        options = sorted(o for o in loader.get_group_options(group) if not o.startswith("_"))
+        if options:
+            yield f"{group}: {', '.join(options)}"
+        yield from _user_groups(loader, group, task)
+
+
+def help_groups(task: str = "") -> str:
+    """The help page's group list (``${defectscope_help_groups:${task_name}}`` in conf/hydra/default.yaml).
+
+    Hydra's own ``$APP_CONFIG_GROUPS`` lists every folder, including ``data/_base`` and the
+    recipe group that follows ``model``; this lists the same search path, user folders included.
+    """
+    from hydra.core.global_hydra import GlobalHydra
+
+    return "\n".join(_user_groups(GlobalHydra.instance().config_loader(), task=str(task)))
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver(HELP_GROUPS_RESOLVER, help_groups, replace=True, use_cache=False)
+
+
+def _missing_keys(cfg: Any) -> list[str]:
+    from omegaconf import OmegaConf
+
+    return sorted(OmegaConf.missing_keys(cfg))
 
 
 def _is_own_error(exc: BaseException) -> bool:
@@ -37,6 +80,16 @@ def _is_own_error(exc: BaseException) -> bool:
 
 def _job(command: str, argv: list[str], launch_argv: list[str], fn: Callable[[Any], dict[str, float]]) -> Any:
     def task(cfg: Any) -> Any:
+        missing = _missing_keys(cfg)
+        if missing:
+            example = " ".join(f"{k}={EXAMPLE_VALUES.get(k, '...')}" for k in missing)
+            print(
+                f"defectscope {command}: error: config key(s) {', '.join(missing)} must be given, e.g. "
+                f"defectscope {command} {example}",
+                file=sys.stderr,
+                flush=True,
+            )
+            raise SystemExit(2)
         saved = sys.argv
         # Lightning's DDP launcher re-runs sys.argv for the other ranks (see module docstring).
         sys.argv = launch_argv
@@ -67,11 +120,12 @@ def _run(command: str, config_name: str, argv: Sequence[str], fn: Callable[[Any]
     conf = conf_dir()
     if not (conf / f"{config_name}.yaml").is_file():
         print(
-            f"defectscope {command}: config folder {conf} has no {config_name}.yaml; set {CONF_ENV} to the "
-            "conf/ folder of a defectscope checkout",
+            f"defectscope {command}: config folder {conf} has no {config_name}.yaml; this installation "
+            "is incomplete (reinstall defectscope)",
             file=sys.stderr,
         )
         return 2
+    _register_resolvers()
     args = list(argv)
     own = sys.argv[1:2] == [command]  # started as `defectscope <command> ...` or `python -m defectscope ...`
     launch_argv = [sys.argv[0], command, *args] if own else list(sys.argv)
@@ -99,7 +153,7 @@ def _train(cfg: Any) -> dict[str, float]:
 
 
 def _evaluate(cfg: Any) -> dict[str, float]:
-    from .train import evaluate
+    from .evaluate import evaluate
 
     return evaluate(cfg)
 
@@ -110,7 +164,12 @@ def train_main(argv: Sequence[str]) -> int:
 
 
 def evaluate_main(argv: Sequence[str]) -> int:
-    """``defectscope evaluate ckpt_path=PATH [data=...]``: test metrics of a checkpoint."""
+    """``defectscope evaluate ckpt_path=PATH [data=...]``: test metrics of a checkpoint (Hydra);
+    ``defectscope evaluate MODEL.onnx DATA``: an exported model through the runtime (torch-free)."""
+    if argv and str(argv[0]).lower().endswith(".onnx"):
+        from defectscope.evaluation.cli import main
+
+        return main(argv)
     return _run("evaluate", "evaluate", argv, _evaluate)
 
 

@@ -20,9 +20,16 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .. import __version__
 from ..data.datamodule import MAX_EXPORT_VAL_PATHS
+from ..evaluation.threshold import DEFAULT_WARN_FALSE_REJECT_RATE, threshold_report
+from ..runtime.decision import (
+    DecisionRuleError,
+    defect_probability,
+    is_defect_label,
+    ng_class_names,
+    ng_indices,
+)
 from .metrics import (
     DefectScores,
-    choose_threshold,
     class_metrics,
     confusion_matrix,
     defect_auroc,
@@ -106,7 +113,12 @@ class DefectClassifier(pl.LightningModule):
         if good_class not in self.class_names:
             raise ValueError(f"good_class {good_class!r} is not one of {self.class_names}")
         self.good_class = good_class
-        self.good_index = self.class_names.index(good_class)
+        thr = dict(threshold or {})
+        try:
+            self.ng_classes = ng_class_names(self.class_names, good_class, thr.get("ng_classes"))
+        except DecisionRuleError as exc:
+            raise ValueError(f"threshold.ng_classes: {exc}") from None
+        self.ng_indices = ng_indices(self.class_names, good_class, self.ng_classes)
         loss = dict(loss or {})
         weights = loss.get("class_weights")
         self.register_buffer(
@@ -115,9 +127,11 @@ class DefectClassifier(pl.LightningModule):
             persistent=False,
         )
         self.label_smoothing = float(loss.get("label_smoothing", 0.0) or 0.0)
-        thr = dict(threshold or {})
         self.target_recall = float(thr.get("target_recall", 0.99))
+        self.warn_false_reject_rate = float(thr.get("warn_false_reject_rate", DEFAULT_WARN_FALSE_REJECT_RATE))
         self.threshold = float(thr.get("default", 0.5))
+        #: what the last validation's threshold costs (evaluation.threshold.threshold_report), or None
+        self.threshold_report: dict[str, Any] | None = None
         self.data_info = dict(data_info or {})
         #: how many misclassified test images (with CAM) to keep for the artifact grid
         self.misclassified_max = 16
@@ -144,8 +158,8 @@ class DefectClassifier(pl.LightningModule):
         return F.cross_entropy(logits.float(), target, weight=weight, label_smoothing=self.label_smoothing)
 
     def defect_probability(self, logits: torch.Tensor) -> torch.Tensor:
-        """P(defect) = 1 - P(good class): the score every OK/NG decision uses."""
-        return 1.0 - logits.float().softmax(dim=1)[:, self.good_index]
+        """P(defect) under the project-wide rule (:mod:`defectscope.runtime.decision`)."""
+        return defect_probability(logits.float().softmax(dim=1), self.ng_indices)
 
     # ------------------------------------------------------------------ steps
 
@@ -168,7 +182,9 @@ class DefectClassifier(pl.LightningModule):
         getattr(self, f"{stage}_loss").update(self.criterion(logits, y), weight=int(y.numel()))
         getattr(self, f"{stage}_metrics").update(preds, y)
         getattr(self, f"{stage}_confmat").update(preds, y)
-        getattr(self, f"{stage}_scores").update(self.defect_probability(logits), y != self.good_index)
+        getattr(self, f"{stage}_scores").update(
+            self.defect_probability(logits), is_defect_label(y, self.ng_indices)
+        )
         return logits, preds
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
@@ -177,7 +193,7 @@ class DefectClassifier(pl.LightningModule):
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         logits, preds = self._eval_step(batch, "test")
         if self.shift_protocol is not None:
-            self.test_shift.update_batch(self.model, batch["image"], self.good_index, self.shift_protocol)
+            self.test_shift.update_batch(self.model, batch["image"], self.ng_indices, self.shift_protocol)
         if len(self._misclassified) < self.misclassified_max:
             self._keep_misclassified(batch, logits, preds)
 
@@ -223,9 +239,11 @@ class DefectClassifier(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         values, _, scores, targets = self._epoch_metrics("val")
         if not self.trainer.sanity_checking:
-            chosen = choose_threshold(scores, targets, self.target_recall)
-            if chosen is not None:
-                self.threshold = chosen
+            report = threshold_report(
+                scores.numpy(), targets.numpy(), self.target_recall, self.warn_false_reject_rate
+            )
+            if report is not None:
+                self.threshold, self.threshold_report = float(report["threshold"]), report
         values["threshold"] = self.threshold
         values.update(operating_point(scores, targets, self.threshold))
         self.log_dict({f"val/{k}": v for k, v in values.items()}, sync_dist=True)
@@ -295,7 +313,9 @@ class DefectClassifier(pl.LightningModule):
             "model_kwargs": to_plain(dict(kwargs)),
             "class_names": list(self.class_names),
             "good_class": self.good_class,
+            "ng_classes": list(self.ng_classes),
             "threshold": float(self.threshold),
+            "target_recall": float(self.target_recall),
             "loader": to_plain(dict(info.get("loader") or {})),
             "mean": [float(v) for v in info.get("mean") or []],
             "std": [float(v) for v in info.get("std") or []],
@@ -303,6 +323,8 @@ class DefectClassifier(pl.LightningModule):
             "mlflow_tracking_uri": uri,
             "val_paths": [str(p) for p in (info.get("val_paths") or [])][:MAX_VAL_PATHS],
             "val_labels": [str(c) for c in (info.get("val_labels") or [])][:MAX_VAL_PATHS],
+            "warn_false_reject_rate": self.warn_false_reject_rate,
+            "threshold_report": self.threshold_report,
             "package_version": __version__,
         }
 

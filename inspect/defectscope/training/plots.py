@@ -15,6 +15,10 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from PIL import Image
 
+from defectscope.runtime.decision import is_ng
+
+from ..evaluation.metrics import roc_pr_curves
+
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> str:
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -52,7 +56,7 @@ def confusion_png(
     path: str | os.PathLike[str],
 ) -> str:
     """Multi-class confusion (argmax) next to the OK/NG confusion at the operating threshold."""
-    ng = scores >= threshold
+    ng = is_ng(scores, threshold)
     okng = np.array(
         [
             [np.sum(~is_defect.astype(bool) & ~ng), np.sum(~is_defect.astype(bool) & ng)],
@@ -67,30 +71,13 @@ def confusion_png(
     return _save(fig, path)
 
 
-def roc_pr_curves(scores: np.ndarray, is_defect: np.ndarray) -> dict[str, np.ndarray]:
-    """ROC (fpr, tpr) and precision-recall points over every distinct score (defect = positive)."""
-    y = is_defect.astype(bool)
-    order = np.argsort(-scores, kind="mergesort")
-    s, y = scores[order], y[order]
-    last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]
-    tps = np.cumsum(y)[last].astype(float)
-    fps = (last + 1) - tps
-    pos, neg = max(1.0, float(y.sum())), max(1.0, float((~y).sum()))
-    return {
-        "fpr": np.r_[0.0, fps / neg],
-        "tpr": np.r_[0.0, tps / pos],
-        "recall": tps / pos,
-        "precision": tps / np.maximum(tps + fps, 1.0),
-    }
-
-
 def roc_pr_png(
     scores: np.ndarray, is_defect: np.ndarray, threshold: float, path: str | os.PathLike[str]
 ) -> str:
     """ROC and PR curves of P(defect), with the operating point at ``threshold`` marked."""
     c = roc_pr_curves(scores, is_defect)
     y = is_defect.astype(bool)
-    ng = scores >= threshold
+    ng = is_ng(scores, threshold)
     tpr = float(ng[y].mean()) if y.any() else 0.0
     fpr = float(ng[~y].mean()) if (~y).any() else 0.0
     prec = float(y[ng].mean()) if ng.any() else 1.0

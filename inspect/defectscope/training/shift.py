@@ -7,7 +7,7 @@ DDP ranks like the other test metrics) and the epoch end turns them into ``test/
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -62,10 +62,10 @@ class ShiftScores(Metric):
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update_batch(
-        self, model: torch.nn.Module, images: torch.Tensor, good_index: int, protocol: ShiftProtocol
+        self, model: torch.nn.Module, images: torch.Tensor, ng_indices: Sequence[int], protocol: ShiftProtocol
     ) -> None:
         """Measure one test batch: the images and their translated copies through ``model``."""
-        record = measure(torch_predict(model, images), images.float().cpu().numpy(), good_index, protocol)
+        record = measure(torch_predict(model, images), images.float().cpu().numpy(), ng_indices, protocol)
         self.update(record)
 
     def update(self, record: ShiftRecord) -> None:

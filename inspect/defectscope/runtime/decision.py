@@ -1,0 +1,101 @@
+"""The one OK/NG rule, shared by training, export, evaluation and the line runtime.
+
+``P(defect)`` is the summed probability of the classes configured as NG (by default every class
+except the good one, which equals ``1 - P(good)``).  An image is NG when ``P(defect) >= threshold``.
+Classes that are neither good nor NG (ELPV's "probably functional" grade under the binary protocol)
+then count as OK, and their images count as good when recall and false-reject rates are measured.
+
+:func:`defect_probability` and :func:`is_ng` index and compare only, so they take numpy arrays and
+torch tensors alike: training computes its scores with the very same code as the line PC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+ArrayLike = TypeVar("ArrayLike")
+
+OK, NG = "OK", "NG"
+
+
+class DecisionRuleError(ValueError):
+    """The NG classes do not fit the class list."""
+
+
+def ng_class_names(
+    class_names: Sequence[str], good_class: str, ng_classes: Sequence[str] | None
+) -> list[str]:
+    """The NG classes in class order; ``None`` or empty = every class except ``good_class``."""
+    names = list(class_names)
+    if good_class not in names:
+        raise DecisionRuleError(f"good class {good_class!r} is not one of the classes {names}")
+    if not ng_classes:
+        return [c for c in names if c != good_class]
+    wanted = [str(c) for c in ng_classes]
+    unknown = [c for c in wanted if c not in names]
+    if unknown:
+        raise DecisionRuleError(f"NG class(es) {unknown} are not among the classes {names}")
+    if good_class in wanted:
+        raise DecisionRuleError(f"the good class {good_class!r} cannot also be an NG class")
+    return [c for c in names if c in set(wanted)]
+
+
+def ng_indices(class_names: Sequence[str], good_class: str, ng_classes: Sequence[str] | None) -> list[int]:
+    """Column indices of the NG classes in a probability matrix."""
+    chosen = set(ng_class_names(class_names, good_class, ng_classes))
+    return [i for i, c in enumerate(class_names) if c in chosen]
+
+
+def defect_probability(probs: ArrayLike, indices: Sequence[int]) -> ArrayLike:
+    """(N, K) class probabilities -> (N,) P(defect), the NG classes' sum clipped to [0, 1]."""
+    p: Any = probs
+    return p[:, list(indices)].sum(-1).clip(0.0, 1.0)
+
+
+def is_ng(defect_prob: ArrayLike, threshold: float) -> ArrayLike:
+    """The verdict rule: NG exactly when ``P(defect) >= threshold`` (arrays, tensors or floats)."""
+    p: Any = defect_prob
+    return p >= threshold
+
+
+def is_defect_label(labels: ArrayLike, indices: Sequence[int]) -> ArrayLike:
+    """Ground truth for recall and false-reject rates: the label is one of the NG classes."""
+    y: Any = labels
+    out = y == indices[0]
+    for i in indices[1:]:
+        out = out | (y == i)
+    return out
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The verdict for one image and what it rests on."""
+
+    verdict: str
+    top_class: str
+    top_prob: float
+    defect_prob: float
+    probs: dict[str, float]
+    defect_class: str  # most likely NG class (whose CAM explains an NG)
+
+
+def decide(
+    probs: np.ndarray, class_names: Sequence[str], indices: Sequence[int], threshold: float
+) -> Decision:
+    """One image's (K,) probabilities -> :class:`Decision` under the project-wide rule."""
+    p = np.asarray(probs, dtype=np.float64).reshape(1, -1)
+    top = int(np.argmax(p[0]))
+    defect_prob = float(defect_probability(p, indices)[0])
+    defect_idx = max(indices, key=lambda i: p[0, i])
+    return Decision(
+        verdict=NG if is_ng(defect_prob, threshold) else OK,
+        top_class=class_names[top],
+        top_prob=float(p[0, top]),
+        defect_prob=defect_prob,
+        probs={c: float(v) for c, v in zip(class_names, p[0])},
+        defect_class=class_names[defect_idx],
+    )

@@ -1,0 +1,121 @@
+"""Facts about files that training, export and the line runtime share, each stated once.
+
+* which names are images (:data:`IMAGE_EXTENSIONS`);
+* a file's content hash (:func:`file_sha256`: models and checkpoints are traced by it);
+* list files (:func:`read_path_list`): one path per line, ``#`` comments and blank lines skipped,
+  a UTF-8 BOM tolerated, and relative paths resolved against **the list file's folder**, so a list
+  means the same files wherever the command runs (`inspect @list.txt` and `export --images`);
+* what a file that should be a model really is (:func:`model_file_problem`), so a checkpoint or an
+  image given in its place gets a sentence instead of "Protobuf parsing failed".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+#: leading bytes -> what the file is (checked in order)
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"PK\x03\x04", "checkpoint"),  # torch.save writes a zip archive
+    (b"\x80", "checkpoint"),  # a legacy (pre-zip) torch.save pickle
+    (b"\x89PNG\r\n\x1a\n", "PNG image"),
+    (b"\xff\xd8\xff", "JPEG image"),
+    (b"BM", "BMP image"),
+    (b"II*\x00", "TIFF image"),
+    (b"MM\x00*", "TIFF image"),
+    (b"GIF8", "GIF image"),
+)
+
+
+def is_image_name(name: str) -> bool:
+    """An image file by extension (case-insensitive); hidden files are not images."""
+    return (
+        not os.path.basename(name).startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    )
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's content, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_path_list(list_file: str | os.PathLike[str]) -> Iterator[str]:
+    """The paths a list file names, lazily; relative ones are joined to the list's folder.
+
+    Raises :class:`OSError` or :class:`UnicodeDecodeError` when the list cannot be read.
+    """
+    base = os.path.dirname(os.fspath(list_file))
+    with open(list_file, encoding="utf-8-sig") as fh:
+        for line in fh:
+            entry = line.strip()
+            if entry and not entry.startswith("#"):
+                yield entry if os.path.isabs(entry) else os.path.join(base, entry)
+
+
+def file_kind(path: str | os.PathLike[str]) -> str:
+    """``checkpoint``, ``ONNX model``, ``PNG image`` (etc.), ``empty`` or ``other``, from the first bytes."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if not head:
+        return "empty"
+    if head[8:12] == b"WEBP" and head.startswith(b"RIFF"):
+        return "WebP image"
+    kind = next((kind for magic, kind in _SIGNATURES if head.startswith(magic)), "other")
+    if kind == "other" and head[:1] == b"\x08":  # ModelProto field 1 (ir_version) comes first
+        return "ONNX model"
+    return kind
+
+
+def model_file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` cannot be an exported model, with what to run instead; ``None`` if it may be one."""
+    p = Path(path)
+    kind = file_kind(p)
+    if kind == "checkpoint":
+        return (
+            f"{p} is a training checkpoint, not an exported model; export it first: "
+            f"defectscope export {p} -o model.onnx"
+        )
+    if kind == "empty":
+        return f"{p} is empty (0 bytes); copy the model again or re-run defectscope export"
+    if kind.endswith("image"):
+        return (
+            f"{p} is a {kind}, not a model; the exported .onnx model comes first: "
+            "defectscope inspect MODEL.onnx IMAGES... -o results.jsonl"
+        )
+    return None
+
+
+def checkpoint_file_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why an existing ``path`` cannot be a training checkpoint; ``None`` if it may be one."""
+    p = Path(path)
+    if not p.is_file():
+        return None  # the checkpoint reader says "does not exist" / "not a file"
+    kind = file_kind(p)
+    if kind == "ONNX model" or (kind == "other" and p.suffix.lower() == ".onnx"):
+        return (
+            f"{p} is an exported model (ONNX), not a training checkpoint; export reads the .ckpt that "
+            "defectscope train writes (outputs/<date>/<time>/checkpoints/best.ckpt), and an exported "
+            f"model is used as it is: defectscope inspect {p} IMAGES... -o results.jsonl"
+        )
+    if kind == "empty" or kind.endswith("image"):
+        return f"{p} is {'empty (0 bytes)' if kind == 'empty' else 'a ' + kind}, not a training checkpoint (.ckpt)"
+    return None
+
+
+def model_load_failure(path: str | os.PathLike[str], detail: str) -> str:
+    """The message when ONNX Runtime cannot load ``path``: a file it cannot even parse is damaged
+    (a cut-off copy) or no ONNX model at all; anything else keeps ORT's own words (``detail``)."""
+    if "protobuf" in detail.lower():
+        return (
+            f"{path} is damaged (cut off?) or not an ONNX model ({detail}); copy it again, or re-run "
+            "defectscope export on its checkpoint"
+        )
+    return f"{path}: {detail}"

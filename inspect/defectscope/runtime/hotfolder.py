@@ -1,0 +1,105 @@
+"""Hot-folder rules for `defectscope watch`: when a file is complete, and how it leaves the folder.
+
+A file is *ready* once its (size, mtime) held still over ``stable_polls`` polls.  A slow writer
+(network share, camera pausing mid-file) can hold still longer than that and resume; so a ready
+file that reads as incomplete (:data:`INCOMPLETE_KINDS`) is not called bad at once: it is watched
+for ``grace_s`` seconds after its last change and decoded again whenever it stopped changing, and
+only a file that stayed the same for the whole grace period gets its error row.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .results import fsync_dir
+
+TEMP_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".crdownload", ".download", ".swp", "~")
+PARTIAL_PREFIX = ".defectscope-partial-"
+#: loader error kinds a file still being written can show (cut short, empty, header missing, locked)
+INCOMPLETE_KINDS = ("zero_bytes", "truncated", "not_an_image", "unreadable")
+
+
+def is_ignored(name: str) -> bool:
+    """Names a writer uses while a file is incomplete, plus hidden files."""
+    low = name.lower()
+    return name.startswith(".") or low.endswith(TEMP_SUFFIXES)
+
+
+@dataclass
+class Observation:
+    """What the watcher last saw of one file."""
+
+    size: int
+    mtime_ns: int
+    changed_at: float  # time.monotonic() when (size, mtime) last changed or the file appeared
+    stable: int = 0  # polls since then without a change
+    hold_until: float = 0.0  # read as incomplete: not ready again before this (unless it changes)
+
+    def same(self, st: os.stat_result) -> bool:
+        return (self.size, self.mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Observation:
+        return cls(st.st_size, st.st_mtime_ns, time.monotonic())
+
+    def ready(self, stable_polls: int) -> bool:
+        return self.stable >= stable_polls and time.monotonic() >= self.hold_until
+
+    def wait_for_writer(self, grace_s: float) -> bool:
+        """After an incomplete-looking read: hold the file until ``grace_s`` after its last change;
+        ``False`` when that time is already over (the error is final)."""
+        until = self.changed_at + grace_s
+        if time.monotonic() >= until:
+            return False
+        self.stable, self.hold_until = 0, until
+        return True
+
+
+def move_no_overwrite(src: Path, dst: Path) -> None:
+    """Rename within a file system; across file systems copy to a dot-temp, fsync, rename, unlink."""
+    if dst.exists():
+        raise FileExistsError(errno.EEXIST, "destination exists", str(dst))
+    try:
+        os.rename(src, dst)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    tmp = dst.with_name(PARTIAL_PREFIX + dst.name)
+    with open(src, "rb") as fi, open(tmp, "wb") as fo:
+        shutil.copyfileobj(fi, fo, 1 << 20)
+        fo.flush()
+        os.fsync(fo.fileno())
+    shutil.copystat(src, tmp)
+    os.rename(tmp, dst)
+    fsync_dir(dst.parent)
+    os.unlink(src)
+
+
+def recorded_rows(results: Path, wanted: dict[str, str]) -> Iterator[dict[str, Any]]:
+    """Rows whose path is in ``wanted``; decodes only the leading path field of other rows."""
+    dec = json.JSONDecoder()
+    prefix = '{"path":'
+    with open(results, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith(prefix):
+                try:
+                    path, _ = dec.raw_decode(line, len(prefix))
+                except json.JSONDecodeError:
+                    continue
+                if path not in wanted:
+                    continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("path") in wanted and "moved_to" in row:
+                yield row

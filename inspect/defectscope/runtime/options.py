@@ -1,0 +1,92 @@
+"""The options `inspect` and `watch` share, declared once, and the typed configs made from them.
+
+Both commands open one ONNX Runtime session (:class:`SessionConfig`) and decide, batch and decode
+the same way (:class:`RunOptions`); only where images come from and where rows go differ.  The
+commands hand these dataclasses, never an argparse namespace, to the inspector and the watcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+from .providers import GRAPH_OPT_CHOICES, PROVIDER_CHOICES
+from .trt import TRT_MAX_BATCH, add_trt_options
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """How to open the model's ONNX Runtime session (:meth:`Inspector.from_config`)."""
+
+    model: str
+    provider: str = "auto"
+    threads: int | None = None
+    graph_opt: str = "all"
+    trt_cache: str | None = None
+    #: TensorRT profile and cache (:mod:`.trt`)
+    trt_max_batch: int = TRT_MAX_BATCH
+    trt_max_side: int | None = None
+    trt_clean: bool = False
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What `inspect` and `watch` share besides the session."""
+
+    session: SessionConfig
+    threshold: float | None = None  # None: the model's own
+    batch_size: int = 16
+    workers: int = 2
+    heatmaps: str | None = None
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def add_shared_options(p: argparse.ArgumentParser) -> None:
+    """The model argument and every option both commands take, with one default and help each."""
+    p.add_argument("model", help="exported .onnx model (carries its own preprocessing and classes)")
+    p.add_argument("--batch-size", type=int, default=16, help="most images per inference batch (default 16)")
+    p.add_argument(
+        "--workers", type=int, default=default_workers(), help="decoding threads (default: min(4, CPUs))"
+    )
+    p.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto", help="execution provider")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="ONNX Runtime threads per inference call (default: physical cores; inspect on the CPU "
+        "provider: 1, with one batch per physical core running at once)",
+    )
+    p.add_argument("--graph-opt", choices=GRAPH_OPT_CHOICES, default="all", help="graph optimisation level")
+    p.add_argument("--trt-cache", default=None, help="TensorRT engine cache folder")
+    add_trt_options(p)
+    p.add_argument(
+        "--threshold", type=float, default=None, help="NG when P(defect) >= this (default: the model's)"
+    )
+    p.add_argument("--heatmaps", default=None, help="folder for CAM overlay PNGs of NG images")
+
+
+def run_options(p: argparse.ArgumentParser, a: argparse.Namespace) -> RunOptions:
+    """Check the shared options (``p.error`` exits 2) and type them."""
+    if a.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {a.batch_size}")
+    if a.workers < 0:
+        p.error(f"--workers must be >= 0, got {a.workers}")
+    if a.threads is not None and a.threads < 0:
+        p.error(f"--threads must be >= 0 (0: one per physical core), got {a.threads}")
+    if a.threshold is not None and not 0.0 <= a.threshold <= 1.0:
+        p.error(f"--threshold must lie in [0, 1], got {a.threshold}")
+    session = SessionConfig(
+        a.model,
+        a.provider,
+        a.threads,
+        a.graph_opt,
+        a.trt_cache,
+        a.trt_max_batch,
+        a.trt_max_side,
+        a.trt_cache_clean,
+    )
+    return RunOptions(session, a.threshold, a.batch_size, a.workers, a.heatmaps)

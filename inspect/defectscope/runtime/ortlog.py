@@ -1,0 +1,123 @@
+"""Keep ONNX Runtime's start-up noise off the console and say in one line what happened.
+
+What reaches the console while a session starts, and from where:
+
+* the native logger writes to file descriptor 2: library-load failures at ERROR level
+  ("Failed to load library libonnxruntime_providers_tensorrt.so with error: libnvinfer.so.10: ..."),
+  failed kernels ("Non-zero status code returned while running ...");
+* ``onnxruntime.preload_dlls()`` prints to stdout ("Failed to load libcudnn...", a link to follow);
+* onnxruntime < 1.23 ignores ``enable_fallback=0``: a failed session prints a four-line
+  "EP Error" banner to stdout and retries on other providers;
+* Python warnings from onnxruntime ("Specified provider ... is not in available provider names").
+
+:func:`quiet_ort` sends all four to a buffer for the duration of a block;
+:meth:`Captured.summary` condenses them to the first message that explains a failure.
+Native output is caught by redirecting descriptors 1 and 2 (verified on Linux; on Windows a DLL
+with its own C runtime may still write to the console).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+#: "2024-06-01 12:00:00.1 [E:onnxruntime:Default, provider_bridge_ort.cc:1862 TryGet...] message"
+_NATIVE = re.compile(r"\[([VIWEF]):onnxruntime:[^\]]*\]\s*(.*)")
+#: everything up to ORT's status code, e.g. "/onnxruntime_src/...cc:1539 Get() [ONNXRuntimeError] : 1 : FAIL : "
+_ORT_STATUS = re.compile(r"^.*\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_BANNER = re.compile(r"^\*+( EP Error \*+)?$")
+#: Said by ORT < 1.24 for each session that fails to load while profiling is on, which the
+#: runner turns on itself there (node placement from the start-up run): not news to the user.
+_OWN_ECHO = ("Could not write a profile because no model was loaded",)
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """An exception's first line, shortened: ORT messages can run to pages."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass
+class Captured:
+    """Everything written while :func:`quiet_ort` was active, one entry per line."""
+
+    lines: list[str] = field(default_factory=list)
+
+    def messages(self) -> list[str]:
+        """Messages worth reporting, most telling first: native errors, then other lines.
+
+        Native INFO/VERBOSE/WARNING lines are dropped (placement is reported by defectscope itself).
+        """
+        errors, other = [], []
+        for raw in self.lines:
+            line = _ANSI.sub("", raw).strip()
+            if not line or _BANNER.match(line) or any(echo in line for echo in _OWN_ECHO):
+                continue
+            native = _NATIVE.search(line)
+            if native is None:
+                other.append(line)
+            elif native.group(1) in "EF":
+                errors.append(_ORT_STATUS.sub("", native.group(2)))
+        return errors + other
+
+    def summary(self, limit: int = 160) -> str | None:
+        """The first message, shortened, with a count of the rest; None when nothing was written."""
+        found = self.messages()
+        if not found:
+            return None
+        text = found[0] if len(found[0]) <= limit else found[0][: limit - 3] + "..."
+        return text + (f" (+{len(found) - 1} more lines)" if len(found) > 1 else "")
+
+
+@contextlib.contextmanager
+def quiet_ort() -> Iterator[Captured]:
+    """Capture stdout, stderr (Python and native) and warnings for the block."""
+    captured = Captured()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    out, err = io.StringIO(), io.StringIO()
+    with (
+        tempfile.TemporaryFile() as sink,
+        warnings.catch_warnings(record=True) as caught,
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        warnings.simplefilter("always")
+        saved = _point_fds_at(sink.fileno())
+        try:
+            yield captured
+        finally:
+            _restore_fds(saved)
+            sink.seek(0)
+            native = sink.read().decode("utf-8", "replace")
+            for text in (native, out.getvalue(), err.getvalue()):
+                captured.lines.extend(text.splitlines())
+            captured.lines.extend(str(w.message) for w in caught if "onnxruntime" in w.filename)
+
+
+def _point_fds_at(target: int) -> list[tuple[int, int]]:
+    """Point descriptors 1 and 2 at ``target``; returns (fd, saved copy) pairs to restore."""
+    saved = []
+    for fd in (1, 2):
+        try:
+            copy = os.dup(fd)
+        except OSError:  # no console (pythonw, some services): nothing to redirect
+            continue
+        os.dup2(target, fd)
+        saved.append((fd, copy))
+    return saved
+
+
+def _restore_fds(saved: list[tuple[int, int]]) -> None:
+    for fd, copy in saved:
+        os.dup2(copy, fd)
+        os.close(copy)

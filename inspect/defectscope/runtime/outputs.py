@@ -1,0 +1,152 @@
+"""Output paths checked before the first image, and written so that nothing is lost after it.
+
+Every output a command will write is checked up front (:func:`check_output_file`,
+:func:`check_output_folder`): right kind (file or folder), not under ``/proc`` or ``/sys``, and
+really creatable — by creating and removing a probe file, since ``os.access`` says yes to root
+for read-only and kernel file systems.  A problem is one :class:`OutputError` line naming the
+option and the path; the command exits 2 before any work.
+
+Writing (:func:`write_text`): a regular file is replaced through a temporary file and a rename
+(a reader never sees half a report); a special file (``/dev/stdout``, a FIFO) is written directly,
+never replaced.  A write that fails (disk full) removes its temporary file and raises
+:class:`OutputError`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+KERNEL_FILESYSTEMS = ("/proc", "/sys")
+
+
+class OutputError(RuntimeError):
+    """An output path cannot be written; the message names the option, the path and the reason."""
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+def is_special(path: str | os.PathLike[str]) -> bool:
+    """An existing file that is neither a regular file nor a folder (device, FIFO, socket)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _existing_ancestor(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_creatable(path: Path, option: str) -> None:
+    """``path`` (absent) can be created: its nearest existing ancestor is a writable folder."""
+    anchor = _existing_ancestor(path.parent)
+    real = os.path.realpath(anchor)
+    kernel = next((k for k in KERNEL_FILESYSTEMS if real == k or real.startswith(k + "/")), None)
+    if kernel:
+        raise OutputError(
+            f"{option} {path}: is under {kernel}, a kernel file system; choose an ordinary folder"
+        )
+    if not anchor.is_dir():
+        raise OutputError(f"{option} {path}: {anchor} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".defectscope-probe-", dir=anchor)
+    except OSError as exc:
+        raise OutputError(f"{option} {path}: cannot create files in {anchor} ({_reason(exc)})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_output_file(path: str | os.PathLike[str], option: str, *, special_ok: bool = True) -> None:
+    """A file ``option`` will write: absent but creatable, a writable regular file, or (when
+    ``special_ok``) a special file such as ``/dev/stdout`` that is then written directly."""
+    p = Path(path)
+    if p.is_dir():
+        raise OutputError(f"{option} {p}: is a folder; give a file name")
+    if is_special(p):
+        if not special_ok:
+            raise OutputError(
+                f"{option} {p}: is a device or pipe, not a regular file; results need a file that "
+                "--resume can read back"
+            )
+        if not os.access(p, os.W_OK):
+            raise OutputError(f"{option} {p}: is not writable")
+        return
+    if p.exists():
+        try:
+            os.close(os.open(p, os.O_WRONLY | os.O_APPEND))
+        except OSError as exc:
+            raise OutputError(f"{option} {p}: cannot be written ({_reason(exc)})") from None
+    _check_creatable(p, option)
+
+
+def check_output_folder(path: str | os.PathLike[str], option: str) -> None:
+    """A folder ``option`` will write into: an existing writable folder, or creatable."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"{option} {p}: is a file, not a folder; give a folder name")
+    _check_creatable(p / "probe", option)
+
+
+def check_distinct(paths: dict[str, str | None]) -> None:
+    """No two options may name the same file: ``{"-o": "r.jsonl", "--csv": ...}``."""
+    seen: dict[str, str] = {}
+    for option, value in paths.items():
+        if not value:
+            continue
+        key = os.path.abspath(value)
+        if key in seen:
+            raise OutputError(f"{seen[key]} and {option} name the same file {value}; give each its own")
+        seen[key] = option
+
+
+@contextmanager
+def replaced_file(path: str | os.PathLike[str], option: str) -> Iterator[IO[bytes]]:
+    """A binary handle whose content replaces ``path`` when the block ends without an error:
+    through a temporary file and a rename for a regular file, directly for a special one."""
+    out = Path(path)
+    special = is_special(out)
+    target = out if special else out.with_name(out.name + ".tmp")
+    try:
+        if not special:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "wb") as fh:
+            yield fh
+            fh.flush()
+            if not special:
+                os.fsync(fh.fileno())
+        if not special:
+            os.replace(target, out)
+    except OSError as exc:
+        if not special:
+            target.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {option} {out} ({_reason(exc)})") from None
+
+
+def write_text(path: str | os.PathLike[str], text: str, option: str) -> Path:
+    """Write a whole UTF-8 text file (see :func:`replaced_file`)."""
+    with replaced_file(path, option) as fh:
+        fh.write(text.encode("utf-8"))
+    return Path(path)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until every byte is out (a short write is not an error until the next one)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n == 0:
+            raise OSError(errno.EIO, "write returned 0 bytes")
+        view = view[n:]

@@ -1,0 +1,221 @@
+"""Usage mistakes of a line PC: one clear line, exit 2, no traceback, no stray file, rows intact.
+
+Every case runs the real command in a subprocess (what a user sees on stderr) against a real ONNX
+model and real images.  Cases that can be checked before the first image must leave the results
+file exactly as it was: a ``--resume`` run over earlier rows is the witness.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from onnx_models import build_model, make_image
+
+DEFECTSCOPE = [sys.executable, "-m", "defectscope"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_model(tmp_path_factory.mktemp("model") / "m.onnx")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("images")
+    for i in range(12):
+        make_image(d / f"img_{i:02d}.png", 64, 64 + 8 * (i % 3), bright=i % 3 == 0, seed=i)
+    return d
+
+
+def defectscope(*args: object, cwd: Path, limit_bytes: int | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI as a user runs it; ``limit_bytes`` caps every file it writes (a disk filling up)."""
+
+    def cap() -> None:
+        if limit_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.run(
+        [*DEFECTSCOPE, *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=cap if limit_bytes is not None else None,
+    )
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], *words: str, code: int = 2) -> str:
+    """Exit ``code``, exactly one line on stderr naming ``words``, and no traceback."""
+    err = proc.stderr
+    assert proc.returncode == code, (proc.returncode, err[-2000:])
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def files_under(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def run_dir(model: Path, images: Path, tmp_path: Path) -> Path:
+    """A working folder holding earlier results (``r.jsonl``), a folder and a plain file."""
+    proc = defectscope("inspect", model, images, "-o", "r.jsonl", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (tmp_path / "a_folder").mkdir()
+    (tmp_path / "a_file").write_text("not a folder")
+    return tmp_path
+
+
+BEFORE_WORK = {
+    "report is a folder": (["--report", "a_folder"], ["--report a_folder", "is a folder"]),
+    "csv in a folder that is a file": (["--csv", "a_file/r.csv"], ["--csv a_file/r.csv", "is a file"]),
+    "csv under /sys": (["--csv", "/sys/r.csv"], ["--csv /sys/r.csv", "kernel file system"]),
+    "heatmaps is a file": (["--heatmaps", "a_file"], ["--heatmaps a_file", "is a file, not a folder"]),
+    "-o under /proc": (["-o", "/proc/r.jsonl"], ["-o /proc/r.jsonl", "under /proc"]),
+    "-o under /sys": (["-o", "/sys/r.jsonl"], ["-o /sys/r.jsonl", "under /sys"]),
+    "-o a device": (["-o", "/dev/full"], ["-o /dev/full", "not a regular file"]),
+    "-o a folder": (["-o", "a_folder"], ["-o a_folder", "is a folder"]),
+    "-o same as --csv": (["--csv", "r.jsonl"], ["-o and --csv", "same file"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BEFORE_WORK))
+def test_output_mistakes_stop_before_any_work(model: Path, images: Path, run_dir: Path, case: str) -> None:
+    args, words = BEFORE_WORK[case]
+    before = files_under(run_dir)
+    output = [] if "-o" in args else ["-o", "r.jsonl"]
+    proc = defectscope("inspect", model, images, *output, "--resume", *args, cwd=run_dir)
+    one_line_error(proc, *words)
+    assert files_under(run_dir) == before  # rows intact, no .tmp, no probe, no half-made folder
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+
+
+def test_report_to_a_full_device_is_written_directly_and_fails_cleanly(
+    model: Path, images: Path, run_dir: Path
+) -> None:
+    """A special file is never replaced through temp + rename (as root that would swap /dev/full
+    for a regular file); writing into it fails with one line after the rows are safe."""
+    proc = defectscope("inspect", model, images, "-o", "new.jsonl", "--report", "/dev/full", cwd=run_dir)
+    one_line_error(proc, "--report /dev/full", "No space left on device")
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+    assert (run_dir / "new.jsonl").read_text().count("\n") == 12
+    assert not list(run_dir.glob("*.tmp")) and not list(Path("/dev").glob("full.tmp"))
+
+
+def test_disk_full_mid_run_keeps_every_row_and_resume_finishes(
+    model: Path, images: Path, tmp_path: Path
+) -> None:
+    full = defectscope("inspect", model, images, "-o", "full.jsonl", cwd=tmp_path)
+    assert full.returncode == 0, full.stderr
+    limit = sum(len(line) + 1 for line in (tmp_path / "full.jsonl").read_text().splitlines()[:6])
+    proc = defectscope(
+        "inspect",
+        model,
+        images,
+        "-o",
+        "r.jsonl",
+        "--batch-size",
+        4,
+        "--workers",
+        0,
+        cwd=tmp_path,
+        limit_bytes=limit,
+    )
+    one_line_error(proc, "cannot write results to r.jsonl", "File too large", "--resume")
+    text = (tmp_path / "r.jsonl").read_text()
+    assert text.endswith("\n") and 0 < text.count("\n") < 12  # complete rows only, the torn batch cut off
+    kept = text.splitlines()
+    done = defectscope("inspect", model, images, "-o", "r.jsonl", "--resume", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    rows = (tmp_path / "r.jsonl").read_text().splitlines()
+    assert rows[: len(kept)] == kept and len(rows) == 12
+    assert len({r.split('"path":')[1].split(",")[0] for r in rows}) == 12  # each image exactly once
+
+
+def test_input_mistakes(model: Path, images: Path, tmp_path: Path) -> None:
+    proc = defectscope("inspect", model, tmp_path / "imgz", "-o", "r.jsonl", cwd=tmp_path)
+    one_line_error(proc, "input not found", "imgz")
+    classes = tmp_path / "classes"
+    for name in ("good", "crack"):
+        (classes / name).mkdir(parents=True)
+        make_image(classes / name / "a.png", 64, 64, bright=name == "crack")
+    proc = defectscope("inspect", model, classes, "-o", "r.jsonl", cwd=tmp_path)
+    one_line_error(proc, "crack/, good/", "add --recursive")
+    assert not (tmp_path / "r.jsonl").exists()
+    assert (
+        defectscope("inspect", model, classes, "-o", "r.jsonl", "--recursive", cwd=tmp_path).returncode == 0
+    )
+
+
+def test_wrong_model_files_say_what_they_are(model: Path, images: Path, tmp_path: Path) -> None:
+    import torch
+
+    ckpt = tmp_path / "best.ckpt"
+    torch.save({"defectscope": {"format_version": 1}, "state_dict": {}}, ckpt)
+    cut = tmp_path / "cut.onnx"
+    cut.write_bytes(model.read_bytes()[:3000])
+    png = sorted(images.glob("*.png"))[0]
+    cases = {
+        ckpt: ["training checkpoint", f"defectscope export {ckpt}"],
+        png: ["is a PNG image, not a model", "defectscope inspect MODEL.onnx"],
+        cut: ["is damaged", "copy it again"],
+    }
+    for path, words in cases.items():
+        one_line_error(defectscope("inspect", path, images, "-o", "r.jsonl", cwd=tmp_path), *words)
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_export_given_an_onnx_model(model: Path, tmp_path: Path) -> None:
+    proc = defectscope("export", model, "-o", "x.onnx", cwd=tmp_path)
+    one_line_error(proc, "is an exported model (ONNX), not a training checkpoint", "defectscope inspect")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.slow
+def test_evaluate_without_ckpt_path(tmp_path: Path) -> None:
+    one_line_error(defectscope("evaluate", cwd=tmp_path), "ckpt_path", "defectscope evaluate ckpt_path=")
+    assert not list(tmp_path.rglob("*.json"))  # no metrics file: nothing was evaluated
+
+
+def test_watch_out_is_a_file(model: Path, images: Path, tmp_path: Path) -> None:
+    (tmp_path / "out").write_text("a file")
+    proc = defectscope("watch", model, "--in", images, "--out", "out", cwd=tmp_path)
+    one_line_error(proc, "--out out", "is a file, not a folder")
+    assert (tmp_path / "out").read_text() == "a file"
+    assert sorted(p.name for p in images.iterdir()) == [f"img_{i:02d}.png" for i in range(12)]
+
+
+def test_systemd_unit_does_not_restart_a_configuration_error() -> None:
+    unit = (Path(__file__).resolve().parents[1] / "deploy" / "defectscope-watch.service").read_text()
+    settings = dict(
+        line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#")
+    )
+    assert settings["Restart"] == "on-failure"
+    assert "2" in settings["RestartPreventExitStatus"].split()
+
+
+def test_watch_refuses_results_of_another_threshold(model: Path, images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    made = defectscope(
+        "inspect", model, images, "-o", out / "results.jsonl", "--threshold", 0.25, cwd=tmp_path
+    )
+    assert made.returncode == 0, made.stderr
+    before = (out / "results.jsonl").read_bytes()
+    hot = tmp_path / "hot"
+    hot.mkdir()
+    make_image(hot / "a.png", 64, 64, bright=False)
+    proc = defectscope("watch", model, "--in", hot, "--out", out, cwd=tmp_path)
+    one_line_error(proc, "threshold 0.25 (--threshold)", "uses 0.5 (model)", "--threshold 0.25")
+    assert (out / "results.jsonl").read_bytes() == before and (hot / "a.png").exists()
