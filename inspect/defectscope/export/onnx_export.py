@@ -14,6 +14,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -252,8 +253,14 @@ def quantize_model(
     cfg: Int8Config,
     plan: Int8Plan,
     log: Callable[[str], None],
-) -> tuple[bytes, dict[str, Any]]:
-    """Calibrate, quantise and gate (see :mod:`.quantize`); returns the int8 bytes and the figures."""
+    earn: Callable[[bytes, ModelMetadata], dict[str, Any]],
+) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
+    """Calibrate, quantise and gate (see :mod:`.quantize`).
+
+    The gate compares the verdicts each graph would ship with, so ``earn`` (the threshold chosen on
+    a graph's own validation scores) runs on both; returns the int8 bytes, the gate's figures and
+    the int8 graph's earned threshold fields.
+    """
     loader = meta.loader
     calib, n_calib, skipped = load_groups(plan.calib, loader, len(plan.calib))
     check, n_check, skipped2 = real_batches(plan.check, loader, meta.mean, meta.std, len(plan.check))
@@ -273,12 +280,14 @@ def quantize_model(
             fp32_bytes, _chunks(calib, 16), cfg, lambda imgs: normalize_batch(imgs, meta.mean, meta.std)
         )
         onnx.checker.check_model(onnx.load_from_string(int8_bytes), full_check=True)
+        fp32_threshold = float(earn(fp32_bytes, meta)["threshold"])
+        earned = earn(int8_bytes, replace(meta, int8=True))
         numbers = check_int8(
             fp32_bytes,
             int8_bytes,
             _chunks(check, 16),
             ng_indices=meta.ng_indices,
-            threshold=meta.threshold,
+            thresholds=(fp32_threshold, float(earned["threshold"])),
             min_agreement=cfg.min_agreement,
         )
     except Int8GateError:
@@ -297,9 +306,11 @@ def quantize_model(
         "activations": "uint8 per tensor",
         "calibration": cfg.method,
         "calib_images": n_calib,
+        "fp32_threshold": fp32_threshold,
+        "int8_threshold": float(earned["threshold"]),
         **numbers,
     }
-    return int8_bytes, numbers
+    return int8_bytes, numbers, earned
 
 
 def parity_inputs(
@@ -421,13 +432,15 @@ def export_model(
     set_metadata(proto, meta)
     data = proto.SerializeToString()
     t_quant = t_parity
+    earn = partial(earn_threshold, plan=threshold_plan)
     if int8 is not None and plan is not None:
-        data, figures = quantize_model(data, meta, int8, plan, log)
+        data, figures, earned = quantize_model(data, meta, int8, plan, log, earn)
         parity = {**meta.parity, "graph": "fp32, before int8 quantisation"}
         meta = replace(meta, int8=True, quantization=figures, parity=parity)
-        data = with_metadata(data, meta)
         t_quant = time.perf_counter()
-    meta = replace(meta, **earn_threshold(data, meta, threshold_plan))
+    else:
+        earned = earn(data, meta)
+    meta = replace(meta, **earned)
     data = with_metadata(data, meta)
     t_threshold = time.perf_counter()
     atomic_write_bytes(out, data)

@@ -138,11 +138,13 @@ def export_untrained(
 
     Latency depends on the graph, not on the weights, so this measures an architecture before it is
     trained (the latency budget and early stopping need it); random inputs feed the parity gate.
+    An untrained graph has no threshold worth earning, so a placeholder is set by hand: this file
+    is only ever timed, never shipped.
     """
     from defectscope.export.onnx_export import export_model
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    export_model(model.eval(), info, path, parity_images=0, log=log)
+    export_model(model.eval(), info, path, parity_images=0, threshold=0.5, log=log)
     return path
 
 
