@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS ?= train,cpu,elpv,pretrained,dev
+EXTRAS ?= train,cpu,elpv,pretrained,search,dev
 # Extra pip arguments for the torch install only, e.g. on plain PyPI (where the Linux wheel is the CUDA
 # build): make test TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cpu'
 TORCH_PIP_ARGS ?=

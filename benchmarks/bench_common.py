@@ -197,35 +197,49 @@ def build_model(cfg: dict[str, Any], in_chans: int, seed: int) -> nn.Module:
     return model.eval()
 
 
-def export_info(cfg: dict[str, Any], channels: int) -> dict[str, Any]:
+def export_info(cfg: dict[str, Any], channels: int, downscale: str = "exact") -> dict[str, Any]:
     """The checkpoint ``defectscope`` entry :func:`export_model` needs, for an in-memory model."""
     from defectscope.runtime.image import LoaderConfig
 
+    loader = LoaderConfig(channels=channels, max_side=512, min_size=32, size_multiple=32, downscale=downscale)
     return {
         "model_name": str(cfg["name"]),
         "class_names": list(CLASS_NAMES),
         "good_class": CLASS_NAMES[0],
         "threshold": 0.5,
         # conf/data/_base.yaml's policy, long side capped at 512 px
-        "loader": LoaderConfig(channels=channels, max_side=512, min_size=32, size_multiple=32).to_dict(),
+        "loader": loader.to_dict(),
         "mean": [0.5] * channels,
         "std": [0.25] * channels,
         "mlflow_run_id": None,
     }
 
 
-def model_path(workdir: Path, cfg: dict[str, Any], channels: int, fp16: bool = False) -> Path:
+def model_path(
+    workdir: Path, cfg: dict[str, Any], channels: int, fp16: bool = False, downscale: str = "exact"
+) -> Path:
     """Where a benchmark model is written: presets sharing a registry name get different files."""
     digest = hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
-    return workdir / "models" / f"{cfg['name']}-{digest}_{channels}ch{'_fp16' if fp16 else ''}.onnx"
+    tail = ("_fp16" if fp16 else "") + ("" if downscale == "exact" else f"_{downscale}")
+    return workdir / "models" / f"{cfg['name']}-{digest}_{channels}ch{tail}.onnx"
 
 
-def export(model: nn.Module, cfg: dict[str, Any], channels: int, path: Path, *, fp16: bool = False) -> Path:
+def export(
+    model: nn.Module,
+    cfg: dict[str, Any],
+    channels: int,
+    path: Path,
+    *,
+    fp16: bool = False,
+    downscale: str = "exact",
+) -> Path:
     """The project's exporter (fuse, ONNX, parity gate on random inputs, metadata) on ``model``."""
     from defectscope.export.onnx_export import export_model
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    export_model(model, export_info(cfg, channels), path, fp16=fp16, parity_images=0, log=lambda _m: None)
+    info = export_info(cfg, channels, downscale)
+    # speed only: the threshold is set by hand, not earned on images
+    export_model(model, info, path, fp16=fp16, parity_images=0, threshold=0.5, log=lambda _m: None)
     return path
 
 

@@ -5,18 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bench_cases_report import decode_bound_markdown, decode_bound_targets, verdict
+
 ENGINE_LABELS = {
     "eager": "PyTorch eager",
     "eager_fused": "PyTorch eager, BN folded",
     "onnxruntime": "defectscope ONNX Runtime (CPU)",
 }
-
-
-def _verdict(value: float | None, goal: float, higher_is_better: bool = True) -> str:
-    if value is None:
-        return "not measured"
-    ok = value >= goal if higher_is_better else value <= goal
-    return "MET" if ok else "MISSED"
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -32,7 +27,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "goal": ">= 2.0x",
                 "value": ratio,
                 "text": f"{ratio:.2f}x" if ratio is not None else "-",
-                "status": _verdict(ratio, 2.0),
+                "status": verdict(ratio, 2.0),
             }
         )
     for shape in (tp.get("models") or {}).keys() or ["1x300x300", "3x384x512"]:
@@ -52,7 +47,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "goal": ">= 50%",
                 "value": round(frac, 4) if frac is not None else None,
                 "text": text,
-                "status": _verdict(frac, 0.5),
+                "status": verdict(frac, 0.5),
             }
         )
     e2e = results.get("e2e") or {}
@@ -68,7 +63,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 if frac is not None
                 else "-"
             ),
-            "status": _verdict(frac, 0.85),
+            "status": verdict(frac, 0.85),
         }
     )
     tr = results.get("train") or {}
@@ -83,7 +78,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 if ratio is not None
                 else "-"
             ),
-            "status": _verdict(ratio, 0.9),
+            "status": verdict(ratio, 0.9),
         }
     )
     mem = results.get("memory") or {}
@@ -99,9 +94,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 if ratio is not None and len(runs) == 2
                 else "-"
             ),
-            "status": _verdict(abs(ratio - 1.0) if ratio is not None else None, 0.10, higher_is_better=False),
+            "status": verdict(abs(ratio - 1.0) if ratio is not None else None, 0.10, higher_is_better=False),
         }
     )
+    out += decode_bound_targets(results)
     return out
 
 
@@ -213,6 +209,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"{tr['app']['timed_epochs']} timed of {tr['epochs']}: app {tr['app']['images_per_s']} img/s, "
             f"plain loop {tr['plain']['images_per_s']} img/s.",
         ]
+    lines += decode_bound_markdown(results)
     gpu = results.get("gpu")
     if isinstance(gpu, str):
         lines += ["", f"GPU: {gpu}."]

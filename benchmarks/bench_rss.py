@@ -37,13 +37,16 @@ with open(out, "w") as f:
 
 
 def run_measured(
-    cmd: list[str], stdout: IO[Any] | int | None, stderr: IO[Any] | int | None
+    cmd: list[str],
+    stdout: IO[Any] | int | None,
+    stderr: IO[Any] | int | None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Run ``cmd``; returns exit_code, seconds (fork to exit) and peak_rss_mib of ``cmd`` alone."""
+    """Run ``cmd`` (in ``env``, default ours); returns exit_code, seconds (fork to exit) and peak_rss_mib."""
     with tempfile.TemporaryDirectory(prefix="bench-rss-") as tmp:
         result = Path(tmp) / "rss.json"
         launcher = [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(result), *cmd]
-        subprocess.run(launcher, stdout=stdout, stderr=stderr, check=False)
+        subprocess.run(launcher, stdout=stdout, stderr=stderr, env=env, check=False)
         if not result.is_file():
             raise RuntimeError(f"the RSS launcher failed to run {cmd[:3]}...")
         data = json.loads(result.read_text(encoding="utf-8"))

@@ -89,7 +89,7 @@ def run_throughput(
                         "shape": key,
                         "batch": b,
                         **r,
-                        "gflops_achieved": round(r["images_per_s"] * flops.flops / 1e9, 2),
+                        "gflops_achieved": float(f"{r['images_per_s'] * flops.flops / 1e9:.4g}"),
                         "max_prob_diff_vs_eager": diff,
                     }
                 )

@@ -58,13 +58,14 @@ import numpy as np
 
 from defectscope.data.sources import SourceError, elpv_source
 from defectscope.data.splits import apportion, assign_splits
+from defectscope.evaluation.metrics import class_figures, confusion
 from defectscope.runtime.grading import Grading, expected_grade, grade_indices, ordinal_metrics
 from defectscope.runtime.image import ImageLoadError, LoaderConfig, load_image, normalize_batch
 from defectscope.runtime.inspector import Inspector, MetadataError, ModelLoadError, ProviderError
 from defectscope.runtime.metadata import TTA_NAMES, TTA_VIEWS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, also when loaded by path
-from elpv_scores import balanced_accuracy, operating_points, shipped_point
+from elpv_scores import operating_points, shipped_point
 
 GRADES = ("p0", "p33", "p67", "p100")
 DEFECTIVE_GRADES = ("p67", "p100")
@@ -194,36 +195,20 @@ def always_functional(cells: Sequence[Cell]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- metrics
 
 
-def confusion(truth: Sequence[int], pred: Sequence[int], k: int) -> np.ndarray:
-    """k x k counts, rows = truth, columns = prediction."""
-    cm = np.zeros((k, k), dtype=np.int64)
-    np.add.at(cm, (np.asarray(truth, dtype=np.int64), np.asarray(pred, dtype=np.int64)), 1)
-    return cm
-
-
-def macro_f1(cm: np.ndarray) -> float:
-    """Mean F1 over the classes present in truth or prediction (absent classes have no F1)."""
-    tp = np.diag(cm).astype(np.float64)
-    fp = cm.sum(axis=0) - tp
-    fn = cm.sum(axis=1) - tp
-    present = (cm.sum(axis=0) + cm.sum(axis=1)) > 0
-    if not present.any():
-        return float("nan")
-    f1 = 2 * tp[present] / (2 * tp[present] + fp[present] + fn[present])
-    return float(f1.mean())
-
-
 def block(
     truth: Sequence[int], pred: Sequence[int], labels: Sequence[str], ordinal: bool = False
 ) -> dict[str, Any]:
-    """Accuracy, balanced accuracy, macro-F1 (and the ordinal figures) and the confusion matrix."""
+    """Accuracy, balanced accuracy, macro-F1 (and the ordinal figures) and the confusion matrix of one
+    task on one set of cells (the product's metric code, :mod:`defectscope.evaluation.metrics`, as
+    ``defectscope evaluate`` reports them)."""
     cm = confusion(truth, pred, len(labels))
+    figures = class_figures(cm, labels)
     n = int(cm.sum())
     out = {
         "n": n,
-        "accuracy": float(np.trace(cm) / n) if n else None,
-        "balanced_accuracy": balanced_accuracy(cm),
-        "macro_f1": macro_f1(cm) if n else None,
+        "accuracy": figures["accuracy"] if n else None,
+        "balanced_accuracy": figures["balanced_accuracy"] if n else None,
+        "macro_f1": figures["macro_f1"] if n else None,
         "labels": list(labels),
         "confusion": cm.tolist(),
     }

@@ -1,14 +1,17 @@
-"""defectscope speed benchmark: model throughput, machine peak, end to end, training, memory (issue 6).
+"""defectscope speed benchmark: model throughput, machine peak, end to end, training, memory (issue 6),
+decode-bound cases against the all-cores CPU bound and watch latency (issue 20).
 
-    python benchmarks/speed.py [--quick] [--model resnet_small] [--threads N]
-                               [--out docs/bench/speed.json] [--only throughput,sgemm,e2e,train,memory,gpu]
+    python benchmarks/speed.py [--quick] [--model resnet_small] [--threads N] [--baseline SRC]
+                               [--out docs/bench/speed.json] [--only throughput,sgemm,e2e,train,memory,gpu,...]
 
 One run measures everything with the same weights, inputs and thread count (default: every core
 this process may use) and writes ``OUT`` (JSON with every figure and the machine), ``OUT`` with
 ``.md`` (the table for docs/benchmarks.md, also printed) and ``OUT`` with ``.png`` (images/s vs
 batch size).  With ``--only`` the named sections are re-measured and merged into an existing
 ``OUT`` of the same model and mode; each section records when it was measured.  Generated images
-and models are cached in ``--workdir`` (git-ignored ``outputs/bench`` by default).
+and models are cached in ``--workdir`` (git-ignored ``outputs/bench`` by default).  ``--baseline``
+names another checkout's source folder (the one holding ``defectscope/``); the ``cases`` section then
+also runs that code's `defectscope inspect` on the same inputs, for before/after figures in one run.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -25,7 +29,7 @@ from typing import Any
 
 from bench_common import REPO, ForeignLoad, load_average, logical_cores, machine_info, preset_config
 
-SECTIONS = ("sgemm", "throughput", "gpu", "e2e", "memory", "train")
+SECTIONS = ("sgemm", "throughput", "gpu", "e2e", "memory", "train", "cases", "watch")
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,15 @@ class Sizes:
     memory_inputs: tuple[int, int] = (1000, 10000)
     train_images: int = 1000
     train_epochs: int = 4
+    small_images: int = 500  # case (b): distinct 300x300 grey PNGs, each listed small_repeat times
+    small_repeat: int = 4
+    camera_frames: int = 8  # case (c): distinct frames per kind
+    camera_size: tuple[int, int] = (2448, 2048)
+    camera_kinds: tuple[str, ...] = ("grey-png", "grey-jpg", "rgb-png", "rgb-jpg")
+    camera_seconds: float = 6.0  # inputs per camera case: about this long at the bound
+    watch_frames: int = 100
+    watch_fps: float = 5.0
+    watch_kinds: tuple[str, ...] = ("grey-png", "grey-jpg", "rgb-png", "rgb-jpg")
 
 
 QUICK = Sizes(
@@ -51,6 +64,15 @@ QUICK = Sizes(
     memory_inputs=(20, 200),
     train_images=64,
     train_epochs=2,
+    small_images=8,
+    small_repeat=2,
+    camera_frames=2,
+    camera_size=(612, 512),
+    camera_kinds=("grey-jpg",),
+    camera_seconds=0.2,
+    watch_frames=6,
+    watch_fps=10.0,
+    watch_kinds=("grey-jpg",),
 )
 
 
@@ -75,7 +97,7 @@ def _sections(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from defectscope.runtime.cli import default_workers
+    from defectscope.runtime.options import default_workers
 
     p = argparse.ArgumentParser(
         prog="python benchmarks/speed.py", description=(__doc__ or "").strip().splitlines()[0]
@@ -100,6 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-epochs", type=int, default=None, help="epochs; the first is not timed (4)")
     p.add_argument("--batch-size", type=int, default=16, help="inspect --batch-size (its default, 16)")
     p.add_argument("--workers", type=int, default=default_workers(), help="inspect --workers (its default)")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="source folder of another checkout (holding defectscope/): the cases section also runs its "
+        "inspect, for before figures (e.g. git archive main inspect | tar -x -C /tmp/base; /tmp/base/inspect)",
+    )
+    p.add_argument(
+        "--inspect-args",
+        type=shlex.split,
+        default=[],
+        help="extra options for the cases section's inspect runs, to measure a lever against the defaults "
+        "(e.g. --inspect-args='--threads 2': one batch on all cores instead of one per core)",
+    )
     return p
 
 
@@ -182,6 +218,8 @@ def run_section(
         return bench_e2e.run_memory(
             onnx, paths, work, threads, args.batch_size, args.workers, sizes.memory_inputs
         )
+    if name in ("cases", "watch"):
+        return _decode_bound(name, args, sizes, cfg, state)
     if name == "train":
         import bench_train
 
@@ -195,6 +233,45 @@ def run_section(
             quick=args.quick,
         )
     raise ValueError(name)
+
+
+def _decode_bound(
+    name: str, args: argparse.Namespace, sizes: Sizes, cfg: dict[str, Any], state: dict[str, Any]
+) -> Any:
+    """Issue 20's sections: the decode-bound cases, and watch latency on camera frames."""
+    import os
+
+    import bench_cases
+    import bench_e2e
+    import bench_watch
+    from defectscope.runtime.cli import build_parser as inspect_parser
+
+    work: Path = args.workdir
+    frames, size = sizes.camera_frames, sizes.camera_size
+    if name == "watch":
+        rows = [
+            bench_watch.watch_row(
+                work, kind, frames, size, args.seed, fps=sizes.watch_fps, count=sizes.watch_frames
+            )
+            for kind in sizes.watch_kinds
+        ]
+        return {"rows": rows}
+    mixed = bench_e2e.image_set(work, sizes.e2e_images, sizes.e2e_min_side, sizes.e2e_max_side)
+    small = bench_e2e.image_set(work, sizes.small_images, 300, 300)
+    big_model = one_channel_model(cfg, work, args.seed, state)
+    small_model = bench_cases.small_model(work, 1, "exact", args.seed)
+    cases = [
+        (bench_cases.Case(f"mixed-png-{args.model}", big_model, mixed), 0.0),
+        (bench_cases.Case("300-grey-png-tiny", small_model, small, sizes.small_repeat), 0.0),
+        *bench_cases.camera_cases(work, frames, size, sizes.camera_seconds, args.seed, sizes.camera_kinds),
+    ]
+    env = None
+    if args.baseline is not None:
+        if not (args.baseline / "defectscope" / "__init__.py").is_file():
+            raise SystemExit(f"--baseline {args.baseline}: no defectscope/ package in that folder")
+        env = {**os.environ, "PYTHONPATH": str(args.baseline.resolve())}
+    batch = int(inspect_parser().get_default("batch_size"))
+    return bench_cases.run_cases(cases, work, logical_cores(), batch, env, _log, args.inspect_args)
 
 
 def write_outputs(results: dict[str, Any], out: Path) -> str:

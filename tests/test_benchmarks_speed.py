@@ -28,7 +28,7 @@ BATCHES = {1, 8, 32}
 
 def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
 
 
@@ -74,12 +74,48 @@ def _check_e2e(e2e: dict[str, Any], n: int) -> None:
     assert e2e["commit_ms"] > 0
 
 
+def _check_cases(cases: dict[str, Any], cores: int) -> None:
+    """Issue 20's table: every ratio is the one its rows give; the baseline ran the same inputs."""
+    rows = cases["cases"]
+    assert [r["case"] for r in rows][:2] == ["mixed-png-tiny", "300-grey-png-tiny"]
+    assert {r["case"] for r in rows[2:]} == {"camera-grey-jpg-exact", "camera-grey-jpg-fast"}
+    for r in rows:
+        st = r["stages"]
+        assert set(st["ms"]) == {"read", "decode", "resize", "normalise", "model"}
+        assert all(v > 0 for v in st["ms"].values()), r
+        assert _close(st["total_ms"], sum(st["ms"].values()), 0.01)
+        assert _close(r["bound_images_per_s"], cores / (st["total_ms"] / 1e3), 0.01)
+        assert _close(r["fraction_of_bound"], r["inspect"]["images_per_s"] / r["bound_images_per_s"], 0.01)
+        assert _close(r["vs_naive"], r["inspect"]["images_per_s"] / r["naive_images_per_s"], 0.01)
+        # the run's own rate leaves out start-up, so it is the larger one
+        assert r["inspect"]["images_per_s"] >= r["inspect"]["end_to_end_images_per_s"] > 0
+        assert ("before" in r) == r["case"].endswith(("tiny", "exact")), r["case"]  # main predates "fast"
+    camera = {r["case"]: r for r in rows[2:]}
+    assert camera["camera-grey-jpg-fast"]["stages"]["downscale"] == "fast"
+    assert camera["camera-grey-jpg-exact"]["stages"]["input_shape"] == [416, 512, 1]
+    assert cases["inspect_args"] == ["--provider", "cpu"]  # inspect's own defaults otherwise
+    worst = min(rows, key=lambda r: r["fraction_of_bound"])
+    assert cases["worst_fraction_of_bound"] == {"case": worst["case"], "value": worst["fraction_of_bound"]}
+
+
+def _check_watch(watch: dict[str, Any]) -> None:
+    (row,) = watch["rows"]
+    assert row["kind"] == "grey-jpg" and row["frames"] == 6 and "--stable-polls 1" in row["options"]
+    for key in ("visible", "durable"):
+        q = row[key]
+        assert 0 < q["p50_ms"] <= q["p90_ms"] <= q["p99_ms"] <= q["max_ms"] < 60_000, row
+    assert row["durable"]["p50_ms"] >= row["visible"]["p50_ms"]  # a frame moves only after its row
+    assert _close(row["budget_ms"], 2 * row["single_image_ms"], 0.02)
+    assert _close(row["p99_over_budget"], row["durable"]["p99_ms"] / row["budget_ms"], 0.02)
+
+
 @pytest.mark.slow
 def test_quick_run_measures_every_section(tmp_path: Path, cli_env: dict[str, str]) -> None:
     out = tmp_path / "results" / "speed.json"
     work = tmp_path / "work"
     args = ["--quick", "--model", "tiny", "--min-seconds", "0.1", "--out", str(out), "--workdir", str(work)]
     args += ["--e2e-images", "24", "--memory-inputs", "12,48", "--train-images", "48"]
+    args += ["--baseline", str(REPO / "inspect")]  # this checkout as its own "before": the mechanism only
     proc = _run(args, tmp_path, cli_env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads(out.read_text(encoding="utf-8"))
@@ -88,7 +124,7 @@ def test_quick_run_measures_every_section(tmp_path: Path, cli_env: dict[str, str
     assert m["cpu"] and m["threads"] == m["logical_cores"] >= 1
     for pkg in ("torch", "onnxruntime", "numpy"):
         assert m[pkg] == importlib.metadata.version(pkg)
-    assert set(r["sections"]) == {"sgemm", "throughput", "gpu", "e2e", "memory", "train"}
+    assert set(r["sections"]) == {"sgemm", "throughput", "gpu", "e2e", "memory", "train", "cases", "watch"}
     assert r["quick"] is True and r["model"] == "tiny" and r["model_config"]["name"] == "gapcnn"
 
     _check_throughput(r["throughput"], m["threads"])
@@ -96,6 +132,8 @@ def test_quick_run_measures_every_section(tmp_path: Path, cli_env: dict[str, str
     best = {k: sg[k]["best_gflops"] for k in ("numpy", "torch", "onnxruntime")}
     assert sg["peak_gflops"] == max(best.values()) > 0 and best[sg["peak_source"]] == sg["peak_gflops"]
     _check_e2e(r["e2e"], 24)
+    _check_cases(r["cases"], m["logical_cores"])
+    _check_watch(r["watch"])
 
     mem = r["memory"]
     assert [run["inputs"] for run in mem["runs"]] == [12, 48]
@@ -116,14 +154,19 @@ def test_quick_run_measures_every_section(tmp_path: Path, cli_env: dict[str, str
         assert r["gpu"] == "not available on this machine"
 
     targets = r["targets"]
-    assert len(targets) == 7 and all(t["status"] in ("MET", "MISSED") for t in targets)
+    assert len(targets) == 10 and all(t["status"] in ("MET", "MISSED") for t in targets)
     by_name = {t["target"]: t for t in targets}
     b8 = by_name["ONNX Runtime / PyTorch eager images/s, batch 8, 1x300x300"]
     assert b8["value"] == r["throughput"]["ratios"]["onnxruntime_vs_eager"]["1x300x300_b8"]
     assert b8["status"] == ("MET" if b8["value"] >= 2.0 else "MISSED")
 
+    worst = by_name["`defectscope inspect` / all-cores CPU bound, worst of 4 decode-bound cases"]
+    assert worst["value"] == r["cases"]["worst_fraction_of_bound"]["value"]
+    assert worst["status"] == ("MET" if worst["value"] >= 0.85 else "MISSED")
+
     table = out.with_suffix(".md").read_text(encoding="utf-8")
     assert "| Target | Goal | Measured | Status |" in table and "QUICK MODE" in table
+    assert "| camera-grey-jpg-fast | " in table and "| grey-jpg 612x512 | " in table
     assert table in proc.stdout
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -138,7 +181,8 @@ def test_quick_run_measures_every_section(tmp_path: Path, cli_env: dict[str, str
 def test_unknown_section_is_a_usage_error(tmp_path: Path, cli_env: dict[str, str]) -> None:
     proc = _run(["--only", "throughput,bogus", "--out", str(tmp_path / "x.json")], tmp_path, cli_env)
     assert proc.returncode == 2
-    assert "bogus" in proc.stderr and "choose from sgemm, throughput, gpu, e2e, memory, train" in proc.stderr
+    assert "bogus" in proc.stderr
+    assert "choose from sgemm, throughput, gpu, e2e, memory, train, cases, watch" in proc.stderr
     assert not (tmp_path / "x.json").exists()
 
 

@@ -105,7 +105,7 @@ def test_dihedral_export_is_parity_gated_and_runs_in_the_runtime(tmp_path: Path)
                 m.running_var.uniform_(0.5, 2.0)
     info = checkpoint_info("resnet", {"num_classes": 3, "in_chans": 1, "widths": [8, 16], "depths": [1, 1]})
     result = export_model(
-        model, info, tmp_path / "d4.onnx", tta="dihedral", parity_images=0, log=lambda _: None
+        model, info, tmp_path / "d4.onnx", tta="dihedral", parity_images=0, threshold=0.5, log=lambda _: None
     )
     assert result.metadata.tta == "dihedral" and result.metadata.tta_views == 8
     assert result.parity["max_abs_prob_fused"] <= 1e-4  # random shapes include non-square ones

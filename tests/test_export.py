@@ -16,6 +16,7 @@ from onnx import numpy_helper
 
 from defectscope.export.onnx_export import ExportError, ExportResult, export_model
 from defectscope.export.parity import ParityError, ParityInputs, check_parity, random_batches
+from defectscope.runtime.image import LoaderConfig
 from defectscope.runtime.metadata import METADATA_KEY, ModelMetadata
 from defectscope.synth import generate
 from test_export_support import TinyNet, checkpoint_info, randomize
@@ -97,9 +98,12 @@ def test_metadata_round_trips_through_the_ort_session(setup: dict[str, Any]) -> 
     meta = ModelMetadata.from_json(meta_json, source=str(result.path))
     assert meta == result.metadata
     assert meta.class_names == info["class_names"] and meta.good_class == "good"
-    assert meta.threshold == 0.5 and meta.channels == 1 and meta.mean == [0.5] and meta.std == [0.25]
-    loader = info["loader"]
-    assert meta.loader.to_dict() == loader
+    source = meta.threshold_source  # chosen again on this graph, over the labelled val images that exist
+    assert source["method"] == "recall target" and meta.threshold == source["threshold"]
+    assert source["n_defect"] + source["n_good"] == 6 and source["variant"] == "fp32"
+    assert meta.channels == 1 and meta.mean == [0.5] and meta.std == [0.25]
+    # the checkpoint's loader, fields it predates (downscale) at their defaults
+    assert meta.loader == LoaderConfig(**info["loader"]) and meta.loader.downscale == "exact"
     assert meta.model_name == "tinynet" and meta.total_stride == 4
     assert meta.outputs == ["logits", "probs", "cam"] and meta.fp16 is False
     assert meta.mlflow_run_id == "r1" and meta.checkpoint_sha256 == SHA

@@ -78,9 +78,13 @@ def test_int8_export_is_gated_self_describing_and_runs_in_the_line_runner(
     assert q["min_agreement"] == 0.95 and q["calibration"] == "minmax" and q["check_images"] >= 10
     assert q["fp32_ng_images"] >= 1 and "ng_agreement" in q and q["weights"] == "int8 per channel"
     assert meta.parity["graph"] == "fp32, before int8 quantisation"
-    # everything else the runner needs is the fp32 export's
-    for key in ("class_names", "good_class", "threshold", "mean", "std", "channels", "checkpoint_sha256"):
+    # everything else the runner needs is the fp32 export's; the threshold is earned by each graph
+    for key in ("class_names", "good_class", "mean", "std", "channels", "checkpoint_sha256"):
         assert getattr(meta, key) == getattr(ref.metadata, key), key
+    assert meta.threshold == q["int8_threshold"] and ref.metadata.threshold == q["fp32_threshold"]
+    assert (
+        "int8" in meta.threshold_source["variant"] and "int8" not in ref.metadata.threshold_source["variant"]
+    )
 
     # the runner's own loader and session, on every size bucket: int8 decides like fp32
     groups: dict[tuple[int, ...], list[np.ndarray]] = {}
@@ -134,7 +138,12 @@ def test_gate_rejects_a_badly_calibrated_model(trained: dict[str, Any]) -> None:
     bad = quantize_qdq(fp32, black, Int8Config())
     with pytest.raises(Int8GateError, match=f"int8 gate failed on {n} held-back images") as err:
         check_int8(
-            fp32, bad, batches, ng_indices=meta.ng_indices, threshold=meta.threshold, min_agreement=0.95
+            fp32,
+            bad,
+            batches,
+            ng_indices=meta.ng_indices,
+            thresholds=(meta.threshold, meta.threshold),
+            min_agreement=0.95,
         )
     figures = err.value.numbers
     assert figures["check_images"] == n == len(spread)
@@ -142,7 +151,12 @@ def test_gate_rejects_a_badly_calibrated_model(trained: dict[str, Any]) -> None:
     # the same model calibrated on real frames passes the same gate
     good = quantize_qdq(fp32, batches[::2], Int8Config())
     numbers = check_int8(
-        fp32, good, batches, ng_indices=meta.ng_indices, threshold=meta.threshold, min_agreement=0.9
+        fp32,
+        good,
+        batches,
+        ng_indices=meta.ng_indices,
+        thresholds=(meta.threshold, meta.threshold),
+        min_agreement=0.9,
     )
     assert numbers["top1_agreement"] >= 0.9 and numbers["max_abs_prob"] < figures["max_abs_prob"]
 

@@ -60,7 +60,18 @@ def test_register_and_load_back(
 
     out = tmp_path / "model.onnx"
     rc = main(
-        [str(ckpt), "-o", str(out), "--mlflow", "--register-name", "line3-scratch", "--parity-images", "0"]
+        [
+            str(ckpt),
+            "-o",
+            str(out),
+            "--mlflow",
+            "--register-name",
+            "line3-scratch",
+            "--parity-images",
+            "0",
+            "--threshold",
+            "0.5",
+        ]
     )
     text = capsys.readouterr().out
     assert rc == 0, text

@@ -139,6 +139,10 @@ def checkpoint_info(
         "mlflow_run_id": None,
         "mlflow_tracking_uri": None,
         "val_paths": list(val_paths or []),
+        # the class of each val image: its folder when that is a class name (synthetic data), else the last
+        "val_labels": [
+            Path(p).parent.name if Path(p).parent.name in names else names[-1] for p in val_paths or []
+        ],
         "package_version": __version__,
     }
     info.update(overrides)

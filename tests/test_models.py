@@ -421,3 +421,22 @@ def test_instance_norm_needs_a_2x2_feature_map_and_min_input_size_says_so() -> N
         check_input_size(inn, need - 1)
     check_input_size(inn, need)
     check_input_size(bn, need - 1)
+
+
+def test_resnet_kernels_per_stage() -> None:
+    """``kernels``: the blocks' kernel size per stage (the search varies it); one per stage or an error."""
+    from torch import nn
+
+    from defectscope.models import create_model
+    from defectscope.models.errors import ModelConfigError
+
+    model = create_model("resnet", num_classes=2, in_chans=1, kernels=[5, 3, 3, 7])
+    sizes = {
+        name.split(".")[0]: m.kernel_size[0]
+        for name, m in model.features.named_modules()
+        if isinstance(m, nn.Conv2d) and m.kernel_size[0] > 1 and name.startswith(("stage1", "stage4"))
+    }
+    assert sizes == {"stage1": 5, "stage4": 7}
+    assert model(torch.zeros(1, 1, 64, 64)).shape == (1, 2)
+    with pytest.raises(ModelConfigError, match="one kernel size per stage"):
+        create_model("resnet", num_classes=2, in_chans=1, kernels=[3, 3])

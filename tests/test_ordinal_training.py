@@ -200,7 +200,7 @@ def test_mixup_trains_on_the_mixed_images_with_the_mixed_losses() -> None:
 def test_evaluate_grades_with_the_checkpoints_cut_points(
     trained: dict[str, tuple[Path, dict[str, float]]], compose_train: Callable[..., Any], tmp_path: Path
 ) -> None:
-    from defectscope.training.train import evaluate
+    from defectscope.training.evaluate import evaluate
 
     ckpt, metrics = trained["expected"]
     cfg = compose_train(

@@ -63,6 +63,12 @@ def test_smoke_train_then_evaluate(
     run = MlflowClient(uri).get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["model.name"] == "gapcnn" and run.data.params["trainer.max_epochs"] == "3"
+    # what the threshold costs: in the summary, threshold_report.txt (an MLflow artifact) and a tag
+    assert re.search(r"^threshold:\s+threshold \S+ for recall >= 95\.0 %: recall", proc.stdout, re.M)
+    report = (run_dir / "threshold_report.txt").read_text()
+    assert "false-reject rate" in report and "(validation images, PyTorch fp32)" in report
+    warned = "WARNING: the recall target" in report
+    assert (run.data.tags["defectscope.threshold_warning"] != "none") == warned
     history = MlflowClient(uri).get_metric_history(run_id, "val/bal_acc")
     assert len(history) == 3  # one value per epoch
     test_acc = run.data.metrics["test/acc"]

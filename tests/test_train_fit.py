@@ -13,6 +13,7 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import CONF
+from defectscope.runtime.decision import defect_probability, is_defect_label, ng_indices
 from defectscope.training.config import TrainingConfigError
 from defectscope.training.metrics import choose_threshold, operating_point
 from defectscope.training.train import build_module, train
@@ -31,9 +32,11 @@ CONTRACT_KEYS = {
     "mlflow_tracking_uri",
     "val_paths",
     "val_labels",
-    "package_version",
     "ng_classes",
     "target_recall",
+    "warn_false_reject_rate",
+    "threshold_report",
+    "package_version",
     "grading",
 }
 SHORT = [
@@ -182,12 +185,12 @@ def test_threshold_is_chosen_on_validation_and_saved(
     model, info = load_checkpoint(tmp_path / "checkpoints" / "best.ckpt")
     dm = instantiate(cfg.data)
     dm.setup("fit")
-    good = info["class_names"].index(info["good_class"])
+    ng = ng_indices(info["class_names"], info["good_class"], info.get("ng_classes"))
     scores, defect = [], []
-    with torch.no_grad():
+    with torch.no_grad():  # the one NG rule, as training scores (a sum of NG classes, not 1 - P(good))
         for batch in dm.val_dataloader():
-            scores.append(1.0 - model(batch["image"]).softmax(1)[:, good])
-            defect.append(batch["label"] != good)
+            scores.append(defect_probability(model(batch["image"]).softmax(1), ng))
+            defect.append(is_defect_label(batch["label"], ng))
     s, d = torch.cat(scores), torch.cat(defect)
     assert len(s) == len(dm.samples["val"])
     expected = choose_threshold(s, d, float(cfg.threshold.target_recall))
@@ -280,7 +283,8 @@ def test_seed_and_deterministic_give_identical_metrics(
 def test_evaluate_instantiates_nothing_foreign_from_a_checkpoint(
     compose_train: Callable[..., Any], smoke_data_dir: Path, tmp_path: Path
 ) -> None:
-    from defectscope.training.train import evaluate
+    from defectscope.plain import PlainDataError
+    from defectscope.training.evaluate import evaluate
 
     train(smoke_cfg(compose_train, smoke_data_dir, tmp_path, *SHORT, "test=false"))
     ckpt = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)
@@ -303,5 +307,5 @@ def test_evaluate_instantiates_nothing_foreign_from_a_checkpoint(
         "command": "true",
     }
     torch.save(ckpt, tmp_path / "evil.ckpt")
-    with pytest.raises(TrainingConfigError, match=r"data\.eval_transform\._target_ is 'os\.system'"):
+    with pytest.raises(PlainDataError, match=r"data\.eval_transform\._target_ is 'os\.system'"):
         evaluate_file("evil.ckpt")

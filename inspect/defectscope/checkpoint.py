@@ -1,20 +1,27 @@
-"""Read a training checkpoint back into an eval-mode model plus its ``defectscope`` info dict.
+"""The one reader of training checkpoints: every command that opens a ``.ckpt`` goes through here.
 
-Checkpoints are plain data (contract #3), so they load with ``weights_only=True``: opening a file
-from elsewhere never executes pickled code.  The network is rebuilt from the registry name and
-kwargs recorded at training time, then its ``model.*`` weights are loaded strictly, so a checkpoint
-from an incompatible model version fails loudly instead of exporting half-initialised weights.
+A checkpoint is data, never a program (docs/trust.md).  It is loaded with ``weights_only=True``,
+so no pickled object is ever rebuilt; its ``defectscope`` entry is then checked field by field
+(types, sizes, no Hydra keys), and the network is rebuilt from the registry name and plain kwargs
+it records, its ``model.*`` weights loaded strictly.  Nothing read from the file is imported by
+name or handed to ``hydra.utils.instantiate``: data configs go through
+:mod:`defectscope.data.rebuild`, transforms through an exact allow-list.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .plain import PlainDataError, check_plain, expect, number, string_list
+from .runtime.metadata import MAX_CLASSES, MAX_NAME_CHARS, MetadataError, parse_loader
 
 INFO_KEY = "defectscope"
 STATE_PREFIX = "model."
@@ -30,6 +37,9 @@ REQUIRED_INFO_KEYS = (
     "mean",
     "std",
 )
+#: threshold.target_recall of checkpoints that recorded none (the training default)
+DEFAULT_TARGET_RECALL = 0.99
+_RUN_ID = re.compile(r"^[0-9A-Za-z_\-]{1,64}$")
 
 
 class CheckpointError(ValueError):
@@ -51,8 +61,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"defectscope checkpoints hold plain data only): {str(exc).splitlines()[0]}"
         ) from None
     except Exception as exc:
+        first = (str(exc).splitlines() or [""])[0][:200]
         raise CheckpointError(
-            f"{p}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})"
+            f"{p}: not a readable PyTorch checkpoint ({type(exc).__name__}: {first})"
         ) from None
     if not isinstance(ckpt, dict) or INFO_KEY not in ckpt:
         raise CheckpointError(
@@ -62,24 +73,113 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return ckpt
 
 
+def read_info(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`read_checkpoint` + :func:`validate_info`: ``(checkpoint, checked defectscope entry)``."""
+    ckpt = read_checkpoint(path)
+    return ckpt, validate_info(ckpt[INFO_KEY], str(path))
+
+
 def validate_info(info: Any, source: str) -> dict[str, Any]:
-    """Check the ``defectscope`` entry has every key export relies on."""
+    """Check the ``defectscope`` entry: every key export relies on, each of the expected type and size."""
     if not isinstance(info, dict):
         raise CheckpointError(f"{source}: {INFO_KEY!r} entry is a {type(info).__name__}, expected a dict")
     missing = [k for k in REQUIRED_INFO_KEYS if k not in info]
     if missing:
         raise CheckpointError(f"{source}: {INFO_KEY!r} entry lacks key(s): {', '.join(missing)}")
     version = info["format_version"]
-    if version not in SUPPORTED_FORMAT_VERSIONS:
+    if version not in SUPPORTED_FORMAT_VERSIONS or isinstance(version, bool):
         raise CheckpointError(
             f"{source}: checkpoint format_version {version!r} is not supported "
             f"(this version reads {', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))})"
         )
-    if not isinstance(info["model_kwargs"], dict):
-        raise CheckpointError(
-            f"{source}: model_kwargs must be a dict, got {type(info['model_kwargs']).__name__}"
-        )
+    try:
+        check_plain(info, f"{source}: {INFO_KEY}")
+        _check_fields(info, f"{source}: {INFO_KEY}")
+    except PlainDataError as exc:
+        raise CheckpointError(str(exc)) from None
     return info
+
+
+def _check_fields(info: dict[str, Any], where: str) -> None:
+    expect(info["model_name"], str, f"{where}.model_name", "a model name")
+    expect(info["model_kwargs"], dict, f"{where}.model_kwargs", "a dict of plain arguments")
+    names = string_list(info["class_names"], f"{where}.class_names", MAX_CLASSES, MAX_NAME_CHARS)
+    if len(names) < 2 or len(set(names)) != len(names) or not all(names):
+        raise PlainDataError(f"{where}.class_names: expected >= 2 distinct non-empty names, got {names!r}")
+    if expect(info["good_class"], str, f"{where}.good_class", "a class name") not in names:
+        raise PlainDataError(f"{where}.good_class: {info['good_class']!r} is not one of {names}")
+    number(info["threshold"], f"{where}.threshold", 0.0, 1.0)
+    channels = _check_loader(info["loader"], f"{where}.loader")
+    for key in ("mean", "std"):
+        values = expect(info[key], list, f"{where}.{key}", "a list of numbers")
+        if len(values) not in (1, channels):
+            raise PlainDataError(f"{where}.{key}: {len(values)} values, expected 1 or {channels} (channels)")
+        low = 1e-6 if key == "std" else -1e6
+        for i, v in enumerate(values):
+            number(v, f"{where}.{key}[{i}]", low, 1e6)
+    _check_optional(info, where, names)
+
+
+def _check_loader(loader: Any, where: str) -> int:
+    """The loader settings, by the same rule as a model's metadata (:func:`parse_loader`)."""
+    try:
+        return parse_loader(loader).channels
+    except MetadataError as exc:
+        raise PlainDataError(f"{where}: {exc}") from None
+
+
+def _check_optional(info: dict[str, Any], where: str, names: list[str]) -> None:
+    paths = string_list(info.get("val_paths") or [], f"{where}.val_paths")
+    labels = info.get("val_labels")
+    if labels is not None:
+        labels = string_list(labels, f"{where}.val_labels")
+        if len(labels) != len(paths) or not set(labels) <= set(names):
+            raise PlainDataError(
+                f"{where}.val_labels: expected one class name of {names} per val_paths entry "
+                f"({len(paths)}), got {len(labels)} labels"
+            )
+    ng = string_list(info.get("ng_classes") or [], f"{where}.ng_classes", MAX_CLASSES, MAX_NAME_CHARS)
+    if not set(ng) <= set(names) - {info["good_class"]}:
+        raise PlainDataError(f"{where}.ng_classes: {ng!r} must be classes of {names} other than the good one")
+    run_id = info.get("mlflow_run_id")
+    if run_id is not None and not (isinstance(run_id, str) and _RUN_ID.match(run_id)):
+        raise PlainDataError(
+            f"{where}.mlflow_run_id: expected an MLflow run id (letters, digits), got {run_id!r}"
+        )
+    for key in ("mlflow_tracking_uri", "package_version"):
+        if info.get(key) is not None:
+            expect(info[key], str, f"{where}.{key}", "a string")
+    if info.get("target_recall") is not None:
+        number(info["target_recall"], f"{where}.target_recall", 1e-6, 1.0)
+    if info.get("warn_false_reject_rate") is not None:
+        number(info["warn_false_reject_rate"], f"{where}.warn_false_reject_rate", 0.0, 1.0)
+
+
+def target_recall(ckpt: Mapping[str, Any], info: Mapping[str, Any], source: str) -> float:
+    """The recall target training chose the threshold for (older checkpoints: their hyper-parameters)."""
+    if info.get("target_recall") is not None:
+        return float(info["target_recall"])
+    hparams = ckpt.get("hyper_parameters")
+    spec = hparams.get("threshold") if isinstance(hparams, Mapping) else None
+    value = spec.get("target_recall") if isinstance(spec, Mapping) else None
+    if value is None:
+        return DEFAULT_TARGET_RECALL
+    try:
+        return number(value, f"{source}: hyper_parameters.threshold.target_recall", 1e-6, 1.0)
+    except PlainDataError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
+def run_data_config(ckpt: Mapping[str, Any], source: str) -> Mapping[str, Any]:
+    """The data config recorded at training time (checked later by :mod:`defectscope.data.rebuild`)."""
+    hparams = ckpt.get("hyper_parameters")
+    run = hparams.get("run_config") if isinstance(hparams, Mapping) else None
+    data = run.get("data") if isinstance(run, Mapping) else None
+    if not isinstance(data, Mapping) or not data:
+        raise CheckpointError(
+            f"{source} records no data config; choose one: data=folder data.source.root=..."
+        )
+    return data
 
 
 def model_state(ckpt: dict[str, Any], source: str) -> dict[str, torch.Tensor]:
@@ -87,23 +187,41 @@ def model_state(ckpt: dict[str, Any], source: str) -> dict[str, torch.Tensor]:
     state = ckpt.get("state_dict")
     if not isinstance(state, dict):
         raise CheckpointError(f"{source}: has no 'state_dict' (expected a Lightning checkpoint)")
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{source}: 'state_dict' holds non-tensor entries, e.g. {bad[0]!r}")
     own = {k[len(STATE_PREFIX) :]: v for k, v in state.items() if k.startswith(STATE_PREFIX)}
     if not own:
         raise CheckpointError(f"{source}: 'state_dict' has no {STATE_PREFIX}* keys (the network's weights)")
     return own
 
 
+def model_spec(info: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Registry name and kwargs to rebuild the network; pretrained ``weights`` are never fetched again
+    (the checkpoint carries the weights, and a file must not choose a download).  The name must be
+    registered: it is looked up, never imported."""
+    from defectscope.models import list_models
+
+    if info["model_name"] not in list_models():
+        raise CheckpointError(
+            f"unknown model {info['model_name']!r} (this defectscope knows: {', '.join(list_models())})"
+        )
+    kwargs = dict(info["model_kwargs"])
+    if "weights" in kwargs:
+        kwargs["weights"] = None
+    return str(info["model_name"]), kwargs
+
+
 def build_model(info: dict[str, Any], source: str) -> nn.Module:
     """``create_model(model_name, **model_kwargs)``; unknown names list the valid ones."""
-    from defectscope.models import create_model, list_models
+    from defectscope.models import create_model
 
-    name = info["model_name"]
-    if name not in list_models():
-        raise CheckpointError(
-            f"{source}: unknown model {name!r} (this defectscope knows: {', '.join(list_models())})"
-        )
     try:
-        model: nn.Module = create_model(name, **info["model_kwargs"])
+        name, kwargs = model_spec(info)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
+    try:
+        model: nn.Module = create_model(name, **kwargs)
     except Exception as exc:
         raise CheckpointError(
             f"{source}: cannot build model {name!r} from model_kwargs {info['model_kwargs']!r}: {exc}"
@@ -112,10 +230,11 @@ def build_model(info: dict[str, Any], source: str) -> nn.Module:
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the trained network in eval mode; returns ``(model, checkpoint["defectscope"])``."""
+    """Rebuild the trained network in eval mode; returns ``(model, checkpoint["defectscope"])``, the
+    entry checked, with ``target_recall`` filled in from older checkpoints' hyper-parameters."""
     source = str(path)
-    ckpt = read_checkpoint(path)
-    info = validate_info(ckpt[INFO_KEY], source)
+    ckpt, info = read_info(path)
+    info["target_recall"] = target_recall(ckpt, info, source)
     model = build_model(info, source)
     try:
         model.load_state_dict(model_state(ckpt, source), strict=True)
@@ -124,3 +243,37 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, 
             f"{source}: weights do not fit model {info['model_name']!r} with {info['model_kwargs']!r}: {exc}"
         ) from None
     return model.eval(), info
+
+
+def check_resume_state(ckpt: Mapping[str, Any], source: str) -> None:
+    """Lightning restores callback state on resume, and ModelCheckpoint later deletes or loads the files
+    it names: each must be a ``.ckpt`` directly inside the recorded checkpoint folder, without ``..``."""
+    callbacks = ckpt.get("callbacks") or {}
+    if not isinstance(callbacks, Mapping):
+        raise CheckpointError(f"{source}: 'callbacks' is a {type(callbacks).__name__}, expected a dict")
+    for name, state in callbacks.items():
+        if not str(name).startswith("ModelCheckpoint"):
+            continue
+        where = f"{source}: callbacks[{str(name)[:60]!r}]"
+        if not isinstance(state, Mapping):
+            raise CheckpointError(f"{where} is a {type(state).__name__}, expected a dict")
+        folder = state.get("dirpath")
+        if not isinstance(folder, str) or ".." in Path(folder).parts:
+            raise CheckpointError(f"{where}.dirpath: expected a folder path without '..', got {folder!r}")
+        best_k = state.get("best_k_models") or {}
+        if not isinstance(best_k, Mapping):
+            raise CheckpointError(f"{where}.best_k_models: expected a dict of checkpoint paths")
+        paths = [state.get(k) for k in ("best_model_path", "kth_best_model_path", "last_model_path")]
+        for p in [*paths, *best_k]:
+            if p in (None, ""):
+                continue
+            if (
+                not isinstance(p, str)
+                or ".." in Path(p).parts
+                or Path(p).suffix != ".ckpt"
+                or (Path(p).parent != Path(folder))
+            ):
+                raise CheckpointError(
+                    f"{where}: names {str(p)[:200]!r}; a resumed checkpoint may only name .ckpt files in its "
+                    f"own folder {folder!r}"
+                )

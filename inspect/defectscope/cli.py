@@ -18,7 +18,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "defectscope.training.app:train_main",
         "train a model (Hydra app: overrides, --multirun, --cfg)",
     ),
-    "evaluate": ("defectscope.training.app:evaluate_main", "test metrics for a checkpoint (Hydra app)"),
+    "evaluate": (
+        "defectscope.training.app:evaluate_main",
+        "figures of a checkpoint (Hydra app: ckpt_path=...) or of an exported MODEL.onnx on labelled DATA",
+    ),
+    "search": (
+        "defectscope.search.app:search_main",
+        "architecture search: validation metric vs measured latency, on Optuna (Hydra app)",
+    ),
     "export": (
         "defectscope.export.cli:main",
         "fuse BatchNorm and export a verified, self-describing ONNX model",
@@ -43,9 +50,12 @@ def _resolve(target: str) -> Callable[[list[str]], int]:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as exc:
         if exc.name and not exc.name.startswith("defectscope"):
+            top = exc.name.split(".")[0]
             extra = (
-                "train"
-                if exc.name.split(".")[0]
+                "search"
+                if top == "optuna"
+                else "train"
+                if top
                 in {
                     "torch",
                     "pytorch_lightning",

@@ -5,6 +5,12 @@ varying width and height, either defect-free (`good`) or carrying one defect (`s
 `crack`) at a random position and orientation.  Defects are a few pixels wide and of clear but
 not saturating contrast, so a small CNN can learn them while they stay local.
 
+Regions (``--region``): ``anywhere`` (default) puts a defect anywhere in the image; ``left``,
+``centre`` and ``right`` draw it on the canvas of that third of the width (full height) only, so
+the whole defect lies inside the third and its size follows the third's.  Training on one region
+and testing on another is the position-holdout test of translation invariance
+(``benchmarks/position_holdout.py``).
+
 Reproducibility: image ``i`` draws only from ``numpy.random.default_rng([seed, i])`` and the class
 plan only from ``default_rng(seed)``; PNGs are written with fixed settings and no metadata, so the
 same seed gives byte-identical files.  numpy and Pillow only (no torch): the generator also feeds
@@ -27,6 +33,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 DEFAULT_CLASSES = ("good", "scratch", "spot", "crack")
+#: where defects may lie; the thirds split the width at round(w/3) and round(2w/3)
+REGIONS = ("anywhere", "left", "centre", "right")
 MANIFEST = "manifest.csv"
 _PNG_COMPRESS_LEVEL = 1  # fixed: identical bytes for identical pixels; fast to write
 
@@ -153,7 +161,18 @@ PAINTERS: dict[str, Callable[[Rng, int, int], tuple[np.ndarray, float]] | None] 
 # --------------------------------------------------------------------------- images and dataset
 
 
-def render(seed: int, index: int, label: str, channels: int, size_range: tuple[int, int]) -> np.ndarray:
+def region_columns(region: str, w: int) -> tuple[int, int]:
+    """The column range [x0, x1) of ``region`` in an image ``w`` pixels wide."""
+    cuts = (0, round(w / 3), round(2 * w / 3), w)
+    if region == "anywhere":
+        return 0, w
+    third = REGIONS.index(region) - 1
+    return cuts[third], cuts[third + 1]
+
+
+def render(
+    seed: int, index: int, label: str, channels: int, size_range: tuple[int, int], region: str = "anywhere"
+) -> np.ndarray:
     """Image ``index`` of a dataset with ``seed``: HWC uint8 (or HW for one channel)."""
     rng = np.random.default_rng([seed, index])
     lo, hi = size_range
@@ -161,8 +180,9 @@ def render(seed: int, index: int, label: str, channels: int, size_range: tuple[i
     grey = _background(rng, h, w)
     painter = PAINTERS[label]
     if painter is not None:
-        mask, contrast = painter(rng, h, w)
-        grey += contrast * mask
+        x0, x1 = region_columns(region, w)
+        mask, contrast = painter(rng, h, x1 - x0)
+        grey[:, x0:x1] += contrast * mask
     if channels == 1:
         return np.clip(np.rint(grey), 0, 255).astype(np.uint8)
     tint = rng.uniform(0.85, 1.15, size=3).astype(np.float32)
@@ -176,7 +196,9 @@ def class_plan(n: int, seed: int, classes: Sequence[str]) -> list[str]:
     return [classes[int(k) % len(classes)] for k in order]
 
 
-def _check(n: int, channels: int, size_range: tuple[int, int], classes: Sequence[str]) -> None:
+def _check(
+    n: int, channels: int, size_range: tuple[int, int], classes: Sequence[str], region: str = "anywhere"
+) -> None:
     if n < 1:
         raise ValueError(f"synth: n must be >= 1, got {n}")
     if channels not in (1, 3):
@@ -191,6 +213,8 @@ def _check(n: int, channels: int, size_range: tuple[int, int], classes: Sequence
         raise ValueError(f"synth: unknown class(es) {', '.join(unknown)}; valid: {', '.join(PAINTERS)}")
     if len(set(classes)) != len(classes):
         raise ValueError(f"synth: duplicate class names in {list(classes)}")
+    if region not in REGIONS:
+        raise ValueError(f"synth: unknown region {region!r}; valid: {', '.join(REGIONS)}")
 
 
 def generate(
@@ -202,10 +226,14 @@ def generate(
     classes: Sequence[str] = DEFAULT_CLASSES,
     *,
     workers: int | None = None,
+    region: str = "anywhere",
 ) -> Path:
-    """Write ``n`` images as ``out/<class>/<class>_<i>.png`` plus ``out/manifest.csv``; return ``out``."""
+    """Write ``n`` images as ``out/<class>/<class>_<i>.png`` plus ``out/manifest.csv``; return ``out``.
+
+    ``region``: where the defects lie (:data:`REGIONS`; see the module docstring).
+    """
     classes = list(classes)
-    _check(n, channels, size_range, classes)
+    _check(n, channels, size_range, classes, region)
     root = Path(out)
     _clear_previous(root)
     for name in classes:
@@ -217,7 +245,7 @@ def generate(
 
     def write(i: int) -> None:
         rel, label = rows[i]
-        Image.fromarray(render(seed, i, label, channels, size_range)).save(
+        Image.fromarray(render(seed, i, label, channels, size_range, region)).save(
             root / rel, format="PNG", compress_level=_PNG_COMPRESS_LEVEL
         )
 
@@ -269,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=",".join(DEFAULT_CLASSES),
         help=f"comma-separated subset of {','.join(PAINTERS)} (default: all)",
     )
+    p.add_argument(
+        "--region",
+        default="anywhere",
+        help=f"where defects lie: {', '.join(REGIONS)} (a third of the width; default anywhere)",
+    )
     p.add_argument("--workers", type=int, default=None, help="writer threads (default: up to 4)")
     return p
 
@@ -286,11 +319,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             (args.min_size, args.max_size),
             classes,
             workers=args.workers,
+            region=args.region,
         )
     except ValueError as exc:
         print(f"defectscope {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {args.n} images ({', '.join(classes)}) to {root} in {time.perf_counter() - t0:.2f} s")
+    where = "" if args.region == "anywhere" else f", defects in the {args.region} third"
+    print(
+        f"wrote {args.n} images ({', '.join(classes)}{where}) to {root} in {time.perf_counter() - t0:.2f} s"
+    )
     return 0
 
 

@@ -28,12 +28,15 @@ from .sampler import BucketBatchSampler
 from .scan import BadFilesError, ScanRecord, ScanResult, mean_std, scan_files, write_rejects
 from .sources import SPLITS, Sample, SourceData, SourceError, build_source, prepare_source, to_plain
 from .splits import assign_splits
-from .stats import class_counts, count_table, inverse_frequency_weights
+from .stats import class_counts, count_table, inverse_frequency_weights, split_warnings
 from .transforms import build_transform, check_size_preserving, seed_transform
 
 log = logging.getLogger(__name__)
 
 ON_BAD_FILE = ("fail", "skip")
+#: ``evaluate_on``: None = training (train/val/test split); "test" = only the test split is scored;
+#: "all" = every image of the source is scored (a new lot)
+EVALUATE_ON = (None, "test", "all")
 
 
 #: validation images recorded in checkpoints for export's parity and int8 calibration/gate
@@ -65,7 +68,7 @@ class DefectDataModule(pl.LightningDataModule):
 
     Args:
         source: ``{"kind": folder|csv|elpv|synthetic, ...}`` (see :mod:`defectscope.data.sources`).
-        loader: :class:`LoaderConfig` fields (channels, max_side, min_size, size_multiple, max_pixels).
+        loader: :class:`LoaderConfig` fields (channels, max_side, min_size, size_multiple, max_pixels, downscale).
         split: ``val_fraction`` (of the non-test part), ``test_fraction`` (of all), ``seed``; used
             only where the source has no split.  Unset keys take the source's defaults
             (ELPV: 25 % test, seed 42), then 0.15 / 0.15 / 42.
@@ -78,6 +81,8 @@ class DefectDataModule(pl.LightningDataModule):
             (computed during the scan at no extra decoding cost).
         on_bad_file: ``fail`` (default: one error listing every bad file) or ``skip`` (train on the
             rest and write ``rejects_path`` as CSV path,kind,reason).
+        evaluate_on: None for training; ``test`` (the test split) or ``all`` (every image, e.g. a
+            new lot) for evaluation, which needs no training images and takes ``mean``/``std`` as given.
         seed: shuffling and augmentation seed (the split has its own ``split.seed``).
         pin_memory: ``None`` = only when CUDA is available.
         ordered: the classes, in class order, are grades from best to worst (the good class first);
@@ -107,8 +112,12 @@ class DefectDataModule(pl.LightningDataModule):
         drop_last: bool = False,
         ordered: bool = False,
         dihedral: bool = False,
+        evaluate_on: str | None = None,
     ) -> None:
         super().__init__()
+        if evaluate_on not in EVALUATE_ON:
+            raise ValueError(f"evaluate_on must be one of {EVALUATE_ON}, got {evaluate_on!r}")
+        self.evaluate_on = evaluate_on
         if eval_transform is not None:
             raise ValueError(
                 "data.eval_transform is not supported: validation (where the threshold is chosen) and "
@@ -166,6 +175,8 @@ class DefectDataModule(pl.LightningDataModule):
         self.val_paths: list[str] = []
         #: class name of each of ``val_paths`` (export re-derives the threshold on them)
         self.val_labels: list[str] = []
+        #: what the split cannot measure (classes missing from validation/test); also in ``report``
+        self.split_warnings: list[str] = []
         self.samples: dict[str, list[Sample]] = {}
         self.sizes: dict[str, list[tuple[int, int]]] = {}
         self.scan_result: ScanResult | None = None
@@ -190,28 +201,46 @@ class DefectDataModule(pl.LightningDataModule):
             raise SourceError("data.source.good_class must name the defect-free class")
         self.class_names = list(source.class_names)
         self.good_class = source.good_class
+        if self.evaluate_on is None and len(self.class_names) < 2:
+            raise SourceError(
+                f"{source.description}: only one class ({', '.join(self.class_names)}); training needs at least 2 "
+                "classes, e.g. <root>/good/ and <root>/<defect>/ with images in each"
+            )
         samples = self._split(source)
         records = self._scan(samples, source.origin)
         kept = [(s, r) for s, r in zip(samples, records) if r is not None]
         self.samples = {name: [s for s, _ in kept if s.split == name] for name in SPLITS}
         self.sizes = {name: [r.size for s, r in kept if s.split == name] for name in SPLITS}
+        if self.evaluate_on is None:
+            self._check_training_split(source, kept)
+        elif self.mean_cfg is None or self.std_cfg is None:
+            raise ValueError("evaluation needs data.mean and data.std (the checkpoint's normalisation)")
+        else:
+            self.mean, self.std = self._normalisation([])
+        self._build_datasets(any(s.meta for s in samples))
+        self.report = self._make_report(source, [s for s, _ in kept])
+        log.info("%s", self.report)
+        for line in self.split_warnings:
+            log.warning("data: %s", line)
+        self._ready = True
+
+    def _check_training_split(self, source: SourceData, kept: Sequence[tuple[Sample, ScanRecord]]) -> None:
+        """Every class in training; class weights, normalisation and the val paths export records."""
         train = self.samples["train"]
         self.class_counts = class_counts(train, self.class_names)
         empty = [c for c, n in self.class_counts.items() if n == 0]
         if empty:
             raise ValueError(
                 f"{source.description}: no training images for class(es) {empty}; every class in "
-                f"{self.class_names} needs training images (check data.source.classes and the split)"
+                f"{self.class_names} needs training images (check data.source.classes and data.split: "
+                f"{self.split_cfg or 'defaults'})"
             )
         self.class_weights = torch.tensor(inverse_frequency_weights(self.class_counts), dtype=torch.float32)
         self.mean, self.std = self._normalisation([r for s, r in kept if s.split == "train"])
         val = spread_samples(self.samples["val"], MAX_EXPORT_VAL_PATHS)
         self.val_paths = [s.path for s in val]
         self.val_labels = [self.class_names[s.label] for s in val]
-        self._build_datasets(any(s.meta for s in samples))
-        self.report = self._make_report(source, [s for s, _ in kept])
-        log.info("%s", self.report)
-        self._ready = True
+        self.split_warnings = split_warnings([s for s, _ in kept], self.class_names, self.good_class)
 
     def train_dataloader(self) -> DataLoader[dict[str, Any]]:
         return self._loader("train", self.batch_size, shuffle=True, drop_last=self.drop_last)
@@ -225,6 +254,10 @@ class DefectDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------ steps
 
     def _split(self, source: SourceData) -> list[Sample]:
+        if self.evaluate_on == "all":
+            for s in source.samples:
+                s.split = "test"
+            return source.samples
         defaults = {"val_fraction": 0.15, "test_fraction": 0.15, "seed": 42, **source.split_defaults}
         cfg = {**defaults, **{k: v for k, v in self.split_cfg.items() if v is not None}}
         samples = source.samples
@@ -271,7 +304,7 @@ class DefectDataModule(pl.LightningDataModule):
         return (mean * c if len(mean) == 1 else list(mean)), (std * c if len(std) == 1 else list(std))
 
     def _build_datasets(self, with_meta: bool) -> None:
-        train_tf = build_transform(self.train_transform_spec)
+        train_tf = build_transform(self.train_transform_spec, "data.train_transform")
         check_size_preserving(train_tf, self.sizes["train"], self.channels, "train_transform")
         seed_transform(train_tf, self.seed)
         for name in SPLITS:
@@ -290,11 +323,18 @@ class DefectDataModule(pl.LightningDataModule):
         lines = [
             f"data: {source.description}",
             count_table(kept, self.class_names),
-            "class weights (train, inverse frequency): "
-            + ", ".join(f"{c}={w:.3f}" for c, w in zip(self.class_names, self.class_weights.tolist())),
+            *(
+                [
+                    "class weights (train, inverse frequency): "
+                    + ", ".join(f"{c}={w:.3f}" for c, w in zip(self.class_names, self.class_weights.tolist()))
+                ]
+                if self.evaluate_on is None
+                else [f"evaluation: {'every image' if self.evaluate_on == 'all' else 'the test split'}"]
+            ),
             f"good class: {self.good_class}; channels: {self.channels}; mean {self.mean}; std {self.std}",
             f"{len(buckets)} size buckets (h x w) for {sum(buckets.values())} images",
         ]
+        lines += [f"WARNING: {w}" for w in self.split_warnings]
         if self.rejected:
             lines.append(f"skipped {len(self.rejected)} bad file(s) (see {self.rejects_path})")
         if source.ignored:

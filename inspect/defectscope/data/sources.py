@@ -273,11 +273,11 @@ def elpv_source(task: str = "binary") -> SourceData:
 
 
 def _synth_params(
-    n: int, seed: int, channels: int, min_size: int, max_size: int, classes: Sequence[str]
+    n: int, seed: int, channels: int, min_size: int, max_size: int, classes: Sequence[str], region: str
 ) -> dict[str, Any]:
     from .. import __version__
 
-    return {
+    params = {
         "n": n,
         "seed": seed,
         "channels": channels,
@@ -286,6 +286,9 @@ def _synth_params(
         "classes": list(classes),
         "generator_version": __version__,
     }
+    if region != "anywhere":  # absent for the default, so sets generated before regions existed stay valid
+        params["region"] = region
+    return params
 
 
 def _read_marker(root: Path) -> dict[str, Any] | None:
@@ -331,6 +334,7 @@ def ensure_synthetic(
     min_size: int = 96,
     max_size: int = 512,
     classes: Sequence[str] = ("good", "scratch", "spot", "crack"),
+    region: str = "anywhere",
 ) -> Path:
     """Generate the synthetic set into ``root`` unless a complete one with these parameters is there.
 
@@ -339,10 +343,12 @@ def ensure_synthetic(
     file serialises processes that start together (DDP ranks, parallel runs): one generates, the
     others wait and reuse its result.
     """
-    from ..synth import generate
+    from ..synth import REGIONS, generate
 
+    if region not in REGIONS:
+        raise SourceError(f"data.source.region must be one of {', '.join(REGIONS)}, got {region!r}")
     base = Path(root).expanduser()
-    params = _synth_params(n, seed, channels, min_size, max_size, classes)
+    params = _synth_params(n, seed, channels, min_size, max_size, classes, region)
     if _read_marker(base) == params:
         return base
     base.parent.mkdir(parents=True, exist_ok=True)
@@ -361,7 +367,7 @@ def ensure_synthetic(
         _remove_stale_partials(base)
         partial = base.with_name(f"{base.name}.partial-{socket.gethostname()}-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
-        generate(partial, n, seed, channels, (min_size, max_size), classes)
+        generate(partial, n, seed, channels, (min_size, max_size), classes, region=region)
         (partial / SYNTH_MARKER).write_text(json.dumps(params, sort_keys=True) + "\n", encoding="utf-8")
         if base.exists():
             shutil.rmtree(base)
@@ -394,9 +400,13 @@ def synthetic_source(
     max_size: int = 512,
     classes: Sequence[str] = ("good", "scratch", "spot", "crack"),
     good_class: str = "good",
+    region: str = "anywhere",
 ) -> SourceData:
-    """The built-in generator's output, (re)generated when missing or incomplete, read as a folder."""
-    base = ensure_synthetic(root, n, seed, channels, min_size, max_size, classes)
+    """The built-in generator's output, (re)generated when missing or incomplete, read as a folder.
+
+    ``region``: where defects lie (``defectscope.synth.REGIONS``), e.g. for a position-holdout test.
+    """
+    base = ensure_synthetic(root, n, seed, channels, min_size, max_size, classes, region)
     data = folder_source(base, classes=list(classes), good_class=good_class, extensions=(".png",))
     data.description = f"synthetic {base} (n={n}, seed={seed})"
     data.ignored = [p for p in data.ignored if not p.endswith(SYNTH_MARKER)]

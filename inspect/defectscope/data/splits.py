@@ -33,8 +33,8 @@ def stratified_pick(strata: Sequence[str], keys: Sequence[str], fraction: float,
 
     ``keys`` (e.g. file paths) fix the order inside a stratum before the seeded shuffle.
     """
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"split fraction must be in [0, 1), got {fraction}")
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"split fraction must be in [0, 1], got {fraction}")
     groups: dict[str, list[int]] = {}
     for i, s in enumerate(strata):
         groups.setdefault(s, []).append(i)

@@ -43,3 +43,43 @@ def count_table(samples: Sequence[Sample], class_names: Sequence[str]) -> str:
     totals = [sum(table[n][c] for n in class_names) for c in cols]
     lines.append(f"{'total':<{width}}  " + "  ".join(f"{t:>7}" for t in totals) + f"  {sum(totals):>7}")
     return "\n".join(lines)
+
+
+#: fewer validation/test images of a class than this and its figures move in steps of >= 20 pp
+MIN_EVAL_IMAGES = 5
+
+
+def split_warnings(samples: Sequence[Sample], class_names: Sequence[str], good_class: str) -> list[str]:
+    """What the split cannot measure: classes missing from (or rare in) validation or test.
+
+    Validation chooses the OK/NG threshold for ``threshold.target_recall``; without defect images
+    there it stays at ``threshold.default``.  An empty split (``test_fraction: 0``) is a choice,
+    not a warning.
+    """
+    out: list[str] = []
+    counts = {
+        split: class_counts([s for s in samples if s.split == split], class_names)
+        for split in ("val", "test")
+    }
+    for split, per_class in counts.items():
+        if not any(per_class.values()):
+            continue
+        what = "recall (and the threshold's view of it)" if split == "val" else "test figures"
+        for name, n in per_class.items():
+            if n == 0:
+                out.append(f"class {name!r} has no {split} images: its {what} cannot be measured")
+            elif n < MIN_EVAL_IMAGES:
+                out.append(
+                    f"class {name!r} has only {n} {split} image(s): each one moves its {what} by {100 / n:.0f} pp"
+                )
+    if any(counts["val"].values()) and not any(n for c, n in counts["val"].items() if c != good_class):
+        out.append(
+            "the validation split has no defect images: the OK/NG threshold cannot be chosen for "
+            "threshold.target_recall and stays at threshold.default"
+        )
+    if out:
+        out.append(
+            "what to do: add images of these classes, raise data.split.val_fraction / data.split.test_fraction, "
+            "or give fixed splits (<root>/train|val|test/<class>/)"
+        )
+    return out

@@ -13,21 +13,81 @@ from typing import Any
 
 import numpy as np
 
+from ..plain import PlainDataError, check_plain
+
 Transform = Callable[..., Any]
 
 
-def build_transform(spec: Any) -> Transform | None:
-    """``None``, a ready callable (e.g. an ``albumentations.Compose``), or a ``_target_`` mapping."""
+#: albumentations transforms a data config may name, by exact class name: a config read from a
+#: checkpoint is built through this table only, never by importing the string it holds
+ALLOWED_TRANSFORMS = (
+    "Compose", "OneOf", "SomeOf", "Sequential", "NoOp",
+    "HorizontalFlip", "VerticalFlip", "Transpose", "RandomRotate90", "D4", "Affine",
+    "RandomBrightnessContrast", "RandomGamma", "CLAHE", "Equalize", "GaussNoise", "GaussianBlur",
+    "MotionBlur", "MedianBlur", "Defocus", "Sharpen", "ImageCompression", "CoarseDropout",
+)  # fmt: skip
+#: the ones that hold other transforms under ``transforms``
+CONTAINER_TRANSFORMS = ("Compose", "OneOf", "SomeOf", "Sequential")
+TARGET_PREFIX = "albumentations."
+
+
+def _allowed_name(node: Mapping[str, Any], where: str) -> str:
+    target = node.get("_target_")
+    name = (
+        target[len(TARGET_PREFIX) :] if isinstance(target, str) and target.startswith(TARGET_PREFIX) else ""
+    )
+    for allowed in ALLOWED_TRANSFORMS:
+        if name == allowed:
+            return allowed
+    raise PlainDataError(
+        f"{where}._target_ is {target!r}; a data config is built only from the albumentations "
+        f"transforms {', '.join(TARGET_PREFIX + n for n in ALLOWED_TRANSFORMS)}"
+    )
+
+
+def check_transform_spec(spec: Any, where: str) -> None:
+    """Raise unless ``spec`` is None or an allow-listed transform with plain arguments (recursively)."""
+    if spec is None:
+        return
+    if not isinstance(spec, Mapping):
+        raise PlainDataError(
+            f"{where}: expected a transform mapping with _target_, got {type(spec).__name__}"
+        )
+    name = _allowed_name(spec, where)
+    args = {k: v for k, v in spec.items() if k != "_target_"}
+    children = args.pop("transforms", None) if name in CONTAINER_TRANSFORMS else None
+    check_plain(args, where)
+    if name in CONTAINER_TRANSFORMS:
+        if not isinstance(children, list) or not children:
+            raise PlainDataError(f"{where}.transforms: {name} needs a non-empty list of transforms")
+        for i, child in enumerate(children):
+            check_transform_spec(child, f"{where}.transforms[{i}]")
+
+
+def transform_from_spec(spec: Mapping[str, Any], where: str) -> Transform:
+    """Build a checked spec (:func:`check_transform_spec`) from the allow-list; no Hydra, no imports by name."""
+    import albumentations
+
+    check_transform_spec(spec, where)
+    name = _allowed_name(spec, where)
+    args = {k: v for k, v in spec.items() if k != "_target_"}
+    if name in CONTAINER_TRANSFORMS:
+        args["transforms"] = [
+            transform_from_spec(c, f"{where}.transforms[{i}]") for i, c in enumerate(args["transforms"])
+        ]
+    try:
+        built: Transform = getattr(albumentations, name)(**args)
+    except Exception as exc:  # albumentations validates its arguments (pydantic)
+        raise PlainDataError(f"{where}: albumentations.{name} refuses its arguments: {exc}") from None
+    return built
+
+
+def build_transform(spec: Any, where: str = "data.transform") -> Transform | None:
+    """``None``, a ready callable (e.g. an ``albumentations.Compose``), or an allow-listed spec."""
     if spec is None:
         return None
     if isinstance(spec, Mapping):
-        if "_target_" not in spec:
-            raise ValueError(
-                f"a transform config needs a _target_ (e.g. albumentations.Compose), got keys {list(spec)}"
-            )
-        from hydra.utils import instantiate
-
-        spec = instantiate(spec)
+        spec = transform_from_spec(spec, where)
     if not callable(spec):
         raise ValueError(f"a transform must be callable as transform(image=array), got {type(spec).__name__}")
     return spec

@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from defectscope.runtime.files import checkpoint_file_problem
 from defectscope.runtime.metadata import TTA_NAMES
@@ -44,6 +45,13 @@ def _whole(minimum: int) -> Callable[[str], int]:
 
 
 _count, _positive = _whole(0), _whole(1)
+
+
+def _recall(text: str) -> float:
+    value = _threshold(text)
+    if value <= 0.0:
+        raise argparse.ArgumentTypeError(f"expected a recall in (0, 1], got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,15 +127,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--images",
         type=Path,
-        metavar="DIR|LIST",
-        help="take parity (and int8 calibration) images from DIR, or from a text file listing one "
-        "image path per line, instead of the checkpoint's val_paths",
+        metavar="DIR|CSV|LIST",
+        help="images for parity, int8 calibration and the threshold, instead of the checkpoint's "
+        "validation images: a folder of class folders or a CSV with header path,label (labelled: the "
+        "threshold is chosen on them), or a flat folder / a text file listing one path per line "
+        "(unlabelled: the threshold is chosen on the checkpoint's validation images)",
     )
     p.add_argument(
         "--threshold",
         type=_threshold,
         metavar="T",
-        help="decision threshold to embed (default: checkpoint's)",
+        help="set the decision threshold by hand (recorded as such) instead of choosing it on the "
+        "exported graph for the recall target",
+    )
+    p.add_argument(
+        "--target-recall",
+        type=_recall,
+        metavar="R",
+        help="defect recall the threshold is chosen for on the exported graph (default: the "
+        "checkpoint's threshold.target_recall)",
     )
     p.add_argument(
         "--mlflow", action="store_true", help="log and register the model in the checkpoint's MLflow run"
@@ -136,6 +154,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--register-name", metavar="NAME", help="registered model name (default defectscope-<model>)"
     )
     return p
+
+
+def threshold_summary(source: dict[str, Any]) -> list[str]:
+    """How the embedded threshold was earned, and a loud warning with the trade-off when it costs too much."""
+    from defectscope.evaluation.threshold import threshold_lines
+
+    from .threshold import HOW_TO_CHANGE
+
+    if source.get("method") != "recall target":
+        return [
+            f"threshold: {source['threshold']:g}, set by hand (--threshold); not checked against a recall target"
+        ]
+    where = f"{source['variant']} graph in ONNX Runtime, {source['images']}"
+    return [
+        "threshold: " + line if i == 0 else line
+        for i, line in enumerate(threshold_lines(source, where, HOW_TO_CHANGE))
+    ]
+
+
+def usage_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with a combination of options, before any work."""
+    if args.opset < MIN_OPSET:
+        return f"--opset {args.opset} is too old; defectscope exports need opset >= {MIN_OPSET}"
+    if args.images is not None and not (args.images.is_dir() or args.images.is_file()):
+        return f"--images {args.images}: not an existing directory or list file"
+    if args.register_name is not None and not args.mlflow:
+        return "--register-name only makes sense together with --mlflow"
+    if args.threshold is not None and args.target_recall is not None:
+        return "--threshold sets the threshold by hand; --target-recall chooses it: give one"
+    if args.int8 and args.fp16:
+        return "--fp16 and --int8 exclude each other: fp16 is for GPU line PCs, int8 for CPUs"
+    return None
 
 
 def _fail(code: int, message: str) -> int:
@@ -149,14 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except SystemExit as exc:  # argparse has printed usage and the problem
         return int(exc.code or 0)
-    if args.opset < MIN_OPSET:
-        return _fail(2, f"--opset {args.opset} is too old; defectscope exports need opset >= {MIN_OPSET}")
-    if args.images is not None and not (args.images.is_dir() or args.images.is_file()):
-        return _fail(2, f"--images {args.images}: not an existing directory or list file")
-    if args.register_name is not None and not args.mlflow:
-        return _fail(2, "--register-name only makes sense together with --mlflow")
-    if args.int8 and args.fp16:
-        return _fail(2, "--fp16 and --int8 exclude each other: fp16 is for GPU line PCs, int8 for CPUs")
+    problem = usage_problem(args)
+    if problem:
+        return _fail(2, problem)
     not_a_checkpoint = checkpoint_file_problem(args.checkpoint)
     if not_a_checkpoint:
         return _fail(2, not_a_checkpoint)
@@ -207,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             checkpoint_sha256=file_sha256(args.checkpoint),
             int8=int8,
             tta=args.tta,
+            target_recall=args.target_recall,
         )
     except (CheckpointError, ExportError) as exc:
         return _fail(2, str(exc))
@@ -225,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result.metadata.int8:
         print("int8 gate (int8 vs fp32 ONNX Runtime CPU, held-back images):")
         print(format_numbers(result.metadata.quantization))
+    print("\n".join(threshold_summary(result.metadata.threshold_source)))
     s = result.seconds
     parts = ", ".join(f"{k} {v:.2f}" for k, v in s.items() if k != "total")
     print(f"export time: {s['total']:.2f} s ({parts})")

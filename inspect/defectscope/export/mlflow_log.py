@@ -19,6 +19,8 @@ from defectscope.runtime.metadata import METADATA_KEY, ModelMetadata
 
 ARTIFACT_NAME = "onnx_model"
 FALLBACK_EXPERIMENT = "defectscope-export"
+#: threshold_source figures logged as run metrics (export/threshold_<name>)
+THRESHOLD_FIGURES = ("threshold", "target_recall", "recall", "false_reject_rate", "n_defect", "n_good")
 
 
 class MlflowExportError(RuntimeError):
@@ -64,6 +66,8 @@ def version_tags(meta: ModelMetadata, extra: dict[str, Any] | None = None) -> di
         "defectscope.outputs": ",".join(meta.outputs),
         "defectscope.checkpoint_sha256": meta.checkpoint_sha256 or "",
         "defectscope.package_version": meta.package_version,
+        "defectscope.threshold_method": str(meta.threshold_source.get("method", "not recorded")),
+        "defectscope.threshold_too_costly": str(bool(meta.threshold_source.get("too_costly"))).lower(),
     }
     doc = meta.to_json()
     if len(doc) <= 5000:
@@ -135,6 +139,11 @@ def log_onnx_model(
                     f"export/int8_{k}": float(v)
                     for k, v in meta.quantization.items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool)
+                }
+                | {
+                    f"export/threshold_{k}": float(v)
+                    for k, v in meta.threshold_source.items()
+                    if k in THRESHOLD_FIGURES and isinstance(v, (int, float)) and not isinstance(v, bool)
                 }
             )
             logged = mlflow.onnx.log_model(

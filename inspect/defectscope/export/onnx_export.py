@@ -14,6 +14,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from defectscope.runtime.image import LoaderConfig, normalize_batch
 from defectscope.runtime.metadata import METADATA_KEY, MetadataError, ModelMetadata
 
 from .atomic import atomic_write_bytes
+from .errors import ExportError
 from .fuse import FuseReport, fuse_conv_bn_report, replace_bn_with_affine
 from .grading import GradingExportError, checkpoint_grading, earn_cuts
 from .parity import (
@@ -48,14 +50,11 @@ from .quantize import (
     quantize_qdq,
     split_paths,
 )
+from .threshold import earn_threshold, plan_threshold
 from .wrapper import ExportWrapper, head_linear
 
 MIN_OPSET = 18
 INPUT_NAME = "input"
-
-
-class ExportError(ValueError):
-    """The checkpoint/model cannot be exported as asked; the message says what and why."""
 
 
 @dataclass
@@ -258,8 +257,14 @@ def quantize_model(
     cfg: Int8Config,
     plan: Int8Plan,
     log: Callable[[str], None],
-) -> tuple[bytes, dict[str, Any]]:
-    """Calibrate, quantise and gate (see :mod:`.quantize`); returns the int8 bytes and the figures."""
+    earn: Callable[[bytes, ModelMetadata], dict[str, Any]],
+) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
+    """Calibrate, quantise and gate (see :mod:`.quantize`).
+
+    The gate compares the verdicts each graph would ship with, so ``earn`` (the threshold chosen on
+    a graph's own validation scores) runs on both; returns the int8 bytes, the gate's figures and
+    the int8 graph's earned threshold fields.
+    """
     loader = meta.loader
     calib, n_calib, skipped = load_groups(plan.calib, loader, len(plan.calib))
     check, n_check, skipped2 = real_batches(plan.check, loader, meta.mean, meta.std, len(plan.check))
@@ -279,12 +284,14 @@ def quantize_model(
             fp32_bytes, _chunks(calib, 16), cfg, lambda imgs: normalize_batch(imgs, meta.mean, meta.std)
         )
         onnx.checker.check_model(onnx.load_from_string(int8_bytes), full_check=True)
+        fp32_threshold = float(earn(fp32_bytes, meta)["threshold"])
+        earned = earn(int8_bytes, replace(meta, int8=True))
         numbers = check_int8(
             fp32_bytes,
             int8_bytes,
             _chunks(check, 16),
             ng_indices=meta.ng_indices,
-            threshold=meta.threshold,
+            thresholds=(fp32_threshold, float(earned["threshold"])),
             min_agreement=cfg.min_agreement,
             grading=meta.grader,
         )
@@ -304,9 +311,11 @@ def quantize_model(
         "activations": "uint8 per tensor",
         "calibration": cfg.method,
         "calib_images": n_calib,
+        "fp32_threshold": fp32_threshold,
+        "int8_threshold": float(earned["threshold"]),
         **numbers,
     }
-    return int8_bytes, numbers
+    return int8_bytes, numbers, earned
 
 
 def parity_inputs(
@@ -343,6 +352,7 @@ def export_model(
     checkpoint_sha256: str | None = None,
     int8: Int8Config | None = None,
     tta: str = "none",
+    target_recall: float | None = None,
     tamper: Callable[[onnx.ModelProto], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> ExportResult:
@@ -352,6 +362,9 @@ def export_model(
     agreement with fp32 on held-back real images (:mod:`.quantize`); the int8 graph is written.
     ``tta``: build test-time flips into the graph (:class:`~defectscope.models.tta.FlipTTA`); the
     parity gate then compares against the same flips in PyTorch.
+    ``threshold``: set by hand; otherwise it is chosen again on the written graph for ``target_recall``
+    (default: the checkpoint's) on labelled images (:mod:`.threshold`, whose errors are
+    :class:`~.threshold.ThresholdError`).
     ``tamper`` is a fault-injection hook for tests: it may alter the graph after export and before
     the parity gate, which must then catch it.
     """
@@ -383,6 +396,7 @@ def export_model(
         )
     min_side = int(getattr(model, "min_input_size", 1))
     plan = plan_int8(info, images_dir, int8, log) if int8 is not None else None
+    threshold_plan = plan_threshold(info, images_dir, target_recall=target_recall, by_hand=threshold, log=log)
     model = model.eval()
 
     fused, report = fuse_conv_bn_report(model)
@@ -428,15 +442,18 @@ def export_model(
         set_metadata(proto, meta)
         data = proto.SerializeToString()
     t_quant = t_parity
+    earn = partial(earn_threshold, plan=threshold_plan)
     if int8 is not None and plan is not None:
-        data, figures = quantize_model(data, meta, int8, plan, log)
+        data, figures, earned = quantize_model(data, meta, int8, plan, log, earn)
         parity = {**meta.parity, "graph": "fp32, before int8 quantisation"}
         meta = replace(meta, int8=True, quantization=figures, parity=parity)
-        meta = replace(meta, grading=earn_cuts(data, meta, info, log))
-        quant = onnx.load_from_string(data)
-        set_metadata(quant, meta)
-        data = quant.SerializeToString()
+        meta = replace(meta, grading=earn_cuts(data, meta, info, log))  # written with the threshold below
         t_quant = time.perf_counter()
+    else:
+        earned = earn(data, meta)
+    meta = replace(meta, **earned)
+    data = with_metadata(data, meta)
+    t_threshold = time.perf_counter()
     atomic_write_bytes(out, data)
     t_end = time.perf_counter()
     seconds = {
@@ -444,7 +461,15 @@ def export_model(
         "export": round(t_exported - t_fused, 3),
         "parity": round(t_parity - t_exported, 3),
         **({"int8": round(t_quant - t_parity, 3)} if int8 is not None else {}),
-        "write": round(t_end - t_quant, 3),
+        "threshold": round(t_threshold - t_quant, 3),
+        "write": round(t_end - t_threshold, 3),
         "total": round(t_end - t_start, 3),
     }
     return ExportResult(out, len(data), seconds, numbers, meta, report, data)
+
+
+def with_metadata(data: bytes, meta: ModelMetadata) -> bytes:
+    """The serialised model ``data`` with ``meta`` embedded (the graph is unchanged)."""
+    proto = onnx.load_from_string(data)
+    set_metadata(proto, meta)
+    return proto.SerializeToString()

@@ -217,15 +217,16 @@ def check_int8(
     batches: Sequence[np.ndarray],
     *,
     ng_indices: Sequence[int],
-    threshold: float,
+    thresholds: tuple[float, float],
     min_agreement: float,
     grading: Grading | None = None,
 ) -> dict[str, Any]:
     """Run both graphs on the held-back ``batches``; raise :class:`Int8GateError` below the gate.
 
     Agreement is measured on what the line acts on: the top-1 class (the grade, for a model with a
-    grading rule), the OK/NG verdict
-    (:func:`defectscope.runtime.decision.is_ng`) and, separately, the verdict on the images fp32 calls NG, so a
+    grading rule), the OK/NG verdict (:func:`defectscope.runtime.decision.is_ng`, each graph at the
+    threshold it earns itself on the validation images, ``thresholds`` = (fp32, int8), as each would
+    ship) and, separately, the verdict on the images fp32 calls NG, so a
     mostly-OK check set cannot hide an int8 model that lets defects through.  Probability and CAM
     errors are reported, not gated: int8 moves probabilities by ~1e-2 and what matters is whether a
     decision flips.  Non-finite int8 outputs fail the gate outright.
@@ -238,8 +239,8 @@ def check_int8(
     p_ref = np.concatenate([w["probs"] for w in want]).astype(np.float64)
     p_q = np.concatenate([g["probs"] for g in got]).astype(np.float64)
     finite = bool(np.isfinite(p_q).all())
-    ng_ref = is_ng(defect_probability(p_ref, ng_indices), threshold)
-    ng_q = is_ng(defect_probability(p_q, ng_indices), threshold)
+    ng_ref = is_ng(defect_probability(p_ref, ng_indices), thresholds[0])
+    ng_q = is_ng(defect_probability(p_q, ng_indices), thresholds[1])
     agreement = {
         "top1_agreement": float(np.mean(grade_indices(p_ref, grading) == grade_indices(p_q, grading))),
         "verdict_agreement": float(np.mean(ng_ref == ng_q)),

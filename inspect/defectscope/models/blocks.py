@@ -19,6 +19,7 @@ class BasicBlock(nn.Module):
 
     S is identity when shape is kept, otherwise a 1×1 strided conv + norm (projection).
     Padding must keep the main path and the shortcut the same size, hence 'same' only.
+    ``blur``/``padding_mode``: see :mod:`defectscope.models.conv` (both strided convs are anti-aliased).
     """
 
     def __init__(
@@ -32,19 +33,21 @@ class BasicBlock(nn.Module):
         act: ActSpec = "relu",
         norm_kwargs: dict[str, Any] | None = None,
         zero_init_last: bool = True,
+        blur: int = 0,
+        padding_mode: str = "zeros",
     ) -> None:
         super().__init__()
-        self.conv1 = ConvNormAct(
-            in_chans, out_chans, kernel, stride, "same", dilation, norm=norm, act=act, norm_kwargs=norm_kwargs
-        )
-        self.conv2 = ConvNormAct(
-            out_chans, out_chans, kernel, 1, "same", dilation, norm=norm, act=None, norm_kwargs=norm_kwargs
-        )
+        same: dict[str, Any] = {
+            "norm": norm,
+            "norm_kwargs": norm_kwargs,
+            "blur": blur,
+            "padding_mode": padding_mode,
+        }
+        self.conv1 = ConvNormAct(in_chans, out_chans, kernel, stride, "same", dilation, act=act, **same)
+        self.conv2 = ConvNormAct(out_chans, out_chans, kernel, 1, "same", dilation, act=None, **same)
         self.shortcut: nn.Module
         if stride != 1 or in_chans != out_chans:
-            self.shortcut = ConvNormAct(
-                in_chans, out_chans, 1, stride, 0, norm=norm, act=None, norm_kwargs=norm_kwargs
-            )
+            self.shortcut = ConvNormAct(in_chans, out_chans, 1, stride, 0, act=None, **same)
         else:
             self.shortcut = nn.Identity()
         self.act = get_act(act)

@@ -11,6 +11,9 @@ which pads stride-2 layers asymmetrically (one extra pixel bottom/right) on even
 output sizes are identical (⌈x/2⌉) but the sampling grid is offset by one pixel.  That costs a
 little ImageNet accuracy and nothing after fine-tuning, and it keeps the ONNX graph free of
 shape-dependent padding.
+
+``blur``/``padding_mode`` (see :mod:`defectscope.models.conv`) reach the stem and every MBConv
+through ``ConvNormAct``; the anti-aliasing filter is a fixed buffer, so the TF weights load unchanged.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import nn
 
 from .act import ActSpec
 from .base import GapClassifier
-from .conv import ConvNormAct
+from .conv import ConvNormAct, check_blur, check_padding_mode
 from .errors import ModelConfigError
 from .geometry import SizeOp, collect_size_ops
 from .norm import NormSpec
@@ -98,16 +101,17 @@ class MBConv(nn.Module):
         norm_kwargs: dict[str, Any],
         act: ActSpec,
         drop_path: float = 0.0,
+        blur: int = 0,
+        padding_mode: str = "zeros",
     ) -> None:
         super().__init__()
         mid = in_chans * expand_ratio
         self.has_expand = expand_ratio != 1
+        common: dict[str, Any] = {"norm": norm, "norm_kwargs": norm_kwargs, "padding_mode": padding_mode}
         if self.has_expand:
-            self.expand = ConvNormAct(in_chans, mid, 1, norm=norm, act=act, norm_kwargs=norm_kwargs)
-        self.dw = ConvNormAct(
-            mid, mid, kernel, stride, "same", groups=mid, norm=norm, act=act, norm_kwargs=norm_kwargs
-        )
-        self.project = ConvNormAct(mid, out_chans, 1, norm=norm, act=None, norm_kwargs=norm_kwargs)
+            self.expand = ConvNormAct(in_chans, mid, 1, act=act, **common)
+        self.dw = ConvNormAct(mid, mid, kernel, stride, "same", groups=mid, act=act, blur=blur, **common)
+        self.project = ConvNormAct(mid, out_chans, 1, act=None, **common)
         self.has_residual = stride == 1 and in_chans == out_chans
         self.drop_path = DropPath(drop_path) if (self.has_residual and drop_path > 0) else nn.Identity()
 
@@ -146,8 +150,11 @@ class EfficientNetLite(GapClassifier):
         norm_groups: int = 8,
         act: ActSpec = "relu6",
         bn_momentum: float = BN_MOMENTUM,
+        blur: int = 0,
+        padding_mode: str = "zeros",
     ) -> None:
         super().__init__(num_classes=num_classes, in_chans=in_chans)
+        shift: dict[str, Any] = {"blur": check_blur(blur), "padding_mode": check_padding_mode(padding_mode)}
         if variant not in LITE_PARAMS:
             raise ModelConfigError(
                 f"unknown EfficientNet-Lite variant {variant!r}; valid: {', '.join(LITE_PARAMS)}"
@@ -164,7 +171,7 @@ class EfficientNetLite(GapClassifier):
             norm_kwargs["momentum"] = bn_momentum
 
         stem = ConvNormAct(
-            self.in_chans, STEM_WIDTH, 3, 2, "same", norm=norm, act=act, norm_kwargs=norm_kwargs
+            self.in_chans, STEM_WIDTH, 3, 2, "same", norm=norm, act=act, norm_kwargs=norm_kwargs, **shift
         )
         plan: list[tuple[int, int, int, int, int]] = []  # (in, out, kernel, stride, expand)
         last = len(BASE_STAGES) - 1
@@ -186,10 +193,13 @@ class EfficientNetLite(GapClassifier):
                 norm_kwargs=norm_kwargs,
                 act=act,
                 drop_path=drop_path_rate * idx / len(plan),
+                **shift,
             )
             for idx, (cin, cout, k, s, e) in enumerate(plan)
         ]
-        conv_head = ConvNormAct(chans, HEAD_WIDTH, 1, norm=norm, act=act, norm_kwargs=norm_kwargs)
+        conv_head = ConvNormAct(
+            chans, HEAD_WIDTH, 1, norm=norm, act=act, norm_kwargs=norm_kwargs, padding_mode=padding_mode
+        )
         self.features = nn.Sequential(
             OrderedDict(stem=stem, blocks=nn.Sequential(*blocks), conv_head=conv_head)
         )
@@ -219,6 +229,8 @@ def _variant_builder(variant: str, doc: str) -> Callable[..., EfficientNetLite]:
         norm_groups: int = 8,
         act: ActSpec = "relu6",
         bn_momentum: float = BN_MOMENTUM,
+        blur: int = 0,
+        padding_mode: str = "zeros",
     ) -> EfficientNetLite:
         model = EfficientNetLite(
             variant,
@@ -230,6 +242,8 @@ def _variant_builder(variant: str, doc: str) -> Callable[..., EfficientNetLite]:
             norm_groups=norm_groups,
             act=act,
             bn_momentum=bn_momentum,
+            blur=blur,
+            padding_mode=padding_mode,
         )
         if weights is not None:
             from .pretrained import load_pretrained

@@ -3,7 +3,8 @@
 A stage is ``repeat`` conv-norm-act layers (or ``repeat`` residual basic blocks when
 ``residual: true``) with the given kernel/stride/padding/dilation, followed by optional
 pooling.  Only the first layer of a stage uses ``stride``; the others use stride 1.
-The last stage's width is the number of features the GAP head sees.
+The last stage's width is the number of features the GAP head sees.  ``blur`` and
+``padding_mode`` apply to every conv and pool (see :mod:`defectscope.models.conv`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 from .act import ActSpec
 from .base import GapClassifier, check_positive_int
 from .blocks import BasicBlock
-from .conv import ConvNormAct, make_pool, resolve_padding
+from .conv import ConvNormAct, check_blur, check_padding_mode, make_pool, resolve_padding
 from .errors import ModelConfigError
 from .norm import NormSpec
 from .registry import register_model
@@ -91,11 +92,14 @@ class GapCNN(GapClassifier):
         act: ActSpec = "relu",
         drop_rate: float = 0.0,
         zero_init_residual: bool = True,
+        blur: int = 0,
+        padding_mode: str = "zeros",
     ) -> None:
         super().__init__(num_classes=num_classes, in_chans=in_chans)
         if isinstance(stages, str | bytes) or not isinstance(stages, Sequence) or not stages:
             raise ModelConfigError(f"stages must be a non-empty list of stage specs, got {stages!r}")
         self.stages = [StageSpec.parse(s, i) for i, s in enumerate(stages)]
+        shift: dict[str, Any] = {"blur": check_blur(blur), "padding_mode": check_padding_mode(padding_mode)}
         norm_kwargs = {"norm_groups": norm_groups}
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         chans = self.in_chans
@@ -114,6 +118,7 @@ class GapCNN(GapClassifier):
                         act=act,
                         norm_kwargs=norm_kwargs,
                         zero_init_last=zero_init_residual,
+                        **shift,
                     )
                 else:
                     body[f"conv{j}"] = ConvNormAct(
@@ -126,9 +131,12 @@ class GapCNN(GapClassifier):
                         norm=norm,
                         act=act,
                         norm_kwargs=norm_kwargs,
+                        **shift,
                     )
                 chans = stage.channels
-            pool = make_pool(stage.pool, stage.pool_kernel, stage.pool_stride, stage.pool_padding)
+            pool = make_pool(
+                stage.pool, stage.pool_kernel, stage.pool_stride, stage.pool_padding, channels=chans, **shift
+            )
             if pool is not None:
                 body["pool"] = pool
             layers[f"stage{i}"] = nn.Sequential(body)
@@ -157,6 +165,8 @@ def gapcnn(
     act: ActSpec = "relu",
     drop_rate: float = 0.0,
     zero_init_residual: bool = True,
+    blur: int = 0,
+    padding_mode: str = "zeros",
 ) -> GapCNN:
     """Generic stage-list CNN (presets lenet, alexnet, tiny)."""
     return GapCNN(
@@ -168,6 +178,8 @@ def gapcnn(
         act=act,
         drop_rate=drop_rate,
         zero_init_residual=zero_init_residual,
+        blur=blur,
+        padding_mode=padding_mode,
     )
 
 
@@ -178,6 +190,7 @@ def resnet(
     in_chans: int,
     widths: Sequence[int] = (16, 32, 64, 128),
     depths: Sequence[int] = (2, 2, 2, 2),
+    kernels: Sequence[int] | None = None,
     stem_width: int = 16,
     stem_kernel: int = 3,
     stem_stride: int = 2,
@@ -187,14 +200,22 @@ def resnet(
     act: ActSpec = "relu",
     drop_rate: float = 0.0,
     zero_init_residual: bool = True,
+    blur: int = 0,
+    padding_mode: str = "zeros",
 ) -> GapCNN:
     """Small ResNet: stem conv (stride 2) + 3×3/2 max pool, then basic-block stages.
 
     Stage i > 0 halves the resolution in its first block; total stride 32 with the defaults.
+    ``kernels``: the blocks' kernel size per stage (None: 3 everywhere).
     """
     if len(widths) != len(depths) or not widths:
         raise ModelConfigError(
             f"widths {list(widths)} and depths {list(depths)} must be non-empty and equally long"
+        )
+    kernels = [3] * len(widths) if kernels is None else list(kernels)
+    if len(kernels) != len(widths):
+        raise ModelConfigError(
+            f"kernels {kernels} must give one kernel size per stage ({len(widths)} stages)"
         )
     stages: list[dict[str, Any]] = [
         {
@@ -207,8 +228,16 @@ def resnet(
             "pool_padding": 1,
         },
     ]
-    for i, (width, depth) in enumerate(zip(widths, depths)):
-        stages.append({"channels": width, "stride": 1 if i == 0 else 2, "repeat": depth, "residual": True})
+    for i, (width, depth, kernel) in enumerate(zip(widths, depths, kernels)):
+        stages.append(
+            {
+                "channels": width,
+                "kernel": kernel,
+                "stride": 1 if i == 0 else 2,
+                "repeat": depth,
+                "residual": True,
+            }
+        )
     return GapCNN(
         stages,
         num_classes=num_classes,
@@ -218,4 +247,6 @@ def resnet(
         act=act,
         drop_rate=drop_rate,
         zero_init_residual=zero_init_residual,
+        blur=blur,
+        padding_mode=padding_mode,
     )

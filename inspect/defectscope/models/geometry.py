@@ -5,7 +5,8 @@ Every conv and pool on the feature path changes the spatial size by
     output = ⌊(x + 2p − d(f−1) − 1)/s⌋ + 1      (= ⌊(x + 2p − f)/s⌋ + 1 when d = 1)
 
 so walking those layers in dataflow order gives the total stride (product of s) and, run
-backwards from "one output pixel", the smallest input that still yields a non-empty map.
+backwards from "one output pixel", the smallest input that still yields a non-empty map.  A layer
+that pads by reflection also needs an input larger than its padding (``SizeOp.min_input``).
 Blocks with parallel branches (residual blocks) implement ``size_ops(prefix)`` and report
 their main path only; the branch agreement is checked when the block is built.
 """
@@ -25,7 +26,11 @@ FORMULA = "output = ⌊(x + 2p − d(f−1) − 1)/s⌋ + 1  (= ⌊(x + 2p − f
 
 @dataclass(frozen=True)
 class SizeOp:
-    """One size-changing layer: kernel f, stride s, padding p, dilation d (square only)."""
+    """One size-changing layer: kernel f, stride s, padding p, dilation d (square only).
+
+    ``min_input``: the smallest input length the layer runs on at all (reflection padding of p
+    pixels needs more than p); a smaller input counts as an empty output.
+    """
 
     name: str
     kind: str
@@ -33,17 +38,27 @@ class SizeOp:
     stride: int
     padding: int
     dilation: int = 1
+    min_input: int = 1
 
     def out_size(self, x: int) -> int:
-        """Output length for input length ``x``; <= 0 means the map is empty."""
+        """Output length for input length ``x``; <= 0 means the map is empty (or cannot be padded)."""
+        if x < self.min_input:
+            return 0
         return (x + 2 * self.padding - self.dilation * (self.kernel - 1) - 1) // self.stride + 1
 
     def min_in_size(self, out: int) -> int:
         """Smallest input length giving at least ``out`` output positions."""
-        return max(1, (out - 1) * self.stride + self.dilation * (self.kernel - 1) + 1 - 2 * self.padding)
+        need = (out - 1) * self.stride + self.dilation * (self.kernel - 1) + 1 - 2 * self.padding
+        return max(1, self.min_input, need)
 
     def describe(self) -> str:
-        return f"{self.kind} f={self.kernel} s={self.stride} p={self.padding} d={self.dilation}"
+        text = f"{self.kind} f={self.kernel} s={self.stride} p={self.padding} d={self.dilation}"
+        return text + (f" in>={self.min_input}" if self.min_input > 1 else "")
+
+
+def padding_min_input(padding: int, mode: str) -> int:
+    """Smallest input side a padding of ``padding`` px accepts: reflection needs padding < side."""
+    return padding + 1 if mode == "reflect" and padding > 0 else 1
 
 
 @runtime_checkable
@@ -63,13 +78,15 @@ def _square(value: object, what: str, name: str) -> int:
 
 def _leaf_op(name: str, module: nn.Module) -> SizeOp | None:
     if isinstance(module, nn.Conv2d):
+        padding = _square(module.padding, "padding", name)
         return SizeOp(
             name,
             "conv",
             _square(module.kernel_size, "kernel", name),
             _square(module.stride, "stride", name),
-            _square(module.padding, "padding", name),
+            padding,
             _square(module.dilation, "dilation", name),
+            min_input=padding_min_input(padding, module.padding_mode),
         )
     if isinstance(module, nn.MaxPool2d):
         if module.ceil_mode:

@@ -12,6 +12,8 @@ the performance gap in unnormalized ResNets").  No normalisation layer anywhere.
   skip gain initialised to ``skipinit`` (0 by default: every block starts as the identity).
 
 Train with adaptive gradient clipping (``defectscope.models.agc``) excluding the head.
+``blur``/``padding_mode`` follow :mod:`defectscope.models.conv`: a strided conv runs at stride 1 and
+a BlurPool subsamples after its activation; the projection shortcut is blurred before its 1×1 conv.
 """
 
 from __future__ import annotations
@@ -21,12 +23,11 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .act import ActSpec, get_act
 from .base import GapClassifier, check_positive_int
-from .conv import resolve_padding
+from .conv import BlurPool, check_blur, check_padding_mode, make_blur, resolve_padding
 from .errors import ModelConfigError
 from .geometry import SizeOp, branch_sizes_agree, collect_size_ops
 from .registry import register_model
@@ -47,9 +48,11 @@ class ScaledStdConv2d(nn.Conv2d):
         bias: bool = True,
         gain_init: float = 1.0,
         eps: float = 1e-4,
+        padding_mode: str = "zeros",
     ) -> None:
         pad = resolve_padding(padding, kernel, dilation)
-        super().__init__(in_chans, out_chans, kernel, stride, pad, dilation, groups, bias)
+        mode = check_padding_mode(padding_mode)
+        super().__init__(in_chans, out_chans, kernel, stride, pad, dilation, groups, bias, mode)
         self.gain = nn.Parameter(torch.full((out_chans, 1, 1, 1), float(gain_init)))
         self.eps = eps
         self.fan_in = (in_chans // groups) * kernel * kernel
@@ -65,9 +68,7 @@ class ScaledStdConv2d(nn.Conv2d):
         return (w - mean) * scale * self.gain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(
-            x, self.standardized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups
-        )
+        return self._conv_forward(x, self.standardized_weight(), self.bias)  # honours padding_mode
 
 
 def activation_gamma(act: nn.Module) -> float:
@@ -114,32 +115,40 @@ class NFBasicBlock(nn.Module):
         beta: float,
         act: ActSpec,
         skipinit: float,
+        blur: int = 0,
+        padding_mode: str = "zeros",
     ) -> None:
         super().__init__()
         self.alpha = float(alpha)
         self.inv_beta = 1.0 / float(beta)
         self.act1 = GammaAct(act)
-        self.conv1 = ScaledStdConv2d(in_chans, out_chans, 3, stride)
+        blur2 = make_blur(out_chans, blur, stride, padding_mode)
+        conv_stride = stride if blur2 is None else 1
+        self.conv1 = ScaledStdConv2d(in_chans, out_chans, 3, conv_stride, padding_mode=padding_mode)
         self.act2 = GammaAct(act)
-        self.conv2 = ScaledStdConv2d(out_chans, out_chans, 3, 1)
+        self.blur2 = blur2 if blur2 is not None else nn.Identity()
+        self.conv2 = ScaledStdConv2d(out_chans, out_chans, 3, 1, padding_mode=padding_mode)
         self.skip_gain = nn.Parameter(torch.tensor(float(skipinit)))
         self.transition = stride != 1 or in_chans != out_chans
-        self.shortcut = (
-            ScaledStdConv2d(in_chans, out_chans, 1, stride, 0) if self.transition else nn.Identity()
-        )
-        main = collect_size_ops(self.conv1) + collect_size_ops(self.conv2)
-        if not branch_sizes_agree(main, collect_size_ops(self.shortcut)):
+        self.shortcut: nn.Module = nn.Identity()
+        if self.transition:
+            project = ScaledStdConv2d(in_chans, out_chans, 1, conv_stride, 0)
+            blur_in = make_blur(in_chans, blur, stride, padding_mode)
+            self.shortcut = project if blur_in is None else nn.Sequential(blur_in, project)
+        if not branch_sizes_agree(self.size_ops("block"), collect_size_ops(self.shortcut)):
             raise ModelConfigError("nf_resnet block: main path and shortcut disagree in output size")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act1(x * self.inv_beta)
         skip = self.shortcut(h) if self.transition else x
-        out = self.conv2(self.act2(self.conv1(h)))
+        out = self.conv2(self.blur2(self.act2(self.conv1(h))))
         return skip + out * (self.skip_gain * self.alpha)
 
     def size_ops(self, prefix: str) -> list[SizeOp]:
-        return collect_size_ops(self.conv1, f"{prefix}.conv1") + collect_size_ops(
-            self.conv2, f"{prefix}.conv2"
+        return (
+            collect_size_ops(self.conv1, f"{prefix}.conv1")
+            + collect_size_ops(self.blur2, f"{prefix}.blur2")
+            + collect_size_ops(self.conv2, f"{prefix}.conv2")
         )
 
 
@@ -158,8 +167,12 @@ class NFResNet(GapClassifier):
         skipinit: float = 0.0,
         act: ActSpec = "relu",
         drop_rate: float = 0.0,
+        blur: int = 0,
+        padding_mode: str = "zeros",
     ) -> None:
         super().__init__(num_classes=num_classes, in_chans=in_chans)
+        check_blur(blur)
+        check_padding_mode(padding_mode)
         if len(widths) != len(depths) or not widths:
             raise ModelConfigError(
                 f"widths {list(widths)} and depths {list(depths)} must be non-empty and equally long"
@@ -171,9 +184,19 @@ class NFResNet(GapClassifier):
         if not alpha > 0:
             raise ModelConfigError(f"alpha must be > 0, got {alpha!r}")
         layers: OrderedDict[str, nn.Module] = OrderedDict()
-        layers["stem_conv1"] = ScaledStdConv2d(self.in_chans, stem_width, 3, 2)
+        stem_blur = make_blur(stem_width, blur, 2, padding_mode)
+        stem_stride = 2 if stem_blur is None else 1
+        layers["stem_conv1"] = ScaledStdConv2d(
+            self.in_chans, stem_width, 3, stem_stride, padding_mode=padding_mode
+        )
         layers["stem_act"] = GammaAct(act)
-        layers["stem_conv2"] = ScaledStdConv2d(stem_width, stem_width, 3, 2)
+        if stem_blur is not None:
+            layers["stem_blur1"] = stem_blur
+        layers["stem_conv2"] = ScaledStdConv2d(
+            stem_width, stem_width, 3, stem_stride, padding_mode=padding_mode
+        )
+        if stem_blur is not None:
+            layers["stem_blur2"] = BlurPool(stem_width, blur, 2, padding_mode)
         expected_var = 1.0
         chans = stem_width
         for i, (width, depth) in enumerate(zip(widths, depths)):
@@ -188,6 +211,8 @@ class NFResNet(GapClassifier):
                     beta=math.sqrt(expected_var),
                     act=act,
                     skipinit=skipinit,
+                    blur=blur,
+                    padding_mode=padding_mode,
                 )
                 blocks[f"block{j}"] = block
                 expected_var = (1.0 if block.transition else expected_var) + alpha**2
@@ -210,6 +235,8 @@ def nf_resnet(
     skipinit: float = 0.0,
     act: ActSpec = "relu",
     drop_rate: float = 0.0,
+    blur: int = 0,
+    padding_mode: str = "zeros",
 ) -> NFResNet:
     """Normalizer-free ResNet (no norm layers); pair it with AGC during training."""
     return NFResNet(
@@ -222,4 +249,6 @@ def nf_resnet(
         skipinit=skipinit,
         act=act,
         drop_rate=drop_rate,
+        blur=blur,
+        padding_mode=padding_mode,
     )

@@ -16,17 +16,18 @@ import datetime as _dt
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .heatmap import save_overlay
 from .inputs import InputSpecError, check_specs, expand_inputs
 from .inspector import Inspector, MetadataError, ModelLoadError, ProviderError
-from .options import RunOptions, add_shared_options, run_options
+from .options import RunOptions, SessionConfig, add_shared_options, run_options
 from .outputs import OutputError, check_distinct, check_output_file, check_output_folder
-from .pipeline import Batcher, Item, Result, decode_stream, infer
+from .pipeline import Batcher, InferenceLanes, Item, Result, decode_stream, inference_lanes
 from .progress import Progress
+from .providers import candidates, import_ort
 from .report import RunInfo, build_figures, render_html, write_report
 from .results import (
     JsonlWriter,
@@ -159,6 +160,10 @@ class _Session:
         self.errors += 1
         self.progress.update(self.done, self.ok, self.ng, self.errors)
 
+    def results_of(self, batches: list[list[Result]]) -> None:
+        for results in batches:
+            self.results(results)
+
     def results(self, results: list[Result]) -> None:
         for r in results:
             row = result_row(r, self.stamp)
@@ -173,12 +178,25 @@ class _Session:
         self.progress.update(self.done, self.ok, self.ng, self.errors)
 
 
+def session_threads(session: SessionConfig) -> int | None:
+    """``--threads``, or 1 when the session will run on the CPU provider.
+
+    :class:`InferenceLanes` then runs one single-threaded batch per physical core at once beside
+    the decode threads: no intra-op synchronisation, and a preempted thread stalls only its own
+    batch (docs/benchmarks.md, decode-bound cases).  GPU providers keep ONNX Runtime's threads.
+    """
+    if session.threads is not None:
+        return session.threads
+    first = candidates(session.provider, list(import_ort().get_available_providers()))[0]
+    return 1 if first == "cpu" else None
+
+
 def run(cfg: InspectConfig) -> int:
     """Inputs, outputs and model are checked before the first image; a write that fails later
     (disk full) stops the run with every row written before intact, so ``--resume`` goes on."""
     check_specs(cfg.inputs, recursive=cfg.recursive)
     check_outputs(cfg)
-    inspector = Inspector.from_config(cfg.run.session)
+    inspector = Inspector.from_config(replace(cfg.run.session, threads=session_threads(cfg.run.session)))
     stamp = RunStamp.of(inspector.sha256, inspector.provider, inspector.threshold, cfg.run.threshold)
     threshold = stamp.threshold
     out = Path(cfg.output)
@@ -225,16 +243,18 @@ def _inspect_all(
     want_cam = bool(cfg.run.heatmaps) and inspector.has_cam
     batcher = Batcher.for_stream(batch_size)
     window = max(2 * workers, batch_size) + workers
-    for item in decode_stream(paths, inspector.loader_config, workers, window):
-        if item.error is not None:
-            session.error(item)
-            if writer.pending >= batch_size:
-                writer.commit()
-            continue
-        for batch in batcher.add(item):
-            session.results(infer(inspector, batch, threshold, want_cam=want_cam))
-    for batch in batcher.drain():
-        session.results(infer(inspector, batch, threshold, want_cam=want_cam))
+    with InferenceLanes(inspector, threshold, want_cam=want_cam, lanes=inference_lanes(inspector)) as lanes:
+        for item in decode_stream(paths, inspector.loader_config, workers, window):
+            if item.error is not None:
+                session.error(item)
+                if writer.pending >= batch_size:
+                    writer.commit()
+                continue
+            for batch in batcher.add(item):
+                session.results_of(lanes.submit(batch))
+        for batch in batcher.drain():
+            session.results_of(lanes.submit(batch))
+        session.results_of(lanes.drain())
 
 
 def _finish(cfg: InspectConfig, inspector: Inspector, stamp: RunStamp, n_session: int, elapsed: float) -> int:
@@ -256,6 +276,8 @@ def _finish(cfg: InspectConfig, inspector: Inspector, stamp: RunStamp, n_session
             provider=_provider_text(summary.providers, inspector),
             threshold=threshold,
             threshold_source=stamp.threshold_source,
+            model_threshold=meta.threshold,
+            model_threshold_source=dict(meta.threshold_source),
             class_names=list(meta.class_names),
             good_class=meta.good_class,
             results_path=str(cfg.output),

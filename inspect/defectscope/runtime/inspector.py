@@ -17,6 +17,7 @@ from .decision import Decision, decide
 from .files import file_sha256, model_file_problem
 from .image import LoaderConfig, load_image_with_size, normalize_batch
 from .metadata import MetadataError
+from .model_checks import ModelCheckError, check_model_file
 from .options import SessionConfig
 from .providers import GPU_PROVIDERS, INT8_ON_GPU, ProviderError, import_ort
 from .sessions import INPUT_NAME, REQUIRED_OUTPUTS, ModelLoadError, SessionOpener, TrtRequest
@@ -73,6 +74,10 @@ class Inspector:
         if problem:
             raise ModelLoadError(problem)
         self.model_path = str(path)
+        try:  # a model is data: nothing outside its folder, no custom operators (docs/trust.md)
+            check_model_file(path)
+        except ModelCheckError as exc:
+            raise ModelLoadError(str(exc)) from None
         self.sha256 = file_sha256(path)
         ort.set_default_logger_severity(3)
         avail = list(available) if available is not None else list(ort.get_available_providers())

@@ -50,6 +50,9 @@ MAX_SIDE = 1 << 16
 MAX_PIXELS = 1 << 30
 #: the loader fields of a version-1 document (flat there, nested under ``loader`` since version 2)
 LOADER_KEYS = ("channels", "max_side", "min_size", "size_multiple", "max_pixels")
+#: loader fields added since: a document without one was made with the field's default
+#: (``downscale``: "exact", the only policy before the field existed)
+LOADER_OPTIONAL_KEYS = ("downscale",)
 
 
 class MetadataError(ValueError):
@@ -130,7 +133,7 @@ class ModelMetadata:
 
     def to_json(self) -> str:
         doc = asdict(self)
-        doc["loader"] = self.loader.to_dict()
+        doc["loader"] = _loader_doc(self.loader)
         return json.dumps(doc, sort_keys=True, allow_nan=False)
 
     @classmethod
@@ -154,7 +157,7 @@ class ModelMetadata:
         values.setdefault("package_version", "unknown")
         values["format_version"] = FORMAT_VERSION
         try:
-            values["loader"] = _loader(values["loader"])
+            values["loader"] = parse_loader(values["loader"])
             return cls(**values)
         except (MetadataError, DecisionRuleError, TypeError, ValueError) as exc:
             raise MetadataError(f"{source}: {exc}") from None
@@ -200,11 +203,28 @@ def _upgrade_v1(doc: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _loader(value: Any) -> LoaderConfig:
+def _loader_doc(loader: LoaderConfig) -> dict[str, Any]:
+    """The loader as a model stores it: optional fields only where they differ from their default,
+    so a model that does not use one stays readable by runners that predate it, and a model that
+    does is refused by them instead of being preprocessed another way."""
+    doc: dict[str, Any] = loader.to_dict()
+    default = LoaderConfig()
+    for key in LOADER_OPTIONAL_KEYS:
+        if doc[key] == getattr(default, key):
+            del doc[key]
+    return doc
+
+
+def parse_loader(value: Any) -> LoaderConfig:
+    """Loader settings read from a file (a model's metadata, a checkpoint): keys, types, ranges."""
     if isinstance(value, LoaderConfig):
         return value
-    if not isinstance(value, dict) or set(value) != set(LOADER_KEYS):
-        raise MetadataError(f"loader must be an object with exactly the keys {', '.join(LOADER_KEYS)}")
+    allowed = {*LOADER_KEYS, *LOADER_OPTIONAL_KEYS}
+    if not isinstance(value, dict) or not set(LOADER_KEYS) <= set(value) <= allowed:
+        raise MetadataError(
+            f"loader must be an object with exactly the keys {', '.join(LOADER_KEYS)} "
+            f"(optionally also {', '.join(LOADER_OPTIONAL_KEYS)})"
+        )
     checks = {
         "channels": (1, MAX_CHANNELS),
         "min_size": (1, MAX_SIDE),

@@ -54,7 +54,11 @@ def add_shared_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto", help="execution provider")
     p.add_argument(
-        "--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: physical cores)"
+        "--threads",
+        type=int,
+        default=None,
+        help="ONNX Runtime threads per inference call (default: physical cores; inspect on the CPU "
+        "provider: 1, with one batch per physical core running at once)",
     )
     p.add_argument("--graph-opt", choices=GRAPH_OPT_CHOICES, default="all", help="graph optimisation level")
     p.add_argument("--trt-cache", default=None, help="TensorRT engine cache folder")

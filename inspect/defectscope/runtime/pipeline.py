@@ -2,22 +2,28 @@
 
 Decoding runs in a thread pool (Pillow and numpy release the GIL while they work) over a bounded
 window of submitted paths, so memory does not grow with the number of inputs and the pool keeps
-decoding while the main thread runs the model.  Batches only ever hold equally sized images, so
-no padding changes a result: an image gets the same probabilities alone or in any batch.
+decoding while the model runs.  Batches only ever hold equally sized images, so no padding changes
+a result: an image gets the same probabilities alone or in any batch.  Each batch is normalised
+straight into a reused buffer; :class:`InferenceLanes` can run several batches at once.
 """
 
 from __future__ import annotations
 
+import math
+import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from types import TracebackType
 
 import numpy as np
 
-from .image import ImageLoadError, LoaderConfig, load_image_with_size
+from .image import ImageLoadError, LoaderConfig, load_image_with_size, normalize_batch
 from .inspector import Decision, Inspector
+from .metadata import ModelMetadata
+from .providers import physical_cores
 
 
 @dataclass
@@ -122,17 +128,47 @@ class Batcher:
         return items
 
 
-def infer(inspector: Inspector, items: list[Item], threshold: float, *, want_cam: bool) -> list[Result]:
+class BatchBuffer:
+    """A grow-only float32 buffer every batch is normalised into: a fresh multi-MB array per batch
+    costs a page fault per 4 KiB on first touch, which is as much as the normalisation itself."""
+
+    def __init__(self) -> None:
+        self._flat = np.empty(0, np.float32)
+
+    def get(self, shape: tuple[int, ...]) -> np.ndarray:
+        size = math.prod(shape)
+        if self._flat.size < size:
+            self._flat = np.empty(size, np.float32)
+        return self._flat[:size].reshape(shape)
+
+
+def model_input(items: Sequence[Item], meta: ModelMetadata, buffer: BatchBuffer | None = None) -> np.ndarray:
+    """The NCHW float32 batch the model sees for equally sized decoded ``items`` (in ``buffer``)."""
+    arrays = [it.array for it in items if it.array is not None]
+    h, w, c = arrays[0].shape
+    out = buffer.get((len(arrays), c, h, w)) if buffer is not None else None
+    return normalize_batch(arrays, meta.mean, meta.std, out=out)
+
+
+def infer(
+    inspector: Inspector,
+    items: list[Item],
+    threshold: float,
+    *,
+    want_cam: bool,
+    buffer: BatchBuffer | None = None,
+) -> list[Result]:
     """Run one same-size batch; if the batch fails, retry image by image so one bad input
     cannot take its neighbours down with it."""
     t0 = time.perf_counter()
     try:
-        arrays = [it.array for it in items if it.array is not None]
-        outs = inspector.predict(inspector.preprocess(arrays), cam=want_cam)
+        outs = inspector.predict(model_input(items, inspector.metadata, buffer), cam=want_cam)
     except Exception as exc:
         if len(items) == 1:
             return [Result(items[0], error=f"inference_failed: {type(exc).__name__}: {exc}")]
-        return [r for it in items for r in infer(inspector, [it], threshold, want_cam=want_cam)]
+        return [
+            r for it in items for r in infer(inspector, [it], threshold, want_cam=want_cam, buffer=buffer)
+        ]
     share = (time.perf_counter() - t0) * 1e3 / len(items)
     results = []
     cams = outs.get("cam")
@@ -142,3 +178,56 @@ def infer(inspector: Inspector, items: list[Item], threshold: float, *, want_cam
         cam = cams[i, names.index(d.defect_class)] if cams is not None else None
         results.append(Result(it, d, cam, None, it.decode_ms + share))
     return results
+
+
+def inference_lanes(inspector: Inspector) -> int:
+    """Batches to run at once: on the CPU provider one per ``threads`` physical cores, else one."""
+    if inspector.provider != "cpu":
+        return 1
+    return max(1, physical_cores() // max(1, inspector.threads))
+
+
+class InferenceLanes:
+    """Runs same-size batches on ``lanes`` threads at once; results come back in submission order.
+
+    ONNX Runtime releases the GIL while a session runs, and one session may run on several threads,
+    so with a one-thread session every lane keeps a core busy at single-thread efficiency (no
+    intra-op synchronisation) beside the decode threads.  One lane runs each batch at once on the
+    calling thread, as before.  At most ``2 * lanes`` batches are in flight.
+    """
+
+    def __init__(self, inspector: Inspector, threshold: float, *, want_cam: bool, lanes: int) -> None:
+        self.inspector, self.threshold, self.want_cam, self.lanes = inspector, threshold, want_cam, lanes
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(lanes, thread_name_prefix="infer") if lanes > 1 else None
+        self._pending: deque[Future[list[Result]]] = deque()
+
+    def _run(self, batch: list[Item]) -> list[Result]:
+        buffer = getattr(self._local, "buffer", None)
+        if buffer is None:
+            buffer = self._local.buffer = BatchBuffer()
+        return infer(self.inspector, batch, self.threshold, want_cam=self.want_cam, buffer=buffer)
+
+    def submit(self, batch: list[Item]) -> list[list[Result]]:
+        """Queue ``batch``; returns the batches finished so far (waits while too many are in flight)."""
+        if self._pool is None:
+            return [self._run(batch)]
+        self._pending.append(self._pool.submit(self._run, batch))
+        done = []
+        while self._pending and (len(self._pending) > 2 * self.lanes or self._pending[0].done()):
+            done.append(self._pending.popleft().result())
+        return done
+
+    def drain(self) -> list[list[Result]]:
+        done = [f.result() for f in self._pending]
+        self._pending.clear()
+        return done
+
+    def __enter__(self) -> InferenceLanes:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)

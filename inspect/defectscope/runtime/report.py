@@ -12,7 +12,7 @@ from __future__ import annotations
 import html
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,9 @@ class RunInfo:
     session_seconds: float = 0.0
     model_variant: str = ""
     threshold_source: str = "model"
+    #: the model's own threshold and how export chose it (metadata ``threshold_source``)
+    model_threshold: float | None = None
+    model_threshold_source: dict[str, Any] = field(default_factory=dict)
 
     @property
     def images_per_s(self) -> float | None:
@@ -92,7 +95,7 @@ figure .imgs{display:flex;gap:6px;min-height:60px}figure img{max-width:192px;max
 figcaption{font-size:12px;margin-top:6px;word-break:break-all}.p{font-weight:700;color:#c62828}
 table.errors{border-collapse:collapse;background:#fff;font-size:12px;width:100%}
 table.errors td,table.errors th{padding:4px 8px;border-bottom:1px solid #eceef2;text-align:left;word-break:break-all}
-.note{color:#5b6475;font-size:13px}
+.note{color:#5b6475;font-size:13px}.warn{color:#b26a00;font-weight:600;font-size:14px}
 """
 
 _MARK_DECODED = (
@@ -152,6 +155,53 @@ def histogram_svg(summary: Summary, threshold: float, width: int = 640, height: 
     return "".join(parts)
 
 
+def _pct(v: Any) -> str:
+    return "n/a" if v is None else f"{100 * float(v):.1f} %"
+
+
+def threshold_source_text(source: dict[str, Any]) -> str:
+    """How the model's threshold was earned, in one line (metadata ``threshold_source``)."""
+    if not source:
+        return "not recorded (exported before defectscope recorded it)"
+    if source.get("method") != "recall target":
+        return "set by hand at export (--threshold), not checked against a recall target"
+    return (
+        f"chosen on this {source.get('variant', '?')} graph for defect recall ≥ {_pct(source.get('target_recall'))}: "
+        f"recall {_pct(source.get('recall'))} of {source.get('n_defect')} defect images, false-reject rate "
+        f"{_pct(source.get('false_reject_rate'))} of {source.get('n_good')} good images ({source.get('images', '?')})"
+    )
+
+
+def tradeoff_html(source: dict[str, Any]) -> str:
+    """The warning and the recall/false-reject trade-off when the recall target costs too many good parts."""
+    rows = source.get("tradeoff") if source.get("too_costly") else None
+    if not isinstance(rows, list):
+        return ""
+    cells = "".join(
+        f"<tr><td>{_pct(r.get('target_recall'))}</td><td>{float(r.get('threshold') or 0):.4g}</td>"
+        f"<td>{_pct(r.get('recall'))}</td><td>{_pct(r.get('false_reject_rate'))}</td></tr>"
+        for r in rows
+        if isinstance(r, dict)
+    )
+    return (
+        f'<p class="warn" id="threshold-warning">Warning: this threshold rejects {_pct(source.get("false_reject_rate"))} '
+        f"of good validation images, above the {_pct(source.get('warn_false_reject_rate'))} a line is warned at. "
+        "Trade-off on the validation images:</p>"
+        '<table class="errors" id="tradeoff"><tr><th>target recall</th><th>threshold</th><th>recall</th>'
+        f"<th>false-reject rate</th></tr>{cells}</table>"
+    )
+
+
+def _threshold_rows(info: RunInfo) -> list[tuple[str, str]]:
+    rows = [
+        ("threshold", f"{info.threshold:g} from the {info.threshold_source} (NG when P(defect) ≥ threshold)")
+    ]
+    if info.model_threshold is not None:
+        how = threshold_source_text(info.model_threshold_source)
+        rows.append(("model's threshold", f"{info.model_threshold:g}, {how}"))
+    return rows
+
+
 def render_html(summary: Summary, info: RunInfo, figures: Sequence[Figure]) -> str:
     ips = info.images_per_s
     rows = [
@@ -159,7 +209,7 @@ def render_html(summary: Summary, info: RunInfo, figures: Sequence[Figure]) -> s
         *([("variant", info.model_variant)] if info.model_variant else []),
         ("model sha256", info.model_sha256),
         ("provider", info.provider),
-        ("threshold", f"{info.threshold:g} from the {info.threshold_source} (NG when P(defect) ≥ threshold)"),
+        *_threshold_rows(info),
         ("classes", ", ".join(info.class_names) + f" (good: {info.good_class})"),
         (
             "throughput",
@@ -187,6 +237,7 @@ def render_html(summary: Summary, info: RunInfo, figures: Sequence[Figure]) -> s
         '<table class="info">'
         + "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in rows)
         + "</table>",
+        tradeoff_html(info.model_threshold_source),
         f'<h2 id="ng">NG items ({summary.ng})</h2>',
     ]
     if summary.ng > len(figures):

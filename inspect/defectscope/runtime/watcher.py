@@ -46,7 +46,7 @@ from .hotfolder import (
 from .inspector import Inspector
 from .options import RunOptions
 from .outputs import OutputError
-from .pipeline import Batcher, Result, decode, infer
+from .pipeline import BatchBuffer, Batcher, Item, Result, decode, infer
 from .results import JsonlWriter, RunStamp, check_same_run, fsync_dir, last_row, recover_jsonl, result_row
 
 RESULTS_NAME = "results.jsonl"
@@ -110,6 +110,7 @@ class Watcher:
             Path(self.heatmaps).mkdir(parents=True, exist_ok=True)
         self.results = self.out / RESULTS_NAME
         self.writer: JsonlWriter | None = None
+        self._buffer = BatchBuffer()  # every batch is normalised into the same memory
 
     # -- start-up recovery -----------------------------------------------------------------
     def recover(self) -> int:
@@ -239,10 +240,13 @@ class Watcher:
                 results.append(Result(item, error=item.error, latency_ms=item.decode_ms))
                 continue
             for batch in batcher.add(item):
-                results += infer(self.inspector, batch, self.threshold, want_cam=want_cam)
+                results += self._infer(batch, want_cam)
         for batch in batcher.drain():
-            results += infer(self.inspector, batch, self.threshold, want_cam=want_cam)
+            results += self._infer(batch, want_cam)
         return results
+
+    def _infer(self, batch: list[Item], want_cam: bool) -> list[Result]:
+        return infer(self.inspector, batch, self.threshold, want_cam=want_cam, buffer=self._buffer)
 
     def _process(self, chunk: list[tuple[str, Observation]], pool: ThreadPoolExecutor | None) -> None:
         assert self.writer is not None

@@ -20,6 +20,8 @@ from typing import Any
 
 #: config groups the app chooses itself (``optional model_recipe: ${model}``); ``hydra`` is Hydra's own
 INTERNAL_GROUPS = frozenset({"hydra", "model_recipe"})
+#: groups that only one command composes, listed in that command's --help only (conf/search.yaml)
+COMMAND_GROUPS = {"search": "search"}
 HELP_GROUPS_RESOLVER = "defectscope_help_groups"
 #: what a required (``???``) key looks like, for the one-line error that names it
 EXAMPLE_VALUES = {"ckpt_path": "outputs/<date>/<time>/checkpoints/best.ckpt"}
@@ -33,27 +35,28 @@ def conf_dir() -> Path:
     return shipped if shipped.is_dir() else package.parents[1] / "conf"
 
 
-def _user_groups(loader: Any, parent: str = "") -> Iterator[str]:
+def _user_groups(loader: Any, parent: str = "", task: str = "") -> Iterator[str]:
     """``group: option, ...`` lines for groups a user chooses: no internal group, no ``_`` option."""
     for name in sorted(loader.list_groups(parent)):
         group = f"{parent}/{name}" if parent else name
-        if name.startswith("_") or group.split("/")[0] in INTERNAL_GROUPS:
+        top = group.split("/")[0]
+        if name.startswith("_") or top in INTERNAL_GROUPS or COMMAND_GROUPS.get(top, task) != task:
             continue
         options = sorted(o for o in loader.get_group_options(group) if not o.startswith("_"))
         if options:
             yield f"{group}: {', '.join(options)}"
-        yield from _user_groups(loader, group)
+        yield from _user_groups(loader, group, task)
 
 
-def help_groups() -> str:
-    """The help page's group list (``${defectscope_help_groups:}`` in conf/hydra/default.yaml).
+def help_groups(task: str = "") -> str:
+    """The help page's group list (``${defectscope_help_groups:${task_name}}`` in conf/hydra/default.yaml).
 
     Hydra's own ``$APP_CONFIG_GROUPS`` lists every folder, including ``data/_base`` and the
     recipe group that follows ``model``; this lists the same search path, user folders included.
     """
     from hydra.core.global_hydra import GlobalHydra
 
-    return "\n".join(_user_groups(GlobalHydra.instance().config_loader()))
+    return "\n".join(_user_groups(GlobalHydra.instance().config_loader(), task=str(task)))
 
 
 def _register_resolvers() -> None:
@@ -150,7 +153,7 @@ def _train(cfg: Any) -> dict[str, float]:
 
 
 def _evaluate(cfg: Any) -> dict[str, float]:
-    from .train import evaluate
+    from .evaluate import evaluate
 
     return evaluate(cfg)
 
@@ -161,7 +164,12 @@ def train_main(argv: Sequence[str]) -> int:
 
 
 def evaluate_main(argv: Sequence[str]) -> int:
-    """``defectscope evaluate ckpt_path=PATH [data=...]``: test metrics of a checkpoint."""
+    """``defectscope evaluate ckpt_path=PATH [data=...]``: test metrics of a checkpoint (Hydra);
+    ``defectscope evaluate MODEL.onnx DATA``: an exported model through the runtime (torch-free)."""
+    if argv and str(argv[0]).lower().endswith(".onnx"):
+        from defectscope.evaluation.cli import main
+
+        return main(argv)
     return _run("evaluate", "evaluate", argv, _evaluate)
 
 

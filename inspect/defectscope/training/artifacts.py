@@ -99,4 +99,7 @@ def summary_lines(
         shown = [f"{k}={metrics[f'{stage}/{k}']:.4f}" for k in _SUMMARY_KEYS if f"{stage}/{k}" in metrics]
         if shown:
             lines.append(f"{stage + ' metrics:':<17}{' '.join(shown)}")
+    shift = [f"{k.split('/')[-1]}={v:.4f}" for k, v in metrics.items() if k.startswith("test/shift/")]
+    if shift:
+        lines.append(f"{'shift (test):':<17}{' '.join(shift)}")
     return lines

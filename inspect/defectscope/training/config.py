@@ -1,6 +1,7 @@
 """Config helpers shared by the training pieces: plain containers, flattening, ranks, resume paths.
 
-Kept free of torch and Lightning so the Hydra entry point and the tests can use it cheaply.
+Kept free of Lightning (torch is imported inside the two functions that need it), so the Hydra
+entry point and the tests can use it cheaply.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +92,29 @@ def resolve_ckpt_path(ckpt_path: Any, ckpt_dir: str | os.PathLike[str]) -> str |
             f"ckpt_path: {path} is not a checkpoint file (give a .ckpt path, 'last' or null)"
         )
     return str(path.resolve())
+
+
+@contextmanager
+def torch_threads(threads: Any) -> Iterator[None]:
+    """``threads``: torch CPU threads for this call; the caller's setting is restored afterwards."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise TrainingConfigError(f"threads must be null or a positive integer, got {threads!r}")
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    import torch
+
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if (isinstance(value, torch.Tensor) and value.numel() == 1) or isinstance(value, int | float):
+            out[key] = float(value)
+    return out

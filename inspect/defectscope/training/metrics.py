@@ -8,7 +8,6 @@ scores of the WHOLE validation set, identically on every rank.
 
 from __future__ import annotations
 
-import math
 import re
 
 import torch
@@ -23,7 +22,7 @@ from torchmetrics.classification import (
 from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 
-from defectscope.runtime.decision import is_ng
+from ..evaluation import metrics as shared
 
 _UNSAFE = re.compile(r"[^\w\-. /]")
 
@@ -75,31 +74,14 @@ def confusion_matrix(num_classes: int) -> MulticlassConfusionMatrix:
 
 
 def choose_threshold(scores: torch.Tensor, is_defect: torch.Tensor, target_recall: float) -> float | None:
-    """Largest threshold t with recall(P(defect) >= t) >= ``target_recall`` on the defect images.
-
-    With n defect images, k = ceil(target_recall * n) of them must score >= t, so t is the k-th
-    largest defect score (any larger t catches fewer).  None when there are no defect images.
-    """
-    if not 0.0 < target_recall <= 1.0:
-        raise ValueError(f"threshold.target_recall must be in (0, 1], got {target_recall}")
-    defect = scores[is_defect.bool()]
-    n = int(defect.numel())
-    if n == 0:
-        return None
-    k = min(n, max(1, math.ceil(target_recall * n - 1e-9)))
-    return float(torch.sort(defect, descending=True).values[k - 1])
+    """:func:`defectscope.evaluation.metrics.choose_threshold` on tensors (the one threshold rule)."""
+    return shared.choose_threshold(scores.cpu().numpy(), is_defect.cpu().numpy(), target_recall)
 
 
 def operating_point(scores: torch.Tensor, is_defect: torch.Tensor, threshold: float) -> dict[str, float]:
     """Escape rate (defects passed as OK) and false-reject rate (good parts called NG) at ``threshold``."""
-    ng = is_ng(scores, threshold)
-    defect = is_defect.bool()
-    out: dict[str, float] = {}
-    if defect.any():
-        out["escape_rate"] = float((~ng[defect]).float().mean())
-    if (~defect).any():
-        out["false_reject_rate"] = float(ng[~defect].float().mean())
-    return out
+    point = shared.operating_point(scores.cpu().numpy(), is_defect.cpu().numpy(), threshold)
+    return {k: float(point[k]) for k in ("escape_rate", "false_reject_rate") if k in point}
 
 
 def defect_auroc(scores: torch.Tensor, is_defect: torch.Tensor) -> float | None:

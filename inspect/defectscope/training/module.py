@@ -19,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .. import __version__
 from ..data.datamodule import MAX_EXPORT_VAL_PATHS
+from ..evaluation.threshold import DEFAULT_WARN_FALSE_REJECT_RATE, threshold_report
 from ..models.corn import raw_outputs, with_link
 from ..runtime.decision import (
     DecisionRuleError,
@@ -30,7 +31,6 @@ from ..runtime.decision import (
 from ..runtime.grading import Grading, choose_cuts, expected_grade, grade_indices, ordinal_metrics
 from .metrics import (
     DefectScores,
-    choose_threshold,
     class_metrics,
     confusion_matrix,
     defect_auroc,
@@ -38,6 +38,7 @@ from .metrics import (
     operating_point,
 )
 from .ordinal import ObjectiveError, ProbsAndLabels, resolve_objective
+from .shift import ShiftScores
 
 FORMAT_VERSION = 1
 MAX_VAL_PATHS = MAX_EXPORT_VAL_PATHS
@@ -149,7 +150,10 @@ class DefectClassifier(pl.LightningModule):
             persistent=False,
         )
         self.target_recall = float(thr.get("target_recall", 0.99))
+        self.warn_false_reject_rate = float(thr.get("warn_false_reject_rate", DEFAULT_WARN_FALSE_REJECT_RATE))
         self.threshold = float(thr.get("default", 0.5))
+        #: what the last validation's threshold costs (evaluation.threshold.threshold_report), or None
+        self.threshold_report: dict[str, Any] | None = None
         self.data_info = dict(data_info or {})
         #: how many misclassified test images (with CAM) to keep for the artifact grid
         self.misclassified_max = 16
@@ -163,6 +167,9 @@ class DefectClassifier(pl.LightningModule):
         self.val_confmat, self.test_confmat = confusion_matrix(num_classes), confusion_matrix(num_classes)
         self.val_scores, self.test_scores = DefectScores(), DefectScores()
         self.val_probs, self.test_probs = ProbsAndLabels(), ProbsAndLabels()
+        #: shift-consistency protocol of the test stage (training.shift.protocol_from_config); None = off
+        self.shift_protocol: Any = None
+        self.test_shift = ShiftScores()
 
     # ------------------------------------------------------------------ forward / loss
 
@@ -224,6 +231,10 @@ class DefectClassifier(pl.LightningModule):
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         logits, preds = self._eval_step(batch, "test")
+        if self.shift_protocol is not None:
+            self.test_shift.update_batch(
+                self.class_model(), batch["image"], self.ng_indices, self.shift_protocol
+            )
         if len(self._misclassified) < self.misclassified_max:
             self._keep_misclassified(batch, logits, preds)
 
@@ -293,9 +304,11 @@ class DefectClassifier(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         values, _, scores, targets = self._epoch_metrics("val")
         if not self.trainer.sanity_checking:
-            chosen = choose_threshold(scores, targets, self.target_recall)
-            if chosen is not None:
-                self.threshold = chosen
+            report = threshold_report(
+                scores.numpy(), targets.numpy(), self.target_recall, self.warn_false_reject_rate
+            )
+            if report is not None:
+                self.threshold, self.threshold_report = float(report["threshold"]), report
         values["threshold"] = self.threshold
         values.update(operating_point(scores, targets, self.threshold))
         self.log_dict({f"val/{k}": v for k, v in values.items()}, sync_dist=True)
@@ -307,6 +320,8 @@ class DefectClassifier(pl.LightningModule):
         values, confmat, scores, targets = self._epoch_metrics("test")
         values["threshold"] = self.threshold
         values.update(operating_point(scores, targets, self.threshold))
+        values.update(self.test_shift.figures(self.threshold))
+        self.test_shift.reset()
         self.log_dict({f"test/{k}": v for k, v in values.items()}, sync_dist=True)
         self.test_outputs = {
             "metrics": values,
@@ -374,6 +389,8 @@ class DefectClassifier(pl.LightningModule):
             "mlflow_tracking_uri": uri,
             "val_paths": [str(p) for p in (info.get("val_paths") or [])][:MAX_VAL_PATHS],
             "val_labels": [str(c) for c in (info.get("val_labels") or [])][:MAX_VAL_PATHS],
+            "warn_false_reject_rate": self.warn_false_reject_rate,
+            "threshold_report": self.threshold_report,
             "package_version": __version__,
         }
 

@@ -17,6 +17,8 @@ from PIL import Image
 
 from defectscope.runtime.decision import is_ng
 
+from ..evaluation.metrics import roc_pr_curves
+
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> str:
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -67,23 +69,6 @@ def confusion_png(
     _matrix(ax2, okng, ["OK", "NG"], f"OK/NG at P(defect) >= {threshold:.3g}")
     fig.tight_layout()
     return _save(fig, path)
-
-
-def roc_pr_curves(scores: np.ndarray, is_defect: np.ndarray) -> dict[str, np.ndarray]:
-    """ROC (fpr, tpr) and precision-recall points over every distinct score (defect = positive)."""
-    y = is_defect.astype(bool)
-    order = np.argsort(-scores, kind="mergesort")
-    s, y = scores[order], y[order]
-    last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]
-    tps = np.cumsum(y)[last].astype(float)
-    fps = (last + 1) - tps
-    pos, neg = max(1.0, float(y.sum())), max(1.0, float((~y).sum()))
-    return {
-        "fpr": np.r_[0.0, fps / neg],
-        "tpr": np.r_[0.0, tps / pos],
-        "recall": tps / pos,
-        "precision": tps / np.maximum(tps + fps, 1.0),
-    }
 
 
 def roc_pr_png(

@@ -1,4 +1,4 @@
-"""``train(cfg)`` and ``evaluate(cfg)``: plain functions over a composed config, returning metrics.
+"""``train(cfg)``: a plain function over a composed config, returning metrics (``evaluate``: :mod:`.evaluate`).
 
 The Hydra entry points (:mod:`defectscope.training.app`) are thin wrappers, so tests and notebooks
 can call these with a config from Hydra's compose API.  Order in ``train`` is chosen so that every
@@ -9,12 +9,10 @@ first training step, and so that the best checkpoint is on disk before anything 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +24,17 @@ from omegaconf import DictConfig, OmegaConf
 from .. import __version__
 from .artifacts import log_test_artifacts, summary_lines, write_test_plots
 from .callbacks import Throughput, build_callbacks, checkpoint_callback
-from .config import TrainingConfigError, find_keys, is_global_zero, resolve_ckpt_path, to_plain
+from .config import (
+    TrainingConfigError,
+    find_keys,
+    is_global_zero,
+    resolve_ckpt_path,
+    scalar_metrics,
+    to_plain,
+    torch_threads,
+)
 from .module import DefectClassifier
+from .shift import protocol_from_config
 from .tracking import MLflowTracker
 
 log = logging.getLogger(__name__)
@@ -49,19 +56,16 @@ def hydra_choice(group: str, default: str) -> str:
     return default
 
 
-def read_resume_info(ckpt_path: str) -> dict[str, Any]:
-    """The ``defectscope`` dict of a checkpoint to resume (plain data: weights_only=True)."""
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise TrainingConfigError(
-            f"ckpt_path: cannot read {ckpt_path} ({type(exc).__name__}: {exc})"
-        ) from None
-    info = ckpt.get("defectscope") if isinstance(ckpt, dict) else None
-    if not isinstance(info, dict):
-        raise TrainingConfigError(
-            f"ckpt_path: {ckpt_path} is not a checkpoint written by `defectscope train`"
-        )
+def read_resume(ckpt_path: str) -> dict[str, Any]:
+    """The checked ``defectscope`` entry of a checkpoint to resume, read by the one checkpoint reader.
+
+    Lightning then loads the same file (``weights_only=True``) and restores callback state from it,
+    so the file names ModelCheckpoint will delete or load are checked here too.
+    """
+    from defectscope.checkpoint import check_resume_state, read_info
+
+    ckpt, info = read_info(ckpt_path)
+    check_resume_state(ckpt, ckpt_path)
     return info
 
 
@@ -136,6 +140,31 @@ def build_module(cfg: DictConfig, dm: Any) -> DefectClassifier:
     return module
 
 
+def report_threshold(best: str, out_dir: Path, tracker: MLflowTracker | None) -> list[str]:
+    """What the best checkpoint's threshold costs: threshold_report.txt, the log, MLflow; loud when too costly."""
+    from defectscope.checkpoint import read_info
+    from defectscope.evaluation.threshold import threshold_lines, too_costly
+
+    report = read_info(best)[1].get("threshold_report")
+    if not isinstance(report, dict):
+        return ["threshold:       not chosen (no defect images in validation; threshold.default is used)"]
+    lines = threshold_lines(
+        report,
+        "validation images, PyTorch fp32",
+        "lower threshold.target_recall, set the threshold by hand (defectscope export --threshold T), "
+        "or improve the model",
+    )
+    path = out_dir / "threshold_report.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    costly = too_costly(report)
+    for line in lines:
+        (log.warning if costly else log.info)("%s", line)
+    if tracker is not None:
+        tracker.log_artifact(path)
+        tracker.set_tags({"defectscope.threshold_warning": lines[1] if costly else "none"})
+    return [f"threshold:       {lines[0]}", *lines[1:], f"threshold report: {path}"]
+
+
 def build_tracker(cfg: DictConfig) -> MLflowTracker | None:
     spec = cfg.get("logger")
     if not spec or "_target_" not in spec:  # logger=none (experiments may still set a few keys)
@@ -172,20 +201,6 @@ def check_launch(cfg: DictConfig) -> None:
         )
 
 
-@contextmanager
-def _threads(threads: Any) -> Iterator[None]:
-    """``threads``: torch CPU threads for this call; the caller's setting is restored afterwards."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise TrainingConfigError(f"threads must be null or a positive integer, got {threads!r}")
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def ddp_overrides(cfg: DictConfig) -> dict[str, Any]:
     """A frozen backbone leaves parameters without gradients, which plain DDP refuses."""
     if int(cfg.finetune.get("freeze_epochs", 0)) > 0 and str(cfg.trainer.get("strategy")) == "ddp":
@@ -194,49 +209,26 @@ def ddp_overrides(cfg: DictConfig) -> dict[str, Any]:
     return {}
 
 
-SAFE_TARGETS = ("defectscope.", "albumentations.")
-
-
-def check_targets(node: Any, source: str, key: str = "data") -> None:
-    """A checkpoint is data: never instantiate arbitrary ``_target_`` callables named inside one."""
-    if isinstance(node, Mapping):
-        target = node.get("_target_")
-        if target is not None and not str(target).startswith(SAFE_TARGETS):
-            raise TrainingConfigError(
-                f"{source}: its {key}._target_ is {target!r}; from a checkpoint only defectscope.* and "
-                "albumentations.* are instantiated (give the data config explicitly: data=...)"
-            )
-        for k, v in node.items():
-            check_targets(v, source, f"{key}.{k}")
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            check_targets(v, source, f"{key}[{i}]")
-
-
-def _scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key, value in metrics.items():
-        if (isinstance(value, torch.Tensor) and value.numel() == 1) or isinstance(value, int | float):
-            out[key] = float(value)
-    return out
-
-
 # ---------------------------------------------------------------------------- train
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit, test the best checkpoint, log everything; returns the final val and test metrics."""
-    with _threads(cfg.get("threads")):
-        return _train(cfg)
+def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, float]:
+    """Fit, test the best checkpoint, log everything; returns the final val and test metrics.
+
+    ``extra_callbacks``: Lightning callbacks a caller adds from code (``defectscope search`` watches
+    and stops its trials with one), after those of ``cfg.callbacks``.
+    """
+    with torch_threads(cfg.get("threads")):
+        return _train(cfg, extra_callbacks)
 
 
-def _train(cfg: DictConfig) -> dict[str, float]:
+def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, float]:
     t0 = time.perf_counter()
     check_launch(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     out_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.ckpt_dir)
-    resume = read_resume_info(ckpt_path) if ckpt_path else {}
+    resume = read_resume(ckpt_path) if ckpt_path else {}
 
     tracker = build_tracker(cfg)
     if tracker is not None:
@@ -253,6 +245,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
 
     status = "FAILED"
     best: str | None = None
+    threshold_lines: list[str] = []
     ckpt_cb = None
     metrics: dict[str, float] = {}
     resolved = out_dir / "config_resolved.yaml"
@@ -262,6 +255,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         dm.setup("fit")
         module = build_module(cfg, dm)
         module.misclassified_max = tracker.misclassified_max if tracker is not None else 16
+        module.shift_protocol = protocol_from_config(cfg.get("shift_consistency"), module.model.total_stride)
         callbacks = build_callbacks(
             to_plain(cfg.get("callbacks")),
             freeze_epochs=int(cfg.finetune.get("freeze_epochs", 0)),
@@ -270,6 +264,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             has_logger=tracker is not None,
         )
         callbacks.append(Throughput())
+        callbacks.extend(extra_callbacks)
         trainer: pl.Trainer = instantiate(
             cfg.trainer,
             callbacks=callbacks,
@@ -285,17 +280,21 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             tracker.log_artifact(resolved)
             tracker.log_artifact(out_dir / "data_report.txt")
 
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-        metrics = _scalars(dict(trainer.callback_metrics))
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+        metrics = scalar_metrics(dict(trainer.callback_metrics))
         ckpt_cb = checkpoint_callback(trainer)
         best = ckpt_cb.best_model_path or None
         if cfg.get("test", True) and not trainer.interrupted:
-            results = trainer.test(module, datamodule=dm, ckpt_path=best or "last", verbose=False)
-            metrics.update(_scalars(results[0] if results else {}))
+            results = trainer.test(
+                module, datamodule=dm, ckpt_path=best or "last", verbose=False, weights_only=True
+            )
+            metrics.update(scalar_metrics(results[0] if results else {}))
             if trainer.is_global_zero:
                 plots = write_test_plots(module.test_outputs, dm, out_dir / "plots")
                 if tracker is not None:
                     log_test_artifacts(tracker, plots)
+        if trainer.is_global_zero and best:
+            threshold_lines = report_threshold(best, out_dir, tracker)
         if tracker is not None and tracker.log_checkpoint and best:
             tracker.log_artifact(best, "checkpoints")
         rejects = getattr(dm, "rejects_path", None)
@@ -317,73 +316,5 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             metrics=metrics,
             unsent=unsent,
         )
-        print("\n".join(lines), flush=True)
-    return metrics
-
-
-# ---------------------------------------------------------------------------- evaluate
-
-
-def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Test metrics (and plots) of a checkpoint on its own test split or on ``data=...``."""
-    with _threads(cfg.get("threads")):
-        return _evaluate(cfg)
-
-
-def _evaluate(cfg: DictConfig) -> dict[str, float]:
-    from defectscope.checkpoint import read_checkpoint, validate_info
-
-    t0 = time.perf_counter()
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    out_dir = Path(cfg.paths.output_dir)
-    ckpt_file = str(Path(str(cfg.ckpt_path)).expanduser())
-    ckpt = read_checkpoint(ckpt_file)
-    info = validate_info(ckpt["defectscope"], ckpt_file)
-    hparams = dict(ckpt.get("hyper_parameters") or {})
-    if cfg.get("data"):
-        data_cfg = to_plain(cfg.data)
-    else:
-        data_cfg = (hparams.get("run_config") or {}).get("data")
-        if not data_cfg:
-            raise TrainingConfigError(
-                f"{ckpt_file} records no data config; choose one: data=folder data.source.root=..."
-            )
-        data_cfg["train_transform"] = None  # not used for testing
-        check_targets(data_cfg, ckpt_file)
-    # The checkpoint's preprocessing, exactly as the exported model will apply it.
-    data_cfg.update(
-        loader=info["loader"], mean=info["mean"], std=info["std"], rejects_path=str(out_dir / "rejects.csv")
-    )
-    dm = instantiate(data_cfg)
-    dm.prepare_data()
-    dm.setup("test")
-    if list(dm.class_names) != list(info["class_names"]):
-        raise TrainingConfigError(
-            f"data: classes {dm.class_names} differ from the checkpoint's {info['class_names']} "
-            "(names and order must match; set data.source.classes)"
-        )
-    model_spec = {"name": info["model_name"]}
-    model_spec.update({k: v for k, v in info["model_kwargs"].items() if k not in ("num_classes", "in_chans")})
-    hparams.update(model=model_spec)
-    module = DefectClassifier(**hparams)
-    module.load_state_dict(ckpt["state_dict"], strict=True)
-    module.on_load_checkpoint(ckpt)  # the checkpoint's threshold and grading rule (cut points)
-    module.threshold = float(cfg.threshold) if cfg.get("threshold") is not None else float(info["threshold"])
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
-    results = trainer.test(module, datamodule=dm, verbose=False)
-    metrics = _scalars(results[0] if results else {})
-    if trainer.is_global_zero:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        plots = write_test_plots(module.test_outputs, dm, out_dir / "plots")
-        metrics_file = Path(str(cfg.get("metrics_file") or out_dir / "metrics.json"))
-        metrics_file.write_text(
-            json.dumps({"checkpoint": ckpt_file, "metrics": metrics, "plots": plots}, indent=2) + "\n",
-            encoding="utf-8",
-        )
-        lines = summary_lines(
-            "evaluate", seconds=time.perf_counter() - t0, metrics=metrics, checkpoint=ckpt_file
-        )
-        lines.append(f"metrics file:    {metrics_file}")
-        lines.append(f"plots:           {out_dir / 'plots'}")
-        print("\n".join(lines), flush=True)
+        print("\n".join(lines + threshold_lines), flush=True)
     return metrics

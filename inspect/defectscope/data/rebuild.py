@@ -1,0 +1,79 @@
+"""A :class:`DefectDataModule` from a data config that may have been read from a file, without Hydra.
+
+Evaluation rebuilds the training data from the config recorded in the checkpoint.  That config is
+data: its ``_target_`` is compared with the one class it may name (never imported), its source is
+chosen by ``source.kind`` from the source registry, its transforms must name only an exact
+allow-list (:mod:`.transforms`; checked, then left out: evaluation applies none), and every other
+value must be plain.  Anything else is refused, with the key,
+before a single file is listed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from ..plain import PlainDataError, check_plain
+from .sources import SOURCES
+from .transforms import check_transform_spec
+
+DATAMODULE_TARGET = "defectscope.data.datamodule.DefectDataModule"
+#: DefectDataModule arguments evaluation sets itself, whatever the config says
+EVALUATION_KEYS = ("loader", "mean", "std", "rejects_path", "evaluate_on")
+#: whole-number settings and the most a config read from a file may ask for
+_CAPS = {"batch_size": 1 << 14, "eval_batch_size": 1 << 14, "num_workers": 64, "scan_workers": 64}
+
+
+def datamodule_kwargs(spec: Any, where: str, *, from_file: bool) -> dict[str, Any]:
+    """Checked ``DefectDataModule`` keyword arguments from a plain data config (``where`` names it).
+
+    ``from_file``: the config was read from a checkpoint, so it may not make evaluation write
+    anything: a synthetic source is read as the folder it was generated into, never regenerated.
+    """
+    from .datamodule import DefectDataModule
+
+    if not isinstance(spec, Mapping):
+        raise PlainDataError(f"{where}: expected a data config mapping, got {type(spec).__name__}")
+    kwargs = dict(spec)
+    target = kwargs.pop("_target_", DATAMODULE_TARGET)
+    if target != DATAMODULE_TARGET:
+        raise PlainDataError(
+            f"{where}._target_ is {str(target)[:200]!r}; a data config is always rebuilt as "
+            f"{DATAMODULE_TARGET} (a name read from a file is never imported)"
+        )
+    transforms = {k: kwargs.pop(k, None) for k in ("train_transform", "eval_transform")}
+    for key, value in transforms.items():
+        check_transform_spec(value, f"{where}.{key}")
+    check_plain(kwargs, where)
+    valid = [p for p in inspect.signature(DefectDataModule.__init__).parameters if p != "self"]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise PlainDataError(f"{where}: unknown key(s) {unknown}; valid keys: {', '.join(valid)}")
+    source = kwargs.get("source")
+    kind = source.get("kind") if isinstance(source, Mapping) else None
+    if kind not in SOURCES:
+        raise PlainDataError(f"{where}.source.kind: expected one of {', '.join(SOURCES)}, got {kind!r}")
+    for key, cap in _CAPS.items():
+        value = kwargs.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= cap
+        ):
+            raise PlainDataError(f"{where}.{key}: expected a whole number in [0, {cap}], got {value!r}")
+    for key in EVALUATION_KEYS:
+        kwargs.pop(key, None)
+    if from_file and kind == "synthetic" and isinstance(source, Mapping):
+        kwargs["source"] = generated_folder(source, f"{where}.source")
+    return kwargs  # transforms stay unset: evaluation sees images as the line PC does
+
+
+def generated_folder(source: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The folder a synthetic source generated its images into, as a folder source (same listing)."""
+    root = source.get("root")
+    if not isinstance(root, str) or not root:
+        raise PlainDataError(f"{where}.root: expected the folder the synthetic images were generated into")
+    spec: dict[str, Any] = {"kind": "folder", "root": root, "extensions": [".png"]}
+    for key in ("classes", "good_class"):
+        if source.get(key) is not None:
+            spec[key] = source[key]
+    return spec

@@ -1,0 +1,56 @@
+"""Labelled images for export (``--images``) and ``defectscope evaluate MODEL.onnx DATA``.
+
+Labels come with the images in one of two ways (docs/training.md, "labelled images"):
+
+* a folder of class folders named like the model's classes (``DATA/good/*.png``, ``DATA/crack/*.png``;
+  ``DATA/<split>/<class>/`` is read too, all splits together);
+* a CSV file with a header ``path,label`` (relative paths resolve against the CSV's folder).
+
+Anything else (a flat folder, a text list of paths) carries no labels.  Listing goes through the
+training data sources, which are torch-free, so the rules for folders and manifests exist once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..data.sources import SPLITS, csv_source, folder_source
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """Image paths with the class name of each, and where they came from (for messages and metadata)."""
+
+    paths: list[str]
+    labels: list[str]
+    source: str
+
+    def is_defect(self, ng_classes: Sequence[str]) -> list[bool]:
+        """Ground truth for recall and false-reject rates: the label is one of the NG classes."""
+        return [label in set(ng_classes) for label in self.labels]
+
+
+def has_labels(path: Path, class_names: Sequence[str]) -> bool:
+    """A CSV, or a folder whose sub-folders are all class (or split) names."""
+    if path.is_file():
+        return path.suffix.lower() == ".csv"
+    subdirs = [p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return bool(subdirs) and set(subdirs) <= set(class_names) | set(SPLITS)
+
+
+def read_labelled(path: Path, class_names: Sequence[str], good_class: str) -> Labelled | None:
+    """The labelled images at ``path`` in the model's class order, or None when ``path`` has no labels.
+
+    Raises :class:`defectscope.data.sources.SourceError` for a labelled source that is wrong
+    (a class folder or CSV label the model does not know, a CSV without ``path,label``).
+    """
+    if not has_labels(path, class_names):
+        return None
+    if path.is_file():
+        data = csv_source(path, classes=list(class_names), good_class=good_class, missing="keep")
+    else:
+        data = folder_source(path, classes=list(class_names), good_class=good_class)
+    names = data.class_names
+    return Labelled([s.path for s in data.samples], [names[s.label] for s in data.samples], str(path))

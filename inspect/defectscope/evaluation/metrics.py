@@ -1,0 +1,153 @@
+"""The figures a model is judged by, computed once for every path (PyTorch, ONNX, export).
+
+Inputs are plain numpy arrays: ``scores`` = P(defect) per image and ``is_defect`` (the label is an
+NG class) per image, both under the one NG rule (:mod:`defectscope.runtime.decision`), and class
+indices for the confusion matrix.  Training (torch tensors), export (ONNX Runtime on
+the written graph) and ``defectscope evaluate`` (either) all call these functions, so a threshold
+or a false-reject rate means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..runtime.decision import is_ng
+
+#: recall targets of the trade-off table shown when the chosen threshold costs too many good parts
+TRADEOFF_RECALLS = (0.80, 0.90, 0.95, 0.98, 0.99, 0.995, 1.0)
+
+
+def choose_threshold(scores: np.ndarray, is_defect: np.ndarray, target_recall: float) -> float | None:
+    """Largest threshold t with recall(P(defect) >= t) >= ``target_recall`` on the defect images.
+
+    With n defect images, k = ceil(target_recall * n) of them must score >= t, so t is the k-th
+    largest defect score (any larger t catches fewer).  None when there are no defect images.
+    """
+    if not 0.0 < target_recall <= 1.0:
+        raise ValueError(f"threshold.target_recall must be in (0, 1], got {target_recall}")
+    defect = np.sort(np.asarray(scores, dtype=np.float64)[np.asarray(is_defect, dtype=bool)])[::-1]
+    n = int(defect.size)
+    if n == 0:
+        return None
+    k = min(n, max(1, math.ceil(target_recall * n - 1e-9)))
+    return float(defect[k - 1])
+
+
+def operating_point(scores: np.ndarray, is_defect: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Recall, escape rate (defects passed as OK) and false-reject rate (good parts called NG)."""
+    ng = np.asarray(is_ng(np.asarray(scores, dtype=np.float64), threshold), dtype=bool)
+    defect = np.asarray(is_defect, dtype=bool)
+    out: dict[str, Any] = {"n_defect": int(defect.sum()), "n_good": int((~defect).sum())}
+    if defect.any():
+        out["recall"] = float(ng[defect].mean())
+        out["escape_rate"] = 1.0 - out["recall"]
+    if (~defect).any():
+        out["false_reject_rate"] = float(ng[~defect].mean())
+    return out
+
+
+def tradeoff_table(
+    scores: np.ndarray, is_defect: np.ndarray, recalls: Sequence[float] = TRADEOFF_RECALLS
+) -> list[dict[str, float | None]]:
+    """Recall against false-reject rate at the threshold each recall target would choose
+    (plain, JSON-able rows; a rate that cannot be measured is None)."""
+    rows: list[dict[str, float | None]] = []
+    for target in recalls:
+        t = choose_threshold(scores, is_defect, target)
+        if t is None:
+            break
+        point = operating_point(scores, is_defect, t)
+        rows.append(
+            {
+                "target_recall": float(target),
+                "threshold": t,
+                "recall": point.get("recall"),
+                "false_reject_rate": point.get("false_reject_rate"),
+            }
+        )
+    return rows
+
+
+def _pct(v: float | None, width: int) -> str:
+    return f"{'n/a':>{width}}  " if v is None else f"{100 * v:>{width}.1f} %"
+
+
+def tradeoff_text(rows: Sequence[dict[str, float | None]], chosen: float | None = None) -> str:
+    """The trade-off table as aligned text lines (the chosen threshold marked)."""
+    lines = ["  target recall  threshold   recall  false-reject rate"]
+    marked = False
+    for r in rows:
+        t = float(r["threshold"] or 0.0)
+        here = not marked and chosen is not None and math.isclose(t, chosen, abs_tol=1e-12)
+        marked = marked or here
+        lines.append(
+            f"  {_pct(r['target_recall'], 11)}  {t:>9.4g}  {_pct(r['recall'], 5)}"
+            f"  {_pct(r['false_reject_rate'], 15)}{'  <- chosen' if here else ''}"
+        )
+    return "\n".join(lines)
+
+
+def confusion(truth: Sequence[int] | np.ndarray, pred: Sequence[int] | np.ndarray, k: int) -> np.ndarray:
+    """k x k counts, rows = truth, columns = prediction."""
+    cm = np.zeros((k, k), dtype=np.int64)
+    np.add.at(cm, (np.asarray(truth, dtype=np.int64), np.asarray(pred, dtype=np.int64)), 1)
+    return cm
+
+
+def class_figures(cm: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, balanced accuracy (mean recall over the classes present in the truth), macro-F1 over
+    the classes present in truth or prediction, and per-class precision/recall/support."""
+    cm = np.asarray(cm, dtype=np.int64)
+    tp = np.diag(cm).astype(np.float64)
+    support, predicted = cm.sum(axis=1), cm.sum(axis=0)
+    n = int(cm.sum())
+    recall = np.divide(tp, support, out=np.full_like(tp, np.nan), where=support > 0)
+    precision = np.divide(tp, predicted, out=np.full_like(tp, np.nan), where=predicted > 0)
+    present = (support + predicted) > 0
+    f1 = 2 * tp[present] / np.maximum(support[present] + predicted[present], 1)
+    return {
+        "n": n,
+        "accuracy": float(tp.sum() / n) if n else math.nan,
+        "balanced_accuracy": float(np.nanmean(recall)) if (support > 0).any() else math.nan,
+        "macro_f1": float(f1.mean()) if present.any() else math.nan,
+        "per_class": {
+            name: {"precision": _num(precision[i]), "recall": _num(recall[i]), "support": int(support[i])}
+            for i, name in enumerate(class_names)
+        },
+    }
+
+
+def _num(v: float) -> float | None:
+    return None if math.isnan(v) else float(v)
+
+
+def roc_pr_curves(scores: np.ndarray, is_defect: np.ndarray) -> dict[str, np.ndarray]:
+    """ROC (fpr, tpr) and precision-recall points over every distinct score (defect = positive)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(is_defect, dtype=bool)
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], y[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]
+    tps = np.cumsum(y)[last].astype(float)
+    fps = (last + 1) - tps
+    pos, neg = max(1.0, float(y.sum())), max(1.0, float((~y).sum()))
+    return {
+        "thresholds": s[last],
+        "fpr": np.r_[0.0, fps / neg],
+        "tpr": np.r_[0.0, tps / pos],
+        "recall": tps / pos,
+        "precision": tps / np.maximum(tps + fps, 1.0),
+    }
+
+
+def auroc(scores: np.ndarray, is_defect: np.ndarray) -> float | None:
+    """Area under the ROC curve of defect vs. good (ties count half); None unless both are present."""
+    y = np.asarray(is_defect, dtype=bool)
+    if y.all() or not y.any():
+        return None
+    c = roc_pr_curves(scores, y)
+    return float(np.trapezoid(c["tpr"], c["fpr"]))

@@ -1,0 +1,102 @@
+"""Plain-data checks for values read from files that may come from anyone (checkpoints).
+
+A checkpoint is data: what it holds may choose *values* (class names, a model's width, a data
+folder) but never *code*.  Values are therefore checked for type, size and depth before use, and
+Hydra's instantiation keys (``_target_``, ``_partial_``, ``_args_``, ``_recursive_``,
+``_convert_``) are refused wherever they appear: nothing read from a file is ever handed to
+``hydra.utils.instantiate`` or imported by name.  Torch-free.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+#: Hydra's instantiation keys; a value read from a file must never carry one
+HYDRA_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
+MAX_DEPTH = 16
+MAX_STRING = 4096
+MAX_ITEMS = 100_000
+
+
+class PlainDataError(ValueError):
+    """A value read from a file is not plain data of the expected shape; the message names its key."""
+
+
+def _is_hydra_key(key: str) -> bool:
+    return key in HYDRA_KEYS or (len(key) > 2 and key.startswith("_") and key.endswith("_"))
+
+
+def check_plain(value: Any, where: str, depth: int = 0) -> None:
+    """Raise unless ``value`` is None/bool/int/finite float/str, or lists and str-keyed dicts of them.
+
+    Caps: ``MAX_DEPTH`` levels, strings of ``MAX_STRING`` characters, ``MAX_ITEMS`` items per
+    container.  Keys that Hydra would act on (``_target_`` and friends) are refused.
+    """
+    if depth > MAX_DEPTH:
+        raise PlainDataError(f"{where}: nested deeper than {MAX_DEPTH} levels")
+    if value is None or isinstance(value, bool | int):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise PlainDataError(f"{where}: {value!r} is not a finite number")
+        return
+    if isinstance(value, str):
+        if len(value) > MAX_STRING:
+            raise PlainDataError(f"{where}: a string of {len(value)} characters (at most {MAX_STRING})")
+        return
+    if isinstance(value, list | tuple):
+        if len(value) > MAX_ITEMS:
+            raise PlainDataError(f"{where}: a list of {len(value)} items (at most {MAX_ITEMS})")
+        for i, item in enumerate(value):
+            check_plain(item, f"{where}[{i}]", depth + 1)
+        return
+    if isinstance(value, Mapping):
+        if len(value) > MAX_ITEMS:
+            raise PlainDataError(f"{where}: a mapping of {len(value)} keys (at most {MAX_ITEMS})")
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise PlainDataError(f"{where}: key {key!r} is a {type(key).__name__}, expected a string")
+            if _is_hydra_key(key):
+                raise PlainDataError(
+                    f"{where}.{key}: {key} is refused in a file (a checkpoint is data; nothing in it may "
+                    "name code to run)"
+                )
+            check_plain(item, f"{where}.{key}", depth + 1)
+        return
+    raise PlainDataError(f"{where}: a {type(value).__name__}, expected plain data (numbers, strings, lists)")
+
+
+def expect(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> Any:
+    """``value`` if it is an instance of ``kind`` (bool never counts as a number), else a clear error."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    numeric = any(k in (int, float) for k in kinds)
+    if not isinstance(value, kinds) or (numeric and isinstance(value, bool) and bool not in kinds):
+        raise PlainDataError(f"{where}: expected {what}, got {type(value).__name__} {_short(value)}")
+    return value
+
+
+def number(value: Any, where: str, low: float, high: float) -> float:
+    """A finite number in ``[low, high]``."""
+    v = float(expect(value, (int, float), where, f"a number in [{low:g}, {high:g}]"))
+    if not (math.isfinite(v) and low <= v <= high):
+        raise PlainDataError(f"{where}: expected a number in [{low:g}, {high:g}], got {v!r}")
+    return v
+
+
+def string_list(value: Any, where: str, max_items: int = MAX_ITEMS, max_len: int = MAX_STRING) -> list[str]:
+    """A list of strings with at most ``max_items`` entries of at most ``max_len`` characters."""
+    items = expect(value, (list, tuple), where, "a list of strings")
+    if len(items) > max_items:
+        raise PlainDataError(f"{where}: {len(items)} entries (at most {max_items})")
+    for i, item in enumerate(items):
+        expect(item, str, f"{where}[{i}]", "a string")
+        if len(item) > max_len:
+            raise PlainDataError(f"{where}[{i}]: a string of {len(item)} characters (at most {max_len})")
+    return [str(i) for i in items]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,109 @@
+"""``defectscope search [overrides]``: the Hydra app (conf/search.yaml = conf/train.yaml + ``search``).
+
+    defectscope search experiment=synthetic search.n_trials=40 search.timeout=1800 \\
+        search.study_name=line3 search.storage=sqlite:///search.db
+
+Order: every check that can fail (space, storage, model registry, data, budgets) runs before the
+first trial; the same command continues the same study after a crash or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import optuna  # noqa: F401 - imported here so that a missing install gets the CLI's one-line hint
+
+log = logging.getLogger(__name__)
+
+
+def base_overrides() -> list[str]:
+    """The command line's overrides that are not about the search itself (for retrain commands)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = list(HydraConfig.get().overrides.task)
+    except Exception:  # compose API (tests, notebooks): no command line
+        return []
+    skip = ("search.", "search=", "+search.", "~search.", "hydra.", "++search.")
+    return [o for o in task if not o.startswith(skip)]
+
+
+def preflight(cfg: Any) -> tuple[Any, Any, Any, Any]:
+    """Settings, parameters, storage and data facts, or a one-line error before any trial."""
+    from defectscope.training.config import to_plain
+
+    from .preflight import check_choices, check_latency_budget, check_time_budget, data_facts, lightest
+    from .settings import SearchSettings
+    from .space import check_keys, parse_space
+    from .study import open_storage, run_dir_of
+
+    s = SearchSettings.from_config({k: v for k, v in to_plain(cfg.search).items()})
+    params = parse_space(to_plain(cfg.search.get("space")))
+    check_keys(params, cfg)
+    storage = open_storage(s)
+    check_choices(cfg, params)
+    facts = data_facts(cfg, s.latency.image_size)
+    if s.timeout is not None or s.max_latency_ms is not None:
+        light = lightest(cfg, params, facts)
+        if s.timeout is not None:
+            check_time_budget(s.timeout, cfg, light, facts)
+        if s.max_latency_ms is not None:
+            check_latency_budget(
+                s.max_latency_ms, cfg, light, facts, s.latency, run_dir_of(cfg) / "preflight"
+            )
+    return s, params, storage, facts
+
+
+def run_search(cfg: Any) -> dict[str, float]:
+    """The whole search in this process (one worker); returns a few figures for Hydra."""
+    for name in ("onnx_ir", "onnxscript", "torch.onnx"):  # the exporter's pass-by-pass INFO lines
+        logging.getLogger(name).setLevel(logging.WARNING)
+    from .report import summary_lines, write_report
+    from .study import enqueue_seeds, fail_stale, open_study, optimize, parent_run, run_dir_of
+    from .trial import SearchContext, run_trial
+
+    s, params, storage, facts = preflight(cfg)
+    study, created = open_study(storage, s)
+    if created or not study.get_trials(deepcopy=False):
+        for note in enqueue_seeds(study, cfg, params, s.presets):
+            log.info("%s", note)
+    tracker = parent_run(cfg, study, created, s)
+    ctx = SearchContext(
+        cfg, s, params, facts, run_dir_of(cfg), getattr(tracker, "run_id", None), base_overrides()
+    )
+    status = "FAILED"
+    try:
+        optimize(study, lambda trial: run_trial(trial, ctx), s)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        print(
+            f"defectscope search: interrupted; the running trial is marked failed. Run the same command to "
+            f"continue study {s.study_name!r}",
+            file=sys.stderr,
+        )
+    finally:
+        fail_stale(study)
+        summary = write_report(study, cfg, params, s, ctx.run_dir)
+        if tracker is not None:
+            for path in summary["files"].values():
+                tracker.log_artifact(path)
+            tracker.close(status)
+    print("\n".join(summary_lines(summary, s)), flush=True)
+    if status == "KILLED":
+        raise SystemExit(130)
+    return {"complete": float(summary["trials"]["complete"]), "front": float(len(summary["front"]))}
+
+
+def _search(cfg: Any) -> dict[str, float]:
+    return run_search(cfg)
+
+
+def search_main(argv: Sequence[str]) -> int:
+    """``defectscope search``: every argument is a Hydra argument (overrides, --cfg, -cn, --help)."""
+    from defectscope.training.app import _run
+
+    return _run("search", "search", argv, _search)

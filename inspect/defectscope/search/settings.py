@@ -1,0 +1,134 @@
+"""``search.*`` (conf/search/default.yaml) read into one checked, typed object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import SearchConfigError
+from .measure import LatencySettings
+
+SAMPLERS = ("tpe", "nsga2", "random")
+#: optional third objective (minimised) -> the trial user attribute it reads
+EXTRA_OBJECTIVES = ("params", "flops", "onnx_bytes")
+LATENCY = "latency_ms"
+
+
+def _whole(key: str, value: Any, minimum: int, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SearchConfigError(
+            f"search.{key} must be a whole number >= {minimum}{' or null' if allow_none else ''}, got {value!r}"
+        )
+    return int(value)
+
+
+def _positive(key: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise SearchConfigError(f"search.{key} must be null or a number > 0, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Stopping:
+    """Early stopping at rung epochs (see :mod:`.stopping`); no rungs = off."""
+
+    rungs: tuple[int, ...] = (2, 4)
+    min_delta: float = 0.0
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    study_name: str
+    storage: str
+    n_trials: int
+    timeout: float | None
+    metric: str
+    direction: str
+    extra_objective: str | None
+    max_latency_ms: float | None
+    sampler: str
+    startup_trials: int
+    population: int
+    sampler_seed: int | None
+    presets: tuple[str, ...]
+    test_trials: bool
+    parity_images: int
+    heartbeat_s: int
+    grace_s: int
+    retry_interrupted: int
+    latency: LatencySettings = field(default_factory=LatencySettings)
+    stopping: Stopping = field(default_factory=Stopping)
+
+    @property
+    def objectives(self) -> list[str]:
+        """Objective names in study order: the metric, latency, then the optional extra one."""
+        return [self.metric, LATENCY] + ([self.extra_objective] if self.extra_objective else [])
+
+    @property
+    def directions(self) -> list[str]:
+        return [self.direction] + ["minimize"] * (len(self.objectives) - 1)
+
+    @classmethod
+    def from_config(cls, spec: Any) -> SearchSettings:
+        s = dict(spec or {})
+        known = {f.name for f in fields(cls)} | {"space"}
+        unknown = sorted(set(s) - known)
+        if unknown:
+            raise SearchConfigError(
+                f"search: unknown key(s) {unknown}; valid keys: {', '.join(sorted(known))}"
+            )
+        metric = str(s.get("metric") or "")
+        if not metric.startswith("val/"):
+            raise SearchConfigError(
+                f"search.metric must be a validation metric such as val/bal_acc, got {metric!r} "
+                "(test metrics must not choose models)"
+            )
+        direction = str(s.get("direction", "maximize"))
+        if direction not in ("maximize", "minimize"):
+            raise SearchConfigError(f"search.direction must be maximize or minimize, got {direction!r}")
+        extra = s.get("extra_objective")
+        if extra is not None and extra not in EXTRA_OBJECTIVES:
+            raise SearchConfigError(
+                f"search.extra_objective must be null or one of {', '.join(EXTRA_OBJECTIVES)}"
+            )
+        sampler = str(s.get("sampler", "tpe"))
+        if sampler not in SAMPLERS:
+            raise SearchConfigError(f"search.sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        stop = dict(s.get("stopping") or {})
+        if set(stop) - {"rungs", "min_delta"}:
+            raise SearchConfigError(
+                f"search.stopping: unknown key(s) {sorted(set(stop) - {'rungs', 'min_delta'})}"
+            )
+        rungs = tuple(_whole("stopping.rungs[]", r, 1) or 1 for r in (stop.get("rungs") or ()))
+        storage = str(s.get("storage") or "")
+        if not storage:
+            raise SearchConfigError(
+                "search.storage is empty; give a database URL such as sqlite:///search.db"
+            )
+        presets = s.get("presets") or ()
+        return cls(
+            study_name=str(s.get("study_name") or "defectscope"),
+            storage=storage,
+            n_trials=int(_whole("n_trials", s.get("n_trials", 20), 1) or 1),
+            timeout=_positive("timeout", s.get("timeout")),
+            metric=metric,
+            direction=direction,
+            extra_objective=extra,
+            max_latency_ms=_positive("max_latency_ms", s.get("max_latency_ms")),
+            sampler=sampler,
+            startup_trials=int(_whole("startup_trials", s.get("startup_trials", 6), 0) or 0),
+            population=int(_whole("population", s.get("population", 16), 2) or 2),
+            sampler_seed=_whole("sampler_seed", s.get("sampler_seed"), 0, allow_none=True),
+            presets=tuple(str(p) for p in presets),
+            test_trials=bool(s.get("test_trials", False)),
+            parity_images=int(_whole("parity_images", s.get("parity_images", 8), 0) or 0),
+            heartbeat_s=int(_whole("heartbeat_s", s.get("heartbeat_s", 20), 1) or 1),
+            grace_s=int(_whole("grace_s", s.get("grace_s", 60), 1) or 1),
+            retry_interrupted=int(_whole("retry_interrupted", s.get("retry_interrupted", 1), 0) or 0),
+            latency=LatencySettings.from_config(s.get("latency")),
+            stopping=Stopping(rungs=rungs, min_delta=float(stop.get("min_delta", 0.0) or 0.0)),
+        )

@@ -1,0 +1,261 @@
+"""The Optuna study: storage, sampler, seeds from the presets, the MLflow parent run.
+
+Scale-out is Optuna's own: every worker opens the same database URL and study name and asks the
+study for its next trial. A worker that dies leaves its trial RUNNING; Optuna's heartbeat notices
+(``search.grace_s`` after the last beat) and marks it FAIL, and ``RetryHeartbeatStaleTrialCallback`` queues the
+same parameters again (``search.retry_interrupted`` times), so an interrupted trial is failed, not lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+from .errors import SearchConfigError
+from .settings import SearchSettings
+from .space import Param, out_of_space, seed_values
+
+log = logging.getLogger(__name__)
+
+PARENT_ATTR = "mlflow_parent_run_id"
+SIGNATURE_ATTR = "defectscope_objectives"
+#: what two workers opening one new SQLite file at once may see while the other creates the tables
+RACES = ("locked", "UNIQUE constraint failed", "already exists")
+
+
+def redact(url: str) -> str:
+    """A database URL without its password, for messages and tags."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1] if "@" in url else url
+
+
+def _first_line(exc: BaseException | None) -> str:
+    text = str(exc).strip() if exc is not None else ""
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def open_storage(s: SearchSettings) -> RDBStorage:
+    """The study's database (SQLite file by default, any SQLAlchemy URL for several workers)."""
+    sqlite = s.storage.startswith("sqlite")
+    engine: dict[str, Any] = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
+    last: Exception | None = None
+    for attempt in range(5):  # two workers creating one new SQLite file race on its tables
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(
+                    s.storage,
+                    engine_kwargs=engine,
+                    heartbeat_interval=s.heartbeat_s,
+                    grace_period=s.grace_s,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                        max_retry=s.retry_interrupted
+                    )
+                    if s.retry_interrupted
+                    else None,
+                )
+        except Exception as exc:  # SQLAlchemy, a missing driver, a bad URL: all mean "cannot open"
+            last = exc
+            if not sqlite or not any(m in str(exc) for m in RACES):
+                break
+            time.sleep(1.0 + attempt)
+    text = _first_line(last)
+    if last is not None and last.__cause__ is not None:  # e.g. the missing driver behind an ImportError
+        text += f" ({_first_line(last.__cause__)})"
+    raise SearchConfigError(f"search.storage: cannot open {redact(s.storage)}: {text}") from None
+
+
+def make_sampler(s: SearchSettings) -> optuna.samplers.BaseSampler:
+    """TPE by default: it models good and bad regions from few trials (here each trial is a training
+    run, so a study has tens of trials, not the thousands NSGA-II's generations need); constant liar
+    keeps parallel workers from sampling the same point."""
+    if s.sampler == "tpe":
+        return optuna.samplers.TPESampler(
+            n_startup_trials=s.startup_trials, multivariate=True, constant_liar=True, seed=s.sampler_seed
+        )
+    if s.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=s.population, seed=s.sampler_seed)
+    return optuna.samplers.RandomSampler(seed=s.sampler_seed)
+
+
+def open_study(storage: RDBStorage, s: SearchSettings) -> tuple[optuna.Study, bool]:
+    """Create the study, or load it (resume, another worker); returns (study, created here)."""
+    try:
+        study = optuna.create_study(
+            storage=storage,
+            sampler=make_sampler(s),
+            study_name=s.study_name,
+            directions=[optuna.study.StudyDirection[d.upper()] for d in s.directions],
+        )
+        study.set_user_attr(SIGNATURE_ATTR, s.objectives)
+        return study, True
+    except optuna.exceptions.DuplicatedStudyError:
+        pass
+    study = optuna.load_study(study_name=s.study_name, storage=storage, sampler=make_sampler(s))
+    stored = study.user_attrs.get(SIGNATURE_ATTR)
+    if stored is None:  # the creator has not written it yet
+        time.sleep(1.0)
+        stored = study.user_attrs.get(SIGNATURE_ATTR, s.objectives)
+    directions = [d.name.lower() for d in study.directions]
+    if list(stored) != s.objectives or directions != s.directions:
+        raise SearchConfigError(
+            f"search.study_name={s.study_name!r} in {redact(s.storage)} optimises {list(stored)} ({directions}), "
+            f"not {s.objectives} ({s.directions}); choose another study name or the same objectives"
+        )
+    return study, False
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """``conf/model/<name>.yaml`` as plain data (the same file ``model=<name>`` composes)."""
+    from omegaconf import OmegaConf
+
+    from defectscope.training.app import conf_dir
+
+    path = conf_dir() / "model" / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in (conf_dir() / "model").glob("*.yaml"))
+        raise SearchConfigError(f"search.presets: no model preset {name!r}; presets: {', '.join(names)}")
+    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    assert isinstance(data, dict)
+    return {str(k): v for k, v in data.items()}
+
+
+def enqueue_seeds(
+    study: optuna.Study, cfg: Any, params: Sequence[Param], presets: Sequence[str]
+) -> list[str]:
+    """Queue the composed config's own values and each preset's first, so the front starts from them."""
+    notes = []
+    seeds: list[tuple[str, dict[str, Any]]] = [("the composed config", seed_values(cfg, params))]
+    for name in presets:
+        preset = load_preset(name)
+        if preset.get("name") != cfg.model.name:
+            notes.append(
+                f"preset {name} not seeded: it is a {preset.get('name')!r} model, the space searches {cfg.model.name!r}"
+            )
+            continue
+        seeds.append((f"preset {name}", seed_values(cfg, params, preset)))
+    seen: set[str] = set()
+    for label, values in seeds:
+        bad = out_of_space(params, values)
+        if bad:
+            notes.append(f"{label} not seeded: outside the space: {', '.join(bad)}")
+            continue
+        key = json.dumps(values, sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        study.enqueue_trial(values, user_attrs={"seed": label}, skip_if_exists=True)
+        notes.append(f"seeded with {label}")
+    return notes
+
+
+def parent_run(cfg: Any, study: optuna.Study, created: bool, s: SearchSettings) -> Any:
+    """The study's MLflow parent run (one for all workers and resumes), or None without a logger."""
+    from hydra.utils import instantiate
+
+    from defectscope.training.config import to_plain
+
+    if not cfg.get("logger") or "_target_" not in cfg.logger:
+        return None
+    run_id = study.user_attrs.get(PARENT_ATTR)
+    if run_id is None and not created:
+        for _ in range(60):  # the worker that created the study is creating the run
+            time.sleep(0.5)
+            run_id = optuna.load_study(study_name=s.study_name, storage=study._storage).user_attrs.get(
+                PARENT_ATTR
+            )
+            if run_id:
+                break
+    tracker = instantiate(cfg.logger)
+    tracker.run_name = f"search-{s.study_name}"
+    tags = {
+        "defectscope.study": s.study_name,
+        "defectscope.search": "parent",
+        "defectscope.storage": redact(s.storage),
+        "mlflow.source.name": "defectscope search",
+    }
+    tracker.start(run_id=run_id, extra_tags=tags)
+    if run_id is None:
+        study.set_user_attr(PARENT_ATTR, tracker.run_id)
+    if not tracker.resumed:
+        tracker.log_config({"search": to_plain(cfg.search)})
+    return tracker
+
+
+class FailureStreak:
+    """Stops this worker after ``limit`` failed trials in a row: failures do not count towards
+    ``n_trials``, so a cause that fails every trial would otherwise loop until the timeout."""
+
+    def __init__(self, limit: int = 3) -> None:
+        self.limit = limit
+        self.streak = 0
+        self.last = ""
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state != optuna.trial.TrialState.FAIL:
+            self.streak = 0
+            return
+        self.streak += 1
+        self.last = str(trial.user_attrs.get("error", "see the log"))
+        if self.streak >= self.limit:
+            study.stop()
+
+    def check(self) -> None:
+        if self.streak >= self.limit:
+            raise SearchFailedError(
+                f"{self.streak} trials in a row failed, the last with: {self.last}; fix the cause (the log has "
+                "the traceback) and run the same command to continue"
+            )
+
+
+class SearchFailedError(RuntimeError):
+    """Trials keep failing; the message names the last error."""
+
+
+def optimize(study: optuna.Study, objective: Any, s: SearchSettings) -> None:
+    """Run trials until the study holds ``n_trials`` finished ones (all workers together) or the timeout."""
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    done = (TrialState.COMPLETE, TrialState.PRUNED)
+    if len(study.get_trials(deepcopy=False, states=done)) >= s.n_trials:
+        log.info(
+            "study %s already has %d finished trials (search.n_trials=%d)",
+            s.study_name,
+            s.n_trials,
+            s.n_trials,
+        )
+        return
+    streak = FailureStreak()
+    study.optimize(
+        objective,
+        n_trials=None,
+        timeout=s.timeout,
+        catch=(Exception,),
+        callbacks=[MaxTrialsCallback(s.n_trials, states=done), streak],
+        gc_after_trial=True,
+    )
+    streak.check()
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Mark trials whose worker stopped beating as failed (Optuna's own heartbeat check)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optuna.storages.fail_stale_trials(study)
+
+
+def run_dir_of(cfg: Any) -> Path:
+    return Path(str(cfg.paths.output_dir))

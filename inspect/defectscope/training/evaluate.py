@@ -1,0 +1,191 @@
+"""``evaluate(cfg)``: a checkpoint's figures on its own test split, or on every image of a new lot.
+
+The checkpoint is read by the one reader (:mod:`defectscope.checkpoint`) and everything it names is
+rebuilt from registries: the network from its model name and plain kwargs, the data from a source
+kind and plain arguments (:mod:`defectscope.data.rebuild`), transforms from an exact allow-list.
+All of that is checked before Lightning starts, so a hostile file is refused before anything runs.
+The figures come from :mod:`defectscope.evaluation`, exactly as for an exported model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..checkpoint import CheckpointError, model_spec, model_state, read_info, run_data_config, target_recall
+from ..data.rebuild import datamodule_kwargs
+from ..data.sources import SOURCES
+from ..evaluation.report import evaluation_doc, flat_metrics, report_lines
+from .config import TrainingConfigError, scalar_metrics, to_plain, torch_threads
+from .shift import protocol_from_config
+
+EVALUATE_ON = ("all", "test")
+CKPT_HELP = (
+    "ckpt_path is required: defectscope evaluate ckpt_path=CHECKPOINT [data=folder data.source.root=LOT] "
+    "(an exported model: defectscope evaluate MODEL.onnx DATA)"
+)
+
+
+#: figures the test stage logs that the shared report does not compute: the loss and, for ordered
+#: grades, the ordinal figures (``runtime.grading.ordinal_metrics``); shift consistency is added by prefix
+LOGGED_KEPT = ("test/loss", "test/mae", "test/off_by_more_than_one", "test/qwk")
+
+
+def checkpoint_file(cfg: DictConfig) -> str:
+    """``ckpt_path`` (the app refuses a missing ``???`` value before this runs; this covers null/empty)."""
+    value = None if OmegaConf.is_missing(cfg, "ckpt_path") else cfg.get("ckpt_path")
+    if value is None or not str(value).strip():
+        raise TrainingConfigError(CKPT_HELP)
+    return str(Path(str(value)).expanduser())
+
+
+def evaluation_data(
+    cfg: DictConfig, ckpt: dict[str, Any], info: dict[str, Any], source: str, out_dir: Path
+) -> tuple[dict[str, Any], str, bool]:
+    """Checked DataModule kwargs, what is scored (``all`` or ``test``), and whether the data came
+    from the command line (then it may be generated, and its class order is the model's)."""
+    given = bool(cfg.get("data"))
+    spec = to_plain(cfg.data) if given else run_data_config(ckpt, source)
+    where = "data" if given else f"{source}: hyper_parameters.run_config.data"
+    kwargs = datamodule_kwargs(spec, where, from_file=not given)
+    scope = cfg.get("evaluate_on") or ("all" if given else "test")
+    if scope not in EVALUATE_ON:
+        raise TrainingConfigError(
+            f"evaluate_on must be one of {', '.join(EVALUATE_ON)} or null, got {scope!r}"
+        )
+    src = dict(kwargs["source"])
+    if (
+        given
+        and src.get("classes") is None
+        and "classes" in inspect.signature(SOURCES[src["kind"]]).parameters
+    ):
+        src["classes"] = list(info["class_names"])  # label order = the model's; a lot may lack classes
+    kwargs.update(
+        source=src,
+        loader=info["loader"],
+        mean=info["mean"],
+        std=info["std"],
+        rejects_path=str(out_dir / "rejects.csv"),
+        evaluate_on=scope,
+    )
+    return kwargs, scope, given
+
+
+def evaluation_module(ckpt: dict[str, Any], info: dict[str, Any], source: str, threshold: float) -> Any:
+    """The LightningModule for testing, built from checked values only (no hyper-parameters from the file)."""
+    from .module import DefectClassifier
+
+    try:
+        name, kwargs = model_spec(info)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
+    channels = int(info["loader"].get("channels", 1))
+    in_chans = int(kwargs.pop("in_chans", channels))
+    kwargs.pop("num_classes", None)
+    entry = info.get("grading")
+    grading: dict[str, Any] = entry if isinstance(entry, dict) else {}
+    objective = {k: str(grading[k]) for k in ("objective", "rule") if isinstance(grading.get(k), str)}
+    try:
+        module = DefectClassifier(
+            model={"name": name, **kwargs},
+            num_classes=len(info["class_names"]),
+            in_chans=in_chans,
+            class_names=list(info["class_names"]),
+            good_class=str(info["good_class"]),
+            optim={},
+            threshold={
+                "target_recall": target_recall(ckpt, info, source),
+                "default": threshold,
+                "ng_classes": info.get("ng_classes"),
+            },
+            data_info={"loader": info["loader"], "mean": info["mean"], "std": info["std"]},
+            ordinal=objective,  # names looked up in the objective registry; unknown ones are refused
+            ordered=grading.get("ordered") is True,
+        )
+        module.model.load_state_dict(model_state(ckpt, source), strict=True)
+        module.on_load_checkpoint({"defectscope": info})  # the grading rule's cut points, checked by Grading
+    except RuntimeError as exc:
+        raise CheckpointError(f"{source}: weights do not fit model {name!r}: {exc}") from None
+    except ValueError as exc:  # the objective registry or the grading rule refused the recorded entry
+        raise CheckpointError(f"{source}: {exc}") from None
+    module.threshold = threshold
+    return module
+
+
+def scope_text(scope: str, given: bool, dm: Any) -> str:
+    description = str(dm.report.splitlines()[0]).removeprefix("data: ") if dm.report else "?"
+    if scope == "all":
+        return f"every image of {description}"
+    return f"the test split of {description}" + ("" if given else " (the checkpoint's training data)")
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Test metrics (and plots) of a checkpoint on its own test split or on ``data=...``."""
+    with torch_threads(cfg.get("threads")):
+        return evaluate_checkpoint(cfg)
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
+    """Test metrics, the shared evaluation report and plots of ``cfg.ckpt_path``."""
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+
+    from .artifacts import summary_lines, write_test_plots
+
+    t0 = time.perf_counter()
+    out_dir = Path(cfg.paths.output_dir)
+    ckpt_file = checkpoint_file(cfg)
+    ckpt, info = read_info(ckpt_file)
+    data_kwargs, scope, given = evaluation_data(cfg, ckpt, info, ckpt_file, out_dir)
+    threshold = float(cfg.threshold) if cfg.get("threshold") is not None else float(info["threshold"])
+    module = evaluation_module(ckpt, info, ckpt_file, threshold)
+    module.shift_protocol = protocol_from_config(cfg.get("shift_consistency"), module.model.total_stride)
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+    from ..data.datamodule import DefectDataModule
+
+    dm = DefectDataModule(**data_kwargs)
+    if given:
+        dm.prepare_data()
+    dm.setup("test")
+    if list(dm.class_names) != list(info["class_names"]):
+        raise TrainingConfigError(
+            f"data: classes {dm.class_names} differ from the checkpoint's {info['class_names']} "
+            "(names and order must match; set data.source.classes)"
+        )
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    results = trainer.test(module, datamodule=dm, verbose=False)
+    logged = scalar_metrics(results[0] if results else {})
+    kept = {k: v for k, v in logged.items() if k in LOGGED_KEPT or k.startswith("test/shift/")}
+    out = module.test_outputs
+    doc = evaluation_doc(out["confmat"], out["class_names"], out["scores"], out["is_defect"], threshold)
+    metrics = {**kept, **flat_metrics(doc)}
+    if not trainer.is_global_zero:
+        return metrics
+    where = scope_text(scope, given, dm)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = write_test_plots(out, dm, out_dir / "plots")
+    metrics_file = Path(str(cfg.get("metrics_file") or out_dir / "metrics.json"))
+    metrics_file.write_text(
+        json.dumps(
+            {"checkpoint": ckpt_file, "scored": where, "metrics": metrics, "evaluation": doc, "plots": plots},
+            indent=2,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    lines = summary_lines(
+        "evaluate",
+        seconds=time.perf_counter() - t0,
+        metrics={k: v for k, v in kept.items() if k != "test/loss"},
+        checkpoint=ckpt_file,
+    )
+    lines += report_lines(doc, where)
+    lines += [f"metrics file:    {metrics_file}", f"plots:           {out_dir / 'plots'}"]
+    print("\n".join(lines), flush=True)
+    return metrics

@@ -1,0 +1,118 @@
+"""Bad input in training and at the line (issue 15, part 4), through the real commands.
+
+* one class folder only: a one-line error naming the folder and the need for two classes;
+* a class too small for validation/test: warnings in the log and the data report, saying what to do;
+* degenerate images (4x4, 3x600): ``too_small`` in training's scan and in the runtime alike, because
+  the minimum-size rule applies to real pixels before rounding to the size multiple.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from defectscope.data.datamodule import DefectDataModule
+from defectscope.runtime.image import ImageLoadError, LoaderConfig, load_image
+from onnx_models import build_model, make_image
+
+
+def _png(path: Path, width: int, height: int, value: int = 60) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((height, width), value, np.uint8)).save(path)
+    return path
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("size", [(4, 4), (3, 600), (600, 3), (31, 64)])
+def test_minimum_size_is_checked_on_real_pixels_before_rounding(
+    tmp_path: Path, size: tuple[int, int]
+) -> None:
+    cfg = LoaderConfig(channels=1, min_size=32, size_multiple=32)
+    with pytest.raises(ImageLoadError) as exc:
+        load_image(_png(tmp_path / "x.png", *size), cfg)
+    assert exc.value.kind == "too_small"
+    assert f"{size[0]}x{size[1]}; the minimum side is 32 px (checked before rounding" in exc.value.reason
+    assert load_image(_png(tmp_path / "ok.png", 32, 40), cfg).shape == (32, 32, 1)  # rounded down, still fine
+
+
+def test_rounding_below_the_minimum_is_too_small_too(tmp_path: Path) -> None:
+    with pytest.raises(ImageLoadError, match="45x45 becomes 32x32 after rounding to the size multiple 32"):
+        load_image(_png(tmp_path / "x.png", 45, 45), LoaderConfig(channels=1, min_size=40, size_multiple=32))
+
+
+def test_degenerate_images_are_too_small_rows_at_the_line(
+    tmp_path: Path, defectscope_cmd: list[str], cli_env: dict[str, str]
+) -> None:
+    model = build_model(tmp_path / "m.onnx", size_multiple=32, min_size=32)
+    files = [_png(tmp_path / "in" / "dot.png", 4, 4, 250), _png(tmp_path / "in" / "line.png", 3, 600, 250)]
+    files.append(make_image(tmp_path / "in" / "fine.png", 64, 64, bright=False))
+    out = tmp_path / "r.jsonl"
+    proc = _run(
+        [*defectscope_cmd, "inspect", str(model), str(tmp_path / "in"), "-o", str(out)], tmp_path, cli_env
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]  # 1: some inputs failed
+    rows = {Path(r["path"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+    for name in ("dot.png", "line.png"):
+        assert rows[name]["status"] == "error" and rows[name]["verdict"] is None, rows[name]
+        assert rows[name]["error"].startswith("too_small: "), rows[name]
+    assert rows["fine.png"]["status"] == "ok" and rows["fine.png"]["verdict"] in ("OK", "NG")
+
+
+def test_degenerate_images_fail_training_scan(
+    tmp_path: Path, defectscope_cmd: list[str], cli_env: dict[str, str]
+) -> None:
+    root = tmp_path / "data"
+    for cls in ("good", "bad"):
+        for i in range(3):
+            _png(root / cls / f"{i}.png", 64, 64, 40 + 60 * i)
+    _png(root / "bad" / "dot.png", 4, 4)
+    proc = _run(
+        [*defectscope_cmd, "scan", str(root), "data.loader.size_multiple=32", "data.loader.min_size=32"],
+        tmp_path,
+        cli_env,
+    )
+    assert proc.returncode == 1
+    assert "dot.png: [too_small] 4x4; the minimum side is 32 px" in proc.stdout
+
+
+@pytest.mark.slow
+def test_one_class_folder_is_a_clear_error(
+    tmp_path: Path, defectscope_cmd: list[str], cli_env: dict[str, str]
+) -> None:
+    root = tmp_path / "only-good"
+    for i in range(6):
+        _png(root / "good" / f"{i}.png", 64, 64, 30 + 10 * i)
+    proc = _run(
+        [*defectscope_cmd, "train", "data=folder", f"data.source.root={root}", "logger=none", "data.num_workers=0",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        tmp_path, cli_env,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("defectscope train: error:")]
+    assert len(errors) == 1 and f"folder {root}: only one class (good)" in errors[0]
+    assert "at least 2 classes" in errors[0]
+
+
+def test_a_class_too_small_for_validation_is_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "data"
+    for i in range(20):
+        _png(root / "good" / f"{i}.png", 40, 40, 20 + i)
+    _png(root / "rare" / "0.png", 40, 40, 200)
+    dm = DefectDataModule(
+        {"kind": "folder", "root": str(root), "good_class": "good"}, loader={"min_size": 32}, scan_workers=1
+    )
+    dm.setup("fit")
+    assert "class 'rare' has no val images" in dm.report and "class 'rare' has no test images" in dm.report
+    assert "validation split has no defect images" in dm.report and "what to do: add images" in dm.report
+    assert "WARNING: class 'rare' has no val images" in dm.report
+    assert any("class 'rare' has no val images" in r.getMessage() for r in caplog.records)
