@@ -152,6 +152,15 @@ def score_regions(results: dict[str, Path], in_place: str) -> dict[str, Any]:
     return {"scores": scores, "moved_minus_in_place_pt": deltas}
 
 
+def _complete_test_set(folder: Path, n: int) -> bool:
+    """True when ``synth`` already wrote all ``n`` images there (its manifest lists them)."""
+    manifest = folder / "manifest.csv"
+    if not manifest.is_file():
+        return False
+    rows = manifest.read_text(encoding="utf-8").splitlines()[1:]
+    return len(rows) == n and all((folder / row.split(",")[0]).is_file() for row in rows)
+
+
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -163,6 +172,8 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     sizes = ["--min-size", str(args.min_size), "--max-size", str(args.max_size)]
     t0 = time.perf_counter()
     for region in regions:
+        if _complete_test_set(work / f"test-{region}", args.n_test):
+            continue  # a rerun after an interruption keeps the sets: same seed, same images
         run([*exe, "synth", str(work / f"test-{region}"), "--n", str(args.n_test), "--seed", str(TEST_SEED),
              "--region", region, *sizes], log)  # fmt: skip
     train_cmd = [
