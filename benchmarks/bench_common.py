@@ -197,11 +197,15 @@ def build_model(cfg: dict[str, Any], in_chans: int, seed: int) -> nn.Module:
     return model.eval()
 
 
-def export_info(cfg: dict[str, Any], channels: int, downscale: str = "exact") -> dict[str, Any]:
+def export_info(
+    cfg: dict[str, Any], channels: int, downscale: str = "exact", min_size: int = 32
+) -> dict[str, Any]:
     """The checkpoint ``defectscope`` entry :func:`export_model` needs, for an in-memory model."""
     from defectscope.runtime.image import LoaderConfig
 
-    loader = LoaderConfig(channels=channels, max_side=512, min_size=32, size_multiple=32, downscale=downscale)
+    loader = LoaderConfig(
+        channels=channels, max_side=512, min_size=min_size, size_multiple=32, downscale=downscale
+    )
     return {
         "model_name": str(cfg["name"]),
         "class_names": list(CLASS_NAMES),
@@ -237,7 +241,8 @@ def export(
     from defectscope.export.onnx_export import export_model
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = export_info(cfg, channels, downscale)
+    # the loader admits only sides the graph can run (reflect padding needs a few more pixels)
+    info = export_info(cfg, channels, downscale, max(32, int(getattr(model, "min_input_size", 1))))
     # speed only: the threshold is set by hand, not earned on images
     export_model(model, info, path, fp16=fp16, parity_images=0, threshold=0.5, log=lambda _m: None)
     return path

@@ -209,3 +209,18 @@ def test_trained_anti_aliased_model_passes_the_int8_and_flip_gates(
         got = insp.predict(batch)
         assert got["cam"].shape[2:] == tuple(-(-s // insp.metadata.total_stride) for s in batch.shape[2:])
         assert np.isfinite(got["cam"]).all() and np.allclose(got["probs"].sum(1), 1.0, atol=1e-5)
+
+
+def test_export_refuses_a_loader_that_admits_sides_the_graph_cannot_run(tmp_path: Path) -> None:
+    """Reflect padding needs each padded map longer than its pad: the loader's min_size must cover it."""
+    from defectscope.export.errors import ExportError
+    from defectscope.export.onnx_export import export_model
+
+    cfg = {**model_presets()["resnet_small"], "padding_mode": "reflect"}
+    model: Any = build_preset(cfg, num_classes=3, in_chans=1).eval()
+    need = model.min_input_size
+    assert need > 32  # the 32 px of the default loader are too few for reflect padding here
+    info = checkpoint_info(model.model_name, model.model_kwargs)
+    with pytest.raises(ExportError, match=rf"admits sides from 32 px .* needs at least {need} px"):
+        export_model(model, info, tmp_path / "m.onnx", parity_images=0, threshold=0.5, log=lambda _s: None)
+    assert not (tmp_path / "m.onnx").exists()

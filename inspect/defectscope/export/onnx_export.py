@@ -395,6 +395,11 @@ def export_model(
             f"{meta.class_names!r} ({link} link)"
         )
     min_side = int(getattr(model, "min_input_size", 1))
+    if meta.loader.min_size < min_side:  # the runtime would pass images the graph cannot run
+        raise ExportError(
+            f"the checkpoint's loader admits sides from {meta.loader.min_size} px but model {info['model_name']!r} "
+            f"needs at least {min_side} px (min_input_size): retrain with data.loader.min_size >= {min_side}"
+        )
     plan = plan_int8(info, images_dir, int8, log) if int8 is not None else None
     threshold_plan = plan_threshold(info, images_dir, target_recall=target_recall, by_hand=threshold, log=log)
     model = model.eval()
