@@ -224,14 +224,16 @@ def table(files: Sequence[Path]) -> str:
     """One markdown row per result: in-place figures, moved differences, shift consistency, speed."""
     rows = [
         "| run | OK/NG acc in place | Δ centre | Δ right | escapes in place | Δ centre | Δ right "
-        "| false rejects | shift top-1 | mean abs ΔP | verdict flips | images/s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| false rejects | shift top-1 | mean abs ΔP | verdict flips | 8 px: top-1 / flips | images/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for f in files:
         r = json.loads(f.read_text(encoding="utf-8"))
         base = r["scores"][r["train_region"]]
         d = r["moved_minus_in_place_pt"]
         sc = r["shift_consistency"]
+        s8 = r.get("shift_consistency_8px")
+        near = f"{100 * s8['top1_consistency']:.2f} % / {100 * s8['verdict_flip_rate']:.2f} %" if s8 else "-"
 
         def delta(region: str, key: str, deltas: dict[str, Any] = d) -> str:
             return f"{deltas[region][key]:+.2f}" if region in deltas else "-"
@@ -241,7 +243,8 @@ def table(files: Sequence[Path]) -> str:
             f"| {delta('right', 'verdict_accuracy')} | {100 * base['escape_rate']:.2f} % "
             f"| {delta('centre', 'escape_rate')} | {delta('right', 'escape_rate')} "
             f"| {100 * base['false_reject_rate']:.2f} % | {100 * sc['top1_consistency']:.2f} % "
-            f"| {sc['dp_mean']:.4f} | {100 * sc['verdict_flip_rate']:.2f} % | {r['runtime']['images_per_s']:.0f} |"
+            f"| {sc['dp_mean']:.4f} | {100 * sc['verdict_flip_rate']:.2f} % | {near} "
+            f"| {r['runtime']['images_per_s']:.0f} |"
         )
     return "\n".join(rows)
 
