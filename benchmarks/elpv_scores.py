@@ -1,5 +1,7 @@
-"""Figures beside accuracy for the ELPV benchmark (``benchmarks/elpv.py``): balanced accuracy, the
-ordinal figures of the 4 grades, and the OK/NG operating point a line would run at.
+"""The OK/NG operating point a line would run at, for the ELPV benchmark (``benchmarks/elpv.py``).
+
+Balanced accuracy and the ordinal figures come from the product (``defectscope.evaluation`` and
+``defectscope.runtime.grading``), so the benchmark and ``defectscope evaluate`` cannot disagree.
 
 Operating point: the defective cells are those with p >= 0.5 (grades p67 and p100) and their score is the
 protocol's P(defect) = P(p67) + P(p100).  For a recall target r, the threshold is the one training and
@@ -18,16 +20,6 @@ from typing import Any
 import numpy as np
 
 RECALLS = (0.95, 0.99)
-
-
-def balanced_accuracy(cm: np.ndarray) -> float | None:
-    """Mean recall over the classes that occur in the truth (rows of the confusion matrix)."""
-    cm = np.asarray(cm, dtype=np.float64)
-    support = cm.sum(axis=1)
-    present = support > 0
-    if not present.any():
-        return None
-    return float((np.diag(cm)[present] / support[present]).mean())
 
 
 def _rates(ng: np.ndarray, grades: np.ndarray) -> dict[str, float | None]:
