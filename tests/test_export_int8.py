@@ -135,29 +135,28 @@ def test_gate_rejects_a_badly_calibrated_model(trained: dict[str, Any]) -> None:
     assert len({Path(p).parent.name for p in spread}) == 4
     batches, n, _ = real_batches(spread, meta.loader, meta.mean, meta.std, len(spread))
     black = [np.full_like(b[:4], -float(meta.mean[0]) / float(meta.std[0])) for b in batches]
-    bad = quantize_qdq(fp32, black, Int8Config())
-    with pytest.raises(Int8GateError, match=f"int8 gate failed on {n} held-back images") as err:
-        check_int8(
+
+    def gate(quantized: bytes, min_agreement: float) -> dict[str, Any]:
+        """Both graphs at the fp32 model's threshold, on the same held-back batches."""
+        thresholds = (meta.threshold, meta.threshold)
+        return check_int8(
             fp32,
-            bad,
+            quantized,
             batches,
             ng_indices=meta.ng_indices,
-            thresholds=(meta.threshold, meta.threshold),
-            min_agreement=0.95,
+            thresholds=thresholds,
+            min_agreement=min_agreement,
         )
+
+    bad = quantize_qdq(fp32, black, Int8Config())
+    with pytest.raises(Int8GateError, match=f"int8 gate failed on {n} held-back images") as err:
+        gate(bad, 0.95)
     figures = err.value.numbers
     assert figures["check_images"] == n == len(spread)
     assert min(v for k, v in figures.items() if k.endswith("_agreement") and k != "min_agreement") < 0.95
     # the same model calibrated on real frames passes the same gate
     good = quantize_qdq(fp32, batches[::2], Int8Config())
-    numbers = check_int8(
-        fp32,
-        good,
-        batches,
-        ng_indices=meta.ng_indices,
-        thresholds=(meta.threshold, meta.threshold),
-        min_agreement=0.9,
-    )
+    numbers = gate(good, 0.9)
     assert numbers["top1_agreement"] >= 0.9 and numbers["max_abs_prob"] < figures["max_abs_prob"]
 
 

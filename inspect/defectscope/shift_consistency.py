@@ -120,8 +120,8 @@ def measure(
         top1=probs.argmax(axis=1),
         p_defect=defect_probability(probs, ng_indices),
         top1_copies=stacked.argmax(axis=2),
-        p_defect_copies=np.stack(
-            [defect_probability(stacked[:, k], ng_indices) for k in range(stacked.shape[1])], axis=1
+        p_defect_copies=defect_probability(stacked.reshape(-1, stacked.shape[2]), ng_indices).reshape(
+            stacked.shape[:2]
         ),
     )
 
