@@ -75,3 +75,24 @@ def test_resume_after_kill(
     assert len(history) == EPOCHS and steps == sorted(set(steps)), (steps, epochs)
     assert client.get_run(run_id).data.tags["defectscope.resumed_from"] == str(last)
     assert "test/acc" in client.get_run(run_id).data.metrics
+
+
+def test_last_checkpoint_follows_every_epoch(
+    defectscope_cmd: list[str], cli_env: dict[str, str], smoke_data_dir: Path, tmp_path: Path
+) -> None:
+    """last.ckpt is what a resume starts from, so it must be the latest epoch even when the monitored
+    metric stopped improving (Lightning alone writes it only with a new best)."""
+    run_dir = tmp_path / "run"
+    args = [
+        *defectscope_cmd, "train", "experiment=smoke", f"paths.data_dir={smoke_data_dir}", "logger=none",
+        f"hydra.run.dir={run_dir}", "model=lenet", "trainer.max_epochs=3", "trainer.enable_progress_bar=false",
+        "callbacks=minimal", "callbacks.model_checkpoint.monitor=epoch", "callbacks.model_checkpoint.mode=min",
+    ]  # fmt: skip
+    proc = subprocess.run(args, cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert best["epoch"] == 0  # "epoch", minimised: the first epoch stays the best
+    assert last["epoch"] == 2
+    (state,) = [v for k, v in last["callbacks"].items() if k.startswith("ModelCheckpoint")]
+    assert Path(state["best_model_path"]).name == "best.ckpt"

@@ -245,17 +245,21 @@ def test_a_pickled_checkpoint_is_refused_by_evaluate_export_resume_and_the_bench
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "key", ["ModelCheckpoint{'monitor': 'val/bal_acc'}", "BestAndLastCheckpoint{'monitor': 'val/bal_acc'}", "x"]
+)
 def test_resume_refuses_checkpoint_paths_outside_its_folder(
-    genuine: tuple[Path, dict[str, Any]], tmp_path: Path, cli_env: dict[str, str]
+    genuine: tuple[Path, dict[str, Any]], tmp_path: Path, cli_env: dict[str, str], key: str
 ) -> None:
-    """ModelCheckpoint deletes the files its restored state names: a checkpoint must not choose them."""
+    """ModelCheckpoint deletes the files its restored state names: a checkpoint must not choose them,
+    whatever key (a subclass's, or any name) the state is filed under."""
     victim = tmp_path / "victim.ckpt"
     victim.write_text("keep me")
     folder = str(tmp_path / "tr" / "checkpoints")
 
     def edit(c: dict[str, Any]) -> None:
         c["callbacks"] = {
-            "ModelCheckpoint{'monitor': 'val/bal_acc'}": {
+            key: {
                 "dirpath": folder,
                 "best_model_path": f"{folder}/best.ckpt",
                 "best_k_models": {f"{folder}/../../victim.ckpt": 0.1},

@@ -245,6 +245,12 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, 
     return model.eval(), info
 
 
+#: what a ModelCheckpoint (or subclass) state holds; any callback state with one of these is checked
+CHECKPOINT_STATE_KEYS = frozenset(
+    {"dirpath", "best_model_path", "kth_best_model_path", "last_model_path", "best_k_models"}
+)
+
+
 def check_resume_state(ckpt: Mapping[str, Any], source: str) -> None:
     """Lightning restores callback state on resume, and ModelCheckpoint later deletes or loads the files
     it names: each must be a ``.ckpt`` directly inside the recorded checkpoint folder, without ``..``."""
@@ -252,11 +258,11 @@ def check_resume_state(ckpt: Mapping[str, Any], source: str) -> None:
     if not isinstance(callbacks, Mapping):
         raise CheckpointError(f"{source}: 'callbacks' is a {type(callbacks).__name__}, expected a dict")
     for name, state in callbacks.items():
-        if not str(name).startswith("ModelCheckpoint"):
-            continue
         where = f"{source}: callbacks[{str(name)[:60]!r}]"
-        if not isinstance(state, Mapping):
+        if str(name).startswith("ModelCheckpoint") and not isinstance(state, Mapping):
             raise CheckpointError(f"{where} is a {type(state).__name__}, expected a dict")
+        if not isinstance(state, Mapping) or not CHECKPOINT_STATE_KEYS & set(state):
+            continue  # not a checkpoint callback's state, whatever its key says
         folder = state.get("dirpath")
         if not isinstance(folder, str) or ".." in Path(folder).parts:
             raise CheckpointError(f"{where}.dirpath: expected a folder path without '..', got {folder!r}")

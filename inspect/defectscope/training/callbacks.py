@@ -108,6 +108,34 @@ def build_callbacks(
     return out
 
 
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose last.ckpt is rewritten after every epoch, not only after an improvement.
+
+    Lightning 2.6 writes last.ckpt only in an epoch that also wrote a top-k file, so a run killed after
+    some epochs without improvement resumed from the last improvement and trained (and logged) those
+    epochs again. The state key stays ModelCheckpoint's, so checkpoints of either class resume.
+    """
+
+    @property
+    def state_key(self) -> str:
+        return ModelCheckpoint.__qualname__ + super().state_key.removeprefix(type(self).__qualname__)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_every_epoch(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_every_epoch(trainer)
+
+    def _save_last_every_epoch(self, trainer: pl.Trainer) -> None:
+        due = self._every_n_epochs >= 1 and (trainer.current_epoch + 1) % self._every_n_epochs == 0
+        if self.save_last and due and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 def checkpoint_callback(trainer: pl.Trainer) -> ModelCheckpoint:
     cb = trainer.checkpoint_callback
     if not isinstance(cb, ModelCheckpoint):
