@@ -96,31 +96,44 @@ def defect_mean_probability(results: Path, good_class: str = "good") -> float:
     return float(np.mean(probs)) if probs else float("nan")
 
 
+def onnx_shift_records(
+    model: Path, images: Sequence[Path], threads: int, protocol: ShiftProtocol | None, batch: int = 16
+) -> tuple[ShiftRecord, list[Path], float, ShiftProtocol]:
+    """The shift-consistency protocol's per-image record through ONNX Runtime (same function as training),
+    with the images in the record's order, the model's threshold and the protocol used (None: offsets up
+    to the model's total stride)."""
+    insp = Inspector(model, provider="cpu", threads=threads)
+    meta = insp.metadata
+    protocol = protocol or ShiftProtocol(max_shift=int(meta.total_stride))
+    groups: dict[tuple[int, ...], list[tuple[Path, np.ndarray]]] = {}
+    for path in images:
+        img = insp.load(path)[0]
+        groups.setdefault(img.shape, []).append((path, img))
+    records, order = [], []
+    for items in groups.values():
+        for i in range(0, len(items), batch):
+            chunk = items[i : i + batch]
+            x = insp.preprocess([img for _, img in chunk])
+            records.append(
+                shift_measure(lambda b: insp.predict(b, cam=False)["probs"], x, meta.ng_indices, protocol)
+            )
+            order += [p for p, _ in chunk]
+    return ShiftRecord.concat(records), order, insp.threshold, protocol
+
+
 def onnx_shift_consistency(
-    model: Path, images: Sequence[Path], threads: int, batch: int = 16, max_shift: int | None = None
+    model: Path, images: Sequence[Path], threads: int, max_shift: int | None = None
 ) -> dict[str, Any]:
-    """The shift-consistency protocol on an exported model through ONNX Runtime (same function as training).
+    """The protocol's figures on an exported model.
 
     ``max_shift`` defaults to the model's total stride. On small images a shift that large also moves
     defects near the border out of the frame, so the benchmark reports 8 px as well (sub-stride phases
     of the first layers, content kept).
     """
-    insp = Inspector(model, provider="cpu", threads=threads)
-    meta = insp.metadata
-    protocol = ShiftProtocol(max_shift=int(max_shift or meta.total_stride))
-    groups: dict[tuple[int, ...], list[np.ndarray]] = {}
-    for path in images:
-        img = insp.load(path)[0]
-        groups.setdefault(img.shape, []).append(img)
-    records = []
-    for imgs in groups.values():
-        for i in range(0, len(imgs), batch):
-            x = insp.preprocess(imgs[i : i + batch])
-            records.append(
-                shift_measure(lambda b: insp.predict(b, cam=False)["probs"], x, meta.ng_indices, protocol)
-            )
-    figures: dict[str, Any] = summarise(ShiftRecord.concat(records), insp.threshold)
-    figures.update(images=len(images), copies=protocol.copies, max_shift=protocol.max_shift)
+    protocol = ShiftProtocol(max_shift=max_shift) if max_shift else None
+    record, _, threshold, used = onnx_shift_records(model, images, threads, protocol)
+    figures: dict[str, Any] = summarise(record, threshold)
+    figures.update(images=len(images), copies=used.copies, max_shift=used.max_shift)
     return figures
 
 
