@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from onnx_models import build_model
 from PIL import Image
+
+from onnx_models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
