@@ -246,7 +246,8 @@ def test_a_pickled_checkpoint_is_refused_by_evaluate_export_resume_and_the_bench
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "key", ["ModelCheckpoint{'monitor': 'val/bal_acc'}", "BestAndLastCheckpoint{'monitor': 'val/bal_acc'}", "x"]
+    "key",
+    ["ModelCheckpoint{'monitor': 'val/bal_acc'}", "BestAndLastCheckpoint{'monitor': 'val/bal_acc'}", "x"],
 )
 def test_resume_refuses_checkpoint_paths_outside_its_folder(
     genuine: tuple[Path, dict[str, Any]], tmp_path: Path, cli_env: dict[str, str], key: str
