@@ -38,7 +38,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -96,12 +96,22 @@ def defect_mean_probability(results: Path, good_class: str = "good") -> float:
     return float(np.mean(probs)) if probs else float("nan")
 
 
+class ShiftRun(NamedTuple):
+    """One protocol run: the per-image record, the images in its order, and what judged them."""
+
+    record: ShiftRecord
+    paths: list[Path]
+    threshold: float
+    protocol: ShiftProtocol
+    ng_indices: list[int]
+    good_class: str
+
+
 def onnx_shift_records(
     model: Path, images: Sequence[Path], threads: int, protocol: ShiftProtocol | None, batch: int = 16
-) -> tuple[ShiftRecord, list[Path], float, ShiftProtocol]:
-    """The shift-consistency protocol's per-image record through ONNX Runtime (same function as training),
-    with the images in the record's order, the model's threshold and the protocol used (None: offsets up
-    to the model's total stride)."""
+) -> ShiftRun:
+    """The shift-consistency protocol's per-image record through ONNX Runtime (same function as training);
+    ``protocol`` None: offsets up to the model's total stride."""
     insp = Inspector(model, provider="cpu", threads=threads)
     meta = insp.metadata
     protocol = protocol or ShiftProtocol(max_shift=int(meta.total_stride))
@@ -118,7 +128,9 @@ def onnx_shift_records(
                 shift_measure(lambda b: insp.predict(b, cam=False)["probs"], x, meta.ng_indices, protocol)
             )
             order += [p for p, _ in chunk]
-    return ShiftRecord.concat(records), order, insp.threshold, protocol
+    return ShiftRun(
+        ShiftRecord.concat(records), order, insp.threshold, protocol, list(meta.ng_indices), meta.good_class
+    )
 
 
 def onnx_shift_consistency(
@@ -130,10 +142,11 @@ def onnx_shift_consistency(
     defects near the border out of the frame, so the benchmark reports 8 px as well (sub-stride phases
     of the first layers, content kept).
     """
-    protocol = ShiftProtocol(max_shift=max_shift) if max_shift else None
-    record, _, threshold, used = onnx_shift_records(model, images, threads, protocol)
-    figures: dict[str, Any] = summarise(record, threshold)
-    figures.update(images=len(images), copies=used.copies, max_shift=used.max_shift)
+    run = onnx_shift_records(
+        model, images, threads, ShiftProtocol(max_shift=int(max_shift)) if max_shift else None
+    )
+    figures: dict[str, Any] = summarise(run.record, run.threshold)
+    figures.update(images=len(images), copies=run.protocol.copies, max_shift=run.protocol.max_shift)
     return figures
 
 

@@ -20,20 +20,26 @@ import numpy as np
 
 from defectscope.runtime.decision import is_ng
 from defectscope.shift_consistency import ShiftProtocol, ShiftRecord, summarise
-from position_holdout import onnx_shift_records
+from position_holdout import ShiftRun, onnx_shift_records
 
 
-def split_figures(record: ShiftRecord, truth: np.ndarray, threshold: float) -> dict[str, Any]:
-    """The protocol's figures over all images, over good ones and over defects; type-only changes."""
+def split_figures(run: ShiftRun) -> dict[str, Any]:
+    """The protocol's figures over all images, over good ones and over defects (true class = folder),
+    plus: ``ng_to_ok``, the share of images judged NG as they are and OK in some copy (escapes a shift
+    makes); ``type_change_only``, the share whose top-1 moved only among NG classes, the verdict held."""
+    record, threshold = run.record, run.threshold
+    truth = np.array([path.parent.name for path in run.paths])
     out: dict[str, Any] = {"all": summarise(record, threshold), "n": len(truth)}
-    for name, mask in (("good", truth == "good"), ("defect", truth != "good")):
+    for name, mask in (("good", truth == run.good_class), ("defect", truth != run.good_class)):
         part = ShiftRecord(*(getattr(record, f)[mask] for f in ShiftRecord.__dataclass_fields__))
         out[name] = summarise(part, threshold)
-    changed = (record.top1_copies != record.top1[:, None]).any(axis=1)
-    flipped = (is_ng(record.p_defect_copies, threshold) != is_ng(record.p_defect, threshold)[:, None]).any(
-        axis=1
-    )
-    out["type_change_only"] = float((changed & ~flipped).mean())
+    ng, ng_copies = is_ng(record.p_defect, threshold), is_ng(record.p_defect_copies, threshold)
+    flipped = (ng_copies != ng[:, None]).any(axis=1)
+    out["ng_to_ok"] = float((ng & ~ng_copies.all(axis=1)).mean()) if len(truth) else 0.0
+    ng_class = np.isin(record.top1_copies, run.ng_indices) & np.isin(record.top1, run.ng_indices)[:, None]
+    changed = record.top1_copies != record.top1[:, None]
+    among_ng = (changed.any(axis=1) & ~(changed & ~ng_class).any(axis=1)) & ~flipped
+    out["type_change_only"] = float(among_ng.mean()) if len(truth) else 0.0
     return out
 
 
@@ -49,15 +55,19 @@ def main() -> None:
     for region in args.regions.split(","):
         images = sorted((args.workdir / f"test-{region}").rglob("*.png"))
         for shift in (int(s) for s in args.shifts.split(",")):
-            record, order, threshold, _ = onnx_shift_records(
+            if not images:
+                raise SystemExit(f"{args.workdir / f'test-{region}'}: no .png test images")
+            run = onnx_shift_records(
                 args.workdir / "model.onnx", images, args.threads, ShiftProtocol(max_shift=shift)
             )
-            truth = np.array([path.parent.name for path in order])
-            figures = split_figures(record, truth, threshold)
+            figures = split_figures(run)
             result[f"{region}@{shift}"] = figures
-            print(region, shift, {k: round(figures[k]["top1_consistency"], 4) for k in ("all", "good", "defect")},
-                  f"flips {figures['all']['verdict_flip_rate']:.4f}", f"type only {figures['type_change_only']:.4f}",
-                  flush=True)  # fmt: skip
+            top1 = {
+                k: round(figures[k].get("top1_consistency", float("nan")), 4)
+                for k in ("all", "good", "defect")
+            }
+            print(region, shift, top1, f"flips {figures['all']['verdict_flip_rate']:.4f}",
+                  f"NG->OK {figures['ng_to_ok']:.4f}", f"type only {figures['type_change_only']:.4f}", flush=True)  # fmt: skip
     out = args.out or args.workdir / "shift_split.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -77,22 +77,29 @@ def test_resume_after_kill(
     assert "test/acc" in client.get_run(run_id).data.metrics
 
 
+@pytest.mark.parametrize(("extra", "best_epoch"), [([], 0), (["trainer.check_val_every_n_epoch=2"], 1)])
 def test_last_checkpoint_follows_every_epoch(
-    defectscope_cmd: list[str], cli_env: dict[str, str], smoke_data_dir: Path, tmp_path: Path
+    defectscope_cmd: list[str],
+    cli_env: dict[str, str],
+    smoke_data_dir: Path,
+    tmp_path: Path,
+    extra: list[str],
+    best_epoch: int,
 ) -> None:
     """last.ckpt is what a resume starts from, so it must be the latest epoch even when the monitored
-    metric stopped improving (Lightning alone writes it only with a new best)."""
+    metric stopped improving (Lightning alone writes it only with a new best), also in an epoch
+    without validation."""
     run_dir = tmp_path / "run"
     args = [
         *defectscope_cmd, "train", "experiment=smoke", f"paths.data_dir={smoke_data_dir}", "logger=none",
         f"hydra.run.dir={run_dir}", "model=lenet", "trainer.max_epochs=3", "trainer.enable_progress_bar=false",
-        "callbacks=minimal", "callbacks.model_checkpoint.monitor=epoch", "callbacks.model_checkpoint.mode=min",
+        "callbacks=minimal", "callbacks.model_checkpoint.monitor=epoch", "callbacks.model_checkpoint.mode=min", *extra,
     ]  # fmt: skip
     proc = subprocess.run(args, cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     best = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert best["epoch"] == 0  # "epoch", minimised: the first epoch stays the best
+    assert best["epoch"] == best_epoch  # "epoch", minimised: the first validated epoch stays the best
     assert last["epoch"] == 2
     (state,) = [v for k, v in last["callbacks"].items() if k.startswith("ModelCheckpoint")]
     assert Path(state["best_model_path"]).name == "best.ckpt"

@@ -259,10 +259,11 @@ def check_resume_state(ckpt: Mapping[str, Any], source: str) -> None:
         raise CheckpointError(f"{source}: 'callbacks' is a {type(callbacks).__name__}, expected a dict")
     for name, state in callbacks.items():
         where = f"{source}: callbacks[{str(name)[:60]!r}]"
-        if str(name).startswith("ModelCheckpoint") and not isinstance(state, Mapping):
+        named = str(name).startswith("ModelCheckpoint")
+        if named and not isinstance(state, Mapping):
             raise CheckpointError(f"{where} is a {type(state).__name__}, expected a dict")
-        if not isinstance(state, Mapping) or not CHECKPOINT_STATE_KEYS & set(state):
-            continue  # not a checkpoint callback's state, whatever its key says
+        if not isinstance(state, Mapping) or not (named or CHECKPOINT_STATE_KEYS & set(state)):
+            continue  # not a checkpoint callback's state, by its key or by what it holds
         folder = state.get("dirpath")
         if not isinstance(folder, str) or ".." in Path(folder).parts:
             raise CheckpointError(f"{where}.dirpath: expected a folder path without '..', got {folder!r}")

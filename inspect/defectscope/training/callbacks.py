@@ -113,7 +113,9 @@ class BestAndLastCheckpoint(ModelCheckpoint):
 
     Lightning 2.6 writes last.ckpt only in an epoch that also wrote a top-k file, so a run killed after
     some epochs without improvement resumed from the last improvement and trained (and logged) those
-    epochs again. The state key stays ModelCheckpoint's, so checkpoints of either class resume.
+    epochs again. The extra save runs at the end of each training epoch (after its validation, if any,
+    so also with ``check_val_every_n_epoch`` > 1) and only for ``save_last: true``; ``"link"`` keeps
+    Lightning's behaviour. The state key stays ModelCheckpoint's, so checkpoints of either class resume.
     """
 
     @property
@@ -122,17 +124,8 @@ class BestAndLastCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._save_last_every_epoch(trainer)
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._save_last_every_epoch(trainer)
-
-    def _save_last_every_epoch(self, trainer: pl.Trainer) -> None:
         due = self._every_n_epochs >= 1 and (trainer.current_epoch + 1) % self._every_n_epochs == 0
-        if self.save_last and due and not self._should_skip_saving_checkpoint(trainer):
+        if self.save_last is True and due and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
