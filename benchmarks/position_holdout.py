@@ -108,29 +108,41 @@ class ShiftRun(NamedTuple):
 
 
 def onnx_shift_records(
-    model: Path, images: Sequence[Path], threads: int, protocol: ShiftProtocol | None, batch: int = 16
-) -> ShiftRun:
-    """The shift-consistency protocol's per-image record through ONNX Runtime (same function as training);
-    ``protocol`` None: offsets up to the model's total stride."""
+    model: Path,
+    images: Sequence[Path],
+    threads: int,
+    protocols: Sequence[ShiftProtocol | None],
+    batch: int = 16,
+) -> list[ShiftRun]:
+    """The shift-consistency protocol's per-image records through ONNX Runtime (same function as
+    training), one per protocol, from one decode of the images; None: offsets up to the total stride."""
     insp = Inspector(model, provider="cpu", threads=threads)
     meta = insp.metadata
-    protocol = protocol or ShiftProtocol(max_shift=int(meta.total_stride))
     groups: dict[tuple[int, ...], list[tuple[Path, np.ndarray]]] = {}
     for path in images:
         img = insp.load(path)[0]
         groups.setdefault(img.shape, []).append((path, img))
-    records, order = [], []
-    for items in groups.values():
-        for i in range(0, len(items), batch):
-            chunk = items[i : i + batch]
-            x = insp.preprocess([img for _, img in chunk])
-            records.append(
-                shift_measure(lambda b: insp.predict(b, cam=False)["probs"], x, meta.ng_indices, protocol)
+    chunks = [items[i : i + batch] for items in groups.values() for i in range(0, len(items), batch)]
+    inputs = [insp.preprocess([img for _, img in chunk]) for chunk in chunks]
+    order = [path for chunk in chunks for path, _ in chunk]
+    runs = []
+    for given in protocols:
+        protocol = given or ShiftProtocol(max_shift=int(meta.total_stride))
+        records = [
+            shift_measure(lambda b: insp.predict(b, cam=False)["probs"], x, meta.ng_indices, protocol)
+            for x in inputs
+        ]
+        runs.append(
+            ShiftRun(
+                ShiftRecord.concat(records),
+                order,
+                insp.threshold,
+                protocol,
+                list(meta.ng_indices),
+                meta.good_class,
             )
-            order += [p for p, _ in chunk]
-    return ShiftRun(
-        ShiftRecord.concat(records), order, insp.threshold, protocol, list(meta.ng_indices), meta.good_class
-    )
+        )
+    return runs
 
 
 def onnx_shift_consistency(
@@ -142,8 +154,8 @@ def onnx_shift_consistency(
     defects near the border out of the frame, so the benchmark reports 8 px as well (sub-stride phases
     of the first layers, content kept).
     """
-    run = onnx_shift_records(
-        model, images, threads, ShiftProtocol(max_shift=int(max_shift)) if max_shift else None
+    (run,) = onnx_shift_records(
+        model, images, threads, [ShiftProtocol(max_shift=int(max_shift)) if max_shift else None]
     )
     figures: dict[str, Any] = summarise(run.record, run.threshold)
     figures.update(images=len(images), copies=run.protocol.copies, max_shift=run.protocol.max_shift)

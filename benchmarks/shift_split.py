@@ -54,12 +54,12 @@ def main() -> None:
     result: dict[str, Any] = {}
     for region in args.regions.split(","):
         images = sorted((args.workdir / f"test-{region}").rglob("*.png"))
-        for shift in (int(s) for s in args.shifts.split(",")):
-            if not images:
-                raise SystemExit(f"{args.workdir / f'test-{region}'}: no .png test images")
-            run = onnx_shift_records(
-                args.workdir / "model.onnx", images, args.threads, ShiftProtocol(max_shift=shift)
-            )
+        if not images:
+            raise SystemExit(f"{args.workdir / f'test-{region}'}: no .png test images")
+        shifts = [int(s) for s in args.shifts.split(",")]
+        protocols = [ShiftProtocol(max_shift=shift) for shift in shifts]
+        runs = onnx_shift_records(args.workdir / "model.onnx", images, args.threads, protocols)
+        for shift, run in zip(shifts, runs, strict=True):
             figures = split_figures(run)
             result[f"{region}@{shift}"] = figures
             top1 = {
