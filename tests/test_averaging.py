@@ -79,6 +79,7 @@ def test_averaged_weights_are_validated_checkpointed_and_exported(
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ck", filename="latest")  # no monitor: every epoch
     trainer = pl.Trainer(  # a 3-epoch schedule stopped after 2, so that resuming has one epoch left
         max_epochs=3, limit_train_batches=3, limit_val_batches=2, num_sanity_val_steps=0, logger=False,
+        default_root_dir=tmp_path,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[average, recorder, ckpt_cb, StopAfter(2)],
     )  # fmt: skip
     trainer.fit(module, datamodule=dm)
@@ -118,6 +119,7 @@ def test_averaged_weights_are_validated_checkpointed_and_exported(
     )
     again = pl.Trainer(
         max_epochs=3, limit_train_batches=3, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
+        default_root_dir=tmp_path,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[resumed, seen],
     )  # fmt: skip
     again.fit(build_module(cfg, dm), datamodule=dm, ckpt_path=str(tmp_path / "ck" / "latest.ckpt"))
