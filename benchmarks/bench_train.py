@@ -144,7 +144,7 @@ def run_plain(cfg: Any) -> dict[str, Any]:
     from defectscope.models import create_model
     from defectscope.models.agc import adaptive_grad_clip, agc_parameters
     from defectscope.training.config import to_plain
-    from defectscope.training.module import build_optimizer, build_scheduler
+    from defectscope.training.optimization import build_optimizer, build_scheduler, lr_plan
     from defectscope.training.train import resolve_class_weights
 
     t_start = time.perf_counter()
@@ -159,7 +159,7 @@ def run_plain(cfg: Any) -> dict[str, Any]:
         name = spec.pop("name")
         model = create_model(name, num_classes=len(dm.class_names), in_chans=int(dm.channels), **spec)
         optim = dict(to_plain(cfg.optim))
-        optimizer = build_optimizer(optim["optimizer"], model, float(cfg.finetune.backbone_lr_scale))
+        optimizer = build_optimizer(optim["optimizer"], model, *lr_plan(to_plain(cfg.finetune)))
         loader = dm.train_dataloader()
         n_epochs = int(cfg.trainer.max_epochs)
         scheduler, interval = None, "step"

@@ -68,7 +68,7 @@ def test_model_options(option: str, compose_train: Callable[..., Any]) -> None:
 
 @pytest.mark.parametrize("option", options("optim"))
 def test_optim_options(option: str, compose_train: Callable[..., Any]) -> None:
-    from defectscope.training.module import build_optimizer
+    from defectscope.training.optimization import build_optimizer
 
     cfg = compose_train([f"optim={option}", "model=tiny"])
     model = _model(cfg)
@@ -81,7 +81,7 @@ def test_optim_options(option: str, compose_train: Callable[..., Any]) -> None:
 
 @pytest.mark.parametrize("option", options("scheduler"))
 def test_scheduler_options(option: str, compose_train: Callable[..., Any]) -> None:
-    from defectscope.training.module import build_optimizer, build_scheduler
+    from defectscope.training.optimization import build_optimizer, build_scheduler
 
     cfg = compose_train([f"scheduler={option}", "model=tiny"])
     spec: Any = OmegaConf.to_container(cfg.scheduler, resolve=True)

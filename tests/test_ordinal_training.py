@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from defectscope.training.config import TrainingConfigError
 from defectscope.training.ordinal import Objective, resolve_objective
 from defectscope.training.train import train
 
@@ -193,8 +194,14 @@ def test_mixup_trains_on_the_mixed_images_with_the_mixed_losses() -> None:
     want = lam * module.criterion(raw, y) + (1 - lam) * module.criterion(raw, y[order])
     torch.testing.assert_close(got, want)
     assert 0 < lam < 1 and not torch.equal(order, torch.arange(6))
-    with pytest.raises(ValueError, match=r"loss\.mixup must be >= 0"):
-        DefectClassifier(**common, loss={"mixup": -1.0})
+    # wrong settings stop the module before any training, as defectscope's own (one-line CLI) errors
+    bad = [({"loss": {"mixup": -1.0}}, r"loss\.mixup must be >= 0"),
+           ({"finetune": {"layer_decay": 0.0}}, r"finetune\.layer_decay must be a number in \(0, 1\]"),
+           ({"finetune": {"backbone_lr_scale": "half"}}, r"finetune\.backbone_lr_scale must be a number"),
+           ({"scheduler": {"interval": "batch"}}, r"scheduler\.interval must be 'step' or 'epoch'")]  # fmt: skip
+    for setting, message in bad:
+        with pytest.raises(TrainingConfigError, match=message):
+            DefectClassifier(**common, **setting)
 
 
 def test_evaluate_grades_with_the_checkpoints_cut_points(

@@ -1,4 +1,5 @@
-"""Fine-tuning helpers: freeze the backbone, keep frozen BatchNorm statistics fixed, LR groups.
+"""Fine-tuning helpers: freeze the backbone, keep frozen BatchNorm statistics fixed, LR groups
+(head/backbone, or layer-wise decay over the backbone's depth).
 
 "Backbone" is everything except ``model.head`` (the final nn.Linear).  BatchNorm layers update
 their running mean/var in train mode even when their affine parameters are frozen, so a frozen
@@ -66,17 +67,50 @@ def freeze_backbone(model: nn.Module, freeze: bool, bn_eval: bool = True) -> Non
                 module.train(model.training)
 
 
-def param_groups(model: nn.Module, lr: float, backbone_lr_scale: float = 1.0) -> list[dict[str, Any]]:
-    """Two optimizer groups: head at ``lr``, backbone at ``lr * backbone_lr_scale``.
+def depth_units(model: nn.Module) -> list[list[nn.Parameter]]:
+    """The backbone's parameters by depth, input side first, for layer-wise LR decay.
 
-    Frozen parameters are included too (optimizers skip params without grads), so unfreezing
-    later needs no new optimizer.
+    One unit per child of ``model.features``, a plain Sequential child split into its own children (so an
+    EfficientNet's MBConv blocks are units one by one).  Parameters outside ``features`` and the head
+    form one more unit beside the head; a model without ``features`` is a single unit.
     """
-    if lr <= 0 or backbone_lr_scale < 0:
+    features = getattr(model, "features", None)
+    units: list[list[nn.Parameter]] = []
+    if isinstance(features, nn.Module):
+        for child in features.children():
+            parts = (
+                list(child.children()) if type(child) is nn.Sequential else [child]
+            )  # not a layer that subclasses it
+            units.extend(params for part in parts if (params := list(part.parameters())))
+    placed = {id(p) for unit in units for p in unit}
+    rest = [p for p in backbone_parameters(model) if id(p) not in placed]
+    return [*units, rest] if rest else units
+
+
+def param_groups(
+    model: nn.Module, lr: float, backbone_lr_scale: float = 1.0, layer_decay: float = 1.0
+) -> list[dict[str, Any]]:
+    """Optimizer groups: the head at ``lr``, the backbone at ``lr * backbone_lr_scale``.
+
+    With ``layer_decay < 1`` the backbone is split into :func:`depth_units` and the k-th unit below
+    the head (k = 1 next to it) gets ``lr * backbone_lr_scale * layer_decay**k``: the early, generic
+    ImageNet filters move least.  Frozen parameters are included too (optimizers skip params without grads),
+    so unfreezing later needs no new optimizer.
+    """
+    if lr <= 0 or backbone_lr_scale < 0 or not 0 < layer_decay <= 1:
         raise ValueError(
-            f"lr must be > 0 and backbone_lr_scale >= 0, got lr={lr}, backbone_lr_scale={backbone_lr_scale}"
+            f"lr must be > 0, backbone_lr_scale >= 0 and layer_decay in (0, 1], got lr={lr}, "
+            f"backbone_lr_scale={backbone_lr_scale}, layer_decay={layer_decay}"
         )
-    return [
-        {"name": "head", "params": head_parameters(model), "lr": lr},
-        {"name": "backbone", "params": backbone_parameters(model), "lr": lr * backbone_lr_scale},
+    head = {"name": "head", "params": head_parameters(model), "lr": lr}
+    if layer_decay == 1.0:
+        return [
+            head,
+            {"name": "backbone", "params": backbone_parameters(model), "lr": lr * backbone_lr_scale},
+        ]
+    units = depth_units(model)
+    depth = len(units)
+    return [head] + [
+        {"name": f"backbone.{i}", "params": unit, "lr": lr * backbone_lr_scale * layer_decay ** (depth - i)}
+        for i, unit in enumerate(units)
     ]

@@ -7,13 +7,11 @@ hyper-parameters, so checkpoints load with ``torch.load(weights_only=True)`` (co
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -29,6 +27,7 @@ from ..runtime.decision import (
     ng_indices,
 )
 from ..runtime.grading import Grading, choose_cuts, expected_grade, grade_indices, ordinal_metrics
+from .config import TrainingConfigError
 from .metrics import (
     DefectScores,
     class_metrics,
@@ -37,48 +36,12 @@ from .metrics import (
     metric_key,
     operating_point,
 )
+from .optimization import build_optimizer, build_scheduler, lr_plan, scheduler_interval
 from .ordinal import ObjectiveError, ProbsAndLabels, resolve_objective
 from .shift import ShiftScores
 
 FORMAT_VERSION = 1
 MAX_VAL_PATHS = MAX_EXPORT_VAL_PATHS
-
-
-def build_optimizer(spec: Mapping[str, Any], model: torch.nn.Module, backbone_lr_scale: float) -> Any:
-    """The optimizer partial over all parameters, or over head/backbone groups when the scale != 1."""
-    cfg = dict(spec)
-    params: Any = list(model.parameters())
-    if backbone_lr_scale != 1.0:
-        from defectscope.models.finetune import param_groups
-
-        params = param_groups(model, float(cfg["lr"]), backbone_lr_scale)
-    return instantiate(cfg)(params)
-
-
-def build_scheduler(
-    spec: Mapping[str, Any], optimizer: torch.optim.Optimizer, steps: int, epochs: int
-) -> tuple[Any, str]:
-    """Instantiate a scheduler partial, filling in the horizon the config cannot know.
-
-    ``T_max`` / ``total_steps`` / ``total_iters`` (when not given) = optimizer steps of the whole
-    run for ``interval: step``, epochs for ``interval: epoch``; ``max_lr`` (one-cycle) = each
-    parameter group's own LR, so a scaled backbone LR keeps its ratio to the head.
-    """
-    cfg = dict(spec)
-    interval = str(cfg.pop("interval", "step"))
-    if interval not in ("step", "epoch"):
-        raise ValueError(f"scheduler.interval must be 'step' or 'epoch', got {interval!r}")
-    factory = instantiate(cfg)
-    horizon = steps if interval == "step" else epochs
-    accepted = inspect.signature(factory.func).parameters
-    given = factory.keywords
-    extra: dict[str, Any] = {}
-    for key in ("T_max", "total_steps", "total_iters"):
-        if key in accepted and key not in given and not (key == "total_steps" and "epochs" in given):
-            extra[key] = horizon
-    if "max_lr" in accepted and "max_lr" not in given:
-        extra["max_lr"] = [group["lr"] for group in optimizer.param_groups]
-    return factory(optimizer, **extra), interval
 
 
 class DefectClassifier(pl.LightningModule):
@@ -109,23 +72,25 @@ class DefectClassifier(pl.LightningModule):
 
         self.class_names = list(class_names)
         if len(self.class_names) != num_classes:
-            raise ValueError(f"{len(self.class_names)} class names for num_classes={num_classes}")
+            raise TrainingConfigError(f"{len(self.class_names)} class names for num_classes={num_classes}")
         if good_class not in self.class_names:
-            raise ValueError(f"good_class {good_class!r} is not one of {self.class_names}")
+            raise TrainingConfigError(f"good_class {good_class!r} is not one of {self.class_names}")
         if ordered and self.class_names[0] != good_class:
-            raise ValueError(
+            raise TrainingConfigError(
                 f"data.ordered: the classes {self.class_names} are grades best first, so the good class "
                 f"{good_class!r} must come first (set data.source.classes in grade order)"
             )
+        lr_plan(finetune)
+        scheduler_interval(scheduler)
         loss = dict(loss or {})
         self.label_smoothing = float(loss.get("label_smoothing", 0.0) or 0.0)
         self.mixup = float(loss.get("mixup", 0.0) or 0.0)
         if self.mixup < 0:
-            raise ValueError(f"loss.mixup must be >= 0 (0 = off), got {self.mixup}")
+            raise TrainingConfigError(f"loss.mixup must be >= 0 (0 = off), got {self.mixup}")
         try:
             self.objective = resolve_objective(ordinal, bool(ordered), self.label_smoothing)
         except ObjectiveError as exc:
-            raise ValueError(str(exc)) from None
+            raise TrainingConfigError(str(exc)) from None
         #: the grading rule; the cut points of ``cuts`` are chosen on validation each epoch
         cuts = tuple(k + 0.5 for k in range(num_classes - 1)) if self.objective.rule == "cuts" else ()
         self.grading = Grading(self.objective.rule, cuts)
@@ -141,7 +106,7 @@ class DefectClassifier(pl.LightningModule):
                 self.class_names, good_class, thr.get("ng_classes"), bool(ordered)
             )
         except DecisionRuleError as exc:
-            raise ValueError(f"threshold.ng_classes: {exc}") from None
+            raise TrainingConfigError(f"threshold.ng_classes: {exc}") from None
         self.ng_indices = ng_indices(self.class_names, good_class, self.ng_classes)
         weights = loss.get("class_weights")
         self.register_buffer(
@@ -336,8 +301,8 @@ class DefectClassifier(pl.LightningModule):
     # ------------------------------------------------------------------ optimisation
 
     def configure_optimizers(self) -> Any:
-        scale = float(dict(self.hparams.get("finetune") or {}).get("backbone_lr_scale", 1.0))
-        optimizer = build_optimizer(dict(self.hparams["optim"])["optimizer"], self.model, scale)
+        scale, decay = lr_plan(self.hparams.get("finetune"))
+        optimizer = build_optimizer(dict(self.hparams["optim"])["optimizer"], self.model, scale, decay)
         sched_cfg = dict(self.hparams.get("scheduler") or {})
         if "_target_" not in sched_cfg:
             return optimizer
