@@ -101,6 +101,12 @@ def test_scheduler_options(option: str, compose_train: Callable[..., Any]) -> No
     if option == "onecycle":
         lr = cfg.optim.optimizer.lr
         assert [g["max_lr"] for g in opt.param_groups] == pytest.approx([lr, lr * 0.5])
+        # a max_lr given as one number is scaled per group too (layer decay: 1 + depth groups)
+        decayed = build_optimizer(cfg.optim.optimizer, _model(cfg), 0.5, 0.5)
+        want = [4 * g["lr"] for g in decayed.param_groups]
+        build_scheduler({**spec, "max_lr": 4 * lr}, decayed, steps=40, epochs=4)
+        assert [g["max_lr"] for g in decayed.param_groups] == pytest.approx(want)
+        assert len(want) > 2 and want[0] == pytest.approx(4 * lr) and want[1] < want[-1] < want[0]
 
 
 @pytest.mark.parametrize("option", options("trainer"))

@@ -195,13 +195,20 @@ def test_mixup_trains_on_the_mixed_images_with_the_mixed_losses() -> None:
     torch.testing.assert_close(got, want)
     assert 0 < lam < 1 and not torch.equal(order, torch.arange(6))
     # wrong settings stop the module before any training, as defectscope's own (one-line CLI) errors
-    bad = [({"loss": {"mixup": -1.0}}, r"loss\.mixup must be >= 0"),
+    bad = [({"loss": {"mixup": -1.0}}, r"loss\.mixup must be a number >= 0"),
            ({"finetune": {"layer_decay": 0.0}}, r"finetune\.layer_decay must be a number in \(0, 1\]"),
            ({"finetune": {"backbone_lr_scale": "half"}}, r"finetune\.backbone_lr_scale must be a number"),
-           ({"scheduler": {"interval": "batch"}}, r"scheduler\.interval must be 'step' or 'epoch'")]  # fmt: skip
+           ({"scheduler": {"interval": "batch"}}, r"scheduler\.interval must be 'step' or 'epoch'"),
+           ({"finetune": {"backbone_lr_scale": float("nan")}}, r"finetune\.backbone_lr_scale must be"),
+           ({"finetune": {"freeze_epochs": 1.5}}, r"finetune\.freeze_epochs must be a whole number"),
+           ({"finetune": {"layer_decay": 0.8}}, r"optim\.optimizer\.lr must be given"),
+           ({"optim": {"optimizer": {"lr": 0}}}, r"optim\.optimizer\.lr must be a number > 0"),
+           ({"loss": {"label_smoothing": 1.5}}, r"loss\.label_smoothing must be a number in \[0, 1\)"),
+           ({"threshold": {"target_recall": 0}}, r"threshold\.target_recall must be a number in \(0, 1\]"),
+           ({"ordinal": {"objective": "soft", "soft_beta": "x"}}, r"ordinal\.soft_beta must be a number > 0")]  # fmt: skip
     for setting, message in bad:
         with pytest.raises(TrainingConfigError, match=message):
-            DefectClassifier(**common, **setting)
+            DefectClassifier(**{**common, **setting})
 
 
 def test_evaluate_grades_with_the_checkpoints_cut_points(

@@ -57,6 +57,16 @@ def test_resume_after_kill(
     assert client.get_run(run_id).info.status == "RUNNING"  # a SIGKILL leaves the run open
     assert done_epochs < EPOCHS
 
+    # the checkpoint restores the optimizer's LR groups: a changed finetune plan is refused up front
+    from defectscope.training.config import TrainingConfigError
+    from defectscope.training.train import read_resume
+
+    assert read_resume(str(last), killed["hyper_parameters"]["finetune"])["mlflow_run_id"] == run_id
+    with pytest.raises(
+        TrainingConfigError, match=r"finetune\.backbone_lr_scale, finetune\.layer_decay are 1, 0\.5"
+    ):
+        read_resume(str(last), {**killed["hyper_parameters"]["finetune"], "layer_decay": 0.5})
+
     resumed = subprocess.run(args, cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restoring states from the checkpoint path" in resumed.stdout + resumed.stderr

@@ -75,15 +75,19 @@ def depth_units(model: nn.Module) -> list[list[nn.Parameter]]:
     form one more unit beside the head; a model without ``features`` is a single unit.
     """
     features = getattr(model, "features", None)
+    placed = {id(p) for p in head_parameters(model)}  # a parameter shared by two modules: its first unit
     units: list[list[nn.Parameter]] = []
+
+    def take(params: Any) -> list[nn.Parameter]:
+        fresh = [p for p in params if id(p) not in placed]
+        placed.update(id(p) for p in fresh)
+        return fresh
+
     if isinstance(features, nn.Module):
         for child in features.children():
-            parts = (
-                list(child.children()) if type(child) is nn.Sequential else [child]
-            )  # not a layer that subclasses it
-            units.extend(params for part in parts if (params := list(part.parameters())))
-    placed = {id(p) for unit in units for p in unit}
-    rest = [p for p in backbone_parameters(model) if id(p) not in placed]
+            parts = list(child.children()) if type(child) is nn.Sequential else [child]  # not a subclass
+            units.extend(params for part in parts if (params := take(part.parameters())))
+    rest = take(model.parameters())
     return [*units, rest] if rest else units
 
 

@@ -7,8 +7,9 @@ entry point and the tests can use it cheaply.
 from __future__ import annotations
 
 import logging
+import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,16 @@ log = logging.getLogger(__name__)
 
 class TrainingConfigError(ValueError):
     """A training setting is wrong; the message names the config key and what was expected."""
+
+
+def config_number(
+    value: Any, key: str, expected: str, ok: Callable[[float], bool], *, whole: bool = False
+) -> float:
+    """A numeric setting, or a :class:`TrainingConfigError` naming ``key`` and what was ``expected``."""
+    valid = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not valid or (whole and float(value) != int(value)) or not ok(float(value)):
+        raise TrainingConfigError(f"{key} must be {expected}, got {value!r}")
+    return float(value)
 
 
 def to_plain(cfg: Any) -> Any:

@@ -27,7 +27,7 @@ from ..runtime.decision import (
     ng_indices,
 )
 from ..runtime.grading import Grading, choose_cuts, expected_grade, grade_indices, ordinal_metrics
-from .config import TrainingConfigError
+from .config import TrainingConfigError, config_number
 from .metrics import (
     DefectScores,
     class_metrics,
@@ -36,7 +36,7 @@ from .metrics import (
     metric_key,
     operating_point,
 )
-from .optimization import build_optimizer, build_scheduler, lr_plan, scheduler_interval
+from .optimization import build_optimizer, build_scheduler, lr_plan, optimizer_lr, scheduler_interval
 from .ordinal import ObjectiveError, ProbsAndLabels, resolve_objective
 from .shift import ShiftScores
 
@@ -80,13 +80,18 @@ class DefectClassifier(pl.LightningModule):
                 f"data.ordered: the classes {self.class_names} are grades best first, so the good class "
                 f"{good_class!r} must come first (set data.source.classes in grade order)"
             )
-        lr_plan(finetune)
+        optimizer_lr(dict(dict(optim).get("optimizer") or {}), finetune)  # checks finetune.* too
         scheduler_interval(scheduler)
         loss = dict(loss or {})
-        self.label_smoothing = float(loss.get("label_smoothing", 0.0) or 0.0)
-        self.mixup = float(loss.get("mixup", 0.0) or 0.0)
-        if self.mixup < 0:
-            raise TrainingConfigError(f"loss.mixup must be >= 0 (0 = off), got {self.mixup}")
+        self.label_smoothing = config_number(
+            loss.get("label_smoothing") or 0.0,
+            "loss.label_smoothing",
+            "a number in [0, 1)",
+            lambda x: 0 <= x < 1,
+        )
+        self.mixup = config_number(
+            loss.get("mixup") or 0.0, "loss.mixup", "a number >= 0 (0 = off)", lambda x: x >= 0
+        )
         try:
             self.objective = resolve_objective(ordinal, bool(ordered), self.label_smoothing)
         except ObjectiveError as exc:
@@ -114,9 +119,19 @@ class DefectClassifier(pl.LightningModule):
             None if weights is None else torch.tensor(weights, dtype=torch.float32),
             persistent=False,
         )
-        self.target_recall = float(thr.get("target_recall", 0.99))
-        self.warn_false_reject_rate = float(thr.get("warn_false_reject_rate", DEFAULT_WARN_FALSE_REJECT_RATE))
-        self.threshold = float(thr.get("default", 0.5))
+        self.target_recall = config_number(
+            thr.get("target_recall", 0.99),
+            "threshold.target_recall",
+            "a number in (0, 1]",
+            lambda x: 0 < x <= 1,
+        )
+        self.warn_false_reject_rate = config_number(
+            thr.get("warn_false_reject_rate", DEFAULT_WARN_FALSE_REJECT_RATE),
+            "threshold.warn_false_reject_rate", "a number in [0, 1]", lambda x: 0 <= x <= 1,
+        )  # fmt: skip
+        self.threshold = config_number(
+            thr.get("default", 0.5), "threshold.default", "a number in [0, 1]", lambda x: 0 <= x <= 1
+        )
         #: what the last validation's threshold costs (evaluation.threshold.threshold_report), or None
         self.threshold_report: dict[str, Any] | None = None
         self.data_info = dict(data_info or {})

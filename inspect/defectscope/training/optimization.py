@@ -13,18 +13,41 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 
-from .config import TrainingConfigError
+from .config import TrainingConfigError, config_number
 
 
 def lr_plan(finetune: Mapping[str, Any] | None) -> tuple[float, float]:
-    """``(finetune.backbone_lr_scale, finetune.layer_decay)``, checked before any work is done."""
+    """``(finetune.backbone_lr_scale, finetune.layer_decay)``; every ``finetune.*`` number is checked
+    when the module is built, before any work is done."""
     spec = dict(finetune or {})
-    scale, decay = spec.get("backbone_lr_scale", 1.0), spec.get("layer_decay", 1.0)
-    if not isinstance(scale, int | float) or isinstance(scale, bool) or scale < 0:
-        raise TrainingConfigError(f"finetune.backbone_lr_scale must be a number >= 0, got {scale!r}")
-    if not isinstance(decay, int | float) or isinstance(decay, bool) or not 0 < decay <= 1:
-        raise TrainingConfigError(f"finetune.layer_decay must be a number in (0, 1] (1 = off), got {decay!r}")
-    return float(scale), float(decay)
+    scale = config_number(
+        spec.get("backbone_lr_scale", 1.0), "finetune.backbone_lr_scale", "a number >= 0", lambda x: x >= 0
+    )
+    decay = config_number(
+        spec.get("layer_decay", 1.0),
+        "finetune.layer_decay",
+        "a number in (0, 1] (1 = off)",
+        lambda x: 0 < x <= 1,
+    )
+    epochs = spec.get("freeze_epochs", 0)
+    config_number(epochs, "finetune.freeze_epochs", "a whole number >= 0", lambda x: x >= 0, whole=True)
+    return scale, decay
+
+
+def grouped(scale: float, decay: float) -> bool:
+    """Whether the finetune plan splits the parameters into LR groups (else one group)."""
+    return scale != 1.0 or decay != 1.0
+
+
+def optimizer_lr(spec: Mapping[str, Any], finetune: Mapping[str, Any] | None) -> float | None:
+    """``optim.optimizer.lr``, checked; the LR groups of ``finetune.*`` are scaled from it, so they need it."""
+    if "lr" not in spec:
+        if grouped(*lr_plan(finetune)):
+            raise TrainingConfigError(
+                "optim.optimizer.lr must be given: finetune.backbone_lr_scale/layer_decay scale the LR groups from it"
+            )
+        return None
+    return config_number(spec["lr"], "optim.optimizer.lr", "a number > 0", lambda x: x > 0)
 
 
 def build_optimizer(
@@ -33,7 +56,7 @@ def build_optimizer(
     """The optimizer partial over all parameters, or over head/backbone groups (finetune.*)."""
     cfg = dict(spec)
     params: Any = list(model.parameters())
-    if backbone_lr_scale != 1.0 or layer_decay != 1.0:
+    if grouped(backbone_lr_scale, layer_decay):
         from defectscope.models.finetune import param_groups
 
         params = param_groups(model, float(cfg["lr"]), backbone_lr_scale, layer_decay)
@@ -55,7 +78,8 @@ def build_scheduler(
 
     ``T_max`` / ``total_steps`` / ``total_iters`` (when not given) = optimizer steps of the whole
     run for ``interval: step``, epochs for ``interval: epoch``; ``max_lr`` (one-cycle) = each
-    parameter group's own LR, so a scaled backbone LR keeps its ratio to the head.
+    parameter group's own LR, or a given scalar scaled by each group's share of ``optim.optimizer.lr``,
+    so the backbone and layer-decay groups keep their ratio to the head.
     """
     cfg = dict(spec)
     interval = scheduler_interval(cfg)
@@ -68,6 +92,10 @@ def build_scheduler(
     for key in ("T_max", "total_steps", "total_iters"):
         if key in accepted and key not in given and not (key == "total_steps" and "epochs" in given):
             extra[key] = horizon
+    groups = optimizer.param_groups
     if "max_lr" in accepted and "max_lr" not in given:
-        extra["max_lr"] = [group["lr"] for group in optimizer.param_groups]
+        extra["max_lr"] = [group["lr"] for group in groups]
+    elif isinstance(given.get("max_lr"), int | float) and len(groups) > 1:
+        base = float(optimizer.defaults["lr"])  # a scalar max_lr scales every group alike
+        extra["max_lr"] = [float(given["max_lr"]) * group["lr"] / base for group in groups]
     return factory(optimizer, **extra), interval

@@ -32,6 +32,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from ..models.corn import corn_log_probs
 from ..runtime.grading import RULES
+from .config import config_number
 
 
 class ObjectiveError(ValueError):
@@ -147,11 +148,10 @@ def resolve_objective(
         raise ObjectiveError(f"ordinal.rule must be auto or one of {', '.join(RULES)}, got {rule!r}")
     if rule != "argmax" and not ordered:
         raise ObjectiveError(f"ordinal.rule={rule} grades ordered classes only: set data.ordered=true")
-    beta, weight = float(cfg.get("soft_beta", 2.0)), float(cfg.get("expected_ce", 0.5))
-    if beta <= 0 or weight < 0:
-        raise ObjectiveError(
-            f"ordinal.soft_beta must be > 0 and ordinal.expected_ce >= 0, got {beta}, {weight}"
-        )
+    beta = config_number(cfg.get("soft_beta", 2.0), "ordinal.soft_beta", "a number > 0", lambda x: x > 0)
+    weight = config_number(
+        cfg.get("expected_ce", 0.5), "ordinal.expected_ce", "a number >= 0", lambda x: x >= 0
+    )
     return Objective(name, rule, ordered, beta, weight, float(label_smoothing))
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from .config import (
     torch_threads,
 )
 from .module import DefectClassifier
+from .optimization import lr_plan
 from .shift import protocol_from_config
 from .tracking import MLflowTracker
 
@@ -56,16 +57,31 @@ def hydra_choice(group: str, default: str) -> str:
     return default
 
 
-def read_resume(ckpt_path: str) -> dict[str, Any]:
+def read_resume(ckpt_path: str, finetune: Any = None) -> dict[str, Any]:
     """The checked ``defectscope`` entry of a checkpoint to resume, read by the one checkpoint reader.
 
     Lightning then loads the same file (``weights_only=True``) and restores callback state from it,
-    so the file names ModelCheckpoint will delete or load are checked here too.
+    so the file names ModelCheckpoint will delete or load are checked here too.  It also restores the
+    optimizer with its LR groups, so the ``finetune`` LR plan must be the one the run started with.
     """
     from defectscope.checkpoint import check_resume_state, read_info
 
     ckpt, info = read_info(ckpt_path)
     check_resume_state(ckpt, ckpt_path)
+    hparams = ckpt.get("hyper_parameters")
+    then = hparams.get("finetune") if isinstance(hparams, Mapping) else None
+    if isinstance(then, Mapping):
+        try:
+            before = lr_plan(then)
+        except TrainingConfigError as exc:
+            raise TrainingConfigError(f"{ckpt_path}: hyper_parameters: {exc}") from None
+        now = lr_plan(to_plain(finetune))
+        if now != before:
+            raise TrainingConfigError(
+                f"finetune.backbone_lr_scale, finetune.layer_decay are {now[0]:g}, {now[1]:g} but {ckpt_path} "
+                f"was trained with {before[0]:g}, {before[1]:g}: a resumed run keeps its optimizer's LR "
+                "groups; resume with the checkpoint's values or start a new run"
+            )
     return info
 
 
@@ -120,8 +136,8 @@ def build_module(cfg: DictConfig, dm: Any) -> DefectClassifier:
         scheduler=to_plain(cfg.get("scheduler")) or None,
         loss={
             "class_weights": resolve_class_weights(cfg.loss.get("class_weights"), dm),
-            "label_smoothing": float(cfg.loss.get("label_smoothing", 0.0)),
-            "mixup": float(cfg.loss.get("mixup", 0.0) or 0.0),
+            "label_smoothing": cfg.loss.get("label_smoothing"),  # checked by the module
+            "mixup": cfg.loss.get("mixup"),
         },
         finetune=to_plain(cfg.get("finetune")) or {},
         threshold=to_plain(cfg.get("threshold")) or {},
@@ -228,7 +244,7 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     out_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.ckpt_dir)
-    resume = read_resume(ckpt_path) if ckpt_path else {}
+    resume = read_resume(ckpt_path, cfg.get("finetune")) if ckpt_path else {}
 
     tracker = build_tracker(cfg)
     if tracker is not None:
