@@ -1,7 +1,7 @@
 """The shipped threshold is earned by the shipped graph (issue 15, part 2), through the real CLI.
 
 Each exported file's threshold is recomputed here independently: ONNX Runtime on the written file,
-the runtime loader on the labelled images, the k-th largest defect score for the recall target.
+the runtime loader on the labelled images, mid-gap below the k-th largest defect score for the recall target.
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ def _independent_threshold(
         scores.append(float(sum(probs[i] for i in meta.ng_indices)))
     s, d = np.array(scores), np.array(defect)
     k = math.ceil(recall * d.sum() - 1e-9)
-    t = float(np.sort(s[d])[::-1][k - 1])
+    top = float(np.sort(s[d])[::-1][k - 1])  # the k-th best defect score, then mid-gap below it
+    below = s[~d][s[~d] < top]
+    t = (top + float(below.max())) / 2 if below.size else top
     return t, float((s[~d] >= t).mean())
 
 

@@ -147,20 +147,25 @@ def test_instance_norm_refuses_a_min_size_that_leaves_a_1x1_map(
         train(cfg)
 
 
-def test_choose_threshold_is_the_largest_reaching_the_target() -> None:
+def test_choose_threshold_sits_mid_gap_below_the_kth_defect() -> None:
     scores = torch.tensor([0.95, 0.9, 0.8, 0.7, 0.3, 0.6, 0.2, 0.75])
     defect = torch.tensor([1, 1, 1, 1, 1, 0, 0, 0])
-    t = choose_threshold(scores, defect, 0.8)  # 4 of 5 defects must be caught
-    assert t is not None and t == pytest.approx(0.7)
-    assert operating_point(scores, defect, t)["escape_rate"] == pytest.approx(0.2)
-    assert operating_point(scores, defect, t)["false_reject_rate"] == pytest.approx(1 / 3)
-    above = float(torch.nextafter(torch.tensor(t), torch.tensor(1.0)))
-    assert operating_point(scores, defect, above)["escape_rate"] > 0.2  # any larger t misses the target
-    assert choose_threshold(scores, defect, 1.0) == pytest.approx(0.3)
+    t = choose_threshold(scores, defect, 0.8)  # 4 of 5 defects must be caught: the 4th best scores 0.7
+    assert t is not None and t == pytest.approx((0.7 + 0.6) / 2)  # the best good image below 0.7: 0.6
+    point = operating_point(scores, defect, t)
+    assert point["escape_rate"] == pytest.approx(0.2) and point["false_reject_rate"] == pytest.approx(1 / 3)
+    assert operating_point(scores, defect, 0.7)["false_reject_rate"] == point["false_reject_rate"]
+    above = float(torch.nextafter(torch.tensor(0.7), torch.tensor(1.0)))
+    assert operating_point(scores, defect, above)["escape_rate"] > 0.2  # above the 4th defect: too few
+    # the gap below the 5th defect (0.3) reaches down to the good 0.2
+    assert choose_threshold(scores, defect, 1.0) == pytest.approx(0.25)
+    # no good image below: the k-th defect score itself (99 of 100, not 100)
     many = torch.linspace(0.01, 1.0, 100)
-    assert choose_threshold(many, torch.ones(100), 0.99) == pytest.approx(
-        float(many[1])
-    )  # 99 of 100, not 100
+    assert choose_threshold(many, torch.ones(100), 0.99) == pytest.approx(float(many[1]))
+    # a defect inside the gap is caught too: recall can only rise
+    gap, gap_defect = torch.tensor([0.9, 0.5, 0.1, 0.05]), torch.tensor([1, 1, 0, 0])
+    t_gap = choose_threshold(gap, gap_defect, 0.5)
+    assert t_gap == pytest.approx(0.5) and operating_point(gap, gap_defect, t_gap)["escape_rate"] == 0.0
     assert choose_threshold(scores, torch.zeros(8), 0.9) is None
     with pytest.raises(ValueError, match="target_recall"):
         choose_threshold(scores, defect, 0.0)
@@ -170,8 +175,8 @@ def test_choose_threshold_is_the_largest_reaching_the_target() -> None:
 def test_threshold_is_chosen_on_validation_and_saved(
     compose_train: Callable[..., Any], smoke_data_dir: Path, tmp_path: Path
 ) -> None:
-    """Recompute P(defect) on the whole val split with the saved weights: the stored threshold is
-    the largest one reaching threshold.target_recall, and the test used it."""
+    """Recompute P(defect) on the whole val split with the saved weights: the stored threshold is the
+    one threshold rule's on those scores (reaching threshold.target_recall), and the test used it."""
     from defectscope.checkpoint import load_checkpoint
 
     cfg = smoke_cfg(

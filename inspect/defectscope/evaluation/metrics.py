@@ -22,19 +22,30 @@ TRADEOFF_RECALLS = (0.80, 0.90, 0.95, 0.98, 0.99, 0.995, 1.0)
 
 
 def choose_threshold(scores: np.ndarray, is_defect: np.ndarray, target_recall: float) -> float | None:
-    """Largest threshold t with recall(P(defect) >= t) >= ``target_recall`` on the defect images.
+    """The OK/NG threshold for a recall target: mid-gap below the k-th best defect score.
 
-    With n defect images, k = ceil(target_recall * n) of them must score >= t, so t is the k-th
-    largest defect score (any larger t catches fewer).  None when there are no defect images.
+    With n defect images, k = ceil(target_recall * n) of them must score >= t, so the k-th largest
+    defect score is the largest threshold that meets the target.  Taking it as it is leaves no margin
+    (the next defect a shade lower escapes), so the threshold moves down to the middle of the gap
+    between it and the best-scored good image below it: the same good images are rejected, recall can
+    only rise, and both sides keep half the gap.  None when there are no defect images.
     """
     if not 0.0 < target_recall <= 1.0:
         raise ValueError(f"threshold.target_recall must be in (0, 1], got {target_recall}")
-    defect = np.sort(np.asarray(scores, dtype=np.float64)[np.asarray(is_defect, dtype=bool)])[::-1]
+    values = np.asarray(scores, dtype=np.float64)
+    defect_mask = np.asarray(is_defect, dtype=bool)
+    defect = np.sort(values[defect_mask])[::-1]
     n = int(defect.size)
     if n == 0:
         return None
     k = min(n, max(1, math.ceil(target_recall * n - 1e-9)))
-    return float(defect[k - 1])
+    top = float(defect[k - 1])
+    good = values[~defect_mask]
+    below = good[good < top]
+    if below.size == 0:
+        return top
+    middle = (top + float(below.max())) / 2.0
+    return middle if below.max() < middle < top else top
 
 
 def operating_point(scores: np.ndarray, is_defect: np.ndarray, threshold: float) -> dict[str, Any]:
