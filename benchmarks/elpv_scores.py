@@ -5,7 +5,8 @@ Balanced accuracy and the ordinal figures come from the product (``defectscope.e
 
 Operating point: the defective cells are those with p >= 0.5 (grades p67 and p100) and their score is the
 protocol's P(defect) = P(p67) + P(p100).  For a recall target r, the threshold is the one training and
-export choose (the largest that catches a share r of the defective cells; ``choose_threshold``), here
+export choose (``choose_threshold``: mid-gap below the score of the defective cell that makes the share
+r, so recall may end above r at the same false-reject rate), here
 chosen on the test cells themselves, so the figure says what the model's ranking allows, not what a
 threshold picked in advance delivers.  The false-reject rate is reported on the functional p0 cells (the
 issue's figure) and on all cells below 0.5 (p0 and p33).  The shipped threshold, with the model's own NG

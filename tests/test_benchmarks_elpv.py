@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from collections import Counter
@@ -314,9 +315,10 @@ def test_grading_rule_ordinal_figures_and_operating_point(bench: ModuleType, tmp
         point = result["metrics"]["overall"]["operating_point"][key]
         flagged = scores >= point["threshold"]
         assert flagged[defective].mean() >= target  # the threshold reaches the recall ...
-        assert (
-            not (scores[defective] > point["threshold"]).mean() >= target
-        )  # ... and is the largest that does
+        kth = np.sort(scores[defective])[::-1][math.ceil(target * defective.sum() - 1e-9) - 1]
+        assert not (scores[defective] > kth).mean() >= target  # ... the k-th defect score decides it
+        below = scores[~defective][scores[~defective] < kth]
+        assert point["threshold"] == pytest.approx((kth + below.max()) / 2 if below.size else kth)  # mid-gap
         p0 = np.array([r["grade"] == "p0" for r in rows])
         assert point["false_reject_rate_p0"] == pytest.approx(flagged[p0].mean())
         assert point["false_reject_rate_functional"] == pytest.approx(flagged[~defective].mean())

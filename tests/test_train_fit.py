@@ -8,11 +8,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
 
 from conftest import CONF
+from defectscope.evaluation.metrics import choose_threshold as shared_choose_threshold
 from defectscope.runtime.decision import defect_probability, is_defect_label, ng_indices
 from defectscope.training.config import TrainingConfigError
 from defectscope.training.metrics import choose_threshold, operating_point
@@ -163,9 +165,13 @@ def test_choose_threshold_sits_mid_gap_below_the_kth_defect() -> None:
     many = torch.linspace(0.01, 1.0, 100)
     assert choose_threshold(many, torch.ones(100), 0.99) == pytest.approx(float(many[1]))
     # a defect inside the gap is caught too: recall can only rise
-    gap, gap_defect = torch.tensor([0.9, 0.5, 0.1, 0.05]), torch.tensor([1, 1, 0, 0])
-    t_gap = choose_threshold(gap, gap_defect, 0.5)
+    gap, gap_defect = torch.tensor([0.9, 0.6, 0.1, 0.05]), torch.tensor([1, 1, 0, 0])
+    t_gap = choose_threshold(gap, gap_defect, 0.5)  # 1 of 2 must be caught: 0.9 decides, 0.6 is caught too
     assert t_gap == pytest.approx(0.5) and operating_point(gap, gap_defect, t_gap)["escape_rate"] == 0.0
+    # a gap of one float32 step has no middle a float32 score can tell apart: the defect's score stays
+    good32 = np.float32(0.6)
+    tight = np.array([np.nextafter(good32, np.float32(1)), good32], dtype=np.float32)
+    assert shared_choose_threshold(tight, np.array([True, False]), 1.0) == float(tight[0])
     assert choose_threshold(scores, torch.zeros(8), 0.9) is None
     with pytest.raises(ValueError, match="target_recall"):
         choose_threshold(scores, defect, 0.0)

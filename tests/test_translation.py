@@ -191,9 +191,11 @@ def test_trained_anti_aliased_model_passes_the_int8_and_flip_gates(
     proc = subprocess.run(
         [sys.executable, "-m", "defectscope", "train", "experiment=smoke", f"paths.data_dir={smoke_data_dir}",
          f"hydra.run.dir={tmp_path / 'run'}", "logger=none", "model.blur=2", "model.padding_mode=reflect",
-         "trainer.max_epochs=2", "shift_consistency.copies=2"],
+         "trainer.max_epochs=4", "shift_consistency.copies=2"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
+    # 4 epochs, not 2: after 2 the classes were near ties, and on an AMD EPYC VM int8 rounding moved
+    # 2 of the 10 gate images' top-1 (agreement 0.8 < 0.95), so the gate rightly refused the file
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "shift (test):" in proc.stdout
     ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"

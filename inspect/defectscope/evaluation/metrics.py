@@ -44,8 +44,11 @@ def choose_threshold(scores: np.ndarray, is_defect: np.ndarray, target_recall: f
     below = good[good < top]
     if below.size == 0:
         return top
-    middle = (top + float(below.max())) / 2.0
-    return middle if below.max() < middle < top else top
+    best_good = float(below.max())
+    middle = (top + best_good) / 2.0
+    # strictly inside the gap, also once rounded to float32 (the scores of ONNX graphs and plots)
+    inside = best_good < middle < top and np.float32(best_good) < np.float32(middle) < np.float32(top)
+    return middle if inside else top
 
 
 def operating_point(scores: np.ndarray, is_defect: np.ndarray, threshold: float) -> dict[str, Any]:
