@@ -202,6 +202,7 @@ def test_mixup_trains_on_the_mixed_images_with_the_mixed_losses() -> None:
            ({"finetune": {"backbone_lr_scale": float("nan")}}, r"finetune\.backbone_lr_scale must be"),
            ({"finetune": {"freeze_epochs": 1.5}}, r"finetune\.freeze_epochs must be a whole number"),
            ({"finetune": {"layer_decay": 0.8}}, r"optim\.optimizer\.lr must be given"),
+           ({"optim": {"optimizer": {"lr": 0.1}}, "finetune": {"layer_decay": 2}}, r"finetune\.layer_decay must be"),
            ({"optim": {"optimizer": {"lr": 0}}}, r"optim\.optimizer\.lr must be a number > 0"),
            ({"loss": {"label_smoothing": 1.5}}, r"loss\.label_smoothing must be a number in \[0, 1\)"),
            ({"threshold": {"target_recall": 0}}, r"threshold\.target_recall must be a number in \(0, 1\]"),

@@ -40,9 +40,11 @@ def grouped(scale: float, decay: float) -> bool:
 
 
 def optimizer_lr(spec: Mapping[str, Any], finetune: Mapping[str, Any] | None) -> float | None:
-    """``optim.optimizer.lr``, checked; the LR groups of ``finetune.*`` are scaled from it, so they need it."""
+    """``optim.optimizer.lr``, checked with every ``finetune.*`` number; the LR groups of a finetune plan
+    are scaled from it, so they need it."""
+    plan = lr_plan(finetune)
     if "lr" not in spec:
-        if grouped(*lr_plan(finetune)):
+        if grouped(*plan):
             raise TrainingConfigError(
                 "optim.optimizer.lr must be given: finetune.backbone_lr_scale/layer_decay scale the LR groups from it"
             )
