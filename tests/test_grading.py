@@ -60,23 +60,49 @@ def _probs_with_expected_grade(e: np.ndarray, k: int) -> np.ndarray:
     return p
 
 
-def test_chosen_cut_points_grade_the_most_images_right() -> None:
+def _score(graded: np.ndarray, y: np.ndarray, cuts_for: str) -> float:
+    """Images right, or the sum over the grades present of their recall (balanced accuracy x grades)."""
+    if cuts_for == "accuracy":
+        return float((graded == y).sum())
+    return sum(float((graded[y == g] == g).mean()) for g in np.unique(y))
+
+
+@pytest.mark.parametrize("cuts_for", ["accuracy", "balanced"])
+def test_chosen_cut_points_are_the_best_placement(cuts_for: str) -> None:
     rng = np.random.default_rng(0)
     for trial in range(60):
         n, k = int(rng.integers(1, 14)), int(rng.integers(2, 5))
         y = rng.integers(0, k, n) if trial % 4 else np.full(n, rng.integers(0, k))
         e = np.round(np.clip(y + rng.normal(0, 0.8, n), 0, k - 1), 1)
         probs = _probs_with_expected_grade(e, k)
-        cuts = choose_cuts(e, y, k)
-        Grading.from_doc(Grading("cuts", cuts).to_doc(), k)  # what training finds, metadata accepts
-        right = int((grade_indices(probs, Grading("cuts", cuts)) == y).sum())
+        cuts = choose_cuts(e, y, k, cuts_for)
+        doc = Grading("cuts", cuts, cuts_for).to_doc()
+        assert Grading.from_doc(doc, k) == Grading(
+            "cuts", cuts, cuts_for
+        )  # training's cuts, metadata accepts
+        got = _score(grade_indices(probs, Grading("cuts", cuts)), y, cuts_for)
         # every placement of k - 1 cuts among the values that matter (brute force)
         values = sorted({-0.5, k - 0.5, *e.tolist(), *(e + 1e-9).tolist()})
         best = max(
-            int((grade_indices(probs, Grading("cuts", c)) == y).sum())
+            _score(grade_indices(probs, Grading("cuts", c)), y, cuts_for)
             for c in itertools.combinations_with_replacement(values, k - 1)
         )
-        assert right == best, (e, y, cuts)
+        assert got == pytest.approx(best), (e, y, cuts)
+
+
+def test_balanced_cut_points_give_a_rare_grade_its_range() -> None:
+    # 18 images in order of E; the two grade-1 images sit among others: any range for grade 1 costs at
+    # least as many images as it wins, so the most images right (16) never grades 1.  Weighted by grade
+    # (8 : 2 : 8 images), the range over positions 6 .. 11 wins 2 x 1/2 for 4 x 1/8: balanced takes it.
+    y = np.array([0] * 6 + [1, 0, 0, 2, 2, 1] + [2] * 6)
+    e = np.arange(18) / 10
+    probs = _probs_with_expected_grade(e, 3)
+    for_accuracy = grade_indices(probs, Grading("cuts", choose_cuts(e, y, 3)))
+    for_balance = grade_indices(probs, Grading("cuts", choose_cuts(e, y, 3, "balanced")))
+    assert for_accuracy.tolist() == [0] * 9 + [2] * 9
+    assert for_balance.tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    with pytest.raises(GradingError, match="cuts_for must be one of accuracy, balanced"):
+        choose_cuts(e, y, 3, "f1")
 
 
 @pytest.mark.parametrize(
@@ -89,6 +115,7 @@ def test_chosen_cut_points_grade_the_most_images_right() -> None:
         ({"rule": "cuts", "cuts": [0.5, 1.5, float("nan")]}, "finite numbers"),
         ({"rule": "argmax", "cuts": [0.5, 1.5, 2.5]}, "needs 0 value(s)"),
         ({"rule": "argmax", "code": "import os"}, "unknown key(s) ['code']"),
+        ({"rule": "cuts", "cuts": [0.5, 1.5, 2.5], "cuts_for": "f1"}, "grading.cuts_for must be one of"),
         ([1, 2], "grading must be an object"),
     ],
 )

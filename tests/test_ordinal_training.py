@@ -66,7 +66,10 @@ def trained(
     runs = {}
     for objective in ("soft", "expected", "corn"):
         out = tmp_path_factory.mktemp(objective)
-        metrics = train(ordered_cfg(compose_train, ordered_dir, out, f"ordinal.objective={objective}"))
+        extra = ["ordinal.cuts_for=balanced"] if objective == "expected" else []  # the default is accuracy
+        metrics = train(
+            ordered_cfg(compose_train, ordered_dir, out, f"ordinal.objective={objective}", *extra)
+        )
         runs[objective] = (out / "checkpoints" / "best.ckpt", metrics)
     return runs
 
@@ -84,8 +87,11 @@ def test_each_ordinal_objective_learns_the_grades(
     assert info["grading"]["objective"] == objective and info["grading"]["rule"] == rule
     assert info["grading"]["ordered"] is True and info["ng_classes"] == ["g2", "g3"]
     assert info["model_kwargs"]["num_classes"] == (3 if objective == "corn" else 4)
-    if objective == "expected":  # chosen on validation, not the initial 0.5 / 1.5 / 2.5
+    if (
+        objective == "expected"
+    ):  # chosen on validation (for balanced accuracy), not the initial 0.5 / 1.5 / 2.5
         assert len(info["grading"]["cuts"]) == 3 and info["grading"]["cuts"] != [0.5, 1.5, 2.5]
+        assert info["grading"]["cuts_for"] == "balanced"
 
 
 def _rule_by_hand(probs: dict[str, float], grading: dict[str, Any]) -> str:
@@ -118,6 +124,7 @@ def test_export_keeps_parity_and_the_runtime_grades_by_the_rule(
     result = export_model(model, info, tmp_path / "m.onnx", log=lambda _: None)
     meta = result.metadata
     assert meta.grading["rule"] == ("cuts" if objective == "expected" else "median")
+    assert meta.grading.get("cuts_for") == ("balanced" if objective == "expected" else None)
     assert result.parity["max_abs_prob_fused"] <= 1e-4 and result.parity["max_rel_cam_unfused"] <= 1e-4
     assert meta.ng_classes == ["g2", "g3"] and meta.class_names == GRADES
 
@@ -137,6 +144,31 @@ def test_export_keeps_parity_and_the_runtime_grades_by_the_rule(
     assert np.mean([r["top_class"] == t for r, t in zip(rows, truth)]) >= 0.5
 
 
+def test_export_chooses_the_cut_points_for_what_it_is_told(
+    trained: dict[str, tuple[Path, dict[str, float]]], tmp_path: Path
+) -> None:
+    """``export --cuts-for`` re-chooses the cuts on the graph for that objective; other rules refuse it."""
+    import onnxruntime as ort
+
+    from defectscope.checkpoint import load_checkpoint
+    from defectscope.export.grading import labelled_batches
+    from defectscope.export.onnx_export import ExportError, export_model
+    from defectscope.runtime.grading import choose_cuts, expected_grade
+
+    model, info = load_checkpoint(trained["expected"][0])
+    result = export_model(model, info, tmp_path / "m.onnx", cuts_for="accuracy", log=lambda _: None)
+    meta = result.metadata
+    batches, targets, n = labelled_batches(info, meta)
+    session = ort.InferenceSession(result.model_bytes, providers=["CPUExecutionProvider"])
+    e = np.concatenate([expected_grade(session.run(["probs"], {"input": x})[0]) for x in batches])
+    assert n >= 20 and meta.grading["cuts_for"] == "accuracy"
+    assert meta.grading["cuts"] == pytest.approx(list(choose_cuts(e, np.concatenate(targets), 4)))
+    model, info = load_checkpoint(trained["corn"][0])
+    with pytest.raises(ExportError, match=r"--cuts-for applies to models graded by cut points .* 'median'"):
+        export_model(model, info, tmp_path / "c.onnx", cuts_for="balanced", log=lambda _: None)
+    assert not (tmp_path / "c.onnx").exists()
+
+
 def test_objectives_need_ordered_grades_and_name_the_key() -> None:
     with pytest.raises(
         ValueError, match=r"ordinal\.objective=corn needs ordered grades: set data.ordered=true"
@@ -150,6 +182,8 @@ def test_objectives_need_ordered_grades_and_name_the_key() -> None:
         resolve_objective({"objective": "ordinal"}, ordered=True)
     assert resolve_objective({}, ordered=False).name == "ce"
     assert resolve_objective({"objective": "expected", "rule": "median"}, ordered=True).rule == "median"
+    with pytest.raises(ValueError, match=r"ordinal\.cuts_for must be one of accuracy, balanced, got 'f1'"):
+        resolve_objective({"objective": "expected", "cuts_for": "f1"}, ordered=True)
 
 
 def test_losses_on_hand_examples() -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from defectscope.runtime.files import checkpoint_file_problem
+from defectscope.runtime.grading import CUTS_FOR
 from defectscope.runtime.metadata import TTA_NAMES
 
 from .onnx_export import MIN_OPSET
@@ -148,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint's threshold.target_recall)",
     )
     p.add_argument(
+        "--cuts-for",
+        choices=CUTS_FOR,
+        help="ordered grades with cut points (ordinal.rule=cuts): choose them on the exported graph for "
+        "accuracy or for balanced accuracy (default: the checkpoint's ordinal.cuts_for)",
+    )
+    p.add_argument(
         "--mlflow", action="store_true", help="log and register the model in the checkpoint's MLflow run"
     )
     p.add_argument(
@@ -253,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             int8=int8,
             tta=args.tta,
             target_recall=args.target_recall,
+            cuts_for=args.cuts_for,
         )
     except (CheckpointError, ExportError) as exc:
         return _fail(2, str(exc))

@@ -16,7 +16,14 @@ from typing import Any
 import numpy as np
 
 from defectscope.models.corn import LINKS
-from defectscope.runtime.grading import Grading, GradingError, choose_cuts, expected_grade
+from defectscope.runtime.grading import (
+    CUTS_FOR,
+    GRADING_KEYS,
+    Grading,
+    GradingError,
+    choose_cuts,
+    expected_grade,
+)
 from defectscope.runtime.image import ImageLoadError, load_image, normalize_batch
 from defectscope.runtime.metadata import ModelMetadata
 
@@ -28,10 +35,18 @@ class GradingExportError(ValueError):
     """The checkpoint's grading entry cannot be used (unknown link, bad rule or cut points)."""
 
 
-def checkpoint_grading(info: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The link to rebuild the class model with, and the metadata's ``grading`` ({} = unordered)."""
+def checkpoint_grading(info: dict[str, Any], cuts_for: str | None = None) -> tuple[str, dict[str, Any]]:
+    """The link to rebuild the class model with, and the metadata's ``grading`` ({} = unordered).
+
+    ``cuts_for`` (``export --cuts-for``) replaces what the cut points are chosen for on the graph; only a
+    model graded by cut points has any.
+    """
     entry = info.get("grading")
     if not entry:
+        if cuts_for is not None:
+            raise GradingExportError(
+                "--cuts-for applies to ordered grades; this checkpoint's classes are unordered"
+            )
         return "softmax", {}
     if not isinstance(entry, dict):
         raise GradingExportError(f"checkpoint 'grading' entry must be an object, got {type(entry).__name__}")
@@ -42,11 +57,20 @@ def checkpoint_grading(info: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         )
     if not entry.get("ordered"):
         return str(link), {}
-    doc = {k: entry[k] for k in ("rule", "cuts") if k in entry}
+    doc = {k: entry[k] for k in GRADING_KEYS if k in entry}
     try:
         grading = Grading.from_doc(doc, len(info["class_names"]), "checkpoint grading")
     except GradingError as exc:
         raise GradingExportError(str(exc)) from None
+    if cuts_for is not None:
+        if grading.rule != "cuts":
+            raise GradingExportError(
+                f"--cuts-for applies to models graded by cut points (ordinal.rule=cuts); this checkpoint's "
+                f"rule is {grading.rule!r}"
+            )
+        if cuts_for not in CUTS_FOR:
+            raise GradingExportError(f"--cuts-for must be one of {', '.join(CUTS_FOR)}, got {cuts_for!r}")
+        grading = Grading("cuts", grading.cuts, cuts_for)
     return str(link), grading.to_doc()
 
 
@@ -78,6 +102,7 @@ def earn_cuts(
     """The ``grading`` to ship: for ``cuts``, the cut points chosen on the graph's own expected grades."""
     if meta.grading.get("rule") != "cuts":
         return dict(meta.grading)
+    cuts_for = str(meta.grading.get("cuts_for") or CUTS_FOR[0])
     batches, targets, n = labelled_batches(info, meta)
     if n < MIN_CUT_IMAGES:
         log(
@@ -92,8 +117,9 @@ def earn_cuts(
         for x in batches
         for i in range(0, len(x), 16)
     ]
-    cuts = choose_cuts(np.concatenate(expected), np.concatenate(targets), len(meta.class_names))
+    cuts = choose_cuts(np.concatenate(expected), np.concatenate(targets), len(meta.class_names), cuts_for)
     log(
-        f"grading: cut points {', '.join(f'{c:.3f}' for c in cuts)} chosen on {n} validation images (this graph)"
+        f"grading: cut points {', '.join(f'{c:.3f}' for c in cuts)} chosen for {cuts_for} on {n} validation "
+        "images (this graph)"
     )
-    return Grading("cuts", cuts).to_doc()
+    return Grading("cuts", cuts, cuts_for).to_doc()

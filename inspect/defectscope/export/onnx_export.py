@@ -87,11 +87,12 @@ def build_metadata(
     checkpoint_sha256: str | None = None,
     parity: dict[str, Any] | None = None,
     tta: str = "none",
+    cuts_for: str | None = None,
 ) -> ModelMetadata:
     """The runner's view of the model, from the checkpoint info and the model's attributes."""
     cfg = loader_config(info)
     try:
-        _, grading = checkpoint_grading(info)
+        _, grading = checkpoint_grading(info, cuts_for)
         return ModelMetadata(
             class_names=list(info["class_names"]),
             good_class=str(info["good_class"]),
@@ -353,6 +354,7 @@ def export_model(
     int8: Int8Config | None = None,
     tta: str = "none",
     target_recall: float | None = None,
+    cuts_for: str | None = None,
     tamper: Callable[[onnx.ModelProto], None] | None = None,
     log: Callable[[str], None] = print,
 ) -> ExportResult:
@@ -364,7 +366,8 @@ def export_model(
     parity gate then compares against the same flips in PyTorch.
     ``threshold``: set by hand; otherwise it is chosen again on the written graph for ``target_recall``
     (default: the checkpoint's) on labelled images (:mod:`.threshold`, whose errors are
-    :class:`~.threshold.ThresholdError`).
+    :class:`~.threshold.ThresholdError`).  ``cuts_for``: what a ``cuts`` grading rule's cut points are
+    chosen for on the graph (default: the checkpoint's).
     ``tamper`` is a fault-injection hook for tests: it may alter the graph after export and before
     the parity gate, which must then catch it.
     """
@@ -377,7 +380,14 @@ def export_model(
     if fp16 and int8 is not None:
         raise ExportError("--fp16 and --int8 exclude each other: fp16 is for GPUs, int8 for CPUs")
     meta = build_metadata(
-        info, model, cam=cam, fp16=fp16, threshold=threshold, checkpoint_sha256=checkpoint_sha256, tta=tta
+        info,
+        model,
+        cam=cam,
+        fp16=fp16,
+        threshold=threshold,
+        checkpoint_sha256=checkpoint_sha256,
+        tta=tta,
+        cuts_for=cuts_for,
     )
     in_chans = getattr(model, "in_chans", meta.channels)
     if in_chans != meta.channels:

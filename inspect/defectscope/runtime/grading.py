@@ -7,7 +7,10 @@ first) still outputs one probability per class; what the grade is then follows o
 * ``median``: the smallest grade whose cumulative probability reaches 0.5 (the natural rank of a
   cumulative/CORN model; never skips over a mass of probability on either side);
 * ``cuts``: the expected grade ``E = sum_k k * p_k`` (0 .. K-1) placed between ``K - 1`` increasing cut
-  points chosen on validation images (:func:`choose_cuts`): grade = number of cuts <= E.
+  points chosen on validation images (:func:`choose_cuts`): grade = number of cuts <= E.  ``cuts_for``
+  says what they were chosen for: ``accuracy`` (the most images right) or ``balanced`` (the highest mean
+  recall over the grades; accuracy-chosen cuts can give a rare grade an empty range, and then it is never
+  predicted: ELPV's p33 and p67, docs/benchmarks.md).
 
 The rule and its cut points travel in the exported model's metadata (``grading``) and the line runtime
 applies them; training, export and the benchmark call the same functions.  numpy only: the runtime
@@ -25,7 +28,9 @@ from typing import Any
 import numpy as np
 
 RULES = ("argmax", "median", "cuts")
-GRADING_KEYS = ("rule", "cuts")
+GRADING_KEYS = ("rule", "cuts", "cuts_for")
+#: what a ``cuts`` rule's cut points maximise on validation (:func:`choose_cuts`); the first is the default
+CUTS_FOR = ("accuracy", "balanced")
 #: cuts may lie this far outside the grades 0 .. K-1 (a cut beyond every value = a grade never given)
 CUT_MARGIN = 0.5
 
@@ -40,9 +45,11 @@ class Grading:
 
     rule: str = "argmax"
     cuts: tuple[float, ...] = ()
+    cuts_for: str = CUTS_FOR[0]
 
     def to_doc(self) -> dict[str, Any]:
-        return {"rule": self.rule, "cuts": [float(c) for c in self.cuts]}
+        doc: dict[str, Any] = {"rule": self.rule, "cuts": [float(c) for c in self.cuts]}
+        return {**doc, "cuts_for": self.cuts_for} if self.rule == "cuts" else doc
 
     @classmethod
     def from_doc(cls, doc: Any, n_classes: int, where: str = "grading") -> Grading:
@@ -67,7 +74,10 @@ class Grading:
         lo, hi = -CUT_MARGIN, n_classes - 1 + CUT_MARGIN
         if any(b < a for a, b in itertools.pairwise(values)) or any(not lo <= c <= hi for c in values):
             raise GradingError(f"{where}.cuts must be non-decreasing values in [{lo}, {hi}], got {values}")
-        return cls(str(rule), values)
+        cuts_for = doc.get("cuts_for", CUTS_FOR[0])
+        if cuts_for not in CUTS_FOR:
+            raise GradingError(f"{where}.cuts_for must be one of {', '.join(CUTS_FOR)}, got {cuts_for!r}")
+        return cls(str(rule), values, str(cuts_for))
 
 
 def _finite(value: Any) -> bool:
@@ -93,24 +103,32 @@ def grade_indices(probs: np.ndarray, grading: Grading | None = None) -> np.ndarr
     return np.searchsorted(np.asarray(grading.cuts), expected_grade(p), side="right")
 
 
-def choose_cuts(expected: np.ndarray, labels: np.ndarray, n_classes: int) -> tuple[float, ...]:
+def choose_cuts(
+    expected: np.ndarray, labels: np.ndarray, n_classes: int, cuts_for: str = CUTS_FOR[0]
+) -> tuple[float, ...]:
     """The ``n_classes - 1`` cut points on the expected grade that grade the most images right.
 
+    ``cuts_for="balanced"`` counts each image as ``1 / (images of its grade)``, so the cuts maximise
+    balanced accuracy (mean recall over the grades present) instead of accuracy.
     Exact, by dynamic programming over the distinct expected grades in order (each grade takes one
     contiguous run of them), O(K * N).  A cut lies midway between the last value of one run and the
     first of the next (0 and K - 1 stand in at the ends); a grade that wins no image gets an empty run.
     """
+    if cuts_for not in CUTS_FOR:
+        raise GradingError(f"cuts_for must be one of {', '.join(CUTS_FOR)}, got {cuts_for!r}")
     e = np.asarray(expected, dtype=np.float64)
     y = np.asarray(labels, dtype=np.int64)
     if e.size == 0:
         return tuple(k + 0.5 for k in range(n_classes - 1))
     values, inverse = np.unique(e, return_inverse=True)
     m = values.size
-    counts = np.zeros((n_classes, m), dtype=np.int64)
-    np.add.at(counts, (y, inverse.ravel()), 1)
-    # prefix[k, j]: images of grade k among the j smallest distinct values
-    prefix = np.concatenate([np.zeros((n_classes, 1), np.int64), counts.cumsum(axis=1)], axis=1)
-    best = prefix[0].astype(np.float64)  # best[j]: most images right with grades < k on values [0, j)
+    counts = np.zeros((n_classes, m), dtype=np.float64)
+    np.add.at(counts, (y, inverse.ravel()), 1.0)
+    if cuts_for == "balanced":
+        counts /= np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+    # prefix[k, j]: (weighted) images of grade k among the j smallest distinct values
+    prefix = np.concatenate([np.zeros((n_classes, 1)), counts.cumsum(axis=1)], axis=1)
+    best = prefix[0].copy()  # best[j]: most (weighted) images right with grades < k on values [0, j)
     starts = []
     positions = np.arange(m + 1)
     for k in range(1, n_classes):

@@ -89,7 +89,9 @@ def evaluation_module(ckpt: dict[str, Any], info: dict[str, Any], source: str, t
     kwargs.pop("num_classes", None)
     entry = info.get("grading")
     grading: dict[str, Any] = entry if isinstance(entry, dict) else {}
-    objective = {k: str(grading[k]) for k in ("objective", "rule") if isinstance(grading.get(k), str)}
+    objective = {
+        k: str(grading[k]) for k in ("objective", "rule", "cuts_for") if isinstance(grading.get(k), str)
+    }
     try:
         module = DefectClassifier(
             model={"name": name, **kwargs},

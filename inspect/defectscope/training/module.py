@@ -26,7 +26,14 @@ from ..runtime.decision import (
     ng_class_names,
     ng_indices,
 )
-from ..runtime.grading import Grading, choose_cuts, expected_grade, grade_indices, ordinal_metrics
+from ..runtime.grading import (
+    GRADING_KEYS,
+    Grading,
+    choose_cuts,
+    expected_grade,
+    grade_indices,
+    ordinal_metrics,
+)
 from .config import TrainingConfigError, config_number
 from .metrics import (
     DefectScores,
@@ -98,7 +105,7 @@ class DefectClassifier(pl.LightningModule):
             raise TrainingConfigError(str(exc)) from None
         #: the grading rule; the cut points of ``cuts`` are chosen on validation each epoch
         cuts = tuple(k + 0.5 for k in range(num_classes - 1)) if self.objective.rule == "cuts" else ()
-        self.grading = Grading(self.objective.rule, cuts)
+        self.grading = Grading(self.objective.rule, cuts, self.objective.cuts_for)
         spec = dict(model)
         name = spec.pop("name")
         outputs = raw_outputs(num_classes, self.objective.link)
@@ -247,8 +254,9 @@ class DefectClassifier(pl.LightningModule):
             every_probs, every_label = outputs.gathered()  # the same cuts on every rank
             if every_label.numel() > 0:
                 expected = expected_grade(every_probs.double().cpu().numpy())
-                cuts = choose_cuts(expected, every_label.cpu().numpy(), len(self.class_names))
-                self.grading = Grading("cuts", cuts)
+                cuts_for = self.objective.cuts_for
+                cuts = choose_cuts(expected, every_label.cpu().numpy(), len(self.class_names), cuts_for)
+                self.grading = Grading("cuts", cuts, cuts_for)
         probs, labels = outputs.compute()
         if labels.numel() == 0:
             return
@@ -387,5 +395,5 @@ class DefectClassifier(pl.LightningModule):
             self.threshold = float(info["threshold"])
         grading = info.get("grading")
         if isinstance(grading, dict) and grading.get("rule") == self.grading.rule:
-            doc = {k: grading[k] for k in ("rule", "cuts") if k in grading}
+            doc = {k: grading[k] for k in GRADING_KEYS if k in grading}
             self.grading = Grading.from_doc(doc, len(self.class_names), "checkpoint grading")

@@ -31,7 +31,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from ..models.corn import corn_log_probs
-from ..runtime.grading import RULES
+from ..runtime.grading import CUTS_FOR, RULES
 from .config import config_number
 
 
@@ -67,6 +67,7 @@ class Objective:
     soft_beta: float = 2.0
     expected_ce: float = 0.5
     label_smoothing: float = 0.0
+    cuts_for: str = CUTS_FOR[0]  # what the ``cuts`` rule's cut points maximise on validation
 
     @property
     def link(self) -> str:
@@ -152,7 +153,10 @@ def resolve_objective(
     weight = config_number(
         cfg.get("expected_ce", 0.5), "ordinal.expected_ce", "a number >= 0", lambda x: x >= 0
     )
-    return Objective(name, rule, ordered, beta, weight, float(label_smoothing))
+    cuts_for = str(cfg.get("cuts_for") or CUTS_FOR[0])
+    if cuts_for not in CUTS_FOR:
+        raise ObjectiveError(f"ordinal.cuts_for must be one of {', '.join(CUTS_FOR)}, got {cuts_for!r}")
+    return Objective(name, rule, ordered, beta, weight, float(label_smoothing), cuts_for)
 
 
 class ProbsAndLabels(Metric):
