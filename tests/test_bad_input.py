@@ -116,3 +116,24 @@ def test_a_class_too_small_for_validation_is_reported(
     assert "validation split has no defect images" in dm.report and "what to do: add images" in dm.report
     assert "WARNING: class 'rare' has no val images" in dm.report
     assert any("class 'rare' has no val images" in r.getMessage() for r in caplog.records)
+
+
+def test_data_config_mistakes_are_one_line_naming_the_key(
+    tmp_path: Path, defectscope_cmd: list[str], cli_env: dict[str, str]
+) -> None:
+    """A value the data module refuses reads as its own message on one line, not Hydra's 3-line wrapper."""
+    cases = {
+        "data.multi_scale=[0]": "data.multi_scale must be null or a non-empty list of scale factors",
+        "+data.foo=1": "unexpected keyword argument 'foo' (config node data)",
+    }
+    for override, message in cases.items():
+        proc = _run(
+            [*defectscope_cmd, "train", "experiment=smoke", "logger=none", override,
+             f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}"],
+            tmp_path, cli_env,
+        )  # fmt: skip
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("defectscope train: error:")]
+        assert len(errors) == 1 and message in errors[0], proc.stderr
+        assert "full_key" not in proc.stderr and "Error in call to target" not in proc.stderr
+        assert not (tmp_path / "data").exists()  # refused before the synthetic set was generated

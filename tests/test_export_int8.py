@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 import pytest
 
-from defectscope.data.datamodule import spread_samples
 from defectscope.data.sources import Sample
+from defectscope.data.splits import spread_samples
 from defectscope.export.cli import main
 from defectscope.export.parity import list_images, real_batches
 from defectscope.export.quantize import (

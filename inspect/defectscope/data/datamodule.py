@@ -13,7 +13,6 @@ and give each rank its share through :class:`BucketBatchSampler`, so the Trainer
 from __future__ import annotations
 
 import logging
-import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,10 +23,11 @@ from torch.utils.data import DataLoader
 
 from ..runtime.image import LoaderConfig
 from .dataset import DefectDataset, collate, seed_worker
+from .multiscale import check_scales, draw_scale, rescale_batch
 from .sampler import BucketBatchSampler
 from .scan import BadFilesError, ScanRecord, ScanResult, mean_std, scan_files, write_rejects
 from .sources import SPLITS, Sample, SourceData, SourceError, build_source, prepare_source, to_plain
-from .splits import assign_splits
+from .splits import assign_splits, spread_samples
 from .stats import class_counts, count_table, inverse_frequency_weights, split_warnings
 from .transforms import build_transform, check_size_preserving, seed_transform
 
@@ -41,26 +41,6 @@ EVALUATE_ON = (None, "test", "all")
 
 #: validation images recorded in checkpoints for export's parity and int8 calibration/gate
 MAX_EXPORT_VAL_PATHS = 4096
-
-
-def spread_samples(samples: Sequence[Sample], limit: int, seed: int = 0) -> list[Sample]:
-    """Up to ``limit`` samples, classes taken in turn (each class shuffled with ``seed``).
-
-    Why: export checks parity on the first few paths, calibrates int8 on a few hundred and
-    re-derives the threshold on all of them; a prefix of a class-sorted list would be one class only.
-    Per-class rates (recall, false-reject rate) are unaffected by taking classes in turn.
-    """
-    by_class: dict[int, list[Sample]] = {}
-    for s in samples:
-        by_class.setdefault(s.label, []).append(s)
-    rng = random.Random(seed)
-    queues = [rng.sample(items, len(items)) for _, items in sorted(by_class.items())]
-    out: list[Sample] = []
-    while len(out) < limit and any(queues):
-        for q in queues:
-            if q and len(out) < limit:
-                out.append(q.pop(0))
-    return out
 
 
 class DefectDataModule(pl.LightningDataModule):
@@ -89,6 +69,8 @@ class DefectDataModule(pl.LightningDataModule):
             training then uses an ordinal objective (``ordinal.*``).
         dihedral: train on random 90° rotations, transposes and flips (:mod:`.dihedral`), each
             batch keeping one size.
+        multi_scale: scale factors; each training batch is resized by one drawn per batch
+            (:mod:`.multiscale`).  ``None`` = off.
     """
 
     def __init__(
@@ -112,6 +94,7 @@ class DefectDataModule(pl.LightningDataModule):
         drop_last: bool = False,
         ordered: bool = False,
         dihedral: bool = False,
+        multi_scale: Sequence[float] | None = None,
         evaluate_on: str | None = None,
     ) -> None:
         super().__init__()
@@ -163,6 +146,7 @@ class DefectDataModule(pl.LightningDataModule):
         self.drop_last = bool(drop_last)
         self.ordered = bool(ordered)
         self.dihedral = bool(dihedral)
+        self.multi_scale = check_scales(multi_scale)
 
         # Filled by setup():
         self.channels: int = self.loader_config.channels
@@ -250,6 +234,15 @@ class DefectDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader[dict[str, Any]]:
         return self._loader("test", self.eval_batch_size, shuffle=False, drop_last=False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Training batches only: resized by this batch's multi-scale factor (validation never is)."""
+        trainer = self.trainer
+        if not self.multi_scale or trainer is None or not trainer.training or trainer.sanity_checking:
+            return batch
+        first = int(batch["index"][0])
+        factor = draw_scale(self.multi_scale, self.seed, trainer.current_epoch, first)
+        return rescale_batch(batch, factor, self.loader_config.size_multiple)
 
     # ------------------------------------------------------------------ steps
 

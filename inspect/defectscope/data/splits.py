@@ -8,9 +8,12 @@ in which a source listed its files.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import numpy as np
+
+from .sources import Sample
 
 
 def apportion(counts: Sequence[int], total: int) -> list[int]:
@@ -93,3 +96,23 @@ def _carve_val(
     val = stratified_pick([strata[i] for i in pool], [keys[i] for i in pool], val_fraction, seed + 1)
     for j, i in enumerate(pool):
         out[i] = "val" if j in val else "train"
+
+
+def spread_samples(samples: Sequence[Sample], limit: int, seed: int = 0) -> list[Sample]:
+    """Up to ``limit`` samples, classes taken in turn (each class shuffled with ``seed``).
+
+    Why: export checks parity on the first few paths, calibrates int8 on a few hundred and
+    re-derives the threshold on all of them; a prefix of a class-sorted list would be one class only.
+    Per-class rates (recall, false-reject rate) are unaffected by taking classes in turn.
+    """
+    by_class: dict[int, list[Sample]] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s)
+    rng = random.Random(seed)
+    queues = [rng.sample(items, len(items)) for _, items in sorted(by_class.items())]
+    out: list[Sample] = []
+    while len(out) < limit and any(queues):
+        for q in queues:
+            if q and len(out) < limit:
+                out.append(q.pop(0))
+    return out

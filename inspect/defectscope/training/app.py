@@ -78,6 +78,19 @@ def _is_own_error(exc: BaseException) -> bool:
     return isinstance(exc, InstantiationException) or type(exc).__module__.startswith("defectscope")
 
 
+def _one_line(exc: BaseException) -> str:
+    """The message on one line: an instantiation error is its cause's message (which names the key),
+    with the config node Hydra names (``full_key``), not Hydra's three-line wrapper."""
+    from hydra.errors import InstantiationException
+
+    cause = exc.__cause__
+    if not isinstance(exc, InstantiationException) or cause is None:
+        return " ".join(str(exc).split("\n"))
+    node = [line[len("full_key: ") :] for line in str(exc).splitlines() if line.startswith("full_key: ")]
+    where = f" (config node {node[0]})" if node and node[0] and node[0] not in str(cause) else ""
+    return " ".join(f"{cause}{where}".split("\n"))
+
+
 def _job(command: str, argv: list[str], launch_argv: list[str], fn: Callable[[Any], dict[str, float]]) -> Any:
     def task(cfg: Any) -> Any:
         missing = _missing_keys(cfg)
@@ -98,7 +111,7 @@ def _job(command: str, argv: list[str], launch_argv: list[str], fn: Callable[[An
         except Exception as exc:
             if not _is_own_error(exc):
                 raise
-            print(f"defectscope {command}: error: {exc}", file=sys.stderr, flush=True)
+            print(f"defectscope {command}: error: {_one_line(exc)}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
         finally:
             sys.argv = saved
