@@ -295,7 +295,7 @@ def test_grading_rule_ordinal_figures_and_operating_point(bench: ModuleType, tmp
         grading={"rule": "cuts", "cuts": cuts}, ng_classes=["p67", "p100"], threshold=0.3,
     )  # fmt: skip
     result, rows = bench.evaluate(str(model), limit=60, threads=1, provider="cpu", log=lambda _: None)
-    assert result["grading"] == {"rule": "cuts", "cuts": cuts, "cuts_for": "accuracy"}  # absent = accuracy
+    assert result["grading"] == {"rule": "cuts", "cuts": cuts}  # cuts_for absent = accuracy
     for r in rows:
         e = sum(i * r["probs"][g] for i, g in enumerate(GRADES))
         assert r["expected_grade"] == pytest.approx(e)

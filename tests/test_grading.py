@@ -105,6 +105,14 @@ def test_balanced_cut_points_give_a_rare_grade_its_range() -> None:
         choose_cuts(e, y, 3, "f1")
 
 
+def test_cut_points_stay_in_range_when_float32_overshoots_the_top_grade() -> None:
+    # float32 softmax can put E a hair above K - 1; with the top grade unused the last cut would land
+    # half a grade above it, just outside what a model file may carry
+    cuts = choose_cuts(np.array([0.0, 1.0, 3.0 + 1.5e-12]), np.array([0, 1, 2]), 4)
+    assert cuts[-1] == 3.5
+    assert Grading.from_doc(Grading("cuts", cuts).to_doc(), 4).cuts == cuts
+
+
 @pytest.mark.parametrize(
     "doc, message",
     [

@@ -151,7 +151,7 @@ def test_export_chooses_the_cut_points_for_what_it_is_told(
     import onnxruntime as ort
 
     from defectscope.checkpoint import load_checkpoint
-    from defectscope.export.grading import labelled_batches
+    from defectscope.export.grading import checkpoint_grading, labelled_batches
     from defectscope.export.onnx_export import ExportError, export_model
     from defectscope.runtime.grading import choose_cuts, expected_grade
 
@@ -161,12 +161,30 @@ def test_export_chooses_the_cut_points_for_what_it_is_told(
     batches, targets, n = labelled_batches(info, meta)
     session = ort.InferenceSession(result.model_bytes, providers=["CPUExecutionProvider"])
     e = np.concatenate([expected_grade(session.run(["probs"], {"input": x})[0]) for x in batches])
-    assert n >= 20 and meta.grading["cuts_for"] == "accuracy"
+    assert n >= 20 and "cuts_for" not in meta.grading  # the default is not written (older runtimes)
     assert meta.grading["cuts"] == pytest.approx(list(choose_cuts(e, np.concatenate(targets), 4)))
+    # the checkpoint's cuts are for balanced accuracy: without its validation images they cannot be
+    # re-chosen for accuracy, and the file would carry cuts that were not chosen for what it says
+    with pytest.raises(ExportError, match=r"--cuts-for accuracy re-chooses .* only 0 of them are here"):
+        export_model(
+            model,
+            {**info, "val_paths": []},
+            tmp_path / "a.onnx",
+            cuts_for="accuracy",
+            threshold=0.5,
+            log=print,
+        )
     model, info = load_checkpoint(trained["corn"][0])
     with pytest.raises(ExportError, match=r"--cuts-for applies to models graded by cut points .* 'median'"):
         export_model(model, info, tmp_path / "c.onnx", cuts_for="balanced", log=lambda _: None)
-    assert not (tmp_path / "c.onnx").exists()
+    unordered = {
+        "class_names": ["good", "crack"],
+        "grading": {"objective": "ce", "link": "softmax", "ordered": False},
+    }
+    for entry in (unordered, {"class_names": ["good", "crack"]}):  # today's checkpoints, and old ones
+        with pytest.raises(ExportError, match="--cuts-for applies to ordered grades"):
+            checkpoint_grading(entry, "balanced")
+    assert not any(tmp_path.glob("[ac].onnx"))
 
 
 def test_objectives_need_ordered_grades_and_name_the_key() -> None:
@@ -184,6 +202,10 @@ def test_objectives_need_ordered_grades_and_name_the_key() -> None:
     assert resolve_objective({"objective": "expected", "rule": "median"}, ordered=True).rule == "median"
     with pytest.raises(ValueError, match=r"ordinal\.cuts_for must be one of accuracy, balanced, got 'f1'"):
         resolve_objective({"objective": "expected", "cuts_for": "f1"}, ordered=True)
+    with pytest.raises(
+        ValueError, match=r"ordinal\.cuts_for=balanced applies to ordinal\.rule=cuts; the rule is median"
+    ):
+        resolve_objective({"objective": "corn", "cuts_for": "balanced"}, ordered=True)
 
 
 def test_losses_on_hand_examples() -> None:

@@ -27,11 +27,13 @@ from defectscope.runtime.grading import (
 from defectscope.runtime.image import ImageLoadError, load_image, normalize_batch
 from defectscope.runtime.metadata import ModelMetadata
 
+from .errors import ExportError
+
 #: fewer labelled images than this: keep the cut points chosen in training
 MIN_CUT_IMAGES = 20
 
 
-class GradingExportError(ValueError):
+class GradingExportError(ExportError):
     """The checkpoint's grading entry cannot be used (unknown link, bad rule or cut points)."""
 
 
@@ -41,13 +43,7 @@ def checkpoint_grading(info: dict[str, Any], cuts_for: str | None = None) -> tup
     ``cuts_for`` (``export --cuts-for``) replaces what the cut points are chosen for on the graph; only a
     model graded by cut points has any.
     """
-    entry = info.get("grading")
-    if not entry:
-        if cuts_for is not None:
-            raise GradingExportError(
-                "--cuts-for applies to ordered grades; this checkpoint's classes are unordered"
-            )
-        return "softmax", {}
+    entry = info.get("grading") or {"link": "softmax", "ordered": False}
     if not isinstance(entry, dict):
         raise GradingExportError(f"checkpoint 'grading' entry must be an object, got {type(entry).__name__}")
     link = entry.get("link", "softmax")
@@ -56,6 +52,10 @@ def checkpoint_grading(info: dict[str, Any], cuts_for: str | None = None) -> tup
             f"checkpoint grading.link is {link!r}; this defectscope knows {', '.join(LINKS)}"
         )
     if not entry.get("ordered"):
+        if cuts_for is not None:
+            raise GradingExportError(
+                "--cuts-for applies to ordered grades; this checkpoint's classes are unordered"
+            )
         return str(link), {}
     doc = {k: entry[k] for k in GRADING_KEYS if k in entry}
     try:
@@ -104,6 +104,12 @@ def earn_cuts(
         return dict(meta.grading)
     cuts_for = str(meta.grading.get("cuts_for") or CUTS_FOR[0])
     batches, targets, n = labelled_batches(info, meta)
+    trained = info.get("grading") or {}
+    if n < MIN_CUT_IMAGES and cuts_for != (trained.get("cuts_for") or CUTS_FOR[0]):
+        raise GradingExportError(
+            f"--cuts-for {cuts_for} re-chooses the cut points on the checkpoint's validation images, but only "
+            f"{n} of them are here (>= {MIN_CUT_IMAGES} needed); export where they are"
+        )
     if n < MIN_CUT_IMAGES:
         log(
             f"grading: {n} labelled validation images here (< {MIN_CUT_IMAGES}); keeping training's cut points"

@@ -49,7 +49,12 @@ class Grading:
 
     def to_doc(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"rule": self.rule, "cuts": [float(c) for c in self.cuts]}
-        return {**doc, "cuts_for": self.cuts_for} if self.rule == "cuts" else doc
+        # only when not the default: a runtime from before cuts_for still reads default files
+        return (
+            {**doc, "cuts_for": self.cuts_for}
+            if self.rule == "cuts" and self.cuts_for != CUTS_FOR[0]
+            else doc
+        )
 
     @classmethod
     def from_doc(cls, doc: Any, n_classes: int, where: str = "grading") -> Grading:
@@ -147,7 +152,8 @@ def _cut_at(values: np.ndarray, index: int, n_classes: int) -> float:
     """The cut in front of the ``index``-th distinct value; half a grade beyond the values at the ends."""
     lo = float(values[index - 1]) if index > 0 else float(values[0]) - 1.0
     hi = float(values[index]) if index < values.size else float(values[-1]) + 1.0
-    return (lo + hi) / 2
+    # float32 probabilities can put E a hair beyond 0 .. K-1; a cut stays where Grading accepts it
+    return min(max((lo + hi) / 2, -CUT_MARGIN), n_classes - 1 + CUT_MARGIN)
 
 
 def ordinal_metrics(confusion: Sequence[Sequence[int]] | np.ndarray) -> dict[str, float]:

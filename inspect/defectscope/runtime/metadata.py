@@ -88,7 +88,8 @@ class ModelMetadata:
     #: views averaged inside the graph (logits of the flipped/transposed copies); costs ``tta_views``
     #: passes per image
     tta: str = "none"
-    #: ordered grades (:mod:`.grading`): ``{"rule": argmax|median|cuts, "cuts": [...]}``; empty = the
+    #: ordered grades (:mod:`.grading`): ``{"rule": argmax|median|cuts, "cuts": [...]}`` (and
+    #: ``"cuts_for": "balanced"`` for cuts chosen for balanced accuracy); empty = the
     #: classes are not grades and ``top_class`` is the most probable one
     grading: dict[str, Any] = field(default_factory=dict)
     mlflow_run_id: str | None = None

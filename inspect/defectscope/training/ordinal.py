@@ -153,9 +153,12 @@ def resolve_objective(
     weight = config_number(
         cfg.get("expected_ce", 0.5), "ordinal.expected_ce", "a number >= 0", lambda x: x >= 0
     )
-    cuts_for = str(cfg.get("cuts_for") or CUTS_FOR[0])
+    cuts_for = cfg.get("cuts_for")
+    cuts_for = CUTS_FOR[0] if cuts_for is None else cuts_for
     if cuts_for not in CUTS_FOR:
         raise ObjectiveError(f"ordinal.cuts_for must be one of {', '.join(CUTS_FOR)}, got {cuts_for!r}")
+    if cuts_for != CUTS_FOR[0] and rule != "cuts":
+        raise ObjectiveError(f"ordinal.cuts_for={cuts_for} applies to ordinal.rule=cuts; the rule is {rule}")
     return Objective(name, rule, ordered, beta, weight, float(label_smoothing), cuts_for)
 
 
