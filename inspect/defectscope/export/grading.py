@@ -21,6 +21,7 @@ from defectscope.runtime.grading import (
     GRADING_KEYS,
     Grading,
     GradingError,
+    checked_cuts_for,
     choose_cuts,
     expected_grade,
 )
@@ -68,9 +69,10 @@ def checkpoint_grading(info: dict[str, Any], cuts_for: str | None = None) -> tup
                 f"--cuts-for applies to models graded by cut points (ordinal.rule=cuts); this checkpoint's "
                 f"rule is {grading.rule!r}"
             )
-        if cuts_for not in CUTS_FOR:
-            raise GradingExportError(f"--cuts-for must be one of {', '.join(CUTS_FOR)}, got {cuts_for!r}")
-        grading = Grading("cuts", grading.cuts, cuts_for)
+        try:
+            grading = Grading("cuts", grading.cuts, checked_cuts_for(cuts_for, "--cuts-for"))
+        except GradingError as exc:
+            raise GradingExportError(str(exc)) from None
     return str(link), grading.to_doc()
 
 
@@ -102,15 +104,14 @@ def earn_cuts(
     """The ``grading`` to ship: for ``cuts``, the cut points chosen on the graph's own expected grades."""
     if meta.grading.get("rule") != "cuts":
         return dict(meta.grading)
-    cuts_for = str(meta.grading.get("cuts_for") or CUTS_FOR[0])
+    cuts_for = str(meta.grading.get("cuts_for", CUTS_FOR[0]))
     batches, targets, n = labelled_batches(info, meta)
-    trained = info.get("grading") or {}
-    if n < MIN_CUT_IMAGES and cuts_for != (trained.get("cuts_for") or CUTS_FOR[0]):
-        raise GradingExportError(
-            f"--cuts-for {cuts_for} re-chooses the cut points on the checkpoint's validation images, but only "
-            f"{n} of them are here (>= {MIN_CUT_IMAGES} needed); export where they are"
-        )
     if n < MIN_CUT_IMAGES:
+        if cuts_for != (info.get("grading") or {}).get("cuts_for", CUTS_FOR[0]):  # asked to change them
+            raise GradingExportError(
+                f"--cuts-for {cuts_for} re-chooses the cut points on the checkpoint's validation images, but "
+                f"only {n} of them are here (>= {MIN_CUT_IMAGES} needed); export where they are"
+            )
         log(
             f"grading: {n} labelled validation images here (< {MIN_CUT_IMAGES}); keeping training's cut points"
         )

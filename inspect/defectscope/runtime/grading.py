@@ -79,10 +79,14 @@ class Grading:
         lo, hi = -CUT_MARGIN, n_classes - 1 + CUT_MARGIN
         if any(b < a for a, b in itertools.pairwise(values)) or any(not lo <= c <= hi for c in values):
             raise GradingError(f"{where}.cuts must be non-decreasing values in [{lo}, {hi}], got {values}")
-        cuts_for = doc.get("cuts_for", CUTS_FOR[0])
-        if cuts_for not in CUTS_FOR:
-            raise GradingError(f"{where}.cuts_for must be one of {', '.join(CUTS_FOR)}, got {cuts_for!r}")
-        return cls(str(rule), values, str(cuts_for))
+        return cls(str(rule), values, checked_cuts_for(doc.get("cuts_for", CUTS_FOR[0]), f"{where}.cuts_for"))
+
+
+def checked_cuts_for(value: Any, key: str) -> str:
+    """``value`` if it is one of :data:`CUTS_FOR`; otherwise an error naming ``key``."""
+    if value not in CUTS_FOR:
+        raise GradingError(f"{key} must be one of {', '.join(CUTS_FOR)}, got {value!r}")
+    return str(value)
 
 
 def _finite(value: Any) -> bool:
@@ -119,8 +123,7 @@ def choose_cuts(
     contiguous run of them), O(K * N).  A cut lies midway between the last value of one run and the
     first of the next (0 and K - 1 stand in at the ends); a grade that wins no image gets an empty run.
     """
-    if cuts_for not in CUTS_FOR:
-        raise GradingError(f"cuts_for must be one of {', '.join(CUTS_FOR)}, got {cuts_for!r}")
+    checked_cuts_for(cuts_for, "cuts_for")
     e = np.asarray(expected, dtype=np.float64)
     y = np.asarray(labels, dtype=np.int64)
     if e.size == 0:

@@ -31,7 +31,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from ..models.corn import corn_log_probs
-from ..runtime.grading import CUTS_FOR, RULES
+from ..runtime.grading import CUTS_FOR, RULES, GradingError, checked_cuts_for
 from .config import config_number
 
 
@@ -153,10 +153,11 @@ def resolve_objective(
     weight = config_number(
         cfg.get("expected_ce", 0.5), "ordinal.expected_ce", "a number >= 0", lambda x: x >= 0
     )
-    cuts_for = cfg.get("cuts_for")
-    cuts_for = CUTS_FOR[0] if cuts_for is None else cuts_for
-    if cuts_for not in CUTS_FOR:
-        raise ObjectiveError(f"ordinal.cuts_for must be one of {', '.join(CUTS_FOR)}, got {cuts_for!r}")
+    try:
+        given = cfg.get("cuts_for")
+        cuts_for = checked_cuts_for(CUTS_FOR[0] if given is None else given, "ordinal.cuts_for")
+    except GradingError as exc:
+        raise ObjectiveError(str(exc)) from None
     if cuts_for != CUTS_FOR[0] and rule != "cuts":
         raise ObjectiveError(f"ordinal.cuts_for={cuts_for} applies to ordinal.rule=cuts; the rule is {rule}")
     return Objective(name, rule, ordered, beta, weight, float(label_smoothing), cuts_for)
