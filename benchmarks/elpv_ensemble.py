@@ -1,0 +1,77 @@
+"""What averaging several ELPV models would score: the ceiling of distilling them into one.
+
+    python benchmarks/elpv_ensemble.py a.predictions.jsonl b.predictions.jsonl ... [--out ensemble.json]
+
+Reads the per-cell rows ``benchmarks/elpv.py --predictions`` wrote for 4-class models on the same test
+cells, averages their class probabilities cell by cell and scores the average with the benchmark's own
+``metrics`` (4-class by argmax, binary by P(p67) + P(p100) >= 0.5, the operating point from the
+averaged P(defect)).  A student distilled from these models learns their averaged answers, so this is
+what distillation can at best approach; if the average is not better than its best member, distilling
+it is not worth a training run.  No model is run: it needs only the prediction files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from elpv import GRADES, metrics
+
+
+def read_rows(path: Path) -> dict[str, dict[str, Any]]:
+    """Rows of one prediction file by cell path; refused unless they carry the 4 grades' probabilities."""
+    rows: dict[str, dict[str, Any]] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        row = json.loads(line)
+        if sorted(row.get("probs", {})) != sorted(GRADES):
+            raise SystemExit(f"{path}:{n}: expected probabilities for {', '.join(GRADES)}")
+        rows[row["path"]] = row
+    return rows
+
+
+def averaged_rows(files: list[Path]) -> list[dict[str, Any]]:
+    """One row per cell with the members' mean probabilities, argmax grade and P(defect) verdict."""
+    members = [read_rows(f) for f in files]
+    cells = sorted(members[0])
+    for f, m in zip(files[1:], members[1:]):
+        if sorted(m) != cells:
+            raise SystemExit(f"{f}: not the same cells as {files[0]}")
+    out = []
+    for cell in cells:
+        probs = {g: sum(m[cell]["probs"][g] for m in members) / len(members) for g in GRADES}
+        p_def = probs["p67"] + probs["p100"]
+        first = members[0][cell]
+        out.append({
+            key: first[key] for key in ("path", "module_type", "grade", "true_defective")
+        } | {
+            "probs": probs, "p_defective": p_def, "pred_defective": p_def >= 0.5,
+            "pred_grade": max(GRADES, key=probs.__getitem__),
+        })  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("predictions", nargs="+", type=Path, help="*.predictions.jsonl of 4-class models")
+    p.add_argument("--out", type=Path, help="result JSON")
+    args = p.parse_args(argv)
+    overall = metrics(averaged_rows(args.predictions), "4class")["overall"]
+    four, binary, op = overall["four_class"], overall["binary"], overall["operating_point"]
+    print(
+        f"{len(args.predictions)} models: 4-class {100 * four['accuracy']:.2f} %, "
+        f"binary {100 * binary['accuracy']:.2f} %, balanced {100 * four['balanced_accuracy']:.2f} %, "
+        f"QWK {four['qwk']:.3f}, false rejects (p0) at 95 / 99 % recall "
+        f"{100 * op['recall_95']['false_reject_rate_p0']:.1f} / {100 * op['recall_99']['false_reject_rate_p0']:.1f} %"
+    )
+    if args.out:
+        doc = {"members": [str(f) for f in args.predictions], "metrics": overall}
+        args.out.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
