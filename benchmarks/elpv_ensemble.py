@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from elpv import GRADES, metrics
+from elpv_cells import GRADES, metrics
 
 
 def read_rows(path: Path) -> dict[str, dict[str, Any]]:
