@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -25,31 +24,16 @@ from torch import nn
 from defectscope import __version__
 from defectscope.models.corn import raw_outputs, with_link
 from defectscope.models.tta import FlipTTA
-from defectscope.runtime.image import LoaderConfig, normalize_batch
+from defectscope.runtime.image import LoaderConfig
 from defectscope.runtime.metadata import METADATA_KEY, MetadataError, ModelMetadata
 
 from .atomic import atomic_write_bytes
-from .errors import ExportError
+from .errors import ExportError, first_line
 from .fuse import FuseReport, fuse_conv_bn_report, replace_bn_with_affine
 from .grading import GradingExportError, checkpoint_grading, earn_cuts
-from .parity import (
-    ParityInputs,
-    check_parity,
-    list_images,
-    load_groups,
-    random_batches,
-    random_sizes,
-    real_batches,
-)
-from .quantize import (
-    MIN_CHECK_IMAGES,
-    Int8Config,
-    Int8GateError,
-    QuantizationError,
-    check_int8,
-    quantize_qdq,
-    split_paths,
-)
+from .int8_step import Int8Plan, plan_int8, quantize_model
+from .parity import ParityInputs, check_parity, image_paths, random_batches, random_sizes, real_batches
+from .quantize import Int8Config
 from .threshold import earn_threshold, plan_threshold
 from .wrapper import ExportWrapper, head_linear
 
@@ -203,122 +187,6 @@ def set_metadata(proto: onnx.ModelProto, meta: ModelMetadata) -> None:
     proto.doc_string = f"defectscope {meta.model_name}: classes {', '.join(meta.class_names)}"
 
 
-def image_paths(info: dict[str, Any], images_dir: str | Path | None) -> list[str]:
-    """Real images for the gates: ``images_dir`` (recursive) or the checkpoint's validation paths."""
-    try:
-        return list_images(images_dir) if images_dir is not None else list(info.get("val_paths") or [])
-    except FileNotFoundError as exc:
-        raise ExportError(str(exc)) from None
-
-
-def _chunks(batches: list[Any], size: int) -> list[Any]:
-    return [b[i : i + size] for b in batches for i in range(0, len(b), size)]
-
-
-@dataclass
-class Int8Plan:
-    """The images int8 calibrates and gates on, chosen before any export work is done."""
-
-    calib: list[str]
-    check: list[str]
-    source: str
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-def plan_int8(
-    info: dict[str, Any], images_dir: str | Path | None, cfg: Int8Config, log: Callable[[str], None]
-) -> Int8Plan:
-    """List and split the int8 images up front, so a bad request fails before the export runs."""
-    source = f"--images {images_dir}" if images_dir is not None else "the checkpoint's val_paths"
-    listed = image_paths(info, images_dir)
-    exists = [os.path.isfile(p) for p in listed]
-    present = [p for p, ok in zip(listed, exists) if ok]
-    missing = [p for p, ok in zip(listed, exists) if not ok]
-    if missing:
-        log(
-            f"int8: {len(missing)} of {len(listed)} images in {source} do not exist here (first: {missing[0]})"
-        )
-    try:
-        calib, check = split_paths(present, cfg)
-    except QuantizationError as exc:
-        hint = (
-            "add line images to it" if images_dir is not None else "pass --images DIR|LIST with line images"
-        )
-        raise ExportError(f"{exc} in {source}; {hint}") from None
-    return Int8Plan(calib, check, source)
-
-
-def quantize_model(
-    fp32_bytes: bytes,
-    meta: ModelMetadata,
-    cfg: Int8Config,
-    plan: Int8Plan,
-    log: Callable[[str], None],
-    earn: Callable[[bytes, ModelMetadata], dict[str, Any]],
-) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
-    """Calibrate, quantise and gate (see :mod:`.quantize`).
-
-    The gate compares the verdicts each graph would ship with, so ``earn`` (the threshold chosen on
-    a graph's own validation scores) runs on both; returns the int8 bytes, the gate's figures and
-    the int8 graph's earned threshold fields.
-    """
-    loader = meta.loader
-    calib, n_calib, skipped = load_groups(plan.calib, loader, len(plan.calib))
-    check, n_check, skipped2 = real_batches(plan.check, loader, meta.mean, meta.std, len(plan.check))
-    bad = skipped + skipped2
-    if bad:
-        log(f"int8: skipped {len(bad)} unreadable image(s) in {plan.source} (first: {bad[0]})")
-    if n_calib == 0 or n_check < MIN_CHECK_IMAGES:
-        raise ExportError(
-            f"int8: {n_calib} readable calibration and {n_check} readable check images in {plan.source}; "
-            f"need >= 1 and >= {MIN_CHECK_IMAGES}"
-        )
-    log(
-        f"int8: calibrating ({cfg.method}) on {n_calib} images, gate on {n_check} held-back images from {plan.source}"
-    )
-    try:
-        int8_bytes = quantize_qdq(
-            fp32_bytes, _chunks(calib, 16), cfg, lambda imgs: normalize_batch(imgs, meta.mean, meta.std)
-        )
-        onnx.checker.check_model(onnx.load_from_string(int8_bytes), full_check=True)
-        fp32_threshold = float(earn(fp32_bytes, meta)["threshold"])
-        earned = earn(int8_bytes, replace(meta, int8=True))
-        numbers = check_int8(
-            fp32_bytes,
-            int8_bytes,
-            _chunks(check, 16),
-            ng_indices=meta.ng_indices,
-            thresholds=(fp32_threshold, float(earned["threshold"])),
-            min_agreement=cfg.min_agreement,
-            grading=meta.grader,
-        )
-    except Int8GateError:
-        raise
-    except Exception as exc:  # the quantiser and ORT raise many unrelated types
-        raise ExportError(f"int8: quantisation failed: {_first_line(exc)}") from exc
-    speedup = numbers.get("speedup_vs_fp32_cpu")
-    if isinstance(speedup, float) and speedup < 1.0:
-        log(
-            f"int8: warning: int8 ran {speedup:.2f}x the fp32 speed on this CPU (no VNNI, or a model too small "
-            "to gain); measure on the line PC with deploy/bench_inspect.py before deploying it"
-        )
-    numbers = {
-        "format": "QDQ",
-        "weights": "int8 per channel" + (" (7-bit, reduce_range)" if cfg.reduce_range else ""),
-        "activations": "uint8 per tensor",
-        "calibration": cfg.method,
-        "calib_images": n_calib,
-        "fp32_threshold": fp32_threshold,
-        "int8_threshold": float(earned["threshold"]),
-        **numbers,
-    }
-    return int8_bytes, numbers, earned
-
-
 def parity_inputs(
     info: dict[str, Any],
     channels: int,
@@ -337,6 +205,125 @@ def parity_inputs(
         inputs.batches += batches
         inputs.real_images, inputs.real_skipped = used, skipped
     return inputs
+
+
+def _checked_request(output: str | Path, opset: int, fp16: bool, int8: Int8Config | None) -> Path:
+    """The output path and the options, checked before the checkpoint is looked at."""
+    out = Path(output)
+    if out.is_dir():
+        raise ExportError(f"output {out} is a directory; expected a file path such as model.onnx")
+    if opset < MIN_OPSET:
+        raise ExportError(f"--opset {opset} is too old: defectscope exports need opset >= {MIN_OPSET}")
+    if fp16 and int8 is not None:
+        raise ExportError("--fp16 and --int8 exclude each other: fp16 is for GPUs, int8 for CPUs")
+    return out
+
+
+def _model_fits(model: nn.Module, info: dict[str, Any], meta: ModelMetadata) -> tuple[str, int]:
+    """The output link and the smallest side the graph runs on, once the model is known to match
+    what the checkpoint says about its inputs, outputs and loader."""
+    in_chans = getattr(model, "in_chans", meta.channels)
+    if in_chans != meta.channels:
+        raise ExportError(
+            f"model has in_chans={in_chans} but the checkpoint's loader has channels={meta.channels}"
+        )
+    link, _ = checkpoint_grading(info)
+    try:
+        n_out = head_linear(model).out_features
+    except TypeError as exc:
+        raise ExportError(str(exc)) from None
+    if n_out != raw_outputs(len(meta.class_names), link):
+        raise ExportError(
+            f"model has {n_out} outputs but the checkpoint names {len(meta.class_names)} classes "
+            f"{meta.class_names!r} ({link} link)"
+        )
+    min_side = int(getattr(model, "min_input_size", 1))
+    if meta.loader.min_size < min_side:  # the runtime would pass images the graph cannot run
+        raise ExportError(
+            f"the checkpoint's loader admits sides from {meta.loader.min_size} px but model {info['model_name']!r} "
+            f"needs at least {min_side} px (min_input_size): retrain with data.loader.min_size >= {min_side}"
+        )
+    return link, min_side
+
+
+def _fused(model: nn.Module, log: Callable[[str], None]) -> tuple[nn.Module, FuseReport]:
+    """BatchNorm folded into the convolutions; what cannot fold becomes a per-channel affine."""
+    fused, report = fuse_conv_bn_report(model)
+    log(f"fuse: {report.summary()}")
+    if report.kept:
+        try:
+            frozen = replace_bn_with_affine(fused)
+        except ValueError as exc:
+            raise ExportError(str(exc)) from None
+        log(f"fuse: exporting unfoldable BatchNorm {', '.join(frozen)} as per-channel Mul/Add")
+    return fused, report
+
+
+def _graph(
+    graph: nn.Module, meta: ModelMetadata, min_side: int, opset: int, *, cam: bool, fp16: bool
+) -> onnx.ModelProto:
+    """The checked ONNX graph of ``graph`` (fp16 on a copy, so the fp32 reference stays)."""
+    wrapper = ExportWrapper(copy.deepcopy(graph) if fp16 else graph, cam=cam, fp16=fp16).eval()
+    try:
+        proto = to_onnx(wrapper, meta.channels, min_side, opset)
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"torch.onnx.export failed for {meta.model_name}: {first_line(exc)}") from exc
+    check_graph(proto, meta.outputs, meta.channels, opset)
+    return proto
+
+
+def _parity(
+    proto: onnx.ModelProto,
+    references: dict[str, nn.Module],
+    info: dict[str, Any],
+    min_side: int,
+    *,
+    parity_images: int,
+    images_dir: str | Path | None,
+    fp16: bool,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """The parity gate's figures (it raises when the graph does not compute what PyTorch does)."""
+    channels = loader_config(info).channels
+    inputs = parity_inputs(info, channels, min_side, parity_images=parity_images, images_dir=images_dir)
+    for s in inputs.real_skipped:
+        log(f"parity: skipped image {s}")
+    if parity_images > 0 and inputs.real_images == 0:
+        src = f"--images {images_dir}" if images_dir is not None else "the checkpoint's val_paths"
+        log(f"parity: warning: no usable images in {src}; checked on random inputs only")
+    return check_parity(proto.SerializeToString(), references, inputs, fp16=fp16)
+
+
+def _earned(
+    proto: onnx.ModelProto,
+    meta: ModelMetadata,
+    info: dict[str, Any],
+    int8: tuple[Int8Config, Int8Plan] | None,
+    earn: Callable[[bytes, ModelMetadata], dict[str, Any]],
+    log: Callable[[str], None],
+) -> tuple[bytes, ModelMetadata, float | None]:
+    """The bytes to write: cut points and threshold earned on the graph that ships (the int8 one when
+    asked), and the seconds int8 took."""
+    set_metadata(proto, meta)
+    data = proto.SerializeToString()
+    if meta.grading.get("rule") == "cuts":  # the fp32 graph's own cut points (int8 re-earns them below)
+        meta = replace(meta, grading=earn_cuts(data, meta, info, log))
+        set_metadata(proto, meta)
+        data = proto.SerializeToString()
+    int8_s = None
+    if int8 is not None:
+        t0 = time.perf_counter()
+        data, figures, earned = quantize_model(data, meta, int8[0], int8[1], log, earn)
+        parity = {**meta.parity, "graph": "fp32, before int8 quantisation"}
+        meta = replace(meta, int8=True, quantization=figures, parity=parity)
+        meta = replace(meta, grading=earn_cuts(data, meta, info, log))  # written with the threshold below
+        int8_s = time.perf_counter() - t0
+    else:
+        earned = earn(data, meta)
+    meta = replace(meta, **earned)
+    return with_metadata(data, meta), meta, int8_s
 
 
 def export_model(
@@ -372,112 +359,48 @@ def export_model(
     the parity gate, which must then catch it.
     """
     t_start = time.perf_counter()
-    out = Path(output)
-    if out.is_dir():
-        raise ExportError(f"output {out} is a directory; expected a file path such as model.onnx")
-    if opset < MIN_OPSET:
-        raise ExportError(f"--opset {opset} is too old: defectscope exports need opset >= {MIN_OPSET}")
-    if fp16 and int8 is not None:
-        raise ExportError("--fp16 and --int8 exclude each other: fp16 is for GPUs, int8 for CPUs")
+    out = _checked_request(output, opset, fp16, int8)
     meta = build_metadata(
-        info,
-        model,
-        cam=cam,
-        fp16=fp16,
-        threshold=threshold,
-        checkpoint_sha256=checkpoint_sha256,
-        tta=tta,
-        cuts_for=cuts_for,
-    )
-    in_chans = getattr(model, "in_chans", meta.channels)
-    if in_chans != meta.channels:
-        raise ExportError(
-            f"model has in_chans={in_chans} but the checkpoint's loader has channels={meta.channels}"
-        )
-    link, _ = checkpoint_grading(info)
-    try:
-        n_out = head_linear(model).out_features
-    except TypeError as exc:
-        raise ExportError(str(exc)) from None
-    if n_out != raw_outputs(len(meta.class_names), link):
-        raise ExportError(
-            f"model has {n_out} outputs but the checkpoint names {len(meta.class_names)} classes "
-            f"{meta.class_names!r} ({link} link)"
-        )
-    min_side = int(getattr(model, "min_input_size", 1))
-    if meta.loader.min_size < min_side:  # the runtime would pass images the graph cannot run
-        raise ExportError(
-            f"the checkpoint's loader admits sides from {meta.loader.min_size} px but model {info['model_name']!r} "
-            f"needs at least {min_side} px (min_input_size): retrain with data.loader.min_size >= {min_side}"
-        )
-    plan = plan_int8(info, images_dir, int8, log) if int8 is not None else None
+        info, model, cam=cam, fp16=fp16, threshold=threshold, checkpoint_sha256=checkpoint_sha256,
+        tta=tta, cuts_for=cuts_for,
+    )  # fmt: skip
+    link, min_side = _model_fits(model, info, meta)
+    int8_plan = (int8, plan_int8(info, images_dir, int8, log)) if int8 is not None else None
     threshold_plan = plan_threshold(info, images_dir, target_recall=target_recall, by_hand=threshold, log=log)
     model = model.eval()
-
-    fused, report = fuse_conv_bn_report(model)
-    log(f"fuse: {report.summary()}")
-    if report.kept:
-        try:
-            frozen = replace_bn_with_affine(fused)
-        except ValueError as exc:
-            raise ExportError(str(exc)) from None
-        log(f"fuse: exporting unfoldable BatchNorm {', '.join(frozen)} as per-channel Mul/Add")
+    fused, report = _fused(model, log)
     t_fused = time.perf_counter()
 
     references: dict[str, nn.Module] = {"fused": with_link(fused, link), "unfused": with_link(model, link)}
     if tta != "none":
         references = {name: FlipTTA(m, tta).eval() for name, m in references.items()}
-    graph = references["fused"]
-    wrapper = ExportWrapper(copy.deepcopy(graph) if fp16 else graph, cam=cam, fp16=fp16).eval()
-    try:
-        proto = to_onnx(wrapper, meta.channels, min_side, opset)
-    except ExportError:
-        raise
-    except Exception as exc:
-        raise ExportError(f"torch.onnx.export failed for {meta.model_name}: {_first_line(exc)}") from exc
-    check_graph(proto, meta.outputs, meta.channels, opset)
+    proto = _graph(references["fused"], meta, min_side, opset, cam=cam, fp16=fp16)
     if tamper is not None:
         tamper(proto)
     t_exported = time.perf_counter()
-
-    inputs = parity_inputs(info, meta.channels, min_side, parity_images=parity_images, images_dir=images_dir)
-    for s in inputs.real_skipped:
-        log(f"parity: skipped image {s}")
-    if parity_images > 0 and inputs.real_images == 0:
-        src = f"--images {images_dir}" if images_dir is not None else "the checkpoint's val_paths"
-        log(f"parity: warning: no usable images in {src}; checked on random inputs only")
-    numbers = check_parity(proto.SerializeToString(), references, inputs, fp16=fp16)
+    numbers = _parity(
+        proto,
+        references,
+        info,
+        min_side,
+        parity_images=parity_images,
+        images_dir=images_dir,
+        fp16=fp16,
+        log=log,
+    )
     t_parity = time.perf_counter()
-
-    meta = replace(meta, parity=numbers)
-    set_metadata(proto, meta)
-    data = proto.SerializeToString()
-    if meta.grading.get("rule") == "cuts":  # the fp32 graph's own cut points (int8 re-earns them below)
-        meta = replace(meta, grading=earn_cuts(data, meta, info, log))
-        set_metadata(proto, meta)
-        data = proto.SerializeToString()
-    t_quant = t_parity
     earn = partial(earn_threshold, plan=threshold_plan)
-    if int8 is not None and plan is not None:
-        data, figures, earned = quantize_model(data, meta, int8, plan, log, earn)
-        parity = {**meta.parity, "graph": "fp32, before int8 quantisation"}
-        meta = replace(meta, int8=True, quantization=figures, parity=parity)
-        meta = replace(meta, grading=earn_cuts(data, meta, info, log))  # written with the threshold below
-        t_quant = time.perf_counter()
-    else:
-        earned = earn(data, meta)
-    meta = replace(meta, **earned)
-    data = with_metadata(data, meta)
-    t_threshold = time.perf_counter()
+    data, meta, int8_s = _earned(proto, replace(meta, parity=numbers), info, int8_plan, earn, log)
+    t_earned = time.perf_counter()
     atomic_write_bytes(out, data)
     t_end = time.perf_counter()
     seconds = {
         "fuse": round(t_fused - t_start, 3),
         "export": round(t_exported - t_fused, 3),
         "parity": round(t_parity - t_exported, 3),
-        **({"int8": round(t_quant - t_parity, 3)} if int8 is not None else {}),
-        "threshold": round(t_threshold - t_quant, 3),
-        "write": round(t_end - t_threshold, 3),
+        **({"int8": round(int8_s, 3)} if int8_s is not None else {}),
+        "threshold": round(t_earned - t_parity - (int8_s or 0.0), 3),
+        "write": round(t_end - t_earned, 3),
         "total": round(t_end - t_start, 3),
     }
     return ExportResult(out, len(data), seconds, numbers, meta, report, data)

@@ -24,6 +24,8 @@ from torch import nn
 from defectscope.runtime.files import is_image_name, read_path_list
 from defectscope.runtime.image import ImageLoadError, LoaderConfig, load_image, normalize_batch
 
+from .errors import ExportError
+
 FP32_PROB_TOL = 1e-4
 FP16_PROB_TOL = 2e-2
 FP32_CAM_REL_TOL = 1e-4
@@ -83,6 +85,14 @@ def list_images(source: str | os.PathLike[str]) -> list[str]:
             f"{d}: --images must be an existing directory of images or a text file listing image paths"
         )
     return sorted(str(p) for p in d.rglob("*") if is_image_name(p.name) and p.is_file())
+
+
+def image_paths(info: dict[str, Any], images_dir: str | Path | None) -> list[str]:
+    """Real images for the gates: ``images_dir`` (recursive) or the checkpoint's validation paths."""
+    try:
+        return list_images(images_dir) if images_dir is not None else list(info.get("val_paths") or [])
+    except FileNotFoundError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def load_groups(

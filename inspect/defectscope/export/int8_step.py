@@ -1,0 +1,130 @@
+"""The int8 step of an export: choose its images before any work, then calibrate, quantise and gate
+the verified fp32 graph (the quantiser and the gate are :mod:`.quantize`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from defectscope.runtime.image import normalize_batch
+from defectscope.runtime.metadata import ModelMetadata
+
+from .errors import ExportError, first_line
+from .parity import image_paths, load_groups, real_batches
+from .quantize import (
+    MIN_CHECK_IMAGES,
+    Int8Config,
+    Int8GateError,
+    QuantizationError,
+    check_int8,
+    quantize_qdq,
+    split_paths,
+)
+
+
+def _chunks(batches: list[Any], size: int) -> list[Any]:
+    return [b[i : i + size] for b in batches for i in range(0, len(b), size)]
+
+
+@dataclass
+class Int8Plan:
+    """The images int8 calibrates and gates on, chosen before any export work is done."""
+
+    calib: list[str]
+    check: list[str]
+    source: str
+
+
+def plan_int8(
+    info: dict[str, Any], images_dir: str | Path | None, cfg: Int8Config, log: Callable[[str], None]
+) -> Int8Plan:
+    """List and split the int8 images up front, so a bad request fails before the export runs."""
+    source = f"--images {images_dir}" if images_dir is not None else "the checkpoint's val_paths"
+    listed = image_paths(info, images_dir)
+    exists = [os.path.isfile(p) for p in listed]
+    present = [p for p, ok in zip(listed, exists) if ok]
+    missing = [p for p, ok in zip(listed, exists) if not ok]
+    if missing:
+        log(
+            f"int8: {len(missing)} of {len(listed)} images in {source} do not exist here (first: {missing[0]})"
+        )
+    try:
+        calib, check = split_paths(present, cfg)
+    except QuantizationError as exc:
+        hint = (
+            "add line images to it" if images_dir is not None else "pass --images DIR|LIST with line images"
+        )
+        raise ExportError(f"{exc} in {source}; {hint}") from None
+    return Int8Plan(calib, check, source)
+
+
+def quantize_model(
+    fp32_bytes: bytes,
+    meta: ModelMetadata,
+    cfg: Int8Config,
+    plan: Int8Plan,
+    log: Callable[[str], None],
+    earn: Callable[[bytes, ModelMetadata], dict[str, Any]],
+) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
+    """Calibrate, quantise and gate (see :mod:`.quantize`).
+
+    The gate compares the verdicts each graph would ship with, so ``earn`` (the threshold chosen on
+    a graph's own validation scores) runs on both; returns the int8 bytes, the gate's figures and
+    the int8 graph's earned threshold fields.
+    """
+    loader = meta.loader
+    calib, n_calib, skipped = load_groups(plan.calib, loader, len(plan.calib))
+    check, n_check, skipped2 = real_batches(plan.check, loader, meta.mean, meta.std, len(plan.check))
+    bad = skipped + skipped2
+    if bad:
+        log(f"int8: skipped {len(bad)} unreadable image(s) in {plan.source} (first: {bad[0]})")
+    if n_calib == 0 or n_check < MIN_CHECK_IMAGES:
+        raise ExportError(
+            f"int8: {n_calib} readable calibration and {n_check} readable check images in {plan.source}; "
+            f"need >= 1 and >= {MIN_CHECK_IMAGES}"
+        )
+    log(
+        f"int8: calibrating ({cfg.method}) on {n_calib} images, gate on {n_check} held-back images from {plan.source}"
+    )
+    try:
+        int8_bytes = quantize_qdq(
+            fp32_bytes, _chunks(calib, 16), cfg, lambda imgs: normalize_batch(imgs, meta.mean, meta.std)
+        )
+        onnx.checker.check_model(onnx.load_from_string(int8_bytes), full_check=True)
+        fp32_threshold = float(earn(fp32_bytes, meta)["threshold"])
+        earned = earn(int8_bytes, replace(meta, int8=True))
+        numbers = check_int8(
+            fp32_bytes,
+            int8_bytes,
+            _chunks(check, 16),
+            ng_indices=meta.ng_indices,
+            thresholds=(fp32_threshold, float(earned["threshold"])),
+            min_agreement=cfg.min_agreement,
+            grading=meta.grader,
+        )
+    except Int8GateError:
+        raise
+    except Exception as exc:  # the quantiser and ORT raise many unrelated types
+        raise ExportError(f"int8: quantisation failed: {first_line(exc)}") from exc
+    speedup = numbers.get("speedup_vs_fp32_cpu")
+    if isinstance(speedup, float) and speedup < 1.0:
+        log(
+            f"int8: warning: int8 ran {speedup:.2f}x the fp32 speed on this CPU (no VNNI, or a model too small "
+            "to gain); measure on the line PC with deploy/bench_inspect.py before deploying it"
+        )
+    numbers = {
+        "format": "QDQ",
+        "weights": "int8 per channel" + (" (7-bit, reduce_range)" if cfg.reduce_range else ""),
+        "activations": "uint8 per tensor",
+        "calibration": cfg.method,
+        "calib_images": n_calib,
+        "fp32_threshold": fp32_threshold,
+        "int8_threshold": float(earned["threshold"]),
+        **numbers,
+    }
+    return int8_bytes, numbers, earned
