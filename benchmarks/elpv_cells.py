@@ -21,6 +21,7 @@ GRADES = ("p0", "p33", "p67", "p100")
 DEFECTIVE_GRADES = ("p67", "p100")
 BINARY = ("functional", "defective")
 MODULE_TYPES = ("mono", "poly")
+#: the DataModule's default validation fraction; it does not affect which cells are in the test split
 VAL_FRACTION = 0.15
 
 

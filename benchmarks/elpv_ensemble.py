@@ -23,13 +23,23 @@ from elpv_cells import GRADES, metrics
 
 
 def read_rows(path: Path) -> dict[str, dict[str, Any]]:
-    """Rows of one prediction file by cell path; refused unless they carry the 4 grades' probabilities."""
+    """Rows of one prediction file by cell path; refused unless each carries a grade and the 4 grades'
+    probabilities."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"{path}: cannot be read: {exc}") from None
     rows: dict[str, dict[str, Any]] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        row = json.loads(line)
-        if sorted(row.get("probs", {})) != sorted(GRADES):
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise SystemExit(f"{path}:{n}: not a JSON row of benchmarks/elpv.py --predictions") from None
+        if not isinstance(row, dict) or sorted(row.get("probs") or {}) != sorted(GRADES) or "path" not in row:
             raise SystemExit(f"{path}:{n}: expected probabilities for {', '.join(GRADES)}")
         rows[row["path"]] = row
+    if not rows:
+        raise SystemExit(f"{path}: no prediction rows")
     return rows
 
 
@@ -40,6 +50,8 @@ def averaged_rows(files: list[Path]) -> list[dict[str, Any]]:
     for f, m in zip(files[1:], members[1:]):
         if sorted(m) != cells:
             raise SystemExit(f"{f}: not the same cells as {files[0]}")
+        if any(m[c]["grade"] != members[0][c]["grade"] for c in cells):
+            raise SystemExit(f"{f}: grades differ from {files[0]} for the same cells")
     out = []
     for cell in cells:
         probs = {g: sum(m[cell]["probs"][g] for m in members) / len(members) for g in GRADES}
@@ -61,14 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     overall = metrics(averaged_rows(args.predictions), "4class")["overall"]
     four, binary, op = overall["four_class"], overall["binary"], overall["operating_point"]
+    frr = {k: (op.get(k) or {}).get("false_reject_rate_p0") for k in ("recall_95", "recall_99")}
     print(
         f"{len(args.predictions)} models: 4-class {100 * four['accuracy']:.2f} %, "
         f"binary {100 * binary['accuracy']:.2f} %, balanced {100 * four['balanced_accuracy']:.2f} %, "
         f"QWK {four['qwk']:.3f}, false rejects (p0) at 95 / 99 % recall "
-        f"{100 * op['recall_95']['false_reject_rate_p0']:.1f} / {100 * op['recall_99']['false_reject_rate_p0']:.1f} %"
+        + " / ".join("n/a" if v is None else f"{100 * v:.1f}" for v in frr.values())
+        + " %"
     )
     if args.out:
         doc = {"members": [str(f) for f in args.predictions], "metrics": overall}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     return 0
 

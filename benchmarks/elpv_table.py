@@ -17,6 +17,7 @@ from elpv_cells import MODULE_TYPES
 
 SEED_LABEL = re.compile(r"^(?P<group>.+)-s(?P<seed>\d+)$")
 
+#: published figures on ELPV (their protocols; not re-run here). Accuracies in %, None = not reported.
 REFERENCES: list[dict[str, Any]] = [
     {
         "label": "Deitsch et al. 2019, CNN (fine-tuned VGG-19)",

@@ -71,3 +71,20 @@ def test_files_of_other_cells_or_classes_are_refused(tmp_path: Path) -> None:
         done.returncode != 0
         and done.stderr.strip() == f"{binary}:1: expected probabilities for p0, p33, p67, p100"
     )
+
+
+def test_unreadable_files_get_one_line_errors(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"path": "c1", "probs": \n', encoding="utf-8")
+    missing = tmp_path / "missing.jsonl"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("", encoding="utf-8")
+    for path, message in (
+        (broken, f"{broken}:1: not a JSON row of benchmarks/elpv.py --predictions"),
+        (empty, f"{empty}: no prediction rows"),
+    ):
+        done = _run(str(path))
+        assert done.returncode != 0 and done.stderr.strip() == message
+    done = _run(str(missing))
+    assert done.returncode != 0 and done.stderr.startswith(f"{missing}: cannot be read:")
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1

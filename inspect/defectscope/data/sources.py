@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import inspect
 import io
-import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,15 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from ..runtime.files import IMAGE_EXTENSIONS
+from .errors import SourceError
 from .synth_cache import SYNTH_MARKER, ensure_synthetic
 
 SPLITS = ("train", "val", "test")
-
-log = logging.getLogger(__name__)
-
-
-class SourceError(ValueError):
-    """A source is misconfigured or its listing is inconsistent; the message names the file or key."""
 
 
 @dataclass

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import SourceError
+
 SYNTH_MARKER = ".defectscope-synth.json"
 
 log = logging.getLogger(__name__)
@@ -90,7 +92,6 @@ def ensure_synthetic(
     others wait and reuse its result.
     """
     from ..synth import REGIONS, generate
-    from .sources import SourceError  # here: sources imports this module
 
     if region not in REGIONS:
         raise SourceError(f"data.source.region must be one of {', '.join(REGIONS)}, got {region!r}")

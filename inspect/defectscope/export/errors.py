@@ -1,4 +1,5 @@
-"""The export error every part of export raises (parity and the int8 gate have their own), and its one-line form."""
+"""Export errors: the one every part of export raises (parity and the int8 gate have their own), and
+the one-line form of a foreign error."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ class ExportError(ValueError):
     """The checkpoint/model cannot be exported as asked; the message says what and why."""
 
 
-def first_line(exc: BaseException) -> str:
-    """``Type: first line of the message``: what a one-line CLI error can carry of a foreign exception."""
+def typed_first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` of a foreign exception (torch, the quantiser, ORT), for a one-line
+    export error; unlike :func:`defectscope.runtime.ortlog.first_line` it names the type."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"

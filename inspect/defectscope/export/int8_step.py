@@ -14,7 +14,7 @@ import onnx
 from defectscope.runtime.image import normalize_batch
 from defectscope.runtime.metadata import ModelMetadata
 
-from .errors import ExportError, first_line
+from .errors import ExportError, typed_first_line
 from .parity import image_paths, load_groups, real_batches
 from .quantize import (
     MIN_CHECK_IMAGES,
@@ -110,7 +110,7 @@ def quantize_model(
     except Int8GateError:
         raise
     except Exception as exc:  # the quantiser and ORT raise many unrelated types
-        raise ExportError(f"int8: quantisation failed: {first_line(exc)}") from exc
+        raise ExportError(f"int8: quantisation failed: {typed_first_line(exc)}") from exc
     speedup = numbers.get("speedup_vs_fp32_cpu")
     if isinstance(speedup, float) and speedup < 1.0:
         log(

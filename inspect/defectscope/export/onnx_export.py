@@ -28,7 +28,7 @@ from defectscope.runtime.image import LoaderConfig
 from defectscope.runtime.metadata import METADATA_KEY, MetadataError, ModelMetadata
 
 from .atomic import atomic_write_bytes
-from .errors import ExportError, first_line
+from .errors import ExportError, typed_first_line
 from .fuse import FuseReport, fuse_conv_bn_report, replace_bn_with_affine
 from .grading import GradingExportError, checkpoint_grading, earn_cuts
 from .int8_step import Int8Plan, plan_int8, quantize_model
@@ -269,7 +269,7 @@ def _graph(
     except ExportError:
         raise
     except Exception as exc:
-        raise ExportError(f"torch.onnx.export failed for {meta.model_name}: {first_line(exc)}") from exc
+        raise ExportError(f"torch.onnx.export failed for {meta.model_name}: {typed_first_line(exc)}") from exc
     check_graph(proto, meta.outputs, meta.channels, opset)
     return proto
 
@@ -278,6 +278,7 @@ def _parity(
     proto: onnx.ModelProto,
     references: dict[str, nn.Module],
     info: dict[str, Any],
+    channels: int,
     min_side: int,
     *,
     parity_images: int,
@@ -286,7 +287,6 @@ def _parity(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """The parity gate's figures (it raises when the graph does not compute what PyTorch does)."""
-    channels = loader_config(info).channels
     inputs = parity_inputs(info, channels, min_side, parity_images=parity_images, images_dir=images_dir)
     for s in inputs.real_skipped:
         log(f"parity: skipped image {s}")
@@ -304,8 +304,9 @@ def _earned(
     earn: Callable[[bytes, ModelMetadata], dict[str, Any]],
     log: Callable[[str], None],
 ) -> tuple[bytes, ModelMetadata, float | None]:
-    """The bytes to write: cut points and threshold earned on the graph that ships (the int8 one when
-    asked), and the seconds int8 took."""
+    """The bytes to write and their metadata: cut points and threshold earned on the graph that ships
+    (the int8 one when asked); and the seconds from here to the int8 graph, when int8 was asked."""
+    t0 = time.perf_counter()
     set_metadata(proto, meta)
     data = proto.SerializeToString()
     if meta.grading.get("rule") == "cuts":  # the fp32 graph's own cut points (int8 re-earns them below)
@@ -314,7 +315,6 @@ def _earned(
         data = proto.SerializeToString()
     int8_s = None
     if int8 is not None:
-        t0 = time.perf_counter()
         data, figures, earned = quantize_model(data, meta, int8[0], int8[1], log, earn)
         parity = {**meta.parity, "graph": "fp32, before int8 quantisation"}
         meta = replace(meta, int8=True, quantization=figures, parity=parity)
@@ -382,6 +382,7 @@ def export_model(
         proto,
         references,
         info,
+        meta.channels,
         min_side,
         parity_images=parity_images,
         images_dir=images_dir,
