@@ -165,6 +165,7 @@ def test_export_chooses_the_cut_points_for_what_it_is_told(
     assert meta.grading["cuts"] == pytest.approx(list(choose_cuts(e, np.concatenate(targets), 4)))
     # the checkpoint's cuts are for balanced accuracy: without its validation images they cannot be
     # re-chosen for accuracy, and the file would carry cuts that were not chosen for what it says
+    logged: list[str] = []
     with pytest.raises(ExportError, match=r"--cuts-for accuracy re-chooses .* only 0 of them are here"):
         export_model(
             model,
@@ -172,8 +173,9 @@ def test_export_chooses_the_cut_points_for_what_it_is_told(
             tmp_path / "a.onnx",
             cuts_for="accuracy",
             threshold=0.5,
-            log=print,
+            log=logged.append,
         )
+    assert logged == []  # refused before fusion, export and the parity gate
     model, info = load_checkpoint(trained["corn"][0])
     with pytest.raises(ExportError, match=r"--cuts-for applies to models graded by cut points .* 'median'"):
         export_model(model, info, tmp_path / "c.onnx", cuts_for="balanced", log=lambda _: None)

@@ -73,26 +73,42 @@ def checkpoint_grading(info: dict[str, Any], cuts_for: str | None = None) -> tup
             grading = Grading("cuts", grading.cuts, checked_cuts_for(cuts_for, "--cuts-for"))
         except GradingError as exc:
             raise GradingExportError(str(exc)) from None
+        if grading.cuts_for != entry.get("cuts_for", CUTS_FOR[0]):  # refused before any export work
+            _check_enough_to_rechoose(grading.cuts_for, len(labelled_paths(info, info["class_names"])))
     return str(link), grading.to_doc()
+
+
+def _check_enough_to_rechoose(cuts_for: str, n: int) -> None:
+    if n < MIN_CUT_IMAGES:
+        raise GradingExportError(
+            f"--cuts-for {cuts_for} re-chooses the cut points on the checkpoint's validation images, but "
+            f"only {n} of them are here (>= {MIN_CUT_IMAGES} needed); export where they are"
+        )
+
+
+def labelled_paths(info: dict[str, Any], class_names: list[str]) -> list[tuple[str, int]]:
+    """The checkpoint's validation images that exist here, with their class indices."""
+    paths, labels = info.get("val_paths") or [], info.get("val_labels") or []
+    return [
+        (path, class_names.index(label))
+        for path, label in zip(paths, labels)
+        if label in class_names and os.path.isfile(path)
+    ]
 
 
 def labelled_batches(
     info: dict[str, Any], meta: ModelMetadata
 ) -> tuple[list[np.ndarray], list[np.ndarray], int]:
     """The checkpoint's validation images (that exist here) as normalised batches by shape, with labels."""
-    names = list(meta.class_names)
     groups: dict[tuple[int, ...], tuple[list[np.ndarray], list[int]]] = {}
-    paths, labels = info.get("val_paths") or [], info.get("val_labels") or []
-    for path, label in zip(paths, labels):
-        if label not in names or not os.path.isfile(path):
-            continue
+    for path, label in labelled_paths(info, list(meta.class_names)):
         try:
             arr = load_image(path, meta.loader)
         except ImageLoadError:
             continue
         images, classes = groups.setdefault(arr.shape, ([], []))
         images.append(arr)
-        classes.append(names.index(label))
+        classes.append(label)
     batches = [normalize_batch(imgs, meta.mean, meta.std) for imgs, _ in groups.values()]
     targets = [np.asarray(cls, dtype=np.int64) for _, cls in groups.values()]
     return batches, targets, sum(len(t) for t in targets)
@@ -107,11 +123,8 @@ def earn_cuts(
     cuts_for = str(meta.grading.get("cuts_for", CUTS_FOR[0]))
     batches, targets, n = labelled_batches(info, meta)
     if n < MIN_CUT_IMAGES:
-        if cuts_for != (info.get("grading") or {}).get("cuts_for", CUTS_FOR[0]):  # asked to change them
-            raise GradingExportError(
-                f"--cuts-for {cuts_for} re-chooses the cut points on the checkpoint's validation images, but "
-                f"only {n} of them are here (>= {MIN_CUT_IMAGES} needed); export where they are"
-            )
+        if cuts_for != (info.get("grading") or {}).get("cuts_for", CUTS_FOR[0]):  # some were unreadable
+            _check_enough_to_rechoose(cuts_for, n)
         log(
             f"grading: {n} labelled validation images here (< {MIN_CUT_IMAGES}); keeping training's cut points"
         )
