@@ -16,8 +16,8 @@ from defectscope.runtime.files import checkpoint_file_problem
 from defectscope.runtime.grading import CUTS_FOR
 from defectscope.runtime.metadata import TTA_NAMES
 
-from .onnx_export import MIN_OPSET
-from .quantize import INT8_METHODS
+from .onnx_export import MIN_OPSET, ExportResult
+from .quantize import INT8_METHODS, Int8Config
 
 
 def _threshold(text: str) -> float:
@@ -200,6 +200,42 @@ def _fail(code: int, message: str) -> int:
     return code
 
 
+def _int8_config(args: argparse.Namespace) -> Int8Config | None:
+    """The int8 options as the library's typed config (None without --int8); checked on creation."""
+    if not args.int8:
+        return None
+    return Int8Config(
+        calib_images=args.calib_images,
+        check_images=args.check_images,
+        method=args.calibration,
+        reduce_range=args.reduce_range,
+        min_agreement=args.min_agreement,
+    )
+
+
+def print_result(result: ExportResult) -> None:
+    """What the export measured and wrote: parity, the int8 gate, the threshold's origin, time and size."""
+    from .parity import format_numbers
+
+    p = result.parity
+    print(
+        f"parity (ONNX Runtime CPU vs PyTorch fused and unfused; {len(p['random_shapes'])} random batches, "
+        f"{p['real_images']} real images):"
+    )
+    print(format_numbers({k: v for k, v in p.items() if k != "random_shapes"}))
+    if result.metadata.int8:
+        print("int8 gate (int8 vs fp32 ONNX Runtime CPU, held-back images):")
+        print(format_numbers(result.metadata.quantization))
+    print("\n".join(threshold_summary(result.metadata.threshold_source)))
+    s = result.seconds
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in s.items() if k != "total")
+    print(f"export time: {s['total']:.2f} s ({parts})")
+    print(
+        f"file size: {result.size_bytes / 1e6:.2f} MB ({result.size_bytes} bytes), {result.metadata.variant}"
+    )
+    print(f"wrote {result.path.resolve()}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -213,20 +249,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not_a_checkpoint:
         return _fail(2, not_a_checkpoint)
 
-    from .quantize import Int8Config, Int8GateError, QuantizationError
+    from .quantize import Int8GateError, QuantizationError
 
     try:
-        int8 = (
-            Int8Config(
-                calib_images=args.calib_images,
-                check_images=args.check_images,
-                method=args.calibration,
-                reduce_range=args.reduce_range,
-                min_agreement=args.min_agreement,
-            )
-            if args.int8
-            else None
-        )
+        int8 = _int8_config(args)
     except QuantizationError as exc:
         return _fail(2, str(exc))
 
@@ -270,23 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_numbers(exc.numbers), file=sys.stderr)
         return _fail(1, f"{exc}; nothing was written to {args.output}")
 
-    p = result.parity
-    print(
-        f"parity (ONNX Runtime CPU vs PyTorch fused and unfused; {len(p['random_shapes'])} random batches, "
-        f"{p['real_images']} real images):"
-    )
-    print(format_numbers({k: v for k, v in p.items() if k != "random_shapes"}))
-    if result.metadata.int8:
-        print("int8 gate (int8 vs fp32 ONNX Runtime CPU, held-back images):")
-        print(format_numbers(result.metadata.quantization))
-    print("\n".join(threshold_summary(result.metadata.threshold_source)))
-    s = result.seconds
-    parts = ", ".join(f"{k} {v:.2f}" for k, v in s.items() if k != "total")
-    print(f"export time: {s['total']:.2f} s ({parts})")
-    print(
-        f"file size: {result.size_bytes / 1e6:.2f} MB ({result.size_bytes} bytes), {result.metadata.variant}"
-    )
-    print(f"wrote {result.path.resolve()}")
+    print_result(result)
 
     if args.mlflow:
         try:
