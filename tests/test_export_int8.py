@@ -23,6 +23,7 @@ from defectscope.export.quantize import (
     Int8GateError,
     QuantizationError,
     check_int8,
+    cpu_has_vnni,
     quantize_qdq,
     split_paths,
 )
@@ -188,6 +189,19 @@ def test_gate_failure_exits_1_names_the_figures_and_writes_nothing(
     assert "3 of 43 images in --images" in cap.out and gone[0] in cap.out
     assert "int8 gate failed on 16 held-back images" in cap.err and "top1_agreement" in cap.err
     assert f"nothing was written to {out}" in cap.err and not out.exists()
+    # on a CPU without VNNI (8-bit products saturate) the error says what to try; with VNNI it does not
+    assert ("try --reduce-range" in cap.err) == (cpu_has_vnni() is False)
+
+
+def test_cpu_has_vnni_reads_the_flags(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n")
+    assert cpu_has_vnni(str(info)) is True
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2\n")
+    assert cpu_has_vnni(str(info)) is False
+    info.write_text("processor\t: 0\n")
+    assert cpu_has_vnni(str(info)) is None
+    assert cpu_has_vnni(str(tmp_path / "absent")) is None
 
 
 def test_int8_bad_requests_exit_2_and_write_nothing(

@@ -22,6 +22,7 @@ from .quantize import (
     Int8GateError,
     QuantizationError,
     check_int8,
+    cpu_has_vnni,
     quantize_qdq,
     split_paths,
 )
@@ -107,7 +108,10 @@ def quantize_model(
             min_agreement=cfg.min_agreement,
             grading=meta.grader,
         )
-    except Int8GateError:
+    except Int8GateError as exc:
+        if not cfg.reduce_range and cpu_has_vnni() is False:
+            hint = "; this CPU has no VNNI, where 8-bit products can saturate: try --reduce-range"
+            raise Int8GateError(f"{exc}{hint}", exc.numbers) from None
         raise
     except Exception as exc:  # the quantiser and ORT raise many unrelated types
         raise ExportError(f"int8: quantisation failed: {typed_first_line(exc)}") from exc

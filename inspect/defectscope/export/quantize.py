@@ -57,6 +57,18 @@ class Int8GateError(RuntimeError):
         self.numbers = numbers
 
 
+def cpu_has_vnni(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """Whether this CPU multiplies uint8 x int8 without saturating (AVX512-VNNI or AVX-VNNI); None where
+    its flags cannot be read (not Linux).  Without VNNI a failed gate is often saturation, which
+    ``reduce_range`` avoids."""
+    try:
+        with open(cpuinfo, encoding="utf-8") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), None)
+    except OSError:
+        return None
+    return None if flags is None else bool({"avx512_vnni", "avx_vnni"} & set(flags))
+
+
 @dataclass(frozen=True)
 class Int8Config:
     """Calibration and gate settings (``defectscope export --int8 ...``)."""
