@@ -18,8 +18,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from elpv_cells import GRADES, metrics
+from elpv_cells import GRADES, Cell, metrics
+from elpv_models import prediction_rows
 
 
 def read_rows(path: Path) -> dict[str, dict[str, Any]]:
@@ -37,6 +40,10 @@ def read_rows(path: Path) -> dict[str, dict[str, Any]]:
             raise SystemExit(f"{path}:{n}: not a JSON row of benchmarks/elpv.py --predictions") from None
         if not isinstance(row, dict) or sorted(row.get("probs") or {}) != sorted(GRADES) or "path" not in row:
             raise SystemExit(f"{path}:{n}: expected probabilities for {', '.join(GRADES)}")
+        if row.get("grade") not in GRADES:
+            raise SystemExit(
+                f"{path}:{n}: grade must be one of {', '.join(GRADES)}, got {row.get('grade')!r}"
+            )
         rows[row["path"]] = row
     if not rows:
         raise SystemExit(f"{path}: no prediction rows")
@@ -46,24 +53,16 @@ def read_rows(path: Path) -> dict[str, dict[str, Any]]:
 def averaged_rows(files: list[Path]) -> list[dict[str, Any]]:
     """One row per cell with the members' mean probabilities, argmax grade and P(defect) verdict."""
     members = [read_rows(f) for f in files]
-    cells = sorted(members[0])
+    first = members[0]
+    paths = sorted(first)
     for f, m in zip(files[1:], members[1:]):
-        if sorted(m) != cells:
+        if sorted(m) != paths:
             raise SystemExit(f"{f}: not the same cells as {files[0]}")
-        if any(m[c]["grade"] != members[0][c]["grade"] for c in cells):
+        if any(m[c]["grade"] != first[c]["grade"] for c in paths):
             raise SystemExit(f"{f}: grades differ from {files[0]} for the same cells")
-    out = []
-    for cell in cells:
-        probs = {g: sum(m[cell]["probs"][g] for m in members) / len(members) for g in GRADES}
-        p_def = probs["p67"] + probs["p100"]
-        first = members[0][cell]
-        out.append({
-            key: first[key] for key in ("path", "module_type", "grade", "true_defective")
-        } | {
-            "probs": probs, "p_defective": p_def, "pred_defective": p_def >= 0.5,
-            "pred_grade": max(GRADES, key=probs.__getitem__),
-        })  # fmt: skip
-    return out
+    probs = np.array([[sum(m[c]["probs"][g] for m in members) / len(members) for g in GRADES] for c in paths])
+    cells = [Cell(c, first[c]["grade"], first[c].get("module_type", "unknown")) for c in paths]
+    return prediction_rows(cells, probs, GRADES, "4class")  # argmax grade, the protocol's P(defect) verdict
 
 
 def main(argv: list[str] | None = None) -> int:
