@@ -100,21 +100,11 @@ def inspect_args(threads: int, batch_size: int, workers: int) -> list[str]:
     ]
 
 
-def run_e2e(
-    onnx_path: Path, paths: list[Path], workdir: Path, threads: int, batch_size: int, workers: int
-) -> dict[str, Any]:
-    """Decode-only, compute-only and the real inspect run over the same ``paths``."""
-    from defectscope.runtime import Inspector
-    from defectscope.runtime.pipeline import Batcher, decode, decode_stream
+def _decode_times(names: list[str], cfg: Any, workers: int, window: int) -> tuple[list[Any], float, float]:
+    """The decoded items and the seconds per image to decode them on one thread and on ``workers``."""
+    from defectscope.runtime.pipeline import decode, decode_stream
 
-    n = len(paths)
-    names = [str(p) for p in paths]
-    for p in paths:  # page cache: every pass below (and inspect) reads warm files
-        p.read_bytes()
-    inspector = Inspector(onnx_path, provider="cpu", threads=threads, log=lambda _m: None)
-    cfg = inspector.loader_config
-    window = max(2 * workers, batch_size) + workers  # as `defectscope inspect` sizes it
-
+    n = len(names)
     t0 = time.perf_counter()
     items = [decode(p, cfg) for p in names]
     t_dec1 = (time.perf_counter() - t0) / n
@@ -124,10 +114,16 @@ def run_e2e(
     bad = [it.path for it in items if it.error is not None]
     if bad or decoded != n:
         raise RuntimeError(f"decode failed for {len(bad)} image(s), e.g. {bad[:1]}")
+    return items, t_dec1, t_decp
+
+
+def _compute_times(inspector: Any, items: list[Any], batch_size: int) -> tuple[float, float, list[int]]:
+    """Seconds per image to preprocess and to run the model, batched as `defectscope inspect` batches;
+    also the batch sizes."""
+    from defectscope.runtime.pipeline import Batcher
 
     batcher = Batcher.for_stream(batch_size)  # the same policy as `defectscope inspect`
     batches = [b for it in items for b in batcher.add(it)] + batcher.drain()
-    del items
     warm = inspector.preprocess([it.array for it in batches[0] if it.array is not None])
     inspector.predict(warm, cam=False)
     t_pre = t_comp = 0.0
@@ -138,9 +134,27 @@ def run_e2e(
         inspector.predict(x, cam=False)
         t_pre += t1 - t0
         t_comp += time.perf_counter() - t1
-    t_pre, t_comp = t_pre / n, t_comp / n
-    sizes = [len(g) for g in batches]
-    del batches, inspector
+    n = len(items)
+    return t_pre / n, t_comp / n, [len(g) for g in batches]
+
+
+def run_e2e(
+    onnx_path: Path, paths: list[Path], workdir: Path, threads: int, batch_size: int, workers: int
+) -> dict[str, Any]:
+    """Decode-only, compute-only and the real inspect run over the same ``paths``."""
+    from defectscope.runtime import Inspector
+
+    n = len(paths)
+    names = [str(p) for p in paths]
+    for p in paths:  # page cache: every pass below (and inspect) reads warm files
+        p.read_bytes()
+    inspector = Inspector(onnx_path, provider="cpu", threads=threads, log=lambda _m: None)
+    cfg = inspector.loader_config
+    window = max(2 * workers, batch_size) + workers  # as `defectscope inspect` sizes it
+
+    items, t_dec1, t_decp = _decode_times(names, cfg, workers, window)
+    t_pre, t_comp, sizes = _compute_times(inspector, items, batch_size)
+    del items, inspector
 
     listing = write_listing(workdir / "lists" / f"e2e_{n}.txt", paths)
     run = run_inspect(onnx_path, listing, workdir / "e2e.jsonl", inspect_args(threads, batch_size, workers))

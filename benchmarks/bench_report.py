@@ -14,12 +14,13 @@ ENGINE_LABELS = {
 }
 
 
-def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One entry per target of the issue: what, goal, measured value and MET/MISSED."""
+def _throughput_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per input shape: ONNX Runtime against eager PyTorch, and ONNX Runtime's share of the sgemm peak."""
     out: list[dict[str, Any]] = []
     tp = results.get("throughput") or {}
     peak = (results.get("sgemm") or {}).get("peak_gflops")
-    for shape in (tp.get("models") or {}).keys() or ["1x300x300", "3x384x512"]:
+    shapes = list((tp.get("models") or {}).keys()) or ["1x300x300", "3x384x512"]
+    for shape in shapes:
         ratio = (tp.get("ratios") or {}).get("onnxruntime_vs_eager", {}).get(f"{shape}_b8")
         out.append(
             {
@@ -30,7 +31,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "status": verdict(ratio, 2.0),
             }
         )
-    for shape in (tp.get("models") or {}).keys() or ["1x300x300", "3x384x512"]:
+    for shape in shapes:
         row = next(
             (
                 r
@@ -50,55 +51,68 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "status": verdict(frac, 0.5),
             }
         )
+    return out
+
+
+def _e2e_target(results: dict[str, Any]) -> dict[str, Any]:
     e2e = results.get("e2e") or {}
     frac = e2e.get("fraction_of_bound_sequential")
-    out.append(
-        {
-            "target": "`defectscope inspect` images/s / (decode + compute) bound",
-            "goal": ">= 85%",
-            "value": frac,
-            "text": (
-                f"{frac:.1%} ({e2e['inspect_images_per_s']} vs {e2e['bound_sequential_images_per_s']} img/s; "
-                f"{e2e.get('in_run_fraction_of_bound_sequential') or 0:.1%} leaving out start-up)"
-                if frac is not None
-                else "-"
-            ),
-            "status": verdict(frac, 0.85),
-        }
-    )
+    return {
+        "target": "`defectscope inspect` images/s / (decode + compute) bound",
+        "goal": ">= 85%",
+        "value": frac,
+        "text": (
+            f"{frac:.1%} ({e2e['inspect_images_per_s']} vs {e2e['bound_sequential_images_per_s']} img/s; "
+            f"{e2e.get('in_run_fraction_of_bound_sequential') or 0:.1%} leaving out start-up)"
+            if frac is not None
+            else "-"
+        ),
+        "status": verdict(frac, 0.85),
+    }
+
+
+def _train_target(results: dict[str, Any]) -> dict[str, Any]:
     tr = results.get("train") or {}
     ratio = tr.get("ratio_app_vs_plain")
-    out.append(
-        {
-            "target": "`defectscope train` images/s / plain PyTorch loop",
-            "goal": ">= 0.90x",
-            "value": ratio,
-            "text": (
-                f"{ratio:.2f}x ({tr['app']['images_per_s']} vs {tr['plain']['images_per_s']} img/s)"
-                if ratio is not None
-                else "-"
-            ),
-            "status": verdict(ratio, 0.9),
-        }
-    )
+    return {
+        "target": "`defectscope train` images/s / plain PyTorch loop",
+        "goal": ">= 0.90x",
+        "value": ratio,
+        "text": (
+            f"{ratio:.2f}x ({tr['app']['images_per_s']} vs {tr['plain']['images_per_s']} img/s)"
+            if ratio is not None
+            else "-"
+        ),
+        "status": verdict(ratio, 0.9),
+    }
+
+
+def _memory_target(results: dict[str, Any]) -> dict[str, Any]:
     mem = results.get("memory") or {}
     ratio = mem.get("rss_ratio")
     runs = mem.get("runs") or []
-    out.append(
-        {
-            "target": f"inspect peak RSS, {' vs '.join(f'{n:,}' for n in mem.get('inputs', [1000, 10000])[::-1])} inputs",
-            "goal": "within 10%",
-            "value": ratio,
-            "text": (
-                f"{ratio:.3f}x ({runs[1]['peak_rss_mib']} vs {runs[0]['peak_rss_mib']} MiB)"
-                if ratio is not None and len(runs) == 2
-                else "-"
-            ),
-            "status": verdict(abs(ratio - 1.0) if ratio is not None else None, 0.10, higher_is_better=False),
-        }
-    )
-    out += decode_bound_targets(results)
-    return out
+    return {
+        "target": f"inspect peak RSS, {' vs '.join(f'{n:,}' for n in mem.get('inputs', [1000, 10000])[::-1])} inputs",
+        "goal": "within 10%",
+        "value": ratio,
+        "text": (
+            f"{ratio:.3f}x ({runs[1]['peak_rss_mib']} vs {runs[0]['peak_rss_mib']} MiB)"
+            if ratio is not None and len(runs) == 2
+            else "-"
+        ),
+        "status": verdict(abs(ratio - 1.0) if ratio is not None else None, 0.10, higher_is_better=False),
+    }
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One entry per target of the issue: what, goal, measured value and MET/MISSED."""
+    return [
+        *_throughput_targets(results),
+        _e2e_target(results),
+        _train_target(results),
+        _memory_target(results),
+        *decode_bound_targets(results),
+    ]
 
 
 def busy_warning(results: dict[str, Any]) -> str:
@@ -128,28 +142,9 @@ def busy_warning(results: dict[str, Any]) -> str:
     )
 
 
-def markdown(results: dict[str, Any]) -> str:
-    """Tables ready to paste into docs/benchmarks.md."""
-    m = results.get("machine") or {}
-    lines = [
-        f"## Speed benchmark: {results.get('model', '?')}",
-        "",
-        f"{m.get('cpu', '?')}, {m.get('logical_cores', '?')} logical / {m.get('physical_cores', '?')} "
-        f"physical cores, {m.get('threads', '?')} threads for every row; torch {m.get('torch', '?')}, "
-        f"onnxruntime {m.get('onnxruntime', '?')}, numpy {m.get('numpy', '?')}; {m.get('date', '?')}"
-        + (" (QUICK MODE: sizes too small for real figures)" if results.get("quick") else ""),
-        f"Load average at start: {m.get('load_average_at_start')}; cores used by other load per section: "
-        + (
-            ", ".join(f"{k} {v.get('foreign_cores')}" for k, v in (results.get("sections") or {}).items())
-            or "-"
-        )
-        + "."
-        + busy_warning(results),
-        "",
-        "| Target | Goal | Measured | Status |",
-        "|---|---|---|---|",
-    ]
-    lines += [f"| {t['target']} | {t['goal']} | {t['text']} | {t['status']} |" for t in targets(results)]
+def _throughput_lines(results: dict[str, Any]) -> list[str]:
+    """Model throughput per shape and engine, and the sgemm peak."""
+    lines: list[str] = []
     tp = results.get("throughput")
     if tp:
         batches = sorted({int(r["batch"]) for r in tp["rows"]})
@@ -184,6 +179,12 @@ def markdown(results: dict[str, Any]) -> str:
             f"{sg.get('onnxruntime', {}).get('best_gflops', '-')} GFLOP/s; peak = {sg['peak_gflops']} "
             f"({sg['peak_source']}).",
         ]
+    return lines
+
+
+def _run_lines(results: dict[str, Any]) -> list[str]:
+    """End to end inspect and training throughput."""
+    lines: list[str] = []
     e2e = results.get("e2e")
     if e2e:
         lines += [
@@ -209,7 +210,12 @@ def markdown(results: dict[str, Any]) -> str:
             f"{tr['app']['timed_epochs']} timed of {tr['epochs']}: app {tr['app']['images_per_s']} img/s, "
             f"plain loop {tr['plain']['images_per_s']} img/s.",
         ]
-    lines += decode_bound_markdown(results)
+    return lines
+
+
+def _gpu_lines(results: dict[str, Any]) -> list[str]:
+    """The GPU rows, or why there are none."""
+    lines: list[str] = []
     gpu = results.get("gpu")
     if isinstance(gpu, str):
         lines += ["", f"GPU: {gpu}."]
@@ -224,6 +230,35 @@ def markdown(results: dict[str, Any]) -> str:
         for r in gpu["rows"]:
             value = r.get("images_per_s", r.get("error", "-"))
             lines.append(f"| {r['shape']} | {r['engine']} | {r.get('batch', '-')} | {value} |")
+    return lines
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """Tables ready to paste into docs/benchmarks.md."""
+    m = results.get("machine") or {}
+    lines = [
+        f"## Speed benchmark: {results.get('model', '?')}",
+        "",
+        f"{m.get('cpu', '?')}, {m.get('logical_cores', '?')} logical / {m.get('physical_cores', '?')} "
+        f"physical cores, {m.get('threads', '?')} threads for every row; torch {m.get('torch', '?')}, "
+        f"onnxruntime {m.get('onnxruntime', '?')}, numpy {m.get('numpy', '?')}; {m.get('date', '?')}"
+        + (" (QUICK MODE: sizes too small for real figures)" if results.get("quick") else ""),
+        f"Load average at start: {m.get('load_average_at_start')}; cores used by other load per section: "
+        + (
+            ", ".join(f"{k} {v.get('foreign_cores')}" for k, v in (results.get("sections") or {}).items())
+            or "-"
+        )
+        + "."
+        + busy_warning(results),
+        "",
+        "| Target | Goal | Measured | Status |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {t['target']} | {t['goal']} | {t['text']} | {t['status']} |" for t in targets(results)]
+    lines += _throughput_lines(results)
+    lines += _run_lines(results)
+    lines += decode_bound_markdown(results)
+    lines += _gpu_lines(results)
     return "\n".join(lines) + "\n"
 
 

@@ -57,7 +57,15 @@ from defectscope.runtime.image import ImageLoadError
 from defectscope.runtime.metadata import TTA_NAMES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, also when loaded by path
-from elpv_cells import EvalError, always_functional, elpv_test_split, elpv_val_paths, limit_cells, metrics
+from elpv_cells import (
+    EvalError,
+    Split,
+    always_functional,
+    elpv_test_split,
+    elpv_val_paths,
+    limit_cells,
+    metrics,
+)
 from elpv_models import OnnxRunner, Runner, TorchRunner, model_task, predict_cells, prediction_rows, tta_views
 from elpv_scores import shipped_point
 from elpv_table import (
@@ -95,6 +103,45 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _open_runner(
+    model: str, checkpoint: bool, tta: str, batch_size: int, threads: int | None, provider: str
+) -> tuple[Runner, str]:
+    """The runner after checking the request against it; also the TTA the graph already holds."""
+    if tta not in TTA_CHOICES:
+        raise EvalError(f"--tta must be one of {', '.join(TTA_CHOICES)}, got {tta!r}")
+    if batch_size < 1:
+        raise EvalError(f"--batch-size must be >= 1, got {batch_size}")
+    runner: Runner = TorchRunner(model, threads) if checkpoint else OnnxRunner(model, provider, threads)
+    graph_tta = str(runner.info.get("graph_tta", "none"))
+    if graph_tta != "none" and tta != "none":
+        raise EvalError(
+            f"{model} already averages test-time {graph_tta} in its graph (defectscope export --tta); "
+            f"run it with --tta none, not --tta {tta}"
+        )
+    return runner, graph_tta
+
+
+def _split_doc(split: Split) -> dict[str, Any]:
+    return {
+        "test_fraction": split.test_fraction,
+        "seed": split.seed,
+        "n_cells": split.n_total,
+        "n_train": split.n_train,
+        "n_test": len(split.cells),
+    }
+
+
+def _speed_settings(runner: Runner, batch_size: int, tta: str) -> dict[str, Any]:
+    """How the timings were taken; ``tta_views`` counts the script's views times the graph's."""
+    return {
+        "threads": runner.threads,
+        "provider": runner.provider,
+        "batch_size": batch_size,
+        "tta_views": len(tta_views(np.zeros((1, 1, 2, 2), np.float32), tta))
+        * int(runner.info.get("graph_tta_views", 1)),
+    }
+
+
 def evaluate(
     model: str,
     *,
@@ -108,17 +155,7 @@ def evaluate(
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True),
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run the protocol; returns the result document and the per-cell prediction rows."""
-    if tta not in TTA_CHOICES:
-        raise EvalError(f"--tta must be one of {', '.join(TTA_CHOICES)}, got {tta!r}")
-    if batch_size < 1:
-        raise EvalError(f"--batch-size must be >= 1, got {batch_size}")
-    runner: Runner = TorchRunner(model, threads) if checkpoint else OnnxRunner(model, provider, threads)
-    graph_tta = str(runner.info.get("graph_tta", "none"))
-    if graph_tta != "none" and tta != "none":
-        raise EvalError(
-            f"{model} already averages test-time {graph_tta} in its graph (defectscope export --tta); "
-            f"run it with --tta none, not --tta {tta}"
-        )
+    runner, graph_tta = _open_runner(model, checkpoint, tta, batch_size, threads, provider)
     task = model_task(runner.class_names, model)
     split = elpv_test_split()
     cells = limit_cells(split.cells, limit)
@@ -146,15 +183,7 @@ def evaluate(
         "model_threshold": runner.info["threshold"],
         "binary_rule": "P(p67) + P(p100) >= 0.5" if task == "4class" else "P(defective) >= 0.5",
         "tta": tta if graph_tta == "none" else f"graph {graph_tta}",
-        "split": {
-            "test_fraction": split.test_fraction,
-            "seed": split.seed,
-            "n_cells": split.n_total,
-            "n_train": split.n_train,
-            "n_test": len(split.cells),
-            "limit": limit,
-            "n_evaluated": len(cells),
-        },
+        "split": {**_split_doc(split), "limit": limit, "n_evaluated": len(cells)},
         "grading": grading.to_doc() if grading is not None else None,
         "metrics": metrics(rows, task),
         "shipped": shipped_point(
@@ -165,14 +194,7 @@ def evaluate(
             [c.grade for c in cells],
         ),
         "always_functional": always_functional(cells),
-        "speed": {
-            **timings,
-            "threads": runner.threads,
-            "provider": runner.provider,
-            "batch_size": batch_size,
-            "tta_views": len(tta_views(np.zeros((1, 1, 2, 2), np.float32), tta))
-            * int(runner.info.get("graph_tta_views", 1)),
-        },
+        "speed": {**timings, **_speed_settings(runner, batch_size, tta)},
         "machine": machine(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **extra,

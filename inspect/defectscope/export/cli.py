@@ -55,27 +55,8 @@ def _recall(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="defectscope export",
-        description="Fold BatchNorm, export to ONNX (dynamic batch/height/width), check parity with "
-        "PyTorch in ONNX Runtime, embed the defectscope metadata and write the file atomically.",
-    )
-    p.add_argument("checkpoint", type=Path, help="training checkpoint (.ckpt) written by `defectscope train`")
-    p.add_argument("-o", "--output", type=Path, required=True, help="where to write the .onnx model")
-    p.add_argument("--no-cam", action="store_true", help="leave out the class-activation-map output 'cam'")
-    p.add_argument(
-        "--fp16", action="store_true", help="half-precision weights/compute (fp32 inputs and outputs)"
-    )
-    p.add_argument(
-        "--tta",
-        choices=TTA_NAMES,
-        default="none",
-        help="build test-time views into the graph: hflip = 2 views, flips = 4 views (left-right, "
-        "up-down, both), dihedral = 8 (the flips and the transposed image's flips: every 90° rotation "
-        "and mirror); logits averaged, heat maps too; costs that many backbone passes per image "
-        "(default %(default)s)",
-    )
+def _add_int8_arguments(p: argparse.ArgumentParser) -> None:
+    """--int8 and its calibration and gate settings (turned into an Int8Config by _int8_config)."""
     q = p.add_argument_group(
         "int8 (CPU line PCs)",
         "static int8 quantisation calibrated on real images (--images DIR|LIST or the checkpoint's "
@@ -115,25 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="7-bit weights, for line PCs without VNNI (avoids uint8 x int8 saturation)",
     )
-    p.add_argument(
-        "--opset", type=int, default=MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET}; default %(default)s)"
-    )
-    p.add_argument(
-        "--parity-images",
-        type=_count,
-        default=16,
-        metavar="N",
-        help="real validation images for the parity gate (default %(default)s; 0 = random inputs only)",
-    )
-    p.add_argument(
-        "--images",
-        type=Path,
-        metavar="DIR|CSV|LIST",
-        help="images for parity, int8 calibration and the threshold, instead of the checkpoint's "
-        "validation images: a folder of class folders or a CSV with header path,label (labelled: the "
-        "threshold is chosen on them), or a flat folder / a text file listing one path per line "
-        "(unlabelled: the threshold is chosen on the checkpoint's validation images)",
-    )
+
+
+def _add_decision_arguments(p: argparse.ArgumentParser) -> None:
+    """How the shipped decision rule is set: the threshold (by hand or for a recall) and grade cut points."""
     p.add_argument(
         "--threshold",
         type=_threshold,
@@ -154,6 +120,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="ordered grades with cut points (ordinal.rule=cuts): choose them on the exported graph for "
         "accuracy or for balanced accuracy (default: the checkpoint's ordinal.cuts_for)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="defectscope export",
+        description="Fold BatchNorm, export to ONNX (dynamic batch/height/width), check parity with "
+        "PyTorch in ONNX Runtime, embed the defectscope metadata and write the file atomically.",
+    )
+    p.add_argument("checkpoint", type=Path, help="training checkpoint (.ckpt) written by `defectscope train`")
+    p.add_argument("-o", "--output", type=Path, required=True, help="where to write the .onnx model")
+    p.add_argument("--no-cam", action="store_true", help="leave out the class-activation-map output 'cam'")
+    p.add_argument(
+        "--fp16", action="store_true", help="half-precision weights/compute (fp32 inputs and outputs)"
+    )
+    p.add_argument(
+        "--tta",
+        choices=TTA_NAMES,
+        default="none",
+        help="build test-time views into the graph: hflip = 2 views, flips = 4 views (left-right, "
+        "up-down, both), dihedral = 8 (the flips and the transposed image's flips: every 90° rotation "
+        "and mirror); logits averaged, heat maps too; costs that many backbone passes per image "
+        "(default %(default)s)",
+    )
+    _add_int8_arguments(p)
+    p.add_argument(
+        "--opset", type=int, default=MIN_OPSET, help=f"ONNX opset (>= {MIN_OPSET}; default %(default)s)"
+    )
+    p.add_argument(
+        "--parity-images",
+        type=_count,
+        default=16,
+        metavar="N",
+        help="real validation images for the parity gate (default %(default)s; 0 = random inputs only)",
+    )
+    p.add_argument(
+        "--images",
+        type=Path,
+        metavar="DIR|CSV|LIST",
+        help="images for parity, int8 calibration and the threshold, instead of the checkpoint's "
+        "validation images: a folder of class folders or a CSV with header path,label (labelled: the "
+        "threshold is chosen on them), or a flat folder / a text file listing one path per line "
+        "(unlabelled: the threshold is chosen on the checkpoint's validation images)",
+    )
+    _add_decision_arguments(p)
     p.add_argument(
         "--mlflow", action="store_true", help="log and register the model in the checkpoint's MLflow run"
     )

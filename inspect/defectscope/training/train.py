@@ -238,14 +238,10 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[
         return _train(cfg, extra_callbacks)
 
 
-def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, float]:
-    t0 = time.perf_counter()
-    check_launch(cfg)
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    out_dir = Path(cfg.paths.output_dir)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.ckpt_dir)
-    resume = read_resume(ckpt_path, cfg.get("finetune")) if ckpt_path else {}
-
+def _start_tracker(
+    cfg: DictConfig, out_dir: Path, ckpt_path: str | None, resume: dict[str, Any]
+) -> MLflowTracker | None:
+    """Open the MLflow run (the resumed one when the checkpoint names it) before any data is read."""
     tracker = build_tracker(cfg)
     if tracker is not None:
         tags = {
@@ -258,6 +254,84 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
         if ckpt_path:
             tags["defectscope.resumed_from"] = ckpt_path
         tracker.start(run_id=resume.get("mlflow_run_id"), extra_tags=tags)
+    return tracker
+
+
+def _build_trainer(
+    cfg: DictConfig,
+    out_dir: Path,
+    tracker: MLflowTracker | None,
+    extra_callbacks: Sequence[pl.Callback],
+) -> pl.Trainer:
+    """The Trainer with the configured callbacks, then Throughput, then the caller's."""
+    callbacks = build_callbacks(
+        to_plain(cfg.get("callbacks")),
+        freeze_epochs=int(cfg.finetune.get("freeze_epochs", 0)),
+        bn_eval=bool(cfg.finetune.get("bn_eval", True)),
+        dump_dir=str(out_dir / "debug") if cfg.get("debug", {}).get("dump_indices") else None,
+        has_logger=tracker is not None,
+    )
+    callbacks.append(Throughput())
+    callbacks.extend(extra_callbacks)
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=[tracker] if tracker is not None else False,
+        **ddp_overrides(cfg),
+    )
+    return trainer
+
+
+def _write_run_files(cfg: DictConfig, dm: Any, out_dir: Path, tracker: MLflowTracker | None) -> Path:
+    """The resolved config and the data report, on disk (rank 0) and in the MLflow run."""
+    resolved = out_dir / "config_resolved.yaml"
+    if is_global_zero():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+        (out_dir / "data_report.txt").write_text(getattr(dm, "report", "") + "\n", encoding="utf-8")
+    if tracker is not None:
+        tracker.log_config(to_plain(cfg))
+        tracker.log_artifact(resolved)
+        tracker.log_artifact(out_dir / "data_report.txt")
+    return resolved
+
+
+def _test_best(
+    cfg: DictConfig,
+    trainer: pl.Trainer,
+    module: DefectClassifier,
+    dm: Any,
+    best: str | None,
+    tracker: MLflowTracker | None,
+) -> dict[str, float]:
+    """Test the best checkpoint (unless ``test=false`` or the fit was interrupted); plots on rank 0."""
+    if not cfg.get("test", True) or trainer.interrupted:
+        return {}
+    results = trainer.test(module, datamodule=dm, ckpt_path=best or "last", verbose=False, weights_only=True)
+    if trainer.is_global_zero:
+        plots = write_test_plots(module.test_outputs, dm, Path(cfg.paths.output_dir) / "plots")
+        if tracker is not None:
+            log_test_artifacts(tracker, plots)
+    return scalar_metrics(results[0] if results else {})
+
+
+def _log_outputs(best: str | None, dm: Any, tracker: MLflowTracker | None) -> None:
+    """The best checkpoint (when configured) and the list of skipped bad files go to MLflow."""
+    if tracker is not None and tracker.log_checkpoint and best:
+        tracker.log_artifact(best, "checkpoints")
+    rejects = getattr(dm, "rejects_path", None)
+    if tracker is not None and getattr(dm, "rejected", None) and rejects and Path(rejects).is_file():
+        tracker.log_artifact(rejects)  # data.on_bad_file=skip: which files were left out, and why
+
+
+def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, float]:
+    t0 = time.perf_counter()
+    check_launch(cfg)
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    out_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.ckpt_dir)
+    resume = read_resume(ckpt_path, cfg.get("finetune")) if ckpt_path else {}
+    tracker = _start_tracker(cfg, out_dir, ckpt_path, resume)
 
     status = "FAILED"
     best: str | None = None
@@ -272,50 +346,17 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
         module = build_module(cfg, dm)
         module.misclassified_max = tracker.misclassified_max if tracker is not None else 16
         module.shift_protocol = protocol_from_config(cfg.get("shift_consistency"), module.model.total_stride)
-        callbacks = build_callbacks(
-            to_plain(cfg.get("callbacks")),
-            freeze_epochs=int(cfg.finetune.get("freeze_epochs", 0)),
-            bn_eval=bool(cfg.finetune.get("bn_eval", True)),
-            dump_dir=str(out_dir / "debug") if cfg.get("debug", {}).get("dump_indices") else None,
-            has_logger=tracker is not None,
-        )
-        callbacks.append(Throughput())
-        callbacks.extend(extra_callbacks)
-        trainer: pl.Trainer = instantiate(
-            cfg.trainer,
-            callbacks=callbacks,
-            logger=[tracker] if tracker is not None else False,
-            **ddp_overrides(cfg),
-        )
-        if is_global_zero():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
-            (out_dir / "data_report.txt").write_text(getattr(dm, "report", "") + "\n", encoding="utf-8")
-        if tracker is not None:
-            tracker.log_config(to_plain(cfg))
-            tracker.log_artifact(resolved)
-            tracker.log_artifact(out_dir / "data_report.txt")
+        trainer = _build_trainer(cfg, out_dir, tracker, extra_callbacks)
+        resolved = _write_run_files(cfg, dm, out_dir, tracker)
 
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
         metrics = scalar_metrics(dict(trainer.callback_metrics))
         ckpt_cb = checkpoint_callback(trainer)
         best = ckpt_cb.best_model_path or None
-        if cfg.get("test", True) and not trainer.interrupted:
-            results = trainer.test(
-                module, datamodule=dm, ckpt_path=best or "last", verbose=False, weights_only=True
-            )
-            metrics.update(scalar_metrics(results[0] if results else {}))
-            if trainer.is_global_zero:
-                plots = write_test_plots(module.test_outputs, dm, out_dir / "plots")
-                if tracker is not None:
-                    log_test_artifacts(tracker, plots)
+        metrics.update(_test_best(cfg, trainer, module, dm, best, tracker))
         if trainer.is_global_zero and best:
             threshold_lines = report_threshold(best, out_dir, tracker)
-        if tracker is not None and tracker.log_checkpoint and best:
-            tracker.log_artifact(best, "checkpoints")
-        rejects = getattr(dm, "rejects_path", None)
-        if tracker is not None and getattr(dm, "rejected", None) and rejects and Path(rejects).is_file():
-            tracker.log_artifact(rejects)  # data.on_bad_file=skip: which files were left out, and why
+        _log_outputs(best, dm, tracker)
         status = "KILLED" if trainer.interrupted else "FINISHED"
     finally:
         unsent = tracker.close(status) if tracker is not None else None
