@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from defectscope.export.fuse import fuse_conv_bn_report
-from defectscope.export.onnx_export import check_graph, to_onnx
+from defectscope.export.graph import check_graph, to_onnx
 from defectscope.export.wrapper import ExportWrapper
 from test_export_support import build_preset, model_presets, randomize
 

@@ -26,7 +26,7 @@ from defectscope.runtime.grading import (
     expected_grade,
 )
 from defectscope.runtime.image import ImageLoadError, load_image, normalize_batch
-from defectscope.runtime.metadata import ModelMetadata
+from defectscope.runtime.metadata import INPUT_NAME, ModelMetadata
 
 from .errors import ExportError
 
@@ -133,7 +133,7 @@ def earn_cuts(
 
     session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
     expected = [
-        expected_grade(session.run(["probs"], {"input": x[i : i + 16]})[0])
+        expected_grade(session.run(["probs"], {INPUT_NAME: x[i : i + 16]})[0])
         for x in batches
         for i in range(0, len(x), 16)
     ]

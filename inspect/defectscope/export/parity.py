@@ -23,6 +23,7 @@ from torch import nn
 
 from defectscope.runtime.files import is_image_name, read_path_list
 from defectscope.runtime.image import ImageLoadError, LoaderConfig, load_image, normalize_batch
+from defectscope.runtime.metadata import INPUT_NAME
 
 from .errors import ExportError
 
@@ -167,7 +168,7 @@ def check_parity(
     with_cam = "cam" in names
     worst: dict[str, float] = {}
     for x in inputs.batches:
-        got = dict(zip(names, session.run(names, {"input": x})))
+        got = dict(zip(names, session.run(names, {INPUT_NAME: x})))
         for ref_name, model in references.items():
             want = torch_outputs(model, x, with_cam)
             for key in want:

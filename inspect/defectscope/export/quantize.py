@@ -37,6 +37,7 @@ import onnx
 
 from defectscope.runtime.decision import defect_probability, is_ng
 from defectscope.runtime.grading import Grading, grade_indices
+from defectscope.runtime.metadata import INPUT_NAME
 
 #: calibration methods offered. onnxruntime's "entropy" is left out: in onnxruntime 1.32 it gave
 #: exactly the min/max scales for every tensor of Lite0 (docs/benchmarks.md)
@@ -218,7 +219,7 @@ def _timed_run(
         outs = []
         t0 = time.perf_counter()
         for x in batches:
-            outs.append(dict(zip(names, session.run(names, {"input": x}))))
+            outs.append(dict(zip(names, session.run(names, {INPUT_NAME: x}))))
         best = min(best, time.perf_counter() - t0)
     return outs, best
 

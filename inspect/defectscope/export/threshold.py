@@ -25,7 +25,7 @@ from defectscope.evaluation.metrics import operating_point
 from defectscope.evaluation.scoring import score_paths
 from defectscope.evaluation.threshold import DEFAULT_WARN_FALSE_REJECT_RATE, threshold_report, too_costly
 from defectscope.runtime.decision import defect_probability
-from defectscope.runtime.metadata import ModelMetadata
+from defectscope.runtime.metadata import INPUT_NAME, ModelMetadata
 
 from .errors import ExportError
 
@@ -110,7 +110,7 @@ def _ort_predict(model_bytes: bytes) -> Callable[[np.ndarray], np.ndarray]:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-    return lambda batch: session.run(["probs"], {"input": batch})[0]
+    return lambda batch: session.run(["probs"], {INPUT_NAME: batch})[0]
 
 
 def earn_threshold(model_bytes: bytes, meta: ModelMetadata, plan: ThresholdPlan) -> dict[str, Any]:

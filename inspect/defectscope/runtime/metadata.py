@@ -21,6 +21,8 @@ from .grading import Grading, GradingError
 from .image import LoaderConfig
 
 METADATA_KEY = "defectscope"
+#: the one graph input every exported model has, (N, C, H, W) float32 normalised
+INPUT_NAME = "input"
 FORMAT_NAME = "defectscope.model"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import model_load_failure
-from .metadata import METADATA_KEY, MetadataError, ModelMetadata
+from .metadata import INPUT_NAME, METADATA_KEY, MetadataError, ModelMetadata
 from .ortlog import Captured, first_line, quiet_ort
 from .providers import (
     GPU_PROVIDERS,
@@ -49,7 +49,6 @@ from .trt import (
     trt_options,
 )
 
-INPUT_NAME = "input"
 REQUIRED_OUTPUTS = ("logits", "probs")
 Shape = tuple[int, int, int, int]
 

@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from .metadata import INPUT_NAME
 from .ortlog import first_line
 from .providers import short_name
 
 #: Warn when fewer than this share of the nodes run on the provider the session was opened for.
 PLACEMENT_WARN_SHARE = 0.9
-INPUT_NAME = "input"
 
 
 class StartCheckError(RuntimeError):
