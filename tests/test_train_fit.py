@@ -177,6 +177,24 @@ def test_choose_threshold_sits_mid_gap_below_the_kth_defect() -> None:
         choose_threshold(scores, defect, 0.0)
 
 
+def test_a_threshold_set_by_one_defect_image_says_so() -> None:
+    """92 defect images (ELPV's validation set): 99 % recall needs all 92, so the lowest-scoring defect
+    image alone sets the threshold; 98 % allows one miss."""
+    from defectscope.evaluation.threshold import threshold_lines, threshold_report
+
+    rng = np.random.default_rng(0)
+    scores = np.concatenate([rng.uniform(0.2, 1.0, 92), rng.uniform(0.0, 0.5, 200)])
+    defect = np.arange(scores.size) < 92
+    strict = threshold_report(scores, defect, 0.99, 1.0)
+    assert strict is not None and strict["threshold"] <= scores[:92].min() and strict["recall"] == 1.0
+    lines = threshold_lines(strict, "here", "change it")
+    assert len(lines) == 2 and "allows no miss" in lines[1] and "92 defect images" in lines[1]
+    loose = threshold_report(scores, defect, 0.98, 1.0)
+    assert (
+        loose is not None and loose["recall"] < 1.0 and len(threshold_lines(loose, "here", "change it")) == 1
+    )
+
+
 @pytest.mark.slow
 def test_threshold_is_chosen_on_validation_and_saved(
     compose_train: Callable[..., Any], smoke_data_dir: Path, tmp_path: Path
