@@ -191,6 +191,33 @@ def test_gate_failure_exits_1_names_the_figures_and_writes_nothing(
     assert f"nothing was written to {out}" in cap.err and not out.exists()
     # on a CPU without VNNI (8-bit products saturate) the error says what to try; with VNNI it does not
     assert ("try --reduce-range" in cap.err) == (cpu_has_vnni() is False)
+    # the grades disagreed, the verdicts did not: no hint about the threshold
+    assert "verdict_agreement: 1.0" in cap.err and "allows no miss" not in cap.err
+
+
+def test_gate_hint_when_one_image_sets_the_compared_thresholds() -> None:
+    """ELPV's case: 92 validation defect images, 99 % recall needs all of them, so one image sets each
+    graph's threshold; the hint appears only when verdicts are what failed."""
+    from defectscope.evaluation.threshold import threshold_report
+    from defectscope.export.int8_step import gate_hints
+
+    rng = np.random.default_rng(0)
+    scores = np.concatenate([rng.uniform(0.2, 1.0, 92), rng.uniform(0.0, 0.5, 200)])
+    defect = np.arange(scores.size) < 92
+
+    def earned(target: float) -> dict[str, Any]:
+        report = threshold_report(scores, defect, target, 0.1)
+        assert report is not None
+        return {"threshold": report["threshold"], "threshold_source": {"method": "recall target", **report}}
+
+    cfg = Int8Config(reduce_range=True)  # no VNNI hint, whatever this CPU is
+    flipped = {"top1_agreement": 0.97, "verdict_agreement": 0.9375, "ng_agreement": 0.92}
+    (hint,) = gate_hints(cfg, earned(0.99), flipped)
+    assert "recall 99 % of 92 defect images allows no miss" in hint
+    assert gate_hints(cfg, earned(0.95), flipped) == []  # room for 4 misses: not one image's threshold
+    assert gate_hints(cfg, earned(0.99), {"top1_agreement": 0.5, "verdict_agreement": 1.0}) == []
+    by_hand = {"threshold": 0.5, "threshold_source": {"method": "set by hand", "threshold": 0.5}}
+    assert gate_hints(cfg, by_hand, flipped) == []
 
 
 def test_cpu_has_vnni_reads_the_flags(tmp_path: Path) -> None:

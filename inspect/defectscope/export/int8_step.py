@@ -11,6 +11,7 @@ from typing import Any
 
 import onnx
 
+from defectscope.evaluation.threshold import rests_on_one_image
 from defectscope.runtime.image import normalize_batch
 from defectscope.runtime.metadata import ModelMetadata
 
@@ -64,6 +65,25 @@ def plan_int8(
     return Int8Plan(calib, check, source)
 
 
+def gate_hints(cfg: Int8Config, fp32_earned: dict[str, Any], numbers: dict[str, Any]) -> list[str]:
+    """What a failed gate may come from: saturation on a CPU without VNNI, or, when verdicts disagree,
+    a threshold that one validation image sets (each graph's is then set by its own score of that image)."""
+    hints = []
+    if not cfg.reduce_range and cpu_has_vnni() is False:
+        hints.append("this CPU has no VNNI, where 8-bit products can saturate: try --reduce-range")
+    source = fp32_earned.get("threshold_source") or {}
+    verdicts_differ = any(
+        float(numbers.get(k, 1.0)) < cfg.min_agreement for k in ("verdict_agreement", "ng_agreement")
+    )
+    if verdicts_differ and source.get("method") == "recall target" and rests_on_one_image(source):
+        hints.append(
+            f"recall {100 * float(source['target_recall']):g} % of {source['n_defect']} defect images allows no "
+            "miss, so each graph's threshold is set by its lowest-scoring defect image and verdicts near it "
+            "flip: a lower --target-recall or more labelled defect images (--images) steady it"
+        )
+    return hints
+
+
 def quantize_model(
     fp32_bytes: bytes,
     meta: ModelMetadata,
@@ -92,12 +112,14 @@ def quantize_model(
     log(
         f"int8: calibrating ({cfg.method}) on {n_calib} images, gate on {n_check} held-back images from {plan.source}"
     )
+    fp32_earned: dict[str, Any] = {}
     try:
         int8_bytes = quantize_qdq(
             fp32_bytes, _chunks(calib, 16), cfg, lambda imgs: normalize_batch(imgs, meta.mean, meta.std)
         )
         onnx.checker.check_model(onnx.load_from_string(int8_bytes), full_check=True)
-        fp32_threshold = float(earn(fp32_bytes, meta)["threshold"])
+        fp32_earned = earn(fp32_bytes, meta)
+        fp32_threshold = float(fp32_earned["threshold"])
         earned = earn(int8_bytes, replace(meta, int8=True))
         numbers = check_int8(
             fp32_bytes,
@@ -109,9 +131,9 @@ def quantize_model(
             grading=meta.grader,
         )
     except Int8GateError as exc:
-        if not cfg.reduce_range and cpu_has_vnni() is False:
-            hint = "; this CPU has no VNNI, where 8-bit products can saturate: try --reduce-range"
-            raise Int8GateError(f"{exc}{hint}", exc.numbers) from None
+        hints = gate_hints(cfg, fp32_earned, exc.numbers)
+        if hints:
+            raise Int8GateError(f"{exc}; " + "; ".join(hints), exc.numbers) from None
         raise
     except Exception as exc:  # the quantiser and ORT raise many unrelated types
         raise ExportError(f"int8: quantisation failed: {typed_first_line(exc)}") from exc
