@@ -191,8 +191,8 @@ def test_gate_failure_exits_1_names_the_figures_and_writes_nothing(
     assert f"nothing was written to {out}" in cap.err and not out.exists()
     # on a CPU without VNNI (8-bit products saturate) the error says what to try; with VNNI it does not
     assert ("try --reduce-range" in cap.err) == (cpu_has_vnni() is False)
-    # the grades disagreed, the verdicts did not: no hint about the threshold
-    assert "verdict_agreement: 1.0" in cap.err and "allows no miss" not in cap.err
+    # only the grades disagreed: the error names what failed and gives no hint about the threshold
+    assert "failed: ['top1_agreement']" in cap.err and "allows no miss" not in cap.err
 
 
 def test_gate_hint_when_one_image_sets_the_compared_thresholds() -> None:
@@ -211,11 +211,16 @@ def test_gate_hint_when_one_image_sets_the_compared_thresholds() -> None:
         return {"threshold": report["threshold"], "threshold_source": {"method": "recall target", **report}}
 
     cfg = Int8Config(reduce_range=True)  # no VNNI hint, whatever this CPU is
-    flipped = {"top1_agreement": 0.97, "verdict_agreement": 0.9375, "ng_agreement": 0.92}
+    flipped = {
+        "verdict_agreement": 0.9375,
+        "ng_agreement": 0.92,
+        "failed": ["verdict_agreement", "ng_agreement"],
+    }
     (hint,) = gate_hints(cfg, earned(0.99), flipped)
-    assert "recall 99 % of 92 defect images allows no miss" in hint
+    assert "recall 99.0 % of 92 defect images allows no miss" in hint
+    assert gate_hints(cfg, earned(0.99), {"ng_agreement": 0.92, "failed": ["ng_agreement"]}) == [hint]
     assert gate_hints(cfg, earned(0.95), flipped) == []  # room for 4 misses: not one image's threshold
-    assert gate_hints(cfg, earned(0.99), {"top1_agreement": 0.5, "verdict_agreement": 1.0}) == []
+    assert gate_hints(cfg, earned(0.99), {"top1_agreement": 0.5, "failed": ["top1_agreement"]}) == []
     by_hand = {"threshold": 0.5, "threshold_source": {"method": "set by hand", "threshold": 0.5}}
     assert gate_hints(cfg, by_hand, flipped) == []
 

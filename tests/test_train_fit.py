@@ -193,6 +193,9 @@ def test_a_threshold_set_by_one_defect_image_says_so() -> None:
     assert (
         loose is not None and loose["recall"] < 1.0 and len(threshold_lines(loose, "here", "change it")) == 1
     )
+    # too costly as well: the WARNING and its table come first (the MLflow tag takes the WARNING), the note last
+    costly = threshold_lines(threshold_report(scores, defect, 0.99, 0.0) or {}, "here", "change it")
+    assert costly[1].startswith("WARNING: the recall target 99.0 %") and "allows no miss" in costly[-1]
 
 
 @pytest.mark.slow

@@ -63,23 +63,16 @@ def summary_line(report: dict[str, Any]) -> str:
 
 def rests_on_one_image(report: dict[str, Any]) -> bool:
     """The recall target allows no miss among the defect images, so the threshold is set by the one
-    lowest-scoring defect image (as :func:`~.metrics.choose_threshold` counts them)."""
+    lowest-scoring defect image (as :func:`~.metrics.choose_threshold` counts them).  A single defect
+    image always sets it; the data report already warns about so few, so that case is left out here."""
     n = int(report.get("n_defect") or 0)
     return n > 1 and math.ceil(float(report["target_recall"]) * n - 1e-9) >= n
 
 
 def threshold_lines(report: dict[str, Any], where: str, how_to_change: str) -> list[str]:
-    """The chosen threshold on ``where``; a note when one image sets it; when too costly, a WARNING,
-    the trade-off table and the levers."""
+    """The chosen threshold on ``where``; when too costly, a WARNING, the trade-off table and the levers;
+    last, a note when one image sets it."""
     lines = [f"{summary_line(report)} ({where})"]
-    if rests_on_one_image(report):
-        n = int(report["n_defect"])
-        lines.append(
-            f"note: recall {_pct(report['target_recall'])} of {n} defect images allows no miss (one image is "
-            f"{_pct(1 / n)}), so the threshold is set by the single lowest-scoring defect image and moves with "
-            "its score (another model, precision or retraining can move it far); more labelled defect "
-            "images make it steadier"
-        )
     if too_costly(report):
         lines += [
             f"WARNING: the recall target {_pct(report['target_recall'])} costs a false-reject rate of "
@@ -88,4 +81,12 @@ def threshold_lines(report: dict[str, Any], where: str, how_to_change: str) -> l
             f"Choose knowingly from the trade-off below: {how_to_change}.",
             tradeoff_text(report["tradeoff"], report["threshold"]),
         ]
+    if rests_on_one_image(report):
+        n = int(report["n_defect"])
+        lines.append(
+            f"note: recall {_pct(report['target_recall'])} of {n} defect images allows no miss (one image is "
+            f"{_pct(1 / n)}), so the threshold is set by the single lowest-scoring defect image and moves with "
+            "its score (another model, precision or retraining can move it far); more labelled defect "
+            "images make it steadier"
+        )
     return lines

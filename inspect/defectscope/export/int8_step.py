@@ -72,12 +72,10 @@ def gate_hints(cfg: Int8Config, fp32_earned: dict[str, Any], numbers: dict[str, 
     if not cfg.reduce_range and cpu_has_vnni() is False:
         hints.append("this CPU has no VNNI, where 8-bit products can saturate: try --reduce-range")
     source = fp32_earned.get("threshold_source") or {}
-    verdicts_differ = any(
-        float(numbers.get(k, 1.0)) < cfg.min_agreement for k in ("verdict_agreement", "ng_agreement")
-    )
+    verdicts_differ = bool({"verdict_agreement", "ng_agreement"} & set(numbers.get("failed", ())))
     if verdicts_differ and source.get("method") == "recall target" and rests_on_one_image(source):
         hints.append(
-            f"recall {100 * float(source['target_recall']):g} % of {source['n_defect']} defect images allows no "
+            f"recall {100 * float(source['target_recall']):.1f} % of {source['n_defect']} defect images allows no "
             "miss, so each graph's threshold is set by its lowest-scoring defect image and verdicts near it "
             "flip: a lower --target-recall or more labelled defect images (--images) steady it"
         )

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from defectscope.runtime.metadata import METADATA_KEY, ModelMetadata
+from defectscope.runtime.metadata import INPUT_NAME, METADATA_KEY, ModelMetadata
 
 ARTIFACT_NAME = "onnx_model"
 FALLBACK_EXPERIMENT = "defectscope-export"
@@ -47,7 +47,7 @@ def signature(meta: ModelMetadata) -> Any:
     if "cam" in meta.outputs:
         outputs.append(TensorSpec(f32, (-1, k, -1, -1), "cam"))
     return ModelSignature(
-        inputs=Schema([TensorSpec(f32, (-1, meta.channels, -1, -1), "input")]),
+        inputs=Schema([TensorSpec(f32, (-1, meta.channels, -1, -1), INPUT_NAME)]),
         outputs=Schema(outputs),
     )
 

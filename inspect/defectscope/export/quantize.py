@@ -280,6 +280,7 @@ def check_int8(
     if not finite:
         bad.insert(0, "non-finite probabilities")
     if bad:
+        numbers["failed"] = [k for k, v in agreement.items() if not v >= min_agreement]
         raise Int8GateError(
             f"int8 gate failed on {n} held-back images: the int8 model disagrees with fp32: "
             + "; ".join(bad),

@@ -177,7 +177,8 @@ def report_threshold(best: str, out_dir: Path, tracker: MLflowTracker | None) ->
         (log.warning if costly else log.info)("%s", line)
     if tracker is not None:
         tracker.log_artifact(path)
-        tracker.set_tags({"defectscope.threshold_warning": lines[1] if costly else "none"})
+        warning = next((ln for ln in lines if ln.startswith("WARNING")), "none")
+        tracker.set_tags({"defectscope.threshold_warning": warning if costly else "none"})
     return [f"threshold:       {lines[0]}", *lines[1:], f"threshold report: {path}"]
 
 
@@ -298,6 +299,7 @@ def _write_run_files(cfg: DictConfig, dm: Any, out_dir: Path, tracker: MLflowTra
 
 def _test_best(
     cfg: DictConfig,
+    out_dir: Path,
     trainer: pl.Trainer,
     module: DefectClassifier,
     dm: Any,
@@ -309,7 +311,7 @@ def _test_best(
         return {}
     results = trainer.test(module, datamodule=dm, ckpt_path=best or "last", verbose=False, weights_only=True)
     if trainer.is_global_zero:
-        plots = write_test_plots(module.test_outputs, dm, Path(cfg.paths.output_dir) / "plots")
+        plots = write_test_plots(module.test_outputs, dm, out_dir / "plots")
         if tracker is not None:
             log_test_artifacts(tracker, plots)
     return scalar_metrics(results[0] if results else {})
@@ -353,7 +355,7 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
         metrics = scalar_metrics(dict(trainer.callback_metrics))
         ckpt_cb = checkpoint_callback(trainer)
         best = ckpt_cb.best_model_path or None
-        metrics.update(_test_best(cfg, trainer, module, dm, best, tracker))
+        metrics.update(_test_best(cfg, out_dir, trainer, module, dm, best, tracker))
         if trainer.is_global_zero and best:
             threshold_lines = report_threshold(best, out_dir, tracker)
         _log_outputs(best, dm, tracker)
