@@ -3,6 +3,7 @@ runtime sessions, subprocesses as a user starts them (one search, two workers, k
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -10,6 +11,7 @@ import re
 import shlex
 import signal
 import socket
+import sqlite3
 import subprocess
 import time
 import urllib.request
@@ -42,6 +44,22 @@ def _args(data_dir: Path, *extra: str) -> list[str]:
 
 def _study(tmp_path: Path, name: str = "defectscope-smoke") -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/search.db")
+
+
+def _running_trial_has_run_dir(db: Path) -> bool:
+    """Read-only look at the search's Optuna store: opening it with Optuna would create the schema too,
+    racing the search process that is creating it ("table ... already exists")."""
+    if not db.is_file():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
+            row = con.execute(
+                "SELECT 1 FROM trials t JOIN trial_user_attributes a ON a.trial_id = t.trial_id "
+                "WHERE t.state = 'RUNNING' AND a.key = 'run_dir' LIMIT 1"
+            ).fetchone()
+    except sqlite3.OperationalError:  # tables not created yet, or the store is locked for a write
+        return False
+    return row is not None
 
 
 def _run(
@@ -250,14 +268,8 @@ def test_kill_and_resume(
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:  # kill -9 while the first trial trains or exports
-            db = tmp_path / "search.db"
-            if db.is_file():
-                try:
-                    running = _study(tmp_path).get_trials(states=(optuna.trial.TrialState.RUNNING,))
-                except KeyError:
-                    running = []
-                if running and "run_dir" in running[0].user_attrs:
-                    break
+            if _running_trial_has_run_dir(tmp_path / "search.db"):
+                break
             assert proc.poll() is None, "the search ended before it could be killed"
             time.sleep(0.5)
     finally:
