@@ -21,6 +21,11 @@ from ..runtime.decision import is_ng
 TRADEOFF_RECALLS = (0.80, 0.90, 0.95, 0.98, 0.99, 0.995, 1.0)
 
 
+def defects_to_catch(n_defect: int, target_recall: float) -> int:
+    """How many of ``n_defect`` defect images a threshold must catch to reach ``target_recall``."""
+    return min(n_defect, max(1, math.ceil(target_recall * n_defect - 1e-9)))
+
+
 def choose_threshold(scores: np.ndarray, is_defect: np.ndarray, target_recall: float) -> float | None:
     """The OK/NG threshold for a recall target: mid-gap below the k-th best defect score.
 
@@ -38,7 +43,7 @@ def choose_threshold(scores: np.ndarray, is_defect: np.ndarray, target_recall: f
     n = int(defect.size)
     if n == 0:
         return None
-    k = min(n, max(1, math.ceil(target_recall * n - 1e-9)))
+    k = defects_to_catch(n, target_recall)
     top = float(defect[k - 1])
     good = values[~defect_mask]
     below = good[good < top]

@@ -8,12 +8,11 @@ loud warning when the recall target costs a false-reject rate no line could run 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
-from .metrics import choose_threshold, operating_point, tradeoff_table, tradeoff_text
+from .metrics import choose_threshold, defects_to_catch, operating_point, tradeoff_table, tradeoff_text
 
 #: threshold.warn_false_reject_rate of checkpoints that recorded none
 DEFAULT_WARN_FALSE_REJECT_RATE = 0.10
@@ -66,7 +65,7 @@ def rests_on_one_image(report: dict[str, Any]) -> bool:
     lowest-scoring defect image (as :func:`~.metrics.choose_threshold` counts them).  A single defect
     image always sets it; the data report already warns about so few, so that case is left out here."""
     n = int(report.get("n_defect") or 0)
-    return n > 1 and math.ceil(float(report["target_recall"]) * n - 1e-9) >= n
+    return n > 1 and defects_to_catch(n, float(report["target_recall"])) == n
 
 
 def threshold_lines(report: dict[str, Any], where: str, how_to_change: str) -> list[str]:

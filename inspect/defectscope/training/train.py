@@ -177,8 +177,8 @@ def report_threshold(best: str, out_dir: Path, tracker: MLflowTracker | None) ->
         (log.warning if costly else log.info)("%s", line)
     if tracker is not None:
         tracker.log_artifact(path)
-        warning = next((ln for ln in lines if ln.startswith("WARNING")), "none")
-        tracker.set_tags({"defectscope.threshold_warning": warning if costly else "none"})
+        warning = next((ln for ln in lines if ln.startswith("WARNING")), "none")  # only when too costly
+        tracker.set_tags({"defectscope.threshold_warning": warning})
     return [f"threshold:       {lines[0]}", *lines[1:], f"threshold report: {path}"]
 
 
