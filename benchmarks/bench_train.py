@@ -143,7 +143,7 @@ def run_plain(cfg: Any) -> dict[str, Any]:
 
     from defectscope.models import create_model
     from defectscope.models.agc import adaptive_grad_clip, agc_parameters
-    from defectscope.training.config import to_plain
+    from defectscope.plain import to_plain
     from defectscope.training.optimization import build_optimizer, build_scheduler, lr_plan
     from defectscope.training.train import resolve_class_weights
 

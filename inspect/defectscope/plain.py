@@ -68,6 +68,24 @@ def check_plain(value: Any, where: str, depth: int = 0) -> None:
     raise PlainDataError(f"{where}: a {type(value).__name__}, expected plain data (numbers, strings, lists)")
 
 
+def to_plain(value: Any) -> Any:
+    """Config containers -> plain dicts and lists, recursively; anything else as it is.
+
+    OmegaConf containers are resolved (missing values stay ``"???"``); omegaconf is imported only when
+    one is passed, so the torch-free callers stay free of it.  Tuples become lists; classes and factories
+    handed over from Python (a norm layer, say) pass through.
+    """
+    if type(value).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(value, resolve=True, throw_on_missing=False)
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_plain(v) for v in value]
+    return value
+
+
 def expect(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> Any:
     """``value`` if it is an instance of ``kind`` (bool never counts as a number), else a clear error."""
     kinds = kind if isinstance(kind, tuple) else (kind,)

@@ -21,12 +21,13 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from ..plain import to_plain
 from ..runtime.image import LoaderConfig
 from .dataset import DefectDataset, collate, seed_worker
 from .multiscale import check_scales, draw_scale, rescale_batch
 from .sampler import BucketBatchSampler
 from .scan import BadFilesError, ScanRecord, ScanResult, mean_std, scan_files, write_rejects
-from .sources import SPLITS, Sample, SourceData, SourceError, build_source, prepare_source, to_plain
+from .sources import SPLITS, Sample, SourceData, SourceError, build_source, prepare_source
 from .splits import assign_splits, spread_samples
 from .stats import class_counts, count_table, inverse_frequency_weights, split_warnings
 from .transforms import build_transform, check_size_preserving, seed_transform

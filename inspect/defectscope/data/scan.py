@@ -195,8 +195,8 @@ def compose_data_config(overrides: Sequence[str], folder: str | None, config_dir
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf, open_dict
 
+    from ..plain import to_plain
     from ..training.app import conf_dir
-    from .sources import to_plain
 
     extra = [f"hydra.searchpath=[file://{os.path.abspath(config_dir)}]"] if config_dir else []
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):

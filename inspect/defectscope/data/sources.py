@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..plain import to_plain
 from ..runtime.files import IMAGE_EXTENSIONS
 from .errors import SourceError
 from .synth_cache import SYNTH_MARKER, ensure_synthetic
@@ -292,15 +293,6 @@ SOURCES: dict[str, Callable[..., SourceData]] = {
     "elpv": elpv_source,
     "synthetic": synthetic_source,
 }
-
-
-def to_plain(value: Any) -> Any:
-    """OmegaConf containers -> plain Python (without importing omegaconf here)."""
-    if isinstance(value, Mapping):
-        return {str(k): to_plain(v) for k, v in value.items()}
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        return [to_plain(v) for v in value]
-    return value
 
 
 def build_source(spec: Mapping[str, Any], *, missing: str | None = None) -> SourceData:

@@ -14,6 +14,7 @@ from typing import Any, TypeVar, overload
 
 from torch import nn
 
+from ..plain import to_plain
 from .base import GapClassifier
 from .errors import ModelConfigError
 from .geometry import check_input_size
@@ -44,17 +45,6 @@ def register_model(fn: F | None = None, /, *, name: str | None = None) -> F | Ca
 def list_models() -> list[str]:
     """Registered model names, sorted."""
     return sorted(_REGISTRY)
-
-
-def to_plain(value: Any) -> Any:
-    """OmegaConf DictConfig/ListConfig (or any Mapping/sequence) -> plain dict/list, recursively."""
-    if isinstance(value, str | bytes | int | float | bool | type) or value is None or callable(value):
-        return value  # scalars, and norm/act classes or factories passed from Python
-    if isinstance(value, Mapping) or (hasattr(value, "keys") and hasattr(value, "__getitem__")):
-        return {str(k): to_plain(value[k]) for k in value.keys()}  # noqa: SIM118 - DictConfig duck typing
-    if isinstance(value, list | tuple) or (hasattr(value, "__iter__") and hasattr(value, "__len__")):
-        return [to_plain(v) for v in value]
-    return value
 
 
 def accepted_kwargs(name: str) -> list[str]:

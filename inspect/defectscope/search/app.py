@@ -33,7 +33,7 @@ def base_overrides() -> list[str]:
 
 def preflight(cfg: Any) -> tuple[Any, Any, Any, Any]:
     """Settings, parameters, storage and data facts, or a one-line error before any trial."""
-    from defectscope.training.config import to_plain
+    from defectscope.plain import to_plain
 
     from .preflight import check_choices, check_latency_budget, check_time_budget, data_facts, lightest
     from .settings import SearchSettings

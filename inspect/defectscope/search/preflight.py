@@ -39,7 +39,7 @@ def model_kwargs(cfg: Any, values: Mapping[str, Any] | None = None) -> tuple[str
     """(builder name, kwargs) of ``cfg.model`` with ``values`` (``model.*`` parameters) applied."""
     from omegaconf import OmegaConf
 
-    from defectscope.training.config import to_plain
+    from defectscope.plain import to_plain
 
     node = OmegaConf.create(to_plain(cfg.model))
     for name, value in (values or {}).items():
@@ -54,8 +54,8 @@ def model_kwargs(cfg: Any, values: Mapping[str, Any] | None = None) -> tuple[str
 
 def loader_config(cfg: Any, values: Mapping[str, Any] | None = None) -> Any:
     """The trial's :class:`LoaderConfig` (``data.loader.*`` parameters applied)."""
+    from defectscope.plain import to_plain
     from defectscope.runtime.image import LoaderConfig
-    from defectscope.training.config import to_plain
 
     loader = dict(to_plain(cfg.data.loader))
     for name, value in (values or {}).items():

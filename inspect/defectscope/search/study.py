@@ -165,7 +165,7 @@ def parent_run(cfg: Any, study: optuna.Study, created: bool, s: SearchSettings) 
     """The study's MLflow parent run (one for all workers and resumes), or None without a logger."""
     from hydra.utils import instantiate
 
-    from defectscope.training.config import to_plain
+    from defectscope.plain import to_plain
 
     if not cfg.get("logger") or "_target_" not in cfg.logger:
         return None

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..plain import to_plain
+
 log = logging.getLogger(__name__)
 
 
@@ -29,19 +31,6 @@ def config_number(
     if not valid or (whole and float(value) != int(value)) or not ok(float(value)):
         raise TrainingConfigError(f"{key} must be {expected}, got {value!r}")
     return float(value)
-
-
-def to_plain(cfg: Any) -> Any:
-    """DictConfig/ListConfig -> plain, resolved dicts/lists (checkpoints must hold plain data only)."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(cfg, DictConfig | ListConfig):
-        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
-    if isinstance(cfg, Mapping):
-        return {str(k): to_plain(v) for k, v in cfg.items()}
-    if isinstance(cfg, list | tuple):
-        return [to_plain(v) for v in cfg]
-    return cfg
 
 
 def _walk(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:

@@ -21,7 +21,8 @@ from ..checkpoint import CheckpointError, model_spec, model_state, read_info, ru
 from ..data.rebuild import datamodule_kwargs
 from ..data.sources import SOURCES
 from ..evaluation.report import evaluation_doc, flat_metrics, report_lines
-from .config import TrainingConfigError, scalar_metrics, to_plain, torch_threads
+from ..plain import to_plain
+from .config import TrainingConfigError, scalar_metrics, torch_threads
 from .shift import protocol_from_config
 
 EVALUATE_ON = ("all", "test")

@@ -352,7 +352,7 @@ class DefectClassifier(pl.LightningModule):
 
     def checkpoint_info(self) -> dict[str, Any]:
         """``checkpoint["defectscope"]`` exactly as contract #3 defines it (plain data)."""
-        from .config import to_plain
+        from ..plain import to_plain
 
         run_id, uri = self._tracking_ids()
         kwargs = getattr(self.model, "model_kwargs", None)

@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .. import __version__
+from ..plain import to_plain
 from .artifacts import log_test_artifacts, summary_lines, write_test_plots
 from .callbacks import Throughput, build_callbacks, checkpoint_callback
 from .config import (
@@ -30,7 +31,6 @@ from .config import (
     is_global_zero,
     resolve_ckpt_path,
     scalar_metrics,
-    to_plain,
     torch_threads,
 )
 from .module import DefectClassifier
