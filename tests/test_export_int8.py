@@ -24,6 +24,8 @@ from defectscope.export.quantize import (
     QuantizationError,
     check_int8,
     cpu_has_vnni,
+    early_convs,
+    fp32_convs_for,
     quantize_qdq,
     split_paths,
 )
@@ -52,6 +54,45 @@ def _qdq_ops(model: onnx.ModelProto) -> Counter[str]:
     return Counter(n.op_type for n in model.graph.node)
 
 
+def _float_convs(model: onnx.ModelProto) -> list[str]:
+    """Convolutions whose weights are a float tensor, not a dequantised int8 one."""
+    made_by = {out: n.op_type for n in model.graph.node for out in n.output}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    return [n.name for n in convs if made_by.get(n.input[1]) != "DequantizeLinear"]
+
+
+def test_early_convs_counts_convolutions_from_the_input_on_every_path() -> None:
+    """Depth is the most convolutions on any path from the input; two copies of a backbone (test-time
+    views) each keep their own first layers; a residual join takes its deeper branch."""
+    h = onnx.helper
+    w = h.make_tensor("w", onnx.TensorProto.FLOAT, [1, 1, 1, 1], [1.0])
+    nodes = [
+        h.make_node("Conv", ["x", "w"], ["a"], name="stem"),
+        h.make_node("Relu", ["a"], ["a_relu"], name="relu"),
+        h.make_node("Conv", ["a_relu", "w"], ["b"], name="block1"),
+        h.make_node("Conv", ["b", "w"], ["c"], name="block2"),
+        h.make_node("Conv", ["x", "w"], ["a2"], name="copy_stem"),
+        h.make_node("Add", ["a2", "b"], ["joined"], name="join"),
+        h.make_node("Conv", ["joined", "w"], ["d"], name="after_join"),
+    ]
+    info = [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ("x", "c", "d")]
+    graph = h.make_graph(nodes, "g", [info[0]], info[1:], [w])
+    assert early_convs(graph, 0) == []
+    assert early_convs(graph, 1) == ["stem", "copy_stem"]
+    assert early_convs(graph, 2) == ["stem", "block1", "copy_stem"]
+    assert early_convs(graph, 3) == ["stem", "block1", "block2", "copy_stem", "after_join"]
+    # by default the first two stay fp32 only in a network of >= 10 convolutions (output heads not counted)
+    assert fp32_convs_for(graph, None) == 0 and fp32_convs_for(graph, 3) == 3
+    chain = [h.make_node("Conv", [f"t{i}", "w"], [f"t{i + 1}"], name=f"c{i}") for i in range(11)]
+    outputs = [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ("t10", "t11")]
+    deep = h.make_graph(
+        chain, "deep", [h.make_tensor_value_info("t0", onnx.TensorProto.FLOAT, None)], outputs, [w]
+    )
+    assert fp32_convs_for(deep, None) == 0  # c9 and c10 make graph outputs: heads, 9 convolutions count
+    deep.output.pop(0)
+    assert fp32_convs_for(deep, None) == 2 and early_convs(deep, 2) == ["c0", "c1"]
+
+
 @pytest.mark.slow
 def test_int8_export_is_gated_self_describing_and_runs_in_the_line_runner(
     trained: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -66,9 +107,9 @@ def test_int8_export_is_gated_self_describing_and_runs_in_the_line_runner(
     proto = onnx.load(str(out))
     ops = _qdq_ops(proto)
     assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
-    int8_weights = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT8]
-    assert len(int8_weights) >= sum(1 for n in proto.graph.node if n.op_type == "Conv") - 1  # all but CAM
-
+    # a 2-convolution network: by default every convolution but the CAM head is int8 (none kept fp32)
+    cam = [n.name for n in proto.graph.node if "cam" in n.output]
+    assert len(cam) == 1 and _float_convs(proto) == cam
     insp = Inspector(out, provider="cpu", threads=1)
     ref = Inspector(trained["fp32"], provider="cpu", threads=1)
     meta = insp.metadata
@@ -78,6 +119,7 @@ def test_int8_export_is_gated_self_describing_and_runs_in_the_line_runner(
     assert q["calib_images"] >= 1 and q["check_images"] >= 1
     assert q["min_agreement"] == 0.95 and q["calibration"] == "minmax" and q["check_images"] >= 10
     assert q["fp32_ng_images"] >= 1 and "ng_agreement" in q and q["weights"] == "int8 per channel"
+    assert q["fp32_convs"] == 0
     assert meta.parity["graph"] == "fp32, before int8 quantisation"
     # everything else the runner needs is the fp32 export's; the threshold is earned by each graph
     for key in ("class_names", "good_class", "mean", "std", "channels", "checkpoint_sha256"):
@@ -109,7 +151,14 @@ def test_int8_export_is_gated_self_describing_and_runs_in_the_line_runner(
 def test_int8_through_defectscope_inspect(trained: dict[str, Any], tmp_path: Path) -> None:
     """An int8 model is just a model to `defectscope inspect`: one row per image, verdicts written."""
     model = tmp_path / "int8.onnx"
-    assert main([str(trained["ckpt"]), "-o", str(model), "--int8", "--parity-images", "0"]) == 0
+    argv = [str(trained["ckpt"]), "-o", str(model), "--int8", "--parity-images", "0", "--fp32-convs", "1"]
+    assert main(argv) == 0
+    proto = onnx.load(str(model))  # --fp32-convs 1: the first convolution and the CAM head stay fp32
+    first = early_convs(onnx.load(str(trained["fp32"])).graph, 1)
+    assert len(first) == 1 and _float_convs(proto) == first + [
+        n.name for n in proto.graph.node if "cam" in n.output
+    ]
+    assert Inspector(model, provider="cpu", threads=1).metadata.quantization["fp32_convs"] == 1
     folder = tmp_path / "in"
     folder.mkdir()
     for p in trained["images"][:10]:
@@ -249,6 +298,10 @@ def test_int8_bad_requests_exit_2_and_write_nothing(
         (
             [ckpt, "-o", str(out), "--int8", "--min-agreement", "2"],
             "--min-agreement: expected a number in [0, 1]",
+        ),
+        (
+            [ckpt, "-o", str(out), "--int8", "--fp32-convs", "-1"],
+            "--fp32-convs: expected a whole number >= 0",
         ),
         (
             [ckpt, "-o", str(out), "--int8", "--calib-images", "0"],

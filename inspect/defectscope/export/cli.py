@@ -17,7 +17,7 @@ from defectscope.runtime.grading import CUTS_FOR
 from defectscope.runtime.metadata import TTA_NAMES
 
 from .onnx_export import MIN_OPSET, ExportResult
-from .quantize import INT8_METHODS, Int8Config
+from .quantize import AUTO_MIN_CONVS, DEFAULT_FP32_CONVS, INT8_METHODS, Int8Config
 
 
 def _threshold(text: str) -> float:
@@ -95,6 +95,14 @@ def _add_int8_arguments(p: argparse.ArgumentParser) -> None:
         "--reduce-range",
         action="store_true",
         help="7-bit weights, for line PCs without VNNI (avoids uint8 x int8 saturation)",
+    )
+    q.add_argument(
+        "--fp32-convs",
+        type=_count,
+        metavar="N",
+        help="the convolutions within N layers of the input stay fp32: they see the image at full "
+        "resolution in few channels, where 8 bits cost the most accuracy for little compute (default: "
+        f"{DEFAULT_FP32_CONVS} in networks of {AUTO_MIN_CONVS} or more convolutions, else 0; 0 quantises every one)",
     )
 
 
@@ -220,6 +228,7 @@ def _int8_config(args: argparse.Namespace) -> Int8Config | None:
         method=args.calibration,
         reduce_range=args.reduce_range,
         min_agreement=args.min_agreement,
+        fp32_convs=args.fp32_convs,
     )
 
 

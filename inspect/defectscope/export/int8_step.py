@@ -24,6 +24,7 @@ from .quantize import (
     QuantizationError,
     check_int8,
     cpu_has_vnni,
+    fp32_convs_for,
     quantize_qdq,
     split_paths,
 )
@@ -145,6 +146,7 @@ def quantize_model(
         "format": "QDQ",
         "weights": "int8 per channel" + (" (7-bit, reduce_range)" if cfg.reduce_range else ""),
         "activations": "uint8 per tensor",
+        "fp32_convs": fp32_convs_for(onnx.load_from_string(fp32_bytes).graph, cfg.fp32_convs),
         "calibration": cfg.method,
         "calib_images": n_calib,
         "fp32_threshold": fp32_threshold,
