@@ -409,3 +409,34 @@ def test_int8_mlflow_registration_is_tagged_with_the_gate_figures(
         assert _qdq_ops(loaded)["QuantizeLinear"] > 0
     finally:
         mlflow.set_tracking_uri(before)
+
+
+@pytest.mark.slow
+def test_int8_layers_benchmark_compares_and_times_each_choice(
+    trained: dict[str, Any], tmp_path: Path
+) -> None:
+    """benchmarks/int8_layers.py: one row per --fp32-convs value, agreement with fp32 on held-back images
+    of the export's own split, and a speed for every graph."""
+    images = tmp_path / "images.txt"
+    images.write_text("".join(f"{p}\n" for p in trained["images"][::4]), encoding="utf-8")
+    out = tmp_path / "layers.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "int8_layers.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(trained["fp32"]), "--images", str(images), "--fp32-convs", "0,1",
+         "--rounds", "1", "--threads", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text(encoding="utf-8"))
+    _, check = split_paths([str(p) for p in trained["images"][::4]], Int8Config())
+    assert result["check_images"] == len(check) and result["reduce_range"] is False
+    rows = result["rows"]
+    assert list(rows) == ["int8, first 0 fp32", "int8, first 1 fp32", "fp32"]
+    first = early_convs(onnx.load(str(trained["fp32"])).graph, 1)
+    assert (
+        rows["int8, first 0 fp32"]["fp32_convs"] == [] and rows["int8, first 1 fp32"]["fp32_convs"] == first
+    )
+    for name, row in rows.items():
+        assert row["images_per_s"] > 0, name
+        if name != "fp32":
+            assert 0.5 <= row["top1_agreement"] <= 1 and 0 <= row["mean_abs_p_ng"] <= row["max_abs_p_ng"] <= 1
