@@ -7,10 +7,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from conftest import CONF
 from defectscope.plain import to_plain
@@ -311,13 +313,21 @@ def test_help_lists_user_groups_and_a_user_config_dir(
     assert cfg.data.source.kind == "folder" and cfg.data.source.good_class == "ok"
 
 
-def test_to_plain_resolves_configs_and_passes_code_objects_through(compose_train: Any, tmp_path: Path) -> None:
+def test_to_plain_resolves_configs_and_passes_code_objects_through(
+    compose_train: Any, tmp_path: Path
+) -> None:
     """One converter for every caller: interpolations resolved, missing values kept as "???", tuples
     become lists, and a class handed over from Python (a norm layer) stays the class."""
     cfg = compose_train([f"paths.output_dir={tmp_path}"])
     plain = to_plain(cfg.callbacks)
-    assert type(plain) is dict and plain["early_stopping"]["monitor"] == cfg.callbacks.model_checkpoint.monitor
+    assert (
+        type(plain) is dict and plain["early_stopping"]["monitor"] == cfg.callbacks.model_checkpoint.monitor
+    )
     partial = OmegaConf.create({"a": "???", "b": [1, {"c": "${d}"}], "d": 5})
     assert to_plain(partial) == {"a": "???", "b": [1, {"c": 5}], "d": 5}
-    mixed = {"norm": torch.nn.BatchNorm2d, "sizes": (1, 2), 3: OmegaConf.create({"x": [4]})}
-    assert to_plain(mixed) == {"norm": torch.nn.BatchNorm2d, "sizes": [1, 2], "3": {"x": [4]}}
+    mixed = {"norm": torch.nn.BatchNorm2d, "sizes": (1, 2), 3: OmegaConf.create({"x": [4], 5: "y"})}
+    assert to_plain(mixed) == {"norm": torch.nn.BatchNorm2d, "sizes": [1, 2], "3": {"x": [4], "5": "y"}}
+    assert to_plain({"r": range(3), "a": np.arange(2), "s": "ab"}) == {"r": [0, 1, 2], "a": [0, 1], "s": "ab"}
+    # what a model or a data source is built from must be complete: strict raises on a missing value
+    with pytest.raises(MissingMandatoryValue, match="a"):
+        to_plain(partial, strict=True)

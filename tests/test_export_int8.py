@@ -22,10 +22,13 @@ from defectscope.export.quantize import (
     Int8Config,
     Int8GateError,
     QuantizationError,
+    _exclude,
     check_int8,
+    conv_depths,
     cpu_has_vnni,
     early_convs,
     fp32_convs_for,
+    last_convs,
     quantize_qdq,
     split_paths,
 )
@@ -61,11 +64,26 @@ def _float_convs(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in convs if made_by.get(n.input[1]) != "DequantizeLinear"]
 
 
-def test_early_convs_counts_convolutions_from_the_input_on_every_path() -> None:
-    """Depth is the most convolutions on any path from the input; two copies of a backbone (test-time
-    views) each keep their own first layers; a residual join takes its deeper branch."""
+def _graph(nodes: list[onnx.NodeProto], outputs: tuple[str, ...]) -> onnx.GraphProto:
     h = onnx.helper
     w = h.make_tensor("w", onnx.TensorProto.FLOAT, [1, 1, 1, 1], [1.0])
+    info = [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ("x", *outputs)]
+    return h.make_graph(nodes, "g", info[:1], info[1:], [w])
+
+
+def _chain(prefix: str, start: str, n: int) -> list[onnx.NodeProto]:
+    """``n`` convolutions in a row from tensor ``start``; the last writes ``{prefix}{n}``."""
+    names = [start] + [f"{prefix}{i + 1}" for i in range(n)]
+    return [
+        onnx.helper.make_node("Conv", [names[i], "w"], [names[i + 1]], name=f"{prefix}c{i}") for i in range(n)
+    ]
+
+
+def test_early_convs_counts_convolutions_from_the_input_on_every_path() -> None:
+    """Depth is the most convolutions on any path from the input; two copies of a backbone (test-time
+    views) each keep their own first layers; a residual join takes its deeper branch; the head (no
+    convolution after it, also when a Concat follows, as CORN's) is never among them."""
+    h = onnx.helper
     nodes = [
         h.make_node("Conv", ["x", "w"], ["a"], name="stem"),
         h.make_node("Relu", ["a"], ["a_relu"], name="relu"),
@@ -74,23 +92,44 @@ def test_early_convs_counts_convolutions_from_the_input_on_every_path() -> None:
         h.make_node("Conv", ["x", "w"], ["a2"], name="copy_stem"),
         h.make_node("Add", ["a2", "b"], ["joined"], name="join"),
         h.make_node("Conv", ["joined", "w"], ["d"], name="after_join"),
+        h.make_node("Add", ["c", "d"], ["features"], name="merge"),
+        h.make_node("Conv", ["features", "w"], ["maps"], name="cam_head"),
+        h.make_node("Concat", ["maps", "maps"], ["cam"], name="corn_concat", axis=1),
     ]
-    info = [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ("x", "c", "d")]
-    graph = h.make_graph(nodes, "g", [info[0]], info[1:], [w])
+    graph = _graph(nodes, ("cam",))
+    assert conv_depths(graph) == {
+        "stem": 0,
+        "block1": 1,
+        "block2": 2,
+        "copy_stem": 0,
+        "after_join": 2,
+        "cam_head": 3,
+    }
+    assert last_convs(graph) == {"cam_head"}
     assert early_convs(graph, 0) == []
     assert early_convs(graph, 1) == ["stem", "copy_stem"]
     assert early_convs(graph, 2) == ["stem", "block1", "copy_stem"]
-    assert early_convs(graph, 3) == ["stem", "block1", "block2", "copy_stem", "after_join"]
-    # by default the first two stay fp32 only in a network of >= 10 convolutions (output heads not counted)
+    assert early_convs(graph, 9) == ["stem", "block1", "block2", "copy_stem", "after_join"]
     assert fp32_convs_for(graph, None) == 0 and fp32_convs_for(graph, 3) == 3
-    chain = [h.make_node("Conv", [f"t{i}", "w"], [f"t{i + 1}"], name=f"c{i}") for i in range(11)]
-    outputs = [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ("t10", "t11")]
-    deep = h.make_graph(
-        chain, "deep", [h.make_tensor_value_info("t0", onnx.TensorProto.FLOAT, None)], outputs, [w]
-    )
-    assert fp32_convs_for(deep, None) == 0  # c9 and c10 make graph outputs: heads, 9 convolutions count
-    deep.output.pop(0)
-    assert fp32_convs_for(deep, None) == 2 and early_convs(deep, 2) == ["c0", "c1"]
+    # kept fp32 whatever N: the CAM head, although only a Concat makes the output
+    assert "cam_head" in _exclude(h.make_model(graph), 0)
+
+
+def test_fp32_convs_default_follows_the_longest_chain_not_the_count() -> None:
+    """By default the first 2 convolutions stay fp32 where >= 10 come before the head on one path; two
+    test-time passes of a 6-convolution backbone (13 convolutions in all) are still a small network."""
+    h = onnx.helper
+    deep = _graph([*_chain("t", "x", 11)], ("t11",))  # tc10 is the head, 10 before it
+    assert fp32_convs_for(deep, None) == 2 and early_convs(deep, 2) == ["tc0", "tc1"]
+    assert sorted(_exclude(h.make_model(deep), None)) == ["tc0", "tc1", "tc10"]
+    assert fp32_convs_for(_graph(_chain("t", "x", 10), ("t10",)), None) == 0  # 9 before the head
+    views = [*_chain("a", "x", 6), *_chain("b", "x", 6), h.make_node("Add", ["a6", "b6"], ["f"], name="mean")]
+    two_passes = _graph([*views, h.make_node("Conv", ["f", "w"], ["cam"], name="head")], ("cam",))
+    assert fp32_convs_for(two_passes, None) == 0
+    assert early_convs(two_passes, 2) == ["ac0", "ac1", "bc0", "bc1"]  # each pass keeps its own
+    nameless = _graph([h.make_node("Conv", ["x", "w"], ["y"])], ("y",))
+    with pytest.raises(QuantizationError, match="a convolution without a name"):
+        fp32_convs_for(nameless, None)
 
 
 @pytest.mark.slow
@@ -119,7 +158,7 @@ def test_int8_export_is_gated_self_describing_and_runs_in_the_line_runner(
     assert q["calib_images"] >= 1 and q["check_images"] >= 1
     assert q["min_agreement"] == 0.95 and q["calibration"] == "minmax" and q["check_images"] >= 10
     assert q["fp32_ng_images"] >= 1 and "ng_agreement" in q and q["weights"] == "int8 per channel"
-    assert q["fp32_convs"] == 0
+    assert q["fp32_convs"] == 0 and q["fp32_conv_nodes"] == 0
     assert meta.parity["graph"] == "fp32, before int8 quantisation"
     # everything else the runner needs is the fp32 export's; the threshold is earned by each graph
     for key in ("class_names", "good_class", "mean", "std", "channels", "checkpoint_sha256"):
@@ -158,7 +197,8 @@ def test_int8_through_defectscope_inspect(trained: dict[str, Any], tmp_path: Pat
     assert len(first) == 1 and _float_convs(proto) == first + [
         n.name for n in proto.graph.node if "cam" in n.output
     ]
-    assert Inspector(model, provider="cpu", threads=1).metadata.quantization["fp32_convs"] == 1
+    quantization = Inspector(model, provider="cpu", threads=1).metadata.quantization
+    assert quantization["fp32_convs"] == 1 and quantization["fp32_conv_nodes"] == 1
     folder = tmp_path / "in"
     folder.mkdir()
     for p in trained["images"][:10]:
@@ -237,6 +277,7 @@ def test_gate_failure_exits_1_names_the_figures_and_writes_nothing(
     assert rc == 1, cap.err
     assert "3 of 43 images in --images" in cap.out and gone[0] in cap.out
     assert "int8 gate failed on 16 held-back images" in cap.err and "top1_agreement" in cap.err
+    assert "fp32_convs: 0" in cap.err  # what was kept fp32 is among the figures of a refusal too
     assert f"nothing was written to {out}" in cap.err and not out.exists()
     # on a CPU without VNNI (8-bit products saturate) the error says what to try; with VNNI it does not
     assert ("try --reduce-range" in cap.err) == (cpu_has_vnni() is False)

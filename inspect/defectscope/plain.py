@@ -10,7 +10,8 @@ Hydra's instantiation keys (``_target_``, ``_partial_``, ``_args_``, ``_recursiv
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 #: Hydra's instantiation keys; a value read from a file must never carry one
@@ -68,21 +69,25 @@ def check_plain(value: Any, where: str, depth: int = 0) -> None:
     raise PlainDataError(f"{where}: a {type(value).__name__}, expected plain data (numbers, strings, lists)")
 
 
-def to_plain(value: Any) -> Any:
-    """Config containers -> plain dicts and lists, recursively; anything else as it is.
+def to_plain(value: Any, *, strict: bool = False) -> Any:
+    """Config containers -> plain dicts (string keys) and lists, recursively; anything else as it is.
 
-    OmegaConf containers are resolved (missing values stay ``"???"``); omegaconf is imported only when
-    one is passed, so the torch-free callers stay free of it.  Tuples become lists; classes and factories
-    handed over from Python (a norm layer, say) pass through.
+    OmegaConf containers are resolved; a missing value (``???``) raises with ``strict`` (what a model or a
+    data source is built from must be complete) and otherwise stays ``"???"`` (logging a whole config).
+    omegaconf is looked at only when already imported, so the torch-free callers stay free of it.
+    Tuples, ranges and arrays become lists; classes and factories handed over from Python (a norm
+    layer, say) pass through.
     """
-    if type(value).__module__.startswith("omegaconf"):
-        from omegaconf import OmegaConf
-
-        return OmegaConf.to_container(value, resolve=True, throw_on_missing=False)
+    omegaconf = sys.modules.get("omegaconf")
+    if omegaconf is not None and isinstance(value, omegaconf.Container):
+        plain = omegaconf.OmegaConf.to_container(value, resolve=True, throw_on_missing=strict)
+        return to_plain(plain)  # string keys, as for any mapping
     if isinstance(value, Mapping):
-        return {str(k): to_plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [to_plain(v) for v in value]
+        return {str(k): to_plain(v, strict=strict) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return [to_plain(v, strict=strict) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, type):  # numpy arrays and scalars, tensors
+        return value.tolist()
     return value
 
 

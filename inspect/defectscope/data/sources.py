@@ -297,7 +297,7 @@ SOURCES: dict[str, Callable[..., SourceData]] = {
 
 def build_source(spec: Mapping[str, Any], *, missing: str | None = None) -> SourceData:
     """Build the source named by ``spec["kind"]`` with the remaining keys as its arguments."""
-    params = to_plain(spec)
+    params = to_plain(spec, strict=True)
     kind = params.pop("kind", None)
     if kind not in SOURCES:
         raise SourceError(f"data.source.kind must be one of {', '.join(SOURCES)}, got {kind!r}")
@@ -318,7 +318,7 @@ def build_source(spec: Mapping[str, Any], *, missing: str | None = None) -> Sour
 
 def prepare_source(spec: Mapping[str, Any]) -> None:
     """Download/generate step (Lightning ``prepare_data``): only the synthetic source has one."""
-    params = to_plain(spec)
+    params = to_plain(spec, strict=True)
     if params.get("kind") == "synthetic":
         params.pop("kind")
         params.pop("good_class", None)

@@ -102,7 +102,7 @@ def _add_int8_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="the convolutions within N layers of the input stay fp32: they see the image at full "
         "resolution in few channels, where 8 bits cost the most accuracy for little compute (default: "
-        f"{DEFAULT_FP32_CONVS} in networks of {AUTO_MIN_CONVS} or more convolutions, else 0; 0 quantises every one)",
+        f"{DEFAULT_FP32_CONVS} where {AUTO_MIN_CONVS} or more convolutions come before the head, else 0; 0 quantises every one)",
     )
 
 

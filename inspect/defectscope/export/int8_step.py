@@ -24,6 +24,7 @@ from .quantize import (
     QuantizationError,
     check_int8,
     cpu_has_vnni,
+    early_convs,
     fp32_convs_for,
     quantize_qdq,
     split_paths,
@@ -112,7 +113,11 @@ def quantize_model(
         f"int8: calibrating ({cfg.method}) on {n_calib} images, gate on {n_check} held-back images from {plan.source}"
     )
     fp32_earned: dict[str, Any] = {}
+    layers: dict[str, int] = {}
     try:
+        graph = onnx.load_from_string(fp32_bytes).graph
+        kept = fp32_convs_for(graph, cfg.fp32_convs)
+        layers = {"fp32_convs": kept, "fp32_conv_nodes": len(early_convs(graph, kept))}
         int8_bytes = quantize_qdq(
             fp32_bytes, _chunks(calib, 16), cfg, lambda imgs: normalize_batch(imgs, meta.mean, meta.std)
         )
@@ -130,6 +135,7 @@ def quantize_model(
             grading=meta.grader,
         )
     except Int8GateError as exc:
+        exc.numbers.update(layers)
         hints = gate_hints(cfg, fp32_earned, exc.numbers)
         if hints:
             raise Int8GateError(f"{exc}; " + "; ".join(hints), exc.numbers) from None
@@ -146,7 +152,7 @@ def quantize_model(
         "format": "QDQ",
         "weights": "int8 per channel" + (" (7-bit, reduce_range)" if cfg.reduce_range else ""),
         "activations": "uint8 per tensor",
-        "fp32_convs": fp32_convs_for(onnx.load_from_string(fp32_bytes).graph, cfg.fp32_convs),
+        **layers,
         "calibration": cfg.method,
         "calib_images": n_calib,
         "fp32_threshold": fp32_threshold,

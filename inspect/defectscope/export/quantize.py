@@ -46,8 +46,8 @@ INT8_METHODS = ("minmax", "percentile")
 MIN_CHECK_IMAGES = 10
 #: Lite0 on ELPV (docs/benchmarks.md): keeping the first two convolutions fp32 took the top-1 agreement
 #: with fp32 from 96.9 to 99.2 % (7-bit weights) and from 42 to 95 % (8-bit, a CPU without VNNI), for
-#: under 2 % of the multiply-adds. By default only in networks of AUTO_MIN_CONVS convolutions or more: in a
-#: smaller one the first two are a large share of the compute (of a 2-conv net, all of it)
+#: under 2 % of the multiply-adds. By default only where AUTO_MIN_CONVS convolutions or more come before
+#: the head: in a smaller network the first two are a large share of the compute (of a 2-conv net, all)
 DEFAULT_FP32_CONVS = 2
 AUTO_MIN_CONVS = 10
 
@@ -135,47 +135,70 @@ def split_paths(paths: Sequence[str], cfg: Int8Config, seed: int = 0) -> tuple[l
     return unique[n_check : n_check + cfg.calib_images], unique[:n_check]
 
 
-def early_convs(graph: onnx.GraphProto, depth: int) -> list[str]:
-    """Names of the convolutions with fewer than ``depth`` convolutions between them and the input.
+def conv_depths(graph: onnx.GraphProto) -> dict[str, int]:
+    """Each convolution's name -> the most convolutions on a path from the input to it (the stem: 0).
 
-    These see the image itself or a map of few channels at full resolution, where rounding to 8 bits
-    is not averaged away; they hold little of the compute.  Counted along the graph, so every copy of
-    the backbone (test-time views run as separate passes) keeps its own first layers.
+    Counted along the graph, so every copy of the backbone (test-time views run as separate passes)
+    has its own first layers.  The quantiser keeps layers fp32 by name, so a nameless one is refused.
     """
     convs_before: dict[str, int] = {}  # tensor -> most convolutions on a path from the input to it
-    early = []
+    depths: dict[str, int] = {}
     for node in graph.node:  # ONNX graphs are topologically sorted
         seen = max((convs_before.get(t, 0) for t in node.input), default=0)
         if node.op_type == "Conv":
-            if seen < depth and node.name:  # the quantiser excludes by name; export names every node
-                early.append(node.name)
+            if not node.name:
+                raise QuantizationError(
+                    "the graph has a convolution without a name; int8 keeps layers fp32 by name"
+                )
+            depths[node.name] = seen
             seen += 1
         for t in node.output:
             convs_before[t] = seen
-    return early
+    return depths
 
 
-def _heads(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    outputs = {o.name for o in graph.output}
-    return [n for n in graph.node if outputs.intersection(n.output)]
+def last_convs(graph: onnx.GraphProto) -> set[str]:
+    """Convolutions from which no other convolution is reached: the CAM head (for CORN behind a Concat)."""
+    reaches_conv: set[str] = set()  # tensors from which a convolution is reached
+    last = set()
+    for node in reversed(graph.node):  # every consumer before its producer
+        downstream = any(t in reaches_conv for t in node.output)
+        if node.op_type == "Conv" and not downstream:
+            last.add(node.name)
+        if downstream or node.op_type == "Conv":
+            reaches_conv.update(node.input)
+    return last
+
+
+def early_convs(graph: onnx.GraphProto, depth: int) -> list[str]:
+    """Names of the convolutions with fewer than ``depth`` convolutions before them, heads excepted.
+
+    These see the image itself or a map of few channels at full resolution, where rounding to 8 bits
+    is not averaged away; they hold little of the compute.
+    """
+    heads = last_convs(graph)
+    return [name for name, seen in conv_depths(graph).items() if seen < depth and name not in heads]
 
 
 def fp32_convs_for(graph: onnx.GraphProto, asked: int | None) -> int:
-    """``asked``, or by default :data:`DEFAULT_FP32_CONVS` in a network of at least
-    :data:`AUTO_MIN_CONVS` convolutions (output heads not counted) and 0 in a smaller one."""
+    """``asked``, or by default :data:`DEFAULT_FP32_CONVS` when the longest chain of convolutions before
+    the head has at least :data:`AUTO_MIN_CONVS` (each test-time pass counted once), else 0."""
     if asked is not None:
         return asked
-    outputs = {o.name for o in graph.output}
-    convs = sum(1 for n in graph.node if n.op_type == "Conv" and not outputs.intersection(n.output))
-    return DEFAULT_FP32_CONVS if convs >= AUTO_MIN_CONVS else 0
+    depths = conv_depths(graph)
+    backbone = max((depths[name] for name in last_convs(graph)), default=0)
+    return DEFAULT_FP32_CONVS if backbone >= AUTO_MIN_CONVS else 0
 
 
 def _exclude(proto: onnx.ModelProto, fp32_convs: int | None) -> list[str]:
-    """Nodes that stay fp32 although their type is quantisable: producers of graph outputs (CAM) and
-    the first convolutions (:func:`fp32_convs_for`)."""
-    heads = [n.name for n in _heads(proto.graph) if n.name]
-    early = early_convs(proto.graph, fp32_convs_for(proto.graph, fp32_convs))
-    return heads + [n for n in early if n not in heads]
+    """Nodes that stay fp32 although their type is quantisable: the CAM head and what makes the
+    outputs, and the first convolutions (:func:`fp32_convs_for`)."""
+    outputs = {o.name for o in proto.graph.output}
+    keep = [n.name for n in proto.graph.node if n.name and outputs.intersection(n.output)]
+    keep += sorted(last_convs(proto.graph) - set(keep))
+    return keep + [
+        n for n in early_convs(proto.graph, fp32_convs_for(proto.graph, fp32_convs)) if n not in keep
+    ]
 
 
 class _Batches:

@@ -75,7 +75,7 @@ def create_model(
         raise ModelConfigError(
             f"model {name!r}: unknown kwarg(s) {', '.join(repr(k) for k in unknown)}; accepted: {', '.join(valid)}"
         )
-    plain = {k: to_plain(v) for k, v in kwargs.items()}
+    plain = {k: to_plain(v, strict=True) for k, v in kwargs.items()}
     model = builder(num_classes=num_classes, in_chans=in_chans, **plain)
     if not isinstance(model, GapClassifier):
         raise ModelConfigError(
@@ -96,7 +96,7 @@ def model_from_config(
     cfg: Mapping[str, Any], *, num_classes: int, in_chans: int, **overrides: Any
 ) -> GapClassifier:
     """Build from a preset dict (``conf/model/*.yaml``): ``{"name": ..., **kwargs}``."""
-    plain = to_plain(cfg)
+    plain = to_plain(cfg, strict=True)
     if not isinstance(plain, dict) or "name" not in plain:
         raise ModelConfigError(f"model config must be a mapping with a 'name' key, got {cfg!r}")
     name = plain.pop("name")
