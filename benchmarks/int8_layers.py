@@ -95,9 +95,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             **compare(ref, _probs(sessions[name], check), meta.ng_indices),
         }
         print(name, {k: v for k, v in rows[name].items() if k != "fp32_convs"}, flush=True)
-    speed = timed(sessions, check[0], args.rounds)
-    for name, images_per_s in speed.items():
-        rows.setdefault(name, {})["images_per_s"] = images_per_s
+    if args.rounds > 0:  # 0: agreement only (the figures hold on a busy machine; speeds would not)
+        for name, images_per_s in timed(sessions, check[0], args.rounds).items():
+            rows.setdefault(name, {})["images_per_s"] = images_per_s
     return {
         "model": str(args.model), "reduce_range": args.reduce_range, "check_images": n_check,
         "calib_images": len(calib_paths), "threads": args.threads, "batch": len(check[0]), "rows": rows,
@@ -116,12 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reduce-range", action="store_true", help="7-bit weights (CPUs without VNNI)")
     p.add_argument("--fp32-convs", type=lambda s: [int(v) for v in s.split(",")], default=[0, 1, 2, 3, 5, 8])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=7, help="timing rounds; 0 = agreement only")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     result = run(args)
     for name, row in result["rows"].items():
-        print(f"{name}: {row.get('images_per_s')} images/s")
+        if "images_per_s" in row:
+            print(f"{name}: {row['images_per_s']} images/s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return 0
