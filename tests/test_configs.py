@@ -16,6 +16,8 @@ from omegaconf.errors import MissingMandatoryValue
 
 from conftest import CONF
 from defectscope.plain import to_plain
+from defectscope.training.averaging import WeightAverage
+from defectscope.training.callbacks import build_callbacks
 
 GROUPS = (
     "data",
@@ -197,6 +199,12 @@ def test_experiment_options(option: str, compose_train: Callable[..., Any], tmp_
         assert cfg.data.mean == pytest.approx([127 / 255])  # the recipe's pretrained normalisation stays
         assert cfg.loss.class_weights is None and cfg.callbacks.model_checkpoint.monitor == "val/acc"
         assert cfg.logger.experiment_name == "defectscope-elpv-4class"
+        # issue 18's measured best: dihedral views + EMA over 20 epochs at native size, 95 % recall target
+        assert cfg.data.dihedral and cfg.data.loader.max_side is None and cfg.trainer.max_epochs == 20
+        assert cfg.threshold.target_recall == pytest.approx(0.95)
+        built = build_callbacks(to_plain(cfg.callbacks), freeze_epochs=0, bn_eval=True, dump_dir=None)
+        (average,) = [cb for cb in built if isinstance(cb, WeightAverage)]
+        assert (average.kind, average.decay, average.start_epoch) == ("ema", pytest.approx(0.99), 1)
         binary = compose_train(["experiment=elpv", "data.source.task=binary", f"paths.output_dir={tmp_path}"])
         assert binary.logger.experiment_name == "defectscope-elpv-binary"
     if option == "elpv_scratch":
