@@ -22,13 +22,9 @@ from defectscope.export.quantize import (
     Int8Config,
     Int8GateError,
     QuantizationError,
-    _exclude,
     check_int8,
-    conv_depths,
     cpu_has_vnni,
     early_convs,
-    fp32_convs_for,
-    last_convs,
     quantize_qdq,
     split_paths,
 )
@@ -62,74 +58,6 @@ def _float_convs(model: onnx.ModelProto) -> list[str]:
     made_by = {out: n.op_type for n in model.graph.node for out in n.output}
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     return [n.name for n in convs if made_by.get(n.input[1]) != "DequantizeLinear"]
-
-
-def _graph(nodes: list[onnx.NodeProto], outputs: tuple[str, ...]) -> onnx.GraphProto:
-    h = onnx.helper
-    w = h.make_tensor("w", onnx.TensorProto.FLOAT, [1, 1, 1, 1], [1.0])
-    info = [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ("x", *outputs)]
-    return h.make_graph(nodes, "g", info[:1], info[1:], [w])
-
-
-def _chain(prefix: str, start: str, n: int) -> list[onnx.NodeProto]:
-    """``n`` convolutions in a row from tensor ``start``; the last writes ``{prefix}{n}``."""
-    names = [start] + [f"{prefix}{i + 1}" for i in range(n)]
-    return [
-        onnx.helper.make_node("Conv", [names[i], "w"], [names[i + 1]], name=f"{prefix}c{i}") for i in range(n)
-    ]
-
-
-def test_early_convs_counts_convolutions_from_the_input_on_every_path() -> None:
-    """Depth is the most convolutions on any path from the input; two copies of a backbone (test-time
-    views) each keep their own first layers; a residual join takes its deeper branch; the head (no
-    convolution after it, also when a Concat follows, as CORN's) is never among them."""
-    h = onnx.helper
-    nodes = [
-        h.make_node("Conv", ["x", "w"], ["a"], name="stem"),
-        h.make_node("Relu", ["a"], ["a_relu"], name="relu"),
-        h.make_node("Conv", ["a_relu", "w"], ["b"], name="block1"),
-        h.make_node("Conv", ["b", "w"], ["c"], name="block2"),
-        h.make_node("Conv", ["x", "w"], ["a2"], name="copy_stem"),
-        h.make_node("Add", ["a2", "b"], ["joined"], name="join"),
-        h.make_node("Conv", ["joined", "w"], ["d"], name="after_join"),
-        h.make_node("Add", ["c", "d"], ["features"], name="merge"),
-        h.make_node("Conv", ["features", "w"], ["maps"], name="cam_head"),
-        h.make_node("Concat", ["maps", "maps"], ["cam"], name="corn_concat", axis=1),
-    ]
-    graph = _graph(nodes, ("cam",))
-    assert conv_depths(graph) == {
-        "stem": 0,
-        "block1": 1,
-        "block2": 2,
-        "copy_stem": 0,
-        "after_join": 2,
-        "cam_head": 3,
-    }
-    assert last_convs(graph) == {"cam_head"}
-    assert early_convs(graph, 0) == []
-    assert early_convs(graph, 1) == ["stem", "copy_stem"]
-    assert early_convs(graph, 2) == ["stem", "block1", "copy_stem"]
-    assert early_convs(graph, 9) == ["stem", "block1", "block2", "copy_stem", "after_join"]
-    assert fp32_convs_for(graph, None) == 0 and fp32_convs_for(graph, 3) == 3
-    # kept fp32 whatever N: the CAM head, although only a Concat makes the output
-    assert "cam_head" in _exclude(h.make_model(graph), 0)
-
-
-def test_fp32_convs_default_follows_the_longest_chain_not_the_count() -> None:
-    """By default the first 2 convolutions stay fp32 where >= 10 come before the head on one path; two
-    test-time passes of a 6-convolution backbone (13 convolutions in all) are still a small network."""
-    h = onnx.helper
-    deep = _graph([*_chain("t", "x", 11)], ("t11",))  # tc10 is the head, 10 before it
-    assert fp32_convs_for(deep, None) == 2 and early_convs(deep, 2) == ["tc0", "tc1"]
-    assert sorted(_exclude(h.make_model(deep), None)) == ["tc0", "tc1", "tc10"]
-    assert fp32_convs_for(_graph(_chain("t", "x", 10), ("t10",)), None) == 0  # 9 before the head
-    views = [*_chain("a", "x", 6), *_chain("b", "x", 6), h.make_node("Add", ["a6", "b6"], ["f"], name="mean")]
-    two_passes = _graph([*views, h.make_node("Conv", ["f", "w"], ["cam"], name="head")], ("cam",))
-    assert fp32_convs_for(two_passes, None) == 0
-    assert early_convs(two_passes, 2) == ["ac0", "ac1", "bc0", "bc1"]  # each pass keeps its own
-    nameless = _graph([h.make_node("Conv", ["x", "w"], ["y"])], ("y",))
-    with pytest.raises(QuantizationError, match="a convolution without a name"):
-        fp32_convs_for(nameless, None)
 
 
 @pytest.mark.slow

@@ -118,8 +118,11 @@ def quantize_model(
         graph = onnx.load_from_string(fp32_bytes).graph
         kept = fp32_convs_for(graph, cfg.fp32_convs)
         layers = {"fp32_convs": kept, "fp32_conv_nodes": len(early_convs(graph, kept))}
-        int8_bytes = quantize_qdq(
-            fp32_bytes, _chunks(calib, 16), cfg, lambda imgs: normalize_batch(imgs, meta.mean, meta.std)
+        int8_bytes = quantize_qdq(  # the number recorded is the number used: resolved once, here
+            fp32_bytes,
+            _chunks(calib, 16),
+            replace(cfg, fp32_convs=kept),
+            lambda imgs: normalize_batch(imgs, meta.mean, meta.std),
         )
         onnx.checker.check_model(onnx.load_from_string(int8_bytes), full_check=True)
         fp32_earned = earn(fp32_bytes, meta)
