@@ -27,17 +27,13 @@ from .dataset import DefectDataset, collate, seed_worker
 from .multiscale import check_scales, draw_scale, rescale_batch
 from .sampler import BucketBatchSampler
 from .scan import BadFilesError, ScanRecord, ScanResult, mean_std, scan_files, write_rejects
+from .settings import check_settings, loader_config, split_config
 from .sources import SPLITS, Sample, SourceData, SourceError, build_source, prepare_source
 from .splits import assign_splits, spread_samples
 from .stats import class_counts, count_table, inverse_frequency_weights, split_warnings
 from .transforms import build_transform, check_size_preserving, seed_transform
 
 log = logging.getLogger(__name__)
-
-ON_BAD_FILE = ("fail", "skip")
-#: ``evaluate_on``: None = training (train/val/test split); "test" = only the test split is scored;
-#: "all" = every image of the source is scored (a new lot)
-EVALUATE_ON = (None, "test", "all")
 
 
 #: validation images recorded in checkpoints for export's parity and int8 calibration/gate
@@ -99,35 +95,13 @@ class DefectDataModule(pl.LightningDataModule):
         evaluate_on: str | None = None,
     ) -> None:
         super().__init__()
-        if evaluate_on not in EVALUATE_ON:
-            raise ValueError(f"evaluate_on must be one of {EVALUATE_ON}, got {evaluate_on!r}")
+        check_settings(evaluate_on, eval_transform, on_bad_file, batch_size, eval_batch_size)
         self.evaluate_on = evaluate_on
-        if eval_transform is not None:
-            raise ValueError(
-                "data.eval_transform is not supported: validation (where the threshold is chosen) and "
-                "test must see images exactly as the line PC does, which applies no transform; remove it"
-            )
-        if on_bad_file not in ON_BAD_FILE:
-            raise ValueError(f"data.on_bad_file must be one of {', '.join(ON_BAD_FILE)}, got {on_bad_file!r}")
-        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
-            raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")
         self.source_spec: dict[str, Any] = to_plain(source)
         if "kind" not in self.source_spec:
             raise SourceError("data.source.kind is required (folder, csv, elpv or synthetic)")
-        if isinstance(loader, LoaderConfig):
-            self.loader_config = loader
-        else:
-            try:
-                self.loader_config = LoaderConfig(**to_plain(loader or {}))
-            except (TypeError, ValueError) as exc:  # name the config key training users set
-                raise ValueError(f"data.loader: {exc}") from None
-        split_cfg = to_plain(split or {})
-        unknown = set(split_cfg) - {"val_fraction", "test_fraction", "seed"}
-        if unknown:
-            raise ValueError(
-                f"data.split: unknown key(s) {sorted(unknown)}; valid: val_fraction, test_fraction, seed"
-            )
-        self.split_cfg = split_cfg
+        self.loader_config = loader_config(loader)
+        self.split_cfg = split_config(split)
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.num_workers = int(num_workers)

@@ -33,6 +33,48 @@ def config_number(
     return float(value)
 
 
+def check_class_names(class_names: list[str], num_classes: int, good_class: str, ordered: bool) -> None:
+    """The classes a model is built for agree with each other (ordered grades start at the good one)."""
+    if len(class_names) != num_classes:
+        raise TrainingConfigError(f"{len(class_names)} class names for num_classes={num_classes}")
+    if good_class not in class_names:
+        raise TrainingConfigError(f"good_class {good_class!r} is not one of {class_names}")
+    if ordered and class_names[0] != good_class:
+        raise TrainingConfigError(
+            f"data.ordered: the classes {class_names} are grades best first, so the good class "
+            f"{good_class!r} must come first (set data.source.classes in grade order)"
+        )
+
+
+def loss_settings(loss: Mapping[str, Any]) -> tuple[float, float]:
+    """``loss.label_smoothing`` and ``loss.mixup``, checked (0 where unset)."""
+    smoothing = config_number(
+        loss.get("label_smoothing") or 0.0, "loss.label_smoothing", "a number in [0, 1)", lambda x: 0 <= x < 1
+    )
+    mixup = config_number(loss.get("mixup") or 0.0, "loss.mixup", "a number >= 0 (0 = off)", lambda x: x >= 0)
+    return smoothing, mixup
+
+
+def threshold_settings(thr: Mapping[str, Any], default_warn: float) -> tuple[float, float, float]:
+    """``threshold.target_recall``, ``.warn_false_reject_rate`` and ``.default``, checked."""
+    in_unit = "a number in [0, 1]"
+    return (
+        config_number(
+            thr.get("target_recall", 0.99),
+            "threshold.target_recall",
+            "a number in (0, 1]",
+            lambda x: 0 < x <= 1,
+        ),
+        config_number(
+            thr.get("warn_false_reject_rate", default_warn),
+            "threshold.warn_false_reject_rate",
+            in_unit,
+            lambda x: 0 <= x <= 1,
+        ),
+        config_number(thr.get("default", 0.5), "threshold.default", in_unit, lambda x: 0 <= x <= 1),
+    )
+
+
 def _walk(node: Any, prefix: str) -> Iterator[tuple[str, Any]]:
     if isinstance(node, Mapping):
         if not node and prefix:

@@ -19,13 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import CheckpointError, model_spec, model_state, read_info, run_data_config, target_recall
 from ..data.rebuild import datamodule_kwargs
+from ..data.settings import EVALUATE_ON
 from ..data.sources import SOURCES
 from ..evaluation.report import evaluation_doc, flat_metrics, report_lines
 from ..plain import to_plain
 from .config import TrainingConfigError, scalar_metrics, torch_threads
 from .shift import protocol_from_config
 
-EVALUATE_ON = ("all", "test")
 CKPT_HELP = (
     "ckpt_path is required: defectscope evaluate ckpt_path=CHECKPOINT [data=folder data.source.root=LOT] "
     "(an exported model: defectscope evaluate MODEL.onnx DATA)"

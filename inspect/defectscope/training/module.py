@@ -34,7 +34,7 @@ from ..runtime.grading import (
     grade_indices,
     ordinal_metrics,
 )
-from .config import TrainingConfigError, config_number
+from .config import TrainingConfigError, check_class_names, loss_settings, threshold_settings
 from .metrics import (
     DefectScores,
     class_metrics,
@@ -78,27 +78,11 @@ class DefectClassifier(pl.LightningModule):
         from defectscope.models import create_model
 
         self.class_names = list(class_names)
-        if len(self.class_names) != num_classes:
-            raise TrainingConfigError(f"{len(self.class_names)} class names for num_classes={num_classes}")
-        if good_class not in self.class_names:
-            raise TrainingConfigError(f"good_class {good_class!r} is not one of {self.class_names}")
-        if ordered and self.class_names[0] != good_class:
-            raise TrainingConfigError(
-                f"data.ordered: the classes {self.class_names} are grades best first, so the good class "
-                f"{good_class!r} must come first (set data.source.classes in grade order)"
-            )
+        check_class_names(self.class_names, num_classes, good_class, ordered)
         optimizer_lr(dict(dict(optim).get("optimizer") or {}), finetune)  # checks finetune.* too
         scheduler_interval(scheduler)
         loss = dict(loss or {})
-        self.label_smoothing = config_number(
-            loss.get("label_smoothing") or 0.0,
-            "loss.label_smoothing",
-            "a number in [0, 1)",
-            lambda x: 0 <= x < 1,
-        )
-        self.mixup = config_number(
-            loss.get("mixup") or 0.0, "loss.mixup", "a number >= 0 (0 = off)", lambda x: x >= 0
-        )
+        self.label_smoothing, self.mixup = loss_settings(loss)
         try:
             self.objective = resolve_objective(ordinal, bool(ordered), self.label_smoothing)
         except ObjectiveError as exc:
@@ -126,18 +110,8 @@ class DefectClassifier(pl.LightningModule):
             None if weights is None else torch.tensor(weights, dtype=torch.float32),
             persistent=False,
         )
-        self.target_recall = config_number(
-            thr.get("target_recall", 0.99),
-            "threshold.target_recall",
-            "a number in (0, 1]",
-            lambda x: 0 < x <= 1,
-        )
-        self.warn_false_reject_rate = config_number(
-            thr.get("warn_false_reject_rate", DEFAULT_WARN_FALSE_REJECT_RATE),
-            "threshold.warn_false_reject_rate", "a number in [0, 1]", lambda x: 0 <= x <= 1,
-        )  # fmt: skip
-        self.threshold = config_number(
-            thr.get("default", 0.5), "threshold.default", "a number in [0, 1]", lambda x: 0 <= x <= 1
+        self.target_recall, self.warn_false_reject_rate, self.threshold = threshold_settings(
+            thr, DEFAULT_WARN_FALSE_REJECT_RATE
         )
         #: what the last validation's threshold costs (evaluation.threshold.threshold_report), or None
         self.threshold_report: dict[str, Any] | None = None
@@ -146,7 +120,12 @@ class DefectClassifier(pl.LightningModule):
         self.misclassified_max = 16
         self.test_outputs: dict[str, Any] = {}
         self._misclassified: list[dict[str, Any]] = []
+        #: shift-consistency protocol of the test stage (training.shift.protocol_from_config); None = off
+        self.shift_protocol: Any = None
+        self._add_metrics(num_classes)
 
+    def _add_metrics(self, num_classes: int) -> None:
+        """The running metrics of each stage (module attributes, so Lightning moves and resets them)."""
         self.train_loss = MeanMetric()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
@@ -154,8 +133,6 @@ class DefectClassifier(pl.LightningModule):
         self.val_confmat, self.test_confmat = confusion_matrix(num_classes), confusion_matrix(num_classes)
         self.val_scores, self.test_scores = DefectScores(), DefectScores()
         self.val_probs, self.test_probs = ProbsAndLabels(), ProbsAndLabels()
-        #: shift-consistency protocol of the test stage (training.shift.protocol_from_config); None = off
-        self.shift_protocol: Any = None
         self.test_shift = ShiftScores()
 
     # ------------------------------------------------------------------ forward / loss

@@ -1,0 +1,59 @@
+"""The data settings checked before anything is read, each error naming its config key.
+
+Free of torch, so ``defectscope evaluate`` checks its arguments before the heavy imports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..plain import to_plain
+from ..runtime.image import LoaderConfig
+
+ON_BAD_FILE = ("fail", "skip")
+#: what ``evaluate`` scores: "test" = only the test split, "all" = every image of the source (a new lot);
+#: None (training) = the train/val/test split
+EVALUATE_ON = ("test", "all")
+
+
+def check_settings(
+    evaluate_on: str | None,
+    eval_transform: Any,
+    on_bad_file: str,
+    batch_size: int,
+    eval_batch_size: int | None,
+) -> None:
+    """The data settings that need nothing read yet, each named by its config key."""
+    if evaluate_on is not None and evaluate_on not in EVALUATE_ON:
+        raise ValueError(f"evaluate_on must be one of {', '.join(EVALUATE_ON)} or null, got {evaluate_on!r}")
+    if eval_transform is not None:
+        raise ValueError(
+            "data.eval_transform is not supported: validation (where the threshold is chosen) and "
+            "test must see images exactly as the line PC does, which applies no transform; remove it"
+        )
+    if on_bad_file not in ON_BAD_FILE:
+        raise ValueError(f"data.on_bad_file must be one of {', '.join(ON_BAD_FILE)}, got {on_bad_file!r}")
+    if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+        raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")
+
+
+def loader_config(loader: Mapping[str, Any] | LoaderConfig | None) -> LoaderConfig:
+    """``data.loader`` as the runtime's typed loader settings; an error names the key."""
+    if isinstance(loader, LoaderConfig):
+        return loader
+    try:
+        return LoaderConfig(**to_plain(loader or {}))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"data.loader: {exc}") from None
+
+
+def split_config(split: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``data.split`` as plain data; unknown keys are refused (a typo would silently split differently)."""
+    split_cfg: dict[str, Any] = to_plain(split or {})
+    unknown = set(split_cfg) - {"val_fraction", "test_fraction", "seed"}
+    if unknown:
+        raise ValueError(
+            f"data.split: unknown key(s) {sorted(unknown)}; valid: val_fraction, test_fraction, seed"
+        )
+    return split_cfg
