@@ -184,6 +184,8 @@ def test_bad_config_values_are_named(tmp_path: Path) -> None:
         DefectDataModule({"kind": "folder", "root": str(tmp_path)}, on_bad_file="ignore")
     with pytest.raises(ValueError, match=r"data\.split: unknown key"):
         DefectDataModule({"kind": "folder", "root": str(tmp_path)}, split={"val": 0.1})
+    with pytest.raises(ValueError, match=r"^evaluate_on must be one of test, all or null, got 'train'$"):
+        DefectDataModule({"kind": "folder", "root": str(tmp_path)}, evaluate_on="train")
     # sizes the loader would produce outside [min_size, max_side] (issue 21): refused before training
     with pytest.raises(
         ValueError, match=r"^data\.loader: LoaderConfig\.size_multiple \(128\) must be <= max_side"

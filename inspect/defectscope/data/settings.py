@@ -1,6 +1,7 @@
 """The data settings checked before anything is read, each error naming its config key.
 
-Free of torch, so ``defectscope evaluate`` checks its arguments before the heavy imports.
+Free of torch and Lightning: the rules, apart from the DataModule that applies them, so ``evaluate``
+shares them without its own copy.
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ ON_BAD_FILE = ("fail", "skip")
 EVALUATE_ON = ("test", "all")
 
 
+def check_evaluate_on(value: str | None) -> None:
+    """``evaluate_on`` is one of :data:`EVALUATE_ON` or None."""
+    if value is not None and value not in EVALUATE_ON:
+        raise ValueError(f"evaluate_on must be one of {', '.join(EVALUATE_ON)} or null, got {value!r}")
+
+
 def check_settings(
     evaluate_on: str | None,
     eval_transform: Any,
@@ -25,8 +32,7 @@ def check_settings(
     eval_batch_size: int | None,
 ) -> None:
     """The data settings that need nothing read yet, each named by its config key."""
-    if evaluate_on is not None and evaluate_on not in EVALUATE_ON:
-        raise ValueError(f"evaluate_on must be one of {', '.join(EVALUATE_ON)} or null, got {evaluate_on!r}")
+    check_evaluate_on(evaluate_on)
     if eval_transform is not None:
         raise ValueError(
             "data.eval_transform is not supported: validation (where the threshold is chosen) and "

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import CheckpointError, model_spec, model_state, read_info, run_data_config, target_recall
 from ..data.rebuild import datamodule_kwargs
-from ..data.settings import EVALUATE_ON
+from ..data.settings import check_evaluate_on
 from ..data.sources import SOURCES
 from ..evaluation.report import evaluation_doc, flat_metrics, report_lines
 from ..plain import to_plain
@@ -55,10 +55,10 @@ def evaluation_data(
     where = "data" if given else f"{source}: hyper_parameters.run_config.data"
     kwargs = datamodule_kwargs(spec, where, from_file=not given)
     scope = cfg.get("evaluate_on") or ("all" if given else "test")
-    if scope not in EVALUATE_ON:
-        raise TrainingConfigError(
-            f"evaluate_on must be one of {', '.join(EVALUATE_ON)} or null, got {scope!r}"
-        )
+    try:
+        check_evaluate_on(scope)
+    except ValueError as exc:
+        raise TrainingConfigError(str(exc)) from None
     src = dict(kwargs["source"])
     if (
         given
