@@ -31,8 +31,6 @@ def datamodule_kwargs(spec: Any, where: str, *, from_file: bool) -> dict[str, An
     ``from_file``: the config was read from a checkpoint, so it may not make evaluation write
     anything: a synthetic source is read as the folder it was generated into, never regenerated.
     """
-    from .datamodule import DefectDataModule
-
     if not isinstance(spec, Mapping):
         raise PlainDataError(f"{where}: expected a data config mapping, got {type(spec).__name__}")
     kwargs = dict(spec)
@@ -46,10 +44,6 @@ def datamodule_kwargs(spec: Any, where: str, *, from_file: bool) -> dict[str, An
     for key, value in transforms.items():
         check_transform_spec(value, f"{where}.{key}")
     check_plain(kwargs, where)
-    valid = [p for p in inspect.signature(DefectDataModule.__init__).parameters if p != "self"]
-    unknown = sorted(set(kwargs) - set(valid))
-    if unknown:
-        raise PlainDataError(f"{where}: unknown key(s) {unknown}; valid keys: {', '.join(valid)}")
     source = kwargs.get("source")
     kind = source.get("kind") if isinstance(source, Mapping) else None
     if kind not in SOURCES:
@@ -60,6 +54,14 @@ def datamodule_kwargs(spec: Any, where: str, *, from_file: bool) -> dict[str, An
             isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= cap
         ):
             raise PlainDataError(f"{where}.{key}: expected a whole number in [0, {cap}], got {value!r}")
+    # last: the valid keys come from the DataModule's signature, whose import pulls in Lightning (seconds),
+    # so a config refused by the checks above is refused without it
+    from .datamodule import DefectDataModule
+
+    valid = [p for p in inspect.signature(DefectDataModule.__init__).parameters if p != "self"]
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise PlainDataError(f"{where}: unknown key(s) {unknown}; valid keys: {', '.join(valid)}")
     for key in EVALUATION_KEYS:
         kwargs.pop(key, None)
     if from_file and kind == "synthetic" and isinstance(source, Mapping):
