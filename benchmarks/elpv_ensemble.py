@@ -25,6 +25,10 @@ from elpv_cells import GRADES, Cell, metrics
 from elpv_models import prediction_rows
 
 
+def _is_probability(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
 def read_rows(path: Path) -> dict[str, dict[str, Any]]:
     """Rows of one prediction file by cell path; refused unless each carries a grade and the 4 grades'
     probabilities."""
@@ -40,6 +44,8 @@ def read_rows(path: Path) -> dict[str, dict[str, Any]]:
             raise SystemExit(f"{path}:{n}: not a JSON row of benchmarks/elpv.py --predictions") from None
         if not isinstance(row, dict) or sorted(row.get("probs") or {}) != sorted(GRADES) or "path" not in row:
             raise SystemExit(f"{path}:{n}: expected probabilities for {', '.join(GRADES)}")
+        if not all(_is_probability(v) for v in row["probs"].values()):
+            raise SystemExit(f"{path}:{n}: probabilities must be numbers in [0, 1]")
         if row.get("grade") not in GRADES:
             raise SystemExit(
                 f"{path}:{n}: grade must be one of {', '.join(GRADES)}, got {row.get('grade')!r}"

@@ -52,6 +52,10 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     assert done.returncode != 0 and "no p0 cells" in done.stderr and "Traceback" not in done.stderr
     done = _run(str(only_defects), "--frr", "1.5")
     assert done.returncode != 0 and "--frr must lie in [0, 1)" in done.stderr
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps({"path": "c", "grade": "p0", "probs": dict.fromkeys(GRADES, "x")}) + "\n")
+    done = _run(str(odd))
+    assert done.returncode != 0 and f"{odd}:1: probabilities must be numbers in [0, 1]" in done.stderr
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{not json\n", encoding="utf-8")
     done = _run(str(broken))
