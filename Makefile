@@ -11,6 +11,12 @@ EXTRAS ?= train,cpu,elpv,pretrained,search,dev
 # Extra pip arguments for the torch install only, e.g. on plain PyPI (where the Linux wheel is the CUDA
 # build): make test TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cpu'
 TORCH_PIP_ARGS ?=
+# Test files run in this many processes (pytest-xdist), each file whole in one of them, so a file's trained
+# fixtures are built once. Much of the suite waits on subprocesses, servers and disk: two processes on two
+# cores finish it sooner than one. TEST_WORKERS=0 runs it in this process (for a debugger). Tests marked
+# idle measure the machine's load, so they run afterwards, alone.
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: install browser test test-fast wheel-check demo lint clean
 
@@ -32,10 +38,11 @@ browser:
 
 # The wheel check runs first, so the closing lines are pytest's summary.
 test: install browser wheel-check
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_PARALLEL) -m "not idle"
+	$(PY) -m pytest -m idle
 
 test-fast: install
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest $(PYTEST_PARALLEL) -m "not slow"
 
 # A plain (non-editable) install trains: the configs must ship inside the wheel.
 wheel-check: install

@@ -194,6 +194,7 @@ def _bench_module(name: str) -> Any:
         sys.path.remove(str(REPO / "benchmarks"))
 
 
+@pytest.mark.idle
 @pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux /proc/stat")
 def test_foreign_load_counts_other_processes_not_our_own() -> None:
     """A process we did not reap is foreign; the busy-warning then fires on it, not on our own threads."""
