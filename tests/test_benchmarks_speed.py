@@ -186,6 +186,26 @@ def test_unknown_section_is_a_usage_error(tmp_path: Path, cli_env: dict[str, str
     assert not (tmp_path / "x.json").exists()
 
 
+def test_gpu_new_shapes_records_what_is_missing_without_a_gpu(
+    tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    """benchmarks/gpu_new_shapes.py (docs/benchmarks.md, GPU table 3) runs here and says why it measured nothing."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: the script would measure for minutes")
+    out = tmp_path / "new_shapes.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_new_shapes.py"), "--out", str(out)],
+        cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(out.read_text(encoding="utf-8"))
+    assert doc["error"] == "this onnxruntime build has no CUDAExecutionProvider"
+    assert doc["onnxruntime"] == ort.__version__ and doc["machine"]["onnxruntime"] == ort.__version__
+    assert not any(k.startswith("heuristic") for k in doc)
+
+
 def _bench_module(name: str) -> Any:
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:

@@ -21,7 +21,7 @@ from onnx import helper, numpy_helper
 from defectscope.runtime import cli
 from defectscope.runtime.image import LoaderConfig, target_size
 from defectscope.runtime.inspector import Inspector, MetadataError, ModelLoadError, ProviderError
-from defectscope.runtime.ortlog import Captured, quiet_ort
+from defectscope.runtime.ortlog import Captured, failure_reason, first_line, quiet_ort
 from defectscope.runtime.providers import PROVIDERS, candidates, session_options
 from defectscope.runtime.sessions import start_shapes
 from defectscope.runtime.startcheck import Placement, StartCheckError, exercise, placement_from_profile
@@ -320,3 +320,43 @@ def test_library_load_errors_are_condensed_to_their_cause() -> None:
         "cannot open shared object file: No such file or directory"
     )
     assert Captured(["*************** EP Error ***************"]).summary() is None
+
+
+# What onnxruntime-gpu 1.31.1 said on an NVIDIA H200 without TensorRT (2026-12-04, deploy/gpu_check.sh)
+H200_TRT_ERROR = (
+    "/onnxruntime_src/onnxruntime/python/onnxruntime_pybind_state.cc:729 void onnxruntime::python::"
+    "RegisterTensorRTPluginsAsCustomOps(PySessionOptions&, const onnxruntime::ProviderOptions&) Please install "
+    "TensorRT libraries as mentioned in the GPU requirements page, make sure they're in the PATH or "
+    "LD_LIBRARY_PATH, and that your GPU is supported."
+)
+H200_TRT_LOG = (
+    "\x1b[1;31m2026-12-04 16:13:30.1 [E:onnxruntime:Default, provider_bridge_ort.cc:2251 TryGetProviderInfo_TensorRT] "
+    "/onnxruntime_src/onnxruntime/core/session/provider_bridge_ort.cc:1844 onnxruntime::Provider& "
+    "onnxruntime::ProviderLibrary::Get() [ONNXRuntimeError] : 1 : FAIL : Failed to load library "
+    "/tmp/site/onnxruntime/capi/libonnxruntime_providers_tensorrt.so with error: libnvinfer.so.10: cannot open "
+    "shared object file: No such file or directory"
+)
+
+
+def test_a_missing_gpu_library_is_named_first_in_the_fallback_line() -> None:
+    error = first_line(RuntimeError(H200_TRT_ERROR))
+    assert error.startswith(
+        "Please install TensorRT libraries"
+    )  # ORT's source location and C++ signature dropped
+    line = failure_reason(
+        f"onnxruntime could not create the session: {error}", Captured([H200_TRT_LOG, "\x1b[m"])
+    )
+    assert line.startswith(
+        "libnvinfer.so.10 not found (TensorRT is not installed, or its lib folder is not on LD_LIBRARY_PATH); "
+        "onnxruntime could not create the session: Please install TensorRT"
+    )
+    assert "/tmp/site" not in line and "onnxruntime_src" not in line
+    assert "Failed to load library libonnxruntime_providers_tensorrt.so with error" in line
+    cudnn = "Failed to load library libonnxruntime_providers_cuda.so with error: libcudnn.so.9: cannot open shared object file"
+    assert failure_reason("not activated", Captured([cudnn])).startswith("libcudnn.so.9 not found (cuDNN is")
+    # nothing missing: the reason and the log line as before, nothing invented
+    assert (
+        failure_reason("not activated", Captured(["some other error"]))
+        == "not activated; onnxruntime: some other error"
+    )
+    assert first_line(RuntimeError("plain message (with parentheses)")) == "plain message (with parentheses)"

@@ -16,7 +16,7 @@ from defectscope.runtime.inspector import (
     ModelLoadError,
     ProviderError,
 )
-from defectscope.runtime.providers import candidates, physical_cores
+from defectscope.runtime.providers import CUDA_SIZES_NOTE_AT, NewSizeWatch, candidates, physical_cores
 from onnx_models import build_model, fixture_metadata, make_image, metadata_without
 
 
@@ -193,3 +193,26 @@ def test_batcher_groups_equal_sizes_and_bounds_pending() -> None:
     for batch in batches:
         assert 1 <= len(batch) <= 4 and len({it.array.shape for it in batch if it.array is not None}) == 1
     assert sum(len(batch) == 4 for batch in batches) > 10  # full batches do form
+
+
+def test_cuda_points_out_its_per_size_setup_once_and_only_cuda(model: Path) -> None:
+    said: list[str] = []
+    watch = NewSizeWatch("cuda", said.append, at=3)
+    for h, w in [(64, 64), (64, 64), (64, 80), (64, 64), (80, 64)]:  # the 3rd distinct size is the 5th batch
+        watch.seen(h, w)
+    assert len(said) == 1 and "cuda has met 3 image sizes" in said[0] and "--provider cpu" in said[0]
+    for side in range(90, 120):
+        watch.seen(side, side)
+    assert len(said) == 1  # once per session
+    for kind in ("cpu", "tensorrt"):  # TensorRT's engine covers its whole profile; the CPU has no such cost
+        other: list[str] = []
+        quiet = NewSizeWatch(kind, other.append, at=2)
+        for side in range(40, 60):
+            quiet.seen(side, side)
+        assert other == []
+    # a real CPU session through predict: mixed sizes say nothing
+    lines: list[str] = []
+    insp = Inspector(model, provider="cpu", threads=1, log=lines.append)
+    for side in range(32, 32 + 2 * CUDA_SIZES_NOTE_AT):
+        insp.predict(np.zeros((1, 1, side, side), np.float32), cam=False)
+    assert not any("image sizes" in line for line in lines)

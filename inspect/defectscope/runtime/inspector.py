@@ -19,7 +19,7 @@ from .image import LoaderConfig, load_image_with_size, normalize_batch
 from .metadata import MetadataError
 from .model_checks import ModelCheckError, check_model_file
 from .options import SessionConfig
-from .providers import GPU_PROVIDERS, INT8_ON_GPU, ProviderError, import_ort
+from .providers import GPU_PROVIDERS, INT8_ON_GPU, NewSizeWatch, ProviderError, import_ort
 from .sessions import INPUT_NAME, REQUIRED_OUTPUTS, ModelLoadError, SessionOpener, TrtRequest
 from .trt import TRT_MAX_BATCH
 
@@ -101,6 +101,7 @@ class Inspector:
         self._grading = self.metadata.grader
         if self.metadata.int8 and self.provider in GPU_PROVIDERS:
             self._log(f"defectscope: {path.name} is int8 but runs on {self.provider}: {INT8_ON_GPU}")
+        self._new_sizes = NewSizeWatch(self.provider, self._log)
         self.has_cam = "cam" in self.output_names
         # IO binding: the batch is copied to the device once and outputs come back in one copy.
         # On by default for GPU providers; ``io_binding=True`` on the CPU exercises the same path.
@@ -137,6 +138,7 @@ class Inspector:
                 f"expected a batch shaped (N, {self.metadata.channels}, H, W), got {tuple(batch.shape)}"
             )
         batch = np.ascontiguousarray(batch, dtype=np.float32)
+        self._new_sizes.seen(batch.shape[2], batch.shape[3])
         names = [n for n in self.output_names if n in REQUIRED_OUTPUTS or (cam and n == "cam")]
         step = len(batch)
         if self.trt_profile is not None:  # the engine takes only shapes inside its profile

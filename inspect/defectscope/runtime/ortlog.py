@@ -34,15 +34,73 @@ _NATIVE = re.compile(r"\[([VIWEF]):onnxruntime:[^\]]*\]\s*(.*)")
 #: everything up to ORT's status code, e.g. "/onnxruntime_src/...cc:1539 Get() [ONNXRuntimeError] : 1 : FAIL : "
 _ORT_STATUS = re.compile(r"^.*\[ONNXRuntimeError\] : \d+ : \w+ : ")
 _BANNER = re.compile(r"^\*+( EP Error \*+)?$")
+#: ORT_THROW's prefix, e.g. "/onnxruntime_src/.../onnxruntime_pybind_state.cc:729 void f(A&, const B&) "
+_SOURCE = re.compile(r"^\S+\.(?:cc|cpp|cu|h):\d+ ")
+#: the library the dynamic loader could not find, e.g. "libnvinfer.so.10: cannot open shared object file"
+_MISSING_LIB = re.compile(r"(lib[\w+-]+\.so(?:\.\d+)*): cannot open shared object file")
+#: "Failed to load library /site-packages/onnxruntime/capi/libX.so": the folder is noise in a one-line message
+_LIBRARY_PATH = re.compile(r"(?<=library )\S*/(lib[^/\s]+)")
+#: who ships the libraries a GPU provider loads, by name prefix
+_LIBRARY_OWNERS = {
+    "libnvinfer": "TensorRT",
+    "libnvonnxparser": "TensorRT",
+    "libcudnn": "cuDNN",
+    "libcublas": "CUDA",
+    "libcudart": "CUDA",
+    "libcurand": "CUDA",
+    "libcufft": "CUDA",
+}
 #: Said by ORT < 1.24 for each session that fails to load while profiling is on, which the
 #: runner turns on itself there (node placement from the start-up run): not news to the user.
 _OWN_ECHO = ("Could not write a profile because no model was loaded",)
 
 
 def first_line(exc: BaseException, limit: int = 160) -> str:
-    """An exception's first line, shortened: ORT messages can run to pages."""
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    """An exception's first line without ORT's source location, shortened: ORT messages can run to pages."""
+    text = _without_source((str(exc).strip().splitlines() or [type(exc).__name__])[0])
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _without_source(text: str) -> str:
+    """Drop "file.cc:123 signature(args) " from an ORT_THROW message, so its own words come first."""
+    text = _ORT_STATUS.sub("", text)
+    found = _SOURCE.match(text)
+    if found is None:
+        return text
+    depth = 0
+    for i in range(found.end(), len(text)):
+        if text[i] == "(":
+            depth += 1
+        elif text[i] == ")" and depth:
+            depth -= 1
+            if depth == 0:
+                return re.sub(r"^\s*(const\s+)?", "", text[i + 1 :]) or text
+    return text
+
+
+def missing_library(*texts: str) -> str | None:
+    """'libnvinfer.so.10 not found (TensorRT ...)' when the loader could not find a library."""
+    for text in texts:
+        found = _MISSING_LIB.search(text)
+        if found:
+            lib = found.group(1)
+            owner = next(
+                (o for prefix, o in _LIBRARY_OWNERS.items() if lib.startswith(prefix)), "its package"
+            )
+            return f"{lib} not found ({owner} is not installed, or its lib folder is not on LD_LIBRARY_PATH)"
+    return None
+
+
+def failure_reason(reason: str, captured: Captured | None = None) -> str:
+    """Why a provider did not start, in one line: a missing library first, then the error, then ORT's log.
+
+    The error and the log line are shortened, often before the library's name, so that goes first.
+    """
+    said = captured.summary(120) if captured else None
+    if said and said[:60] not in reason:  # unless the exception already quotes ORT's log line
+        reason = f"{reason.rstrip('.')}; onnxruntime: {said}"
+    missing = missing_library(reason, *(captured.messages() if captured else []))
+    return f"{missing}; {reason}" if missing else reason
 
 
 @dataclass
@@ -65,7 +123,7 @@ class Captured:
             if native is None:
                 other.append(line)
             elif native.group(1) in "EF":
-                errors.append(_ORT_STATUS.sub("", native.group(2)))
+                errors.append(_LIBRARY_PATH.sub(r"\1", _without_source(native.group(2))))
         return errors + other
 
     def summary(self, limit: int = 160) -> str | None:

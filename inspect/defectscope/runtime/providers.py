@@ -7,6 +7,8 @@ readable place.  ORT's own silent fallback is disabled: we decide, and say so in
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,10 @@ INT8_ON_GPU = (
 )
 #: Session config key behind ``InferenceSession.get_provider_graph_assignment_info`` (ORT >= 1.24).
 RECORD_ASSIGNMENT = "session.record_ep_graph_assignment_info"
+
+
+#: Distinct image sizes after which the CUDA provider's per-size set-up is pointed out, once.
+CUDA_SIZES_NOTE_AT = 8
 
 
 class ProviderError(RuntimeError):
@@ -150,3 +156,34 @@ def session_options(threads: int | None, graph_opt: str, *, profile_prefix: str 
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
     return so
+
+
+class NewSizeWatch:
+    """Says once when the CUDA provider has met many image sizes: it sets up its convolutions per size.
+
+    cuDNN prepares each convolution for every new input shape.  Measured on an NVIDIA H200
+    (onnxruntime-gpu 1.31.1, docs/benchmarks.md "GPU"): 0.1-0.6 s per new size for an fp32 Lite0,
+    3-5 s for fp16, then 2-3 ms per image, so a folder of mixed sizes ran at 3 images/s where the
+    CPU provider ran 163.  A line camera's single size pays it once; TensorRT's engine covers its
+    whole size profile.  Thread-safe: batches may run from several threads.
+    """
+
+    def __init__(self, kind: str, log: Callable[[str], None], at: int = CUDA_SIZES_NOTE_AT) -> None:
+        self._active = kind == "cuda"
+        self._log, self._at = log, at
+        self._sizes: set[tuple[int, int]] = set()
+        self._lock = threading.Lock()
+
+    def seen(self, height: int, width: int) -> None:
+        if not self._active:
+            return
+        with self._lock:
+            self._sizes.add((height, width))
+            if len(self._sizes) < self._at:
+                return
+            self._active = False
+        self._log(
+            f"defectscope: cuda has met {self._at} image sizes and sets up its convolutions once per new size "
+            "(on an H200 0.1-0.6 s in fp32, 3-5 s in fp16): for lots of mixed sizes --provider cpu or "
+            "TensorRT (one engine for its size profile) can be faster"
+        )

@@ -26,7 +26,7 @@ from typing import Any
 
 from .files import model_load_failure
 from .metadata import INPUT_NAME, METADATA_KEY, MetadataError, ModelMetadata
-from .ortlog import Captured, first_line, quiet_ort
+from .ortlog import Captured, failure_reason, first_line, quiet_ort
 from .providers import (
     GPU_PROVIDERS,
     INT8_ON_GPU,
@@ -94,10 +94,8 @@ class Opened:
 class _StartFailure(Exception):
     """One provider did not start; the message is the reason plus what ONNX Runtime said."""
 
-    def __init__(self, reason: str, said: str | None = None) -> None:
-        if said and said[:60] not in reason:  # unless the exception already quotes ORT's log line
-            reason = f"{reason}; onnxruntime: {said}"
-        super().__init__(reason)
+    def __init__(self, reason: str, captured: Captured | None = None) -> None:
+        super().__init__(failure_reason(reason, captured))
 
 
 def read_metadata(session: Any, source: str) -> ModelMetadata:
@@ -234,7 +232,7 @@ class SessionOpener:
             kind_of, message = failure
             if kind_of is not None:  # a model problem, not a provider problem
                 raise kind_of(message)
-            raise _StartFailure(message, cap.summary(120))
+            raise _StartFailure(message, cap)
         assert opened is not None
         if cache is not None and cache.workdir is not None:
             try:
