@@ -346,17 +346,54 @@ def test_a_missing_gpu_library_is_named_first_in_the_fallback_line() -> None:
     line = failure_reason(
         f"onnxruntime could not create the session: {error}", Captured([H200_TRT_LOG, "\x1b[m"])
     )
-    assert line.startswith(
+    assert line == (
         "libnvinfer.so.10 not found (TensorRT is not installed, or its lib folder is not on LD_LIBRARY_PATH); "
-        "onnxruntime could not create the session: Please install TensorRT"
+        f"onnxruntime could not create the session: {error}"
+    )  # ORT's log line said the same and is left out
+    native = "2026-12-04 16:13:30.1 [E:onnxruntime:Default, x.cc:1 f] Failed to load library {}: {}: cannot open shared object file"
+    cudnn = Captured([native.format("/x/libonnxruntime_providers_cuda.so", "libcudnn.so.9")])
+    assert failure_reason("not activated", cudnn).startswith(
+        "libcudnn.so.9 not found (cuDNN is not installed"
     )
-    assert "/tmp/site" not in line and "onnxruntime_src" not in line
-    assert "Failed to load library libonnxruntime_providers_tensorrt.so with error" in line
-    cudnn = "Failed to load library libonnxruntime_providers_cuda.so with error: libcudnn.so.9: cannot open shared object file"
-    assert failure_reason("not activated", Captured([cudnn])).startswith("libcudnn.so.9 not found (cuDNN is")
-    # nothing missing: the reason and the log line as before, nothing invented
-    assert (
-        failure_reason("not activated", Captured(["some other error"]))
-        == "not activated; onnxruntime: some other error"
+    driver = Captured([native.format("libonnxruntime_providers_cuda.so", "libcuda.so.1")])
+    assert failure_reason("x", driver).startswith(
+        "libcuda.so.1 not found (the NVIDIA driver is not installed"
     )
-    assert first_line(RuntimeError("plain message (with parentheses)")) == "plain message (with parentheses)"
+    # only ORT's native errors and the exception count: an optional preload's chatter names nothing
+    chatter = Captured(["Failed to load libcublas.so.13: cannot open shared object file", "other"])
+    assert failure_reason("not activated", chatter) == (
+        "not activated; onnxruntime: Failed to load libcublas.so.13: cannot open shared object file (+1 more lines)"
+    )
+    assert failure_reason("/x/mylibbar.so.1: cannot open shared object file") == (
+        "/x/mylibbar.so.1: cannot open shared object file"  # not "libbar.so.1"
+    )
+
+
+@pytest.mark.parametrize(
+    "message, own_words",
+    [
+        ("/s/a.cc:729 void onnxruntime::f(A&, const B&) Please install (see docs).", "Please install (see docs)."),
+        (  # MSVC's __FUNCTION__ has no argument list
+            r"D:\a\cuda_call.cc:123 onnxruntime::CudaCall CUDA failure 35: x ; expr=cudaSetDevice(info_.device_id); ",
+            "CUDA failure 35: x ; expr=cudaSetDevice(info_.device_id);",
+        ),
+        (  # GCC, nested: the thrower's location, then the call site's, each with a template [with ...]
+            "/s/cuda_call.cc:121 std::conditional_t<T, void, S> onnxruntime::CudaCall(E, const char*) [with E = "
+            "cudaError; bool T = true] /s/cuda_call.cc:114 std::conditional_t<T, void, S> onnxruntime::CudaCall(E, "
+            "const char*) [with E = cudaError; bool T = true] CUDA failure 100: no CUDA-capable device is detected",
+            "CUDA failure 100: no CUDA-capable device is detected",
+        ),
+        ("/s/a.cc:12 onnxruntime::Foo::Bar()::<lambda()> message here", "message here"),
+        ("/s/a.cc:12 void onnxruntime::f(int) const trailing words", "trailing words"),
+        ("/s/a.cc:12 void onnxruntime::f(int", "/s/a.cc:12 void onnxruntime::f(int"),  # never closes: kept
+        ("/s/a.cc:12 void onnxruntime::f(int)", "/s/a.cc:12 void onnxruntime::f(int)"),  # nothing after: kept
+        ("/s/a.cc:12 plain words (not a signature)", "/s/a.cc:12 plain words (not a signature)"),
+        ("plain message (with parentheses)", "plain message (with parentheses)"),
+        ("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find Conv", "Could not find Conv"),
+        ("Failed to load library /site/capi/libonnxruntime_providers_cuda.so with error: x",
+         "Failed to load library libonnxruntime_providers_cuda.so with error: x"),
+        ("Failed to load library /a/libdir/foo.so with error: x", "Failed to load library /a/libdir/foo.so with error: x"),
+    ],
+)  # fmt: skip
+def test_first_line_keeps_onnxruntimes_own_words(message: str, own_words: str) -> None:
+    assert first_line(RuntimeError(message), 400) == own_words

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -210,9 +211,31 @@ def test_cuda_points_out_its_per_size_setup_once_and_only_cuda(model: Path) -> N
         for side in range(40, 60):
             quiet.seen(side, side)
         assert other == []
-    # a real CPU session through predict: mixed sizes say nothing
+    # wired into predict: a real session (on the CPU here) with a CUDA watch in place
     lines: list[str] = []
     insp = Inspector(model, provider="cpu", threads=1, log=lines.append)
-    for side in range(32, 32 + 2 * CUDA_SIZES_NOTE_AT):
+    for side in range(32, 32 + 2 * CUDA_SIZES_NOTE_AT):  # the CPU provider's own watch says nothing
         insp.predict(np.zeros((1, 1, side, side), np.float32), cam=False)
     assert not any("image sizes" in line for line in lines)
+    insp._new_sizes = NewSizeWatch("cuda", lines.append, at=3)
+    for side in (40, 40, 48, 56):
+        insp.predict(np.zeros((2, 1, side, side), np.float32), cam=False)
+    assert sum("cuda has met 3 image sizes" in line for line in lines) == 1
+
+
+def test_cuda_size_note_is_said_once_from_many_threads() -> None:
+    said: list[str] = []
+    watch = NewSizeWatch("cuda", said.append, at=4)
+    start = threading.Barrier(8)
+
+    def feed(k: int) -> None:
+        start.wait()
+        for side in range(200):
+            watch.seen(side, k)
+
+    threads = [threading.Thread(target=feed, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(said) == 1

@@ -34,13 +34,15 @@ _NATIVE = re.compile(r"\[([VIWEF]):onnxruntime:[^\]]*\]\s*(.*)")
 #: everything up to ORT's status code, e.g. "/onnxruntime_src/...cc:1539 Get() [ONNXRuntimeError] : 1 : FAIL : "
 _ORT_STATUS = re.compile(r"^.*\[ONNXRuntimeError\] : \d+ : \w+ : ")
 _BANNER = re.compile(r"^\*+( EP Error \*+)?$")
-#: ORT_THROW's prefix, e.g. "/onnxruntime_src/.../onnxruntime_pybind_state.cc:729 void f(A&, const B&) "
+#: ORT_THROW's location, e.g. "/onnxruntime_src/.../onnxruntime_pybind_state.cc:729 " (GCC) or "D:\\a\\x.cc:12 "
 _SOURCE = re.compile(r"^\S+\.(?:cc|cpp|cu|h):\d+ ")
+#: GCC's __PRETTY_FUNCTION__ after it, up to the argument list: a qualified name right before "("
+_SIGNATURE = re.compile(r"(?:[\w:~<>,*&]+ ){0,6}?[\w:~<>*&]*::~?\w+(?:<[^()]*>)?\(")
 #: the library the dynamic loader could not find, e.g. "libnvinfer.so.10: cannot open shared object file"
-_MISSING_LIB = re.compile(r"(lib[\w+-]+\.so(?:\.\d+)*): cannot open shared object file")
+_MISSING_LIB = re.compile(r"(?<![\w.+-])(lib[\w+-]+\.so(?:\.\d+)*): cannot open shared object file")
 #: "Failed to load library /site-packages/onnxruntime/capi/libX.so": the folder is noise in a one-line message
-_LIBRARY_PATH = re.compile(r"(?<=library )\S*/(lib[^/\s]+)")
-#: who ships the libraries a GPU provider loads, by name prefix
+_LIBRARY_PATH = re.compile(r"(?<=library )\S*/(lib[^/\s]+)(?=[\s:,;)]|$)")
+#: who ships the libraries a GPU provider loads, by name prefix (libcuda.so itself: see missing_library)
 _LIBRARY_OWNERS = {
     "libnvinfer": "TensorRT",
     "libnvonnxparser": "TensorRT",
@@ -49,6 +51,9 @@ _LIBRARY_OWNERS = {
     "libcudart": "CUDA",
     "libcurand": "CUDA",
     "libcufft": "CUDA",
+    "libnvrtc": "CUDA",
+    "libnvJitLink": "CUDA",
+    "libonnxruntime_": "onnxruntime-gpu",
 }
 #: Said by ORT < 1.24 for each session that fails to load while profiling is on, which the
 #: runner turns on itself there (node placement from the start-up run): not news to the user.
@@ -57,49 +62,82 @@ _OWN_ECHO = ("Could not write a profile because no model was loaded",)
 
 def first_line(exc: BaseException, limit: int = 160) -> str:
     """An exception's first line without ORT's source location, shortened: ORT messages can run to pages."""
-    text = _without_source((str(exc).strip().splitlines() or [type(exc).__name__])[0])
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = _LIBRARY_PATH.sub(r"\1", _without_source(text))
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _without_source(text: str) -> str:
-    """Drop "file.cc:123 signature(args) " from an ORT_THROW message, so its own words come first."""
+    """ORT's own words: drop its status prefix and "file.cc:123 signature(args) [with ...]" locations.
+
+    Locations can be nested (a CUDA error quotes the call site after the thrower's); what is not
+    recognisably a location is kept as it is.
+    """
     text = _ORT_STATUS.sub("", text)
-    found = _SOURCE.match(text)
-    if found is None:
-        return text
+    for _ in range(4):
+        found = _SOURCE.match(text)
+        if found is None:
+            return text
+        rest = text[found.end() :]
+        signature = _SIGNATURE.match(rest)
+        if signature is not None:  # GCC: "ret ns::f(args) [const] [with T = ...] message"
+            end = _closing(rest, signature.end() - 1, "()")
+            if end is None:
+                return text
+            rest = re.sub(r"^(?:::<lambda\(\)>)?\s*(?:const\s+)?", "", rest[end:])
+            if rest.startswith("[with "):
+                end = _closing(rest, 0, "[]")
+                rest = rest[end:].lstrip() if end is not None else rest
+        else:  # MSVC: "ns::f message" (no argument list)
+            token, _, tail = rest.partition(" ")
+            if "::" not in token or "(" in token:
+                return text
+            rest = tail
+        if not rest.strip():
+            return text
+        text = rest
+    return text
+
+
+def _closing(text: str, start: int, pair: str) -> int | None:
+    """Index just past the bracket that closes ``text[start]``, or None when it never closes."""
     depth = 0
-    for i in range(found.end(), len(text)):
-        if text[i] == "(":
+    for i in range(start, len(text)):
+        if text[i] == pair[0]:
             depth += 1
-        elif text[i] == ")" and depth:
+        elif text[i] == pair[1]:
             depth -= 1
             if depth == 0:
-                return re.sub(r"^\s*(const\s+)?", "", text[i + 1 :]) or text
-    return text
+                return i + 1
+    return None
 
 
 def missing_library(*texts: str) -> str | None:
     """'libnvinfer.so.10 not found (TensorRT ...)' when the loader could not find a library."""
     for text in texts:
         found = _MISSING_LIB.search(text)
-        if found:
-            lib = found.group(1)
-            owner = next(
-                (o for prefix, o in _LIBRARY_OWNERS.items() if lib.startswith(prefix)), "its package"
-            )
-            return f"{lib} not found ({owner} is not installed, or its lib folder is not on LD_LIBRARY_PATH)"
+        if found is None:
+            continue
+        lib = found.group(1)
+        if re.fullmatch(r"libcuda\.so(\.\d+)*", lib):
+            return f"{lib} not found (the NVIDIA driver is not installed or not loaded)"
+        owner = next((o for prefix, o in _LIBRARY_OWNERS.items() if lib.startswith(prefix)), "its package")
+        return f"{lib} not found ({owner} is not installed, or its lib folder is not on LD_LIBRARY_PATH)"
     return None
 
 
 def failure_reason(reason: str, captured: Captured | None = None) -> str:
     """Why a provider did not start, in one line: a missing library first, then the error, then ORT's log.
 
-    The error and the log line are shortened, often before the library's name, so that goes first.
+    Only the exception and ORT's native error lines are searched for a missing library (not, say,
+    an optional preload's chatter); once one is named, the log line that said it is left out.
     """
+    errors = captured.native_errors() if captured else []
+    missing = missing_library(reason, *errors)
     said = captured.summary(120) if captured else None
-    if said and said[:60] not in reason:  # unless the exception already quotes ORT's log line
+    log_named_it = bool(missing and errors and missing_library(errors[0]))  # the summary's first line
+    if said and said[:60] not in reason and not log_named_it:
         reason = f"{reason.rstrip('.')}; onnxruntime: {said}"
-    missing = missing_library(reason, *(captured.messages() if captured else []))
     return f"{missing}; {reason}" if missing else reason
 
 
@@ -114,6 +152,14 @@ class Captured:
 
         Native INFO/VERBOSE/WARNING lines are dropped (placement is reported by defectscope itself).
         """
+        errors, other = self._split()
+        return errors + other
+
+    def native_errors(self) -> list[str]:
+        """ORT's native ERROR/FATAL lines, without its source locations and library folders."""
+        return self._split()[0]
+
+    def _split(self) -> tuple[list[str], list[str]]:
         errors, other = [], []
         for raw in self.lines:
             line = _ANSI.sub("", raw).strip()
@@ -124,7 +170,7 @@ class Captured:
                 other.append(line)
             elif native.group(1) in "EF":
                 errors.append(_LIBRARY_PATH.sub(r"\1", _without_source(native.group(2))))
-        return errors + other
+        return errors, other
 
     def summary(self, limit: int = 160) -> str | None:
         """The first message, shortened, with a count of the rest; None when nothing was written."""

@@ -161,11 +161,11 @@ def session_options(threads: int | None, graph_opt: str, *, profile_prefix: str 
 class NewSizeWatch:
     """Says once when the CUDA provider has met many image sizes: it sets up its convolutions per size.
 
-    cuDNN prepares each convolution for every new input shape.  Measured on an NVIDIA H200
-    (onnxruntime-gpu 1.31.1, docs/benchmarks.md "GPU"): 0.1-0.6 s per new size for an fp32 Lite0,
-    3-5 s for fp16, then 2-3 ms per image, so a folder of mixed sizes ran at 3 images/s where the
-    CPU provider ran 163.  A line camera's single size pays it once; TensorRT's engine covers its
-    whole size profile.  Thread-safe: batches may run from several threads.
+    cuDNN prepares each convolution for every new input shape (image size and batch size).  Measured
+    on an NVIDIA H200 (onnxruntime-gpu 1.31.1, batch 1, docs/benchmarks.md "GPU"): 0.1-0.6 s per
+    new size for an fp32 Lite0, 3.4-5.6 s in fp16, then 2-3 ms per image, so a folder of mixed sizes
+    ran at 3 images/s where the CPU provider ran 163.  Sizes are counted, not batch sizes: the
+    advice is about mixed sizes.  Thread-safe: batches may run from several threads.
     """
 
     def __init__(self, kind: str, log: Callable[[str], None], at: int = CUDA_SIZES_NOTE_AT) -> None:
@@ -178,12 +178,14 @@ class NewSizeWatch:
         if not self._active:
             return
         with self._lock:
+            if not self._active:  # another thread said it meanwhile
+                return
             self._sizes.add((height, width))
             if len(self._sizes) < self._at:
                 return
             self._active = False
         self._log(
             f"defectscope: cuda has met {self._at} image sizes and sets up its convolutions once per new size "
-            "(on an H200 0.1-0.6 s in fp32, 3-5 s in fp16): for lots of mixed sizes --provider cpu or "
-            "TensorRT (one engine for its size profile) can be faster"
+            "(on an H200 0.1-0.6 s in fp32, 3.4-5.6 s in fp16): for lots of mixed sizes --provider cpu "
+            "can be faster"
         )
