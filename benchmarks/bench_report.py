@@ -104,6 +104,34 @@ def _memory_target(results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _gpu_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per input shape: the faster of TensorRT fp16 and CUDA fp16 against eager fp32, batch 8, on the GPU."""
+    gpu = results.get("gpu")
+    rows = gpu.get("rows", []) if isinstance(gpu, dict) else []
+    rate = {(r["engine"], r["shape"]): r["images_per_s"] for r in rows if r.get("batch") == 8}
+    out: list[dict[str, Any]] = []
+    for shape in sorted({r["shape"] for r in rows}) or ["1x300x300", "3x384x512"]:
+        eager = rate.get(("eager_cuda_fp32", shape))
+        fast = [(rate[(e, shape)], e) for e in ("ort_tensorrt_fp16", "ort_cuda_fp16") if (e, shape) in rate]
+        best = max(fast) if fast else None
+        ratio = round(best[0] / eager, 3) if best and eager else None
+        text = (
+            f"{ratio:.2f}x ({best[1]} {best[0]:.0f} vs eager {eager:.0f} img/s)"
+            if ratio and best and eager
+            else "-"
+        )
+        out.append(
+            {
+                "target": f"GPU: TensorRT or CUDA fp16 / PyTorch eager fp32 images/s, batch 8, {shape}",
+                "goal": ">= 3.0x",
+                "value": ratio,
+                "text": text,
+                "status": verdict(ratio, 3.0),
+            }
+        )
+    return out
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One entry per target of the issue: what, goal, measured value and MET/MISSED."""
     return [
@@ -112,6 +140,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         _train_target(results),
         _memory_target(results),
         *decode_bound_targets(results),
+        *_gpu_targets(results),
     ]
 
 

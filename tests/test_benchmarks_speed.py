@@ -153,7 +153,11 @@ def test_quick_run_measures_every_section(tmp_path: Path, cli_env: dict[str, str
     if not torch.cuda.is_available() and "CUDAExecutionProvider" not in ort.get_available_providers():
         assert r["gpu"] == "not available on this machine"
 
-    targets = r["targets"]
+    gpu_targets = [t for t in r["targets"] if t["target"].startswith("GPU:")]
+    assert len(gpu_targets) == 2
+    if r["gpu"] == "not available on this machine":
+        assert all(t["status"] == "not measured" and t["value"] is None for t in gpu_targets)
+    targets = [t for t in r["targets"] if t not in gpu_targets]
     assert len(targets) == 10 and all(t["status"] in ("MET", "MISSED") for t in targets)
     by_name = {t["target"]: t for t in targets}
     b8 = by_name["ONNX Runtime / PyTorch eager images/s, batch 8, 1x300x300"]
@@ -204,6 +208,24 @@ def test_gpu_new_shapes_records_what_is_missing_without_a_gpu(
     assert doc["error"] == "this onnxruntime build has no CUDAExecutionProvider"
     assert doc["onnxruntime"] == ort.__version__ and doc["machine"]["onnxruntime"] == ort.__version__
     assert not any(k.startswith("heuristic") for k in doc)
+
+
+def test_gpu_target_is_computed_from_the_h200_rows() -> None:
+    """The GPU target row of speed.py's report, on the figures measured on the lent H200 (docs/bench)."""
+    report = _bench_module("bench_report")
+    results = json.loads((REPO / "docs" / "bench" / "gpu_h200_speed.json").read_text(encoding="utf-8"))
+    rate = {
+        (r["engine"], r["shape"]): r["images_per_s"] for r in results["gpu"]["rows"] if r.get("batch") == 8
+    }
+    by_name = {t["target"]: t for t in report.targets(results) if t["target"].startswith("GPU:")}
+    assert len(by_name) == 2
+    for shape in ("1x300x300", "3x384x512"):
+        t = by_name[f"GPU: TensorRT or CUDA fp16 / PyTorch eager fp32 images/s, batch 8, {shape}"]
+        # TensorRT failed to start there (an error row), so CUDA fp16 is the faster one
+        expected = rate[("ort_cuda_fp16", shape)] / rate[("eager_cuda_fp32", shape)]
+        assert t["value"] == pytest.approx(expected, abs=1e-3) and "ort_cuda_fp16" in t["text"]
+        assert t["status"] == ("MET" if expected >= 3.0 else "MISSED")
+    assert not any(engine == "ort_tensorrt_fp16" for engine, _ in rate)  # its rows are errors, not rates
 
 
 def _bench_module(name: str) -> Any:
