@@ -125,6 +125,12 @@ def test_data_config_mistakes_are_one_line_naming_the_key(
     cases = {
         "data.multi_scale=[0]": "data.multi_scale must be null or a non-empty list of scale factors",
         "+data.foo=1": "unexpected keyword argument 'foo' (config node data)",
+        # numbers given as words: before these were tracebacks from Lightning, the seed or the generator
+        "trainer.max_epochs=abc": "trainer.max_epochs must be a whole number >= 1, or -1 for no limit, got 'abc'",
+        "seed=abc": "seed must be a whole number in [0, 2**32), got 'abc'",
+        "data.source.n=abc": "data.source.n must be a whole number, got 'abc'",
+        "data.batch_size=abc": "data.batch_size must be a whole number >= 1, got 'abc'",
+        "trainer.accumulate_grad_batches=0": "trainer.accumulate_grad_batches must be a whole number >= 1, got 0",
     }
     for override, message in cases.items():
         proc = _run(

@@ -40,8 +40,11 @@ def check_settings(
         )
     if on_bad_file not in ON_BAD_FILE:
         raise ValueError(f"data.on_bad_file must be one of {', '.join(ON_BAD_FILE)}, got {on_bad_file!r}")
-    if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
-        raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")
+    for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        if value is None and key == "eval_batch_size":
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"data.{key} must be a whole number >= 1, got {value!r}")
 
 
 def loader_config(loader: Mapping[str, Any] | LoaderConfig | None) -> LoaderConfig:

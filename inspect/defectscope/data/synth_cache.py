@@ -95,6 +95,10 @@ def ensure_synthetic(
 
     if region not in REGIONS:
         raise SourceError(f"data.source.region must be one of {', '.join(REGIONS)}, got {region!r}")
+    numbers = {"n": n, "seed": seed, "channels": channels, "min_size": min_size, "max_size": max_size}
+    for key, value in numbers.items():
+        if not isinstance(value, int) or isinstance(value, bool):  # before the cache is looked at or rebuilt
+            raise SourceError(f"data.source.{key} must be a whole number, got {value!r}")
     base = Path(root).expanduser()
     params = _synth_params(n, seed, channels, min_size, max_size, classes, region)
     if _read_marker(base) == params:

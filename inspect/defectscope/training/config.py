@@ -33,6 +33,25 @@ def config_number(
     return float(value)
 
 
+def check_run_numbers(cfg: Mapping[str, Any]) -> None:
+    """``seed`` and the trainer's counts are whole numbers: Lightning would fail on them mid-setup."""
+    config_number(
+        cfg.get("seed", 0), "seed", "a whole number in [0, 2**32)", lambda x: 0 <= x < 2**32, whole=True
+    )
+    trainer = cfg.get("trainer") or {}
+    rules = {
+        "max_epochs": ("a whole number >= 1, or -1 for no limit", lambda x: x >= 1 or x == -1),
+        "max_steps": ("a whole number >= 1, or -1 for no limit", lambda x: x >= 1 or x == -1),
+        "min_epochs": ("a whole number >= 0", lambda x: x >= 0),
+        "accumulate_grad_batches": ("a whole number >= 1", lambda x: x >= 1),
+        "check_val_every_n_epoch": ("a whole number >= 1", lambda x: x >= 1),
+        "log_every_n_steps": ("a whole number >= 1", lambda x: x >= 1),
+    }
+    for key, (expected, ok) in rules.items():
+        if trainer.get(key) is not None:
+            config_number(trainer[key], f"trainer.{key}", expected, ok, whole=True)
+
+
 def check_class_names(class_names: list[str], num_classes: int, good_class: str, ordered: bool) -> None:
     """The classes a model is built for agree with each other (ordered grades start at the good one)."""
     if len(class_names) != num_classes:

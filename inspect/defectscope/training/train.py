@@ -27,6 +27,7 @@ from .artifacts import log_test_artifacts, summary_lines, write_test_plots
 from .callbacks import Throughput, build_callbacks, checkpoint_callback
 from .config import (
     TrainingConfigError,
+    check_run_numbers,
     find_keys,
     is_global_zero,
     resolve_ckpt_path,
@@ -328,6 +329,7 @@ def _log_outputs(best: str | None, dm: Any, tracker: MLflowTracker | None) -> No
 
 def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, float]:
     t0 = time.perf_counter()
+    check_run_numbers(cfg)
     check_launch(cfg)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     out_dir = Path(cfg.paths.output_dir)
