@@ -47,7 +47,9 @@ def test_missing_and_foreign_files(tmp_path: Path) -> None:
         load_checkpoint(tmp_path)
     text = tmp_path / "notes.ckpt"
     text.write_text("hello")
-    with pytest.raises(CheckpointError, match=r"notes\.ckpt: not a readable PyTorch checkpoint"):
+    with pytest.raises(
+        CheckpointError, match=r"notes\.ckpt: not a readable PyTorch checkpoint \(neither a zip"
+    ):
         load_checkpoint(text)
     plain = tmp_path / "plain.ckpt"
     torch.save({"state_dict": {"model.w": torch.zeros(1)}}, plain)
@@ -57,8 +59,14 @@ def test_missing_and_foreign_files(tmp_path: Path) -> None:
         load_checkpoint(plain)
     pickled = tmp_path / "pickled.ckpt"
     torch.save({"defectscope": {}, "cfg": argparse.Namespace(lr=0.1)}, pickled)
-    with pytest.raises(CheckpointError, match="weights_only=True"):
+    with pytest.raises(CheckpointError, match="weights_only=True") as refused:
         load_checkpoint(pickled)
+    assert "Unsupported global: GLOBAL argparse.Namespace" in str(refused.value)  # what it would have run
+    assert "weights_only set to False" not in str(refused.value)  # torch's advice is not passed on
+    legacy = tmp_path / "legacy.ckpt"  # torch.save's pre-zip format still reaches the checks
+    torch.save({"state_dict": {}}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match=r"legacy\.ckpt: not a defectscope checkpoint"):
+        load_checkpoint(legacy)
 
 
 def test_unknown_model_lists_valid_names(tmp_path: Path) -> None:

@@ -53,12 +53,19 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{p}: checkpoint file does not exist")
     if not p.is_file():
         raise CheckpointError(f"{p}: is not a file (expected a .ckpt written by `defectscope train`)")
+    if not _looks_like_torch_file(p):
+        raise CheckpointError(
+            f"{p}: not a readable PyTorch checkpoint (neither a zip archive nor a pickle; expected a .ckpt "
+            "written by `defectscope train`)"
+        )
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # torch's message goes on to suggest weights_only=False, which is what this refusal is for
+        found = re.search(r"Unsupported global: GLOBAL \S+|Unsupported operand \d+", str(exc))
         raise CheckpointError(
-            f"{p}: refuses to load with weights_only=True (it contains non-plain objects; "
-            f"defectscope checkpoints hold plain data only): {str(exc).splitlines()[0]}"
+            f"{p}: refuses to load with weights_only=True (it contains pickled objects; defectscope "
+            f"checkpoints hold plain data only{': ' + found.group(0) if found else ''})"
         ) from None
     except Exception as exc:
         first = (str(exc).splitlines() or [""])[0][:200]
@@ -71,6 +78,16 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             "by `defectscope train`)"
         )
     return ckpt
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """A zip archive (torch >= 1.6) or a pickle stream (older torch.save): what torch.load reads."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def read_info(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
