@@ -265,6 +265,10 @@ def test_cli_is_a_hydra_app(defectscope_cmd: list[str], cli_env: dict[str, str],
     assert helped.returncode == 0 and "defectscope train" in helped.stdout
     assert "experiment: demo, elpv, elpv_scratch, smoke, synthetic" in helped.stdout
 
+    ev_help = run("evaluate", "--help")  # each command's own examples, not train's
+    assert ev_help.returncode == 0 and "defectscope evaluate ckpt_path=" in ev_help.stdout
+    assert "defectscope evaluate model.onnx" in ev_help.stdout and "defectscope train" not in ev_help.stdout
+
     ev = run("evaluate", "--cfg", "job", "ckpt_path=a.ckpt")
     assert ev.returncode == 0 and "ckpt_path: a.ckpt" in ev.stdout
     other = run("train", "-cn", "evaluate", "--cfg", "job", "ckpt_path=b.ckpt")

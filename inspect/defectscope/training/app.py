@@ -23,6 +23,26 @@ INTERNAL_GROUPS = frozenset({"hydra", "model_recipe"})
 #: groups that only one command composes, listed in that command's --help only (conf/search.yaml)
 COMMAND_GROUPS = {"search": "search"}
 HELP_GROUPS_RESOLVER = "defectscope_help_groups"
+HELP_EXAMPLES_RESOLVER = "defectscope_help_examples"
+#: the first lines of each command's --help (conf/hydra/default.yaml's header)
+HELP_EXAMPLES = {
+    "train": [
+        "defectscope train experiment=smoke",
+        "defectscope train model=nf_resnet trainer.max_epochs=30 data=folder data.source.root=/data/parts",
+        "defectscope train --multirun model=resnet_small,lenet seed=1,2",
+        "defectscope train --cfg job          (print the composed config and exit)",
+    ],
+    "evaluate": [
+        "defectscope evaluate ckpt_path=outputs/DATE/TIME/checkpoints/best.ckpt   (its own test split)",
+        "defectscope evaluate ckpt_path=best.ckpt data=folder data.source.root=/data/lot42   (every image)",
+        "defectscope evaluate model.onnx /data/lot42 --out audit/   (an exported model, no Hydra: see README)",
+    ],
+    "search": [
+        "defectscope search experiment=smoke model=resnet_small search=smoke   (a first try)",
+        "defectscope search experiment=synthetic search.n_trials=40 search.max_latency_ms=3.3",
+        "defectscope search --cfg job experiment=synthetic   (print the composed config and exit)",
+    ],
+}
 #: what a required (``???``) key looks like, for the one-line error that names it
 EXAMPLE_VALUES = {"ckpt_path": "outputs/<date>/<time>/checkpoints/best.ckpt"}
 
@@ -59,10 +79,16 @@ def help_groups(task: str = "") -> str:
     return "\n".join(_user_groups(GlobalHydra.instance().config_loader(), task=str(task)))
 
 
+def help_examples(task: str = "") -> str:
+    """The example command lines for ``task``'s --help, indented under the header."""
+    return "\n".join(f"  {line}" for line in HELP_EXAMPLES.get(str(task), HELP_EXAMPLES["train"]))
+
+
 def _register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver(HELP_GROUPS_RESOLVER, help_groups, replace=True, use_cache=False)
+    OmegaConf.register_new_resolver(HELP_EXAMPLES_RESOLVER, help_examples, replace=True, use_cache=False)
 
 
 def _missing_keys(cfg: Any) -> list[str]:
