@@ -63,6 +63,16 @@ def test_unknown_kwarg_is_named() -> None:
     assert "widths" in str(err.value)  # the accepted list is shown
 
 
+@pytest.fixture
+def own_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A registration made by a test stays in that test (the registry is process-wide, and under xdist
+    another file's test in this process checks it against the presets)."""
+    from defectscope.models import registry
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
+
+@pytest.mark.usefixtures("own_registry")
 def test_register_model_and_duplicate_name() -> None:
     @register_model(name="_test_dummy")
     def dummy(*, num_classes: int, in_chans: int, width: int = 4) -> nn.Module:
@@ -76,6 +86,12 @@ def test_register_model_and_duplicate_name() -> None:
     assert model.model_kwargs == {"num_classes": 2, "in_chans": 1, "width": 6}
     with pytest.raises(ModelConfigError, match="already registered"):
         register_model(name="_test_dummy")(lambda **kw: nn.Identity())
+
+
+def test_a_tests_registration_does_not_outlive_it() -> None:
+    from defectscope.models import list_models
+
+    assert "_test_dummy" not in list_models()
 
 
 def test_model_from_config_accepts_omegaconf() -> None:
