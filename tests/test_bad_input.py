@@ -143,3 +143,31 @@ def test_data_config_mistakes_are_one_line_naming_the_key(
         assert len(errors) == 1 and message in errors[0], proc.stderr
         assert "full_key" not in proc.stderr and "Error in call to target" not in proc.stderr
         assert not (tmp_path / "data").exists()  # refused before the synthetic set was generated
+
+
+def test_output_paths_are_checked_before_the_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A file where a folder is wanted (or the reverse) is one line and exit 2, before anything is scored,
+    scanned or generated; before, each was a traceback after the work."""
+    from defectscope.data import scan
+    from defectscope.evaluation import cli as evaluate_cli
+    from defectscope.synth import main as synth_main
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hi")
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    cases = [
+        (
+            evaluate_cli.main,
+            ["missing.onnx", str(folder), "--out", str(notes)],
+            "--out ",
+            "is a file, not a folder",
+        ),
+        (synth_main, [str(notes), "--n", "4"], "synth ", "is a file, not a folder"),
+        (scan.main, [str(folder), "--rejects", str(folder)], "--rejects ", "is a folder; give a file name"),
+    ]
+    for entry, argv, option, message in cases:
+        assert entry(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and option in err and message in err, err
+    assert notes.read_text() == "hi" and list(folder.iterdir()) == []

@@ -181,6 +181,9 @@ def test_export_given_an_onnx_model(model: Path, tmp_path: Path) -> None:
     proc = defectscope("export", model, "-o", "x.onnx", cwd=tmp_path)
     one_line_error(proc, "is an exported model (ONNX), not a training checkpoint", "defectscope inspect")
     assert not (tmp_path / "x.onnx").exists()
+    # the same file as evaluate's ckpt_path: the checkpoint reader says so too (was "model file not found")
+    proc = defectscope("evaluate", f"ckpt_path={model}", cwd=tmp_path)
+    one_line_error(proc, "is an exported model (ONNX), not a training checkpoint", "defectscope inspect")
 
 
 @pytest.mark.slow

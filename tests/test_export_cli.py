@@ -135,13 +135,19 @@ def test_export_cli_rejects_bad_input_with_exit_2(
         ),
         ([good, "-o", str(tmp_path)], "is a directory"),
         ([good], "-o/--output"),
+        # refused before the export's work: the checkpoint itself (it was overwritten), a file as a folder
+        ([good, "-o", good], "is a PyTorch checkpoint; it would be overwritten"),
+        ([good, "-o", str(foreign)], "is a PyTorch checkpoint; it would be overwritten"),
+        ([good, "-o", str(tmp_path / "foreign.ckpt" / "m.onnx")], "foreign.ckpt is a file, not a folder"),
     ]
+    before = Path(good).read_bytes()
     for argv, message in cases:
         rc = main(argv)
         err = capsys.readouterr().err
         assert rc == 2, (argv, err)
         assert message in err, (argv, err)
     assert not Path(out).exists()
+    assert Path(good).read_bytes() == before
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .plain import PlainDataError, check_plain, expect, number, string_list
+from .runtime.files import checkpoint_file_problem
 from .runtime.metadata import MAX_CLASSES, MAX_NAME_CHARS, MetadataError, parse_loader
 
 INFO_KEY = "defectscope"
@@ -53,7 +54,10 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{p}: checkpoint file does not exist")
     if not p.is_file():
         raise CheckpointError(f"{p}: is not a file (expected a .ckpt written by `defectscope train`)")
-    if not _looks_like_torch_file(p):
+    problem = checkpoint_file_problem(p)  # an ONNX model, an image, an empty file: said as such
+    if problem:
+        raise CheckpointError(problem)
+    if not looks_like_torch_file(p):
         raise CheckpointError(
             f"{p}: not a readable PyTorch checkpoint (neither a zip archive nor a pickle; expected a .ckpt "
             "written by `defectscope train`)"
@@ -80,7 +84,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return ckpt
 
 
-def _looks_like_torch_file(path: Path) -> bool:
+def looks_like_torch_file(path: Path) -> bool:
     """A zip archive (torch >= 1.6) or a pickle stream (older torch.save): what torch.load reads."""
     try:
         with path.open("rb") as f:

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from .runtime.outputs import OutputError, check_output_folder
+
 DEFAULT_CLASSES = ("good", "scratch", "spot", "crack")
 #: where defects may lie; the thirds split the width at round(w/3) and round(2w/3)
 REGIONS = ("anywhere", "left", "centre", "right")
@@ -311,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     t0 = time.perf_counter()
     try:
+        check_output_folder(args.out, "synth")
         root = generate(
             args.out,
             args.n,
@@ -321,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers,
             region=args.region,
         )
-    except ValueError as exc:
+    except (ValueError, OutputError) as exc:
         print(f"defectscope {exc}", file=sys.stderr)
         return 2
     where = "" if args.region == "anywhere" else f", defects in the {args.region} third"

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..runtime.image import ImageLoadError, LoaderConfig, load_image
+from ..runtime.outputs import OutputError, check_output_file
 
 
 @dataclass(frozen=True)
@@ -234,10 +235,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     try:
+        if args.rejects:  # before the scan's work
+            check_output_file(args.rejects, "--rejects", special_ok=False)
         cfg = compose_data_config(args.overrides, folder, args.config_dir)
         prepare_source(cfg.source)
         source = build_source(cfg.source, missing="keep")
-    except (SourceError, ValueError, TypeError, HydraException, OmegaConfBaseException) as exc:
+    except (SourceError, ValueError, TypeError, HydraException, OmegaConfBaseException, OutputError) as exc:
         text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         print(f"defectscope scan: error: {text or type(exc).__name__}", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ import numpy as np
 from ..data.sources import SourceError
 from ..runtime.decision import defect_probability, is_defect_label, is_ng
 from ..runtime.inspector import Inspector, MetadataError, ModelLoadError, ProviderError
+from ..runtime.outputs import OutputError, check_output_folder
 from .labelled import Labelled, read_labelled
 from .metrics import confusion
 from .report import evaluation_doc, report_lines
@@ -150,13 +151,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise EvaluateError(f"--threshold must lie in [0, 1], got {args.threshold}")
         if args.batch_size < 1:
             raise EvaluateError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.out:  # before any image is scored
+            check_output_folder(args.out, "--out")
         inspector = Inspector(args.model, provider=args.provider, threads=args.threads)
         labelled = _labelled(args.data, inspector)
         threshold = inspector.threshold if args.threshold is None else float(args.threshold)
         doc, rows = evaluate_model(
             inspector, labelled, threshold, sweep=args.sweep, batch_size=args.batch_size
         )
-    except (EvaluateError, SourceError, ModelLoadError, MetadataError, ProviderError) as exc:
+    except (EvaluateError, SourceError, ModelLoadError, MetadataError, ProviderError, OutputError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     given = "" if args.threshold is None else f" (given; the model's is {inspector.threshold:g})"

@@ -19,10 +19,12 @@ import onnx
 from torch import nn
 
 from defectscope import __version__
+from defectscope.checkpoint import looks_like_torch_file
 from defectscope.models.corn import raw_outputs, with_link
 from defectscope.models.tta import FlipTTA
 from defectscope.runtime.image import LoaderConfig
 from defectscope.runtime.metadata import MetadataError, ModelMetadata
+from defectscope.runtime.outputs import OutputError, check_output_file
 
 from .atomic import atomic_write_bytes
 from .errors import ExportError, typed_first_line
@@ -122,6 +124,16 @@ def _checked_request(output: str | Path, opset: int, fp16: bool, int8: Int8Confi
     out = Path(output)
     if out.is_dir():
         raise ExportError(f"output {out} is a directory; expected a file path such as model.onnx")
+    if out.is_file() and looks_like_torch_file(
+        out
+    ):  # e.g. -o the checkpoint itself: the training would be lost
+        raise ExportError(
+            f"output {out} is a PyTorch checkpoint; it would be overwritten: give the model its own name"
+        )
+    try:  # before the export's minutes of work: the folder must exist or be creatable, and writable
+        check_output_file(out, "-o", special_ok=False)
+    except OutputError as exc:
+        raise ExportError(str(exc)) from None
     if opset < MIN_OPSET:
         raise ExportError(f"--opset {opset} is too old: defectscope exports need opset >= {MIN_OPSET}")
     if fp16 and int8 is not None:

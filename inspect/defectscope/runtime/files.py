@@ -101,9 +101,9 @@ def checkpoint_file_problem(path: str | os.PathLike[str]) -> str | None:
     kind = file_kind(p)
     if kind == "ONNX model" or (kind == "other" and p.suffix.lower() == ".onnx"):
         return (
-            f"{p} is an exported model (ONNX), not a training checkpoint; export reads the .ckpt that "
-            "defectscope train writes (outputs/<date>/<time>/checkpoints/best.ckpt), and an exported "
-            f"model is used as it is: defectscope inspect {p} IMAGES... -o results.jsonl"
+            f"{p} is an exported model (ONNX), not a training checkpoint; export and evaluate ckpt_path= read "
+            "the .ckpt that defectscope train writes (outputs/<date>/<time>/checkpoints/best.ckpt), and an "
+            f"exported model is used as it is: defectscope inspect {p} IMAGES... -o results.jsonl"
         )
     if kind == "empty" or kind.endswith("image"):
         return f"{p} is {'empty (0 bytes)' if kind == 'empty' else 'a ' + kind}, not a training checkpoint (.ckpt)"

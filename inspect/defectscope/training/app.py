@@ -205,7 +205,7 @@ def train_main(argv: Sequence[str]) -> int:
 def evaluate_main(argv: Sequence[str]) -> int:
     """``defectscope evaluate ckpt_path=PATH [data=...]``: test metrics of a checkpoint (Hydra);
     ``defectscope evaluate MODEL.onnx DATA``: an exported model through the runtime (torch-free)."""
-    if argv and str(argv[0]).lower().endswith(".onnx"):
+    if argv and str(argv[0]).lower().endswith(".onnx") and "=" not in str(argv[0]):  # not ckpt_path=m.onnx
         from defectscope.evaluation.cli import main
 
         return main(argv)
