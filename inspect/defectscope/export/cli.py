@@ -49,7 +49,11 @@ _count, _positive = _whole(0), _whole(1)
 
 
 def _recall(text: str) -> float:
-    value = _threshold(text)
+    """argparse type: a recall target in (0, 1]; one range in every refusal."""
+    try:
+        value = _threshold(text)
+    except argparse.ArgumentTypeError:
+        value = 0.0
     if value <= 0.0:
         raise argparse.ArgumentTypeError(f"expected a recall in (0, 1], got {text!r}")
     return value
