@@ -54,14 +54,12 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{p}: checkpoint file does not exist")
     if not p.is_file():
         raise CheckpointError(f"{p}: is not a file (expected a .ckpt written by `defectscope train`)")
-    problem = checkpoint_file_problem(p)  # an ONNX model, an image, an empty file: said as such
+    try:  # an ONNX model, an image, an empty file, text: said as such before torch.load
+        problem = checkpoint_file_problem(p)
+    except OSError as exc:
+        raise CheckpointError(f"{p}: cannot be read ({exc.strerror or exc})") from None
     if problem:
         raise CheckpointError(problem)
-    if not looks_like_torch_file(p):
-        raise CheckpointError(
-            f"{p}: not a readable PyTorch checkpoint (neither a zip archive nor a pickle; expected a .ckpt "
-            "written by `defectscope train`)"
-        )
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -82,16 +80,6 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
             "by `defectscope train`)"
         )
     return ckpt
-
-
-def looks_like_torch_file(path: Path) -> bool:
-    """A zip archive (torch >= 1.6) or a pickle stream (older torch.save): what torch.load reads."""
-    try:
-        with path.open("rb") as f:
-            head = f.read(4)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def read_info(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -19,9 +19,9 @@ import onnx
 from torch import nn
 
 from defectscope import __version__
-from defectscope.checkpoint import looks_like_torch_file
 from defectscope.models.corn import raw_outputs, with_link
 from defectscope.models.tta import FlipTTA
+from defectscope.runtime.files import file_kind
 from defectscope.runtime.image import LoaderConfig
 from defectscope.runtime.metadata import MetadataError, ModelMetadata
 from defectscope.runtime.outputs import OutputError, check_output_file
@@ -119,13 +119,21 @@ def parity_inputs(
     return inputs
 
 
+def _kind(path: Path) -> str:
+    """:func:`file_kind`, or ``other`` for a file that cannot be read (check_output_file then says why)."""
+    try:
+        return file_kind(path)
+    except OSError:
+        return "other"
+
+
 def _checked_request(output: str | Path, opset: int, fp16: bool, int8: Int8Config | None) -> Path:
     """The output path and the options, checked before the checkpoint is looked at."""
     out = Path(output)
     if out.is_dir():
         raise ExportError(f"output {out} is a directory; expected a file path such as model.onnx")
-    if out.is_file() and looks_like_torch_file(
-        out
+    if (
+        out.is_file() and _kind(out) == "checkpoint"
     ):  # e.g. -o the checkpoint itself: the training would be lost
         raise ExportError(
             f"output {out} is a PyTorch checkpoint; it would be overwritten: give the model its own name"

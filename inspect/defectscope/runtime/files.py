@@ -107,6 +107,11 @@ def checkpoint_file_problem(path: str | os.PathLike[str]) -> str | None:
         )
     if kind == "empty" or kind.endswith("image"):
         return f"{p} is {'empty (0 bytes)' if kind == 'empty' else 'a ' + kind}, not a training checkpoint (.ckpt)"
+    if kind != "checkpoint":
+        return (
+            f"{p}: not a readable PyTorch checkpoint (neither a zip archive nor a pickle; expected a .ckpt "
+            "written by `defectscope train`)"
+        )
     return None
 
 

@@ -62,9 +62,13 @@ _OWN_ECHO = ("Could not write a profile because no model was loaded",)
 
 def first_line(exc: BaseException, limit: int = 160) -> str:
     """An exception's first line without ORT's source location, shortened: ORT messages can run to pages."""
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    text = _LIBRARY_PATH.sub(r"\1", _without_source(text))
+    text = _own_words((str(exc).strip().splitlines() or [type(exc).__name__])[0])
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _own_words(text: str) -> str:
+    """An ORT message without its source locations and library folders (exceptions and log lines alike)."""
+    return _LIBRARY_PATH.sub(r"\1", _without_source(text))
 
 
 def _without_source(text: str) -> str:
@@ -169,7 +173,7 @@ class Captured:
             if native is None:
                 other.append(line)
             elif native.group(1) in "EF":
-                errors.append(_LIBRARY_PATH.sub(r"\1", _without_source(native.group(2))))
+                errors.append(_own_words(native.group(2)))
         return errors, other
 
     def summary(self, limit: int = 160) -> str | None:
