@@ -140,3 +140,45 @@ def test_bad_config_fails_before_training(
     assert "data.loader.min_size" in proc.stderr and "model.min_input_size" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize(
+    ("command", "override", "expected"),
+    [
+        (
+            "train",
+            "data=nosuch",
+            "data=nosuch: no such option in config group 'data'; valid: csv, elpv, folder",
+        ),
+        ("train", "experiment=nosuch", "no such option in config group 'experiment'; valid: demo, elpv"),
+        ("search", "search=nosuch", "search=nosuch: no such option in config group 'search'; valid: default"),
+        ("train", "trainer.nosuch=1", "Could not override 'trainer.nosuch'. (Key 'nosuch' is not in struct)"),
+        ("train", "a=[1,", "a=[1,: no viable alternative at input"),
+        ("train", "--config-name=nosuch", "Cannot find primary config 'nosuch'"),
+    ],
+)
+def test_composition_errors_are_one_line(
+    defectscope_cmd: list[str],
+    cli_env: dict[str, str],
+    tmp_path: Path,
+    command: str,
+    override: str,
+    expected: str,
+) -> None:
+    """Hydra's own multi-line composition errors (search path, exit 1) become one line, exit 2, before any work."""
+    proc = _run([*defectscope_cmd, command, override], tmp_path, cli_env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"defectscope {command}: error: ") and expected in lines[0], lines[0]
+    assert "_base" not in lines[0] and "provider=" not in lines[0]
+    assert not any(tmp_path.iterdir())  # no outputs/ folder: nothing ran
+
+
+def test_full_error_asked_for_keeps_hydras_exception(
+    defectscope_cmd: list[str], cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    proc = _run(
+        [*defectscope_cmd, "train", "data=nosuch"], tmp_path, {**cli_env, "HYDRA_FULL_ERROR": "1"}, 120
+    )
+    assert proc.returncode == 1 and "MissingConfigException" in proc.stderr

@@ -13,6 +13,7 @@ the children run the same command.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -117,6 +118,25 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(f"{cause}{where}".split("\n"))
 
 
+def _composition_error(exc: BaseException) -> str:
+    """Hydra's composition errors on one line: a missing group option names the valid ones (Hydra's own
+    text adds the config search path over several lines), the rest keep their words and their cause."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and exc.options is not None:
+        group, _, option = str(exc.missing_cfg_file).rpartition("/")
+        valid = sorted(o for o in exc.options if not o.startswith("_"))
+        return f"{group}={option}: no such option in config group {group!r}; valid: {', '.join(valid)}"
+    text = str(exc).split("\nConfig search path:")[0]  # a missing primary config lists the search path
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if isinstance(exc, OverrideParseException):
+        lines.insert(0, f"{exc.override}:")
+    cause = exc.__cause__
+    if cause is not None and str(cause).strip():
+        lines.insert(1, f"({str(cause).strip().splitlines()[0]})")
+    return " ".join(lines)
+
+
 def _job(command: str, argv: list[str], launch_argv: list[str], fn: Callable[[Any], dict[str, float]]) -> Any:
     def task(cfg: Any) -> Any:
         missing = _missing_keys(cfg)
@@ -155,6 +175,7 @@ def _job(command: str, argv: list[str], launch_argv: list[str], fn: Callable[[An
 
 def _run(command: str, config_name: str, argv: Sequence[str], fn: Callable[[Any], dict[str, float]]) -> int:
     import hydra
+    from hydra.errors import HydraException
 
     conf = conf_dir()
     if not (conf / f"{config_name}.yaml").is_file():
@@ -173,6 +194,10 @@ def _run(command: str, config_name: str, argv: Sequence[str], fn: Callable[[Any]
     main = hydra.main(version_base="1.3", config_path=str(conf), config_name=config_name)(
         _job(command, args, launch_argv, fn)
     )
+    # Hydra prints its own composition errors over many lines and exits 1; asked for the full error
+    # it raises instead, so a bad group option or key becomes one line here (unless the user asked).
+    user_full_error = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
     except SystemExit as exc:
@@ -180,8 +205,17 @@ def _run(command: str, config_name: str, argv: Sequence[str], fn: Callable[[Any]
             return int(exc.code or 0)
         print(exc.code, file=sys.stderr)
         return 1
+    except HydraException as exc:
+        if user_full_error == "1":
+            raise
+        print(f"defectscope {command}: error: {_composition_error(exc)}", file=sys.stderr)
+        return 2
     finally:
         sys.argv = saved
+        if user_full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = user_full_error
     return 0
 
 
