@@ -70,34 +70,31 @@ def _add_int8_arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument(
         "--calib-images",
         type=_positive,
-        default=128,
         metavar="N",
-        help="calibration images (default %(default)s)",
+        help=f"calibration images (default {Int8Config.calib_images})",
     )
     q.add_argument(
         "--check-images",
         type=_positive,
-        default=128,
         metavar="N",
-        help="held-back images the int8 gate compares on (default %(default)s)",
+        help=f"held-back images the int8 gate compares on (default {Int8Config.check_images})",
     )
     q.add_argument(
         "--calibration",
         choices=INT8_METHODS,
-        default="minmax",
-        help="activation range estimate (default %(default)s)",
+        help=f"activation range estimate (default {Int8Config.method})",
     )
     q.add_argument(
         "--min-agreement",
         type=_threshold,
-        default=0.95,
         metavar="F",
         help="gate: share of held-back images whose class and OK/NG verdict must match fp32 "
-        "(default %(default)s)",
+        f"(default {Int8Config.min_agreement})",
     )
     q.add_argument(
         "--reduce-range",
         action="store_true",
+        default=None,
         help="7-bit weights, for line PCs without VNNI (avoids uint8 x int8 saturation)",
     )
     q.add_argument(
@@ -202,8 +199,22 @@ def threshold_summary(source: dict[str, Any]) -> list[str]:
     ]
 
 
+#: --int8's settings: None unless given (their defaults live in Int8Config), so a setting without --int8 is seen
+INT8_OPTIONS = {
+    "calib_images": "--calib-images",
+    "check_images": "--check-images",
+    "calibration": "--calibration",
+    "min_agreement": "--min-agreement",
+    "reduce_range": "--reduce-range",
+    "fp32_convs": "--fp32-convs",
+}
+
+
 def usage_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with a combination of options, before any work."""
+    int8_only = [flag for key, flag in INT8_OPTIONS.items() if getattr(args, key) is not None]
+    if int8_only and not args.int8:
+        return f"{', '.join(int8_only)} only apply with --int8 (an fp32 or fp16 export ignores them): add --int8"
     if args.opset < MIN_OPSET:
         return f"--opset {args.opset} is too old; defectscope exports need opset >= {MIN_OPSET}"
     if args.images is not None and not (args.images.is_dir() or args.images.is_file()):
@@ -226,14 +237,10 @@ def _int8_config(args: argparse.Namespace) -> Int8Config | None:
     """The int8 options as the library's typed config (None without --int8); checked on creation."""
     if not args.int8:
         return None
-    return Int8Config(
-        calib_images=args.calib_images,
-        check_images=args.check_images,
-        method=args.calibration,
-        reduce_range=args.reduce_range,
-        min_agreement=args.min_agreement,
-        fp32_convs=args.fp32_convs,
-    )
+    given = {key: getattr(args, key) for key in INT8_OPTIONS if getattr(args, key) is not None}
+    if "calibration" in given:
+        given["method"] = given.pop("calibration")
+    return Int8Config(**given)
 
 
 def print_result(result: ExportResult) -> None:
