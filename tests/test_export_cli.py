@@ -117,6 +117,12 @@ def test_export_cli_rejects_bad_input_with_exit_2(
     good = str(ckpt["path"])
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}}, foreign)
+    empty, broken = tmp_path / "empty", tmp_path / "broken"
+    (empty / "good").mkdir(parents=True)
+    (empty / "good" / "notes.txt").write_text("not an image")
+    broken.mkdir()
+    for name in ("a.png", "b.jpg"):
+        (broken / name).write_bytes(b"\x89PNG truncated")
     unknown = write_checkpoint(
         tmp_path / "unknown.ckpt", ckpt["model"], dict(ckpt["info"], model_name="resnet9000")
     )
@@ -134,6 +140,9 @@ def test_export_cli_rejects_bad_input_with_exit_2(
         ([good, "-o", out, "--tta", "rot90"], "argument --tta: invalid choice: 'rot90'"),
         ([good, "-o", out, "--parity-images", "-1"], "--parity-images: expected a whole number"),
         ([good, "-o", out, "--images", str(tmp_path / "none")], "--images"),
+        # an explicit --images that lists no image fell back to random inputs with a warning
+        ([good, "-o", out, "--images", str(empty)], "empty: lists no image file (expected .png, .jpg"),
+        ([good, "-o", out, "--images", str(broken)], "none of its images could be read (first: "),
         (
             [good, "-o", out, "--register-name", "x"],
             "--register-name only makes sense together with --mlflow",

@@ -221,8 +221,12 @@ def _parity(
     for s in inputs.real_skipped:
         log(f"parity: skipped image {s}")
     if parity_images > 0 and inputs.real_images == 0:
-        src = f"--images {images_dir}" if images_dir is not None else "the checkpoint's val_paths"
-        log(f"parity: warning: no usable images in {src}; checked on random inputs only")
+        if images_dir is not None:
+            raise ExportError(
+                f"--images {images_dir}: none of its images could be read (first: {inputs.real_skipped[0]}); "
+                "nothing was written"
+            )
+        log("parity: warning: no usable images in the checkpoint's val_paths; checked on random inputs only")
     return check_parity(proto.SerializeToString(), references, inputs, fp16=fp16)
 
 
@@ -295,6 +299,8 @@ def export_model(
         tta=tta, cuts_for=cuts_for,
     )  # fmt: skip
     link, min_side = _model_fits(model, info, meta)
+    if images_dir is not None:
+        image_paths(info, images_dir)  # a --images that lists nothing is refused before the work
     int8_plan = (int8, plan_int8(info, images_dir, int8, log)) if int8 is not None else None
     threshold_plan = plan_threshold(info, images_dir, target_recall=target_recall, by_hand=threshold, log=log)
     model = model.eval()

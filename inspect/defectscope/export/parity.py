@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from defectscope.runtime.files import is_image_name, read_path_list
+from defectscope.runtime.files import IMAGE_EXTENSIONS, is_image_name, read_path_list
 from defectscope.runtime.image import ImageLoadError, LoaderConfig, load_image, normalize_batch
 from defectscope.runtime.metadata import INPUT_NAME
 
@@ -89,11 +89,20 @@ def list_images(source: str | os.PathLike[str]) -> list[str]:
 
 
 def image_paths(info: dict[str, Any], images_dir: str | Path | None) -> list[str]:
-    """Real images for the gates: ``images_dir`` (recursive) or the checkpoint's validation paths."""
+    """Real images for the gates: ``images_dir`` (recursive) or the checkpoint's validation paths.
+
+    ``--images`` is the user's explicit choice, so one that lists no image is an error, not a
+    silent fall-back to random inputs; the checkpoint's paths may be empty (another machine)."""
     try:
-        return list_images(images_dir) if images_dir is not None else list(info.get("val_paths") or [])
+        paths = list_images(images_dir) if images_dir is not None else list(info.get("val_paths") or [])
     except FileNotFoundError as exc:
         raise ExportError(str(exc)) from None
+    if images_dir is not None and not paths:
+        raise ExportError(
+            f"--images {images_dir}: lists no image file (expected {', '.join(IMAGE_EXTENSIONS)} files "
+            "below the folder, or a text file listing them)"
+        )
+    return paths
 
 
 def load_groups(
