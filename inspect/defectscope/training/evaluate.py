@@ -23,7 +23,7 @@ from ..data.settings import check_evaluate_on
 from ..data.sources import SOURCES
 from ..evaluation.report import evaluation_doc, flat_metrics, report_lines
 from ..plain import to_plain
-from .config import TrainingConfigError, scalar_metrics, torch_threads
+from .config import TrainingConfigError, config_number, scalar_metrics, torch_threads
 
 CKPT_HELP = (
     "ckpt_path is required: defectscope evaluate ckpt_path=CHECKPOINT [data=folder data.source.root=LOT] "
@@ -136,10 +136,15 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     """Test metrics, the shared evaluation report and plots of ``cfg.ckpt_path``."""
     t0 = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
+    by_hand = cfg.get("threshold")
+    if by_hand is not None:  # checked before the checkpoint is read
+        by_hand = config_number(
+            by_hand, "threshold", "a number in [0, 1], or null for the checkpoint's own", lambda x: 0 <= x <= 1
+        )
     ckpt_file = checkpoint_file(cfg)
     ckpt, info = read_info(ckpt_file)
     data_kwargs, scope, given = evaluation_data(cfg, ckpt, info, ckpt_file, out_dir)
-    threshold = float(cfg.threshold) if cfg.get("threshold") is not None else float(info["threshold"])
+    threshold = float(by_hand) if by_hand is not None else float(info["threshold"])
     # Lightning and torchmetrics only once the file and the data config passed their checks: a refusal
     # then costs torch's import alone (about 6 s less on 2 cores)
     import pytorch_lightning as pl
