@@ -69,6 +69,17 @@ def test_missing_and_foreign_files(tmp_path: Path) -> None:
         load_checkpoint(legacy)
 
 
+def test_a_cut_off_copy_is_called_truncated(tmp_path: Path) -> None:
+    _, path = _saved(tmp_path)
+    whole = path.read_bytes()
+    for keep in (len(whole) // 2, len(whole) - 1, 100):
+        cut = tmp_path / f"cut{keep}.ckpt"
+        cut.write_bytes(whole[:keep])
+        with pytest.raises(CheckpointError, match=rf"cut{keep}\.ckpt is truncated: a zip archive whose end"):
+            load_checkpoint(cut)
+    load_checkpoint(path)  # the whole file still loads
+
+
 def test_unknown_model_lists_valid_names(tmp_path: Path) -> None:
     _, path = _saved(tmp_path, model_name="resnet9000")
     with pytest.raises(CheckpointError, match=r"unknown model 'resnet9000'.*efficientnet_lite0.*resnet"):

@@ -195,7 +195,9 @@ def test_evaluate_without_ckpt_path(tmp_path: Path) -> None:
 @pytest.mark.parametrize("value", ["2", "abc"])
 def test_evaluate_threshold_names_its_own_key(tmp_path: Path, value: str) -> None:
     """threshold= is checked before the checkpoint is read (it was named threshold.default after reading it)."""
-    proc = defectscope("evaluate", f"ckpt_path={tmp_path / 'absent.ckpt'}", f"threshold={value}", cwd=tmp_path)
+    proc = defectscope(
+        "evaluate", f"ckpt_path={tmp_path / 'absent.ckpt'}", f"threshold={value}", cwd=tmp_path
+    )
     one_line_error(proc, "threshold must be a number in [0, 1], or null for the checkpoint's own")
     assert "absent.ckpt" not in proc.stderr and "threshold.default" not in proc.stderr
 

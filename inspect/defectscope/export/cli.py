@@ -214,7 +214,9 @@ def usage_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with a combination of options, before any work."""
     int8_only = [flag for key, flag in INT8_OPTIONS.items() if getattr(args, key) is not None]
     if int8_only and not args.int8:
-        return f"{', '.join(int8_only)} only apply with --int8 (an fp32 or fp16 export ignores them): add --int8"
+        return (
+            f"{', '.join(int8_only)} only apply with --int8 (an fp32 or fp16 export ignores them): add --int8"
+        )
     if args.opset < MIN_OPSET:
         return f"--opset {args.opset} is too old; defectscope exports need opset >= {MIN_OPSET}"
     if args.images is not None and not (args.images.is_dir() or args.images.is_file()):

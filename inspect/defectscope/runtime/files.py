@@ -112,7 +112,27 @@ def checkpoint_file_problem(path: str | os.PathLike[str]) -> str | None:
             f"{p}: not a readable PyTorch checkpoint (neither a zip archive nor a pickle; expected a .ckpt "
             "written by `defectscope train`)"
         )
+    if _zip_without_end(p):
+        return (
+            f"{p} is truncated: a zip archive whose end record is missing (an interrupted copy or download); "
+            "copy it again"
+        )
     return None
+
+
+def _zip_without_end(path: Path) -> bool:
+    """A zip archive (torch.save's format) cut short: it must end with its 22-byte end-of-central-directory
+    record and that record's comment (at most 64 KiB); a cut removes the record or shortens it."""
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"PK\x03\x04":
+            return False
+        size = fh.seek(0, os.SEEK_END)
+        fh.seek(max(0, size - (22 + 65535)))
+        tail = fh.read()
+    end = tail.rfind(b"PK\x05\x06")
+    if end < 0 or len(tail) < end + 22:
+        return True
+    return end + 22 + int.from_bytes(tail[end + 20 : end + 22], "little") != len(tail)
 
 
 def model_load_failure(path: str | os.PathLike[str], detail: str) -> str:

@@ -139,7 +139,10 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     by_hand = cfg.get("threshold")
     if by_hand is not None:  # checked before the checkpoint is read
         by_hand = config_number(
-            by_hand, "threshold", "a number in [0, 1], or null for the checkpoint's own", lambda x: 0 <= x <= 1
+            by_hand,
+            "threshold",
+            "a number in [0, 1], or null for the checkpoint's own",
+            lambda x: 0 <= x <= 1,
         )
     ckpt_file = checkpoint_file(cfg)
     ckpt, info = read_info(ckpt_file)
