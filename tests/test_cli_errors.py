@@ -156,6 +156,13 @@ def test_input_mistakes(model: Path, images: Path, tmp_path: Path) -> None:
     assert (
         defectscope("inspect", model, classes, "-o", "r.jsonl", "--recursive", cwd=tmp_path).returncode == 0
     )
+    # the model argument comes first: a missing model is named before the inputs' and outputs' mistakes
+    for command in (
+        ["inspect", "nope.onnx", classes, "-o", "r.jsonl"],
+        ["watch", "nope.onnx", "--in", classes],
+    ):
+        proc = defectscope(*command, "--out" if command[0] == "watch" else "--csv", "/proc/x", cwd=tmp_path)
+        one_line_error(proc, "nope.onnx: model file not found")
 
 
 def test_wrong_model_files_say_what_they_are(model: Path, images: Path, tmp_path: Path) -> None:

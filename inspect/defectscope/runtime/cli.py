@@ -22,7 +22,7 @@ from typing import Any
 
 from .heatmap import save_overlay
 from .inputs import InputSpecError, check_specs, expand_inputs
-from .inspector import Inspector, MetadataError, ModelLoadError, ProviderError
+from .inspector import Inspector, MetadataError, ModelLoadError, ProviderError, check_model_path
 from .options import RunOptions, SessionConfig, add_shared_options, run_options
 from .outputs import OutputError, check_distinct, check_output_file, check_output_folder
 from .pipeline import Batcher, InferenceLanes, Item, Result, decode_stream, inference_lanes
@@ -194,6 +194,7 @@ def session_threads(session: SessionConfig) -> int | None:
 def run(cfg: InspectConfig) -> int:
     """Inputs, outputs and model are checked before the first image; a write that fails later
     (disk full) stops the run with every row written before intact, so ``--resume`` goes on."""
+    check_model_path(cfg.run.session.model)
     check_specs(cfg.inputs, recursive=cfg.recursive)
     check_outputs(cfg)
     inspector = Inspector.from_config(replace(cfg.run.session, threads=session_threads(cfg.run.session)))

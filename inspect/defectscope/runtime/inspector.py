@@ -26,6 +26,16 @@ from .trt import TRT_MAX_BATCH
 __all__ = ["Decision", "Inspector", "MetadataError", "ModelLoadError", "ProviderError", "decide"]
 
 
+def check_model_path(path: str | os.PathLike[str]) -> None:
+    """The model argument names an existing file that may be a model (no checkpoint, image or empty
+    file); cheap, so the commands check it first, before their inputs and outputs."""
+    if not Path(path).is_file():
+        raise ModelLoadError(f"{path}: model file not found")
+    problem = model_file_problem(path)
+    if problem:
+        raise ModelLoadError(problem)
+
+
 class Inspector:
     """An ONNX Runtime session for one defectscope model.
 
@@ -68,11 +78,7 @@ class Inspector:
 
         self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         path = Path(model_path)
-        if not path.is_file():
-            raise ModelLoadError(f"{path}: model file not found")
-        problem = model_file_problem(path)
-        if problem:
-            raise ModelLoadError(problem)
+        check_model_path(path)
         self.model_path = str(path)
         try:  # a model is data: nothing outside its folder, no custom operators (docs/trust.md)
             check_model_file(path)

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from .inspector import Inspector, MetadataError, ModelLoadError, ProviderError
+from .inspector import Inspector, MetadataError, ModelLoadError, ProviderError, check_model_path
 from .options import add_shared_options, run_options
 from .outputs import OutputError, check_output_file, check_output_folder
 from .results import ResultsFileError
@@ -103,6 +103,7 @@ def main(argv: Sequence[str] | None = None, *, on_event: EventHook | None = None
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     try:
+        check_model_path(cfg.run.session.model)
         check_outputs(cfg)
         inspector = Inspector.from_config(cfg.run.session)
         watcher = Watcher(cfg, inspector, on_event)
