@@ -60,7 +60,9 @@ def test_same_seed_byte_identical_other_seed_differs(tmp_path: Path) -> None:
 def test_rerun_replaces_previous_output_and_refuses_foreign_folders(tmp_path: Path) -> None:
     root = synth.generate(tmp_path / "s", n=12, seed=0, size_range=(48, 64))
     (root / "good" / "mine.txt").write_text("kept")
-    synth.generate(root, n=5, seed=0, size_range=(48, 64))
+    said: list[str] = []
+    synth.generate(root, n=5, seed=0, size_range=(48, 64), log=said.append)
+    assert said == [f"synth: replacing the earlier synth output in {root} (12 images, its manifest.csv)"]
     assert len(list(root.rglob("*.png"))) == 5  # no stale images from the larger run
     assert (root / "good" / "mine.txt").read_text() == "kept"
     assert _files(root) == {

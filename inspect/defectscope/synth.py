@@ -229,6 +229,7 @@ def generate(
     *,
     workers: int | None = None,
     region: str = "anywhere",
+    log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr),
 ) -> Path:
     """Write ``n`` images as ``out/<class>/<class>_<i>.png`` plus ``out/manifest.csv``; return ``out``.
 
@@ -237,7 +238,9 @@ def generate(
     classes = list(classes)
     _check(n, channels, size_range, classes, region)
     root = Path(out)
-    _clear_previous(root)
+    replaced = _clear_previous(root)
+    if replaced:
+        log(f"synth: replacing the earlier synth output in {root} ({replaced} images, its manifest.csv)")
     for name in classes:
         (root / name).mkdir(parents=True, exist_ok=True)
     digits = max(5, len(str(n - 1)))
@@ -263,24 +266,28 @@ def generate(
     return root
 
 
-def _clear_previous(root: Path) -> None:
-    """Remove an earlier synth output in ``root`` so no stale images outlive a smaller rerun.
+def _clear_previous(root: Path) -> int:
+    """Remove an earlier synth output in ``root`` so no stale images outlive a smaller rerun; return
+    how many images went.
 
     Only files listed in its ``manifest.csv`` are deleted (PNGs inside ``root``); a non-empty
     folder without a manifest is refused rather than mixed with generated images.
     """
     if not root.is_dir() or not any(root.iterdir()):
-        return
+        return 0
     manifest = root / MANIFEST
     if not manifest.is_file():
         raise ValueError(f"synth: {root} is not empty and holds no {MANIFEST}; choose a new or empty folder")
     base = root.resolve()
+    removed = 0
     with open(manifest, newline="", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
             p = (root / (row.get("path") or "")).resolve()
             if p.suffix == ".png" and p.is_relative_to(base) and p.is_file():
                 p.unlink()
+                removed += 1
     manifest.unlink()
+    return removed
 
 
 def build_parser() -> argparse.ArgumentParser:
