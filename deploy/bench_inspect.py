@@ -26,6 +26,7 @@ from PIL import Image
 
 
 def make_images(folder: Path, n: int, lo: int, hi: int, seed: int = 0) -> list[Path]:
+    """Dark grey textures of random sizes, every third with a bright disc; made once per folder."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     paths = []

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 PROVIDERS = ("tensorrt", "cuda", "cpu")
 RESULTS: list[dict[str, Any]] = []
@@ -104,34 +103,20 @@ def prepare_models(args: argparse.Namespace, work: Path) -> tuple[dict[str, Path
     return paths, net
 
 
-def make_images(folder: Path, n: int, lo: int, hi: int) -> list[str]:
-    """Dark textured images of random sizes, every third with bright blobs."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(n):
-        w, h = (int(v) for v in rng.integers(lo, hi + 1, 2))
-        arr = rng.integers(10, 70, (h, w, 3), dtype=np.uint8)
-        if i % 3 == 0:
-            y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
-            arr[max(0, y - h // 8) : y + h // 8, max(0, x - w // 8) : x + w // 8] = 240
-        path = folder / f"img_{i:03d}.png"
-        Image.fromarray(arr).save(path)
-        paths.append(str(path))
-    return paths
-
-
 def image_list(args: argparse.Namespace, work: Path, model: Path) -> list[str]:
+    from defectscope.runtime.files import is_image_name
+
     if args.images:
-        exts = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-        found = sorted(str(p) for p in Path(args.images).iterdir() if p.suffix.lower() in exts)
+        found = sorted(str(p) for p in Path(args.images).iterdir() if is_image_name(p.name))
         return found[: args.n_images]
+    from bench_inspect import make_images  # deploy/, beside this script
+
     from defectscope.runtime.trt import largest_side
 
     insp = _cpu_inspector(model, args)
     cfg = insp.loader_config
     top = largest_side(cfg) or args.trt_max_side or 1024
-    return make_images(work / "images", args.n_images, max(cfg.min_size, top // 3), top)
+    return [str(p) for p in make_images(work / "images", args.n_images, max(cfg.min_size, top // 3), top)]
 
 
 def _cpu_inspector(model: Path, args: argparse.Namespace) -> Any:
