@@ -78,6 +78,9 @@ def test_a_cut_off_copy_is_called_truncated(tmp_path: Path) -> None:
         with pytest.raises(CheckpointError, match=rf"cut{keep}\.ckpt is truncated: a zip archive whose end"):
             load_checkpoint(cut)
     load_checkpoint(path)  # the whole file still loads
+    padded = tmp_path / "padded.ckpt"  # bytes after the end record: torch and zipfile read it, so do we
+    padded.write_bytes(whole + bytes(10))
+    load_checkpoint(padded)
 
 
 def test_unknown_model_lists_valid_names(tmp_path: Path) -> None:

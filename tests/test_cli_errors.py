@@ -163,6 +163,8 @@ def test_input_mistakes(model: Path, images: Path, tmp_path: Path) -> None:
     ):
         proc = defectscope(*command, "--out" if command[0] == "watch" else "--csv", "/proc/x", cwd=tmp_path)
         one_line_error(proc, "nope.onnx: model file not found")
+    proc = defectscope("inspect", classes, classes, "-o", "r.jsonl", "--recursive", cwd=tmp_path)
+    one_line_error(proc, f"{classes} is a folder; the first argument is the exported model file (.onnx)")
 
 
 def test_wrong_model_files_say_what_they_are(model: Path, images: Path, tmp_path: Path) -> None:

@@ -150,11 +150,13 @@ def test_export_cli_rejects_bad_input_with_exit_2(
         ([good, "-o", str(tmp_path)], "is a directory"),
         ([good], "-o/--output"),
         # int8 settings without --int8 did nothing before; even a default value given is named
-        ([good, "-o", out, "--fp32-convs", "1"], "--fp32-convs only apply with --int8"),
+        ([good, "-o", out, "--fp32-convs", "1"], "--fp32-convs applies only with --int8 (an fp32 or fp16"),
+        ([good, "-o", out, "--fp32-convs", "1"], "ignore it): add --int8, or drop it"),
         (
             [good, "-o", out, "--fp16", "--reduce-range", "--calibration", "minmax"],
-            "--calibration, --reduce-range only apply with --int8",
+            "--calibration, --reduce-range apply only with --int8",
         ),
+        ([good, "-o", out, "--fp16", "--reduce-range"], "drop it (--fp16 excludes --int8)"),
         # refused before the export's work: the checkpoint itself (it was overwritten), a file as a folder
         ([good, "-o", good], "is a PyTorch checkpoint; it would be overwritten"),
         ([good, "-o", str(foreign)], "is a PyTorch checkpoint; it would be overwritten"),

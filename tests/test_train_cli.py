@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -142,37 +143,53 @@ def test_bad_config_fails_before_training(
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+LITE = "efficientnet_lite0, efficientnet_lite1, efficientnet_lite2"
+MODELS = f"alexnet, {LITE}, lenet, nf_resnet, resnet_small, tiny"
+
+
 @pytest.mark.parametrize(
-    ("command", "override", "expected"),
+    ("command", "overrides", "expected"),
     [
-        (
-            "train",
-            "data=nosuch",
-            "data=nosuch: no such option in config group 'data'; valid: csv, elpv, folder",
-        ),
-        ("train", "experiment=nosuch", "no such option in config group 'experiment'; valid: demo, elpv"),
-        ("search", "search=nosuch", "search=nosuch: no such option in config group 'search'; valid: default"),
-        ("train", "trainer.nosuch=1", "Could not override 'trainer.nosuch'. (Key 'nosuch' is not in struct)"),
-        ("train", "a=[1,", "a=[1,: no viable alternative at input"),
-        ("train", "--config-name=nosuch", "Cannot find primary config 'nosuch'"),
+        ("train", ["data=nosuch"], "data=nosuch: no such option in config group 'data'; valid: csv, elpv, folder, synthetic"),
+        ("train", ["data=folder/x"], "data=folder/x: no such option in config group 'data'; valid: csv, elpv, folder, synthetic"),
+        ("train", ["experiment=nosuch"], "config group 'experiment'; valid: demo, elpv, elpv_scratch, smoke, synthetic"),
+        ("train", ["--multirun", "model=tiny,nosuch"], f"model=nosuch: no such option in config group 'model'; valid: {MODELS}"),
+        ("search", ["search=nosuch"], "search=nosuch: no such option in config group 'search'; valid: default, elpv_proxy, smoke"),
+        ("scan", ["data=nosuch"], "data=nosuch: no such option in config group 'data'; valid: csv, elpv, folder, synthetic"),
+        ("train", ["trainer.nosuch=1"], "Could not override 'trainer.nosuch'. (Key 'nosuch' is not in struct)"),
+        ("train", ["a=[1,"], "a=[1,: no viable alternative at input"),
+        ("train", ["--config-name=nosuch"], "Cannot find primary config 'nosuch'"),
+        ("train", ["--multirun", "--cfg", "job"], "Only one of --run, --multirun, --cfg"),
     ],
-)
+)  # fmt: skip
 def test_composition_errors_are_one_line(
-    defectscope_cmd: list[str],
-    cli_env: dict[str, str],
-    tmp_path: Path,
-    command: str,
-    override: str,
+    defectscope_cmd: list[str], cli_env: dict[str, str], tmp_path: Path, command: str, overrides: list[str],
     expected: str,
-) -> None:
+) -> None:  # fmt: skip
     """Hydra's own multi-line composition errors (search path, exit 1) become one line, exit 2, before any work."""
-    proc = _run([*defectscope_cmd, command, override], tmp_path, cli_env, timeout=120)
+    proc = _run([*defectscope_cmd, command, *overrides], tmp_path, cli_env, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"defectscope {command}: error: ") and expected in lines[0], lines[0]
-    assert "_base" not in lines[0] and "provider=" not in lines[0]
-    assert not any(tmp_path.iterdir())  # no outputs/ folder: nothing ran
+    assert "_base" not in lines[0] and "provider=" not in lines[0] and "defaults list" not in lines[0]
+    assert not list(tmp_path.rglob("*.yaml")) or overrides[0] == "--multirun"  # no run folder: nothing ran
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_an_option_a_config_file_chose_is_named_as_such(
+    defectscope_cmd: list[str], cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    mine = tmp_path / "my_conf" / "experiment"
+    mine.mkdir(parents=True)
+    (mine / "mine.yaml").write_text("# @package _global_\ndefaults:\n  - override /model: nosuch\n")
+    args = [*defectscope_cmd, "train", "--config-dir", str(tmp_path / "my_conf"), "experiment=mine"]
+    proc = _run(args, tmp_path, cli_env, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert (
+        f"model=nosuch: no such option in config group 'model' (chosen by a config's defaults list); valid: {MODELS}"
+        in proc.stderr
+    )
 
 
 def test_full_error_asked_for_keeps_hydras_exception(
@@ -182,3 +199,26 @@ def test_full_error_asked_for_keeps_hydras_exception(
         [*defectscope_cmd, "train", "data=nosuch"], tmp_path, {**cli_env, "HYDRA_FULL_ERROR": "1"}, 120
     )
     assert proc.returncode == 1 and "MissingConfigException" in proc.stderr
+
+
+@pytest.mark.parametrize("user", [None, "0", "1"])
+def test_the_job_sees_the_users_hydra_full_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, user: str | None
+) -> None:
+    """Composition runs with HYDRA_FULL_ERROR=1; the job (and the DDP ranks it starts, which inherit the
+    environment) runs with the user's own setting, so its errors print as Hydra prints them."""
+    from defectscope.training.app import _run as run_app
+
+    if user is None:
+        monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    else:
+        monkeypatch.setenv("HYDRA_FULL_ERROR", user)
+    monkeypatch.chdir(tmp_path)
+    seen: list[str | None] = []
+
+    def job(cfg: object) -> dict[str, float]:
+        seen.append(os.environ.get("HYDRA_FULL_ERROR"))
+        return {}
+
+    assert run_app("train", "train", ["experiment=smoke", "hydra.run.dir=run"], job) == 0
+    assert seen == [user] and os.environ.get("HYDRA_FULL_ERROR") == user

@@ -228,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from ..training.app import composition_error
     from .sources import SourceError, build_source, prepare_source
 
     try:
@@ -241,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prepare_source(cfg.source)
         source = build_source(cfg.source, missing="keep")
     except (SourceError, ValueError, TypeError, HydraException, OmegaConfBaseException, OutputError) as exc:
-        text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        text = composition_error(exc, args.overrides) if isinstance(exc, HydraException) else "; ".join(lines)
         print(f"defectscope scan: error: {text or type(exc).__name__}", file=sys.stderr)
         return 2
     workers = args.workers or cfg.workers

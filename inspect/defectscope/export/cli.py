@@ -214,8 +214,11 @@ def usage_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with a combination of options, before any work."""
     int8_only = [flag for key, flag in INT8_OPTIONS.items() if getattr(args, key) is not None]
     if int8_only and not args.int8:
+        them = "it" if len(int8_only) == 1 else "them"
+        fix = f"drop {them} (--fp16 excludes --int8)" if args.fp16 else f"add --int8, or drop {them}"
         return (
-            f"{', '.join(int8_only)} only apply with --int8 (an fp32 or fp16 export ignores them): add --int8"
+            f"{', '.join(int8_only)} {'applies' if them == 'it' else 'apply'} only with --int8 "
+            f"(an fp32 or fp16 export would ignore {them}): {fix}"
         )
     if args.opset < MIN_OPSET:
         return f"--opset {args.opset} is too old; defectscope exports need opset >= {MIN_OPSET}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,18 +122,12 @@ def checkpoint_file_problem(path: str | os.PathLike[str]) -> str | None:
 
 
 def _zip_without_end(path: Path) -> bool:
-    """A zip archive (torch.save's format) cut short: it must end with its 22-byte end-of-central-directory
-    record and that record's comment (at most 64 KiB); a cut removes the record or shortens it."""
+    """A zip archive (torch.save's format) cut short: its end-of-central-directory record, which the
+    standard library looks for in the last 64 KiB (comments, zip64 and trailing bytes allowed), is gone."""
     with open(path, "rb") as fh:
         if fh.read(4) != b"PK\x03\x04":
             return False
-        size = fh.seek(0, os.SEEK_END)
-        fh.seek(max(0, size - (22 + 65535)))
-        tail = fh.read()
-    end = tail.rfind(b"PK\x05\x06")
-    if end < 0 or len(tail) < end + 22:
-        return True
-    return end + 22 + int.from_bytes(tail[end + 20 : end + 22], "little") != len(tail)
+    return not zipfile.is_zipfile(path)
 
 
 def model_load_failure(path: str | os.PathLike[str], detail: str) -> str:

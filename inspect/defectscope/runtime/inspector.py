@@ -29,6 +29,8 @@ __all__ = ["Decision", "Inspector", "MetadataError", "ModelLoadError", "Provider
 def check_model_path(path: str | os.PathLike[str]) -> None:
     """The model argument names an existing file that may be a model (no checkpoint, image or empty
     file); cheap, so the commands check it first, before their inputs and outputs."""
+    if Path(path).is_dir():
+        raise ModelLoadError(f"{path} is a folder; the first argument is the exported model file (.onnx)")
     if not Path(path).is_file():
         raise ModelLoadError(f"{path}: model file not found")
     problem = model_file_problem(path)

@@ -14,6 +14,7 @@ the children run the same command.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -118,16 +119,23 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(f"{cause}{where}".split("\n"))
 
 
-def _composition_error(exc: BaseException) -> str:
-    """Hydra's composition errors on one line: a missing group option names the valid ones (Hydra's own
-    text adds the config search path over several lines), the rest keep their words and their cause."""
+def composition_error(exc: BaseException, overrides: Sequence[str] = ()) -> str:
+    """Hydra's composition errors on one line (Hydra's own text spans lines and lists the search path).
+
+    A missing group option names its group, the valid options and, when no command-line override
+    (``overrides``) chose it, that a config's defaults list did; the rest keep their words and cause."""
     from hydra.errors import MissingConfigException, OverrideParseException
 
-    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and exc.options is not None:
-        group, _, option = str(exc.missing_cfg_file).rpartition("/")
+    text = str(exc).split("\nConfig search path:")[0]
+    group = re.search(r"Available options in '([^']+)'", text)
+    missing = str(getattr(exc, "missing_cfg_file", None) or "")
+    if isinstance(exc, MissingConfigException) and exc.options is not None and group and missing:
+        name = group.group(1)
+        option = missing[len(name) + 1 :] if missing.startswith(name + "/") else missing
+        typed = re.compile(rf"[+~]*{re.escape(name)}(@[^=]*)?=")
+        where = "" if any(typed.match(o) for o in overrides) else " (chosen by a config's defaults list)"
         valid = sorted(o for o in exc.options if not o.startswith("_"))
-        return f"{group}={option}: no such option in config group {group!r}; valid: {', '.join(valid)}"
-    text = str(exc).split("\nConfig search path:")[0]  # a missing primary config lists the search path
+        return f"{name}={option}: no such option in config group {name!r}{where}; valid: {', '.join(valid)}"
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if isinstance(exc, OverrideParseException):
         lines.insert(0, f"{exc.override}:")
@@ -137,8 +145,42 @@ def _composition_error(exc: BaseException) -> str:
     return " ".join(lines)
 
 
-def _job(command: str, argv: list[str], launch_argv: list[str], fn: Callable[[Any], dict[str, float]]) -> Any:
+class _ComposeErrorsRaised:
+    """``HYDRA_FULL_ERROR=1`` while Hydra parses and composes, so its errors reach :func:`_run` as exceptions
+    (it would print them over many lines and exit 1); the user's setting is back before the job runs, so
+    the job's own errors, and DDP ranks started from it, see what the user set."""
+
+    def __init__(self) -> None:
+        self.user = os.environ.get("HYDRA_FULL_ERROR")
+        self.started = False  # the job ran: errors from here on are not composition errors
+        self._set = False
+
+    def __enter__(self) -> _ComposeErrorsRaised:
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        self._set = True
+        return self
+
+    def _restore(self) -> None:
+        if self._set:
+            self._set = False
+            if self.user is None:
+                os.environ.pop("HYDRA_FULL_ERROR", None)
+            else:
+                os.environ["HYDRA_FULL_ERROR"] = self.user
+
+    def job_started(self) -> None:
+        self.started = True
+        self._restore()
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+
+def _job(
+    command: str, launch_argv: list[str], fn: Callable[[Any], dict[str, float]], errors: _ComposeErrorsRaised
+) -> Any:
     def task(cfg: Any) -> Any:
+        errors.job_started()
         missing = _missing_keys(cfg)
         if missing:
             example = " ".join(f"{k}={EXAMPLE_VALUES.get(k, '...')}" for k in missing)
@@ -191,31 +233,26 @@ def _run(command: str, config_name: str, argv: Sequence[str], fn: Callable[[Any]
     launch_argv = [sys.argv[0], command, *args] if own else list(sys.argv)
     saved = sys.argv
     sys.argv = [f"defectscope {command}", *args]
+    errors = _ComposeErrorsRaised()
     main = hydra.main(version_base="1.3", config_path=str(conf), config_name=config_name)(
-        _job(command, args, launch_argv, fn)
+        _job(command, launch_argv, fn, errors)
     )
-    # Hydra prints its own composition errors over many lines and exits 1; asked for the full error
-    # it raises instead, so a bad group option or key becomes one line here (unless the user asked).
-    user_full_error = os.environ.get("HYDRA_FULL_ERROR")
-    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        main()
+        with errors:
+            main()
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
             return int(exc.code or 0)
         print(exc.code, file=sys.stderr)
         return 1
-    except HydraException as exc:
-        if user_full_error == "1":
+    except (HydraException, ValueError) as exc:
+        # before the job: a composition error, or Hydra's "only one of --multirun, --cfg ..." (a ValueError)
+        if errors.started or errors.user == "1":
             raise
-        print(f"defectscope {command}: error: {_composition_error(exc)}", file=sys.stderr)
+        print(f"defectscope {command}: error: {composition_error(exc, args)}", file=sys.stderr)
         return 2
     finally:
         sys.argv = saved
-        if user_full_error is None:
-            os.environ.pop("HYDRA_FULL_ERROR", None)
-        else:
-            os.environ["HYDRA_FULL_ERROR"] = user_full_error
     return 0
 
 
