@@ -108,6 +108,7 @@ def test_by_hand_labelled_csv_and_missing_labels(
         cli_env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _meta(via_csv).parity["real_images"] == 12  # the CSV's 12 images, not random inputs only
     source = _meta(via_csv).threshold_source
     want, _ = _independent_threshold(via_csv, ckpt["paths"][::2], ckpt["defect"][::2], 1.0)
     assert source["images"] == str(listing) and source["target_recall"] == 1.0

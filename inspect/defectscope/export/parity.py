@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from defectscope.data.sources import SourceError, csv_source
 from defectscope.runtime.files import IMAGE_EXTENSIONS, is_image_name, read_path_list
 from defectscope.runtime.image import ImageLoadError, LoaderConfig, load_image, normalize_batch
 from defectscope.runtime.metadata import INPUT_NAME
@@ -68,15 +69,21 @@ def random_batches(channels: int, min_side: int, seed: int = 0) -> list[np.ndarr
 
 
 def list_images(source: str | os.PathLike[str]) -> list[str]:
-    """Image files below a directory (recursive, sorted for reproducibility), or the paths listed in
-    a text file (:func:`~defectscope.runtime.files.read_path_list`: relative lines are resolved
-    against the list's folder, as `defectscope inspect @list.txt` does)."""
+    """Image files below a directory (recursive, sorted for reproducibility), the ``path`` column of a
+    CSV manifest (the training data source's reader), or the paths listed in a text file
+    (:func:`~defectscope.runtime.files.read_path_list`: relative lines are resolved against the list's
+    folder, as `defectscope inspect @list.txt` does)."""
     d = Path(source)
     if d.is_file():
         if is_image_name(d.name):
             raise FileNotFoundError(
                 f"{d}: --images takes a folder of images or a text file listing images, not one image"
             )
+        if d.suffix.lower() == ".csv":  # labelled: the rows' paths (the threshold reads their labels too)
+            try:
+                return [s.path for s in csv_source(d, good_class=None, missing="keep").samples]
+            except SourceError as exc:
+                raise FileNotFoundError(str(exc)) from None
         try:
             return list(read_path_list(d))
         except (OSError, UnicodeDecodeError) as exc:
