@@ -32,10 +32,15 @@ class Labelled:
         return [label in set(ng_classes) for label in self.labels]
 
 
+def is_manifest(path: Path) -> bool:
+    """A CSV manifest (header ``path,label``) rather than a plain list of paths."""
+    return path.is_file() and path.suffix.lower() == ".csv"
+
+
 def has_labels(path: Path, class_names: Sequence[str]) -> bool:
     """A CSV, or a folder whose sub-folders are all class (or split) names."""
     if path.is_file():
-        return path.suffix.lower() == ".csv"
+        return is_manifest(path)
     subdirs = [p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
     return bool(subdirs) and set(subdirs) <= set(class_names) | set(SPLITS)
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from defectscope.data.sources import SourceError, csv_source
+from defectscope.evaluation.labelled import is_manifest
 from defectscope.runtime.files import IMAGE_EXTENSIONS, is_image_name, read_path_list
 from defectscope.runtime.image import ImageLoadError, LoaderConfig, load_image, normalize_batch
 from defectscope.runtime.metadata import INPUT_NAME
@@ -79,7 +80,7 @@ def list_images(source: str | os.PathLike[str]) -> list[str]:
             raise FileNotFoundError(
                 f"{d}: --images takes a folder of images or a text file listing images, not one image"
             )
-        if d.suffix.lower() == ".csv":  # labelled: the rows' paths (the threshold reads their labels too)
+        if is_manifest(d):  # labelled: the rows' paths (the threshold reads their labels too)
             try:
                 return [s.path for s in csv_source(d, good_class=None, missing="keep").samples]
             except SourceError as exc:
