@@ -160,6 +160,7 @@ def test_input_mistakes(model: Path, images: Path, tmp_path: Path) -> None:
     for command in (
         ["inspect", "nope.onnx", classes, "-o", "r.jsonl"],
         ["watch", "nope.onnx", "--in", classes],
+        ["watch", "nope.onnx", "--in", tmp_path / "nonexistent"],  # --in was named first
     ):
         proc = defectscope(*command, "--out" if command[0] == "watch" else "--csv", "/proc/x", cwd=tmp_path)
         one_line_error(proc, "nope.onnx: model file not found")

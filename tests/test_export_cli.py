@@ -170,6 +170,12 @@ def test_export_cli_rejects_bad_input_with_exit_2(
         assert message in err, (argv, err)
     assert not Path(out).exists()
     assert Path(good).read_bytes() == before
+    # unreadable --images are found before the work (they were found at parity, after the graph was
+    # exported, and with --parity-images 0 only at the threshold step)
+    rc = main([good, "-o", out, "--images", str(broken), "--parity-images", "0"])
+    captured = capsys.readouterr()
+    assert rc == 2 and "none of its images could be read (first: " in captured.err
+    assert "fuse:" not in captured.out and not Path(out).exists()
 
 
 @pytest.mark.slow

@@ -259,15 +259,22 @@ def test_ignore_rules_and_parser() -> None:
     assert (args.hot, args.out, args.interval, args.stable_polls) == ("hot", "out", 1.0, 2)
 
 
-def test_watch_rejects_bad_setups(model: Path, tmp_path: Path) -> None:
+def test_watch_rejects_bad_setups(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from defectscope.runtime.watch import main
 
-    hot = tmp_path / "hot"
+    hot, out = tmp_path / "hot", str(tmp_path / "o")
     hot.mkdir()
-    assert main([str(model), "--in", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
-    assert main([str(model), "--in", str(hot), "--out", str(hot)]) == 2
-    assert main([str(model), "--in", str(hot), "--out", str(tmp_path / "o"), "--stable-polls", "0"]) == 2
-    assert main([str(tmp_path / "missing.onnx"), "--in", str(hot), "--out", str(tmp_path / "o")]) == 2
+    cases = [
+        ([str(model), "--in", str(tmp_path / "nope"), "--out", out], "nope' is not an existing folder"),
+        ([str(model), "--in", str(hot), "--out", str(hot)], "--in must not be --out"),
+        ([str(model), "--in", str(hot / "OK"), "--out", str(hot)], "--in must not be --out or one of its"),
+        ([str(model), "--in", str(hot), "--out", out, "--stable-polls", "0"], "--stable-polls must be >= 1"),
+        ([str(tmp_path / "missing.onnx"), "--in", str(hot), "--out", out], "model file not found"),
+    ]
+    (hot / "OK").mkdir()
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
 
 
 @pytest.mark.slow

@@ -32,7 +32,15 @@ from .fuse import FuseReport, fuse_conv_bn_report, replace_bn_with_affine
 from .grading import GradingExportError, checkpoint_grading, earn_cuts
 from .graph import check_graph, set_metadata, to_onnx, with_metadata
 from .int8_step import Int8Plan, plan_int8, quantize_model
-from .parity import ParityInputs, check_parity, image_paths, random_batches, random_sizes, real_batches
+from .parity import (
+    ParityInputs,
+    check_parity,
+    image_paths,
+    load_groups,
+    random_batches,
+    random_sizes,
+    real_batches,
+)
 from .quantize import Int8Config
 from .threshold import earn_threshold, plan_threshold
 from .wrapper import ExportWrapper, head_linear
@@ -117,6 +125,15 @@ def parity_inputs(
         inputs.batches += batches
         inputs.real_images, inputs.real_skipped = used, skipped
     return inputs
+
+
+def _check_images_readable(info: dict[str, Any], images_dir: str | Path) -> None:
+    """A ``--images`` that lists no image, or none the runtime's loader can read, is refused before
+    the work (found at the parity step before, after the graph was exported, or with
+    ``--parity-images 0`` only later); reading stops at the first image that loads."""
+    _, used, skipped = load_groups(image_paths(info, images_dir), loader_config(info), limit=1)
+    if used == 0:
+        raise ExportError(f"--images {images_dir}: none of its images could be read (first: {skipped[0]})")
 
 
 def _kind(path: Path) -> str:
@@ -221,11 +238,8 @@ def _parity(
     for s in inputs.real_skipped:
         log(f"parity: skipped image {s}")
     if parity_images > 0 and inputs.real_images == 0:
-        if images_dir is not None:
-            raise ExportError(
-                f"--images {images_dir}: none of its images could be read (first: {inputs.real_skipped[0]}); "
-                "nothing was written"
-            )
+        if images_dir is not None:  # readable at the start: gone since, said in the same words
+            _check_images_readable(info, images_dir)
         log("parity: warning: no usable images in the checkpoint's val_paths; checked on random inputs only")
     return check_parity(proto.SerializeToString(), references, inputs, fp16=fp16)
 
@@ -300,7 +314,7 @@ def export_model(
     )  # fmt: skip
     link, min_side = _model_fits(model, info, meta)
     if images_dir is not None:
-        image_paths(info, images_dir)  # a --images that lists nothing is refused before the work
+        _check_images_readable(info, images_dir)
     int8_plan = (int8, plan_int8(info, images_dir, int8, log)) if int8 is not None else None
     threshold_plan = plan_threshold(info, images_dir, target_recall=target_recall, by_hand=threshold, log=log)
     model = model.eval()

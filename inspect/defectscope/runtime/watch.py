@@ -65,16 +65,17 @@ def parse_config(p: argparse.ArgumentParser, argv: Sequence[str]) -> WatchConfig
         p.error(f"--stable-polls must be >= 1, got {a.stable_polls}")
     if a.grace < 0:
         p.error(f"--grace must be >= 0 seconds, got {a.grace}")
-    if not os.path.isdir(a.hot):
-        p.error(f"--in {a.hot!r} is not an existing folder")
-    hot, out = Path(a.hot).resolve(), Path(a.out).resolve()
-    if hot == out or hot in {out / f for f in FOLDERS.values()}:
-        p.error("--in must not be --out or one of its OK/NG/error folders")
     return WatchConfig(run, a.hot, a.out, a.interval, a.stable_polls, a.grace)
 
 
-def check_outputs(cfg: WatchConfig) -> None:
-    """--out (and its results file and folders) and --heatmaps, before the model is loaded."""
+def check_folders(cfg: WatchConfig) -> None:
+    """--in, --out (and its results file and folders) and --heatmaps, before the model is loaded
+    and after the model argument is checked (a missing model is named first, as in `inspect`)."""
+    if not os.path.isdir(cfg.hot):
+        raise OutputError(f"--in {cfg.hot!r} is not an existing folder")
+    hot, out = Path(cfg.hot).resolve(), Path(cfg.out).resolve()
+    if hot == out or hot in {out / f for f in FOLDERS.values()}:
+        raise OutputError("--in must not be --out or one of its OK/NG/error folders")
     check_output_folder(cfg.out, "--out")
     check_output_file(Path(cfg.out) / RESULTS_NAME, "--out", special_ok=False)
     for sub in FOLDERS.values():
@@ -104,7 +105,7 @@ def main(argv: Sequence[str] | None = None, *, on_event: EventHook | None = None
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     try:
         check_model_path(cfg.run.session.model)
-        check_outputs(cfg)
+        check_folders(cfg)
         inspector = Inspector.from_config(cfg.run.session)
         watcher = Watcher(cfg, inspector, on_event)
     except (MetadataError, ModelLoadError, ProviderError, ResultsFileError, OutputError) as exc:
