@@ -177,6 +177,19 @@ def test_composition_errors_are_one_line(
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+def test_a_typed_recipe_that_does_not_exist_is_refused(
+    defectscope_cmd: list[str], cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The recipe group is optional (it follows ``model``), so Hydra skipped a wrong name silently."""
+    proc = _run([*defectscope_cmd, "train", "model_recipe=nosuch"], tmp_path, cli_env, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert (
+        f"model_recipe=nosuch: no such option in config group 'model_recipe'; valid: alexnet, {LITE}, nf_resnet"
+        in proc.stderr
+    )
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 def test_an_option_a_config_file_chose_is_named_as_such(
     defectscope_cmd: list[str], cli_env: dict[str, str], tmp_path: Path
 ) -> None:

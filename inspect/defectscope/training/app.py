@@ -176,6 +176,27 @@ class _ComposeErrorsRaised:
         self._restore()
 
 
+def recipe_problem() -> str | None:
+    """A ``model_recipe=NAME`` typed on the command line that names no recipe (the group is optional,
+    so Hydra would skip it silently and train without the recipe the user asked for)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    typed = [o for o in hydra_cfg.overrides.task if re.match(r"\+*model_recipe=", o)]
+    choice = hydra_cfg.runtime.choices.get("model_recipe")
+    if not typed or choice in (None, "null"):
+        return None
+    options = GlobalHydra.instance().config_loader().get_group_options("model_recipe")
+    if choice in options:
+        return None
+    valid = ", ".join(sorted(o for o in options if not o.startswith("_")))
+    return (
+        f"model_recipe={choice}: no such option in config group 'model_recipe'; valid: {valid} "
+        "(a model's recipe follows model= by itself; ~model_recipe trains without it)"
+    )
+
+
 def _job(
     command: str, launch_argv: list[str], fn: Callable[[Any], dict[str, float]], errors: _ComposeErrorsRaised
 ) -> Any:
@@ -190,6 +211,10 @@ def _job(
                 file=sys.stderr,
                 flush=True,
             )
+            raise SystemExit(2)
+        recipe = recipe_problem()
+        if recipe:
+            print(f"defectscope {command}: error: {recipe}", file=sys.stderr, flush=True)
             raise SystemExit(2)
         saved = sys.argv
         # Lightning's DDP launcher re-runs sys.argv for the other ranks (see module docstring).
