@@ -187,7 +187,10 @@ def test_exit_2_for_bad_command_lines_and_models(
 ) -> None:
     out = tmp_path / "r.jsonl"
     assert run(model, good_dir) == 2  # no -o
-    assert run(model, good_dir, "-o", out, "--threshold", 1.5) == 2
+    capsys.readouterr()
+    for bad in (1.5, "nan"):
+        assert run(model, good_dir, "-o", out, "--threshold", bad) == 2
+        assert f"--threshold: expected a number in [0, 1], got {bad}" in capsys.readouterr().err
     assert run(model, good_dir, "-o", out, "--batch-size", 0) == 2
     assert run(model, good_dir, "-o", tmp_path) == 2
     assert run(model, good_dir, "-o", out, "--provider", "cuda") == 2

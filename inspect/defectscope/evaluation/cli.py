@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..data.sources import SourceError
-from ..runtime.decision import defect_probability, is_defect_label, is_ng
+from ..runtime.decision import THRESHOLD_EXPECTED, defect_probability, is_defect_label, is_ng, is_threshold
 from ..runtime.inspector import Inspector, MetadataError, ModelLoadError, ProviderError
 from ..runtime.outputs import OutputError, check_output_folder
 from .labelled import Labelled, read_labelled
@@ -147,8 +147,8 @@ def write_outputs(out: Path, doc: dict[str, Any], rows: list[dict[str, Any]]) ->
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
-            raise EvaluateError(f"--threshold must lie in [0, 1], got {args.threshold}")
+        if args.threshold is not None and not is_threshold(args.threshold):
+            raise EvaluateError(f"--threshold: expected {THRESHOLD_EXPECTED}, got {args.threshold}")
         if args.batch_size < 1:
             raise EvaluateError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.out:  # before any image is scored

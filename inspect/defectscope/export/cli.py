@@ -7,11 +7,13 @@ input (arguments, checkpoint, model that cannot be exported or quantised, too fe
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from defectscope.runtime.decision import THRESHOLD_EXPECTED, is_threshold
 from defectscope.runtime.files import checkpoint_file_problem
 from defectscope.runtime.grading import CUTS_FOR
 from defectscope.runtime.metadata import TTA_NAMES
@@ -24,9 +26,9 @@ def _threshold(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+        value = math.nan
+    if not is_threshold(value):
+        raise argparse.ArgumentTypeError(f"expected {THRESHOLD_EXPECTED}, got {text!r}")
     return value
 
 

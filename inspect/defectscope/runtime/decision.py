@@ -93,6 +93,15 @@ def defect_probability(probs: ArrayLike, indices: Sequence[int]) -> ArrayLike:
     return p[:, list(indices)].sum(-1).clip(0.0, 1.0)
 
 
+#: what a threshold must be, in every message that refuses one (command line, config, model file)
+THRESHOLD_EXPECTED = "a number in [0, 1]"
+
+
+def is_threshold(value: float) -> bool:
+    """A threshold that decides something: P(defect) lies in [0, 1] (NaN is refused too)."""
+    return 0.0 <= value <= 1.0
+
+
 def is_ng(defect_prob: ArrayLike, threshold: float) -> ArrayLike:
     """The verdict rule: NG exactly when ``P(defect) >= threshold`` (arrays, tensors or floats)."""
     p: Any = defect_prob

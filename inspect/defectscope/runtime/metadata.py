@@ -16,7 +16,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .decision import DecisionRuleError, ng_class_names, ng_indices
+from .decision import THRESHOLD_EXPECTED, DecisionRuleError, is_threshold, ng_class_names, ng_indices
 from .grading import Grading, GradingError
 from .image import LoaderConfig
 
@@ -269,8 +269,8 @@ def _problems(m: ModelMetadata) -> list[str]:
         out.append(f"good_class {m.good_class!r} is not one of class_names {names!r}")
     if not isinstance(m.ng_classes, list) or not all(map(_name, m.ng_classes)):
         out.append("ng_classes must be a list of class names")
-    if not _number(m.threshold) or not 0.0 <= float(m.threshold) <= 1.0:
-        out.append(f"threshold must be a number in [0, 1], got {m.threshold!r}")
+    if not _number(m.threshold) or not is_threshold(float(m.threshold)):
+        out.append(f"threshold must be {THRESHOLD_EXPECTED}, got {m.threshold!r}")
     if not isinstance(m.loader, LoaderConfig):
         out.append("loader must be a LoaderConfig")
     for key in ("mean", "std"):

@@ -11,6 +11,7 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from .decision import THRESHOLD_EXPECTED, is_threshold
 from .providers import GRAPH_OPT_CHOICES, PROVIDER_CHOICES
 from .trt import TRT_MAX_BATCH, add_trt_options
 
@@ -77,8 +78,8 @@ def run_options(p: argparse.ArgumentParser, a: argparse.Namespace) -> RunOptions
         p.error(f"--workers must be >= 0, got {a.workers}")
     if a.threads is not None and a.threads < 0:
         p.error(f"--threads must be >= 0 (0: one per physical core), got {a.threads}")
-    if a.threshold is not None and not 0.0 <= a.threshold <= 1.0:
-        p.error(f"--threshold must lie in [0, 1], got {a.threshold}")
+    if a.threshold is not None and not is_threshold(a.threshold):
+        p.error(f"--threshold: expected {THRESHOLD_EXPECTED}, got {a.threshold}")
     session = SessionConfig(
         a.model,
         a.provider,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..plain import to_plain
+from ..runtime.decision import THRESHOLD_EXPECTED, is_threshold
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def threshold_settings(thr: Mapping[str, Any], default_warn: float) -> tuple[flo
             in_unit,
             lambda x: 0 <= x <= 1,
         ),
-        config_number(thr.get("default", 0.5), "threshold.default", in_unit, lambda x: 0 <= x <= 1),
+        config_number(thr.get("default", 0.5), "threshold.default", THRESHOLD_EXPECTED, is_threshold),
     )
 
 

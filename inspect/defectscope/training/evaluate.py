@@ -23,6 +23,7 @@ from ..data.settings import check_evaluate_on
 from ..data.sources import SOURCES
 from ..evaluation.report import evaluation_doc, flat_metrics, report_lines
 from ..plain import to_plain
+from ..runtime.decision import THRESHOLD_EXPECTED, is_threshold
 from .config import TrainingConfigError, config_number, scalar_metrics, torch_threads
 
 CKPT_HELP = (
@@ -141,8 +142,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
         by_hand = config_number(
             by_hand,
             "threshold",
-            "a number in [0, 1], or null for the checkpoint's own",
-            lambda x: 0 <= x <= 1,
+            f"{THRESHOLD_EXPECTED}, or null for the checkpoint's own",
+            is_threshold,
         )
     ckpt_file = checkpoint_file(cfg)
     ckpt, info = read_info(ckpt_file)
