@@ -16,7 +16,7 @@ from defectscope.runtime.image import normalize_batch
 from defectscope.runtime.metadata import ModelMetadata
 
 from .errors import ExportError, typed_first_line
-from .parity import image_paths, load_groups, real_batches
+from .parity import load_groups, real_batches
 from .quantize import (
     MIN_CHECK_IMAGES,
     Int8Config,
@@ -45,11 +45,11 @@ class Int8Plan:
 
 
 def plan_int8(
-    info: dict[str, Any], images_dir: str | Path | None, cfg: Int8Config, log: Callable[[str], None]
+    listed: list[str], images_dir: str | Path | None, cfg: Int8Config, log: Callable[[str], None]
 ) -> Int8Plan:
-    """List and split the int8 images up front, so a bad request fails before the export runs."""
+    """Split the int8 images (``listed`` by :func:`~.parity.image_paths` from ``images_dir`` or the
+    checkpoint's val_paths) up front, so a bad request fails before the export runs."""
     source = f"--images {images_dir}" if images_dir is not None else "the checkpoint's val_paths"
-    listed = image_paths(info, images_dir)
     exists = [os.path.isfile(p) for p in listed]
     present = [p for p, ok in zip(listed, exists) if ok]
     missing = [p for p, ok in zip(listed, exists) if not ok]

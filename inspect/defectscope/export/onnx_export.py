@@ -113,13 +113,12 @@ def parity_inputs(
     min_side: int,
     *,
     parity_images: int,
-    images_dir: str | Path | None,
+    paths: list[str],
 ) -> ParityInputs:
-    """Random batches (3 sizes x batch 1/4) plus up to ``parity_images`` real images."""
+    """Random batches (3 sizes x batch 1/4) plus up to ``parity_images`` real images of ``paths``."""
     inputs = ParityInputs(batches=random_batches(channels, min_side))
     inputs.random_shapes = [[n, channels, h, w] for h, w in random_sizes(min_side) for n in (1, 4)]
     if parity_images > 0:
-        paths = image_paths(info, images_dir)
         cfg = loader_config(info)
         batches, used, skipped = real_batches(paths, cfg, info["mean"], info["std"], parity_images)
         inputs.batches += batches
@@ -127,11 +126,11 @@ def parity_inputs(
     return inputs
 
 
-def _check_images_readable(info: dict[str, Any], images_dir: str | Path) -> None:
-    """A ``--images`` that lists no image, or none the runtime's loader can read, is refused before
-    the work (found at the parity step before, after the graph was exported, or with
+def _check_images_readable(info: dict[str, Any], images_dir: str | Path, paths: list[str]) -> None:
+    """A ``--images`` none of whose ``paths`` the runtime's loader can read is refused before the
+    work (found at the parity step before, after the graph was exported, or with
     ``--parity-images 0`` only later); reading stops at the first image that loads."""
-    _, used, skipped = load_groups(image_paths(info, images_dir), loader_config(info), limit=1)
+    _, used, skipped = load_groups(paths, loader_config(info), limit=1)
     if used == 0:
         raise ExportError(f"--images {images_dir}: none of its images could be read (first: {skipped[0]})")
 
@@ -230,16 +229,17 @@ def _parity(
     *,
     parity_images: int,
     images_dir: str | Path | None,
+    paths: list[str],
     fp16: bool,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """The parity gate's figures (it raises when the graph does not compute what PyTorch does)."""
-    inputs = parity_inputs(info, channels, min_side, parity_images=parity_images, images_dir=images_dir)
+    inputs = parity_inputs(info, channels, min_side, parity_images=parity_images, paths=paths)
     for s in inputs.real_skipped:
         log(f"parity: skipped image {s}")
     if parity_images > 0 and inputs.real_images == 0:
         if images_dir is not None:  # readable at the start: gone since, said in the same words
-            _check_images_readable(info, images_dir)
+            _check_images_readable(info, images_dir, paths)
         log("parity: warning: no usable images in the checkpoint's val_paths; checked on random inputs only")
     return check_parity(proto.SerializeToString(), references, inputs, fp16=fp16)
 
@@ -313,9 +313,10 @@ def export_model(
         tta=tta, cuts_for=cuts_for,
     )  # fmt: skip
     link, min_side = _model_fits(model, info, meta)
+    listed = image_paths(info, images_dir)  # once: a --images that lists nothing is refused here
     if images_dir is not None:
-        _check_images_readable(info, images_dir)
-    int8_plan = (int8, plan_int8(info, images_dir, int8, log)) if int8 is not None else None
+        _check_images_readable(info, images_dir, listed)
+    int8_plan = (int8, plan_int8(listed, images_dir, int8, log)) if int8 is not None else None
     threshold_plan = plan_threshold(info, images_dir, target_recall=target_recall, by_hand=threshold, log=log)
     model = model.eval()
     fused, report = _fused(model, log)
@@ -336,6 +337,7 @@ def export_model(
         min_side,
         parity_images=parity_images,
         images_dir=images_dir,
+        paths=listed,
         fp16=fp16,
         log=log,
     )
