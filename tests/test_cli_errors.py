@@ -168,6 +168,25 @@ def test_input_mistakes(model: Path, images: Path, tmp_path: Path) -> None:
     one_line_error(proc, f"{classes} is a folder; the first argument is the exported model file (.onnx)")
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["inspect", "m.onnx", "x", "-o", "r.jsonl"], ["watch", "m.onnx", "--in", "h", "--out", "o"],
+     ["evaluate", "m.onnx", "x"], ["export", "c.ckpt", "-o", "m.onnx"], ["synth", "out"], ["scan"], ["demo"]],
+)  # fmt: skip
+def test_command_line_mistakes_are_one_line(command: list[str], tmp_path: Path) -> None:
+    """argparse printed its whole usage block above the error; now one line and where the usage is."""
+    prog = f"defectscope {command[0]}" + (" MODEL.onnx" if command[0] == "evaluate" else "")
+    for wrong, words in (
+        (["--bogus"], ["unrecognized arguments: --bogus"]),
+        (["--threshold", "abc"], ["argument --threshold: expected a number in [0, 1], got 'abc'"]),
+    ):
+        if "--threshold" in wrong and command[0] not in ("inspect", "watch", "evaluate", "export"):
+            continue
+        proc = defectscope(*command, *wrong, cwd=tmp_path)
+        one_line_error(proc, f"{prog}: error: ", *words, f"(see {prog} --help)")
+    assert not any(tmp_path.iterdir())
+
+
 def test_wrong_model_files_say_what_they_are(model: Path, images: Path, tmp_path: Path) -> None:
     import torch
 

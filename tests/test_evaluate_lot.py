@@ -112,4 +112,4 @@ def test_evaluate_usage_errors_are_one_line(setup: dict[str, Any], cli_env: dict
     assert proc.stderr.count("\n") == 1
     proc = cli(["evaluate", str(setup["model"]), str(flat), "--threshold", "-0.1"], setup["root"], cli_env)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
-    assert "--threshold: expected a number in [0, 1], got -0.1" in proc.stderr
+    assert "--threshold: expected a number in [0, 1], got '-0.1'" in proc.stderr

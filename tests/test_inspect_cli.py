@@ -190,7 +190,7 @@ def test_exit_2_for_bad_command_lines_and_models(
     capsys.readouterr()
     for bad in (1.5, "nan"):
         assert run(model, good_dir, "-o", out, "--threshold", bad) == 2
-        assert f"--threshold: expected a number in [0, 1], got {bad}" in capsys.readouterr().err
+        assert f"--threshold: expected a number in [0, 1], got '{bad}'" in capsys.readouterr().err
     assert run(model, good_dir, "-o", out, "--batch-size", 0) == 2
     assert run(model, good_dir, "-o", tmp_path) == 2
     assert run(model, good_dir, "-o", out, "--provider", "cuda") == 2
@@ -301,6 +301,20 @@ def test_heatmaps_written_for_every_ng(model: Path, good_dir: Path, tmp_path: Pa
     assert ng and len(files) == len(ng)
     with Image.open(files[0]) as im:
         assert im.mode == "RGB"
+
+
+def test_heat_map_of_a_file_with_a_longest_name(model: Path, tmp_path: Path) -> None:
+    """A 250-byte name (legal: the limit is 255) made a heat-map name past the limit: the run failed."""
+    d = tmp_path / "in"
+    d.mkdir()
+    long = make_image(d / ("é" * 60 + "x" * 126 + ".png"), 64, 64, bright=True, seed=3)
+    assert len(long.name.encode()) == 250
+    out, hm = tmp_path / "r.jsonl", tmp_path / "hm"
+    assert run(model, d, "-o", out, "--heatmaps", hm, "--threshold", 0) == 0
+    (row,) = rows_of(out)
+    (overlay,) = hm.glob("*.png")
+    assert row["verdict"] == "NG" and overlay.name.startswith("\u00e9" * 60)
+    assert len(overlay.name.encode()) <= 255 - len(".") - len(".tmp")
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")

@@ -180,14 +180,25 @@ def test_composition_errors_are_one_line(
 def test_a_typed_recipe_that_does_not_exist_is_refused(
     defectscope_cmd: list[str], cli_env: dict[str, str], tmp_path: Path
 ) -> None:
-    """The recipe group is optional (it follows ``model``), so Hydra skipped a wrong name silently."""
-    proc = _run([*defectscope_cmd, "train", "model_recipe=nosuch"], tmp_path, cli_env, timeout=120)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert (
-        f"model_recipe=nosuch: no such option in config group 'model_recipe'; valid: alexnet, {LITE}, nf_resnet"
-        in proc.stderr
-    )
-    assert not list(tmp_path.rglob("*.ckpt"))
+    """The recipe group is optional (it follows ``model``), so Hydra skipped a wrong name silently;
+    refused before anything runs, in a sweep (its first job trained in full) and with --cfg too."""
+    expected = f"model_recipe=nosuch: no such option in config group 'model_recipe'; valid: alexnet, {LITE}, nf_resnet"
+    for overrides in (
+        ["model_recipe=nosuch"],
+        ["--multirun", "model_recipe=alexnet,nosuch"],
+        ["--cfg", "job", "model_recipe=nosuch"],
+    ):
+        proc = _run([*defectscope_cmd, "train", *overrides], tmp_path, cli_env, timeout=120)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert expected in proc.stderr and "~model_recipe trains without it" in proc.stderr
+        assert not any(tmp_path.iterdir())  # no run folder
+    # a recipe of the user's own (--config-dir) is a recipe
+    mine = tmp_path / "my_conf" / "model_recipe"
+    mine.mkdir(parents=True)
+    (mine / "mine.yaml").write_text("# @package _global_\nseed: 123\n")
+    args = ["train", "--config-dir", str(tmp_path / "my_conf"), "model_recipe=mine", "--cfg", "job"]
+    proc = _run([*defectscope_cmd, *args], tmp_path, cli_env, timeout=120)
+    assert proc.returncode == 0 and "seed: 123" in proc.stdout, proc.stderr
 
 
 def test_an_option_a_config_file_chose_is_named_as_such(

@@ -269,6 +269,8 @@ def test_watch_rejects_bad_setups(model: Path, tmp_path: Path, capsys: pytest.Ca
         ([str(model), "--in", str(hot), "--out", str(hot)], "--in must not be --out"),
         ([str(model), "--in", str(hot / "OK"), "--out", str(hot)], "--in must not be --out or one of its"),
         ([str(model), "--in", str(hot), "--out", out, "--stable-polls", "0"], "--stable-polls must be >= 1"),
+        # each overlay landed in the hot folder as a new part (21 rows in 15 s, then a traceback)
+        ([str(model), "--in", str(hot), "--out", out, "--heatmaps", str(hot)], "--heatmaps must not be --in"),
         ([str(tmp_path / "missing.onnx"), "--in", str(hot), "--out", out], "model file not found"),
     ]
     (hot / "OK").mkdir()

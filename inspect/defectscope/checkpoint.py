@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .plain import PlainDataError, check_plain, expect, number, string_list
+from .runtime.decision import THRESHOLD_RANGE
 from .runtime.files import checkpoint_file_problem
 from .runtime.metadata import MAX_CLASSES, MAX_NAME_CHARS, MetadataError, parse_loader
 
@@ -117,7 +118,7 @@ def _check_fields(info: dict[str, Any], where: str) -> None:
         raise PlainDataError(f"{where}.class_names: expected >= 2 distinct non-empty names, got {names!r}")
     if expect(info["good_class"], str, f"{where}.good_class", "a class name") not in names:
         raise PlainDataError(f"{where}.good_class: {info['good_class']!r} is not one of {names}")
-    number(info["threshold"], f"{where}.threshold", 0.0, 1.0)
+    number(info["threshold"], f"{where}.threshold", *THRESHOLD_RANGE)
     channels = _check_loader(info["loader"], f"{where}.loader")
     for key in ("mean", "std"):
         values = expect(info[key], list, f"{where}.{key}", "a list of numbers")

@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .runtime.options import CommandParser
 from .runtime.results import iter_rows
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="defectscope demo", description=__doc__)
+    p = CommandParser(prog="defectscope demo", description=__doc__)
     p.add_argument("--workdir", type=Path, default=Path("demo"), help="where data, run, model and report go")
     p.add_argument("--holdout", type=int, default=120, help="held-out synthetic images to inspect")
     p.add_argument("--experiment", default="demo", help="training experiment config (conf/experiment/)")

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from .runtime.options import CommandParser
 from .runtime.outputs import OutputError, check_output_folder
 
 DEFAULT_CLASSES = ("good", "scratch", "spot", "crack")
@@ -291,7 +292,7 @@ def _clear_previous(root: Path) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="defectscope synth",
         description="Generate a synthetic product-surface dataset: OUT/<class>/*.png and OUT/manifest.csv.",
     )

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..runtime.image import ImageLoadError, LoaderConfig, load_image
+from ..runtime.options import CommandParser
 from ..runtime.outputs import OutputError, check_output_file
 
 
@@ -159,7 +160,7 @@ def mean_std(records: Sequence[ScanRecord | None], channels: int) -> tuple[list[
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="defectscope scan",
         description="Decode every image of the dataset that `defectscope train` would load, with the "
         "same Hydra data config (conf/train.yaml, the same groups, overrides and defaults), and list "

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 from ..data.sources import SourceError
-from ..runtime.decision import THRESHOLD_EXPECTED, defect_probability, is_defect_label, is_ng, is_threshold
+from ..runtime.decision import defect_probability, is_defect_label, is_ng
 from ..runtime.inspector import Inspector, MetadataError, ModelLoadError, ProviderError
+from ..runtime.options import CommandParser, unit_number
 from ..runtime.outputs import OutputError, check_output_folder
 from .labelled import Labelled, read_labelled
 from .metrics import confusion
@@ -37,7 +38,7 @@ class EvaluateError(ValueError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog=f"{PROG} MODEL.onnx",
         description="Evaluate an exported model on labelled images through the line runtime (ONNX Runtime). "
         "For a training checkpoint use: defectscope evaluate ckpt_path=CKPT [data=...].",
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         "data", type=Path, help="labelled images: DATA/<class>/*.png or a CSV with header path,label"
     )
     p.add_argument(
-        "--threshold", type=float, help="NG when P(defect) >= this (default: the model's threshold)"
+        "--threshold", type=unit_number, help="NG when P(defect) >= this (default: the model's threshold)"
     )
     p.add_argument(
         "--sweep", action="store_true", help="also the recall/false-reject trade-off and ROC/PR curves"
@@ -147,8 +148,6 @@ def write_outputs(out: Path, doc: dict[str, Any], rows: list[dict[str, Any]]) ->
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        if args.threshold is not None and not is_threshold(args.threshold):
-            raise EvaluateError(f"--threshold: expected {THRESHOLD_EXPECTED}, got {args.threshold}")
         if args.batch_size < 1:
             raise EvaluateError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.out:  # before any image is scored

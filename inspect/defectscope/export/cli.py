@@ -7,29 +7,18 @@ input (arguments, checkpoint, model that cannot be exported or quantised, too fe
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from defectscope.runtime.decision import THRESHOLD_EXPECTED, is_threshold
 from defectscope.runtime.files import checkpoint_file_problem
 from defectscope.runtime.grading import CUTS_FOR
 from defectscope.runtime.metadata import TTA_NAMES
+from defectscope.runtime.options import CommandParser, unit_number
 
 from .onnx_export import MIN_OPSET, ExportResult
 from .quantize import AUTO_MIN_CONVS, DEFAULT_FP32_CONVS, INT8_METHODS, Int8Config
-
-
-def _threshold(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not is_threshold(value):
-        raise argparse.ArgumentTypeError(f"expected {THRESHOLD_EXPECTED}, got {text!r}")
-    return value
 
 
 def _whole(minimum: int) -> Callable[[str], int]:
@@ -53,7 +42,7 @@ _count, _positive = _whole(0), _whole(1)
 def _recall(text: str) -> float:
     """argparse type: a recall target in (0, 1]; one range in every refusal."""
     try:
-        value = _threshold(text)
+        value = unit_number(text)
     except argparse.ArgumentTypeError:
         value = 0.0
     if value <= 0.0:
@@ -88,7 +77,7 @@ def _add_int8_arguments(p: argparse.ArgumentParser) -> None:
     )
     q.add_argument(
         "--min-agreement",
-        type=_threshold,
+        type=unit_number,
         metavar="F",
         help="gate: share of held-back images whose class and OK/NG verdict must match fp32 "
         f"(default {Int8Config.min_agreement})",
@@ -113,7 +102,7 @@ def _add_decision_arguments(p: argparse.ArgumentParser) -> None:
     """How the shipped decision rule is set: the threshold (by hand or for a recall) and grade cut points."""
     p.add_argument(
         "--threshold",
-        type=_threshold,
+        type=unit_number,
         metavar="T",
         help="set the decision threshold by hand (recorded as such) instead of choosing it on the "
         "exported graph for the recall target",
@@ -134,7 +123,7 @@ def _add_decision_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="defectscope export",
         description="Fold BatchNorm, export to ONNX (dynamic batch/height/width), check parity with "
         "PyTorch in ONNX Runtime, embed the defectscope metadata and write the file atomically.",

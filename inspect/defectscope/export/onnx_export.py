@@ -42,7 +42,7 @@ from .parity import (
     real_batches,
 )
 from .quantize import Int8Config
-from .threshold import earn_threshold, plan_threshold
+from .threshold import ThresholdPlan, earn_threshold, plan_threshold
 from .wrapper import ExportWrapper, head_linear
 
 MIN_OPSET = 18
@@ -133,6 +133,26 @@ def _check_images_readable(info: dict[str, Any], images_dir: str | Path, paths: 
     _, used, skipped = load_groups(paths, loader_config(info), limit=1)
     if used == 0:
         raise ExportError(f"--images {images_dir}: none of its images could be read (first: {skipped[0]})")
+
+
+def _plans(
+    info: dict[str, Any],
+    images_dir: str | Path | None,
+    int8: Int8Config | None,
+    *,
+    target_recall: float | None,
+    by_hand: float | None,
+    log: Callable[[str], None],
+) -> tuple[list[str], tuple[Int8Config, Int8Plan] | None, ThresholdPlan]:
+    """The gates' images and what int8 and the threshold will do with them, all checked before the
+    work.  Parity and int8 share one listing; the threshold reads a labelled ``--images`` itself
+    (for its labels)."""
+    listed = image_paths(info, images_dir)  # a --images that lists nothing is refused here
+    if images_dir is not None:
+        _check_images_readable(info, images_dir, listed)
+    int8_plan = (int8, plan_int8(listed, images_dir, int8, log)) if int8 is not None else None
+    threshold_plan = plan_threshold(info, images_dir, target_recall=target_recall, by_hand=by_hand, log=log)
+    return listed, int8_plan, threshold_plan
 
 
 def _kind(path: Path) -> str:
@@ -238,8 +258,11 @@ def _parity(
     for s in inputs.real_skipped:
         log(f"parity: skipped image {s}")
     if parity_images > 0 and inputs.real_images == 0:
-        if images_dir is not None:  # readable at the start: gone since, said in the same words
-            _check_images_readable(info, images_dir, paths)
+        if images_dir is not None:  # readable at the start (_check_images_readable), gone since
+            raise ExportError(
+                f"--images {images_dir}: none of its images could be read now (first: {inputs.real_skipped[0]}); "
+                "nothing was written"
+            )
         log("parity: warning: no usable images in the checkpoint's val_paths; checked on random inputs only")
     return check_parity(proto.SerializeToString(), references, inputs, fp16=fp16)
 
@@ -313,11 +336,9 @@ def export_model(
         tta=tta, cuts_for=cuts_for,
     )  # fmt: skip
     link, min_side = _model_fits(model, info, meta)
-    listed = image_paths(info, images_dir)  # once: a --images that lists nothing is refused here
-    if images_dir is not None:
-        _check_images_readable(info, images_dir, listed)
-    int8_plan = (int8, plan_int8(listed, images_dir, int8, log)) if int8 is not None else None
-    threshold_plan = plan_threshold(info, images_dir, target_recall=target_recall, by_hand=threshold, log=log)
+    listed, int8_plan, threshold_plan = _plans(
+        info, images_dir, int8, target_recall=target_recall, by_hand=threshold, log=log
+    )
     model = model.eval()
     fused, report = _fused(model, log)
     t_fused = time.perf_counter()

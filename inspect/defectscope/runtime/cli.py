@@ -23,7 +23,7 @@ from typing import Any
 from .heatmap import save_overlay
 from .inputs import InputSpecError, check_specs, expand_inputs
 from .inspector import Inspector, MetadataError, ModelLoadError, ProviderError, check_model_path
-from .options import RunOptions, SessionConfig, add_shared_options, run_options
+from .options import CommandParser, RunOptions, SessionConfig, add_shared_options, run_options
 from .outputs import OutputError, check_distinct, check_output_file, check_output_folder
 from .pipeline import Batcher, InferenceLanes, Item, Result, decode_stream, inference_lanes
 from .progress import Progress
@@ -62,7 +62,7 @@ class InspectConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog=PROG,
         description="Inspect images with an exported defectscope ONNX model (no torch needed).",
         epilog="Exit status: 0 all inputs inspected, 1 some inputs failed (error rows), 2 bad usage, "

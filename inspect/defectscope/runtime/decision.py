@@ -95,11 +95,13 @@ def defect_probability(probs: ArrayLike, indices: Sequence[int]) -> ArrayLike:
 
 #: what a threshold must be, in every message that refuses one (command line, config, model file)
 THRESHOLD_EXPECTED = "a number in [0, 1]"
+THRESHOLD_RANGE = (0.0, 1.0)
 
 
 def is_threshold(value: float) -> bool:
     """A threshold that decides something: P(defect) lies in [0, 1] (NaN is refused too)."""
-    return 0.0 <= value <= 1.0
+    low, high = THRESHOLD_RANGE
+    return low <= value <= high
 
 
 def is_ng(defect_prob: ArrayLike, threshold: float) -> ArrayLike:

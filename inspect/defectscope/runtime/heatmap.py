@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import os
@@ -73,10 +74,17 @@ def data_uri(img: Image.Image, fmt: str = "JPEG") -> str:
     return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
 
 
+#: bytes of the input's stem kept in an overlay's name: with the hash, ``.png`` and the temporary
+#: name's ``.`` and ``.tmp`` it stays under the 255-byte name limit of common file systems
+HEATMAP_STEM_BYTES = 200
+
+
 def heatmap_name(path: str) -> str:
-    """A collision-free file name for the overlay of ``path`` (same stem in two folders is common)."""
-    stem = Path(path).stem or "image"
-    return f"{stem}-{hashlib.sha1(path.encode('utf-8')).hexdigest()[:10]}.png"
+    """A collision-free file name for the overlay of ``path`` (same stem in two folders is common);
+    a long stem is cut at a character boundary (the hash of the whole path keeps names apart)."""
+    stem = (Path(path).stem or "image").encode("utf-8", "surrogateescape")[:HEATMAP_STEM_BYTES]
+    short = stem.decode("utf-8", "ignore") or "image"
+    return f"{short}-{hashlib.sha1(path.encode('utf-8', 'surrogateescape')).hexdigest()[:10]}.png"
 
 
 def save_overlay(folder: str | os.PathLike[str], path: str, image: np.ndarray, cam: np.ndarray) -> Path:
@@ -88,7 +96,8 @@ def save_overlay(folder: str | os.PathLike[str], path: str, image: np.ndarray, c
         Image.fromarray(overlay(image, cam)).save(tmp, "PNG")
         os.replace(tmp, out)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the name itself may be what failed (too long)
+            tmp.unlink(missing_ok=True)
         raise OutputError(
             f"cannot write a heat map into --heatmaps {folder} ({exc.strerror or exc})"
         ) from None

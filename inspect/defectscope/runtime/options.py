@@ -8,8 +8,10 @@ commands hand these dataclasses, never an argparse namespace, to the inspector a
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass
+from typing import NoReturn
 
 from .decision import THRESHOLD_EXPECTED, is_threshold
 from .providers import GRAPH_OPT_CHOICES, PROVIDER_CHOICES
@@ -42,6 +44,26 @@ class RunOptions:
     heatmaps: str | None = None
 
 
+class CommandParser(argparse.ArgumentParser):
+    """The product's argument parser: a mistake is one line naming the option and what was expected,
+    with where to read the usage (argparse prints its whole usage block above the error)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def unit_number(text: str) -> float:
+    """argparse type of every ``--threshold`` (and export's shares): a number in [0, 1]; words, NaN
+    and inf are refused with the same message in every command."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not is_threshold(value):
+        raise argparse.ArgumentTypeError(f"expected {THRESHOLD_EXPECTED}, got {text!r}")
+    return value
+
+
 def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
@@ -65,7 +87,7 @@ def add_shared_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trt-cache", default=None, help="TensorRT engine cache folder")
     add_trt_options(p)
     p.add_argument(
-        "--threshold", type=float, default=None, help="NG when P(defect) >= this (default: the model's)"
+        "--threshold", type=unit_number, default=None, help="NG when P(defect) >= this (default: the model's)"
     )
     p.add_argument("--heatmaps", default=None, help="folder for CAM overlay PNGs of NG images")
 
@@ -78,8 +100,6 @@ def run_options(p: argparse.ArgumentParser, a: argparse.Namespace) -> RunOptions
         p.error(f"--workers must be >= 0, got {a.workers}")
     if a.threads is not None and a.threads < 0:
         p.error(f"--threads must be >= 0 (0: one per physical core), got {a.threads}")
-    if a.threshold is not None and not is_threshold(a.threshold):
-        p.error(f"--threshold: expected {THRESHOLD_EXPECTED}, got {a.threshold}")
     session = SessionConfig(
         a.model,
         a.provider,

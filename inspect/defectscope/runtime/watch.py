@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .inspector import Inspector, MetadataError, ModelLoadError, ProviderError, check_model_path
-from .options import add_shared_options, run_options
+from .options import CommandParser, add_shared_options, run_options
 from .outputs import OutputError, check_output_file, check_output_folder
 from .results import ResultsFileError
 from .watcher import FOLDERS, RESULTS_NAME, EventHook, WatchConfig, Watcher, log
@@ -28,7 +28,7 @@ PROG = "defectscope watch"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog=PROG,
         description="Watch a hot folder: inspect each completely written file once, append its row to "
         "OUT/results.jsonl and move it to OUT/OK, OUT/NG or OUT/error.",
@@ -71,11 +71,14 @@ def parse_config(p: argparse.ArgumentParser, argv: Sequence[str]) -> WatchConfig
 def check_folders(cfg: WatchConfig) -> None:
     """--in, --out (and its results file and folders) and --heatmaps, before the model is loaded
     and after the model argument is checked (a missing model is named first, as in `inspect`)."""
+    # OutputError for --in too: main reports every folder mistake alike, one line and exit 2
     if not os.path.isdir(cfg.hot):
         raise OutputError(f"--in {cfg.hot!r} is not an existing folder")
     hot, out = Path(cfg.hot).resolve(), Path(cfg.out).resolve()
     if hot == out or hot in {out / f for f in FOLDERS.values()}:
         raise OutputError("--in must not be --out or one of its OK/NG/error folders")
+    if cfg.run.heatmaps and Path(cfg.run.heatmaps).resolve() == hot:  # each overlay would be a new part
+        raise OutputError("--heatmaps must not be --in: every heat map written there would be inspected")
     check_output_folder(cfg.out, "--out")
     check_output_file(Path(cfg.out) / RESULTS_NAME, "--out", special_ok=False)
     for sub in FOLDERS.values():

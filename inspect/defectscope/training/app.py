@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,12 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(f"{cause}{where}".split("\n"))
 
 
+def no_such_option(group: str, option: str, options: Iterable[str], where: str = "") -> str:
+    """The one message for an option its group does not have, with the valid ones (internal ``_`` ones left out)."""
+    valid = ", ".join(sorted(o for o in options if not o.startswith("_")))
+    return f"{group}={option}: no such option in config group {group!r}{where}; valid: {valid}"
+
+
 def composition_error(exc: BaseException, overrides: Sequence[str] = ()) -> str:
     """Hydra's composition errors on one line (Hydra's own text spans lines and lists the search path).
 
@@ -134,8 +140,7 @@ def composition_error(exc: BaseException, overrides: Sequence[str] = ()) -> str:
         option = missing[len(name) + 1 :] if missing.startswith(name + "/") else missing
         typed = re.compile(rf"[+~]*{re.escape(name)}(@[^=]*)?=")
         where = "" if any(typed.match(o) for o in overrides) else " (chosen by a config's defaults list)"
-        valid = sorted(o for o in exc.options if not o.startswith("_"))
-        return f"{name}={option}: no such option in config group {name!r}{where}; valid: {', '.join(valid)}"
+        return no_such_option(name, option, exc.options, where)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if isinstance(exc, OverrideParseException):
         lines.insert(0, f"{exc.override}:")
@@ -176,25 +181,46 @@ class _ComposeErrorsRaised:
         self._restore()
 
 
-def recipe_problem() -> str | None:
-    """A ``model_recipe=NAME`` typed on the command line that names no recipe (the group is optional,
-    so Hydra would skip it silently and train without the recipe the user asked for)."""
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
+def _typed_options(args: Sequence[str], group: str) -> list[str]:
+    """The options a command line gives ``group``, every value of a sweep included, as Hydra parses them."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
 
-    hydra_cfg = HydraConfig.get()
-    typed = [o for o in hydra_cfg.overrides.task if re.match(r"\+*model_recipe=", o)]
-    choice = hydra_cfg.runtime.choices.get("model_recipe")
-    if not typed or choice in (None, "null"):
+    typed = [a for a in args if a.startswith(f"{group}=")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(typed)
+        options: list[str] = []
+        for o in overrides:
+            if o.is_sweep_override():
+                options += list(o.sweep_string_iterator())
+            elif isinstance(o.value(), str):
+                options.append(str(o.value()))
+    except HydraException:  # Hydra names a malformed override itself, in composition_error
+        return []
+    return options
+
+
+def _config_dirs(args: Sequence[str]) -> list[Path]:
+    """The ``--config-dir`` / ``-cd`` folders of a command line (searched before the packaged configs)."""
+    dirs = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--config-dir", "-cd")]
+    dirs += [a.split("=", 1)[1] for a in args if a.startswith("--config-dir=")]
+    return [Path(d) for d in dirs]
+
+
+def recipe_problem(args: Sequence[str]) -> str | None:
+    """A ``model_recipe=NAME`` on the command line (a sweep's values too) that names no recipe, found
+    before Hydra runs anything: the group is optional, so Hydra would skip it silently and train
+    without the recipe asked for.  Not checked when ``hydra.searchpath`` adds folders this cannot see."""
+    typed = _typed_options(args, "model_recipe")
+    if not typed or any(a.startswith("hydra.searchpath") for a in args):
         return None
-    options = GlobalHydra.instance().config_loader().get_group_options("model_recipe")
-    if choice in options:
+    folders = [conf_dir() / "model_recipe", *(d / "model_recipe" for d in _config_dirs(args))]
+    options = {f.stem for d in folders if d.is_dir() for f in d.glob("*.yaml")}
+    wrong = next((o for o in typed if o not in options), None)
+    if wrong is None:
         return None
-    valid = ", ".join(sorted(o for o in options if not o.startswith("_")))
-    return (
-        f"model_recipe={choice}: no such option in config group 'model_recipe'; valid: {valid} "
-        "(a model's recipe follows model= by itself; ~model_recipe trains without it)"
-    )
+    hint = " (a model's recipe follows model= by itself; ~model_recipe trains without it)"
+    return no_such_option("model_recipe", wrong, options) + hint
 
 
 def _job(
@@ -211,10 +237,6 @@ def _job(
                 file=sys.stderr,
                 flush=True,
             )
-            raise SystemExit(2)
-        recipe = recipe_problem()
-        if recipe:
-            print(f"defectscope {command}: error: {recipe}", file=sys.stderr, flush=True)
             raise SystemExit(2)
         saved = sys.argv
         # Lightning's DDP launcher re-runs sys.argv for the other ranks (see module docstring).
@@ -254,6 +276,10 @@ def _run(command: str, config_name: str, argv: Sequence[str], fn: Callable[[Any]
         return 2
     _register_resolvers()
     args = list(argv)
+    recipe = recipe_problem(args)
+    if recipe:
+        print(f"defectscope {command}: error: {recipe}", file=sys.stderr)
+        return 2
     own = sys.argv[1:2] == [command]  # started as `defectscope <command> ...` or `python -m defectscope ...`
     launch_argv = [sys.argv[0], command, *args] if own else list(sys.argv)
     saved = sys.argv
