@@ -375,3 +375,45 @@ def test_jsonl_writer_flushes_every_commit_and_fsyncs_by_interval(tmp_path: Path
     lazy.close()
     eager.close()
     assert lazy.fsyncs == 1 and eager.fsyncs == 3
+
+
+def test_a_name_that_is_not_utf8_gets_its_row_everywhere(model: Path, tmp_path: Path) -> None:
+    """The OS hands such a name over with lone surrogates: the JSONL encoder raised mid-run, every rerun
+    and --resume stopped at the same file; a list file's line past 64 KiB did the same."""
+    d = tmp_path / "in"
+    d.mkdir()
+    good = make_image(d / "a.png", 64, 64, bright=False, seed=1)
+    raw = os.fsdecode(os.fsencode(d) + b"/bad\xffname.png")
+    Path(raw).write_bytes(good.read_bytes())
+    out, csv_out, report = tmp_path / "r.jsonl", tmp_path / "r.csv", tmp_path / "r.html"
+    assert run(model, d, "-o", out, "--csv", csv_out, "--report", report, "--threshold", 0) == 0  # all NG
+    assert sorted(r["path"] for r in rows_of(out)) == sorted([str(good), raw])
+    assert all(r["status"] == "ok" for r in rows_of(out))
+    assert "bad\\udcffname.png" in csv_out.read_text(encoding="utf-8")
+    assert "bad\\udcffname.png" in report.read_text(encoding="utf-8")
+    assert run(model, d, "-o", out, "--resume", "--threshold", 0) == 0 and len(rows_of(out)) == 2
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"# " + b"x" * 70_000 + b"\n" + os.fsencode(raw) + b"\n" + os.fsencode(good) + b"\n")
+    listed = tmp_path / "l.jsonl"
+    assert run(model, f"@{listing}", "-o", listed) == 0
+    assert [r["path"] for r in rows_of(listed)] == [raw, str(good)]
+    binary = tmp_path / "model-as-list.txt"
+    binary.write_bytes(model.read_bytes())
+    assert run(model, f"@{binary}", "-o", tmp_path / "b.jsonl") == 2
+
+
+def test_output_names_at_the_limit_and_dangling_links(
+    model: Path, good_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 253-byte --csv name passed the up-front check, then its temporary name (+ .tmp) failed with a
+    traceback after the whole run; a --heatmaps link to a missing folder was a FileExistsError traceback."""
+    long_csv = tmp_path / ("r" * 249 + ".csv")
+    assert run(model, good_dir, "-o", tmp_path / "r.jsonl", "--csv", long_csv) == 0
+    assert len(long_csv.read_text().splitlines()) == 1 + len(rows_of(tmp_path / "r.jsonl"))
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    dangling = tmp_path / "hm"
+    dangling.symlink_to(tmp_path / "missing")
+    capsys.readouterr()
+    assert run(model, good_dir, "-o", tmp_path / "h.jsonl", "--heatmaps", dangling) == 2
+    assert "missing, which does not exist; create that folder or give another" in capsys.readouterr().err
+    assert not (tmp_path / "h.jsonl").exists()

@@ -313,3 +313,33 @@ def test_slow_writer_pausing_mid_file_is_waited_for_and_every_move_is_logged(
     assert "slow.png -> NG/slow.png: NG (" in text and "cut.png -> error/cut.png: error (truncated" in text
     assert text.count("ignoring sub-folder archive/") == 1
     assert (hot / "archive").is_dir()
+
+
+def test_names_the_os_allows_each_get_one_row_and_a_place(model: Path, tmp_path: Path) -> None:
+    """A 255-byte name arriving twice (its stem_1 name was past the limit: a restart loop), a name whose
+    bytes are not UTF-8 (a traceback and a restart loop), a link that loops (the whole listing failed,
+    nothing was inspected) and one that dangles (never given a row)."""
+    hot, out, log = tmp_path / "hot", tmp_path / "out", tmp_path / "watch.log"
+    hot.mkdir()
+    long, raw = "\u00e9" * 60 + "x" * 131 + ".png", "bad\udcffname.png"
+    assert len(long.encode()) == 255
+    proc = start_watch(model, hot, out, log, extra=("--heatmaps", str(tmp_path / "heat")))
+    wait_for(lambda: (out / "results.jsonl").exists(), what="watcher start")
+    (hot / long).write_bytes(png_bytes(1, bright=True))
+    (hot / raw).write_bytes(png_bytes(2, bright=False))
+    wait_for(lambda: len(read_rows(out)) == 2 and hot_names(hot) == [], what="the first two moved")
+    (hot / long).write_bytes(png_bytes(3, bright=True))  # the same name again
+    os.symlink("loop.png", hot / "loop.png")
+    os.symlink(tmp_path / "nowhere.png", hot / "dangling.png")
+    wait_for(lambda: len(read_rows(out)) == 5 and hot_names(hot) == [], what="every name handled")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0, log.read_text(errors="replace")
+    rows = read_rows(out)
+    names = Counter(Path(r["path"]).name for r in rows)
+    assert names == Counter({long: 2, raw: 1, "loop.png": 1, "dangling.png": 1})
+    places = sorted(r["moved_to"] for r in rows)
+    assert len(set(places)) == 5 and all(os.path.lexists(out / p) for p in places)
+    assert {r["moved_to"].split("/")[0] for r in rows if "loop" in r["path"] or "dangling" in r["path"]} == {
+        "error"
+    }
+    assert "Traceback" not in log.read_text(errors="replace")

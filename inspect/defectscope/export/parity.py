@@ -87,8 +87,8 @@ def list_images(source: str | os.PathLike[str]) -> list[str]:
                 raise FileNotFoundError(str(exc)) from None
         try:
             return list(read_path_list(d))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise FileNotFoundError(f"{d}: --images list cannot be read as UTF-8 text: {exc}") from None
+        except OSError as exc:
+            raise FileNotFoundError(f"{d}: --images list cannot be read: {exc}") from None
     if not d.is_dir():
         raise FileNotFoundError(
             f"{d}: --images must be an existing directory of images or a text file listing image paths"

@@ -32,6 +32,24 @@ _SIGNATURES: tuple[tuple[bytes, str], ...] = (
 )
 
 
+#: the longest file name, in bytes, that common file systems take (ext4, XFS, NTFS, APFS)
+NAME_MAX_BYTES = 255
+
+
+def fit_name(stem: str, tail: str, limit: int = NAME_MAX_BYTES) -> str:
+    """``stem + tail`` within ``limit`` bytes: ``stem`` is cut at a character boundary when needed.
+
+    Names the product derives from an input's (heat maps, ``stem_1.png``, temporary files) add bytes
+    to a name that may already be near the limit; an input's undecodable bytes are kept as they are."""
+    room = max(limit - len(tail.encode("utf-8", "surrogateescape")), 1)
+    data = stem.encode("utf-8", "surrogateescape")[:room]
+    short = data.decode("utf-8", "surrogateescape")
+    while data and not stem.startswith(short):  # cut inside a character: drop its first bytes
+        data = data[:-1]
+        short = data.decode("utf-8", "surrogateescape")
+    return short + tail
+
+
 def is_image_name(name: str) -> bool:
     """An image file by extension (case-insensitive); hidden files are not images."""
     return (
@@ -51,10 +69,12 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 def read_path_list(list_file: str | os.PathLike[str]) -> Iterator[str]:
     """The paths a list file names, lazily; relative ones are joined to the list's folder.
 
-    Raises :class:`OSError` or :class:`UnicodeDecodeError` when the list cannot be read.
+    A line's bytes that are not UTF-8 are kept as they are (``surrogateescape``, as the OS gives
+    such names), so a list written by ``find`` names those files too and reading never stops mid-run.
+    Raises :class:`OSError` when the list cannot be read.
     """
     base = os.path.dirname(os.fspath(list_file))
-    with open(list_file, encoding="utf-8-sig") as fh:
+    with open(list_file, encoding="utf-8-sig", errors="surrogateescape") as fh:
         for line in fh:
             entry = line.strip()
             if entry and not entry.startswith("#"):

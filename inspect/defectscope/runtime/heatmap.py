@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .files import NAME_MAX_BYTES, fit_name
 from .outputs import OutputError
 
 # A blue -> cyan -> yellow -> red ramp: cold areas read as "model ignored this", hot as "defect here".
@@ -74,17 +75,12 @@ def data_uri(img: Image.Image, fmt: str = "JPEG") -> str:
     return f"data:{mime};base64,{base64.b64encode(buf.getvalue()).decode('ascii')}"
 
 
-#: bytes of the input's stem kept in an overlay's name: with the hash, ``.png`` and the temporary
-#: name's ``.`` and ``.tmp`` it stays under the 255-byte name limit of common file systems
-HEATMAP_STEM_BYTES = 200
-
-
 def heatmap_name(path: str) -> str:
     """A collision-free file name for the overlay of ``path`` (same stem in two folders is common);
-    a long stem is cut at a character boundary (the hash of the whole path keeps names apart)."""
-    stem = (Path(path).stem or "image").encode("utf-8", "surrogateescape")[:HEATMAP_STEM_BYTES]
-    short = stem.decode("utf-8", "ignore") or "image"
-    return f"{short}-{hashlib.sha1(path.encode('utf-8', 'surrogateescape')).hexdigest()[:10]}.png"
+    a long stem is cut to fit the name limit with room for the temporary name's ``.`` and ``.tmp``
+    (the hash of the whole path keeps cut names apart)."""
+    digest = hashlib.sha1(path.encode("utf-8", "surrogateescape")).hexdigest()[:10]
+    return fit_name(Path(path).stem or "image", f"-{digest}.png", NAME_MAX_BYTES - len("..tmp"))
 
 
 def save_overlay(folder: str | os.PathLike[str], path: str, image: np.ndarray, cam: np.ndarray) -> Path:

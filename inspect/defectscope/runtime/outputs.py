@@ -19,9 +19,11 @@ import os
 import stat
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO
+
+from .files import fit_name
 
 KERNEL_FILESYSTEMS = ("/proc", "/sys")
 
@@ -97,6 +99,11 @@ def check_output_folder(path: str | os.PathLike[str], option: str) -> None:
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise OutputError(f"{option} {p}: is a file, not a folder; give a folder name")
+    if p.is_symlink() and not p.exists():  # a folder cannot be made at a dangling link's name
+        raise OutputError(
+            f"{option} {p}: is a link to {os.readlink(p)}, which does not exist; create that folder or "
+            "give another"
+        )
     _check_creatable(p / "probe", option)
 
 
@@ -118,7 +125,7 @@ def replaced_file(path: str | os.PathLike[str], option: str) -> Iterator[IO[byte
     through a temporary file and a rename for a regular file, directly for a special one."""
     out = Path(path)
     special = is_special(out)
-    target = out if special else out.with_name(out.name + ".tmp")
+    target = out if special else out.with_name(fit_name(out.name, ".tmp"))
     try:
         if not special:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,15 +137,17 @@ def replaced_file(path: str | os.PathLike[str], option: str) -> Iterator[IO[byte
         if not special:
             os.replace(target, out)
     except OSError as exc:
-        if not special:
-            target.unlink(missing_ok=True)
         raise OutputError(f"cannot write {option} {out} ({_reason(exc)})") from None
+    finally:  # any failure (not only OSError) leaves no temporary file behind
+        if not special:
+            with suppress(OSError):
+                target.unlink(missing_ok=True)
 
 
 def write_text(path: str | os.PathLike[str], text: str, option: str) -> Path:
     """Write a whole UTF-8 text file (see :func:`replaced_file`)."""
     with replaced_file(path, option) as fh:
-        fh.write(text.encode("utf-8"))
+        fh.write(text.encode("utf-8", "backslashreplace"))  # an undecodable file name stays visible
     return Path(path)
 
 

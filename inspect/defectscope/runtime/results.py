@@ -124,7 +124,10 @@ def check_same_run(row: dict[str, Any], stamp: RunStamp, where: str) -> None:
 
 
 def encode_row(row: dict[str, Any]) -> bytes:
-    return (json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+    """One JSONL line.  A file name that is not valid UTF-8 (its bytes arrive as lone surrogates) is
+    written as JSON ``\\udcXX`` escapes: the line stays UTF-8 and reads back to the same path."""
+    text = json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n"
+    return text.encode("utf-8", "backslashreplace")
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -313,7 +316,7 @@ def write_csv(
     cols = csv_columns(class_names)
     n = 0
     with replaced_file(csv_path, "--csv") as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        text = io.TextIOWrapper(raw, encoding="utf-8", errors="backslashreplace", newline="")
         w = csv.writer(text)
         w.writerow(cols)
         for row in iter_rows(jsonl_path):

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .files import fit_name
 from .heatmap import save_overlay
 from .hotfolder import (
     INCOMPLETE_KINDS,
@@ -88,6 +89,27 @@ def verdict_text(row: dict[str, Any]) -> str:
     return f"{row.get('verdict')} (P(defect) {float(row.get('defect_prob') or 0):.3f}, most likely {row.get('top_class')})"
 
 
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    """A sub-folder (or a link to one); a link that cannot be followed (a loop) is taken as a file, so
+    it gets an error row instead of failing the whole listing."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    """The file's status; a dangling or looping link's own (it then gets an error row and goes to
+    error/, one row per input); None when the name is gone."""
+    try:
+        return os.stat(path)
+    except OSError:
+        try:
+            return os.lstat(path)
+        except OSError:
+            return None
+
+
 class Watcher:
     def __init__(self, cfg: WatchConfig, inspector: Inspector, on_event: EventHook | None = None) -> None:
         self.cfg = cfg
@@ -128,9 +150,8 @@ class Watcher:
         pending: dict[str, tuple[dict[str, Any], os.stat_result]] = {}
         for row in recorded_rows(self.results, here):
             name = here[row["path"]]
-            try:
-                st = os.stat(self.hot / name)
-            except OSError:
+            st = _stat(self.hot / name)
+            if st is None:
                 continue
             if row.get("source_size") == st.st_size and row.get("source_mtime_ns") == st.st_mtime_ns:
                 pending[name] = (row, st)
@@ -146,7 +167,7 @@ class Watcher:
     def _names(self) -> list[str]:
         try:
             with os.scandir(self.hot) as it:
-                entries = [(e.name, e.is_dir()) for e in it if not is_ignored(e.name)]
+                entries = [(e.name, _is_dir(e)) for e in it if not is_ignored(e.name)]
         except OSError as exc:
             log(f"watch: cannot list {self.hot}: {exc}")
             return []
@@ -162,9 +183,8 @@ class Watcher:
         for name in self._names():
             if name in self.stuck:
                 continue
-            try:
-                st = os.stat(self.hot / name)
-            except OSError:
+            st = _stat(self.hot / name)
+            if st is None:
                 continue
             current.add(name)
             obs = self.seen.get(name)
@@ -284,9 +304,8 @@ class Watcher:
         )
 
     def _still_same(self, name: str, obs: Observation) -> bool:
-        try:
-            st = os.stat(self.hot / name)
-        except OSError:
+        st = _stat(self.hot / name)
+        if st is None:
             self.seen.pop(name, None)
             return False
         if not obs.same(st):
@@ -310,7 +329,7 @@ class Watcher:
         candidate, n = name, 0
         while candidate in reserved or (self.out / sub / candidate).exists():
             n += 1
-            candidate = f"{stem}_{n}{ext}"
+            candidate = fit_name(stem, f"_{n}{ext}")  # a 255-byte name plus _1 is past the limit
         reserved.add(candidate)
         return f"{sub}/{candidate}"
 
