@@ -417,3 +417,20 @@ def test_output_names_at_the_limit_and_dangling_links(
     assert run(model, good_dir, "-o", tmp_path / "h.jsonl", "--heatmaps", dangling) == 2
     assert "missing, which does not exist; create that folder or give another" in capsys.readouterr().err
     assert not (tmp_path / "h.jsonl").exists()
+
+
+def test_recursive_pattern_does_not_follow_linked_folders(model: Path, tmp_path: Path) -> None:
+    """``**`` followed symlinked folders: a link up the tree gave 367 rows for 3 images. A pattern now
+    gives what the folder itself gives (links to folders are not followed)."""
+    t = tmp_path / "t"
+    (t / "sub").mkdir(parents=True)
+    for rel in ("a.png", "sub/b.png", "sub/c.png"):
+        make_image(t / rel, 64, 64, bright=False, seed=len(rel))
+    (t / "loop").symlink_to(t)
+    (t / "sub" / "up").symlink_to(t / "sub")
+    by_folder, by_pattern = tmp_path / "f.jsonl", tmp_path / "p.jsonl"
+    assert run(model, t, "-o", by_folder, "--recursive") == 0
+    assert run(model, f"{t}/**/*.png", "-o", by_pattern, "--recursive") == 0
+    expected = sorted(str(t / rel) for rel in ("a.png", "sub/b.png", "sub/c.png"))
+    assert sorted(r["path"] for r in rows_of(by_folder)) == expected
+    assert sorted(r["path"] for r in rows_of(by_pattern)) == expected

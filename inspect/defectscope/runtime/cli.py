@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         "inputs",
         nargs="+",
         metavar="INPUT",
-        help="image files, folders, glob patterns or @list.txt (relative lines: from the list's folder)",
+        help="image files, folders, glob patterns or @list.txt (one path per line, # starts a comment, "
+        "relative lines: from the list's folder); links to folders are not followed in folders or patterns",
     )
     p.add_argument("-o", "--output", required=True, help="results JSONL (one row per input)")
     p.add_argument("--csv", help="also write the rows as CSV (regenerated from the JSONL)")

@@ -127,8 +127,26 @@ def expand_inputs(
             warn(f"{what} yielded no images")
 
 
+def _through_linked_folder(match: str, root: str) -> bool:
+    """Whether ``match`` lies below a symlinked folder under the pattern's fixed ``root`` (``**``
+    follows such links, and one that points up the tree repeats every image below it)."""
+    parent = os.path.dirname(match)
+    while parent and len(parent) > len(root):
+        if os.path.islink(parent):
+            return True
+        parent = os.path.dirname(parent)
+    return False
+
+
 def _glob(pattern: str, recursive: bool) -> Iterator[str]:
+    """A pattern's matches (folders walked as folders); symlinked folders are not followed, as in
+    :func:`walk_folder`, below the part of the pattern that has no wildcard."""
+    parts = pattern.split(os.sep)
+    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    root = os.sep.join(parts[:fixed])
     for match in glob.iglob(pattern, recursive=recursive):
+        if _through_linked_folder(match, root):
+            continue
         if os.path.isdir(match):
             yield from walk_folder(match, recursive)
         else:
