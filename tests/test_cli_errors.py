@@ -200,6 +200,9 @@ def test_wrong_model_files_say_what_they_are(model: Path, images: Path, tmp_path
         png: ["is a PNG image, not a model", "defectscope inspect MODEL.onnx"],
         cut: ["is damaged", "copy it again"],
     }
+    raw = Path(os.fsdecode(os.fsencode(tmp_path) + b"/m\xff.onnx"))  # ORT's error was a binding's
+    raw.write_bytes(model.read_bytes())
+    cases[raw] = ["m\\xff.onnx: the model's path is not UTF-8 text", "rename the file"]
     for path, words in cases.items():
         one_line_error(defectscope("inspect", path, images, "-o", "r.jsonl", cwd=tmp_path), *words)
     assert not (tmp_path / "r.jsonl").exists()

@@ -36,6 +36,14 @@ def check_model_path(path: str | os.PathLike[str]) -> None:
     problem = model_file_problem(path)
     if problem:
         raise ModelLoadError(problem)
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:  # ONNX Runtime takes only UTF-8 paths (its message was a binding error)
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise ModelLoadError(
+            f"{shown}: the model's path is not UTF-8 text, which ONNX Runtime cannot open; rename the file "
+            "or its folders"
+        ) from None
 
 
 class Inspector:
