@@ -264,3 +264,19 @@ def test_watch_refuses_results_of_another_threshold(model: Path, images: Path, t
     proc = defectscope("watch", model, "--in", hot, "--out", out, cwd=tmp_path)
     one_line_error(proc, "threshold 0.25 (--threshold)", "uses 0.5 (model)", "--threshold 0.25")
     assert (out / "results.jsonl").read_bytes() == before and (hot / "a.png").exists()
+
+
+def test_names_that_are_not_utf8_print_on_a_strict_console(model: Path, images: Path, tmp_path: Path) -> None:
+    """With a strict UTF-8 stdout (PYTHONIOENCODING=utf-8), the run's last line, ``wrote <-o>``, raised
+    after all the work was done: exit 1 and a traceback."""
+    out = os.fsdecode(os.fsencode(tmp_path) + b"/r\xff.jsonl")
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    proc = subprocess.run(
+        [*DEFECTSCOPE, "inspect", str(model), str(images), "-o", out],
+        capture_output=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert b"r\\udcff.jsonl" in proc.stdout  # the name, escaped
+    assert len(Path(out).read_text(encoding="utf-8").splitlines()) == 12

@@ -78,7 +78,17 @@ def _resolve(target: str) -> Callable[[list[str]], int]:
     return fn
 
 
+def _printable_streams() -> None:
+    """A file name that is not UTF-8 (or not in the console's encoding) is printed with escapes: with a
+    strict stdout, a run's last line ("wrote ...") raised after all the work was done."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _printable_streams()
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in {"-h", "--help", "help"}:
         print(_usage())
