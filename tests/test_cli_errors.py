@@ -280,3 +280,20 @@ def test_names_that_are_not_utf8_print_on_a_strict_console(model: Path, images: 
     assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert b"r\\udcff.jsonl" in proc.stdout  # the name, escaped
     assert len(Path(out).read_text(encoding="utf-8").splitlines()) == 12
+
+
+@pytest.mark.parametrize("command", [["--help"], ["inspect", "MODEL", "IMAGES", "-o", "r.jsonl"]])
+def test_a_reader_that_stops_early_ends_the_command_quietly(
+    command: list[str], model: Path, images: Path, tmp_path: Path
+) -> None:
+    """``defectscope ... | head`` ended in a BrokenPipeError traceback once the reader had gone."""
+    args = [str(model) if a == "MODEL" else str(images) if a == "IMAGES" else a for a in command]
+    proc = subprocess.Popen(
+        [*DEFECTSCOPE, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141 and "Traceback" not in err and "Broken pipe" not in err, err
+    if command[0] == "inspect":  # the work itself was done
+        assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 12

@@ -168,7 +168,7 @@ def test_elpv_real_package(task: str) -> None:
 
 def test_elpv_missing_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "elpv_dataset", None)  # what an environment without it raises
-    with pytest.raises(SourceError, match=r"pip install defectscope\[elpv\]"):
+    with pytest.raises(SourceError, match=r"pip install elpv-dataset \(the .elpv. extra\)"):
         build_source({"kind": "elpv"})
 
 

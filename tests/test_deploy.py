@@ -106,7 +106,7 @@ def test_systemd_analyze_accepts_the_unit(tmp_path: Path) -> None:
 def test_readme_covers_the_line_pc_topics() -> None:
     text = (DEPLOY / "README.md").read_text()
     for needle in (
-        "defectscope[gpu]",
+        "whl[gpu]",
         "onnxruntime-gpu[cuda,cudnn]",
         "--provider",
         "TensorRT",

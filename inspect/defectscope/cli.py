@@ -7,6 +7,7 @@ Lazy imports keep `defectscope inspect` and `defectscope watch` free of torch, a
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -70,8 +71,9 @@ def _resolve(target: str) -> Callable[[list[str]], int]:
                 else "cpu"
             )
             raise SystemExit(
-                f"defectscope: this command needs the Python package {exc.name!r}; "
-                f"install it with: pip install 'defectscope[{extra}]'"
+                f"defectscope: this command needs the Python package {exc.name!r} of the '{extra}' extra; "
+                f"install it with: pip install '.[{extra}]' in the defectscope checkout (or the wheel file "
+                f"with [{extra}])"
             ) from None
         raise
     fn: Callable[[list[str]], int] = getattr(mod, func)
@@ -88,8 +90,16 @@ def _printable_streams() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``defectscope COMMAND ...``; a reader that stops early (``| head``) ends the command quietly."""
     _printable_streams()
-    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:  # what was written before stands; the shell's status for SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
+
+
+def _dispatch(args: list[str]) -> int:
     if not args or args[0] in {"-h", "--help", "help"}:
         print(_usage())
         return 0

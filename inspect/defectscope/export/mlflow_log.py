@@ -85,7 +85,7 @@ def preflight(info: dict[str, Any]) -> str:
         from mlflow.tracking import MlflowClient
     except ImportError:
         raise MlflowExportError(
-            "--mlflow needs the mlflow package: pip install 'defectscope[train]'"
+            "--mlflow needs the mlflow package (the 'train' extra): pip install mlflow"
         ) from None
 
     uri = tracking_uri(info)

