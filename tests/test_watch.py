@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,20 @@ class Dropper:
         self._record(name, data, "slow")
 
 
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_watcher_outlives_its_test() -> Iterator[None]:
+    """A test that fails while its watcher runs left the process behind (found running an hour later)."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
 def start_watch(
     model: Path, hot: Path, out: Path, log: Path, extra: tuple[str, ...] = (), crash_at: str | None = None
 ) -> subprocess.Popen[bytes]:
@@ -80,7 +94,10 @@ def start_watch(
     cmd = [sys.executable, *prog, str(model), "--in", str(hot), "--out", str(out)]
     cmd += ["--interval", "0.1", "--stable-polls", "4", "--grace", "1", "--batch-size", "8", "--workers", "2"]
     cmd += extra
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "ab"))
+    with open(log, "ab") as err:  # the child keeps its own descriptor
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+    _STARTED.append(proc)
+    return proc
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
