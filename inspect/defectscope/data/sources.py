@@ -219,7 +219,8 @@ def elpv_data_dir() -> Path:
         import elpv_dataset
     except ImportError:
         raise SourceError(
-            "data.source.kind=elpv needs the ELPV solar-cell dataset package: pip install elpv-dataset (the 'elpv' extra)"
+            "data.source.kind=elpv needs the ELPV solar-cell dataset package: pip install elpv-dataset "
+            "(the 'elpv' extra)"
         ) from None
     return Path(elpv_dataset.__file__).resolve().parent / "data"
 

@@ -50,6 +50,13 @@ def fit_name(stem: str, tail: str, limit: int = NAME_MAX_BYTES) -> str:
     return short + tail
 
 
+def temp_name(name: str, prefix: str = "", suffix: str = ".tmp") -> str:
+    """The name of a temporary file written beside ``name`` and renamed onto it: the one rule for the
+    product's temporary names (results, CSV, report, heat maps, a hot folder's cross-device moves),
+    within the name limit however long ``name`` is."""
+    return prefix + fit_name(name, suffix, NAME_MAX_BYTES - len(prefix.encode("utf-8")))
+
+
 def is_image_name(name: str) -> bool:
     """An image file by extension (case-insensitive); hidden files are not images."""
     return (

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .files import NAME_MAX_BYTES, fit_name
+from .files import NAME_MAX_BYTES, fit_name, temp_name
 from .outputs import OutputError
 
 # A blue -> cyan -> yellow -> red ramp: cold areas read as "model ignored this", hot as "defect here".
@@ -87,7 +87,7 @@ def save_overlay(folder: str | os.PathLike[str], path: str, image: np.ndarray, c
     """Write the overlay PNG atomically (a crash never leaves a half-written image); a failed write
     (disk full) leaves no temporary file and raises :class:`OutputError`."""
     out = Path(folder) / heatmap_name(path)
-    tmp = out.with_name("." + out.name + ".tmp")
+    tmp = out.with_name(temp_name(out.name, "."))
     try:
         Image.fromarray(overlay(image, cam)).save(tmp, "PNG")
         os.replace(tmp, out)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .files import fit_name
+from .files import temp_name
 from .results import fsync_dir
 
 TEMP_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".crdownload", ".download", ".swp", "~")
@@ -74,7 +74,7 @@ def move_no_overwrite(src: Path, dst: Path) -> None:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-    tmp = dst.with_name(fit_name(PARTIAL_PREFIX + dst.name, ""))
+    tmp = dst.with_name(temp_name(dst.name, PARTIAL_PREFIX, ""))
     with open(src, "rb") as fi, open(tmp, "wb") as fo:
         shutil.copyfileobj(fi, fo, 1 << 20)
         fo.flush()

@@ -23,7 +23,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO
 
-from .files import fit_name
+from .files import temp_name
 
 KERNEL_FILESYSTEMS = ("/proc", "/sys")
 
@@ -125,7 +125,7 @@ def replaced_file(path: str | os.PathLike[str], option: str) -> Iterator[IO[byte
     through a temporary file and a rename for a regular file, directly for a special one."""
     out = Path(path)
     special = is_special(out)
-    target = out if special else out.with_name(fit_name(out.name, ".tmp"))
+    target = out if special else out.with_name(temp_name(out.name))
     try:
         if not special:
             out.parent.mkdir(parents=True, exist_ok=True)
