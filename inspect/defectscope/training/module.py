@@ -35,6 +35,7 @@ from ..runtime.grading import (
     ordinal_metrics,
 )
 from .config import TrainingConfigError, check_class_names, loss_settings, threshold_settings
+from .distill import distill_loss
 from .metrics import (
     DefectScores,
     class_metrics,
@@ -53,6 +54,8 @@ MAX_VAL_PATHS = MAX_EXPORT_VAL_PATHS
 
 class DefectClassifier(pl.LightningModule):
     """Cross-entropy training of a GAP classifier with val/test metrics and a recall-targeted threshold."""
+
+    teacher_probs: torch.Tensor | None
 
     def __init__(
         self,
@@ -122,7 +125,15 @@ class DefectClassifier(pl.LightningModule):
         self._misclassified: list[dict[str, Any]] = []
         #: shift-consistency protocol of the test stage (training.shift.protocol_from_config); None = off
         self.shift_protocol: Any = None
+        #: distillation (training.distill): the teacher's probabilities per training image, or None
+        self.register_buffer("teacher_probs", None, persistent=False)
+        self.distill_weight, self.distill_temperature = 0.0, 1.0
         self._add_metrics(num_classes)
+
+    def set_teacher(self, probs: Any, weight: float, temperature: float) -> None:
+        """Train on ``weight`` of the teacher's soft targets (rows indexed like the training split)."""
+        self.teacher_probs = torch.as_tensor(probs, dtype=torch.float32)
+        self.distill_weight, self.distill_temperature = float(weight), float(temperature)
 
     def _add_metrics(self, num_classes: int) -> None:
         """The running metrics of each stage (module attributes, so Lightning moves and resets them)."""
@@ -162,14 +173,19 @@ class DefectClassifier(pl.LightningModule):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         x, y = batch["image"], batch["label"]
+        soft = self.teacher_probs[batch["index"]] if self.teacher_probs is not None else None
         if self.mixup > 0:  # mixup: a convex mix of two images trains on the same mix of their losses
             lam = float(torch.distributions.Beta(self.mixup, self.mixup).sample())
             order = torch.randperm(x.shape[0], device=x.device)
             raw = self.model(lam * x + (1 - lam) * x[order])
             loss = lam * self.criterion(raw, y) + (1 - lam) * self.criterion(raw, y[order])
+            soft = None if soft is None else lam * soft + (1 - lam) * soft[order]
         else:
             raw = self.model(x)
             loss = self.criterion(raw, y)
+        if soft is not None:
+            kd = distill_loss(self.objective.log_probs(raw), soft, self.distill_temperature)
+            loss = (1 - self.distill_weight) * loss + self.distill_weight * kd
         n = int(y.numel())
         self.train_loss.update(loss.detach(), weight=n)
         self.train_acc.update(self.objective.probs(raw.detach()).argmax(dim=1), y)

@@ -34,6 +34,7 @@ from .config import (
     scalar_metrics,
     torch_threads,
 )
+from .distill import DistillSettings, distill_settings, teacher_agreement, teacher_probabilities
 from .module import DefectClassifier
 from .optimization import lr_plan
 from .shift import protocol_from_config
@@ -155,6 +156,19 @@ def build_module(cfg: DictConfig, dm: Any) -> DefectClassifier:
     )
     check_geometry(module.model, dm, cfg.data)
     return module
+
+
+def add_teacher(module: DefectClassifier, dm: Any, settings: DistillSettings, threads: Any) -> None:
+    """``distill.teacher``: score the training split with the teacher once, before the first step."""
+    if settings.teacher is None:
+        return
+    train_set = dm.dataset("train")
+    probs = teacher_probabilities(settings, train_set.paths, list(dm.class_names), threads)
+    log.info(
+        "distill: the teacher's top class is the label of %.1f %% of the training images; weight %g, temperature %g",
+        100 * teacher_agreement(probs, train_set.labels), settings.weight, settings.temperature,
+    )  # fmt: skip
+    module.set_teacher(probs, settings.weight, settings.temperature)
 
 
 def report_threshold(best: str, out_dir: Path, tracker: MLflowTracker | None) -> list[str]:
@@ -331,6 +345,7 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
     t0 = time.perf_counter()
     check_run_numbers(cfg)
     check_launch(cfg)
+    distill = distill_settings(to_plain(cfg.get("distill")))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     out_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.ckpt_dir)
@@ -348,6 +363,7 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
         dm.prepare_data()
         dm.setup("fit")
         module = build_module(cfg, dm)
+        add_teacher(module, dm, distill, cfg.get("threads"))
         module.misclassified_max = tracker.misclassified_max if tracker is not None else 16
         module.shift_protocol = protocol_from_config(cfg.get("shift_consistency"), module.model.total_stride)
         trainer = _build_trainer(cfg, out_dir, tracker, extra_callbacks)

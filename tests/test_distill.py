@@ -1,0 +1,161 @@
+"""Distillation (``distill.*``): the student learns what the teacher model file says, not the labels,
+in the share the config gives; the loss is the softened KL; wrong settings stop the run in one line."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from defectscope.training.config import TrainingConfigError
+from defectscope.training.distill import distill_loss, distill_settings
+from defectscope.training.train import train
+from trust_files import cli
+
+
+def make_set(root: Path, per_class: int = 48, size: int = 48, seed: int = 0) -> Path:
+    """Grey noise; the ``crack`` images carry a bright bar."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name in ("crack", "good"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.normal(90, 12, (size, size))
+            if name == "crack":
+                y = int(rng.integers(4, size - 8))
+                img[y : y + 4, 6:-6] += 100
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / name / f"{name}{i:03d}.png")
+    return root
+
+
+def swapped_copy(src: Path, dst: Path) -> Path:
+    """The same images with the labels the other way round (the bars now in ``good``)."""
+    for a, b in (("crack", "good"), ("good", "crack")):
+        shutil.copytree(src / a, dst / b)
+    return dst
+
+
+def cfg_for(compose_train: Callable[..., Any], data: Path, out: Path, *extra: str) -> Any:
+    return compose_train(
+        [
+            "data=folder", "model=tiny", "callbacks=minimal", "logger=none",
+            f"data.source.root={data}", "data.source.good_class=good", "data.loader.size_multiple=16",
+            "data.num_workers=0", "data.persistent_workers=false", "data.batch_size=16", "data.scan_workers=1",
+            "threads=1", "trainer.accelerator=cpu", "trainer.num_sanity_val_steps=0",
+            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.max_epochs=8",
+            "optim.optimizer.lr=0.01", "shift_consistency.copies=0",
+            f"paths.output_dir={out}", "paths.launch_dir=.", f"paths.data_dir={data}", *extra,
+        ]
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def teacher(
+    tmp_path_factory: pytest.TempPathFactory, compose_train: Callable[..., Any]
+) -> tuple[Path, Path, float]:
+    """(teacher .onnx, its data, its test accuracy there): a tiny model that finds the bars."""
+    from defectscope.checkpoint import load_checkpoint
+    from defectscope.export.onnx_export import export_model
+
+    data = make_set(tmp_path_factory.mktemp("bars"))
+    out = tmp_path_factory.mktemp("teacher-run")
+    metrics = train(cfg_for(compose_train, data, out))
+    model, info = load_checkpoint(out / "checkpoints" / "best.ckpt")
+    onnx = export_model(model, info, out / "teacher.onnx", log=lambda _: None).path
+    return Path(onnx), data, float(metrics["test/acc"])
+
+
+@pytest.mark.slow
+def test_the_student_follows_the_teacher_in_the_share_it_is_given(
+    teacher: tuple[Path, Path, float], tmp_path: Path, compose_train: Callable[..., Any]
+) -> None:
+    """On images labelled the other way round, a student with weight 1 learns the teacher's ranking
+    (AUROC against the labels near 0: every crack scored below every good image); with weight 0.2 the
+    labels win again."""
+    onnx, data, teacher_acc = teacher
+    assert teacher_acc >= 0.9
+    swapped = swapped_copy(data, tmp_path / "swapped")
+    follows = train(
+        cfg_for(compose_train, swapped, tmp_path / "w1", f"distill.teacher={onnx}", "distill.weight=1.0")
+    )
+    assert follows["test/auroc"] <= 0.05
+    mostly_labels = train(
+        cfg_for(compose_train, swapped, tmp_path / "w02", f"distill.teacher={onnx}", "distill.weight=0.2")
+    )
+    assert mostly_labels["test/auroc"] >= 0.95 and mostly_labels["test/acc"] >= 0.85
+
+
+def test_the_loss_is_the_softened_kl() -> None:
+    """Hand-computed: T^2 * sum q_T (log q_T - log p_T) with p_T ∝ p^(1/T); zero when they agree."""
+    student = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
+    teacher = torch.tensor([[0.5, 0.3, 0.2]])
+    t = 2.0
+    p = np.array([0.7, 0.2, 0.1]) ** (1 / t)
+    q = np.array([0.5, 0.3, 0.2]) ** (1 / t)
+    p, q = p / p.sum(), q / q.sum()
+    expected = t * t * float(np.sum(q * (np.log(q) - np.log(p))))
+    assert math.isclose(float(distill_loss(student, teacher, t)), expected, rel_tol=1e-5)
+    assert float(distill_loss(torch.log(teacher), teacher, 3.0)) == pytest.approx(0.0, abs=1e-6)
+    batch = distill_loss(torch.cat([student, torch.log(teacher)]), torch.cat([teacher, teacher]), t)
+    assert math.isclose(float(batch), expected / 2, rel_tol=1e-5)  # mean over the batch
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        ({"teacher": None, "weight": 0}, "distill.weight must be a number in (0, 1], got 0"),
+        ({"teacher": None, "weight": 1.5}, "distill.weight must be a number in (0, 1], got 1.5"),
+        ({"teacher": None, "temperature": "hot"}, "distill.temperature must be a number > 0, got 'hot'"),
+        (
+            {"teacher": None, "temp": 2},
+            "distill.temp is not a setting; distill takes teacher, weight and temperature",
+        ),
+        ({"teacher": 3}, "distill.teacher must be the path of an exported model (.onnx), got 3"),
+        ({"teacher": "missing.onnx"}, "distill.teacher: missing.onnx: model file not found"),
+    ],
+)
+def test_settings_are_checked_with_the_key_named(spec: dict[str, Any], says: str) -> None:
+    with pytest.raises(TrainingConfigError) as err:
+        distill_settings(spec)
+    assert str(err.value) == says
+
+
+def test_a_checkpoint_is_no_teacher(tmp_path: Path) -> None:
+    ckpt = tmp_path / "best.ckpt"
+    ckpt.write_bytes(b"PK\x03\x04" + bytes(64))
+    with pytest.raises(TrainingConfigError, match=r"^distill\.teacher: .*best\.ckpt"):
+        distill_settings({"teacher": str(ckpt)})
+
+
+@pytest.mark.slow
+def test_a_teacher_of_other_classes_stops_the_run_in_one_line(
+    teacher: tuple[Path, Path, float], tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    """The teacher grades crack/good; a data set of other classes is refused before training."""
+    onnx, data, _ = teacher
+    other = tmp_path / "other"
+    shutil.copytree(data / "crack", other / "scratch")
+    shutil.copytree(data / "good", other / "good")
+    proc = cli(
+        [
+            "train", "data=folder", "model=tiny", "logger=none", "trainer.max_epochs=1", "threads=1",
+            f"data.source.root={other}", "data.source.good_class=good", "data.num_workers=0",
+            "data.persistent_workers=false", f"distill.teacher={onnx}", f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        tmp_path, cli_env,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("defectscope train: error: distill.teacher: ") and "crack, good" in last, (
+        proc.stderr
+    )
+    assert "scratch, good" in last or "good, scratch" in last
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
