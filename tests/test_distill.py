@@ -42,10 +42,12 @@ def swapped_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def cfg_for(compose_train: Callable[..., Any], data: Path, out: Path, *extra: str) -> Any:
+def cfg_for(
+    compose_train: Callable[..., Any], data: Path, out: Path, *extra: str, logger: str = "none"
+) -> Any:
     return compose_train(
         [
-            "data=folder", "model=tiny", "callbacks=minimal", "logger=none",
+            "data=folder", "model=tiny", "callbacks=minimal", f"logger={logger}",
             f"data.source.root={data}", "data.source.good_class=good", "data.loader.size_multiple=16",
             "data.num_workers=0", "data.persistent_workers=false", "data.batch_size=16", "data.scan_workers=1",
             "threads=1", "trainer.accelerator=cpu", "trainer.num_sanity_val_steps=0",
@@ -86,10 +88,26 @@ def test_the_student_follows_the_teacher_in_the_share_it_is_given(
         cfg_for(compose_train, swapped, tmp_path / "w1", f"distill.teacher={onnx}", "distill.weight=1.0")
     )
     assert follows["test/auroc"] <= 0.05
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mostly_labels = train(
-        cfg_for(compose_train, swapped, tmp_path / "w02", f"distill.teacher={onnx}", "distill.weight=0.2")
-    )
+        cfg_for(
+            compose_train, swapped, tmp_path / "w02", f"distill.teacher={onnx}", "distill.weight=0.2",
+            f"logger.tracking_uri={store}", "logger.experiment_name=distill", logger="mlflow",
+        )
+    )  # fmt: skip
     assert mostly_labels["test/auroc"] >= 0.95 and mostly_labels["test/acc"] >= 0.85
+
+    from mlflow.tracking import MlflowClient
+
+    from defectscope.runtime.files import file_sha256
+
+    client = MlflowClient(tracking_uri=store)
+    exp = client.get_experiment_by_name("distill")
+    assert exp is not None
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.data.tags["distill.teacher_sha256"] == file_sha256(onnx)  # what the run was trained towards
+    assert float(run.data.tags["distill.teacher_agreement"]) <= 0.05  # the labels are the other way round
+    assert run.data.params["distill.teacher"] == str(onnx)
 
 
 def test_the_loss_is_the_softened_kl() -> None:

@@ -75,8 +75,9 @@ def distill_settings(spec: Mapping[str, Any] | None) -> DistillSettings:
 
 def teacher_probabilities(
     settings: DistillSettings, paths: Sequence[str], class_names: Sequence[str], threads: int | None
-) -> np.ndarray:
-    """The teacher's class probabilities for every training image, (N, K) float32 in ``paths`` order.
+) -> tuple[np.ndarray, str]:
+    """The teacher's class probabilities for every training image, (N, K) float32 in ``paths`` order,
+    and the teacher file's sha256 (what the run was trained towards, for its tracking record).
 
     The teacher must grade the same classes in the same order; any image it cannot read stops the
     run (the training scan read them all a moment ago, so that means the files changed).
@@ -108,7 +109,7 @@ def teacher_probabilities(
         "distill: teacher %s (%s, sha256 %s…) scored %d training images in %.0f s",
         settings.teacher, meta.variant, teacher.sha256[:12], len(paths), time.perf_counter() - started,
     )  # fmt: skip
-    return probs
+    return probs, teacher.sha256
 
 
 def distill_loss(

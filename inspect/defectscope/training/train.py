@@ -158,16 +158,21 @@ def build_module(cfg: DictConfig, dm: Any) -> DefectClassifier:
     return module
 
 
-def add_teacher(module: DefectClassifier, dm: Any, settings: DistillSettings, threads: Any) -> None:
+def add_teacher(
+    module: DefectClassifier, dm: Any, settings: DistillSettings, threads: Any, tracker: MLflowTracker | None
+) -> None:
     """``distill.teacher``: score the training split with the teacher once, before the first step."""
     if settings.teacher is None:
         return
     train_set = dm.dataset("train")
-    probs = teacher_probabilities(settings, train_set.paths, list(dm.class_names), threads)
+    probs, sha256 = teacher_probabilities(settings, train_set.paths, list(dm.class_names), threads)
+    agreement = teacher_agreement(probs, train_set.labels)
     log.info(
         "distill: the teacher's top class is the label of %.1f %% of the training images; weight %g, temperature %g",
-        100 * teacher_agreement(probs, train_set.labels), settings.weight, settings.temperature,
+        100 * agreement, settings.weight, settings.temperature,
     )  # fmt: skip
+    if tracker is not None:
+        tracker.set_tags({"distill.teacher_sha256": sha256, "distill.teacher_agreement": f"{agreement:.4f}"})
     module.set_teacher(probs, settings.weight, settings.temperature)
 
 
@@ -363,7 +368,7 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
         dm.prepare_data()
         dm.setup("fit")
         module = build_module(cfg, dm)
-        add_teacher(module, dm, distill, cfg.get("threads"))
+        add_teacher(module, dm, distill, cfg.get("threads"), tracker)
         module.misclassified_max = tracker.misclassified_max if tracker is not None else 16
         module.shift_protocol = protocol_from_config(cfg.get("shift_consistency"), module.model.total_stride)
         trainer = _build_trainer(cfg, out_dir, tracker, extra_callbacks)
