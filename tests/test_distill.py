@@ -136,10 +136,19 @@ def test_the_loss_is_the_softened_kl() -> None:
             "distill.temp is not a setting; distill takes teacher, weight and temperature",
         ),
         ({"teacher": 3}, "distill.teacher must be the path of an exported model (.onnx), got 3"),
-        ({"teacher": "missing.onnx"}, "distill.teacher: missing.onnx: model file not found"),
+        (
+            {"teacher": "missing.onnx"},
+            "distill.teacher: missing.onnx: no such file; expected an exported model (.onnx), written by "
+            "defectscope export CHECKPOINT --tta dihedral -o missing.onnx",
+        ),
+        (
+            "teacher.onnx",
+            "distill must be a group of teacher, weight and temperature (distill.teacher=model.onnx), got 'teacher.onnx'",
+        ),
+        ({"teacher": "."}, "distill.teacher: . is a folder; expected an exported model file (.onnx)"),
     ],
 )
-def test_settings_are_checked_with_the_key_named(spec: dict[str, Any], says: str) -> None:
+def test_settings_are_checked_with_the_key_named(spec: Any, says: str) -> None:
     with pytest.raises(TrainingConfigError) as err:
         distill_settings(spec)
     assert str(err.value) == says
@@ -148,8 +157,17 @@ def test_settings_are_checked_with_the_key_named(spec: dict[str, Any], says: str
 def test_a_checkpoint_is_no_teacher(tmp_path: Path) -> None:
     ckpt = tmp_path / "best.ckpt"
     ckpt.write_bytes(b"PK\x03\x04" + bytes(64))
-    with pytest.raises(TrainingConfigError, match=r"^distill\.teacher: .*best\.ckpt"):
+    with pytest.raises(TrainingConfigError) as err:
         distill_settings({"teacher": str(ckpt)})
+    assert str(err.value) == (
+        f"distill.teacher: {ckpt} is a training checkpoint; a teacher is an exported model: "
+        f"defectscope export {ckpt} --tta dihedral -o teacher.onnx"
+    )
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    with pytest.raises(
+        TrainingConfigError, match=r"^distill\.teacher: .*empty\.onnx is empty \(0 bytes\), not an exported"
+    ):
+        distill_settings({"teacher": str(tmp_path / "empty.onnx")})
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,10 @@ def distill_settings(spec: Mapping[str, Any] | None) -> DistillSettings:
     The teacher file itself is checked here too (cheap), so a wrong path stops the run before the
     data are scanned.
     """
+    if spec is not None and not isinstance(spec, Mapping):
+        raise TrainingConfigError(
+            f"distill must be a group of teacher, weight and temperature (distill.teacher=model.onnx), got {spec!r}"
+        )
     cfg = dict(spec or {})
     unknown = sorted(set(cfg) - {"teacher", "weight", "temperature"})
     if unknown:
@@ -64,13 +69,33 @@ def distill_settings(spec: Mapping[str, Any] | None) -> DistillSettings:
         raise TrainingConfigError(
             f"distill.teacher must be the path of an exported model (.onnx), got {teacher!r}"
         )
+    problem = teacher_file_problem(teacher)
+    if problem:
+        raise TrainingConfigError(f"distill.teacher: {problem}")
+    return DistillSettings(teacher, weight, temperature)
+
+
+def teacher_file_problem(teacher: str) -> str | None:
+    """Why ``teacher`` cannot be a teacher model file, worded for this key; ``None`` if it may be one."""
+    from ..runtime.files import file_kind
     from ..runtime.inspector import ModelLoadError, check_model_path
 
+    path = Path(teacher)
+    export = f"defectscope export CHECKPOINT --tta dihedral -o {path.stem or 'teacher'}.onnx"
+    if path.is_dir():
+        return f"{teacher} is a folder; expected an exported model file (.onnx)"
+    if not path.is_file():
+        return f"{teacher}: no such file; expected an exported model (.onnx), written by {export}"
+    kind = file_kind(path)
+    if kind == "checkpoint":
+        return f"{teacher} is a training checkpoint; a teacher is an exported model: defectscope export {teacher} --tta dihedral -o teacher.onnx"
+    if kind == "empty" or kind.endswith("image"):
+        return f"{teacher} is {'empty (0 bytes)' if kind == 'empty' else 'a ' + kind}, not an exported model (.onnx)"
     try:
-        check_model_path(teacher)
+        check_model_path(path)  # what else the runtime refuses (a path ONNX Runtime cannot open)
     except ModelLoadError as exc:
-        raise TrainingConfigError(f"distill.teacher: {exc}") from None
-    return DistillSettings(teacher, weight, temperature)
+        return str(exc)
+    return None
 
 
 def teacher_probabilities(
@@ -79,15 +104,18 @@ def teacher_probabilities(
     """The teacher's class probabilities for every training image, (N, K) float32 in ``paths`` order,
     and the teacher file's sha256 (what the run was trained towards, for its tracking record).
 
-    The teacher must grade the same classes in the same order; any image it cannot read stops the
-    run (the training scan read them all a moment ago, so that means the files changed).
+    The teacher must grade the same classes in the same order; any image it cannot read under its own
+    loader (the files changed since the scan, or its loader refuses what training's accepts) stops the run.
     """
     from ..evaluation.scoring import score_paths
     from ..runtime.inspector import Inspector, MetadataError, ModelLoadError, ProviderError
+    from ..runtime.providers import import_ort
 
     assert settings.teacher is not None
+    # CUDA where this ONNX Runtime has it (no TensorRT engine build for a one-off pass), else the CPU
+    provider = "cuda" if "CUDAExecutionProvider" in import_ort().get_available_providers() else "cpu"
     try:
-        teacher = Inspector(settings.teacher, threads=threads, log=log.info)
+        teacher = Inspector(settings.teacher, provider=provider, threads=threads, log=log.info)
     except (ModelLoadError, MetadataError, ProviderError) as exc:
         raise TrainingConfigError(f"distill.teacher: {exc}") from None
     if list(teacher.class_names) != list(class_names):
@@ -97,14 +125,26 @@ def teacher_probabilities(
         )
     meta = teacher.metadata
     started = time.perf_counter()
-    scored = score_paths(
-        lambda b: teacher.predict(b, cam=False)["probs"], paths, meta.loader, meta.mean, meta.std
-    )
+    try:
+        scored = score_paths(
+            lambda b: teacher.predict(b, cam=False)["probs"], paths, meta.loader, meta.mean, meta.std
+        )
+    except Exception as exc:  # ONNX Runtime's own errors (out of memory, a graph it cannot run)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TrainingConfigError(
+            f"distill.teacher: {settings.teacher} failed on the training images: {first}"
+        ) from None
     if scored.failed:
         path, reason = scored.failed[0]
-        raise TrainingConfigError(f"distill.teacher: could not score the training image {path}: {reason}")
+        raise TrainingConfigError(
+            f"distill.teacher: the teacher cannot read the training image {path} under its own loader: {reason}"
+        )
     probs = np.zeros((len(paths), len(class_names)), dtype=np.float32)
     probs[scored.index] = scored.probs
+    if not np.isfinite(probs).all():
+        raise TrainingConfigError(
+            f"distill.teacher: {settings.teacher} gave probabilities that are not finite numbers (NaN/inf)"
+        )
     log.info(
         "distill: teacher %s (%s, sha256 %s…) scored %d training images in %.0f s",
         settings.teacher, meta.variant, teacher.sha256[:12], len(paths), time.perf_counter() - started,
@@ -132,3 +172,20 @@ def teacher_agreement(teacher_probs: np.ndarray, labels: Sequence[int]) -> float
     if len(labels) == 0:
         return float("nan")
     return float(np.mean(teacher_probs.argmax(axis=1) == np.asarray(labels)))
+
+
+def add_teacher(module: Any, dm: Any, settings: DistillSettings, threads: Any, tracker: Any) -> None:
+    """``distill.teacher``: score the training split once, before the first step, and hand the module
+    its rows; the run's tracking record gets the teacher's sha256 and agreement with the labels."""
+    if settings.teacher is None:
+        return
+    train_set = dm.dataset("train")
+    probs, sha256 = teacher_probabilities(settings, train_set.paths, list(dm.class_names), threads)
+    agreement = teacher_agreement(probs, train_set.labels)
+    log.info(
+        "distill: the teacher's top class is the label of %.1f %% of the training images; weight %g, temperature %g",
+        100 * agreement, settings.weight, settings.temperature,
+    )  # fmt: skip
+    if tracker is not None:
+        tracker.set_tags({"distill.teacher_sha256": sha256, "distill.teacher_agreement": f"{agreement:.4f}"})
+    module.set_teacher(probs, settings.weight, settings.temperature)

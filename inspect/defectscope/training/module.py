@@ -126,7 +126,8 @@ class DefectClassifier(pl.LightningModule):
         #: shift-consistency protocol of the test stage (training.shift.protocol_from_config); None = off
         self.shift_protocol: Any = None
         #: distillation (training.distill): the teacher's probabilities per training image, or None
-        self.register_buffer("teacher_probs", None, persistent=False)
+        # a plain CPU tensor, not a buffer: DDP would broadcast a buffer from rank 0 at every step
+        self.teacher_probs = None
         self.distill_weight, self.distill_temperature = 0.0, 1.0
         self._add_metrics(num_classes)
 
@@ -173,7 +174,9 @@ class DefectClassifier(pl.LightningModule):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         x, y = batch["image"], batch["label"]
-        soft = self.teacher_probs[batch["index"]] if self.teacher_probs is not None else None
+        soft = None
+        if self.teacher_probs is not None:
+            soft = self.teacher_probs[batch["index"].cpu()].to(x.device)
         if self.mixup > 0:  # mixup: a convex mix of two images trains on the same mix of their losses
             lam = float(torch.distributions.Beta(self.mixup, self.mixup).sample())
             order = torch.randperm(x.shape[0], device=x.device)

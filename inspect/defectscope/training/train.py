@@ -34,7 +34,7 @@ from .config import (
     scalar_metrics,
     torch_threads,
 )
-from .distill import DistillSettings, distill_settings, teacher_agreement, teacher_probabilities
+from .distill import add_teacher, distill_settings
 from .module import DefectClassifier
 from .optimization import lr_plan
 from .shift import protocol_from_config
@@ -156,24 +156,6 @@ def build_module(cfg: DictConfig, dm: Any) -> DefectClassifier:
     )
     check_geometry(module.model, dm, cfg.data)
     return module
-
-
-def add_teacher(
-    module: DefectClassifier, dm: Any, settings: DistillSettings, threads: Any, tracker: MLflowTracker | None
-) -> None:
-    """``distill.teacher``: score the training split with the teacher once, before the first step."""
-    if settings.teacher is None:
-        return
-    train_set = dm.dataset("train")
-    probs, sha256 = teacher_probabilities(settings, train_set.paths, list(dm.class_names), threads)
-    agreement = teacher_agreement(probs, train_set.labels)
-    log.info(
-        "distill: the teacher's top class is the label of %.1f %% of the training images; weight %g, temperature %g",
-        100 * agreement, settings.weight, settings.temperature,
-    )  # fmt: skip
-    if tracker is not None:
-        tracker.set_tags({"distill.teacher_sha256": sha256, "distill.teacher_agreement": f"{agreement:.4f}"})
-    module.set_teacher(probs, settings.weight, settings.temperature)
 
 
 def report_threshold(best: str, out_dir: Path, tracker: MLflowTracker | None) -> list[str]:
