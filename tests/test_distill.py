@@ -16,6 +16,7 @@ import torch
 from defectscope.training.config import TrainingConfigError
 from defectscope.training.distill import distill_loss, distill_settings
 from defectscope.training.train import train
+from tiny_runs import tiny_folder_overrides
 from trust_files import cli
 
 
@@ -45,17 +46,8 @@ def swapped_copy(src: Path, dst: Path) -> Path:
 def cfg_for(
     compose_train: Callable[..., Any], data: Path, out: Path, *extra: str, logger: str = "none"
 ) -> Any:
-    return compose_train(
-        [
-            "data=folder", "model=tiny", "callbacks=minimal", f"logger={logger}",
-            f"data.source.root={data}", "data.source.good_class=good", "data.loader.size_multiple=16",
-            "data.num_workers=0", "data.persistent_workers=false", "data.batch_size=16", "data.scan_workers=1",
-            "threads=1", "trainer.accelerator=cpu", "trainer.num_sanity_val_steps=0",
-            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.max_epochs=8",
-            "optim.optimizer.lr=0.01", "shift_consistency.copies=0",
-            f"paths.output_dir={out}", "paths.launch_dir=.", f"paths.data_dir={data}", *extra,
-        ]
-    )  # fmt: skip
+    base = tiny_folder_overrides(data, out, "good", epochs=8, logger=logger)
+    return compose_train([*base, "shift_consistency.copies=0", *extra])
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import torch
 from defectscope.training.config import TrainingConfigError
 from defectscope.training.ordinal import Objective, resolve_objective
 from defectscope.training.train import train
+from tiny_runs import tiny_folder_overrides
 
 GRADES = ["g0", "g1", "g2", "g3"]
 SIDES = (0, 6, 12, 20)  # the bright square grows with the grade
@@ -44,18 +45,11 @@ def ordered_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def ordered_cfg(compose_train: Callable[..., Any], data: Path, out: Path, *extra: str) -> Any:
-    return compose_train(
-        [
-            "data=folder", "model=tiny", "callbacks=minimal", "scheduler=onecycle", "logger=none",
-            f"data.source.root={data}", f"data.source.classes=[{','.join(GRADES)}]",
-            "data.source.good_class=g0", "data.ordered=true", "data.loader.size_multiple=16",
-            "data.num_workers=0", "data.persistent_workers=false", "data.batch_size=16", "data.scan_workers=1",
-            "threads=1", "trainer.accelerator=cpu", "trainer.num_sanity_val_steps=0",
-            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "trainer.max_epochs=12",
-            "optim.optimizer.lr=0.01", 'threshold.ng_classes=">= g2"',
-            f"paths.output_dir={out}", "paths.launch_dir=.", f"paths.data_dir={data}", *extra,
-        ]
-    )  # fmt: skip
+    ordered = [
+        "scheduler=onecycle", f"data.source.classes=[{','.join(GRADES)}]", "data.ordered=true",
+        'threshold.ng_classes=">= g2"',
+    ]  # fmt: skip
+    return compose_train([*tiny_folder_overrides(data, out, "g0", epochs=12), *ordered, *extra])
 
 
 @pytest.fixture(scope="module")
