@@ -187,3 +187,29 @@ def test_a_teacher_of_other_classes_stops_the_run_in_one_line(
     assert "scratch, good" in last or "good, scratch" in last
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_ddp_ranks_read_their_own_images_teacher_rows(
+    teacher: tuple[Path, Path, float], tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    """Two CPU processes (gloo), each with its own shard of the training split: a weight-1 student on the
+    swapped labels still learns the teacher's ranking, so every rank looked up its own images' rows."""
+    import re
+
+    onnx, data, _ = teacher
+    swapped = swapped_copy(data, tmp_path / "swapped")
+    overrides = tiny_folder_overrides(swapped, tmp_path / "out", "good", epochs=8)
+    proc = cli(
+        [
+            "train", *overrides, "trainer=ddp", "trainer.accelerator=cpu", "shift_consistency.copies=0",
+            f"distill.teacher={onnx}", "distill.weight=1.0", f"hydra.run.dir={tmp_path / 'out'}",
+        ],
+        tmp_path, cli_env,
+    )  # fmt: skip
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "Starting with 2 processes" in log
+    auroc = re.search(r"test metrics:.* auroc=([0-9.]+)", proc.stdout)
+    assert auroc is not None, proc.stdout[-2000:]
+    assert float(auroc.group(1)) <= 0.05
