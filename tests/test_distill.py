@@ -213,3 +213,31 @@ def test_ddp_ranks_read_their_own_images_teacher_rows(
     auroc = re.search(r"test metrics:.* auroc=([0-9.]+)", proc.stdout)
     assert auroc is not None, proc.stdout[-2000:]
     assert float(auroc.group(1)) <= 0.05
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_its_teacher(
+    teacher: tuple[Path, Path, float], tmp_path: Path, compose_train: Callable[..., Any]
+) -> None:
+    """Resuming continues the objective the run started with: other distill settings are one line."""
+    from defectscope.training.distill import DistillSettings
+    from defectscope.training.train import read_resume
+
+    onnx, data, _ = teacher
+    out = tmp_path / "run"
+    train(cfg_for(compose_train, data, out, f"distill.teacher={onnx}", "trainer.max_epochs=1", "test=false"))
+    last = str(out / "checkpoints" / "last.ckpt")
+    assert (
+        read_resume(last, None, DistillSettings(str(onnx), 0.5, 2.0))["model_name"] == "gapcnn"
+    )  # model=tiny
+    with pytest.raises(TrainingConfigError) as err:
+        read_resume(last, None, DistillSettings(str(onnx), 1.0, 2.0))
+    assert str(err.value) == (
+        f"distill.* give teacher {onnx}, weight 1, temperature 2 but {last} was trained with teacher {onnx}, "
+        "weight 0.5, temperature 2: a resumed run keeps its objective; resume with the checkpoint's distill "
+        "settings or start a new run"
+    )
+    with pytest.raises(
+        TrainingConfigError, match=r"^distill\.\* give no teacher but .* was trained with teacher "
+    ):
+        train(cfg_for(compose_train, data, out, f"ckpt_path={last}", "trainer.max_epochs=2"))

@@ -75,6 +75,30 @@ def distill_settings(spec: Mapping[str, Any] | None) -> DistillSettings:
     return DistillSettings(teacher, weight, temperature)
 
 
+def resume_problem(then: Any, now: DistillSettings, ckpt_path: str) -> str | None:
+    """Why ``now`` cannot continue a run trained with the ``distill`` settings ``then`` (its run config), or
+    ``None``: a resumed run keeps its objective, so the teacher, weight and temperature must be the same."""
+    spec = dict(then) if isinstance(then, Mapping) else {}
+    before = (spec.get("teacher"), spec.get("weight", 0.5), spec.get("temperature", 2.0))
+    after = (now.teacher, now.weight, now.temperature)
+    if before[0] is None and after[0] is None:
+        return None
+    if before[0] == after[0] and before[1:] == after[1:]:
+        return None
+
+    def shown(values: tuple[Any, ...]) -> str:
+        return (
+            "no teacher"
+            if values[0] is None
+            else f"teacher {values[0]}, weight {values[1]:g}, temperature {values[2]:g}"
+        )
+
+    return (
+        f"distill.* give {shown(after)} but {ckpt_path} was trained with {shown(before)}: a resumed run keeps its "
+        "objective; resume with the checkpoint's distill settings or start a new run"
+    )
+
+
 def teacher_file_problem(teacher: str) -> str | None:
     """Why ``teacher`` cannot be a teacher model file, worded for this key; ``None`` if it may be one."""
     from ..runtime.files import file_kind

@@ -34,7 +34,7 @@ from .config import (
     scalar_metrics,
     torch_threads,
 )
-from .distill import add_teacher, distill_settings
+from .distill import DistillSettings, add_teacher, distill_settings, resume_problem
 from .module import DefectClassifier
 from .optimization import lr_plan
 from .shift import protocol_from_config
@@ -59,12 +59,15 @@ def hydra_choice(group: str, default: str) -> str:
     return default
 
 
-def read_resume(ckpt_path: str, finetune: Any = None) -> dict[str, Any]:
+def read_resume(
+    ckpt_path: str, finetune: Any = None, distill: DistillSettings | None = None
+) -> dict[str, Any]:
     """The checked ``defectscope`` entry of a checkpoint to resume, read by the one checkpoint reader.
 
     Lightning then loads the same file (``weights_only=True``) and restores callback state from it,
     so the file names ModelCheckpoint will delete or load are checked here too.  It also restores the
-    optimizer with its LR groups, so the ``finetune`` LR plan must be the one the run started with.
+    optimizer with its LR groups, so the ``finetune`` LR plan must be the one the run started with, and
+    the objective, so the ``distill`` settings must be too.
     """
     from defectscope.checkpoint import check_resume_state, read_info
 
@@ -84,6 +87,11 @@ def read_resume(ckpt_path: str, finetune: Any = None) -> dict[str, Any]:
                 f"was trained with {before[0]:g}, {before[1]:g}: a resumed run keeps its optimizer's LR "
                 "groups; resume with the checkpoint's values or start a new run"
             )
+    run_config = hparams.get("run_config") if isinstance(hparams, Mapping) else None
+    if distill is not None and isinstance(run_config, Mapping):
+        problem = resume_problem(run_config.get("distill"), distill, ckpt_path)
+        if problem:
+            raise TrainingConfigError(problem)
     return info
 
 
@@ -336,7 +344,7 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     out_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.ckpt_dir)
-    resume = read_resume(ckpt_path, cfg.get("finetune")) if ckpt_path else {}
+    resume = read_resume(ckpt_path, cfg.get("finetune"), distill) if ckpt_path else {}
     tracker = _start_tracker(cfg, out_dir, ckpt_path, resume)
 
     status = "FAILED"
