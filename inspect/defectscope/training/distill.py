@@ -79,11 +79,10 @@ def resume_problem(then: Any, now: DistillSettings, ckpt_path: str) -> str | Non
     """Why ``now`` cannot continue a run trained with the ``distill`` settings ``then`` (its run config), or
     ``None``: a resumed run keeps its objective, so the teacher, weight and temperature must be the same."""
     spec = dict(then) if isinstance(then, Mapping) else {}
-    before = (spec.get("teacher"), spec.get("weight", 0.5), spec.get("temperature", 2.0))
+    default = DistillSettings()
+    before = tuple(spec.get(key, getattr(default, key)) for key in ("teacher", "weight", "temperature"))
     after = (now.teacher, now.weight, now.temperature)
-    if before[0] is None and after[0] is None:
-        return None
-    if before[0] == after[0] and before[1:] == after[1:]:
+    if before == after or (before[0] is None and after[0] is None):  # no distillation either time
         return None
 
     def shown(values: tuple[Any, ...]) -> str:
@@ -192,9 +191,7 @@ def distill_loss(
 
 
 def teacher_agreement(teacher_probs: np.ndarray, labels: Sequence[int]) -> float:
-    """Share of training images whose label is the teacher's top class (how much it disagrees)."""
-    if len(labels) == 0:
-        return float("nan")
+    """Share of training images whose label is the teacher's top class (the training split is never empty)."""
     return float(np.mean(teacher_probs.argmax(axis=1) == np.asarray(labels)))
 
 
