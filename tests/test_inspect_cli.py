@@ -246,6 +246,24 @@ def test_list_file_lines_are_relative_to_the_list_folder(
     assert list_images(listing) == paths
 
 
+def test_list_line_naming_an_existing_file_verbatim_is_that_file(model: Path, tmp_path: Path) -> None:
+    """A `find`-made list of files whose names start with `#` or a space loses none of them; a comment
+    line (no such file) is still skipped and a padded name of a file that exists only unpadded is stripped."""
+    from defectscope.export.parity import list_images
+
+    names = ["#1.png", " lead.png", "plain.png"]
+    for i, name in enumerate(names):
+        make_image(tmp_path / name, 64, 64, bright=bool(i % 2))
+    listing = tmp_path / "found.txt"
+    listing.write_text("# not a file\n#1.png\n lead.png\n plain.png \n")
+    out = tmp_path / "r.jsonl"
+    assert run(model, f"@{listing}", "-o", out) == 0
+    got = sorted(os.path.basename(r["path"]) for r in rows_of(out))
+    assert got == sorted(names)
+    assert [r["status"] for r in rows_of(out)] == ["ok"] * 3
+    assert sorted(os.path.basename(p) for p in list_images(listing)) == sorted(names)
+
+
 def test_resume_truncates_torn_line_and_finishes_exactly_once(
     model: Path, good_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

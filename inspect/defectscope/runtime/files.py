@@ -3,8 +3,10 @@
 * which names are images (:data:`IMAGE_EXTENSIONS`);
 * a file's content hash (:func:`file_sha256`: models and checkpoints are traced by it);
 * list files (:func:`read_path_list`): one path per line, ``#`` comments and blank lines skipped,
-  a UTF-8 BOM tolerated, and relative paths resolved against **the list file's folder**, so a list
-  means the same files wherever the command runs (`inspect @list.txt` and `export --images`);
+  spaces around a name stripped, a UTF-8 BOM tolerated, and relative paths resolved against **the
+  list file's folder**, so a list means the same files wherever the command runs (`inspect @list.txt`
+  and `export --images`); a line that names an existing file as written is that file, ``#`` or
+  spaces included, so a list made by ``find`` loses no file;
 * what a file that should be a model really is (:func:`model_file_problem`), so a checkpoint or an
   image given in its place gets a sentence instead of "Protobuf parsing failed".
 """
@@ -83,9 +85,27 @@ def read_path_list(list_file: str | os.PathLike[str]) -> Iterator[str]:
     base = os.path.dirname(os.fspath(list_file))
     with open(list_file, encoding="utf-8-sig", errors="surrogateescape") as fh:
         for line in fh:
-            entry = line.strip()
-            if entry and not entry.startswith("#"):
-                yield entry if os.path.isabs(entry) else os.path.join(base, entry)
+            entry = _list_entry(line.rstrip("\r\n"), base)
+            if entry is not None:
+                yield entry
+
+
+def _list_entry(raw: str, base: str) -> str | None:
+    """One list line's path, or ``None`` for a blank or comment line.
+
+    The comment and whitespace rules give way to a file that exists under the name as written:
+    ``find`` writes names verbatim, and a row must not vanish because its name starts with ``#``.
+    """
+    entry = raw.strip()
+    if raw != entry or entry.startswith("#"):
+        verbatim = raw if os.path.isabs(raw) else os.path.join(base, raw)
+        if raw and os.path.lexists(verbatim):
+            return verbatim
+        if entry.startswith("#"):
+            return None
+    if not entry:
+        return None
+    return entry if os.path.isabs(entry) else os.path.join(base, entry)
 
 
 def file_kind(path: str | os.PathLike[str]) -> str:
