@@ -4,6 +4,7 @@ in the share the config gives; the loss is the softened KL; wrong settings stop 
 from __future__ import annotations
 
 import math
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -195,7 +196,6 @@ def test_ddp_ranks_read_their_own_images_teacher_rows(
 ) -> None:
     """Two CPU processes (gloo), each with its own shard of the training split: a weight-1 student on the
     swapped labels still learns the teacher's ranking, so every rank looked up its own images' rows."""
-    import re
 
     onnx, data, _ = teacher
     swapped = swapped_copy(data, tmp_path / "swapped")
@@ -219,11 +219,18 @@ def test_ddp_ranks_read_their_own_images_teacher_rows(
 def test_a_resumed_run_keeps_its_teacher(
     teacher: tuple[Path, Path, float], tmp_path: Path, compose_train: Callable[..., Any]
 ) -> None:
-    """Resuming continues the objective the run started with: other distill settings are one line."""
+    """Resuming continues the objective the run started with: other distill settings are one line, and so
+    is a teacher file replaced under the same path (the checkpoint keeps the teacher's sha256)."""
+    import onnx as onnx_lib
+
+    from defectscope.checkpoint import read_info
+    from defectscope.runtime.files import file_sha256
     from defectscope.training.distill import DistillSettings
     from defectscope.training.train import read_resume
 
-    onnx, data, _ = teacher
+    onnx = tmp_path / "teacher.onnx"
+    shutil.copyfile(teacher[0], onnx)
+    data = teacher[1]
     out = tmp_path / "run"
     train(cfg_for(compose_train, data, out, f"distill.teacher={onnx}", "trainer.max_epochs=1", "test=false"))
     last = str(out / "checkpoints" / "last.ckpt")
@@ -241,3 +248,24 @@ def test_a_resumed_run_keeps_its_teacher(
         TrainingConfigError, match=r"^distill\.\* give no teacher but .* was trained with teacher "
     ):
         train(cfg_for(compose_train, data, out, f"ckpt_path={last}", "trainer.max_epochs=2"))
+    assert read_info(last)[1]["teacher_sha256"] == file_sha256(onnx)
+    replaced = onnx_lib.load(str(onnx))
+    replaced.doc_string = "another teacher"
+    onnx_lib.save(replaced, str(onnx))
+    with pytest.raises(TrainingConfigError) as err:
+        train(
+            cfg_for(
+                compose_train,
+                data,
+                out,
+                f"distill.teacher={onnx}",
+                f"ckpt_path={last}",
+                "trainer.max_epochs=2",
+            )
+        )
+    assert re.fullmatch(
+        rf"distill\.teacher: {re.escape(str(onnx))} is not the file {re.escape(last)} was trained towards "
+        r"\(sha256 [0-9a-f]{12}…, the run's teacher [0-9a-f]{12}…\): a resumed run keeps its objective; "
+        r"put that teacher file back or start a new run",
+        str(err.value),
+    )

@@ -180,6 +180,11 @@ INFO_ATTACKS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         "nested deeper than 16 levels",
     ),
     (
+        "a teacher hash that is a path",
+        lambda c: c["defectscope"].update(teacher_sha256="../../teacher.onnx"),
+        "teacher_sha256: expected 64 hex digits",
+    ),
+    (
         "a pretrained-weights URL",
         lambda c: c["defectscope"]["model_kwargs"].update(weights="https://example.invalid/w.pth"),
         "unknown kwarg(s) 'weights'",

@@ -42,6 +42,7 @@ REQUIRED_INFO_KEYS = (
 #: threshold.target_recall of checkpoints that recorded none (the training default)
 DEFAULT_TARGET_RECALL = 0.99
 _RUN_ID = re.compile(r"^[0-9A-Za-z_\-]{1,64}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class CheckpointError(ValueError):
@@ -156,6 +157,9 @@ def _check_optional(info: dict[str, Any], where: str, names: list[str]) -> None:
         raise PlainDataError(
             f"{where}.mlflow_run_id: expected an MLflow run id (letters, digits), got {run_id!r}"
         )
+    sha = info.get("teacher_sha256")
+    if sha is not None and not (isinstance(sha, str) and _SHA256.match(sha)):
+        raise PlainDataError(f"{where}.teacher_sha256: expected 64 hex digits (a file's sha256), got {sha!r}")
     for key in ("mlflow_tracking_uri", "package_version"):
         if info.get(key) is not None:
             expect(info[key], str, f"{where}.{key}", "a string")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..runtime.files import file_kind, file_sha256
 from .config import TrainingConfigError, config_number
 
 log = logging.getLogger(__name__)
@@ -75,15 +76,20 @@ def distill_settings(spec: Mapping[str, Any] | None) -> DistillSettings:
     return DistillSettings(teacher, weight, temperature)
 
 
-def resume_problem(then: Any, now: DistillSettings, ckpt_path: str) -> str | None:
-    """Why ``now`` cannot continue a run trained with the ``distill`` settings ``then`` (its run config), or
-    ``None``: a resumed run keeps its objective, so the teacher, weight and temperature must be the same."""
+def resume_problem(
+    then: Any, now: DistillSettings, ckpt_path: str, then_sha256: str | None = None
+) -> str | None:
+    """Why ``now`` cannot continue a run trained with the ``distill`` settings ``then`` (its run config) and
+    the teacher file ``then_sha256`` (its checkpoint), or ``None``: a resumed run keeps its objective, so the
+    teacher, weight and temperature must be the same, and so must the teacher file's content."""
     spec = dict(then) if isinstance(then, Mapping) else {}
     default = DistillSettings()
     before = tuple(spec.get(key, getattr(default, key)) for key in ("teacher", "weight", "temperature"))
     after = (now.teacher, now.weight, now.temperature)
-    if before == after or (before[0] is None and after[0] is None):  # no distillation either time
+    if before[0] is None and after[0] is None:  # no distillation either time
         return None
+    if before == after:
+        return _replaced_teacher(now.teacher, ckpt_path, then_sha256)
 
     def shown(values: tuple[Any, ...]) -> str:
         return (
@@ -98,9 +104,22 @@ def resume_problem(then: Any, now: DistillSettings, ckpt_path: str) -> str | Non
     )
 
 
+def _replaced_teacher(teacher: str | None, ckpt_path: str, then_sha256: str | None) -> str | None:
+    """A teacher file replaced under the same path since the run started (the checkpoint keeps its sha256)."""
+    if teacher is None or then_sha256 is None:
+        return None
+    now_sha256 = file_sha256(teacher)
+    if now_sha256 == then_sha256:
+        return None
+    return (
+        f"distill.teacher: {teacher} is not the file {ckpt_path} was trained towards (sha256 {now_sha256[:12]}…, "
+        f"the run's teacher {then_sha256[:12]}…): a resumed run keeps its objective; put that teacher file back "
+        "or start a new run"
+    )
+
+
 def teacher_file_problem(teacher: str) -> str | None:
     """Why ``teacher`` cannot be a teacher model file, worded for this key; ``None`` if it may be one."""
-    from ..runtime.files import file_kind
     from ..runtime.inspector import ModelLoadError, check_model_path
 
     path = Path(teacher)
@@ -209,4 +228,4 @@ def add_teacher(module: Any, dm: Any, settings: DistillSettings, threads: Any, t
     )  # fmt: skip
     if tracker is not None:
         tracker.set_tags({"distill.teacher_sha256": sha256, "distill.teacher_agreement": f"{agreement:.4f}"})
-    module.set_teacher(probs, settings.weight, settings.temperature)
+    module.set_teacher(probs, settings.weight, settings.temperature, sha256)

@@ -129,12 +129,15 @@ class DefectClassifier(pl.LightningModule):
         # a plain CPU tensor, not a buffer: DDP would broadcast a buffer from rank 0 at every step
         self.teacher_probs = None
         self.distill_weight, self.distill_temperature = 0.0, 1.0
+        #: the teacher file's sha256, kept in the checkpoint so a resumed run can tell the file was replaced
+        self.teacher_sha256: str | None = None
         self._add_metrics(num_classes)
 
-    def set_teacher(self, probs: Any, weight: float, temperature: float) -> None:
+    def set_teacher(self, probs: Any, weight: float, temperature: float, sha256: str) -> None:
         """Train on ``weight`` of the teacher's soft targets (rows indexed like the training split)."""
         self.teacher_probs = torch.as_tensor(probs, dtype=torch.float32)
         self.distill_weight, self.distill_temperature = float(weight), float(temperature)
+        self.teacher_sha256 = sha256
 
     def _add_metrics(self, num_classes: int) -> None:
         """The running metrics of each stage (module attributes, so Lightning moves and resets them)."""
@@ -376,6 +379,7 @@ class DefectClassifier(pl.LightningModule):
             "warn_false_reject_rate": self.warn_false_reject_rate,
             "threshold_report": self.threshold_report,
             "package_version": __version__,
+            "teacher_sha256": self.teacher_sha256,
         }
 
     def grading_info(self) -> dict[str, Any]:

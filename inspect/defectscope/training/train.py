@@ -89,7 +89,7 @@ def read_resume(
             )
     run_config = hparams.get("run_config") if isinstance(hparams, Mapping) else None
     if distill is not None and isinstance(run_config, Mapping):
-        problem = resume_problem(run_config.get("distill"), distill, ckpt_path)
+        problem = resume_problem(run_config.get("distill"), distill, ckpt_path, info.get("teacher_sha256"))
         if problem:
             raise TrainingConfigError(problem)
     return info
