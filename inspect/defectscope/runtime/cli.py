@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="INPUT",
         help="image files, folders, glob patterns or @list.txt (one path per line, # starts a comment, "
-        "relative lines: from the list's folder; a line naming an existing file as written is that file); links to folders are not followed in folders or patterns",
+        "relative lines: from the list's folder; a line naming an existing file as written is that file); "
+        "links to folders are not followed in folders or patterns",
     )
     p.add_argument("-o", "--output", required=True, help="results JSONL (one row per input)")
     p.add_argument("--csv", help="also write the rows as CSV (regenerated from the JSONL)")
