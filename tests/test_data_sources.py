@@ -137,6 +137,21 @@ def test_csv_invalid_rows_listed(tmp_path: Path) -> None:
         build_source({"kind": "csv", "path": str(tmp_path / "nohdr.csv")})
     with pytest.raises(SourceError, match="cannot open CSV"):
         build_source({"kind": "csv", "path": str(tmp_path / "none.csv")})
+    (tmp_path / "u16.csv").write_text("path,label\na.png,good\n", encoding="utf-16")
+    with pytest.raises(
+        SourceError, match=r"^data\.source\.path: CSV .*u16\.csv is UTF-16 text; save it as UTF-8$"
+    ):
+        build_source({"kind": "csv", "path": str(tmp_path / "u16.csv")})
+
+
+def test_csv_names_that_are_not_utf8_are_kept(tmp_path: Path) -> None:
+    """A manifest written on a Latin-1 system names its files as the OS does (a traceback before)."""
+    name = os.fsdecode(b"caf\xe9.png")
+    _img(tmp_path / name)
+    _img(tmp_path / "b.png")
+    (tmp_path / "m.csv").write_bytes(b"path,label\ncaf\xe9.png,good\nb.png,crack\n")
+    data = build_source({"kind": "csv", "path": str(tmp_path / "m.csv")})
+    assert sorted(s.path for s in data.samples) == sorted([str(tmp_path / name), str(tmp_path / "b.png")])
 
 
 # --------------------------------------------------------------------------- elpv

@@ -90,3 +90,97 @@ def test_recursive_pattern_does_not_follow_linked_folders(model: Path, tmp_path:
     expected = sorted(str(t / rel) for rel in ("a.png", "sub/b.png", "sub/c.png"))
     assert sorted(r["path"] for r in rows_of(by_folder)) == expected
     assert sorted(r["path"] for r in rows_of(by_pattern)) == expected
+
+
+def test_resume_matches_rows_however_the_list_is_given(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run killed part-way and resumed from another folder, with the list spelt another way, finishes
+    with one row per listed image: list lines are absolute and rows match inputs by their absolute path.
+    A resume given relative folders from another folder cannot match, and says so."""
+    imgs = tmp_path / "imgs"
+    names = [f"c{i}.png" for i in range(6)]
+    for i, name in enumerate(names):
+        make_image(imgs / name, 64, 64, bright=i % 2 == 0, seed=i)
+    (imgs / "todo.txt").write_text("".join(f"{n}\n" for n in names))
+    out = tmp_path / "r.jsonl"
+    monkeypatch.chdir(imgs)
+    assert run(model, "@todo.txt", "-o", out) == 0
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:4]))  # killed after 4 rows
+    monkeypatch.chdir(tmp_path)
+    assert run(model, "@./imgs/todo.txt", "-o", out, "--resume") == 0
+    assert sorted(r["path"] for r in rows_of(out)) == sorted(str(imgs / n) for n in names)
+
+    by_folder = tmp_path / "f.jsonl"
+    assert run(model, "imgs", "-o", by_folder) == 0
+    assert run(model, "./imgs/", "-o", by_folder, "--resume") == 0  # another spelling, same folder
+    assert len(rows_of(by_folder)) == len(names)
+    monkeypatch.chdir(imgs)
+    capsys.readouterr()
+    assert run(model, ".", "-o", by_folder, "--resume") == 0
+    assert "6 row(s) already in" in capsys.readouterr().err
+
+
+def test_odd_list_lines_and_arguments_keep_their_rows(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each line that names an image gets its row under its own name: `#` names padded with spaces, a `\\r`
+    inside a name, a byte-order mark left mid-list by joining two lists; an image called `@a.png` that a
+    shell glob hands over is an image, not a list; a UTF-16 list is one line saying so."""
+    d = tmp_path / "d"
+    for i, name in enumerate(["#hash.png", "x\ry.png", "a.png", "@a.png"]):
+        make_image(d / name, 64, 64, bright=bool(i % 2), seed=i)
+    listing = d / "l.txt"
+    listing.write_bytes("#hash.png \n  #gone comment\nx\ry.png\n\ufeffa.png\n".encode())
+    out = tmp_path / "r.jsonl"
+    assert run(model, f"@{listing}", "-o", out) == 0
+    assert [r["path"] for r in rows_of(out)] == [str(d / n) for n in ("#hash.png", "x\ry.png", "a.png")]
+    monkeypatch.chdir(d)
+    assert run(model, "@a.png", "a.png", "-o", out) == 0
+    assert [r["path"] for r in rows_of(out)] == ["@a.png", "a.png"]
+    utf16 = d / "u.txt"
+    utf16.write_text("a.png\n", encoding="utf-16")
+    capsys.readouterr()
+    assert run(model, f"@{utf16}", "-o", tmp_path / "u.jsonl") == 2
+    assert "is UTF-16 text; save it as UTF-8" in capsys.readouterr().err
+    assert not (tmp_path / "u.jsonl").exists()
+
+
+def test_impossible_names_get_worded_error_rows(model: Path, tmp_path: Path) -> None:
+    """A list line with a NUL byte past the list's first 64 KiB and a link to a missing file each get an
+    error row that says what is wrong with the name, not Python's wording."""
+    make_image(tmp_path / "a.png", 64, 64, bright=False)
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "gone.png")
+    listing = tmp_path / "l.txt"
+    listing.write_bytes(b"# " + b"x" * 70_000 + b"\nbad\x00name.png\ndangling.png\na.png\n")
+    out = tmp_path / "r.jsonl"
+    assert run(model, f"@{listing}", "-o", out) == 1
+    rows = rows_of(out)
+    assert [r["status"] for r in rows] == ["error", "error", "ok"]
+    assert "the name contains a NUL byte" in rows[0]["error"]
+    assert "a link whose target does not exist" in rows[1]["error"]
+
+
+def test_export_images_list_problems_are_one_line(tmp_path: Path) -> None:
+    """`export --images` reads lists and manifests with inspect's rule: a UTF-16 or binary list, or a
+    UTF-16 CSV, is an ExportError naming the file; a manifest's names that are not UTF-8 are kept."""
+    from defectscope.export.errors import ExportError
+    from defectscope.export.parity import image_paths
+
+    utf16 = tmp_path / "u.txt"
+    utf16.write_text("a.png\n", encoding="utf-16")
+    with pytest.raises(ExportError, match=r"u\.txt: --images is UTF-16 text; save it as UTF-8"):
+        image_paths({}, utf16)
+    binary = tmp_path / "m.bin"
+    binary.write_bytes(b"\x08\x07\x00\x01onnx")
+    with pytest.raises(ExportError, match=r"m\.bin: --images is not a text file"):
+        image_paths({}, binary)
+    manifest = tmp_path / "m.csv"
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1, not UTF-8
+    make_image(tmp_path / name, 64, 64, bright=False)
+    manifest.write_bytes(b"path,label\ncaf\xe9.png,good\n")
+    assert image_paths({}, manifest) == [str(tmp_path / name)]
+    manifest.write_text("path,label\na.png,good\n", encoding="utf-16")
+    with pytest.raises(ExportError, match=r"m\.csv: --images is UTF-16 text; save it as UTF-8"):
+        image_paths({}, manifest)

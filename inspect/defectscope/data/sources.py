@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..plain import to_plain
-from ..runtime.files import IMAGE_EXTENSIONS
+from ..runtime.files import IMAGE_EXTENSIONS, TEXT_HEAD_BYTES, text_problem
 from .errors import SourceError
 from .synth_cache import SYNTH_MARKER, ensure_synthetic
 
@@ -152,9 +152,14 @@ def csv_source(
     if missing not in ("error", "keep"):
         raise SourceError(f"data.source.missing must be 'error' or 'keep', got {missing!r}")
     try:
-        text = csv_path.read_text(encoding="utf-8-sig")
+        raw = csv_path.read_bytes()
     except OSError as exc:
         raise SourceError(f"data.source.path: cannot open CSV {csv_path}: {exc.strerror or exc}") from None
+    problem = text_problem(raw[:TEXT_HEAD_BYTES])
+    if problem:
+        raise SourceError(f"data.source.path: CSV {csv_path} {problem}")
+    # names that are not UTF-8 stay as the OS gives them, as in list files
+    text = raw.decode("utf-8-sig", errors="surrogateescape")
     reader = csv.DictReader(io.StringIO(text))
     header = [h.strip().lower() for h in (reader.fieldnames or [])]
     if "path" not in header or "label" not in header:

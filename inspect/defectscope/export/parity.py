@@ -23,7 +23,7 @@ from torch import nn
 
 from defectscope.data.sources import SourceError, csv_source
 from defectscope.evaluation.labelled import is_manifest
-from defectscope.runtime.files import IMAGE_EXTENSIONS, is_image_name, read_path_list
+from defectscope.runtime.files import IMAGE_EXTENSIONS, is_image_name, list_file_problem, read_path_list
 from defectscope.runtime.image import ImageLoadError, LoaderConfig, load_image, normalize_batch
 from defectscope.runtime.metadata import INPUT_NAME
 
@@ -79,6 +79,11 @@ def list_images(source: str | os.PathLike[str]) -> list[str]:
         if is_image_name(d.name):
             raise FileNotFoundError(
                 f"{d}: --images takes a folder of images or a text file listing images, not one image"
+            )
+        problem = list_file_problem(d)
+        if problem:
+            raise FileNotFoundError(
+                f"{d}: --images {problem} (a list of image paths, one per line, or a CSV)"
             )
         if is_manifest(d):  # labelled: the rows' paths (the threshold reads their labels too)
             try:

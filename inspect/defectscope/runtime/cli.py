@@ -236,6 +236,12 @@ def run(cfg: InspectConfig) -> int:
     finally:
         writer.close()
         session.progress.close()
+    unmatched = sum(done.values()) if done else 0
+    if unmatched:
+        warn(
+            f"{unmatched} row(s) already in {out} match no input of this run: their files are gone, or the "
+            "inputs were given relative to another folder before (then those images now have two rows each)"
+        )
     return _finish(cfg, inspector, stamp, session.done, time.perf_counter() - t0)
 
 

@@ -2,11 +2,11 @@
 
 * which names are images (:data:`IMAGE_EXTENSIONS`);
 * a file's content hash (:func:`file_sha256`: models and checkpoints are traced by it);
-* list files (:func:`read_path_list`): one path per line, ``#`` comments and blank lines skipped,
-  spaces around a name stripped, a UTF-8 BOM tolerated, and relative paths resolved against **the
-  list file's folder**, so a list means the same files wherever the command runs (`inspect @list.txt`
-  and `export --images`); a line that names an existing file as written is that file, ``#`` or
-  spaces included, so a list made by ``find`` loses no file;
+* list files (:func:`list_file_problem`, :func:`read_path_list`): one path per line, ``#`` comments
+  and blank lines skipped, spaces around a name stripped, a UTF-8 BOM tolerated, and relative paths
+  resolved against **the list file's folder**, so a list means the same files wherever the command
+  runs (`inspect @list.txt` and `export --images`); a line that names an existing file as written is
+  that file, ``#`` or spaces included, so a list made by ``find`` loses no file;
 * what a file that should be a model really is (:func:`model_file_problem`), so a checkpoint or an
   image given in its place gets a sentence instead of "Protobuf parsing failed".
 """
@@ -18,6 +18,9 @@ import os
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+
+#: how much of a list or CSV file :func:`text_problem` looks at
+TEXT_HEAD_BYTES = 1 << 16
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -75,15 +78,41 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def list_file_problem(list_file: str | os.PathLike[str]) -> str | None:
+    """Why ``list_file`` cannot be a list of paths (unreadable, UTF-16, binary), or ``None``; only its
+    start is read (see :func:`text_problem`)."""
+    try:
+        with open(list_file, "rb") as fh:
+            head = fh.read(TEXT_HEAD_BYTES)
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    return text_problem(head)
+
+
+def text_problem(head: bytes) -> str | None:
+    """Why a file starting with ``head`` cannot be a list of names or a CSV manifest, or ``None``.
+
+    A line that is not UTF-8 is a file name in another encoding, which the readers keep; NUL bytes
+    mean a binary file or UTF-16 text (Notepad's "Unicode", PowerShell's ``>``), which no list can be.
+    """
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "is UTF-16 text; save it as UTF-8"
+    if b"\x00" in head:
+        return "is not a text file"
+    return None
+
+
 def read_path_list(list_file: str | os.PathLike[str]) -> Iterator[str]:
-    """The paths a list file names, lazily; relative ones are joined to the list's folder.
+    """The paths a list file names, lazily, as absolute paths: relative lines are joined to the list's
+    folder, so a list names the same files wherever and however it is given (and ``--resume`` matches them).
 
     A line's bytes that are not UTF-8 are kept as they are (``surrogateescape``, as the OS gives
-    such names), so a list written by ``find`` names those files too and reading never stops mid-run.
+    such names), so a list written by ``find`` names those files too and reading never stops mid-run;
+    lines end at ``\n`` only (``\r\n`` too), so a ``\r`` inside a name stays in it.
     Raises :class:`OSError` when the list cannot be read.
     """
-    base = os.path.dirname(os.fspath(list_file))
-    with open(list_file, encoding="utf-8-sig", errors="surrogateescape") as fh:
+    base = os.path.abspath(os.path.dirname(os.fspath(list_file)))
+    with open(list_file, encoding="utf-8-sig", errors="surrogateescape", newline="\n") as fh:
         for line in fh:
             entry = _list_entry(line.rstrip("\r\n"), base)
             if entry is not None:
@@ -93,19 +122,19 @@ def read_path_list(list_file: str | os.PathLike[str]) -> Iterator[str]:
 def _list_entry(raw: str, base: str) -> str | None:
     """One list line's path, or ``None`` for a blank or comment line.
 
-    The comment and whitespace rules give way to a file that exists under the name as written:
-    ``find`` writes names verbatim, and a row must not vanish because its name starts with ``#``.
+    Spaces (and a byte-order mark left by joined lists) around a name are stripped, and a line starting
+    with ``#`` is a comment, unless the line names an existing file as written: ``find`` writes names
+    verbatim, and a row must not vanish because its name starts with ``#``.
     """
-    entry = raw.strip()
-    if raw != entry or entry.startswith("#"):
-        verbatim = raw if os.path.isabs(raw) else os.path.join(base, raw)
-        if raw and os.path.lexists(verbatim):
-            return verbatim
+    entry = raw.strip().lstrip("\ufeff").strip()
+    candidates = [raw, entry] if raw != entry else [raw]
+    if entry.startswith("#") or raw != entry:
+        for name in candidates:
+            if name and os.path.lexists(os.path.join(base, name)):
+                return os.path.join(base, name)
         if entry.startswith("#"):
             return None
-    if not entry:
-        return None
-    return entry if os.path.isabs(entry) else os.path.join(base, entry)
+    return os.path.join(base, entry) if entry else None
 
 
 def file_kind(path: str | os.PathLike[str]) -> str:

@@ -168,11 +168,17 @@ def _read_bytes(path: Path) -> bytes:
             raise ImageLoadError(path, "is_directory", "is a directory, not an image file")
         data = path.read_bytes()
     except FileNotFoundError:
+        if os.path.islink(path):
+            raise ImageLoadError(path, "vanished", "a link whose target does not exist") from None
         raise ImageLoadError(path, "vanished", "file does not exist (missing or vanished)") from None
     except IsADirectoryError:
         raise ImageLoadError(path, "is_directory", "is a directory, not an image file") from None
     except OSError as exc:
         raise ImageLoadError(path, "unreadable", f"cannot be read: {exc.strerror or exc}") from None
+    except ValueError:  # the OS refuses the name itself
+        raise ImageLoadError(
+            path, "unreadable", "the name contains a NUL byte, which no file name can"
+        ) from None
     if not data:
         raise ImageLoadError(path, "zero_bytes", "file is empty (zero bytes)")
     return data

@@ -5,9 +5,10 @@ are listed one directory at a time, globs with :func:`glob.iglob`, list files li
 
 Rules: a folder yields its image files (by extension; sub-folders with ``--recursive``); a glob
 yields its matches (matched folders are expanded like folder arguments); ``@list.txt`` yields
-each non-empty, non-``#`` line (relative lines joined to the list's folder, see
-:func:`~defectscope.runtime.files.read_path_list`), so every listed line gets exactly one result
-row, even a missing file or a folder (they become error rows).  Arguments are checked before any
+each line that is not blank or a comment (relative lines joined to the list's folder, see
+:func:`~defectscope.runtime.files.read_path_list`), so every listed path gets exactly one result
+row, even a missing file or a folder (they become error rows); an argument that names an existing
+file as written is that file, even one starting with ``@``.  Arguments are checked before any
 work (:func:`check_specs`): a plain path that does not exist is a misspelt argument, and a
 folder whose images all sit in sub-folders needs ``--recursive``.
 """
@@ -18,7 +19,7 @@ import glob
 import os
 from collections.abc import Callable, Iterable, Iterator
 
-from .files import is_image_name, read_path_list
+from .files import is_image_name, list_file_problem, read_path_list
 
 _GLOB_CHARS = frozenset("*?[")
 
@@ -50,26 +51,22 @@ def _image_subfolders(folder: str, limit: int = 4) -> list[str]:
     return [s for s in subs if _has_image(os.path.join(folder, s))][:limit]
 
 
-def _check_list_text(name: str) -> None:
-    """The list opens and its start holds no NUL byte (a binary file given as a list fails here; a
-    line that is not UTF-8 is a file name in another encoding, which the list reader keeps)."""
-    try:
-        with open(name, "rb") as fh:
-            head = fh.read(1 << 16)
-    except OSError as exc:
-        raise InputSpecError(f"list file {name!r} cannot be read ({exc.strerror or exc})") from None
-    if b"\x00" in head:
-        raise InputSpecError(f"list file {name!r} is not a text file (one image path per line)")
+def is_list_spec(spec: str) -> bool:
+    """``@list.txt`` names a list file, unless a file is called exactly that (a shell glob such as
+    ``*.png`` may hand over an image named ``@a.png``: it is an image, not a list)."""
+    return spec.startswith("@") and not os.path.lexists(spec)
 
 
 def check_specs(specs: Iterable[str], *, recursive: bool = False) -> None:
     """Fail fast, before any work, on arguments that can never produce the rows meant."""
     for spec in specs:
-        if spec.startswith("@"):
+        if is_list_spec(spec):
             name = spec[1:]
             if not os.path.isfile(name):
                 raise InputSpecError(f"list file {name!r} (from {spec!r}) does not exist or is not a file")
-            _check_list_text(name)
+            problem = list_file_problem(name)
+            if problem:
+                raise InputSpecError(f"list file {name!r} {problem} (one image path per line)")
         elif os.path.isdir(spec):
             if not recursive and not _has_image(spec):
                 subs = _image_subfolders(spec)
@@ -108,7 +105,7 @@ def expand_inputs(
     """Yield one path per input image, lazily, in argument order."""
     for spec in specs:
         count = 0
-        if spec.startswith("@"):
+        if is_list_spec(spec):
             source: Iterator[str] = read_path_list(spec[1:])
             what = f"list file {spec[1:]!r}"
         elif os.path.isdir(spec):
