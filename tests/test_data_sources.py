@@ -152,6 +152,9 @@ def test_csv_names_that_are_not_utf8_are_kept(tmp_path: Path) -> None:
     (tmp_path / "m.csv").write_bytes(b"path,label\ncaf\xe9.png,good\nb.png,crack\n")
     data = build_source({"kind": "csv", "path": str(tmp_path / "m.csv")})
     assert sorted(s.path for s in data.samples) == sorted([str(tmp_path / name), str(tmp_path / "b.png")])
+    (tmp_path / "l.csv").write_bytes(b"path,label\nb.png,d\xe9faut\n")  # a class name must be text
+    with pytest.raises(SourceError, match=r"row 2: label or split is not UTF-8 text; save the CSV as UTF-8"):
+        build_source({"kind": "csv", "path": str(tmp_path / "l.csv")})
 
 
 # --------------------------------------------------------------------------- elpv

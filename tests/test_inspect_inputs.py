@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -109,6 +110,7 @@ def test_resume_matches_rows_however_the_list_is_given(
     lines = out.read_text().splitlines(keepends=True)
     out.write_text("".join(lines[:4]))  # killed after 4 rows
     monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
     assert run(model, "@./imgs/todo.txt", "-o", out, "--resume") == 0
     assert sorted(r["path"] for r in rows_of(out)) == sorted(str(imgs / n) for n in names)
 
@@ -116,10 +118,61 @@ def test_resume_matches_rows_however_the_list_is_given(
     assert run(model, "imgs", "-o", by_folder) == 0
     assert run(model, "./imgs/", "-o", by_folder, "--resume") == 0  # another spelling, same folder
     assert len(rows_of(by_folder)) == len(names)
+    assert "match no input" not in capsys.readouterr().err
     monkeypatch.chdir(imgs)
-    capsys.readouterr()
     assert run(model, ".", "-o", by_folder, "--resume") == 0
     assert "6 row(s) already in" in capsys.readouterr().err
+
+
+def test_resume_of_relative_rows_written_by_the_previous_version(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The previous version wrote list rows relative (list folder + line): resumed from the folder it ran
+    in, such a file finishes without a second row for any image."""
+    imgs = tmp_path / "imgs"
+    for i in range(4):
+        make_image(imgs / f"c{i}.png", 64, 64, bright=i % 2 == 0, seed=i)
+    (imgs / "todo.txt").write_text("".join(f"c{i}.png\n" for i in range(4)))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "r.jsonl"
+    assert run(model, "@imgs/todo.txt", "-o", out) == 0
+    old = []
+    for row in rows_of(out)[:2]:
+        row["path"] = os.path.relpath(row["path"])  # imgs/c0.png, as 0.x wrote it
+        old.append(json.dumps(row) + "\n")
+    out.write_text("".join(old))
+    capsys.readouterr()
+    assert run(model, "@imgs/todo.txt", "-o", out, "--resume") == 0
+    assert sorted(os.path.abspath(r["path"]) for r in rows_of(out)) == [
+        str(imgs / f"c{i}.png") for i in range(4)
+    ]
+    assert "match no input" not in capsys.readouterr().err
+
+
+def test_lists_through_linked_folders_keep_dot_dot_as_the_os_reads_it(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`link/..` is the parent of the link's target: the list read through it finds its images, and the
+    row of a file reached that way is not taken for another file of the same text after tidying."""
+    real = tmp_path / "real"
+    make_image(real / "lists2" / "x.png", 64, 64, bright=True)
+    (real / "lists").mkdir()
+    (real / "lists2" / "l.txt").write_text("x.png\n")
+    (tmp_path / "link").symlink_to(real / "lists")
+    make_image(tmp_path / "lists2" / "x.png", 64, 64, bright=False, seed=3)  # what text tidying would find
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "r.jsonl"
+    assert run(model, "@link/../lists2/l.txt", "lists2/x.png", "-o", out) == 0
+    rows = rows_of(out)
+    assert [os.path.realpath(r["path"]) for r in rows] == [
+        str(real / "lists2" / "x.png"),
+        str(tmp_path / "lists2" / "x.png"),
+    ]
+    out.write_text(json.dumps(rows[1]) + "\n")  # only the second input's row was written before a kill
+    assert run(model, "@link/../lists2/l.txt", "lists2/x.png", "-o", out, "--resume") == 0
+    assert sorted(os.path.realpath(r["path"]) for r in rows_of(out)) == sorted(
+        os.path.realpath(r["path"]) for r in rows
+    )
 
 
 def test_odd_list_lines_and_arguments_keep_their_rows(
@@ -139,11 +192,18 @@ def test_odd_list_lines_and_arguments_keep_their_rows(
     monkeypatch.chdir(d)
     assert run(model, "@a.png", "a.png", "-o", out) == 0
     assert [r["path"] for r in rows_of(out)] == ["@a.png", "a.png"]
+    (d / "#old").mkdir()  # a folder is not a file: "#old" stays a comment
+    (d / "c.txt").write_text("#old\na.png\n")
+    assert run(model, f"@{d / 'c.txt'}", "-o", out) == 0
+    assert [r["path"] for r in rows_of(out)] == [str(d / "a.png")]
     utf16 = d / "u.txt"
     utf16.write_text("a.png\n", encoding="utf-16")
+    (d / "mac.txt").write_bytes(b"a.png\ra.png\r")
     capsys.readouterr()
     assert run(model, f"@{utf16}", "-o", tmp_path / "u.jsonl") == 2
     assert "is UTF-16 text; save it as UTF-8" in capsys.readouterr().err
+    assert run(model, f"@{d / 'mac.txt'}", "-o", tmp_path / "u.jsonl") == 2
+    assert "ends its lines with \\r alone" in capsys.readouterr().err
     assert not (tmp_path / "u.jsonl").exists()
 
 

@@ -153,12 +153,12 @@ def _check_optional(info: dict[str, Any], where: str, names: list[str]) -> None:
     if not set(ng) <= set(names) - {info["good_class"]}:
         raise PlainDataError(f"{where}.ng_classes: {ng!r} must be classes of {names} other than the good one")
     run_id = info.get("mlflow_run_id")
-    if run_id is not None and not (isinstance(run_id, str) and _RUN_ID.match(run_id)):
+    if run_id is not None and not (isinstance(run_id, str) and _RUN_ID.fullmatch(run_id)):
         raise PlainDataError(
             f"{where}.mlflow_run_id: expected an MLflow run id (letters, digits), got {run_id!r}"
         )
     sha = info.get("teacher_sha256")
-    if sha is not None and not (isinstance(sha, str) and _SHA256.match(sha)):
+    if sha is not None and not (isinstance(sha, str) and _SHA256.fullmatch(sha)):
         raise PlainDataError(f"{where}.teacher_sha256: expected 64 hex digits (a file's sha256), got {sha!r}")
     for key in ("mlflow_tracking_uri", "package_version"):
         if info.get(key) is not None:

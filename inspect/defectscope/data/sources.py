@@ -137,6 +137,11 @@ def folder_source(
 # --------------------------------------------------------------------------- csv
 
 
+def _not_utf8(text: str) -> bool:
+    """Whether ``text`` holds bytes that were not UTF-8 (``surrogateescape`` turned them into U+DC80-DCFF)."""
+    return any("\udc80" <= c <= "\udcff" for c in text)
+
+
 def csv_source(
     path: str | os.PathLike[str],
     classes: Sequence[str] | None = None,
@@ -180,6 +185,8 @@ def csv_source(
     for line, p, label, split in rows:
         if not p or not label:
             problems.append(f"row {line}: empty path or label")
+        if _not_utf8(label + split):  # names may be in the OS's bytes; class names travel to the model
+            problems.append(f"row {line}: label or split is not UTF-8 text; save the CSV as UTF-8")
         if split and split not in SPLITS:
             problems.append(f"row {line}: split {split!r} is not one of {', '.join(SPLITS)} (or empty)")
     names = list(classes) if classes else sorted({r[2] for r in rows if r[2]})

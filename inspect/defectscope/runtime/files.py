@@ -6,7 +6,8 @@
   and blank lines skipped, spaces around a name stripped, a UTF-8 BOM tolerated, and relative paths
   resolved against **the list file's folder**, so a list means the same files wherever the command
   runs (`inspect @list.txt` and `export --images`); a line that names an existing file as written is
-  that file, ``#`` or spaces included, so a list made by ``find`` loses no file;
+  that file, ``#`` or spaces included, so a list made by ``find`` loses no file; paths made absolute
+  by one rule (:func:`absolute_path`), which ``--resume`` matches rows with;
 * what a file that should be a model really is (:func:`model_file_problem`), so a checkpoint or an
   image given in its place gets a sentence instead of "Protobuf parsing failed".
 """
@@ -99,7 +100,15 @@ def text_problem(head: bytes) -> str | None:
         return "is UTF-16 text; save it as UTF-8"
     if b"\x00" in head:
         return "is not a text file"
+    if b"\r" in head and b"\n" not in head:
+        return "ends its lines with \\r alone (old Mac text); save it with \\n or \\r\\n line ends"
     return None
+
+
+def absolute_path(path: str) -> str:
+    """``path`` made absolute without tidying ``..`` away: ``link/..`` is the link target's parent to
+    the OS, not the link's folder, so only ``.`` parts and doubled separators go (pathlib's rule)."""
+    return str(Path(path).absolute())
 
 
 def read_path_list(list_file: str | os.PathLike[str]) -> Iterator[str]:
@@ -111,7 +120,7 @@ def read_path_list(list_file: str | os.PathLike[str]) -> Iterator[str]:
     lines end at ``\n`` only (``\r\n`` too), so a ``\r`` inside a name stays in it.
     Raises :class:`OSError` when the list cannot be read.
     """
-    base = os.path.abspath(os.path.dirname(os.fspath(list_file)))
+    base = absolute_path(os.path.dirname(os.fspath(list_file)))
     with open(list_file, encoding="utf-8-sig", errors="surrogateescape", newline="\n") as fh:
         for line in fh:
             entry = _list_entry(line.rstrip("\r\n"), base)
@@ -122,16 +131,17 @@ def read_path_list(list_file: str | os.PathLike[str]) -> Iterator[str]:
 def _list_entry(raw: str, base: str) -> str | None:
     """One list line's path, or ``None`` for a blank or comment line.
 
-    Spaces (and a byte-order mark left by joined lists) around a name are stripped, and a line starting
-    with ``#`` is a comment, unless the line names an existing file as written: ``find`` writes names
-    verbatim, and a row must not vanish because its name starts with ``#``.
+    White space (and a byte-order mark left by joined lists) around a name is stripped, and a line
+    starting with ``#`` is a comment, unless the line names an existing file (not a folder) as written
+    or stripped: ``find`` writes names verbatim, and a row must not vanish because its name starts with ``#``.
     """
     entry = raw.strip().lstrip("\ufeff").strip()
     candidates = [raw, entry] if raw != entry else [raw]
     if entry.startswith("#") or raw != entry:
         for name in candidates:
-            if name and os.path.lexists(os.path.join(base, name)):
-                return os.path.join(base, name)
+            path = os.path.join(base, name)
+            if name and os.path.lexists(path) and not os.path.isdir(path):
+                return path
         if entry.startswith("#"):
             return None
     return os.path.join(base, entry) if entry else None

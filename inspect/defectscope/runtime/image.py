@@ -175,10 +175,9 @@ def _read_bytes(path: Path) -> bytes:
         raise ImageLoadError(path, "is_directory", "is a directory, not an image file") from None
     except OSError as exc:
         raise ImageLoadError(path, "unreadable", f"cannot be read: {exc.strerror or exc}") from None
-    except ValueError:  # the OS refuses the name itself
-        raise ImageLoadError(
-            path, "unreadable", "the name contains a NUL byte, which no file name can"
-        ) from None
+    except ValueError as exc:  # the name itself cannot be handed to the OS
+        reason = "the name contains a NUL byte, which no file name can" if "\0" in str(path) else str(exc)
+        raise ImageLoadError(path, "unreadable", reason) from None
     if not data:
         raise ImageLoadError(path, "zero_bytes", "file is empty (zero bytes)")
     return data

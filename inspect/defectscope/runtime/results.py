@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .files import absolute_path
 from .outputs import OutputError, replaced_file, write_all
 from .pipeline import Result
 
@@ -298,10 +299,10 @@ def load_done(path: str | os.PathLike[str], stamp: RunStamp) -> Counter[str]:
 
 
 def resume_key(path: str) -> str:
-    """What a row and an input are matched by: the absolute path, so ``./a.png`` and ``a.png`` (or a list
-    given as ``@./l.txt`` and ``@l.txt``) are one input.  A string rule, not the file system's: a file
-    that vanished since still matches its row."""
-    return os.path.abspath(path)
+    """What a row and an input are matched by: the absolute path (:func:`absolute_path`: ``..`` kept, so
+    two files never share a key), so ``./a.png`` and ``a.png`` (or a list given as ``@./l.txt`` and
+    ``@l.txt``) are one input.  A string rule: a file that vanished since still matches its row."""
+    return absolute_path(path)
 
 
 def skip_done(paths: Iterator[str], done: Counter[str]) -> Iterator[str]:
