@@ -47,6 +47,7 @@ def make_bad_files(d: Path) -> dict[str, str]:
     make_image(d / "tiny.png", 16, 16, bright=False)
     os.symlink("loop.png", d / "loop.png")  # ELOOP: exists as a name, cannot be read
     (d / "adir").mkdir()
+    os.mkfifo(d / "pipe.png")  # opening it for reading would wait for a writer forever
     return {
         str(d / "zero.png"): "zero_bytes",
         str(d / "truncated.png"): "truncated",
@@ -57,6 +58,7 @@ def make_bad_files(d: Path) -> dict[str, str]:
         str(d / "loop.png"): "unreadable",
         str(d / "missing.png"): "vanished",
         str(d / "adir"): "is_directory",
+        str(d / "pipe.png"): "not_a_file",
     }
 
 

@@ -97,6 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # what was written before stands; the shell's status for SIGPIPE
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 141
+    except KeyboardInterrupt:  # Ctrl+C while a command starts (imports, model load): one line
+        print("defectscope: interrupted", file=sys.stderr)
+        return 130
 
 
 def _dispatch(args: list[str]) -> int:

@@ -10,9 +10,11 @@ only a file that stayed the same for the whole grace period gets its error row.
 from __future__ import annotations
 
 import errno
+import filecmp
 import json
 import os
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,13 +45,16 @@ class Observation:
     changed_at: float  # time.monotonic() when (size, mtime) last changed or the file appeared
     stable: int = 0  # polls since then without a change
     hold_until: float = 0.0  # read as incomplete: not ready again before this (unless it changes)
+    #: inode change time: a writer can copy a file's mtime (``cp -p``) but never set this, so a file
+    #: delivered again under the same name, size and mtime is still told apart from the one recorded
+    ctime_ns: int = 0
 
     def same(self, st: os.stat_result) -> bool:
         return (self.size, self.mtime_ns) == (st.st_size, st.st_mtime_ns)
 
     @classmethod
     def of(cls, st: os.stat_result) -> Observation:
-        return cls(st.st_size, st.st_mtime_ns, time.monotonic())
+        return cls(st.st_size, st.st_mtime_ns, time.monotonic(), ctime_ns=st.st_ctime_ns)
 
     def ready(self, stable_polls: int) -> bool:
         return self.stable >= stable_polls and time.monotonic() >= self.hold_until
@@ -64,6 +69,25 @@ class Observation:
         return True
 
 
+def is_recorded_file(row: dict[str, Any], st: os.stat_result) -> bool:
+    """Whether the file in the hot folder is the one ``row`` recorded (a crash came between the row and
+    the move), not a new delivery under the same name: size, mtime and, where recorded, the ctime."""
+    if (row.get("source_size"), row.get("source_mtime_ns")) != (st.st_size, st.st_mtime_ns):
+        return False
+    return row.get("source_ctime_ns") in (None, st.st_ctime_ns)
+
+
+def same_content(a: Path, b: Path) -> bool:
+    """Byte-for-byte equal files (a crashed cross-device move that had already placed its copy)."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+        return (sa.st_size, sa.st_mtime_ns) == (sb.st_size, sb.st_mtime_ns) and filecmp.cmp(
+            a, b, shallow=False
+        )
+    except OSError:  # a link that cannot be followed is not a copy of anything
+        return False
+
+
 def move_no_overwrite(src: Path, dst: Path) -> None:
     """Rename within a file system; across file systems copy to a dot-temp, fsync, rename, unlink."""
     if dst.exists():
@@ -74,13 +98,19 @@ def move_no_overwrite(src: Path, dst: Path) -> None:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
+    if not stat.S_ISREG(os.stat(src).st_mode):  # a pipe or device: copying it would block or never end
+        raise OSError(errno.EINVAL, "not a regular file, so it cannot be copied to another file system")
     tmp = dst.with_name(temp_name(dst.name, PARTIAL_PREFIX, ""))
-    with open(src, "rb") as fi, open(tmp, "wb") as fo:
-        shutil.copyfileobj(fi, fo, 1 << 20)
-        fo.flush()
-        os.fsync(fo.fileno())
-    shutil.copystat(src, tmp)
-    os.rename(tmp, dst)
+    try:
+        with open(src, "rb") as fi, open(tmp, "wb") as fo:
+            shutil.copyfileobj(fi, fo, 1 << 20)
+            fo.flush()
+            os.fsync(fo.fileno())
+        shutil.copystat(src, tmp)
+        os.rename(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not keep the partial copy's space taken
+        raise
     fsync_dir(dst.parent)
     os.unlink(src)
 

@@ -34,10 +34,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .image_file import ImageLoadError as ImageLoadError
+from .image_file import max_file_bytes, read_image_bytes
+
 #: Error kinds, in the order a user would meet them.
 ERROR_KINDS = (
     "vanished",
     "is_directory",
+    "not_a_file",
     "unreadable",
     "zero_bytes",
     "not_an_image",
@@ -46,6 +50,9 @@ ERROR_KINDS = (
     "truncated",
     "too_small",
 )
+
+#: a PNG's last chunk (length 0, type IEND, its CRC)
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 #: values of ``LoaderConfig.downscale`` (the module docstring says what each does)
 DOWNSCALE_MODES = ("exact", "fast")
@@ -58,16 +65,6 @@ _SUPPORTED_MODES = {
     "1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
     "I;16", "I;16L", "I;16B", "I;16N", "I", "F",
 }  # fmt: skip
-
-
-class ImageLoadError(Exception):
-    """An image could not be turned into a model input; the message names file and cause."""
-
-    def __init__(self, path: str | os.PathLike[str], kind: str, reason: str) -> None:
-        self.path = str(path)
-        self.kind = kind
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -162,27 +159,6 @@ def too_small(width: int, height: int, cfg: LoaderConfig) -> str | None:
     return None
 
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        if path.is_dir():
-            raise ImageLoadError(path, "is_directory", "is a directory, not an image file")
-        data = path.read_bytes()
-    except FileNotFoundError:
-        if os.path.islink(path):
-            raise ImageLoadError(path, "vanished", "a link whose target does not exist") from None
-        raise ImageLoadError(path, "vanished", "file does not exist (missing or vanished)") from None
-    except IsADirectoryError:
-        raise ImageLoadError(path, "is_directory", "is a directory, not an image file") from None
-    except OSError as exc:
-        raise ImageLoadError(path, "unreadable", f"cannot be read: {exc.strerror or exc}") from None
-    except ValueError as exc:  # the name itself cannot be handed to the OS
-        reason = "the name contains a NUL byte, which no file name can" if "\0" in str(path) else str(exc)
-        raise ImageLoadError(path, "unreadable", reason) from None
-    if not data:
-        raise ImageLoadError(path, "zero_bytes", "file is empty (zero bytes)")
-    return data
-
-
 def _open(path: Path, data: bytes, cfg: LoaderConfig) -> tuple[Image.Image, tuple[int, int]]:
     """Decode ``data`` (EXIF orientation applied) and return it with its full (w, h).
 
@@ -201,6 +177,12 @@ def _open(path: Path, data: bytes, cfg: LoaderConfig) -> tuple[Image.Image, tupl
             raise ImageLoadError(path, "too_large", "image exceeds the decompression-bomb limit") from None
         except (OSError, SyntaxError, ValueError) as exc:
             raise ImageLoadError(path, "not_an_image", f"cannot be parsed as an image: {exc}") from None
+    if img.format == "PNG" and _PNG_END not in data[-4096:] and _PNG_END not in data:
+        # a writer that sizes the file first and fills it later (Windows copies, SMB) leaves zeros at
+        # the end, which Pillow decodes as black rows; the end chunk is the last thing written
+        raise ImageLoadError(
+            path, "truncated", "PNG without its IEND end chunk (cut short or still being written)"
+        )
     w, h = img.size
     if w * h > cfg.max_pixels:
         raise ImageLoadError(
@@ -284,7 +266,7 @@ def load_image_with_size(
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """:func:`load_image` plus the decoded (width, height) before resizing, for result rows."""
     p = Path(path)
-    img, size = _open(p, _read_bytes(p), cfg)
+    img, size = _open(p, read_image_bytes(p, max_file_bytes(cfg.max_pixels)), cfg)
     problem = too_small(*size, cfg)
     if problem:
         raise ImageLoadError(p, "too_small", problem)

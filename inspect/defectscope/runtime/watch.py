@@ -2,7 +2,7 @@
 
 Options shared with `inspect` come from :mod:`.options`; the watcher itself, its commit protocol
 and its crash recovery are in :mod:`.watcher`.  Exit status: 0 stopped by SIGTERM/SIGINT (the batch
-in flight is finished), 1 results could not be written (disk full: every row before is intact,
+in flight is finished; 130 when Ctrl+C comes while the model loads), 1 results could not be written (disk full: every row before is intact,
 unrecorded files stay in the hot folder; restart once fixed), 2 configuration error (model,
 folders, options), which a service manager must not restart (deploy/defectscope-watch.service:
 ``RestartPreventExitStatus=2``).
@@ -25,6 +25,8 @@ from .results import ResultsFileError
 from .watcher import FOLDERS, RESULTS_NAME, EventHook, WatchConfig, Watcher, log
 
 PROG = "defectscope watch"
+#: an hour between polls, a day of waiting for a paused writer: beyond that a value is a typo
+MAX_INTERVAL_S, MAX_GRACE_S = 3600.0, 86400.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,12 +61,12 @@ def parse_config(p: argparse.ArgumentParser, argv: Sequence[str]) -> WatchConfig
     """Parse and check the command line (``p.error`` exits 2 on a usage error)."""
     a = p.parse_args(list(argv))
     run = run_options(p, a)
-    if a.interval <= 0:
-        p.error(f"--interval must be > 0, got {a.interval}")
+    if not 0 < a.interval <= MAX_INTERVAL_S:  # also refuses nan (a busy loop) and inf (a traceback)
+        p.error(f"--interval must be a number of seconds in (0, {MAX_INTERVAL_S:g}], got {a.interval}")
     if a.stable_polls < 1:
         p.error(f"--stable-polls must be >= 1, got {a.stable_polls}")
-    if a.grace < 0:
-        p.error(f"--grace must be >= 0 seconds, got {a.grace}")
+    if not 0 <= a.grace <= MAX_GRACE_S:  # nan would hold an empty file forever
+        p.error(f"--grace must be a number of seconds in [0, {MAX_GRACE_S:g}], got {a.grace}")
     return WatchConfig(run, a.hot, a.out, a.interval, a.stable_polls, a.grace)
 
 
@@ -114,6 +116,9 @@ def main(argv: Sequence[str] | None = None, *, on_event: EventHook | None = None
     except (MetadataError, ModelLoadError, ProviderError, ResultsFileError, OutputError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl+C while the model loads (a TensorRT engine build takes minutes)
+        print(f"{PROG}: interrupted while starting; nothing was inspected or moved", file=sys.stderr)
+        return 130
     _install_signals(watcher.stop)
     try:
         return watcher.run()

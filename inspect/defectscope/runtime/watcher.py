@@ -13,10 +13,13 @@ Commit protocol (``OUT/results.jsonl`` is the source of truth), per batch:
 Crash points, and what a restart does:
   * before 2: no row, file still in HOT -> inspected again (nothing was recorded);
   * torn row in 2: the torn line is truncated -> same as above;
-  * between 2 and 3 (or mid-batch in 3): file in HOT with a row whose (path, size, mtime) match
-    -> moved to its recorded destination WITHOUT re-inference;
+  * between 2 and 3 (or mid-batch in 3): file in HOT with a row whose (path, size, mtime, ctime)
+    match -> moved to its recorded destination WITHOUT re-inference (a new delivery under the same
+    name, size and mtime has another ctime: it is inspected);
   * inside a cross-device move: a dot-temp in OUT is removed; if the destination is already
-    complete (same size) the source is just unlinked.
+    complete (same bytes) the source is just unlinked.
+A move that fails (full disk) is retried every poll, unless the file changed since its row: then it
+is inspected again as a new file.
 So every file gets exactly one row and ends up in exactly one of OK/NG/error.  SIGTERM/SIGINT
 finish the batch in flight (rows + moves).  A failed write of the results (disk full) stops the
 watcher with every row before intact; files without a row stay in HOT.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -41,8 +45,10 @@ from .hotfolder import (
     PARTIAL_PREFIX,
     Observation,
     is_ignored,
+    is_recorded_file,
     move_no_overwrite,
     recorded_rows,
+    same_content,
 )
 from .inspector import Inspector
 from .options import RunOptions
@@ -51,6 +57,7 @@ from .pipeline import BatchBuffer, Batcher, Item, Result, decode, infer
 from .results import JsonlWriter, RunStamp, check_same_run, fsync_dir, last_row, recover_jsonl, result_row
 
 RESULTS_NAME = "results.jsonl"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 FOLDERS = {"OK": "OK", "NG": "NG", None: "error"}
 #: test hook: called with (point, batch number) at the crash points "after_commit" and "mid_move"
 EventHook = Callable[[str, int], None]
@@ -69,8 +76,11 @@ class WatchConfig:
 
 
 def log(msg: str) -> None:
+    """One log line; control characters (a newline or escape sequence in a file name) are shown escaped,
+    so a name can neither forge a line nor recolour the terminal."""
     stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-    print(f"{stamp} {msg}", file=sys.stderr, flush=True)
+    safe = _CONTROL.sub(lambda m: repr(m.group())[1:-1], msg)
+    print(f"{stamp} {safe}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -80,6 +90,7 @@ class _Pending:
     name: str
     dest: str  # relative to OUT, e.g. "NG/a.png"
     verdict: str = ""  # for the log line, e.g. "NG (scratch, P(defect) 0.912)"
+    source: tuple[int, int] | None = None  # (size, mtime_ns) the row recorded: a changed file is not moved
 
 
 def verdict_text(row: dict[str, Any]) -> str:
@@ -123,6 +134,7 @@ class Watcher:
         self.seen: dict[str, Observation] = {}
         self.stuck: dict[str, _Pending] = {}
         self.ignored_dirs: set[str] = set()
+        self._list_error: str | None = None
         self.batches = 0
         self.counts = {"OK": 0, "NG": 0, "error": 0}
         self._on_event = on_event
@@ -151,12 +163,10 @@ class Watcher:
         for row in recorded_rows(self.results, here):
             name = here[row["path"]]
             st = _stat(self.hot / name)
-            if st is None:
-                continue
-            if row.get("source_size") == st.st_size and row.get("source_mtime_ns") == st.st_mtime_ns:
+            if st is not None and is_recorded_file(row, st):
                 pending[name] = (row, st)
-        for name, (row, _) in pending.items():
-            self._move(_Pending(name, str(row["moved_to"])))
+        for name, (row, st) in pending.items():
+            self._move(_Pending(name, str(row["moved_to"]), source=(st.st_size, st.st_mtime_ns)))
         if pending:
             log(
                 f"watch: recovered {len(pending)} file(s) recorded before a crash; moved without re-inference"
@@ -169,8 +179,13 @@ class Watcher:
             with os.scandir(self.hot) as it:
                 entries = [(e.name, _is_dir(e)) for e in it if not is_ignored(e.name)]
         except OSError as exc:
-            log(f"watch: cannot list {self.hot}: {exc}")
+            if self._list_error != str(exc):  # once per failure, not once per poll
+                log(f"watch: cannot list {self.hot}: {exc}; trying again every poll")
+                self._list_error = str(exc)
             return []
+        if self._list_error is not None:
+            log(f"watch: {self.hot} can be listed again")
+            self._list_error = None
         for name in sorted({n for n, is_dir in entries if is_dir} - self.ignored_dirs):
             self.ignored_dirs.add(name)
             log(f"watch: ignoring sub-folder {name}/ of {self.hot} (only files written into it are taken)")
@@ -280,13 +295,16 @@ class Watcher:
             name = os.path.basename(r.item.path)
             verdict = r.decision.verdict if r.decision is not None and r.item.size is not None else None
             dest = self._unique_dest(FOLDERS[verdict], name, reserved)
-            row = self._row(r, stats[name], dest)
+            obs = stats[name]
+            row = self._row(r, obs, dest)
             if verdict == "NG" and self.heatmaps and r.cam is not None and r.item.array is not None:
-                save_overlay(self.heatmaps, r.item.path, r.item.array, r.cam)
+                # named after where the file goes: a name that comes again (NG/a_1.png) gets its own
+                save_overlay(self.heatmaps, str(self.out / dest), r.item.array, r.cam)
             self.writer.add(row)
-            moves.append(_Pending(name, dest, verdict_text(row)))
-            self.counts[FOLDERS[verdict]] += 1
+            moves.append(_Pending(name, dest, verdict_text(row), (obs.size, obs.mtime_ns)))
         self.writer.commit()
+        for m in moves:  # counted once recorded
+            self.counts[m.dest.split("/", 1)[0]] += 1
         self.batches += 1
         self._event("after_commit")
         for i, m in enumerate(moves):
@@ -319,6 +337,7 @@ class Watcher:
             moved_to=dest,
             source_size=obs.size,
             source_mtime_ns=obs.mtime_ns,
+            source_ctime_ns=obs.ctime_ns,
             time=_dt.datetime.now().astimezone().isoformat(timespec="milliseconds"),
         )
         return row
@@ -339,8 +358,15 @@ class Watcher:
         src = self.hot / m.name
         dst = self.out / m.dest
         try:
+            st = _stat(src)  # a dangling or looping link has its own status, as when it was observed
+            if st is None:
+                raise FileNotFoundError(src)
+            if m.source is not None and m.source != (st.st_size, st.st_mtime_ns):
+                log(f"watch: {m.name} was replaced after its row was written; inspecting the new file")
+                self.stuck.pop(m.name, None)
+                return False
             if dst.exists():
-                if dst.stat().st_size == src.stat().st_size:
+                if same_content(src, dst):
                     os.unlink(src)  # a crashed cross-device move had already placed it
                     self.stuck.pop(m.name, None)
                     return True

@@ -1,0 +1,69 @@
+"""Reading an image file's bytes safely: the step before decoding that every loader shares.
+
+Whatever the name turns out to be (a folder, a named pipe, a link to a device, a file far larger than
+any image the pixel limit allows, a name the OS refuses), the reader ends with bytes or an
+:class:`ImageLoadError` saying what it is; it never blocks and never reads without bound.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+#: open flags for image files: a named pipe must not block the reader (no such flag on Windows)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
+
+class ImageLoadError(Exception):
+    """An image could not be turned into a model input; the message names file and cause."""
+
+    def __init__(self, path: str | os.PathLike[str], kind: str, reason: str) -> None:
+        self.path = str(path)
+        self.kind = kind
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def max_file_bytes(max_pixels: int) -> int:
+    """The largest file an image of ``max_pixels`` pixels can need (16-bit RGBA, uncompressed, plus
+    64 MiB of headers and metadata): a larger file is refused before it is read into memory."""
+    return max_pixels * 8 + (64 << 20)
+
+
+def read_image_bytes(path: Path, max_bytes: int) -> bytes:
+    """The file's bytes.  Opened without blocking and checked to be a regular file first: a named pipe
+    would block the reader forever and a device (a link to ``/dev/zero``) never ends."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NONBLOCK)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise ImageLoadError(path, "vanished", "a link whose target does not exist") from None
+        raise ImageLoadError(path, "vanished", "file does not exist (missing or vanished)") from None
+    except OSError as exc:
+        if os.path.isdir(path):  # Windows refuses to open a folder; elsewhere fstat below says so
+            raise ImageLoadError(path, "is_directory", "is a directory, not an image file") from None
+        raise ImageLoadError(path, "unreadable", f"cannot be read: {exc.strerror or exc}") from None
+    except ValueError as exc:  # the name itself cannot be handed to the OS
+        reason = "the name contains a NUL byte, which no file name can" if "\0" in str(path) else str(exc)
+        raise ImageLoadError(path, "unreadable", reason) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ImageLoadError(path, "is_directory", "is a directory, not an image file")
+        raise ImageLoadError(path, "not_a_file", "not a regular file (a pipe, socket or device)")
+    with os.fdopen(fd, "rb") as fh:
+        try:
+            data = fh.read(max_bytes + 1) if st.st_size <= max_bytes else b""
+        except OSError as exc:
+            raise ImageLoadError(path, "unreadable", f"cannot be read: {exc.strerror or exc}") from None
+    if st.st_size > max_bytes or len(data) > max_bytes:
+        raise ImageLoadError(
+            path,
+            "too_large",
+            f"{max(st.st_size, len(data))} bytes, more than an image within the pixel limit can need",
+        )
+    if not data:
+        raise ImageLoadError(path, "zero_bytes", "file is empty (zero bytes)")
+    return data

@@ -1,0 +1,176 @@
+"""`defectscope watch` against what a hot folder can hold besides finished images (from an attack on it):
+a named pipe, a file replaced while its move waits, a camera delivering the same name, size and mtime
+again, a writer that sizes the file before filling it, a hot folder that goes away, repeated NG names."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from onnx_models import build_model
+from watch_runs import (
+    _no_watcher_outlives_its_test,  # noqa: F401  (autouse: no watcher outlives its test)
+    hot_names,
+    png_bytes,
+    read_rows,
+    start_watch,
+    wait_for,
+)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_model(tmp_path_factory.mktemp("model") / "m.onnx")
+
+
+def _stop(proc: subprocess.Popen[bytes], log: Path) -> None:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, log.read_text(errors="replace")
+    assert "Traceback" not in log.read_text(errors="replace")
+
+
+@pytest.mark.slow
+def test_a_named_pipe_gets_an_error_row_and_files_after_it_are_inspected(model: Path, tmp_path: Path) -> None:
+    """Reading a pipe waited for a writer forever: no row for it or any later file, and SIGTERM hung."""
+    hot, out, log = tmp_path / "hot", tmp_path / "out", tmp_path / "watch.log"
+    hot.mkdir()
+    proc = start_watch(model, hot, out, log)
+    wait_for(lambda: (out / "results.jsonl").exists(), what="watcher start")
+    os.mkfifo(hot / "pipe.png")
+    (hot / "after.png").write_bytes(png_bytes(1, bright=True))
+    wait_for(lambda: len(read_rows(out)) == 2 and hot_names(hot) == [], what="both handled")
+    rows = {Path(r["path"]).name: r for r in read_rows(out)}
+    assert (
+        rows["pipe.png"]["error"].startswith("not_a_file: ")
+        and rows["pipe.png"]["moved_to"] == "error/pipe.png"
+    )
+    assert rows["after.png"]["status"] == "ok"
+    _stop(proc, log)
+
+
+@pytest.mark.slow
+def test_a_file_delivered_again_with_the_same_name_size_and_mtime_is_inspected_again(
+    model: Path, tmp_path: Path
+) -> None:
+    """Killed between a file's row and its move; before the restart the camera delivers a different image
+    under the same name with the same size and mtime (`cp -p` of fixed-size frames). Recovery took it for
+    the recorded file and deleted it unseen; the ctime tells them apart."""
+    hot, out, log = tmp_path / "hot", tmp_path / "out", tmp_path / "watch.log"
+    hot.mkdir()
+    first = png_bytes(3, bright=False)
+    (hot / "cam.png").write_bytes(first)
+    proc = start_watch(model, hot, out, log, crash_at="after_commit:1")
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    recorded = read_rows(out)[0]
+    second = bytearray(first)
+    second[-20] ^= 0xFF  # same size; the bytes before IEND differ
+    time.sleep(0.05)  # a later ctime on any clock granularity
+    (hot / "cam.png").write_bytes(bytes(second))
+    os.utime(hot / "cam.png", ns=(recorded["source_mtime_ns"], recorded["source_mtime_ns"]))
+    proc = start_watch(model, hot, out, log)
+    wait_for(lambda: len(read_rows(out)) == 2 and hot_names(hot) == [], what="the new delivery inspected")
+    _stop(proc, log)
+    rows = read_rows(out)
+    assert rows[1]["source_ctime_ns"] != recorded["source_ctime_ns"]
+    assert hashlib.sha1((out / rows[1]["moved_to"]).read_bytes()).digest() == hashlib.sha1(second).digest()
+    assert "recovered" not in log.read_text()
+
+
+@pytest.mark.slow
+def test_a_presized_png_is_not_inspected_before_its_end_is_written(model: Path, tmp_path: Path) -> None:
+    """A writer that sets the file's size first and fills it later (Windows copies, SMB) left zeros at the
+    end, which decode as black rows: the half-written image got an OK row and was moved mid-write."""
+    hot, out, log = tmp_path / "hot", tmp_path / "out", tmp_path / "watch.log"
+    hot.mkdir()
+    proc = start_watch(model, hot, out, log, extra=("--grace", "5", "--stable-polls", "2"))
+    wait_for(lambda: (out / "results.jsonl").exists(), what="watcher start")
+    data = png_bytes(4, bright=True)
+    with open(hot / "big.png", "wb") as f:
+        f.truncate(len(data))
+        f.write(data[: len(data) // 2])
+        f.flush()
+        time.sleep(1.5)  # far past the stable window (2 polls of 0.1 s)
+        f.write(data[len(data) // 2 :])
+    wait_for(lambda: len(read_rows(out)) == 1 and hot_names(hot) == [], what="big.png handled")
+    _stop(proc, log)
+    (row,) = read_rows(out)
+    assert row["status"] == "ok" and row["source_size"] == len(data)
+    assert (out / row["moved_to"]).read_bytes() == data
+    assert "big.png reads as truncated; watching it for more writes" in log.read_text()
+
+
+@pytest.mark.slow
+def test_repeated_ng_names_keep_every_heat_map_and_a_lost_hot_folder_is_logged_once(
+    model: Path, tmp_path: Path
+) -> None:
+    hot, out, log, heat = tmp_path / "hot", tmp_path / "out", tmp_path / "watch.log", tmp_path / "heat"
+    hot.mkdir()
+    proc = start_watch(model, hot, out, log, extra=("--heatmaps", str(heat)))
+    wait_for(lambda: (out / "results.jsonl").exists(), what="watcher start")
+    for i in range(2):
+        (hot / "a.png").write_bytes(png_bytes(10 + i, bright=True))
+        wait_for(lambda i=i: len(read_rows(out)) == i + 1 and hot_names(hot) == [], what=f"a.png #{i + 1}")
+    rows = read_rows(out)
+    assert [r["verdict"] for r in rows] == ["NG", "NG"] and rows[1]["moved_to"] == "NG/a_1.png"
+    assert len(list(heat.glob("*.png"))) == 2  # the second overlay replaced the first
+    hot.rename(tmp_path / "gone")
+    time.sleep(1.5)  # 15 polls
+    (tmp_path / "gone").rename(hot)
+    (hot / "b.png").write_bytes(png_bytes(12, bright=False))
+    wait_for(lambda: len(read_rows(out)) == 3, what="b.png after the folder came back")
+    _stop(proc, log)
+    text = log.read_text()
+    assert text.count("cannot list") == 1 and text.count("can be listed again") == 1
+
+
+def test_a_stuck_move_of_a_file_replaced_since_its_row_is_not_filed(model: Path, tmp_path: Path) -> None:
+    """A recorded file whose move failed (full disk) and that the camera then overwrote was filed under
+    the old row's verdict, never inspected: an NG part in OK/. Now the replaced file is inspected anew."""
+    from defectscope.runtime.inspector import Inspector
+    from defectscope.runtime.watcher import WatchConfig, Watcher, _Pending
+
+    hot, out = tmp_path / "hot", tmp_path / "out"
+    hot.mkdir()
+    (hot / "f.png").write_bytes(png_bytes(5, bright=False))
+    st = os.stat(hot / "f.png")
+    run = _run_options(model)
+    watcher = Watcher(WatchConfig(run, str(hot), str(out)), Inspector.from_config(run.session))
+    watcher.stuck["f.png"] = _Pending("f.png", "OK/f.png", "OK", (st.st_size, st.st_mtime_ns))
+    (hot / "f.png").write_bytes(png_bytes(6, bright=True) + b"\0" * 7)  # overwritten while stuck
+    watcher._retry_stuck()
+    assert not (out / "OK" / "f.png").exists() and (hot / "f.png").exists() and not watcher.stuck
+    assert [name for name, _ in _poll_until_ready(watcher)] == ["f.png"]
+
+
+def _run_options(model: Path) -> Any:
+    """The watch command line's run options for ``model``, as `defectscope watch` parses them."""
+    from defectscope.runtime.options import run_options
+    from defectscope.runtime.watch import build_parser
+
+    p = build_parser()
+    return run_options(p, p.parse_args([str(model), "--in", "x", "--out", "y"]))
+
+
+def _poll_until_ready(watcher: Any, polls: int = 10) -> list[Any]:
+    for _ in range(polls):
+        ready = watcher.poll()
+        if ready:
+            return list(ready)
+    return []
+
+
+def test_log_lines_show_control_characters_of_names_escaped(capsys: pytest.CaptureFixture[str]) -> None:
+    """A file name with a newline or an escape sequence could forge a log line or recolour the terminal."""
+    from defectscope.runtime.watcher import log
+
+    log("watch: a.png\n2026-01-01 00:00:00 watch: forged -> OK/x.png\x1b[31m")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\x1b" not in err
+    assert err.rstrip("\n").endswith("a.png\\n2026-01-01 00:00:00 watch: forged -> OK/x.png\\x1b[31m")
