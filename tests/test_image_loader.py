@@ -47,6 +47,31 @@ def test_zero_bytes(tmp_path: Path) -> None:
     assert err.kind == "zero_bytes" and "empty" in str(err)
 
 
+def test_files_that_are_no_image_are_refused_without_reading_them(tmp_path: Path) -> None:
+    """A named pipe blocked the reader for good and a link to a device or a huge file was read whole:
+    each is refused from its status alone (a sparse 70 MiB file takes no disk here)."""
+    pipe = tmp_path / "pipe.png"
+    os.mkfifo(pipe)
+    assert _load_error(pipe).kind == "not_a_file"
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    assert _load_error(tmp_path / "zero.png").kind == "not_a_file"
+    huge = tmp_path / "huge.png"
+    with open(huge, "wb") as f:
+        f.truncate(70 << 20)
+    err = _load_error(huge, LoaderConfig(channels=1, min_size=4, max_pixels=100_000))
+    assert err.kind == "too_large" and "73400320 bytes" in str(err)
+
+
+def test_png_without_its_end_chunk_is_truncated(tmp_path: Path) -> None:
+    """A writer that sizes the file first leaves zeros where the end chunk goes; Pillow decodes them."""
+    good = _png(tmp_path / "g.png", (64, 64))
+    data = good.read_bytes()
+    p = tmp_path / "presized.png"
+    p.write_bytes(data[:-12] + b"\0" * 12)
+    err = _load_error(p)
+    assert err.kind == "truncated" and "IEND" in str(err)
+
+
 def test_truncated(tmp_path: Path) -> None:
     good = tmp_path / "good.png"
     rng = np.random.default_rng(0)

@@ -55,7 +55,9 @@ def read_image_bytes(path: Path, max_bytes: int) -> bytes:
         raise ImageLoadError(path, "not_a_file", "not a regular file (a pipe, socket or device)")
     with os.fdopen(fd, "rb") as fh:
         try:
-            data = fh.read(max_bytes + 1) if st.st_size <= max_bytes else b""
+            data = (
+                fh.read() if st.st_size <= max_bytes else b""
+            )  # a regular file ends; read(n) would allocate n
         except OSError as exc:
             raise ImageLoadError(path, "unreadable", f"cannot be read: {exc.strerror or exc}") from None
     if st.st_size > max_bytes or len(data) > max_bytes:
