@@ -119,7 +119,7 @@ def test_repeated_ng_names_keep_every_heat_map_and_a_lost_hot_folder_is_logged_o
         wait_for(lambda i=i: len(read_rows(out)) == i + 1 and hot_names(hot) == [], what=f"a.png #{i + 1}")
     rows = read_rows(out)
     assert [r["verdict"] for r in rows] == ["NG", "NG"] and rows[1]["moved_to"] == "NG/a_1.png"
-    assert len(list(heat.glob("*.png"))) == 2  # the second overlay replaced the first
+    assert len(list(heat.glob("*.png"))) == 2  # before, the second overlay replaced the first
     hot.rename(tmp_path / "gone")
     time.sleep(1.5)  # 15 polls
     (tmp_path / "gone").rename(hot)
@@ -147,6 +147,31 @@ def test_a_stuck_move_of_a_file_replaced_since_its_row_is_not_filed(model: Path,
     watcher._retry_stuck()
     assert not (out / "OK" / "f.png").exists() and (hot / "f.png").exists() and not watcher.stuck
     assert [name for name, _ in _poll_until_ready(watcher)] == ["f.png"]
+
+
+def test_a_taken_destination_of_the_same_size_is_not_taken_for_the_copy(model: Path, tmp_path: Path) -> None:
+    """Recovery unlinked the hot-folder file whenever its recorded destination held a file of the same
+    size (fixed-size camera frames): only a byte-equal copy (a crashed cross-device move) counts now."""
+    from defectscope.runtime.inspector import Inspector
+    from defectscope.runtime.watcher import WatchConfig, Watcher, _Pending
+
+    hot, out = tmp_path / "hot", tmp_path / "out"
+    hot.mkdir()
+    frame = png_bytes(7, bright=True)
+    (hot / "f.png").write_bytes(frame)
+    run = _run_options(model)
+    watcher = Watcher(WatchConfig(run, str(hot), str(out)), Inspector.from_config(run.session))
+    other = bytearray(frame)
+    other[-20] ^= 0xFF
+    (out / "NG" / "f.png").write_bytes(bytes(other))  # same size, other bytes
+    assert watcher._move(_Pending("f.png", "NG/f.png", "NG"))
+    assert (out / "NG" / "f.png").read_bytes() == bytes(other) and (
+        out / "NG" / "f_1.png"
+    ).read_bytes() == frame
+    (hot / "g.png").write_bytes(frame)
+    (out / "OK" / "g.png").write_bytes(frame)  # the copy a crashed move had placed
+    assert watcher._move(_Pending("g.png", "OK/g.png", "OK"))
+    assert not (hot / "g.png").exists() and sorted(os.listdir(out / "OK")) == ["g.png"]
 
 
 def _run_options(model: Path) -> Any:

@@ -45,8 +45,9 @@ class Observation:
     changed_at: float  # time.monotonic() when (size, mtime) last changed or the file appeared
     stable: int = 0  # polls since then without a change
     hold_until: float = 0.0  # read as incomplete: not ready again before this (unless it changes)
-    #: inode change time: a writer can copy a file's mtime (``cp -p``) but never set this, so a file
-    #: delivered again under the same name, size and mtime is still told apart from the one recorded
+    #: inode change time: a copy that keeps the mtime (``cp -p``, ``rsync -t``) gets a new one, so a file
+    #: delivered again under the same name, size and mtime is told apart from the one recorded (on
+    #: Windows it is the creation time, which an in-place overwrite keeps: not told apart there)
     ctime_ns: int = 0
 
     def same(self, st: os.stat_result) -> bool:
@@ -78,12 +79,10 @@ def is_recorded_file(row: dict[str, Any], st: os.stat_result) -> bool:
 
 
 def same_content(a: Path, b: Path) -> bool:
-    """Byte-for-byte equal files (a crashed cross-device move that had already placed its copy)."""
+    """Byte-for-byte equal files (a crashed cross-device move that had already placed its copy; its mtime
+    may be rounded by the destination's file system, so only the bytes count)."""
     try:
-        sa, sb = os.stat(a), os.stat(b)
-        return (sa.st_size, sa.st_mtime_ns) == (sb.st_size, sb.st_mtime_ns) and filecmp.cmp(
-            a, b, shallow=False
-        )
+        return os.stat(a).st_size == os.stat(b).st_size and filecmp.cmp(a, b, shallow=False)
     except OSError:  # a link that cannot be followed is not a copy of anything
         return False
 
@@ -98,15 +97,19 @@ def move_no_overwrite(src: Path, dst: Path) -> None:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-    if not stat.S_ISREG(os.stat(src).st_mode):  # a pipe or device: copying it would block or never end
+    mode = os.lstat(src).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):  # a pipe or device: copying would block or never end
         raise OSError(errno.EINVAL, "not a regular file, so it cannot be copied to another file system")
     tmp = dst.with_name(temp_name(dst.name, PARTIAL_PREFIX, ""))
     try:
-        with open(src, "rb") as fi, open(tmp, "wb") as fo:
-            shutil.copyfileobj(fi, fo, 1 << 20)
-            fo.flush()
-            os.fsync(fo.fileno())
-        shutil.copystat(src, tmp)
+        if stat.S_ISLNK(mode):  # the link moves, as a rename would move it (a dangling one too)
+            os.symlink(os.readlink(src), tmp)
+        else:
+            with open(src, "rb") as fi, open(tmp, "wb") as fo:
+                shutil.copyfileobj(fi, fo, 1 << 20)
+                fo.flush()
+                os.fsync(fo.fileno())
+            shutil.copystat(src, tmp)
         os.rename(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk must not keep the partial copy's space taken

@@ -10,9 +10,13 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from typing import NoReturn
 
-#: open flags for image files: a named pipe must not block the reader (no such flag on Windows)
-_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+#: open flags for image files: binary (Windows would read text: CRLF folded, 0x1A an end of file), a
+#: named pipe that slipped past the status check must not block, a tty must not become the controlling one
+_OPEN_FLAGS = (
+    os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+)
 
 
 class ImageLoadError(Exception):
@@ -32,10 +36,14 @@ def max_file_bytes(max_pixels: int) -> int:
 
 
 def read_image_bytes(path: Path, max_bytes: int) -> bytes:
-    """The file's bytes.  Opened without blocking and checked to be a regular file first: a named pipe
-    would block the reader forever and a device (a link to ``/dev/zero``) never ends."""
+    """The file's bytes.  Checked to be a regular file before it is opened (a named pipe would block the
+    reader forever, or wake its writer; a device such as a link to ``/dev/zero`` never ends) and again
+    once open, without blocking, in case the name was replaced in between."""
     try:
-        fd = os.open(path, os.O_RDONLY | _NONBLOCK)
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            _refuse(path, mode)
+        fd = os.open(path, _OPEN_FLAGS)
     except FileNotFoundError:
         if os.path.islink(path):
             raise ImageLoadError(path, "vanished", "a link whose target does not exist") from None
@@ -50,9 +58,7 @@ def read_image_bytes(path: Path, max_bytes: int) -> bytes:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise ImageLoadError(path, "is_directory", "is a directory, not an image file")
-        raise ImageLoadError(path, "not_a_file", "not a regular file (a pipe, socket or device)")
+        _refuse(path, st.st_mode)
     with os.fdopen(fd, "rb") as fh:
         try:
             data = (
@@ -69,3 +75,10 @@ def read_image_bytes(path: Path, max_bytes: int) -> bytes:
     if not data:
         raise ImageLoadError(path, "zero_bytes", "file is empty (zero bytes)")
     return data
+
+
+def _refuse(path: Path, mode: int) -> NoReturn:
+    """The error of a name that is not a regular file: a folder, or a pipe, socket or device."""
+    if stat.S_ISDIR(mode):
+        raise ImageLoadError(path, "is_directory", "is a directory, not an image file")
+    raise ImageLoadError(path, "not_a_file", "not a regular file (a pipe, socket or device)")

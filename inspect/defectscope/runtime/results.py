@@ -158,7 +158,14 @@ class JsonlWriter:
 
     def __init__(self, path: str | os.PathLike[str], *, append: bool, fsync_interval_s: float = 0.0) -> None:
         self.path = Path(path)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if append else os.O_TRUNC)
+        # O_BINARY: Windows would write each row's newline as CRLF and the row ends would drift
+        flags = (
+            os.O_WRONLY
+            | os.O_CREAT
+            | os.O_APPEND
+            | getattr(os, "O_BINARY", 0)
+            | (0 if append else os.O_TRUNC)
+        )
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, flags, 0o666)

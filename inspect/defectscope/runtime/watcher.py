@@ -57,7 +57,7 @@ from .pipeline import BatchBuffer, Batcher, Item, Result, decode, infer
 from .results import JsonlWriter, RunStamp, check_same_run, fsync_dir, last_row, recover_jsonl, result_row
 
 RESULTS_NAME = "results.jsonl"
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 FOLDERS = {"OK": "OK", "NG": "NG", None: "error"}
 #: test hook: called with (point, batch number) at the crash points "after_commit" and "mid_move"
 EventHook = Callable[[str, int], None]
@@ -329,6 +329,7 @@ class Watcher:
         if not obs.same(st):
             self.seen[name] = Observation.of(st)
             return False
+        obs.ctime_ns = st.st_ctime_ns  # the row records the file as it was read, not as first seen
         return True
 
     def _row(self, r: Result, obs: Observation, dest: str) -> dict[str, Any]:
