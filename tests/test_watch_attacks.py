@@ -14,15 +14,9 @@ from typing import Any
 
 import pytest
 
+import watch_runs as wr
 from onnx_models import build_model
-from watch_runs import (
-    _no_watcher_outlives_its_test,  # noqa: F401  (autouse: no watcher outlives its test)
-    hot_names,
-    png_bytes,
-    read_rows,
-    start_watch,
-    wait_for,
-)
+from watch_runs import _no_watcher_outlives_its_test  # noqa: F401  (autouse: no watcher outlives its test)
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +35,12 @@ def test_a_named_pipe_gets_an_error_row_and_files_after_it_are_inspected(model: 
     """Reading a pipe waited for a writer forever: no row for it or any later file, and SIGTERM hung."""
     hot, out, log = tmp_path / "hot", tmp_path / "out", tmp_path / "watch.log"
     hot.mkdir()
-    proc = start_watch(model, hot, out, log)
-    wait_for(lambda: (out / "results.jsonl").exists(), what="watcher start")
+    proc = wr.start_watch(model, hot, out, log)
+    wr.wait_for(lambda: (out / "results.jsonl").exists(), what="watcher start")
     os.mkfifo(hot / "pipe.png")
-    (hot / "after.png").write_bytes(png_bytes(1, bright=True))
-    wait_for(lambda: len(read_rows(out)) == 2 and hot_names(hot) == [], what="both handled")
-    rows = {Path(r["path"]).name: r for r in read_rows(out)}
+    (hot / "after.png").write_bytes(wr.png_bytes(1, bright=True))
+    wr.wait_for(lambda: len(wr.read_rows(out)) == 2 and wr.hot_names(hot) == [], what="both handled")
+    rows = {Path(r["path"]).name: r for r in wr.read_rows(out)}
     assert (
         rows["pipe.png"]["error"].startswith("not_a_file: ")
         and rows["pipe.png"]["moved_to"] == "error/pipe.png"
@@ -64,20 +58,22 @@ def test_a_file_delivered_again_with_the_same_name_size_and_mtime_is_inspected_a
     the recorded file and deleted it unseen; the ctime tells them apart."""
     hot, out, log = tmp_path / "hot", tmp_path / "out", tmp_path / "watch.log"
     hot.mkdir()
-    first = png_bytes(3, bright=False)
+    first = wr.png_bytes(3, bright=False)
     (hot / "cam.png").write_bytes(first)
-    proc = start_watch(model, hot, out, log, crash_at="after_commit:1")
+    proc = wr.start_watch(model, hot, out, log, crash_at="after_commit:1")
     assert proc.wait(timeout=60) == -signal.SIGKILL
-    recorded = read_rows(out)[0]
+    recorded = wr.read_rows(out)[0]
     second = bytearray(first)
     second[-20] ^= 0xFF  # same size; the bytes before IEND differ
     time.sleep(0.05)  # a later ctime on any clock granularity
     (hot / "cam.png").write_bytes(bytes(second))
     os.utime(hot / "cam.png", ns=(recorded["source_mtime_ns"], recorded["source_mtime_ns"]))
-    proc = start_watch(model, hot, out, log)
-    wait_for(lambda: len(read_rows(out)) == 2 and hot_names(hot) == [], what="the new delivery inspected")
+    proc = wr.start_watch(model, hot, out, log)
+    wr.wait_for(
+        lambda: len(wr.read_rows(out)) == 2 and wr.hot_names(hot) == [], what="the new delivery inspected"
+    )
     _stop(proc, log)
-    rows = read_rows(out)
+    rows = wr.read_rows(out)
     assert rows[1]["source_ctime_ns"] != recorded["source_ctime_ns"]
     assert hashlib.sha1((out / rows[1]["moved_to"]).read_bytes()).digest() == hashlib.sha1(second).digest()
     assert "recovered" not in log.read_text()
@@ -89,18 +85,18 @@ def test_a_presized_png_is_not_inspected_before_its_end_is_written(model: Path, 
     end, which decode as black rows: the half-written image got an OK row and was moved mid-write."""
     hot, out, log = tmp_path / "hot", tmp_path / "out", tmp_path / "watch.log"
     hot.mkdir()
-    proc = start_watch(model, hot, out, log, extra=("--grace", "5", "--stable-polls", "2"))
-    wait_for(lambda: (out / "results.jsonl").exists(), what="watcher start")
-    data = png_bytes(4, bright=True)
+    proc = wr.start_watch(model, hot, out, log, extra=("--grace", "5", "--stable-polls", "2"))
+    wr.wait_for(lambda: (out / "results.jsonl").exists(), what="watcher start")
+    data = wr.png_bytes(4, bright=True)
     with open(hot / "big.png", "wb") as f:
         f.truncate(len(data))
         f.write(data[: len(data) // 2])
         f.flush()
         time.sleep(1.5)  # far past the stable window (2 polls of 0.1 s)
         f.write(data[len(data) // 2 :])
-    wait_for(lambda: len(read_rows(out)) == 1 and hot_names(hot) == [], what="big.png handled")
+    wr.wait_for(lambda: len(wr.read_rows(out)) == 1 and wr.hot_names(hot) == [], what="big.png handled")
     _stop(proc, log)
-    (row,) = read_rows(out)
+    (row,) = wr.read_rows(out)
     assert row["status"] == "ok" and row["source_size"] == len(data)
     assert (out / row["moved_to"]).read_bytes() == data
     assert "big.png reads as truncated; watching it for more writes" in log.read_text()
@@ -112,19 +108,21 @@ def test_repeated_ng_names_keep_every_heat_map_and_a_lost_hot_folder_is_logged_o
 ) -> None:
     hot, out, log, heat = tmp_path / "hot", tmp_path / "out", tmp_path / "watch.log", tmp_path / "heat"
     hot.mkdir()
-    proc = start_watch(model, hot, out, log, extra=("--heatmaps", str(heat)))
-    wait_for(lambda: (out / "results.jsonl").exists(), what="watcher start")
+    proc = wr.start_watch(model, hot, out, log, extra=("--heatmaps", str(heat)))
+    wr.wait_for(lambda: (out / "results.jsonl").exists(), what="watcher start")
     for i in range(2):
-        (hot / "a.png").write_bytes(png_bytes(10 + i, bright=True))
-        wait_for(lambda i=i: len(read_rows(out)) == i + 1 and hot_names(hot) == [], what=f"a.png #{i + 1}")
-    rows = read_rows(out)
+        (hot / "a.png").write_bytes(wr.png_bytes(10 + i, bright=True))
+        wr.wait_for(
+            lambda i=i: len(wr.read_rows(out)) == i + 1 and wr.hot_names(hot) == [], what=f"a.png #{i + 1}"
+        )
+    rows = wr.read_rows(out)
     assert [r["verdict"] for r in rows] == ["NG", "NG"] and rows[1]["moved_to"] == "NG/a_1.png"
     assert len(list(heat.glob("*.png"))) == 2  # before, the second overlay replaced the first
     hot.rename(tmp_path / "gone")
     time.sleep(1.5)  # 15 polls
     (tmp_path / "gone").rename(hot)
-    (hot / "b.png").write_bytes(png_bytes(12, bright=False))
-    wait_for(lambda: len(read_rows(out)) == 3, what="b.png after the folder came back")
+    (hot / "b.png").write_bytes(wr.png_bytes(12, bright=False))
+    wr.wait_for(lambda: len(wr.read_rows(out)) == 3, what="b.png after the folder came back")
     _stop(proc, log)
     text = log.read_text()
     assert text.count("cannot list") == 1 and text.count("can be listed again") == 1
@@ -138,12 +136,12 @@ def test_a_stuck_move_of_a_file_replaced_since_its_row_is_not_filed(model: Path,
 
     hot, out = tmp_path / "hot", tmp_path / "out"
     hot.mkdir()
-    (hot / "f.png").write_bytes(png_bytes(5, bright=False))
+    (hot / "f.png").write_bytes(wr.png_bytes(5, bright=False))
     st = os.stat(hot / "f.png")
     run = _run_options(model)
     watcher = Watcher(WatchConfig(run, str(hot), str(out)), Inspector.from_config(run.session))
     watcher.stuck["f.png"] = _Pending("f.png", "OK/f.png", "OK", (st.st_size, st.st_mtime_ns))
-    (hot / "f.png").write_bytes(png_bytes(6, bright=True) + b"\0" * 7)  # overwritten while stuck
+    (hot / "f.png").write_bytes(wr.png_bytes(6, bright=True) + b"\0" * 7)  # overwritten while stuck
     watcher._retry_stuck()
     assert not (out / "OK" / "f.png").exists() and (hot / "f.png").exists() and not watcher.stuck
     assert [name for name, _ in _poll_until_ready(watcher)] == ["f.png"]
@@ -157,7 +155,7 @@ def test_a_taken_destination_of_the_same_size_is_not_taken_for_the_copy(model: P
 
     hot, out = tmp_path / "hot", tmp_path / "out"
     hot.mkdir()
-    frame = png_bytes(7, bright=True)
+    frame = wr.png_bytes(7, bright=True)
     (hot / "f.png").write_bytes(frame)
     run = _run_options(model)
     watcher = Watcher(WatchConfig(run, str(hot), str(out)), Inspector.from_config(run.session))
