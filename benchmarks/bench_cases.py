@@ -106,7 +106,7 @@ def stage_costs(
     for rep in range(passes):
         for p in paths:
             t0 = clock()
-            data = loader._read_bytes(p)
+            data = loader.read_image_bytes(p, loader.max_file_bytes(cfg.max_pixels))
             t1 = clock()
             img, size = loader._open(p, data, cfg)
             bands = loader._model_bands(img, cfg.channels) or img

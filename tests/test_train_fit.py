@@ -40,6 +40,7 @@ CONTRACT_KEYS = {
     "threshold_report",
     "package_version",
     "grading",
+    "teacher_sha256",
 }
 SHORT = [
     "trainer.max_epochs=1",
