@@ -20,7 +20,8 @@ Crash points, and what a restart does:
     complete (same bytes) the source is just unlinked.
 A move that fails (full disk) is retried every poll, unless the file changed since its row: then it
 is inspected again as a new file.
-So every file gets exactly one row and ends up in exactly one of OK/NG/error.  SIGTERM/SIGINT
+So every file gets exactly one row (a file replaced after its row is a new file, with a row of its own)
+and ends up in exactly one of OK/NG/error.  SIGTERM/SIGINT
 finish the batch in flight (rows + moves).  A failed write of the results (disk full) stops the
 watcher with every row before intact; files without a row stay in HOT.
 """
