@@ -136,9 +136,8 @@ def _list_entry(raw: str, base: str) -> str | None:
     or stripped: ``find`` writes names verbatim, and a row must not vanish because its name starts with ``#``.
     """
     entry = raw.strip().lstrip("\ufeff").strip()
-    candidates = [raw, entry] if raw != entry else [raw]
     if entry.startswith("#") or raw != entry:
-        for name in candidates:
+        for name in dict.fromkeys((raw, entry)):  # as written, then stripped
             path = os.path.join(base, name)
             if name and os.path.lexists(path) and not os.path.isdir(path):
                 return path

@@ -82,7 +82,7 @@ def same_content(a: Path, b: Path) -> bool:
     """Byte-for-byte equal files (a crashed cross-device move that had already placed its copy; its mtime
     may be rounded by the destination's file system, so only the bytes count)."""
     try:
-        return os.stat(a).st_size == os.stat(b).st_size and filecmp.cmp(a, b, shallow=False)
+        return filecmp.cmp(a, b, shallow=False)  # different sizes are unequal without a read
     except OSError:  # a link that cannot be followed is not a copy of anything
         return False
 

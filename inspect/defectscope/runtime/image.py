@@ -177,7 +177,7 @@ def _open(path: Path, data: bytes, cfg: LoaderConfig) -> tuple[Image.Image, tupl
             raise ImageLoadError(path, "too_large", "image exceeds the decompression-bomb limit") from None
         except (OSError, SyntaxError, ValueError) as exc:
             raise ImageLoadError(path, "not_an_image", f"cannot be parsed as an image: {exc}") from None
-    if img.format == "PNG" and _PNG_END not in data[-4096:] and _PNG_END not in data:
+    if img.format == "PNG" and data.rfind(_PNG_END) < 0:  # searched from the end, where it sits
         # a writer that sizes the file first and fills it later (Windows copies, SMB) leaves zeros at
         # the end, which Pillow decodes as black rows; the end chunk is the last thing written
         raise ImageLoadError(

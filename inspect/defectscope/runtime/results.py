@@ -296,26 +296,22 @@ def last_row(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 def load_done(path: str | os.PathLike[str], stamp: RunStamp) -> Counter[str]:
-    """How many rows each input already has (by :func:`resume_key`); refuses a file of another model
-    or threshold."""
+    """How many rows each input already has; refuses a file of another model or threshold.
+
+    Rows and inputs are matched by :func:`absolute_path` (``..`` kept, so two files never share a key):
+    ``./a.png`` and ``a.png``, or a list given as ``@./l.txt`` and ``@l.txt``, are one input.  A string
+    rule: a file that vanished since still matches its row."""
     done: Counter[str] = Counter()
     for lineno, row in enumerate(iter_rows(path), 1):
         check_same_run(row, stamp, f"{path} (row {lineno})")
-        done[resume_key(row["path"])] += 1
+        done[absolute_path(row["path"])] += 1
     return done
-
-
-def resume_key(path: str) -> str:
-    """What a row and an input are matched by: the absolute path (:func:`absolute_path`: ``..`` kept, so
-    two files never share a key), so ``./a.png`` and ``a.png`` (or a list given as ``@./l.txt`` and
-    ``@l.txt``) are one input.  A string rule: a file that vanished since still matches its row."""
-    return absolute_path(path)
 
 
 def skip_done(paths: Iterator[str], done: Counter[str]) -> Iterator[str]:
     """Drop inputs that already have a row; a path listed k times is skipped at most k times."""
     for p in paths:
-        key = resume_key(p)
+        key = absolute_path(p)
         if done.get(key, 0) > 0:
             done[key] -= 1
             continue
