@@ -82,6 +82,7 @@ def same_content(a: Path, b: Path) -> bool:
     """Byte-for-byte equal files (a crashed cross-device move that had already placed its copy; its mtime
     may be rounded by the destination's file system, so only the bytes count)."""
     try:
+        filecmp.clear_cache()  # its cache keys on size and mtime, which a `cp -p` replacement keeps
         return filecmp.cmp(a, b, shallow=False)  # different sizes are unequal without a read
     except OSError:  # a link that cannot be followed is not a copy of anything
         return False
