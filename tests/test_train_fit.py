@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 
@@ -342,3 +343,37 @@ def test_evaluate_instantiates_nothing_foreign_from_a_checkpoint(
     torch.save(ckpt, tmp_path / "evil.ckpt")
     with pytest.raises(PlainDataError, match=r"data\.eval_transform\._target_ is 'os\.system'"):
         evaluate_file("evil.ckpt")
+
+
+class _LayoutProbe(pl.Callback):
+    """Records whether every 4-D weight is channels_last at each training step."""
+
+    def __init__(self) -> None:
+        self.seen: list[bool] = []
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        weights = [p for p in pl_module.model.parameters() if p.ndim == 4]
+        self.seen.append(all(p.is_contiguous(memory_format=torch.channels_last) for p in weights))
+
+
+@pytest.mark.slow
+def test_channels_last_is_a_layout_only(
+    compose_train: Callable[..., Any], smoke_data_dir: Path, tmp_path: Path
+) -> None:
+    """memory_format=channels_last trains in that layout and ends where contiguous training ends."""
+
+    def run(layout: str) -> tuple[list[bool], dict[str, torch.Tensor]]:
+        out = tmp_path / layout
+        probe = _LayoutProbe()
+        extra = ("trainer.deterministic=true", "test=false", f"memory_format={layout}", *SHORT)
+        train(smoke_cfg(compose_train, smoke_data_dir, out, "model=resnet_small", *extra), [probe])
+        return probe.seen, torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+    seen_cl, state_cl = run("channels_last")
+    seen_plain, state_plain = run("contiguous")
+    assert seen_cl and all(seen_cl) and not any(seen_plain)
+    assert state_cl.keys() == state_plain.keys()
+    for key, value in state_cl.items():
+        torch.testing.assert_close(value, state_plain[key], rtol=1e-3, atol=1e-4, msg=key)
+    with pytest.raises(TrainingConfigError, match=r"^memory_format must be one of channels_last, contiguous"):
+        train(smoke_cfg(compose_train, smoke_data_dir, tmp_path / "bad", "memory_format=nhwc"))

@@ -30,6 +30,7 @@ from .config import (
     check_run_numbers,
     find_keys,
     is_global_zero,
+    memory_format,
     resolve_ckpt_path,
     scalar_metrics,
     torch_threads,
@@ -340,6 +341,7 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
     t0 = time.perf_counter()
     check_run_numbers(cfg)
     check_launch(cfg)
+    layout = memory_format(cfg.get("memory_format"))
     distill = distill_settings(to_plain(cfg.get("distill")))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     out_dir = Path(cfg.paths.output_dir)
@@ -358,6 +360,7 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
         dm.prepare_data()
         dm.setup("fit")
         module = build_module(cfg, dm)
+        module.model.to(memory_format=layout)
         add_teacher(module, dm, distill, cfg.get("threads"), tracker)
         module.misclassified_max = tracker.misclassified_max if tracker is not None else 16
         module.shift_protocol = protocol_from_config(cfg.get("shift_consistency"), module.model.total_stride)
