@@ -360,7 +360,7 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
         dm.prepare_data()
         dm.setup("fit")
         module = build_module(cfg, dm)
-        module.model.to(memory_format=layout)
+        module.model.to(memory_format=layout)  # type: ignore[call-overload]  # (the stubs lack the keyword)
         add_teacher(module, dm, distill, cfg.get("threads"), tracker)
         module.misclassified_max = tracker.misclassified_max if tracker is not None else 16
         module.shift_protocol = protocol_from_config(cfg.get("shift_consistency"), module.model.total_stride)
