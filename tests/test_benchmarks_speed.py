@@ -210,6 +210,25 @@ def test_gpu_new_shapes_records_what_is_missing_without_a_gpu(
     assert not any(k.startswith("heuristic") for k in doc)
 
 
+def test_train_layout_times_both_layouts_of_a_real_training_step(
+    tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    """benchmarks/train_layout.py (docs/benchmarks.md, "Training speed") as a subprocess, one small case."""
+    out = tmp_path / "layout.json"
+    args = ["--case", "tiny:48:1", "--batch", "4", "--seconds", "0.2", "--rounds", "2", "--threads", "1"]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "train_layout.py"), *args, "--out", str(out)],
+        cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(out.read_text(encoding="utf-8"))["rows"]
+    assert row["case"] == "tiny:48:1" and set(row["images_per_s"]) == {"contiguous", "channels_last"}
+    for layout, rates in row["rounds"].items():
+        assert len(rates) == 2 and all(r > 0 for r in rates) and row["images_per_s"][layout] == max(rates)
+    ratio = row["images_per_s"]["channels_last"] / row["images_per_s"]["contiguous"]
+    assert row["channels_last_speedup"] == pytest.approx(ratio, abs=1e-3)
+
+
 def test_gpu_target_is_computed_from_the_h200_rows() -> None:
     """The GPU target row of speed.py's report, on the figures measured on the lent H200 (docs/bench)."""
     report = _bench_module("bench_report")
