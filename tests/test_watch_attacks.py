@@ -80,6 +80,29 @@ def test_a_file_delivered_again_with_the_same_name_size_and_mtime_is_inspected_a
 
 
 @pytest.mark.slow
+def test_a_chmod_between_a_row_and_a_crash_costs_no_second_row(model: Path, tmp_path: Path) -> None:
+    """Killed between a file's row and its move, then the file's mode changed (its ctime too): the restart
+    inspected it again, a second row for one file. Its bytes are the row's, so it is moved under it."""
+    hot, out, log = tmp_path / "hot", tmp_path / "out", tmp_path / "watch.log"
+    hot.mkdir()
+    frame = wr.png_bytes(4, bright=True)
+    (hot / "cam.png").write_bytes(frame)
+    proc = wr.start_watch(model, hot, out, log, crash_at="after_commit:1")
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    (recorded,) = wr.read_rows(out)
+    assert recorded["source_sha256"] == hashlib.sha256(frame).hexdigest()
+    ctime = os.stat(hot / "cam.png").st_ctime_ns
+    time.sleep(0.05)  # a later ctime on any clock granularity
+    os.chmod(hot / "cam.png", 0o600)
+    assert os.stat(hot / "cam.png").st_ctime_ns != ctime
+    proc = wr.start_watch(model, hot, out, log)
+    wr.wait_for(lambda: wr.hot_names(hot) == [], what="the recorded file moved")
+    _stop(proc, log)
+    assert wr.read_rows(out) == [recorded] and (out / recorded["moved_to"]).read_bytes() == frame
+    assert "recovered 1 file(s)" in log.read_text()
+
+
+@pytest.mark.slow
 def test_a_presized_png_is_not_inspected_before_its_end_is_written(model: Path, tmp_path: Path) -> None:
     """A writer that sets the file's size first and fills it later (Windows copies, SMB) left zeros at the
     end, which decode as black rows: the half-written image got an OK row and was moved mid-write."""
@@ -131,20 +154,48 @@ def test_repeated_ng_names_keep_every_heat_map_and_a_lost_hot_folder_is_logged_o
 def test_a_stuck_move_of_a_file_replaced_since_its_row_is_not_filed(model: Path, tmp_path: Path) -> None:
     """A recorded file whose move failed (full disk) and that the camera then overwrote was filed under
     the old row's verdict, never inspected: an NG part in OK/. Now the replaced file is inspected anew."""
-    from defectscope.runtime.inspector import Inspector
-    from defectscope.runtime.watcher import WatchConfig, Watcher, _Pending
-
     hot, out = tmp_path / "hot", tmp_path / "out"
-    hot.mkdir()
-    (hot / "f.png").write_bytes(wr.png_bytes(5, bright=False))
-    st = os.stat(hot / "f.png")
-    run = _run_options(model)
-    watcher = Watcher(WatchConfig(run, str(hot), str(out)), Inspector.from_config(run.session))
-    watcher.stuck["f.png"] = _Pending("f.png", "OK/f.png", "OK", (st.st_size, st.st_mtime_ns))
+    watcher, _ = _stuck_watcher(model, hot, out)
     (hot / "f.png").write_bytes(wr.png_bytes(6, bright=True) + b"\0" * 7)  # overwritten while stuck
     watcher._retry_stuck()
     assert not (out / "OK" / "f.png").exists() and (hot / "f.png").exists() and not watcher.stuck
     assert [name for name, _ in _poll_until_ready(watcher)] == ["f.png"]
+
+
+def test_a_stuck_file_is_known_by_its_bytes_not_its_status(model: Path, tmp_path: Path) -> None:
+    """Replaced while its move waits by a frame of the same size with the mtime put back (`cp -p`): the
+    size-and-mtime check filed it under the old row. A chmod, which changes no byte, still moves it."""
+    hot, out = tmp_path / "hot", tmp_path / "out"
+    watcher, frame = _stuck_watcher(model, hot, out)
+    st = os.stat(hot / "f.png")
+    other = bytearray(frame)
+    other[-20] ^= 0xFF
+    (hot / "f.png").write_bytes(bytes(other))
+    os.utime(hot / "f.png", ns=(st.st_atime_ns, st.st_mtime_ns))
+    watcher._retry_stuck()
+    assert not (out / "OK" / "f.png").exists() and not watcher.stuck
+    watcher, frame = _stuck_watcher(model, tmp_path / "hot2", out)
+    os.chmod(tmp_path / "hot2" / "f.png", 0o600)
+    watcher._retry_stuck()
+    assert (out / "OK" / "f.png").read_bytes() == frame and not watcher.stuck
+
+
+def _stuck_watcher(model: Path, hot: Path, out: Path) -> tuple[Any, bytes]:
+    """A watcher whose move of ``hot/f.png`` (recorded as OK, with its digest) failed and waits."""
+    from defectscope.runtime.hotfolder import Recorded
+    from defectscope.runtime.inspector import Inspector
+    from defectscope.runtime.watcher import WatchConfig, Watcher, _Pending
+
+    hot.mkdir()
+    frame = wr.png_bytes(5, bright=False)
+    (hot / "f.png").write_bytes(frame)
+    st = os.stat(hot / "f.png")
+    run = _run_options(model)
+    watcher = Watcher(WatchConfig(run, str(hot), str(out)), Inspector.from_config(run.session))
+    digest = hashlib.sha256(frame).hexdigest()
+    source = Recorded(st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest)
+    watcher.stuck["f.png"] = _Pending("f.png", "OK/f.png", "OK", source)
+    return watcher, frame
 
 
 def test_a_taken_destination_of_the_same_size_is_not_taken_for_the_copy(model: Path, tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import filecmp
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import temp_name
+from .image_file import ImageLoadError, read_image_bytes
 from .results import fsync_dir
 
 TEMP_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".crdownload", ".download", ".swp", "~")
@@ -70,12 +72,52 @@ class Observation:
         return True
 
 
-def is_recorded_file(row: dict[str, Any], st: os.stat_result) -> bool:
-    """Whether the file in the hot folder is the one ``row`` recorded (a crash came between the row and
-    the move), not a new delivery under the same name: size, mtime and, where recorded, the ctime."""
-    if (row.get("source_size"), row.get("source_mtime_ns")) != (st.st_size, st.st_mtime_ns):
+@dataclass(frozen=True)
+class Recorded:
+    """A file as its row recorded it: what tells it apart from a new delivery under the same name."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int | None = None  # rows of version 0.x before 2026-12-05 lack it
+    sha256: str | None = None  # of the bytes judged; None for rows without it and files never read
+
+    @classmethod
+    def of_row(cls, row: dict[str, Any]) -> Recorded | None:
+        """The row's record of its file; None for a row that names no file state (it matches no file)."""
+        size, mtime, ctime = (row.get(f"source_{k}") for k in ("size", "mtime_ns", "ctime_ns"))
+        if not (
+            isinstance(size, int) and isinstance(mtime, int) and (ctime is None or isinstance(ctime, int))
+        ):
+            return None  # (JSON has no other integers: a bool here came from a hand-edited row)
+        digest = row.get("source_sha256")
+        return cls(size, mtime, ctime, digest if isinstance(digest, str) else None)
+
+
+def is_recorded_file(rec: Recorded, path: Path, st: os.stat_result, *, trust_stat: bool) -> bool:
+    """Whether the file at ``path`` (status ``st``) is the one ``rec`` recorded, not a new delivery.
+
+    Same bytes are the same file: a chmod or a copy that kept the bytes changes nothing the row says.
+    ``trust_stat``: an unchanged size, mtime and ctime is taken as the same file without reading it
+    (a write changes the ctime, except on Windows, where ``st_ctime`` is the creation time); the
+    digest decides otherwise, and always where a row and its move lie a crash or a retry apart.
+    """
+    if rec.size != st.st_size:
         return False
-    return row.get("source_ctime_ns") in (None, st.st_ctime_ns)
+    stat_same = rec.mtime_ns == st.st_mtime_ns and rec.ctime_ns in (None, st.st_ctime_ns)
+    if rec.sha256 is None:  # a row of an earlier version, or a file that was never read
+        return stat_same
+    if stat_same and trust_stat:
+        return True
+    return file_sha256(path, st.st_size) == rec.sha256
+
+
+def file_sha256(path: Path, size: int) -> str | None:
+    """The sha256 of a regular file of at most ``size`` bytes, read as the loader reads images
+    (never blocking on a pipe); None when it cannot be read."""
+    try:
+        return hashlib.sha256(read_image_bytes(path, size)).hexdigest()
+    except ImageLoadError:
+        return None
 
 
 def same_content(a: Path, b: Path) -> bool:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -262,11 +262,18 @@ def load_image(path: str | os.PathLike[str], cfg: LoaderConfig) -> np.ndarray:
 
 
 def load_image_with_size(
-    path: str | os.PathLike[str], cfg: LoaderConfig
+    path: str | os.PathLike[str], cfg: LoaderConfig, on_bytes: Callable[[bytes], None] | None = None
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """:func:`load_image` plus the decoded (width, height) before resizing, for result rows."""
+    """:func:`load_image` plus the decoded (width, height) before resizing, for result rows.
+
+    ``on_bytes`` sees the file's bytes once read, before decoding (the watcher's content digest: the
+    bytes that were judged, not a second read that a writer could have changed in between).
+    """
     p = Path(path)
-    img, size = _open(p, read_image_bytes(p, max_file_bytes(cfg.max_pixels)), cfg)
+    data = read_image_bytes(p, max_file_bytes(cfg.max_pixels))
+    if on_bytes is not None:
+        on_bytes(data)
+    img, size = _open(p, data, cfg)
     problem = too_small(*size, cfg)
     if problem:
         raise ImageLoadError(p, "too_small", problem)

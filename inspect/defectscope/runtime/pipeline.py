@@ -9,6 +9,7 @@ straight into a reused buffer; :class:`InferenceLanes` can run several batches a
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 import time
@@ -35,6 +36,7 @@ class Item:
     size: tuple[int, int] | None = None
     error: str | None = None
     decode_ms: float = 0.0
+    sha256: str | None = None  # of the bytes decoded, when asked for (`watch`); None if none were read
 
 
 @dataclass
@@ -53,13 +55,20 @@ def describe_error(exc: BaseException) -> str:
     return f"unreadable: {type(exc).__name__}: {exc}"
 
 
-def decode(path: str, cfg: LoaderConfig) -> Item:
+def decode(path: str, cfg: LoaderConfig, digest: bool = False) -> Item:
+    """One input decoded, or its error; ``digest``: also the sha256 of the bytes read (hashlib releases
+    the GIL on large buffers, so digests of several files are taken in parallel like their decoding)."""
     t0 = time.perf_counter()
+    digests: list[str] = []
+    on_bytes = (lambda data: digests.append(hashlib.sha256(data).hexdigest())) if digest else None
     try:
-        arr, size = load_image_with_size(path, cfg)
-        return Item(path, arr, size, None, (time.perf_counter() - t0) * 1e3)
+        arr, size = load_image_with_size(path, cfg, on_bytes)
+        item = Item(path, arr, size, None)
     except Exception as exc:  # a bad file must become a row, never stop the run
-        return Item(path, None, None, describe_error(exc), (time.perf_counter() - t0) * 1e3)
+        item = Item(path, None, None, describe_error(exc))
+    item.decode_ms = (time.perf_counter() - t0) * 1e3
+    item.sha256 = digests[0] if digests else None
+    return item
 
 
 def decode_stream(paths: Iterable[str], cfg: LoaderConfig, workers: int, window: int) -> Iterator[Item]:

@@ -13,13 +13,13 @@ Commit protocol (``OUT/results.jsonl`` is the source of truth), per batch:
 Crash points, and what a restart does:
   * before 2: no row, file still in HOT -> inspected again (nothing was recorded);
   * torn row in 2: the torn line is truncated -> same as above;
-  * between 2 and 3 (or mid-batch in 3): file in HOT with a row whose (path, size, mtime, ctime)
-    match -> moved to its recorded destination WITHOUT re-inference (a new delivery under the same
-    name, size and mtime has another ctime: it is inspected);
+  * between 2 and 3 (or mid-batch in 3): file in HOT whose bytes are those its row judged (the row's
+    sha256) -> moved to its recorded destination WITHOUT re-inference; another file under the name,
+    whatever its size, mtime and ctime, is inspected (rows without a digest: size, mtime and ctime);
   * inside a cross-device move: a dot-temp in OUT is removed; if the destination is already
     complete (same bytes) the source is just unlinked.
-A move that fails (full disk) is retried every poll, unless the file changed since its row: then it
-is inspected again as a new file.
+A move that fails (full disk) is retried every poll, unless the file's bytes changed since its row:
+then it is inspected again as a new file.
 So every file gets exactly one row (a file replaced after its row is a new file, with a row of its own)
 and ends up in exactly one of OK/NG/error.  SIGTERM/SIGINT
 finish the batch in flight (rows + moves).  A failed write of the results (disk full) stops the
@@ -45,6 +45,7 @@ from .hotfolder import (
     INCOMPLETE_KINDS,
     PARTIAL_PREFIX,
     Observation,
+    Recorded,
     is_ignored,
     is_recorded_file,
     move_no_overwrite,
@@ -91,7 +92,7 @@ class _Pending:
     name: str
     dest: str  # relative to OUT, e.g. "NG/a.png"
     verdict: str = ""  # for the log line, e.g. "NG (scratch, P(defect) 0.912)"
-    source: tuple[int, int] | None = None  # (size, mtime_ns) the row recorded: a changed file is not moved
+    source: Recorded | None = None  # the file the row judged: another file under its name is not moved
 
 
 def verdict_text(row: dict[str, Any]) -> str:
@@ -160,19 +161,17 @@ class Watcher:
         if not self.results.exists():
             return 0
         here = {str(self.hot / n): n for n in self._names()}
-        pending: dict[str, tuple[dict[str, Any], os.stat_result]] = {}
+        last: dict[str, dict[str, Any]] = {}  # a name's file in HOT is its last row's, if any row's
         for row in recorded_rows(self.results, here):
-            name = here[row["path"]]
-            st = _stat(self.hot / name)
-            if st is not None and is_recorded_file(row, st):
-                pending[name] = (row, st)
-        for name, (row, st) in pending.items():
-            self._move(_Pending(name, str(row["moved_to"]), source=(st.st_size, st.st_mtime_ns)))
-        if pending:
-            log(
-                f"watch: recovered {len(pending)} file(s) recorded before a crash; moved without re-inference"
-            )
-        return len(pending)
+            last[here[row["path"]]] = row
+        moved = 0
+        for name, row in last.items():
+            source = Recorded.of_row(row)
+            if source is not None:
+                moved += self._move(_Pending(name, str(row["moved_to"]), source=source), trust_stat=False)
+        if moved:
+            log(f"watch: recovered {moved} file(s) recorded before a crash; moved without re-inference")
+        return moved
 
     # -- polling ---------------------------------------------------------------------------
     def _names(self) -> list[str]:
@@ -256,9 +255,9 @@ class Watcher:
         paths = [str(self.hot / name) for name, _ in chunk]
         loader = self.inspector.loader_config
         items = (
-            list(pool.map(decode, paths, [loader] * len(paths)))
+            list(pool.map(decode, paths, [loader] * len(paths), [True] * len(paths)))
             if pool
-            else [decode(p, loader) for p in paths]
+            else [decode(p, loader, True) for p in paths]
         )
         results: list[Result] = []
         batcher = Batcher(self.cfg.run.batch_size, max_pending=len(items) + 1)
@@ -302,7 +301,8 @@ class Watcher:
                 # named after where the file goes: a name that comes again (NG/a_1.png) gets its own
                 save_overlay(self.heatmaps, str(self.out / dest), r.item.array, r.cam)
             self.writer.add(row)
-            moves.append(_Pending(name, dest, verdict_text(row), (obs.size, obs.mtime_ns)))
+            source = Recorded(obs.size, obs.mtime_ns, obs.ctime_ns, r.item.sha256)
+            moves.append(_Pending(name, dest, verdict_text(row), source))
         self.writer.commit()
         for m in moves:  # counted once recorded
             self.counts[m.dest.split("/", 1)[0]] += 1
@@ -311,7 +311,7 @@ class Watcher:
         for i, m in enumerate(moves):
             if i == len(moves) // 2:
                 self._event("mid_move")
-            if self._move(m):
+            if self._move(m, trust_stat=True):  # read moments ago: its status still tells
                 log(f"watch: {m.name} -> {m.dest}: {m.verdict}")
             self.seen.pop(m.name, None)
         for sub in {m.dest.split("/", 1)[0] for m in moves}:
@@ -340,6 +340,7 @@ class Watcher:
             source_size=obs.size,
             source_mtime_ns=obs.mtime_ns,
             source_ctime_ns=obs.ctime_ns,
+            source_sha256=r.item.sha256,
             time=_dt.datetime.now().astimezone().isoformat(timespec="milliseconds"),
         )
         return row
@@ -355,15 +356,16 @@ class Watcher:
         return f"{sub}/{candidate}"
 
     # -- moving ----------------------------------------------------------------------------
-    def _move(self, m: _Pending) -> bool:
-        """Move one recorded file to its destination; ``False`` while it is stuck (retried later)."""
+    def _move(self, m: _Pending, trust_stat: bool = False) -> bool:
+        """Move one recorded file to its destination; ``False`` while it is stuck (retried later) and when
+        the file is no longer the one recorded (it is then inspected as a new file)."""
         src = self.hot / m.name
         dst = self.out / m.dest
         try:
             st = _stat(src)  # a dangling or looping link has its own status, as when it was observed
             if st is None:
                 raise FileNotFoundError(src)
-            if m.source is not None and m.source != (st.st_size, st.st_mtime_ns):
+            if m.source is not None and not is_recorded_file(m.source, src, st, trust_stat=trust_stat):
                 log(f"watch: {m.name} was replaced after its row was written; inspecting the new file")
                 self.stuck.pop(m.name, None)
                 return False
