@@ -210,6 +210,11 @@ def test_ddp_ranks_read_their_own_images_teacher_rows(
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert "Starting with 2 processes" in log
+    shares = {int(rank): int(n) for n, rank in re.findall(
+        r"scored (\d+) of the \d+ training images in this process \(rank (\d) of 2\)", log
+    )}  # fmt: skip
+    total = int(re.findall(r"scored \d+ of the (\d+) training images", log)[0])
+    assert set(shares) == {0, 1} and sum(shares.values()) == total  # each rank its half, not the whole split
     auroc = re.search(r"test metrics:.* auroc=([0-9.]+)", proc.stdout)
     assert auroc is not None, proc.stdout[-2000:]
     assert float(auroc.group(1)) <= 0.05
@@ -269,3 +274,38 @@ def test_a_resumed_run_keeps_its_teacher(
         r"put that teacher file back or start a new run",
         str(err.value),
     )
+
+
+@pytest.mark.slow
+def test_an_image_one_ddp_rank_cannot_teach_stops_every_rank_in_one_line(
+    tmp_path: Path, compose_train: Callable[..., Any], cli_env: dict[str, str]
+) -> None:
+    """One training image that the teacher's loader refuses (smaller than its min_size) lies in one rank's
+    share only: that rank's error reaches the other through the gathered rows, so both stop, nobody waits."""
+    from PIL import Image
+
+    from defectscope.checkpoint import load_checkpoint
+    from defectscope.export.onnx_export import export_model
+
+    data = make_set(tmp_path / "bars", per_class=24)
+    run = tmp_path / "teacher-run"
+    train(cfg_for(compose_train, data, run, "data.loader.min_size=44", "trainer.max_epochs=1", "test=false"))
+    model, info = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    onnx = export_model(model, info, tmp_path / "teacher.onnx", log=lambda _: None).path
+    Image.fromarray(np.full((40, 40), 90, np.uint8)).save(data / "good" / "good900.png")
+    overrides = tiny_folder_overrides(data, tmp_path / "out", "good", epochs=1)
+    proc = cli(
+        [
+            "train", *overrides, "trainer=ddp", "trainer.accelerator=cpu", "shift_consistency.copies=0",
+            f"distill.teacher={onnx}", f"hydra.run.dir={tmp_path / 'out'}",
+        ],
+        tmp_path, cli_env,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"defectscope train: error: distill\.teacher: the teacher cannot read the training image "
+        rf"{re.escape(str(data / 'good' / 'good900.png'))} under its own loader: .*40.*",
+        last,
+    ), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
@@ -140,16 +141,8 @@ def teacher_file_problem(teacher: str) -> str | None:
     return None
 
 
-def teacher_probabilities(
-    settings: DistillSettings, paths: Sequence[str], class_names: Sequence[str], threads: int | None
-) -> tuple[np.ndarray, str]:
-    """The teacher's class probabilities for every training image, (N, K) float32 in ``paths`` order,
-    and the teacher file's sha256 (what the run was trained towards, for its tracking record).
-
-    The teacher must grade the same classes in the same order; any image it cannot read under its own
-    loader (the files changed since the scan, or its loader refuses what training's accepts) stops the run.
-    """
-    from ..evaluation.scoring import score_paths
+def open_teacher(settings: DistillSettings, class_names: Sequence[str], threads: int | None) -> Any:
+    """The teacher as the line runtime opens it; one line when it cannot be a teacher for these classes."""
     from ..runtime.inspector import Inspector, MetadataError, ModelLoadError, ProviderError
     from ..runtime.providers import import_ort
 
@@ -165,33 +158,37 @@ def teacher_probabilities(
             f"distill.teacher: {settings.teacher} grades the classes {', '.join(teacher.class_names)} but the "
             f"data's are {', '.join(class_names)}; the teacher must be trained on the same classes, in the same order"
         )
-    meta = teacher.metadata
-    started = time.perf_counter()
+    return teacher
+
+
+def teacher_probabilities(teacher: Any, paths: Sequence[str]) -> np.ndarray:
+    """The teacher's class probabilities for ``paths``, (N, K) float32 in their order.
+
+    Any image it cannot read under its own loader (the files changed since the scan, or its loader
+    refuses what training's accepts) is a :class:`TrainingConfigError`: the run cannot be taught it.
+    """
+    from ..evaluation.scoring import score_paths
+
+    meta, name = teacher.metadata, teacher.model_path
     try:
         scored = score_paths(
             lambda b: teacher.predict(b, cam=False)["probs"], paths, meta.loader, meta.mean, meta.std
         )
     except Exception as exc:  # ONNX Runtime's own errors (out of memory, a graph it cannot run)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise TrainingConfigError(
-            f"distill.teacher: {settings.teacher} failed on the training images: {first}"
-        ) from None
+        raise TrainingConfigError(f"distill.teacher: {name} failed on the training images: {first}") from None
     if scored.failed:
         path, reason = scored.failed[0]
         raise TrainingConfigError(
             f"distill.teacher: the teacher cannot read the training image {path} under its own loader: {reason}"
         )
-    probs = np.zeros((len(paths), len(class_names)), dtype=np.float32)
+    probs = np.zeros((len(paths), len(teacher.class_names)), dtype=np.float32)
     probs[scored.index] = scored.probs
     if not np.isfinite(probs).all():
         raise TrainingConfigError(
-            f"distill.teacher: {settings.teacher} gave probabilities that are not finite numbers (NaN/inf)"
+            f"distill.teacher: {name} gave probabilities that are not finite numbers (NaN/inf)"
         )
-    log.info(
-        "distill: teacher %s (%s, sha256 %s…) scored %d training images in %.0f s",
-        settings.teacher, meta.variant, teacher.sha256[:12], len(paths), time.perf_counter() - started,
-    )  # fmt: skip
-    return probs, teacher.sha256
+    return probs
 
 
 def distill_loss(
@@ -214,18 +211,87 @@ def teacher_agreement(teacher_probs: np.ndarray, labels: Sequence[int]) -> float
     return float(np.mean(teacher_probs.argmax(axis=1) == np.asarray(labels)))
 
 
-def add_teacher(module: Any, dm: Any, settings: DistillSettings, threads: Any, tracker: Any) -> None:
-    """``distill.teacher``: score the training split once, before the first step, and hand the module
-    its rows; the run's tracking record gets the teacher's sha256 and agreement with the labels."""
+def add_teacher(dm: Any, settings: DistillSettings, threads: Any, tracker: Any) -> list[Any]:
+    """``distill.teacher``: checked now (it opens and grades the data's classes), scored by the returned
+    callback once the processes exist; no callback without a teacher."""
     if settings.teacher is None:
-        return
+        return []
+    open_teacher(settings, list(dm.class_names), threads)
     train_set = dm.dataset("train")
-    probs, sha256 = teacher_probabilities(settings, train_set.paths, list(dm.class_names), threads)
-    agreement = teacher_agreement(probs, train_set.labels)
-    log.info(
-        "distill: the teacher's top class is the label of %.1f %% of the training images; weight %g, temperature %g",
-        100 * agreement, settings.weight, settings.temperature,
-    )  # fmt: skip
-    if tracker is not None:
-        tracker.set_tags({"distill.teacher_sha256": sha256, "distill.teacher_agreement": f"{agreement:.4f}"})
-    module.set_teacher(probs, settings.weight, settings.temperature, sha256)
+    return [
+        TeacherPass(
+            settings, list(train_set.paths), list(train_set.labels), list(dm.class_names), threads, tracker
+        )
+    ]
+
+
+class TeacherPass(pl.Callback):
+    """Scores the training split with the teacher before the first step, and hands the module its rows.
+
+    Under DDP each process scores every ``world_size``-th image from its rank on and the rows are
+    gathered (tensors, no pickling), so the pass costs what it costs one process, not once per rank;
+    an image one rank cannot score stops every rank with the same line.
+    """
+
+    def __init__(
+        self, settings: DistillSettings, paths: list[str], labels: list[int], class_names: list[str],
+        threads: Any, tracker: Any,
+    ) -> None:  # fmt: skip
+        self.settings, self.paths, self.labels = settings, paths, labels
+        self.class_names, self.threads, self.tracker = class_names, threads, tracker
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        started = time.perf_counter()
+        rank, world = trainer.global_rank, trainer.world_size
+        share = list(range(rank, len(self.paths), world))
+        teacher, error = None, ""
+        part = np.zeros((len(share), len(self.class_names)), dtype=np.float32)
+        try:
+            teacher = open_teacher(self.settings, self.class_names, self.threads)
+            part = teacher_probabilities(teacher, [self.paths[i] for i in share])
+        except TrainingConfigError as exc:
+            error = str(exc)
+        probs, errors = _gathered(trainer, pl_module, part, error, len(self.paths))
+        if errors:
+            raise TrainingConfigError(errors[0])
+        assert teacher is not None
+        agreement = teacher_agreement(probs, self.labels)
+        log.info(
+            "distill: teacher %s (%s, sha256 %s…) scored %d of the %d training images in this process (rank %d "
+            "of %d) in %.0f s; its top class is the label of %.1f %% of them all; weight %g, temperature %g",
+            self.settings.teacher, teacher.metadata.variant, teacher.sha256[:12], len(share), len(self.paths),
+            rank, world, time.perf_counter() - started, 100 * agreement, self.settings.weight,
+            self.settings.temperature,
+        )  # fmt: skip
+        if self.tracker is not None and trainer.is_global_zero:
+            tags = {"distill.teacher_sha256": teacher.sha256, "distill.teacher_agreement": f"{agreement:.4f}"}
+            self.tracker.set_tags(tags)
+        module: Any = pl_module
+        module.set_teacher(probs, self.settings.weight, self.settings.temperature, teacher.sha256)
+
+
+def _gathered(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, part: np.ndarray, error: str, total: int
+) -> tuple[np.ndarray, list[str]]:
+    """Every rank's rows in path order, and the ranks' errors (UTF-8, cut at 2 KiB) in rank order."""
+    world = trainer.world_size
+    if world == 1:
+        return part, [error] if error else []
+    rows = -(-total // world)  # the largest share: rank 0's
+    padded = torch.zeros((rows, part.shape[1]), dtype=torch.float32)
+    padded[: len(part)] = torch.from_numpy(part)
+    message = torch.zeros(2048, dtype=torch.uint8)
+    raw = error.encode("utf-8")[:2048]
+    if raw:
+        message[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+    device = pl_module.device
+    all_rows = trainer.strategy.all_gather(padded.to(device)).cpu()  # (world, rows, K)
+    all_messages = trainer.strategy.all_gather(message.to(device)).cpu()  # (world, 2048)
+    probs = np.zeros((total, part.shape[1]), dtype=np.float32)
+    for r in range(world):
+        share = range(r, total, world)
+        probs[list(share)] = all_rows[r, : len(share)].numpy()
+    errors = [bytes(m.numpy()).rstrip(b"\0").decode("utf-8", "replace") for m in all_messages]
+    return probs, [e for e in errors if e]

@@ -361,10 +361,10 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
         dm.setup("fit")
         module = build_module(cfg, dm)
         module.model.to(memory_format=layout)  # type: ignore[call-overload]  # (the stubs lack the keyword)
-        add_teacher(module, dm, distill, cfg.get("threads"), tracker)
+        teacher_pass = add_teacher(dm, distill, cfg.get("threads"), tracker)
         module.misclassified_max = tracker.misclassified_max if tracker is not None else 16
         module.shift_protocol = protocol_from_config(cfg.get("shift_consistency"), module.model.total_stride)
-        trainer = _build_trainer(cfg, out_dir, tracker, extra_callbacks)
+        trainer = _build_trainer(cfg, out_dir, tracker, [*teacher_pass, *extra_callbacks])
         resolved = _write_run_files(cfg, dm, out_dir, tracker)
 
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
