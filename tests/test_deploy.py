@@ -131,6 +131,14 @@ def test_every_result_field_is_documented_once() -> None:
         if line.startswith("| `")
         for name in re.findall(r"`([a-z_0-9]+)`", line.split("|")[1])
     }
-    watch_fields = {"moved_to", "source_size", "source_mtime_ns", "source_ctime_ns", "source_sha256", "time"}
+    watch_fields = {
+        "moved_to",
+        "source_size",
+        "source_mtime_ns",
+        "source_ctime_ns",
+        "source_inode",
+        "source_sha256",
+        "time",
+    }
     assert documented == set(ROW_KEYS) | watch_fields
     assert text.count("### Result rows") == 1

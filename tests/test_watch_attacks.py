@@ -103,6 +103,32 @@ def test_a_chmod_between_a_row_and_a_crash_costs_no_second_row(model: Path, tmp_
 
 
 @pytest.mark.slow
+def test_the_same_bytes_delivered_again_after_their_move_get_their_own_row(
+    model: Path, tmp_path: Path
+) -> None:
+    """A file inspected and moved; with the watcher stopped, the same bytes arrive again under the name (a
+    resend), even with the old mtime. Recovery knew files by their bytes alone and filed the resend under
+    the first row (or deleted it, its destination holding those bytes): a delivery without a row."""
+    hot, out, log = tmp_path / "hot", tmp_path / "out", tmp_path / "watch.log"
+    hot.mkdir()
+    frame = wr.png_bytes(2, bright=True)
+    (hot / "cam.png").write_bytes(frame)
+    proc = wr.start_watch(model, hot, out, log)
+    wr.wait_for(lambda: len(wr.read_rows(out)) == 1 and wr.hot_names(hot) == [], what="the first delivery")
+    _stop(proc, log)
+    (first,) = wr.read_rows(out)
+    (hot / "cam.png").write_bytes(frame)
+    os.utime(hot / "cam.png", ns=(first["source_mtime_ns"], first["source_mtime_ns"]))
+    proc = wr.start_watch(model, hot, out, log)
+    wr.wait_for(lambda: len(wr.read_rows(out)) == 2 and wr.hot_names(hot) == [], what="the resend inspected")
+    _stop(proc, log)
+    second = wr.read_rows(out)[1]
+    assert second["source_sha256"] == first["source_sha256"] and second["moved_to"] != first["moved_to"]
+    assert (out / first["moved_to"]).read_bytes() == (out / second["moved_to"]).read_bytes() == frame
+    assert "recovered" not in log.read_text()
+
+
+@pytest.mark.slow
 def test_a_presized_png_is_not_inspected_before_its_end_is_written(model: Path, tmp_path: Path) -> None:
     """A writer that sets the file's size first and fills it later (Windows copies, SMB) left zeros at the
     end, which decode as black rows: the half-written image got an OK row and was moved mid-write."""
@@ -192,10 +218,67 @@ def _stuck_watcher(model: Path, hot: Path, out: Path) -> tuple[Any, bytes]:
     st = os.stat(hot / "f.png")
     run = _run_options(model)
     watcher = Watcher(WatchConfig(run, str(hot), str(out)), Inspector.from_config(run.session))
-    digest = hashlib.sha256(frame).hexdigest()
-    source = Recorded(st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest)
+    source = Recorded.of_stat(st, hashlib.sha256(frame).hexdigest())
     watcher.stuck["f.png"] = _Pending("f.png", "OK/f.png", "OK", source)
     return watcher, frame
+
+
+def test_a_file_that_cannot_be_read_to_tell_waits(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stuck file whose ctime changed must be read to tell whether it is the recorded one; a failed read
+    (a Windows sharing lock, which root on Linux cannot make, hence the patched reader) was taken for a new
+    file: inspected again, a second row. It waits now, and moves once it can be read."""
+    from defectscope.runtime import hotfolder
+
+    hot, out = tmp_path / "hot", tmp_path / "out"
+    watcher, frame = _stuck_watcher(model, hot, out)
+    os.chmod(hot / "f.png", 0o600)
+    monkeypatch.setattr(hotfolder, "read_image_bytes", _locked)
+    watcher._retry_stuck()
+    assert "f.png" in watcher.stuck and _poll_until_ready(watcher) == []
+    monkeypatch.undo()
+    watcher._retry_stuck()
+    assert (out / "OK" / "f.png").read_bytes() == frame and not watcher.stuck
+
+
+def _locked(path: Path, max_bytes: int) -> bytes:
+    from defectscope.runtime.image_file import ImageLoadError
+
+    raise ImageLoadError(path, "unreadable", "cannot be read: sharing violation")
+
+
+def test_a_rewrite_between_the_read_and_the_check_is_not_recorded_as_read(
+    model: Path, tmp_path: Path
+) -> None:
+    """The row took its ctime from a `stat` after the read: a same-size rewrite with the mtime put back in
+    between was filed under a verdict and digest of bytes it does not hold. The open file's status counts."""
+    from defectscope.runtime.hotfolder import Observation, Recorded
+    from defectscope.runtime.inspector import Inspector
+    from defectscope.runtime.pipeline import decode
+    from defectscope.runtime.watcher import WatchConfig, Watcher
+
+    hot, out = tmp_path / "hot", tmp_path / "out"
+    hot.mkdir()
+    frame = wr.png_bytes(5, bright=False)
+    (hot / "f.png").write_bytes(frame)
+    st = os.stat(hot / "f.png")
+    run = _run_options(model)
+    watcher = Watcher(WatchConfig(run, str(hot), str(out)), Inspector.from_config(run.session))
+    item = decode(str(hot / "f.png"), watcher.inspector.loader_config, True)
+    assert item.sha256 == hashlib.sha256(frame).hexdigest()
+    obs = Observation.of(st)
+    time.sleep(0.05)  # a later ctime on any clock granularity
+    other = bytearray(frame)
+    other[-20] ^= 0xFF
+    (hot / "f.png").write_bytes(bytes(other))
+    os.utime(hot / "f.png", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert not watcher._still_same("f.png", obs, item) and obs.record is None
+    fresh = decode(str(hot / "f.png"), watcher.inspector.loader_config, True)
+    assert watcher._still_same("f.png", watcher.seen["f.png"], fresh)
+    assert watcher.seen["f.png"].record == Recorded.of_stat(
+        os.stat(hot / "f.png"), hashlib.sha256(other).hexdigest()
+    )
 
 
 def test_a_taken_destination_of_the_same_size_is_not_taken_for_the_copy(model: Path, tmp_path: Path) -> None:

@@ -47,17 +47,15 @@ class Observation:
     changed_at: float  # time.monotonic() when (size, mtime) last changed or the file appeared
     stable: int = 0  # polls since then without a change
     hold_until: float = 0.0  # read as incomplete: not ready again before this (unless it changes)
-    #: inode change time: a copy that keeps the mtime (``cp -p``, ``rsync -t``) gets a new one, so a file
-    #: delivered again under the same name, size and mtime is told apart from the one recorded (on
-    #: Windows it is the creation time, which an in-place overwrite keeps: not told apart there)
-    ctime_ns: int = 0
+    #: the file as it was read (its open file's status and the digest of the bytes): what its row records
+    record: Recorded | None = None
 
     def same(self, st: os.stat_result) -> bool:
         return (self.size, self.mtime_ns) == (st.st_size, st.st_mtime_ns)
 
     @classmethod
     def of(cls, st: os.stat_result) -> Observation:
-        return cls(st.st_size, st.st_mtime_ns, time.monotonic(), ctime_ns=st.st_ctime_ns)
+        return cls(st.st_size, st.st_mtime_ns, time.monotonic())
 
     def ready(self, stable_polls: int) -> bool:
         return self.stable >= stable_polls and time.monotonic() >= self.hold_until
@@ -78,8 +76,13 @@ class Recorded:
 
     size: int
     mtime_ns: int
-    ctime_ns: int | None = None  # rows of version 0.x before 2026-12-05 lack it
-    sha256: str | None = None  # of the bytes judged; None for rows without it and files never read
+    ctime_ns: int | None = None  # rows of earlier versions lack it
+    sha256: str | None = None  # of the bytes judged; None for older rows and for files never read
+    inode: tuple[int, int] | None = None  # (st_dev, st_ino); None for older rows and where the OS gives none
+
+    @classmethod
+    def of_stat(cls, st: os.stat_result, sha256: str | None) -> Recorded:
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, sha256, inode_of(st))
 
     @classmethod
     def of_row(cls, row: dict[str, Any]) -> Recorded | None:
@@ -89,31 +92,54 @@ class Recorded:
             isinstance(size, int) and isinstance(mtime, int) and (ctime is None or isinstance(ctime, int))
         ):
             return None  # (JSON has no other integers: a bool here came from a hand-edited row)
-        digest = row.get("source_sha256")
-        return cls(size, mtime, ctime, digest if isinstance(digest, str) else None)
+        digest, inode = row.get("source_sha256"), row.get("source_inode")
+        pair = None
+        if isinstance(inode, list) and len(inode) == 2 and all(isinstance(v, int) for v in inode):
+            pair = (inode[0], inode[1])
+        return cls(size, mtime, ctime, digest if isinstance(digest, str) else None, pair)
+
+    def to_row(self) -> dict[str, Any]:
+        return {
+            "source_size": self.size,
+            "source_mtime_ns": self.mtime_ns,
+            "source_ctime_ns": self.ctime_ns,
+            "source_inode": list(self.inode) if self.inode else None,
+            "source_sha256": self.sha256,
+        }
 
 
-def is_recorded_file(rec: Recorded, path: Path, st: os.stat_result, *, trust_stat: bool) -> bool:
-    """Whether the file at ``path`` (status ``st``) is the one ``rec`` recorded, not a new delivery.
+def inode_of(st: os.stat_result) -> tuple[int, int] | None:
+    """(device, inode); None where the file system reports no inode number (0, some network shares)."""
+    return (st.st_dev, st.st_ino) if st.st_ino else None
 
-    Same bytes are the same file: a chmod or a copy that kept the bytes changes nothing the row says.
-    ``trust_stat``: an unchanged size, mtime and ctime is taken as the same file without reading it
-    (a write changes the ctime, except on Windows, where ``st_ctime`` is the creation time); the
-    digest decides otherwise, and always where a row and its move lie a crash or a retry apart.
+
+def is_recorded_file(rec: Recorded, path: Path, st: os.stat_result, *, trust_stat: bool) -> bool | None:
+    """Whether the file at ``path`` (status ``st``) is the one ``rec`` recorded, not a new delivery;
+    None when that cannot be told now (its bytes are needed and cannot be read: try again later).
+
+    A new delivery is a new file (another inode) or a new write (another size or mtime). What the digest
+    of the bytes judged decides is the rest: the same file with a new ctime (a chmod or attribute change:
+    still the file judged) or rewritten in place with its size and mtime put back (on Windows, where
+    ``st_ctime`` is the creation time, only the bytes tell). ``trust_stat``: an unchanged ctime as well
+    is taken as the same file without reading it (on POSIX every write changes the ctime).
     """
-    if rec.size != st.st_size:
+    if (rec.size, rec.mtime_ns) != (st.st_size, st.st_mtime_ns):
         return False
-    stat_same = rec.mtime_ns == st.st_mtime_ns and rec.ctime_ns in (None, st.st_ctime_ns)
+    now = inode_of(st)
+    if rec.inode is not None and now is not None and rec.inode != now:
+        return False
+    ctime_same = rec.ctime_ns in (None, st.st_ctime_ns)
     if rec.sha256 is None:  # a row of an earlier version, or a file that was never read
-        return stat_same
-    if stat_same and trust_stat:
+        return ctime_same
+    if ctime_same and trust_stat:
         return True
-    return file_sha256(path, st.st_size) == rec.sha256
+    digest = file_sha256(path, st.st_size)
+    return None if digest is None else digest == rec.sha256
 
 
 def file_sha256(path: Path, size: int) -> str | None:
     """The sha256 of a regular file of at most ``size`` bytes, read as the loader reads images
-    (never blocking on a pipe); None when it cannot be read."""
+    (never blocking on a pipe); None when it cannot be read (locked, gone, replaced by a pipe)."""
     try:
         return hashlib.sha256(read_image_bytes(path, size)).hexdigest()
     except ImageLoadError:

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .image_file import ImageLoadError as ImageLoadError
-from .image_file import max_file_bytes, read_image_bytes
+from .image_file import max_file_bytes, read_image_file
 
 #: Error kinds, in the order a user would meet them.
 ERROR_KINDS = (
@@ -262,17 +262,20 @@ def load_image(path: str | os.PathLike[str], cfg: LoaderConfig) -> np.ndarray:
 
 
 def load_image_with_size(
-    path: str | os.PathLike[str], cfg: LoaderConfig, on_bytes: Callable[[bytes], None] | None = None
+    path: str | os.PathLike[str],
+    cfg: LoaderConfig,
+    on_bytes: Callable[[bytes, os.stat_result], None] | None = None,
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """:func:`load_image` plus the decoded (width, height) before resizing, for result rows.
 
-    ``on_bytes`` sees the file's bytes once read, before decoding (the watcher's content digest: the
-    bytes that were judged, not a second read that a writer could have changed in between).
+    ``on_bytes`` sees the file's bytes once read, before decoding, with the status of the open file
+    (the watcher's record of the bytes that were judged, not of a second read or ``stat`` that a
+    writer could have changed in between).
     """
     p = Path(path)
-    data = read_image_bytes(p, max_file_bytes(cfg.max_pixels))
+    data, st = read_image_file(p, max_file_bytes(cfg.max_pixels))
     if on_bytes is not None:
-        on_bytes(data)
+        on_bytes(data, st)
     img, size = _open(p, data, cfg)
     problem = too_small(*size, cfg)
     if problem:

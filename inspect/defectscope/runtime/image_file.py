@@ -36,9 +36,16 @@ def max_file_bytes(max_pixels: int) -> int:
 
 
 def read_image_bytes(path: Path, max_bytes: int) -> bytes:
-    """The file's bytes.  Checked to be a regular file before it is opened (a named pipe would block the
-    reader forever, or wake its writer; a device such as a link to ``/dev/zero`` never ends) and again
-    once open, without blocking, in case the name was replaced in between."""
+    """The file's bytes (:func:`read_image_file` without the status)."""
+    return read_image_file(path, max_bytes)[0]
+
+
+def read_image_file(path: Path, max_bytes: int) -> tuple[bytes, os.stat_result]:
+    """The file's bytes and the status of the file they were read from (``fstat`` of the open file, so
+    it describes those bytes even if the name is replaced meanwhile).  Checked to be a regular file
+    before it is opened (a named pipe would block the reader forever, or wake its writer; a device such
+    as a link to ``/dev/zero`` never ends) and again once open, without blocking, in case the name was
+    replaced in between."""
     try:
         mode = os.stat(path).st_mode
         if not stat.S_ISREG(mode):
@@ -74,7 +81,7 @@ def read_image_bytes(path: Path, max_bytes: int) -> bytes:
         )
     if not data:
         raise ImageLoadError(path, "zero_bytes", "file is empty (zero bytes)")
-    return data
+    return data, st
 
 
 def _refuse(path: Path, mode: int) -> NoReturn:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import threading
 import time
 from collections import deque
@@ -37,6 +38,7 @@ class Item:
     error: str | None = None
     decode_ms: float = 0.0
     sha256: str | None = None  # of the bytes decoded, when asked for (`watch`); None if none were read
+    read_stat: os.stat_result | None = None  # with sha256: the status of the open file those bytes came from
 
 
 @dataclass
@@ -59,15 +61,16 @@ def decode(path: str, cfg: LoaderConfig, digest: bool = False) -> Item:
     """One input decoded, or its error; ``digest``: also the sha256 of the bytes read (hashlib releases
     the GIL on large buffers, so digests of several files are taken in parallel like their decoding)."""
     t0 = time.perf_counter()
-    digests: list[str] = []
-    on_bytes = (lambda data: digests.append(hashlib.sha256(data).hexdigest())) if digest else None
+    read: list[tuple[str, os.stat_result]] = []
+    on_bytes = (lambda data, st: read.append((hashlib.sha256(data).hexdigest(), st))) if digest else None
     try:
         arr, size = load_image_with_size(path, cfg, on_bytes)
         item = Item(path, arr, size, None)
     except Exception as exc:  # a bad file must become a row, never stop the run
         item = Item(path, None, None, describe_error(exc))
     item.decode_ms = (time.perf_counter() - t0) * 1e3
-    item.sha256 = digests[0] if digests else None
+    if read:
+        item.sha256, item.read_stat = read[0]
     return item
 
 

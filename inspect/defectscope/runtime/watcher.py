@@ -13,9 +13,10 @@ Commit protocol (``OUT/results.jsonl`` is the source of truth), per batch:
 Crash points, and what a restart does:
   * before 2: no row, file still in HOT -> inspected again (nothing was recorded);
   * torn row in 2: the torn line is truncated -> same as above;
-  * between 2 and 3 (or mid-batch in 3): file in HOT whose bytes are those its row judged (the row's
-    sha256) -> moved to its recorded destination WITHOUT re-inference; another file under the name,
-    whatever its size, mtime and ctime, is inspected (rows without a digest: size, mtime and ctime);
+  * between 2 and 3 (or mid-batch in 3): file in HOT that is the one its row judged (the same inode,
+    size and mtime, and the bytes of the row's sha256) -> moved to its recorded destination WITHOUT
+    re-inference; a new delivery under the name is inspected; a file whose bytes cannot be read to
+    tell waits, neither moved nor inspected (rows of earlier versions: size, mtime and ctime);
   * inside a cross-device move: a dot-temp in OUT is removed; if the destination is already
     complete (same bytes) the source is just unlinked.
 A move that fails (full disk) is retried every poll, unless the file's bytes changed since its row:
@@ -263,7 +264,7 @@ class Watcher:
         batcher = Batcher(self.cfg.run.batch_size, max_pending=len(items) + 1)
         want_cam = bool(self.heatmaps)
         for (name, obs), item in zip(chunk, items):
-            if not self._still_same(name, obs):
+            if not self._still_same(name, obs, item):
                 continue  # changed or vanished while we read it: not complete after all
             if item.error is not None:
                 kind = item.error.split(":", 1)[0]
@@ -295,14 +296,14 @@ class Watcher:
             name = os.path.basename(r.item.path)
             verdict = r.decision.verdict if r.decision is not None and r.item.size is not None else None
             dest = self._unique_dest(FOLDERS[verdict], name, reserved)
-            obs = stats[name]
-            row = self._row(r, obs, dest)
+            record = stats[name].record
+            assert record is not None  # set by _still_same for every file with a result
+            row = self._row(r, record, dest)
             if verdict == "NG" and self.heatmaps and r.cam is not None and r.item.array is not None:
                 # named after where the file goes: a name that comes again (NG/a_1.png) gets its own
                 save_overlay(self.heatmaps, str(self.out / dest), r.item.array, r.cam)
             self.writer.add(row)
-            source = Recorded(obs.size, obs.mtime_ns, obs.ctime_ns, r.item.sha256)
-            moves.append(_Pending(name, dest, verdict_text(row), source))
+            moves.append(_Pending(name, dest, verdict_text(row), record))
         self.writer.commit()
         for m in moves:  # counted once recorded
             self.counts[m.dest.split("/", 1)[0]] += 1
@@ -311,7 +312,7 @@ class Watcher:
         for i, m in enumerate(moves):
             if i == len(moves) // 2:
                 self._event("mid_move")
-            if self._move(m, trust_stat=True):  # read moments ago: its status still tells
+            if self._move(m):
                 log(f"watch: {m.name} -> {m.dest}: {m.verdict}")
             self.seen.pop(m.name, None)
         for sub in {m.dest.split("/", 1)[0] for m in moves}:
@@ -322,25 +323,25 @@ class Watcher:
             f"watch: batch {self.batches}: {len(moves)} file(s); totals OK {c['OK']}, NG {c['NG']}, error {c['error']}"
         )
 
-    def _still_same(self, name: str, obs: Observation) -> bool:
+    def _still_same(self, name: str, obs: Observation, item: Item) -> bool:
+        """Whether the file is still the one observed and read (else it is observed anew); records it as
+        read: the open file's status and the digest of its bytes, not a later ``stat`` of the name."""
         st = _stat(self.hot / name)
         if st is None:
             self.seen.pop(name, None)
             return False
-        if not obs.same(st):
-            self.seen[name] = Observation.of(st)
+        read = Recorded.of_stat(item.read_stat if item.read_stat is not None else st, item.sha256)
+        if not obs.same(st) or (item.read_stat is not None and read != Recorded.of_stat(st, item.sha256)):
+            self.seen[name] = Observation.of(st)  # written to, or replaced, since it was read
             return False
-        obs.ctime_ns = st.st_ctime_ns  # the row records the file as it was read, not as first seen
+        obs.record = read
         return True
 
-    def _row(self, r: Result, obs: Observation, dest: str) -> dict[str, Any]:
+    def _row(self, r: Result, record: Recorded, dest: str) -> dict[str, Any]:
         row = result_row(r, self.stamp)
         row.update(
             moved_to=dest,
-            source_size=obs.size,
-            source_mtime_ns=obs.mtime_ns,
-            source_ctime_ns=obs.ctime_ns,
-            source_sha256=r.item.sha256,
+            **record.to_row(),
             time=_dt.datetime.now().astimezone().isoformat(timespec="milliseconds"),
         )
         return row
@@ -356,16 +357,25 @@ class Watcher:
         return f"{sub}/{candidate}"
 
     # -- moving ----------------------------------------------------------------------------
-    def _move(self, m: _Pending, trust_stat: bool = False) -> bool:
+    def _move(self, m: _Pending, trust_stat: bool = True) -> bool:
         """Move one recorded file to its destination; ``False`` while it is stuck (retried later) and when
-        the file is no longer the one recorded (it is then inspected as a new file)."""
+        the file is no longer the one recorded (it is then inspected as a new file).
+
+        ``trust_stat``: an unchanged status is the same file (see :func:`is_recorded_file`); recovery
+        reads the bytes of every file it would move, once, since a crash can hide anything."""
         src = self.hot / m.name
         dst = self.out / m.dest
         try:
             st = _stat(src)  # a dangling or looping link has its own status, as when it was observed
             if st is None:
                 raise FileNotFoundError(src)
-            if m.source is not None and not is_recorded_file(m.source, src, st, trust_stat=trust_stat):
+            same = True if m.source is None else is_recorded_file(m.source, src, st, trust_stat=trust_stat)
+            if same is None:  # its bytes decide, and cannot be read now (locked): neither moved nor inspected
+                if m.name not in self.stuck:
+                    log(f"watch: cannot read {src} to tell whether it is the file its row judged; will retry")
+                self.stuck[m.name] = m
+                return False
+            if not same:
                 log(f"watch: {m.name} was replaced after its row was written; inspecting the new file")
                 self.stuck.pop(m.name, None)
                 return False

@@ -251,8 +251,9 @@ class TeacherPass(pl.Callback):
         try:
             teacher = open_teacher(self.settings, self.class_names, self.threads)
             part = teacher_probabilities(teacher, [self.paths[i] for i in share])
-        except TrainingConfigError as exc:
-            error = str(exc)
+        except Exception as exc:  # whatever it is, every rank must reach the gather, or the others wait
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            error = first if isinstance(exc, TrainingConfigError) else f"distill.teacher: {first}"
         probs, errors = _gathered(trainer, pl_module, part, error, len(self.paths))
         if errors:
             raise TrainingConfigError(errors[0])
@@ -283,7 +284,7 @@ def _gathered(
     padded = torch.zeros((rows, part.shape[1]), dtype=torch.float32)
     padded[: len(part)] = torch.from_numpy(part)
     message = torch.zeros(2048, dtype=torch.uint8)
-    raw = error.encode("utf-8")[:2048]
+    raw = error.encode("utf-8")[:2048].decode("utf-8", "ignore").encode("utf-8")  # whole characters only
     if raw:
         message[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
     device = pl_module.device
