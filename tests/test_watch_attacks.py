@@ -5,6 +5,7 @@ again, a writer that sizes the file before filling it, a hot folder that goes aw
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -126,6 +127,49 @@ def test_the_same_bytes_delivered_again_after_their_move_get_their_own_row(
     assert second["source_sha256"] == first["source_sha256"] and second["moved_to"] != first["moved_to"]
     assert (out / first["moved_to"]).read_bytes() == (out / second["moved_to"]).read_bytes() == frame
     assert "recovered" not in log.read_text()
+
+
+@pytest.mark.slow
+def test_the_filed_file_linked_back_in_is_a_new_delivery(model: Path, tmp_path: Path) -> None:
+    """The filed frame hard-linked (or symlinked) into the hot folder again while the watcher is down is
+    the same inode, size, mtime and bytes as its row records: recovery unlinked it as a finished move's
+    leftover. On one file system a move is a rename, so a row whose destination exists was filed: new."""
+    hot, out, log = tmp_path / "hot", tmp_path / "out", tmp_path / "watch.log"
+    hot.mkdir()
+    (hot / "a.png").write_bytes(wr.png_bytes(2, bright=True))
+    (hot / "b.png").write_bytes(wr.png_bytes(3, bright=False))
+    proc = wr.start_watch(model, hot, out, log)
+    wr.wait_for(lambda: len(wr.read_rows(out)) == 2 and wr.hot_names(hot) == [], what="both filed")
+    _stop(proc, log)
+    filed = {Path(r["path"]).name: r["moved_to"] for r in wr.read_rows(out)}
+    os.link(out / filed["a.png"], hot / "a.png")
+    os.symlink(out / filed["b.png"], hot / "b.png")
+    proc = wr.start_watch(model, hot, out, log)
+    wr.wait_for(lambda: len(wr.read_rows(out)) == 4 and wr.hot_names(hot) == [], what="both inspected again")
+    _stop(proc, log)
+    rows = wr.read_rows(out)
+    assert sorted(Path(r["path"]).name for r in rows[2:]) == ["a.png", "b.png"]
+    for r in rows[2:]:
+        assert r["moved_to"] != filed[Path(r["path"]).name] and os.path.lexists(out / r["moved_to"])
+    assert all((out / p).exists() for p in filed.values()) and "recovered" not in log.read_text()
+
+
+@pytest.mark.slow
+def test_a_renumbered_device_after_a_reboot_still_recovers_the_file(model: Path, tmp_path: Path) -> None:
+    """NFS and btrfs may hand a file system another device number after a reboot: the recorded inode then
+    names another device, which is no reason to call the file new (it was: a second row)."""
+    hot, out, log = tmp_path / "hot", tmp_path / "out", tmp_path / "watch.log"
+    hot.mkdir()
+    (hot / "cam.png").write_bytes(wr.png_bytes(4, bright=True))
+    proc = wr.start_watch(model, hot, out, log, crash_at="after_commit:1")
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    (row,) = wr.read_rows(out)
+    row["source_inode"][0] += 1  # the same inode number on a "different" device, as after the reboot
+    (out / "results.jsonl").write_text(json.dumps(row) + "\n", encoding="utf-8")
+    proc = wr.start_watch(model, hot, out, log)
+    wr.wait_for(lambda: wr.hot_names(hot) == [], what="the recorded file moved")
+    _stop(proc, log)
+    assert wr.read_rows(out) == [row] and "recovered 1 file(s)" in log.read_text()
 
 
 @pytest.mark.slow

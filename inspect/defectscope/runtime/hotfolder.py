@@ -26,6 +26,8 @@ from .files import temp_name
 from .image_file import ImageLoadError, read_image_bytes
 from .results import fsync_dir
 
+#: every write (and chmod) changes a file's ctime; on Windows ``st_ctime`` is the creation time instead
+CTIME_TRACKS_WRITES = os.name != "nt"
 TEMP_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".crdownload", ".download", ".swp", "~")
 PARTIAL_PREFIX = ".defectscope-partial-"
 #: loader error kinds a file still being written can show (cut short, empty, header missing, locked)
@@ -126,8 +128,8 @@ def is_recorded_file(rec: Recorded, path: Path, st: os.stat_result, *, trust_sta
     if (rec.size, rec.mtime_ns) != (st.st_size, st.st_mtime_ns):
         return False
     now = inode_of(st)
-    if rec.inode is not None and now is not None and rec.inode != now:
-        return False
+    if rec.inode is not None and now is not None and rec.inode[0] == now[0] and rec.inode[1] != now[1]:
+        return False  # (another device number: remounted after a reboot, where NFS or btrfs renumber it)
     ctime_same = rec.ctime_ns in (None, st.st_ctime_ns)
     if rec.sha256 is None:  # a row of an earlier version, or a file that was never read
         return ctime_same
@@ -196,13 +198,43 @@ def recorded_rows(results: Path, wanted: dict[str, str]) -> Iterator[dict[str, A
             if line.startswith(prefix):
                 try:
                     path, _ = dec.raw_decode(line, len(prefix))
-                except json.JSONDecodeError:
-                    continue
-                if path not in wanted:
-                    continue
+                    if not isinstance(path, str) or path not in wanted:
+                        continue
+                except (
+                    json.JSONDecodeError
+                ):  # not spaced as the writer spaces it (a hand edit): read it whole
+                    pass
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue
             if isinstance(row, dict) and row.get("path") in wanted and "moved_to" in row:
                 yield row
+
+
+def is_dir_entry(entry: os.DirEntry[str]) -> bool:
+    """A sub-folder (or a link to one); a link that cannot be followed (a loop) is taken as a file, so
+    it gets an error row instead of failing the whole listing."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def file_status(path: Path) -> os.stat_result | None:
+    """The file's status; a dangling or looping link's own (it then gets an error row and goes to
+    error/, one row per input); None when the name is gone."""
+    try:
+        return os.stat(path)
+    except OSError:
+        try:
+            return os.lstat(path)
+        except OSError:
+            return None
+
+
+def same_device(st: os.stat_result, folder: Path) -> bool:
+    try:
+        return st.st_dev == os.stat(folder).st_dev
+    except OSError:
+        return False

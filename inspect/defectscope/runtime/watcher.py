@@ -43,15 +43,19 @@ from typing import Any
 from .files import fit_name
 from .heatmap import save_overlay
 from .hotfolder import (
+    CTIME_TRACKS_WRITES,
     INCOMPLETE_KINDS,
     PARTIAL_PREFIX,
     Observation,
     Recorded,
+    file_status,
+    is_dir_entry,
     is_ignored,
     is_recorded_file,
     move_no_overwrite,
     recorded_rows,
     same_content,
+    same_device,
 )
 from .inspector import Inspector
 from .options import RunOptions
@@ -94,6 +98,8 @@ class _Pending:
     dest: str  # relative to OUT, e.g. "NG/a.png"
     verdict: str = ""  # for the log line, e.g. "NG (scratch, P(defect) 0.912)"
     source: Recorded | None = None  # the file the row judged: another file under its name is not moved
+    #: False for a row found at start-up: its move may have run before the crash, and its status is old
+    current: bool = True
 
 
 def verdict_text(row: dict[str, Any]) -> str:
@@ -101,27 +107,6 @@ def verdict_text(row: dict[str, Any]) -> str:
     if row.get("status") != "ok":
         return f"error ({row.get('error')})"
     return f"{row.get('verdict')} (P(defect) {float(row.get('defect_prob') or 0):.3f}, most likely {row.get('top_class')})"
-
-
-def _is_dir(entry: os.DirEntry[str]) -> bool:
-    """A sub-folder (or a link to one); a link that cannot be followed (a loop) is taken as a file, so
-    it gets an error row instead of failing the whole listing."""
-    try:
-        return entry.is_dir()
-    except OSError:
-        return False
-
-
-def _stat(path: Path) -> os.stat_result | None:
-    """The file's status; a dangling or looping link's own (it then gets an error row and goes to
-    error/, one row per input); None when the name is gone."""
-    try:
-        return os.stat(path)
-    except OSError:
-        try:
-            return os.lstat(path)
-        except OSError:
-            return None
 
 
 class Watcher:
@@ -169,7 +154,7 @@ class Watcher:
         for name, row in last.items():
             source = Recorded.of_row(row)
             if source is not None:
-                moved += self._move(_Pending(name, str(row["moved_to"]), source=source), trust_stat=False)
+                moved += self._move(_Pending(name, str(row["moved_to"]), source=source, current=False))
         if moved:
             log(f"watch: recovered {moved} file(s) recorded before a crash; moved without re-inference")
         return moved
@@ -178,7 +163,7 @@ class Watcher:
     def _names(self) -> list[str]:
         try:
             with os.scandir(self.hot) as it:
-                entries = [(e.name, _is_dir(e)) for e in it if not is_ignored(e.name)]
+                entries = [(e.name, is_dir_entry(e)) for e in it if not is_ignored(e.name)]
         except OSError as exc:
             if self._list_error != str(exc):  # once per failure, not once per poll
                 log(f"watch: cannot list {self.hot}: {exc}; trying again every poll")
@@ -199,7 +184,7 @@ class Watcher:
         for name in self._names():
             if name in self.stuck:
                 continue
-            st = _stat(self.hot / name)
+            st = file_status(self.hot / name)
             if st is None:
                 continue
             current.add(name)
@@ -326,7 +311,7 @@ class Watcher:
     def _still_same(self, name: str, obs: Observation, item: Item) -> bool:
         """Whether the file is still the one observed and read (else it is observed anew); records it as
         read: the open file's status and the digest of its bytes, not a later ``stat`` of the name."""
-        st = _stat(self.hot / name)
+        st = file_status(self.hot / name)
         if st is None:
             self.seen.pop(name, None)
             return False
@@ -357,26 +342,22 @@ class Watcher:
         return f"{sub}/{candidate}"
 
     # -- moving ----------------------------------------------------------------------------
-    def _move(self, m: _Pending, trust_stat: bool = True) -> bool:
+    def _move(self, m: _Pending) -> bool:
         """Move one recorded file to its destination; ``False`` while it is stuck (retried later) and when
-        the file is no longer the one recorded (it is then inspected as a new file).
-
-        ``trust_stat``: an unchanged status is the same file (see :func:`is_recorded_file`); recovery
-        reads the bytes of every file it would move, once, since a crash can hide anything."""
+        the file is no longer the one recorded (it is then inspected as a new file)."""
         src = self.hot / m.name
         dst = self.out / m.dest
         try:
-            st = _stat(src)  # a dangling or looping link has its own status, as when it was observed
+            st = file_status(src)  # a dangling or looping link has its own status, as when it was observed
             if st is None:
                 raise FileNotFoundError(src)
-            same = True if m.source is None else is_recorded_file(m.source, src, st, trust_stat=trust_stat)
+            same = self._is_recorded(m, st, dst)
             if same is None:  # its bytes decide, and cannot be read now (locked): neither moved nor inspected
                 if m.name not in self.stuck:
                     log(f"watch: cannot read {src} to tell whether it is the file its row judged; will retry")
                 self.stuck[m.name] = m
                 return False
             if not same:
-                log(f"watch: {m.name} was replaced after its row was written; inspecting the new file")
                 self.stuck.pop(m.name, None)
                 return False
             if dst.exists():
@@ -399,6 +380,25 @@ class Watcher:
                 log(f"watch: cannot move {src} to {dst} ({exc}); will retry")
             self.stuck[m.name] = m
             return False
+
+    def _is_recorded(self, m: _Pending, st: os.stat_result, dst: Path) -> bool | None:
+        """Whether the file in HOT is the one ``m``'s row judged (None: cannot tell now); logs why not."""
+        if m.source is None:
+            return True
+        if not m.current and dst.exists() and same_device(st, dst.parent):
+            # a rename within one file system is atomic: the file judged reached its destination before
+            # the crash, so this is a new delivery under the name (a resend, the same file linked in again)
+            log(
+                f"watch: {m.name}: the file its row judged is already at {m.dest}; inspecting it as a new delivery"
+            )
+            return False
+        trust_stat = m.current or CTIME_TRACKS_WRITES  # else (Windows) a restart reads the bytes once
+        same = is_recorded_file(m.source, self.hot / m.name, st, trust_stat=trust_stat)
+        if same is False:
+            log(f"watch: {m.name} was replaced after its row was written; inspecting the new file")
+        elif same:  # later retries compare with this status (a chmod is not read again every poll)
+            m.source, m.current = Recorded.of_stat(st, m.source.sha256), True
+        return same
 
     def _retry_stuck(self) -> None:
         for m in list(self.stuck.values()):
