@@ -95,6 +95,7 @@ def stage_costs(
     """
     from defectscope.runtime import Inspector
     from defectscope.runtime import image as loader
+    from defectscope.runtime.image_file import read_image_bytes
     from defectscope.runtime.pipeline import Batcher, Item
 
     inspector = Inspector(model, provider="cpu", threads=1, log=lambda _m: None)
@@ -106,7 +107,7 @@ def stage_costs(
     for rep in range(passes):
         for p in paths:
             t0 = clock()
-            data = loader.read_image_bytes(p, loader.max_file_bytes(cfg.max_pixels))
+            data = read_image_bytes(p, loader.max_file_bytes(cfg.max_pixels))
             t1 = clock()
             img, size = loader._open(p, data, cfg)
             bands = loader._model_bands(img, cfg.channels) or img
