@@ -377,3 +377,28 @@ def test_channels_last_is_a_layout_only(
         torch.testing.assert_close(value, state_plain[key], rtol=1e-3, atol=1e-4, msg=key)
     with pytest.raises(TrainingConfigError, match=r"^memory_format must be one of channels_last, contiguous"):
         train(smoke_cfg(compose_train, smoke_data_dir, tmp_path / "bad", "memory_format=nhwc"))
+
+
+def test_no_validation_with_a_callback_watching_it_is_one_line_before_training(
+    compose_train: Callable[..., Any], smoke_data_dir: Path, tmp_path: Path
+) -> None:
+    """trainer.limit_val_batches=0 with the default callbacks stopped after the first epoch with Lightning's
+    traceback (early stopping on val/bal_acc); it is refused before the first step, naming the key to change."""
+    extra = ("trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0", "test=false", *SHORT[:2])
+    with pytest.raises(TrainingConfigError) as err:
+        train(smoke_cfg(compose_train, smoke_data_dir, tmp_path / "a", *extra))
+    assert str(err.value) == (
+        "callbacks.model_checkpoint watches val/bal_acc, but trainer.limit_val_batches=0 runs no validation: "
+        "set callbacks.model_checkpoint.save_top_k=0 (last.ckpt is still written), or let validation run"
+    )
+    assert not (tmp_path / "a" / "checkpoints").exists()
+    no_best = (*extra, "callbacks.model_checkpoint.save_top_k=0")
+    stopper = "callbacks.early_stopping={_target_:pytorch_lightning.callbacks.EarlyStopping,monitor:val/acc}"
+    with pytest.raises(
+        TrainingConfigError, match=r"^callbacks\.early_stopping watches val/acc, .*early_stopping=null"
+    ):
+        train(smoke_cfg(compose_train, smoke_data_dir, tmp_path / "b", *no_best, stopper))
+    train(
+        smoke_cfg(compose_train, smoke_data_dir, tmp_path / "c", *no_best)
+    )  # experiment=smoke: no early stopping
+    assert (tmp_path / "c" / "checkpoints" / "last.ckpt").is_file()

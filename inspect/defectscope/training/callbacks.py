@@ -79,12 +79,15 @@ def build_callbacks(
     bn_eval: bool,
     dump_dir: str | None,
     has_logger: bool = True,
+    validation: bool = True,
 ) -> list[Callback]:
     """Instantiate ``callbacks.*`` (entries set to null are skipped) and add the code-owned ones.
 
-    Without a logger (logger=none) callbacks that only log (LearningRateMonitor) are left out.
+    Without a logger (logger=none) callbacks that only log (LearningRateMonitor) are left out. Without
+    validation (``validation=False``) a callback watching a ``val/`` metric is refused now: Lightning
+    would stop on it with a traceback after the first epoch.
     """
-    from pytorch_lightning.callbacks import LearningRateMonitor
+    from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor
 
     out: list[Callback] = []
     for key, spec in (callbacks_cfg or {}).items():
@@ -95,6 +98,20 @@ def build_callbacks(
         callback = instantiate(spec)
         if isinstance(callback, LearningRateMonitor) and not has_logger:
             continue
+        watches = isinstance(callback, EarlyStopping) or (
+            isinstance(callback, ModelCheckpoint) and callback.save_top_k != 0
+        )
+        monitor = str(getattr(callback, "monitor", None) or "")
+        if not validation and watches and monitor.startswith("val/"):
+            fix = (
+                "=null"
+                if isinstance(callback, EarlyStopping)
+                else ".save_top_k=0 (last.ckpt is still written)"
+            )
+            raise TrainingConfigError(
+                f"callbacks.{key} watches {monitor}, but trainer.limit_val_batches=0 runs no validation: "
+                f"set callbacks.{key}{fix}, or let validation run"
+            )
         out.append(callback)
     if not any(isinstance(cb, ModelCheckpoint) for cb in out):
         raise TrainingConfigError(

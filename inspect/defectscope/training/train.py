@@ -282,6 +282,7 @@ def _build_trainer(
         bn_eval=bool(cfg.finetune.get("bn_eval", True)),
         dump_dir=str(out_dir / "debug") if cfg.get("debug", {}).get("dump_indices") else None,
         has_logger=tracker is not None,
+        validation=cfg.trainer.get("limit_val_batches", 1.0) != 0,
     )
     callbacks.append(Throughput())
     callbacks.extend(extra_callbacks)
