@@ -31,6 +31,18 @@ def _stop(proc: subprocess.Popen[bytes], log: Path) -> None:
     assert "Traceback" not in log.read_text(errors="replace")
 
 
+def _crashed_after_row(model: Path, tmp_path: Path, frame: bytes) -> tuple[Path, Path, Path, dict[str, Any]]:
+    """(hot, out, log, row): ``hot/cam.png`` holding ``frame`` was recorded, then the watcher was killed
+    before moving it."""
+    hot, out, log = tmp_path / "hot", tmp_path / "out", tmp_path / "watch.log"
+    hot.mkdir()
+    (hot / "cam.png").write_bytes(frame)
+    proc = wr.start_watch(model, hot, out, log, crash_at="after_commit:1")
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    (row,) = wr.read_rows(out)
+    return hot, out, log, row
+
+
 @pytest.mark.slow
 def test_a_named_pipe_gets_an_error_row_and_files_after_it_are_inspected(model: Path, tmp_path: Path) -> None:
     """Reading a pipe waited for a writer forever: no row for it or any later file, and SIGTERM hung."""
@@ -57,13 +69,8 @@ def test_a_file_delivered_again_with_the_same_name_size_and_mtime_is_inspected_a
     """Killed between a file's row and its move; before the restart the camera delivers a different image
     under the same name with the same size and mtime (`cp -p` of fixed-size frames). Recovery took it for
     the recorded file and deleted it unseen; the ctime tells them apart."""
-    hot, out, log = tmp_path / "hot", tmp_path / "out", tmp_path / "watch.log"
-    hot.mkdir()
     first = wr.png_bytes(3, bright=False)
-    (hot / "cam.png").write_bytes(first)
-    proc = wr.start_watch(model, hot, out, log, crash_at="after_commit:1")
-    assert proc.wait(timeout=60) == -signal.SIGKILL
-    recorded = wr.read_rows(out)[0]
+    hot, out, log, recorded = _crashed_after_row(model, tmp_path, first)
     second = bytearray(first)
     second[-20] ^= 0xFF  # same size; the bytes before IEND differ
     time.sleep(0.05)  # a later ctime on any clock granularity
@@ -84,13 +91,8 @@ def test_a_file_delivered_again_with_the_same_name_size_and_mtime_is_inspected_a
 def test_a_chmod_between_a_row_and_a_crash_costs_no_second_row(model: Path, tmp_path: Path) -> None:
     """Killed between a file's row and its move, then the file's mode changed (its ctime too): the restart
     inspected it again, a second row for one file. Its bytes are the row's, so it is moved under it."""
-    hot, out, log = tmp_path / "hot", tmp_path / "out", tmp_path / "watch.log"
-    hot.mkdir()
     frame = wr.png_bytes(4, bright=True)
-    (hot / "cam.png").write_bytes(frame)
-    proc = wr.start_watch(model, hot, out, log, crash_at="after_commit:1")
-    assert proc.wait(timeout=60) == -signal.SIGKILL
-    (recorded,) = wr.read_rows(out)
+    hot, out, log, recorded = _crashed_after_row(model, tmp_path, frame)
     assert recorded["source_sha256"] == hashlib.sha256(frame).hexdigest()
     ctime = os.stat(hot / "cam.png").st_ctime_ns
     time.sleep(0.05)  # a later ctime on any clock granularity
@@ -158,12 +160,7 @@ def test_the_filed_file_linked_back_in_is_a_new_delivery(model: Path, tmp_path: 
 def test_a_renumbered_device_after_a_reboot_still_recovers_the_file(model: Path, tmp_path: Path) -> None:
     """NFS and btrfs may hand a file system another device number after a reboot: the recorded inode then
     names another device, which is no reason to call the file new (it was: a second row)."""
-    hot, out, log = tmp_path / "hot", tmp_path / "out", tmp_path / "watch.log"
-    hot.mkdir()
-    (hot / "cam.png").write_bytes(wr.png_bytes(4, bright=True))
-    proc = wr.start_watch(model, hot, out, log, crash_at="after_commit:1")
-    assert proc.wait(timeout=60) == -signal.SIGKILL
-    (row,) = wr.read_rows(out)
+    hot, out, log, row = _crashed_after_row(model, tmp_path, wr.png_bytes(4, bright=True))
     row["source_inode"][0] += 1  # the same inode number on a "different" device, as after the reboot
     (out / "results.jsonl").write_text(json.dumps(row) + "\n", encoding="utf-8")
     proc = wr.start_watch(model, hot, out, log)
@@ -253,18 +250,25 @@ def test_a_stuck_file_is_known_by_its_bytes_not_its_status(model: Path, tmp_path
 def _stuck_watcher(model: Path, hot: Path, out: Path) -> tuple[Any, bytes]:
     """A watcher whose move of ``hot/f.png`` (recorded as OK, with its digest) failed and waits."""
     from defectscope.runtime.hotfolder import Recorded
+    from defectscope.runtime.watcher import _Pending
+
+    watcher, frame, st = _watcher_and_frame(model, hot, out)
+    source = Recorded.of_stat(st, hashlib.sha256(frame).hexdigest())
+    watcher.stuck["f.png"] = _Pending("f.png", "OK/f.png", "OK", source)
+    return watcher, frame
+
+
+def _watcher_and_frame(model: Path, hot: Path, out: Path) -> tuple[Any, bytes, os.stat_result]:
+    """An in-process watcher of ``hot`` (not started) and the frame it holds as ``f.png``, with its status."""
     from defectscope.runtime.inspector import Inspector
-    from defectscope.runtime.watcher import WatchConfig, Watcher, _Pending
+    from defectscope.runtime.watcher import WatchConfig, Watcher
 
     hot.mkdir()
     frame = wr.png_bytes(5, bright=False)
     (hot / "f.png").write_bytes(frame)
-    st = os.stat(hot / "f.png")
     run = _run_options(model)
     watcher = Watcher(WatchConfig(run, str(hot), str(out)), Inspector.from_config(run.session))
-    source = Recorded.of_stat(st, hashlib.sha256(frame).hexdigest())
-    watcher.stuck["f.png"] = _Pending("f.png", "OK/f.png", "OK", source)
-    return watcher, frame
+    return watcher, frame, os.stat(hot / "f.png")
 
 
 def test_a_file_that_cannot_be_read_to_tell_waits(
@@ -298,17 +302,10 @@ def test_a_rewrite_between_the_read_and_the_check_is_not_recorded_as_read(
     """The row took its ctime from a `stat` after the read: a same-size rewrite with the mtime put back in
     between was filed under a verdict and digest of bytes it does not hold. The open file's status counts."""
     from defectscope.runtime.hotfolder import Observation, Recorded
-    from defectscope.runtime.inspector import Inspector
     from defectscope.runtime.pipeline import decode
-    from defectscope.runtime.watcher import WatchConfig, Watcher
 
     hot, out = tmp_path / "hot", tmp_path / "out"
-    hot.mkdir()
-    frame = wr.png_bytes(5, bright=False)
-    (hot / "f.png").write_bytes(frame)
-    st = os.stat(hot / "f.png")
-    run = _run_options(model)
-    watcher = Watcher(WatchConfig(run, str(hot), str(out)), Inspector.from_config(run.session))
+    watcher, frame, st = _watcher_and_frame(model, hot, out)
     item = decode(str(hot / "f.png"), watcher.inspector.loader_config, True)
     assert item.sha256 == hashlib.sha256(frame).hexdigest()
     obs = Observation.of(st)
