@@ -228,6 +228,12 @@ def test_model_recipes_follow_the_model(compose_train: Callable[..., Any]) -> No
     assert eff.data.mean == pytest.approx([127 / 255]) and eff.data.std == pytest.approx([128 / 255])
     # an explicit override still wins over the recipe
     assert compose_train(["model=nf_resnet", "optim.agc_clip=0.05"]).optim.agc_clip == pytest.approx(0.05)
+    # channels_last where it was measured (EfficientNet, and so experiment=elpv); contiguous elsewhere
+    for lite in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
+        assert compose_train([f"model={lite}"]).memory_format == "channels_last"
+    assert compose_train(["experiment=elpv"]).memory_format == "channels_last"
+    assert compose_train(["experiment=elpv", "memory_format=contiguous"]).memory_format == "contiguous"
+    assert compose_train([]).memory_format == compose_train(["model=lenet"]).memory_format == "contiguous"
 
 
 def test_paths_hydra_and_evaluate(compose_train: Callable[..., Any]) -> None:

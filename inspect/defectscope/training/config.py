@@ -163,8 +163,9 @@ def memory_format(value: Any) -> Any:
     """``memory_format``: the layout of the network's 4-D weights (and so its activations) in training.
 
     channels_last lets oneDNN run the convolutions without reordering each one's input and output:
-    1.6-1.75x the training speed of EfficientNet-Lite on 2 CPU cores (docs/benchmarks.md). It is a
-    layout only: the values, the checkpoint and the export are the same.
+    1.6-1.8x the training speed of EfficientNet-Lite on 2 CPU cores (docs/benchmarks.md). It is a
+    layout only: the values, the checkpoint and the export are the same. Not the default: torch 2.13's
+    CPU build crashed with it on some small architecture-search candidates (conf/train.yaml).
     """
     if value is None:
         value = "contiguous"
