@@ -14,8 +14,8 @@ Crash points, and what a restart does:
   * before 2: no row, file still in HOT -> inspected again (nothing was recorded);
   * torn row in 2: the torn line is truncated -> same as above;
   * between 2 and 3 (or mid-batch in 3): file in HOT that is the one its row judged (the same inode,
-    size and mtime, and the bytes of the row's sha256) -> moved to its recorded destination WITHOUT
-    re-inference; a new delivery under the name is inspected; a file whose bytes cannot be read to
+    size and mtime; where the ctime changed, or on Windows, the bytes of the row's sha256) -> moved to
+    its recorded destination WITHOUT re-inference; a new delivery under the name is inspected; a file whose bytes cannot be read to
     tell waits, neither moved nor inspected (rows of earlier versions: size, mtime and ctime);
   * inside a cross-device move: a dot-temp in OUT is removed; if the destination is already
     complete (same bytes) the source is just unlinked.
