@@ -135,13 +135,14 @@ def is_recorded_file(rec: Recorded, path: Path, st: os.stat_result, *, trust_sta
         return ctime_same
     if ctime_same and trust_stat:
         return True
-    digest = file_sha256(path, st.st_size)
+    digest = image_bytes_sha256(path, st.st_size)
     return None if digest is None else digest == rec.sha256
 
 
-def file_sha256(path: Path, size: int) -> str | None:
-    """The sha256 of a regular file of at most ``size`` bytes, read as the loader reads images
-    (never blocking on a pipe); None when it cannot be read (locked, gone, replaced by a pipe)."""
+def image_bytes_sha256(path: Path, size: int) -> str | None:
+    """The sha256 of a regular file of at most ``size`` bytes, read as the loader reads images (never
+    blocking on a pipe, unlike :func:`.files.file_sha256`, which hashes model files); None when it cannot
+    be read (locked, gone, replaced by a pipe)."""
     try:
         return hashlib.sha256(read_image_bytes(path, size)).hexdigest()
     except ImageLoadError:
