@@ -144,7 +144,7 @@ def run_plain(cfg: Any) -> dict[str, Any]:
     from defectscope.models import create_model
     from defectscope.models.agc import adaptive_grad_clip, agc_parameters
     from defectscope.plain import to_plain
-    from defectscope.training.config import memory_format
+    from defectscope.training.config import use_memory_format
     from defectscope.training.optimization import build_optimizer, build_scheduler, lr_plan
     from defectscope.training.train import resolve_class_weights
 
@@ -159,7 +159,7 @@ def run_plain(cfg: Any) -> dict[str, Any]:
         spec = dict(to_plain(cfg.model))
         name = spec.pop("name")
         model = create_model(name, num_classes=len(dm.class_names), in_chans=int(dm.channels), **spec)
-        model.to(memory_format=memory_format(cfg.get("memory_format")))  # the app's layout
+        use_memory_format(model, cfg.get("memory_format"))  # the app's layout
         optim = dict(to_plain(cfg.optim))
         optimizer = build_optimizer(optim["optimizer"], model, *lr_plan(to_plain(cfg.finetune)))
         loader = dm.train_dataloader()

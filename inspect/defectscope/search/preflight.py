@@ -155,10 +155,10 @@ def check_time_budget(timeout: float, cfg: Any, light: Mapping[str, Any], facts:
     import torch
     import torch.nn.functional as F
 
-    from ..training.config import memory_format
+    from ..training.config import use_memory_format
 
     model = build_model(cfg, light, len(facts.class_names), check_size=False).train()
-    model.to(memory_format=memory_format(cfg.get("memory_format")))  # as the trials train
+    use_memory_format(model, cfg.get("memory_format"))  # as the trials train
     batch = int(light.get("data.batch_size", cfg.data.batch_size))
     h, w = input_size(facts.native, loader_config(cfg, light))
     x = torch.randn(batch, facts.channels, h, w)

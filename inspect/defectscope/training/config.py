@@ -176,6 +176,11 @@ def memory_format(value: Any) -> Any:
     return torch.channels_last if value == "channels_last" else torch.contiguous_format
 
 
+def use_memory_format(model: Any, value: Any) -> None:
+    """Put ``model``'s 4-D weights in the layout ``memory_format`` names (checked by :func:`memory_format`)."""
+    model.to(memory_format=memory_format(value))
+
+
 @contextmanager
 def torch_threads(threads: Any) -> Iterator[None]:
     """``threads``: torch CPU threads for this call; the caller's setting is restored afterwards."""

@@ -34,6 +34,7 @@ from .config import (
     resolve_ckpt_path,
     scalar_metrics,
     torch_threads,
+    use_memory_format,
 )
 from .distill import DistillSettings, add_teacher, distill_settings, resume_problem
 from .module import DefectClassifier
@@ -342,7 +343,7 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
     t0 = time.perf_counter()
     check_run_numbers(cfg)
     check_launch(cfg)
-    layout = memory_format(cfg.get("memory_format"))
+    memory_format(cfg.get("memory_format"))  # checked before any data is read
     distill = distill_settings(to_plain(cfg.get("distill")))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     out_dir = Path(cfg.paths.output_dir)
@@ -361,7 +362,7 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
         dm.prepare_data()
         dm.setup("fit")
         module = build_module(cfg, dm)
-        module.model.to(memory_format=layout)  # type: ignore[call-overload]  # (the stubs lack the keyword)
+        use_memory_format(module.model, cfg.get("memory_format"))
         teacher_pass = add_teacher(dm, distill, cfg.get("threads"), tracker)
         module.misclassified_max = tracker.misclassified_max if tracker is not None else 16
         module.shift_protocol = protocol_from_config(cfg.get("shift_consistency"), module.model.total_stride)
