@@ -203,6 +203,7 @@ def test_gate_failure_exits_1_names_the_figures_and_writes_nothing(
     assert "3 of 43 images in --images" in cap.out and gone[0] in cap.out
     assert "int8 gate failed on 16 held-back images" in cap.err and "top1_agreement" in cap.err
     assert "fp32_convs: 0" in cap.err  # what was kept fp32 is among the figures of a refusal too
+    assert "kept the first 0 convolution(s) fp32; more may pass" in cap.err and "--fp32-convs 3" in cap.err
     assert f"nothing was written to {out}" in cap.err and not out.exists()
     # on a CPU without VNNI (8-bit products saturate) the error says what to try; with VNNI it does not
     assert ("try --reduce-range" in cap.err) == (cpu_has_vnni() is False)
@@ -238,6 +239,10 @@ def test_gate_hint_when_one_image_sets_the_compared_thresholds() -> None:
     assert gate_hints(cfg, earned(0.99), {"top1_agreement": 0.5, "failed": ["top1_agreement"]}) == []
     by_hand = {"threshold": 0.5, "threshold_source": {"method": "set by hand", "threshold": 0.5}}
     assert gate_hints(cfg, by_hand, flipped) == []
+    # with how many convolutions stayed fp32 among the figures, a failed gate also suggests keeping more
+    *_, more = gate_hints(cfg, earned(0.99), {**flipped, "fp32_convs": 2})
+    assert "kept the first 2 convolution(s) fp32" in more and "--fp32-convs 5" in more
+    assert gate_hints(cfg, by_hand, {"fp32_convs": 2, "failed": []}) == []
 
 
 def test_int8_bad_requests_exit_2_and_write_nothing(

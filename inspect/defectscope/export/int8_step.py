@@ -68,8 +68,9 @@ def plan_int8(
 
 
 def gate_hints(cfg: Int8Config, fp32_earned: dict[str, Any], numbers: dict[str, Any]) -> list[str]:
-    """What a failed gate may come from: saturation on a CPU without VNNI, or, when verdicts disagree,
-    a threshold that one validation image sets (each graph's is then set by its own score of that image)."""
+    """What a failed gate may come from: saturation on a CPU without VNNI; when verdicts disagree, a
+    threshold that one validation image sets (each graph's is then set by its own score of that image);
+    early convolutions, which see the image in few channels, quantised (``numbers`` says how many were kept)."""
     hints = []
     if not cfg.reduce_range and cpu_has_vnni() is False:
         hints.append("this CPU has no VNNI, where 8-bit products can saturate: try --reduce-range")
@@ -80,6 +81,12 @@ def gate_hints(cfg: Int8Config, fp32_earned: dict[str, Any], numbers: dict[str, 
             f"recall {100 * float(source['target_recall']):.1f} % of {source['n_defect']} defect images allows no "
             "miss, so each graph's threshold is set by its lowest-scoring defect image and verdicts near it "
             "flip: a lower --target-recall or more labelled defect images (--images) steady it"
+        )
+    kept = numbers.get("fp32_convs")
+    if isinstance(kept, int) and numbers.get("failed"):
+        hints.append(
+            f"this export kept the first {kept} convolution(s) fp32; more may pass at some cost in speed: try "
+            f"--fp32-convs {kept + 3} (EfficientNet-Lite2 on ELPV failed with 2 and passed with 5)"
         )
     return hints
 
