@@ -59,11 +59,25 @@ def test_soup_is_the_mean_and_exports(tmp_path: Path, cli_env: dict[str, str]) -
 
 
 def test_members_of_another_task_are_refused(tmp_path: Path) -> None:
+    """Each refusal is one line naming the file and what differs; nothing is written."""
     images = write_images(tmp_path / "images")
     a = tmp_path / "a.ckpt"
     first = genuine_checkpoint(a, images)
     other = variant(first, tmp_path / "other.ckpt", lambda c: c["defectscope"].update(class_names=["bad", "ok"],
                                                                                         good_class="ok"))  # fmt: skip
-    proc = _soup(str(tmp_path / "soup.ckpt"), str(a), str(other))
-    assert proc.returncode != 0 and "differs from" in proc.stderr and "class_names" in proc.stderr
-    assert not (tmp_path / "soup.ckpt").exists()
+    wider = tmp_path / "wider.ckpt"
+    genuine_checkpoint(wider, images, stages=2)
+    cut = variant(first, tmp_path / "cut.ckpt", lambda c: c["defectscope"].update(ng_classes=["crack"]))
+    cases = [
+        ([str(a), str(other)], f"{other}: differs from the first member in class_names, good_class"),
+        ([str(a), str(wider)], f"{wider}: differs from the first member in model_kwargs"),
+        ([str(a), str(cut)], f"{cut}: differs from the first member in ng_classes"),
+        ([str(a), str(tmp_path / "gone.ckpt")], "gone.ckpt: checkpoint file does not exist"),
+        ([str(a), str(images / "good" / "good0.png")], "good0.png"),
+        ([str(a), str(a), "--bn-images", "-1"], "--bn-images: expected a whole number >= 0, got -1"),
+    ]
+    for members, said in cases:
+        proc = _soup(str(tmp_path / "soup.ckpt"), *members)
+        assert proc.returncode != 0 and said in proc.stderr, (members, proc.stderr[-2000:])
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+        assert not (tmp_path / "soup.ckpt").exists()

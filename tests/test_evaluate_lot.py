@@ -118,43 +118,52 @@ def test_evaluate_usage_errors_are_one_line(setup: dict[str, Any], cli_env: dict
 def test_evaluate_runs_in_the_layout_the_checkpoint_was_trained_in(
     setup: dict[str, Any], cli_env: dict[str, str]
 ) -> None:
-    """memory_format: null takes the run config's layout; either layout gives the same figures; a bad value,
-    given or read from the file, is one line naming its key."""
+    """memory_format: null takes the run config's layout, and the printed layout is the weights' own;
+    either layout gives the same figures; a bad value, given or read from the file, is one line naming its key."""
     import torch
 
-    from trust_files import variant
+    from trust_files import genuine_checkpoint, variant
 
-    ckpt = torch.load(setup["ckpt"], weights_only=True)
-    trained_cl = variant(ckpt, setup["root"] / "cl.ckpt", lambda c: c["hyper_parameters"]["run_config"].update(
-        memory_format="channels_last"))  # fmt: skip
-    odd = variant(ckpt, setup["root"] / "odd.ckpt", lambda c: c["hyper_parameters"]["run_config"].update(
-        memory_format="torch.preserve_format"))  # fmt: skip
+    root = setup["root"]
+    two = root / "two-stage.ckpt"  # its second kernel (8 x 4 x 3 x 3) is laid out differently in NHWC
+    ckpt = genuine_checkpoint(two, root / "train-images", stages=2)
+
+    def recorded(value: Any) -> Any:
+        return lambda c: c["hyper_parameters"]["run_config"].update(memory_format=value)
+
+    trained_cl = variant(ckpt, root / "cl.ckpt", recorded("channels_last"))
     common = ["data=folder", f"data.source.root={setup['lot']}", "threads=1", "threshold=0.5",
               "shift_consistency.copies=0"]  # fmt: skip
     figures = {}
     for name, path, extra, said in [
-        ("plain", setup["ckpt"], [], "contiguous (the default; the checkpoint records no layout)"),
+        ("plain", two, [], "contiguous (the default; the checkpoint records no layout)"),
         ("as-trained", trained_cl, [], "channels_last (as trained)"),
-        ("given", setup["ckpt"], ["memory_format=channels_last"], "channels_last (memory_format)"),
+        ("given", two, ["memory_format=channels_last"], "channels_last (memory_format)"),
+        ("given-back", trained_cl, ["memory_format=contiguous"], "contiguous (memory_format)"),
     ]:
-        out = setup["root"] / f"layout-{name}"
-        proc = cli(
-            ["evaluate", f"ckpt_path={path}", f"hydra.run.dir={out}", *common, *extra], setup["root"], cli_env
-        )
+        out = root / f"layout-{name}"
+        proc = cli(["evaluate", f"ckpt_path={path}", f"hydra.run.dir={out}", *common, *extra], root, cli_env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"memory format:   {said}" in proc.stdout
         figures[name] = json.loads((out / "metrics.json").read_text())["evaluation"]
     assert figures["plain"]["n"] == 18
-    for name in ("as-trained", "given"):
+    for name in ("as-trained", "given", "given-back"):
         assert figures[name]["confusion"] == figures["plain"]["confusion"]
         assert figures[name]["auroc"] == pytest.approx(figures["plain"]["auroc"], abs=1e-6)
         assert figures[name]["ok_ng"] == figures["plain"]["ok_ng"]
 
-    proc = cli(["evaluate", f"ckpt_path={odd}", *common], setup["root"], cli_env)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
-    assert f"{odd}: hyper_parameters.run_config.memory_format: expected one of" in proc.stderr
-    proc = cli(["evaluate", f"ckpt_path={setup['root'] / 'absent.ckpt'}", "memory_format=nhwc", *common],
-               setup["root"], cli_env)  # fmt: skip
+    for bad in ("torch.preserve_format", ["channels_last"], {"_target_": "os.system"}):
+        odd = variant(ckpt, root / "odd.ckpt", recorded(bad))
+        proc = cli(["evaluate", f"ckpt_path={odd}", *common], root, cli_env)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+        assert (
+            f"{odd}: hyper_parameters.run_config.memory_format must be one of channels_last, contiguous"
+            in (proc.stderr)
+        )
+    proc = cli(
+        ["evaluate", f"ckpt_path={root / 'absent.ckpt'}", "memory_format=nhwc", *common], root, cli_env
+    )
     # refused before the (absent) checkpoint file is looked at
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "memory_format must be one of channels_last, contiguous, got 'nhwc'" in proc.stderr
+    assert torch.load(two, weights_only=True)["hyper_parameters"]["run_config"].get("memory_format") is None

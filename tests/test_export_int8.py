@@ -240,9 +240,10 @@ def test_gate_hint_when_one_image_sets_the_compared_thresholds() -> None:
     by_hand = {"threshold": 0.5, "threshold_source": {"method": "set by hand", "threshold": 0.5}}
     assert gate_hints(cfg, by_hand, flipped) == []
     # with how many convolutions stayed fp32 among the figures, a failed gate also suggests keeping more
-    *_, more = gate_hints(cfg, earned(0.99), {**flipped, "fp32_convs": 2})
+    *_, more = gate_hints(cfg, earned(0.99), {**flipped, "fp32_convs": 2}, 5)
     assert "kept the first 2 convolution(s) fp32" in more and "--fp32-convs 5" in more
-    assert gate_hints(cfg, by_hand, {"fp32_convs": 2, "failed": []}) == []
+    assert gate_hints(cfg, by_hand, {"fp32_convs": 2, "failed": []}, 5) == []  # nothing failed
+    assert gate_hints(cfg, by_hand, {**flipped, "fp32_convs": 2}, None) == []  # no convolution left to keep
 
 
 def test_int8_bad_requests_exit_2_and_write_nothing(

@@ -56,10 +56,12 @@ def write_images(root: Path, per_class: int = 6, classes: tuple[str, ...] = ("go
     return root
 
 
-def genuine_checkpoint(path: Path, data_root: Path) -> dict[str, Any]:
-    """A tiny gapcnn checkpoint shaped like training's, whose run config reads ``data_root``."""
+def genuine_checkpoint(path: Path, data_root: Path, stages: int = 1) -> dict[str, Any]:
+    """A tiny gapcnn checkpoint (``stages`` convolutions: 4, 8, ... channels) shaped like training's,
+    whose run config reads ``data_root``."""
     torch.manual_seed(0)
-    model: Any = create_model("gapcnn", num_classes=2, in_chans=1, stages=[{"channels": 4, "stride": 2}])
+    widths = [{"channels": 4 << i, "stride": 2} for i in range(stages)]
+    model: Any = create_model("gapcnn", num_classes=2, in_chans=1, stages=widths)
     loader = {"channels": 1, "max_side": None, "min_size": 32, "size_multiple": 1, "max_pixels": 4_000_000}
     info = checkpoint_info(
         "gapcnn", model.model_kwargs, class_names=["crack", "good"], good_class="good", loader=loader

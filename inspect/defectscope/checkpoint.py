@@ -184,11 +184,17 @@ def target_recall(ckpt: Mapping[str, Any], info: Mapping[str, Any], source: str)
         raise CheckpointError(str(exc)) from None
 
 
-def run_data_config(ckpt: Mapping[str, Any], source: str) -> Mapping[str, Any]:
-    """The data config recorded at training time (checked later by :mod:`defectscope.data.rebuild`)."""
+def recorded_run_config(ckpt: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The composed config training recorded (``hyper_parameters.run_config``); empty when it recorded none.
+    Its values are data: each reader checks the keys it uses."""
     hparams = ckpt.get("hyper_parameters")
     run = hparams.get("run_config") if isinstance(hparams, Mapping) else None
-    data = run.get("data") if isinstance(run, Mapping) else None
+    return run if isinstance(run, Mapping) else {}
+
+
+def run_data_config(ckpt: Mapping[str, Any], source: str) -> Mapping[str, Any]:
+    """The data config recorded at training time (checked later by :mod:`defectscope.data.rebuild`)."""
+    data = recorded_run_config(ckpt).get("data")
     if not isinstance(data, Mapping) or not data:
         raise CheckpointError(
             f"{source} records no data config; choose one: data=folder data.source.root=..."

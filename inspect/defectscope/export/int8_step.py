@@ -67,10 +67,13 @@ def plan_int8(
     return Int8Plan(calib, check, source)
 
 
-def gate_hints(cfg: Int8Config, fp32_earned: dict[str, Any], numbers: dict[str, Any]) -> list[str]:
+def gate_hints(
+    cfg: Int8Config, fp32_earned: dict[str, Any], numbers: dict[str, Any], more_fp32: int | None = None
+) -> list[str]:
     """What a failed gate may come from: saturation on a CPU without VNNI; when verdicts disagree, a
     threshold that one validation image sets (each graph's is then set by its own score of that image);
-    early convolutions, which see the image in few channels, quantised (``numbers`` says how many were kept)."""
+    early convolutions, which see the image in few channels, quantised: ``more_fp32``, a larger
+    ``--fp32-convs`` that would keep more of them fp32 (``None`` when none would)."""
     hints = []
     if not cfg.reduce_range and cpu_has_vnni() is False:
         hints.append("this CPU has no VNNI, where 8-bit products can saturate: try --reduce-range")
@@ -83,10 +86,10 @@ def gate_hints(cfg: Int8Config, fp32_earned: dict[str, Any], numbers: dict[str, 
             "flip: a lower --target-recall or more labelled defect images (--images) steady it"
         )
     kept = numbers.get("fp32_convs")
-    if isinstance(kept, int) and numbers.get("failed"):
+    if more_fp32 is not None and numbers.get("failed"):
         hints.append(
             f"this export kept the first {kept} convolution(s) fp32; more may pass at some cost in speed: try "
-            f"--fp32-convs {kept + 3} (EfficientNet-Lite2 on ELPV failed with 2 and passed with 5)"
+            f"--fp32-convs {more_fp32} (EfficientNet-Lite2 on ELPV failed with 2 and passed with 5)"
         )
     return hints
 
@@ -146,7 +149,9 @@ def quantize_model(
         )
     except Int8GateError as exc:
         exc.numbers.update(layers)
-        hints = gate_hints(cfg, fp32_earned, exc.numbers)
+        kept = layers["fp32_convs"]
+        deeper = kept + 3 if len(early_convs(graph, kept + 3)) > layers["fp32_conv_nodes"] else None
+        hints = gate_hints(cfg, fp32_earned, exc.numbers, deeper)
         if hints:
             raise Int8GateError(f"{exc}; " + "; ".join(hints), exc.numbers) from None
         raise

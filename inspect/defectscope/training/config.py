@@ -181,6 +181,18 @@ def use_memory_format(model: Any, value: Any) -> None:
     model.to(memory_format=memory_format(value))
 
 
+def model_layout(model: Any) -> str | None:
+    """The layout ``model``'s first telling convolution kernel is in; ``None`` when none tells (a kernel of
+    one pixel or one input channel reads the same in both layouts, so the layout cannot matter there)."""
+    import torch
+
+    for weight in model.parameters():
+        if weight.dim() == 4 and weight.shape[1] > 1 and weight.shape[2] * weight.shape[3] > 1:
+            nhwc = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+            return "channels_last" if nhwc else "contiguous"
+    return None
+
+
 @contextmanager
 def torch_threads(threads: Any) -> Iterator[None]:
     """``threads``: torch CPU threads for this call; the caller's setting is restored afterwards."""

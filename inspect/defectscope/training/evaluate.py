@@ -12,12 +12,21 @@ from __future__ import annotations
 import inspect
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..checkpoint import CheckpointError, model_spec, model_state, read_info, run_data_config, target_recall
+from ..checkpoint import (
+    CheckpointError,
+    model_spec,
+    model_state,
+    read_info,
+    recorded_run_config,
+    run_data_config,
+    target_recall,
+)
 from ..data.rebuild import datamodule_kwargs
 from ..data.settings import check_evaluate_on
 from ..data.sources import SOURCES
@@ -25,10 +34,10 @@ from ..evaluation.report import evaluation_doc, flat_metrics, report_lines
 from ..plain import to_plain
 from ..runtime.decision import THRESHOLD_EXPECTED, is_threshold
 from .config import (
-    MEMORY_FORMATS,
     TrainingConfigError,
     config_number,
     memory_format,
+    model_layout,
     scalar_metrics,
     torch_threads,
     use_memory_format,
@@ -128,22 +137,21 @@ def evaluation_module(ckpt: dict[str, Any], info: dict[str, Any], source: str, t
     return module
 
 
-def evaluation_layout(given: Any, ckpt: dict[str, Any], source: str) -> tuple[str, str]:
+def evaluation_layout(given: Any, ckpt: Mapping[str, Any], source: str) -> tuple[str, str]:
     """``memory_format`` (checked by the caller) or, when null, the layout the checkpoint was trained in
-    (its run config; contiguous if it records none), and why: evaluating EfficientNet-Lite channels_last
-    runs about as much faster as training it does, and the figures are the same."""
+    (its run config; contiguous if it records none), and why. A layout changes no figure; channels_last
+    is what makes EfficientNet-Lite fast on the CPU."""
     if given is not None:
         return str(given), "memory_format"
-    hparams = ckpt.get("hyper_parameters")
-    run = hparams.get("run_config") if isinstance(hparams, dict) else None
-    recorded = run.get("memory_format") if isinstance(run, dict) else None
+    recorded = recorded_run_config(ckpt).get("memory_format")
     if recorded is None:
         return "contiguous", "the default; the checkpoint records no layout"
-    if recorded not in MEMORY_FORMATS:
+    try:
+        memory_format(recorded)
+    except TrainingConfigError as exc:
         raise CheckpointError(
-            f"{source}: hyper_parameters.run_config.memory_format: expected one of {', '.join(MEMORY_FORMATS)}, "
-            f"got {str(recorded)[:100]!r}; set memory_format= to evaluate it anyway"
-        )
+            f"{source}: hyper_parameters.run_config.{str(exc)[:200]}; set memory_format= to evaluate it anyway"
+        ) from None
     return str(recorded), "as trained"
 
 
@@ -189,6 +197,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
 
     module = evaluation_module(ckpt, info, ckpt_file, threshold)
     use_memory_format(module.model, layout)
+    layout = model_layout(module.model) or layout  # what the weights are now, where a kernel tells
     module.shift_protocol = protocol_from_config(cfg.get("shift_consistency"), module.model.total_stride)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
 

@@ -71,7 +71,7 @@ def read_resume(
     optimizer with its LR groups, so the ``finetune`` LR plan must be the one the run started with, and
     the objective, so the ``distill`` settings must be too.
     """
-    from defectscope.checkpoint import check_resume_state, read_info
+    from defectscope.checkpoint import check_resume_state, read_info, recorded_run_config
 
     ckpt, info = read_info(ckpt_path)
     check_resume_state(ckpt, ckpt_path)
@@ -89,9 +89,9 @@ def read_resume(
                 f"was trained with {before[0]:g}, {before[1]:g}: a resumed run keeps its optimizer's LR "
                 "groups; resume with the checkpoint's values or start a new run"
             )
-    run_config = hparams.get("run_config") if isinstance(hparams, Mapping) else None
-    if distill is not None and isinstance(run_config, Mapping):
-        problem = resume_problem(run_config.get("distill"), distill, ckpt_path, info.get("teacher_sha256"))
+    if distill is not None:
+        then = recorded_run_config(ckpt).get("distill")
+        problem = resume_problem(then, distill, ckpt_path, info.get("teacher_sha256"))
         if problem:
             raise TrainingConfigError(problem)
     return info
