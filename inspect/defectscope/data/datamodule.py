@@ -45,7 +45,8 @@ class DefectDataModule(pl.LightningDataModule):
 
     Args:
         source: ``{"kind": folder|csv|elpv|synthetic, ...}`` (see :mod:`defectscope.data.sources`).
-        loader: :class:`LoaderConfig` fields (channels, max_side, min_size, size_multiple, max_pixels, downscale).
+        loader: :class:`LoaderConfig` fields (channels, max_side, min_size, size_multiple, max_pixels, downscale,
+            upscale_to).
         split: ``val_fraction`` (of the non-test part), ``test_fraction`` (of all), ``seed``; used
             only where the source has no split.  Unset keys take the source's defaults
             (ELPV: 25 % test, seed 42), then 0.15 / 0.15 / 42.

@@ -76,7 +76,10 @@ class LoaderConfig:
     fall into few size buckets; 1 disables it.  ``min_size``: smallest allowed side after
     resizing.  ``max_pixels``: decompression-bomb guard on the decoded size.  ``downscale``: one
     of :data:`DOWNSCALE_MODES` (module docstring); the default is what models exported before the
-    field existed were trained with.
+    field existed were trained with.  ``upscale_to``: enlarge so the short side is at least this
+    (aspect kept, the long side still capped by ``max_side``), so a small defect covers more cells
+    of the network's stride-32 grid; ``None`` never enlarges.  ``min_size`` still applies to the
+    real pixels, before enlarging.
     """
 
     channels: int = 1
@@ -85,6 +88,7 @@ class LoaderConfig:
     size_multiple: int = 1
     max_pixels: int = 40_000_000
     downscale: str = "exact"
+    upscale_to: int | None = None
 
     def __post_init__(self) -> None:
         if self.channels < 1:
@@ -108,6 +112,13 @@ class LoaderConfig:
                     f"({self.min_size}) and max_side ({self.max_side}): the largest multiple <= max_side "
                     f"is {top}; lower size_multiple or raise max_side"
                 )
+        if self.upscale_to is not None and self.upscale_to < 1:
+            raise ValueError(f"LoaderConfig.upscale_to must be >= 1 or None, got {self.upscale_to}")
+        if self.upscale_to is not None and self.max_side is not None and self.upscale_to > self.max_side:
+            raise ValueError(
+                f"LoaderConfig.upscale_to ({self.upscale_to}) must be <= max_side ({self.max_side}): "
+                "no image could reach it"
+            )
         if self.downscale not in DOWNSCALE_MODES:
             raise ValueError(
                 f"LoaderConfig.downscale must be one of {', '.join(DOWNSCALE_MODES)}, got {self.downscale!r}"
@@ -126,9 +137,20 @@ def scaled_size(width: int, height: int, cfg: LoaderConfig) -> tuple[int, int]:
     return w, h
 
 
+def enlarged_size(width: int, height: int, cfg: LoaderConfig) -> tuple[int, int]:
+    """Size (w, h) after ``max_side`` and then ``upscale_to`` (capped by ``max_side``), before rounding."""
+    w, h = scaled_size(width, height, cfg)
+    if cfg.upscale_to is None or min(w, h) >= cfg.upscale_to:
+        return w, h
+    scale = cfg.upscale_to / min(w, h)
+    if cfg.max_side is not None:
+        scale = min(scale, cfg.max_side / max(w, h))
+    return max(w, round(w * scale)), max(h, round(h * scale))
+
+
 def target_size(width: int, height: int, cfg: LoaderConfig) -> tuple[int, int]:
     """Size (w, h) an image of ``width`` x ``height`` has after the resize policy."""
-    w, h = scaled_size(width, height, cfg)
+    w, h = enlarged_size(width, height, cfg)
     m = cfg.size_multiple
     if m > 1:
         w, h = max(m, round(w / m) * m), max(m, round(h / m) * m)

@@ -53,8 +53,8 @@ MAX_PIXELS = 1 << 30
 #: the loader fields of a version-1 document (flat there, nested under ``loader`` since version 2)
 LOADER_KEYS = ("channels", "max_side", "min_size", "size_multiple", "max_pixels")
 #: loader fields added since: a document without one was made with the field's default
-#: (``downscale``: "exact", the only policy before the field existed)
-LOADER_OPTIONAL_KEYS = ("downscale",)
+#: (``downscale``: "exact", the only policy before the field existed; ``upscale_to``: None, never enlarge)
+LOADER_OPTIONAL_KEYS = ("downscale", "upscale_to")
 
 
 class MetadataError(ValueError):
@@ -238,6 +238,8 @@ def parse_loader(value: Any) -> LoaderConfig:
         _int_in(value[key], f"loader.{key}", lo, hi)
     if value["max_side"] is not None:
         _int_in(value["max_side"], "loader.max_side", 1, MAX_SIDE)
+    if value.get("upscale_to") is not None:
+        _int_in(value["upscale_to"], "loader.upscale_to", 1, MAX_SIDE)
     try:
         return LoaderConfig(**value)
     except ValueError as exc:

@@ -42,8 +42,8 @@ def add_trt_options(parser: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=None,
         metavar="N",
-        help="largest image side in TensorRT's profile, for models that keep native sizes (max_side null); "
-        "larger images get an error row",
+        help="largest side of the model's input (after the model's own upscale_to, if any) in TensorRT's "
+        "profile, for models that keep native sizes (max_side null); larger images get an error row",
     )
     parser.add_argument(
         "--trt-max-batch",
