@@ -1,0 +1,142 @@
+"""``loader.upscale_to``: small images enlarged before the model, the same way in training, export and the
+line runtime; the rule travels in the model and is checked like every loader field read from a file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from defectscope.runtime.image import ImageLoadError, LoaderConfig, load_image, normalize_batch, target_size
+from defectscope.runtime.metadata import MetadataError, ModelMetadata
+
+
+def test_the_short_side_is_enlarged_and_the_long_side_stays_capped() -> None:
+    up = LoaderConfig(upscale_to=384)
+    assert target_size(300, 300, up) == (384, 384)
+    assert target_size(300, 150, up) == (768, 384)  # aspect kept
+    assert target_size(500, 400, up) == (500, 400)  # already large enough: untouched
+    capped = LoaderConfig(upscale_to=384, max_side=640, size_multiple=32)
+    assert target_size(300, 600, capped) == (320, 640)  # max_side wins over the enlargement
+    assert target_size(1000, 900, capped) == (640, 576)  # the downscale as before
+    assert target_size(300, 300, LoaderConfig()) == (300, 300)  # off by default
+
+
+def test_the_runtime_enlarges_with_the_bilinear_filter(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    grey = (rng.random((50, 80)) * 255).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "a.png")
+    got = load_image(tmp_path / "a.png", LoaderConfig(upscale_to=100))
+    want = np.asarray(Image.fromarray(grey).resize((160, 100), Image.Resampling.BILINEAR))
+    assert got.shape == (100, 160, 1)
+    np.testing.assert_array_equal(got[:, :, 0], want)
+    Image.fromarray(grey).save(tmp_path / "a.jpg", quality=95)  # fast: no DCT shortcut when enlarging
+    fast, exact = (
+        load_image(tmp_path / "a.jpg", LoaderConfig(upscale_to=100, downscale=d)) for d in ("fast", "exact")
+    )
+    np.testing.assert_array_equal(fast, exact)
+
+
+def test_min_size_is_judged_on_the_real_pixels(tmp_path: Path) -> None:
+    Image.new("L", (20, 40)).save(tmp_path / "tiny.png")
+    with pytest.raises(ImageLoadError, match=r"tiny\.png.*20x40; the minimum side is 32 px") as err:
+        load_image(tmp_path / "tiny.png", LoaderConfig(upscale_to=384))
+    assert err.value.kind == "too_small"
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"upscale_to must be >= 1 or None, got 0"):
+        LoaderConfig(upscale_to=0)
+    with pytest.raises(ValueError, match=r"upscale_to \(700\) must be <= max_side \(512\)"):
+        LoaderConfig(upscale_to=700, max_side=512)
+
+
+def _doc(**loader_extra: Any) -> dict[str, Any]:
+    loader = {"channels": 1, "max_side": None, "min_size": 32, "size_multiple": 1, "max_pixels": 10**7}
+    return {
+        "class_names": ["good", "bad"], "good_class": "good", "threshold": 0.5, "loader": {**loader, **loader_extra},
+        "mean": [0.5], "std": [0.25], "model_name": "m", "package_version": "0",
+        "format": "defectscope.model", "format_version": 2,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", [True, "384", -1, 0, 1 << 17, 384.0, [384]])
+def test_a_model_file_cannot_smuggle_a_bad_value(bad: Any) -> None:
+    with pytest.raises(MetadataError, match=r"loader\.upscale_to must be a whole number in \[1, 65536\]"):
+        ModelMetadata.from_json(json.dumps(_doc(upscale_to=bad)))
+
+
+def test_the_field_is_written_only_when_set() -> None:
+    old = ModelMetadata.from_json(json.dumps(_doc()))  # a model from before the field: never enlarged
+    assert old.loader.upscale_to is None and "upscale_to" not in json.loads(old.to_json())["loader"]
+    new = ModelMetadata.from_json(json.dumps(_doc(upscale_to=384)))
+    assert new.loader.upscale_to == 384 and json.loads(new.to_json())["loader"]["upscale_to"] == 384
+    assert ModelMetadata.from_json(json.dumps(_doc(upscale_to=None))).loader.upscale_to is None
+    with pytest.raises(MetadataError, match=r"upscale_to \(700\) must be <= max_side \(512\)"):
+        ModelMetadata.from_json(json.dumps(_doc(upscale_to=700, max_side=512)))
+
+
+@pytest.mark.slow
+def test_trained_exported_and_inspected_at_the_enlarged_size(
+    compose_train: Callable[..., Any],
+    smoke_data_dir: Path,
+    tmp_path: Path,
+    defectscope_cmd: list[str],
+    cli_env: dict[str, str],
+) -> None:
+    from defectscope.runtime.inspector import Inspector
+    from defectscope.training.train import train
+    from test_multiscale import BatchShapes
+
+    shapes = BatchShapes()
+    cfg = compose_train(
+        [
+            "experiment=smoke", "logger=none", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+            "data.loader.upscale_to=128", f"paths.data_dir={smoke_data_dir}", f"paths.output_dir={tmp_path}",
+            "paths.launch_dir=.",
+        ]
+    )  # fmt: skip
+    train(cfg, extra_callbacks=[shapes])
+    up = LoaderConfig(upscale_to=128, size_multiple=32)  # the smoke set: sides of 64-96 px, on a 32 px grid
+    enlarged = set()
+    for path in smoke_data_dir.rglob("*.png"):
+        with Image.open(path) as img:
+            w, h = target_size(*img.size, up)
+            enlarged.add((h, w))
+    assert min(min(s) for s in enlarged) == 128
+    assert (
+        shapes.seen["train"] <= enlarged and shapes.seen["val"] <= enlarged and len(shapes.seen["train"]) > 1
+    )
+
+    model = tmp_path / "m.onnx"
+    run = subprocess.run(
+        [*defectscope_cmd, "export", str(tmp_path / "checkpoints" / "last.ckpt"), "-o", str(model)],
+        env=cli_env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    images = sorted(smoke_data_dir.rglob("*.png"))[:6]
+    out = tmp_path / "rows.jsonl"
+    run = subprocess.run(
+        [*defectscope_cmd, "inspect", str(model), *map(str, images), "-o", str(out), "--provider", "cpu"],
+        env=cli_env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    rows = {r["path"]: r for r in map(json.loads, out.read_text().splitlines())}
+
+    inspector = Inspector(model, provider="cpu", threads=1)
+    meta = inspector.metadata
+    assert meta.loader.upscale_to == 128
+    native = LoaderConfig(**{**meta.loader.to_dict(), "upscale_to": None})
+    for path in images:
+        row = rows[str(path)]
+        probs = [row["probs"][c] for c in meta.class_names]
+        for cfg_, same in ((meta.loader, True), (native, False)):
+            x = normalize_batch([load_image(path, cfg_)], meta.mean, meta.std)
+            want = inspector.predict(x, cam=False)["probs"][0]
+            assert np.allclose(probs, want, atol=1e-5) is same, (path, cfg_)
