@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from defectscope.data.settings import loader_config
 from defectscope.runtime.image import ImageLoadError, LoaderConfig, load_image, normalize_batch, target_size
 from defectscope.runtime.metadata import MetadataError, ModelMetadata
 
@@ -55,6 +56,46 @@ def test_bad_settings_are_refused() -> None:
         LoaderConfig(upscale_to=0)
     with pytest.raises(ValueError, match=r"upscale_to \(700\) must be <= max_side \(512\)"):
         LoaderConfig(upscale_to=700, max_side=512)
+
+
+@pytest.mark.parametrize(
+    ("loader", "message"),
+    [
+        ({"upscale_to": 1.5}, r"^data\.loader\.upscale_to must be a whole number in \[1, 65536\], got 1\.5$"),
+        ({"upscale_to": True}, r"^data\.loader\.upscale_to must be a whole number .*got True$"),
+        ({"max_side": "512"}, r"^data\.loader\.max_side must be a whole number .*got '512'$"),
+        (
+            {"upscale": 384},
+            r"^data\.loader: unknown key\(s\) \['upscale'\]; valid: channels, .*, upscale_to$",
+        ),
+        (
+            {"upscale_to": 700, "max_side": 512},
+            r"^data\.loader: LoaderConfig\.upscale_to \(700\) must be <= max_side",
+        ),
+    ],
+)
+def test_config_values_no_model_could_carry_are_refused_naming_the_key(
+    loader: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        loader_config(loader)
+    assert loader_config({"upscale_to": 384}).upscale_to == 384
+
+
+def test_the_cli_refuses_a_bad_value_before_training(
+    tmp_path: Path, defectscope_cmd: list[str], cli_env: dict[str, str]
+) -> None:
+    run = subprocess.run(
+        [*defectscope_cmd, "train", "experiment=smoke", "logger=none", "data.loader.upscale_to=1.5",
+         f"hydra.run.dir={tmp_path / 'run'}", f"paths.data_dir={tmp_path / 'data'}"],
+        env=cli_env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == (
+        "defectscope train: error: data.loader.upscale_to must be a whole number in [1, 65536], got 1.5"
+    )
+    assert "Traceback" not in run.stderr and not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "data").exists()  # nothing generated either
 
 
 def _doc(**loader_extra: Any) -> dict[str, Any]:

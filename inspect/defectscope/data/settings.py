@@ -11,6 +11,7 @@ from typing import Any
 
 from ..plain import to_plain
 from ..runtime.image import LoaderConfig
+from ..runtime.metadata import check_loader_values
 
 ON_BAD_FILE = ("fail", "skip")
 #: what ``evaluate`` scores: "test" = only the test split, "all" = every image of the source (a new lot);
@@ -48,13 +49,26 @@ def check_settings(
 
 
 def loader_config(loader: Mapping[str, Any] | LoaderConfig | None) -> LoaderConfig:
-    """``data.loader`` as the runtime's typed loader settings; an error names the key."""
+    """``data.loader`` as the runtime's typed loader settings, checked by the rule a model file's loader
+    meets (:func:`check_loader_values`), so a value no model could carry is refused before training, not after;
+    an error names the key."""
     if isinstance(loader, LoaderConfig):
         return loader
+    given = to_plain(loader or {})
+    if not isinstance(given, dict):
+        raise ValueError(f"data.loader must be a mapping of loader settings, got {given!r}")
+    valid = LoaderConfig().to_dict()
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise ValueError(f"data.loader: unknown key(s) {unknown}; valid: {', '.join(valid)}")
     try:
-        return LoaderConfig(**to_plain(loader or {}))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"data.loader: {exc}") from None
+        check_loader_values(given)
+        return LoaderConfig(**{**valid, **given})
+    except ValueError as exc:
+        message = str(exc)
+        if message.startswith("loader."):
+            raise ValueError(f"data.{message}") from None
+        raise ValueError(f"data.loader: {message}") from None
 
 
 def split_config(split: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -228,6 +228,15 @@ def parse_loader(value: Any) -> LoaderConfig:
             f"loader must be an object with exactly the keys {', '.join(LOADER_KEYS)} "
             f"(optionally also {', '.join(LOADER_OPTIONAL_KEYS)})"
         )
+    check_loader_values(value)
+    try:
+        return LoaderConfig(**value)
+    except ValueError as exc:
+        raise MetadataError(f"metadata has an unusable loader config: {exc}") from None
+
+
+def check_loader_values(value: dict[str, Any]) -> None:
+    """Types and ranges of the loader fields present in ``value`` (a model file's or a config's)."""
     checks = {
         "channels": (1, MAX_CHANNELS),
         "min_size": (1, MAX_SIDE),
@@ -235,15 +244,11 @@ def parse_loader(value: Any) -> LoaderConfig:
         "max_pixels": (1, MAX_PIXELS),
     }
     for key, (lo, hi) in checks.items():
-        _int_in(value[key], f"loader.{key}", lo, hi)
-    if value["max_side"] is not None:
-        _int_in(value["max_side"], "loader.max_side", 1, MAX_SIDE)
-    if value.get("upscale_to") is not None:
-        _int_in(value["upscale_to"], "loader.upscale_to", 1, MAX_SIDE)
-    try:
-        return LoaderConfig(**value)
-    except ValueError as exc:
-        raise MetadataError(f"metadata has an unusable loader config: {exc}") from None
+        if key in value:
+            _int_in(value[key], f"loader.{key}", lo, hi)
+    for key in ("max_side", "upscale_to"):
+        if value.get(key) is not None:
+            _int_in(value[key], f"loader.{key}", 1, MAX_SIDE)
 
 
 def _int_in(value: Any, key: str, lo: int, hi: int) -> None:
