@@ -203,3 +203,17 @@ def test_bad_input_is_one_line_before_any_trial(
     assert len(lines) == 1 and message in lines[0], err
     assert "Traceback" not in err
     assert not list(tmp_path.rglob("trials"))  # no trial started
+
+
+def test_loader_values_are_checked_by_the_training_rule(compose_train: Callable[..., Any]) -> None:
+    """A loader choice every trial's data module would refuse stops the search before the first trial."""
+    from defectscope.search.preflight import check_choices
+
+    cfg = compose_train(["paths.launch_dir=."], config_name="search")
+    check_choices(cfg, parse_space({"data": {"loader": {"upscale_to": {"choices": [None, 256]}}}}))
+    with pytest.raises(
+        SearchConfigError,
+        match=r"data\.loader\.upscale_to: 1\.5 is rejected by the loader policy: "
+        r"data\.loader\.upscale_to must be a whole number in \[1, 65536\], got 1\.5",
+    ):
+        check_choices(cfg, parse_space({"data": {"loader": {"upscale_to": {"choices": [256, 1.5]}}}}))

@@ -199,6 +199,7 @@ def compose_data_config(overrides: Sequence[str], folder: str | None, config_dir
 
     from ..plain import to_plain
     from ..training.app import conf_dir
+    from .settings import loader_config
 
     extra = [f"hydra.searchpath=[file://{os.path.abspath(config_dir)}]"] if config_dir else []
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
@@ -209,7 +210,7 @@ def compose_data_config(overrides: Sequence[str], folder: str | None, config_dir
         if folder:
             cfg.data.source.root = folder
     data = cfg.data
-    loader = LoaderConfig(**to_plain(OmegaConf.to_container(data.loader, resolve=True)))
+    loader = loader_config(to_plain(OmegaConf.to_container(data.loader, resolve=True)))
     source = to_plain(OmegaConf.to_container(data.source, resolve=True))
     return ScanConfig(source, loader, int(data.get("scan_workers", 2)))
 

@@ -25,6 +25,7 @@ is part of the exported model and training reads it from the same config.
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -77,9 +78,9 @@ class LoaderConfig:
     resizing.  ``max_pixels``: decompression-bomb guard on the decoded size.  ``downscale``: one
     of :data:`DOWNSCALE_MODES` (module docstring); the default is what models exported before the
     field existed were trained with.  ``upscale_to``: enlarge so the short side is at least this
-    (aspect kept, the long side still capped by ``max_side``), so a small defect covers more cells
-    of the network's stride-32 grid; ``None`` never enlarges.  ``min_size`` still applies to the
-    real pixels, before enlarging.
+    before rounding to ``size_multiple`` (aspect kept; the long side stays within ``max_side`` and the
+    area within ``max_pixels``), so a small defect covers more cells of the network's stride-32 grid;
+    ``None`` never enlarges.  ``min_size`` still applies to the real pixels, before enlarging.
     """
 
     channels: int = 1
@@ -114,11 +115,6 @@ class LoaderConfig:
                 )
         if self.upscale_to is not None and self.upscale_to < 1:
             raise ValueError(f"LoaderConfig.upscale_to must be >= 1 or None, got {self.upscale_to}")
-        if self.upscale_to is not None and self.max_side is not None and self.upscale_to > self.max_side:
-            raise ValueError(
-                f"LoaderConfig.upscale_to ({self.upscale_to}) must be <= max_side ({self.max_side}): "
-                "no image could reach it"
-            )
         if self.downscale not in DOWNSCALE_MODES:
             raise ValueError(
                 f"LoaderConfig.downscale must be one of {', '.join(DOWNSCALE_MODES)}, got {self.downscale!r}"
@@ -138,14 +134,23 @@ def scaled_size(width: int, height: int, cfg: LoaderConfig) -> tuple[int, int]:
 
 
 def enlarged_size(width: int, height: int, cfg: LoaderConfig) -> tuple[int, int]:
-    """Size (w, h) after ``max_side`` and then ``upscale_to`` (capped by ``max_side``), before rounding."""
+    """Size (w, h) after ``max_side`` and then ``upscale_to``, before rounding.
+
+    The enlargement stops where the long side reaches ``max_side`` or the area ``max_pixels``: a
+    long thin image must not become a gigapixel input (a model file could ask for any ``upscale_to``).
+    """
     w, h = scaled_size(width, height, cfg)
     if cfg.upscale_to is None or min(w, h) >= cfg.upscale_to:
         return w, h
-    scale = cfg.upscale_to / min(w, h)
+    scale = min(cfg.upscale_to / min(w, h), math.sqrt(cfg.max_pixels / (w * h)))
     if cfg.max_side is not None:
         scale = min(scale, cfg.max_side / max(w, h))
-    return max(w, round(w * scale)), max(h, round(h * scale))
+    if scale <= 1.0:
+        return w, h
+    nw, nh = round(w * scale), round(h * scale)
+    if nw * nh > cfg.max_pixels:  # rounding up crossed the area cap
+        nw, nh = math.floor(w * scale), math.floor(h * scale)
+    return max(w, nw), max(h, nh)
 
 
 def target_size(width: int, height: int, cfg: LoaderConfig) -> tuple[int, int]:

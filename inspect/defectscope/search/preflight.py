@@ -54,14 +54,14 @@ def model_kwargs(cfg: Any, values: Mapping[str, Any] | None = None) -> tuple[str
 
 def loader_config(cfg: Any, values: Mapping[str, Any] | None = None) -> Any:
     """The trial's :class:`LoaderConfig` (``data.loader.*`` parameters applied)."""
+    from defectscope.data.settings import loader_config as checked_loader
     from defectscope.plain import to_plain
-    from defectscope.runtime.image import LoaderConfig
 
     loader = dict(to_plain(cfg.data.loader))
     for name, value in (values or {}).items():
         if name.startswith("data.loader."):
             loader[name[len("data.loader.") :]] = value
-    return LoaderConfig(**loader)
+    return checked_loader(loader)
 
 
 def build_model(cfg: Any, values: Mapping[str, Any], num_classes: int, *, check_size: bool = True) -> Any:
