@@ -137,18 +137,11 @@ def test_trained_exported_and_inspected_at_the_enlarged_size(
     cli_env: dict[str, str],
 ) -> None:
     from defectscope.runtime.inspector import Inspector
-    from defectscope.training.train import train
-    from test_multiscale import BatchShapes
+    from test_multiscale import train_smoke_recording_shapes
 
-    shapes = BatchShapes()
-    cfg = compose_train(
-        [
-            "experiment=smoke", "logger=none", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
-            "data.loader.upscale_to=128", f"paths.data_dir={smoke_data_dir}", f"paths.output_dir={tmp_path}",
-            "paths.launch_dir=.",
-        ]
-    )  # fmt: skip
-    train(cfg, extra_callbacks=[shapes])
+    shapes, _ = train_smoke_recording_shapes(
+        compose_train, smoke_data_dir, tmp_path, 1, "data.loader.upscale_to=128"
+    )
     up = LoaderConfig(upscale_to=128, size_multiple=32)  # the smoke set: sides of 64-96 px, on a 32 px grid
     enlarged = set()
     for path in smoke_data_dir.rglob("*.png"):

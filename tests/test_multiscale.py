@@ -56,18 +56,26 @@ class BatchShapes(Callback):
         self.seen["val"].add(tuple(batch["image"].shape[-2:]))
 
 
-def test_training_sees_the_scales_and_validation_the_loader_size(
-    compose_train: Callable[..., Any], smoke_data_dir: Path, tmp_path: Path
-) -> None:
+def train_smoke_recording_shapes(
+    compose_train: Callable[..., Any], data_dir: Path, out_dir: Path, epochs: int, *overrides: str
+) -> tuple[BatchShapes, dict[str, float]]:
+    """experiment=smoke trained for ``epochs`` with ``overrides``: the batch sizes seen, and the metrics."""
     shapes = BatchShapes()
     cfg = compose_train(
         [
-            "experiment=smoke", "logger=none", "trainer.max_epochs=2", "trainer.enable_progress_bar=false",
-            "data.multi_scale=[0.5,1.5]", f"paths.data_dir={smoke_data_dir}", f"paths.output_dir={tmp_path}",
-            "paths.launch_dir=.",
+            "experiment=smoke", "logger=none", f"trainer.max_epochs={epochs}", "trainer.enable_progress_bar=false",
+            *overrides, f"paths.data_dir={data_dir}", f"paths.output_dir={out_dir}", "paths.launch_dir=.",
         ]
     )  # fmt: skip
-    metrics = train(cfg, extra_callbacks=[shapes])
+    return shapes, train(cfg, extra_callbacks=[shapes])
+
+
+def test_training_sees_the_scales_and_validation_the_loader_size(
+    compose_train: Callable[..., Any], smoke_data_dir: Path, tmp_path: Path
+) -> None:
+    shapes, metrics = train_smoke_recording_shapes(
+        compose_train, smoke_data_dir, tmp_path, 2, "data.multi_scale=[0.5,1.5]"
+    )
     native = {(64, 64), (64, 96), (96, 64), (96, 96)}  # the smoke set's size buckets
     assert shapes.seen["val"] <= native
     halves = {(32, 32), (32, 64), (64, 32), (64, 64)}  # sides x 0.5 on the 32 px grid (48 -> 64)
