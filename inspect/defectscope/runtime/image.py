@@ -147,10 +147,10 @@ def enlarged_size(width: int, height: int, cfg: LoaderConfig) -> tuple[int, int]
         scale = min(scale, cfg.max_side / max(w, h))
     if scale <= 1.0:
         return w, h
-    nw, nh = round(w * scale), round(h * scale)
+    nw, nh = round(w * scale), round(h * scale)  # scale > 1: never below the real size
     if nw * nh > cfg.max_pixels:  # rounding up crossed the area cap
-        nw, nh = math.floor(w * scale), math.floor(h * scale)
-    return max(w, nw), max(h, nh)
+        return math.floor(w * scale), math.floor(h * scale)
+    return nw, nh
 
 
 def target_size(width: int, height: int, cfg: LoaderConfig) -> tuple[int, int]:
