@@ -215,6 +215,8 @@ def test_ddp_ranks_read_their_own_images_teacher_rows(
     )}  # fmt: skip
     total = int(re.findall(r"scored \d+ of the (\d+) training images", log)[0])
     assert set(shares) == {0, 1} and sum(shares.values()) == total  # each rank its half, not the whole split
+    where = re.findall(r"in this process \(rank \d of 2\) on (.+?) in \d+ s", log)
+    assert where == ["the CPU", "the CPU"]  # CPU processes: no GPU session, whatever this ORT build has
     auroc = re.search(r"test metrics:.* auroc=([0-9.]+)", proc.stdout)
     assert auroc is not None, proc.stdout[-2000:]
     assert float(auroc.group(1)) <= 0.05
@@ -309,3 +311,35 @@ def test_an_image_one_ddp_rank_cannot_teach_stops_every_rank_in_one_line(
         last,
     ), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_each_training_process_gives_the_teacher_its_own_gpu() -> None:
+    """A DDP process on cuda:1 runs its teacher pass on GPU 1 (not every rank on GPU 0) where ONNX Runtime
+    has CUDA; a CPU process, or an ORT build without CUDA, runs it on the CPU."""
+    import onnxruntime as ort
+
+    from defectscope.training.distill import teacher_gpu
+
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    assert teacher_gpu(torch.device("cpu")) is None
+    assert teacher_gpu(torch.device("cuda", 1)) == (1 if has_cuda else None)
+
+
+@pytest.mark.slow
+def test_the_checked_session_is_reused_but_never_pickled(teacher: tuple[Path, Path, float]) -> None:
+    """The session opened to check the teacher serves the CPU pass (one open per process); ``ddp_spawn``
+    pickles the callbacks, and an ONNX Runtime session cannot be pickled, so the copy goes without it."""
+    import pickle
+
+    from defectscope.runtime.inspector import Inspector
+    from defectscope.training.distill import TeacherPass
+
+    onnx, _, _ = teacher
+    settings = distill_settings({"teacher": str(onnx)})
+    session = Inspector(onnx, provider="cpu")
+    callback = TeacherPass(settings, ["a.png"], [0], ["crack", "good"], 1, None, session)
+    with pytest.raises((TypeError, AttributeError, pickle.PicklingError)):
+        pickle.dumps(session)  # the premise: a session (and its log function) cannot be pickled
+    copy = pickle.loads(pickle.dumps(callback))
+    assert copy.checked is None and callback.checked is session
+    assert copy.paths == ["a.png"] and copy.settings == settings

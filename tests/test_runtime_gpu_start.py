@@ -22,7 +22,7 @@ from defectscope.runtime import cli
 from defectscope.runtime.image import LoaderConfig, target_size
 from defectscope.runtime.inspector import Inspector, MetadataError, ModelLoadError, ProviderError
 from defectscope.runtime.ortlog import Captured, failure_reason, first_line, quiet_ort
-from defectscope.runtime.providers import PROVIDERS, candidates, session_options
+from defectscope.runtime.providers import PROVIDERS, candidates, provider_chain, session_options
 from defectscope.runtime.sessions import start_shapes
 from defectscope.runtime.startcheck import Placement, StartCheckError, exercise, placement_from_profile
 from defectscope.runtime.trt import (
@@ -157,6 +157,39 @@ def test_int8_models_run_on_the_cpu_under_auto_without_trying_tensorrt(tmp_path:
     assert not (tmp_path / "trt").exists()
     with pytest.raises(ProviderError, match="'cuda' failed to start: not activated"):
         Inspector(path, provider="cuda", available=GPU_AVAILABLE)
+
+
+def test_gpu_providers_run_on_the_requested_device() -> None:
+    """One runner per GPU: ``device_id`` reaches both GPU providers; TensorRT keeps its own options."""
+    assert provider_chain("cpu", device_id=3) == ["CPUExecutionProvider"]
+    cuda = provider_chain("cuda", device_id=3)
+    assert cuda == [
+        ("CUDAExecutionProvider", {"device_id": "3", "cudnn_conv_algo_search": "HEURISTIC"}),
+        "CPUExecutionProvider",
+    ]
+    trt = provider_chain("tensorrt", {"trt_fp16_enable": "True"}, device_id=2)
+    assert trt[0] == ("TensorrtExecutionProvider", {"trt_fp16_enable": "True", "device_id": "2"})
+    assert trt[1] == ("CUDAExecutionProvider", {"device_id": "2", "cudnn_conv_algo_search": "HEURISTIC"})
+    assert provider_chain("cuda")[0][1]["device_id"] == "0"  # the default: the first GPU
+
+
+def test_a_device_id_is_checked_and_unused_on_the_cpu(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ProviderError, match=r"^device_id must be a GPU index >= 0, got -1$"):
+        Inspector(model, provider="cpu", device_id=-1)
+    from PIL import Image
+
+    Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(tmp_path / "a.png")
+    out = tmp_path / "r.jsonl"
+    code = cli.main([str(model), str(tmp_path / "a.png"), "-o", str(out), "--device-id", "-1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--device-id must be a GPU index >= 0, got -1" in err
+    assert not out.exists()
+    code = cli.main(
+        [str(model), str(tmp_path / "a.png"), "-o", str(out), "--device-id", "1", "--provider", "cpu"]
+    )
+    assert code == 0 and len(out.read_text().splitlines()) == 1
 
 
 # -- 4. loader-config validation -------------------------------------------------------------------

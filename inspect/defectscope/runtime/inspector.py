@@ -67,6 +67,7 @@ class Inspector:
             trt_max_batch=cfg.trt_max_batch,
             trt_max_side=cfg.trt_max_side,
             trt_clean=cfg.trt_clean,
+            device_id=cfg.device_id,
         )
 
     def __init__(
@@ -81,6 +82,7 @@ class Inspector:
         trt_max_side: int | None = None,
         trt_clean: bool = False,
         io_binding: bool | None = None,
+        device_id: int = 0,
         available: Sequence[str] | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
@@ -100,7 +102,11 @@ class Inspector:
         trt = TrtRequest(
             Path(trt_cache_dir) if trt_cache_dir else None, trt_max_batch, trt_max_side, trt_clean
         )
-        opener = SessionOpener(ort, self.model_path, self.sha256, threads, graph_opt, trt)
+        if not isinstance(device_id, int) or isinstance(device_id, bool) or device_id < 0:
+            raise ProviderError(f"device_id must be a GPU index >= 0, got {device_id!r}")
+        #: the GPU the CUDA and TensorRT providers (and IO binding) use; unused on the CPU
+        self.device_id = device_id
+        opener = SessionOpener(ort, self.model_path, self.sha256, threads, graph_opt, trt, device_id)
         opened = opener.open(provider, avail)
         for note in opened.notes:
             self._log(f"defectscope: {note}")
@@ -179,9 +185,11 @@ class Inspector:
         ort = import_ort()
 
         binding = self.session.io_binding()
-        binding.bind_ortvalue_input(INPUT_NAME, ort.OrtValue.ortvalue_from_numpy(batch, device, 0))
+        binding.bind_ortvalue_input(
+            INPUT_NAME, ort.OrtValue.ortvalue_from_numpy(batch, device, self.device_id)
+        )
         for n in names:
-            binding.bind_output(n, device, 0)
+            binding.bind_output(n, device, self.device_id)
         self.session.run_with_iobinding(binding)
         return list(binding.copy_outputs_to_cpu())
 

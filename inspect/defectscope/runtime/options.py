@@ -31,6 +31,7 @@ class SessionConfig:
     trt_max_batch: int = TRT_MAX_BATCH
     trt_max_side: int | None = None
     trt_clean: bool = False
+    device_id: int = 0  # the GPU of the CUDA and TensorRT providers
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,12 @@ def add_shared_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto", help="execution provider")
     p.add_argument(
+        "--device-id",
+        type=int,
+        default=0,
+        help="GPU index for the CUDA and TensorRT providers (default 0; one runner per GPU on a multi-GPU PC)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=None,
@@ -100,6 +107,8 @@ def run_options(p: argparse.ArgumentParser, a: argparse.Namespace) -> RunOptions
         p.error(f"--workers must be >= 0, got {a.workers}")
     if a.threads is not None and a.threads < 0:
         p.error(f"--threads must be >= 0 (0: one per physical core), got {a.threads}")
+    if a.device_id < 0:
+        p.error(f"--device-id must be a GPU index >= 0, got {a.device_id}")
     session = SessionConfig(
         a.model,
         a.provider,
@@ -109,5 +118,6 @@ def run_options(p: argparse.ArgumentParser, a: argparse.Namespace) -> RunOptions
         a.trt_max_batch,
         a.trt_max_side,
         a.trt_cache_clean,
+        a.device_id,
     )
     return RunOptions(session, a.threshold, a.batch_size, a.workers, a.heatmaps)

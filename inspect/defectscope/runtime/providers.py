@@ -69,19 +69,23 @@ def physical_cores() -> int:
     return max(1, len(cores))
 
 
-def provider_chain(kind: str, trt_options: dict[str, str] | None = None) -> list[Any]:
+def provider_chain(kind: str, trt_options: dict[str, str] | None = None, device_id: int = 0) -> list[Any]:
     """The ORT ``providers`` list that makes ``kind`` primary, with the usual partition fallbacks.
 
     TensorRT hands unsupported nodes to CUDA, CUDA to the CPU; the primary is verified after the
     session exists, so a silently missing library cannot pass for success, and the start-up check
-    reports how many nodes each provider took.  ``trt_options`` come from :mod:`.trt`.
+    reports how many nodes each provider took.  ``trt_options`` come from :mod:`.trt`;
+    ``device_id`` is the GPU both GPU providers run on (one runner per GPU on a multi-GPU PC, one
+    training process per GPU under DDP).
     """
     if kind == "cpu":
         return [PROVIDERS["cpu"]]
+    gpu = {"device_id": str(device_id)}
+    cuda = (PROVIDERS["cuda"], {**gpu, "cudnn_conv_algo_search": "HEURISTIC"})
     if kind == "cuda":
-        return [(PROVIDERS["cuda"], {"cudnn_conv_algo_search": "HEURISTIC"}), PROVIDERS["cpu"]]
+        return [cuda, PROVIDERS["cpu"]]
     if kind == "tensorrt":
-        return [(PROVIDERS["tensorrt"], dict(trt_options or {})), PROVIDERS["cuda"], PROVIDERS["cpu"]]
+        return [(PROVIDERS["tensorrt"], {**dict(trt_options or {}), **gpu}), cuda, PROVIDERS["cpu"]]
     raise ProviderError(f"unknown provider {kind!r}; choose one of {', '.join(PROVIDER_CHOICES)}")
 
 

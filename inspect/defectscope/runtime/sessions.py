@@ -137,10 +137,11 @@ class SessionOpener:
     """Tries the candidate providers in order and returns the first that starts and passes its check."""
 
     def __init__(
-        self, ort: Any, model_path: str, sha256: str, threads: int | None, graph_opt: str, trt: TrtRequest
-    ):
+        self, ort: Any, model_path: str, sha256: str, threads: int | None, graph_opt: str, trt: TrtRequest,
+        device_id: int = 0,
+    ):  # fmt: skip
         self.ort, self.path, self.sha256 = ort, model_path, sha256
-        self.threads, self.graph_opt, self.trt = threads, graph_opt, trt
+        self.threads, self.graph_opt, self.trt, self.device_id = threads, graph_opt, trt, device_id
         self.notes: list[str] = []
 
     def open(self, requested: str, available: list[str]) -> Opened:
@@ -290,7 +291,10 @@ class SessionOpener:
                 self.ort.preload_dlls()
         try:
             session = self.ort.InferenceSession(
-                self.path, sess_options=so, providers=provider_chain(kind, trt), enable_fallback=0
+                self.path,
+                sess_options=so,
+                providers=provider_chain(kind, trt, self.device_id),
+                enable_fallback=0,
             )
         except Exception as exc:  # ORT raises unrelated types (InvalidProtobuf, Fail, RuntimeError, ...)
             what = "cannot load the model" if kind == "cpu" else "could not create the session"

@@ -141,16 +141,30 @@ def teacher_file_problem(teacher: str) -> str | None:
     return None
 
 
-def open_teacher(settings: DistillSettings, class_names: Sequence[str], threads: int | None) -> Any:
-    """The teacher as the line runtime opens it; one line when it cannot be a teacher for these classes."""
-    from ..runtime.inspector import Inspector, MetadataError, ModelLoadError, ProviderError
+def teacher_gpu(device: torch.device) -> int | None:
+    """The GPU index the teacher runs on for a process training on ``device``: that same GPU (one per
+    DDP process, so the ranks do not all load GPU 0), when this ONNX Runtime has CUDA; else ``None``,
+    the CPU.  No TensorRT: an engine build does not pay for a one-off pass."""
     from ..runtime.providers import import_ort
 
+    if device.type != "cuda" or "CUDAExecutionProvider" not in import_ort().get_available_providers():
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def open_teacher(
+    settings: DistillSettings, class_names: Sequence[str], threads: int | None, gpu: int | None = None
+) -> Any:
+    """The teacher as the line runtime opens it, on the CPU or GPU ``gpu``; one line when it cannot be a
+    teacher for these classes."""
+    from ..runtime.inspector import Inspector, MetadataError, ModelLoadError, ProviderError
+
     assert settings.teacher is not None
-    # CUDA where this ONNX Runtime has it (no TensorRT engine build for a one-off pass), else the CPU
-    provider = "cuda" if "CUDAExecutionProvider" in import_ort().get_available_providers() else "cpu"
+    provider, device_id = ("cpu", 0) if gpu is None else ("cuda", gpu)
     try:
-        teacher = Inspector(settings.teacher, provider=provider, threads=threads, log=log.info)
+        teacher = Inspector(
+            settings.teacher, provider=provider, threads=threads, device_id=device_id, log=log.info
+        )
     except (ModelLoadError, MetadataError, ProviderError) as exc:
         raise TrainingConfigError(f"distill.teacher: {exc}") from None
     if list(teacher.class_names) != list(class_names):
@@ -216,13 +230,16 @@ def add_teacher(dm: Any, settings: DistillSettings, threads: Any, tracker: Any) 
     callback once the processes exist; no callback without a teacher."""
     if settings.teacher is None:
         return []
-    open_teacher(settings, list(dm.class_names), threads)
+    checked = open_teacher(
+        settings, list(dm.class_names), threads
+    )  # on the CPU: this process's GPU is not known yet
     train_set = dm.dataset("train")
     return [
         TeacherPass(
-            settings, list(train_set.paths), list(train_set.labels), list(dm.class_names), threads, tracker
+            settings, list(train_set.paths), list(train_set.labels), list(dm.class_names), threads, tracker,
+            checked,
         )
-    ]
+    ]  # fmt: skip
 
 
 class TeacherPass(pl.Callback):
@@ -230,15 +247,21 @@ class TeacherPass(pl.Callback):
 
     Under DDP each process scores every ``world_size``-th image from its rank on and the rows are
     gathered (tensors, no pickling), so the pass costs what it costs one process, not once per rank;
-    an image one rank cannot score stops every rank with the same line.
+    an image one rank cannot score stops every rank with the same line.  ``checked``: the CPU session
+    :func:`add_teacher` opened to check the file, reused where the pass runs on the CPU too.
     """
 
     def __init__(
         self, settings: DistillSettings, paths: list[str], labels: list[int], class_names: list[str],
-        threads: Any, tracker: Any,
+        threads: Any, tracker: Any, checked: Any = None,
     ) -> None:  # fmt: skip
         self.settings, self.paths, self.labels = settings, paths, labels
         self.class_names, self.threads, self.tracker = class_names, threads, tracker
+        self.checked = checked
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Spawned processes (``ddp_spawn``) get a copy without the session, which cannot be pickled."""
+        return {**self.__dict__, "checked": None}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -248,22 +271,28 @@ class TeacherPass(pl.Callback):
         share = list(range(rank, len(self.paths), world))
         teacher, error = None, ""
         part = np.zeros((len(share), len(self.class_names)), dtype=np.float32)
+        # the module is moved to its device after this hook; the strategy already knows which it is
+        device = trainer.strategy.root_device
         try:
-            teacher = open_teacher(self.settings, self.class_names, self.threads)
+            gpu = teacher_gpu(device)
+            teacher = self.checked
+            if teacher is None or gpu is not None:
+                teacher = open_teacher(self.settings, self.class_names, self.threads, gpu)
+            self.checked = None  # the pass is the only use: let the session go with this process's pass
             part = teacher_probabilities(teacher, [self.paths[i] for i in share])
         except Exception as exc:  # whatever it is, every rank must reach the gather, or the others wait
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             error = first if isinstance(exc, TrainingConfigError) else f"distill.teacher: {first}"
-        probs, errors = _gathered(trainer, pl_module, part, error, len(self.paths))
+        probs, errors = _gathered(trainer, device, part, error, len(self.paths))
         if errors:
             raise TrainingConfigError(errors[0])
         assert teacher is not None
         agreement = teacher_agreement(probs, self.labels)
         log.info(
             "distill: teacher %s (%s, sha256 %s…) scored %d of the %d training images in this process (rank %d "
-            "of %d) in %.0f s; its top class is the label of %.1f %% of them all; weight %g, temperature %g",
+            "of %d) on %s in %.0f s; its top class is the label of %.1f %% of them all; weight %g, temperature %g",
             self.settings.teacher, teacher.metadata.variant, teacher.sha256[:12], len(share), len(self.paths),
-            rank, world, time.perf_counter() - started, 100 * agreement, self.settings.weight,
+            rank, world, _where(teacher), time.perf_counter() - started, 100 * agreement, self.settings.weight,
             self.settings.temperature,
         )  # fmt: skip
         if self.tracker is not None and trainer.is_global_zero:
@@ -273,10 +302,17 @@ class TeacherPass(pl.Callback):
         module.set_teacher(probs, self.settings.weight, self.settings.temperature, teacher.sha256)
 
 
+def _where(teacher: Any) -> str:
+    """``the CPU`` or ``GPU 1 (cuda)``: where the teacher's pass ran, for the log."""
+    return "the CPU" if teacher.provider == "cpu" else f"GPU {teacher.device_id} ({teacher.provider})"
+
+
 def _gathered(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, part: np.ndarray, error: str, total: int
+    trainer: pl.Trainer, device: torch.device, part: np.ndarray, error: str, total: int
 ) -> tuple[np.ndarray, list[str]]:
-    """Every rank's rows in path order, and the ranks' errors (UTF-8, cut at 2 KiB) in rank order."""
+    """Every rank's rows in path order, and the ranks' errors (UTF-8, cut at 2 KiB) in rank order.
+
+    The tensors go through ``device``, the process's own (NCCL gathers CUDA tensors only)."""
     world = trainer.world_size
     if world == 1:
         return part, [error] if error else []
@@ -287,7 +323,6 @@ def _gathered(
     raw = error.encode("utf-8")[:2048].decode("utf-8", "ignore").encode("utf-8")  # whole characters only
     if raw:
         message[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
-    device = pl_module.device
     all_rows = trainer.strategy.all_gather(padded.to(device)).cpu()  # (world, rows, K)
     all_messages = trainer.strategy.all_gather(message.to(device)).cpu()  # (world, 2048)
     probs = np.zeros((total, part.shape[1]), dtype=np.float32)
