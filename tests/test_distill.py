@@ -323,23 +323,3 @@ def test_each_training_process_gives_the_teacher_its_own_gpu() -> None:
     has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
     assert teacher_gpu(torch.device("cpu")) is None
     assert teacher_gpu(torch.device("cuda", 1)) == (1 if has_cuda else None)
-
-
-@pytest.mark.slow
-def test_the_checked_session_is_reused_but_never_pickled(teacher: tuple[Path, Path, float]) -> None:
-    """The session opened to check the teacher serves the CPU pass (one open per process); ``ddp_spawn``
-    pickles the callbacks, and an ONNX Runtime session cannot be pickled, so the copy goes without it."""
-    import pickle
-
-    from defectscope.runtime.inspector import Inspector
-    from defectscope.training.distill import TeacherPass
-
-    onnx, _, _ = teacher
-    settings = distill_settings({"teacher": str(onnx)})
-    session = Inspector(onnx, provider="cpu")
-    callback = TeacherPass(settings, ["a.png"], [0], ["crack", "good"], 1, None, session)
-    with pytest.raises((TypeError, AttributeError, pickle.PicklingError)):
-        pickle.dumps(session)  # the premise: a session (and its log function) cannot be pickled
-    copy = pickle.loads(pickle.dumps(callback))
-    assert copy.checked is None and callback.checked is session
-    assert copy.paths == ["a.png"] and copy.settings == settings

@@ -9,6 +9,7 @@ the start-up run at the edges of the input range, and the node-placement report.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -171,6 +172,28 @@ def test_gpu_providers_run_on_the_requested_device() -> None:
     assert trt[0] == ("TensorrtExecutionProvider", {"trt_fp16_enable": "True", "device_id": "2"})
     assert trt[1] == ("CUDAExecutionProvider", {"device_id": "2", "cudnn_conv_algo_search": "HEURISTIC"})
     assert provider_chain("cuda")[0][1]["device_id"] == "0"  # the default: the first GPU
+
+
+def test_the_device_id_reaches_the_session_onnxruntime_opens(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real session class, recording what it is asked for: this ORT build has no CUDA, so the forced
+    GPU start fails as it must, after being asked for GPU 2 by both GPU providers."""
+    asked: list[Any] = []
+
+    class Recording(ort.InferenceSession):  # type: ignore[misc]
+        def __init__(self, path: str, sess_options: Any = None, providers: Any = None, **kw: Any) -> None:
+            asked.append(providers)
+            super().__init__(path, sess_options=sess_options, providers=providers, **kw)
+
+    monkeypatch.setattr(ort, "InferenceSession", Recording)
+    for kind in ("cuda", "tensorrt"):
+        with pytest.raises(ProviderError, match=f"'{kind}' failed to start"):
+            Inspector(
+                model, provider=kind, device_id=2, available=GPU_AVAILABLE, trt_cache_dir=tmp_path / "trt"
+            )
+    gpu_options = [opts for chain in asked for name, opts in chain[:-1] if name != "CPUExecutionProvider"]
+    assert len(gpu_options) == 3 and all(opts["device_id"] == "2" for opts in gpu_options)
 
 
 def test_a_device_id_is_checked_and_unused_on_the_cpu(

@@ -79,11 +79,14 @@ class Opened:
     probe_diff: float | None = None
     profile: TrtProfile | None = None
     notes: list[str] = field(default_factory=list)
+    gpu: int | None = None  # the device of a GPU provider, named so that one runner per GPU can be told apart
 
     @property
     def summary(self) -> str:
         """E.g. ``tensorrt (41 of 43 nodes; cuda 2), fp16 engine, start-up probe |Δp| <= 3.1e-04 vs CPU``."""
         text = self.placement.text if self.placement else self.kind
+        if self.gpu is not None:
+            text += f" on GPU {self.gpu}"
         if self.profile is not None and self.metadata.fp16:
             text += ", fp16 engine (TensorRT runs the whole graph in fp16, head included)"
         if self.probe_diff is not None:
@@ -275,6 +278,7 @@ class SessionOpener:
                 own = type(exc) if isinstance(exc, MetadataError | ModelLoadError) else None
                 return None, cap, (own, str(exc) if own else first_line(exc, 200))
         opened = Opened(session, kind, meta, outputs, placement, diff, profile)
+        opened.gpu = self.device_id if kind in GPU_PROVIDERS else None
         if placement is not None and placement.warning():
             opened.notes.append(str(placement.warning()))
         tol = meta.parity.get("prob_tolerance")

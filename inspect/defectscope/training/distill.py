@@ -160,11 +160,17 @@ def open_teacher(
     from ..runtime.inspector import Inspector, MetadataError, ModelLoadError, ProviderError
 
     assert settings.teacher is not None
-    provider, device_id = ("cpu", 0) if gpu is None else ("cuda", gpu)
+    path = settings.teacher
     try:
-        teacher = Inspector(
-            settings.teacher, provider=provider, threads=threads, device_id=device_id, log=log.info
-        )
+        try:
+            provider = "cpu" if gpu is None else "cuda"
+            teacher = Inspector(path, provider=provider, threads=threads, device_id=gpu or 0, log=log.info)
+        except ProviderError as exc:
+            if gpu is None:
+                raise
+            # ORT lists CUDA when its libraries are installed, not when they load: the CPU still scores it
+            log.warning("distill: the teacher did not start on GPU %d (%s); scoring on the CPU", gpu, exc)
+            teacher = Inspector(path, provider="cpu", threads=threads, log=log.info)
     except (ModelLoadError, MetadataError, ProviderError) as exc:
         raise TrainingConfigError(f"distill.teacher: {exc}") from None
     if list(teacher.class_names) != list(class_names):
@@ -230,16 +236,15 @@ def add_teacher(dm: Any, settings: DistillSettings, threads: Any, tracker: Any) 
     callback once the processes exist; no callback without a teacher."""
     if settings.teacher is None:
         return []
-    checked = open_teacher(
-        settings, list(dm.class_names), threads
-    )  # on the CPU: this process's GPU is not known yet
+    # checked on the CPU and let go: the pass opens its own session in each process, on that process's GPU
+    # (not known yet), and a session must not cross a fork (ddp_fork) or be pickled (ddp_spawn)
+    open_teacher(settings, list(dm.class_names), threads)
     train_set = dm.dataset("train")
     return [
         TeacherPass(
-            settings, list(train_set.paths), list(train_set.labels), list(dm.class_names), threads, tracker,
-            checked,
+            settings, list(train_set.paths), list(train_set.labels), list(dm.class_names), threads, tracker
         )
-    ]  # fmt: skip
+    ]
 
 
 class TeacherPass(pl.Callback):
@@ -247,21 +252,16 @@ class TeacherPass(pl.Callback):
 
     Under DDP each process scores every ``world_size``-th image from its rank on and the rows are
     gathered (tensors, no pickling), so the pass costs what it costs one process, not once per rank;
-    an image one rank cannot score stops every rank with the same line.  ``checked``: the CPU session
-    :func:`add_teacher` opened to check the file, reused where the pass runs on the CPU too.
+    an image one rank cannot score stops every rank with the same line.  Each process runs its teacher
+    on its own GPU where it trains on one (:func:`teacher_gpu`), else on the CPU.
     """
 
     def __init__(
         self, settings: DistillSettings, paths: list[str], labels: list[int], class_names: list[str],
-        threads: Any, tracker: Any, checked: Any = None,
+        threads: Any, tracker: Any,
     ) -> None:  # fmt: skip
         self.settings, self.paths, self.labels = settings, paths, labels
         self.class_names, self.threads, self.tracker = class_names, threads, tracker
-        self.checked = checked
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Spawned processes (``ddp_spawn``) get a copy without the session, which cannot be pickled."""
-        return {**self.__dict__, "checked": None}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -271,14 +271,9 @@ class TeacherPass(pl.Callback):
         share = list(range(rank, len(self.paths), world))
         teacher, error = None, ""
         part = np.zeros((len(share), len(self.class_names)), dtype=np.float32)
-        # the module is moved to its device after this hook; the strategy already knows which it is
-        device = trainer.strategy.root_device
+        device = trainer.strategy.root_device  # this process's device (its GPU under DDP)
         try:
-            gpu = teacher_gpu(device)
-            teacher = self.checked
-            if teacher is None or gpu is not None:
-                teacher = open_teacher(self.settings, self.class_names, self.threads, gpu)
-            self.checked = None  # the pass is the only use: let the session go with this process's pass
+            teacher = open_teacher(self.settings, self.class_names, self.threads, teacher_gpu(device))
             part = teacher_probabilities(teacher, [self.paths[i] for i in share])
         except Exception as exc:  # whatever it is, every rank must reach the gather, or the others wait
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
