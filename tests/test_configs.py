@@ -202,6 +202,7 @@ def test_experiment_options(option: str, compose_train: Callable[..., Any], tmp_
         # issue 18's measured best: dihedral views + EMA over 20 epochs at native size, 95 % recall target
         assert cfg.data.dihedral and cfg.data.loader.max_side is None and cfg.trainer.max_epochs == 20
         assert cfg.threshold.target_recall == pytest.approx(0.95)
+        assert cfg.ordinal.objective == "soft"  # measured over 3 seeds on 2026-12-06
         built = build_callbacks(to_plain(cfg.callbacks), freeze_epochs=0, bn_eval=True, dump_dir=None)
         (average,) = [cb for cb in built if isinstance(cb, WeightAverage)]
         assert (average.kind, average.decay, average.start_epoch) == ("ema", pytest.approx(0.99), 1)
