@@ -277,8 +277,8 @@ class SessionOpener:
                 session = None
                 own = type(exc) if isinstance(exc, MetadataError | ModelLoadError) else None
                 return None, cap, (own, str(exc) if own else first_line(exc, 200))
-        opened = Opened(session, kind, meta, outputs, placement, diff, profile)
-        opened.gpu = self.device_id if kind in GPU_PROVIDERS else None
+        gpu = self.device_id if kind in GPU_PROVIDERS else None
+        opened = Opened(session, kind, meta, outputs, placement, diff, profile, gpu=gpu)
         if placement is not None and placement.warning():
             opened.notes.append(str(placement.warning()))
         tol = meta.parity.get("prob_tolerance")
