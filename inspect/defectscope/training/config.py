@@ -51,6 +51,11 @@ def check_run_numbers(cfg: Mapping[str, Any]) -> None:
     for key, (expected, ok) in rules.items():
         if trainer.get(key) is not None:
             config_number(trainer[key], f"trainer.{key}", expected, ok, whole=True)
+    rho = (cfg.get("optim") or {}).get("sam_rho")
+    if rho and (trainer.get("accumulate_grad_batches") or 1) > 1:
+        raise TrainingConfigError(
+            "optim.sam_rho needs trainer.accumulate_grad_batches=1: SAM re-takes the gradient of one batch"
+        )
 
 
 def check_class_names(class_names: list[str], num_classes: int, good_class: str, ordered: bool) -> None:

@@ -44,8 +44,9 @@ from .metrics import (
     metric_key,
     operating_point,
 )
-from .optimization import build_optimizer, build_scheduler, lr_plan, optimizer_lr, scheduler_interval
+from .optimization import build_optimizer, build_scheduler, lr_plan, optimizer_lr, sam_rho, scheduler_interval
 from .ordinal import ObjectiveError, ProbsAndLabels, resolve_objective
+from .sam import SharpnessAware
 from .shift import ShiftScores
 
 FORMAT_VERSION = 1
@@ -83,6 +84,9 @@ class DefectClassifier(pl.LightningModule):
         self.class_names = list(class_names)
         check_class_names(self.class_names, num_classes, good_class, ordered)
         optimizer_lr(dict(dict(optim).get("optimizer") or {}), finetune)  # checks finetune.* too
+        self.sam_rho = sam_rho(optim)
+        #: the SAM wrapper once the optimizer is built (None: plain steps)
+        self._sam: SharpnessAware | None = None
         scheduler_interval(scheduler)
         loss = dict(loss or {})
         self.label_smoothing, self.mixup = loss_settings(loss)
@@ -192,6 +196,8 @@ class DefectClassifier(pl.LightningModule):
         if soft is not None:
             kd = distill_loss(self.objective.log_probs(raw), soft, self.distill_temperature)
             loss = (1 - self.distill_weight) * loss + self.distill_weight * kd
+        if self._sam is not None and self._sam.perturbed:
+            return loss  # SAM's second pass: the metrics are those of the real weights
         n = int(y.numel())
         self.train_loss.update(loss.detach(), weight=n)
         self.train_acc.update(self.objective.probs(raw.detach()).argmax(dim=1), y)
@@ -325,6 +331,8 @@ class DefectClassifier(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         scale, decay = lr_plan(self.hparams.get("finetune"))
         optimizer = build_optimizer(dict(self.hparams["optim"])["optimizer"], self.model, scale, decay)
+        if self.sam_rho > 0:
+            optimizer = self._sam = SharpnessAware(optimizer, self.sam_rho, self.model)
         sched_cfg = dict(self.hparams.get("scheduler") or {})
         if "_target_" not in sched_cfg:
             return optimizer
