@@ -113,3 +113,30 @@ def test_last_checkpoint_follows_every_epoch(
     assert last["epoch"] == 2
     (state,) = [v for k, v in last["callbacks"].items() if k.startswith("ModelCheckpoint")]
     assert Path(state["best_model_path"]).name == "best.ckpt"
+
+
+def test_resuming_with_a_longer_schedule_is_one_line_before_any_step(
+    defectscope_cmd: list[str], cli_env: dict[str, str], smoke_data_dir: Path, tmp_path: Path
+) -> None:
+    """The checkpoint's scheduler state (its horizon too) replaces the new one on resume: with more epochs
+    one-cycle would fail past its last step mid-epoch, so the changed horizon is refused when the
+    optimizers are built."""
+    run_dir = tmp_path / "run"
+    common = [
+        *defectscope_cmd, "train", "experiment=smoke", f"paths.data_dir={smoke_data_dir}", "logger=none",
+        "model=lenet", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test=false",
+        "trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    first = [*common, f"hydra.run.dir={run_dir}", "trainer.max_epochs=1"]
+    proc = subprocess.run(first, cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    longer = [*common, f"hydra.run.dir={tmp_path / 'again'}", "trainer.max_epochs=2", f"ckpt_path={last}"]
+    proc = subprocess.run(longer, cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stderr.splitlines() if "error" in x]
+    assert line.startswith("defectscope train: error: ckpt_path: ") and str(last) in line
+    assert "OneCycleLR schedule of total_steps=2 but this run's is total_steps=4" in line
+    assert "Traceback" not in proc.stderr and last.read_bytes() == before
+    assert not (tmp_path / "again" / "checkpoints").exists()

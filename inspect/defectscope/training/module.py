@@ -44,7 +44,15 @@ from .metrics import (
     metric_key,
     operating_point,
 )
-from .optimization import build_optimizer, build_scheduler, lr_plan, optimizer_lr, sam_rho, scheduler_interval
+from .optimization import (
+    build_optimizer,
+    build_scheduler,
+    check_resumed_horizon,
+    lr_plan,
+    optimizer_lr,
+    sam_rho,
+    scheduler_interval,
+)
 from .ordinal import ObjectiveError, ProbsAndLabels, resolve_objective
 from .sam import SharpnessAware
 from .shift import ShiftScores
@@ -87,6 +95,8 @@ class DefectClassifier(pl.LightningModule):
         self.sam_rho = sam_rho(optim)
         #: the SAM wrapper once the optimizer is built (None: plain steps)
         self._sam: SharpnessAware | None = None
+        #: the scheduler states of the checkpoint being resumed (checked against the new schedule)
+        self._resumed_schedules: Any = None
         scheduler_interval(scheduler)
         loss = dict(loss or {})
         self.label_smoothing, self.mixup = loss_settings(loss)
@@ -338,6 +348,7 @@ class DefectClassifier(pl.LightningModule):
             return optimizer
         steps = int(self.trainer.estimated_stepping_batches)
         scheduler, interval = build_scheduler(sched_cfg, optimizer, steps, int(self.trainer.max_epochs or 1))
+        check_resumed_horizon(self._resumed_schedules, scheduler, self.trainer.ckpt_path)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -398,6 +409,7 @@ class DefectClassifier(pl.LightningModule):
         checkpoint["defectscope"] = self.checkpoint_info()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resumed_schedules = checkpoint.get("lr_schedulers")
         info = checkpoint.get("defectscope") or {}
         if "threshold" in info:
             self.threshold = float(info["threshold"])

@@ -109,3 +109,26 @@ def build_scheduler(
         base = float(optimizer.defaults["lr"])  # a scalar max_lr scales every group alike
         extra["max_lr"] = [float(given["max_lr"]) * group["lr"] / base for group in groups]
     return factory(optimizer, **extra), interval
+
+
+#: the scheduler state that fixes where a schedule ends (one-cycle, cosine, linear/constant warm-ups)
+HORIZON_KEYS = ("total_steps", "T_max", "total_iters")
+
+
+def check_resumed_horizon(saved: Any, scheduler: Any, ckpt_path: Any) -> None:
+    """A resumed run restores its scheduler's state over the new one, horizon included, so a run resumed
+    with more epochs or batches would step past the end of its schedule (one-cycle fails mid-epoch).
+    Refused when the optimizers are built, before any step."""
+    if not isinstance(saved, list | tuple) or not saved or not isinstance(saved[0], Mapping):
+        return
+    then = {k: saved[0][k] for k in HORIZON_KEYS if k in saved[0]}
+    now = {k: getattr(scheduler, k) for k in then if hasattr(scheduler, k)}
+    changed = [k for k in then if k in now and then[k] != now[k]]
+    if changed:
+        key = changed[0]
+        raise TrainingConfigError(
+            f"ckpt_path: {ckpt_path} holds a {type(scheduler).__name__} schedule of {key}={then[key]} but this "
+            f"run's is {key}={now[key]} (trainer.max_epochs, trainer.limit_train_batches or the batch count "
+            "changed): a resumed run continues its own schedule; resume with the settings it started with, "
+            "or start a new run"
+        )
