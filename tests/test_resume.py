@@ -115,16 +115,19 @@ def test_last_checkpoint_follows_every_epoch(
     assert Path(state["best_model_path"]).name == "best.ckpt"
 
 
-def test_resuming_with_a_longer_schedule_is_one_line_before_any_step(
+@pytest.mark.slow
+def test_resuming_with_a_longer_schedule_is_one_line_before_any_work(
     defectscope_cmd: list[str], cli_env: dict[str, str], smoke_data_dir: Path, tmp_path: Path
 ) -> None:
     """The checkpoint's scheduler state (its horizon too) replaces the new one on resume: with more epochs
-    one-cycle would fail past its last step mid-epoch, so the changed horizon is refused when the
-    optimizers are built."""
+    one-cycle would fail past its last step mid-epoch, so a changed horizon is refused before the MLflow
+    run is reopened or any data is read."""
+    from mlflow.tracking import MlflowClient
+
     run_dir = tmp_path / "run"
     common = [
-        *defectscope_cmd, "train", "experiment=smoke", f"paths.data_dir={smoke_data_dir}", "logger=none",
-        "model=lenet", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test=false",
+        *defectscope_cmd, "train", "experiment=smoke", f"paths.data_dir={smoke_data_dir}", "model=lenet",
+        "trainer.limit_train_batches=2", "trainer.limit_val_batches=1", "test=false",
         "trainer.enable_progress_bar=false",
     ]  # fmt: skip
     first = [*common, f"hydra.run.dir={run_dir}", "trainer.max_epochs=1"]
@@ -132,11 +135,42 @@ def test_resuming_with_a_longer_schedule_is_one_line_before_any_step(
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = run_dir / "checkpoints" / "last.ckpt"
     before = last.read_bytes()
+    run_id = torch.load(last, map_location="cpu", weights_only=True)["defectscope"]["mlflow_run_id"]
     longer = [*common, f"hydra.run.dir={tmp_path / 'again'}", "trainer.max_epochs=2", f"ckpt_path={last}"]
-    proc = subprocess.run(longer, cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    (line,) = [x for x in proc.stderr.splitlines() if "error" in x]
-    assert line.startswith("defectscope train: error: ckpt_path: ") and str(last) in line
-    assert "OneCycleLR schedule of total_steps=2 but this run's is total_steps=4" in line
-    assert "Traceback" not in proc.stderr and last.read_bytes() == before
-    assert not (tmp_path / "again" / "checkpoints").exists()
+    for extra, change in [
+        ([], "trainer.max_epochs 1 -> 2"),
+        (
+            ["scheduler=cosine"],
+            "scheduler torch.optim.lr_scheduler.OneCycleLR -> torch.optim.lr_scheduler.CosineAnnealingLR",
+        ),
+        (["data.batch_size=4"], "data.batch_size 16 -> 4"),
+    ]:
+        proc = subprocess.run(
+            [*longer, *extra], cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=240
+        )
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        (line,) = [x for x in proc.stderr.splitlines() if "error" in x]
+        assert line.startswith(
+            f"defectscope train: error: ckpt_path: {last} was trained on a schedule that this run changes ("
+        )
+        assert change in line and "Traceback" not in proc.stderr
+    assert last.read_bytes() == before and not (tmp_path / "again" / "checkpoints").exists()
+    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id)
+    assert run.info.status == "FINISHED" and "defectscope.resumed_from" not in run.data.tags
+
+
+def test_the_schedule_horizon_is_checked_again_when_the_optimizers_are_built() -> None:
+    """The backstop for what the config does not show (e.g. more images, so more batches per epoch)."""
+    from defectscope.training.config import TrainingConfigError
+    from defectscope.training.optimization import check_resumed_horizon
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    four = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=4)
+    check_resumed_horizon([four.state_dict()], four, "a.ckpt")  # the same horizon
+    check_resumed_horizon(None, four, "a.ckpt")  # nothing resumed
+    saved = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=2).state_dict()
+    with pytest.raises(
+        TrainingConfigError,
+        match=r"^ckpt_path: a\.ckpt holds a OneCycleLR schedule of total_steps=2 but this run's is total_steps=4 ",
+    ):
+        check_resumed_horizon([saved], four, "a.ckpt")

@@ -89,7 +89,11 @@ def test_sam_state_is_the_wrapped_optimizers() -> None:
     state = sam.state_dict()
     assert state == base.state_dict() and all("exp_avg" in s for s in state["state"].values())
     other = SharpnessAware(torch.optim.AdamW(_net().parameters(), lr=1e-3), 0.05, net)
+    halving = torch.optim.lr_scheduler.StepLR(other, step_size=1, gamma=0.5)  # built first, as Lightning does
     other.load_state_dict(state)
+    halving.step()  # the LR it sets is the one the base steps with, also after the load
+    assert other.base.param_groups[0]["lr"] == pytest.approx(0.5e-3)
+    assert other.param_groups is other.base.param_groups and other.state is other.base.state
     assert torch.equal(
         other.base.state[next(iter(other.base.state))]["exp_avg"], state["state"][0]["exp_avg"]
     )
@@ -132,6 +136,7 @@ def test_a_sam_fit_checkpoints_the_base_state_and_resumes(
         ("optim.sam_rho=-0.1", r"optim\.sam_rho must be a number >= 0"),
         ("optim.sam_rho=big", r"optim\.sam_rho must be a number >= 0"),
         ("trainer.accumulate_grad_batches=2", r"optim\.sam_rho needs trainer\.accumulate_grad_batches=1"),
+        ("trainer.precision=16-mixed", r"optim\.sam_rho does not work with trainer\.precision=16-mixed"),
     ],
 )
 def test_sam_settings_are_checked_before_training(
@@ -141,3 +146,30 @@ def test_sam_settings_are_checked_before_training(
     with pytest.raises(TrainingConfigError, match=message):
         train(cfg)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_both_sam_passes_train_on_the_same_mixup_draw() -> None:
+    """SAM's uphill direction and its descent gradient belong to one batch: under mixup, one mix."""
+    from defectscope.training.module import DefectClassifier
+
+    module = DefectClassifier(
+        model={"name": "gapcnn", "stages": [{"channels": 4, "kernel": 3, "stride": 2}]}, num_classes=3, in_chans=1,
+        class_names=["good", "a", "b"], good_class="good", optim={"optimizer": {}}, loss={"mixup": 0.4},
+    )  # fmt: skip
+    module.log = lambda *a, **k: None  # type: ignore[method-assign]  # no trainer to log to
+    sam = module._sam = SharpnessAware(torch.optim.SGD(module.parameters(), lr=0.1), 0.05, module.model)
+    batch = {"image": torch.randn(6, 1, 24, 24), "label": torch.tensor([0, 1, 2, 0, 1, 2])}
+    draws: list[tuple[float, torch.Tensor]] = []
+
+    def closure() -> torch.Tensor:
+        sam.zero_grad()
+        loss = module.training_step(batch, 0)
+        draws.append(module._mix)
+        loss.backward()
+        return loss
+
+    torch.manual_seed(5)
+    sam.step(closure)
+    assert len(draws) == 2 and draws[0] is draws[1] and 0 < draws[0][0] < 1
+    sam.step(closure)
+    assert draws[2] is draws[3] and draws[2] is not draws[0]  # a new draw for the next batch

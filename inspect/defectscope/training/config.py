@@ -51,11 +51,16 @@ def check_run_numbers(cfg: Mapping[str, Any]) -> None:
     for key, (expected, ok) in rules.items():
         if trainer.get(key) is not None:
             config_number(trainer[key], f"trainer.{key}", expected, ok, whole=True)
-    rho = (cfg.get("optim") or {}).get("sam_rho")
-    if rho and (trainer.get("accumulate_grad_batches") or 1) > 1:
-        raise TrainingConfigError(
-            "optim.sam_rho needs trainer.accumulate_grad_batches=1: SAM re-takes the gradient of one batch"
-        )
+    if (cfg.get("optim") or {}).get("sam_rho"):
+        if (trainer.get("accumulate_grad_batches") or 1) > 1:
+            raise TrainingConfigError(
+                "optim.sam_rho needs trainer.accumulate_grad_batches=1: SAM re-takes the gradient of one batch"
+            )
+        if str(trainer.get("precision")) in ("16", "16-mixed"):
+            raise TrainingConfigError(
+                f"optim.sam_rho does not work with trainer.precision={trainer.get('precision')} (its gradient "
+                "scaler steps without the loss closure SAM needs): use bf16-mixed or 32-true"
+            )
 
 
 def check_class_names(class_names: list[str], num_classes: int, good_class: str, ordered: bool) -> None:

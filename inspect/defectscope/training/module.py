@@ -95,6 +95,7 @@ class DefectClassifier(pl.LightningModule):
         self.sam_rho = sam_rho(optim)
         #: the SAM wrapper once the optimizer is built (None: plain steps)
         self._sam: SharpnessAware | None = None
+        self._mix: tuple[float, torch.Tensor] = (1.0, torch.zeros(0, dtype=torch.long))  # mixup's last draw
         #: the scheduler states of the checkpoint being resumed (checked against the new schedule)
         self._resumed_schedules: Any = None
         scheduler_interval(scheduler)
@@ -195,8 +196,10 @@ class DefectClassifier(pl.LightningModule):
         if self.teacher_probs is not None:
             soft = self.teacher_probs[batch["index"].cpu()].to(x.device)
         if self.mixup > 0:  # mixup: a convex mix of two images trains on the same mix of their losses
-            lam = float(torch.distributions.Beta(self.mixup, self.mixup).sample())
-            order = torch.randperm(x.shape[0], device=x.device)
+            if self._sam is None or not self._sam.perturbed:  # SAM's second pass: the same mix
+                lam = float(torch.distributions.Beta(self.mixup, self.mixup).sample())
+                self._mix = (lam, torch.randperm(x.shape[0], device=x.device))
+            lam, order = self._mix
             raw = self.model(lam * x + (1 - lam) * x[order])
             loss = lam * self.criterion(raw, y) + (1 - lam) * self.criterion(raw, y[order])
             soft = None if soft is None else lam * soft + (1 - lam) * soft[order]

@@ -111,6 +111,46 @@ def build_scheduler(
     return factory(optimizer, **extra), interval
 
 
+#: the settings that fix a scheduled run's horizon: its epochs and its optimizer steps per epoch
+HORIZON_SETTINGS = (
+    "scheduler",
+    "trainer.max_epochs",
+    "trainer.max_steps",
+    "trainer.limit_train_batches",
+    "trainer.accumulate_grad_batches",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "data.batch_size",
+)
+
+
+def _setting(cfg: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return node
+
+
+def schedule_changes(then: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """What a resumed run with a schedule changed in its horizon (``key then -> now``): ``then`` is the
+    recorded config, ``now`` maps each of :data:`HORIZON_SETTINGS` to this run's value. The checkpoint's
+    scheduler state, horizon included, replaces the new one, so these must stay."""
+    scheduler = then.get("scheduler")
+    if not isinstance(scheduler, Mapping) or "_target_" not in scheduler:
+        return []
+    changes = []
+    for key in HORIZON_SETTINGS:
+        was, is_ = _setting(then, key), now.get(key)
+        if was == is_:
+            continue
+        if key == "scheduler":
+            target = is_.get("_target_") if isinstance(is_, Mapping) else None
+            same = target == scheduler["_target_"]
+            was, is_ = ("its settings", "others") if same else (scheduler["_target_"], target or "none")
+        changes.append(f"{key} {was} -> {is_}")
+    return changes
+
+
 #: the scheduler state that fixes where a schedule ends (one-cycle, cosine, linear/constant warm-ups)
 HORIZON_KEYS = ("total_steps", "T_max", "total_iters")
 

@@ -4,7 +4,8 @@ Each step takes the gradient twice: once at the weights, then at the weights mov
 norm) uphill along that gradient, and the wrapped optimizer steps from the original weights with the
 second gradient. A flat minimum generalises better on small sets; the price is two forward/backward
 passes per step. The wrapper owns no optimizer state: its ``state_dict`` is the wrapped optimizer's,
-so checkpoints and resumes are those of the plain optimizer.
+so checkpoints and resumes are those of the plain optimizer. Mixed precision with a gradient scaler
+(``trainer.precision`` 16) steps without the closure, so it is refused with SAM before training.
 """
 
 from __future__ import annotations
@@ -26,12 +27,18 @@ class SharpnessAware(torch.optim.Optimizer):
         if not rho > 0:
             raise ValueError(f"rho must be > 0, got {rho!r}")
         super().__init__(base.param_groups, base.defaults)
-        self.param_groups = base.param_groups  # one list: schedulers see and set the base's LRs
         self.base = base
+        self._share()
         self.rho = float(rho)
         self._model = model
         #: True while the closure runs at the perturbed weights (the module logs nothing then)
         self.perturbed = False
+
+    def _share(self) -> None:
+        """One list of groups and one state: schedulers set the LRs the base steps with, and Lightning
+        moves the base's state between devices. Loading a state replaces the base's groups, so again then."""
+        self.param_groups = self.base.param_groups
+        self.state = self.base.state
 
     def _grads(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(p, p.grad) for group in self.param_groups for p in group["params"] if p.grad is not None]
@@ -43,7 +50,7 @@ class SharpnessAware(torch.optim.Optimizer):
         if not pairs:
             return []
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for _, g in pairs]))
-        scale = self.rho / (float(norm) + 1e-12)
+        scale = self.rho / (norm + 1e-12)  # a tensor: no device sync
         moves = []
         for p, g in pairs:
             move = g * scale
@@ -70,13 +77,15 @@ class SharpnessAware(torch.optim.Optimizer):
         if closure is None:
             raise RuntimeError("sharpness-aware minimisation needs the loss closure (automatic optimization)")
         with torch.enable_grad():
-            loss = closure()
+            loss = closure()  # gradient clipping and AGC (on_before_optimizer_step) follow each pass
         moves = self._climb()
-        with self._at_perturbed_weights(), torch.enable_grad():
-            closure()
-        with torch.no_grad():
-            for p, move in moves:
-                p.sub_(move)
+        try:
+            with self._at_perturbed_weights(), torch.enable_grad():
+                closure()
+        finally:
+            with torch.no_grad():
+                for p, move in moves:
+                    p.sub_(move)
         self.base.step()
         return loss
 
@@ -85,3 +94,4 @@ class SharpnessAware(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.base.load_state_dict(state_dict)
+        self._share()

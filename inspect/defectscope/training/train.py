@@ -38,7 +38,7 @@ from .config import (
 )
 from .distill import DistillSettings, add_teacher, distill_settings, resume_problem
 from .module import DefectClassifier
-from .optimization import lr_plan
+from .optimization import HORIZON_SETTINGS, lr_plan, schedule_changes
 from .shift import protocol_from_config
 from .tracking import MLflowTracker
 
@@ -62,14 +62,18 @@ def hydra_choice(group: str, default: str) -> str:
 
 
 def read_resume(
-    ckpt_path: str, finetune: Any = None, distill: DistillSettings | None = None
+    ckpt_path: str,
+    finetune: Any = None,
+    distill: DistillSettings | None = None,
+    horizon: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The checked ``defectscope`` entry of a checkpoint to resume, read by the one checkpoint reader.
 
     Lightning then loads the same file (``weights_only=True``) and restores callback state from it,
     so the file names ModelCheckpoint will delete or load are checked here too.  It also restores the
-    optimizer with its LR groups, so the ``finetune`` LR plan must be the one the run started with, and
-    the objective, so the ``distill`` settings must be too.
+    optimizer with its LR groups, so the ``finetune`` LR plan must be the one the run started with, the
+    objective, so the ``distill`` settings must be too, and the scheduler, so the settings of its
+    ``horizon`` (:data:`~.optimization.HORIZON_SETTINGS`, this run's values) must be too.
     """
     from defectscope.checkpoint import check_resume_state, read_info, recorded_run_config
 
@@ -94,6 +98,12 @@ def read_resume(
         problem = resume_problem(then, distill, ckpt_path, info.get("teacher_sha256"))
         if problem:
             raise TrainingConfigError(problem)
+    changes = schedule_changes(recorded_run_config(ckpt), horizon) if horizon is not None else []
+    if changes:
+        raise TrainingConfigError(
+            f"ckpt_path: {ckpt_path} was trained on a schedule that this run changes ({'; '.join(changes)}): "
+            "a resumed run continues its own schedule; resume with the settings it started with, or start a new run"
+        )
     return info
 
 
@@ -348,7 +358,8 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     out_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.ckpt_dir)
-    resume = read_resume(ckpt_path, cfg.get("finetune"), distill) if ckpt_path else {}
+    horizon = {key: to_plain(OmegaConf.select(cfg, key)) for key in HORIZON_SETTINGS}
+    resume = read_resume(ckpt_path, cfg.get("finetune"), distill, horizon) if ckpt_path else {}
     tracker = _start_tracker(cfg, out_dir, ckpt_path, resume)
 
     status = "FAILED"
