@@ -46,6 +46,22 @@ def test_threshold_rejects_the_share_of_good_cells_and_lists_what_passes(tmp_pat
     assert "missed by all 2: 1: d3" in done.stdout
 
 
+def test_each_module_type_can_have_its_own_threshold(tmp_path: Path) -> None:
+    # mono good cells 0.0 .. 0.4, poly ("...p") 0.5 .. 0.9: one threshold for both (0.7 at 20 %) passes both
+    # defects; mono's own (0.3: its 0.4 rejected) catches its defect at 0.45, poly's own (0.8) still passes 0.6
+    good = [(f"g{i}", "p0", i / 10) for i in range(5)] + [(f"g{i}p", "p0", i / 10) for i in range(5, 10)]
+    a = _write(tmp_path / "a.jsonl", [*good, ("d1", "p100", 0.45), ("d2p", "p67", 0.6), ("lone", "p33", 0.1)])
+    out = tmp_path / "misses.json"
+    done = _run(str(a), "--frr", "0.2", "--by-module", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    model = json.loads(out.read_text(encoding="utf-8"))["models"][str(a)]
+    assert model["missed"] == ["d1", "d2p"] and model["recall"] == 0
+    mono, poly = model["by_module"]["mono"], model["by_module"]["poly"]
+    assert mono["threshold"] == 0.3 and mono["missed"] == [] and mono["recall"] == 1
+    assert poly["threshold"] == 0.8 and poly["missed"] == ["d2p"] and poly["false_reject_rate_p0"] == 0.2
+    assert "  mono alone: threshold 0.300 rejects 20.0 % of p0; recall 100.0 %" in done.stdout
+
+
 def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     only_defects = _write(tmp_path / "d.jsonl", [("d1", "p100", 0.9)])
     done = _run(str(only_defects))
