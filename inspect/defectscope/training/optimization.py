@@ -161,7 +161,9 @@ def check_resumed_horizon(saved: Any, scheduler: Any, ckpt_path: Any) -> None:
     Refused when the optimizers are built, before any step."""
     if not isinstance(saved, list | tuple) or not saved or not isinstance(saved[0], Mapping):
         return
-    then = {k: saved[0][k] for k in HORIZON_KEYS if k in saved[0]}
+    then = {
+        k: saved[0][k] for k in HORIZON_KEYS if isinstance(saved[0].get(k), int | float)
+    }  # data: numbers only
     now = {k: getattr(scheduler, k) for k in then if hasattr(scheduler, k)}
     changed = [k for k in then if k in now and then[k] != now[k]]
     if changed:
