@@ -6,7 +6,10 @@ from __future__ import annotations
 import onnx
 import pytest
 
+from defectscope.export.int8_step import _gate_failed
 from defectscope.export.quantize import (
+    Int8Config,
+    Int8GateError,
     QuantizationError,
     _exclude,
     conv_depths,
@@ -82,3 +85,39 @@ def test_fp32_convs_default_follows_the_longest_chain_not_the_count() -> None:
     nameless = _graph([h.make_node("Conv", ["x", "w"], ["y"])], ("y",))
     with pytest.raises(QuantizationError, match="a convolution without a name"):
         fp32_convs_for(nameless, None)
+
+
+def _gate_error(agreement: float) -> Int8GateError:
+    return Int8GateError(
+        f"int8 gate failed on 128 held-back images: ng_agreement = {agreement} < 0.95",
+        {"ng_agreement": agreement, "failed": ["ng_agreement"]},
+    )
+
+
+def test_a_failed_default_gate_keeps_more_convolutions_fp32_twice_then_names_what_it_tried() -> None:
+    """ELPV's case: Lite models passed the gate with 2, 5 or 8 convolutions fp32, by seed. Where the
+    default kept some (a deep network), a failed gate is retried with 3 more, at most twice; the refusal
+    then lists every count tried and the next one to ask for."""
+    deep = _graph([*_chain("t", "x", 20)], ("t20",))
+    auto = Int8Config()
+    assert _gate_failed(_gate_error(0.93), deep, auto, {}, [2])[0] == 5
+    assert _gate_failed(_gate_error(0.94), deep, auto, {}, [2, 5])[0] == 8
+    stop, error = _gate_failed(_gate_error(0.94), deep, auto, {}, [2, 5, 8])
+    assert stop is None and error.numbers["fp32_convs_tried"] == [2, 5, 8]
+    assert error.numbers["fp32_convs"] == 8 and error.numbers["fp32_conv_nodes"] == 8
+    text = str(error)
+    assert text.startswith("int8 gate failed on 128 held-back images: ng_agreement = 0.94 < 0.95; ")
+    assert "tried keeping the first 2, 5, 8 convolution(s) fp32" in text and "--fp32-convs 11" in text
+
+
+def test_an_asked_or_small_default_count_is_tried_alone() -> None:
+    """--fp32-convs N is what the user chose: one try. A small network's default (0) stays too: there
+    the first convolutions are a large share of the compute. Nor is a count retried that keeps no more."""
+    deep = _graph([*_chain("t", "x", 20)], ("t20",))
+    stop, error = _gate_failed(_gate_error(0.9), deep, Int8Config(fp32_convs=2), {}, [2])
+    assert stop is None and "fp32_convs_tried" not in error.numbers and "--fp32-convs 5" in str(error)
+    small = _graph([*_chain("t", "x", 3)], ("t3",))
+    stop, error = _gate_failed(_gate_error(0.9), small, Int8Config(), {}, [0])
+    assert stop is None and "--fp32-convs 3" in str(error)
+    stop, error = _gate_failed(_gate_error(0.9), deep, Int8Config(), {}, [2, 5, 8, 19])
+    assert stop is None and "more may pass" not in str(error)  # nothing left to keep fp32 after 19

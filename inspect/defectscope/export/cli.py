@@ -18,7 +18,14 @@ from defectscope.runtime.metadata import TTA_NAMES
 from defectscope.runtime.options import CommandParser, unit_number
 
 from .onnx_export import MIN_OPSET, ExportResult
-from .quantize import AUTO_MIN_CONVS, DEFAULT_FP32_CONVS, INT8_METHODS, Int8Config
+from .quantize import (
+    AUTO_FP32_STEPS,
+    AUTO_MIN_CONVS,
+    DEFAULT_FP32_CONVS,
+    FP32_CONVS_STEP,
+    INT8_METHODS,
+    Int8Config,
+)
 
 
 def _whole(minimum: int) -> Callable[[str], int]:
@@ -94,7 +101,8 @@ def _add_int8_arguments(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="the convolutions within N layers of the input stay fp32: they see the image at full "
         "resolution in few channels, where 8 bits cost the most accuracy for little compute (default: "
-        f"{DEFAULT_FP32_CONVS} where {AUTO_MIN_CONVS} or more convolutions come before the head, else 0; 0 quantises every one)",
+        f"{DEFAULT_FP32_CONVS} where {AUTO_MIN_CONVS} or more convolutions come before the head, else 0; 0 quantises every one). "
+        f"Left out, a failed gate on a deep network is retried with {FP32_CONVS_STEP} more, at most {AUTO_FP32_STEPS} times",
     )
 
 

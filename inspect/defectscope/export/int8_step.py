@@ -18,6 +18,8 @@ from defectscope.runtime.metadata import ModelMetadata
 from .errors import ExportError, typed_first_line
 from .parity import load_groups, real_batches
 from .quantize import (
+    AUTO_FP32_STEPS,
+    FP32_CONVS_STEP,
     MIN_CHECK_IMAGES,
     Int8Config,
     Int8GateError,
@@ -94,6 +96,55 @@ def gate_hints(
     return hints
 
 
+def _quantize_once(
+    fp32_bytes: bytes,
+    meta: ModelMetadata,
+    cfg: Int8Config,
+    batches: tuple[list[Any], list[Any]],
+    fp32_threshold: float,
+    earn: Callable[[bytes, ModelMetadata], dict[str, Any]],
+) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
+    """One calibration, quantisation and gate with ``cfg.fp32_convs`` resolved; raises
+    :class:`Int8GateError` when the int8 graph's verdicts (each at its own earned threshold) disagree."""
+    calib, check = batches
+    int8_bytes = quantize_qdq(
+        fp32_bytes, _chunks(calib, 16), cfg, lambda imgs: normalize_batch(imgs, meta.mean, meta.std)
+    )
+    onnx.checker.check_model(onnx.load_from_string(int8_bytes), full_check=True)
+    earned = earn(int8_bytes, replace(meta, int8=True))
+    numbers = check_int8(
+        fp32_bytes,
+        int8_bytes,
+        _chunks(check, 16),
+        ng_indices=meta.ng_indices,
+        thresholds=(fp32_threshold, float(earned["threshold"])),
+        min_agreement=cfg.min_agreement,
+        grading=meta.grader,
+    )
+    return int8_bytes, numbers, earned
+
+
+def _gate_failed(
+    exc: Int8GateError, graph: onnx.GraphProto, cfg: Int8Config, fp32_earned: dict[str, Any], tried: list[int]
+) -> tuple[int | None, Int8GateError]:
+    """After a failed gate: the next ``--fp32-convs`` to try on its own (``None``: stop), and the error
+    to raise when stopping, with its figures and hints. Only a default that kept some convolutions fp32
+    (a deep network, where a few more are a small share of the compute) is raised on its own."""
+    kept = tried[-1]
+    exc.numbers.update({"fp32_convs": kept, "fp32_conv_nodes": len(early_convs(graph, kept))})
+    more = kept + FP32_CONVS_STEP
+    keeps_more = len(early_convs(graph, more)) > exc.numbers["fp32_conv_nodes"]
+    deeper = more if keeps_more else None
+    if cfg.fp32_convs is None and tried[0] > 0 and deeper is not None and len(tried) <= AUTO_FP32_STEPS:
+        return deeper, exc
+    if len(tried) > 1:
+        exc.numbers["fp32_convs_tried"] = list(tried)
+    hints = gate_hints(cfg, fp32_earned, exc.numbers, deeper)
+    if len(tried) > 1:
+        hints.insert(0, f"tried keeping the first {', '.join(map(str, tried))} convolution(s) fp32")
+    return None, Int8GateError(f"{exc}; " + "; ".join(hints), exc.numbers) if hints else exc
+
+
 def quantize_model(
     fp32_bytes: bytes,
     meta: ModelMetadata,
@@ -105,8 +156,10 @@ def quantize_model(
     """Calibrate, quantise and gate (see :mod:`.quantize`).
 
     The gate compares the verdicts each graph would ship with, so ``earn`` (the threshold chosen on
-    a graph's own validation scores) runs on both; returns the int8 bytes, the gate's figures and
-    the int8 graph's earned threshold fields.
+    a graph's own validation scores) runs on both. Where ``--fp32-convs`` was not given and the gate
+    fails, up to :data:`AUTO_FP32_STEPS` more tries each keep :data:`FP32_CONVS_STEP` more of the early
+    convolutions fp32 (Lite models on ELPV needed 2 to 8, by seed); an explicit number is tried alone.
+    Returns the int8 bytes, the gate's figures and the int8 graph's earned threshold fields.
     """
     loader = meta.loader
     calib, n_calib, skipped = load_groups(plan.calib, loader, len(plan.calib))
@@ -123,40 +176,32 @@ def quantize_model(
         f"int8: calibrating ({cfg.method}) on {n_calib} images, gate on {n_check} held-back images from {plan.source}"
     )
     fp32_earned: dict[str, Any] = {}
-    layers: dict[str, int] = {}
+    tried: list[int] = []
     try:
         graph = onnx.load_from_string(fp32_bytes).graph
-        kept = fp32_convs_for(graph, cfg.fp32_convs)
-        layers = {"fp32_convs": kept, "fp32_conv_nodes": len(early_convs(graph, kept))}
-        int8_bytes = quantize_qdq(  # the number recorded is the number used: resolved once, here
-            fp32_bytes,
-            _chunks(calib, 16),
-            replace(cfg, fp32_convs=kept),
-            lambda imgs: normalize_batch(imgs, meta.mean, meta.std),
-        )
-        onnx.checker.check_model(onnx.load_from_string(int8_bytes), full_check=True)
+        kept: int | None = fp32_convs_for(graph, cfg.fp32_convs)
         fp32_earned = earn(fp32_bytes, meta)
-        fp32_threshold = float(fp32_earned["threshold"])
-        earned = earn(int8_bytes, replace(meta, int8=True))
-        numbers = check_int8(
-            fp32_bytes,
-            int8_bytes,
-            _chunks(check, 16),
-            ng_indices=meta.ng_indices,
-            thresholds=(fp32_threshold, float(earned["threshold"])),
-            min_agreement=cfg.min_agreement,
-            grading=meta.grader,
-        )
-    except Int8GateError as exc:
-        exc.numbers.update(layers)
-        kept = layers["fp32_convs"]
-        deeper = kept + 3 if len(early_convs(graph, kept + 3)) > layers["fp32_conv_nodes"] else None
-        hints = gate_hints(cfg, fp32_earned, exc.numbers, deeper)
-        if hints:
-            raise Int8GateError(f"{exc}; " + "; ".join(hints), exc.numbers) from None
+        while kept is not None:
+            tried.append(kept)
+            try:  # the number recorded is the number used: resolved here
+                once = replace(cfg, fp32_convs=kept)
+                int8_bytes, numbers, earned = _quantize_once(
+                    fp32_bytes, meta, once, (calib, check), float(fp32_earned["threshold"]), earn
+                )
+                break
+            except Int8GateError as exc:
+                kept, error = _gate_failed(exc, graph, cfg, fp32_earned, tried)
+                if kept is None:
+                    raise error from None
+                log(f"int8: {exc}; trying again with the first {kept} convolution(s) fp32")
+    except Int8GateError:
         raise
     except Exception as exc:  # the quantiser and ORT raise many unrelated types
         raise ExportError(f"int8: quantisation failed: {typed_first_line(exc)}") from exc
+    layers: dict[str, Any] = {"fp32_convs": tried[-1], "fp32_conv_nodes": len(early_convs(graph, tried[-1]))}
+    if len(tried) > 1:
+        layers["fp32_convs_tried"] = tried
+    fp32_threshold = float(fp32_earned["threshold"])
     speedup = numbers.get("speedup_vs_fp32_cpu")
     if isinstance(speedup, float) and speedup < 1.0:
         log(

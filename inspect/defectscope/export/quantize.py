@@ -50,6 +50,10 @@ MIN_CHECK_IMAGES = 10
 #: the head: in a smaller network the first two are a large share of the compute (of a 2-conv net, all)
 DEFAULT_FP32_CONVS = 2
 AUTO_MIN_CONVS = 10
+#: where --fp32-convs was not given and the gate fails, this many more tries, each keeping FP32_CONVS_STEP
+#: more convolutions fp32: Lite0/Lite2 on ELPV passed with 2, 5 or 8 by seed (docs/benchmarks.md)
+AUTO_FP32_STEPS = 2
+FP32_CONVS_STEP = 3
 
 
 class QuantizationError(ValueError):
