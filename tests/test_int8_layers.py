@@ -6,7 +6,7 @@ from __future__ import annotations
 import onnx
 import pytest
 
-from defectscope.export.int8_step import _gate_failed
+from defectscope.export.int8_step import _gate_failed, try_fp32_counts
 from defectscope.export.quantize import (
     Int8Config,
     Int8GateError,
@@ -121,3 +121,34 @@ def test_an_asked_or_small_default_count_is_tried_alone() -> None:
     assert stop is None and "--fp32-convs 3" in str(error)
     stop, error = _gate_failed(_gate_error(0.9), deep, Int8Config(), {}, [2, 5, 8, 19])
     assert stop is None and "more may pass" not in str(error)  # nothing left to keep fp32 after 19
+    stop, error = _gate_failed(_gate_error(0.9), deep, Int8Config(), {}, [2, 19])
+    assert stop is None and error.numbers["fp32_convs_tried"] == [2, 19]  # 22 would keep no more than 19
+    text = str(error)
+    assert "tried keeping the first 2, 19 convolution(s) fp32" in text and "more may pass" not in text
+
+
+def test_the_retry_loop_returns_the_count_that_passed_with_its_own_result() -> None:
+    """The quantiser's outcome stands in for a graph that fails the gate below 5 fp32 convolutions
+    (ELPV's 30-epoch student of seed 2): the result shipped is the passing try's, one log line per retry."""
+    deep = _graph([*_chain("t", "x", 20)], ("t20",))
+    lines: list[str] = []
+
+    def attempt(kept: int) -> dict[str, float]:
+        if kept < 5:
+            raise _gate_error(0.9385)
+        return {"threshold": 0.1 + kept}
+
+    tried, earned = try_fp32_counts(2, attempt, deep, Int8Config(), {}, lines.append)
+    assert tried == [2, 5] and earned == {"threshold": 5.1}
+    assert lines == [
+        "int8: the gate failed with the first 2 convolution(s) fp32 (int8 gate failed on 128 held-back "
+        "images: ng_agreement = 0.9385 < 0.95); trying 5"
+    ]
+    lines.clear()
+    never = lambda kept: attempt(kept // 10)  # noqa: E731 - a graph no count up to 49 lets pass
+    with pytest.raises(Int8GateError, match="tried keeping the first 2, 5, 8") as refused:
+        try_fp32_counts(2, never, deep, Int8Config(), {}, lines.append)
+    assert len(lines) == 2 and refused.value.numbers["fp32_convs"] == 8
+    with pytest.raises(Int8GateError) as alone:  # asked for: one try, no log line
+        try_fp32_counts(2, never, deep, Int8Config(fp32_convs=2), {}, lines.append)
+    assert len(lines) == 2 and "fp32_convs_tried" not in alone.value.numbers

@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import onnx
 
@@ -31,6 +31,8 @@ from .quantize import (
     quantize_qdq,
     split_paths,
 )
+
+T = TypeVar("T")
 
 
 def _chunks(batches: list[Any], size: int) -> list[Any]:
@@ -91,7 +93,12 @@ def gate_hints(
     if more_fp32 is not None and numbers.get("failed"):
         hints.append(
             f"this export kept the first {kept} convolution(s) fp32; more may pass at some cost in speed: try "
-            f"--fp32-convs {more_fp32} (EfficientNet-Lite2 on ELPV needed 5 to 8, by seed)"
+            f"--fp32-convs {more_fp32}"
+            + (
+                ""
+                if "fp32_convs_tried" in numbers
+                else " (EfficientNet-Lite2 on ELPV needed 5 to 8, by seed)"
+            )
         )
     return hints
 
@@ -145,6 +152,30 @@ def _gate_failed(
     return None, Int8GateError(f"{exc}; " + "; ".join(hints), exc.numbers) if hints else exc
 
 
+def try_fp32_counts(
+    first: int,
+    attempt: Callable[[int], T],
+    graph: onnx.GraphProto,
+    cfg: Int8Config,
+    fp32_earned: dict[str, Any],
+    log: Callable[[str], None],
+) -> tuple[list[int], T]:
+    """``attempt(n)`` with ``first`` early convolutions fp32, then with more while :func:`_gate_failed`
+    allows; returns the counts tried (the last is the one that passed) and that attempt's result."""
+    tried = [first]
+    while True:
+        try:
+            return tried, attempt(tried[-1])
+        except Int8GateError as exc:
+            more, error = _gate_failed(exc, graph, cfg, fp32_earned, tried)
+            if more is None:
+                raise error from None
+            log(
+                f"int8: the gate failed with the first {tried[-1]} convolution(s) fp32 ({exc}); trying {more}"
+            )
+            tried = [*tried, more]
+
+
 def quantize_model(
     fp32_bytes: bytes,
     meta: ModelMetadata,
@@ -176,24 +207,17 @@ def quantize_model(
         f"int8: calibrating ({cfg.method}) on {n_calib} images, gate on {n_check} held-back images from {plan.source}"
     )
     fp32_earned: dict[str, Any] = {}
-    tried: list[int] = []
     try:
         graph = onnx.load_from_string(fp32_bytes).graph
-        kept: int | None = fp32_convs_for(graph, cfg.fp32_convs)
         fp32_earned = earn(fp32_bytes, meta)
-        while kept is not None:
-            tried.append(kept)
-            try:  # the number recorded is the number used: resolved here
-                once = replace(cfg, fp32_convs=kept)
-                int8_bytes, numbers, earned = _quantize_once(
-                    fp32_bytes, meta, once, (calib, check), float(fp32_earned["threshold"]), earn
-                )
-                break
-            except Int8GateError as exc:
-                kept, error = _gate_failed(exc, graph, cfg, fp32_earned, tried)
-                if kept is None:
-                    raise error from None
-                log(f"int8: {exc}; trying again with the first {kept} convolution(s) fp32")
+        threshold = float(fp32_earned["threshold"])
+
+        def attempt(kept: int) -> tuple[bytes, dict[str, Any], dict[str, Any]]:
+            once = replace(cfg, fp32_convs=kept)  # the number recorded is the number used
+            return _quantize_once(fp32_bytes, meta, once, (calib, check), threshold, earn)
+
+        first = fp32_convs_for(graph, cfg.fp32_convs)
+        tried, (int8_bytes, numbers, earned) = try_fp32_counts(first, attempt, graph, cfg, fp32_earned, log)
     except Int8GateError:
         raise
     except Exception as exc:  # the quantiser and ORT raise many unrelated types
