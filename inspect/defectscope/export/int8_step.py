@@ -131,21 +131,25 @@ def _quantize_once(
     return int8_bytes, numbers, earned
 
 
+def fp32_layers(graph: onnx.GraphProto, tried: list[int]) -> dict[str, Any]:
+    """The gate's figures on what stayed fp32: the count used, its nodes and, after retries, each count tried."""
+    layers: dict[str, Any] = {"fp32_convs": tried[-1], "fp32_conv_nodes": len(early_convs(graph, tried[-1]))}
+    if len(tried) > 1:
+        layers["fp32_convs_tried"] = list(tried)
+    return layers
+
+
 def _gate_failed(
     exc: Int8GateError, graph: onnx.GraphProto, cfg: Int8Config, fp32_earned: dict[str, Any], tried: list[int]
 ) -> tuple[int | None, Int8GateError]:
     """After a failed gate: the next ``--fp32-convs`` to try on its own (``None``: stop), and the error
     to raise when stopping, with its figures and hints. Only a default that kept some convolutions fp32
     (a deep network, where a few more are a small share of the compute) is raised on its own."""
-    kept = tried[-1]
-    exc.numbers.update({"fp32_convs": kept, "fp32_conv_nodes": len(early_convs(graph, kept))})
-    more = kept + FP32_CONVS_STEP
-    keeps_more = len(early_convs(graph, more)) > exc.numbers["fp32_conv_nodes"]
-    deeper = more if keeps_more else None
+    exc.numbers.update(fp32_layers(graph, tried))
+    more = tried[-1] + FP32_CONVS_STEP
+    deeper = more if len(early_convs(graph, more)) > exc.numbers["fp32_conv_nodes"] else None
     if cfg.fp32_convs is None and tried[0] > 0 and deeper is not None and len(tried) <= AUTO_FP32_STEPS:
         return deeper, exc
-    if len(tried) > 1:
-        exc.numbers["fp32_convs_tried"] = list(tried)
     hints = gate_hints(cfg, fp32_earned, exc.numbers, deeper)
     if len(tried) > 1:
         hints.insert(0, f"tried keeping the first {', '.join(map(str, tried))} convolution(s) fp32")
@@ -206,7 +210,6 @@ def quantize_model(
     log(
         f"int8: calibrating ({cfg.method}) on {n_calib} images, gate on {n_check} held-back images from {plan.source}"
     )
-    fp32_earned: dict[str, Any] = {}
     try:
         graph = onnx.load_from_string(fp32_bytes).graph
         fp32_earned = earn(fp32_bytes, meta)
@@ -222,10 +225,6 @@ def quantize_model(
         raise
     except Exception as exc:  # the quantiser and ORT raise many unrelated types
         raise ExportError(f"int8: quantisation failed: {typed_first_line(exc)}") from exc
-    layers: dict[str, Any] = {"fp32_convs": tried[-1], "fp32_conv_nodes": len(early_convs(graph, tried[-1]))}
-    if len(tried) > 1:
-        layers["fp32_convs_tried"] = tried
-    fp32_threshold = float(fp32_earned["threshold"])
     speedup = numbers.get("speedup_vs_fp32_cpu")
     if isinstance(speedup, float) and speedup < 1.0:
         log(
@@ -236,10 +235,10 @@ def quantize_model(
         "format": "QDQ",
         "weights": "int8 per channel" + (" (7-bit, reduce_range)" if cfg.reduce_range else ""),
         "activations": "uint8 per tensor",
-        **layers,
+        **fp32_layers(graph, tried),
         "calibration": cfg.method,
         "calib_images": n_calib,
-        "fp32_threshold": fp32_threshold,
+        "fp32_threshold": threshold,
         "int8_threshold": float(earned["threshold"]),
         **numbers,
     }
