@@ -22,27 +22,28 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from elpv_cells import GRADES
 from elpv_ensemble import read_rows
+from elpv_misses import p_defect
 from elpv_scores import operating_points
 
-GRADES = ("p0", "p33", "p67", "p100")
-Probs = dict[str, float]
-SCORES: dict[str, Callable[[Probs], float]] = {
-    "p_defect": lambda p: p["p67"] + p["p100"],
-    "expected_grade": lambda p: sum(k * p[g] for k, g in enumerate(GRADES)),
-    "one_minus_p0": lambda p: 1.0 - p["p0"],
-    "p100": lambda p: p["p100"],
-    "p67_plus_2p100": lambda p: p["p67"] + 2.0 * p["p100"],
+Row = dict[str, Any]
+SCORES: dict[str, Callable[[Row], float]] = {
+    "p_defect": p_defect,
+    "expected_grade": lambda r: sum(k * r["probs"][g] for k, g in enumerate(GRADES)),
+    "one_minus_p0": lambda r: 1.0 - r["probs"]["p0"],
+    "p100": lambda r: r["probs"]["p100"],
+    "p67_plus_2p100": lambda r: r["probs"]["p67"] + 2.0 * r["probs"]["p100"],
 }
 
 
-def score_rule_rates(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+def score_rule_rates(rows: dict[str, Row]) -> dict[str, dict[str, float | None]]:
     """``{score: {"frr_95": ..., "frr_99": ...}}``: p0 false-reject rates of each score's ranking."""
     grades = [r["grade"] for r in rows.values()]
     out: dict[str, dict[str, float | None]] = {}
     for name, score in SCORES.items():
-        points = operating_points([score(r["probs"]) for r in rows.values()], grades)
-        out[name] = {f"frr_{k[7:]}": v.get("false_reject_rate_p0") for k, v in points.items()}
+        points = operating_points([score(r) for r in rows.values()], grades)
+        out[name] = {k.replace("recall_", "frr_"): v.get("false_reject_rate_p0") for k, v in points.items()}
     return out
 
 
