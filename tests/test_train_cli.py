@@ -143,6 +143,22 @@ def test_bad_config_fails_before_training(
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+@pytest.mark.slow
+def test_a_data_typo_opens_no_mlflow_run(
+    defectscope_cmd: list[str], cli_env: dict[str, str], smoke_data_dir: Path, tmp_path: Path
+) -> None:
+    """data.* keys are checked before the MLflow run opens: a typo leaves no FAILED run and no store."""
+    args = [*defectscope_cmd, "train", "experiment=smoke", f"paths.data_dir={smoke_data_dir}"]
+    proc = _run([*args, "+data.source.colour=red"], tmp_path, cli_env)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith(
+        "defectscope train: error: data.source: unknown key(s) ['colour'] for kind=synthetic"
+    )
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
 LITE = "efficientnet_lite0, efficientnet_lite1, efficientnet_lite2"
 MODELS = f"alexnet, {LITE}, lenet, nf_resnet, resnet_small, tiny"
 

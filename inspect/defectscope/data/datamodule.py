@@ -28,7 +28,7 @@ from .multiscale import check_scales, draw_scale, rescale_batch
 from .sampler import BucketBatchSampler
 from .scan import BadFilesError, ScanRecord, ScanResult, mean_std, scan_files, write_rejects
 from .settings import check_settings, loader_config, split_config
-from .sources import SPLITS, Sample, SourceData, SourceError, build_source, prepare_source
+from .sources import SPLITS, Sample, SourceData, SourceError, build_source, prepare_source, source_arguments
 from .splits import assign_splits, spread_samples
 from .stats import class_counts, count_table, inverse_frequency_weights, split_warnings
 from .transforms import build_transform, check_size_preserving, seed_transform
@@ -101,6 +101,7 @@ class DefectDataModule(pl.LightningDataModule):
         self.source_spec: dict[str, Any] = to_plain(source)
         if "kind" not in self.source_spec:
             raise SourceError("data.source.kind is required (folder, csv, elpv or synthetic)")
+        source_arguments(self.source_spec)  # the kind and its keys, before any file is read
         self.loader_config = loader_config(loader)
         self.split_cfg = split_config(split)
         self.batch_size = int(batch_size)

@@ -308,8 +308,11 @@ SOURCES: dict[str, Callable[..., SourceData]] = {
 }
 
 
-def build_source(spec: Mapping[str, Any], *, missing: str | None = None) -> SourceData:
-    """Build the source named by ``spec["kind"]`` with the remaining keys as its arguments."""
+def source_arguments(
+    spec: Mapping[str, Any], *, missing: str | None = None
+) -> tuple[str, Callable[..., SourceData], dict[str, Any]]:
+    """The kind, its builder and its arguments; a wrong kind or an unknown key is refused here, without
+    touching a file, so a typo fails before a run starts."""
     params = to_plain(spec, strict=True)
     kind = params.pop("kind", None)
     if kind not in SOURCES:
@@ -323,6 +326,12 @@ def build_source(spec: Mapping[str, Any], *, missing: str | None = None) -> Sour
     unknown = sorted(set(params) - set(valid))
     if unknown:
         raise SourceError(f"data.source: unknown key(s) {unknown} for kind={kind}; valid keys: {valid}")
+    return kind, fn, params
+
+
+def build_source(spec: Mapping[str, Any], *, missing: str | None = None) -> SourceData:
+    """Build the source named by ``spec["kind"]`` with the remaining keys as its arguments."""
+    kind, fn, params = source_arguments(spec, missing=missing)
     try:
         return fn(**params)
     except TypeError as exc:
@@ -331,9 +340,8 @@ def build_source(spec: Mapping[str, Any], *, missing: str | None = None) -> Sour
 
 def prepare_source(spec: Mapping[str, Any]) -> None:
     """Download/generate step (Lightning ``prepare_data``): only the synthetic source has one."""
-    params = to_plain(spec, strict=True)
-    if params.get("kind") == "synthetic":
-        params.pop("kind")
+    kind, _, params = source_arguments(spec)
+    if kind == "synthetic":
         params.pop("good_class", None)
         if "root" not in params:
             raise SourceError("data.source.root is required for kind=synthetic")

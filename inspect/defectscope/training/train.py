@@ -360,6 +360,7 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.ckpt_dir)
     horizon = {key: to_plain(OmegaConf.select(cfg, key)) for key in HORIZON_SETTINGS}
     resume = read_resume(ckpt_path, cfg.get("finetune"), distill, horizon) if ckpt_path else {}
+    dm = instantiate(cfg.data)  # checks every data.* key without reading a file: a typo opens no MLflow run
     tracker = _start_tracker(cfg, out_dir, ckpt_path, resume)
 
     status = "FAILED"
@@ -369,7 +370,6 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
     metrics: dict[str, float] = {}
     resolved = out_dir / "config_resolved.yaml"
     try:
-        dm = instantiate(cfg.data)
         dm.prepare_data()
         dm.setup("fit")
         module = build_module(cfg, dm)
