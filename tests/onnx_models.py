@@ -100,6 +100,28 @@ def _graph(num_classes: int, channels: int, seed: int, with_cam: bool) -> onnx.G
     return helper.make_graph(nodes, "fixture_cnn", inputs, outputs, inits)
 
 
+def _nan_when_dark(graph: onnx.GraphProto, below: float) -> None:
+    """``probs`` becomes NaN for every image whose mean normalised value is below ``below``."""
+    softmax = next(n for n in graph.node if n.op_type == "Softmax")
+    softmax.output[0] = "probs_raw"
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([1, 2, 3], np.int64), "spatial_axes"),
+            numpy_helper.from_array(np.array([1], np.int64), "class_axis"),
+            numpy_helper.from_array(np.array(below, np.float32), "dark_below"),
+            numpy_helper.from_array(np.array(np.nan, np.float32), "nan"),
+        ]
+    )
+    graph.node.extend(
+        [
+            helper.make_node("ReduceMean", ["input", "spatial_axes"], ["level"], keepdims=0),
+            helper.make_node("Less", ["level", "dark_below"], ["dark"]),
+            helper.make_node("Unsqueeze", ["dark", "class_axis"], ["dark_column"]),
+            helper.make_node("Where", ["dark_column", "nan", "probs_raw"], ["probs"]),
+        ]
+    )
+
+
 def build_model(
     path: str | Path,
     *,
@@ -108,15 +130,22 @@ def build_model(
     metadata: ModelMetadata | None = None,
     raw_metadata: str | None = None,
     omit_metadata: bool = False,
+    num_outputs: int | None = None,
+    nan_when_dark: float | None = None,
     **overrides: Any,
 ) -> Path:
     """Write a fixture model to ``path`` and return it.
 
     ``overrides`` go to :func:`fixture_metadata`; ``raw_metadata`` stores that exact string
     instead (to test foreign or older documents); ``omit_metadata`` stores none at all.
+    ``num_outputs``: a graph with that many classes whatever the metadata says; ``nan_when_dark``:
+    NaN probabilities for images whose mean normalised value is below it (finite for the start-up
+    probe's standard-normal input, whose mean is about 0).
     """
     meta = metadata or fixture_metadata(**overrides)
-    graph = _graph(len(meta.class_names), meta.channels, seed, with_cam)
+    graph = _graph(num_outputs or len(meta.class_names), meta.channels, seed, with_cam)
+    if nan_when_dark is not None:
+        _nan_when_dark(graph, nan_when_dark)
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="defectscope-tests"
     )

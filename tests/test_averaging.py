@@ -130,5 +130,16 @@ def test_averaged_weights_are_validated_checkpointed_and_exported(
 def test_bad_settings_name_the_key() -> None:
     with pytest.raises(TrainingConfigError, match=r"weight_average\.kind must be one of ema, swa"):
         WeightAverage("mean")
-    with pytest.raises(TrainingConfigError, match=r"weight_average\.decay must be in \(0, 1\)"):
+    with pytest.raises(
+        TrainingConfigError, match=r"weight_average\.decay must be a number in \(0, 1\), got 1\.0"
+    ):
         WeightAverage("ema", decay=1.0)
+    # words and fractions: a bare float() message, or a silently truncated epoch, before
+    with pytest.raises(
+        TrainingConfigError, match=r"weight_average\.decay must be a number in \(0, 1\), got 'abc'"
+    ):
+        WeightAverage("ema", decay="abc")  # type: ignore[arg-type]
+    with pytest.raises(
+        TrainingConfigError, match=r"weight_average\.start_epoch must be a whole number >= 0, got 1\.7"
+    ):
+        WeightAverage("ema", start_epoch=1.7)  # type: ignore[arg-type]

@@ -131,6 +131,13 @@ def test_data_config_mistakes_are_one_line_naming_the_key(
         "data.source.n=abc": "data.source.n must be a whole number, got 'abc'",
         "data.batch_size=abc": "data.batch_size must be a whole number >= 1, got 'abc'",
         "trainer.accumulate_grad_batches=0": "trainer.accumulate_grad_batches must be a whole number >= 1, got 0",
+        # words that read as true under bool(), a number where class names belong, and "no limit" under a
+        # schedule that needs the run's length: silently wrong runs or tracebacks before
+        "data.ordered=no": "data.ordered: expected true or false, got str 'no'",
+        "data.dihedral=off": "data.dihedral: expected true or false, got str 'off'",
+        "threshold.ng_classes=5": "threshold.ng_classes: expected a list of class names or '>= NAME', got 5",
+        "trainer.max_epochs=-1": "trainer.max_epochs=-1 (no limit) leaves the learning-rate schedule no length",
+        "+data.source.colour=red": "data.source: unknown key(s) ['colour'] for kind=synthetic",
     }
     for override, message in cases.items():
         proc = _run(

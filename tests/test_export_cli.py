@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -131,6 +132,11 @@ def test_export_cli_rejects_bad_input_with_exit_2(
         ([str(foreign), "-o", out], "not a defectscope checkpoint"),
         ([str(unknown), "-o", out], "unknown model 'resnet9000'"),
         ([good, "-o", out, "--opset", "17"], "opset >= 18"),
+        # past the onnx package's newest opset the version converter failed, with a traceback, after the export
+        (
+            [good, "-o", out, "--opset", "99"],
+            f"--opset 99 is newer than the installed onnx {onnx.__version__} knows",
+        ),
         ([good, "-o", out, "--threshold", "1.5"], "--threshold: expected a number in [0, 1]"),
         (
             [good, "-o", out, "--target-recall", "1.2"],

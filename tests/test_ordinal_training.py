@@ -180,6 +180,9 @@ def test_export_chooses_the_cut_points_for_what_it_is_told(
     for entry in (unordered, {"class_names": ["good", "crack"]}):  # today's checkpoints, and old ones
         with pytest.raises(ExportError, match="--cuts-for applies to ordered grades"):
             checkpoint_grading(entry, "balanced")
+    worded = {"class_names": ["good", "crack"], "grading": {"link": "softmax", "ordered": "no"}}
+    with pytest.raises(ExportError, match=r"^checkpoint grading\.ordered must be true or false, got 'no'$"):
+        checkpoint_grading(worded)  # "no" read as true would have exported ordered grades
     assert not any(tmp_path.glob("[ac].onnx"))
 
 

@@ -159,6 +159,23 @@ def test_a_data_typo_opens_no_mlflow_run(
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
 
 
+@pytest.mark.slow
+def test_a_run_whose_weights_turn_nan_stops_with_one_line(
+    defectscope_cmd: list[str], cli_env: dict[str, str], smoke_data_dir: Path, tmp_path: Path
+) -> None:
+    """A SAM radius of 1e308 sends every weight to NaN in the first steps; the run trained all its epochs
+    before and ended on "threshold: nan is not a finite number", with NaN weights in last.ckpt."""
+    args = [*defectscope_cmd, "train", "experiment=smoke", f"paths.data_dir={smoke_data_dir}", "logger=none"]
+    proc = _run([*args, "optim.sam_rho=1e308", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, cli_env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("defectscope train: error: training diverged in epoch 0: ")
+    ), proc.stderr[-2000:]
+    assert not list((tmp_path / "run").rglob("*.ckpt"))  # nothing NaN was saved
+
+
 LITE = "efficientnet_lite0, efficientnet_lite1, efficientnet_lite2"
 MODELS = f"alexnet, {LITE}, lenet, nf_resnet, resnet_small, tiny"
 

@@ -23,7 +23,7 @@ from torch import nn
 from .plain import PlainDataError, check_plain, expect, number, string_list
 from .runtime.decision import THRESHOLD_RANGE
 from .runtime.files import checkpoint_file_problem
-from .runtime.metadata import MAX_CLASSES, MAX_NAME_CHARS, MetadataError, parse_loader
+from .runtime.metadata import MAX_CLASSES, MAX_NAME_CHARS, NORMALISATION_RANGE, MetadataError, parse_loader
 
 INFO_KEY = "defectscope"
 STATE_PREFIX = "model."
@@ -125,9 +125,8 @@ def _check_fields(info: dict[str, Any], where: str) -> None:
         values = expect(info[key], list, f"{where}.{key}", "a list of numbers")
         if len(values) not in (1, channels):
             raise PlainDataError(f"{where}.{key}: {len(values)} values, expected 1 or {channels} (channels)")
-        low = 1e-6 if key == "std" else -1e6
         for i, v in enumerate(values):
-            number(v, f"{where}.{key}[{i}]", low, 1e6)
+            number(v, f"{where}.{key}[{i}]", *NORMALISATION_RANGE[key])
     _check_optional(info, where, names)
 
 

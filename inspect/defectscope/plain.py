@@ -102,7 +102,13 @@ def expect(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> 
 
 def number(value: Any, where: str, low: float, high: float) -> float:
     """A finite number in ``[low, high]``."""
-    v = float(expect(value, (int, float), where, f"a number in [{low:g}, {high:g}]"))
+    checked = expect(value, (int, float), where, f"a number in [{low:g}, {high:g}]")
+    try:
+        v = float(checked)
+    except OverflowError:  # an integer too large for a float
+        raise PlainDataError(
+            f"{where}: expected a number in [{low:g}, {high:g}], got {_short(checked)}"
+        ) from None
     if not (math.isfinite(v) and low <= v <= high):
         raise PlainDataError(f"{where}: expected a number in [{low:g}, {high:g}], got {v!r}")
     return v

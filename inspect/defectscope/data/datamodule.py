@@ -21,7 +21,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from ..plain import to_plain
+from ..plain import expect, to_plain
 from ..runtime.image import LoaderConfig
 from .dataset import DefectDataset, collate, seed_worker
 from .multiscale import check_scales, draw_scale, rescale_batch
@@ -121,8 +121,8 @@ class DefectDataModule(pl.LightningDataModule):
         self.scan_workers = int(scan_workers)
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
-        self.ordered = bool(ordered)
-        self.dihedral = bool(dihedral)
+        self.ordered = expect(ordered, bool, "data.ordered", "true or false")
+        self.dihedral = expect(dihedral, bool, "data.dihedral", "true or false")
         self.multi_scale = check_scales(multi_scale)
 
         # Filled by setup():

@@ -87,6 +87,12 @@ def evaluate_model(
         batch_size,
     )
     names = meta.class_names
+    broken = [labelled.paths[i] for i, row in zip(scored.index, scored.probs) if not np.isfinite(row).all()]
+    if broken:  # NaN would read as OK and make the figures look merely bad
+        raise EvaluateError(
+            f"{inspector.model_path} gave probabilities that are not finite (NaN or infinite) for "
+            f"{len(broken)} of {len(scored.index)} images, e.g. {broken[0]}: its graph or preprocessing is broken"
+        )
     truth = np.array([names.index(labelled.labels[i]) for i in scored.index], dtype=np.int64)
     pred = scored.probs.argmax(axis=1) if len(truth) else np.zeros(0, dtype=np.int64)
     p_defect = defect_probability(scored.probs, meta.ng_indices) if len(truth) else np.zeros(0)

@@ -17,7 +17,7 @@ from defectscope.runtime.grading import CUTS_FOR
 from defectscope.runtime.metadata import TTA_NAMES
 from defectscope.runtime.options import CommandParser, unit_number
 
-from .onnx_export import MIN_OPSET, ExportResult
+from .onnx_export import MIN_OPSET, ExportResult, opset_problem
 from .quantize import (
     AUTO_FP32_STEPS,
     AUTO_MIN_CONVS,
@@ -219,8 +219,8 @@ def usage_problem(args: argparse.Namespace) -> str | None:
             f"{', '.join(int8_only)} {'applies' if them == 'it' else 'apply'} only with --int8 "
             f"(an fp32 or fp16 export would ignore {them}): {fix}"
         )
-    if args.opset < MIN_OPSET:
-        return f"--opset {args.opset} is too old; defectscope exports need opset >= {MIN_OPSET}"
+    if opset_problem(args.opset):
+        return opset_problem(args.opset)
     if args.images is not None and not (args.images.is_dir() or args.images.is_file()):
         return f"--images {args.images}: not an existing directory or list file"
     if args.register_name is not None and not args.mlflow:

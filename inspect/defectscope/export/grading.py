@@ -52,7 +52,10 @@ def checkpoint_grading(info: dict[str, Any], cuts_for: str | None = None) -> tup
         raise GradingExportError(
             f"checkpoint grading.link is {link!r}; this defectscope knows {', '.join(LINKS)}"
         )
-    if not entry.get("ordered"):
+    ordered = entry.get("ordered", False)
+    if not isinstance(ordered, bool):  # "no" must not read as true
+        raise GradingExportError(f"checkpoint grading.ordered must be true or false, got {ordered!r}")
+    if not ordered:
         if cuts_for is not None:
             raise GradingExportError(
                 "--cuts-for applies to ordered grades; this checkpoint's classes are unordered"

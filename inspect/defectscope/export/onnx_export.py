@@ -48,6 +48,17 @@ from .wrapper import ExportWrapper, head_linear
 MIN_OPSET = 18
 
 
+def opset_problem(opset: int) -> str | None:
+    """Why ``--opset`` cannot be exported, or None: the exporter needs 18, the onnx package knows up to
+    its own latest (the version converter fails past it, after the export's work)."""
+    newest = onnx.defs.onnx_opset_version()
+    if opset < MIN_OPSET:
+        return f"--opset {opset} is too old: defectscope exports need opset >= {MIN_OPSET}"
+    if opset > newest:
+        return f"--opset {opset} is newer than the installed onnx {onnx.__version__} knows (at most {newest})"
+    return None
+
+
 @dataclass
 class ExportResult:
     path: Path
@@ -178,8 +189,9 @@ def _checked_request(output: str | Path, opset: int, fp16: bool, int8: Int8Confi
         check_output_file(out, "-o", special_ok=False)
     except OutputError as exc:
         raise ExportError(str(exc)) from None
-    if opset < MIN_OPSET:
-        raise ExportError(f"--opset {opset} is too old: defectscope exports need opset >= {MIN_OPSET}")
+    problem = opset_problem(opset)
+    if problem:
+        raise ExportError(problem)
     if fp16 and int8 is not None:
         raise ExportError("--fp16 and --int8 exclude each other: fp16 is for GPUs, int8 for CPUs")
     return out

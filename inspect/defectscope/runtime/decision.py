@@ -28,8 +28,22 @@ class DecisionRuleError(ValueError):
     """The NG classes do not fit the class list."""
 
 
+class NoVerdictError(ValueError):
+    """The model's output for an image cannot decide it (not finite, or not one value per class)."""
+
+
 #: ``">= p67"``: every grade from p67 on (ordered classes only)
 GRADE_AT_LEAST = ">="
+
+
+def check_ng_spec(ng_classes: Any) -> None:
+    """The NG classes' form, before any class list is known: none, a list of names or ``">= NAME"``."""
+    if ng_classes is None or isinstance(ng_classes, str):
+        return
+    if not isinstance(ng_classes, list | tuple) or not all(isinstance(c, str) for c in ng_classes):
+        raise DecisionRuleError(
+            f"expected a list of class names or '{GRADE_AT_LEAST} NAME', got {ng_classes!r:.80}"
+        )
 
 
 def ng_class_names(
@@ -48,9 +62,10 @@ def ng_class_names(
         raise DecisionRuleError(f"good class {good_class!r} is not one of the classes {names}")
     if not ng_classes:
         return [c for c in names if c != good_class]
+    check_ng_spec(ng_classes)
     if isinstance(ng_classes, str):
         ng_classes = _grades_from(names, ng_classes, ordered)
-    wanted = [str(c) for c in ng_classes]
+    wanted = list(ng_classes)
     unknown = [c for c in wanted if c not in names]
     if unknown:
         raise DecisionRuleError(f"NG class(es) {unknown} are not among the classes {names}")
@@ -146,6 +161,10 @@ def decide(
     (:mod:`.grading`); the OK/NG verdict is the threshold rule either way.
     """
     p = np.asarray(probs, dtype=np.float64).reshape(1, -1)
+    if p.shape[1] != len(class_names):  # a NaN or a missing column must never read as OK
+        raise NoVerdictError(f"the model gave {p.shape[1]} probabilities for {len(class_names)} classes")
+    if not np.isfinite(p).all():
+        raise NoVerdictError("the model gave probabilities that are not finite (NaN or infinite)")
     top = int(grade_indices(p, grading)[0])
     defect_prob = float(defect_probability(p, indices)[0])
     defect_idx = max(indices, key=lambda i: p[0, i])

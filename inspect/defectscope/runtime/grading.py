@@ -68,7 +68,7 @@ class Grading:
         if rule not in RULES:
             raise GradingError(f"{where}.rule must be one of {', '.join(RULES)}, got {rule!r}")
         cuts = doc.get("cuts", [])
-        if not isinstance(cuts, list | tuple) or not all(_finite(c) for c in cuts):
+        if not isinstance(cuts, list | tuple) or not all(is_finite_number(c) for c in cuts):
             raise GradingError(f"{where}.cuts must be a list of finite numbers")
         want = n_classes - 1 if rule == "cuts" else 0
         if len(cuts) != want:
@@ -89,8 +89,14 @@ def checked_cuts_for(value: Any, key: str) -> str:
     return str(value)
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+def is_finite_number(value: Any) -> bool:
+    """A finite int or float read from a file; an integer too large for a float (10**400) is not one."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def expected_grade(probs: np.ndarray) -> np.ndarray:

@@ -98,6 +98,12 @@ class LoaderConfig:
             raise ValueError(f"LoaderConfig.max_side ({self.max_side}) must be >= min_size ({self.min_size})")
         if self.size_multiple < 1:
             raise ValueError(f"LoaderConfig.size_multiple must be >= 1, got {self.size_multiple}")
+        if self.size_multiple**2 > self.max_pixels:  # rounding would make every image that large
+            raise ValueError(
+                f"LoaderConfig.size_multiple ({self.size_multiple}) squared must be <= max_pixels "
+                f"({self.max_pixels}): rounding would enlarge every image to at least "
+                f"{self.size_multiple}x{self.size_multiple} pixels"
+            )
         if self.max_side is not None and self.size_multiple > 1:
             # target_size caps rounded sides at the largest multiple <= max_side: there must be one,
             # and it must not be below min_size, or sizes leave the range the model was made for

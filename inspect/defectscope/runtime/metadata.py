@@ -12,12 +12,11 @@ settings and adds the NG classes and the threshold's provenance; version 1 docum
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .decision import THRESHOLD_EXPECTED, DecisionRuleError, is_threshold, ng_class_names, ng_indices
-from .grading import Grading, GradingError
+from .grading import Grading, GradingError, is_finite_number
 from .image import LoaderConfig
 
 METADATA_KEY = "defectscope"
@@ -50,6 +49,9 @@ MAX_NAME_CHARS = 200
 MAX_CHANNELS = 64
 MAX_SIDE = 1 << 16
 MAX_PIXELS = 1 << 30
+#: the ranges a model's normalisation may take: pixels in [0, 1] then stay finite in float32 (a std
+#: of 1e-300 would be 0 there and make every probability NaN); checkpoints are held to the same
+NORMALISATION_RANGE = {"mean": (-1e6, 1e6), "std": (1e-6, 1e6)}
 #: the loader fields of a version-1 document (flat there, nested under ``loader`` since version 2)
 LOADER_KEYS = ("channels", "max_side", "min_size", "size_multiple", "max_pixels")
 #: loader fields added since: a document without one was made with the field's default
@@ -260,10 +262,6 @@ def _name(value: Any) -> bool:
     return isinstance(value, str) and 0 < len(value) <= MAX_NAME_CHARS and value.isprintable()
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _problems(m: ModelMetadata) -> list[str]:
     """Every type and range problem of a document, so one error lists them all."""
     out: list[str] = []
@@ -276,18 +274,16 @@ def _problems(m: ModelMetadata) -> list[str]:
         out.append(f"good_class {m.good_class!r} is not one of class_names {names!r}")
     if not isinstance(m.ng_classes, list) or not all(map(_name, m.ng_classes)):
         out.append("ng_classes must be a list of class names")
-    if not _number(m.threshold) or not is_threshold(float(m.threshold)):
+    if not is_finite_number(m.threshold) or not is_threshold(float(m.threshold)):
         out.append(f"threshold must be {THRESHOLD_EXPECTED}, got {m.threshold!r}")
     if not isinstance(m.loader, LoaderConfig):
         out.append("loader must be a LoaderConfig")
-    for key in ("mean", "std"):
+    for key, (low, high) in NORMALISATION_RANGE.items():
         vals = getattr(m, key)
-        if not isinstance(vals, list) or not all(map(_number, vals)):
-            out.append(f"{key} must be a list of finite numbers")
+        if not isinstance(vals, list) or not all(is_finite_number(v) and low <= v <= high for v in vals):
+            out.append(f"{key} must be a list of numbers in [{low:g}, {high:g}], got {vals!r:.80}")
         elif isinstance(m.loader, LoaderConfig) and len(vals) != m.loader.channels:
             out.append(f"{key} needs {m.loader.channels} values (loader.channels), got {len(vals)}")
-    if isinstance(m.std, list) and any(_number(s) and s <= 0 for s in m.std):
-        out.append(f"std values must be > 0, got {m.std!r}")
     for key in ("model_name", "package_version"):
         if not _name(getattr(m, key)):
             out.append(f"{key} must be a printable name of <= {MAX_NAME_CHARS} characters")

@@ -22,6 +22,7 @@ from types import TracebackType
 
 import numpy as np
 
+from .decision import NoVerdictError
 from .image import ImageLoadError, LoaderConfig, load_image_with_size, normalize_batch
 from .inspector import Decision, Inspector
 from .metadata import ModelMetadata
@@ -186,7 +187,11 @@ def infer(
     cams = outs.get("cam")
     names = inspector.class_names
     for i, it in enumerate(items):
-        d = inspector.decide(outs["probs"][i], threshold)
+        try:
+            d = inspector.decide(outs["probs"][i], threshold)
+        except NoVerdictError as exc:  # an error row: never a verdict the model did not give
+            results.append(Result(it, error=f"inference_failed: {exc}"))
+            continue
         cam = cams[i, names.index(d.defect_class)] if cams is not None else None
         results.append(Result(it, d, cam, None, it.decode_ms + share))
     return results

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .grading import is_finite_number
 from .heatmap import data_uri, overlay, thumbnail
 from .inspector import Inspector
 from .outputs import write_text
@@ -156,7 +157,12 @@ def histogram_svg(summary: Summary, threshold: float, width: int = 640, height: 
 
 
 def _pct(v: Any) -> str:
-    return "n/a" if v is None else f"{100 * float(v):.1f} %"
+    """A share from the model file's threshold_source, which is display-only: anything else is n/a."""
+    return f"{100 * float(v):.1f} %" if is_finite_number(v) else "n/a"
+
+
+def _num(v: Any) -> str:
+    return f"{float(v):.4g}" if is_finite_number(v) else "n/a"
 
 
 def threshold_source_text(source: dict[str, Any]) -> str:
@@ -178,7 +184,7 @@ def tradeoff_html(source: dict[str, Any]) -> str:
     if not isinstance(rows, list):
         return ""
     cells = "".join(
-        f"<tr><td>{_pct(r.get('target_recall'))}</td><td>{float(r.get('threshold') or 0):.4g}</td>"
+        f"<tr><td>{_pct(r.get('target_recall'))}</td><td>{_num(r.get('threshold'))}</td>"
         f"<td>{_pct(r.get('recall'))}</td><td>{_pct(r.get('false_reject_rate'))}</td></tr>"
         for r in rows
         if isinstance(r, dict)

@@ -322,6 +322,20 @@ def csv_columns(class_names: Sequence[str]) -> list[str]:
     return [k for k in ROW_KEYS if k != "probs"] + [f"prob_{c}" for c in class_names]
 
 
+#: a spreadsheet reads a cell that starts with one of these as a formula
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A text cell a spreadsheet shows as text: a class name from a model file, or a file name, that
+    starts like a formula gets a leading apostrophe (the JSONL keeps the exact text)."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def write_csv(
     jsonl_path: str | os.PathLike[str], csv_path: str | os.PathLike[str], class_names: Sequence[str]
 ) -> int:
@@ -331,12 +345,12 @@ def write_csv(
     with replaced_file(csv_path, "--csv") as raw:
         text = io.TextIOWrapper(raw, encoding="utf-8", errors="backslashreplace", newline="")
         w = csv.writer(text)
-        w.writerow(cols)
+        w.writerow([csv_cell(c) for c in cols])
         for row in iter_rows(jsonl_path):
             probs = row.get("probs") or {}
             flat = {k: row.get(k) for k in ROW_KEYS if k != "probs"}
             flat.update({f"prob_{c}": probs.get(c) for c in class_names})
-            w.writerow(["" if flat[c] is None else flat[c] for c in cols])
+            w.writerow([csv_cell(flat[c]) for c in cols])
             n += 1
         text.flush()
         text.detach()

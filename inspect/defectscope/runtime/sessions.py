@@ -123,6 +123,12 @@ def check_graph(session: Any, meta: ModelMetadata, source: str) -> list[str]:
     missing = [n for n in REQUIRED_OUTPUTS if n not in names]
     if missing:
         raise ModelLoadError(f"{source}: graph lacks output(s) {', '.join(missing)} (has {', '.join(names)})")
+    shape = list(session.get_outputs()[names.index("probs")].shape)
+    n = len(meta.class_names)
+    if len(shape) != 2 or (isinstance(shape[1], int) and shape[1] != n):
+        raise ModelLoadError(
+            f"{source}: graph output probs is shaped {shape}, but the metadata names {n} classes: (N, {n}) expected"
+        )
     return names
 
 
@@ -268,7 +274,10 @@ class SessionOpener:
                 meta = meta or read_metadata(session, self.path)
                 outputs = check_graph(session, meta, self.path)
                 diff = exercise(
-                    session, start_shapes(kind, meta, profile), reference if kind in GPU_PROVIDERS else None
+                    session,
+                    start_shapes(kind, meta, profile),
+                    reference if kind in GPU_PROVIDERS else None,
+                    classes=len(meta.class_names),
                 )
                 placement = placement_from_assignment(session, kind)
                 if prof_dir:

@@ -104,13 +104,17 @@ def probe_batch(shape: tuple[int, int, int, int], seed: int = 0) -> np.ndarray:
 
 
 def exercise(
-    session: Any, shapes: Sequence[tuple[int, int, int, int]], reference: Any | None = None
+    session: Any,
+    shapes: Sequence[tuple[int, int, int, int]],
+    reference: Any | None = None,
+    classes: int | None = None,
 ) -> float | None:
     """Run ``session`` once per shape; returns the largest |probability difference| to ``reference``.
 
     ``reference`` (a CPU session of the same file) runs the first image of each probe, so the
     figure says how far this provider's numbers are from the shipped graph's on the CPU.  Raises
-    :class:`StartCheckError` naming the shape when a run fails or gives non-finite outputs.
+    :class:`StartCheckError` naming the shape when a run fails, gives non-finite outputs, or gives
+    other than ``classes`` probabilities per image.
     """
     worst: float | None = None
     for shape in shapes:
@@ -123,6 +127,11 @@ def exercise(
         bad = [k for k, v in outs.items() if not np.all(np.isfinite(v))]
         if bad:
             raise StartCheckError(f"start-up run at {label} gave non-finite {', '.join(bad)}")
+        width = outs["probs"].shape[-1] if "probs" in outs else None
+        if classes is not None and width != classes:
+            raise StartCheckError(
+                f"start-up run at {label} gave {width} probabilities per image for {classes} classes"
+            )
         if reference is not None and "probs" in outs:
             ref = reference.run(["probs"], {INPUT_NAME: batch[:1]})[0]
             diff = float(np.max(np.abs(outs["probs"][:1].astype(np.float64) - ref)))

@@ -21,7 +21,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 
-from .config import TrainingConfigError
+from .config import TrainingConfigError, config_number
 
 KINDS = ("ema", "swa")
 STATE_KEY = "weight_average"
@@ -36,12 +36,14 @@ class WeightAverage(Callback):
             raise TrainingConfigError(
                 f"callbacks.weight_average.kind must be one of {', '.join(KINDS)}, got {kind!r}"
             )
-        if not 0.0 < float(decay) < 1.0:
-            raise TrainingConfigError(f"callbacks.weight_average.decay must be in (0, 1), got {decay!r}")
-        if int(start_epoch) < 0:
-            raise TrainingConfigError(
-                f"callbacks.weight_average.start_epoch must be >= 0, got {start_epoch!r}"
-            )
+        config_number(decay, "callbacks.weight_average.decay", "a number in (0, 1)", lambda x: 0.0 < x < 1.0)
+        config_number(
+            start_epoch,
+            "callbacks.weight_average.start_epoch",
+            "a whole number >= 0",
+            lambda x: x >= 0,
+            whole=True,
+        )
         self.kind = kind
         self.decay = float(decay)
         self.start_epoch = int(start_epoch)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..plain import to_plain
-from ..runtime.decision import THRESHOLD_EXPECTED, is_threshold
+from ..runtime.decision import THRESHOLD_EXPECTED, DecisionRuleError, check_ng_spec, is_threshold
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,14 @@ def check_run_numbers(cfg: Mapping[str, Any]) -> None:
     for key, (expected, ok) in rules.items():
         if trainer.get(key) is not None:
             config_number(trainer[key], f"trainer.{key}", expected, ok, whole=True)
+    endless = trainer.get("max_epochs") == -1 and trainer.get("max_steps") in (None, -1)
+    schedule = cfg.get("scheduler") or {}
+    sized = any(k in schedule for k in ("T_max", "total_steps", "total_iters", "epochs"))
+    if endless and "_target_" in schedule and not sized:
+        raise TrainingConfigError(
+            "trainer.max_epochs=-1 (no limit) leaves the learning-rate schedule no length: set "
+            "trainer.max_steps, or use scheduler=constant"
+        )
     if (cfg.get("optim") or {}).get("sam_rho"):
         if (trainer.get("accumulate_grad_batches") or 1) > 1:
             raise TrainingConfigError(
@@ -61,6 +69,14 @@ def check_run_numbers(cfg: Mapping[str, Any]) -> None:
                 f"optim.sam_rho does not work with trainer.precision={trainer.get('precision')} (its gradient "
                 "scaler steps without the loss closure SAM needs): use bf16-mixed or 32-true"
             )
+
+
+def check_threshold_settings(cfg: Mapping[str, Any]) -> None:
+    """``threshold.ng_classes`` in a usable form before the data are read (the names are checked later)."""
+    try:
+        check_ng_spec(to_plain((cfg.get("threshold") or {}).get("ng_classes")))
+    except DecisionRuleError as exc:
+        raise TrainingConfigError(f"threshold.ng_classes: {exc}") from None
 
 
 def check_class_names(class_names: list[str], num_classes: int, good_class: str, ordered: bool) -> None:

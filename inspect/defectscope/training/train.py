@@ -24,10 +24,11 @@ from omegaconf import DictConfig, OmegaConf
 from .. import __version__
 from ..plain import to_plain
 from .artifacts import log_test_artifacts, summary_lines, write_test_plots
-from .callbacks import Throughput, build_callbacks, checkpoint_callback
+from .callbacks import FiniteWeights, Throughput, build_callbacks, checkpoint_callback
 from .config import (
     TrainingConfigError,
     check_run_numbers,
+    check_threshold_settings,
     find_keys,
     is_global_zero,
     memory_format,
@@ -286,7 +287,7 @@ def _build_trainer(
     tracker: MLflowTracker | None,
     extra_callbacks: Sequence[pl.Callback],
 ) -> pl.Trainer:
-    """The Trainer with the configured callbacks, then Throughput, then the caller's."""
+    """The Trainer with FiniteWeights, the configured callbacks, Throughput, then the caller's."""
     callbacks = build_callbacks(
         to_plain(cfg.get("callbacks")),
         freeze_epochs=int(cfg.finetune.get("freeze_epochs", 0)),
@@ -295,6 +296,7 @@ def _build_trainer(
         has_logger=tracker is not None,
         validation=cfg.trainer.get("limit_val_batches", 1.0) != 0,
     )
+    callbacks[:0] = [FiniteWeights()]  # first: before a checkpoint or the average sees the weights
     callbacks.append(Throughput())
     callbacks.extend(extra_callbacks)
     trainer: pl.Trainer = instantiate(
@@ -352,6 +354,7 @@ def _log_outputs(best: str | None, dm: Any, tracker: MLflowTracker | None) -> No
 def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, float]:
     t0 = time.perf_counter()
     check_run_numbers(cfg)
+    check_threshold_settings(cfg)
     check_launch(cfg)
     memory_format(cfg.get("memory_format"))  # checked before any data is read
     distill = distill_settings(to_plain(cfg.get("distill")))
