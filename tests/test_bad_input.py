@@ -138,6 +138,9 @@ def test_data_config_mistakes_are_one_line_naming_the_key(
         "threshold.ng_classes=5": "threshold.ng_classes: expected a list of class names or '>= NAME', got 5",
         "trainer.max_epochs=-1": "trainer.max_epochs=-1 (no limit) leaves the learning-rate schedule no length",
         "+data.source.colour=red": "data.source: unknown key(s) ['colour'] for kind=synthetic",
+        # the model module's settings, checked before the data are generated or scanned (they were after)
+        "ordinal.objective=foo": "ordinal.objective must be auto or one of ce, soft, expected, corn, got 'foo'",
+        "optim.sam_rho=abc": "optim.sam_rho must be a number >= 0 (0 or null = off), got 'abc'",
     }
     for override, message in cases.items():
         proc = _run(

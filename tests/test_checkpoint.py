@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any
 
@@ -106,8 +107,9 @@ def test_bad_info_and_mismatched_weights(tmp_path: Path) -> None:
     ckpt = torch.load(path, weights_only=True)
     ckpt["defectscope"]["model_kwargs"]["widths"] = [8, 16, 32, 64]  # weights were trained wider
     torch.save(ckpt, tmp_path / "narrow.ckpt")
-    with pytest.raises(CheckpointError, match="weights do not fit model 'resnet'"):
+    with pytest.raises(CheckpointError, match="weights do not fit model 'resnet': Missing key") as exc:
         load_checkpoint(tmp_path / "narrow.ckpt")
+    assert "\n" not in str(exc.value) and re.search(r"\(and \d+ more\)$", str(exc.value))  # one line
 
     ckpt = torch.load(path, weights_only=True)
     ckpt["state_dict"]["model.extra"] = torch.zeros(1)  # strict loading: unexpected keys fail

@@ -293,3 +293,26 @@ def test_the_genuine_checkpoint_evaluates(
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "scored 6 images (3 good, 3 defect): the test split of folder" in proc.stdout
     assert (out / "metrics.json").is_file()
+
+
+def test_resume_refuses_optimizer_settings_that_are_not_numbers() -> None:
+    """A word where torch multiplies (the learning rate, a beta) was a TypeError inside the first step."""
+    from defectscope.checkpoint import CheckpointError, check_resume_state
+
+    net = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=10)  # adds max_lr, initial_lr
+    state = optimizer.state_dict()
+    check_resume_state({"optimizer_states": [state]}, "r.ckpt")  # the genuine settings pass
+    for key, value in (("lr", "abc"), ("betas", ("0.9", 0.999)), ("max_lr", float("nan")), ("eps", [])):
+        group = dict(state["param_groups"][0], **{key: value})
+        with pytest.raises(CheckpointError) as exc:
+            check_resume_state({"optimizer_states": [dict(state, param_groups=[group])]}, "r.ckpt")
+        assert (
+            str(exc.value)
+            == f"r.ckpt: optimizer_states[0].param_groups[0].{key}: expected a number, got {value!r}"
+        )
+    with pytest.raises(
+        CheckpointError, match=r"^r\.ckpt: optimizer_states\[0\] needs a list of param_groups$"
+    ):
+        check_resume_state({"optimizer_states": [{"param_groups": "x"}]}, "r.ckpt")

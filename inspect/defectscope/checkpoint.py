@@ -23,6 +23,7 @@ from torch import nn
 from .plain import PlainDataError, check_plain, expect, number, string_list
 from .runtime.decision import THRESHOLD_RANGE
 from .runtime.files import checkpoint_file_problem
+from .runtime.grading import is_finite_number
 from .runtime.metadata import MAX_CLASSES, MAX_NAME_CHARS, NORMALISATION_RANGE, MetadataError, parse_loader
 
 INFO_KEY = "defectscope"
@@ -257,9 +258,16 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, 
     model = build_model(info, source)
     try:
         model.load_state_dict(model_state(ckpt, source), strict=True)
-    except RuntimeError as exc:
+    except RuntimeError as exc:  # torch lists every mismatch on its own line: the first, and how many
+        lines = [
+            ln.strip()
+            for ln in str(exc).splitlines()
+            if ln.strip().startswith(("size mismatch", "Missing", "Unexpected"))
+        ]
+        first = lines[0] if lines else " ".join(str(exc).split())[:300]
+        more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
         raise CheckpointError(
-            f"{source}: weights do not fit model {info['model_name']!r} with {info['model_kwargs']!r}: {exc}"
+            f"{source}: weights do not fit model {info['model_name']!r}: {first}{more}"
         ) from None
     return model.eval(), info
 
@@ -270,9 +278,39 @@ CHECKPOINT_STATE_KEYS = frozenset(
 )
 
 
+#: optimizer hyperparameters that torch multiplies with: numbers (or tuples of numbers, ``betas``)
+NUMERIC_GROUP_KEYS = frozenset(
+    {"lr", "initial_lr", "max_lr", "min_lr", "weight_decay", "eps", "momentum", "dampening", "alpha",
+     "betas", "base_momentum", "max_momentum", "lr_decay", "initial_accumulator_value"}
+)  # fmt: skip
+
+
+def _check_optimizer_states(ckpt: Mapping[str, Any], source: str) -> None:
+    """The optimizer settings a resume hands torch: a word where a learning rate belongs was a TypeError
+    inside the first step, after the data were read."""
+    states = ckpt.get("optimizer_states") or []
+    if not isinstance(states, list):
+        raise CheckpointError(f"{source}: optimizer_states is a {type(states).__name__}, expected a list")
+    for i, state in enumerate(states):
+        groups = state.get("param_groups") if isinstance(state, Mapping) else None
+        if not isinstance(groups, list) or not all(isinstance(g, Mapping) for g in groups):
+            raise CheckpointError(f"{source}: optimizer_states[{i}] needs a list of param_groups")
+        for j, group in enumerate(groups):
+            for key in NUMERIC_GROUP_KEYS & set(group):
+                value = group[key]
+                parts = value if isinstance(value, list | tuple) else [value]
+                if not parts or not all(is_finite_number(v) for v in parts):
+                    raise CheckpointError(
+                        f"{source}: optimizer_states[{i}].param_groups[{j}].{key}: expected a number, "
+                        f"got {value!r:.60}"
+                    )
+
+
 def check_resume_state(ckpt: Mapping[str, Any], source: str) -> None:
     """Lightning restores callback state on resume, and ModelCheckpoint later deletes or loads the files
-    it names: each must be a ``.ckpt`` directly inside the recorded checkpoint folder, without ``..``."""
+    it names: each must be a ``.ckpt`` directly inside the recorded checkpoint folder, without ``..``.
+    The optimizer's settings must be numbers where torch computes with them."""
+    _check_optimizer_states(ckpt, source)
     callbacks = ckpt.get("callbacks") or {}
     if not isinstance(callbacks, Mapping):
         raise CheckpointError(f"{source}: 'callbacks' is a {type(callbacks).__name__}, expected a dict")

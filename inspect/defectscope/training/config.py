@@ -71,12 +71,22 @@ def check_run_numbers(cfg: Mapping[str, Any]) -> None:
             )
 
 
-def check_threshold_settings(cfg: Mapping[str, Any]) -> None:
-    """``threshold.ng_classes`` in a usable form before the data are read (the names are checked later)."""
+def check_model_settings(cfg: Mapping[str, Any], ordered: bool) -> None:
+    """What the model module would refuse, checked before the data are read (a typo must not cost the
+    scan): the NG classes' form (their names need the class list), the objective, the loss and SAM."""
+    from .optimization import sam_rho
+    from .ordinal import ObjectiveError, resolve_objective
+
     try:
         check_ng_spec(to_plain((cfg.get("threshold") or {}).get("ng_classes")))
     except DecisionRuleError as exc:
         raise TrainingConfigError(f"threshold.ng_classes: {exc}") from None
+    smoothing, _ = loss_settings(to_plain(cfg.get("loss")) or {})
+    sam_rho(to_plain(cfg.get("optim")) or {})
+    try:
+        resolve_objective(to_plain(cfg.get("ordinal")) or {}, ordered, smoothing)
+    except ObjectiveError as exc:
+        raise TrainingConfigError(str(exc)) from None
 
 
 def check_class_names(class_names: list[str], num_classes: int, good_class: str, ordered: bool) -> None:

@@ -27,8 +27,8 @@ from .artifacts import log_test_artifacts, summary_lines, write_test_plots
 from .callbacks import FiniteWeights, Throughput, build_callbacks, checkpoint_callback
 from .config import (
     TrainingConfigError,
+    check_model_settings,
     check_run_numbers,
-    check_threshold_settings,
     find_keys,
     is_global_zero,
     memory_format,
@@ -354,7 +354,6 @@ def _log_outputs(best: str | None, dm: Any, tracker: MLflowTracker | None) -> No
 def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, float]:
     t0 = time.perf_counter()
     check_run_numbers(cfg)
-    check_threshold_settings(cfg)
     check_launch(cfg)
     memory_format(cfg.get("memory_format"))  # checked before any data is read
     distill = distill_settings(to_plain(cfg.get("distill")))
@@ -364,6 +363,7 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
     horizon = {key: to_plain(OmegaConf.select(cfg, key)) for key in HORIZON_SETTINGS}
     resume = read_resume(ckpt_path, cfg.get("finetune"), distill, horizon) if ckpt_path else {}
     dm = instantiate(cfg.data)  # checks every data.* key without reading a file: a typo opens no MLflow run
+    check_model_settings(cfg, dm.ordered)
     tracker = _start_tracker(cfg, out_dir, ckpt_path, resume)
 
     status = "FAILED"
