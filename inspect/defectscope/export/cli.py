@@ -219,8 +219,8 @@ def usage_problem(args: argparse.Namespace) -> str | None:
             f"{', '.join(int8_only)} {'applies' if them == 'it' else 'apply'} only with --int8 "
             f"(an fp32 or fp16 export would ignore {them}): {fix}"
         )
-    if opset_problem(args.opset):
-        return opset_problem(args.opset)
+    if problem := opset_problem(args.opset):
+        return problem
     if args.images is not None and not (args.images.is_dir() or args.images.is_file()):
         return f"--images {args.images}: not an existing directory or list file"
     if args.register_name is not None and not args.mlflow:
