@@ -350,3 +350,13 @@ def test_to_plain_resolves_configs_and_passes_code_objects_through(
     # what a model or a data source is built from must be complete: strict raises on a missing value
     with pytest.raises(MissingMandatoryValue, match="a"):
         to_plain(partial, strict=True)
+
+
+def test_class_names_hydra_reads_as_numbers_stay_names_in_ng_classes() -> None:
+    """A class folder named 1 is the number 1 on Hydra's command line; the NG rule compares names."""
+    from defectscope.training.config import ng_classes_setting
+
+    assert ng_classes_setting({"ng_classes": [1, 2]}) == ["1", "2"]
+    assert ng_classes_setting({"ng_classes": [True]}) == [True]  # still refused later, by name
+    assert ng_classes_setting({"ng_classes": ">= p67"}) == ">= p67"
+    assert ng_classes_setting({}) is None

@@ -110,13 +110,14 @@ def test_csv_cells_that_look_like_formulas_stay_text(tmp_path: Path) -> None:
     model = build_model(tmp_path / "m.onnx", class_names=["good", "=HYPERLINK(1)", "+scratch"])
     make_image(tmp_path / "imgs" / "a.png", 64, 64, bright=True)
     out, csv_path = tmp_path / "r.jsonl", tmp_path / "r.csv"
-    assert run(model, tmp_path / "imgs", "-o", out, "--csv", csv_path) == 0
+    assert run(model, tmp_path / "imgs", "-o", out, "--csv", csv_path, "--threshold", 0.5) == 0
     row = rows_of(out)[0]
     assert row["top_class"] in {"=HYPERLINK(1)", "+scratch"}  # the JSONL keeps the exact name
     with open(csv_path, newline="") as f:
         table = list(csv.DictReader(f))
     assert table[0]["top_class"] == "'" + row["top_class"]
     assert "prob_=HYPERLINK(1)" in table[0]  # a header that starts with prob_ is no formula
+    assert table[0]["threshold_source"] == "--threshold"  # a fixed value, as documented: left alone
 
 
 def test_report_shows_n_a_for_threshold_figures_that_are_not_numbers(tmp_path: Path) -> None:

@@ -258,18 +258,42 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, 
     model = build_model(info, source)
     try:
         model.load_state_dict(model_state(ckpt, source), strict=True)
-    except RuntimeError as exc:  # torch lists every mismatch on its own line: the first, and how many
-        lines = [
-            ln.strip()
-            for ln in str(exc).splitlines()
-            if ln.strip().startswith(("size mismatch", "Missing", "Unexpected"))
-        ]
-        first = lines[0] if lines else " ".join(str(exc).split())[:300]
-        more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
+    except RuntimeError as exc:
         raise CheckpointError(
-            f"{source}: weights do not fit model {info['model_name']!r}: {first}{more}"
+            f"{source}: weights do not fit model {info['model_name']!r}: {mismatch(exc)}"
         ) from None
     return model.eval(), info
+
+
+def mismatch(exc: RuntimeError) -> str:
+    """torch's load_state_dict error (every key, over many lines) as counts and first examples."""
+    text = str(exc)
+    parts = []
+    for label, pattern in (("missing", r"Missing key\(s\) in state_dict: ([^\n]*)"),
+                           ("unexpected", r"Unexpected key\(s\) in state_dict: ([^\n]*)")):  # fmt: skip
+        found = re.search(pattern, text)
+        keys = re.findall(r'"([^"]+)"', found.group(1)) if found else []
+        if keys:
+            parts.append(f"{len(keys)} {label} key(s) (first: {keys[0]})")
+    sizes = re.findall(
+        r"size mismatch for ([^:]+): copying a param with shape (.+?) from checkpoint, "
+        r"the shape in current model is (.+?)\.(?:\n|$)",
+        text,
+    )
+    if sizes:
+        name, got, want = sizes[0]
+        parts.append(
+            f"{len(sizes)} shape mismatch(es) (first: {name}, {got} in the file, {want} in the model)"
+        )
+    return "; ".join(parts) or " ".join(text.split())[:300]
+
+
+def recorded_ordered(entry: Mapping[str, Any]) -> bool:
+    """A checkpoint's ``grading.ordered``: a boolean (the word "no" must not read as true)."""
+    ordered = entry.get("ordered", False)
+    if not isinstance(ordered, bool):
+        raise PlainDataError(f"grading.ordered must be true or false, got {ordered!r:.60}")
+    return ordered
 
 
 #: what a ModelCheckpoint (or subclass) state holds; any callback state with one of these is checked

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from ..plain import expect, to_plain
 from ..runtime.image import LoaderConfig
+from ..runtime.metadata import NORMALISATION_RANGE
 from .dataset import DefectDataset, collate, seed_worker
 from .multiscale import check_scales, draw_scale, rescale_batch
 from .sampler import BucketBatchSampler
@@ -116,6 +117,10 @@ class DefectDataModule(pl.LightningDataModule):
         self.train_transform_spec = train_transform
         self.mean_cfg = None if mean is None else [float(m) for m in mean]
         self.std_cfg = None if std is None else [float(s) for s in std]
+        for key, values in (("mean", self.mean_cfg), ("std", self.std_cfg)):  # what export will accept
+            low, high = NORMALISATION_RANGE[key]
+            if values is not None and not all(low <= v <= high for v in values):
+                raise ValueError(f"data.{key} values must be in [{low:g}, {high:g}], got {values}")
         self.on_bad_file = on_bad_file
         self.rejects_path = rejects_path
         self.scan_workers = int(scan_workers)

@@ -27,6 +27,7 @@ import numpy as np
 from ..runtime.image import ImageLoadError, LoaderConfig, load_image
 from ..runtime.options import CommandParser
 from ..runtime.outputs import OutputError, check_output_file
+from ..runtime.results import csv_cell
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ def write_rejects(path: str | os.PathLike[str], bad: Sequence[BadFile]) -> Path:
     with open(out, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(("path", "kind", "reason"))
-        writer.writerows((b.path, b.kind, b.reason) for b in bad)
+        writer.writerows((csv_cell(b.path), b.kind, csv_cell(b.reason)) for b in bad)
     return out
 
 

@@ -25,6 +25,7 @@ from ..runtime.decision import defect_probability, is_defect_label, is_ng
 from ..runtime.inspector import Inspector, MetadataError, ModelLoadError, ProviderError
 from ..runtime.options import CommandParser, unit_number
 from ..runtime.outputs import OutputError, check_output_folder
+from ..runtime.results import csv_cell
 from .labelled import Labelled, read_labelled
 from .metrics import confusion
 from .report import evaluation_doc, report_lines
@@ -87,12 +88,8 @@ def evaluate_model(
         batch_size,
     )
     names = meta.class_names
-    broken = [labelled.paths[i] for i, row in zip(scored.index, scored.probs) if not np.isfinite(row).all()]
-    if broken:  # NaN would read as OK and make the figures look merely bad
-        raise EvaluateError(
-            f"{inspector.model_path} gave probabilities that are not finite (NaN or infinite) for "
-            f"{len(broken)} of {len(scored.index)} images, e.g. {broken[0]}: its graph or preprocessing is broken"
-        )
+    if problem := scored.not_finite(labelled.paths, inspector.model_path):
+        raise EvaluateError(problem)
     truth = np.array([names.index(labelled.labels[i]) for i in scored.index], dtype=np.int64)
     pred = scored.probs.argmax(axis=1) if len(truth) else np.zeros(0, dtype=np.int64)
     p_defect = defect_probability(scored.probs, meta.ng_indices) if len(truth) else np.zeros(0)
@@ -128,7 +125,8 @@ def write_outputs(out: Path, doc: dict[str, Any], rows: list[dict[str, Any]]) ->
             fh, ["path", "label", "predicted", "defect_prob", "verdict"], lineterminator="\n"
         )
         writer.writeheader()
-        writer.writerows(rows)
+        text = ("path", "label", "predicted")  # file and class names: kept text in a spreadsheet
+        writer.writerows({k: csv_cell(v) if k in text else v for k, v in row.items()} for row in rows)
     written = [str(out / "evaluation.json"), str(out / "predictions.csv")]
     try:
         from ..training import plots

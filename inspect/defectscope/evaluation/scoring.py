@@ -25,6 +25,16 @@ class Scored:
     index: list[int]
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, "kind: reason")
 
+    def not_finite(self, paths: Sequence[str], model: str) -> str | None:
+        """Why these scores cannot be used (a NaN would read as OK or sort as caught), or None."""
+        broken = [paths[i] for i, row in zip(self.index, self.probs) if not np.isfinite(row).all()]
+        if not broken:
+            return None
+        return (
+            f"{model} gave probabilities that are not finite (NaN or infinite) for {len(broken)} of "
+            f"{len(self.index)} images, e.g. {broken[0]}: its graph or preprocessing is broken"
+        )
+
 
 def score_paths(
     predict: Predict,

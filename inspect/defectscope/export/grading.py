@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from defectscope.checkpoint import recorded_ordered
 from defectscope.models.corn import LINKS
+from defectscope.plain import PlainDataError
 from defectscope.runtime.grading import (
     CUTS_FOR,
     GRADING_KEYS,
@@ -52,9 +54,10 @@ def checkpoint_grading(info: dict[str, Any], cuts_for: str | None = None) -> tup
         raise GradingExportError(
             f"checkpoint grading.link is {link!r}; this defectscope knows {', '.join(LINKS)}"
         )
-    ordered = entry.get("ordered", False)
-    if not isinstance(ordered, bool):  # "no" must not read as true
-        raise GradingExportError(f"checkpoint grading.ordered must be true or false, got {ordered!r}")
+    try:
+        ordered = recorded_ordered(entry)
+    except PlainDataError as exc:
+        raise GradingExportError(f"checkpoint {exc}") from None
     if not ordered:
         if cuts_for is not None:
             raise GradingExportError(

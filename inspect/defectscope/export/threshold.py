@@ -131,6 +131,8 @@ def rederive(model_bytes: bytes, meta: ModelMetadata, plan: ThresholdPlan) -> di
     images = plan.images
     assert images is not None
     scored = score_paths(_ort_predict(model_bytes), images.paths, meta.loader, meta.mean, meta.std)
+    if problem := scored.not_finite(images.paths, f"the {meta.variant} graph"):
+        raise ThresholdError(problem)
     defect = np.asarray(images.is_defect(meta.ng_classes), dtype=bool)[scored.index]
     p_defect = defect_probability(scored.probs, meta.ng_indices) if len(scored.index) else np.zeros(0)
     report = threshold_report(p_defect, defect, plan.target_recall, plan.warn_false_reject_rate)

@@ -324,11 +324,14 @@ def csv_columns(class_names: Sequence[str]) -> list[str]:
 
 #: a spreadsheet reads a cell that starts with one of these as a formula
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+#: the result columns whose text comes from outside (file names, class names from the model, errors)
+TEXT_COLUMNS = ("path", "top_class", "error")
 
 
 def csv_cell(value: Any) -> Any:
-    """A text cell a spreadsheet shows as text: a class name from a model file, or a file name, that
-    starts like a formula gets a leading apostrophe (the JSONL keeps the exact text)."""
+    """A free-text cell (a file name, a class name from a model file, an error) as a spreadsheet shows
+    text: one that starts like a formula gets a leading apostrophe. Every CSV defectscope writes uses this
+    on its free-text columns; the JSONL keeps the exact text."""
     if value is None:
         return ""
     if isinstance(value, str) and value.startswith(FORMULA_STARTS):
@@ -345,12 +348,14 @@ def write_csv(
     with replaced_file(csv_path, "--csv") as raw:
         text = io.TextIOWrapper(raw, encoding="utf-8", errors="backslashreplace", newline="")
         w = csv.writer(text)
-        w.writerow([csv_cell(c) for c in cols])
+        w.writerow(cols)
         for row in iter_rows(jsonl_path):
             probs = row.get("probs") or {}
             flat = {k: row.get(k) for k in ROW_KEYS if k != "probs"}
             flat.update({f"prob_{c}": probs.get(c) for c in class_names})
-            w.writerow([csv_cell(flat[c]) for c in cols])
+            w.writerow(
+                [csv_cell(flat[c]) if c in TEXT_COLUMNS else "" if flat[c] is None else flat[c] for c in cols]
+            )
             n += 1
         text.flush()
         text.detach()

@@ -193,19 +193,29 @@ class TrainingDivergedError(RuntimeError):
 
 class FiniteWeights(Callback):
     """Ends a diverged run at the first validation (or epoch end) after it happened, before the broken
-    weights are validated, averaged in or checkpointed; the checkpoints written before stay.
+    weights are validated or checkpointed; the checkpoints written before stay.
 
-    One look at every weight per epoch: a few milliseconds, against a run that would otherwise train on
-    for hours and end with "threshold: nan is not a finite number".
+    One look per epoch at every floating tensor of the module's state (the weights, and the BatchNorm
+    statistics a skipped mixed-precision step still updates): milliseconds, against a run that would
+    otherwise train on for hours and end with "threshold: nan is not a finite number".  Under DDP the
+    ranks decide together, so none waits for a rank that stopped.
     """
 
     def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        bad = [name for name, p in pl_module.named_parameters() if not bool(torch.isfinite(p).all())]
-        if bad:
+        bad = [
+            name
+            for name, t in pl_module.state_dict().items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())
+        ]
+        if trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+            what = (
+                f"{len(bad)} weight tensor(s) are NaN or infinite (first: {bad[0]})"
+                if bad
+                else ("the weights of another process are NaN or infinite")
+            )
             raise TrainingDivergedError(
-                f"training diverged in epoch {trainer.current_epoch}: {len(bad)} weight tensor(s) are NaN or "
-                f"infinite (first: {bad[0]}); lower optim.optimizer.lr (or optim.sam_rho) and start again: the "
-                "checkpoints written before this epoch are kept"
+                f"training diverged in epoch {trainer.current_epoch}: {what}; lower optim.optimizer.lr (or "
+                "optim.sam_rho) and start again: the checkpoints written before this epoch are kept"
             )
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

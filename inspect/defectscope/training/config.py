@@ -7,7 +7,6 @@ entry point and the tests can use it cheaply.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -16,6 +15,7 @@ from typing import Any
 
 from ..plain import to_plain
 from ..runtime.decision import THRESHOLD_EXPECTED, DecisionRuleError, check_ng_spec, is_threshold
+from ..runtime.grading import is_finite_number
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def config_number(
     value: Any, key: str, expected: str, ok: Callable[[float], bool], *, whole: bool = False
 ) -> float:
     """A numeric setting, or a :class:`TrainingConfigError` naming ``key`` and what was ``expected``."""
-    valid = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    valid = is_finite_number(value)
     if not valid or (whole and float(value) != int(value)) or not ok(float(value)):
         raise TrainingConfigError(f"{key} must be {expected}, got {value!r}")
     return float(value)
@@ -51,14 +51,14 @@ def check_run_numbers(cfg: Mapping[str, Any]) -> None:
     for key, (expected, ok) in rules.items():
         if trainer.get(key) is not None:
             config_number(trainer[key], f"trainer.{key}", expected, ok, whole=True)
-    endless = trainer.get("max_epochs") == -1 and trainer.get("max_steps") in (None, -1)
     schedule = cfg.get("scheduler") or {}
-    sized = any(k in schedule for k in ("T_max", "total_steps", "total_iters", "epochs"))
-    if endless and "_target_" in schedule and not sized:
-        raise TrainingConfigError(
-            "trainer.max_epochs=-1 (no limit) leaves the learning-rate schedule no length: set "
-            "trainer.max_steps, or use scheduler=constant"
-        )
+    if trainer.get("max_epochs") == -1 and "_target_" in schedule:  # the schedule's length is the run's
+        by_steps = trainer.get("max_steps") not in (None, -1) and schedule.get("interval", "step") == "step"
+        if not by_steps:
+            raise TrainingConfigError(
+                "trainer.max_epochs=-1 (no limit) leaves the learning-rate schedule no length: set "
+                "trainer.max_steps (with scheduler.interval=step), or use scheduler=constant"
+            )
     if (cfg.get("optim") or {}).get("sam_rho"):
         if (trainer.get("accumulate_grad_batches") or 1) > 1:
             raise TrainingConfigError(
@@ -71,6 +71,14 @@ def check_run_numbers(cfg: Mapping[str, Any]) -> None:
             )
 
 
+def ng_classes_setting(threshold: Mapping[str, Any]) -> Any:
+    """``threshold.ng_classes`` as the NG rule takes it: Hydra reads a class folder named ``1`` as the number 1."""
+    value = to_plain(threshold.get("ng_classes"))
+    if isinstance(value, list):
+        return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+    return value
+
+
 def check_model_settings(cfg: Mapping[str, Any], ordered: bool) -> None:
     """What the model module would refuse, checked before the data are read (a typo must not cost the
     scan): the NG classes' form (their names need the class list), the objective, the loss and SAM."""
@@ -78,7 +86,7 @@ def check_model_settings(cfg: Mapping[str, Any], ordered: bool) -> None:
     from .ordinal import ObjectiveError, resolve_objective
 
     try:
-        check_ng_spec(to_plain((cfg.get("threshold") or {}).get("ng_classes")))
+        check_ng_spec(ng_classes_setting(cfg.get("threshold") or {}))
     except DecisionRuleError as exc:
         raise TrainingConfigError(f"threshold.ng_classes: {exc}") from None
     smoothing, _ = loss_settings(to_plain(cfg.get("loss")) or {})

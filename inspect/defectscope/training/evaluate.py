@@ -20,9 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import (
     CheckpointError,
+    mismatch,
     model_spec,
     model_state,
     read_info,
+    recorded_ordered,
     recorded_run_config,
     run_data_config,
     target_recall,
@@ -125,12 +127,12 @@ def evaluation_module(ckpt: dict[str, Any], info: dict[str, Any], source: str, t
             },
             data_info={"loader": info["loader"], "mean": info["mean"], "std": info["std"]},
             ordinal=objective,  # names looked up in the objective registry; unknown ones are refused
-            ordered=grading.get("ordered") is True,
+            ordered=recorded_ordered(grading),
         )
         module.model.load_state_dict(model_state(ckpt, source), strict=True)
         module.on_load_checkpoint({"defectscope": info})  # the grading rule's cut points, checked by Grading
     except RuntimeError as exc:
-        raise CheckpointError(f"{source}: weights do not fit model {name!r}: {exc}") from None
+        raise CheckpointError(f"{source}: weights do not fit model {name!r}: {mismatch(exc)}") from None
     except ValueError as exc:  # the objective registry or the grading rule refused the recorded entry
         raise CheckpointError(f"{source}: {exc}") from None
     module.threshold = threshold
@@ -203,7 +205,10 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
 
     from ..data.datamodule import DefectDataModule
 
-    dm = DefectDataModule(**data_kwargs)
+    try:
+        dm = DefectDataModule(**data_kwargs)
+    except ValueError as exc:  # the user's data.* names its key; the checkpoint's needs the file named too
+        raise exc if given else TrainingConfigError(f"{ckpt_file}: the recorded data config: {exc}") from None
     if given:
         dm.prepare_data()
     dm.setup("test")

@@ -34,7 +34,13 @@ from ..runtime.grading import (
     grade_indices,
     ordinal_metrics,
 )
-from .config import TrainingConfigError, check_class_names, loss_settings, threshold_settings
+from .config import (
+    TrainingConfigError,
+    check_class_names,
+    loss_settings,
+    ng_classes_setting,
+    threshold_settings,
+)
 from .distill import distill_loss
 from .metrics import (
     DefectScores,
@@ -117,7 +123,7 @@ class DefectClassifier(pl.LightningModule):
         thr = dict(threshold or {})
         try:
             self.ng_classes = ng_class_names(
-                self.class_names, good_class, thr.get("ng_classes"), bool(ordered)
+                self.class_names, good_class, ng_classes_setting(thr), bool(ordered)
             )
         except DecisionRuleError as exc:
             raise TrainingConfigError(f"threshold.ng_classes: {exc}") from None
