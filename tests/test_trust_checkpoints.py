@@ -7,6 +7,7 @@ let through.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -316,3 +317,45 @@ def test_resume_refuses_optimizer_settings_that_are_not_numbers() -> None:
         CheckpointError, match=r"^r\.ckpt: optimizer_states\[0\] needs a list of param_groups$"
     ):
         check_resume_state({"optimizer_states": [{"param_groups": "x"}]}, "r.ckpt")
+    with pytest.raises(
+        CheckpointError, match=r"param_groups\[0\]\.params: expected a list of parameter numbers$"
+    ):
+        check_resume_state({"optimizer_states": [{"param_groups": [{"params": ["a"]}]}]}, "r.ckpt")
+    with pytest.raises(CheckpointError, match=r"optimizer_states\[0\]\.state must map parameter numbers"):
+        check_resume_state({"optimizer_states": [{"param_groups": [], "state": {"0": {}}}]}, "r.ckpt")
+
+
+def _shrink_first_group(opt: dict[str, Any]) -> None:
+    opt["param_groups"][0]["params"].pop()
+
+
+# (attack on a genuine mid-run optimizer state, what the one error line must say)
+OPTIMIZER_STATE_ATTACKS: list[tuple[Callable[[dict[str, Any]], None], str]] = [
+    (lambda opt: opt["state"][0].update(exp_avg=torch.zeros(3)), r"\.state\[0\]\.exp_avg is shaped \[3\], but its parameter is \["),
+    (lambda opt: opt["state"][0].update(step=torch.tensor([1.0, 2.0])), r"\.state\[0\]\.step holds 2 numbers, expected one"),
+    (_shrink_first_group, r"holds parameter groups of sizes \[\d+\], but this run's optimizer has \[\d+\]"),
+    (lambda opt: opt["state"].update({999: {}}), r"\.state\[999\] names no parameter of its groups"),
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_resume_refuses_an_optimizer_state_that_does_not_fit(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """torch loads an optimizer state by position: a wrong shape or step count failed inside the first
+    step, a wrong group size was a bare ValueError; each is one line now, before any step."""
+    common = ["train", "experiment=smoke", "logger=none", "threads=1", "scheduler=constant", "test=false",
+              f"paths.data_dir={tmp_path / 'data'}"]  # fmt: skip
+    first = cli([*common, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'r1'}"], tmp_path, cli_env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    genuine = torch.load(tmp_path / "r1" / "checkpoints" / "last.ckpt", weights_only=True)
+    for n, (attack, message) in enumerate(OPTIMIZER_STATE_ATTACKS):
+        evil = variant(genuine, tmp_path / f"evil{n}.ckpt", lambda c, a=attack: a(c["optimizer_states"][0]))
+        out = tmp_path / f"resumed{n}"
+        proc = cli(
+            [*common, "trainer.max_epochs=2", f"ckpt_path={evil}", f"hydra.run.dir={out}"], tmp_path, cli_env
+        )
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert re.search(message, _error_line(proc)), _error_line(proc)
+        assert not (out / "checkpoints" / "last.ckpt").exists()  # refused before an epoch ended
+    again = cli([*common, "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'r1' / 'checkpoints' / 'last.ckpt'}",
+                 f"hydra.run.dir={tmp_path / 'r2'}"], tmp_path, cli_env)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]  # the control: the genuine state resumes

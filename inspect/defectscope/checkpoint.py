@@ -319,7 +319,19 @@ def _check_optimizer_states(ckpt: Mapping[str, Any], source: str) -> None:
         groups = state.get("param_groups") if isinstance(state, Mapping) else None
         if not isinstance(groups, list) or not all(isinstance(g, Mapping) for g in groups):
             raise CheckpointError(f"{source}: optimizer_states[{i}] needs a list of param_groups")
+        slots = state.get("state", {})
+        if not isinstance(slots, Mapping) or not all(isinstance(k, int) for k in slots):
+            raise CheckpointError(
+                f"{source}: optimizer_states[{i}].state must map parameter numbers to states"
+            )
         for j, group in enumerate(groups):
+            ids = group.get("params", [])
+            if not isinstance(ids, list) or not all(
+                isinstance(k, int) and not isinstance(k, bool) for k in ids
+            ):
+                raise CheckpointError(
+                    f"{source}: optimizer_states[{i}].param_groups[{j}].params: expected a list of parameter numbers"
+                )
             for key in NUMERIC_GROUP_KEYS & set(group):
                 value = group[key]
                 parts = value if isinstance(value, list | tuple) else [value]

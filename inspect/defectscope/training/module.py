@@ -54,6 +54,7 @@ from .optimization import (
     build_optimizer,
     build_scheduler,
     check_resumed_horizon,
+    check_resumed_optimizer,
     lr_plan,
     optimizer_lr,
     sam_rho,
@@ -104,6 +105,7 @@ class DefectClassifier(pl.LightningModule):
         self._mix: tuple[float, torch.Tensor] = (1.0, torch.zeros(0, dtype=torch.long))  # mixup's last draw
         #: the scheduler states of the checkpoint being resumed (checked against the new schedule)
         self._resumed_schedules: Any = None
+        self._resumed_optimizers: Any = None
         scheduler_interval(scheduler)
         loss = dict(loss or {})
         self.label_smoothing, self.mixup = loss_settings(loss)
@@ -352,6 +354,7 @@ class DefectClassifier(pl.LightningModule):
         optimizer = build_optimizer(dict(self.hparams["optim"])["optimizer"], self.model, scale, decay)
         if self.sam_rho > 0:
             optimizer = self._sam = SharpnessAware(optimizer, self.sam_rho, self.model)
+        check_resumed_optimizer(self._resumed_optimizers, optimizer, self.trainer.ckpt_path)
         sched_cfg = dict(self.hparams.get("scheduler") or {})
         if "_target_" not in sched_cfg:
             return optimizer
@@ -419,6 +422,7 @@ class DefectClassifier(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._resumed_schedules = checkpoint.get("lr_schedulers")
+        self._resumed_optimizers = checkpoint.get("optimizer_states")
         info = checkpoint.get("defectscope") or {}
         if "threshold" in info:
             self.threshold = float(info["threshold"])

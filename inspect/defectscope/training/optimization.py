@@ -174,3 +174,53 @@ def check_resumed_horizon(saved: Any, scheduler: Any, ckpt_path: Any) -> None:
             "changed): a resumed run continues its own schedule; resume with the settings it started with, "
             "or start a new run"
         )
+
+
+#: optimizers whose per-parameter state tensors are element-wise, shaped like their parameter
+ELEMENTWISE_OPTIMIZERS = (
+    torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.RMSprop, torch.optim.Adagrad,
+    torch.optim.Adadelta, torch.optim.Adamax, torch.optim.NAdam, torch.optim.RAdam, torch.optim.ASGD,
+)  # fmt: skip
+
+
+def _state_problem(slot: Any, param: torch.Tensor, elementwise: bool) -> str | None:
+    """What torch would fail on (mid-step) in one parameter's saved state, or None."""
+    if not isinstance(slot, Mapping):
+        return f" is a {type(slot).__name__}, expected a dict"
+    for name, value in slot.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if str(name) == "step" and value.numel() != 1:
+            return f".step holds {value.numel()} numbers, expected one"
+        if elementwise and str(name) != "step" and value.shape != param.shape:
+            return (
+                f".{str(name)[:40]} is shaped {list(value.shape)}, but its parameter is {list(param.shape)}"
+            )
+    return None
+
+
+def check_resumed_optimizer(saved: Any, optimizer: torch.optim.Optimizer, ckpt_path: Any) -> None:
+    """torch restores a saved optimizer state by position and only fails in the first step (or with a
+    bare ValueError) when it does not fit: the groups, their sizes and each state's shapes are compared
+    with this run's optimizer when it is built, before any step.  The file's structure (lists, numbers)
+    is checked earlier by the checkpoint reader."""
+    if not isinstance(saved, list | tuple) or not saved or not isinstance(saved[0], Mapping):
+        return
+    where = f"ckpt_path: {ckpt_path}: optimizer_states[0]"
+    then = [len(g.get("params") or []) for g in saved[0].get("param_groups") or []]
+    now = [len(g["params"]) for g in optimizer.param_groups]
+    if then != now:
+        raise TrainingConfigError(
+            f"{where} holds parameter groups of sizes {then}, but this run's optimizer has {now} (the model or "
+            "finetune.* changed): resume with the settings the run started with, or start a new run"
+        )
+    ids = [i for g in saved[0]["param_groups"] for i in g["params"]]
+    params = dict(zip(ids, (p for g in optimizer.param_groups for p in g["params"]), strict=True))
+    elementwise = isinstance(getattr(optimizer, "base", optimizer), ELEMENTWISE_OPTIMIZERS)
+    for key, slot in (saved[0].get("state") or {}).items():
+        param = params.get(key)
+        problem = (
+            " names no parameter of its groups" if param is None else _state_problem(slot, param, elementwise)
+        )
+        if problem:
+            raise TrainingConfigError(f"{where}.state[{str(key)[:20]}]{problem}")
