@@ -233,7 +233,7 @@ def test_a_resumed_run_keeps_its_teacher(
     from defectscope.checkpoint import read_info
     from defectscope.runtime.files import file_sha256
     from defectscope.training.distill import DistillSettings
-    from defectscope.training.train import read_resume
+    from defectscope.training.resume import read_resume
 
     onnx = tmp_path / "teacher.onnx"
     shutil.copyfile(teacher[0], onnx)

@@ -366,7 +366,7 @@ def _poll_until_ready(watcher: Any, polls: int = 10) -> list[Any]:
 
 def test_log_lines_show_control_characters_of_names_escaped(capsys: pytest.CaptureFixture[str]) -> None:
     """A file name with a newline or an escape sequence could forge a log line or recolour the terminal."""
-    from defectscope.runtime.watcher import log
+    from defectscope.runtime.hotfolder import log
 
     log("watch: a.png\n2026-01-01 00:00:00 watch: forged -> OK/x.png\x1b[31m")
     err = capsys.readouterr().err

@@ -9,13 +9,16 @@ only a file that stayed the same for the whole grace period gets its error row.
 
 from __future__ import annotations
 
+import datetime as _dt
 import errno
 import filecmp
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -239,3 +242,21 @@ def same_device(st: os.stat_result, folder: Path) -> bool:
         return st.st_dev == os.stat(folder).st_dev
     except OSError:
         return False
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def log(msg: str) -> None:
+    """One log line; control characters (a newline or escape sequence in a file name) are shown escaped,
+    so a name can neither forge a line nor recolour the terminal."""
+    stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    safe = _CONTROL.sub(lambda m: repr(m.group())[1:-1], msg)
+    print(f"{stamp} {safe}", file=sys.stderr, flush=True)
+
+
+def verdict_text(row: dict[str, Any]) -> str:
+    """One row in a few words, for the log line of its move."""
+    if row.get("status") != "ok":
+        return f"error ({row.get('error')})"
+    return f"{row.get('verdict')} (P(defect) {float(row.get('defect_prob') or 0):.3f}, most likely {row.get('top_class')})"

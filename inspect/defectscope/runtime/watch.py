@@ -18,11 +18,12 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from .hotfolder import log
 from .inspector import Inspector, MetadataError, ModelLoadError, ProviderError, check_model_path
 from .options import CommandParser, add_shared_options, run_options
 from .outputs import OutputError, check_output_file, check_output_folder
 from .results import ResultsFileError
-from .watcher import FOLDERS, RESULTS_NAME, EventHook, WatchConfig, Watcher, log
+from .watcher import FOLDERS, RESULTS_NAME, EventHook, WatchConfig, Watcher
 
 PROG = "defectscope watch"
 #: an hour between polls, a day of waiting for a paused writer: beyond that a value is a typo

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import re
-import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -52,10 +50,12 @@ from .hotfolder import (
     is_dir_entry,
     is_ignored,
     is_recorded_file,
+    log,
     move_no_overwrite,
     recorded_rows,
     same_content,
     same_device,
+    verdict_text,
 )
 from .inspector import Inspector
 from .options import RunOptions
@@ -64,7 +64,6 @@ from .pipeline import BatchBuffer, Batcher, Item, Result, decode, infer
 from .results import JsonlWriter, RunStamp, check_same_run, fsync_dir, last_row, recover_jsonl, result_row
 
 RESULTS_NAME = "results.jsonl"
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 FOLDERS = {"OK": "OK", "NG": "NG", None: "error"}
 #: test hook: called with (point, batch number) at the crash points "after_commit" and "mid_move"
 EventHook = Callable[[str, int], None]
@@ -82,14 +81,6 @@ class WatchConfig:
     grace: float = 10.0
 
 
-def log(msg: str) -> None:
-    """One log line; control characters (a newline or escape sequence in a file name) are shown escaped,
-    so a name can neither forge a line nor recolour the terminal."""
-    stamp = _dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-    safe = _CONTROL.sub(lambda m: repr(m.group())[1:-1], msg)
-    print(f"{stamp} {safe}", file=sys.stderr, flush=True)
-
-
 @dataclass
 class _Pending:
     """A file whose row is committed but which still sits in HOT."""
@@ -100,13 +91,6 @@ class _Pending:
     source: Recorded | None = None  # the file the row judged: another file under its name is not moved
     #: False for a row found at start-up: its move may have run before the crash, and its status is old
     current: bool = True
-
-
-def verdict_text(row: dict[str, Any]) -> str:
-    """One row in a few words, for the log line of its move."""
-    if row.get("status") != "ok":
-        return f"error ({row.get('error')})"
-    return f"{row.get('verdict')} (P(defect) {float(row.get('defect_prob') or 0):.3f}, most likely {row.get('top_class')})"
 
 
 class Watcher:

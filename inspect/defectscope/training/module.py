@@ -15,8 +15,6 @@ import torch
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from .. import __version__
-from ..data.datamodule import MAX_EXPORT_VAL_PATHS
 from ..evaluation.threshold import DEFAULT_WARN_FALSE_REJECT_RATE, threshold_report
 from ..models.corn import raw_outputs, with_link
 from ..runtime.decision import (
@@ -42,6 +40,7 @@ from .config import (
     threshold_settings,
 )
 from .distill import distill_loss
+from .entry import checkpoint_entry
 from .metrics import (
     DefectScores,
     class_metrics,
@@ -63,9 +62,6 @@ from .optimization import (
 from .ordinal import ObjectiveError, ProbsAndLabels, resolve_objective
 from .sam import SharpnessAware
 from .shift import ShiftScores
-
-FORMAT_VERSION = 1
-MAX_VAL_PATHS = MAX_EXPORT_VAL_PATHS
 
 
 class DefectClassifier(pl.LightningModule):
@@ -372,46 +368,9 @@ class DefectClassifier(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _tracking_ids(self) -> tuple[str | None, str | None]:
-        trainer = self._trainer
-        for lg in trainer.loggers if trainer is not None else []:
-            run_id = getattr(lg, "run_id", None)
-            if run_id:
-                return str(run_id), str(getattr(lg, "tracking_uri", None) or "") or None
-        return None, None
-
     def checkpoint_info(self) -> dict[str, Any]:
         """``checkpoint["defectscope"]`` exactly as contract #3 defines it (plain data)."""
-        from ..plain import to_plain
-
-        run_id, uri = self._tracking_ids()
-        kwargs = getattr(self.model, "model_kwargs", None)
-        if kwargs is None:
-            kwargs = {k: v for k, v in dict(self.hparams["model"]).items() if k != "name"}
-            kwargs.update(num_classes=len(self.class_names), in_chans=int(self.hparams["in_chans"]))
-        info = self.data_info
-        return {
-            "format_version": FORMAT_VERSION,
-            "model_name": self.model_name,
-            "model_kwargs": to_plain(dict(kwargs)),
-            "class_names": list(self.class_names),
-            "good_class": self.good_class,
-            "ng_classes": list(self.ng_classes),
-            "grading": self.grading_info(),
-            "threshold": float(self.threshold),
-            "target_recall": float(self.target_recall),
-            "loader": to_plain(dict(info.get("loader") or {})),
-            "mean": [float(v) for v in info.get("mean") or []],
-            "std": [float(v) for v in info.get("std") or []],
-            "mlflow_run_id": run_id,
-            "mlflow_tracking_uri": uri,
-            "val_paths": [str(p) for p in (info.get("val_paths") or [])][:MAX_VAL_PATHS],
-            "val_labels": [str(c) for c in (info.get("val_labels") or [])][:MAX_VAL_PATHS],
-            "warn_false_reject_rate": self.warn_false_reject_rate,
-            "threshold_report": self.threshold_report,
-            "package_version": __version__,
-            "teacher_sha256": self.teacher_sha256,
-        }
+        return checkpoint_entry(self)
 
     def grading_info(self) -> dict[str, Any]:
         """Plain data: the objective, its link (export rebuilds it) and the grading rule with its cuts."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +37,10 @@ from .config import (
     torch_threads,
     use_memory_format,
 )
-from .distill import DistillSettings, add_teacher, distill_settings, resume_problem
+from .distill import add_teacher, distill_settings
 from .module import DefectClassifier
-from .optimization import HORIZON_SETTINGS, lr_plan, schedule_changes
+from .optimization import HORIZON_SETTINGS
+from .resume import read_resume
 from .shift import protocol_from_config
 from .tracking import MLflowTracker
 
@@ -60,52 +61,6 @@ def hydra_choice(group: str, default: str) -> str:
     except Exception:  # compose API without hydra config
         pass
     return default
-
-
-def read_resume(
-    ckpt_path: str,
-    finetune: Any = None,
-    distill: DistillSettings | None = None,
-    horizon: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The checked ``defectscope`` entry of a checkpoint to resume, read by the one checkpoint reader.
-
-    Lightning then loads the same file (``weights_only=True``) and restores callback state from it,
-    so the file names ModelCheckpoint will delete or load are checked here too.  It also restores the
-    optimizer with its LR groups, so the ``finetune`` LR plan must be the one the run started with, the
-    objective, so the ``distill`` settings must be too, and the scheduler, so the settings of its
-    ``horizon`` (:data:`~.optimization.HORIZON_SETTINGS`, this run's values) must be too.
-    """
-    from defectscope.checkpoint import check_resume_state, read_info, recorded_run_config
-
-    ckpt, info = read_info(ckpt_path)
-    check_resume_state(ckpt, ckpt_path)
-    hparams = ckpt.get("hyper_parameters")
-    then = hparams.get("finetune") if isinstance(hparams, Mapping) else None
-    if isinstance(then, Mapping):
-        try:
-            before = lr_plan(then)
-        except TrainingConfigError as exc:
-            raise TrainingConfigError(f"{ckpt_path}: hyper_parameters: {exc}") from None
-        now = lr_plan(to_plain(finetune))
-        if now != before:
-            raise TrainingConfigError(
-                f"finetune.backbone_lr_scale, finetune.layer_decay are {now[0]:g}, {now[1]:g} but {ckpt_path} "
-                f"was trained with {before[0]:g}, {before[1]:g}: a resumed run keeps its optimizer's LR "
-                "groups; resume with the checkpoint's values or start a new run"
-            )
-    if distill is not None:
-        then = recorded_run_config(ckpt).get("distill")
-        problem = resume_problem(then, distill, ckpt_path, info.get("teacher_sha256"))
-        if problem:
-            raise TrainingConfigError(problem)
-    changes = schedule_changes(recorded_run_config(ckpt), horizon) if horizon is not None else []
-    if changes:
-        raise TrainingConfigError(
-            f"ckpt_path: {ckpt_path} was trained on a schedule that this run changes ({'; '.join(changes)}): "
-            "a resumed run continues its own schedule; resume with the settings it started with, or start a new run"
-        )
-    return info
 
 
 def resolve_class_weights(spec: Any, dm: Any) -> list[float] | None:
