@@ -190,6 +190,16 @@ INFO_ATTACKS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         lambda c: c["defectscope"]["model_kwargs"].update(weights="https://example.invalid/w.pth"),
         "unknown kwarg(s) 'weights'",
     ),
+    (
+        "a grading link that is a dotted path",
+        lambda c: c["defectscope"].update(grading={"link": "os.system", "ordered": False}),
+        "evil.ckpt: defectscope.grading.link is 'os.system'; this defectscope knows softmax, corn",
+    ),
+    (
+        "ordered grades given as a word",
+        lambda c: c["defectscope"].update(grading={"link": "softmax", "ordered": "no"}),
+        "evil.ckpt: defectscope.grading.ordered must be true or false, got 'no'",
+    ),
 ]
 
 

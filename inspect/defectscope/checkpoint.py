@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .models.corn import LINKS
 from .plain import PlainDataError, check_plain, expect, number, string_list
 from .runtime.decision import THRESHOLD_RANGE
 from .runtime.files import checkpoint_file_problem
-from .runtime.grading import is_finite_number
+from .runtime.grading import GRADING_KEYS, Grading, GradingError, is_finite_number
 from .runtime.metadata import MAX_CLASSES, MAX_NAME_CHARS, NORMALISATION_RANGE, MetadataError, parse_loader
 
 INFO_KEY = "defectscope"
@@ -129,6 +130,24 @@ def _check_fields(info: dict[str, Any], where: str) -> None:
         for i, v in enumerate(values):
             number(v, f"{where}.{key}[{i}]", *NORMALISATION_RANGE[key])
     _check_optional(info, where, names)
+    _check_grading(info.get("grading"), f"{where}.grading", len(names))
+
+
+def _check_grading(entry: Any, where: str, n_classes: int) -> None:
+    """The objective's link (export rebuilds the head with it) and, for ordered grades, the rule."""
+    if entry is None:
+        return
+    expect(entry, dict, where, "an object")
+    link = entry.get("link", "softmax")
+    if link not in LINKS:
+        raise PlainDataError(f"{where}.link is {link!r:.60}; this defectscope knows {', '.join(LINKS)}")
+    try:
+        if recorded_ordered(entry):
+            Grading.from_doc({k: entry[k] for k in GRADING_KEYS if k in entry}, n_classes, where)
+    except PlainDataError as exc:
+        raise PlainDataError(f"{where}.{str(exc).removeprefix('grading.')}") from None
+    except GradingError as exc:
+        raise PlainDataError(str(exc)) from None
 
 
 def _check_loader(loader: Any, where: str) -> int:
