@@ -11,7 +11,7 @@ import torch
 from defectscope.models import ModelConfigError, create_model
 from defectscope.models.tta import TTA_VIEWS, FlipTTA
 from defectscope.runtime.image import LoaderConfig
-from defectscope.runtime.metadata import TTA_NAMES, ModelMetadata
+from defectscope.runtime.metadata import TTA_NAMES, MetadataError, ModelMetadata
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +119,18 @@ def test_runtime_metadata_knows_the_same_views() -> None:
     meta = ModelMetadata(**base, int8=True, tta="flips")
     assert meta.tta_views == 4 and meta.variant == "int8, test-time flips (4 views)"
     assert ModelMetadata.from_json(meta.to_json()).tta == "flips"
-    # a model exported before ``tta`` existed reads as no flips; unknown future keys are ignored
+    # a model exported before ``tta`` existed reads as no flips
     doc = json.loads(ModelMetadata(**base).to_json())
     del doc["tta"]
-    old = ModelMetadata.from_json(json.dumps({**doc, "added_later": 1}))
+    old = ModelMetadata.from_json(json.dumps(doc))
     assert old.tta == "none" and old.variant == "fp32" and old.tta_views == 1
+    # a key from a later version may change the verdicts (as ng_classes and grading did when they came):
+    # this runner refuses the file rather than running it another way
+    with pytest.raises(MetadataError) as exc:
+        ModelMetadata.from_json(json.dumps({**doc, "added_later": 1, "package_version": "9.1"}), "m.onnx")
+    assert str(exc.value) == (
+        "m.onnx: metadata has key(s) this runner does not know: 'added_later' (written by defectscope 9.1); "
+        "run it with that version or newer, or re-export the model with this one"
+    )
     with pytest.raises(ValueError, match="tta must be one of none, hflip, flips, dihedral, got 'all'"):
         ModelMetadata(**base, tta="all")

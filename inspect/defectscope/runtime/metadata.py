@@ -151,9 +151,18 @@ class ModelMetadata:
                 f"{source}: metadata format_version {version!r} is not supported "
                 f"(this runner reads versions {', '.join(map(str, READABLE_VERSIONS))}); re-export the model"
             )
-        if version == 1:
-            doc = _upgrade_v1(doc)
         known = {f.name for f in fields(cls)}
+        unknown = sorted(set(doc) - known)
+        if version == 1:
+            doc, unknown = _upgrade_v1(doc), []  # its writers' keys are all read or retired
+        if (
+            unknown
+        ):  # a key this runner would ignore may change what the model means: refused, like the loader's
+            raise MetadataError(
+                f"{source}: metadata has key(s) this runner does not know: {', '.join(map(repr, unknown[:5]))}"
+                f"{' ...' if len(unknown) > 5 else ''} (written by defectscope {str(doc.get('package_version'))[:40]}); "
+                "run it with that version or newer, or re-export the model with this one"
+            )
         required = ("class_names", "good_class", "threshold", "loader", "mean", "std", "model_name")
         missing = sorted(k for k in required if k not in doc)
         if missing:
