@@ -122,6 +122,30 @@ def _nan_when_dark(graph: onnx.GraphProto, below: float) -> None:
     )
 
 
+def _width_from_height(graph: onnx.GraphProto, divisor: int) -> None:
+    """``probs`` sliced to ``H // divisor`` columns (H of the input): no shape inference can know it."""
+    softmax = next(n for n in graph.node if n.op_type == "Softmax")
+    softmax.output[0] = "probs_full"
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(2, np.int64), "height_axis"),
+            numpy_helper.from_array(np.array(divisor, np.int64), "width_divisor"),
+            numpy_helper.from_array(np.array([0], np.int64), "slice_start"),
+            numpy_helper.from_array(np.array([1], np.int64), "slice_axis"),
+        ]
+    )
+    graph.node.extend(
+        [
+            helper.make_node("Shape", ["input"], ["input_shape"]),
+            helper.make_node("Gather", ["input_shape", "height_axis"], ["height"]),
+            helper.make_node("Div", ["height", "width_divisor"], ["width"]),
+            helper.make_node("Unsqueeze", ["width", "slice_start"], ["slice_end"]),
+            helper.make_node("Slice", ["probs_full", "slice_start", "slice_end", "slice_axis"], ["probs"]),
+        ]
+    )
+    graph.output[1].type.tensor_type.shape.dim[1].dim_param = "K"
+
+
 def build_model(
     path: str | Path,
     *,
@@ -132,6 +156,7 @@ def build_model(
     omit_metadata: bool = False,
     num_outputs: int | None = None,
     nan_when_dark: float | None = None,
+    width_from_height: int | None = None,
     **overrides: Any,
 ) -> Path:
     """Write a fixture model to ``path`` and return it.
@@ -140,12 +165,15 @@ def build_model(
     instead (to test foreign or older documents); ``omit_metadata`` stores none at all.
     ``num_outputs``: a graph with that many classes whatever the metadata says; ``nan_when_dark``:
     NaN probabilities for images whose mean normalised value is below it (finite for the start-up
-    probe's standard-normal input, whose mean is about 0).
+    probe's standard-normal input, whose mean is about 0); ``width_from_height``: ``probs`` keeps
+    only its first ``height // width_from_height`` columns, a width that only running the graph shows.
     """
     meta = metadata or fixture_metadata(**overrides)
     graph = _graph(num_outputs or len(meta.class_names), meta.channels, seed, with_cam)
     if nan_when_dark is not None:
         _nan_when_dark(graph, nan_when_dark)
+    if width_from_height is not None:
+        _width_from_height(graph, width_from_height)
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 18)], producer_name="defectscope-tests"
     )

@@ -104,6 +104,15 @@ def test_a_graph_wider_or_narrower_than_the_class_list_is_refused(
     ):
         exercise(narrow, [(1, 1, 32, 32)], classes=3)
     assert exercise(narrow, [(1, 1, 32, 32)], classes=2) is None
+    # through the CLI: the file is named, and no provider fallback is tried for a model problem
+    hidden = build_model(tmp_path / "hidden.onnx", width_from_height=16)  # 2 of 3 columns at 32 px
+    assert run(hidden, imgs, "-o", tmp_path / "h.jsonl") == 2
+    err = capsys.readouterr().err
+    assert (
+        f"{hidden}: start-up run at 1x1x32x32 gave 2 probabilities per image for 3 classes "
+        "(the metadata's class_names)" in err
+    ), err
+    assert len([ln for ln in err.splitlines() if "error" in ln]) == 1 and not (tmp_path / "h.jsonl").exists()
 
 
 def test_csv_cells_that_look_like_formulas_stay_text(tmp_path: Path) -> None:

@@ -36,7 +36,13 @@ from .providers import (
     provider_chain,
     session_options,
 )
-from .startcheck import Placement, exercise, placement_from_assignment, placement_from_profile
+from .startcheck import (
+    OutputWidthError,
+    Placement,
+    exercise,
+    placement_from_assignment,
+    placement_from_profile,
+)
 from .trt import (
     TRT_MAX_BATCH,
     EngineCache,
@@ -282,6 +288,9 @@ class SessionOpener:
                 placement = placement_from_assignment(session, kind)
                 if prof_dir:
                     placement = placement_from_profile(session.end_profiling(), kind)
+            except OutputWidthError as exc:
+                session = None
+                return None, cap, (ModelLoadError, f"{self.path}: {exc} (the metadata's class_names)")
             except Exception as exc:
                 session = None
                 own = type(exc) if isinstance(exc, MetadataError | ModelLoadError) else None

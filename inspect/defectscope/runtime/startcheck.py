@@ -33,6 +33,11 @@ class StartCheckError(RuntimeError):
     """The session failed its start-up run."""
 
 
+class OutputWidthError(StartCheckError):
+    """The graph gives another number of probabilities than the metadata names classes: a problem of the
+    model file on every provider, not one to fall back from."""
+
+
 @dataclass(frozen=True)
 class Placement:
     """Nodes (or profiled kernels) per provider, short names, for one session."""
@@ -129,7 +134,7 @@ def exercise(
             raise StartCheckError(f"start-up run at {label} gave non-finite {', '.join(bad)}")
         width = outs["probs"].shape[-1] if "probs" in outs else None
         if classes is not None and width != classes:
-            raise StartCheckError(
+            raise OutputWidthError(
                 f"start-up run at {label} gave {width} probabilities per image for {classes} classes"
             )
         if reference is not None and "probs" in outs:
