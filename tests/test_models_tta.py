@@ -119,9 +119,9 @@ def test_runtime_metadata_knows_the_same_views() -> None:
     meta = ModelMetadata(**base, int8=True, tta="flips")
     assert meta.tta_views == 4 and meta.variant == "int8, test-time flips (4 views)"
     assert ModelMetadata.from_json(meta.to_json()).tta == "flips"
-    # a model exported before ``tta`` existed reads as no flips
+    # a model without views does not write the key (as one exported before ``tta`` existed): no flips
     doc = json.loads(ModelMetadata(**base).to_json())
-    del doc["tta"]
+    assert "tta" not in doc and "grading" not in doc and "quantization" not in doc
     old = ModelMetadata.from_json(json.dumps(doc))
     assert old.tta == "none" and old.variant == "fp32" and old.tta_views == 1
     # a key from a later version may change the verdicts (as ng_classes and grading did when they came):
@@ -132,5 +132,9 @@ def test_runtime_metadata_knows_the_same_views() -> None:
         "m.onnx: metadata has key(s) this runner does not know: 'added_later' (written by defectscope 9.1); "
         "run it with that version or newer, or re-export the model with this one"
     )
+    huge = {k: v for k, v in doc.items() if k != "package_version"} | {"k" * 200_000: 1}
+    with pytest.raises(MetadataError) as exc:
+        ModelMetadata.from_json(json.dumps(huge), "m.onnx")
+    assert len(str(exc.value)) < 300 and "written by an unknown defectscope version" in str(exc.value)
     with pytest.raises(ValueError, match="tta must be one of none, hflip, flips, dihedral, got 'all'"):
         ModelMetadata(**base, tta="all")

@@ -348,6 +348,26 @@ OPTIMIZER_STATE_ATTACKS: list[tuple[Callable[[dict[str, Any]], None], str]] = [
 ]  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.NAdam(p, lr=1e-3),  # keeps a 0-dim mu_product per parameter
+        lambda p: torch.optim.ASGD(p, lr=1e-3),  # 0-dim eta and mu
+        lambda p: torch.optim.SGD(p, lr=1e-3),  # no state without momentum
+        lambda p: torch.optim.Adam(p, lr=1e-3, amsgrad=True),
+    ],
+)
+def test_genuine_optimizer_states_pass_the_resume_check(make: Callable[[Any], torch.optim.Optimizer]) -> None:
+    from defectscope.training.optimization import check_resumed_optimizer
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    net(torch.zeros(1, 1, 8, 8))
+    optimizer = make(net.parameters())
+    net(torch.randn(2, 1, 8, 8)).sum().backward()
+    optimizer.step()
+    check_resumed_optimizer([optimizer.state_dict()], make(net.parameters()), "r.ckpt")
+
+
 @pytest.mark.slow
 def test_resume_refuses_an_optimizer_state_that_does_not_fit(tmp_path: Path, cli_env: dict[str, str]) -> None:
     """torch loads an optimizer state by position: a wrong shape or step count failed inside the first
@@ -366,6 +386,16 @@ def test_resume_refuses_an_optimizer_state_that_does_not_fit(tmp_path: Path, cli
         assert proc.returncode == 2, proc.stderr[-3000:]
         assert re.search(message, _error_line(proc)), _error_line(proc)
         assert not (out / "checkpoints" / "last.ckpt").exists()  # refused before an epoch ended
-    again = cli([*common, "trainer.max_epochs=2", f"ckpt_path={tmp_path / 'r1' / 'checkpoints' / 'last.ckpt'}",
+    last = tmp_path / "r1" / "checkpoints" / "last.ckpt"
+    other = cli([*common, "optim=sgd", "trainer.max_epochs=2", f"ckpt_path={last}", f"hydra.run.dir={tmp_path / 'o'}"],
+                tmp_path, cli_env)  # fmt: skip
+    assert other.returncode == 2, other.stderr[
+        -3000:
+    ]  # SGD would load AdamW's state and fail in its first step
+    assert _error_line(other).endswith(
+        f"optim.optimizer is torch.optim.SGD but {last} was trained with torch.optim.AdamW: a resumed run "
+        "restores its optimizer's state; resume with that optimizer or start a new run"
+    )
+    again = cli([*common, "trainer.max_epochs=2", f"ckpt_path={last}",
                  f"hydra.run.dir={tmp_path / 'r2'}"], tmp_path, cli_env)  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]  # the control: the genuine state resumes

@@ -12,7 +12,7 @@ settings and adds the NG classes and the threshold's provenance; version 1 docum
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from .decision import THRESHOLD_EXPECTED, DecisionRuleError, is_threshold, ng_class_names, ng_indices
@@ -137,8 +137,14 @@ class ModelMetadata:
         return kind if self.tta == "none" else f"{kind}, test-time {self.tta} ({self.tta_views} views)"
 
     def to_json(self) -> str:
+        """The document a model file carries. Optional fields are written only where they differ from
+        their default (as the loader's are): a runner refuses keys it does not know, so a field added
+        later locks older runners out of the models that use it, not of every model exported after it."""
         doc = asdict(self)
         doc["loader"] = _loader_doc(self.loader)
+        for f in fields(self):
+            if f.name not in ("format", "format_version") and _is_default(f, doc[f.name]):
+                del doc[f.name]
         return json.dumps(doc, sort_keys=True, allow_nan=False)
 
     @classmethod
@@ -159,8 +165,9 @@ class ModelMetadata:
             unknown
         ):  # a key this runner would ignore may change what the model means: refused, like the loader's
             raise MetadataError(
-                f"{source}: metadata has key(s) this runner does not know: {', '.join(map(repr, unknown[:5]))}"
-                f"{' ...' if len(unknown) > 5 else ''} (written by defectscope {str(doc.get('package_version'))[:40]}); "
+                f"{source}: metadata has key(s) this runner does not know: "
+                f"{', '.join(f'{k!r:.60}' for k in unknown[:5])}{' ...' if len(unknown) > 5 else ''} "
+                f"(written by {_writer(doc.get('package_version'))}); "
                 "run it with that version or newer, or re-export the model with this one"
             )
         required = ("class_names", "good_class", "threshold", "loader", "mean", "std", "model_name")
@@ -175,6 +182,21 @@ class ModelMetadata:
             return cls(**values)
         except (MetadataError, DecisionRuleError, TypeError, ValueError) as exc:
             raise MetadataError(f"{source}: {exc}") from None
+
+
+def _writer(version: Any) -> str:
+    """Who wrote a document, for a message: the version it names, or that it names none."""
+    if not isinstance(version, str) or not version:
+        return "an unknown defectscope version"
+    shown = version[:40]
+    return f"defectscope {shown if shown.isprintable() else repr(shown)}"
+
+
+def _is_default(f: Any, value: Any) -> bool:
+    """Whether ``value`` is dataclass field ``f``'s default (required fields have none)."""
+    if f.default is not MISSING:
+        return bool(value == f.default)
+    return f.default_factory is not MISSING and bool(value == f.default_factory())
 
 
 def _parse(text: str | None, source: str) -> dict[str, Any]:

@@ -351,6 +351,7 @@ class DefectClassifier(pl.LightningModule):
         if self.sam_rho > 0:
             optimizer = self._sam = SharpnessAware(optimizer, self.sam_rho, self.model)
         check_resumed_optimizer(self._resumed_optimizers, optimizer, self.trainer.ckpt_path)
+        self._resumed_optimizers = None  # checked: not kept for the whole run
         sched_cfg = dict(self.hparams.get("scheduler") or {})
         if "_target_" not in sched_cfg:
             return optimizer

@@ -192,7 +192,7 @@ def _state_problem(slot: Any, param: torch.Tensor, elementwise: bool) -> str | N
             continue
         if str(name) == "step" and value.numel() != 1:
             return f".step holds {value.numel()} numbers, expected one"
-        if elementwise and str(name) != "step" and value.shape != param.shape:
+        if elementwise and value.dim() > 0 and value.shape != param.shape:  # 0-dim: NAdam's mu_product
             return (
                 f".{str(name)[:40]} is shaped {list(value.shape)}, but its parameter is {list(param.shape)}"
             )

@@ -17,6 +17,7 @@ def read_resume(
     finetune: Any = None,
     distill: DistillSettings | None = None,
     horizon: Mapping[str, Any] | None = None,
+    optimizer: Any = None,
 ) -> dict[str, Any]:
     """The checked ``defectscope`` entry of a checkpoint to resume, read by the one checkpoint reader.
 
@@ -24,7 +25,9 @@ def read_resume(
     so the file names ModelCheckpoint will delete or load are checked here too.  It also restores the
     optimizer with its LR groups, so the ``finetune`` LR plan must be the one the run started with, the
     objective, so the ``distill`` settings must be too, and the scheduler, so the settings of its
-    ``horizon`` (:data:`~.optimization.HORIZON_SETTINGS`, this run's values) must be too.
+    ``horizon`` (:data:`~.optimization.HORIZON_SETTINGS`, this run's values) must be too, and so must the
+    ``optimizer`` (this run's ``optim.optimizer._target_``): torch loads another optimizer's state
+    without a word and fails in the first step, or drops it.
     """
     from defectscope.checkpoint import check_resume_state, read_info, recorded_run_config
 
@@ -44,6 +47,7 @@ def read_resume(
                 f"was trained with {before[0]:g}, {before[1]:g}: a resumed run keeps its optimizer's LR "
                 "groups; resume with the checkpoint's values or start a new run"
             )
+    _check_same_optimizer(recorded_run_config(ckpt), optimizer, ckpt_path)
     if distill is not None:
         then = recorded_run_config(ckpt).get("distill")
         problem = resume_problem(then, distill, ckpt_path, info.get("teacher_sha256"))
@@ -56,3 +60,16 @@ def read_resume(
             "a resumed run continues its own schedule; resume with the settings it started with, or start a new run"
         )
     return info
+
+
+def _check_same_optimizer(recorded: Mapping[str, Any], optimizer: Any, ckpt_path: str) -> None:
+    """The recorded ``optim.optimizer._target_`` (a string compared, never imported) against this run's."""
+    optim = recorded.get("optim")
+    spec = optim.get("optimizer") if isinstance(optim, Mapping) else None
+    then = spec.get("_target_") if isinstance(spec, Mapping) else None
+    if optimizer is None or then is None or then == optimizer:
+        return
+    raise TrainingConfigError(
+        f"optim.optimizer is {str(optimizer)[:80]} but {ckpt_path} was trained with {str(then)[:80]}: a resumed "
+        "run restores its optimizer's state; resume with that optimizer or start a new run"
+    )

@@ -316,7 +316,8 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
     out_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.ckpt_dir)
     horizon = {key: to_plain(OmegaConf.select(cfg, key)) for key in HORIZON_SETTINGS}
-    resume = read_resume(ckpt_path, cfg.get("finetune"), distill, horizon) if ckpt_path else {}
+    optimizer = OmegaConf.select(cfg, "optim.optimizer._target_")
+    resume = read_resume(ckpt_path, cfg.get("finetune"), distill, horizon, optimizer) if ckpt_path else {}
     dm = instantiate(cfg.data)  # checks every data.* key without reading a file: a typo opens no MLflow run
     check_model_settings(cfg, dm.ordered)
     tracker = _start_tracker(cfg, out_dir, ckpt_path, resume)
