@@ -161,9 +161,8 @@ class ModelMetadata:
         unknown = sorted(set(doc) - known)
         if version == 1:
             doc, unknown = _upgrade_v1(doc), []  # its writers' keys are all read or retired
-        if (
-            unknown
-        ):  # a key this runner would ignore may change what the model means: refused, like the loader's
+        # a key this runner would ignore may change what the model means: refused, like the loader's
+        if unknown:
             raise MetadataError(
                 f"{source}: metadata has key(s) this runner does not know: "
                 f"{', '.join(f'{k!r:.60}' for k in unknown[:5])}{' ...' if len(unknown) > 5 else ''} "
