@@ -1,5 +1,5 @@
 """Resuming a run: the checkpoint is read by the one checkpoint reader and must be one that this run
-continues (same LR groups, teacher and schedule), or the run stops with one line before any data is read."""
+continues (same optimizer, LR groups, teacher and schedule), or the run stops with one line before any data is read."""
 
 from __future__ import annotations
 
