@@ -223,6 +223,23 @@ def recipe_problem(args: Sequence[str]) -> str | None:
     return no_such_option("model_recipe", wrong, options) + hint
 
 
+def _leave_if_distributed(code: int) -> None:
+    """End a DDP process that failed with its one-line error now, without interpreter finalisation.
+
+    The error has been printed and the MLflow run closed.  Finalising would tear down the process group
+    and its C++ worker threads while the other ranks leave too; that can abort the process and print
+    ``terminate called without an active exception`` after the error line.  A plain run returns."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    import logging
+
+    logging.shutdown()  # Hydra's job log file
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _job(
     command: str, launch_argv: list[str], fn: Callable[[Any], dict[str, float]], errors: _ComposeErrorsRaised
 ) -> Any:
@@ -247,6 +264,7 @@ def _job(
             if not _is_own_error(exc):
                 raise
             print(f"defectscope {command}: error: {_one_line(exc)}", file=sys.stderr, flush=True)
+            _leave_if_distributed(2)
             raise SystemExit(2) from None
         finally:
             sys.argv = saved
