@@ -281,3 +281,32 @@ def test_evaluate_grades_with_the_checkpoints_cut_points(
     got = evaluate(cfg)
     for key in ("test/acc", "test/mae", "test/qwk", "test/off_by_more_than_one"):
         assert got[key] == pytest.approx(metrics[key], abs=1e-6), key
+
+
+def test_ng_weight_adds_the_binary_cross_entropy_of_p_defect() -> None:
+    """``loss.ng_weight``: the objective's loss plus w * BCE(P(defect), label is NG), P(defect) as the
+    threshold reads it (the NG classes' summed probability)."""
+    from defectscope.training.module import DefectClassifier
+    from defectscope.training.ordinal import ng_cross_entropy
+
+    stages = [{"channels": 4, "kernel": 3, "stride": 2}]
+    common: dict[str, Any] = {
+        "model": {"name": "gapcnn", "stages": stages}, "num_classes": 4, "in_chans": 1, "class_names": GRADES,
+        "good_class": "g0", "optim": {"optimizer": {}}, "ordinal": {"objective": "soft"}, "ordered": True,
+        "threshold": {"ng_classes": ">= g2"},
+    }  # fmt: skip
+    plain, weighted = DefectClassifier(**common), DefectClassifier(**common, loss={"ng_weight": 0.7})
+    weighted.model.load_state_dict(plain.model.state_dict())
+    raw, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 1])
+    p = raw.softmax(dim=1)
+    p_ng = p[:, 2] + p[:, 3]  # ">= g2": g2 and g3 are NG, g1 is not
+    is_ng = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0])
+    bce = -(is_ng * p_ng.log() + (1 - is_ng) * (1 - p_ng).log()).mean()
+    torch.testing.assert_close(ng_cross_entropy(raw.log_softmax(dim=1), y, [2, 3]), bce)
+    torch.testing.assert_close(weighted.criterion(raw, y), plain.criterion(raw, y) + 0.7 * bce)
+    # per-class weights weigh each image's term by its class, as they do the objective's
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    by_class = (w[y] * -(is_ng * p_ng.log() + (1 - is_ng) * (1 - p_ng).log())).sum() / w[y].sum()
+    torch.testing.assert_close(ng_cross_entropy(raw.log_softmax(dim=1), y, [2, 3], w), by_class)
+    with pytest.raises(TrainingConfigError, match=r"loss\.ng_weight must be a number >= 0"):
+        DefectClassifier(**common, loss={"ng_weight": -0.1})

@@ -10,6 +10,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ def check_model_settings(cfg: Mapping[str, Any], ordered: bool) -> None:
         check_ng_spec(ng_classes_setting(cfg.get("threshold") or {}))
     except DecisionRuleError as exc:
         raise TrainingConfigError(f"threshold.ng_classes: {exc}") from None
-    smoothing, _ = loss_settings(to_plain(cfg.get("loss")) or {})
+    smoothing = loss_settings(to_plain(cfg.get("loss")) or {}).label_smoothing
     sam_rho(to_plain(cfg.get("optim")) or {})
     try:
         resolve_objective(to_plain(cfg.get("ordinal")) or {}, ordered, smoothing)
@@ -110,13 +111,23 @@ def check_class_names(class_names: list[str], num_classes: int, good_class: str,
         )
 
 
-def loss_settings(loss: Mapping[str, Any]) -> tuple[float, float]:
-    """``loss.label_smoothing`` and ``loss.mixup``, checked (0 where unset)."""
+@dataclass(frozen=True)
+class LossSettings:
+    label_smoothing: float = 0.0
+    mixup: float = 0.0
+    ng_weight: float = 0.0
+
+
+def loss_settings(loss: Mapping[str, Any]) -> LossSettings:
+    """``loss.label_smoothing``, ``loss.mixup`` and ``loss.ng_weight``, checked (0 where unset)."""
     smoothing = config_number(
         loss.get("label_smoothing") or 0.0, "loss.label_smoothing", "a number in [0, 1)", lambda x: 0 <= x < 1
     )
     mixup = config_number(loss.get("mixup") or 0.0, "loss.mixup", "a number >= 0 (0 = off)", lambda x: x >= 0)
-    return smoothing, mixup
+    ng_weight = config_number(
+        loss.get("ng_weight") or 0.0, "loss.ng_weight", "a number >= 0 (0 = off)", lambda x: x >= 0
+    )
+    return LossSettings(smoothing, mixup, ng_weight)
 
 
 def threshold_settings(thr: Mapping[str, Any], default_warn: float) -> tuple[float, float, float]:

@@ -59,7 +59,7 @@ from .optimization import (
     sam_rho,
     scheduler_interval,
 )
-from .ordinal import ObjectiveError, ProbsAndLabels, resolve_objective
+from .ordinal import ObjectiveError, ProbsAndLabels, ng_cross_entropy, resolve_objective
 from .sam import SharpnessAware
 from .shift import ShiftScores
 
@@ -104,7 +104,12 @@ class DefectClassifier(pl.LightningModule):
         self._resumed_optimizers: Any = None
         scheduler_interval(scheduler)
         loss = dict(loss or {})
-        self.label_smoothing, self.mixup = loss_settings(loss)
+        settings = loss_settings(loss)
+        self.label_smoothing, self.mixup, self.ng_weight = (
+            settings.label_smoothing,
+            settings.mixup,
+            settings.ng_weight,
+        )
         try:
             self.objective = resolve_objective(ordinal, bool(ordered), self.label_smoothing)
         except ObjectiveError as exc:
@@ -181,7 +186,11 @@ class DefectClassifier(pl.LightningModule):
 
     def criterion(self, raw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         weight = self.class_weight if isinstance(self.class_weight, torch.Tensor) else None
-        return self.objective.loss(raw, target, weight)
+        loss = self.objective.loss(raw, target, weight)
+        if self.ng_weight > 0:  # loss.ng_weight: the OK/NG decision trained beside the grades
+            ng = ng_cross_entropy(self.objective.log_probs(raw), target, self.ng_indices, weight)
+            loss = loss + self.ng_weight * ng
+        return loss
 
     def defect_probability(self, raw: torch.Tensor) -> torch.Tensor:
         """P(defect) under the project-wide rule (:mod:`defectscope.runtime.decision`)."""

@@ -116,6 +116,19 @@ def _weighted_mean(values: torch.Tensor, target: torch.Tensor, weight: torch.Ten
     return (values * w).sum() / w.sum()
 
 
+def ng_cross_entropy(
+    log_probs: torch.Tensor, target: torch.Tensor, ng: list[int], weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Binary cross-entropy of P(defect) (the NG classes' summed probability, the score the threshold
+    cuts) against "the label is an NG class": ``loss.ng_weight`` adds it to any objective, so the
+    network is also trained on the OK/NG decision the line runs on, not only on the grades."""
+    is_ng = torch.zeros(log_probs.shape[1], dtype=torch.bool, device=log_probs.device)
+    is_ng[ng] = True
+    log_ng = torch.logsumexp(log_probs[:, is_ng], dim=1)
+    log_ok = torch.logsumexp(log_probs[:, ~is_ng], dim=1)
+    return _weighted_mean(-torch.where(is_ng[target], log_ng, log_ok), target, weight)
+
+
 def _corn_loss(raw: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     """CORN: task k sees only the images of grade >= k and asks "grade > k"; mean over (image, task)."""
     steps = torch.arange(raw.shape[1], device=raw.device)

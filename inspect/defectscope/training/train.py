@@ -116,6 +116,7 @@ def build_module(cfg: DictConfig, dm: Any) -> DefectClassifier:
             "class_weights": resolve_class_weights(cfg.loss.get("class_weights"), dm),
             "label_smoothing": cfg.loss.get("label_smoothing"),  # checked by the module
             "mixup": cfg.loss.get("mixup"),
+            "ng_weight": cfg.loss.get("ng_weight"),
         },
         finetune=to_plain(cfg.get("finetune")) or {},
         threshold=to_plain(cfg.get("threshold")) or {},
