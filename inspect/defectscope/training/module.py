@@ -65,7 +65,7 @@ from .shift import ShiftScores
 
 
 class DefectClassifier(pl.LightningModule):
-    """Cross-entropy training of a GAP classifier with val/test metrics and a recall-targeted threshold."""
+    """Training of a GAP classifier (:mod:`.ordinal` objectives), val/test metrics, a recall-targeted threshold."""
 
     teacher_probs: torch.Tensor | None
 
@@ -104,14 +104,9 @@ class DefectClassifier(pl.LightningModule):
         self._resumed_optimizers: Any = None
         scheduler_interval(scheduler)
         loss = dict(loss or {})
-        settings = loss_settings(loss)
-        self.label_smoothing, self.mixup, self.ng_weight = (
-            settings.label_smoothing,
-            settings.mixup,
-            settings.ng_weight,
-        )
+        self.loss_settings = loss_settings(loss)
         try:
-            self.objective = resolve_objective(ordinal, bool(ordered), self.label_smoothing)
+            self.objective = resolve_objective(ordinal, bool(ordered), self.loss_settings.label_smoothing)
         except ObjectiveError as exc:
             raise TrainingConfigError(str(exc)) from None
         #: the grading rule; the cut points of ``cuts`` are chosen on validation each epoch
@@ -123,25 +118,13 @@ class DefectClassifier(pl.LightningModule):
         self.model = create_model(name, num_classes=outputs, in_chans=in_chans, **spec)
         self.model_name = str(name)
         self.good_class = good_class
-        thr = dict(threshold or {})
-        try:
-            self.ng_classes = ng_class_names(
-                self.class_names, good_class, ng_classes_setting(thr), bool(ordered)
-            )
-        except DecisionRuleError as exc:
-            raise TrainingConfigError(f"threshold.ng_classes: {exc}") from None
-        self.ng_indices = ng_indices(self.class_names, good_class, self.ng_classes)
+        self._set_decision(dict(threshold or {}), ordered)
         weights = loss.get("class_weights")
         self.register_buffer(
             "class_weight",
             None if weights is None else torch.tensor(weights, dtype=torch.float32),
             persistent=False,
         )
-        self.target_recall, self.warn_false_reject_rate, self.threshold = threshold_settings(
-            thr, DEFAULT_WARN_FALSE_REJECT_RATE
-        )
-        #: what the last validation's threshold costs (evaluation.threshold.threshold_report), or None
-        self.threshold_report: dict[str, Any] | None = None
         self.data_info = dict(data_info or {})
         #: how many misclassified test images (with CAM) to keep for the artifact grid
         self.misclassified_max = 16
@@ -156,6 +139,21 @@ class DefectClassifier(pl.LightningModule):
         #: the teacher file's sha256, kept in the checkpoint so a resumed run can tell the file was replaced
         self.teacher_sha256: str | None = None
         self._add_metrics(num_classes)
+
+    def _set_decision(self, thr: dict[str, Any], ordered: bool) -> None:
+        """``threshold.*``: which classes are NG, the recall target and the starting threshold."""
+        try:
+            self.ng_classes = ng_class_names(
+                self.class_names, self.good_class, ng_classes_setting(thr), bool(ordered)
+            )
+        except DecisionRuleError as exc:
+            raise TrainingConfigError(f"threshold.ng_classes: {exc}") from None
+        self.ng_indices = ng_indices(self.class_names, self.good_class, self.ng_classes)
+        self.target_recall, self.warn_false_reject_rate, self.threshold = threshold_settings(
+            thr, DEFAULT_WARN_FALSE_REJECT_RATE
+        )
+        #: what the last validation's threshold costs (evaluation.threshold.threshold_report), or None
+        self.threshold_report: dict[str, Any] | None = None
 
     def set_teacher(self, probs: Any, weight: float, temperature: float, sha256: str) -> None:
         """Train on ``weight`` of the teacher's soft targets (rows indexed like the training split)."""
@@ -186,11 +184,12 @@ class DefectClassifier(pl.LightningModule):
 
     def criterion(self, raw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         weight = self.class_weight if isinstance(self.class_weight, torch.Tensor) else None
-        loss = self.objective.loss(raw, target, weight)
-        if self.ng_weight > 0:  # loss.ng_weight: the OK/NG decision trained beside the grades
-            ng = ng_cross_entropy(self.objective.log_probs(raw), target, self.ng_indices, weight)
-            loss = loss + self.ng_weight * ng
-        return loss
+        loss, ng_weight = self.objective.loss(raw, target, weight), self.loss_settings.ng_weight
+        if ng_weight == 0:
+            return loss
+        return loss + ng_weight * ng_cross_entropy(
+            self.objective.log_probs(raw), target, self.ng_indices, weight
+        )
 
     def defect_probability(self, raw: torch.Tensor) -> torch.Tensor:
         """P(defect) under the project-wide rule (:mod:`defectscope.runtime.decision`)."""
@@ -208,9 +207,10 @@ class DefectClassifier(pl.LightningModule):
         soft = None
         if self.teacher_probs is not None:
             soft = self.teacher_probs[batch["index"].cpu()].to(x.device)
-        if self.mixup > 0:  # mixup: a convex mix of two images trains on the same mix of their losses
+        mixup = self.loss_settings.mixup
+        if mixup > 0:  # mixup: a convex mix of two images trains on the same mix of their losses
             if self._sam is None or not self._sam.perturbed:  # SAM's second pass: the same mix
-                lam = float(torch.distributions.Beta(self.mixup, self.mixup).sample())
+                lam = float(torch.distributions.Beta(mixup, mixup).sample())
                 self._mix = (lam, torch.randperm(x.shape[0], device=x.device))
             lam, order = self._mix
             raw = self.model(lam * x + (1 - lam) * x[order])
