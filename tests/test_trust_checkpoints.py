@@ -200,6 +200,11 @@ INFO_ATTACKS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         lambda c: c["defectscope"].update(grading={"link": "softmax", "ordered": "no"}),
         "evil.ckpt: defectscope.grading.ordered must be true or false, got 'no'",
     ),
+    (
+        "cut points on unordered classes",
+        lambda c: c["defectscope"].update(grading={"link": "softmax", "ordered": False, "rule": "cuts"}),
+        "evil.ckpt: defectscope.grading: unordered classes are graded by argmax, got rule 'cuts'",
+    ),
 ]
 
 

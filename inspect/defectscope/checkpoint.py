@@ -135,17 +135,29 @@ def _check_fields(info: dict[str, Any], where: str) -> None:
 
 def _check_grading(entry: Any, where: str, n_classes: int) -> None:
     """The objective's link (export rebuilds the head with it) and, for ordered grades, the rule."""
+    recorded_grading(entry, n_classes, where)
+
+
+def recorded_grading(entry: Any, n_classes: int, where: str = "grading") -> tuple[str, Grading | None]:
+    """A checkpoint's ``grading`` entry -> the objective's link and, for ordered grades, the grading rule
+    (None: unordered classes, graded by argmax). The one reading of the entry: the reader checks a file
+    with it and export rebuilds the head from it; a missing entry (older checkpoints) is softmax."""
     if entry is None:
-        return
+        return "softmax", None
     expect(entry, dict, where, "an object")
     link = entry.get("link", "softmax")
     if link not in LINKS:
         raise PlainDataError(f"{where}.link is {link!r:.60}; this defectscope knows {', '.join(LINKS)}")
+    if not recorded_ordered(entry, where):
+        if entry.get("rule", "argmax") != "argmax" or entry.get("cuts"):
+            raise PlainDataError(
+                f"{where}: unordered classes are graded by argmax, got rule {entry.get('rule')!r:.60}"
+            )
+        return str(link), None
     try:
-        if recorded_ordered(entry):
-            Grading.from_doc({k: entry[k] for k in GRADING_KEYS if k in entry}, n_classes, where)
-    except PlainDataError as exc:
-        raise PlainDataError(f"{where}.{str(exc).removeprefix('grading.')}") from None
+        return str(link), Grading.from_doc(
+            {k: entry[k] for k in GRADING_KEYS if k in entry}, n_classes, where
+        )
     except GradingError as exc:
         raise PlainDataError(str(exc)) from None
 
@@ -307,11 +319,11 @@ def mismatch(exc: RuntimeError) -> str:
     return "; ".join(parts) or " ".join(text.split())[:300]
 
 
-def recorded_ordered(entry: Mapping[str, Any]) -> bool:
+def recorded_ordered(entry: Mapping[str, Any], where: str = "grading") -> bool:
     """A checkpoint's ``grading.ordered``: a boolean (the word "no" must not read as true)."""
     ordered = entry.get("ordered", False)
     if not isinstance(ordered, bool):
-        raise PlainDataError(f"grading.ordered must be true or false, got {ordered!r:.60}")
+        raise PlainDataError(f"{where}.ordered must be true or false, got {ordered!r:.60}")
     return ordered
 
 

@@ -15,12 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from defectscope.checkpoint import recorded_ordered
-from defectscope.models.corn import LINKS
+from defectscope.checkpoint import recorded_grading
 from defectscope.plain import PlainDataError
 from defectscope.runtime.grading import (
     CUTS_FOR,
-    GRADING_KEYS,
     Grading,
     GradingError,
     checked_cuts_for,
@@ -46,42 +44,30 @@ def checkpoint_grading(info: dict[str, Any], cuts_for: str | None = None) -> tup
     ``cuts_for`` (``export --cuts-for``) replaces what the cut points are chosen for on the graph; only a
     model graded by cut points has any.
     """
-    entry = info.get("grading") or {"link": "softmax", "ordered": False}
-    if not isinstance(entry, dict):
-        raise GradingExportError(f"checkpoint 'grading' entry must be an object, got {type(entry).__name__}")
-    link = entry.get("link", "softmax")
-    if link not in LINKS:
-        raise GradingExportError(
-            f"checkpoint grading.link is {link!r}; this defectscope knows {', '.join(LINKS)}"
-        )
     try:
-        ordered = recorded_ordered(entry)
+        link, grading = recorded_grading(info.get("grading"), len(info["class_names"]), "checkpoint grading")
     except PlainDataError as exc:
-        raise GradingExportError(f"checkpoint {exc}") from None
-    if not ordered:
+        raise GradingExportError(str(exc)) from None
+    if grading is None:
         if cuts_for is not None:
             raise GradingExportError(
                 "--cuts-for applies to ordered grades; this checkpoint's classes are unordered"
             )
-        return str(link), {}
-    doc = {k: entry[k] for k in GRADING_KEYS if k in entry}
-    try:
-        grading = Grading.from_doc(doc, len(info["class_names"]), "checkpoint grading")
-    except GradingError as exc:
-        raise GradingExportError(str(exc)) from None
+        return link, {}
     if cuts_for is not None:
         if grading.rule != "cuts":
             raise GradingExportError(
                 f"--cuts-for applies to models graded by cut points (ordinal.rule=cuts); this checkpoint's "
                 f"rule is {grading.rule!r}"
             )
+        recorded = grading.cuts_for
         try:
             grading = Grading("cuts", grading.cuts, checked_cuts_for(cuts_for, "--cuts-for"))
         except GradingError as exc:
             raise GradingExportError(str(exc)) from None
-        if grading.cuts_for != entry.get("cuts_for", CUTS_FOR[0]):  # refused before any export work
+        if grading.cuts_for != recorded:  # refused before any export work
             _check_enough_to_rechoose(grading.cuts_for, len(labelled_paths(info, info["class_names"])))
-    return str(link), grading.to_doc()
+    return link, grading.to_doc()
 
 
 def _check_enough_to_rechoose(cuts_for: str, n: int) -> None:
