@@ -313,7 +313,8 @@ def test_the_genuine_checkpoint_evaluates(
 
 def test_resume_refuses_optimizer_settings_that_are_not_numbers() -> None:
     """A word where torch multiplies (the learning rate, a beta) was a TypeError inside the first step."""
-    from defectscope.checkpoint import CheckpointError, check_resume_state
+    from defectscope.checkpoint import CheckpointError
+    from defectscope.training.resume import check_resume_state
 
     net = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)

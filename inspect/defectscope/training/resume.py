@@ -4,9 +4,12 @@ continues (same optimizer, LR groups, teacher and schedule), or the run stops wi
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+from ..checkpoint import CheckpointError
 from ..plain import to_plain
+from ..runtime.grading import is_finite_number
 from .config import TrainingConfigError
 from .distill import DistillSettings, resume_problem
 from .optimization import lr_plan, schedule_changes
@@ -29,7 +32,7 @@ def read_resume(
     ``optimizer`` (this run's ``optim.optimizer._target_``): torch loads another optimizer's state
     without a word and fails in the first step, or drops it.
     """
-    from defectscope.checkpoint import check_resume_state, read_info, recorded_run_config
+    from defectscope.checkpoint import read_info, recorded_run_config
 
     ckpt, info = read_info(ckpt_path)
     check_resume_state(ckpt, ckpt_path)
@@ -73,3 +76,86 @@ def _check_same_optimizer(recorded: Mapping[str, Any], optimizer: Any, ckpt_path
         f"optim.optimizer is {str(optimizer)[:80]} but {ckpt_path} was trained with {str(then)[:80]}: a resumed "
         "run restores its optimizer's state; resume with that optimizer or start a new run"
     )
+
+
+#: what a ModelCheckpoint (or subclass) state holds; any callback state with one of these is checked
+CHECKPOINT_STATE_KEYS = frozenset(
+    {"dirpath", "best_model_path", "kth_best_model_path", "last_model_path", "best_k_models"}
+)
+
+
+#: optimizer hyperparameters that torch multiplies with: numbers (or tuples of numbers, ``betas``)
+NUMERIC_GROUP_KEYS = frozenset(
+    {"lr", "initial_lr", "max_lr", "min_lr", "weight_decay", "eps", "momentum", "dampening", "alpha",
+     "betas", "base_momentum", "max_momentum", "lr_decay", "initial_accumulator_value"}
+)  # fmt: skip
+
+
+def _check_optimizer_states(ckpt: Mapping[str, Any], source: str) -> None:
+    """The optimizer settings a resume hands torch: a word where a learning rate belongs was a TypeError
+    inside the first step, after the data were read."""
+    states = ckpt.get("optimizer_states") or []
+    if not isinstance(states, list):
+        raise CheckpointError(f"{source}: optimizer_states is a {type(states).__name__}, expected a list")
+    for i, state in enumerate(states):
+        groups = state.get("param_groups") if isinstance(state, Mapping) else None
+        if not isinstance(groups, list) or not all(isinstance(g, Mapping) for g in groups):
+            raise CheckpointError(f"{source}: optimizer_states[{i}] needs a list of param_groups")
+        slots = state.get("state", {})
+        if not isinstance(slots, Mapping) or not all(isinstance(k, int) for k in slots):
+            raise CheckpointError(
+                f"{source}: optimizer_states[{i}].state must map parameter numbers to states"
+            )
+        for j, group in enumerate(groups):
+            ids = group.get("params", [])
+            if not isinstance(ids, list) or not all(
+                isinstance(k, int) and not isinstance(k, bool) for k in ids
+            ):
+                raise CheckpointError(
+                    f"{source}: optimizer_states[{i}].param_groups[{j}].params: expected a list of parameter numbers"
+                )
+            for key in NUMERIC_GROUP_KEYS & set(group):
+                value = group[key]
+                parts = value if isinstance(value, list | tuple) else [value]
+                if not parts or not all(is_finite_number(v) for v in parts):
+                    raise CheckpointError(
+                        f"{source}: optimizer_states[{i}].param_groups[{j}].{key}: expected a number, "
+                        f"got {value!r:.60}"
+                    )
+
+
+def check_resume_state(ckpt: Mapping[str, Any], source: str) -> None:
+    """Lightning restores callback state on resume, and ModelCheckpoint later deletes or loads the files
+    it names: each must be a ``.ckpt`` directly inside the recorded checkpoint folder, without ``..``.
+    The optimizer's settings must be numbers where torch computes with them."""
+    _check_optimizer_states(ckpt, source)
+    callbacks = ckpt.get("callbacks") or {}
+    if not isinstance(callbacks, Mapping):
+        raise CheckpointError(f"{source}: 'callbacks' is a {type(callbacks).__name__}, expected a dict")
+    for name, state in callbacks.items():
+        where = f"{source}: callbacks[{str(name)[:60]!r}]"
+        named = str(name).startswith("ModelCheckpoint")
+        if named and not isinstance(state, Mapping):
+            raise CheckpointError(f"{where} is a {type(state).__name__}, expected a dict")
+        if not isinstance(state, Mapping) or not (named or CHECKPOINT_STATE_KEYS & set(state)):
+            continue  # not a checkpoint callback's state, by its key or by what it holds
+        folder = state.get("dirpath")
+        if not isinstance(folder, str) or ".." in Path(folder).parts:
+            raise CheckpointError(f"{where}.dirpath: expected a folder path without '..', got {folder!r}")
+        best_k = state.get("best_k_models") or {}
+        if not isinstance(best_k, Mapping):
+            raise CheckpointError(f"{where}.best_k_models: expected a dict of checkpoint paths")
+        paths = [state.get(k) for k in ("best_model_path", "kth_best_model_path", "last_model_path")]
+        for p in [*paths, *best_k]:
+            if p in (None, ""):
+                continue
+            if (
+                not isinstance(p, str)
+                or ".." in Path(p).parts
+                or Path(p).suffix != ".ckpt"
+                or (Path(p).parent != Path(folder))
+            ):
+                raise CheckpointError(
+                    f"{where}: names {str(p)[:200]!r}; a resumed checkpoint may only name .ckpt files in its "
+                    f"own folder {folder!r}"
+                )
