@@ -363,17 +363,9 @@ def export_model(
         tamper(proto)
     t_exported = time.perf_counter()
     numbers = _parity(
-        proto,
-        references,
-        info,
-        meta.channels,
-        min_side,
-        parity_images=parity_images,
-        images_dir=images_dir,
-        paths=listed,
-        fp16=fp16,
-        log=log,
-    )
+        proto, references, info, meta.channels, min_side,
+        parity_images=parity_images, images_dir=images_dir, paths=listed, fp16=fp16, log=log,
+    )  # fmt: skip
     t_parity = time.perf_counter()
     earn = partial(earn_threshold, plan=threshold_plan)
     data, meta, int8_s = _earned(proto, replace(meta, parity=numbers), info, int8_plan, earn, log)

@@ -170,20 +170,43 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         return evaluate_checkpoint(cfg)
 
 
+def _checked_settings(cfg: DictConfig) -> float | None:
+    """The hand-set threshold (None: the checkpoint's) and the memory format, checked before the
+    checkpoint is read."""
+    by_hand = cfg.get("threshold")
+    if by_hand is not None:
+        by_hand = config_number(
+            by_hand, "threshold", f"{THRESHOLD_EXPECTED}, or null for the checkpoint's own", is_threshold
+        )
+    if cfg.get("memory_format") is not None:
+        memory_format(cfg.get("memory_format"))
+    return by_hand
+
+
+def _test_data(data_kwargs: dict[str, Any], given: bool, ckpt_file: str, class_names: list[str]) -> Any:
+    """The test split, from the user's ``data`` config (``given``) or the checkpoint's recorded one."""
+    from ..data.datamodule import DefectDataModule
+
+    try:
+        dm = DefectDataModule(**data_kwargs)
+    except ValueError as exc:  # the user's data.* names its key; the checkpoint's needs the file named too
+        raise exc if given else TrainingConfigError(f"{ckpt_file}: the recorded data config: {exc}") from None
+    if given:
+        dm.prepare_data()
+    dm.setup("test")
+    if list(dm.class_names) != class_names:
+        raise TrainingConfigError(
+            f"data: classes {dm.class_names} differ from the checkpoint's {class_names} "
+            "(names and order must match; set data.source.classes)"
+        )
+    return dm
+
+
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     """Test metrics, the shared evaluation report and plots of ``cfg.ckpt_path``."""
     t0 = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
-    by_hand = cfg.get("threshold")
-    if by_hand is not None:  # checked before the checkpoint is read
-        by_hand = config_number(
-            by_hand,
-            "threshold",
-            f"{THRESHOLD_EXPECTED}, or null for the checkpoint's own",
-            is_threshold,
-        )
-    if cfg.get("memory_format") is not None:
-        memory_format(cfg.get("memory_format"))  # checked before the checkpoint is read
+    by_hand = _checked_settings(cfg)
     ckpt_file = checkpoint_file(cfg)
     ckpt, info = read_info(ckpt_file)
     layout, layout_from = evaluation_layout(cfg.get("memory_format"), ckpt, ckpt_file)
@@ -203,20 +226,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     module.shift_protocol = protocol_from_config(cfg.get("shift_consistency"), module.model.total_stride)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
-    from ..data.datamodule import DefectDataModule
-
-    try:
-        dm = DefectDataModule(**data_kwargs)
-    except ValueError as exc:  # the user's data.* names its key; the checkpoint's needs the file named too
-        raise exc if given else TrainingConfigError(f"{ckpt_file}: the recorded data config: {exc}") from None
-    if given:
-        dm.prepare_data()
-    dm.setup("test")
-    if list(dm.class_names) != list(info["class_names"]):
-        raise TrainingConfigError(
-            f"data: classes {dm.class_names} differ from the checkpoint's {info['class_names']} "
-            "(names and order must match; set data.source.classes)"
-        )
+    dm = _test_data(data_kwargs, given, ckpt_file, list(info["class_names"]))
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     results = trainer.test(module, datamodule=dm, verbose=False)
     logged = scalar_metrics(results[0] if results else {})
