@@ -296,17 +296,27 @@ def test_ng_weight_adds_the_binary_cross_entropy_of_p_defect() -> None:
         "threshold": {"ng_classes": ">= g2"},
     }  # fmt: skip
     plain, weighted = DefectClassifier(**common), DefectClassifier(**common, loss={"ng_weight": 0.7})
-    weighted.model.load_state_dict(plain.model.state_dict())
     raw, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 1])
     p = raw.softmax(dim=1)
     p_ng = p[:, 2] + p[:, 3]  # ">= g2": g2 and g3 are NG, g1 is not
     is_ng = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0])
+    mask = torch.tensor([False, False, True, True])
     bce = -(is_ng * p_ng.log() + (1 - is_ng) * (1 - p_ng).log()).mean()
-    torch.testing.assert_close(ng_cross_entropy(raw.log_softmax(dim=1), y, [2, 3]), bce)
+    torch.testing.assert_close(ng_cross_entropy(raw.log_softmax(dim=1), y, mask), bce)
     torch.testing.assert_close(weighted.criterion(raw, y), plain.criterion(raw, y) + 0.7 * bce)
     # per-class weights weigh each image's term by its class, as they do the objective's
     w = torch.tensor([1.0, 2.0, 3.0, 4.0])
     by_class = (w[y] * -(is_ng * p_ng.log() + (1 - is_ng) * (1 - p_ng).log())).sum() / w[y].sum()
-    torch.testing.assert_close(ng_cross_entropy(raw.log_softmax(dim=1), y, [2, 3], w), by_class)
+    torch.testing.assert_close(ng_cross_entropy(raw.log_softmax(dim=1), y, mask, w), by_class)
+    # CORN: K - 1 raw outputs whose class probabilities are products of sigmoids, not a softmax
+    corn = {**common, "ordinal": {"objective": "corn"}}
+    corn_plain, corn_weighted = DefectClassifier(**corn), DefectClassifier(**corn, loss={"ng_weight": 0.7})
+    corn_raw = torch.randn(5, 3)
+    s = torch.sigmoid(corn_raw)
+    p_ng = s[:, 0] * s[:, 1]  # P(grade > g1) = P(grade >= g2)
+    corn_bce = -(is_ng * p_ng.log() + (1 - is_ng) * (1 - p_ng).log()).mean()
+    torch.testing.assert_close(
+        corn_weighted.criterion(corn_raw, y), corn_plain.criterion(corn_raw, y) + 0.7 * corn_bce
+    )
     with pytest.raises(TrainingConfigError, match=r"loss\.ng_weight must be a number >= 0"):
         DefectClassifier(**common, loss={"ng_weight": -0.1})

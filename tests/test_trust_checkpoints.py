@@ -202,8 +202,15 @@ INFO_ATTACKS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ),
     (
         "cut points on unordered classes",
-        lambda c: c["defectscope"].update(grading={"link": "softmax", "ordered": False, "rule": "cuts"}),
+        lambda c: c["defectscope"].update(
+            grading={"link": "softmax", "ordered": False, "rule": "cuts", "cuts": [0.5]}
+        ),
         "evil.ckpt: defectscope.grading: unordered classes are graded by argmax, got rule 'cuts'",
+    ),
+    (
+        "argmax with cut points",
+        lambda c: c["defectscope"].update(grading={"link": "softmax", "ordered": False, "cuts": [0.5]}),
+        "evil.ckpt: defectscope.grading.cuts needs 0 value(s) for rule 'argmax' and 2 classes",
     ),
 ]
 

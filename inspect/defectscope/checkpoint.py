@@ -135,26 +135,24 @@ def _check_fields(info: dict[str, Any], where: str) -> None:
 
 def recorded_grading(entry: Any, n_classes: int, where: str = "grading") -> tuple[str, Grading | None]:
     """A checkpoint's ``grading`` entry -> the objective's link and, for ordered grades, the grading rule
-    (None: unordered classes, graded by argmax). The one reading of the entry: the reader checks a file
-    with it and export rebuilds the head from it; a missing entry (older checkpoints) is softmax."""
+    (None: unordered classes, graded by argmax). The reader checks a file with it, export rebuilds the
+    head from it and evaluate the module; a missing entry (older checkpoints) is softmax, argmax."""
     if entry is None:
         return "softmax", None
     expect(entry, dict, where, "an object")
     link = entry.get("link", "softmax")
     if link not in LINKS:
         raise PlainDataError(f"{where}.link is {link!r:.60}; this defectscope knows {', '.join(LINKS)}")
-    if not recorded_ordered(entry, where):
-        if entry.get("rule", "argmax") != "argmax" or entry.get("cuts"):
-            raise PlainDataError(
-                f"{where}: unordered classes are graded by argmax, got rule {entry.get('rule')!r:.60}"
-            )
-        return str(link), None
+    ordered = recorded_ordered(entry, where)
     try:
-        return str(link), Grading.from_doc(
-            {k: entry[k] for k in GRADING_KEYS if k in entry}, n_classes, where
-        )
+        grading = Grading.from_doc({k: entry[k] for k in GRADING_KEYS if k in entry}, n_classes, where)
     except GradingError as exc:
         raise PlainDataError(str(exc)) from None
+    if ordered:
+        return str(link), grading
+    if grading.rule != "argmax":  # cut points, if any, were refused above: argmax has none
+        raise PlainDataError(f"{where}: unordered classes are graded by argmax, got rule {grading.rule!r}")
+    return str(link), None
 
 
 def _check_loader(loader: Any, where: str) -> int:

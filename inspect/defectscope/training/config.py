@@ -113,6 +113,8 @@ def check_class_names(class_names: list[str], num_classes: int, good_class: str,
 
 @dataclass(frozen=True)
 class LossSettings:
+    """The checked ``loss.*`` numbers (class weights are resolved against the data: train.resolve_class_weights)."""
+
     label_smoothing: float = 0.0
     mixup: float = 0.0
     ng_weight: float = 0.0

@@ -24,7 +24,7 @@ from ..checkpoint import (
     model_spec,
     model_state,
     read_info,
-    recorded_ordered,
+    recorded_grading,
     recorded_run_config,
     run_data_config,
     target_recall,
@@ -127,7 +127,7 @@ def evaluation_module(ckpt: dict[str, Any], info: dict[str, Any], source: str, t
             },
             data_info={"loader": info["loader"], "mean": info["mean"], "std": info["std"]},
             ordinal=objective,  # names looked up in the objective registry; unknown ones are refused
-            ordered=recorded_ordered(grading),
+            ordered=recorded_grading(entry, len(info["class_names"]), f"{source}: grading")[1] is not None,
         )
         module.model.load_state_dict(model_state(ckpt, source), strict=True)
         module.on_load_checkpoint({"defectscope": info})  # the grading rule's cut points, checked by Grading
@@ -170,9 +170,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         return evaluate_checkpoint(cfg)
 
 
-def _checked_settings(cfg: DictConfig) -> float | None:
-    """The hand-set threshold (None: the checkpoint's) and the memory format, checked before the
-    checkpoint is read."""
+def _hand_threshold(cfg: DictConfig) -> float | None:
+    """The hand-set threshold (None: the checkpoint's), checked before the checkpoint is read, as is
+    ``memory_format``."""
     by_hand = cfg.get("threshold")
     if by_hand is not None:
         by_hand = config_number(
@@ -183,8 +183,11 @@ def _checked_settings(cfg: DictConfig) -> float | None:
     return by_hand
 
 
-def _test_data(data_kwargs: dict[str, Any], given: bool, ckpt_file: str, class_names: list[str]) -> Any:
-    """The test split, from the user's ``data`` config (``given``) or the checkpoint's recorded one."""
+def _scored_datamodule(
+    data_kwargs: dict[str, Any], given: bool, ckpt_file: str, class_names: list[str]
+) -> Any:
+    """What is scored (the test split, or every image of a new lot), from the user's ``data`` config
+    (``given``) or the checkpoint's recorded one."""
     from ..data.datamodule import DefectDataModule
 
     try:
@@ -206,7 +209,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     """Test metrics, the shared evaluation report and plots of ``cfg.ckpt_path``."""
     t0 = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
-    by_hand = _checked_settings(cfg)
+    by_hand = _hand_threshold(cfg)
     ckpt_file = checkpoint_file(cfg)
     ckpt, info = read_info(ckpt_file)
     layout, layout_from = evaluation_layout(cfg.get("memory_format"), ckpt, ckpt_file)
@@ -226,7 +229,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     module.shift_protocol = protocol_from_config(cfg.get("shift_consistency"), module.model.total_stride)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
-    dm = _test_data(data_kwargs, given, ckpt_file, list(info["class_names"]))
+    dm = _scored_datamodule(data_kwargs, given, ckpt_file, list(info["class_names"]))
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     results = trainer.test(module, datamodule=dm, verbose=False)
     logged = scalar_metrics(results[0] if results else {})

@@ -2,7 +2,8 @@
 
 Everything a checkpoint needs to be rebuilt is passed to ``__init__`` as plain data and saved as
 hyper-parameters, so checkpoints load with ``torch.load(weights_only=True)`` (contract #3) and
-``DefectClassifier(**checkpoint["hyper_parameters"])`` rebuilds the module for evaluation.
+``DefectClassifier(**checkpoint["hyper_parameters"])`` could rebuild the module; evaluate builds it from the
+checked ``defectscope`` entry alone (:func:`defectscope.training.evaluate.evaluation_module`).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class DefectClassifier(pl.LightningModule):
     """Training of a GAP classifier (:mod:`.ordinal` objectives), val/test metrics, a recall-targeted threshold."""
 
     teacher_probs: torch.Tensor | None
+    ng_mask: torch.Tensor  # (K,) bool: the NG classes (threshold.ng_classes)
 
     def __init__(
         self,
@@ -141,7 +143,8 @@ class DefectClassifier(pl.LightningModule):
         self._add_metrics(num_classes)
 
     def _set_decision(self, thr: dict[str, Any], ordered: bool) -> None:
-        """``threshold.*``: which classes are NG, the recall target and the starting threshold."""
+        """``threshold.*``: which classes are NG, the recall target and the starting threshold
+        (after ``class_names`` and ``good_class`` are set)."""
         try:
             self.ng_classes = ng_class_names(
                 self.class_names, self.good_class, ng_classes_setting(thr), bool(ordered)
@@ -149,6 +152,8 @@ class DefectClassifier(pl.LightningModule):
         except DecisionRuleError as exc:
             raise TrainingConfigError(f"threshold.ng_classes: {exc}") from None
         self.ng_indices = ng_indices(self.class_names, self.good_class, self.ng_classes)
+        mask = torch.tensor([i in self.ng_indices for i in range(len(self.class_names))])
+        self.register_buffer("ng_mask", mask, persistent=False)  # moves with the module, for the NG loss
         self.target_recall, self.warn_false_reject_rate, self.threshold = threshold_settings(
             thr, DEFAULT_WARN_FALSE_REJECT_RATE
         )
@@ -183,13 +188,13 @@ class DefectClassifier(pl.LightningModule):
         return with_link(self.model, self.objective.link)
 
     def criterion(self, raw: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The objective's loss, plus ``loss.ng_weight`` times the OK/NG decision's (:func:`ng_cross_entropy`)."""
         weight = self.class_weight if isinstance(self.class_weight, torch.Tensor) else None
-        loss, ng_weight = self.objective.loss(raw, target, weight), self.loss_settings.ng_weight
-        if ng_weight == 0:
+        loss = self.objective.loss(raw, target, weight)
+        if self.loss_settings.ng_weight == 0:
             return loss
-        return loss + ng_weight * ng_cross_entropy(
-            self.objective.log_probs(raw), target, self.ng_indices, weight
-        )
+        ng = ng_cross_entropy(self.objective.log_probs(raw), target, self.ng_mask, weight)
+        return loss + self.loss_settings.ng_weight * ng
 
     def defect_probability(self, raw: torch.Tensor) -> torch.Tensor:
         """P(defect) under the project-wide rule (:mod:`defectscope.runtime.decision`)."""
@@ -265,16 +270,11 @@ class DefectClassifier(pl.LightningModule):
             x = batch["image"][i : i + 1]
             class_model: Any = self.class_model()
             cam = class_model.cam(x)[0, int(preds[i])]
-            self._misclassified.append(
-                {
-                    "image": x[0].float().cpu(),
-                    "cam": cam.float().cpu(),
-                    "label": int(batch["label"][i]),
-                    "pred": int(preds[i]),
-                    "p_defect": float(self.defect_probability(logits[i : i + 1])[0]),
-                    "path": str(batch["path"][i]) if "path" in batch else "",
-                }
-            )
+            self._misclassified.append({
+                "image": x[0].float().cpu(), "cam": cam.float().cpu(), "label": int(batch["label"][i]),
+                "pred": int(preds[i]), "p_defect": float(self.defect_probability(logits[i : i + 1])[0]),
+                "path": str(batch["path"][i]) if "path" in batch else "",
+            })  # fmt: skip
 
     # ------------------------------------------------------------------ epoch ends
 

@@ -13,6 +13,7 @@ say so in different ways (``ordinal.objective``):
 * ``corn``: CORN, K - 1 conditional binary tasks "grade > k given grade > k - 1"
   (:mod:`defectscope.models.corn`), graded by the median.
 
+``loss.ng_weight`` adds :func:`ng_cross_entropy`, the OK/NG decision's own loss, to any of them.
 Every objective yields per-class probabilities, so P(defect), the threshold, the export and the
 runtime contract are the same for all; the rule that picks the grade (:mod:`defectscope.runtime.grading`)
 travels with the model.  Names are looked up in :data:`OBJECTIVES`; nothing here is built from a string
@@ -117,15 +118,14 @@ def _weighted_mean(values: torch.Tensor, target: torch.Tensor, weight: torch.Ten
 
 
 def ng_cross_entropy(
-    log_probs: torch.Tensor, target: torch.Tensor, ng: list[int], weight: torch.Tensor | None = None
+    log_probs: torch.Tensor, target: torch.Tensor, is_ng: torch.Tensor, weight: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Binary cross-entropy of P(defect) (the NG classes' summed probability, the score the threshold
-    cuts) against "the label is an NG class": ``loss.ng_weight`` adds it to any objective, so the
-    network is also trained on the OK/NG decision the line runs on, not only on the grades."""
-    is_ng = torch.zeros(log_probs.shape[1], dtype=torch.bool, device=log_probs.device)
-    is_ng[ng] = True
-    log_ng = torch.logsumexp(log_probs[:, is_ng], dim=1)
-    log_ok = torch.logsumexp(log_probs[:, ~is_ng], dim=1)
+    cuts) against "the label is an NG class" (``is_ng``: a (K,) boolean mask on the same device).
+    ``loss.ng_weight`` adds it to any objective, so the network is also trained on the OK/NG decision
+    the line runs on, not only on the grades. Masked, not indexed: no host sync on a GPU."""
+    log_ng = log_probs.masked_fill(~is_ng, float("-inf")).logsumexp(dim=1)
+    log_ok = log_probs.masked_fill(is_ng, float("-inf")).logsumexp(dim=1)
     return _weighted_mean(-torch.where(is_ng[target], log_ng, log_ok), target, weight)
 
 

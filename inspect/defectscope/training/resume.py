@@ -1,5 +1,7 @@
 """Resuming a run: the checkpoint is read by the one checkpoint reader and must be one that this run
-continues (same optimizer, LR groups, teacher and schedule), or the run stops with one line before any data is read."""
+continues (same optimizer, LR groups, teacher and schedule), or the run stops with one line before any data is read.
+What Lightning restores from it is checked too: the file paths of the checkpoint callbacks' state and the
+optimizer's numeric settings (:func:`check_resume_state`)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, read_info, recorded_run_config
 from ..plain import to_plain
 from ..runtime.grading import is_finite_number
 from .config import TrainingConfigError
@@ -32,8 +34,6 @@ def read_resume(
     ``optimizer`` (this run's ``optim.optimizer._target_``): torch loads another optimizer's state
     without a word and fails in the first step, or drops it.
     """
-    from defectscope.checkpoint import read_info, recorded_run_config
-
     ckpt, info = read_info(ckpt_path)
     check_resume_state(ckpt, ckpt_path)
     hparams = ckpt.get("hyper_parameters")
