@@ -143,7 +143,9 @@ def recorded_grading(entry: Any, n_classes: int, where: str = "grading") -> tupl
     link = entry.get("link", "softmax")
     if link not in LINKS:
         raise PlainDataError(f"{where}.link is {link!r:.60}; this defectscope knows {', '.join(LINKS)}")
-    ordered = recorded_ordered(entry, where)
+    ordered = entry.get("ordered", False)
+    if not isinstance(ordered, bool):  # the word "no" must not read as true
+        raise PlainDataError(f"{where}.ordered must be true or false, got {ordered!r:.60}")
     try:
         grading = Grading.from_doc({k: entry[k] for k in GRADING_KEYS if k in entry}, n_classes, where)
     except GradingError as exc:
@@ -310,11 +312,3 @@ def mismatch(exc: RuntimeError) -> str:
             f"{len(sizes)} shape mismatch(es) (first: {name}, {got} in the file, {want} in the model)"
         )
     return "; ".join(parts) or " ".join(text.split())[:300]
-
-
-def recorded_ordered(entry: Mapping[str, Any], where: str = "grading") -> bool:
-    """A checkpoint's ``grading.ordered``: a boolean (the word "no" must not read as true)."""
-    ordered = entry.get("ordered", False)
-    if not isinstance(ordered, bool):
-        raise PlainDataError(f"{where}.ordered must be true or false, got {ordered!r:.60}")
-    return ordered
