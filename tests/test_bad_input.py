@@ -152,7 +152,24 @@ def test_data_config_mistakes_are_one_line_naming_the_key(
         errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("defectscope train: error:")]
         assert len(errors) == 1 and message in errors[0], proc.stderr
         assert "full_key" not in proc.stderr and "Error in call to target" not in proc.stderr
+        # the run folder Hydra made says why the run stopped (its job log ends with the same line)
+        job_log = (tmp_path / "run" / "train.log").read_text().splitlines()
+        assert job_log and job_log[-1].endswith(errors[0]), job_log[-3:]
         assert not (tmp_path / "data").exists()  # refused before the synthetic set was generated
+
+
+def test_a_missing_required_key_is_one_line_in_the_console_and_the_job_log(
+    tmp_path: Path, defectscope_cmd: list[str], cli_env: dict[str, str]
+) -> None:
+    """``defectscope evaluate`` without ``ckpt_path`` (a ``???`` key): one line naming it with an example, and the
+    run folder Hydra already made keeps the same line, so it does not look like a run that vanished."""
+    proc = _run([*defectscope_cmd, "evaluate", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, cli_env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("defectscope evaluate: error:")]
+    assert len(errors) == 1 and "config key(s) ckpt_path must be given" in errors[0], proc.stderr
+    assert errors[0] not in proc.stdout  # the job log's line is not echoed to the console again
+    job_log = (tmp_path / "run" / "evaluate.log").read_text().splitlines()
+    assert job_log and job_log[-1].endswith(errors[0]), job_log[-3:]
 
 
 def test_output_paths_are_checked_before_the_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

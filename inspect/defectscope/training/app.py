@@ -240,6 +240,17 @@ def _leave_if_distributed(code: int) -> None:
     os._exit(code)
 
 
+def _record_in_job_log(line: str) -> None:
+    """Write the error to Hydra's job log file (``train.log`` in the run folder) only, so a run folder left by
+    a refused configuration says why; the console already has the line."""
+    import logging
+
+    record = logging.LogRecord("defectscope", logging.ERROR, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def _job(
     command: str, launch_argv: list[str], fn: Callable[[Any], dict[str, float]], errors: _ComposeErrorsRaised
 ) -> Any:
@@ -248,12 +259,12 @@ def _job(
         missing = _missing_keys(cfg)
         if missing:
             example = " ".join(f"{k}={EXAMPLE_VALUES.get(k, '...')}" for k in missing)
-            print(
+            line = (
                 f"defectscope {command}: error: config key(s) {', '.join(missing)} must be given, e.g. "
-                f"defectscope {command} {example}",
-                file=sys.stderr,
-                flush=True,
+                f"defectscope {command} {example}"
             )
+            print(line, file=sys.stderr, flush=True)
+            _record_in_job_log(line)
             raise SystemExit(2)
         saved = sys.argv
         # Lightning's DDP launcher re-runs sys.argv for the other ranks (see module docstring).
@@ -263,7 +274,9 @@ def _job(
         except Exception as exc:
             if not _is_own_error(exc):
                 raise
-            print(f"defectscope {command}: error: {_one_line(exc)}", file=sys.stderr, flush=True)
+            line = f"defectscope {command}: error: {_one_line(exc)}"
+            print(line, file=sys.stderr, flush=True)
+            _record_in_job_log(line)
             _leave_if_distributed(2)
             raise SystemExit(2) from None
         finally:
