@@ -141,6 +141,7 @@ def test_data_config_mistakes_are_one_line_naming_the_key(
         # the model module's settings, checked before the data are generated or scanned (they were after)
         "ordinal.objective=foo": "ordinal.objective must be auto or one of ce, soft, expected, corn, got 'foo'",
         "optim.sam_rho=abc": "optim.sam_rho must be a number >= 0 (0 or null = off), got 'abc'",
+        "loss.ng_weight=-1": "loss.ng_weight must be a number >= 0 (0 = off), got -1",
     }
     for override, message in cases.items():
         proc = _run(

@@ -301,6 +301,9 @@ def test_ng_weight_adds_the_binary_cross_entropy_of_p_defect() -> None:
     p_ng = p[:, 2] + p[:, 3]  # ">= g2": g2 and g3 are NG, g1 is not
     is_ng = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.0])
     mask = torch.tensor([False, False, True, True])
+    # the loss's P(defect) and NG labels are the ones the threshold cuts (runtime.decision's rule)
+    torch.testing.assert_close(weighted.defect_probability(raw), p_ng)
+    assert weighted.ng_mask.nonzero().flatten().tolist() == list(weighted.ng_indices) == [2, 3]
     bce = -(is_ng * p_ng.log() + (1 - is_ng) * (1 - p_ng).log()).mean()
     torch.testing.assert_close(ng_cross_entropy(raw.log_softmax(dim=1), y, mask), bce)
     torch.testing.assert_close(weighted.criterion(raw, y), plain.criterion(raw, y) + 0.7 * bce)
@@ -314,6 +317,7 @@ def test_ng_weight_adds_the_binary_cross_entropy_of_p_defect() -> None:
     corn_raw = torch.randn(5, 3)
     s = torch.sigmoid(corn_raw)
     p_ng = s[:, 0] * s[:, 1]  # P(grade > g1) = P(grade >= g2)
+    torch.testing.assert_close(corn_weighted.defect_probability(corn_raw), p_ng)
     corn_bce = -(is_ng * p_ng.log() + (1 - is_ng) * (1 - p_ng).log()).mean()
     torch.testing.assert_close(
         corn_weighted.criterion(corn_raw, y), corn_plain.criterion(corn_raw, y) + 0.7 * corn_bce

@@ -205,7 +205,7 @@ INFO_ATTACKS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         lambda c: c["defectscope"].update(
             grading={"link": "softmax", "ordered": False, "rule": "cuts", "cuts": [0.5]}
         ),
-        "evil.ckpt: defectscope.grading: unordered classes are graded by argmax, got rule 'cuts'",
+        "evil.ckpt: defectscope.grading.rule is 'cuts'; unordered classes (ordered: false) take argmax",
     ),
     (
         "argmax with cut points",

@@ -136,7 +136,8 @@ def _check_fields(info: dict[str, Any], where: str) -> None:
 def recorded_grading(entry: Any, n_classes: int, where: str = "grading") -> tuple[str, Grading | None]:
     """A checkpoint's ``grading`` entry -> the objective's link and, for ordered grades, the grading rule
     (None: unordered classes, graded by argmax). The reader checks a file with it, export rebuilds the
-    head from it and evaluate the module; a missing entry (older checkpoints) is softmax, argmax."""
+    head and chooses cut points from it, evaluate builds its module and a loaded module takes its cut points
+    from it; a missing entry (older checkpoints) is softmax, argmax."""
     if entry is None:
         return "softmax", None
     expect(entry, dict, where, "an object")
@@ -153,7 +154,9 @@ def recorded_grading(entry: Any, n_classes: int, where: str = "grading") -> tupl
     if ordered:
         return str(link), grading
     if grading.rule != "argmax":  # cut points, if any, were refused above: argmax has none
-        raise PlainDataError(f"{where}: unordered classes are graded by argmax, got rule {grading.rule!r}")
+        raise PlainDataError(
+            f"{where}.rule is {grading.rule!r}; unordered classes (ordered: false) take argmax"
+        )
     return str(link), None
 
 

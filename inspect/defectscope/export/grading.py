@@ -115,7 +115,8 @@ def earn_cuts(
     cuts_for = str(meta.grading.get("cuts_for", CUTS_FOR[0]))
     batches, targets, n = labelled_batches(info, meta)
     if n < MIN_CUT_IMAGES:
-        if cuts_for != (info.get("grading") or {}).get("cuts_for", CUTS_FOR[0]):  # some were unreadable
+        trained = recorded_grading(info.get("grading"), len(meta.class_names), "checkpoint grading")[1]
+        if trained is None or cuts_for != trained.cuts_for:  # new cut points asked for: too few images
             _check_enough_to_rechoose(cuts_for, n)
         log(
             f"grading: {n} labelled validation images here (< {MIN_CUT_IMAGES}); keeping training's cut points"

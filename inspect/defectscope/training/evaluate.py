@@ -107,12 +107,12 @@ def evaluation_module(ckpt: dict[str, Any], info: dict[str, Any], source: str, t
     channels = int(info["loader"].get("channels", 1))
     in_chans = int(kwargs.pop("in_chans", channels))
     kwargs.pop("num_classes", None)
-    entry = info.get("grading")
-    grading: dict[str, Any] = entry if isinstance(entry, dict) else {}
-    objective = {
-        k: str(grading[k]) for k in ("objective", "rule", "cuts_for") if isinstance(grading.get(k), str)
-    }
     try:
+        _, grading = recorded_grading(info.get("grading"), len(info["class_names"]), "grading")
+        named = (info.get("grading") or {}).get("objective")  # looked up in the objective registry
+        objective = {"rule": grading.rule, "cuts_for": grading.cuts_for} if grading is not None else {}
+        if isinstance(named, str):
+            objective["objective"] = named
         module = DefectClassifier(
             model={"name": name, **kwargs},
             num_classes=len(info["class_names"]),
@@ -126,8 +126,8 @@ def evaluation_module(ckpt: dict[str, Any], info: dict[str, Any], source: str, t
                 "ng_classes": info.get("ng_classes"),
             },
             data_info={"loader": info["loader"], "mean": info["mean"], "std": info["std"]},
-            ordinal=objective,  # names looked up in the objective registry; unknown ones are refused
-            ordered=recorded_grading(entry, len(info["class_names"]), f"{source}: grading")[1] is not None,
+            ordinal=objective,  # unknown objective names are refused by the registry
+            ordered=grading is not None,
         )
         module.model.load_state_dict(model_state(ckpt, source), strict=True)
         module.on_load_checkpoint({"defectscope": info})  # the grading rule's cut points, checked by Grading

@@ -16,6 +16,7 @@ import torch
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..checkpoint import recorded_grading
 from ..evaluation.threshold import DEFAULT_WARN_FALSE_REJECT_RATE, threshold_report
 from ..models.corn import raw_outputs, with_link
 from ..runtime.decision import (
@@ -26,7 +27,6 @@ from ..runtime.decision import (
     ng_indices,
 )
 from ..runtime.grading import (
-    GRADING_KEYS,
     Grading,
     choose_cuts,
     expected_grade,
@@ -395,7 +395,6 @@ class DefectClassifier(pl.LightningModule):
         info = checkpoint.get("defectscope") or {}
         if "threshold" in info:
             self.threshold = float(info["threshold"])
-        grading = info.get("grading")
-        if isinstance(grading, dict) and grading.get("rule") == self.grading.rule:
-            doc = {k: grading[k] for k in GRADING_KEYS if k in grading}
-            self.grading = Grading.from_doc(doc, len(self.class_names), "checkpoint grading")
+        _, recorded = recorded_grading(info.get("grading"), len(self.class_names), "checkpoint grading")
+        if recorded is not None and recorded.rule == self.grading.rule:
+            self.grading = recorded
