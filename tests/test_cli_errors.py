@@ -7,6 +7,7 @@ file exactly as it was: a ``--resume`` run over earlier rows is the witness.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import stat
@@ -297,3 +298,32 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(
     assert proc.wait(timeout=300) == 141 and "Traceback" not in err and "Broken pipe" not in err, err
     if command[0] == "inspect":  # the work itself was done
         assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 12
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        ({"threshold": "0.5x"}, ["r.jsonl:2: 'threshold' must be a number or null, got '0.5x'"]),
+        ({"defect_prob": "high"}, ["r.jsonl:2: 'defect_prob' must be a number or null, got 'high'"]),
+        ({"top_prob": None}, ["r.jsonl:2: 'top_prob' must be a number in a row with status 'ok'"]),
+        ({"probs": [0.1, 0.9]}, ["r.jsonl:2: 'probs' must be an object of class probabilities or null"]),
+        ({"path": 7}, ["r.jsonl:2: 'path' must be a string, got 7"]),
+    ],
+)
+def test_resume_over_rows_of_the_wrong_types_is_one_line(
+    model: Path, images: Path, tmp_path: Path, edit: dict[str, object], words: list[str]
+) -> None:
+    """A results file another tool wrote, or a hand edit, is refused naming the line and the field
+    before any image is inspected (it was a traceback, once after the whole run)."""
+    assert defectscope("inspect", model, images, "-o", "r.jsonl", cwd=tmp_path).returncode == 0
+    lines = (tmp_path / "r.jsonl").read_text().splitlines()
+    row = json.loads(lines[1])
+    assert row["status"] == "ok"
+    lines[1] = json.dumps({**row, **edit})
+    (tmp_path / "r.jsonl").write_text("\n".join(lines[:6]) + "\n")
+    before = (tmp_path / "r.jsonl").read_bytes()
+    proc = defectscope(
+        "inspect", model, images, "-o", "r.jsonl", "--resume", "--report", "r.html", cwd=tmp_path
+    )
+    one_line_error(proc, *words)
+    assert (tmp_path / "r.jsonl").read_bytes() == before and not (tmp_path / "r.html").exists()

@@ -124,6 +124,9 @@ def test_export_cli_rejects_bad_input_with_exit_2(
     broken.mkdir()
     for name in ("a.png", "b.jpg"):
         (broken / name).write_bytes(b"\x89PNG truncated")
+    listed = tmp_path / "list.txt"  # an --images list given as -o too: it was overwritten by the model
+    listed.write_text("\n".join(str(p) for p in sorted(Path(ckpt["data"]).rglob("*.png"))[:4]) + "\n")
+    listed_before = listed.read_bytes()
     unknown = write_checkpoint(
         tmp_path / "unknown.ckpt", ckpt["model"], dict(ckpt["info"], model_name="resnet9000")
     )
@@ -166,6 +169,10 @@ def test_export_cli_rejects_bad_input_with_exit_2(
         # refused before the export's work: the checkpoint itself (it was overwritten), a file as a folder
         ([good, "-o", good], "is a PyTorch checkpoint; it would be overwritten"),
         ([good, "-o", str(foreign)], "is a PyTorch checkpoint; it would be overwritten"),
+        (
+            [good, "-o", str(listed), "--images", str(listed)],
+            "list.txt is the --images list; it would be overwritten",
+        ),
         ([good, "-o", str(tmp_path / "foreign.ckpt" / "m.onnx")], "foreign.ckpt is a file, not a folder"),
     ]
     before = Path(good).read_bytes()
@@ -175,7 +182,7 @@ def test_export_cli_rejects_bad_input_with_exit_2(
         assert rc == 2, (argv, err)
         assert message in err, (argv, err)
     assert not Path(out).exists()
-    assert Path(good).read_bytes() == before
+    assert Path(good).read_bytes() == before and listed.read_bytes() == listed_before
     # unreadable --images are found before the work (they were found at parity, after the graph was
     # exported, and with --parity-images 0 only at the threshold step)
     rc = main([good, "-o", out, "--images", str(broken), "--parity-images", "0"])

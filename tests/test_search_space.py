@@ -175,6 +175,23 @@ def test_latency_comes_from_the_exported_model(compose_train: Callable[..., Any]
         (["search.storage=sqlite:///{tmp}/no/such/dir/search.db"], "search.storage: cannot open sqlite:///"),
         (["search.timeout=0.001"], "search.timeout=0.001 s is too small for one trial"),
         (["search.max_latency_ms=1e-6"], "search.max_latency_ms=1e-06 is too small for one trial"),
+        (["search.max_latency_ms=nan"], "search.max_latency_ms must be null or a number > 0, got nan"),
+        (["search.stopping.min_delta=abc"], "search.stopping.min_delta must be a number >= 0, got 'abc'"),
+        (["search.stopping=5"], "search.stopping must be a mapping of settings, got 5"),
+        (["search.stopping.rungs=3"], "search.stopping.rungs must be a list, got 3"),
+        (["search.presets=5"], "search.presets must be a list of names, got 5"),
+        (["search.test_trials=no"], "search.test_trials must be true or false, got 'no'"),
+        (["search.latency=5"], "search.latency must be a mapping of settings, got 5"),
+        (["search.latency.image_size=5"], "search.latency.image_size must be null or [height, width], got 5"),
+        (
+            ["search.latency.provider=gpu"],
+            "search.latency.provider must be one of auto, tensorrt, cuda, cpu, got 'gpu'",
+        ),
+        (
+            ["search.latency.threads=abc"],
+            "search.latency.threads must be a whole number >= 1 or null, got 'abc'",
+        ),
+        (["search.latency.warmup=-1"], "search.latency.warmup must be a whole number >= 0, got -1"),
     ],
 )
 def test_bad_input_is_one_line_before_any_trial(

@@ -85,6 +85,7 @@ def folder_source(
     classes: Sequence[str] | None = None,
     good_class: str | None = "good",
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    classes_key: str = "data.source.classes",
 ) -> SourceData:
     """``root/<class>/**/*.png`` or ``root/{train,val,test}/<class>/**/*.png``.
 
@@ -120,7 +121,7 @@ def folder_source(
     unlisted = sorted(set(found) - set(names))
     if unlisted:
         raise SourceError(
-            f"{base}: class folders {unlisted} are not in data.source.classes {names}; "
+            f"{base}: class folders {unlisted} are not in {classes_key} {names}; "
             "add them or move them out of the dataset folder"
         )
     _check_good(good_class, names, str(base))
@@ -137,6 +138,12 @@ def folder_source(
 # --------------------------------------------------------------------------- csv
 
 
+def some(items: Sequence[str], shown: int = 5) -> str:
+    """The first few of ``items`` on one line, saying how many more: an error stays one line."""
+    more = f" (and {len(items) - shown} more)" if len(items) > shown else ""
+    return "; ".join(items[:shown]) + more
+
+
 def _not_utf8(text: str) -> bool:
     """Whether ``text`` holds bytes that were not UTF-8 (``surrogateescape`` turned them into U+DC80-DCFF)."""
     return any("\udc80" <= c <= "\udcff" for c in text)
@@ -147,11 +154,13 @@ def csv_source(
     classes: Sequence[str] | None = None,
     good_class: str | None = "good",
     missing: str = "error",
+    classes_key: str = "data.source.classes",
 ) -> SourceData:
     """A manifest with header ``path,label[,split]``; relative paths resolve against the CSV's folder.
 
     ``missing="error"`` reports every row whose file does not exist in one error; ``"keep"``
     keeps those rows so the scan lists them with the other bad files (``on_bad_file: skip``).
+    ``classes_key`` names where ``classes`` came from in messages (a model's classes, for evaluate).
     """
     csv_path = Path(path).expanduser()
     if missing not in ("error", "keep"):
@@ -181,7 +190,9 @@ def csv_source(
     if not rows:
         raise SourceError(f"{csv_path}: no data rows")
 
+    names = list(classes) if classes else sorted({r[2] for r in rows if r[2]})
     problems: list[str] = []
+    unknown = False
     for line, p, label, split in rows:
         if not p or not label:
             problems.append(f"row {line}: empty path or label")
@@ -189,12 +200,12 @@ def csv_source(
             problems.append(f"row {line}: label or split is not UTF-8 text; save the CSV as UTF-8")
         if split and split not in SPLITS:
             problems.append(f"row {line}: split {split!r} is not one of {', '.join(SPLITS)} (or empty)")
-    names = list(classes) if classes else sorted({r[2] for r in rows if r[2]})
-    unknown = [f"row {line}: label {label!r}" for line, _, label, _ in rows if label and label not in names]
-    if unknown:
-        problems.append(f"labels not in data.source.classes {names}: " + "; ".join(unknown))
+        if label and label not in names:
+            problems.append(f"row {line}: label {label!r}")
+            unknown = True
     if problems:
-        raise SourceError(f"{csv_path}: invalid rows:\n  " + "\n  ".join(problems))
+        known = f"; labels must be in {classes_key} {names}" if unknown else ""
+        raise SourceError(f"{csv_path}: {len(problems)} invalid row(s): {some(problems)}{known}")
     _check_good(good_class, names, str(csv_path))
 
     folder = csv_path.parent
@@ -210,8 +221,7 @@ def csv_source(
         origin[str(full)] = f"{csv_path} row {line}"
     if absent and missing == "error":
         raise SourceError(
-            f"{csv_path}: {len(absent)} of {len(rows)} rows name files that do not exist:\n  "
-            + "\n  ".join(absent)
+            f"{csv_path}: {len(absent)} of {len(rows)} rows name files that do not exist: {some(absent)}"
         )
     return SourceData(f"csv {csv_path}", samples, names, good_class, origin=origin)
 

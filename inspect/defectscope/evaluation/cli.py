@@ -90,6 +90,11 @@ def evaluate_model(
     names = meta.class_names
     if problem := scored.not_finite(labelled.paths, inspector.model_path):
         raise EvaluateError(problem)
+    if not scored.index:
+        path, error = scored.failed[0]
+        raise EvaluateError(
+            f"{labelled.source}: none of its {len(labelled.paths)} images could be read; first {path}: {error}"
+        )
     truth = np.array([names.index(labelled.labels[i]) for i in scored.index], dtype=np.int64)
     pred = scored.probs.argmax(axis=1) if len(truth) else np.zeros(0, dtype=np.int64)
     p_defect = defect_probability(scored.probs, meta.ng_indices) if len(truth) else np.zeros(0)
@@ -119,8 +124,9 @@ def evaluate_model(
 def write_outputs(out: Path, doc: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
     """evaluation.json, predictions.csv, confusion.png (+ roc_pr.png with a sweep); returns what was written."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "evaluation.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    with open(out / "predictions.csv", "w", newline="", encoding="utf-8") as fh:
+    (out / "evaluation.json").write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    # a name that is not valid UTF-8 (surrogate escapes) is written as backslash escapes, as inspect's CSV does
+    with open(out / "predictions.csv", "w", newline="", encoding="utf-8", errors="backslashreplace") as fh:
         writer = csv.DictWriter(
             fh, ["path", "label", "predicted", "defect_prob", "verdict"], lineterminator="\n"
         )

@@ -18,6 +18,9 @@ from pathlib import Path
 
 from ..data.sources import SPLITS, csv_source, folder_source
 
+#: where evaluate's classes come from, for the data source's messages
+MODEL_CLASSES = "the model's classes"
+
 
 @dataclass(frozen=True)
 class Labelled:
@@ -54,8 +57,8 @@ def read_labelled(path: Path, class_names: Sequence[str], good_class: str) -> La
     if not has_labels(path, class_names):
         return None
     if path.is_file():
-        data = csv_source(path, classes=list(class_names), good_class=good_class, missing="keep")
+        data = csv_source(path, list(class_names), good_class, missing="keep", classes_key=MODEL_CLASSES)
     else:
-        data = folder_source(path, classes=list(class_names), good_class=good_class)
+        data = folder_source(path, list(class_names), good_class, classes_key=MODEL_CLASSES)
     names = data.class_names
     return Labelled([s.path for s in data.samples], [names[s.label] for s in data.samples], str(path))

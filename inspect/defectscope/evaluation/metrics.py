@@ -130,9 +130,9 @@ def class_figures(cm: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
     f1 = 2 * tp[present] / np.maximum(support[present] + predicted[present], 1)
     return {
         "n": n,
-        "accuracy": float(tp.sum() / n) if n else math.nan,
-        "balanced_accuracy": float(np.nanmean(recall)) if (support > 0).any() else math.nan,
-        "macro_f1": float(f1.mean()) if present.any() else math.nan,
+        "accuracy": float(tp.sum() / n) if n else None,  # None, not NaN: JSON has no NaN
+        "balanced_accuracy": float(np.nanmean(recall)) if (support > 0).any() else None,
+        "macro_f1": float(f1.mean()) if present.any() else None,
         "per_class": {
             name: {"precision": _num(precision[i]), "recall": _num(recall[i]), "support": int(support[i])}
             for i, name in enumerate(class_names)

@@ -174,11 +174,17 @@ def _kind(path: Path) -> str:
         return "other"
 
 
-def _checked_request(output: str | Path, opset: int, fp16: bool, int8: Int8Config | None) -> Path:
+def _checked_request(
+    output: str | Path, opset: int, fp16: bool, int8: Int8Config | None, images: str | Path | None
+) -> Path:
     """The output path and the options, checked before the checkpoint is looked at."""
     out = Path(output)
     if out.is_dir():
         raise ExportError(f"output {out} is a directory; expected a file path such as model.onnx")
+    if images is not None and out.is_file() and Path(images).is_file() and out.samefile(images):
+        raise ExportError(
+            f"output {out} is the --images list; it would be overwritten: give the model its own name"
+        )
     if (
         out.is_file() and _kind(out) == "checkpoint"
     ):  # e.g. -o the checkpoint itself: the training would be lost
@@ -342,7 +348,7 @@ def export_model(
     the parity gate, which must then catch it.
     """
     t_start = time.perf_counter()
-    out = _checked_request(output, opset, fp16, int8)
+    out = _checked_request(output, opset, fp16, int8, images_dir)
     meta = build_metadata(
         info, model, cam=cam, fp16=fp16, threshold=threshold, checkpoint_sha256=checkpoint_sha256,
         tta=tta, cuts_for=cuts_for,

@@ -107,6 +107,33 @@ def upgrade_row(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+#: fields read as numbers (summary, report, the resume check); null where a row has none
+_NUMBER_FIELDS = ("defect_prob", "threshold", "top_prob", "width", "height", "latency_ms")
+
+
+def checked_row(row: dict[str, Any], where: str) -> dict[str, Any]:
+    """``row`` under today's names (:func:`upgrade_row`) with the types later steps rely on: a row
+    another tool wrote, or a hand edit, is one line naming the field, not a traceback in the summary."""
+    row = upgrade_row(row)
+
+    def refuse(key: str, expected: str) -> NoReturn:
+        raise ResultsFileError(f"{where}: {key!r} must be {expected}, got {row[key]!r:.60}")
+
+    if not isinstance(row["path"], str):
+        refuse("path", "a string")
+    for key in _NUMBER_FIELDS:
+        value = row[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            refuse(key, "a number or null")
+    if row["status"] == "ok":
+        for key in ("defect_prob", "top_prob"):
+            if row[key] is None:
+                refuse(key, "a number in a row with status 'ok'")
+    if row["probs"] is not None and not isinstance(row["probs"], dict):
+        refuse("probs", "an object of class probabilities or null")
+    return row
+
+
 def check_same_run(row: dict[str, Any], stamp: RunStamp, where: str) -> None:
     """Refuse to append rows of this run to a file whose rows came from another model or threshold
     (rows written before thresholds were recorded are checked on the model only)."""
@@ -270,7 +297,7 @@ def iter_rows(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
                 raise ResultsFileError(f"{path}:{lineno}: not a valid result row ({exc})") from None
             if not isinstance(row, dict) or "path" not in row:
                 raise ResultsFileError(f"{path}:{lineno}: not a result row (no 'path')")
-            yield upgrade_row(row)
+            yield checked_row(row, f"{path}:{lineno}")
 
 
 def last_row(path: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -291,7 +318,7 @@ def last_row(path: str | os.PathLike[str]) -> dict[str, Any] | None:
         except json.JSONDecodeError:
             continue
         if isinstance(row, dict) and "path" in row:
-            return upgrade_row(row)
+            return checked_row(row, f"{path} (its last row)")
     return None
 
 

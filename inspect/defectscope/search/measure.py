@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from defectscope.runtime.image import LoaderConfig, load_image_with_size, target_size
+from defectscope.runtime.providers import PROVIDER_CHOICES
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,26 @@ class LatencySettings:
             raise SearchConfigError(
                 f"search.latency: unknown key(s) {unknown}; valid: {', '.join(cls.__dataclass_fields__)}"
             )
-        for key in ("batch", "warmup", "repeats"):
-            v = plain.get(key, getattr(cls, key))
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "warmup" else 1):
-                raise SearchConfigError(f"search.latency.{key} must be a whole number >= 1, got {v!r}")
+        for key in ("batch", "warmup", "repeats", "threads"):
+            v, least = plain.get(key, getattr(cls, key)), 0 if key == "warmup" else 1
+            if key == "threads" and v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                also = " or null" if key == "threads" else ""
+                raise SearchConfigError(
+                    f"search.latency.{key} must be a whole number >= {least}{also}, got {v!r}"
+                )
+        if plain.get("provider", cls.provider) not in PROVIDER_CHOICES:
+            raise SearchConfigError(
+                f"search.latency.provider must be one of {', '.join(PROVIDER_CHOICES)}, got {plain['provider']!r}"
+            )
         size = plain.get("image_size")
         if size is not None:
-            if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+            if (
+                not isinstance(size, list | tuple)
+                or len(size) != 2
+                or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
+            ):
                 raise SearchConfigError(
                     f"search.latency.image_size must be null or [height, width], got {size!r}"
                 )

@@ -15,6 +15,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from ..training.plots import plain_text
 from .settings import LATENCY, SearchSettings
 from .space import MISSING, Param, base_value, split_name
 
@@ -109,6 +110,7 @@ def best_under(s: SearchSettings, rows: Sequence[dict[str, Any]], budget: float)
     return max(fits, key=lambda r: (sign * r[s.metric], -r[LATENCY]))
 
 
+@plain_text
 def plot_front(
     path: Path, s: SearchSettings, rows: Sequence[dict[str, Any]], front: set[int], rho: float | None
 ) -> Path:

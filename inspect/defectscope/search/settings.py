@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -27,9 +28,46 @@ def _whole(key: str, value: Any, minimum: int, allow_none: bool = False) -> int 
 def _positive(key: str, value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
         raise SearchConfigError(f"search.{key} must be null or a number > 0, got {value!r}")
     return float(value)
+
+
+def _at_least_zero(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        raise SearchConfigError(f"search.{key} must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+def _flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise SearchConfigError(f"search.{key} must be true or false, got {value!r}")
+    return value
+
+
+def _section(key: str, value: Any) -> dict[str, Any]:
+    """A nested settings block (``search.stopping``); null is the defaults."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SearchConfigError(f"search.{key} must be a mapping of settings, got {value!r}")
+    return dict(value)
+
+
+def _list(key: str, value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list | tuple):
+        raise SearchConfigError(f"search.{key} must be a list, got {value!r}")
+    return list(value)
+
+
+def _names(key: str, value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise SearchConfigError(f"search.{key} must be a list of names, got {value!r}")
+    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -98,18 +136,19 @@ class SearchSettings:
         sampler = str(s.get("sampler", "tpe"))
         if sampler not in SAMPLERS:
             raise SearchConfigError(f"search.sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-        stop = dict(s.get("stopping") or {})
+        stop = _section("stopping", s.get("stopping"))
         if set(stop) - {"rungs", "min_delta"}:
             raise SearchConfigError(
                 f"search.stopping: unknown key(s) {sorted(set(stop) - {'rungs', 'min_delta'})}"
             )
-        rungs = tuple(_whole("stopping.rungs[]", r, 1) or 1 for r in (stop.get("rungs") or ()))
+        rungs = tuple(
+            _whole("stopping.rungs[]", r, 1) or 1 for r in _list("stopping.rungs", stop.get("rungs"))
+        )
         storage = str(s.get("storage") or "")
         if not storage:
             raise SearchConfigError(
                 "search.storage is empty; give a database URL such as sqlite:///search.db"
             )
-        presets = s.get("presets") or ()
         return cls(
             study_name=str(s.get("study_name") or "defectscope"),
             storage=storage,
@@ -123,12 +162,14 @@ class SearchSettings:
             startup_trials=int(_whole("startup_trials", s.get("startup_trials", 6), 0) or 0),
             population=int(_whole("population", s.get("population", 16), 2) or 2),
             sampler_seed=_whole("sampler_seed", s.get("sampler_seed"), 0, allow_none=True),
-            presets=tuple(str(p) for p in presets),
-            test_trials=bool(s.get("test_trials", False)),
+            presets=_names("presets", s.get("presets")),
+            test_trials=_flag("test_trials", s.get("test_trials", False)),
             parity_images=int(_whole("parity_images", s.get("parity_images", 8), 0) or 0),
             heartbeat_s=int(_whole("heartbeat_s", s.get("heartbeat_s", 20), 1) or 1),
             grace_s=int(_whole("grace_s", s.get("grace_s", 60), 1) or 1),
             retry_interrupted=int(_whole("retry_interrupted", s.get("retry_interrupted", 1), 0) or 0),
-            latency=LatencySettings.from_config(s.get("latency")),
-            stopping=Stopping(rungs=rungs, min_delta=float(stop.get("min_delta", 0.0) or 0.0)),
+            latency=LatencySettings.from_config(_section("latency", s.get("latency"))),
+            stopping=Stopping(
+                rungs=rungs, min_delta=_at_least_zero("stopping.min_delta", stop.get("min_delta", 0.0))
+            ),
         )

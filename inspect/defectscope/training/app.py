@@ -355,10 +355,20 @@ def train_main(argv: Sequence[str]) -> int:
     return _run("train", "train", argv, _train)
 
 
+#: a Hydra override's key (``ckpt_path=``, ``+data.x=``, ``data@y=``): what stands before its first '='
+_OVERRIDE_KEY = re.compile(r"[+~]{0,2}[A-Za-z_][\w.]*(@[\w.]*)?=")
+
+
+def _names_onnx_model(arg: str) -> bool:
+    """An argument that is an ONNX file's path, not an override (``ckpt_path=m.onnx``): paths may hold
+    '=' (``runs/seed=1/m.onnx``), and one that reads like an override is a path when that file exists."""
+    return arg.lower().endswith(".onnx") and (not _OVERRIDE_KEY.match(arg) or os.path.isfile(arg))
+
+
 def evaluate_main(argv: Sequence[str]) -> int:
     """``defectscope evaluate ckpt_path=PATH [data=...]``: test metrics of a checkpoint (Hydra);
     ``defectscope evaluate MODEL.onnx DATA``: an exported model through the runtime (torch-free)."""
-    if argv and str(argv[0]).lower().endswith(".onnx") and "=" not in str(argv[0]):  # not ckpt_path=m.onnx
+    if any(_names_onnx_model(str(arg)) for arg in argv):
         from defectscope.evaluation.cli import main
 
         return main(argv)

@@ -6,18 +6,34 @@ backend, no global state, so plotting is safe in training processes and on headl
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
-from matplotlib import colormaps
+from matplotlib import colormaps, rc_context
 from matplotlib.figure import Figure
 from PIL import Image
 
 from defectscope.runtime.decision import is_ng
 
 from ..evaluation.metrics import roc_pr_curves
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def plain_text(draw: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Draw with math text off: class, file and study names are the user's text, and a '$' in one is not TeX
+    (matplotlib would parse it, and fail on an unbalanced or unknown command)."""
+
+    @functools.wraps(draw)
+    def drawn(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return drawn
 
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> str:
@@ -47,6 +63,7 @@ def _matrix(ax: Any, counts: np.ndarray, labels: Sequence[str], title: str) -> N
             )
 
 
+@plain_text
 def confusion_png(
     confmat: np.ndarray,
     class_names: Sequence[str],
@@ -71,6 +88,7 @@ def confusion_png(
     return _save(fig, path)
 
 
+@plain_text
 def roc_pr_png(
     scores: np.ndarray, is_defect: np.ndarray, threshold: float, path: str | os.PathLike[str]
 ) -> str:
@@ -115,6 +133,7 @@ def _upsample(cam: np.ndarray, width: int, height: int) -> np.ndarray:
     )
 
 
+@plain_text
 def misclassified_png(
     items: Sequence[dict[str, Any]],
     class_names: Sequence[str],
