@@ -227,6 +227,21 @@ def _dashboard(exe: Path, tmp_path: Path, env: dict[str, str]) -> dict[str, Any]
         dash.wait(timeout=30)
 
 
+def test_a_misspelt_metric_stops_the_search_after_one_trial(
+    defectscope_cmd: list[str], cli_env: dict[str, str], smoke_data_dir: Path, tmp_path: Path
+) -> None:
+    """Only training knows its metric names, so the first validation tells; the search then stops with
+    one line instead of failing trial after trial (three trainings lost before)."""
+    args = _args(smoke_data_dir, "search.metric=val/bal_accuracy", f"hydra.run.dir={tmp_path}/run")
+    proc = _run([*defectscope_cmd, *args], tmp_path, cli_env)
+    assert proc.returncode == 2, proc.stderr[-4000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("defectscope search: error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert "search.metric: training logs no 'val/bal_accuracy'" in errors[0] and "val/bal_acc," in errors[0]
+    states = [t.state for t in _study(tmp_path).get_trials()]
+    assert states == [optuna.trial.TrialState.FAIL], states
+
+
 def test_two_workers_one_study(
     defectscope_cmd: list[str], cli_env: dict[str, str], smoke_data_dir: Path, tmp_path: Path
 ) -> None:

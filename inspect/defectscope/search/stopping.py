@@ -22,6 +22,8 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
+from .errors import SearchConfigError
+
 log = logging.getLogger(__name__)
 
 #: (latency_ms, curve) of each finished trial; a curve is [[epoch, best-so-far metric], ...]
@@ -81,8 +83,13 @@ class TrialMonitor(Callback):
         self.interrupted = False
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or self.metric not in trainer.callback_metrics:
+        if trainer.sanity_checking:
             return
+        if self.metric not in trainer.callback_metrics:  # a misspelt search.metric: no trial could score
+            logged = sorted(k for k in trainer.callback_metrics if k.startswith("val/"))
+            raise SearchConfigError(
+                f"search.metric: training logs no {self.metric!r}; its validation metrics are {', '.join(logged)}"
+            )
         value = float(trainer.callback_metrics[self.metric])
         best = value
         if self.curve:

@@ -202,6 +202,7 @@ class FailureStreak:
         self.limit = limit
         self.streak = 0
         self.last = ""
+        self.config_error: str | None = None
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state != optuna.trial.TrialState.FAIL:
@@ -209,10 +210,13 @@ class FailureStreak:
             return
         self.streak += 1
         self.last = str(trial.user_attrs.get("error", "see the log"))
-        if self.streak >= self.limit:
+        self.config_error = trial.user_attrs.get("config_error")
+        if self.streak >= self.limit or self.config_error:
             study.stop()
 
     def check(self) -> None:
+        if self.config_error:
+            raise SearchConfigError(str(self.config_error))
         if self.streak >= self.limit:
             raise SearchFailedError(
                 f"{self.streak} trials in a row failed, the last with: {self.last}; fix the cause (the log has "
@@ -239,15 +243,28 @@ def optimize(study: optuna.Study, objective: Any, s: SearchSettings) -> None:
         )
         return
     streak = FailureStreak()
-    study.optimize(
-        objective,
-        n_trials=None,
-        timeout=s.timeout,
-        catch=(Exception,),
-        callbacks=[MaxTrialsCallback(s.n_trials, states=done), streak],
-        gc_after_trial=True,
-    )
+    optuna_log = logging.getLogger("optuna.study._optimize")  # where Optuna logs a failed trial
+    optuna_log.addFilter(_without_config_traceback)
+    try:
+        study.optimize(
+            objective,
+            n_trials=None,
+            timeout=s.timeout,
+            catch=(Exception,),
+            callbacks=[MaxTrialsCallback(s.n_trials, states=done), streak],
+            gc_after_trial=True,
+        )
+    finally:
+        optuna_log.removeFilter(_without_config_traceback)
     streak.check()
+
+
+def _without_config_traceback(record: logging.LogRecord) -> bool:
+    """Optuna logs every failed trial with its traceback; a setting no trial can meet ends the search with
+    its one line (:meth:`FailureStreak.check`), so that trial's record keeps its message only."""
+    if record.exc_info and isinstance(record.exc_info[1], SearchConfigError):
+        record.exc_info, record.exc_text = None, None
+    return True
 
 
 def fail_stale(study: optuna.Study) -> None:

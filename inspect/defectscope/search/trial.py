@@ -18,6 +18,7 @@ from typing import Any
 
 import optuna
 
+from .errors import SearchConfigError
 from .measure import Latency, export_untrained, input_size, measure_latency, model_cost
 from .preflight import DataFacts, build_model, loader_config, untrained_info
 from .settings import LATENCY, SearchSettings
@@ -123,6 +124,8 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> list[float]:
             trial.set_user_attr(
                 "error", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             )
+        if isinstance(exc, SearchConfigError):  # a setting no trial can meet: the search stops here
+            trial.set_user_attr("config_error", str(exc))
         raise
 
 
