@@ -218,11 +218,20 @@ def test_synthetic_generates_once_then_reuses(tmp_path: Path) -> None:
     assert len(bigger.samples) == 16  # other parameters -> regenerated
 
 
-def test_synthetic_incomplete_folder_is_redone(tmp_path: Path) -> None:
-    root = tmp_path / "syn"
-    _img(root / "good" / "good_00000.png")  # as if an older run died mid-way: no marker
-    data = build_source({"kind": "synthetic", "root": str(root), **SYN})
-    assert len(data.samples) == 12 and (root / SYNTH_MARKER).exists()
+def test_a_folder_of_pngs_without_the_marker_is_never_replaced(tmp_path: Path) -> None:
+    """A user's own class folders of PNGs named as a synthetic root (data=synthetic is the default,
+    so forgetting data=folder is enough) were taken for a generated set and deleted."""
+    root = tmp_path / "parts"
+    mine = [_img(root / "good" / "good_00000.png"), _img(root / "dent" / "d1.png")]
+    before = {p: p.read_bytes() for p in mine}
+    with pytest.raises(
+        SourceError, match=r"parts exists but is not a defectscope synthetic dataset .*data=folder"
+    ):
+        build_source({"kind": "synthetic", "root": str(root), **SYN})
+    assert {p: p.read_bytes() for p in mine} == before and sorted(os.listdir(root)) == ["dent", "good"]
+    (root.parent / "empty").mkdir()  # an empty folder is generated into
+    data = build_source({"kind": "synthetic", "root": str(root.parent / "empty"), **SYN})
+    assert len(data.samples) == 12 and (root.parent / "empty" / SYNTH_MARKER).exists()
 
 
 def test_synthetic_refuses_foreign_folder(tmp_path: Path) -> None:

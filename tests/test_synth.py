@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -36,7 +38,9 @@ def test_layout_manifest_and_balanced_classes(tmp_path: Path) -> None:
         assert p.parent.name == r["label"] and p.suffix == ".png"
         with Image.open(p) as im:
             assert im.mode == "L" and 64 <= im.width <= 200 and 64 <= im.height <= 200
-    assert sorted(_files(root)) == sorted([*(r["path"] for r in rows), "manifest.csv"])
+    assert sorted(_files(root)) == sorted([*(r["path"] for r in rows), "manifest.csv", synth.SYNTH_MARKER])
+    marker = json.loads((root / synth.SYNTH_MARKER).read_text())
+    assert (marker["n"], marker["seed"], marker["min_size"], marker["max_size"]) == (22, 1, 64, 200)
 
 
 def test_sizes_vary_and_are_not_square(tmp_path: Path) -> None:
@@ -71,8 +75,23 @@ def test_rerun_replaces_previous_output_and_refuses_foreign_folders(tmp_path: Pa
     }
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "photo.jpg").write_bytes(b"x")
-    with pytest.raises(ValueError, match=r"is not empty and holds no manifest\.csv"):
+    with pytest.raises(ValueError, match=r"is not empty and is not a finished synth output"):
         synth.generate(tmp_path / "other", n=2)
+    # a user's own manifest.csv (where data=csv looks) is no synth output: its images were deleted
+    mine = tmp_path / "mydata"
+    (mine / "images").mkdir(parents=True)
+    (mine / "images" / "x.png").write_bytes(
+        (root / "good").joinpath(next(iter(sorted(os.listdir(root / "good"))))).read_bytes()
+    )
+    (mine / "manifest.csv").write_text("path,label\nimages/x.png,good\n")
+    with pytest.raises(ValueError, match=r"mydata is not empty and is not a finished synth output"):
+        synth.generate(mine, n=2)
+    assert (mine / "images" / "x.png").is_file() and "images/x.png" in (mine / "manifest.csv").read_text()
+    # options are checked before anything is replaced
+    for bad in ({"seed": -1}, {"workers": -1}):
+        with pytest.raises(ValueError, match=f"synth: {next(iter(bad))} must be >= "):
+            synth.generate(root, n=2, **bad)  # type: ignore[arg-type]
+    assert len(list(root.rglob("*.png"))) == 5
 
 
 def test_rgb_output(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import os
 import sys
@@ -28,6 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -39,6 +41,8 @@ DEFAULT_CLASSES = ("good", "scratch", "spot", "crack")
 #: where defects may lie; the thirds split the width at round(w/3) and round(2w/3)
 REGIONS = ("anywhere", "left", "centre", "right")
 MANIFEST = "manifest.csv"
+#: written last into a finished output (the parameters, :func:`synth_params`): only such a folder is replaced
+SYNTH_MARKER = ".defectscope-synth.json"
 _PNG_COMPRESS_LEVEL = 1  # fixed: identical bytes for identical pixels; fast to write
 
 Rng = np.random.Generator
@@ -199,11 +203,41 @@ def class_plan(n: int, seed: int, classes: Sequence[str]) -> list[str]:
     return [classes[int(k) % len(classes)] for k in order]
 
 
+def synth_params(
+    n: int, seed: int, channels: int, min_size: int, max_size: int, classes: Sequence[str], region: str
+) -> dict[str, Any]:
+    """What :data:`SYNTH_MARKER` records: the parameters that decide every byte of a generated set."""
+    from . import __version__
+
+    params = {
+        "n": n,
+        "seed": seed,
+        "channels": channels,
+        "min_size": min_size,
+        "max_size": max_size,
+        "classes": list(classes),
+        "generator_version": __version__,
+    }
+    if region != "anywhere":  # absent for the default, so sets generated before regions existed stay valid
+        params["region"] = region
+    return params
+
+
 def _check(
-    n: int, channels: int, size_range: tuple[int, int], classes: Sequence[str], region: str = "anywhere"
+    n: int,
+    channels: int,
+    size_range: tuple[int, int],
+    classes: Sequence[str],
+    region: str = "anywhere",
+    seed: int = 0,
+    workers: int | None = None,
 ) -> None:
     if n < 1:
         raise ValueError(f"synth: n must be >= 1, got {n}")
+    if seed < 0:
+        raise ValueError(f"synth: seed must be >= 0, got {seed}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"synth: workers must be >= 1, got {workers}")
     if channels not in (1, 3):
         raise ValueError(f"synth: channels must be 1 or 3, got {channels}")
     lo, hi = size_range
@@ -237,7 +271,7 @@ def generate(
     ``region``: where the defects lie (:data:`REGIONS`; see the module docstring).
     """
     classes = list(classes)
-    _check(n, channels, size_range, classes, region)
+    _check(n, channels, size_range, classes, region, seed, workers)
     root = Path(out)
     replaced = _clear_previous(root)
     if replaced:
@@ -264,6 +298,10 @@ def generate(
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(("path", "label"))
         writer.writerows(rows)
+    marker = synth_params(n, seed, channels, *size_range, classes, region)
+    (root / SYNTH_MARKER).write_text(
+        json.dumps(marker, sort_keys=True) + "\n", encoding="utf-8"
+    )  # last: complete
     return root
 
 
@@ -271,14 +309,18 @@ def _clear_previous(root: Path) -> int:
     """Remove an earlier synth output in ``root`` so no stale images outlive a smaller rerun; return
     how many images went.
 
-    Only files listed in its ``manifest.csv`` are deleted (PNGs inside ``root``); a non-empty
-    folder without a manifest is refused rather than mixed with generated images.
+    Only a folder the generator finished (its :data:`SYNTH_MARKER`) is touched, and only the PNGs inside
+    ``root`` its ``manifest.csv`` lists are deleted: a user's own folder with a manifest, or anything else
+    that is not empty, is refused rather than mixed with generated images.
     """
     if not root.is_dir() or not any(root.iterdir()):
         return 0
     manifest = root / MANIFEST
-    if not manifest.is_file():
-        raise ValueError(f"synth: {root} is not empty and holds no {MANIFEST}; choose a new or empty folder")
+    if not (root / SYNTH_MARKER).is_file() or not manifest.is_file():
+        raise ValueError(
+            f"synth: {root} is not empty and is not a finished synth output (no {SYNTH_MARKER} or "
+            f"{MANIFEST}); choose a new or empty folder"
+        )
     base = root.resolve()
     removed = 0
     with open(manifest, newline="", encoding="utf-8") as fh:
@@ -288,6 +330,7 @@ def _clear_previous(root: Path) -> int:
                 p.unlink()
                 removed += 1
     manifest.unlink()
+    (root / SYNTH_MARKER).unlink()
     return removed
 
 

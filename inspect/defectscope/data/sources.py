@@ -19,8 +19,9 @@ from typing import Any
 
 from ..plain import to_plain
 from ..runtime.files import IMAGE_EXTENSIONS, TEXT_HEAD_BYTES, text_problem
+from ..synth import SYNTH_MARKER
 from .errors import SourceError
-from .synth_cache import SYNTH_MARKER, ensure_synthetic
+from .synth_cache import ensure_synthetic
 
 SPLITS = ("train", "val", "test")
 

@@ -13,30 +13,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..synth import SYNTH_MARKER, synth_params
 from .errors import SourceError
 
-SYNTH_MARKER = ".defectscope-synth.json"
-
 log = logging.getLogger(__name__)
-
-
-def _synth_params(
-    n: int, seed: int, channels: int, min_size: int, max_size: int, classes: Sequence[str], region: str
-) -> dict[str, Any]:
-    from .. import __version__
-
-    params = {
-        "n": n,
-        "seed": seed,
-        "channels": channels,
-        "min_size": min_size,
-        "max_size": max_size,
-        "classes": list(classes),
-        "generator_version": __version__,
-    }
-    if region != "anywhere":  # absent for the default, so sets generated before regions existed stay valid
-        params["region"] = region
-    return params
 
 
 def _read_marker(root: Path) -> dict[str, Any] | None:
@@ -47,16 +27,10 @@ def _read_marker(root: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _looks_generated(root: Path) -> bool:
-    """A folder we may delete: has our marker, or holds only a synth manifest and class folders."""
-    if (root / SYNTH_MARKER).exists():
-        return True
-    for entry in root.iterdir():
-        if entry.name == "manifest.csv":
-            continue
-        if not entry.is_dir() or not all(f.is_file() and f.suffix == ".png" for f in entry.iterdir()):
-            return False
-    return True
+def _ours(root: Path) -> bool:
+    """A folder we may replace: empty, or made by the generator (its marker).  Nothing else is ever
+    deleted, however much it looks like generated images (a user's folder of PNGs named as root)."""
+    return (root / SYNTH_MARKER).is_file() or not any(root.iterdir())
 
 
 def _remove_stale_partials(root: Path) -> None:
@@ -87,7 +61,8 @@ def ensure_synthetic(
     """Generate the synthetic set into ``root`` unless a complete one with these parameters is there.
 
     Generation goes to a sibling ``<root>.partial-<host>-<pid>`` folder which gets the completion
-    marker and is then renamed, so a killed run never leaves a half dataset at ``root``.  A lock
+    marker and is then renamed, so a killed run never leaves a half dataset at ``root``; a ``root`` without
+    the marker is replaced only when empty.  A lock
     file serialises processes that start together (DDP ranks, parallel runs): one generates, the
     others wait and reuse its result.
     """
@@ -100,7 +75,7 @@ def ensure_synthetic(
         if not isinstance(value, int) or isinstance(value, bool):  # before the cache is looked at or rebuilt
             raise SourceError(f"data.source.{key} must be a whole number, got {value!r}")
     base = Path(root).expanduser()
-    params = _synth_params(n, seed, channels, min_size, max_size, classes, region)
+    params = synth_params(n, seed, channels, min_size, max_size, classes, region)
     if _read_marker(base) == params:
         return base
     base.parent.mkdir(parents=True, exist_ok=True)
@@ -108,10 +83,10 @@ def ensure_synthetic(
         if _read_marker(base) == params:  # another process finished while we waited
             return base
         if base.exists():
-            if not base.is_dir() or not _looks_generated(base):
+            if not base.is_dir() or not _ours(base):
                 raise SourceError(
-                    f"data.source.root: {base} exists but is not a defectscope synthetic dataset; "
-                    "choose another root for kind=synthetic"
+                    f"data.source.root: {base} exists but is not a defectscope synthetic dataset (no "
+                    f"{SYNTH_MARKER}); for your own images use data=folder, for generated ones another root"
                 )
             log.warning(
                 "synthetic dataset %s is incomplete or was made with other settings; regenerating", base
@@ -119,8 +94,7 @@ def ensure_synthetic(
         _remove_stale_partials(base)
         partial = base.with_name(f"{base.name}.partial-{socket.gethostname()}-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
-        generate(partial, n, seed, channels, (min_size, max_size), classes, region=region)
-        (partial / SYNTH_MARKER).write_text(json.dumps(params, sort_keys=True) + "\n", encoding="utf-8")
+        generate(partial, n, seed, channels, (min_size, max_size), classes, region=region)  # marker last
         if base.exists():
             shutil.rmtree(base)
         os.replace(partial, base)
