@@ -194,9 +194,10 @@ def test_bad_config_values_are_named(tmp_path: Path) -> None:
             {"kind": "folder", "root": str(tmp_path)}, loader={"max_side": 100, "size_multiple": 128}
         )
     _folder_dataset(tmp_path / "imgs", 3)
-    dm = DefectDataModule({"kind": "folder", "root": str(tmp_path / "imgs")}, mean=[0.5, 0.5], std=[0.2])
-    with pytest.raises(ValueError, match=r"data\.mean has 2 values; expected 1 or 1"):
-        dm.setup("fit")
+    with pytest.raises(
+        ValueError, match=r"data\.mean has 2 values; expected 1 or 1"
+    ):  # before any file is read
+        DefectDataModule({"kind": "folder", "root": str(tmp_path / "imgs")}, mean=[0.5, 0.5], std=[0.2])
 
 
 @pytest.mark.slow

@@ -114,7 +114,8 @@ def test_csv_relative_absolute_and_split(tmp_path: Path) -> None:
 def test_csv_missing_rows_reported_together(tmp_path: Path) -> None:
     _img(tmp_path / "a.png")
     manifest = tmp_path / "m.csv"
-    manifest.write_text("path,label\na.png,good\nlost1.png,good\na.png,crack\nsub/lost2.png,crack\n")
+    _img(tmp_path / "b.png")
+    manifest.write_text("path,label\na.png,good\nlost1.png,good\nb.png,crack\nsub/lost2.png,crack\n")
     with pytest.raises(SourceError) as info:
         build_source({"kind": "csv", "path": str(manifest)})
     msg = str(info.value)

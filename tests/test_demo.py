@@ -82,6 +82,26 @@ def test_demo_refuses_non_synthetic_data_before_training(
         text=True,
         timeout=120,
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "data.source.kind must be 'synthetic'" in proc.stderr and "'elpv'" in proc.stderr
     assert "== train:" not in proc.stdout and not (work / "train").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--holdout", "0"], "argument --holdout: expected a whole number >= 1, got '0'"),
+        (["data.split.val_fraction=2"], "train: error: data.split.val_fraction must be a number in [0, 1)"),
+    ],
+)
+def test_demo_mistakes_are_one_line_before_training(
+    tmp_path: Path, defectscope_cmd: list[str], cli_env: dict[str, str], args: list[str], message: str
+) -> None:
+    """--holdout 0 stopped only after training and export; a config error printed train's stderr whole."""
+    work = tmp_path / "demo"
+    proc = subprocess.run(
+        [*defectscope_cmd, "demo", "--workdir", str(work), "--experiment", "smoke", *args],
+        cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert message in proc.stderr and not list(work.rglob("*.ckpt"))

@@ -129,7 +129,7 @@ def test_defect_position_and_orientation_vary() -> None:
 def test_bad_arguments_are_named() -> None:
     with pytest.raises(ValueError, match="unknown class"):
         synth.generate("/nonexistent/never", 4, classes=["good", "dent"])
-    with pytest.raises(ValueError, match="size range"):
+    with pytest.raises(ValueError, match="min_size and max_size must satisfy 16 <= min_size <= max_size"):
         synth.generate("/nonexistent/never", 4, size_range=(200, 100))
     assert synth.main(["/nonexistent/never", "--n", "0"]) == 2
 
@@ -199,6 +199,7 @@ def test_synthetic_source_regenerates_when_the_region_changes(tmp_path: Path) ->
     ensure_synthetic(root, 8, seed=1, min_size=64, max_size=96, region="centre")
     assert _files(root) != left
     with pytest.raises(
-        SourceError, match=r"data\.source\.region must be one of anywhere, left, centre, right"
+        SourceError,
+        match=r"data\.source\.region: unknown region 'everywhere'; valid: anywhere, left, centre, right",
     ):
         ensure_synthetic(root, 8, region="everywhere")

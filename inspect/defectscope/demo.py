@@ -12,19 +12,25 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from .runtime.options import CommandParser
+from .runtime.options import CommandParser, positive_whole
 from .runtime.results import iter_rows
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = CommandParser(prog="defectscope demo", description=__doc__)
     p.add_argument("--workdir", type=Path, default=Path("demo"), help="where data, run, model and report go")
-    p.add_argument("--holdout", type=int, default=120, help="held-out synthetic images to inspect")
+    p.add_argument("--holdout", type=positive_whole, default=120, help="held-out synthetic images to inspect")
     p.add_argument("--experiment", default="demo", help="training experiment config (conf/experiment/)")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for the training step")
     return p
+
+
+def _fail(message: str) -> NoReturn:
+    """The demo's one-line error, exit 2 (a step's own error is printed by the step above it)."""
+    print(f"defectscope demo: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 def _run(step: str, cmd: list[str]) -> None:
@@ -32,7 +38,9 @@ def _run(step: str, cmd: list[str]) -> None:
     t0 = time.perf_counter()
     rc = subprocess.call(cmd)
     if rc != 0:
-        raise SystemExit(f"defectscope demo: step '{step}' failed with exit code {rc}")
+        if rc == 2:  # the step's own one-line error is above: nothing to add
+            raise SystemExit(2)
+        _fail(f"step '{step}' failed with exit code {rc}")
     print(f"== {step}: done in {time.perf_counter() - t0:.1f} s", flush=True)
 
 
@@ -76,12 +84,15 @@ def composed_source(train_cmd: list[str]) -> dict[str, Any]:
     import yaml  # PyYAML comes with hydra-core (the train extra)
 
     proc = subprocess.run([*train_cmd, "--cfg", "job", "--resolve"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"defectscope demo: the training config does not compose:\n{proc.stderr.strip()}")
+    if proc.returncode != 0:  # train's own one-line error says what is wrong
+        said = [
+            line for line in proc.stderr.splitlines() if "error:" in line
+        ] or proc.stderr.strip().splitlines()[-1:]
+        _fail(f"the training config does not compose: {said[-1] if said else f'exit code {proc.returncode}'}")
     source = ((yaml.safe_load(proc.stdout) or {}).get("data") or {}).get("source") or {}
     if source.get("kind") != "synthetic":
-        raise SystemExit(
-            f"defectscope demo: data.source.kind must be 'synthetic' (the held-out images are generated), "
+        _fail(
+            f"data.source.kind must be 'synthetic' (the held-out images are generated), "
             f"got {source.get('kind')!r}; use --experiment demo, smoke or synthetic"
         )
     return dict(source)
@@ -127,7 +138,7 @@ def main(argv: list[str]) -> int:
     _run("train", train_cmd)
     ckpt = run_dir / "checkpoints" / "best.ckpt"
     if not ckpt.is_file():
-        raise SystemExit(f"defectscope demo: training finished but {ckpt} is missing")
+        _fail(f"training finished but {ckpt} is missing")
     _run("export", [*exe, "export", str(ckpt), "-o", str(model)])
     _run(
         "held-out data",

@@ -223,7 +223,7 @@ def synth_params(
     return params
 
 
-def _check(
+def check_request(
     n: int,
     channels: int,
     size_range: tuple[int, int],
@@ -231,27 +231,32 @@ def _check(
     region: str = "anywhere",
     seed: int = 0,
     workers: int | None = None,
+    prefix: str = "synth: ",
 ) -> None:
-    if n < 1:
-        raise ValueError(f"synth: n must be >= 1, got {n}")
-    if seed < 0:
-        raise ValueError(f"synth: seed must be >= 0, got {seed}")
-    if workers is not None and workers < 1:
-        raise ValueError(f"synth: workers must be >= 1, got {workers}")
-    if channels not in (1, 3):
-        raise ValueError(f"synth: channels must be 1 or 3, got {channels}")
+    """Every generation parameter, before anything is written or replaced; ``prefix`` names where they
+    came from (``data.source.`` for the synthetic source)."""
     lo, hi = size_range
-    if not 16 <= lo <= hi:
-        raise ValueError(f"synth: size range must satisfy 16 <= min <= max, got {lo}..{hi}")
-    if not classes:
-        raise ValueError("synth: at least one class is required")
+    problems = (
+        (n < 1, f"n must be >= 1, got {n}"),
+        (seed < 0, f"seed must be >= 0, got {seed}"),
+        (workers is not None and workers < 1, f"workers must be >= 1, got {workers}"),
+        (channels not in (1, 3), f"channels must be 1 or 3, got {channels}"),
+        (
+            not 16 <= lo <= hi,
+            f"min_size and max_size must satisfy 16 <= min_size <= max_size, got {lo} and {hi}",
+        ),
+        (not classes, "classes: at least one class is required"),
+        (len(set(classes)) != len(classes), f"classes: duplicate class names in {list(classes)}"),
+        (region not in REGIONS, f"region: unknown region {region!r}; valid: {', '.join(REGIONS)}"),
+    )
+    for failed, message in problems:
+        if failed:
+            raise ValueError(prefix + message)
     unknown = [c for c in classes if c not in PAINTERS]
     if unknown:
-        raise ValueError(f"synth: unknown class(es) {', '.join(unknown)}; valid: {', '.join(PAINTERS)}")
-    if len(set(classes)) != len(classes):
-        raise ValueError(f"synth: duplicate class names in {list(classes)}")
-    if region not in REGIONS:
-        raise ValueError(f"synth: unknown region {region!r}; valid: {', '.join(REGIONS)}")
+        raise ValueError(
+            f"{prefix}classes: unknown class(es) {', '.join(unknown)}; valid: {', '.join(PAINTERS)}"
+        )
 
 
 def generate(
@@ -271,7 +276,7 @@ def generate(
     ``region``: where the defects lie (:data:`REGIONS`; see the module docstring).
     """
     classes = list(classes)
-    _check(n, channels, size_range, classes, region, seed, workers)
+    check_request(n, channels, size_range, classes, region, seed, workers)
     root = Path(out)
     replaced = _clear_previous(root)
     if replaced:

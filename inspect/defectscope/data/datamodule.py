@@ -28,7 +28,14 @@ from .dataset import DefectDataset, collate, seed_worker
 from .multiscale import check_scales, draw_scale, rescale_batch
 from .sampler import BucketBatchSampler
 from .scan import BadFilesError, ScanRecord, ScanResult, mean_std, scan_files, write_rejects
-from .settings import check_settings, loader_config, split_config
+from .settings import (
+    check_normalisation_length,
+    check_settings,
+    loader_config,
+    split_config,
+    switch,
+    whole_number,
+)
 from .sources import SPLITS, Sample, SourceData, SourceError, build_source, prepare_source, source_arguments
 from .splits import assign_splits, spread_samples
 from .stats import class_counts, count_table, inverse_frequency_weights, split_warnings
@@ -104,16 +111,15 @@ class DefectDataModule(pl.LightningDataModule):
             raise SourceError("data.source.kind is required (folder, csv, elpv or synthetic)")
         source_arguments(self.source_spec)  # the kind and its keys, before any file is read
         self.loader_config = loader_config(loader)
-        self.split_cfg = split_config(split)
+        self.split_cfg = split_config(split, training=evaluate_on is None)
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
-        self.num_workers = int(num_workers)
+        self.num_workers = int(whole_number("num_workers", num_workers, 0) or 0)
+        pin = switch("pin_memory", pin_memory, allow_none=True)
         self.pin_memory = (
-            torch.cuda.is_available()
-            if pin_memory is None
-            else bool(pin_memory and torch.cuda.is_available())
+            torch.cuda.is_available() if pin is None else bool(pin and torch.cuda.is_available())
         )
-        self.persistent_workers = bool(persistent_workers)
+        self.persistent_workers = bool(switch("persistent_workers", persistent_workers))
         self.train_transform_spec = train_transform
         self.mean_cfg = None if mean is None else [float(m) for m in mean]
         self.std_cfg = None if std is None else [float(s) for s in std]
@@ -121,11 +127,12 @@ class DefectDataModule(pl.LightningDataModule):
             low, high = NORMALISATION_RANGE[key]
             if values is not None and not all(low <= v <= high for v in values):
                 raise ValueError(f"data.{key} values must be in [{low:g}, {high:g}], got {values}")
+        check_normalisation_length(self.mean_cfg, self.std_cfg, self.loader_config.channels)
         self.on_bad_file = on_bad_file
         self.rejects_path = rejects_path
-        self.scan_workers = int(scan_workers)
-        self.seed = int(seed)
-        self.drop_last = bool(drop_last)
+        self.scan_workers = int(whole_number("scan_workers", scan_workers, 1) or 1)
+        self.seed = int(whole_number("seed", seed, 0) or 0)
+        self.drop_last = bool(switch("drop_last", drop_last))
         self.ordered = expect(ordered, bool, "data.ordered", "true or false")
         self.dihedral = expect(dihedral, bool, "data.dihedral", "true or false")
         self.multi_scale = check_scales(multi_scale)
@@ -196,7 +203,7 @@ class DefectDataModule(pl.LightningDataModule):
         self.class_counts = class_counts(train, self.class_names)
         empty = [c for c, n in self.class_counts.items() if n == 0]
         if empty:
-            raise ValueError(
+            raise SourceError(
                 f"{source.description}: no training images for class(es) {empty}; every class in "
                 f"{self.class_names} needs training images (check data.source.classes and data.split: "
                 f"{self.split_cfg or 'defaults'})"
@@ -271,9 +278,7 @@ class DefectDataModule(pl.LightningDataModule):
             est_mean, est_std = mean_std(train_records, c)
             mean = est_mean if mean is None else mean
             std = est_std if std is None else std
-        for key, vals in (("mean", mean), ("std", std)):
-            if len(vals) not in (1, c):
-                raise ValueError(f"data.{key} has {len(vals)} values; expected 1 or {c} (loader.channels)")
+        check_normalisation_length(mean, std, c)
         if any(s <= 0 for s in std):
             raise ValueError(f"data.std values must be > 0, got {std}")
         return (mean * c if len(mean) == 1 else list(mean)), (std * c if len(std) == 1 else list(std))
@@ -329,15 +334,22 @@ class DefectDataModule(pl.LightningDataModule):
             raise RuntimeError("call setup() before asking for datasets or dataloaders")
         return self.datasets[split]
 
+    def require_splits(self, *splits: str) -> None:
+        """Refuse an empty split a run will need, before it trains (a missing test split was found after)."""
+        for split in splits:
+            if not self.dataset(split).samples:
+                hint = {
+                    "train": "data.split fractions",
+                    "val": "data.split.val_fraction (> 0) or a val/ folder beside train/",
+                    "test": "data.split.test_fraction (> 0) or a test/ folder beside train/, or run with test=false",
+                }[split]
+                raise SourceError(f"the {split} split is empty; set {hint}")
+
     def _loader(
         self, split: str, batch_size: int, *, shuffle: bool, drop_last: bool
     ) -> DataLoader[dict[str, Any]]:
         ds = self.dataset(split)
-        if len(ds) == 0:
-            hint = (
-                "data.split.val_fraction" if split == "val" else "data.split.test_fraction or a test/ folder"
-            )
-            raise ValueError(f"the {split} split is empty; check {hint}")
+        self.require_splits(split)
         rank, world = self._rank_world()
         ds.rank = rank
         sampler = BucketBatchSampler(

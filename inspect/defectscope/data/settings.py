@@ -41,11 +41,8 @@ def check_settings(
         )
     if on_bad_file not in ON_BAD_FILE:
         raise ValueError(f"data.on_bad_file must be one of {', '.join(ON_BAD_FILE)}, got {on_bad_file!r}")
-    for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-        if value is None and key == "eval_batch_size":
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"data.{key} must be a whole number >= 1, got {value!r}")
+    whole_number("batch_size", batch_size, 1)
+    whole_number("eval_batch_size", eval_batch_size, 1, allow_none=True)
 
 
 def loader_config(loader: Mapping[str, Any] | LoaderConfig | None) -> LoaderConfig:
@@ -71,12 +68,52 @@ def loader_config(loader: Mapping[str, Any] | LoaderConfig | None) -> LoaderConf
         raise ValueError(f"data.loader: {message}") from None
 
 
-def split_config(split: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``data.split`` as plain data; unknown keys are refused (a typo would silently split differently)."""
+def split_config(split: Mapping[str, Any] | None, training: bool = True) -> dict[str, Any]:
+    """``data.split`` as plain data; unknown keys are refused (a typo would silently split differently).
+
+    Fractions are numbers in [0, 1) or null, and leave training images (evaluation may put every image
+    in the test split: ``test_fraction: 1``)."""
     split_cfg: dict[str, Any] = to_plain(split or {})
     unknown = set(split_cfg) - {"val_fraction", "test_fraction", "seed"}
     if unknown:
         raise ValueError(
             f"data.split: unknown key(s) {sorted(unknown)}; valid: val_fraction, test_fraction, seed"
         )
+    top, what = (1.0, "[0, 1)") if training else (1.0 + 1e-12, "[0, 1]")
+    for key in ("val_fraction", "test_fraction"):
+        v = split_cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < top):
+            raise ValueError(f"data.split.{key} must be a number in {what} or null, got {v!r}")
+    if training and (split_cfg.get("val_fraction") or 0) + (split_cfg.get("test_fraction") or 0) >= 1:
+        raise ValueError(
+            f"data.split: val_fraction + test_fraction must be < 1 so that training has images, got "
+            f"{split_cfg.get('val_fraction')} + {split_cfg.get('test_fraction')}"
+        )
+    whole_number("split.seed", split_cfg.get("seed"), 0, allow_none=True)
     return split_cfg
+
+
+def whole_number(key: str, value: Any, least: int, allow_none: bool = False) -> int | None:
+    """``data.<key>`` as a whole number >= ``least`` (or None where allowed)."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        also = " or null" if allow_none else ""
+        raise ValueError(f"data.{key} must be a whole number >= {least}{also}, got {value!r}")
+    return value
+
+
+def switch(key: str, value: Any, allow_none: bool = False) -> bool | None:
+    """``data.<key>`` as true or false (null where allowed): ``bool('no')`` would be true."""
+    if (value is None and allow_none) or isinstance(value, bool):
+        return value
+    raise ValueError(f"data.{key} must be true or false{', or null' if allow_none else ''}, got {value!r}")
+
+
+def check_normalisation_length(mean: Any, std: Any, channels: int) -> None:
+    """``data.mean``/``data.std`` hold one value or one per channel (``data.loader.channels``)."""
+    for key, values in (("mean", mean), ("std", std)):
+        if values is not None and len(values) not in (1, channels):
+            raise ValueError(
+                f"data.{key} has {len(values)} values; expected 1 or {channels} (data.loader.channels)"
+            )

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..plain import to_plain
 from ..runtime.files import IMAGE_EXTENSIONS, TEXT_HEAD_BYTES, text_problem
+from ..runtime.metadata import MAX_NAME_CHARS, is_model_name
 from ..synth import SYNTH_MARKER
 from .errors import SourceError
 from .synth_cache import ensure_synthetic
@@ -54,7 +55,20 @@ class SourceData:
     origin: dict[str, str] = field(default_factory=dict)
 
 
-def _check_good(good_class: str | None, class_names: Sequence[str], where: str) -> None:
+def _check_classes(good_class: str | None, class_names: Sequence[str], where: str) -> None:
+    """Classes a model can be trained for and carry: unique names the model file accepts (the run would
+    otherwise fail at its own checkpoint or at export), the good class among them."""
+    odd = [name for name in class_names if not is_model_name(name)]
+    if odd:
+        raise SourceError(
+            f"{where}: class name(s) {', '.join(repr(n)[:80] for n in odd[:3])} cannot be carried by a model: "
+            f"expected printable UTF-8 names of 1 to {MAX_NAME_CHARS} characters; rename them"
+        )
+    twice = sorted({n for n in class_names if list(class_names).count(n) > 1})
+    if twice:
+        raise SourceError(
+            f"{where}: class name(s) {twice} listed twice in {list(class_names)}; list each once"
+        )
     if good_class is not None and good_class not in class_names:
         raise SourceError(
             f"{where}: good_class {good_class!r} is not one of the classes {list(class_names)}; "
@@ -125,7 +139,7 @@ def folder_source(
             f"{base}: class folders {unlisted} are not in {classes_key} {names}; "
             "add them or move them out of the dataset folder"
         )
-    _check_good(good_class, names, str(base))
+    _check_classes(good_class, names, str(base))
     ignored: list[str] = []
     samples: list[Sample] = []
     for label, name in enumerate(names):
@@ -183,18 +197,28 @@ def csv_source(
         )
     reader.fieldnames = header
     rows = []
-    for rec in reader:
-        p = (rec.get("path") or "").strip()
-        if not p and not (rec.get("label") or "").strip():
-            continue  # blank line
-        rows.append((reader.line_num, p, (rec.get("label") or "").strip(), (rec.get("split") or "").strip()))
+    try:
+        for rec in reader:
+            p = (rec.get("path") or "").strip()
+            if not p and not (rec.get("label") or "").strip():
+                continue  # blank line
+            rows.append(
+                (reader.line_num, p, (rec.get("label") or "").strip(), (rec.get("split") or "").strip())
+            )
+    except csv.Error as exc:  # e.g. an unmatched quote that swallows the rest of the file
+        raise SourceError(
+            f"{csv_path}: line {reader.line_num}: not valid CSV ({exc}); check its quotes"
+        ) from None
     if not rows:
         raise SourceError(f"{csv_path}: no data rows")
 
     names = list(classes) if classes else sorted({r[2] for r in rows if r[2]})
     problems: list[str] = []
     unknown = False
+    first_row: dict[str, int] = {}
     for line, p, label, split in rows:
+        if p and first_row.setdefault(p, line) != line:  # one image twice could land in two splits
+            problems.append(f"row {line}: {p} already on row {first_row[p]}")
         if not p or not label:
             problems.append(f"row {line}: empty path or label")
         if _not_utf8(label + split):  # names may be in the OS's bytes; class names travel to the model
@@ -207,7 +231,7 @@ def csv_source(
     if problems:
         known = f"; labels must be in {classes_key} {names}" if unknown else ""
         raise SourceError(f"{csv_path}: {len(problems)} invalid row(s): {some(problems)}{known}")
-    _check_good(good_class, names, str(csv_path))
+    _check_classes(good_class, names, str(csv_path))
 
     folder = csv_path.parent
     samples: list[Sample] = []
@@ -326,6 +350,14 @@ def source_arguments(
     touching a file, so a typo fails before a run starts."""
     params = to_plain(spec, strict=True)
     kind = params.pop("kind", None)
+    for key in ("good_class", "classes"):  # Hydra reads a class folder named 0 as the number 0
+        value = params.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            params[key] = str(value)
+        elif isinstance(value, list):
+            params[key] = [
+                str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for v in value
+            ]
     if kind not in SOURCES:
         raise SourceError(f"data.source.kind must be one of {', '.join(SOURCES)}, got {kind!r}")
     fn = SOURCES[kind]

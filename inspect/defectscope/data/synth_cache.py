@@ -66,14 +66,16 @@ def ensure_synthetic(
     file serialises processes that start together (DDP ranks, parallel runs): one generates, the
     others wait and reuse its result.
     """
-    from ..synth import REGIONS, generate
+    from ..synth import check_request, generate
 
-    if region not in REGIONS:
-        raise SourceError(f"data.source.region must be one of {', '.join(REGIONS)}, got {region!r}")
     numbers = {"n": n, "seed": seed, "channels": channels, "min_size": min_size, "max_size": max_size}
     for key, value in numbers.items():
         if not isinstance(value, int) or isinstance(value, bool):  # before the cache is looked at or rebuilt
             raise SourceError(f"data.source.{key} must be a whole number, got {value!r}")
+    try:
+        check_request(n, channels, (min_size, max_size), classes, region, seed, prefix="data.source.")
+    except ValueError as exc:
+        raise SourceError(str(exc)) from None
     base = Path(root).expanduser()
     params = synth_params(n, seed, channels, min_size, max_size, classes, region)
     if _read_marker(base) == params:

@@ -288,7 +288,9 @@ def _int_in(value: Any, key: str, lo: int, hi: int) -> None:
         raise MetadataError(f"{key} must be a whole number in [{lo}, {hi}], got {value!r}")
 
 
-def _name(value: Any) -> bool:
+def is_model_name(value: Any) -> bool:
+    """A class name a model file can carry: printable text (no newline, no undecodable byte) of
+    1..MAX_NAME_CHARS characters; training checks its classes by this rule before it starts."""
     return isinstance(value, str) and 0 < len(value) <= MAX_NAME_CHARS and value.isprintable()
 
 
@@ -296,13 +298,17 @@ def _problems(m: ModelMetadata) -> list[str]:
     """Every type and range problem of a document, so one error lists them all."""
     out: list[str] = []
     names = m.class_names
-    if not isinstance(names, list) or not 2 <= len(names) <= MAX_CLASSES or not all(map(_name, names)):
+    if (
+        not isinstance(names, list)
+        or not 2 <= len(names) <= MAX_CLASSES
+        or not all(map(is_model_name, names))
+    ):
         out.append(f"class_names must be 2..{MAX_CLASSES} printable names of <= {MAX_NAME_CHARS} characters")
     elif len(set(names)) != len(names):
         out.append(f"class_names must be unique, got {names!r}")
     elif m.good_class not in names:
         out.append(f"good_class {m.good_class!r} is not one of class_names {names!r}")
-    if not isinstance(m.ng_classes, list) or not all(map(_name, m.ng_classes)):
+    if not isinstance(m.ng_classes, list) or not all(map(is_model_name, m.ng_classes)):
         out.append("ng_classes must be a list of class names")
     if not is_finite_number(m.threshold) or not is_threshold(float(m.threshold)):
         out.append(f"threshold must be {THRESHOLD_EXPECTED}, got {m.threshold!r}")
@@ -315,11 +321,11 @@ def _problems(m: ModelMetadata) -> list[str]:
         elif isinstance(m.loader, LoaderConfig) and len(vals) != m.loader.channels:
             out.append(f"{key} needs {m.loader.channels} values (loader.channels), got {len(vals)}")
     for key in ("model_name", "package_version"):
-        if not _name(getattr(m, key)):
+        if not is_model_name(getattr(m, key)):
             out.append(f"{key} must be a printable name of <= {MAX_NAME_CHARS} characters")
     for key in ("mlflow_run_id", "checkpoint_sha256"):
         value = getattr(m, key)
-        if value is not None and not _name(value):
+        if value is not None and not is_model_name(value):
             out.append(f"{key} must be null or a printable string of <= {MAX_NAME_CHARS} characters")
     if (
         isinstance(m.total_stride, bool)

@@ -65,6 +65,17 @@ def unit_number(text: str) -> float:
     return value
 
 
+def positive_whole(text: str) -> int:
+    """argparse type of a count that must be at least 1 (a number of images, of workers)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 

@@ -286,9 +286,12 @@ class DefectClassifier(pl.LightningModule):
             if every_label.numel() > 0:
                 expected = expected_grade(every_probs.double().cpu().numpy())
                 cuts_for = self.objective.cuts_for
-                cuts = choose_cuts(expected, every_label.cpu().numpy(), len(self.class_names), cuts_for)
+                cuts = choose_cuts(
+                    expected, every_label.reshape(-1).cpu().numpy(), len(self.class_names), cuts_for
+                )
                 self.grading = Grading("cuts", cuts, cuts_for)
         probs, labels = outputs.compute()
+        labels = labels.reshape(-1)  # torchmetrics squeezes a one-element result to 0-d (one val image)
         if labels.numel() == 0:
             return
         preds = self.grade(probs)
@@ -309,7 +312,7 @@ class DefectClassifier(pl.LightningModule):
                 for cls, v in zip(self.class_names, value.tolist()):
                     out[f"{name}/{metric_key(cls)}"] = float(v)
         confmat = getattr(self, f"{stage}_confmat").compute().cpu()
-        scores, targets = (t.cpu() for t in getattr(self, f"{stage}_scores").compute())
+        scores, targets = (t.cpu().reshape(-1) for t in getattr(self, f"{stage}_scores").compute())
         auroc = defect_auroc(scores, targets)
         if auroc is not None:
             out["auroc"] = auroc

@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .. import __version__
+from ..data.transforms import check_transform_spec
 from ..plain import to_plain
 from .artifacts import log_test_artifacts, summary_lines, write_test_plots
 from .callbacks import FiniteWeights, Throughput, build_callbacks, checkpoint_callback
@@ -319,6 +320,8 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
     horizon = {key: to_plain(OmegaConf.select(cfg, key)) for key in HORIZON_SETTINGS}
     optimizer = OmegaConf.select(cfg, "optim.optimizer._target_")
     resume = read_resume(ckpt_path, cfg.get("finetune"), distill, horizon, optimizer) if ckpt_path else {}
+    # Hydra would build any _target_ a transform names; a checkpoint's data config is rebuilt from the allow-list
+    check_transform_spec(to_plain(OmegaConf.select(cfg, "data.train_transform")), "data.train_transform")
     dm = instantiate(cfg.data)  # checks every data.* key without reading a file: a typo opens no MLflow run
     check_model_settings(cfg, dm.ordered)
     tracker = _start_tracker(cfg, out_dir, ckpt_path, resume)
@@ -332,6 +335,7 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
     try:
         dm.prepare_data()
         dm.setup("fit")
+        dm.require_splits("train", "val", *(["test"] if cfg.get("test", True) else []))  # before training
         module = build_module(cfg, dm)
         use_memory_format(module.model, cfg.get("memory_format"))
         teacher_pass = add_teacher(dm, distill, cfg.get("threads"), tracker)

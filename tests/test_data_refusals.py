@@ -1,0 +1,110 @@
+"""Data problems found while listing and scanning, refused before training with one line naming the key
+or the file (an attack review found each as a traceback, several after a whole training run, two of them
+deleting the user's images: tests/test_data_sources.py and tests/test_synth.py hold those)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from defectscope.data.datamodule import DefectDataModule
+from defectscope.data.errors import DataConfigError
+from defectscope.data.sources import SourceError, build_source
+from defectscope.training.app import _is_own_error
+from onnx_models import make_image
+
+
+def _classes(root: Path, names: list[str], n: int = 6, size: tuple[int, int] = (64, 64)) -> Path:
+    for name in names:
+        for i in range(n):
+            make_image(root / name / f"{i}.png", *size, bright=name != "good", seed=i)
+    return root
+
+
+def test_an_empty_split_the_run_needs_is_refused_before_training(tmp_path: Path) -> None:
+    root = _classes(tmp_path / "parts", ["good", "crack"])
+    dm = DefectDataModule({"kind": "folder", "root": str(root)}, split={"test_fraction": 0}, scan_workers=1)
+    dm.setup("fit")
+    dm.require_splits("train", "val")
+    with pytest.raises(SourceError, match=r"the test split is empty; set data.split.test_fraction \(> 0\)"):
+        dm.require_splits("train", "val", "test")
+    fixed = tmp_path / "fixed"  # split folders without test/: test_fraction does not apply there
+    _classes(fixed / "train", ["good", "crack"])
+    _classes(fixed / "val", ["good", "crack"], n=2)
+    dm = DefectDataModule({"kind": "folder", "root": str(fixed)}, scan_workers=1)
+    dm.setup("fit")
+    with pytest.raises(SourceError, match=r"or a test/ folder beside train/, or run with test=false") as err:
+        dm.require_splits("train", "val", "test")
+    assert _is_own_error(err.value)
+
+
+def test_a_size_changing_step_is_found_whatever_its_probability(tmp_path: Path) -> None:
+    """At p=0.1 a 90-degree turn hid from the probe and stopped training mid-epoch."""
+    root = _classes(tmp_path / "parts", ["good", "crack"], size=(96, 64))
+    spec = {
+        "_target_": "albumentations.Compose",
+        "transforms": [{"_target_": "albumentations.RandomRotate90", "p": 0.1}],
+    }
+    dm = DefectDataModule({"kind": "folder", "root": str(root)}, train_transform=spec, scan_workers=1)
+    with pytest.raises(
+        DataConfigError, match=r"data.train_transform changed an image of shape \(64, 96, 1\)"
+    ):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize("name", ["bad\nline", "x" * 210, os.fsdecode(b"\xff\xfe")])
+def test_class_names_no_model_can_carry_are_refused_at_listing(tmp_path: Path, name: str) -> None:
+    """They trained, then failed at their own best.ckpt, at export or as a UnicodeEncodeError."""
+    root = _classes(tmp_path / "parts", ["good"], n=2)
+    make_image(
+        Path(os.fsdecode(os.path.join(os.fsencode(root), os.fsencode(name), b"0.png"))), 64, 64, bright=True
+    )
+    with pytest.raises(
+        SourceError, match=r"cannot be carried by a model: expected printable UTF-8 names of 1 to 200"
+    ):
+        build_source({"kind": "folder", "root": str(root)})
+
+
+def test_class_lists_twice_and_numeric_class_names(tmp_path: Path) -> None:
+    root = _classes(tmp_path / "parts", ["good", "crack"], n=2)
+    with pytest.raises(SourceError, match=r"class name\(s\) \['good'\] listed twice"):
+        build_source({"kind": "folder", "root": str(root), "classes": ["good", "good", "crack"]})
+    digits = _classes(tmp_path / "digits", ["0", "1"], n=2)
+    data = build_source(
+        {"kind": "folder", "root": str(digits), "good_class": 0, "classes": [0, 1]}
+    )  # as Hydra reads them
+    assert (data.good_class, data.class_names) == ("0", ["0", "1"])
+
+
+def test_csv_rows_listing_one_image_twice_and_a_stray_quote(tmp_path: Path) -> None:
+    _classes(tmp_path, ["good", "crack"], n=2)
+    (tmp_path / "m.csv").write_text("path,label\ngood/0.png,good\ncrack/0.png,crack\ngood/0.png,crack\n")
+    with pytest.raises(SourceError, match=r"m.csv: 1 invalid row\(s\): row 4: good/0.png already on row 2"):
+        build_source({"kind": "csv", "path": str(tmp_path / "m.csv")})
+    rows = "".join(f"good/{i}.png,good\n" if i != 7 else '"good/7.png,good\n' for i in range(9000))
+    (tmp_path / "big.csv").write_text("path,label\n" + rows)  # > 128 KB: the quote swallows the rest
+    with pytest.raises(
+        SourceError, match=r"big.csv: line \d+: not valid CSV \(field larger than field limit"
+    ):
+        build_source({"kind": "csv", "path": str(tmp_path / "big.csv")})
+
+
+@pytest.mark.slow
+def test_one_validation_image_trains(
+    tmp_path: Path, defectscope_cmd: list[str], cli_env: dict[str, str]
+) -> None:
+    """torchmetrics squeezes a one-element result to 0-d; the epoch end failed on it."""
+    root = tmp_path / "fixed"
+    _classes(root / "train", ["good", "crack"], n=4)
+    _classes(root / "test", ["good", "crack"], n=1)
+    make_image(root / "val" / "good" / "0.png", 64, 64, bright=False)
+    proc = subprocess.run(
+        [*defectscope_cmd, "train", "data=folder", f"data.source.root={root}", "logger=none", "data.num_workers=0",
+         "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "best.ckpt").is_file()
