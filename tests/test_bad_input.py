@@ -146,12 +146,12 @@ def test_data_config_mistakes_are_one_line_naming_the_key(
         # them after the scan (an attack review)
         "data.split.val_fraction=1.5": "data.split.val_fraction must be a number in [0, 1) or null, got 1.5",
         "data.split.val_fraction=abc": "data.split.val_fraction must be a number in [0, 1) or null, got 'abc'",
-        "data.split.test_fraction=0.9": "val_fraction + test_fraction must be < 1 so that training has images",
+        "data.split.test_fraction=1": "data.split.test_fraction must be a number in [0, 1) or null, got 1",
         "data.mean=[0.5,0.5]": "data.mean has 2 values; expected 1 or 1 (data.loader.channels)",
         "data.num_workers=-1": "data.num_workers must be a whole number >= 0, got -1",
         "data.seed=-1": "data.seed must be a whole number >= 0, got -1",
-        "data.drop_last=maybe": "data.drop_last must be true or false, got 'maybe'",
-        "data.pin_memory=no": "data.pin_memory must be true or false, or null, got 'no'",
+        "data.drop_last=maybe": "data.drop_last: expected true or false, got str 'maybe'",
+        "data.pin_memory=no": "data.pin_memory: expected true, false or null, got str 'no'",
         "data.train_transform=5": "data.train_transform: expected a transform mapping with _target_, got int",
         # Hydra built any transform a config named; the checkpoint's config then failed evaluate's allow-list
         "data.train_transform.transforms=[{_target_:albumentations.Rotate,limit:5}]": (

@@ -5,6 +5,7 @@ deleting the user's images: tests/test_data_sources.py and tests/test_synth.py h
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -36,7 +37,9 @@ def test_an_empty_split_the_run_needs_is_refused_before_training(tmp_path: Path)
     _classes(fixed / "val", ["good", "crack"], n=2)
     dm = DefectDataModule({"kind": "folder", "root": str(fixed)}, scan_workers=1)
     dm.setup("fit")
-    with pytest.raises(SourceError, match=r"or a test/ folder beside train/, or run with test=false") as err:
+    with pytest.raises(
+        SourceError, match=r"a test/ folder beside train/ or test rows in a CSV, or run with test=false"
+    ) as err:
         dm.require_splits("train", "val", "test")
     assert _is_own_error(err.value)
 
@@ -53,6 +56,35 @@ def test_a_size_changing_step_is_found_whatever_its_probability(tmp_path: Path) 
         DataConfigError, match=r"data.train_transform changed an image of shape \(64, 96, 1\)"
     ):
         dm.setup("fit")
+
+
+def test_steps_that_cannot_run_pass_and_rare_choices_are_found(tmp_path: Path) -> None:
+    root = _classes(tmp_path / "parts", ["good", "crack"], size=(96, 64))
+    off = {
+        "_target_": "albumentations.Compose",
+        "transforms": [{"_target_": "albumentations.RandomRotate90", "p": 0}],
+    }
+    DefectDataModule({"kind": "folder", "root": str(root)}, train_transform=off, scan_workers=1).setup("fit")
+    rare = {"_target_": "albumentations.OneOf", "p": 0.5, "transforms": [
+        {"_target_": "albumentations.RandomRotate90", "p": 0.02}, {"_target_": "albumentations.HorizontalFlip", "p": 0.98}]}  # fmt: skip
+    dm = DefectDataModule({"kind": "folder", "root": str(root)}, train_transform=rare, scan_workers=1)
+    with pytest.raises(DataConfigError, match=r"changed an image of shape"):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("drop_last", "maybe", "data.drop_last: expected true or false, got str 'maybe'"),
+        ("seed", -1, "data.seed must be a whole number >= 0, got -1"),
+        ("split", {"val_fraction": 2}, "data.split.val_fraction must be a number in [0, 1) or null, got 2"),
+    ],
+)
+def test_settings_errors_are_the_commands_own(tmp_path: Path, key: str, value: object, message: str) -> None:
+    """Raised when the module is built, as evaluate builds it from its own data= options: one line there too."""
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        DefectDataModule({"kind": "folder", "root": str(tmp_path)}, **{key: value})  # type: ignore[arg-type]
+    assert _is_own_error(err.value)
 
 
 @pytest.mark.parametrize("name", ["bad\nline", "x" * 210, os.fsdecode(b"\xff\xfe")])

@@ -14,7 +14,9 @@ from defectscope.demo import score_holdout
 
 
 def _row(path: str, label: str, verdict: str | None, status: str = "ok") -> dict[str, object]:
-    return {"path": path, "status": status, "label": label, "verdict": verdict}
+    """A row as the first row format wrote it (``label``, ``score``), which results files still read."""
+    figures = {"defect_prob": 0.9 if verdict == "NG" else 0.1, "score": 0.8} if status == "ok" else {}
+    return {"path": path, "status": status, "label": label, "verdict": verdict, **figures}
 
 
 def test_score_holdout_counts_escapes_and_false_rejects(tmp_path: Path) -> None:
@@ -92,6 +94,7 @@ def test_demo_refuses_non_synthetic_data_before_training(
     [
         (["--holdout", "0"], "argument --holdout: expected a whole number >= 1, got '0'"),
         (["data.split.val_fraction=2"], "train: error: data.split.val_fraction must be a number in [0, 1)"),
+        (["model=nosuch"], "demo: error: the training config does not compose: "),
     ],
 )
 def test_demo_mistakes_are_one_line_before_training(

@@ -180,7 +180,7 @@ def test_latency_comes_from_the_exported_model(compose_train: Callable[..., Any]
         (["search.stopping=5"], "search.stopping must be a mapping of settings, got 5"),
         (["search.stopping.rungs=3"], "search.stopping.rungs must be a list, got 3"),
         (["search.presets=5"], "search.presets must be a list of names, got 5"),
-        (["search.test_trials=no"], "search.test_trials must be true or false, got 'no'"),
+        (["search.test_trials=no"], "search.test_trials: expected true or false, got str 'no'"),
         (["search.latency=5"], "search.latency must be a mapping of settings, got 5"),
         (["search.latency.image_size=5"], "search.latency.image_size must be null or [height, width], got 5"),
         (

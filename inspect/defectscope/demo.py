@@ -14,14 +14,17 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .runtime.options import CommandParser, positive_whole
+from .runtime.options import CommandParser, whole_at_least
 from .runtime.results import iter_rows
+from .synth import check_replaceable
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = CommandParser(prog="defectscope demo", description=__doc__)
     p.add_argument("--workdir", type=Path, default=Path("demo"), help="where data, run, model and report go")
-    p.add_argument("--holdout", type=positive_whole, default=120, help="held-out synthetic images to inspect")
+    p.add_argument(
+        "--holdout", type=whole_at_least(1), default=120, help="held-out synthetic images to inspect"
+    )
     p.add_argument("--experiment", default="demo", help="training experiment config (conf/experiment/)")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for the training step")
     return p
@@ -135,6 +138,10 @@ def main(argv: list[str]) -> int:
         *args.overrides,
     ]
     source = composed_source(train_cmd)
+    try:  # the held-out images are drawn after training: a folder synth would refuse stops the demo here
+        check_replaceable(holdout)
+    except ValueError as exc:
+        _fail(f"{exc} (a demo folder from an older version: use a new --workdir)")
     _run("train", train_cmd)
     ckpt = run_dir / "checkpoints" / "best.ckpt"
     if not ckpt.is_file():

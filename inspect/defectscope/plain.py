@@ -100,6 +100,16 @@ def expect(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> 
     return value
 
 
+def whole_number(value: Any, where: str, least: int, allow_none: bool = False) -> int | None:
+    """A whole number >= ``least`` (None where allowed); a bool or a word is refused, not converted."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        also = " or null" if allow_none else ""
+        raise PlainDataError(f"{where} must be a whole number >= {least}{also}, got {value!r}")
+    return value
+
+
 def number(value: Any, where: str, low: float, high: float) -> float:
     """A finite number in ``[low, high]``."""
     checked = expect(value, (int, float), where, f"a number in [{low:g}, {high:g}]")

@@ -310,6 +310,19 @@ def generate(
     return root
 
 
+def check_replaceable(root: Path) -> bool:
+    """Whether ``root`` holds a finished synth output to replace (False: nothing there); anything else
+    that is not empty is refused, so a caller can ask before its own long steps."""
+    if not root.is_dir() or not any(root.iterdir()):
+        return False
+    if not (root / SYNTH_MARKER).is_file() or not (root / MANIFEST).is_file():
+        raise ValueError(
+            f"synth: {root} is not empty and is not a finished synth output (no {SYNTH_MARKER} or "
+            f"{MANIFEST}); choose a new or empty folder"
+        )
+    return True
+
+
 def _clear_previous(root: Path) -> int:
     """Remove an earlier synth output in ``root`` so no stale images outlive a smaller rerun; return
     how many images went.
@@ -318,14 +331,9 @@ def _clear_previous(root: Path) -> int:
     ``root`` its ``manifest.csv`` lists are deleted: a user's own folder with a manifest, or anything else
     that is not empty, is refused rather than mixed with generated images.
     """
-    if not root.is_dir() or not any(root.iterdir()):
+    if not check_replaceable(root):
         return 0
     manifest = root / MANIFEST
-    if not (root / SYNTH_MARKER).is_file() or not manifest.is_file():
-        raise ValueError(
-            f"synth: {root} is not empty and is not a finished synth output (no {SYNTH_MARKER} or "
-            f"{MANIFEST}); choose a new or empty folder"
-        )
     base = root.resolve()
     removed = 0
     with open(manifest, newline="", encoding="utf-8") as fh:

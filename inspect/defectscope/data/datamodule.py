@@ -21,21 +21,14 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from ..plain import expect, to_plain
+from ..plain import expect, to_plain, whole_number
 from ..runtime.image import LoaderConfig
 from ..runtime.metadata import NORMALISATION_RANGE
 from .dataset import DefectDataset, collate, seed_worker
 from .multiscale import check_scales, draw_scale, rescale_batch
 from .sampler import BucketBatchSampler
 from .scan import BadFilesError, ScanRecord, ScanResult, mean_std, scan_files, write_rejects
-from .settings import (
-    check_normalisation_length,
-    check_settings,
-    loader_config,
-    split_config,
-    switch,
-    whole_number,
-)
+from .settings import check_normalisation_length, check_settings, loader_config, split_config
 from .sources import SPLITS, Sample, SourceData, SourceError, build_source, prepare_source, source_arguments
 from .splits import assign_splits, spread_samples
 from .stats import class_counts, count_table, inverse_frequency_weights, split_warnings
@@ -114,12 +107,12 @@ class DefectDataModule(pl.LightningDataModule):
         self.split_cfg = split_config(split, training=evaluate_on is None)
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
-        self.num_workers = int(whole_number("num_workers", num_workers, 0) or 0)
-        pin = switch("pin_memory", pin_memory, allow_none=True)
+        self.num_workers = int(whole_number(num_workers, "data.num_workers", 0) or 0)
+        pin = expect(pin_memory, (bool, type(None)), "data.pin_memory", "true, false or null")
         self.pin_memory = (
             torch.cuda.is_available() if pin is None else bool(pin and torch.cuda.is_available())
         )
-        self.persistent_workers = bool(switch("persistent_workers", persistent_workers))
+        self.persistent_workers = expect(persistent_workers, bool, "data.persistent_workers", "true or false")
         self.train_transform_spec = train_transform
         self.mean_cfg = None if mean is None else [float(m) for m in mean]
         self.std_cfg = None if std is None else [float(s) for s in std]
@@ -130,9 +123,9 @@ class DefectDataModule(pl.LightningDataModule):
         check_normalisation_length(self.mean_cfg, self.std_cfg, self.loader_config.channels)
         self.on_bad_file = on_bad_file
         self.rejects_path = rejects_path
-        self.scan_workers = int(whole_number("scan_workers", scan_workers, 1) or 1)
-        self.seed = int(whole_number("seed", seed, 0) or 0)
-        self.drop_last = bool(switch("drop_last", drop_last))
+        self.scan_workers = int(whole_number(scan_workers, "data.scan_workers", 0) or 0)
+        self.seed = int(whole_number(seed, "data.seed", 0) or 0)
+        self.drop_last = expect(drop_last, bool, "data.drop_last", "true or false")
         self.ordered = expect(ordered, bool, "data.ordered", "true or false")
         self.dihedral = expect(dihedral, bool, "data.dihedral", "true or false")
         self.multi_scale = check_scales(multi_scale)
@@ -338,12 +331,9 @@ class DefectDataModule(pl.LightningDataModule):
         """Refuse an empty split a run will need, before it trains (a missing test split was found after)."""
         for split in splits:
             if not self.dataset(split).samples:
-                hint = {
-                    "train": "data.split fractions",
-                    "val": "data.split.val_fraction (> 0) or a val/ folder beside train/",
-                    "test": "data.split.test_fraction (> 0) or a test/ folder beside train/, or run with test=false",
-                }[split]
-                raise SourceError(f"the {split} split is empty; set {hint}")
+                where = f"data.split.{split}_fraction (> 0), a {split}/ folder beside train/ or {split} rows in a CSV"
+                skip = ", or run with test=false" if split == "test" and self.evaluate_on is None else ""
+                raise SourceError(f"the {split} split is empty; set {where}{skip}")
 
     def _loader(
         self, split: str, batch_size: int, *, shuffle: bool, drop_last: bool

@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..plain import to_plain
+from ..plain import to_plain, whole_number
 from ..runtime.image import LoaderConfig
 from ..runtime.metadata import check_loader_values
+from .errors import DataConfigError
 
 ON_BAD_FILE = ("fail", "skip")
 #: what ``evaluate`` scores: "test" = only the test split, "all" = every image of the source (a new lot);
@@ -22,7 +23,7 @@ EVALUATE_ON = ("test", "all")
 def check_evaluate_on(value: str | None) -> None:
     """``evaluate_on`` is one of :data:`EVALUATE_ON` or None."""
     if value is not None and value not in EVALUATE_ON:
-        raise ValueError(f"evaluate_on must be one of {', '.join(EVALUATE_ON)} or null, got {value!r}")
+        raise DataConfigError(f"evaluate_on must be one of {', '.join(EVALUATE_ON)} or null, got {value!r}")
 
 
 def check_settings(
@@ -35,14 +36,16 @@ def check_settings(
     """The data settings that need nothing read yet, each named by its config key."""
     check_evaluate_on(evaluate_on)
     if eval_transform is not None:
-        raise ValueError(
+        raise DataConfigError(
             "data.eval_transform is not supported: validation (where the threshold is chosen) and "
             "test must see images exactly as the line PC does, which applies no transform; remove it"
         )
     if on_bad_file not in ON_BAD_FILE:
-        raise ValueError(f"data.on_bad_file must be one of {', '.join(ON_BAD_FILE)}, got {on_bad_file!r}")
-    whole_number("batch_size", batch_size, 1)
-    whole_number("eval_batch_size", eval_batch_size, 1, allow_none=True)
+        raise DataConfigError(
+            f"data.on_bad_file must be one of {', '.join(ON_BAD_FILE)}, got {on_bad_file!r}"
+        )
+    whole_number(batch_size, "data.batch_size", 1)
+    whole_number(eval_batch_size, "data.eval_batch_size", 1, allow_none=True)
 
 
 def loader_config(loader: Mapping[str, Any] | LoaderConfig | None) -> LoaderConfig:
@@ -53,67 +56,46 @@ def loader_config(loader: Mapping[str, Any] | LoaderConfig | None) -> LoaderConf
         return loader
     given = to_plain(loader or {})
     if not isinstance(given, dict):
-        raise ValueError(f"data.loader must be a mapping of loader settings, got {given!r}")
+        raise DataConfigError(f"data.loader must be a mapping of loader settings, got {given!r}")
     valid = LoaderConfig().to_dict()
     unknown = sorted(set(given) - set(valid))
     if unknown:
-        raise ValueError(f"data.loader: unknown key(s) {unknown}; valid: {', '.join(valid)}")
+        raise DataConfigError(f"data.loader: unknown key(s) {unknown}; valid: {', '.join(valid)}")
     try:
         check_loader_values(given)
         return LoaderConfig(**{**valid, **given})
     except ValueError as exc:
         message = str(exc)
         if message.startswith("loader."):
-            raise ValueError(f"data.{message}") from None
-        raise ValueError(f"data.loader: {message}") from None
+            raise DataConfigError(f"data.{message}") from None
+        raise DataConfigError(f"data.loader: {message}") from None
 
 
 def split_config(split: Mapping[str, Any] | None, training: bool = True) -> dict[str, Any]:
     """``data.split`` as plain data; unknown keys are refused (a typo would silently split differently).
 
-    Fractions are numbers in [0, 1) or null, and leave training images (evaluation may put every image
-    in the test split: ``test_fraction: 1``)."""
+    Fractions are numbers in [0, 1) or null: the test part is taken first and ``val_fraction`` is of the
+    rest, so training always keeps images (evaluation may put every image in the test split:
+    ``test_fraction: 1``)."""
     split_cfg: dict[str, Any] = to_plain(split or {})
     unknown = set(split_cfg) - {"val_fraction", "test_fraction", "seed"}
     if unknown:
-        raise ValueError(
+        raise DataConfigError(
             f"data.split: unknown key(s) {sorted(unknown)}; valid: val_fraction, test_fraction, seed"
         )
     top, what = (1.0, "[0, 1)") if training else (1.0 + 1e-12, "[0, 1]")
     for key in ("val_fraction", "test_fraction"):
         v = split_cfg.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < top):
-            raise ValueError(f"data.split.{key} must be a number in {what} or null, got {v!r}")
-    if training and (split_cfg.get("val_fraction") or 0) + (split_cfg.get("test_fraction") or 0) >= 1:
-        raise ValueError(
-            f"data.split: val_fraction + test_fraction must be < 1 so that training has images, got "
-            f"{split_cfg.get('val_fraction')} + {split_cfg.get('test_fraction')}"
-        )
-    whole_number("split.seed", split_cfg.get("seed"), 0, allow_none=True)
+            raise DataConfigError(f"data.split.{key} must be a number in {what} or null, got {v!r}")
+    whole_number(split_cfg.get("seed"), "data.split.seed", 0, allow_none=True)
     return split_cfg
-
-
-def whole_number(key: str, value: Any, least: int, allow_none: bool = False) -> int | None:
-    """``data.<key>`` as a whole number >= ``least`` (or None where allowed)."""
-    if value is None and allow_none:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < least:
-        also = " or null" if allow_none else ""
-        raise ValueError(f"data.{key} must be a whole number >= {least}{also}, got {value!r}")
-    return value
-
-
-def switch(key: str, value: Any, allow_none: bool = False) -> bool | None:
-    """``data.<key>`` as true or false (null where allowed): ``bool('no')`` would be true."""
-    if (value is None and allow_none) or isinstance(value, bool):
-        return value
-    raise ValueError(f"data.{key} must be true or false{', or null' if allow_none else ''}, got {value!r}")
 
 
 def check_normalisation_length(mean: Any, std: Any, channels: int) -> None:
     """``data.mean``/``data.std`` hold one value or one per channel (``data.loader.channels``)."""
     for key, values in (("mean", mean), ("std", std)):
         if values is not None and len(values) not in (1, channels):
-            raise ValueError(
+            raise DataConfigError(
                 f"data.{key} has {len(values)} values; expected 1 or {channels} (data.loader.channels)"
             )

@@ -164,6 +164,30 @@ def _not_utf8(text: str) -> bool:
     return any("\udc80" <= c <= "\udcff" for c in text)
 
 
+def _check_rows(
+    rows: Sequence[tuple[int, str, str, str]], names: Sequence[str], csv_path: Path, classes_key: str
+) -> None:
+    """Every invalid (line, path, label, split) row of a manifest in one line: the first few and the count."""
+    problems: list[str] = []
+    unknown = False
+    first_row: dict[str, int] = {}
+    for line, p, label, split in rows:
+        if p and first_row.setdefault(p, line) != line:  # one image twice could land in two splits
+            problems.append(f"row {line}: {p} already on row {first_row[p]}")
+        if not p or not label:
+            problems.append(f"row {line}: empty path or label")
+        if _not_utf8(label + split):  # names may be in the OS's bytes; class names travel to the model
+            problems.append(f"row {line}: label or split is not UTF-8 text; save the CSV as UTF-8")
+        if split and split not in SPLITS:
+            problems.append(f"row {line}: split {split!r} is not one of {', '.join(SPLITS)} (or empty)")
+        if label and label not in names:
+            problems.append(f"row {line}: label {label!r}")
+            unknown = True
+    if problems:
+        known = f"; labels must be in {classes_key} {list(names)}" if unknown else ""
+        raise SourceError(f"{csv_path}: {len(problems)} invalid row(s): {some(problems)}{known}")
+
+
 def csv_source(
     path: str | os.PathLike[str],
     classes: Sequence[str] | None = None,
@@ -213,24 +237,7 @@ def csv_source(
         raise SourceError(f"{csv_path}: no data rows")
 
     names = list(classes) if classes else sorted({r[2] for r in rows if r[2]})
-    problems: list[str] = []
-    unknown = False
-    first_row: dict[str, int] = {}
-    for line, p, label, split in rows:
-        if p and first_row.setdefault(p, line) != line:  # one image twice could land in two splits
-            problems.append(f"row {line}: {p} already on row {first_row[p]}")
-        if not p or not label:
-            problems.append(f"row {line}: empty path or label")
-        if _not_utf8(label + split):  # names may be in the OS's bytes; class names travel to the model
-            problems.append(f"row {line}: label or split is not UTF-8 text; save the CSV as UTF-8")
-        if split and split not in SPLITS:
-            problems.append(f"row {line}: split {split!r} is not one of {', '.join(SPLITS)} (or empty)")
-        if label and label not in names:
-            problems.append(f"row {line}: label {label!r}")
-            unknown = True
-    if problems:
-        known = f"; labels must be in {classes_key} {names}" if unknown else ""
-        raise SourceError(f"{csv_path}: {len(problems)} invalid row(s): {some(problems)}{known}")
+    _check_rows(rows, names, csv_path, classes_key)
     _check_classes(good_class, names, str(csv_path))
 
     folder = csv_path.parent

@@ -116,15 +116,20 @@ def seed_transform(transform: Transform | None, seed: int) -> None:
 
 
 def _always(transform: Transform) -> Transform:
-    """A copy of ``transform`` with every step's probability at 1, so the probe meets each step whatever
-    its ``p`` (at p=0.1 a size-changing step hid from 8 tries and failed mid-epoch)."""
+    """A copy of ``transform`` with every step that can run at probability 1 (and a choice among steps
+    uniform), so the probe meets each step whatever its ``p`` (at p=0.1 a size-changing step hid from 8
+    tries and failed mid-epoch); a step at p=0 stays off."""
     probe = copy.deepcopy(transform)
     todo: list[Any] = [probe]
     while todo:
         step = todo.pop()
-        if isinstance(getattr(step, "p", None), float | int):
+        if isinstance(getattr(step, "p", None), float | int) and step.p > 0:  # p=0 never runs: left off
             step.p = 1.0
-        todo.extend(getattr(step, "transforms", None) or [])
+        children = list(getattr(step, "transforms", None) or [])
+        if isinstance(getattr(step, "transforms_ps", None), list) and children:  # OneOf/SomeOf's weights
+            live = [1.0 if getattr(c, "p", 1.0) > 0 else 0.0 for c in children]
+            step.transforms_ps = [w / max(sum(live), 1.0) for w in live]
+        todo.extend(children)
     return probe
 
 

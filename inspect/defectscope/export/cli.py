@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from defectscope.runtime.files import checkpoint_file_problem
 from defectscope.runtime.grading import CUTS_FOR
 from defectscope.runtime.metadata import TTA_NAMES
-from defectscope.runtime.options import CommandParser, unit_number
+from defectscope.runtime.options import CommandParser, unit_number, whole_at_least
 
 from .onnx_export import MIN_OPSET, ExportResult, opset_problem
 from .quantize import (
@@ -27,23 +27,7 @@ from .quantize import (
     Int8Config,
 )
 
-
-def _whole(minimum: int) -> Callable[[str], int]:
-    """argparse type: a whole number >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
-        return value
-
-    return parse
-
-
-_count, _positive = _whole(0), _whole(1)
+_count, _positive = whole_at_least(0), whole_at_least(1)
 
 
 def _recall(text: str) -> float:

@@ -45,7 +45,7 @@ def preflight(cfg: Any) -> tuple[Any, Any, Any, Any]:
     check_keys(params, cfg)
     storage = open_storage(s)
     check_choices(cfg, params)
-    facts = data_facts(cfg, s.latency.image_size)
+    facts = data_facts(cfg, s.latency.image_size, s.test_trials)
     if s.timeout is not None or s.max_latency_ms is not None:
         light = lightest(cfg, params, facts)
         if s.timeout is not None:

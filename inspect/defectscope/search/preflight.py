@@ -98,13 +98,12 @@ def check_choices(cfg: Any, params: Sequence[Param], num_classes: int = 2) -> No
                 ) from None
 
 
-def data_facts(cfg: Any, image_size: tuple[int, int] | None) -> DataFacts:
+def data_facts(cfg: Any, image_size: tuple[int, int] | None, needs_test: bool = False) -> DataFacts:
     """Set up the data once (the same DataModule as training): classes, normalisation, sizes."""
-    from hydra.utils import instantiate
+    from defectscope.training.train import build_datamodule, ready_datamodule
 
-    dm = instantiate(cfg.data)
-    dm.prepare_data()
-    dm.setup("fit")
+    dm = build_datamodule(cfg)
+    ready_datamodule(dm, needs_test)
     paths = list(dm.val_paths) or [s.path for s in dm.samples["train"]]
     native = image_size or native_size(paths, int(dm.loader_config.channels))
     return DataFacts(

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ..plain import expect, whole_number
 from .errors import SearchConfigError
 from .measure import LatencySettings
 
@@ -16,13 +17,7 @@ LATENCY = "latency_ms"
 
 
 def _whole(key: str, value: Any, minimum: int, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SearchConfigError(
-            f"search.{key} must be a whole number >= {minimum}{' or null' if allow_none else ''}, got {value!r}"
-        )
-    return int(value)
+    return whole_number(value, f"search.{key}", minimum, allow_none)
 
 
 def _positive(key: str, value: Any) -> float | None:
@@ -37,12 +32,6 @@ def _at_least_zero(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
         raise SearchConfigError(f"search.{key} must be a number >= 0, got {value!r}")
     return float(value)
-
-
-def _flag(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise SearchConfigError(f"search.{key} must be true or false, got {value!r}")
-    return value
 
 
 def _section(key: str, value: Any) -> dict[str, Any]:
@@ -163,7 +152,7 @@ class SearchSettings:
             population=int(_whole("population", s.get("population", 16), 2) or 2),
             sampler_seed=_whole("sampler_seed", s.get("sampler_seed"), 0, allow_none=True),
             presets=_names("presets", s.get("presets")),
-            test_trials=_flag("test_trials", s.get("test_trials", False)),
+            test_trials=expect(s.get("test_trials", False), bool, "search.test_trials", "true or false"),
             parity_images=int(_whole("parity_images", s.get("parity_images", 8), 0) or 0),
             heartbeat_s=int(_whole("heartbeat_s", s.get("heartbeat_s", 20), 1) or 1),
             grace_s=int(_whole("grace_s", s.get("grace_s", 60), 1) or 1),

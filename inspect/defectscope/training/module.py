@@ -284,11 +284,9 @@ class DefectClassifier(pl.LightningModule):
         if choose_cuts_now and self.grading.rule == "cuts":
             every_probs, every_label = outputs.gathered()  # the same cuts on every rank
             if every_label.numel() > 0:
-                expected = expected_grade(every_probs.double().cpu().numpy())
+                expected, truth = expected_grade(every_probs.double().cpu().numpy()), every_label.reshape(-1)
                 cuts_for = self.objective.cuts_for
-                cuts = choose_cuts(
-                    expected, every_label.reshape(-1).cpu().numpy(), len(self.class_names), cuts_for
-                )
+                cuts = choose_cuts(expected, truth.cpu().numpy(), len(self.class_names), cuts_for)
                 self.grading = Grading("cuts", cuts, cuts_for)
         probs, labels = outputs.compute()
         labels = labels.reshape(-1)  # torchmetrics squeezes a one-element result to 0-d (one val image)

@@ -209,6 +209,20 @@ def ddp_overrides(cfg: DictConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- train
 
 
+def build_datamodule(cfg: DictConfig) -> Any:
+    """The run's data module from ``cfg.data``, every setting checked; the transform against the allow-list
+    first (Hydra would build any ``_target_``; a checkpoint's data config is rebuilt from the allow-list)."""
+    check_transform_spec(to_plain(OmegaConf.select(cfg, "data.train_transform")), "data.train_transform")
+    return instantiate(cfg.data)
+
+
+def ready_datamodule(dm: Any, needs_test: bool) -> None:
+    """List, split and scan; refuse an empty split the run will need before anything trains."""
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.require_splits("val", *(["test"] if needs_test else []))
+
+
 def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, float]:
     """Fit, test the best checkpoint, log everything; returns the final val and test metrics.
 
@@ -320,9 +334,7 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
     horizon = {key: to_plain(OmegaConf.select(cfg, key)) for key in HORIZON_SETTINGS}
     optimizer = OmegaConf.select(cfg, "optim.optimizer._target_")
     resume = read_resume(ckpt_path, cfg.get("finetune"), distill, horizon, optimizer) if ckpt_path else {}
-    # Hydra would build any _target_ a transform names; a checkpoint's data config is rebuilt from the allow-list
-    check_transform_spec(to_plain(OmegaConf.select(cfg, "data.train_transform")), "data.train_transform")
-    dm = instantiate(cfg.data)  # checks every data.* key without reading a file: a typo opens no MLflow run
+    dm = build_datamodule(cfg)  # checks every data.* key without reading a file: a typo opens no MLflow run
     check_model_settings(cfg, dm.ordered)
     tracker = _start_tracker(cfg, out_dir, ckpt_path, resume)
 
@@ -333,9 +345,7 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
     metrics: dict[str, float] = {}
     resolved = out_dir / "config_resolved.yaml"
     try:
-        dm.prepare_data()
-        dm.setup("fit")
-        dm.require_splits("train", "val", *(["test"] if cfg.get("test", True) else []))  # before training
+        ready_datamodule(dm, bool(cfg.get("test", True)))
         module = build_module(cfg, dm)
         use_memory_format(module.model, cfg.get("memory_format"))
         teacher_pass = add_teacher(dm, distill, cfg.get("threads"), tracker)
