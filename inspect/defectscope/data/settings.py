@@ -83,10 +83,16 @@ def split_config(split: Mapping[str, Any] | None, training: bool = True) -> dict
         raise DataConfigError(
             f"data.split: unknown key(s) {sorted(unknown)}; valid: val_fraction, test_fraction, seed"
         )
-    top, what = (1.0, "[0, 1)") if training else (1.0 + 1e-12, "[0, 1]")
+    what = "[0, 1)" if training else "[0, 1]"
     for key in ("val_fraction", "test_fraction"):
         v = split_cfg.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < top):
+        if v is None:
+            continue
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, int | float)
+            or not (0 <= v < 1 or (v == 1 and not training))
+        ):
             raise DataConfigError(f"data.split.{key} must be a number in {what} or null, got {v!r}")
     whole_number(split_cfg.get("seed"), "data.split.seed", 0, allow_none=True)
     return split_cfg
