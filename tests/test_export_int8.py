@@ -4,6 +4,7 @@ the line runner; plus the gate and its refusals (the plumbing that needs no mode
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -209,8 +210,17 @@ def test_gate_failure_exits_1_names_the_figures_and_writes_nothing(
     assert f"nothing was written to {out}" in cap.err and not out.exists()
     # on a CPU without VNNI (8-bit products saturate) the error says what to try; with VNNI it does not
     assert ("try --reduce-range" in cap.err) == (cpu_has_vnni() is False)
-    # only the grades disagreed: the error names what failed and gives no hint about the threshold
-    assert "failed: ['top1_agreement']" in cap.err and "allows no miss" not in cap.err
+    # the error names exactly the figures below the gate (which ones depends on the trained model); 95 %
+    # recall of 23 validation defects allows a miss, so no hint about a one-image threshold
+    figures = dict(
+        re.findall(r"^\s+(top1_agreement|verdict_agreement|ng_agreement): ([\d.]+)$", cap.err, re.M)
+    )
+    below = [
+        k
+        for k in ("top1_agreement", "verdict_agreement", "ng_agreement")
+        if float(figures[k]) < cfg.min_agreement
+    ]
+    assert below and f"failed: {below}" in cap.err and "allows no miss" not in cap.err, cap.err
 
 
 def test_gate_hint_when_one_image_sets_the_compared_thresholds() -> None:

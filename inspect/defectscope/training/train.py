@@ -339,7 +339,7 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
     tracker = _start_tracker(cfg, out_dir, ckpt_path, resume)
 
     status = "FAILED"
-    best: str | None = None
+    best = last = None
     threshold_lines: list[str] = []
     ckpt_cb = None
     metrics: dict[str, float] = {}
@@ -357,7 +357,8 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
         metrics = scalar_metrics(dict(trainer.callback_metrics))
         ckpt_cb = checkpoint_callback(trainer)
-        best = ckpt_cb.best_model_path or None
+        # read before the test: testing best.ckpt restores the callback's state as it was when best was written
+        best, last = ckpt_cb.best_model_path or None, ckpt_cb.last_model_path or None
         metrics.update(_test_best(cfg, out_dir, trainer, module, dm, best, tracker))
         if trainer.is_global_zero and best:
             threshold_lines = report_threshold(best, out_dir, tracker)
@@ -371,7 +372,7 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
             "train",
             seconds=time.perf_counter() - t0,
             best=best,
-            last=ckpt_cb.last_model_path or None,
+            last=last,
             monitor=(str(ckpt_cb.monitor), ckpt_cb.best_model_score),
             tracker=tracker,
             resolved=resolved,
