@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from defectscope.plain import whole_number
 from defectscope.runtime.image import LoaderConfig, load_image_with_size, target_size
 from defectscope.runtime.providers import PROVIDER_CHOICES
 
@@ -45,14 +46,8 @@ class LatencySettings:
                 f"search.latency: unknown key(s) {unknown}; valid: {', '.join(cls.__dataclass_fields__)}"
             )
         for key in ("batch", "warmup", "repeats", "threads"):
-            v, least = plain.get(key, getattr(cls, key)), 0 if key == "warmup" else 1
-            if key == "threads" and v is None:
-                continue
-            if isinstance(v, bool) or not isinstance(v, int) or v < least:
-                also = " or null" if key == "threads" else ""
-                raise SearchConfigError(
-                    f"search.latency.{key} must be a whole number >= {least}{also}, got {v!r}"
-                )
+            least = 0 if key == "warmup" else 1
+            whole_number(plain.get(key, getattr(cls, key)), f"search.latency.{key}", least, key == "threads")
         if plain.get("provider", cls.provider) not in PROVIDER_CHOICES:
             raise SearchConfigError(
                 f"search.latency.provider must be one of {', '.join(PROVIDER_CHOICES)}, got {plain['provider']!r}"
