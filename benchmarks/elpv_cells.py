@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from defectscope.data.sources import elpv_source
+from defectscope.data.elpv import elpv_source
 from defectscope.data.splits import apportion, assign_splits
 from defectscope.evaluation.metrics import class_figures, confusion
 from defectscope.runtime.grading import ordinal_metrics

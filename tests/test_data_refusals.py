@@ -122,6 +122,21 @@ def test_csv_rows_listing_one_image_twice_and_a_stray_quote(tmp_path: Path) -> N
         SourceError, match=r"big.csv: line \d+: not valid CSV \(field larger than field limit"
     ):
         build_source({"kind": "csv", "path": str(tmp_path / "big.csv")})
+    # small files: the open quote joins lines into one row (it read as "empty path or label" on a later
+    # row, or as a class name holding a line break); CRLF files count lines the same
+    for name, text in (
+        ("path.csv", 'path,label\ngood/0.png,good\n"crack/0.png,crack\ngood/1.png,good\n'),
+        ("label.csv", 'path,label\r\ngood/0.png,good\r\ncrack/0.png,"crack\r\ngood/1.png,good\r\n'),
+        ("closed.csv", 'path,label\ngood/0.png,"good\ncrack/0.png",crack\ngood/1.png,good\n'),
+    ):
+        (tmp_path / name).write_bytes(text.encode())
+        with pytest.raises(SourceError) as refused:
+            build_source({"kind": "csv", "path": str(tmp_path / name)})
+        lines = "2-3" if name == "closed.csv" else "3-4"
+        assert re.fullmatch(
+            rf".*{name}: lines {lines} are one row: the quote before '[a-z/0-9.,]+' is not closed on its line; "
+            "check its quotes", str(refused.value)
+        ), refused.value
 
 
 @pytest.mark.slow

@@ -61,7 +61,7 @@ def test_the_dataset_applies_the_view_it_is_given(tmp_path: Path) -> None:
     from PIL import Image
 
     from defectscope.data.dataset import DefectDataset
-    from defectscope.data.sources import Sample
+    from defectscope.data.records import Sample
     from defectscope.runtime.image import LoaderConfig
 
     arr = np.random.default_rng(1).integers(0, 255, (40, 56), dtype=np.uint8)

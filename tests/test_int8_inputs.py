@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from defectscope.data.sources import Sample
+from defectscope.data.records import Sample
 from defectscope.data.splits import spread_samples
 from defectscope.export.parity import list_images
 from defectscope.export.quantize import Int8Config, QuantizationError, cpu_has_vnni, split_paths

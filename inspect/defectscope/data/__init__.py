@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .sources import Sample, SourceData, SourceError, build_source
+from .records import Sample, SourceData
+from .sources import SourceError, build_source
 
 if TYPE_CHECKING:
     from .datamodule import DefectDataModule

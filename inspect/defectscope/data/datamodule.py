@@ -26,10 +26,11 @@ from ..runtime.image import LoaderConfig
 from ..runtime.metadata import NORMALISATION_RANGE
 from .dataset import DefectDataset, collate, seed_worker
 from .multiscale import check_scales, draw_scale, rescale_batch
+from .records import SPLITS, Sample, SourceData
 from .sampler import BucketBatchSampler
 from .scan import BadFilesError, ScanRecord, ScanResult, mean_std, scan_files, write_rejects
 from .settings import check_normalisation_length, check_settings, loader_config, split_config
-from .sources import SPLITS, Sample, SourceData, SourceError, build_source, prepare_source, source_arguments
+from .sources import SourceError, build_source, prepare_source, source_arguments
 from .splits import assign_splits, spread_samples
 from .stats import class_counts, count_table, inverse_frequency_weights, split_warnings
 from .transforms import build_transform, check_size_preserving, seed_transform

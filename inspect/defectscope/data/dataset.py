@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from ..runtime.image import LoaderConfig, load_image, normalize_batch
 from .dihedral import apply_view
-from .sources import Sample
+from .records import Sample
 from .transforms import Transform, apply_transform, seed_transform
 
 

@@ -13,7 +13,6 @@ import inspect
 import io
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,38 +20,10 @@ from ..plain import to_plain
 from ..runtime.files import IMAGE_EXTENSIONS, TEXT_HEAD_BYTES, text_problem
 from ..runtime.metadata import MAX_NAME_CHARS, is_model_name
 from ..synth import SYNTH_MARKER
+from .elpv import elpv_source
 from .errors import SourceError
+from .records import SPLITS, Sample, SourceData
 from .synth_cache import ensure_synthetic
-
-SPLITS = ("train", "val", "test")
-
-
-@dataclass
-class Sample:
-    """One image of a dataset. ``stratum`` (default: the class) is what splits are stratified on."""
-
-    path: str
-    label: int
-    split: str | None = None
-    stratum: str | None = None
-    meta: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class SourceData:
-    """What a source yields: samples, the class list (label order) and the 'good' class."""
-
-    description: str
-    samples: list[Sample]
-    class_names: list[str]
-    #: ``None`` only for a bare listing (`defectscope scan` without --good-class); training requires it
-    good_class: str | None
-    #: split settings this source recommends when the config leaves them unset (ELPV: 25 % test, seed 42)
-    split_defaults: dict[str, float | int] = field(default_factory=dict)
-    #: files that were passed over (wrong extension, hidden), for the report
-    ignored: list[str] = field(default_factory=list)
-    #: path -> where it was listed (CSV: "<csv> row N"), so error lists can point at the manifest line
-    origin: dict[str, str] = field(default_factory=dict)
 
 
 def _check_classes(good_class: str | None, class_names: Sequence[str], where: str) -> None:
@@ -188,6 +159,20 @@ def _check_rows(
         raise SourceError(f"{csv_path}: {len(problems)} invalid row(s): {some(problems)}{known}")
 
 
+def _check_one_line(record: Mapping[Any, Any], end_line: int, csv_path: Path) -> None:
+    """A record holding a line break came from a quote left open: say where, not what it did to the columns."""
+    values = [
+        v.rstrip("\r\n") for v in record.values() if isinstance(v, str)
+    ]  # a quote open at EOF takes its newline
+    breaks = sum(v.count("\n") for v in values)
+    if breaks:
+        spanning = next(v for v in values if "\n" in v)
+        raise SourceError(
+            f"{csv_path}: lines {end_line - breaks}-{end_line} are one row: the quote before "
+            f"{spanning.splitlines()[0][:40]!r} is not closed on its line; check its quotes"
+        )
+
+
 def csv_source(
     path: str | os.PathLike[str],
     classes: Sequence[str] | None = None,
@@ -226,6 +211,7 @@ def csv_source(
             p = (rec.get("path") or "").strip()
             if not p and not (rec.get("label") or "").strip():
                 continue  # blank line
+            _check_one_line(rec, reader.line_num, csv_path)
             rows.append(
                 (reader.line_num, p, (rec.get("label") or "").strip(), (rec.get("split") or "").strip())
             )
@@ -256,63 +242,6 @@ def csv_source(
             f"{csv_path}: {len(absent)} of {len(rows)} rows name files that do not exist: {some(absent)}"
         )
     return SourceData(f"csv {csv_path}", samples, names, good_class, origin=origin)
-
-
-# --------------------------------------------------------------------------- elpv
-
-ELPV_TASKS: dict[str, tuple[list[str], str]] = {
-    "binary": (["functional", "defective"], "functional"),
-    "4class": (["p0", "p33", "p67", "p100"], "p0"),
-}
-_ELPV_GRADES = ("p0", "p33", "p67", "p100")
-
-
-def elpv_data_dir() -> Path:
-    """Folder holding ``labels.csv`` and ``images/`` inside the installed ``elpv_dataset`` package."""
-    try:
-        import elpv_dataset
-    except ImportError:
-        raise SourceError(
-            "data.source.kind=elpv needs the ELPV solar-cell dataset package: pip install elpv-dataset "
-            "(the 'elpv' extra)"
-        ) from None
-    return Path(elpv_dataset.__file__).resolve().parent / "data"
-
-
-def elpv_source(task: str = "binary") -> SourceData:
-    """ELPV cells from the package's ``labels.csv`` (path, defect probability, module type).
-
-    Only file paths are listed (the package's loader would read all 2,624 images into memory).
-    ``binary``: defective when p >= 0.5.  ``4class``: p0/p33/p67/p100.  Splits are stratified on
-    the 4-grade label either way; the module type (mono/poly) is kept as ``meta["module_type"]``.
-    """
-    if task not in ELPV_TASKS:
-        raise SourceError(f"data.source.task must be one of {', '.join(ELPV_TASKS)}, got {task!r}")
-    names, good = ELPV_TASKS[task]
-    data_dir = elpv_data_dir()
-    labels = data_dir / "labels.csv"
-    samples: list[Sample] = []
-    try:
-        text = labels.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SourceError(f"cannot read the ELPV label file {labels}: {exc.strerror or exc}") from None
-    for line_no, line in enumerate(text.splitlines(), 1):
-        parts = line.split()
-        if not parts:
-            continue
-        try:
-            rel, prob_text, module_type = parts
-            prob = float(prob_text)
-        except ValueError:
-            raise SourceError(
-                f"{labels}: line {line_no} is not 'path probability type': {line.strip()!r}"
-            ) from None
-        grade = _ELPV_GRADES[min(3, max(0, round(prob * 3)))]
-        label = (1 if prob >= 0.5 else 0) if task == "binary" else _ELPV_GRADES.index(grade)
-        samples.append(Sample(str(data_dir / rel), label, None, grade, {"module_type": module_type}))
-    return SourceData(
-        f"elpv ({task}) {data_dir}", samples, names, good, split_defaults={"test_fraction": 0.25, "seed": 42}
-    )
 
 
 # --------------------------------------------------------------------------- synthetic

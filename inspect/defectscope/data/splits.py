@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .sources import Sample
+from .records import Sample
 
 
 def apportion(counts: Sequence[int], total: int) -> list[int]:

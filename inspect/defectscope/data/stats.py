@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .sources import SPLITS, Sample
+from .records import SPLITS, Sample
 
 
 def class_counts(samples: Sequence[Sample], class_names: Sequence[str]) -> dict[str, int]:
