@@ -230,6 +230,7 @@ def test_a_folder_of_pngs_without_the_marker_is_never_replaced(tmp_path: Path) -
     ):
         build_source({"kind": "synthetic", "root": str(root), **SYN})
     assert {p: p.read_bytes() for p in mine} == before and sorted(os.listdir(root)) == ["dent", "good"]
+    assert os.listdir(tmp_path) == ["parts"]  # no lock file left beside the user's folder either
     (root.parent / "empty").mkdir()  # an empty folder is generated into
     data = build_source({"kind": "synthetic", "root": str(root.parent / "empty"), **SYN})
     assert len(data.samples) == 12 and (root.parent / "empty" / SYNTH_MARKER).exists()

@@ -33,6 +33,15 @@ def _ours(root: Path) -> bool:
     return (root / SYNTH_MARKER).is_file() or not any(root.iterdir())
 
 
+def _refuse_foreign(root: Path) -> None:
+    """One line for a ``root`` the generator may not replace (see :func:`_ours`)."""
+    if not root.is_dir() or not _ours(root):
+        raise SourceError(
+            f"data.source.root: {root} exists but is not a defectscope synthetic dataset (no "
+            f"{SYNTH_MARKER}); for your own images use data=folder, for generated ones another root"
+        )
+
+
 def _remove_stale_partials(root: Path) -> None:
     """Delete half-written folders left by killed generations on this host."""
     prefix = f"{root.name}.partial-{socket.gethostname()}-"
@@ -80,16 +89,14 @@ def ensure_synthetic(
     params = synth_params(n, seed, channels, min_size, max_size, classes, region)
     if _read_marker(base) == params:
         return base
+    if base.exists():
+        _refuse_foreign(base)  # before the lock file: a refused folder's parent is left as it was
     base.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(base.with_name(f".{base.name}.lock")):
         if _read_marker(base) == params:  # another process finished while we waited
             return base
         if base.exists():
-            if not base.is_dir() or not _ours(base):
-                raise SourceError(
-                    f"data.source.root: {base} exists but is not a defectscope synthetic dataset (no "
-                    f"{SYNTH_MARKER}); for your own images use data=folder, for generated ones another root"
-                )
+            _refuse_foreign(base)
             log.warning(
                 "synthetic dataset %s is incomplete or was made with other settings; regenerating", base
             )
