@@ -26,13 +26,7 @@ from ..runtime.decision import (
     ng_class_names,
     ng_indices,
 )
-from ..runtime.grading import (
-    Grading,
-    choose_cuts,
-    expected_grade,
-    grade_indices,
-    ordinal_metrics,
-)
+from ..runtime.grading import Grading, choose_cuts, expected_grade, grade_indices, ordinal_metrics
 from .config import (
     TrainingConfigError,
     check_class_names,
