@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from blocked_imports import blocking_env
 from defectscope.data.datamodule import DefectDataModule
 from defectscope.runtime.image import ImageLoadError, LoaderConfig, load_image
 from onnx_models import build_model, make_image
@@ -121,10 +122,11 @@ def test_a_class_too_small_for_validation_is_reported(
 def test_data_config_mistakes_are_one_line_naming_the_key(
     tmp_path: Path, defectscope_cmd: list[str], cli_env: dict[str, str]
 ) -> None:
-    """A value the data module refuses reads as its own message on one line, not Hydra's 3-line wrapper."""
+    """A value the data module refuses reads as its own message on one line, not Hydra's 3-line wrapper,
+    and every such setting is told before torch and Lightning are imported (seconds): here they cannot be."""
     cases = {
         "data.multi_scale=[0]": "data.multi_scale must be null or a non-empty list of scale factors",
-        "+data.foo=1": "unexpected keyword argument 'foo' (config node data)",
+        "+data.foo=1": "data: unknown key(s) ['foo']; valid keys: source, loader, split,",
         # numbers given as words: before these were tracebacks from Lightning, the seed or the generator
         "trainer.max_epochs=abc": "trainer.max_epochs must be a whole number >= 1, or -1 for no limit, got 'abc'",
         "seed=abc": "seed must be a whole number in [0, 2**32), got 'abc'",
@@ -158,12 +160,16 @@ def test_data_config_mistakes_are_one_line_naming_the_key(
             "data.train_transform.transforms[0]._target_ is 'albumentations.Rotate'; a data config is built only"
         ),
         "data.source.n=-5": "data.source.n must be >= 1, got -5",
+        "data.mean=[abc]": "data.mean must be null or a list of numbers in",
+        "memory_format=x": "memory_format must be one of channels_last, contiguous, got 'x'",
+        "distill.teacher=nope.onnx": "distill.teacher: nope.onnx: no such file; expected an exported model",
     }
+    env = blocking_env(tmp_path, ("torch", "lightning", "pytorch_lightning"), cli_env)
     for override, message in cases.items():
         proc = _run(
             [*defectscope_cmd, "train", "experiment=smoke", "logger=none", override,
              f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}"],
-            tmp_path, cli_env,
+            tmp_path, env,
         )  # fmt: skip
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("defectscope train: error:")]

@@ -135,7 +135,8 @@ def test_csv_rows_listing_one_image_twice_and_a_stray_quote(tmp_path: Path) -> N
         lines = "2-3" if name == "closed.csv" else "3-4"
         assert re.fullmatch(
             rf".*{name}: lines {lines} are one row: the quote before '[a-z/0-9.,]+' is not closed on its line; "
-            "check its quotes", str(refused.value)
+            "check its quotes",
+            str(refused.value),
         ), refused.value
 
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from defectscope.training.config import TrainingConfigError
-from defectscope.training.distill import distill_loss, distill_settings
+from defectscope.training.distill import distill_loss
+from defectscope.training.distill_settings import distill_settings
 from defectscope.training.train import train
 from tiny_runs import tiny_folder_overrides
 from trust_files import cli
@@ -232,7 +233,7 @@ def test_a_resumed_run_keeps_its_teacher(
 
     from defectscope.checkpoint import read_info
     from defectscope.runtime.files import file_sha256
-    from defectscope.training.distill import DistillSettings
+    from defectscope.training.distill_settings import DistillSettings
     from defectscope.training.resume import read_resume
 
     onnx = tmp_path / "teacher.onnx"

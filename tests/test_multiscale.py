@@ -11,7 +11,8 @@ import pytest
 import torch
 from pytorch_lightning import Callback
 
-from defectscope.data.multiscale import check_scales, draw_scale, rescale_batch, scaled_size
+from defectscope.data.multiscale import draw_scale, rescale_batch, scaled_size
+from defectscope.data.settings import check_scales
 from defectscope.training.train import train
 
 

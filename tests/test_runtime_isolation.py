@@ -1,35 +1,23 @@
 """The line runtime must work where the training stack is absent (no torch on a line PC).
 
-A sitecustomize on PYTHONPATH installs a meta-path finder that makes torch, lightning,
-pytorch_lightning, hydra and mlflow unimportable; the runtime is imported AND `defectscope
-inspect` is run in that interpreter.
+torch, lightning, pytorch_lightning, hydra and mlflow are made unimportable (tests/blocked_imports.py);
+the runtime is imported AND `defectscope inspect` is run in that interpreter.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from blocked_imports import blocking_env
 from onnx_models import build_model, make_image
 
 BLOCKED = ("torch", "lightning", "pytorch_lightning", "hydra", "mlflow")
-
-SITECUSTOMIZE = f"""
-import sys
-BLOCKED = {BLOCKED!r}
-class _Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked by test)", name=name)
-        return None
-sys.meta_path.insert(0, _Block())
-"""
 
 CHECK = """
 import sys
@@ -50,12 +38,7 @@ print("BAD", bad)
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return env
+    return blocking_env(tmp_path, BLOCKED)
 
 
 def test_runtime_imports_and_inspects_without_training_stack(tmp_path: Path) -> None:
@@ -108,12 +91,7 @@ def test_missing_onnxruntime_is_a_clear_exit_2(tmp_path: Path) -> None:
     """The base install (numpy + Pillow only) must say which extra to install, not crash."""
     model = build_model(tmp_path / "m.onnx")
     make_image(tmp_path / "a.png", 64, 64, bright=False)
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        SITECUSTOMIZE.replace(repr(BLOCKED), repr((*BLOCKED, "onnxruntime")))
-    )
-    env = dict(os.environ, PYTHONPATH=str(site))
+    env = blocking_env(tmp_path, (*BLOCKED, "onnxruntime"), keep_path=False)
     cmd = [
         sys.executable,
         "-m",

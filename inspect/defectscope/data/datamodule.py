@@ -21,16 +21,13 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from ..plain import expect, to_plain, whole_number
-from ..runtime.image import LoaderConfig
-from ..runtime.metadata import NORMALISATION_RANGE
 from .dataset import DefectDataset, collate, seed_worker
-from .multiscale import check_scales, draw_scale, rescale_batch
+from .multiscale import draw_scale, rescale_batch
 from .records import SPLITS, Sample, SourceData
 from .sampler import BucketBatchSampler
 from .scan import BadFilesError, ScanRecord, ScanResult, mean_std, scan_files, write_rejects
-from .settings import check_normalisation_length, check_settings, loader_config, split_config
-from .sources import SourceError, build_source, prepare_source, source_arguments
+from .settings import check_normalisation_length, data_settings
+from .sources import SourceError, build_source, prepare_source
 from .splits import assign_splits, spread_samples
 from .stats import class_counts, count_table, inverse_frequency_weights, split_warnings
 from .transforms import build_transform, check_size_preserving, seed_transform
@@ -44,6 +41,9 @@ MAX_EXPORT_VAL_PATHS = 4096
 
 class DefectDataModule(pl.LightningDataModule):
     """Data for one training run; see ``conf/data/*.yaml`` for every option.
+
+    The keywords are checked by :func:`.settings.data_settings` (torch-free, so ``train`` can run the
+    same checks before it imports Lightning).
 
     Args:
         source: ``{"kind": folder|csv|elpv|synthetic, ...}`` (see :mod:`defectscope.data.sources`).
@@ -73,63 +73,26 @@ class DefectDataModule(pl.LightningDataModule):
             (:mod:`.multiscale`).  ``None`` = off.
     """
 
-    def __init__(
-        self,
-        source: Mapping[str, Any],
-        loader: Mapping[str, Any] | LoaderConfig | None = None,
-        split: Mapping[str, Any] | None = None,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool | None = None,
-        persistent_workers: bool = False,
-        train_transform: Any = None,
-        eval_transform: Any = None,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        on_bad_file: str = "fail",
-        rejects_path: str | None = "rejects.csv",
-        scan_workers: int = 2,
-        seed: int = 0,
-        drop_last: bool = False,
-        ordered: bool = False,
-        dihedral: bool = False,
-        multi_scale: Sequence[float] | None = None,
-        evaluate_on: str | None = None,
-    ) -> None:
+    def __init__(self, source: Mapping[str, Any], **options: Any) -> None:
         super().__init__()
-        check_settings(evaluate_on, eval_transform, on_bad_file, batch_size, eval_batch_size)
-        self.evaluate_on = evaluate_on
-        self.source_spec: dict[str, Any] = to_plain(source)
-        if "kind" not in self.source_spec:
-            raise SourceError("data.source.kind is required (folder, csv, elpv or synthetic)")
-        source_arguments(self.source_spec)  # the kind and its keys, before any file is read
-        self.loader_config = loader_config(loader)
-        self.split_cfg = split_config(split, training=evaluate_on is None)
-        self.batch_size = int(batch_size)
-        self.eval_batch_size = int(eval_batch_size or batch_size)
-        self.num_workers = int(whole_number(num_workers, "data.num_workers", 0) or 0)
-        pin = expect(pin_memory, (bool, type(None)), "data.pin_memory", "true, false or null")
+        settings = data_settings(source, **options)  # the keywords and their checks, torch-free
+        self.evaluate_on = settings.evaluate_on
+        self.source_spec = settings.source
+        self.loader_config = settings.loader
+        self.split_cfg = settings.split
+        self.batch_size, self.eval_batch_size = settings.batch_size, settings.eval_batch_size
+        self.num_workers = settings.num_workers
+        pin = settings.pin_memory
         self.pin_memory = (
             torch.cuda.is_available() if pin is None else bool(pin and torch.cuda.is_available())
         )
-        self.persistent_workers = expect(persistent_workers, bool, "data.persistent_workers", "true or false")
-        self.train_transform_spec = train_transform
-        self.mean_cfg = None if mean is None else [float(m) for m in mean]
-        self.std_cfg = None if std is None else [float(s) for s in std]
-        for key, values in (("mean", self.mean_cfg), ("std", self.std_cfg)):  # what export will accept
-            low, high = NORMALISATION_RANGE[key]
-            if values is not None and not all(low <= v <= high for v in values):
-                raise ValueError(f"data.{key} values must be in [{low:g}, {high:g}], got {values}")
-        check_normalisation_length(self.mean_cfg, self.std_cfg, self.loader_config.channels)
-        self.on_bad_file = on_bad_file
-        self.rejects_path = rejects_path
-        self.scan_workers = int(whole_number(scan_workers, "data.scan_workers", 0) or 0)
-        self.seed = int(whole_number(seed, "data.seed", 0) or 0)
-        self.drop_last = expect(drop_last, bool, "data.drop_last", "true or false")
-        self.ordered = expect(ordered, bool, "data.ordered", "true or false")
-        self.dihedral = expect(dihedral, bool, "data.dihedral", "true or false")
-        self.multi_scale = check_scales(multi_scale)
+        self.persistent_workers = settings.persistent_workers
+        self.train_transform_spec = settings.train_transform
+        self.mean_cfg, self.std_cfg = settings.mean, settings.std
+        self.on_bad_file, self.rejects_path = settings.on_bad_file, settings.rejects_path
+        self.scan_workers, self.seed = settings.scan_workers, settings.seed
+        self.drop_last, self.ordered = settings.drop_last, settings.ordered
+        self.dihedral, self.multi_scale = settings.dihedral, settings.multi_scale
 
         # Filled by setup():
         self.channels: int = self.loader_config.channels

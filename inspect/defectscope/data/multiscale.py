@@ -21,26 +21,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-#: the largest factor accepted (4x the pixels per side is already 16x the compute)
-MAX_SCALE = 4.0
-
-
-def check_scales(value: Any) -> tuple[float, ...]:
-    """``data.multi_scale`` -> the factors (empty = off); a one-line error names the key otherwise."""
-    if value is None:
-        return ()
-    items = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else None
-    ok = items is not None and all(
-        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and 0 < v <= MAX_SCALE
-        for v in items
-    )
-    if not ok or not items:
-        raise ValueError(
-            f"data.multi_scale must be null or a non-empty list of scale factors in (0, {MAX_SCALE:g}] "
-            f"such as [0.75, 1.0, 1.25], got {value!r}"
-        )
-    return tuple(float(v) for v in items)
-
 
 def scaled_size(size: tuple[int, int], factor: float, multiple: int) -> tuple[int, int]:
     """(h, w) times ``factor``, each side rounded (half up) to ``multiple`` and at least ``multiple``."""

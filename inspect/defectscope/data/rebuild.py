@@ -15,10 +15,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..plain import PlainDataError, check_plain
+from .settings import DATAMODULE_TARGET, data_settings
 from .sources import SOURCES
 from .transforms import check_transform_spec
 
-DATAMODULE_TARGET = "defectscope.data.datamodule.DefectDataModule"
 #: DefectDataModule arguments evaluation sets itself, whatever the config says
 EVALUATION_KEYS = ("loader", "mean", "std", "rejects_path", "evaluate_on")
 #: whole-number settings and the most a config read from a file may ask for
@@ -54,11 +54,7 @@ def datamodule_kwargs(spec: Any, where: str, *, from_file: bool) -> dict[str, An
             isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= cap
         ):
             raise PlainDataError(f"{where}.{key}: expected a whole number in [0, {cap}], got {value!r}")
-    # last: the valid keys come from the DataModule's signature, whose import pulls in Lightning (seconds),
-    # so a config refused by the checks above is refused without it
-    from .datamodule import DefectDataModule
-
-    valid = [p for p in inspect.signature(DefectDataModule.__init__).parameters if p != "self"]
+    valid = list(inspect.signature(data_settings).parameters)  # the DataModule's keywords, torch-free
     unknown = sorted(set(kwargs) - set(valid))
     if unknown:
         raise PlainDataError(f"{where}: unknown key(s) {unknown}; valid keys: {', '.join(valid)}")

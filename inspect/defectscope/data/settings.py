@@ -6,18 +6,26 @@ shares them without its own copy.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from ..plain import to_plain, whole_number
+from ..plain import expect, to_plain, whole_number
 from ..runtime.image import LoaderConfig
-from ..runtime.metadata import check_loader_values
-from .errors import DataConfigError
+from ..runtime.metadata import NORMALISATION_RANGE, check_loader_values
+from .errors import DataConfigError, SourceError
+from .sources import source_arguments
 
 ON_BAD_FILE = ("fail", "skip")
 #: what ``evaluate`` scores: "test" = only the test split, "all" = every image of the source (a new lot);
 #: None (training) = the train/val/test split
 EVALUATE_ON = ("test", "all")
+#: the class ``data._target_`` names (Hydra builds it from ``cfg.data``)
+DATAMODULE_TARGET = "defectscope.data.datamodule.DefectDataModule"
+#: the largest data.multi_scale factor accepted (4x the pixels per side is already 16x the compute)
+MAX_SCALE = 4.0
 
 
 def check_evaluate_on(value: str | None) -> None:
@@ -98,6 +106,21 @@ def split_config(split: Mapping[str, Any] | None, training: bool = True) -> dict
     return split_cfg
 
 
+def normalisation_values(values: Any, key: str) -> list[float] | None:
+    """``data.mean``/``data.std``: null, or a list of numbers in the range an exported model accepts."""
+    if values is None:
+        return None
+    low, high = NORMALISATION_RANGE[key]
+    items = list(values) if isinstance(values, Sequence) and not isinstance(values, str) else None
+    if not items or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and low <= v <= high for v in items
+    ):
+        raise DataConfigError(
+            f"data.{key} must be null or a list of numbers in [{low:g}, {high:g}], got {values!r}"
+        )
+    return [float(v) for v in items]
+
+
 def check_normalisation_length(mean: Any, std: Any, channels: int) -> None:
     """``data.mean``/``data.std`` hold one value or one per channel (``data.loader.channels``)."""
     for key, values in (("mean", mean), ("std", std)):
@@ -105,3 +128,124 @@ def check_normalisation_length(mean: Any, std: Any, channels: int) -> None:
             raise DataConfigError(
                 f"data.{key} has {len(values)} values; expected 1 or {channels} (data.loader.channels)"
             )
+
+
+def check_scales(value: Any) -> tuple[float, ...]:
+    """``data.multi_scale`` -> the factors (empty = off); a one-line error names the key otherwise."""
+    if value is None:
+        return ()
+    items = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else None
+    ok = items is not None and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and 0 < v <= MAX_SCALE
+        for v in items
+    )
+    if not ok or not items:
+        raise DataConfigError(
+            f"data.multi_scale must be null or a non-empty list of scale factors in (0, {MAX_SCALE:g}] "
+            f"such as [0.75, 1.0, 1.25], got {value!r}"
+        )
+    return tuple(float(v) for v in items)
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Every ``data.*`` setting of :class:`~.datamodule.DefectDataModule`, checked (see :func:`data_settings`)."""
+
+    source: dict[str, Any]
+    loader: LoaderConfig
+    split: dict[str, Any]
+    batch_size: int
+    eval_batch_size: int
+    num_workers: int
+    pin_memory: bool | None
+    persistent_workers: bool
+    train_transform: Any
+    mean: list[float] | None
+    std: list[float] | None
+    on_bad_file: str
+    rejects_path: str | None
+    scan_workers: int
+    seed: int
+    drop_last: bool
+    ordered: bool
+    dihedral: bool
+    multi_scale: tuple[float, ...]
+    evaluate_on: str | None
+
+
+def data_settings(
+    source: Mapping[str, Any],
+    loader: Mapping[str, Any] | LoaderConfig | None = None,
+    split: Mapping[str, Any] | None = None,
+    batch_size: int = 32,
+    eval_batch_size: int | None = None,
+    num_workers: int = 0,
+    pin_memory: bool | None = None,
+    persistent_workers: bool = False,
+    train_transform: Any = None,
+    eval_transform: Any = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    on_bad_file: str = "fail",
+    rejects_path: str | None = "rejects.csv",
+    scan_workers: int = 2,
+    seed: int = 0,
+    drop_last: bool = False,
+    ordered: bool = False,
+    dihedral: bool = False,
+    multi_scale: Sequence[float] | None = None,
+    evaluate_on: str | None = None,
+) -> DataSettings:
+    """The data config checked without torch or reading a file, each error naming its key: the
+    DataModule's keywords (their meaning: :class:`~.datamodule.DefectDataModule`), so ``train`` can refuse a
+    mistake before it imports Lightning."""
+    check_settings(evaluate_on, eval_transform, on_bad_file, batch_size, eval_batch_size)
+    source_spec: dict[str, Any] = to_plain(source)
+    if not isinstance(source_spec, dict) or "kind" not in source_spec:
+        raise SourceError("data.source.kind is required (folder, csv, elpv or synthetic)")
+    source_arguments(source_spec)  # the kind and its keys, before any file is read
+    loader_cfg = loader_config(loader)
+    means, stds = normalisation_values(mean, "mean"), normalisation_values(std, "std")
+    check_normalisation_length(means, stds, loader_cfg.channels)
+    return DataSettings(
+        source=source_spec,
+        loader=loader_cfg,
+        split=split_config(split, training=evaluate_on is None),
+        batch_size=int(batch_size),
+        eval_batch_size=int(eval_batch_size or batch_size),
+        num_workers=int(whole_number(num_workers, "data.num_workers", 0) or 0),
+        pin_memory=expect(pin_memory, (bool, type(None)), "data.pin_memory", "true, false or null"),
+        persistent_workers=expect(persistent_workers, bool, "data.persistent_workers", "true or false"),
+        train_transform=train_transform,
+        mean=means,
+        std=stds,
+        on_bad_file=on_bad_file,
+        rejects_path=rejects_path,
+        scan_workers=int(whole_number(scan_workers, "data.scan_workers", 0) or 0),
+        seed=int(whole_number(seed, "data.seed", 0) or 0),
+        drop_last=expect(drop_last, bool, "data.drop_last", "true or false"),
+        ordered=expect(ordered, bool, "data.ordered", "true or false"),
+        dihedral=expect(dihedral, bool, "data.dihedral", "true or false"),
+        multi_scale=check_scales(multi_scale),
+        evaluate_on=evaluate_on,
+    )
+
+
+def config_data_settings(data: Mapping[str, Any]) -> DataSettings | None:
+    """``data`` (the plain config Hydra will build the DataModule from) checked without building it;
+    ``None`` when ``_target_`` names another class, whose keywords are its own."""
+    kwargs = dict(data)
+    if kwargs.pop("_target_", DATAMODULE_TARGET) not in (
+        DATAMODULE_TARGET,
+        "defectscope.data.DefectDataModule",
+    ):
+        return None
+    for key in ("_recursive_", "_convert_", "_partial_"):
+        kwargs.pop(key, None)
+    valid = list(inspect.signature(data_settings).parameters)
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise DataConfigError(f"data: unknown key(s) {unknown}; valid keys: {', '.join(valid)}")
+    if "source" not in kwargs:
+        raise SourceError("data.source.kind is required (folder, csv, elpv or synthetic)")
+    return data_settings(**kwargs)

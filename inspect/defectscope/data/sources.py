@@ -23,7 +23,7 @@ from ..synth import SYNTH_MARKER
 from .elpv import elpv_source
 from .errors import SourceError
 from .records import SPLITS, Sample, SourceData
-from .synth_cache import ensure_synthetic
+from .synth_cache import check_synthetic_request, ensure_synthetic
 
 
 def _check_classes(good_class: str | None, class_names: Sequence[str], where: str) -> None:
@@ -305,6 +305,11 @@ def source_arguments(
     unknown = sorted(set(params) - set(valid))
     if unknown:
         raise SourceError(f"data.source: unknown key(s) {unknown} for kind={kind}; valid keys: {valid}")
+    if kind == "synthetic":  # the generator's numbers, before a run starts (generation is in prepare_data)
+        given = inspect.signature(fn).bind_partial(**params)
+        given.apply_defaults()
+        request = {k: v for k, v in given.arguments.items() if k not in ("root", "good_class")}
+        check_synthetic_request(**request)
     return kind, fn, params
 
 

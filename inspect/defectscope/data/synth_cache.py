@@ -57,6 +57,22 @@ def _remove_stale_partials(root: Path) -> None:
             pass  # alive, another user's
 
 
+def check_synthetic_request(
+    n: Any, seed: Any, channels: Any, min_size: Any, max_size: Any, classes: Sequence[str], region: str
+) -> None:
+    """The generator's numbers and names as ``data.source.*``, by the generator's own rule; one line each."""
+    from ..synth import check_request
+
+    numbers = {"n": n, "seed": seed, "channels": channels, "min_size": min_size, "max_size": max_size}
+    for key, value in numbers.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise SourceError(f"data.source.{key} must be a whole number, got {value!r}")
+    try:
+        check_request(n, channels, (min_size, max_size), classes, region, seed, prefix="data.source.")
+    except ValueError as exc:
+        raise SourceError(str(exc)) from None
+
+
 def ensure_synthetic(
     root: str | os.PathLike[str],
     n: int,
@@ -75,16 +91,11 @@ def ensure_synthetic(
     file serialises processes that start together (DDP ranks, parallel runs): one generates, the
     others wait and reuse its result.
     """
-    from ..synth import check_request, generate
+    from ..synth import generate
 
-    numbers = {"n": n, "seed": seed, "channels": channels, "min_size": min_size, "max_size": max_size}
-    for key, value in numbers.items():
-        if not isinstance(value, int) or isinstance(value, bool):  # before the cache is looked at or rebuilt
-            raise SourceError(f"data.source.{key} must be a whole number, got {value!r}")
-    try:
-        check_request(n, channels, (min_size, max_size), classes, region, seed, prefix="data.source.")
-    except ValueError as exc:
-        raise SourceError(str(exc)) from None
+    check_synthetic_request(
+        n, seed, channels, min_size, max_size, classes, region
+    )  # before the cache is touched
     base = Path(root).expanduser()
     params = synth_params(n, seed, channels, min_size, max_size, classes, region)
     if _read_marker(base) == params:

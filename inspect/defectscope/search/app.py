@@ -34,6 +34,7 @@ def base_overrides() -> list[str]:
 def preflight(cfg: Any) -> tuple[Any, Any, Any, Any]:
     """Settings, parameters, storage and data facts, or a one-line error before any trial."""
     from defectscope.plain import to_plain
+    from defectscope.training.preflight import check_train_config
 
     from .preflight import check_choices, check_latency_budget, check_time_budget, data_facts, lightest
     from .settings import SearchSettings
@@ -43,6 +44,7 @@ def preflight(cfg: Any) -> tuple[Any, Any, Any, Any]:
     s = SearchSettings.from_config({k: v for k, v in to_plain(cfg.search).items()})
     params = parse_space(to_plain(cfg.search.get("space")))
     check_keys(params, cfg)
+    check_train_config(cfg)  # the trials' training settings, before the study or the data are touched
     storage = open_storage(s)
     check_choices(cfg, params)
     facts = data_facts(cfg, s.latency.image_size, s.test_trials)

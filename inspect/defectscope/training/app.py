@@ -339,6 +339,9 @@ def _run(command: str, config_name: str, argv: Sequence[str], fn: Callable[[Any]
 
 
 def _train(cfg: Any) -> dict[str, float]:
+    from .preflight import check_train_config
+
+    check_train_config(cfg)  # before torch and Lightning are imported: a mistake is told in about a second
     from .train import train
 
     return train(cfg)

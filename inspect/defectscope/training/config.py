@@ -83,8 +83,7 @@ def ng_classes_setting(threshold: Mapping[str, Any]) -> Any:
 def check_model_settings(cfg: Mapping[str, Any], ordered: bool) -> None:
     """What the model module would refuse, checked before the data are read (a typo must not cost the
     scan): the NG classes' form (their names need the class list), the objective, the loss and SAM."""
-    from .optimization import sam_rho
-    from .ordinal import ObjectiveError, resolve_objective
+    from .objectives import ObjectiveError, choose_objective
 
     try:
         check_ng_spec(ng_classes_setting(cfg.get("threshold") or {}))
@@ -93,9 +92,17 @@ def check_model_settings(cfg: Mapping[str, Any], ordered: bool) -> None:
     smoothing = loss_settings(to_plain(cfg.get("loss")) or {}).label_smoothing
     sam_rho(to_plain(cfg.get("optim")) or {})
     try:
-        resolve_objective(to_plain(cfg.get("ordinal")) or {}, ordered, smoothing)
+        choose_objective(to_plain(cfg.get("ordinal")) or {}, ordered, smoothing)
     except ObjectiveError as exc:
         raise TrainingConfigError(str(exc)) from None
+
+
+def sam_rho(optim: Mapping[str, Any]) -> float:
+    """``optim.sam_rho``: the radius of sharpness-aware minimisation; 0 or null = plain steps."""
+    rho = dict(optim).get("sam_rho")
+    if rho is None:
+        return 0.0
+    return config_number(rho, "optim.sam_rho", "a number >= 0 (0 or null = off)", lambda x: x >= 0)
 
 
 def check_class_names(class_names: list[str], num_classes: int, good_class: str, ordered: bool) -> None:
@@ -224,13 +231,18 @@ def memory_format(value: Any) -> Any:
     layout only: the values, the checkpoint and the export are the same. Not the default: torch 2.13's
     CPU build crashed with it on some small architecture-search candidates (conf/train.yaml).
     """
-    if value is None:
-        value = "contiguous"
-    if not isinstance(value, str) or value not in MEMORY_FORMATS:
-        raise TrainingConfigError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {value!r}")
     import torch
 
-    return torch.channels_last if value == "channels_last" else torch.contiguous_format
+    return torch.channels_last if check_memory_format(value) == "channels_last" else torch.contiguous_format
+
+
+def check_memory_format(value: Any) -> str:
+    """``memory_format``'s name (null: contiguous), or one line naming the key; torch-free."""
+    if value is None:
+        return "contiguous"
+    if not isinstance(value, str) or value not in MEMORY_FORMATS:
+        raise TrainingConfigError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {value!r}")
+    return value
 
 
 def use_memory_format(model: Any, value: Any) -> None:

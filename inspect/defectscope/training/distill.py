@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -27,118 +25,10 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from ..runtime.files import file_kind, file_sha256
-from .config import TrainingConfigError, config_number
+from .config import TrainingConfigError
+from .distill_settings import DistillSettings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DistillSettings:
-    """``distill.*``, checked: no teacher means no distillation."""
-
-    teacher: str | None = None
-    weight: float = 0.5
-    temperature: float = 2.0
-
-
-def distill_settings(spec: Mapping[str, Any] | None) -> DistillSettings:
-    """``distill.*`` -> :class:`DistillSettings`; errors name the key and what was expected.
-
-    The teacher file itself is checked here too (cheap), so a wrong path stops the run before the
-    data are scanned.
-    """
-    if spec is not None and not isinstance(spec, Mapping):
-        raise TrainingConfigError(
-            f"distill must be a group of teacher, weight and temperature (distill.teacher=model.onnx), got {spec!r}"
-        )
-    cfg = dict(spec or {})
-    unknown = sorted(set(cfg) - {"teacher", "weight", "temperature"})
-    if unknown:
-        raise TrainingConfigError(
-            f"distill.{unknown[0]} is not a setting; distill takes teacher, weight and temperature"
-        )
-    weight = config_number(
-        cfg.get("weight", 0.5), "distill.weight", "a number in (0, 1]", lambda x: 0 < x <= 1
-    )
-    temperature = config_number(
-        cfg.get("temperature", 2.0), "distill.temperature", "a number > 0", lambda x: x > 0
-    )
-    teacher = cfg.get("teacher")
-    if teacher is None:
-        return DistillSettings(None, weight, temperature)
-    if not isinstance(teacher, str) or not teacher:
-        raise TrainingConfigError(
-            f"distill.teacher must be the path of an exported model (.onnx), got {teacher!r}"
-        )
-    problem = teacher_file_problem(teacher)
-    if problem:
-        raise TrainingConfigError(f"distill.teacher: {problem}")
-    return DistillSettings(teacher, weight, temperature)
-
-
-def resume_problem(
-    then: Any, now: DistillSettings, ckpt_path: str, then_sha256: str | None = None
-) -> str | None:
-    """Why ``now`` cannot continue a run trained with the ``distill`` settings ``then`` (its run config) and
-    the teacher file ``then_sha256`` (its checkpoint), or ``None``: a resumed run keeps its objective, so the
-    teacher, weight and temperature must be the same, and so must the teacher file's content."""
-    spec = dict(then) if isinstance(then, Mapping) else {}
-    default = DistillSettings()
-    before = tuple(spec.get(key, getattr(default, key)) for key in ("teacher", "weight", "temperature"))
-    after = (now.teacher, now.weight, now.temperature)
-    if before[0] is None and after[0] is None:  # no distillation either time
-        return None
-    if before == after:
-        return _replaced_teacher(now.teacher, ckpt_path, then_sha256)
-
-    def shown(values: tuple[Any, ...]) -> str:
-        return (
-            "no teacher"
-            if values[0] is None
-            else f"teacher {values[0]}, weight {values[1]:g}, temperature {values[2]:g}"
-        )
-
-    return (
-        f"distill.* give {shown(after)} but {ckpt_path} was trained with {shown(before)}: a resumed run keeps its "
-        "objective; resume with the checkpoint's distill settings or start a new run"
-    )
-
-
-def _replaced_teacher(teacher: str | None, ckpt_path: str, then_sha256: str | None) -> str | None:
-    """A teacher file replaced under the same path since the run started (the checkpoint keeps its sha256)."""
-    if teacher is None or then_sha256 is None:
-        return None
-    now_sha256 = file_sha256(teacher)
-    if now_sha256 == then_sha256:
-        return None
-    return (
-        f"distill.teacher: {teacher} is not the file {ckpt_path} was trained towards (sha256 {now_sha256[:12]}…, "
-        f"the run's teacher {then_sha256[:12]}…): a resumed run keeps its objective; put that teacher file back "
-        "or start a new run"
-    )
-
-
-def teacher_file_problem(teacher: str) -> str | None:
-    """Why ``teacher`` cannot be a teacher model file, worded for this key; ``None`` if it may be one."""
-    from ..runtime.inspector import ModelLoadError, check_model_path
-
-    path = Path(teacher)
-    export = f"defectscope export CHECKPOINT --tta dihedral -o {path.stem or 'teacher'}.onnx"
-    if path.is_dir():
-        return f"{teacher} is a folder; expected an exported model file (.onnx)"
-    if not path.is_file():
-        return f"{teacher}: no such file; expected an exported model (.onnx), written by {export}"
-    kind = file_kind(path)
-    if kind == "checkpoint":
-        return f"{teacher} is a training checkpoint; a teacher is an exported model: defectscope export {teacher} --tta dihedral -o teacher.onnx"
-    if kind == "empty" or kind.endswith("image"):
-        return f"{teacher} is {'empty (0 bytes)' if kind == 'empty' else 'a ' + kind}, not an exported model (.onnx)"
-    try:
-        check_model_path(path)  # what else the runtime refuses (a path ONNX Runtime cannot open)
-    except ModelLoadError as exc:
-        return str(exc)
-    return None
 
 
 def teacher_gpu(device: torch.device) -> int | None:

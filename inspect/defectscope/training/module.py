@@ -32,6 +32,7 @@ from .config import (
     check_class_names,
     loss_settings,
     ng_classes_setting,
+    sam_rho,
     threshold_settings,
 )
 from .distill import distill_loss
@@ -44,6 +45,7 @@ from .metrics import (
     metric_key,
     operating_point,
 )
+from .objectives import ObjectiveError
 from .optimization import (
     build_optimizer,
     build_scheduler,
@@ -51,10 +53,9 @@ from .optimization import (
     check_resumed_optimizer,
     lr_plan,
     optimizer_lr,
-    sam_rho,
     scheduler_interval,
 )
-from .ordinal import ObjectiveError, ProbsAndLabels, ng_cross_entropy, resolve_objective
+from .ordinal import ProbsAndLabels, ng_cross_entropy, resolve_objective
 from .sam import SharpnessAware
 from .shift import ShiftScores
 

@@ -34,14 +34,6 @@ def lr_plan(finetune: Mapping[str, Any] | None) -> tuple[float, float]:
     return scale, decay
 
 
-def sam_rho(optim: Mapping[str, Any]) -> float:
-    """``optim.sam_rho``: the radius of sharpness-aware minimisation; 0 or null = plain steps."""
-    rho = dict(optim).get("sam_rho")
-    if rho is None:
-        return 0.0
-    return config_number(rho, "optim.sam_rho", "a number >= 0 (0 or null = off)", lambda x: x >= 0)
-
-
 def grouped(scale: float, decay: float) -> bool:
     """Whether the finetune plan splits the parameters into LR groups (else one group)."""
     return scale != 1.0 or decay != 1.0

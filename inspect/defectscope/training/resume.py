@@ -13,7 +13,7 @@ from ..checkpoint import CheckpointError, read_info, recorded_run_config
 from ..plain import to_plain
 from ..runtime.grading import is_finite_number
 from .config import TrainingConfigError
-from .distill import DistillSettings, resume_problem
+from .distill_settings import DistillSettings, resume_problem
 from .optimization import lr_plan, schedule_changes
 
 

@@ -10,7 +10,6 @@ first training step, and so that the best checkpoint is on disk before anything 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,19 +27,17 @@ from .artifacts import log_test_artifacts, summary_lines, write_test_plots
 from .callbacks import FiniteWeights, Throughput, build_callbacks, checkpoint_callback
 from .config import (
     TrainingConfigError,
-    check_model_settings,
-    check_run_numbers,
     find_keys,
     is_global_zero,
-    memory_format,
     resolve_ckpt_path,
     scalar_metrics,
     torch_threads,
     use_memory_format,
 )
-from .distill import add_teacher, distill_settings
+from .distill import add_teacher
 from .module import DefectClassifier
 from .optimization import HORIZON_SETTINGS
+from .preflight import check_train_config
 from .resume import read_resume
 from .shift import protocol_from_config
 from .tracking import MLflowTracker
@@ -179,25 +176,6 @@ def build_tracker(cfg: DictConfig) -> MLflowTracker | None:
     return tracker
 
 
-def check_launch(cfg: DictConfig) -> None:
-    """Lightning's own multi-process launcher re-runs the command line; that cannot work in a sweep."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    except Exception:
-        multirun = False
-    devices = cfg.trainer.get("devices", 1)
-    many = devices == -1 or (isinstance(devices, int) and devices > 1) or isinstance(devices, list | str)
-    external = any(v in os.environ for v in ("RANK", "SLURM_PROCID", "LOCAL_RANK"))
-    if multirun and many and not external and str(cfg.trainer.get("strategy", "")).startswith("ddp"):
-        raise TrainingConfigError(
-            "trainer=ddp with several devices cannot run inside --multirun (Lightning re-launches the "
-            "command line per device); run the sweep's jobs one by one, or start them with torchrun/SLURM"
-        )
-
-
 def ddp_overrides(cfg: DictConfig) -> dict[str, Any]:
     """A frozen backbone leaves parameters without gradients, which plain DDP refuses."""
     if int(cfg.finetune.get("freeze_epochs", 0)) > 0 and str(cfg.trainer.get("strategy")) == "ddp":
@@ -324,18 +302,14 @@ def _log_outputs(best: str | None, dm: Any, tracker: MLflowTracker | None) -> No
 
 def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, float]:
     t0 = time.perf_counter()
-    check_run_numbers(cfg)
-    check_launch(cfg)
-    memory_format(cfg.get("memory_format"))  # checked before any data is read
-    distill = distill_settings(to_plain(cfg.get("distill")))
+    distill = check_train_config(cfg)  # every setting that needs no file, before any data is read
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     out_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.ckpt_dir)
     horizon = {key: to_plain(OmegaConf.select(cfg, key)) for key in HORIZON_SETTINGS}
     optimizer = OmegaConf.select(cfg, "optim.optimizer._target_")
     resume = read_resume(ckpt_path, cfg.get("finetune"), distill, horizon, optimizer) if ckpt_path else {}
-    dm = build_datamodule(cfg)  # checks every data.* key without reading a file: a typo opens no MLflow run
-    check_model_settings(cfg, dm.ordered)
+    dm = build_datamodule(cfg)
     tracker = _start_tracker(cfg, out_dir, ckpt_path, resume)
 
     status = "FAILED"
