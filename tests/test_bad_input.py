@@ -181,6 +181,36 @@ def test_data_config_mistakes_are_one_line_naming_the_key(
         assert not (tmp_path / "data").exists()  # refused before the synthetic set was generated
 
 
+def test_export_and_evaluate_name_a_wrong_checkpoint_before_torch_is_imported(
+    tmp_path: Path, defectscope_cmd: list[str], cli_env: dict[str, str]
+) -> None:
+    """A mistyped checkpoint path, a folder or an exported model where the checkpoint belongs, and export's
+    option mistakes are told without torch (its import alone took 2-3 s of every such refusal)."""
+    model = build_model(tmp_path / "m.onnx")
+    env = blocking_env(tmp_path, ("torch", "lightning", "pytorch_lightning"), cli_env)
+    cases = [
+        (["export", "nope.ckpt", "-o", "x.onnx"], "nope.ckpt: checkpoint file does not exist"),
+        (
+            ["export", str(tmp_path), "-o", "x.onnx"],
+            "is not a file (expected a .ckpt written by `defectscope train`)",
+        ),
+        (
+            ["export", str(model), "-o", "x.onnx"],
+            "m.onnx is an exported model (ONNX), not a training checkpoint",
+        ),
+        (["export", "nope.ckpt", "-o", "x.onnx", "--opset", "17"], "--opset 17 is too old"),
+        (["evaluate", "ckpt_path=nope.ckpt"], "nope.ckpt: checkpoint file does not exist"),
+        (["evaluate", "ckpt_path=nope.ckpt", "threshold=2"], "threshold must be a number in [0, 1], or null"),
+        (["evaluate", "ckpt_path=null"], "ckpt_path is required: defectscope evaluate ckpt_path=CHECKPOINT"),
+        (["evaluate", f"ckpt_path={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"], "is not a file"),
+    ]
+    for args, message in cases:
+        proc = _run([*defectscope_cmd, *args], tmp_path, env)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr[-3000:])
+        errors = [ln for ln in proc.stderr.splitlines() if ": error: " in ln]
+        assert len(errors) == 1 and message in errors[0], (args, proc.stderr)
+
+
 def test_a_missing_required_key_is_one_line_in_the_console_and_the_job_log(
     tmp_path: Path, defectscope_cmd: list[str], cli_env: dict[str, str]
 ) -> None:

@@ -54,11 +54,7 @@ class CheckpointError(ValueError):
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """``torch.load(weights_only=True)`` with errors that name the file and what was expected."""
     p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{p}: checkpoint file does not exist")
-    if not p.is_file():
-        raise CheckpointError(f"{p}: is not a file (expected a .ckpt written by `defectscope train`)")
-    try:  # an ONNX model, an image, an empty file, text: said as such before torch.load
+    try:  # missing, a folder, an ONNX model, an image, an empty file, text: said as such before torch.load
         problem = checkpoint_file_problem(p)
     except OSError as exc:
         raise CheckpointError(f"{p}: cannot be read ({exc.strerror or exc})") from None

@@ -10,14 +10,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from defectscope.runtime.files import checkpoint_file_problem
 from defectscope.runtime.grading import CUTS_FOR
 from defectscope.runtime.metadata import TTA_NAMES
 from defectscope.runtime.options import CommandParser, unit_number, whole_at_least
 
-from .onnx_export import MIN_OPSET, ExportResult, opset_problem
+from .opset import MIN_OPSET, opset_problem
 from .quantize import (
     AUTO_FP32_STEPS,
     AUTO_MIN_CONVS,
@@ -26,6 +26,9 @@ from .quantize import (
     INT8_METHODS,
     Int8Config,
 )
+
+if TYPE_CHECKING:
+    from .onnx_export import ExportResult
 
 _count, _positive = whole_at_least(0), whole_at_least(1)
 

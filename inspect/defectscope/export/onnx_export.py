@@ -32,6 +32,7 @@ from .fuse import FuseReport, fuse_conv_bn_report, replace_bn_with_affine
 from .grading import GradingExportError, checkpoint_grading, earn_cuts
 from .graph import check_graph, set_metadata, to_onnx, with_metadata
 from .int8_step import Int8Plan, plan_int8, quantize_model
+from .opset import MIN_OPSET, opset_problem
 from .parity import (
     ParityInputs,
     check_parity,
@@ -44,19 +45,6 @@ from .parity import (
 from .quantize import Int8Config
 from .threshold import ThresholdPlan, earn_threshold, plan_threshold
 from .wrapper import ExportWrapper, head_linear
-
-MIN_OPSET = 18
-
-
-def opset_problem(opset: int) -> str | None:
-    """Why ``--opset`` cannot be exported, or None: the exporter needs 18, the onnx package knows up to
-    its own latest (the version converter fails past it, after the export's work)."""
-    newest = onnx.defs.onnx_opset_version()
-    if opset < MIN_OPSET:
-        return f"--opset {opset} is too old: defectscope exports need opset >= {MIN_OPSET}"
-    if opset > newest:
-        return f"--opset {opset} is newer than the installed onnx {onnx.__version__} knows (at most {newest})"
-    return None
 
 
 @dataclass

@@ -180,10 +180,13 @@ def model_file_problem(path: str | os.PathLike[str]) -> str | None:
 
 
 def checkpoint_file_problem(path: str | os.PathLike[str]) -> str | None:
-    """Why an existing ``path`` cannot be a training checkpoint; ``None`` if it may be one."""
+    """Why ``path`` cannot be a training checkpoint, read from its first bytes (torch-free, so a command can
+    say it before importing torch); ``None`` if it may be one."""
     p = Path(path)
+    if not p.exists():
+        return f"{p}: checkpoint file does not exist"
     if not p.is_file():
-        return None  # the checkpoint reader says "does not exist" / "not a file"
+        return f"{p}: is not a file (expected a .ckpt written by `defectscope train`)"
     kind = file_kind(p)
     if kind == "ONNX model" or (kind == "other" and p.suffix.lower() == ".onnx"):
         return (

@@ -348,6 +348,9 @@ def _train(cfg: Any) -> dict[str, float]:
 
 
 def _evaluate(cfg: Any) -> dict[str, float]:
+    from .preflight import check_evaluate_config
+
+    check_evaluate_config(cfg)  # the threshold and the checkpoint's path before torch is imported
     from .evaluate import evaluate
 
     return evaluate(cfg)

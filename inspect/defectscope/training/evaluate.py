@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ..checkpoint import (
     CheckpointError,
@@ -34,34 +34,19 @@ from ..data.settings import check_evaluate_on
 from ..data.sources import SOURCES
 from ..evaluation.report import evaluation_doc, flat_metrics, report_lines
 from ..plain import to_plain
-from ..runtime.decision import THRESHOLD_EXPECTED, is_threshold
 from .config import (
     TrainingConfigError,
-    config_number,
     memory_format,
     model_layout,
     scalar_metrics,
     torch_threads,
     use_memory_format,
 )
-
-CKPT_HELP = (
-    "ckpt_path is required: defectscope evaluate ckpt_path=CHECKPOINT [data=folder data.source.root=LOT] "
-    "(an exported model: defectscope evaluate MODEL.onnx DATA)"
-)
-
+from .preflight import check_evaluate_config
 
 #: figures the test stage logs that the shared report does not compute: the loss and, for ordered
 #: grades, the ordinal figures (``runtime.grading.ordinal_metrics``); shift consistency is added by prefix
 LOGGED_KEPT = ("test/loss", "test/mae", "test/off_by_more_than_one", "test/qwk")
-
-
-def checkpoint_file(cfg: DictConfig) -> str:
-    """``ckpt_path`` (the app refuses a missing ``???`` value before this runs; this covers null/empty)."""
-    value = None if OmegaConf.is_missing(cfg, "ckpt_path") else cfg.get("ckpt_path")
-    if value is None or not str(value).strip():
-        raise TrainingConfigError(CKPT_HELP)
-    return str(Path(str(value)).expanduser())
 
 
 def evaluation_data(
@@ -170,19 +155,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         return evaluate_checkpoint(cfg)
 
 
-def _hand_threshold(cfg: DictConfig) -> float | None:
-    """The hand-set threshold (None: the checkpoint's), checked before the checkpoint is read, as is
-    ``memory_format``."""
-    by_hand = cfg.get("threshold")
-    if by_hand is not None:
-        by_hand = config_number(
-            by_hand, "threshold", f"{THRESHOLD_EXPECTED}, or null for the checkpoint's own", is_threshold
-        )
-    if cfg.get("memory_format") is not None:
-        memory_format(cfg.get("memory_format"))
-    return by_hand
-
-
 def _scored_datamodule(
     data_kwargs: dict[str, Any], given: bool, ckpt_file: str, class_names: list[str]
 ) -> Any:
@@ -209,8 +181,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     """Test metrics, the shared evaluation report and plots of ``cfg.ckpt_path``."""
     t0 = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
-    by_hand = _hand_threshold(cfg)
-    ckpt_file = checkpoint_file(cfg)
+    by_hand, ckpt_file = check_evaluate_config(cfg)
     ckpt, info = read_info(ckpt_file)
     layout, layout_from = evaluation_layout(cfg.get("memory_format"), ckpt, ckpt_file)
     data_kwargs, scope, given = evaluation_data(cfg, ckpt, info, ckpt_file, out_dir)

@@ -1,19 +1,35 @@
-"""What ``defectscope train`` checks before it imports torch and Lightning (seconds on a line PC): every
-setting that needs no file read, each refusal one line naming its key.  ``train`` runs the same checks
-first, so a library caller gets them too; the app runs them before the import, so a typo costs a
-second, not the start-up of the whole stack.
+"""What ``defectscope train`` and ``evaluate`` check before they import torch and Lightning (seconds on a
+line PC): every setting that needs no file read (evaluate: and the checkpoint's path and first bytes), each
+refusal one line naming its key.  ``train``/``evaluate`` run the same checks first, so a library caller gets
+them too; the app runs them before the import, so a typo costs a second, not the start-up of the stack.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
+
+from omegaconf import OmegaConf
 
 from ..data.settings import config_data_settings
 from ..data.transforms import check_transform_spec
 from ..plain import to_plain
-from .config import TrainingConfigError, check_memory_format, check_model_settings, check_run_numbers
+from ..runtime.decision import THRESHOLD_EXPECTED, is_threshold
+from ..runtime.files import checkpoint_file_problem
+from .config import (
+    TrainingConfigError,
+    check_memory_format,
+    check_model_settings,
+    check_run_numbers,
+    config_number,
+)
 from .distill_settings import DistillSettings, distill_settings
+
+CKPT_HELP = (
+    "ckpt_path is required: defectscope evaluate ckpt_path=CHECKPOINT [data=folder data.source.root=LOT] "
+    "(an exported model: defectscope evaluate MODEL.onnx DATA)"
+)
 
 
 def check_train_config(cfg: Any) -> DistillSettings:
@@ -48,3 +64,27 @@ def check_launch(cfg: Any) -> None:
             "trainer=ddp with several devices cannot run inside --multirun (Lightning re-launches the "
             "command line per device); run the sweep's jobs one by one, or start them with torchrun/SLURM"
         )
+
+
+def check_evaluate_config(cfg: Any) -> tuple[float | None, str]:
+    """``evaluate``'s hand-set threshold (None: the checkpoint's) and checkpoint file, checked in that order,
+    with ``memory_format``: the threshold is named before the file is looked at."""
+    by_hand = cfg.get("threshold")
+    if by_hand is not None:
+        by_hand = config_number(
+            by_hand, "threshold", f"{THRESHOLD_EXPECTED}, or null for the checkpoint's own", is_threshold
+        )
+    check_memory_format(cfg.get("memory_format"))
+    ckpt_file = checkpoint_file(cfg)
+    problem = checkpoint_file_problem(ckpt_file)
+    if problem:
+        raise TrainingConfigError(problem)
+    return by_hand, ckpt_file
+
+
+def checkpoint_file(cfg: Any) -> str:
+    """``ckpt_path`` (the app refuses a missing ``???`` value before this runs; this covers null/empty)."""
+    value = None if OmegaConf.is_missing(cfg, "ckpt_path") else cfg.get("ckpt_path")
+    if value is None or not str(value).strip():
+        raise TrainingConfigError(CKPT_HELP)
+    return str(Path(str(value)).expanduser())
