@@ -10,12 +10,11 @@ before a single file is listed.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
 from ..plain import PlainDataError, check_plain
-from .settings import DATAMODULE_TARGET, data_settings
+from .settings import DATAMODULE_TARGET, check_data_keys
 from .sources import SOURCES
 from .transforms import check_transform_spec
 
@@ -54,10 +53,7 @@ def datamodule_kwargs(spec: Any, where: str, *, from_file: bool) -> dict[str, An
             isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= cap
         ):
             raise PlainDataError(f"{where}.{key}: expected a whole number in [0, {cap}], got {value!r}")
-    valid = list(inspect.signature(data_settings).parameters)  # the DataModule's keywords, torch-free
-    unknown = sorted(set(kwargs) - set(valid))
-    if unknown:
-        raise PlainDataError(f"{where}: unknown key(s) {unknown}; valid keys: {', '.join(valid)}")
+    check_data_keys(kwargs, where, PlainDataError)
     for key in EVALUATION_KEYS:
         kwargs.pop(key, None)
     if from_file and kind == "synthetic" and isinstance(source, Mapping):

@@ -86,6 +86,10 @@ def split_config(split: Mapping[str, Any] | None, training: bool = True) -> dict
     rest, so training always keeps images (evaluation may put every image in the test split:
     ``test_fraction: 1``)."""
     split_cfg: dict[str, Any] = to_plain(split or {})
+    if not isinstance(split_cfg, dict):
+        raise DataConfigError(
+            f"data.split must be a mapping of val_fraction, test_fraction and seed, got {split!r}"
+        )
     unknown = set(split_cfg) - {"val_fraction", "test_fraction", "seed"}
     if unknown:
         raise DataConfigError(
@@ -174,7 +178,7 @@ class DataSettings:
 
 
 def data_settings(
-    source: Mapping[str, Any],
+    source: Mapping[str, Any] | None = None,
     loader: Mapping[str, Any] | LoaderConfig | None = None,
     split: Mapping[str, Any] | None = None,
     batch_size: int = 32,
@@ -231,21 +235,24 @@ def data_settings(
     )
 
 
+def check_data_keys(kwargs: Mapping[str, Any], where: str, error: type[ValueError] = DataConfigError) -> None:
+    """Only the DataModule's keywords (:func:`data_settings`'s), or ``error`` naming ``where`` and the valid ones."""
+    valid = list(inspect.signature(data_settings).parameters)
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise error(f"{where}: unknown key(s) {unknown}; valid keys: {', '.join(valid)}")
+
+
 def config_data_settings(data: Mapping[str, Any]) -> DataSettings | None:
     """``data`` (the plain config Hydra will build the DataModule from) checked without building it;
     ``None`` when ``_target_`` names another class, whose keywords are its own."""
     kwargs = dict(data)
-    if kwargs.pop("_target_", DATAMODULE_TARGET) not in (
-        DATAMODULE_TARGET,
-        "defectscope.data.DefectDataModule",
-    ):
+    if kwargs.pop("_target_", DATAMODULE_TARGET) != DATAMODULE_TARGET:
         return None
     for key in ("_recursive_", "_convert_", "_partial_"):
         kwargs.pop(key, None)
-    valid = list(inspect.signature(data_settings).parameters)
-    unknown = sorted(set(kwargs) - set(valid))
-    if unknown:
-        raise DataConfigError(f"data: unknown key(s) {unknown}; valid keys: {', '.join(valid)}")
-    if "source" not in kwargs:
-        raise SourceError("data.source.kind is required (folder, csv, elpv or synthetic)")
-    return data_settings(**kwargs)
+    check_data_keys(kwargs, "data")
+    try:
+        return data_settings(**kwargs)
+    except TypeError as exc:  # a value of a type no check expected (a list where a name belongs)
+        raise DataConfigError(f"data: {exc}") from None

@@ -160,16 +160,17 @@ def _check_rows(
 
 
 def _check_one_line(record: Mapping[Any, Any], end_line: int, csv_path: Path) -> None:
-    """A record holding a line break came from a quote left open: say where, not what it did to the columns."""
-    values = [
-        v.rstrip("\r\n") for v in record.values() if isinstance(v, str)
-    ]  # a quote open at EOF takes its newline
+    """A path, label or split holding a line break came from a quote left open: say where, not what it did
+    to the columns.  Other columns may hold closed multi-line notes."""
+    # a quote left open at the end of the file takes the last newline with it
+    columns = ("path", "label", "split")
+    values = [v.rstrip("\r\n") for k, v in record.items() if k in columns and isinstance(v, str)]
     breaks = sum(v.count("\n") for v in values)
     if breaks:
         spanning = next(v for v in values if "\n" in v)
         raise SourceError(
-            f"{csv_path}: lines {end_line - breaks}-{end_line} are one row: the quote before "
-            f"{spanning.splitlines()[0][:40]!r} is not closed on its line; check its quotes"
+            f"{csv_path}: lines {end_line - breaks}-{end_line} are one row: a path, label or split holds a line "
+            f"break ({spanning[:60]!r}), so a quote there is probably not closed; check its quotes"
         )
 
 
@@ -285,6 +286,10 @@ def source_arguments(
     """The kind, its builder and its arguments; a wrong kind or an unknown key is refused here, without
     touching a file, so a typo fails before a run starts."""
     params = to_plain(spec, strict=True)
+    if not isinstance(params, dict):
+        raise SourceError(
+            f"data.source must be a mapping with kind (folder, csv, elpv or synthetic), got {spec!r}"
+        )
     kind = params.pop("kind", None)
     for key in ("good_class", "classes"):  # Hydra reads a class folder named 0 as the number 0
         value = params.get(key)
@@ -294,7 +299,12 @@ def source_arguments(
             params[key] = [
                 str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for v in value
             ]
-    if kind not in SOURCES:
+    classes, good = params.get("classes"), params.get("good_class")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise SourceError(f"data.source.classes must be null or a list of class names, got {classes!r}")
+    if good is not None and not isinstance(good, str):
+        raise SourceError(f"data.source.good_class must be a class name, got {good!r}")
+    if not isinstance(kind, str) or kind not in SOURCES:
         raise SourceError(f"data.source.kind must be one of {', '.join(SOURCES)}, got {kind!r}")
     fn = SOURCES[kind]
     if kind == "csv" and missing is not None:

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.sources import SPLITS, csv_source, folder_source
+from ..data.records import SPLITS
+from ..data.sources import csv_source, folder_source
 
 #: where evaluate's classes come from, for the data source's messages
 MODEL_CLASSES = "the model's classes"

@@ -18,7 +18,7 @@ import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 #: config groups the app chooses itself (``optional model_recipe: ${model}``); ``hydra`` is Hydra's own
 INTERNAL_GROUPS = frozenset({"hydra", "model_recipe"})
@@ -100,17 +100,26 @@ def _missing_keys(cfg: Any) -> list[str]:
 
 
 def _is_own_error(exc: BaseException) -> bool:
-    """Errors whose message is the whole story: defectscope's own, and Hydra's instantiation errors."""
+    """Errors whose message is the whole story: defectscope's own, Hydra's instantiation errors and
+    OmegaConf's (a value that cannot be read or resolved, e.g. ``data.loader=5`` under an interpolation)."""
     from hydra.errors import InstantiationException
+    from omegaconf.errors import OmegaConfBaseException
 
-    return isinstance(exc, InstantiationException) or type(exc).__module__.startswith("defectscope")
+    own = (InstantiationException, OmegaConfBaseException)
+    return isinstance(exc, own) or type(exc).__module__.startswith("defectscope")
 
 
 def _one_line(exc: BaseException) -> str:
     """The message on one line: an instantiation error is its cause's message (which names the key),
     with the config node Hydra names (``full_key``), not Hydra's three-line wrapper."""
     from hydra.errors import InstantiationException
+    from omegaconf.errors import OmegaConfBaseException
 
+    if isinstance(exc, OmegaConfBaseException):  # its text goes on with full_key/object_type lines
+        key = getattr(exc, "full_key", None)
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0] + (
+            f" (config key {key})" if key else ""
+        )
     cause = exc.__cause__
     if not isinstance(exc, InstantiationException) or cause is None:
         return " ".join(str(exc).split("\n"))
@@ -251,12 +260,26 @@ def _record_in_job_log(line: str) -> None:
             handler.handle(record)
 
 
+def _refuse(command: str, exc: BaseException) -> NoReturn:
+    """One line on stderr and in the job log, exit status 2 (every rank leaves)."""
+    line = f"defectscope {command}: error: {_one_line(exc)}"
+    print(line, file=sys.stderr, flush=True)
+    _record_in_job_log(line)
+    _leave_if_distributed(2)
+    raise SystemExit(2) from None
+
+
 def _job(
     command: str, launch_argv: list[str], fn: Callable[[Any], dict[str, float]], errors: _ComposeErrorsRaised
 ) -> Any:
     def task(cfg: Any) -> Any:
         errors.job_started()
-        missing = _missing_keys(cfg)
+        try:
+            missing = _missing_keys(cfg)
+        except Exception as exc:  # a value that cannot be resolved (data.loader=5 under an interpolation)
+            if not _is_own_error(exc):
+                raise
+            _refuse(command, exc)
         if missing:
             example = " ".join(f"{k}={EXAMPLE_VALUES.get(k, '...')}" for k in missing)
             line = (
@@ -274,11 +297,7 @@ def _job(
         except Exception as exc:
             if not _is_own_error(exc):
                 raise
-            line = f"defectscope {command}: error: {_one_line(exc)}"
-            print(line, file=sys.stderr, flush=True)
-            _record_in_job_log(line)
-            _leave_if_distributed(2)
-            raise SystemExit(2) from None
+            _refuse(command, exc)
         finally:
             sys.argv = saved
         key = cfg.get("optimized_metric")

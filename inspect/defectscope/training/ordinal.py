@@ -16,7 +16,7 @@ say so in different ways (``ordinal.objective``):
 ``loss.ng_weight`` adds :func:`ng_cross_entropy`, the OK/NG decision's own loss, to any of them.
 Every objective yields per-class probabilities, so P(defect), the threshold, the export and the
 runtime contract are the same for all; the rule that picks the grade (:mod:`defectscope.runtime.grading`)
-travels with the model.  Names are looked up in :data:`OBJECTIVES`; nothing here is built from a string
+travels with the model.  Names are looked up in :data:`.objectives.OBJECTIVES`; nothing here is built from a string
 read out of a file.
 """
 
