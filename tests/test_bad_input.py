@@ -187,11 +187,12 @@ def test_data_config_mistakes_are_one_line_naming_the_key(
         assert not (tmp_path / "data").exists()  # refused before the synthetic set was generated
 
 
-def test_export_and_evaluate_name_a_wrong_checkpoint_before_torch_is_imported(
+def test_export_evaluate_and_search_mistakes_are_told_before_torch_is_imported(
     tmp_path: Path, defectscope_cmd: list[str], cli_env: dict[str, str]
 ) -> None:
-    """A mistyped checkpoint path, a folder or an exported model where the checkpoint belongs, and export's
-    option mistakes are told without torch (its import alone took 2-3 s of every such refusal)."""
+    """A mistyped checkpoint path, a folder or an exported model where the checkpoint belongs, export's
+    option mistakes and search's settings are told without torch (its import alone took 2-5 s of every such
+    refusal)."""
     model = build_model(tmp_path / "m.onnx")
     env = blocking_env(tmp_path, ("torch", "lightning", "pytorch_lightning"), cli_env)
     cases = [
@@ -208,6 +209,27 @@ def test_export_and_evaluate_name_a_wrong_checkpoint_before_torch_is_imported(
         (["evaluate", "ckpt_path=nope.ckpt"], "nope.ckpt: checkpoint file does not exist"),
         (["evaluate", "ckpt_path=nope.ckpt", "threshold=2"], "threshold must be a number in [0, 1], or null"),
         (["evaluate", "ckpt_path=null"], "ckpt_path is required: defectscope evaluate ckpt_path=CHECKPOINT"),
+        # search: its own settings and the trials' training settings, before Lightning is imported for the trials
+        (
+            [
+                "search",
+                "experiment=smoke",
+                "search=smoke",
+                "search.metric=acc",
+                f"hydra.run.dir={tmp_path / 's'}",
+            ],
+            "search.metric must be a validation metric such as val/bal_acc, got 'acc'",
+        ),
+        (
+            [
+                "search",
+                "experiment=smoke",
+                "search=smoke",
+                "data.split.seed=x",
+                f"hydra.run.dir={tmp_path / 's'}",
+            ],
+            "data.split.seed must be a whole number >= 0 or null, got 'x'",
+        ),
         (["evaluate", f"ckpt_path={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"], "is not a file"),
     ]
     for args, message in cases:

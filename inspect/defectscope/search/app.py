@@ -65,9 +65,10 @@ def run_search(cfg: Any) -> dict[str, float]:
         logging.getLogger(name).setLevel(logging.WARNING)
     from .report import summary_lines, write_report
     from .study import enqueue_seeds, fail_stale, open_study, optimize, parent_run, run_dir_of
-    from .trial import SearchContext, run_trial
 
     s, params, storage, facts = preflight(cfg)
+    from .trial import SearchContext, run_trial  # Lightning: after the checks, so a typo is told at once
+
     study, created = open_study(storage, s)
     if created or not study.get_trials(deepcopy=False):
         for note in enqueue_seeds(study, cfg, params, s.presets):
