@@ -169,6 +169,15 @@ def test_data_config_mistakes_are_one_line_naming_the_key(
         "data.source.classes=[[a]]": "data.source.classes must be null or a list of class names, got [['a']]",
         # a value an interpolation cannot resolve (data.source.channels reads data.loader.channels)
         "data.loader=5": "(config key data.source.channels)",
+        # a second attack review: groups given as numbers, a synthetic root or rejects file that is no path
+        "loss=5": "loss must be a mapping of settings (loss.NAME=VALUE), got 5",
+        "threshold=5": "threshold must be a mapping of settings (threshold.NAME=VALUE), got 5",
+        "ordinal=5": "ordinal must be a mapping of settings (ordinal.NAME=VALUE), got 5",
+        "data.source.root=null": "data.source.root must be the folder to generate into, got None",
+        "data.rejects_path=[1]": "data.rejects_path must be null or a file path, got [1]",
+        f"distill.teacher={'a' * 300}": "distill.teacher: "
+        + "a" * 300
+        + ": cannot be read (File name too long)",
     }
     env = blocking_env(tmp_path, ("torch", "lightning", "pytorch_lightning"), cli_env)
     for override, message in cases.items():
@@ -209,6 +218,9 @@ def test_export_evaluate_and_search_mistakes_are_told_before_torch_is_imported(
         (["evaluate", "ckpt_path=nope.ckpt"], "nope.ckpt: checkpoint file does not exist"),
         (["evaluate", "ckpt_path=nope.ckpt", "threshold=2"], "threshold must be a number in [0, 1], or null"),
         (["evaluate", "ckpt_path=null"], "ckpt_path is required: defectscope evaluate ckpt_path=CHECKPOINT"),
+        (["evaluate", "ckpt_path=nope.ckpt", "seed=-1"], "seed must be a whole number in [0, 2**32), got -1"),
+        (["evaluate", f"ckpt_path={'a' * 300}.ckpt"], "cannot be read (File name too long)"),
+        (["export", f"{'a' * 300}.ckpt", "-o", "x.onnx"], "cannot be read (File name too long)"),
         # search: its own settings and the trials' training settings, before Lightning is imported for the trials
         (
             [

@@ -209,6 +209,8 @@ def data_settings(
         raise SourceError("data.source.kind is required (folder, csv, elpv or synthetic)")
     source_arguments(source_spec)  # the kind and its keys, before any file is read
     loader_cfg = loader_config(loader)
+    if rejects_path is not None and (not isinstance(rejects_path, str) or not rejects_path):
+        raise DataConfigError(f"data.rejects_path must be null or a file path, got {rejects_path!r}")
     means, stds = normalisation_values(mean, "mean"), normalisation_values(std, "std")
     check_normalisation_length(means, stds, loader_cfg.channels)
     return DataSettings(

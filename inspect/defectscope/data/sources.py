@@ -315,7 +315,11 @@ def source_arguments(
     unknown = sorted(set(params) - set(valid))
     if unknown:
         raise SourceError(f"data.source: unknown key(s) {unknown} for kind={kind}; valid keys: {valid}")
-    if kind == "synthetic":  # the generator's numbers, before a run starts (generation is in prepare_data)
+    if kind == "synthetic":
+        # the generator's folder and numbers, before a run starts (the generation runs in prepare_data)
+        root = params.get("root")
+        if not (isinstance(root, str) and root):
+            raise SourceError(f"data.source.root must be the folder to generate into, got {root!r}")
         given = inspect.signature(fn).bind_partial(**params)
         given.apply_defaults()
         request = {k: v for k, v in given.arguments.items() if k not in ("root", "good_class")}
@@ -337,6 +341,4 @@ def prepare_source(spec: Mapping[str, Any]) -> None:
     kind, _, params = source_arguments(spec)
     if kind == "synthetic":
         params.pop("good_class", None)
-        if "root" not in params:
-            raise SourceError("data.source.root is required for kind=synthetic")
         ensure_synthetic(**params)

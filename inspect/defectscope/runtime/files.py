@@ -179,13 +179,25 @@ def model_file_problem(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
+def is_file(path: str | os.PathLike[str]) -> bool:
+    """``Path.is_file`` that is False where the OS cannot even look (a name longer than it allows)."""
+    try:
+        return Path(path).is_file()
+    except OSError:
+        return False
+
+
 def checkpoint_file_problem(path: str | os.PathLike[str]) -> str | None:
     """Why ``path`` cannot be a training checkpoint, read from its first bytes (torch-free, so a command can
     say it before importing torch); ``None`` if it may be one."""
     p = Path(path)
-    if not p.exists():
+    try:
+        exists, regular = p.exists(), p.is_file()
+    except OSError as exc:  # a name too long for the file system, say
+        return f"{p}: cannot be read ({exc.strerror or exc})"
+    if not exists:
         return f"{p}: checkpoint file does not exist"
-    if not p.is_file():
+    if not regular:
         return f"{p}: is not a file (expected a .ckpt written by `defectscope train`)"
     kind = file_kind(p)
     if kind == "ONNX model" or (kind == "other" and p.suffix.lower() == ".onnx"):

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..plain import to_plain
 from ..runtime.decision import THRESHOLD_EXPECTED, DecisionRuleError, check_ng_spec, is_threshold
+from ..runtime.files import is_file
 from ..runtime.grading import is_finite_number
 
 log = logging.getLogger(__name__)
@@ -35,11 +36,16 @@ def config_number(
     return float(value)
 
 
-def check_run_numbers(cfg: Mapping[str, Any]) -> None:
-    """``seed`` and the trainer's counts are whole numbers: Lightning would fail on them mid-setup."""
+def check_seed(cfg: Mapping[str, Any]) -> None:
+    """``seed`` is a whole number numpy accepts (Lightning's seed_everything fails on it otherwise)."""
     config_number(
         cfg.get("seed", 0), "seed", "a whole number in [0, 2**32)", lambda x: 0 <= x < 2**32, whole=True
     )
+
+
+def check_run_numbers(cfg: Mapping[str, Any]) -> None:
+    """``seed`` and the trainer's counts are whole numbers: Lightning would fail on them mid-setup."""
+    check_seed(cfg)
     trainer = cfg.get("trainer") or {}
     rules = {
         "max_epochs": ("a whole number >= 1, or -1 for no limit", lambda x: x >= 1 or x == -1),
@@ -85,6 +91,12 @@ def check_model_settings(cfg: Mapping[str, Any], ordered: bool) -> None:
     scan): the NG classes' form (their names need the class list), the objective, the loss and SAM."""
     from .objectives import ObjectiveError, choose_objective
 
+    for key in ("threshold", "loss", "ordinal", "optim"):
+        group = to_plain(cfg.get(key))
+        if group is not None and not isinstance(group, dict):
+            raise TrainingConfigError(
+                f"{key} must be a mapping of settings ({key}.NAME=VALUE), got {group!r}"
+            )
     try:
         check_ng_spec(ng_classes_setting(cfg.get("threshold") or {}))
     except DecisionRuleError as exc:
@@ -213,7 +225,7 @@ def resolve_ckpt_path(ckpt_path: Any, ckpt_dir: str | os.PathLike[str]) -> str |
         )
         return None
     path = Path(str(ckpt_path)).expanduser()
-    if not path.is_file():
+    if not is_file(path):
         raise TrainingConfigError(
             f"ckpt_path: {path} is not a checkpoint file (give a .ckpt path, 'last' or null)"
         )

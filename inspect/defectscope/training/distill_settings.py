@@ -104,7 +104,11 @@ def teacher_file_problem(teacher: str) -> str | None:
 
     path = Path(teacher)
     export = f"defectscope export CHECKPOINT --tta dihedral -o {path.stem or 'teacher'}.onnx"
-    if path.is_dir():
+    try:
+        folder = path.is_dir()
+    except OSError as exc:  # a name too long for the file system, say
+        return f"{teacher}: cannot be read ({exc.strerror or exc})"
+    if folder:
         return f"{teacher} is a folder; expected an exported model file (.onnx)"
     if not path.is_file():
         return f"{teacher}: no such file; expected an exported model (.onnx), written by {export}"

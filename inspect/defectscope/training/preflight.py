@@ -22,6 +22,7 @@ from .config import (
     check_memory_format,
     check_model_settings,
     check_run_numbers,
+    check_seed,
     config_number,
 )
 from .distill_settings import DistillSettings, distill_settings
@@ -75,6 +76,7 @@ def check_evaluate_config(cfg: Any) -> tuple[float | None, str]:
             by_hand, "threshold", f"{THRESHOLD_EXPECTED}, or null for the checkpoint's own", is_threshold
         )
     check_memory_format(cfg.get("memory_format"))
+    check_seed(cfg)
     ckpt_file = checkpoint_file(cfg)
     problem = checkpoint_file_problem(ckpt_file)
     if problem:
