@@ -144,8 +144,8 @@ def run_plain(cfg: Any) -> dict[str, Any]:
     from defectscope.models import create_model
     from defectscope.models.agc import adaptive_grad_clip, agc_parameters
     from defectscope.plain import to_plain
-    from defectscope.training.config import use_memory_format
-    from defectscope.training.optimization import build_optimizer, build_scheduler, lr_plan
+    from defectscope.training.config import lr_plan, use_memory_format
+    from defectscope.training.optimization import build_optimizer, build_scheduler
     from defectscope.training.train import resolve_class_weights
 
     t_start = time.perf_counter()

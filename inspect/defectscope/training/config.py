@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..evaluation.threshold import DEFAULT_WARN_FALSE_REJECT_RATE
 from ..plain import to_plain
 from ..runtime.decision import THRESHOLD_EXPECTED, DecisionRuleError, check_ng_spec, is_threshold
 from ..runtime.files import is_file
@@ -102,7 +103,13 @@ def check_model_settings(cfg: Mapping[str, Any], ordered: bool) -> None:
     except DecisionRuleError as exc:
         raise TrainingConfigError(f"threshold.ng_classes: {exc}") from None
     smoothing = loss_settings(to_plain(cfg.get("loss")) or {}).label_smoothing
-    sam_rho(to_plain(cfg.get("optim")) or {})
+    optim = to_plain(cfg.get("optim")) or {}
+    sam_rho(optim)
+    optimizer = optim.get("optimizer")
+    optimizer_lr(
+        optimizer if isinstance(optimizer, dict) else {}, to_plain(cfg.get("finetune"))
+    )  # finetune.* too
+    threshold_settings(to_plain(cfg.get("threshold")) or {}, DEFAULT_WARN_FALSE_REJECT_RATE)
     try:
         choose_objective(to_plain(cfg.get("ordinal")) or {}, ordered, smoothing)
     except ObjectiveError as exc:
@@ -115,6 +122,42 @@ def sam_rho(optim: Mapping[str, Any]) -> float:
     if rho is None:
         return 0.0
     return config_number(rho, "optim.sam_rho", "a number >= 0 (0 or null = off)", lambda x: x >= 0)
+
+
+def lr_plan(finetune: Mapping[str, Any] | None) -> tuple[float, float]:
+    """``(finetune.backbone_lr_scale, finetune.layer_decay)``; every ``finetune.*`` number is checked
+    when the module is built, before any work is done."""
+    spec = dict(finetune or {})
+    scale = config_number(
+        spec.get("backbone_lr_scale", 1.0), "finetune.backbone_lr_scale", "a number >= 0", lambda x: x >= 0
+    )
+    decay = config_number(
+        spec.get("layer_decay", 1.0),
+        "finetune.layer_decay",
+        "a number in (0, 1] (1 = off)",
+        lambda x: 0 < x <= 1,
+    )
+    epochs = spec.get("freeze_epochs", 0)
+    config_number(epochs, "finetune.freeze_epochs", "a whole number >= 0", lambda x: x >= 0, whole=True)
+    return scale, decay
+
+
+def grouped(scale: float, decay: float) -> bool:
+    """Whether the finetune plan splits the parameters into LR groups (else one group)."""
+    return scale != 1.0 or decay != 1.0
+
+
+def optimizer_lr(spec: Mapping[str, Any], finetune: Mapping[str, Any] | None) -> float | None:
+    """``optim.optimizer.lr``, checked with every ``finetune.*`` number; the LR groups of a finetune plan
+    are scaled from it, so they need it."""
+    plan = lr_plan(finetune)
+    if "lr" not in spec:
+        if grouped(*plan):
+            raise TrainingConfigError(
+                "optim.optimizer.lr must be given: finetune.backbone_lr_scale/layer_decay scale the LR groups from it"
+            )
+        return None
+    return config_number(spec["lr"], "optim.optimizer.lr", "a number > 0", lambda x: x > 0)
 
 
 def check_class_names(class_names: list[str], num_classes: int, good_class: str, ordered: bool) -> None:

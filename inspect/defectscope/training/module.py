@@ -31,7 +31,9 @@ from .config import (
     TrainingConfigError,
     check_class_names,
     loss_settings,
+    lr_plan,
     ng_classes_setting,
+    optimizer_lr,
     sam_rho,
     threshold_settings,
 )
@@ -51,8 +53,6 @@ from .optimization import (
     build_scheduler,
     check_resumed_horizon,
     check_resumed_optimizer,
-    lr_plan,
-    optimizer_lr,
     scheduler_interval,
 )
 from .ordinal import ProbsAndLabels, ng_cross_entropy, resolve_objective

@@ -13,43 +13,7 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 
-from .config import TrainingConfigError, config_number
-
-
-def lr_plan(finetune: Mapping[str, Any] | None) -> tuple[float, float]:
-    """``(finetune.backbone_lr_scale, finetune.layer_decay)``; every ``finetune.*`` number is checked
-    when the module is built, before any work is done."""
-    spec = dict(finetune or {})
-    scale = config_number(
-        spec.get("backbone_lr_scale", 1.0), "finetune.backbone_lr_scale", "a number >= 0", lambda x: x >= 0
-    )
-    decay = config_number(
-        spec.get("layer_decay", 1.0),
-        "finetune.layer_decay",
-        "a number in (0, 1] (1 = off)",
-        lambda x: 0 < x <= 1,
-    )
-    epochs = spec.get("freeze_epochs", 0)
-    config_number(epochs, "finetune.freeze_epochs", "a whole number >= 0", lambda x: x >= 0, whole=True)
-    return scale, decay
-
-
-def grouped(scale: float, decay: float) -> bool:
-    """Whether the finetune plan splits the parameters into LR groups (else one group)."""
-    return scale != 1.0 or decay != 1.0
-
-
-def optimizer_lr(spec: Mapping[str, Any], finetune: Mapping[str, Any] | None) -> float | None:
-    """``optim.optimizer.lr``, checked with every ``finetune.*`` number; the LR groups of a finetune plan
-    are scaled from it, so they need it."""
-    plan = lr_plan(finetune)
-    if "lr" not in spec:
-        if grouped(*plan):
-            raise TrainingConfigError(
-                "optim.optimizer.lr must be given: finetune.backbone_lr_scale/layer_decay scale the LR groups from it"
-            )
-        return None
-    return config_number(spec["lr"], "optim.optimizer.lr", "a number > 0", lambda x: x > 0)
+from .config import TrainingConfigError, grouped
 
 
 def build_optimizer(

@@ -12,9 +12,9 @@ from typing import Any
 from ..checkpoint import CheckpointError, read_info, recorded_run_config
 from ..plain import to_plain
 from ..runtime.grading import is_finite_number
-from .config import TrainingConfigError
+from .config import TrainingConfigError, lr_plan
 from .distill_settings import DistillSettings, resume_problem
-from .optimization import lr_plan, schedule_changes
+from .optimization import schedule_changes
 
 
 def read_resume(
