@@ -177,13 +177,13 @@ def test_data_config_mistakes_are_one_line_naming_the_key(
         "data.rejects_path=[1]": "data.rejects_path must be null or a file path, got [1]",
         f"distill.teacher={'a' * 300}": "distill.teacher: "
         + "a" * 300
-        + ": cannot be read (File name too long)",
+        + ": cannot be read (File name too long: at most 255 bytes per file or folder name",
     }
     env = blocking_env(tmp_path, ("torch", "lightning", "pytorch_lightning"), cli_env)
     for override, message in cases.items():
         proc = _run(
-            [*defectscope_cmd, "train", "experiment=smoke", "logger=none", override,
-             f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}"],
+            [*defectscope_cmd, "train", "experiment=smoke", "logger=none", f"paths.data_dir={tmp_path / 'data'}",
+             f"hydra.run.dir={tmp_path / 'run'}", override],
             tmp_path, env,
         )  # fmt: skip
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -219,8 +219,15 @@ def test_export_evaluate_and_search_mistakes_are_told_before_torch_is_imported(
         (["evaluate", "ckpt_path=nope.ckpt", "threshold=2"], "threshold must be a number in [0, 1], or null"),
         (["evaluate", "ckpt_path=null"], "ckpt_path is required: defectscope evaluate ckpt_path=CHECKPOINT"),
         (["evaluate", "ckpt_path=nope.ckpt", "seed=-1"], "seed must be a whole number in [0, 2**32), got -1"),
-        (["evaluate", f"ckpt_path={'a' * 300}.ckpt"], "cannot be read (File name too long)"),
-        (["export", f"{'a' * 300}.ckpt", "-o", "x.onnx"], "cannot be read (File name too long)"),
+        (["evaluate", f"ckpt_path={'a' * 300}.ckpt"], "cannot be read (File name too long:"),
+        (["export", f"{'a' * 300}.ckpt", "-o", "x.onnx"], "cannot be read (File name too long:"),
+        (["export", "nope.ckpt", "-o", f"{'o' * 300}.onnx"], "-o ooo"),
+        (["export", "nope.ckpt", "-o", "x.onnx", "--images", "i" * 300], "--images iii"),
+        (["evaluate", "ckpt_path=nope.ckpt", f"paths.output_dir={'o' * 300}"], "paths.output_dir ooo"),
+        (
+            ["evaluate", "ckpt_path=nope.ckpt", "+data.evaluate_on=all"],
+            "data.evaluate_on given without a data",
+        ),
         # search: its own settings and the trials' training settings, before Lightning is imported for the trials
         (
             [

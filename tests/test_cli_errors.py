@@ -88,6 +88,10 @@ BEFORE_WORK = {
     "-o a device": (["-o", "/dev/full"], ["-o /dev/full", "not a regular file"]),
     "-o a folder": (["-o", "a_folder"], ["-o a_folder", "is a folder"]),
     "-o same as --csv": (["--csv", "r.jsonl"], ["-o and --csv", "same file"]),
+    # names the file system refuses to look up: OSError tracebacks from is_dir() before
+    "-o name too long": (["-o", "a" * 300 + ".jsonl"], ["-o aaa", "cannot be used (File name too long:"]),
+    "--report name too long": (["--report", "r" * 300], ["--report rrr", "(File name too long:"]),
+    "--heatmaps name too long": (["--heatmaps", "h" * 300], ["--heatmaps hhh", "(File name too long:"]),
 }
 
 
@@ -167,6 +171,13 @@ def test_input_mistakes(model: Path, images: Path, tmp_path: Path) -> None:
         one_line_error(proc, "nope.onnx: model file not found")
     proc = defectscope("inspect", classes, classes, "-o", "r.jsonl", "--recursive", cwd=tmp_path)
     one_line_error(proc, f"{classes} is a folder; the first argument is the exported model file (.onnx)")
+    long_name = "m" * 300 + ".onnx"  # a name the file system will not look up: a traceback from is_dir()
+    for command in (["inspect", long_name, classes, "-o", "r.jsonl"], ["evaluate", long_name, classes]):
+        one_line_error(defectscope(*command, cwd=tmp_path), "model file cannot be read (File name too long:")
+    one_line_error(defectscope("evaluate", model, "d" * 300, cwd=tmp_path), "ddd: cannot be read (File name")
+    proc = defectscope("watch", model, "--in", classes, "--out", "o" * 300, cwd=tmp_path)
+    one_line_error(proc, "--out ooo", "cannot be used (File name too long:")
+    one_line_error(defectscope("synth", "s" * 300, cwd=tmp_path), "cannot be used (File name too long:")
 
 
 @pytest.mark.parametrize(

@@ -115,14 +115,18 @@ def test_csv_missing_rows_reported_together(tmp_path: Path) -> None:
     _img(tmp_path / "a.png")
     manifest = tmp_path / "m.csv"
     _img(tmp_path / "b.png")
-    manifest.write_text("path,label\na.png,good\nlost1.png,good\nb.png,crack\nsub/lost2.png,crack\n")
+    long_name = "l" * 300 + ".png"  # too long for the file system to look up: an OSError traceback before
+    manifest.write_text(
+        f"path,label\na.png,good\nlost1.png,good\nb.png,crack\nsub/lost2.png,crack\n{long_name},good\n"
+    )
     with pytest.raises(SourceError) as info:
         build_source({"kind": "csv", "path": str(manifest)})
     msg = str(info.value)
-    assert str(manifest) in msg and "2 of 4 rows name files that do not exist" in msg
+    assert str(manifest) in msg and "3 of 5 rows name files that do not exist" in msg
     assert "row 3: lost1.png" in msg and "row 5: sub/lost2.png" in msg and "row 2" not in msg
+    assert f"row 6: {long_name} (File name too long: at most 255 bytes" in msg
     kept = build_source({"kind": "csv", "path": str(manifest)}, missing="keep")  # scan reports them later
-    assert len(kept.samples) == 4
+    assert len(kept.samples) == 5
 
 
 def test_csv_invalid_rows_listed(tmp_path: Path) -> None:

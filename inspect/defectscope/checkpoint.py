@@ -23,7 +23,7 @@ from torch import nn
 from .models.corn import LINKS
 from .plain import PlainDataError, check_plain, expect, number, string_list
 from .runtime.decision import THRESHOLD_RANGE
-from .runtime.files import checkpoint_file_problem
+from .runtime.files import checkpoint_file_problem, os_error_reason
 from .runtime.grading import GRADING_KEYS, Grading, GradingError
 from .runtime.metadata import MAX_CLASSES, MAX_NAME_CHARS, NORMALISATION_RANGE, MetadataError, parse_loader
 
@@ -57,7 +57,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:  # missing, a folder, an ONNX model, an image, an empty file, text: said as such before torch.load
         problem = checkpoint_file_problem(p)
     except OSError as exc:
-        raise CheckpointError(f"{p}: cannot be read ({exc.strerror or exc})") from None
+        raise CheckpointError(f"{p}: cannot be read ({os_error_reason(exc)})") from None
     if problem:
         raise CheckpointError(problem)
     try:

@@ -92,14 +92,23 @@ def _printable_streams() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """``defectscope COMMAND ...``; a reader that stops early (``| head``) ends the command quietly."""
     _printable_streams()
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        return _dispatch(list(sys.argv[1:] if argv is None else argv))
+        return _dispatch(args)
     except BrokenPipeError:  # what was written before stands; the shell's status for SIGPIPE
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 141
     except KeyboardInterrupt:  # Ctrl+C while a command starts (imports, model load): one line
         print("defectscope: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the last net: a file the OS refused (a name too long, a full disk) is one line
+        if exc.filename is None:
+            raise
+        from .runtime.files import os_error_line
+
+        command = " ".join(["defectscope", *args[:1]])
+        print(f"{command}: error: {os_error_line(exc)}", file=sys.stderr)
+        return 1
 
 
 def _dispatch(args: list[str]) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..runtime.files import os_error_reason
 from .errors import SourceError
 from .records import Sample, SourceData
 
@@ -42,7 +43,7 @@ def elpv_source(task: str = "binary") -> SourceData:
     try:
         text = labels.read_text(encoding="utf-8")
     except OSError as exc:
-        raise SourceError(f"cannot read the ELPV label file {labels}: {exc.strerror or exc}") from None
+        raise SourceError(f"cannot read the ELPV label file {labels}: {os_error_reason(exc)}") from None
     for line_no, line in enumerate(text.splitlines(), 1):
         parts = line.split()
         if not parts:

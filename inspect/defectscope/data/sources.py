@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..plain import to_plain
-from ..runtime.files import IMAGE_EXTENSIONS, TEXT_HEAD_BYTES, text_problem
+from ..runtime.files import IMAGE_EXTENSIONS, TEXT_HEAD_BYTES, os_error_reason, text_problem, unusable_name
 from ..runtime.metadata import MAX_NAME_CHARS, is_model_name
 from ..synth import SYNTH_MARKER
 from .elpv import elpv_source
@@ -193,7 +193,7 @@ def csv_source(
     try:
         raw = csv_path.read_bytes()
     except OSError as exc:
-        raise SourceError(f"data.source.path: cannot open CSV {csv_path}: {exc.strerror or exc}") from None
+        raise SourceError(f"data.source.path: cannot open CSV {csv_path}: {os_error_reason(exc)}") from None
     problem = text_problem(raw[:TEXT_HEAD_BYTES])
     if problem:
         raise SourceError(f"data.source.path: CSV {csv_path} {problem}")
@@ -234,8 +234,9 @@ def csv_source(
     for line, p, label, split in rows:
         full = Path(p).expanduser()
         full = full if full.is_absolute() else folder / full
-        if not full.exists():
-            absent.append(f"row {line}: {p} ({full})")
+        unusable = unusable_name(full)  # a name too long for the file system cannot exist
+        if unusable or not full.exists():
+            absent.append(f"row {line}: {p} ({unusable or full})")
         samples.append(Sample(str(full), names.index(label), split or None))
         origin[str(full)] = f"{csv_path} row {line}"
     if absent and missing == "error":
@@ -315,6 +316,10 @@ def source_arguments(
     unknown = sorted(set(params) - set(valid))
     if unknown:
         raise SourceError(f"data.source: unknown key(s) {unknown} for kind={kind}; valid keys: {valid}")
+    for key in ("root", "path"):
+        value = params.get(key)
+        if isinstance(value, str) and value and (unusable := unusable_name(Path(value).expanduser())):
+            raise SourceError(f"data.source.{key} {value}: cannot be used ({unusable})")
     if kind == "synthetic":
         # the generator's folder and numbers, before a run starts (the generation runs in prepare_data)
         root = params.get("root")

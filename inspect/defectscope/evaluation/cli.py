@@ -22,6 +22,7 @@ import numpy as np
 
 from ..data.sources import SourceError
 from ..runtime.decision import defect_probability, is_defect_label, is_ng
+from ..runtime.files import unusable_name
 from ..runtime.inspector import Inspector, MetadataError, ModelLoadError, ProviderError
 from ..runtime.options import CommandParser, unit_number
 from ..runtime.outputs import OutputError, check_output_folder
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _labelled(data: Path, inspector: Inspector) -> Labelled:
     meta = inspector.metadata
+    unusable = unusable_name(data)
+    if unusable:
+        raise EvaluateError(f"{data}: cannot be read ({unusable})")
     if not data.exists():
         raise EvaluateError(f"{data}: no such folder or file")
     labelled = read_labelled(data, meta.class_names, meta.good_class)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from defectscope.runtime.files import checkpoint_file_problem
+from defectscope.runtime.files import checkpoint_file_problem, unusable_name
 from defectscope.runtime.grading import CUTS_FOR
 from defectscope.runtime.metadata import TTA_NAMES
 from defectscope.runtime.options import CommandParser, unit_number, whole_at_least
@@ -208,6 +208,10 @@ def usage_problem(args: argparse.Namespace) -> str | None:
         )
     if problem := opset_problem(args.opset):
         return problem
+    if unusable := unusable_name(args.output):
+        return f"-o {args.output}: cannot be used ({unusable})"
+    if args.images is not None and (unusable := unusable_name(args.images)):
+        return f"--images {args.images}: cannot be read ({unusable})"
     if args.images is not None and not (args.images.is_dir() or args.images.is_file()):
         return f"--images {args.images}: not an existing directory or list file"
     if args.register_name is not None and not args.mlflow:

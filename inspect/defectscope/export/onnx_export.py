@@ -21,7 +21,7 @@ from torch import nn
 from defectscope import __version__
 from defectscope.models.corn import raw_outputs, with_link
 from defectscope.models.tta import FlipTTA
-from defectscope.runtime.files import file_kind
+from defectscope.runtime.files import file_kind, unusable_name
 from defectscope.runtime.image import LoaderConfig
 from defectscope.runtime.metadata import MetadataError, ModelMetadata
 from defectscope.runtime.outputs import OutputError, check_output_file
@@ -167,6 +167,9 @@ def _checked_request(
 ) -> Path:
     """The output path and the options, checked before the checkpoint is looked at."""
     out = Path(output)
+    unusable = unusable_name(out)
+    if unusable:
+        raise ExportError(f"output {out}: cannot be used ({unusable})")
     if out.is_dir():
         raise ExportError(f"output {out} is a directory; expected a file path such as model.onnx")
     if images is not None and out.is_file() and Path(images).is_file() and out.samefile(images):

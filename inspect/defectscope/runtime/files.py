@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import zipfile
@@ -179,6 +180,33 @@ def model_file_problem(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
+def unusable_name(path: str | os.PathLike[str]) -> str | None:
+    """Why the OS will not even look at ``path`` (a name longer than the file system allows, a loop of
+    links, a folder it may not enter), or ``None`` when it can, whether or not the file exists: commands
+    ask before ``is_dir``/``exists``, which raise for these instead of answering."""
+    try:
+        os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        return os_error_reason(exc)
+    return None
+
+
+def os_error_reason(exc: OSError) -> str:
+    """The OS's reason, with what to do where the reason alone does not say it."""
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno == errno.ENAMETOOLONG:
+        reason += ": at most 255 bytes per file or folder name on most file systems"
+    return reason
+
+
+def os_error_line(exc: OSError) -> str:
+    """An OS error about a named file, on one line: the file, then the reason."""
+    names = " -> ".join(str(n) for n in (exc.filename, exc.filename2) if n is not None)
+    return f"{names}: {os_error_reason(exc)}" if names else os_error_reason(exc)
+
+
 def is_file(path: str | os.PathLike[str]) -> bool:
     """``Path.is_file`` that is False where the OS cannot even look (a name longer than it allows)."""
     try:
@@ -194,7 +222,7 @@ def checkpoint_file_problem(path: str | os.PathLike[str]) -> str | None:
     try:
         exists, regular = p.exists(), p.is_file()
     except OSError as exc:  # a name too long for the file system, say
-        return f"{p}: cannot be read ({exc.strerror or exc})"
+        return f"{p}: cannot be read ({os_error_reason(exc)})"
     if not exists:
         return f"{p}: checkpoint file does not exist"
     if not regular:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .decision import Decision, decide
-from .files import file_sha256, model_file_problem
+from .files import file_sha256, model_file_problem, unusable_name
 from .image import LoaderConfig, load_image_with_size, normalize_batch
 from .metadata import MetadataError
 from .model_checks import ModelCheckError, check_model_file
@@ -29,6 +29,9 @@ __all__ = ["Decision", "Inspector", "MetadataError", "ModelLoadError", "Provider
 def check_model_path(path: str | os.PathLike[str]) -> None:
     """The model argument names an existing file that may be a model (no checkpoint, image or empty
     file); cheap, so the commands check it first, before their inputs and outputs."""
+    unusable = unusable_name(path)
+    if unusable:
+        raise ModelLoadError(f"{path}: model file cannot be read ({unusable})")
     if Path(path).is_dir():
         raise ModelLoadError(f"{path} is a folder; the first argument is the exported model file (.onnx)")
     if not Path(path).is_file():

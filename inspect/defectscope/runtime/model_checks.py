@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from .files import model_load_failure
+from .files import model_load_failure, os_error_reason
 
 #: operator domains ONNX Runtime implements itself ("" and "ai.onnx" are the standard operators)
 KNOWN_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
@@ -201,7 +201,7 @@ def check_model_file(path: str | os.PathLike[str]) -> None:
     try:
         data = p.read_bytes()
     except OSError as exc:
-        raise ModelCheckError(f"{p}: cannot be read: {exc.strerror or exc}") from None
+        raise ModelCheckError(f"{p}: cannot be read: {os_error_reason(exc)}") from None
     try:
         found = scan_model(data)
     except ModelCheckError as exc:  # ORT could not parse it either; say so as the runtime does

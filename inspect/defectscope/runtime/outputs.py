@@ -23,17 +23,13 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO
 
-from .files import temp_name
+from .files import os_error_reason, temp_name, unusable_name
 
 KERNEL_FILESYSTEMS = ("/proc", "/sys")
 
 
 class OutputError(RuntimeError):
     """An output path cannot be written; the message names the option, the path and the reason."""
-
-
-def _reason(exc: OSError) -> str:
-    return exc.strerror or type(exc).__name__
 
 
 def is_special(path: str | os.PathLike[str]) -> bool:
@@ -45,6 +41,13 @@ def is_special(path: str | os.PathLike[str]) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
+def _check_name(path: Path, option: str) -> None:
+    """A name the OS will not look at (too long, say) is told as such, not as a traceback from ``is_dir``."""
+    reason = unusable_name(path)
+    if reason:
+        raise OutputError(f"{option} {path}: cannot be used ({reason})")
+
+
 def _existing_ancestor(path: Path) -> Path:
     p = path.absolute()
     while not p.exists() and p != p.parent:
@@ -52,9 +55,11 @@ def _existing_ancestor(path: Path) -> Path:
     return p
 
 
-def _check_creatable(path: Path, option: str) -> None:
-    """``path`` (absent) can be created: its nearest existing ancestor is a writable folder."""
+def _check_creatable(path: Path, option: str, shown: Path | None = None) -> None:
+    """``path`` (absent) can be created: its nearest existing ancestor is a writable folder.  Messages
+    name ``shown`` (the folder the user gave, where ``path`` is a probe inside it)."""
     anchor = _existing_ancestor(path.parent)
+    path = shown or path
     real = os.path.realpath(anchor)
     kernel = next((k for k in KERNEL_FILESYSTEMS if real == k or real.startswith(k + "/")), None)
     if kernel:
@@ -66,7 +71,9 @@ def _check_creatable(path: Path, option: str) -> None:
     try:
         fd, probe = tempfile.mkstemp(prefix=".defectscope-probe-", dir=anchor)
     except OSError as exc:
-        raise OutputError(f"{option} {path}: cannot create files in {anchor} ({_reason(exc)})") from None
+        raise OutputError(
+            f"{option} {path}: cannot create files in {anchor} ({os_error_reason(exc)})"
+        ) from None
     os.close(fd)
     os.unlink(probe)
 
@@ -75,6 +82,7 @@ def check_output_file(path: str | os.PathLike[str], option: str, *, special_ok: 
     """A file ``option`` will write: absent but creatable, a writable regular file, or (when
     ``special_ok``) a special file such as ``/dev/stdout`` that is then written directly."""
     p = Path(path)
+    _check_name(p, option)
     if p.is_dir():
         raise OutputError(f"{option} {p}: is a folder; give a file name")
     if is_special(p):
@@ -90,13 +98,14 @@ def check_output_file(path: str | os.PathLike[str], option: str, *, special_ok: 
         try:
             os.close(os.open(p, os.O_WRONLY | os.O_APPEND))
         except OSError as exc:
-            raise OutputError(f"{option} {p}: cannot be written ({_reason(exc)})") from None
+            raise OutputError(f"{option} {p}: cannot be written ({os_error_reason(exc)})") from None
     _check_creatable(p, option)
 
 
 def check_output_folder(path: str | os.PathLike[str], option: str) -> None:
     """A folder ``option`` will write into: an existing writable folder, or creatable."""
     p = Path(path)
+    _check_name(p, option)
     if p.exists() and not p.is_dir():
         raise OutputError(f"{option} {p}: is a file, not a folder; give a folder name")
     if p.is_symlink() and not p.exists():  # a folder cannot be made at a dangling link's name
@@ -104,7 +113,7 @@ def check_output_folder(path: str | os.PathLike[str], option: str) -> None:
             f"{option} {p}: is a link to {os.readlink(p)}, which does not exist; create that folder or "
             "give another"
         )
-    _check_creatable(p / "probe", option)
+    _check_creatable(p / "probe", option, shown=p)
 
 
 def check_distinct(paths: dict[str, str | None]) -> None:
@@ -137,7 +146,7 @@ def replaced_file(path: str | os.PathLike[str], option: str) -> Iterator[IO[byte
         if not special:
             os.replace(target, out)
     except OSError as exc:
-        raise OutputError(f"cannot write {option} {out} ({_reason(exc)})") from None
+        raise OutputError(f"cannot write {option} {out} ({os_error_reason(exc)})") from None
     finally:  # any failure (not only OSError) leaves no temporary file behind
         if not special:
             with suppress(OSError):

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from ..runtime.files import os_error_line
+
 #: config groups the app chooses itself (``optional model_recipe: ${model}``); ``hydra`` is Hydra's own
 INTERNAL_GROUPS = frozenset({"hydra", "model_recipe"})
 #: groups that only one command composes, listed in that command's --help only (conf/search.yaml)
@@ -106,7 +108,8 @@ def _is_own_error(exc: BaseException) -> bool:
     from omegaconf.errors import OmegaConfBaseException
 
     own = (InstantiationException, OmegaConfBaseException)
-    return isinstance(exc, own) or type(exc).__module__.startswith("defectscope")
+    named_file = isinstance(exc, OSError) and exc.filename is not None  # a name too long, a full disk
+    return isinstance(exc, own) or named_file or type(exc).__module__.startswith("defectscope")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -120,6 +123,8 @@ def _one_line(exc: BaseException) -> str:
         return (str(exc).strip().splitlines() or [type(exc).__name__])[0] + (
             f" (config key {key})" if key else ""
         )
+    if isinstance(exc, OSError):
+        return os_error_line(exc)
     cause = exc.__cause__
     if not isinstance(exc, InstantiationException) or cause is None:
         return " ".join(str(exc).split("\n"))

@@ -19,6 +19,7 @@ from ..plain import to_plain
 from ..runtime.decision import THRESHOLD_EXPECTED, DecisionRuleError, check_ng_spec, is_threshold
 from ..runtime.files import is_file
 from ..runtime.grading import is_finite_number
+from ..shift_consistency import ShiftProtocol
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +174,41 @@ def check_class_names(class_names: list[str], num_classes: int, good_class: str,
         )
 
 
+def shift_protocol(spec: Any, total_stride: int | None = None) -> ShiftProtocol | None:
+    """``shift_consistency`` -> the test stage's protocol; None when absent or ``copies: 0`` (off).  Before the
+    model exists (``total_stride`` None) an unset ``max_shift`` is checked as unbounded; the model's total
+    stride (every sub-stride phase of its feature grid) is the shift the run then uses."""
+    cfg = to_plain(spec) or {}
+    if not isinstance(cfg, dict):
+        raise TrainingConfigError(f"shift_consistency must be a mapping of settings, got {cfg!r}")
+    unknown = sorted(set(cfg) - {"copies", "max_shift", "seed", "padding"})
+    if unknown:
+        raise TrainingConfigError(
+            f"shift_consistency: unknown key(s) {unknown}; valid keys: copies, max_shift, seed, padding"
+        )
+    if not cfg or cfg.get("copies") == 0:
+        return None
+    if cfg.get("max_shift") is None:
+        cfg["max_shift"] = int(total_stride) if total_stride is not None else 1 << 16
+    try:
+        return ShiftProtocol(**cfg)
+    except ValueError as exc:
+        raise TrainingConfigError(str(exc)) from None
+
+
+def class_weights_form(spec: Any) -> str | list[float] | None:
+    """``loss.class_weights``: null, ``balanced`` or a list of positive numbers; the count (one per class) is
+    checked once the classes are known (train.resolve_class_weights)."""
+    spec = to_plain(spec)
+    if spec is None or spec == "balanced":
+        return spec
+    if isinstance(spec, list) and spec and all(is_finite_number(w) and w > 0 for w in spec):
+        return [float(w) for w in spec]
+    raise TrainingConfigError(
+        f"loss.class_weights must be null, 'balanced' or a list of positive numbers (one per class), got {spec!r}"
+    )
+
+
 @dataclass(frozen=True)
 class LossSettings:
     """The checked ``loss.*`` numbers (class weights are resolved against the data: train.resolve_class_weights)."""
@@ -183,7 +219,8 @@ class LossSettings:
 
 
 def loss_settings(loss: Mapping[str, Any]) -> LossSettings:
-    """``loss.label_smoothing``, ``loss.mixup`` and ``loss.ng_weight``, checked (0 where unset)."""
+    """``loss.label_smoothing``, ``loss.mixup`` and ``loss.ng_weight``, checked (0 where unset), and the form
+    of ``loss.class_weights``."""
     smoothing = config_number(
         loss.get("label_smoothing") or 0.0, "loss.label_smoothing", "a number in [0, 1)", lambda x: 0 <= x < 1
     )
@@ -191,6 +228,7 @@ def loss_settings(loss: Mapping[str, Any]) -> LossSettings:
     ng_weight = config_number(
         loss.get("ng_weight") or 0.0, "loss.ng_weight", "a number >= 0 (0 = off)", lambda x: x >= 0
     )
+    class_weights_form(loss.get("class_weights"))
     return LossSettings(smoothing, mixup, ng_weight)
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..runtime.files import file_kind, file_sha256
+from ..runtime.files import file_kind, file_sha256, os_error_reason
 from .config import TrainingConfigError, config_number
 
 
@@ -107,7 +107,7 @@ def teacher_file_problem(teacher: str) -> str | None:
     try:
         folder = path.is_dir()
     except OSError as exc:  # a name too long for the file system, say
-        return f"{teacher}: cannot be read ({exc.strerror or exc})"
+        return f"{teacher}: cannot be read ({os_error_reason(exc)})"
     if folder:
         return f"{teacher} is a folder; expected an exported model file (.onnx)"
     if not path.is_file():

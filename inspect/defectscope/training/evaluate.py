@@ -192,12 +192,12 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     from hydra.utils import instantiate
 
     from .artifacts import summary_lines, write_test_plots
-    from .shift import protocol_from_config
+    from .config import shift_protocol
 
     module = evaluation_module(ckpt, info, ckpt_file, threshold)
     use_memory_format(module.model, layout)
     layout = model_layout(module.model) or layout  # what the weights are now, where a kernel tells
-    module.shift_protocol = protocol_from_config(cfg.get("shift_consistency"), module.model.total_stride)
+    module.shift_protocol = shift_protocol(cfg.get("shift_consistency"), module.model.total_stride)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
     dm = _scored_datamodule(data_kwargs, given, ckpt_file, list(info["class_names"]))

@@ -127,7 +127,7 @@ class DefectClassifier(pl.LightningModule):
         self.misclassified_max = 16
         self.test_outputs: dict[str, Any] = {}
         self._misclassified: list[dict[str, Any]] = []
-        #: shift-consistency protocol of the test stage (training.shift.protocol_from_config); None = off
+        #: shift-consistency protocol of the test stage (training.config.shift_protocol); None = off
         self.shift_protocol: Any = None
         #: distillation (training.distill): the teacher's probabilities per training image, or None
         # a plain CPU tensor, not a buffer: DDP would broadcast a buffer from rank 0 at every step

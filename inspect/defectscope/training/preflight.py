@@ -17,6 +17,7 @@ from ..data.transforms import check_transform_spec
 from ..plain import to_plain
 from ..runtime.decision import THRESHOLD_EXPECTED, is_threshold
 from ..runtime.files import checkpoint_file_problem
+from ..runtime.outputs import OutputError, check_output_folder
 from .config import (
     TrainingConfigError,
     check_memory_format,
@@ -24,6 +25,7 @@ from .config import (
     check_run_numbers,
     check_seed,
     config_number,
+    shift_protocol,
 )
 from .distill_settings import DistillSettings, distill_settings
 
@@ -38,6 +40,7 @@ def check_train_config(cfg: Any) -> DistillSettings:
     the checked ``distill.*``."""
     check_run_numbers(cfg)
     check_launch(cfg)
+    check_paths(cfg)
     check_memory_format(cfg.get("memory_format"))
     distill = distill_settings(to_plain(cfg.get("distill")))
     data = cfg.get("data")
@@ -45,6 +48,7 @@ def check_train_config(cfg: Any) -> DistillSettings:
     settings = config_data_settings(to_plain(data) if data is not None else {})
     ordered = settings.ordered if settings is not None else bool(data.get("ordered", False))
     check_model_settings(cfg, ordered)
+    shift_protocol(cfg.get("shift_consistency"))
     return distill
 
 
@@ -67,6 +71,24 @@ def check_launch(cfg: Any) -> None:
         )
 
 
+def check_paths(cfg: Any) -> None:
+    """``paths.*`` name folders: null would become a folder named ``None`` through the interpolations that
+    use them, and the run's own folders must be creatable before the data scan, not after it."""
+    paths = cfg.get("paths")
+    if paths is None:
+        return
+    for key in ("launch_dir", "data_dir", "output_dir", "ckpt_dir"):
+        value = paths.get(key, "") if key in paths else ""
+        if key in paths and not (isinstance(value, str) and value.strip()):
+            raise TrainingConfigError(f"paths.{key} must be a folder path, got {value!r}")
+    for key in ("output_dir", "ckpt_dir"):
+        if key in paths:
+            try:
+                check_output_folder(paths[key], f"paths.{key}")
+            except OutputError as exc:
+                raise TrainingConfigError(str(exc)) from None
+
+
 def check_evaluate_config(cfg: Any) -> tuple[float | None, str]:
     """``evaluate``'s hand-set threshold (None: the checkpoint's) and checkpoint file, checked in that order,
     with ``memory_format``: the threshold is named before the file is looked at."""
@@ -77,11 +99,24 @@ def check_evaluate_config(cfg: Any) -> tuple[float | None, str]:
         )
     check_memory_format(cfg.get("memory_format"))
     check_seed(cfg)
+    check_paths(cfg)
+    shift_protocol(cfg.get("shift_consistency"))
+    check_evaluate_data(cfg.get("data"))
     ckpt_file = checkpoint_file(cfg)
     problem = checkpoint_file_problem(ckpt_file)
     if problem:
         raise TrainingConfigError(problem)
     return by_hand, ckpt_file
+
+
+def check_evaluate_data(data: Any) -> None:
+    """``data.*`` keys given without a data config (``+data.evaluate_on=all``) have no source to score."""
+    if data and "source" not in data:
+        raise TrainingConfigError(
+            f"{', '.join(f'data.{k}' for k in data)} given without a data config to score; a new lot: "
+            "data=folder data.source.root=LOT (or data=csv data.source.path=LIST.csv); the checkpoint's own "
+            "test split needs no data= (what is scored is the top-level key evaluate_on=all|test)"
+        )
 
 
 def checkpoint_file(cfg: Any) -> str:

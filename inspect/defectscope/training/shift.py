@@ -7,8 +7,7 @@ DDP ranks like the other test metrics) and the epoch end turns them into ``test/
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -16,29 +15,10 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from ..shift_consistency import FIGURES, PredictFn, ShiftProtocol, ShiftRecord, measure, summarise
-from .config import TrainingConfigError
 
 _FIELDS = ("top1", "p_defect", "top1_copies", "p_defect_copies")
 #: metric-name prefix under test/ (MLflow: test/shift/top1_consistency, ...)
 PREFIX = "shift/"
-
-
-def protocol_from_config(spec: Mapping[str, Any] | None, total_stride: int) -> ShiftProtocol | None:
-    """``shift_consistency`` config -> protocol; None when absent or ``copies: 0`` (off)."""
-    cfg = dict(spec or {})
-    unknown = sorted(set(cfg) - {"copies", "max_shift", "seed", "padding"})
-    if unknown:
-        raise TrainingConfigError(
-            f"shift_consistency: unknown key(s) {unknown}; valid keys: copies, max_shift, seed, padding"
-        )
-    if not cfg or cfg.get("copies") == 0:
-        return None
-    if cfg.get("max_shift") is None:
-        cfg["max_shift"] = int(total_stride)  # every sub-stride phase of the feature grid
-    try:
-        return ShiftProtocol(**cfg)
-    except ValueError as exc:
-        raise TrainingConfigError(str(exc)) from None
 
 
 def torch_predict(model: torch.nn.Module, like: torch.Tensor) -> PredictFn:

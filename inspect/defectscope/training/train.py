@@ -27,10 +27,12 @@ from .artifacts import log_test_artifacts, summary_lines, write_test_plots
 from .callbacks import FiniteWeights, Throughput, build_callbacks, checkpoint_callback
 from .config import (
     TrainingConfigError,
+    class_weights_form,
     find_keys,
     is_global_zero,
     resolve_ckpt_path,
     scalar_metrics,
+    shift_protocol,
     torch_threads,
     use_memory_format,
 )
@@ -39,7 +41,6 @@ from .module import DefectClassifier
 from .optimization import HORIZON_SETTINGS
 from .preflight import check_train_config
 from .resume import read_resume
-from .shift import protocol_from_config
 from .tracking import MLflowTracker
 
 log = logging.getLogger(__name__)
@@ -62,22 +63,18 @@ def hydra_choice(group: str, default: str) -> str:
 
 
 def resolve_class_weights(spec: Any, dm: Any) -> list[float] | None:
-    """``loss.class_weights``: null, ``balanced`` (the DataModule's inverse frequencies) or a list."""
-    n = len(dm.class_names)
-    if spec is None:
+    """``loss.class_weights``: null, ``balanced`` (the DataModule's inverse frequencies) or one number per class."""
+    weights = class_weights_form(spec)
+    if weights is None:
         return None
-    if isinstance(spec, str):
-        if spec == "balanced":
-            return [float(w) for w in dm.class_weights.tolist()]
+    if isinstance(weights, str):  # "balanced"
+        return [float(w) for w in dm.class_weights.tolist()]
+    if len(weights) != len(dm.class_names):
         raise TrainingConfigError(
-            f"loss.class_weights must be null, 'balanced' or a list of {n} numbers, got {spec!r}"
+            f"loss.class_weights: expected {len(dm.class_names)} positive numbers (one per class, order "
+            f"{dm.class_names}), got {weights}"
         )
-    weights = list(spec)
-    if len(weights) != n or not all(isinstance(w, int | float) and w > 0 for w in weights):
-        raise TrainingConfigError(
-            f"loss.class_weights: expected {n} positive numbers (one per class, order {dm.class_names}), got {weights}"
-        )
-    return [float(w) for w in weights]
+    return list(weights)
 
 
 def check_geometry(model: torch.nn.Module, dm: Any, data_cfg: Any) -> None:
@@ -324,7 +321,7 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
         use_memory_format(module.model, cfg.get("memory_format"))
         teacher_pass = add_teacher(dm, distill, cfg.get("threads"), tracker)
         module.misclassified_max = tracker.misclassified_max if tracker is not None else 16
-        module.shift_protocol = protocol_from_config(cfg.get("shift_consistency"), module.model.total_stride)
+        module.shift_protocol = shift_protocol(cfg.get("shift_consistency"), module.model.total_stride)
         trainer = _build_trainer(cfg, out_dir, tracker, [*teacher_pass, *extra_callbacks])
         resolved = _write_run_files(cfg, dm, out_dir, tracker)
 
