@@ -14,7 +14,7 @@ import pytest
 from defectscope.data.datamodule import DefectDataModule
 from defectscope.data.errors import DataConfigError
 from defectscope.data.sources import SourceError, build_source
-from defectscope.training.app import _is_own_error
+from defectscope.training.app_errors import is_own_error
 from onnx_models import make_image
 
 
@@ -41,7 +41,7 @@ def test_an_empty_split_the_run_needs_is_refused_before_training(tmp_path: Path)
         SourceError, match=r"a test/ folder beside train/ or test rows in a CSV, or run with test=false"
     ) as err:
         dm.require_splits("train", "val", "test")
-    assert _is_own_error(err.value)
+    assert is_own_error(err.value)
 
 
 def test_a_size_changing_step_is_found_whatever_its_probability(tmp_path: Path) -> None:
@@ -84,7 +84,7 @@ def test_settings_errors_are_the_commands_own(tmp_path: Path, key: str, value: o
     """Raised when the module is built, as evaluate builds it from its own data= options: one line there too."""
     with pytest.raises(ValueError, match=re.escape(message)) as err:
         DefectDataModule({"kind": "folder", "root": str(tmp_path)}, **{key: value})  # type: ignore[arg-type]
-    assert _is_own_error(err.value)
+    assert is_own_error(err.value)
 
 
 @pytest.mark.parametrize("name", ["bad\nline", "x" * 210, os.fsdecode(b"\xff\xfe")])

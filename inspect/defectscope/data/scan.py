@@ -231,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from ..training.app import composition_error
+    from ..training.app_errors import composition_error
     from .sources import SourceError, build_source, prepare_source
 
     try:

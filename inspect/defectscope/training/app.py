@@ -16,11 +16,18 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from ..runtime.files import os_error_line
+from .app_errors import (
+    ComposeErrorsRaised,
+    composition_error,
+    is_own_error,
+    no_such_option,
+    record_in_job_log,
+    refuse,
+)
 
 #: config groups the app chooses itself (``optional model_recipe: ${model}``); ``hydra`` is Hydra's own
 INTERNAL_GROUPS = frozenset({"hydra", "model_recipe"})
@@ -101,100 +108,6 @@ def _missing_keys(cfg: Any) -> list[str]:
     return sorted(OmegaConf.missing_keys(cfg))
 
 
-def _is_own_error(exc: BaseException) -> bool:
-    """Errors whose message is the whole story: defectscope's own, Hydra's instantiation errors and
-    OmegaConf's (a value that cannot be read or resolved, e.g. ``data.loader=5`` under an interpolation)."""
-    from hydra.errors import InstantiationException
-    from omegaconf.errors import OmegaConfBaseException
-
-    own = (InstantiationException, OmegaConfBaseException)
-    named_file = isinstance(exc, OSError) and exc.filename is not None  # a name too long, a full disk
-    return isinstance(exc, own) or named_file or type(exc).__module__.startswith("defectscope")
-
-
-def _one_line(exc: BaseException) -> str:
-    """The message on one line: an instantiation error is its cause's message (which names the key),
-    with the config node Hydra names (``full_key``), not Hydra's three-line wrapper."""
-    from hydra.errors import InstantiationException
-    from omegaconf.errors import OmegaConfBaseException
-
-    if isinstance(exc, OmegaConfBaseException):  # its text goes on with full_key/object_type lines
-        key = getattr(exc, "full_key", None)
-        return (str(exc).strip().splitlines() or [type(exc).__name__])[0] + (
-            f" (config key {key})" if key else ""
-        )
-    if isinstance(exc, OSError):
-        return os_error_line(exc)
-    cause = exc.__cause__
-    if not isinstance(exc, InstantiationException) or cause is None:
-        return " ".join(str(exc).split("\n"))
-    node = [line[len("full_key: ") :] for line in str(exc).splitlines() if line.startswith("full_key: ")]
-    where = f" (config node {node[0]})" if node and node[0] and node[0] not in str(cause) else ""
-    return " ".join(f"{cause}{where}".split("\n"))
-
-
-def no_such_option(group: str, option: str, options: Iterable[str], where: str = "") -> str:
-    """The one message for an option its group does not have, with the valid ones (internal ``_`` ones left out)."""
-    valid = ", ".join(sorted(o for o in options if not o.startswith("_")))
-    return f"{group}={option}: no such option in config group {group!r}{where}; valid: {valid}"
-
-
-def composition_error(exc: BaseException, overrides: Sequence[str] = ()) -> str:
-    """Hydra's composition errors on one line (Hydra's own text spans lines and lists the search path).
-
-    A missing group option names its group, the valid options and, when no command-line override
-    (``overrides``) chose it, that a config's defaults list did; the rest keep their words and cause."""
-    from hydra.errors import MissingConfigException, OverrideParseException
-
-    text = str(exc).split("\nConfig search path:")[0]
-    group = re.search(r"Available options in '([^']+)'", text)
-    missing = str(getattr(exc, "missing_cfg_file", None) or "")
-    if isinstance(exc, MissingConfigException) and exc.options is not None and group and missing:
-        name = group.group(1)
-        option = missing[len(name) + 1 :] if missing.startswith(name + "/") else missing
-        typed = re.compile(rf"[+~]*{re.escape(name)}(@[^=]*)?=")
-        where = "" if any(typed.match(o) for o in overrides) else " (chosen by a config's defaults list)"
-        return no_such_option(name, option, exc.options, where)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if isinstance(exc, OverrideParseException):
-        lines.insert(0, f"{exc.override}:")
-    cause = exc.__cause__
-    if cause is not None and str(cause).strip():
-        lines.insert(1, f"({str(cause).strip().splitlines()[0]})")
-    return " ".join(lines)
-
-
-class _ComposeErrorsRaised:
-    """``HYDRA_FULL_ERROR=1`` while Hydra parses and composes, so its errors reach :func:`_run` as exceptions
-    (it would print them over many lines and exit 1); the user's setting is back before the job runs, so
-    the job's own errors, and DDP ranks started from it, see what the user set."""
-
-    def __init__(self) -> None:
-        self.user = os.environ.get("HYDRA_FULL_ERROR")
-        self.started = False  # the job ran: errors from here on are not composition errors
-        self._set = False
-
-    def __enter__(self) -> _ComposeErrorsRaised:
-        os.environ["HYDRA_FULL_ERROR"] = "1"
-        self._set = True
-        return self
-
-    def _restore(self) -> None:
-        if self._set:
-            self._set = False
-            if self.user is None:
-                os.environ.pop("HYDRA_FULL_ERROR", None)
-            else:
-                os.environ["HYDRA_FULL_ERROR"] = self.user
-
-    def job_started(self) -> None:
-        self.started = True
-        self._restore()
-
-    def __exit__(self, *exc: object) -> None:
-        self._restore()
-
-
 def _typed_options(args: Sequence[str], group: str) -> list[str]:
     """The options a command line gives ``group``, every value of a sweep included, as Hydra parses them."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -237,54 +150,17 @@ def recipe_problem(args: Sequence[str]) -> str | None:
     return no_such_option("model_recipe", wrong, options) + hint
 
 
-def _leave_if_distributed(code: int) -> None:
-    """End a DDP process that failed with its one-line error now, without interpreter finalisation.
-
-    The error has been printed and the MLflow run closed.  Finalising would tear down the process group
-    and its C++ worker threads while the other ranks leave too; that can abort the process and print
-    ``terminate called without an active exception`` after the error line.  A plain run returns."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized():
-        return
-    import logging
-
-    logging.shutdown()  # Hydra's job log file
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def _record_in_job_log(line: str) -> None:
-    """Write the error to Hydra's job log file (``train.log`` in the run folder) only, so a run folder left by
-    a refused configuration says why; the console already has the line."""
-    import logging
-
-    record = logging.LogRecord("defectscope", logging.ERROR, __file__, 0, line, None, None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
-
-
-def _refuse(command: str, exc: BaseException) -> NoReturn:
-    """One line on stderr and in the job log, exit status 2 (every rank leaves)."""
-    line = f"defectscope {command}: error: {_one_line(exc)}"
-    print(line, file=sys.stderr, flush=True)
-    _record_in_job_log(line)
-    _leave_if_distributed(2)
-    raise SystemExit(2) from None
-
-
 def _job(
-    command: str, launch_argv: list[str], fn: Callable[[Any], dict[str, float]], errors: _ComposeErrorsRaised
+    command: str, launch_argv: list[str], fn: Callable[[Any], dict[str, float]], errors: ComposeErrorsRaised
 ) -> Any:
     def task(cfg: Any) -> Any:
         errors.job_started()
         try:
             missing = _missing_keys(cfg)
         except Exception as exc:  # a value that cannot be resolved (data.loader=5 under an interpolation)
-            if not _is_own_error(exc):
+            if not is_own_error(exc):
                 raise
-            _refuse(command, exc)
+            refuse(command, exc)
         if missing:
             example = " ".join(f"{k}={EXAMPLE_VALUES.get(k, '...')}" for k in missing)
             line = (
@@ -292,7 +168,7 @@ def _job(
                 f"defectscope {command} {example}"
             )
             print(line, file=sys.stderr, flush=True)
-            _record_in_job_log(line)
+            record_in_job_log(line)
             raise SystemExit(2)
         saved = sys.argv
         # Lightning's DDP launcher re-runs sys.argv for the other ranks (see module docstring).
@@ -300,9 +176,9 @@ def _job(
         try:
             metrics = fn(cfg)
         except Exception as exc:
-            if not _is_own_error(exc):
+            if not is_own_error(exc):
                 raise
-            _refuse(command, exc)
+            refuse(command, exc)
         finally:
             sys.argv = saved
         key = cfg.get("optimized_metric")
@@ -339,7 +215,7 @@ def _run(command: str, config_name: str, argv: Sequence[str], fn: Callable[[Any]
     launch_argv = [sys.argv[0], command, *args] if own else list(sys.argv)
     saved = sys.argv
     sys.argv = [f"defectscope {command}", *args]
-    errors = _ComposeErrorsRaised()
+    errors = ComposeErrorsRaised()
     main = hydra.main(version_base="1.3", config_path=str(conf), config_name=config_name)(
         _job(command, launch_argv, fn, errors)
     )
