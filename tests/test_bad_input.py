@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -250,12 +251,54 @@ def test_export_evaluate_and_search_mistakes_are_told_before_torch_is_imported(
             "data.split.seed must be a whole number >= 0 or null, got 'x'",
         ),
         (["evaluate", f"ckpt_path={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"], "is not a file"),
+        # folders and files written only after the work, and the run folder Hydra makes before the job: each
+        # named by its key before anything runs (after the test loop or the scan, or naming no key, before)
+        (
+            ["evaluate", "ckpt_path=nope.ckpt", f"metrics_file={tmp_path}"],
+            f"metrics_file {tmp_path}: is a folder",
+        ),
+        (
+            ["train", "experiment=smoke", f"hydra.run.dir={model}"],
+            f"hydra.run.dir {model}: is a file, not a folder",
+        ),
+        (["search", "experiment=smoke", "search=smoke", f"hydra.sweep.dir={model}"], "hydra.sweep.dir"),
+        (
+            ["train", "experiment=smoke", f"paths.data_dir={model}"],
+            f"paths.data_dir {model}: is a file, not a",
+        ),
+        (
+            ["train", "experiment=smoke", "data.on_bad_file=skip", f"data.rejects_path={tmp_path}"],
+            f"data.rejects_path {tmp_path}: is a folder",
+        ),
     ]
     for args, message in cases:
         proc = _run([*defectscope_cmd, *args], tmp_path, env)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr[-3000:])
         errors = [ln for ln in proc.stderr.splitlines() if ": error: " in ln]
         assert len(errors) == 1 and message in errors[0], (args, proc.stderr)
+
+
+def test_a_manifest_naming_a_file_that_is_not_utf8_is_one_line_in_the_job_log_too(
+    tmp_path: Path, defectscope_cmd: list[str], cli_env: dict[str, str]
+) -> None:
+    """The job log's UTF-8 encoder met the undecodable byte of a file name and printed a "--- Logging error ---"
+    traceback after the one-line error; a manifest that is a pipe made the run wait for ever."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_bytes(b"path,label\nmiss\xff.png,good\nb.png,crack\n")
+    run_dir = tmp_path / "run"
+    base = [*defectscope_cmd, "train", "data=csv", "logger=none", f"hydra.run.dir={run_dir}"]
+    proc = _run([*base, f"data.source.path={manifest}"], tmp_path, cli_env)
+    assert proc.returncode == 2 and "Logging error" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("defectscope train: error:")]
+    assert (
+        len(errors) == 1
+        and "2 of 2 image files cannot be used" in errors[0]
+        and "miss\\udcff.png" in errors[0]
+    )
+    assert (run_dir / "train.log").read_text(encoding="utf-8").splitlines()[-1].endswith(errors[0])
+    os.mkfifo(tmp_path / "pipe.csv")
+    proc = _run([*base, f"data.source.path={tmp_path / 'pipe.csv'}"], tmp_path, cli_env)
+    assert proc.returncode == 2 and "pipe.csv is not a regular file (a pipe or device)" in proc.stderr
 
 
 def test_a_missing_required_key_is_one_line_in_the_console_and_the_job_log(

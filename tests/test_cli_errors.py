@@ -178,6 +178,28 @@ def test_input_mistakes(model: Path, images: Path, tmp_path: Path) -> None:
     proc = defectscope("watch", model, "--in", classes, "--out", "o" * 300, cwd=tmp_path)
     one_line_error(proc, "--out ooo", "cannot be used (File name too long:")
     one_line_error(defectscope("synth", "s" * 300, cwd=tmp_path), "cannot be used (File name too long:")
+    # a loop of links: "not found", a RuntimeError traceback from resolve(), or replaced by a file before
+    (tmp_path / "loop_a").symlink_to("loop_b")
+    (tmp_path / "loop_b").symlink_to("loop_a")
+    loop = "cannot be used (Too many levels of symbolic links)"
+    for command, words in (
+        (
+            ["inspect", "loop_a", classes, "-o", "r.jsonl"],
+            ["loop_a: model file cannot be read (Too many levels"],
+        ),
+        (
+            ["inspect", model, classes, "--recursive", "-o", "r.jsonl", "--csv", "loop_a"],
+            ["--csv loop_a", loop],
+        ),
+        (["watch", model, "--in", classes, "--out", "loop_a"], ["--out loop_a", loop]),
+        (["demo", "--workdir", "loop_a"], ["--workdir loop_a", loop]),
+    ):
+        one_line_error(defectscope(*command, cwd=tmp_path), *words)
+    assert (tmp_path / "loop_a").is_symlink() and (tmp_path / "loop_b").is_symlink()
+    os.mkfifo(tmp_path / "pipe")  # opening it as the model would wait for a writer
+    one_line_error(
+        defectscope("inspect", "pipe", classes, "-o", "r.jsonl", cwd=tmp_path), "pipe: is not a regular"
+    )
 
 
 @pytest.mark.parametrize(

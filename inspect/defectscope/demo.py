@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .runtime.options import CommandParser, whole_at_least
+from .runtime.outputs import OutputError, check_output_folder
 from .runtime.results import iter_rows
 from .synth import check_replaceable
 
@@ -121,6 +122,10 @@ def holdout_options(source: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    try:  # before any step: each would otherwise fail on it in turn, or resolve() on a loop of links
+        check_output_folder(args.workdir, "--workdir")
+    except OutputError as exc:
+        _fail(str(exc))
     work = args.workdir.resolve()
     exe = [sys.executable, "-m", "defectscope"]
     run_dir = work / "train"

@@ -15,6 +15,7 @@ from typing import Any
 from ..plain import expect, to_plain, whole_number
 from ..runtime.image import LoaderConfig
 from ..runtime.metadata import NORMALISATION_RANGE, check_loader_values
+from ..runtime.outputs import OutputError, check_output_file
 from .errors import DataConfigError, SourceError
 from .sources import source_arguments
 
@@ -211,6 +212,11 @@ def data_settings(
     loader_cfg = loader_config(loader)
     if rejects_path is not None and (not isinstance(rejects_path, str) or not rejects_path):
         raise DataConfigError(f"data.rejects_path must be null or a file path, got {rejects_path!r}")
+    if on_bad_file == "skip" and rejects_path:  # written after the scan: a bad path is told before it
+        try:
+            check_output_file(rejects_path, "data.rejects_path")
+        except OutputError as exc:
+            raise DataConfigError(str(exc)) from None
     means, stds = normalisation_values(mean, "mean"), normalisation_values(std, "std")
     check_normalisation_length(means, stds, loader_cfg.channels)
     return DataSettings(

@@ -19,6 +19,7 @@ from typing import Any
 from ..plain import to_plain
 from ..runtime.files import IMAGE_EXTENSIONS, TEXT_HEAD_BYTES, os_error_reason, text_problem, unusable_name
 from ..runtime.metadata import MAX_NAME_CHARS, is_model_name
+from ..runtime.outputs import is_special
 from ..synth import SYNTH_MARKER
 from .elpv import elpv_source
 from .errors import SourceError
@@ -190,6 +191,10 @@ def csv_source(
     csv_path = Path(path).expanduser()
     if missing not in ("error", "keep"):
         raise SourceError(f"data.source.missing must be 'error' or 'keep', got {missing!r}")
+    if is_special(csv_path):  # reading a pipe with no writer would wait for ever
+        raise SourceError(
+            f"data.source.path: {csv_path} is not a regular file (a pipe or device); expected a CSV file"
+        )
     try:
         raw = csv_path.read_bytes()
     except OSError as exc:

@@ -183,9 +183,9 @@ def model_file_problem(path: str | os.PathLike[str]) -> str | None:
 def unusable_name(path: str | os.PathLike[str]) -> str | None:
     """Why the OS will not even look at ``path`` (a name longer than the file system allows, a loop of
     links, a folder it may not enter), or ``None`` when it can, whether or not the file exists: commands
-    ask before ``is_dir``/``exists``, which raise for these instead of answering."""
+    ask before ``is_dir``/``exists``/``resolve``, which raise for these or call a loop "not found"."""
     try:
-        os.lstat(path)
+        os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:

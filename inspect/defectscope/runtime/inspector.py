@@ -35,7 +35,8 @@ def check_model_path(path: str | os.PathLike[str]) -> None:
     if Path(path).is_dir():
         raise ModelLoadError(f"{path} is a folder; the first argument is the exported model file (.onnx)")
     if not Path(path).is_file():
-        raise ModelLoadError(f"{path}: model file not found")
+        kind = "is not a regular file (a pipe or device)" if Path(path).exists() else "model file not found"
+        raise ModelLoadError(f"{path}: {kind}")
     problem = model_file_problem(path)
     if problem:
         raise ModelLoadError(problem)

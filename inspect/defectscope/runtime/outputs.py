@@ -41,8 +41,9 @@ def is_special(path: str | os.PathLike[str]) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
-def _check_name(path: Path, option: str) -> None:
-    """A name the OS will not look at (too long, say) is told as such, not as a traceback from ``is_dir``."""
+def check_name(path: str | os.PathLike[str], option: str) -> None:
+    """A name the OS will not look at (too long, a loop of links) is told as such, not as a traceback from
+    ``is_dir`` or ``resolve``."""
     reason = unusable_name(path)
     if reason:
         raise OutputError(f"{option} {path}: cannot be used ({reason})")
@@ -82,7 +83,7 @@ def check_output_file(path: str | os.PathLike[str], option: str, *, special_ok: 
     """A file ``option`` will write: absent but creatable, a writable regular file, or (when
     ``special_ok``) a special file such as ``/dev/stdout`` that is then written directly."""
     p = Path(path)
-    _check_name(p, option)
+    check_name(p, option)
     if p.is_dir():
         raise OutputError(f"{option} {p}: is a folder; give a file name")
     if is_special(p):
@@ -105,7 +106,7 @@ def check_output_file(path: str | os.PathLike[str], option: str, *, special_ok: 
 def check_output_folder(path: str | os.PathLike[str], option: str) -> None:
     """A folder ``option`` will write into: an existing writable folder, or creatable."""
     p = Path(path)
-    _check_name(p, option)
+    check_name(p, option)
     if p.exists() and not p.is_dir():
         raise OutputError(f"{option} {p}: is a file, not a folder; give a folder name")
     if p.is_symlink() and not p.exists():  # a folder cannot be made at a dangling link's name

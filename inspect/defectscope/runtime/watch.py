@@ -21,7 +21,7 @@ from pathlib import Path
 from .hotfolder import log
 from .inspector import Inspector, MetadataError, ModelLoadError, ProviderError, check_model_path
 from .options import CommandParser, add_shared_options, run_options
-from .outputs import OutputError, check_output_file, check_output_folder
+from .outputs import OutputError, check_name, check_output_file, check_output_folder
 from .results import ResultsFileError
 from .watcher import FOLDERS, RESULTS_NAME, EventHook, WatchConfig, Watcher
 
@@ -77,6 +77,9 @@ def check_folders(cfg: WatchConfig) -> None:
     # OutputError for --in too: main reports every folder mistake alike, one line and exit 2
     if not os.path.isdir(cfg.hot):
         raise OutputError(f"--in {cfg.hot!r} is not an existing folder")
+    check_name(cfg.out, "--out")  # before resolve(), which raises for a loop of links
+    if cfg.run.heatmaps:
+        check_name(cfg.run.heatmaps, "--heatmaps")
     hot, out = Path(cfg.hot).resolve(), Path(cfg.out).resolve()
     if hot == out or hot in {out / f for f in FOLDERS.values()}:
         raise OutputError("--in must not be --out or one of its OK/NG/error folders")

@@ -134,6 +134,22 @@ def _config_dirs(args: Sequence[str]) -> list[Path]:
     return [Path(d) for d in dirs]
 
 
+def run_dir_problem(args: Sequence[str]) -> str | None:
+    """A ``hydra.run.dir``/``hydra.sweep.dir`` typed on the command line that cannot be a folder: Hydra makes
+    it before the job and would fail with an OSError that names no key ("File exists" for a file)."""
+    from ..runtime.outputs import OutputError, check_output_folder
+
+    for arg in args:
+        key, _, value = arg.lstrip("+").partition("=")
+        value = value.strip("'\"")
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
+            try:
+                check_output_folder(value, key)
+            except OutputError as exc:
+                return str(exc)
+    return None
+
+
 def recipe_problem(args: Sequence[str]) -> str | None:
     """A ``model_recipe=NAME`` on the command line (a sweep's values too) that names no recipe, found
     before Hydra runs anything: the group is optional, so Hydra would skip it silently and train
@@ -207,9 +223,9 @@ def _run(command: str, config_name: str, argv: Sequence[str], fn: Callable[[Any]
         return 2
     _register_resolvers()
     args = list(argv)
-    recipe = recipe_problem(args)
-    if recipe:
-        print(f"defectscope {command}: error: {recipe}", file=sys.stderr)
+    problem = recipe_problem(args) or run_dir_problem(args)
+    if problem:
+        print(f"defectscope {command}: error: {problem}", file=sys.stderr)
         return 2
     own = sys.argv[1:2] == [command]  # started as `defectscope <command> ...` or `python -m defectscope ...`
     launch_argv = [sys.argv[0], command, *args] if own else list(sys.argv)
@@ -274,7 +290,9 @@ def _names_onnx_model(arg: str) -> bool:
 def evaluate_main(argv: Sequence[str]) -> int:
     """``defectscope evaluate ckpt_path=PATH [data=...]``: test metrics of a checkpoint (Hydra);
     ``defectscope evaluate MODEL.onnx DATA``: an exported model through the runtime (torch-free)."""
-    if any(_names_onnx_model(str(arg)) for arg in argv):
+    first = str(argv[0]) if argv else ""
+    a_path_first = bool(first) and first[0] not in "-+~" and "=" not in first  # no override looks like that
+    if a_path_first or any(_names_onnx_model(str(arg)) for arg in argv):
         from defectscope.evaluation.cli import main
 
         return main(argv)

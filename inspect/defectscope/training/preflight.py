@@ -16,8 +16,8 @@ from ..data.settings import config_data_settings
 from ..data.transforms import check_transform_spec
 from ..plain import to_plain
 from ..runtime.decision import THRESHOLD_EXPECTED, is_threshold
-from ..runtime.files import checkpoint_file_problem
-from ..runtime.outputs import OutputError, check_output_folder
+from ..runtime.files import checkpoint_file_problem, unusable_name
+from ..runtime.outputs import OutputError, check_output_file, check_output_folder
 from .config import (
     TrainingConfigError,
     check_memory_format,
@@ -81,6 +81,14 @@ def check_paths(cfg: Any) -> None:
         value = paths.get(key, "") if key in paths else ""
         if key in paths and not (isinstance(value, str) and value.strip()):
             raise TrainingConfigError(f"paths.{key} must be a folder path, got {value!r}")
+    data_dir = Path(paths.data_dir) if "data_dir" in paths else None
+    if (
+        data_dir is not None
+        and unusable_name(data_dir) is None
+        and data_dir.exists()
+        and not data_dir.is_dir()
+    ):
+        raise TrainingConfigError(f"paths.data_dir {data_dir}: is a file, not a folder")
     for key in ("output_dir", "ckpt_dir"):
         if key in paths:
             try:
@@ -102,6 +110,11 @@ def check_evaluate_config(cfg: Any) -> tuple[float | None, str]:
     check_paths(cfg)
     shift_protocol(cfg.get("shift_consistency"))
     check_evaluate_data(cfg.get("data"))
+    if cfg.get("metrics_file"):  # written after the test loop: a bad path is told before it
+        try:
+            check_output_file(cfg.metrics_file, "metrics_file")
+        except OutputError as exc:
+            raise TrainingConfigError(str(exc)) from None
     ckpt_file = checkpoint_file(cfg)
     problem = checkpoint_file_problem(ckpt_file)
     if problem:
