@@ -1,6 +1,6 @@
 # Two commands set everything up on a fresh machine:
 #   make demo   synth -> train -> export -> inspect on the embedded synthetic dataset
-#   make test   the whole test suite, slow tests included, then the wheel check (CI runs exactly this)
+#   make test   the wheel check, then the whole test suite, slow tests included (CI runs exactly this)
 #   make test-fast   everything except the slow tests (the edit-test loop)
 #   make wheel-check   build the wheel, install it into a fresh virtualenv, train + export outside the checkout
 PYTHON ?= python3

@@ -215,8 +215,10 @@ class Watcher:
             self.writer.close()
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-        c = self.counts
-        log(f"watch: stopped after {self.batches} batches: OK {c['OK']}, NG {c['NG']}, error {c['error']}")
+        c, n = self.counts, self.batches
+        log(
+            f"watch: stopped after {n} batch{'es' * (n != 1)}: OK {c['OK']}, NG {c['NG']}, error {c['error']}"
+        )
         return status
 
     # -- one batch -------------------------------------------------------------------------

@@ -95,10 +95,12 @@ def summary_lines(
     ]
     if train:
         lines.append(f"{'train (last):':<17}{' '.join(train)}")
+    # train: validation is the last epoch's, the test the best checkpoint's (whose threshold is reported below)
+    labels = {"val": "val (last):", "test": "test (best):"} if command == "train" else {}
     for stage in ("val", "test"):
         shown = [f"{k}={metrics[f'{stage}/{k}']:.4f}" for k in _SUMMARY_KEYS if f"{stage}/{k}" in metrics]
         if shown:
-            lines.append(f"{stage + ' metrics:':<17}{' '.join(shown)}")
+            lines.append(f"{labels.get(stage, stage + ' metrics:'):<17}{' '.join(shown)}")
     shift = [f"{k.split('/')[-1]}={v:.4f}" for k, v in metrics.items() if k.startswith("test/shift/")]
     if shift:
         lines.append(f"{'shift (test):':<17}{' '.join(shift)}")
