@@ -200,6 +200,9 @@ def test_input_mistakes(model: Path, images: Path, tmp_path: Path) -> None:
     one_line_error(
         defectscope("inspect", "pipe", classes, "-o", "r.jsonl", cwd=tmp_path), "pipe: is not a regular"
     )
+    one_line_error(
+        defectscope("evaluate", model, "pipe", cwd=tmp_path), "pipe: is not a folder or a CSV file"
+    )
 
 
 @pytest.mark.parametrize(
@@ -219,6 +222,38 @@ def test_command_line_mistakes_are_one_line(command: list[str], tmp_path: Path) 
         proc = defectscope(*command, *wrong, cwd=tmp_path)
         one_line_error(proc, f"{prog}: error: ", *words, f"(see {prog} --help)")
     assert not any(tmp_path.iterdir())
+
+
+def open_first(argv: list[str]) -> int:
+    """A command that opens its first argument: what any command does with a file no check looked at."""
+    with open(argv[0], "rb"):
+        return 0
+
+
+def close_first(argv: list[str]) -> int:
+    """A command that closes the descriptor it is given: an OS error that names no file."""
+    os.close(int(argv[0]))
+    return 0
+
+
+def test_an_os_error_no_check_foresaw_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys
+) -> None:
+    """The console script's last net: an OSError that names a file is the file and the reason on one line."""
+    from defectscope import cli
+
+    monkeypatch.setitem(cli.COMMANDS, "open", (f"{__name__}:open_first", "open a file"))
+    assert cli.main(["open", str(tmp_path / "nope.bin")]) == 1
+    assert cli.main(["open", "n" * 300]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        f"defectscope open: error: {tmp_path / 'nope.bin'}: No such file or directory",
+        f"defectscope open: error: {'n' * 300}: File name too long: at most 255 bytes per file or folder name on "
+        "most file systems",
+    ]
+    monkeypatch.setitem(cli.COMMANDS, "close", (f"{__name__}:close_first", "close a descriptor"))
+    with pytest.raises(OSError, match="Bad file descriptor"):  # naming no file: a bug to see whole, not hide
+        cli.main(["close", "-1"])
 
 
 def test_wrong_model_files_say_what_they_are(model: Path, images: Path, tmp_path: Path) -> None:

@@ -69,6 +69,8 @@ def _labelled(data: Path, inspector: Inspector) -> Labelled:
         raise EvaluateError(f"{data}: cannot be read ({unusable})")
     if not data.exists():
         raise EvaluateError(f"{data}: no such folder or file")
+    if not (data.is_dir() or data.is_file()):
+        raise EvaluateError(f"{data}: is not a folder or a CSV file (a pipe or device)")
     labelled = read_labelled(data, meta.class_names, meta.good_class)
     if labelled is None or not labelled.paths:
         raise EvaluateError(
