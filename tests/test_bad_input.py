@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +205,9 @@ def test_export_evaluate_and_search_mistakes_are_told_before_torch_is_imported(
     option mistakes and search's settings are told without torch (its import alone took 2-5 s of every such
     refusal)."""
     model = build_model(tmp_path / "m.onnx")
+    zipped = tmp_path / "weights.bin"  # a zip archive, as torch.save writes: a checkpoint by its first bytes
+    with zipfile.ZipFile(zipped, "w") as archive:
+        archive.writestr("weights/data.pkl", b"")
     env = blocking_env(tmp_path, ("torch", "lightning", "pytorch_lightning"), cli_env)
     cases = [
         (["export", "nope.ckpt", "-o", "x.onnx"], "nope.ckpt: checkpoint file does not exist"),
@@ -251,6 +255,14 @@ def test_export_evaluate_and_search_mistakes_are_told_before_torch_is_imported(
             "data.split.seed must be a whole number >= 0 or null, got 'x'",
         ),
         (["evaluate", f"ckpt_path={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}"], "is not a file"),
+        # a path first: a checkpoint is pointed to ckpt_path= (Hydra's "missing EQUAL" or the exported-model
+        # evaluation's "the following arguments are required: data" before)
+        (["evaluate", "nope.ckpt"], "nope.ckpt: checkpoint file does not exist"),
+        (
+            ["evaluate", str(zipped)],
+            f"{zipped} is a training checkpoint: defectscope evaluate ckpt_path={zipped}",
+        ),
+        (["evaluate", "hepl"], "hepl: no such file; expected defectscope evaluate MODEL.onnx DATA, or"),
         # folders and files written only after the work, and the run folder Hydra makes before the job: each
         # named by its key before anything runs (after the test loop or the scan, or naming no key, before)
         (
@@ -261,10 +273,17 @@ def test_export_evaluate_and_search_mistakes_are_told_before_torch_is_imported(
             ["train", "experiment=smoke", f"hydra.run.dir={model}"],
             f"hydra.run.dir {model}: is a file, not a folder",
         ),
-        (["search", "experiment=smoke", "search=smoke", f"hydra.sweep.dir={model}"], "hydra.sweep.dir"),
+        (
+            ["search", "experiment=smoke", "search=smoke", f"hydra.run.dir={model}"],
+            f"hydra.run.dir {model}: is a",
+        ),
+        (
+            ["train", "-m", "experiment=smoke", f"hydra.sweep.dir={model}"],
+            f"hydra.sweep.dir {model}: is a file",
+        ),
         (
             ["train", "experiment=smoke", f"paths.data_dir={model}"],
-            f"paths.data_dir {model}: is a file, not a",
+            f"data.source.root {model}/synthetic-smoke: {model} is a file, not a folder",
         ),
         (
             ["train", "experiment=smoke", "data.on_bad_file=skip", f"data.rejects_path={tmp_path}"],
@@ -298,7 +317,7 @@ def test_a_manifest_naming_a_file_that_is_not_utf8_is_one_line_in_the_job_log_to
     assert (run_dir / "train.log").read_text(encoding="utf-8").splitlines()[-1].endswith(errors[0])
     os.mkfifo(tmp_path / "pipe.csv")
     proc = _run([*base, f"data.source.path={tmp_path / 'pipe.csv'}"], tmp_path, cli_env)
-    assert proc.returncode == 2 and "pipe.csv is not a regular file (a pipe or device)" in proc.stderr
+    assert proc.returncode == 2 and "pipe.csv: is not a regular file (a pipe or device)" in proc.stderr
 
 
 def test_a_missing_required_key_is_one_line_in_the_console_and_the_job_log(
@@ -329,7 +348,12 @@ def test_output_paths_are_checked_before_the_work(tmp_path: Path, capsys: pytest
     cases = [
         (
             evaluate_cli.main,
-            ["missing.onnx", str(folder), "--out", str(notes)],
+            [
+                str(build_model(tmp_path / "m.onnx")),
+                str(folder),
+                "--out",
+                str(notes),
+            ],  # the model is named first
             "--out ",
             "is a file, not a folder",
         ),

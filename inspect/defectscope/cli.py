@@ -104,10 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # the last net: a file the OS refused (a name too long, a full disk) is one line
         if exc.filename is None:
             raise
-        from .runtime.files import os_error_line
+        from .runtime.files import error_line, os_error_line
 
         command = " ".join(["defectscope", *args[:1]])
-        print(f"{command}: error: {os_error_line(exc)}", file=sys.stderr)
+        print(error_line(command, os_error_line(exc)), file=sys.stderr)
         return 1
 
 

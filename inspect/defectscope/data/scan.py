@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..runtime.files import error_line
 from ..runtime.image import ImageLoadError, LoaderConfig, load_image
 from ..runtime.options import CommandParser
 from ..runtime.outputs import OutputError, check_output_file
@@ -247,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SourceError, ValueError, TypeError, HydraException, OmegaConfBaseException, OutputError) as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         text = composition_error(exc, args.overrides) if isinstance(exc, HydraException) else "; ".join(lines)
-        print(f"defectscope scan: error: {text or type(exc).__name__}", file=sys.stderr)
+        print(error_line("defectscope scan", text or type(exc).__name__), file=sys.stderr)
         return 2
     workers = args.workers or cfg.workers
     paths = [s.path for s in source.samples]

@@ -19,7 +19,7 @@ from typing import Any
 from ..plain import to_plain
 from ..runtime.files import IMAGE_EXTENSIONS, TEXT_HEAD_BYTES, os_error_reason, text_problem, unusable_name
 from ..runtime.metadata import MAX_NAME_CHARS, is_model_name
-from ..runtime.outputs import is_special
+from ..runtime.outputs import OutputError, check_output_folder, is_special
 from ..synth import SYNTH_MARKER
 from .elpv import elpv_source
 from .errors import SourceError
@@ -193,7 +193,7 @@ def csv_source(
         raise SourceError(f"data.source.missing must be 'error' or 'keep', got {missing!r}")
     if is_special(csv_path):  # reading a pipe with no writer would wait for ever
         raise SourceError(
-            f"data.source.path: {csv_path} is not a regular file (a pipe or device); expected a CSV file"
+            f"data.source.path {csv_path}: is not a regular file (a pipe or device); expected a CSV file"
         )
     try:
         raw = csv_path.read_bytes()
@@ -330,6 +330,11 @@ def source_arguments(
         root = params.get("root")
         if not (isinstance(root, str) and root):
             raise SourceError(f"data.source.root must be the folder to generate into, got {root!r}")
+        if not Path(root).expanduser().exists():  # generated into on first use: it must be creatable
+            try:
+                check_output_folder(Path(root).expanduser(), "data.source.root")
+            except OutputError as exc:
+                raise SourceError(str(exc)) from None
         given = inspect.signature(fn).bind_partial(**params)
         given.apply_defaults()
         request = {k: v for k, v in given.arguments.items() if k not in ("root", "good_class")}

@@ -22,8 +22,8 @@ import numpy as np
 
 from ..data.sources import SourceError
 from ..runtime.decision import defect_probability, is_defect_label, is_ng
-from ..runtime.files import unusable_name
-from ..runtime.inspector import Inspector, MetadataError, ModelLoadError, ProviderError
+from ..runtime.files import error_line, unusable_name
+from ..runtime.inspector import Inspector, MetadataError, ModelLoadError, ProviderError, check_model_path
 from ..runtime.options import CommandParser, unit_number
 from ..runtime.outputs import OutputError, check_output_folder
 from ..runtime.results import csv_cell
@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _labelled(data: Path, inspector: Inspector) -> Labelled:
-    meta = inspector.metadata
+def check_data_path(data: Path) -> None:
+    """DATA names a folder or a file, before the model is loaded."""
     unusable = unusable_name(data)
     if unusable:
         raise EvaluateError(f"{data}: cannot be read ({unusable})")
@@ -71,6 +71,10 @@ def _labelled(data: Path, inspector: Inspector) -> Labelled:
         raise EvaluateError(f"{data}: no such folder or file")
     if not (data.is_dir() or data.is_file()):
         raise EvaluateError(f"{data}: is not a folder or a CSV file (a pipe or device)")
+
+
+def _labelled(data: Path, inspector: Inspector) -> Labelled:
+    meta = inspector.metadata
     labelled = read_labelled(data, meta.class_names, meta.good_class)
     if labelled is None or not labelled.paths:
         raise EvaluateError(
@@ -166,7 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.batch_size < 1:
             raise EvaluateError(f"--batch-size must be >= 1, got {args.batch_size}")
-        if args.out:  # before any image is scored
+        check_model_path(args.model)  # the model first, then DATA and --out: all before the model is loaded
+        check_data_path(args.data)
+        if args.out:
             check_output_folder(args.out, "--out")
         inspector = Inspector(args.model, provider=args.provider, threads=args.threads)
         labelled = _labelled(args.data, inspector)
@@ -175,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             inspector, labelled, threshold, sweep=args.sweep, batch_size=args.batch_size
         )
     except (EvaluateError, SourceError, ModelLoadError, MetadataError, ProviderError, OutputError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(error_line(PROG, exc), file=sys.stderr)
         return 2
     given = "" if args.threshold is None else f" (given; the model's is {inspector.threshold:g})"
     print(f"model: {args.model} ({doc['variant']}), threshold {threshold:g}{given}")

@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from defectscope.runtime.files import checkpoint_file_problem, unusable_name
+from defectscope.runtime.files import checkpoint_file_problem, error_line, unusable_name
 from defectscope.runtime.grading import CUTS_FOR
 from defectscope.runtime.metadata import TTA_NAMES
 from defectscope.runtime.options import CommandParser, unit_number, whole_at_least
+from defectscope.runtime.outputs import OutputError, check_name
 
 from .opset import MIN_OPSET, opset_problem
 from .quantize import (
@@ -208,8 +209,10 @@ def usage_problem(args: argparse.Namespace) -> str | None:
         )
     if problem := opset_problem(args.opset):
         return problem
-    if unusable := unusable_name(args.output):
-        return f"-o {args.output}: cannot be used ({unusable})"
+    try:  # the library checks it again (a library caller), with the same words
+        check_name(args.output, "-o")
+    except OutputError as exc:
+        return str(exc)
     if args.images is not None and (unusable := unusable_name(args.images)):
         return f"--images {args.images}: cannot be read ({unusable})"
     if args.images is not None and not (args.images.is_dir() or args.images.is_file()):
@@ -224,7 +227,7 @@ def usage_problem(args: argparse.Namespace) -> str | None:
 
 
 def _fail(code: int, message: str) -> int:
-    print(f"defectscope export: error: {message}", file=sys.stderr)
+    print(error_line("defectscope export", message), file=sys.stderr)
     return code
 
 

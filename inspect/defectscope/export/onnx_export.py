@@ -21,10 +21,10 @@ from torch import nn
 from defectscope import __version__
 from defectscope.models.corn import raw_outputs, with_link
 from defectscope.models.tta import FlipTTA
-from defectscope.runtime.files import file_kind, unusable_name
+from defectscope.runtime.files import file_kind
 from defectscope.runtime.image import LoaderConfig
 from defectscope.runtime.metadata import MetadataError, ModelMetadata
-from defectscope.runtime.outputs import OutputError, check_output_file
+from defectscope.runtime.outputs import OutputError, check_name, check_output_file
 
 from .atomic import atomic_write_bytes
 from .errors import ExportError, typed_first_line
@@ -167,9 +167,10 @@ def _checked_request(
 ) -> Path:
     """The output path and the options, checked before the checkpoint is looked at."""
     out = Path(output)
-    unusable = unusable_name(out)
-    if unusable:
-        raise ExportError(f"output {out}: cannot be used ({unusable})")
+    try:  # before is_dir(), which raises for a name too long or a loop of links
+        check_name(out, "-o")
+    except OutputError as exc:
+        raise ExportError(str(exc)) from None
     if out.is_dir():
         raise ExportError(f"output {out} is a directory; expected a file path such as model.onnx")
     if images is not None and out.is_file() and Path(images).is_file() and out.samefile(images):

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from .files import error_line
 from .heatmap import save_overlay
 from .inputs import InputSpecError, check_specs, expand_inputs
 from .inspector import Inspector, MetadataError, ModelLoadError, ProviderError, check_model_path
@@ -139,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(cfg)
     except USER_ERRORS as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(error_line(PROG, exc), file=sys.stderr)
         return 2
 
 

@@ -201,6 +201,12 @@ def os_error_reason(exc: OSError) -> str:
     return reason
 
 
+def error_line(prog: str, message: object) -> str:
+    """``PROG: error: MESSAGE`` on one line: a line break inside a file name shows as ``\\n``."""
+    text = str(message).replace("\r", "\\r").replace("\n", "\\n")
+    return f"{prog}: error: {text}"
+
+
 def os_error_line(exc: OSError) -> str:
     """An OS error about a named file, on one line: the file, then the reason."""
     names = " -> ".join(str(n) for n in (exc.filename, exc.filename2) if n is not None)

@@ -19,7 +19,7 @@ import glob
 import os
 from collections.abc import Callable, Iterable, Iterator
 
-from .files import is_image_name, list_file_problem, read_path_list
+from .files import is_image_name, list_file_problem, read_path_list, unusable_name
 
 _GLOB_CHARS = frozenset("*?[")
 
@@ -77,7 +77,8 @@ def check_specs(specs: Iterable[str], *, recursive: bool = False) -> None:
                         "do: add --recursive"
                     )
         elif not _is_glob(spec) and not os.path.lexists(spec):
-            raise InputSpecError(f"input not found: {spec!r} (no such file or folder)")
+            why = unusable_name(spec) or "no such file or folder"  # a name too long cannot exist either
+            raise InputSpecError(f"input not found: {spec!r} ({why})")
 
 
 def walk_folder(folder: str, recursive: bool) -> Iterator[str]:

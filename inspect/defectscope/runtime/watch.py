@@ -18,6 +18,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from .files import error_line
 from .hotfolder import log
 from .inspector import Inspector, MetadataError, ModelLoadError, ProviderError, check_model_path
 from .options import CommandParser, add_shared_options, run_options
@@ -118,7 +119,7 @@ def main(argv: Sequence[str] | None = None, *, on_event: EventHook | None = None
         inspector = Inspector.from_config(cfg.run.session)
         watcher = Watcher(cfg, inspector, on_event)
     except (MetadataError, ModelLoadError, ProviderError, ResultsFileError, OutputError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(error_line(PROG, exc), file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl+C while the model loads (a TensorRT engine build takes minutes)
         print(f"{PROG}: interrupted while starting; nothing was inspected or moved", file=sys.stderr)
@@ -127,7 +128,7 @@ def main(argv: Sequence[str] | None = None, *, on_event: EventHook | None = None
     try:
         return watcher.run()
     except (OutputError, ResultsFileError) as exc:  # at start-up: the results file cannot be used
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(error_line(PROG, exc), file=sys.stderr)
         return 2
 
 

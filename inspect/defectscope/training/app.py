@@ -20,9 +20,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..runtime.files import checkpoint_file_problem, error_line
 from .app_errors import (
     ComposeErrorsRaised,
     composition_error,
+    escape_in_job_log,
     is_own_error,
     no_such_option,
     record_in_job_log,
@@ -135,14 +137,20 @@ def _config_dirs(args: Sequence[str]) -> list[Path]:
 
 
 def run_dir_problem(args: Sequence[str]) -> str | None:
-    """A ``hydra.run.dir``/``hydra.sweep.dir`` typed on the command line that cannot be a folder: Hydra makes
-    it before the job and would fail with an OSError that names no key ("File exists" for a file)."""
+    """The run folder typed on the command line (``hydra.run.dir``, or ``hydra.sweep.dir`` with ``--multirun``)
+    that cannot be a folder: Hydra makes it before the job and would fail with an OSError that names no key
+    ("File exists" for a file).  Not checked where Hydra makes no folder (``--cfg``, ``--help``, ``--info``)."""
     from ..runtime.outputs import OutputError, check_output_folder
 
+    if any(a.split("=")[0] in ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i") for a in args):
+        return None
+    multirun = any(a in ("-m", "--multirun") or a.replace(" ", "") == "hydra.mode=MULTIRUN" for a in args)
+    used = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     for arg in args:
         key, _, value = arg.lstrip("+").partition("=")
-        value = value.strip("'\"")
-        if key in ("hydra.run.dir", "hydra.sweep.dir") and value and "${" not in value:
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]  # Hydra's quoting
+        if key == used and value and "${" not in value:
             try:
                 check_output_folder(value, key)
             except OutputError as exc:
@@ -171,6 +179,7 @@ def _job(
 ) -> Any:
     def task(cfg: Any) -> Any:
         errors.job_started()
+        escape_in_job_log()
         try:
             missing = _missing_keys(cfg)
         except Exception as exc:  # a value that cannot be resolved (data.loader=5 under an interpolation)
@@ -225,7 +234,7 @@ def _run(command: str, config_name: str, argv: Sequence[str], fn: Callable[[Any]
     args = list(argv)
     problem = recipe_problem(args) or run_dir_problem(args)
     if problem:
-        print(f"defectscope {command}: error: {problem}", file=sys.stderr)
+        print(error_line(f"defectscope {command}", problem), file=sys.stderr)
         return 2
     own = sys.argv[1:2] == [command]  # started as `defectscope <command> ...` or `python -m defectscope ...`
     launch_argv = [sys.argv[0], command, *args] if own else list(sys.argv)
@@ -247,7 +256,7 @@ def _run(command: str, config_name: str, argv: Sequence[str], fn: Callable[[Any]
         # before the job: a composition error, or Hydra's "only one of --multirun, --cfg ..." (a ValueError)
         if errors.started or errors.user == "1":
             raise
-        print(f"defectscope {command}: error: {composition_error(exc, args)}", file=sys.stderr)
+        print(error_line(f"defectscope {command}", composition_error(exc, args)), file=sys.stderr)
         return 2
     finally:
         sys.argv = saved
@@ -281,17 +290,36 @@ def train_main(argv: Sequence[str]) -> int:
 _OVERRIDE_KEY = re.compile(r"[+~]{0,2}[A-Za-z_][\w.]*(@[\w.]*)?=")
 
 
+def _is_override(arg: str) -> bool:
+    """A Hydra override (``key=value``, ``+key=value``, ``~key``) rather than a file's path."""
+    return bool(_OVERRIDE_KEY.match(arg)) or arg.startswith("~")
+
+
 def _names_onnx_model(arg: str) -> bool:
     """An argument that is an ONNX file's path, not an override (``ckpt_path=m.onnx``): paths may hold
     '=' (``runs/seed=1/m.onnx``), and one that reads like an override is a path when that file exists."""
-    return arg.lower().endswith(".onnx") and (not _OVERRIDE_KEY.match(arg) or os.path.isfile(arg))
+    return arg.lower().endswith(".onnx") and (not _is_override(arg) or os.path.isfile(arg))
 
 
 def evaluate_main(argv: Sequence[str]) -> int:
     """``defectscope evaluate ckpt_path=PATH [data=...]``: test metrics of a checkpoint (Hydra);
-    ``defectscope evaluate MODEL.onnx DATA``: an exported model through the runtime (torch-free)."""
+    ``defectscope evaluate MODEL.onnx DATA``: an exported model through the runtime (torch-free).  A first
+    argument that is neither an option nor an override is a path: a checkpoint there is pointed to
+    ``ckpt_path=``, anything else goes to the exported-model evaluation, which says what it is."""
     first = str(argv[0]) if argv else ""
-    a_path_first = bool(first) and first[0] not in "-+~" and "=" not in first  # no override looks like that
+    a_path_first = bool(first) and not first.startswith("-") and not _is_override(first)
+    usage = "defectscope evaluate MODEL.onnx DATA, or defectscope evaluate ckpt_path=CHECKPOINT [data=...]"
+    problem = None
+    if a_path_first and (first.lower().endswith(".ckpt") or checkpoint_file_problem(first) is None):
+        problem = checkpoint_file_problem(first) or (
+            f"{first} is a training checkpoint: defectscope evaluate ckpt_path={first} scores its own test split "
+            "(add data=folder data.source.root=LOT for a new lot)"
+        )
+    elif a_path_first and not first.lower().endswith(".onnx") and not os.path.lexists(first):
+        problem = f"{first}: no such file; expected {usage}"
+    if problem:
+        print(error_line("defectscope evaluate", problem), file=sys.stderr)
+        return 2
     if a_path_first or any(_names_onnx_model(str(arg)) for arg in argv):
         from defectscope.evaluation.cli import main
 

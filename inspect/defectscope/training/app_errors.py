@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import NoReturn
 
-from ..runtime.files import os_error_line
+from ..runtime.files import error_line, os_error_line
 
 
 def is_own_error(exc: BaseException) -> bool:
@@ -123,6 +123,17 @@ def leave_if_distributed(code: int) -> None:
     os._exit(code)
 
 
+def escape_in_job_log() -> None:
+    """The job log escapes what UTF-8 cannot hold (a file name that is not UTF-8) instead of printing a
+    ``--- Logging error ---`` traceback per such line; whatever ``hydra/job_logging`` configured."""
+    import logging
+
+    for handler in logging.getLogger().handlers:
+        reconfigure = getattr(getattr(handler, "stream", None), "reconfigure", None)
+        if isinstance(handler, logging.FileHandler) and reconfigure is not None:
+            reconfigure(errors="backslashreplace")
+
+
 def record_in_job_log(line: str) -> None:
     """Write the error to Hydra's job log file (``train.log`` in the run folder) only, so a run folder left by
     a refused configuration says why; the console already has the line."""
@@ -136,7 +147,7 @@ def record_in_job_log(line: str) -> None:
 
 def refuse(command: str, exc: BaseException) -> NoReturn:
     """One line on stderr and in the job log, exit status 2 (every rank leaves)."""
-    line = f"defectscope {command}: error: {one_line(exc)}"
+    line = error_line(f"defectscope {command}", one_line(exc))
     print(line, file=sys.stderr, flush=True)
     record_in_job_log(line)
     leave_if_distributed(2)

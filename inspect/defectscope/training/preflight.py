@@ -16,7 +16,7 @@ from ..data.settings import config_data_settings
 from ..data.transforms import check_transform_spec
 from ..plain import to_plain
 from ..runtime.decision import THRESHOLD_EXPECTED, is_threshold
-from ..runtime.files import checkpoint_file_problem, unusable_name
+from ..runtime.files import checkpoint_file_problem
 from ..runtime.outputs import OutputError, check_output_file, check_output_folder
 from .config import (
     TrainingConfigError,
@@ -78,21 +78,14 @@ def check_paths(cfg: Any) -> None:
     if paths is None:
         return
     for key in ("launch_dir", "data_dir", "output_dir", "ckpt_dir"):
-        value = paths.get(key, "") if key in paths else ""
-        if key in paths and not (isinstance(value, str) and value.strip()):
+        if key not in paths:
+            continue
+        value = paths.get(key)
+        if not (isinstance(value, os.PathLike) or (isinstance(value, str) and value.strip())):
             raise TrainingConfigError(f"paths.{key} must be a folder path, got {value!r}")
-    data_dir = Path(paths.data_dir) if "data_dir" in paths else None
-    if (
-        data_dir is not None
-        and unusable_name(data_dir) is None
-        and data_dir.exists()
-        and not data_dir.is_dir()
-    ):
-        raise TrainingConfigError(f"paths.data_dir {data_dir}: is a file, not a folder")
-    for key in ("output_dir", "ckpt_dir"):
-        if key in paths:
+        if key in ("output_dir", "ckpt_dir"):
             try:
-                check_output_folder(paths[key], f"paths.{key}")
+                check_output_folder(value, f"paths.{key}")
             except OutputError as exc:
                 raise TrainingConfigError(str(exc)) from None
 
