@@ -203,6 +203,11 @@ def test_input_mistakes(model: Path, images: Path, tmp_path: Path) -> None:
     one_line_error(
         defectscope("evaluate", model, "pipe", cwd=tmp_path), "pipe: is not a folder or a CSV file"
     )
+    # a line break in a file name is shown as \n: the error stays one line
+    proc = defectscope("inspect", "nl\nmodel.onnx", classes, "-o", "r.jsonl", cwd=tmp_path)
+    one_line_error(proc, "nl\\nmodel.onnx: model file not found")
+    proc = defectscope("export", "nl\nbest.ckpt", "-o", "m.onnx", cwd=tmp_path)
+    one_line_error(proc, "nl\\nbest.ckpt: checkpoint file does not exist")
 
 
 @pytest.mark.parametrize(
