@@ -193,6 +193,10 @@ def test_input_mistakes(model: Path, images: Path, tmp_path: Path) -> None:
         ),
         (["watch", model, "--in", classes, "--out", "loop_a"], ["--out loop_a", loop]),
         (["demo", "--workdir", "loop_a"], ["--workdir loop_a", loop]),
+        (
+            ["export", "loop_a", "-o", "m.onnx"],
+            ["loop_a: cannot be read (Too many levels of symbolic links)"],
+        ),
     ):
         one_line_error(defectscope(*command, cwd=tmp_path), *words)
     assert (tmp_path / "loop_a").is_symlink() and (tmp_path / "loop_b").is_symlink()

@@ -225,10 +225,10 @@ def checkpoint_file_problem(path: str | os.PathLike[str]) -> str | None:
     """Why ``path`` cannot be a training checkpoint, read from its first bytes (torch-free, so a command can
     say it before importing torch); ``None`` if it may be one."""
     p = Path(path)
-    try:
-        exists, regular = p.exists(), p.is_file()
-    except OSError as exc:  # a name too long for the file system, say
-        return f"{p}: cannot be read ({os_error_reason(exc)})"
+    unusable = unusable_name(p)  # a name too long for the file system, a loop of links
+    if unusable:
+        return f"{p}: cannot be read ({unusable})"
+    exists, regular = p.exists(), p.is_file()
     if not exists:
         return f"{p}: checkpoint file does not exist"
     if not regular:

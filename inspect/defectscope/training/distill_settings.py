@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..runtime.files import file_kind, file_sha256, os_error_reason
+from ..runtime.files import file_kind, file_sha256, unusable_name
 from .config import TrainingConfigError, config_number
 
 
@@ -104,11 +104,10 @@ def teacher_file_problem(teacher: str) -> str | None:
 
     path = Path(teacher)
     export = f"defectscope export CHECKPOINT --tta dihedral -o {path.stem or 'teacher'}.onnx"
-    try:
-        folder = path.is_dir()
-    except OSError as exc:  # a name too long for the file system, say
-        return f"{teacher}: cannot be read ({os_error_reason(exc)})"
-    if folder:
+    unusable = unusable_name(path)  # a name too long for the file system, a loop of links
+    if unusable:
+        return f"{teacher}: cannot be read ({unusable})"
+    if path.is_dir():
         return f"{teacher} is a folder; expected an exported model file (.onnx)"
     if not path.is_file():
         return f"{teacher}: no such file; expected an exported model (.onnx), written by {export}"
