@@ -97,8 +97,10 @@ def plan_threshold(
         )
     kept = [(p, c) for (p, c), ok in zip(zip(labelled.paths, labelled.labels), present) if ok]
     if len(kept) < len(labelled.paths):
+        first = next(p for p, ok in zip(labelled.paths, present) if not ok)
         log(
-            f"threshold: {len(labelled.paths) - len(kept)} of {labelled.source} do not exist here; using the rest"
+            f"threshold: {len(labelled.paths) - len(kept)} of {labelled.source} do not exist here (first: "
+            f"{first}); using the rest"
         )
     chosen = Labelled([p for p, _ in kept], [c for _, c in kept], labelled.source)
     return ThresholdPlan(target_recall, warn, trained, images=chosen)
