@@ -98,7 +98,8 @@ def test_resume_matches_rows_however_the_list_is_given(
 ) -> None:
     """A run killed part-way and resumed from another folder, with the list spelt another way, finishes
     with one row per listed image: list lines are absolute and rows match inputs by their absolute path.
-    A resume given relative folders from another folder cannot match, and says so."""
+    A resume given relative folders from another folder, or the folder through a link, cannot match: it is
+    refused before any image is inspected (it gave every image a second row, with a warning after)."""
     imgs = tmp_path / "imgs"
     names = [f"c{i}.png" for i in range(6)]
     for i, name in enumerate(names):
@@ -119,9 +120,16 @@ def test_resume_matches_rows_however_the_list_is_given(
     assert run(model, "./imgs/", "-o", by_folder, "--resume") == 0  # another spelling, same folder
     assert len(rows_of(by_folder)) == len(names)
     assert "match no input" not in capsys.readouterr().err
+    before = by_folder.read_bytes()
+    (tmp_path / "alias").symlink_to(imgs)
+    assert run(model, "alias", "-o", by_folder, "--resume") == 2  # the same files through a link
+    assert f"has a row for this image under another name (row {imgs}/c" in capsys.readouterr().err
     monkeypatch.chdir(imgs)
-    assert run(model, ".", "-o", by_folder, "--resume") == 0
-    assert "6 row(s) already in" in capsys.readouterr().err
+    assert run(model, ".", "-o", by_folder, "--resume") == 2  # the first run's folder names, from inside it
+    err = capsys.readouterr().err
+    assert "every image would get a second row; resume from the folder" in err and len(err.splitlines()) == 1
+    assert by_folder.read_bytes() == before
+    assert run(model, ".", "-o", tmp_path / "new.jsonl", "--resume") == 0  # no rows yet: nothing to refuse
 
 
 def test_resume_of_relative_rows_written_by_the_previous_version(

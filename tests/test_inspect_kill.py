@@ -68,3 +68,33 @@ def test_kill_9_at_three_points_then_resume_gives_exactly_one_row_per_input(tmp_
     assert Counter(r["path"] for r in rows) == Counter(inputs)
     assert sum(r["status"] == "error" for r in rows) == 1
     print(f"rows present at the three SIGKILLs: {kills}; final rows {len(rows)} for {len(inputs)} inputs")
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_run_as_ctrl_c_does_and_resume_finishes(tmp_path: Path) -> None:
+    """SIGTERM (kill, a service stopping) killed inspect silently; now it writes the pending rows, says how
+    many this session wrote (those are in the file), exits 130, and --resume gives one row per input."""
+    model = build_model(tmp_path / "m.onnx")
+    inputs = [
+        str(make_image(tmp_path / "imgs" / f"{i:04d}.png", 96, 96, bright=i % 5 == 0, seed=i))
+        for i in range(N_IMAGES)
+    ]
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(inputs) + "\n")
+    out = tmp_path / "r.jsonl"
+    proc = _start(model, listing, out, resume=False)
+    deadline = time.monotonic() + 60
+    while _count_lines(out) < 40 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert proc.poll() is None, "the run finished before the signal; the test would prove nothing"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    written = _count_lines(out)
+    assert proc.returncode == 130 and written < len(inputs), err.decode()
+    assert (
+        f"interrupted after {written} rows this session; rerun the same command with --resume" in err.decode()
+    )
+    proc = _start(model, listing, out, resume=True)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+    assert Counter(json.loads(line)["path"] for line in out.read_text().splitlines()) == Counter(inputs)

@@ -6,16 +6,19 @@ line, skips every input that has a row and inspects the rest.  CSV and HTML repo
 from the JSONL at the end.  Every row records the threshold that decided it and where that came
 from; ``--resume`` refuses a file of another model or threshold.  Exit codes: 0 all inputs
 inspected, 1 some error rows, 2 bad command line, model, input or output (checked before the first
-image; a disk filling up later stops the run with every row before intact), 130 interrupted.
+image; a disk filling up later stops the run with every row before intact), 130 interrupted (Ctrl+C or SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,12 +37,11 @@ from .results import (
     JsonlWriter,
     ResultsFileError,
     RunStamp,
-    load_done,
     recover_jsonl,
     result_row,
-    skip_done,
     write_csv,
 )
+from .resume import load_done, resume_spelling_problem, skip_done
 from .summary import DEFAULT_MAX_ITEMS, Summary
 
 PROG = "defectscope inspect"
@@ -67,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Inspect images with an exported defectscope ONNX model (no torch needed).",
         epilog="Exit status: 0 all inputs inspected, 1 some inputs failed (error rows), 2 bad usage, "
-        "model, input or output (one line on stderr, before any image where possible), 130 interrupted.",
+        "model, input or output (one line on stderr, before any image where possible), 130 interrupted (Ctrl+C or SIGTERM).",
     )
     add_shared_options(p)
     p.add_argument(
@@ -216,19 +218,19 @@ def run(cfg: InspectConfig) -> int:
     warn = lambda msg: print(f"{PROG}: warning: {msg}", file=sys.stderr)  # noqa: E731
     paths = expand_inputs(cfg.inputs, recursive=cfg.recursive, warn=warn)
     if done:
+        paths, renamed = resume_spelling_problem(paths, done, out)
+        if renamed:
+            raise OutputError(renamed)
         paths = skip_done(paths, done)
     writer = JsonlWriter(out, append=cfg.resume, fsync_interval_s=cfg.fsync_interval)
     session = _Session(writer, stamp, cfg.run.heatmaps)
     t0 = time.perf_counter()
+    interrupted = False
     try:
-        _inspect_all(cfg, inspector, session, paths, threshold)
+        with _terminate_as_interrupt():
+            _inspect_all(cfg, inspector, session, paths, threshold)
     except KeyboardInterrupt:
-        print(
-            f"{PROG}: interrupted after {writer.committed} rows this session; "
-            f"rerun the same command with --resume to finish",
-            file=sys.stderr,
-        )
-        return 130
+        interrupted = True
     except OutputError as exc:
         raise OutputError(
             f"{exc}; the rows written before are intact: free space (or fix the folder), then rerun "
@@ -237,6 +239,13 @@ def run(cfg: InspectConfig) -> int:
     finally:
         writer.close()
         session.progress.close()
+    if interrupted:  # counted once the file is closed: the batches in flight wrote their rows too
+        print(
+            f"{PROG}: interrupted after {writer.committed} rows this session; "
+            f"rerun the same command with --resume to finish",
+            file=sys.stderr,
+        )
+        return 130
     unmatched = sum(done.values()) if done else 0
     if unmatched:
         warn(
@@ -244,6 +253,24 @@ def run(cfg: InspectConfig) -> int:
             "inputs were given relative to another folder before (then those images now have two rows each)"
         )
     return _finish(cfg, inspector, stamp, session.done, time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``kill``, a service stopping) ends the run as Ctrl+C does: pending rows written, one line,
+    exit 130; it killed the process silently, leaving a report's temporary file behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _inspect_all(

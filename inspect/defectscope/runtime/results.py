@@ -14,13 +14,11 @@ import io
 import json
 import os
 import time
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .files import absolute_path
 from .outputs import OutputError, replaced_file, write_all
 from .pipeline import Result
 
@@ -320,29 +318,6 @@ def last_row(path: str | os.PathLike[str]) -> dict[str, Any] | None:
         if isinstance(row, dict) and "path" in row:
             return checked_row(row, f"{path} (its last row)")
     return None
-
-
-def load_done(path: str | os.PathLike[str], stamp: RunStamp) -> Counter[str]:
-    """How many rows each input already has; refuses a file of another model or threshold.
-
-    Rows and inputs are matched by :func:`absolute_path` (``..`` kept, so two files never share a key):
-    ``./a.png`` and ``a.png``, or a list given as ``@./l.txt`` and ``@l.txt``, are one input.  A string
-    rule: a file that vanished since still matches its row."""
-    done: Counter[str] = Counter()
-    for lineno, row in enumerate(iter_rows(path), 1):
-        check_same_run(row, stamp, f"{path} (row {lineno})")
-        done[absolute_path(row["path"])] += 1
-    return done
-
-
-def skip_done(paths: Iterator[str], done: Counter[str]) -> Iterator[str]:
-    """Drop inputs that already have a row; a path listed k times is skipped at most k times."""
-    for p in paths:
-        key = absolute_path(p)
-        if done.get(key, 0) > 0:
-            done[key] -= 1
-            continue
-        yield p
 
 
 def csv_columns(class_names: Sequence[str]) -> list[str]:
