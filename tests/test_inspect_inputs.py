@@ -252,3 +252,30 @@ def test_export_images_list_problems_are_one_line(tmp_path: Path) -> None:
     manifest.write_text("path,label\na.png,good\n", encoding="utf-16")
     with pytest.raises(ExportError, match=r"m\.csv: --images is UTF-16 text; save it as UTF-8"):
         image_paths({}, manifest)
+
+
+def test_overlapping_folder_arguments_are_told_before_the_work(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A folder and a folder inside it (or the same folder twice) give their shared images two rows: said
+    in one warning before any image; separate folders and a file listed twice (k rows on purpose) are not."""
+    for name in ("good/a.png", "bad/b.png"):
+        make_image(tmp_path / "lot" / name, 64, 64, bright=name.startswith("bad"))
+    monkeypatch.chdir(tmp_path)
+    cases = {
+        ("lot", "lot/good", "--recursive"): (
+            "lot/good is inside lot: an image named by both gets a row from each",
+            3,
+        ),
+        ("lot/good", "./lot/good/"): ("./lot/good/ is the same folder as lot/good", 2),
+        ("lot/good", "lot/good/a.png"): ("lot/good/a.png is inside lot/good", 2),
+        ("lot/good", "lot/bad"): (None, 2),
+        ("lot/good/a.png", "lot/good/a.png"): (None, 2),
+    }
+    for args, (warning, rows) in cases.items():
+        capsys.readouterr()
+        assert run(model, *args, "-o", "r.jsonl") == 0
+        err = capsys.readouterr().err
+        said = [line for line in err.splitlines() if "warning:" in line]
+        assert len(said) == (warning is not None) and all(warning in line for line in said), (args, err)
+        assert len(rows_of(tmp_path / "r.jsonl")) == rows, args

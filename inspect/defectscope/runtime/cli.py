@@ -25,7 +25,7 @@ from typing import Any
 
 from .files import error_line
 from .heatmap import save_overlay
-from .inputs import InputSpecError, check_specs, expand_inputs
+from .inputs import InputSpecError, check_specs, expand_inputs, overlapping_inputs
 from .inspector import Inspector, MetadataError, ModelLoadError, ProviderError, check_model_path
 from .options import CommandParser, RunOptions, SessionConfig, add_shared_options, run_options
 from .outputs import OutputError, check_distinct, check_output_file, check_output_folder
@@ -216,6 +216,9 @@ def run(cfg: InspectConfig) -> int:
         Path(cfg.run.heatmaps).mkdir(parents=True, exist_ok=True)
 
     warn = lambda msg: print(f"{PROG}: warning: {msg}", file=sys.stderr)  # noqa: E731
+    overlap = overlapping_inputs(cfg.inputs, recursive=cfg.recursive)
+    if overlap:
+        warn(overlap)
     paths = expand_inputs(cfg.inputs, recursive=cfg.recursive, warn=warn)
     if done:
         paths, renamed = resume_spelling_problem(paths, done, out)

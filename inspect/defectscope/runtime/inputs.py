@@ -16,8 +16,9 @@ folder whose images all sit in sub-folders needs ``--recursive``.
 from __future__ import annotations
 
 import glob
+import itertools
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from .files import is_image_name, list_file_problem, read_path_list, unusable_name
 
@@ -79,6 +80,28 @@ def check_specs(specs: Iterable[str], *, recursive: bool = False) -> None:
         elif not _is_glob(spec) and not os.path.lexists(spec):
             why = unusable_name(spec) or "no such file or folder"  # a name too long cannot exist either
             raise InputSpecError(f"input not found: {spec!r} ({why})")
+
+
+def overlapping_inputs(specs: Sequence[str], *, recursive: bool = False) -> str | None:
+    """Two folder or file arguments that name the same images (``lot lot/good --recursive``, a folder given
+    twice): each mention gets its rows, so those images would have two.  Said before the work; globs and list
+    files are left alone (a path listed k times gets k rows on purpose)."""
+    plain = [
+        (s, os.path.realpath(s))
+        for s in specs
+        if not is_list_spec(s) and not _is_glob(s) and os.path.exists(s)
+    ]
+
+    def covers(folder: str, other: str) -> bool:
+        inside = other.startswith(folder + os.sep) and (recursive or os.path.dirname(other) == folder)
+        return os.path.isdir(folder) and (other == folder or inside)
+
+    for (a, ra), (b, rb) in itertools.combinations(plain, 2):
+        if covers(ra, rb) or covers(rb, ra):
+            outer, inner = (a, b) if covers(ra, rb) else (b, a)
+            where = "the same folder as" if ra == rb else "inside"
+            return f"{inner} is {where} {outer}: an image named by both gets a row from each"
+    return None
 
 
 def walk_folder(folder: str, recursive: bool) -> Iterator[str]:
