@@ -7,6 +7,7 @@ them too; the app runs them before the import, so a typo costs a second, not the
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +85,7 @@ def check_paths(cfg: Any) -> None:
         if not (isinstance(value, os.PathLike) or (isinstance(value, str) and value.strip())):
             raise TrainingConfigError(f"paths.{key} must be a folder path, got {value!r}")
         if key in ("output_dir", "ckpt_dir"):
-            try:
-                check_output_folder(value, f"paths.{key}")
-            except OutputError as exc:
-                raise TrainingConfigError(str(exc)) from None
+            _writable(check_output_folder, value, f"paths.{key}")
 
 
 def check_evaluate_config(cfg: Any) -> tuple[float | None, str]:
@@ -104,15 +102,20 @@ def check_evaluate_config(cfg: Any) -> tuple[float | None, str]:
     shift_protocol(cfg.get("shift_consistency"))
     check_evaluate_data(cfg.get("data"))
     if cfg.get("metrics_file"):  # written after the test loop: a bad path is told before it
-        try:
-            check_output_file(cfg.metrics_file, "metrics_file")
-        except OutputError as exc:
-            raise TrainingConfigError(str(exc)) from None
+        _writable(check_output_file, cfg.metrics_file, "metrics_file")
     ckpt_file = checkpoint_file(cfg)
     problem = checkpoint_file_problem(ckpt_file)
     if problem:
         raise TrainingConfigError(problem)
     return by_hand, ckpt_file
+
+
+def _writable(check: Callable[[Any, str], None], path: Any, key: str) -> None:
+    """An output check of :mod:`~defectscope.runtime.outputs`, its refusal as this config's error."""
+    try:
+        check(path, key)
+    except OutputError as exc:
+        raise TrainingConfigError(str(exc)) from None
 
 
 def check_evaluate_data(data: Any) -> None:
