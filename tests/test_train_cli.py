@@ -85,6 +85,22 @@ def test_smoke_train_then_evaluate(
     missing = _run([*defectscope_cmd, "evaluate", f"ckpt_path={tmp_path / 'nope.ckpt'}"], tmp_path, cli_env)
     assert missing.returncode == 2 and "nope.ckpt" in missing.stderr and "does not exist" in missing.stderr
 
+    # the Trainer's settings are refused before a new lot is read (its broken image would be told first)
+    lot = tmp_path / "lot" / "good"
+    lot.mkdir(parents=True)
+    (lot / "broken.png").write_bytes(b"not a png")
+    bad = _run(
+        [*defectscope_cmd, "evaluate", f"ckpt_path={best}", "data=folder", f"data.source.root={lot.parent}",
+         "trainer.devices=0"],
+        tmp_path, cli_env,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-3000:]
+    assert (
+        bad.stderr.strip()
+        .splitlines()[-1]
+        .startswith("defectscope evaluate: error: trainer: `Trainer(devices=0)`")
+    )
+
 
 @pytest.mark.slow
 def test_multirun_sweep(
@@ -141,6 +157,34 @@ def test_bad_config_fails_before_training(
     assert "data.loader.min_size" in proc.stderr and "model.min_input_size" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.slow
+def test_trainer_settings_lightning_refuses_are_told_before_the_data(
+    defectscope_cmd: list[str], cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Accelerator, devices, precision and unknown Trainer keys: one line from Lightning's own rules, before
+    the synthetic set is generated and before the MLflow run opens (they were told after the data scan; an
+    accelerator whose package is missing was a traceback)."""
+    cases = {
+        "trainer.accelerator=tpu": "trainer: Requirement 'torch_xla",
+        "trainer.accelerator=mps": "trainer: `MPSAccelerator` can not run on your system",
+        "trainer.devices=0": "trainer: `Trainer(devices=0)` value is not a valid input",
+        "trainer.precision=banana": "trainer: Precision 'banana' is invalid.",
+        "+trainer.max_epoch=3": "trainer.max_epoch: not an argument of Lightning's Trainer; did you mean "
+        "trainer.max_epochs",
+    }
+    for override, message in cases.items():
+        data = tmp_path / "data"
+        proc = _run(
+            [*defectscope_cmd, "train", "experiment=smoke", f"paths.data_dir={data}", override],
+            tmp_path,
+            cli_env,
+        )
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("defectscope train: error:")]
+        assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+        assert not data.exists() and not (tmp_path / "mlflow.db").exists()
 
 
 @pytest.mark.slow

@@ -193,15 +193,17 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
 
     from .artifacts import summary_lines, write_test_plots
     from .config import shift_protocol
+    from .trainer_check import check_trainer
 
+    check_trainer(cfg.get("trainer"))
     module = evaluation_module(ckpt, info, ckpt_file, threshold)
     use_memory_format(module.model, layout)
     layout = model_layout(module.model) or layout  # what the weights are now, where a kernel tells
     module.shift_protocol = shift_protocol(cfg.get("shift_consistency"), module.model.total_stride)
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
-    dm = _scored_datamodule(data_kwargs, given, ckpt_file, list(info["class_names"]))
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
+    dm = _scored_datamodule(data_kwargs, given, ckpt_file, list(info["class_names"]))
     results = trainer.test(module, datamodule=dm, verbose=False)
     logged = scalar_metrics(results[0] if results else {})
     kept = {k: v for k, v in logged.items() if k in LOGGED_KEPT or k.startswith("test/shift/")}

@@ -42,6 +42,7 @@ from .optimization import HORIZON_SETTINGS
 from .preflight import check_train_config
 from .resume import read_resume
 from .tracking import MLflowTracker
+from .trainer_check import check_trainer
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +301,7 @@ def _log_outputs(best: str | None, dm: Any, tracker: MLflowTracker | None) -> No
 def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, float]:
     t0 = time.perf_counter()
     distill = check_train_config(cfg)  # every setting that needs no file, before any data is read
+    check_trainer(cfg.get("trainer"), ddp_overrides(cfg))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     out_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.ckpt_dir)

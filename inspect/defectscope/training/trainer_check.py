@@ -1,0 +1,67 @@
+"""``trainer.*`` checked by Lightning itself before the data scan: its accelerator, device, precision and
+strategy rules live in Lightning, so a throwaway Trainer with only those settings asks it (milliseconds),
+and a key Lightning's Trainer has no argument for is named with the close ones.  Without this a GPU asked
+for on a machine without one was told only after every image had been decoded."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import logging
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from ..plain import to_plain
+from .config import TrainingConfigError
+
+HARDWARE_KEYS = ("accelerator", "devices", "num_nodes", "precision", "strategy", "sync_batchnorm")
+LIGHTNING_TRAINERS = ("pytorch_lightning.Trainer", "pytorch_lightning.trainer.trainer.Trainer")
+
+
+@contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """The throwaway Trainer's device lines and warnings stay unsaid: the real one says them again."""
+    loggers = [logging.getLogger(name) for name in ("pytorch_lightning", "lightning_fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def check_trainer(trainer: Any, overrides: Mapping[str, Any] | None = None) -> None:
+    """Refuse ``trainer.*`` the Trainer would refuse, before any data is read: an unknown key, then the
+    hardware settings (with ``overrides``, what the run adds to them, e.g. a DDP strategy)."""
+    spec = to_plain(trainer) or {}
+    if not isinstance(spec, dict) or spec.get("_target_") not in LIGHTNING_TRAINERS:
+        return  # a Trainer of the user's own: its rules are not Lightning's
+    import pytorch_lightning as pl
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    accepted = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+    for key in spec:
+        if not key.startswith("_") and key not in accepted:
+            near = difflib.get_close_matches(key, sorted(accepted), n=3)
+            hint = f"; did you mean {', '.join(f'trainer.{k}' for k in near)}?" if near else ""
+            raise TrainingConfigError(f"trainer.{key}: not an argument of Lightning's Trainer{hint}")
+    hardware = {key: spec[key] for key in HARDWARE_KEYS if key in spec} | dict(overrides or {})
+    try:
+        with _quiet_lightning():
+            pl.Trainer(
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                **hardware,
+            )
+    except (MisconfigurationException, ValueError, TypeError, RuntimeError, ImportError) as exc:
+        given = ", ".join(f"trainer.{key}={value}" for key, value in hardware.items())
+        reason = " ".join(str(exc).split())
+        raise TrainingConfigError(f"trainer: {reason} (with {given})") from None
