@@ -133,7 +133,7 @@ def test_data_config_mistakes_are_one_line_naming_the_key(
         "trainer.max_epochs=abc": "trainer.max_epochs must be a whole number >= 1, or -1 for no limit, got 'abc'",
         "seed=abc": "seed must be a whole number in [0, 2**32), got 'abc'",
         "data.source.n=abc": "data.source.n must be a whole number, got 'abc'",
-        "data.batch_size=abc": "data.batch_size must be a whole number >= 1, got 'abc'",
+        "data.batch_size=abc": "data.batch_size must be a whole number in [1, 16384], got 'abc'",
         "trainer.accumulate_grad_batches=0": "trainer.accumulate_grad_batches must be a whole number >= 1, got 0",
         # words that read as true under bool(), a number where class names belong, and "no limit" under a
         # schedule that needs the run's length: silently wrong runs or tracebacks before
@@ -152,7 +152,7 @@ def test_data_config_mistakes_are_one_line_naming_the_key(
         "data.split.val_fraction=abc": "data.split.val_fraction must be a number in [0, 1) or null, got 'abc'",
         "data.split.test_fraction=1": "data.split.test_fraction must be a number in [0, 1) or null, got 1",
         "data.mean=[0.5,0.5]": "data.mean has 2 values; expected 1 or 1 (data.loader.channels)",
-        "data.num_workers=-1": "data.num_workers must be a whole number >= 0, got -1",
+        "data.num_workers=-1": "data.num_workers must be a whole number in [0, 64], got -1",
         "data.seed=-1": "data.seed must be a whole number >= 0, got -1",
         "data.drop_last=maybe": "data.drop_last: expected true or false, got str 'maybe'",
         "data.pin_memory=no": "data.pin_memory: expected true, false or null, got str 'no'",

@@ -13,6 +13,8 @@ import pytest
 
 from defectscope.data.datamodule import DefectDataModule
 from defectscope.data.errors import DataConfigError
+from defectscope.data.rebuild import datamodule_kwargs
+from defectscope.data.settings import data_settings
 from defectscope.data.sources import SourceError, build_source
 from defectscope.training.app_errors import is_own_error
 from onnx_models import make_image
@@ -85,6 +87,31 @@ def test_settings_errors_are_the_commands_own(tmp_path: Path, key: str, value: o
     with pytest.raises(ValueError, match=re.escape(message)) as err:
         DefectDataModule({"kind": "folder", "root": str(tmp_path)}, **{key: value})  # type: ignore[arg-type]
     assert is_own_error(err.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"num_workers": 65}, "data.num_workers must be a whole number in [0, 64], got 65"),
+        ({"batch_size": 0}, "data.batch_size must be a whole number in [1, 16384], got 0"),
+        ({"source": {"kind": ["folder"]}}, "data.source.kind must be one of folder, csv, elpv, synthetic"),
+        ({"source": None}, "data.source.kind is required"),
+    ],
+)
+def test_a_recorded_data_config_is_held_to_trainings_rules(
+    tmp_path: Path, data: dict[str, object], message: str
+) -> None:
+    """One rule for a data config typed for training and one read back from a checkpoint by evaluate: before,
+    num_workers=65 trained and its checkpoint could not be evaluated, batch_size=0 passed the rebuild, and a
+    source kind given as a list was a TypeError traceback."""
+    spec = {"source": {"kind": "folder", "root": str(tmp_path)}, **data}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        data_settings(**spec)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=re.escape(message.replace("data", "run.ckpt: run_config.data", 1))):
+        datamodule_kwargs(spec, "run.ckpt: run_config.data", from_file=True)
+    accepted = {"source": {"kind": "folder", "root": str(tmp_path)}, "num_workers": 64, "batch_size": 1}
+    assert data_settings(**accepted).num_workers == 64  # type: ignore[arg-type]
+    assert datamodule_kwargs(accepted, "data", from_file=True)["num_workers"] == 64
 
 
 @pytest.mark.parametrize("name", ["bad\nline", "x" * 210, os.fsdecode(b"\xff\xfe")])

@@ -125,12 +125,12 @@ DATA_ATTACKS: list[tuple[str, Callable[[Path, Path], Callable[[dict[str, Any]], 
     (
         "an odd type",
         lambda _m, _p: _set("batch_size", [4] * 3),
-        "data.batch_size: expected a whole number",
+        "data.batch_size must be a whole number in [1, 16384], got [4, 4, 4]",
     ),
     (
         "an unknown source kind",
         lambda _m, _p: _set("source", {"kind": "os.system"}),
-        "source.kind: expected one of folder, csv, elpv, synthetic",
+        "run_config.data.source.kind must be one of folder, csv, elpv, synthetic, got 'os.system'",
     ),
 ]
 

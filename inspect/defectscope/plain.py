@@ -100,13 +100,22 @@ def expect(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> 
     return value
 
 
-def whole_number(value: Any, where: str, least: int, allow_none: bool = False) -> int | None:
-    """A whole number >= ``least`` (None where allowed); a bool or a word is refused, not converted."""
+def whole_number(
+    value: Any, where: str, least: int, allow_none: bool = False, most: int | None = None
+) -> int | None:
+    """A whole number >= ``least`` (and <= ``most``; None where allowed); a bool or a word is refused, not
+    converted."""
     if value is None and allow_none:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or value < least
+        or (most is not None and value > most)
+    ):
         also = " or null" if allow_none else ""
-        raise PlainDataError(f"{where} must be a whole number >= {least}{also}, got {value!r}")
+        bound = f">= {least}" if most is None else f"in [{least}, {most}]"
+        raise PlainDataError(f"{where} must be a whole number {bound}{also}, got {value!r}")
     return value
 
 

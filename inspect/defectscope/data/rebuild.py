@@ -14,14 +14,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..plain import PlainDataError, check_plain
-from .settings import DATAMODULE_TARGET, check_data_keys
-from .sources import SOURCES
+from .settings import DATAMODULE_TARGET, check_data_keys, data_settings
 from .transforms import check_transform_spec
 
 #: DefectDataModule arguments evaluation sets itself, whatever the config says
 EVALUATION_KEYS = ("loader", "mean", "std", "rejects_path", "evaluate_on")
-#: whole-number settings and the most a config read from a file may ask for
-_CAPS = {"batch_size": 1 << 14, "eval_batch_size": 1 << 14, "num_workers": 64, "scan_workers": 64}
 
 
 def datamodule_kwargs(spec: Any, where: str, *, from_file: bool) -> dict[str, Any]:
@@ -43,21 +40,17 @@ def datamodule_kwargs(spec: Any, where: str, *, from_file: bool) -> dict[str, An
     for key, value in transforms.items():
         check_transform_spec(value, f"{where}.{key}")
     check_plain(kwargs, where)
-    source = kwargs.get("source")
-    kind = source.get("kind") if isinstance(source, Mapping) else None
-    if kind not in SOURCES:
-        raise PlainDataError(f"{where}.source.kind: expected one of {', '.join(SOURCES)}, got {kind!r}")
-    for key, cap in _CAPS.items():
-        value = kwargs.get(key)
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= cap
-        ):
-            raise PlainDataError(f"{where}.{key}: expected a whole number in [0, {cap}], got {value!r}")
     check_data_keys(kwargs, where, PlainDataError)
     for key in EVALUATION_KEYS:
         kwargs.pop(key, None)
-    if from_file and kind == "synthetic" and isinstance(source, Mapping):
-        kwargs["source"] = generated_folder(source, f"{where}.source")
+    try:  # training's own rules, so a run's recorded config is never refused for what training accepted
+        settings = data_settings(**kwargs, evaluate_on="test")
+    except ValueError as exc:
+        message = str(exc)
+        named = message.startswith(("data.", "data:")) and where != "data"
+        raise PlainDataError(f"{where}{message[len('data') :]}" if named else message) from None
+    if from_file and settings.source["kind"] == "synthetic":
+        kwargs["source"] = generated_folder(settings.source, f"{where}.source")
     return kwargs  # transforms stay unset: evaluation sees images as the line PC does
 
 

@@ -27,6 +27,10 @@ EVALUATE_ON = ("test", "all")
 DATAMODULE_TARGET = "defectscope.data.datamodule.DefectDataModule"
 #: the largest data.multi_scale factor accepted (4x the pixels per side is already 16x the compute)
 MAX_SCALE = 4.0
+#: the most images per batch and loader/scan processes a data config may ask for (one rule for a config
+#: typed by the user and one read from a checkpoint: a file must not make evaluation start 10,000 processes)
+MAX_BATCH = 1 << 14
+MAX_WORKERS = 64
 
 
 def check_evaluate_on(value: str | None) -> None:
@@ -53,8 +57,8 @@ def check_settings(
         raise DataConfigError(
             f"data.on_bad_file must be one of {', '.join(ON_BAD_FILE)}, got {on_bad_file!r}"
         )
-    whole_number(batch_size, "data.batch_size", 1)
-    whole_number(eval_batch_size, "data.eval_batch_size", 1, allow_none=True)
+    whole_number(batch_size, "data.batch_size", 1, most=MAX_BATCH)
+    whole_number(eval_batch_size, "data.eval_batch_size", 1, allow_none=True, most=MAX_BATCH)
 
 
 def loader_config(loader: Mapping[str, Any] | LoaderConfig | None) -> LoaderConfig:
@@ -225,7 +229,7 @@ def data_settings(
         split=split_config(split, training=evaluate_on is None),
         batch_size=int(batch_size),
         eval_batch_size=int(eval_batch_size or batch_size),
-        num_workers=int(whole_number(num_workers, "data.num_workers", 0) or 0),
+        num_workers=int(whole_number(num_workers, "data.num_workers", 0, most=MAX_WORKERS) or 0),
         pin_memory=expect(pin_memory, (bool, type(None)), "data.pin_memory", "true, false or null"),
         persistent_workers=expect(persistent_workers, bool, "data.persistent_workers", "true or false"),
         train_transform=train_transform,
@@ -233,7 +237,7 @@ def data_settings(
         std=stds,
         on_bad_file=on_bad_file,
         rejects_path=rejects_path,
-        scan_workers=int(whole_number(scan_workers, "data.scan_workers", 0) or 0),
+        scan_workers=int(whole_number(scan_workers, "data.scan_workers", 0, most=MAX_WORKERS) or 0),
         seed=int(whole_number(seed, "data.seed", 0) or 0),
         drop_last=expect(drop_last, bool, "data.drop_last", "true or false"),
         ordered=expect(ordered, bool, "data.ordered", "true or false"),

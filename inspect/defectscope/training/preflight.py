@@ -13,7 +13,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from ..data.settings import config_data_settings
+from ..data.rebuild import datamodule_kwargs
+from ..data.settings import EVALUATE_ON, config_data_settings
 from ..data.transforms import check_transform_spec
 from ..plain import to_plain
 from ..runtime.decision import THRESHOLD_EXPECTED, is_threshold
@@ -119,13 +120,21 @@ def _writable(check: Callable[[Any, str], None], path: Any, key: str) -> None:
 
 
 def check_evaluate_data(data: Any) -> None:
-    """``data.*`` keys given without a data config (``+data.evaluate_on=all``) have no source to score."""
-    if data and "source" not in data:
+    """A data config given to ``evaluate`` (a new lot), checked by the rules evaluation rebuilds it by, before
+    torch is imported; ``data.*`` keys given without a data config (``+data.evaluate_on=all``) are told how to
+    name a lot."""
+    if not data:
+        return
+    try:
+        datamodule_kwargs(to_plain(data), "data", from_file=False)
+    except ValueError as exc:
+        if "source" in data:
+            raise TrainingConfigError(str(exc)) from None
         raise TrainingConfigError(
             f"{', '.join(f'data.{k}' for k in data)} given without a data config to score; a new lot: "
             "data=folder data.source.root=LOT (or data=csv data.source.path=LIST.csv); the checkpoint's own "
-            "test split needs no data= (what is scored is the top-level key evaluate_on=all|test)"
-        )
+            f"test split needs no data= (what is scored is the top-level key evaluate_on={'|'.join(EVALUATE_ON)})"
+        ) from None
 
 
 def checkpoint_file(cfg: Any) -> str:
