@@ -145,3 +145,31 @@ def test_a_weight_mismatch_reads_as_counts_and_first_examples() -> None:
         "2 missing key(s) (first: 1.weight); 1 unexpected key(s) (first: 9.weight); 2 shape mismatch(es) "
         "(first: 0.weight, torch.Size([4, 3]) in the file, torch.Size([2, 3]) in the model)"
     )
+
+
+@pytest.mark.parametrize("value", [1e-7, 0.5, 1.0, 0.0, -0.1, 1.01, float("nan")])
+def test_every_reader_holds_a_recall_target_to_one_rule(value: float) -> None:
+    """Training's config check, the threshold search, export's option and the checkpoint reader agree on
+    which recall targets exist (training accepted 1e-7 and the reader then refused the checkpoint it wrote)."""
+    import argparse as _argparse
+
+    from defectscope.checkpoint import recall_target
+    from defectscope.evaluation.metrics import choose_threshold
+    from defectscope.export.cli import _recall
+    from defectscope.plain import PlainDataError
+    from defectscope.training.config import TrainingConfigError, threshold_settings
+
+    verdicts = []
+    for check, refusal in (
+        (lambda v: threshold_settings({"target_recall": v}, 0.1), TrainingConfigError),
+        (lambda v: choose_threshold([0.2, 0.9], [False, True], v), ValueError),
+        (lambda v: _recall(repr(v)), _argparse.ArgumentTypeError),
+        (lambda v: recall_target(v, "info.target_recall"), PlainDataError),
+    ):
+        try:
+            check(value)
+            verdicts.append(True)
+        except refusal as exc:
+            assert "recall target in (0, 1]" in str(exc)
+            verdicts.append(False)
+    assert verdicts == [0.0 < value <= 1.0] * 4

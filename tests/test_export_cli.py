@@ -143,9 +143,12 @@ def test_export_cli_rejects_bad_input_with_exit_2(
         ([good, "-o", out, "--threshold", "1.5"], "--threshold: expected a number in [0, 1]"),
         (
             [good, "-o", out, "--target-recall", "1.2"],
-            "--target-recall: expected a recall in (0, 1], got '1.2'",
+            "--target-recall: expected a recall target in (0, 1], got '1.2'",
         ),
-        ([good, "-o", out, "--target-recall", "0"], "--target-recall: expected a recall in (0, 1], got '0'"),
+        (
+            [good, "-o", out, "--target-recall", "0"],
+            "--target-recall: expected a recall target in (0, 1], got '0'",
+        ),
         ([good, "-o", out, "--tta", "rot90"], "argument --tta: invalid choice: 'rot90'"),
         ([good, "-o", out, "--parity-images", "-1"], "--parity-images: expected a whole number"),
         ([good, "-o", out, "--images", str(tmp_path / "none")], "--images"),

@@ -260,7 +260,7 @@ def test_mixup_trains_on_the_mixed_images_with_the_mixed_losses() -> None:
            ({"optim": {"optimizer": {"lr": 0.1}}, "finetune": {"layer_decay": 2}}, r"finetune\.layer_decay must be"),
            ({"optim": {"optimizer": {"lr": 0}}}, r"optim\.optimizer\.lr must be a number > 0"),
            ({"loss": {"label_smoothing": 1.5}}, r"loss\.label_smoothing must be a number in \[0, 1\)"),
-           ({"threshold": {"target_recall": 0}}, r"threshold\.target_recall must be a number in \(0, 1\]"),
+           ({"threshold": {"target_recall": 0}}, r"threshold\.target_recall must be a recall target in \(0, 1\]"),
            ({"ordinal": {"objective": "soft", "soft_beta": "x"}}, r"ordinal\.soft_beta must be a number > 0")]  # fmt: skip
     for setting, message in bad:
         with pytest.raises(TrainingConfigError, match=message):

@@ -10,6 +10,7 @@ name or handed to ``hydra.utils.instantiate``: data configs go through
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
@@ -22,7 +23,7 @@ from torch import nn
 
 from .models.corn import LINKS
 from .plain import PlainDataError, check_plain, expect, number, string_list
-from .runtime.decision import THRESHOLD_RANGE
+from .runtime.decision import DEFAULT_TARGET_RECALL, RECALL_EXPECTED, THRESHOLD_RANGE, is_recall_target
 from .runtime.files import checkpoint_file_problem, os_error_reason
 from .runtime.grading import GRADING_KEYS, Grading, GradingError
 from .runtime.metadata import MAX_CLASSES, MAX_NAME_CHARS, NORMALISATION_RANGE, MetadataError, parse_loader
@@ -41,8 +42,6 @@ REQUIRED_INFO_KEYS = (
     "mean",
     "std",
 )
-#: threshold.target_recall of checkpoints that recorded none (the training default)
-DEFAULT_TARGET_RECALL = 0.99
 _RUN_ID = re.compile(r"^[0-9A-Za-z_\-]{1,64}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -189,9 +188,20 @@ def _check_optional(info: dict[str, Any], where: str, names: list[str]) -> None:
         if info.get(key) is not None:
             expect(info[key], str, f"{where}.{key}", "a string")
     if info.get("target_recall") is not None:
-        number(info["target_recall"], f"{where}.target_recall", 1e-6, 1.0)
+        recall_target(info["target_recall"], f"{where}.target_recall")
     if info.get("warn_false_reject_rate") is not None:
         number(info["warn_false_reject_rate"], f"{where}.warn_false_reject_rate", 0.0, 1.0)
+
+
+def recall_target(value: Any, where: str) -> float:
+    """A recorded recall target, by the rule training set it by (:func:`is_recall_target`)."""
+    try:
+        checked = number(value, where, 0.0, 1.0)  # a type, overflow and NaN check
+    except PlainDataError:
+        checked = math.nan
+    if not is_recall_target(checked):
+        raise PlainDataError(f"{where}: expected {RECALL_EXPECTED}, got {repr(value)[:80]}")
+    return checked
 
 
 def target_recall(ckpt: Mapping[str, Any], info: Mapping[str, Any], source: str) -> float:
@@ -204,7 +214,7 @@ def target_recall(ckpt: Mapping[str, Any], info: Mapping[str, Any], source: str)
     if value is None:
         return DEFAULT_TARGET_RECALL
     try:
-        return number(value, f"{source}: hyper_parameters.threshold.target_recall", 1e-6, 1.0)
+        return recall_target(value, f"{source}: hyper_parameters.threshold.target_recall")
     except PlainDataError as exc:
         raise CheckpointError(str(exc)) from None
 

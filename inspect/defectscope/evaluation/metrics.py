@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.decision import is_ng
+from ..runtime.decision import RECALL_EXPECTED, is_ng, is_recall_target
 
 #: recall targets of the trade-off table shown when the chosen threshold costs too many good parts
 TRADEOFF_RECALLS = (0.80, 0.90, 0.95, 0.98, 0.99, 0.995, 1.0)
@@ -35,8 +35,8 @@ def choose_threshold(scores: np.ndarray, is_defect: np.ndarray, target_recall: f
     between it and the best-scored good image below it: the same good images are rejected, recall can
     only rise, and both sides keep half the gap.  None when there are no defect images.
     """
-    if not 0.0 < target_recall <= 1.0:
-        raise ValueError(f"threshold.target_recall must be in (0, 1], got {target_recall}")
+    if not is_recall_target(target_recall):
+        raise ValueError(f"threshold.target_recall: expected {RECALL_EXPECTED}, got {target_recall}")
     values = np.asarray(scores, dtype=np.float64)
     defect_mask = np.asarray(is_defect, dtype=bool)
     defect = np.sort(values[defect_mask])[::-1]

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from defectscope.runtime.decision import RECALL_EXPECTED, is_recall_target
 from defectscope.runtime.files import checkpoint_file_problem, error_line, unusable_name
 from defectscope.runtime.grading import CUTS_FOR
 from defectscope.runtime.metadata import TTA_NAMES
@@ -35,13 +36,13 @@ _count, _positive = whole_at_least(0), whole_at_least(1)
 
 
 def _recall(text: str) -> float:
-    """argparse type: a recall target in (0, 1]; one range in every refusal."""
+    """argparse type: a recall target, by the rule of every other reader (:func:`is_recall_target`)."""
     try:
-        value = unit_number(text)
-    except argparse.ArgumentTypeError:
-        value = 0.0
-    if value <= 0.0:
-        raise argparse.ArgumentTypeError(f"expected a recall in (0, 1], got {text!r}")
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not is_recall_target(value):
+        raise argparse.ArgumentTypeError(f"expected {RECALL_EXPECTED}, got {text!r}")
     return value
 
 

@@ -18,13 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from defectscope.checkpoint import DEFAULT_TARGET_RECALL
 from defectscope.data.sources import SourceError
 from defectscope.evaluation.labelled import Labelled, read_labelled
 from defectscope.evaluation.metrics import operating_point
 from defectscope.evaluation.scoring import score_paths
 from defectscope.evaluation.threshold import DEFAULT_WARN_FALSE_REJECT_RATE, threshold_report, too_costly
-from defectscope.runtime.decision import defect_probability
+from defectscope.runtime.decision import DEFAULT_TARGET_RECALL, defect_probability
 from defectscope.runtime.metadata import INPUT_NAME, ModelMetadata
 
 from .errors import ExportError

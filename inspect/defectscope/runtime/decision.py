@@ -119,6 +119,17 @@ def is_threshold(value: float) -> bool:
     return low <= value <= high
 
 
+#: what a recall target must be, in every message that refuses one (config, command line, checkpoint)
+RECALL_EXPECTED = "a recall target in (0, 1]"
+#: the recall target where none is set (conf/train.yaml writes the same value out)
+DEFAULT_TARGET_RECALL = 0.99
+
+
+def is_recall_target(value: float) -> bool:
+    """A share of the defect images the threshold must flag: 0 asks for nothing, 1 for every one (NaN refused)."""
+    return 0.0 < value <= 1.0
+
+
 def is_ng(defect_prob: ArrayLike, threshold: float) -> ArrayLike:
     """The verdict rule: NG exactly when ``P(defect) >= threshold`` (arrays, tensors or floats)."""
     p: Any = defect_prob

@@ -16,7 +16,15 @@ from typing import Any
 
 from ..evaluation.threshold import DEFAULT_WARN_FALSE_REJECT_RATE
 from ..plain import to_plain
-from ..runtime.decision import THRESHOLD_EXPECTED, DecisionRuleError, check_ng_spec, is_threshold
+from ..runtime.decision import (
+    DEFAULT_TARGET_RECALL,
+    RECALL_EXPECTED,
+    THRESHOLD_EXPECTED,
+    DecisionRuleError,
+    check_ng_spec,
+    is_recall_target,
+    is_threshold,
+)
 from ..runtime.files import is_file
 from ..runtime.grading import is_finite_number
 from ..shift_consistency import ShiftProtocol
@@ -237,10 +245,10 @@ def threshold_settings(thr: Mapping[str, Any], default_warn: float) -> tuple[flo
     in_unit = "a number in [0, 1]"
     return (
         config_number(
-            thr.get("target_recall", 0.99),
+            thr.get("target_recall", DEFAULT_TARGET_RECALL),
             "threshold.target_recall",
-            "a number in (0, 1]",
-            lambda x: 0 < x <= 1,
+            RECALL_EXPECTED,
+            is_recall_target,
         ),
         config_number(
             thr.get("warn_false_reject_rate", default_warn),
