@@ -37,13 +37,13 @@ def test_folder_without_split_folders(tmp_path: Path) -> None:
     _tree(tmp_path, {"good": 3, "scratch": 2, "dent": 1})
     _img(tmp_path / "scratch" / "day2" / "nested.PNG")  # nested folders and upper-case extensions count
     (tmp_path / "good" / "notes.txt").write_text("x")
-    (tmp_path / "good" / ".hidden.png").write_bytes(b"")
+    (tmp_path / "good" / ".hidden.png").write_bytes(b"")  # not part of the folder, as for inspect
     data = build_source({"kind": "folder", "root": str(tmp_path)})
     assert data.class_names == ["dent", "good", "scratch"] and data.good_class == "good"
     counts = Counter(data.class_names[s.label] for s in data.samples)
     assert counts == {"good": 3, "scratch": 3, "dent": 1}
     assert all(s.split is None for s in data.samples)
-    assert sorted(Path(p).name for p in data.ignored) == [".hidden.png", "notes.txt"]
+    assert sorted(Path(p).name for p in data.ignored) == ["notes.txt"]
 
 
 def test_folder_class_order_and_good_class_checked(tmp_path: Path) -> None:

@@ -279,3 +279,23 @@ def test_overlapping_folder_arguments_are_told_before_the_work(
         said = [line for line in err.splitlines() if "warning:" in line]
         assert len(said) == (warning is not None) and all(warning in line for line in said), (args, err)
         assert len(rows_of(tmp_path / "r.jsonl")) == rows, args
+
+
+def test_a_folder_holds_the_same_images_for_inspect_training_and_export(model: Path, tmp_path: Path) -> None:
+    """One rule for what a folder holds (runtime.files.walk_files): a hidden sub-folder (a viewer's cache) and
+    a link to another folder are left out by `inspect --recursive`, the folder data source and `export
+    --images` alike (training and export took `.cache/` in while inspect skipped it)."""
+    from defectscope.data.sources import folder_source
+    from defectscope.export.parity import list_images
+
+    lot = tmp_path / "lot"
+    for rel in ("good/a.png", "good/deep/b.png", "good/.cache/c.png", "elsewhere/d.png", "crack/e.png"):
+        make_image(lot / rel if not rel.startswith("elsewhere") else tmp_path / rel, 64, 64, bright=False)
+    (lot / "good" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (lot / "good" / ".hidden.png").write_bytes((lot / "good" / "a.png").read_bytes())
+    expected = sorted(str(lot / rel) for rel in ("crack/e.png", "good/a.png", "good/deep/b.png"))
+    out = tmp_path / "r.jsonl"
+    assert run(model, str(lot), "--recursive", "-o", out) == 0
+    assert sorted(r["path"] for r in rows_of(out)) == expected
+    assert sorted(s.path for s in folder_source(lot, good_class="good").samples) == expected
+    assert list_images(lot) == expected

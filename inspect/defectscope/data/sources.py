@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from ..plain import to_plain
-from ..runtime.files import IMAGE_EXTENSIONS, TEXT_HEAD_BYTES, os_error_reason, text_problem, unusable_name
+from ..runtime.files import (
+    IMAGE_EXTENSIONS,
+    TEXT_HEAD_BYTES,
+    os_error_reason,
+    text_problem,
+    unusable_name,
+    walk_files,
+)
 from ..runtime.metadata import MAX_NAME_CHARS, is_model_name
 from ..runtime.outputs import OutputError, check_output_folder, is_special
 from ..synth import SYNTH_MARKER
@@ -51,16 +58,12 @@ def _check_classes(good_class: str | None, class_names: Sequence[str], where: st
 # --------------------------------------------------------------------------- folder
 
 
-def _is_image(p: Path, extensions: Sequence[str]) -> bool:
-    return p.suffix.lower() in extensions and not p.name.startswith(".")
-
-
 def _list_class_dir(d: Path, extensions: Sequence[str], ignored: list[str]) -> list[Path]:
+    """A class folder's images (by ``data.source.extensions``), in path order; what else it holds goes to
+    ``ignored``. Which files a folder holds is :func:`walk_files`' rule, as for inspect and export."""
     files: list[Path] = []
-    for p in sorted(d.rglob("*")):
-        if p.is_dir():
-            continue
-        if _is_image(p, extensions):
+    for p in sorted(Path(f) for f in walk_files(d)):
+        if p.suffix.lower() in extensions:
             files.append(p)
         else:
             ignored.append(str(p))
@@ -77,8 +80,8 @@ def folder_source(
     """``root/<class>/**/*.png`` or ``root/{train,val,test}/<class>/**/*.png``.
 
     Class order is ``classes`` when given, else the sorted folder names.  Files in class folders
-    with other extensions or hidden names are ignored (and reported); an image extension on a
-    non-image is left for the scan to reject.
+    with other extensions are ignored (and reported), hidden ones are not part of the folder
+    (:func:`walk_files`); an image extension on a non-image is left for the scan to reject.
     """
     base = Path(root).expanduser()
     if not base.is_dir():

@@ -23,7 +23,13 @@ from torch import nn
 
 from defectscope.data.sources import SourceError, csv_source
 from defectscope.evaluation.labelled import is_manifest
-from defectscope.runtime.files import IMAGE_EXTENSIONS, is_image_name, list_file_problem, read_path_list
+from defectscope.runtime.files import (
+    IMAGE_EXTENSIONS,
+    is_image_name,
+    list_file_problem,
+    read_path_list,
+    walk_files,
+)
 from defectscope.runtime.image import ImageLoadError, LoaderConfig, load_image, normalize_batch
 from defectscope.runtime.metadata import INPUT_NAME
 
@@ -98,7 +104,7 @@ def list_images(source: str | os.PathLike[str]) -> list[str]:
         raise FileNotFoundError(
             f"{d}: --images must be an existing directory of images or a text file listing image paths"
         )
-    return sorted(str(p) for p in d.rglob("*") if is_image_name(p.name) and p.is_file())
+    return sorted(p for p in walk_files(d) if is_image_name(p) and os.path.isfile(p))
 
 
 def image_paths(info: dict[str, Any], images_dir: str | Path | None) -> list[str]:

@@ -71,6 +71,29 @@ def is_image_name(name: str) -> bool:
     )
 
 
+def walk_files(folder: str | os.PathLike[str], recursive: bool = True) -> Iterator[str]:
+    """Files under ``folder``, sorted per folder, its files before its sub-folders': the one rule for what a
+    folder holds (inspect, watch's lots, training's class folders, export's gate images). Hidden files and
+    folders are skipped (a tool's cache such as ``.thumbnails/`` is not part of a lot), and a link to a
+    folder is not followed (a loop of links would never end); a link to a file is a file."""
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted((e.name, e.is_dir(follow_symlinks=False), e.is_dir()) for e in it)
+    except OSError:
+        return
+    subdirs = []
+    for name, is_dir, leads_to_dir in entries:
+        if name.startswith("."):
+            continue
+        if is_dir:
+            subdirs.append(name)
+        elif not leads_to_dir:
+            yield os.path.join(folder, name)
+    if recursive:
+        for name in subdirs:
+            yield from walk_files(os.path.join(folder, name), recursive)
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """Hex SHA-256 of a file's content, read in 1 MiB chunks."""
     h = hashlib.sha256()

@@ -20,7 +20,7 @@ import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from .files import is_image_name, list_file_problem, read_path_list, unusable_name
+from .files import is_image_name, list_file_problem, read_path_list, unusable_name, walk_files
 
 _GLOB_CHARS = frozenset("*?[")
 
@@ -105,22 +105,8 @@ def overlapping_inputs(specs: Sequence[str], *, recursive: bool = False) -> str 
 
 
 def walk_folder(folder: str, recursive: bool) -> Iterator[str]:
-    """Image files under ``folder``, sorted per directory; symlinked folders are not followed."""
-    try:
-        with os.scandir(folder) as it:
-            entries = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in it)
-    except OSError:
-        return
-    subdirs = []
-    for name, is_dir in entries:
-        if is_dir:
-            subdirs.append(name)
-        elif is_image_name(name):
-            yield os.path.join(folder, name)
-    if recursive:
-        for name in subdirs:
-            if not name.startswith("."):
-                yield from walk_folder(os.path.join(folder, name), recursive)
+    """Image files under ``folder``, in :func:`walk_files`' order and by its rule."""
+    return (path for path in walk_files(folder, recursive) if is_image_name(path))
 
 
 def expand_inputs(
