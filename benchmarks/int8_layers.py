@@ -22,10 +22,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from defectscope.export.parity import load_groups, real_batches
+from defectscope.export.parity import list_images, load_groups, real_batches
 from defectscope.export.quantize import Int8Config, early_convs, quantize_qdq, split_paths
 from defectscope.runtime.image import normalize_batch
-from defectscope.runtime.metadata import INPUT_NAME, METADATA_KEY, ModelMetadata
+from defectscope.runtime.metadata import INPUT_NAME
+from defectscope.runtime.sessions import read_metadata
 
 
 def _chunks(batches: list[Any], size: int = 16) -> list[Any]:
@@ -71,8 +72,8 @@ def timed(sessions: dict[str, ort.InferenceSession], batch: np.ndarray, rounds: 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     fp32 = args.model.read_bytes()
     proto = onnx.load_from_string(fp32)
-    meta = ModelMetadata.from_json({p.key: p.value for p in proto.metadata_props}.get(METADATA_KEY))
-    paths = [ln.strip() for ln in args.images.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    meta = read_metadata(ort.InferenceSession(fp32, providers=["CPUExecutionProvider"]), str(args.model))
+    paths = list_images(args.images)  # a folder, a list file or a CSV manifest, as export --images reads it
     cfg = Int8Config(reduce_range=args.reduce_range)
     calib_paths, check_paths = split_paths(paths, cfg)
     calib, _, _ = load_groups(calib_paths, meta.loader, len(calib_paths))

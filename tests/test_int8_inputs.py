@@ -79,3 +79,21 @@ def test_metadata_int8_fields_default_and_validate() -> None:
     assert new.int8 is True and new.quantization == quant
     with pytest.raises(MetadataError, match="fp16 and int8 exclude each other"):
         ModelMetadata.from_json(json.dumps({**base, "fp16": True, "int8": True}))
+
+
+def test_a_list_file_and_a_csv_manifest_name_the_same_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One rule (runtime.files.listed_path) for a plain list and a CSV's path column: ``~`` is the home
+    folder and ``./`` goes in both (before, ``~/a.png`` in a .txt list was a folder named ``~`` beside it)."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "l.txt").write_text("~/a.png\n./b.png\nsub/../c.png\n", encoding="utf-8")
+    (lists / "l.csv").write_text(
+        "path,label\n~/a.png,good\n./b.png,good\nsub/../c.png,bad\n", encoding="utf-8"
+    )
+    expected = [str(home / "a.png"), str(lists / "b.png"), str(lists / "sub" / ".." / "c.png")]
+    assert list_images(lists / "l.txt") == expected
+    assert list_images(lists / "l.csv") == expected

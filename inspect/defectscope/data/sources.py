@@ -20,6 +20,8 @@ from ..plain import to_plain
 from ..runtime.files import (
     IMAGE_EXTENSIONS,
     TEXT_HEAD_BYTES,
+    absolute_path,
+    listed_path,
     os_error_reason,
     text_problem,
     unusable_name,
@@ -235,13 +237,12 @@ def csv_source(
     _check_rows(rows, names, csv_path, classes_key)
     _check_classes(good_class, names, str(csv_path))
 
-    folder = csv_path.parent
+    folder = absolute_path(str(csv_path.parent))
     samples: list[Sample] = []
     absent: list[str] = []
     origin: dict[str, str] = {}
     for line, p, label, split in rows:
-        full = Path(p).expanduser()
-        full = full if full.is_absolute() else folder / full
+        full = Path(listed_path(p, folder))  # the rule of inspect's and export's list files
         unusable = unusable_name(full)  # a name too long for the file system cannot exist
         if unusable or not full.exists():
             absent.append(f"row {line}: {p} ({unusable or full})")

@@ -135,6 +135,13 @@ def absolute_path(path: str) -> str:
     return str(Path(path).absolute())
 
 
+def listed_path(name: str, base: str) -> str:
+    """A name read from a list file or a CSV manifest as the file it names, the one rule for both: ``~`` is
+    the home folder, a relative name starts at the list's folder ``base``, and the result is absolute
+    (:func:`absolute_path`: ``.`` parts and doubled separators go, ``..`` stays)."""
+    return absolute_path(os.path.join(base, os.path.expanduser(name)))
+
+
 def read_path_list(list_file: str | os.PathLike[str]) -> Iterator[str]:
     """The paths a list file names, lazily, as absolute paths: relative lines are joined to the list's
     folder, so a list names the same files wherever and however it is given (and ``--resume`` matches them).
@@ -162,12 +169,12 @@ def _list_entry(raw: str, base: str) -> str | None:
     entry = raw.strip().lstrip("\ufeff").strip()
     if entry.startswith("#") or raw != entry:
         for name in dict.fromkeys((raw, entry)):  # as written, then stripped
-            path = os.path.join(base, name)
+            path = listed_path(name, base)
             if name and os.path.lexists(path) and not os.path.isdir(path):
                 return path
         if entry.startswith("#"):
             return None
-    return os.path.join(base, entry) if entry else None
+    return listed_path(entry, base) if entry else None
 
 
 def file_kind(path: str | os.PathLike[str]) -> str:
