@@ -17,6 +17,7 @@ from defectscope.data.rebuild import datamodule_kwargs
 from defectscope.data.settings import data_settings
 from defectscope.data.sources import SourceError, build_source
 from defectscope.training.app_errors import is_own_error
+from defectscope.training.config import ng_classes_setting
 from onnx_models import make_image
 
 
@@ -136,6 +137,11 @@ def test_class_lists_twice_and_numeric_class_names(tmp_path: Path) -> None:
         {"kind": "folder", "root": str(digits), "good_class": 0, "classes": [0, 1]}
     )  # as Hydra reads them
     assert (data.good_class, data.class_names) == ("0", ["0", "1"])
+    # grades named 0, 0.5 and 1: the NG classes are read back as names by the same rule (0.5 was refused there)
+    grades = _classes(tmp_path / "grades", ["0", "0.5", "1"], n=2)
+    data = build_source({"kind": "folder", "root": str(grades), "good_class": 0, "classes": [0, 0.5, 1]})
+    assert data.class_names == ["0", "0.5", "1"]
+    assert ng_classes_setting({"ng_classes": [0.5, 1]}) == ["0.5", "1"]
 
 
 def test_csv_rows_listing_one_image_twice_and_a_stray_quote(tmp_path: Path) -> None:

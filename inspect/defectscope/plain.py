@@ -100,6 +100,12 @@ def expect(value: Any, kind: type | tuple[type, ...], where: str, what: str) -> 
     return value
 
 
+def as_class_name(value: Any) -> Any:
+    """A class name Hydra read as a number (a folder named ``0`` or ``0.5``) back as that name; anything
+    else as given: the one rule for ``data.source.classes``/``good_class`` and ``threshold.ng_classes``."""
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
 def whole_number(
     value: Any, where: str, least: int, allow_none: bool = False, most: int | None = None
 ) -> int | None:

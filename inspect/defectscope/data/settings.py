@@ -17,7 +17,7 @@ from ..runtime.image import LoaderConfig
 from ..runtime.metadata import NORMALISATION_RANGE, check_loader_values
 from ..runtime.outputs import OutputError, check_output_file
 from .errors import DataConfigError, SourceError
-from .sources import source_arguments
+from .sources import SOURCES, source_arguments
 
 ON_BAD_FILE = ("fail", "skip")
 #: what ``evaluate`` scores: "test" = only the test split, "all" = every image of the source (a new lot);
@@ -211,7 +211,7 @@ def data_settings(
     check_settings(evaluate_on, eval_transform, on_bad_file, batch_size, eval_batch_size)
     source_spec: dict[str, Any] = to_plain(source)
     if not isinstance(source_spec, dict) or "kind" not in source_spec:
-        raise SourceError("data.source.kind is required (folder, csv, elpv or synthetic)")
+        raise SourceError(f"data.source.kind is required ({', '.join(SOURCES)})")
     source_arguments(source_spec)  # the kind and its keys, before any file is read
     loader_cfg = loader_config(loader)
     if rejects_path is not None and (not isinstance(rejects_path, str) or not rejects_path):

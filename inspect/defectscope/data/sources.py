@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..plain import to_plain
+from ..plain import as_class_name, to_plain
 from ..runtime.files import (
     IMAGE_EXTENSIONS,
     TEXT_HEAD_BYTES,
@@ -297,18 +297,13 @@ def source_arguments(
     touching a file, so a typo fails before a run starts."""
     params = to_plain(spec, strict=True)
     if not isinstance(params, dict):
-        raise SourceError(
-            f"data.source must be a mapping with kind (folder, csv, elpv or synthetic), got {spec!r}"
-        )
+        raise SourceError(f"data.source must be a mapping with kind ({', '.join(SOURCES)}), got {spec!r}")
     kind = params.pop("kind", None)
     for key in ("good_class", "classes"):  # Hydra reads a class folder named 0 as the number 0
-        value = params.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            params[key] = str(value)
-        elif isinstance(value, list):
-            params[key] = [
-                str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for v in value
-            ]
+        if key not in params:
+            continue
+        value = params[key]
+        params[key] = [as_class_name(v) for v in value] if isinstance(value, list) else as_class_name(value)
     classes, good = params.get("classes"), params.get("good_class")
     if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
         raise SourceError(f"data.source.classes must be null or a list of class names, got {classes!r}")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..evaluation.threshold import DEFAULT_WARN_FALSE_REJECT_RATE
-from ..plain import to_plain
+from ..plain import as_class_name, to_plain
 from ..runtime.decision import (
     DEFAULT_TARGET_RECALL,
     RECALL_EXPECTED,
@@ -92,7 +92,7 @@ def ng_classes_setting(threshold: Mapping[str, Any]) -> Any:
     """``threshold.ng_classes`` as the NG rule takes it: Hydra reads a class folder named ``1`` as the number 1."""
     value = to_plain(threshold.get("ng_classes"))
     if isinstance(value, list):
-        return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+        return [as_class_name(v) for v in value]
     return value
 
 
