@@ -80,3 +80,21 @@ def test_csv_labels_the_model_does_not_know_are_one_line(model: Path, tmp_path: 
         "labels must be in the model's classes ['good', 'crack', 'scratch']",
     )
     assert "data.source" not in line
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        (["--threads", "-1"], "argument --threads: expected a whole number >= 0, got '-1'"),
+        (["--batch-size", "0"], "argument --batch-size: expected a whole number >= 1, got '0'"),
+        (["--provider", "gpu"], "argument --provider: invalid choice: 'gpu'"),
+    ],
+)
+def test_evaluate_and_inspect_hold_the_engine_options_to_one_rule(
+    model: Path, tmp_path: Path, option: list[str], expected: str
+) -> None:
+    """--threads, --batch-size and --provider are typed in one place (runtime.options.add_engine_options):
+    `evaluate MODEL DATA --threads -1` ran on every core where inspect refused it, and --provider had no choices."""
+    lot = _lot(tmp_path / "lot")
+    for command in (["evaluate", model, lot], ["inspect", model, lot, "-o", tmp_path / "r.jsonl"]):
+        one_line_error(defectscope(*command, *option, cwd=tmp_path), expected)

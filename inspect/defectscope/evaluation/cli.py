@@ -24,7 +24,7 @@ from ..data.sources import SourceError
 from ..runtime.decision import defect_probability, is_defect_label, is_ng
 from ..runtime.files import error_line, unusable_name
 from ..runtime.inspector import Inspector, MetadataError, ModelLoadError, ProviderError, check_model_path
-from ..runtime.options import CommandParser, unit_number
+from ..runtime.options import CommandParser, add_engine_options, unit_number
 from ..runtime.outputs import OutputError, check_output_folder
 from ..runtime.results import csv_cell
 from .labelled import Labelled, read_labelled
@@ -56,9 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sweep", action="store_true", help="also the recall/false-reject trade-off and ROC/PR curves"
     )
     p.add_argument("--out", type=Path, help="folder for evaluation.json, predictions.csv and the PNG plots")
-    p.add_argument("--batch-size", type=int, default=16, help="images per model call (default %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: physical cores)")
-    p.add_argument("--provider", default="auto", help="auto, cpu, cuda or tensorrt (default %(default)s)")
+    add_engine_options(p)
     return p
 
 
@@ -168,8 +166,6 @@ def write_outputs(out: Path, doc: dict[str, Any], rows: list[dict[str, Any]]) ->
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        if args.batch_size < 1:
-            raise EvaluateError(f"--batch-size must be >= 1, got {args.batch_size}")
         check_model_path(args.model)  # the model first, then DATA and --out: all before the model is loaded
         check_data_path(args.data)
         if args.out:

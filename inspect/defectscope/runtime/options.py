@@ -85,26 +85,41 @@ def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+def add_engine_options(p: argparse.ArgumentParser, threads_default: str = "physical cores") -> None:
+    """--batch-size, --threads and --provider: one type, range and default each for every command that runs
+    an exported model (inspect, watch, evaluate MODEL DATA)."""
+    p.add_argument(
+        "--batch-size",
+        type=whole_at_least(1),
+        default=16,
+        help="most images per inference batch (default 16)",
+    )
+    p.add_argument(
+        "--threads",
+        type=whole_at_least(0),
+        default=None,
+        help=f"ONNX Runtime threads per inference call (0: physical cores; default: {threads_default})",
+    )
+    p.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto", help="execution provider")
+
+
 def add_shared_options(p: argparse.ArgumentParser) -> None:
     """The model argument and every option both commands take, with one default and help each."""
     p.add_argument("model", help="exported .onnx model (carries its own preprocessing and classes)")
-    p.add_argument("--batch-size", type=int, default=16, help="most images per inference batch (default 16)")
-    p.add_argument(
-        "--workers", type=int, default=default_workers(), help="decoding threads (default: min(4, CPUs))"
+    add_engine_options(
+        p, "physical cores; inspect on the CPU provider: 1, with one batch per physical core running at once"
     )
-    p.add_argument("--provider", choices=PROVIDER_CHOICES, default="auto", help="execution provider")
+    p.add_argument(
+        "--workers",
+        type=whole_at_least(0),
+        default=default_workers(),
+        help="decoding threads (default: min(4, CPUs))",
+    )
     p.add_argument(
         "--device-id",
         type=int,
         default=0,
         help="GPU index for the CUDA and TensorRT providers (default 0; one runner per GPU on a multi-GPU PC)",
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="ONNX Runtime threads per inference call (default: physical cores; inspect on the CPU "
-        "provider: 1, with one batch per physical core running at once)",
     )
     p.add_argument("--graph-opt", choices=GRAPH_OPT_CHOICES, default="all", help="graph optimisation level")
     p.add_argument("--trt-cache", default=None, help="TensorRT engine cache folder")
@@ -117,12 +132,6 @@ def add_shared_options(p: argparse.ArgumentParser) -> None:
 
 def run_options(p: argparse.ArgumentParser, a: argparse.Namespace) -> RunOptions:
     """Check the shared options (``p.error`` exits 2) and type them."""
-    if a.batch_size < 1:
-        p.error(f"--batch-size must be >= 1, got {a.batch_size}")
-    if a.workers < 0:
-        p.error(f"--workers must be >= 0, got {a.workers}")
-    if a.threads is not None and a.threads < 0:
-        p.error(f"--threads must be >= 0 (0: one per physical core), got {a.threads}")
     if a.device_id < 0:
         p.error(f"--device-id must be a GPU index >= 0, got {a.device_id}")
     session = SessionConfig(
