@@ -109,6 +109,21 @@ def test_cli_reports_bad_files_and_exits_1(tmp_path: Path, capsys: pytest.Captur
     assert len(list(csv.DictReader(io.StringIO(Path(rejects).read_text(encoding="utf-8"))))) == len(bad)
 
 
+def test_cli_rejects_to_standard_output_as_training_allows(tmp_path: Path) -> None:
+    """`scan --rejects /dev/stdout` is held to the rule of data.rejects_path (a device is fine: nothing resumes
+    from it); it was refused with a message about --resume, which scan does not have."""
+    manifest, bad = make_bad_dataset(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "defectscope", "scan", "data=csv", f"data.source.path={manifest}",
+         "data.loader.size_multiple=16", "--rejects", "/dev/stdout"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    table = proc.stdout[proc.stdout.index("path,kind,reason") :].splitlines()
+    rows = list(csv.DictReader(io.StringIO("\n".join(table[: len(bad) + 1]))))
+    assert sorted(r["kind"] for r in rows) == sorted(bad.values())
+
+
 def test_cli_folder_short_form_uses_the_training_loader(tmp_path: Path, compose_train: Any) -> None:
     """`scan FOLDER` is `data=folder data.source.root=FOLDER` of the training config: same loader
     (size_multiple 32, not a scan-only default), so the same size buckets as training."""

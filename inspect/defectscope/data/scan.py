@@ -241,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 2
     try:
         if args.rejects:  # before the scan's work
-            check_output_file(args.rejects, "--rejects", special_ok=False)
+            check_output_file(args.rejects, "--rejects")  # the rule data.rejects_path is held to
         cfg = compose_data_config(args.overrides, folder, args.config_dir)
         prepare_source(cfg.source)
         source = build_source(cfg.source, missing="keep")
