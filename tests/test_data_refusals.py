@@ -137,6 +137,13 @@ def test_class_lists_twice_and_numeric_class_names(tmp_path: Path) -> None:
         {"kind": "folder", "root": str(digits), "good_class": 0, "classes": [0, 1]}
     )  # as Hydra reads them
     assert (data.good_class, data.class_names) == ("0", ["0", "1"])
+    # more classes than a model file carries: refused when listed, not at the run's own checkpoint
+    many = tmp_path / "many"
+    for i in range(1001):
+        (many / f"c{i:04d}").mkdir(parents=True)
+    make_image(many / "c0000" / "a.png", 64, 64, bright=False)
+    with pytest.raises(SourceError, match=r"1001 classes; a model file carries at most 1000"):
+        build_source({"kind": "folder", "root": str(many), "good_class": "c0000"})
     # grades named 0, 0.5 and 1: the NG classes are read back as names by the same rule (0.5 was refused there)
     grades = _classes(tmp_path / "grades", ["0", "0.5", "1"], n=2)
     data = build_source({"kind": "folder", "root": str(grades), "good_class": 0, "classes": [0, 0.5, 1]})

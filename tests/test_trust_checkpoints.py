@@ -170,6 +170,11 @@ INFO_ATTACKS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         lambda c: c["defectscope"].update(class_names=[f"c{i}" for i in range(5000)]),
         "class_names: 5000 entries (at most 1000)",
     ),
+    (  # the model file's rule: evaluate took it and export refused it
+        "a class name no model file can carry",
+        lambda c: c["defectscope"].update(class_names=["good", "a\tb"]),
+        "class_names: class name(s) 'a\\tb' cannot be carried by a model",
+    ),
     (
         "a threshold given as text",
         lambda c: c["defectscope"].update(threshold="0.5"),

@@ -26,7 +26,14 @@ from .plain import PlainDataError, check_plain, expect, number, string_list
 from .runtime.decision import DEFAULT_TARGET_RECALL, RECALL_EXPECTED, THRESHOLD_RANGE, is_recall_target
 from .runtime.files import checkpoint_file_problem, os_error_reason
 from .runtime.grading import GRADING_KEYS, Grading, GradingError
-from .runtime.metadata import MAX_CLASSES, MAX_NAME_CHARS, NORMALISATION_RANGE, MetadataError, parse_loader
+from .runtime.metadata import (
+    MAX_CLASSES,
+    MAX_NAME_CHARS,
+    NORMALISATION_RANGE,
+    MetadataError,
+    class_list_problem,
+    parse_loader,
+)
 
 INFO_KEY = "defectscope"
 STATE_PREFIX = "model."
@@ -112,8 +119,9 @@ def _check_fields(info: dict[str, Any], where: str) -> None:
     expect(info["model_name"], str, f"{where}.model_name", "a model name")
     expect(info["model_kwargs"], dict, f"{where}.model_kwargs", "a dict of plain arguments")
     names = string_list(info["class_names"], f"{where}.class_names", MAX_CLASSES, MAX_NAME_CHARS)
-    if len(names) < 2 or len(set(names)) != len(names) or not all(names):
-        raise PlainDataError(f"{where}.class_names: expected >= 2 distinct non-empty names, got {names!r}")
+    problem = class_list_problem(names)  # the rule the data source and the model file hold them to
+    if problem:
+        raise PlainDataError(f"{where}.class_names: {problem}")
     if expect(info["good_class"], str, f"{where}.good_class", "a class name") not in names:
         raise PlainDataError(f"{where}.good_class: {info['good_class']!r} is not one of {names}")
     number(info["threshold"], f"{where}.threshold", *THRESHOLD_RANGE)

@@ -27,7 +27,7 @@ from ..runtime.files import (
     unusable_name,
     walk_files,
 )
-from ..runtime.metadata import MAX_NAME_CHARS, is_model_name
+from ..runtime.metadata import class_list_problem
 from ..runtime.outputs import OutputError, check_output_folder, is_special
 from ..synth import SYNTH_MARKER
 from .elpv import elpv_source
@@ -39,17 +39,9 @@ from .synth_cache import check_synthetic_request, ensure_synthetic
 def _check_classes(good_class: str | None, class_names: Sequence[str], where: str) -> None:
     """Classes a model can be trained for and carry: unique names the model file accepts (the run would
     otherwise fail at its own checkpoint or at export), the good class among them."""
-    odd = [name for name in class_names if not is_model_name(name)]
-    if odd:
-        raise SourceError(
-            f"{where}: class name(s) {', '.join(repr(n)[:80] for n in odd[:3])} cannot be carried by a model: "
-            f"expected printable UTF-8 names of 1 to {MAX_NAME_CHARS} characters; rename them"
-        )
-    twice = sorted({n for n in class_names if list(class_names).count(n) > 1})
-    if twice:
-        raise SourceError(
-            f"{where}: class name(s) {twice} listed twice in {list(class_names)}; list each once"
-        )
+    problem = class_list_problem(list(class_names), least=1)
+    if problem:
+        raise SourceError(f"{where}: {problem}")
     if good_class is not None and good_class not in class_names:
         raise SourceError(
             f"{where}: good_class {good_class!r} is not one of the classes {list(class_names)}; "

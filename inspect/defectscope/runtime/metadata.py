@@ -294,18 +294,35 @@ def is_model_name(value: Any) -> bool:
     return isinstance(value, str) and 0 < len(value) <= MAX_NAME_CHARS and value.isprintable()
 
 
+def class_list_problem(names: Any, least: int = 2) -> str | None:
+    """Why ``names`` cannot be a model's classes, or None: ``least``..MAX_CLASSES names a model file can carry
+    (:func:`is_model_name`), each once. The one rule for a data source's classes (``least`` 1: the data
+    module words the training minimum), a checkpoint's and a model file's."""
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        return f"expected a list of class names, got {names!r:.80}"
+    odd = [n for n in names if not is_model_name(n)]
+    if odd:
+        return (
+            f"class name(s) {', '.join(repr(n)[:80] for n in odd[:3])} cannot be carried by a model: "
+            f"expected printable UTF-8 names of 1 to {MAX_NAME_CHARS} characters"
+        )
+    twice = sorted({n for n in names if list(names).count(n) > 1})
+    if twice:
+        return f"class name(s) {twice} listed twice in {list(names)!r:.200}; list each once"
+    if len(names) > MAX_CLASSES:
+        return f"{len(names)} classes; a model file carries at most {MAX_CLASSES}"
+    if len(names) < least:
+        return f"{len(names)} class(es); a model needs at least {least}"
+    return None
+
+
 def _problems(m: ModelMetadata) -> list[str]:
     """Every type and range problem of a document, so one error lists them all."""
     out: list[str] = []
     names = m.class_names
-    if (
-        not isinstance(names, list)
-        or not 2 <= len(names) <= MAX_CLASSES
-        or not all(map(is_model_name, names))
-    ):
-        out.append(f"class_names must be 2..{MAX_CLASSES} printable names of <= {MAX_NAME_CHARS} characters")
-    elif len(set(names)) != len(names):
-        out.append(f"class_names must be unique, got {names!r}")
+    problem = class_list_problem(names) if isinstance(names, list) else "expected a list of class names"
+    if problem:
+        out.append(f"class_names: {problem}")
     elif m.good_class not in names:
         out.append(f"good_class {m.good_class!r} is not one of class_names {names!r}")
     if not isinstance(m.ng_classes, list) or not all(map(is_model_name, m.ng_classes)):
