@@ -203,3 +203,17 @@ def test_one_validation_image_trains(
     )  # fmt: skip
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert (tmp_path / "run" / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_a_recorded_synthetic_source_is_read_back_in_the_generators_class_order() -> None:
+    """A checkpoint's synthetic data config without classes (a library caller's) is read back as its folder in
+    the generator's class order, not the sorted folder names (evaluate then refused: classes differ)."""
+    from defectscope.synth import DEFAULT_CLASSES
+
+    kwargs = datamodule_kwargs({"source": {"kind": "synthetic", "root": "/gen"}}, "ck: data", from_file=True)
+    assert kwargs["source"] == {
+        "kind": "folder",
+        "root": "/gen",
+        "extensions": [".png"],
+        "classes": list(DEFAULT_CLASSES),
+    }

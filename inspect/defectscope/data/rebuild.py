@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..plain import PlainDataError, check_plain
+from ..synth import DEFAULT_CLASSES
 from .settings import DATAMODULE_TARGET, check_data_keys, data_settings
 from .transforms import check_transform_spec
 
@@ -60,7 +61,7 @@ def generated_folder(source: Mapping[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(root, str) or not root:
         raise PlainDataError(f"{where}.root: expected the folder the synthetic images were generated into")
     spec: dict[str, Any] = {"kind": "folder", "root": root, "extensions": [".png"]}
-    for key in ("classes", "good_class"):
-        if source.get(key) is not None:
-            spec[key] = source[key]
+    spec["classes"] = list(source.get("classes") or DEFAULT_CLASSES)  # the generator's order, not sorted names
+    if source.get("good_class") is not None:
+        spec["good_class"] = source["good_class"]
     return spec

@@ -29,7 +29,7 @@ from ..runtime.files import (
 )
 from ..runtime.metadata import class_list_problem
 from ..runtime.outputs import OutputError, check_output_folder, is_special
-from ..synth import SYNTH_MARKER
+from ..synth import DEFAULT_CLASSES, SYNTH_MARKER
 from .elpv import elpv_source
 from .errors import SourceError
 from .records import SPLITS, Sample, SourceData
@@ -257,7 +257,7 @@ def synthetic_source(
     channels: int = 1,
     min_size: int = 96,
     max_size: int = 512,
-    classes: Sequence[str] = ("good", "scratch", "spot", "crack"),
+    classes: Sequence[str] = DEFAULT_CLASSES,
     good_class: str = "good",
     region: str = "anywhere",
 ) -> SourceData:
