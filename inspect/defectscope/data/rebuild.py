@@ -61,7 +61,9 @@ def generated_folder(source: Mapping[str, Any], where: str) -> dict[str, Any]:
     if not isinstance(root, str) or not root:
         raise PlainDataError(f"{where}.root: expected the folder the synthetic images were generated into")
     spec: dict[str, Any] = {"kind": "folder", "root": root, "extensions": [".png"]}
-    spec["classes"] = list(source.get("classes") or DEFAULT_CLASSES)  # the generator's order, not sorted names
+    spec["classes"] = list(
+        source.get("classes") or DEFAULT_CLASSES
+    )  # the generator's order, not sorted names
     if source.get("good_class") is not None:
         spec["good_class"] = source["good_class"]
     return spec

@@ -16,8 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..data.records import SPLITS
 from ..data.sources import csv_source, folder_source
+from ..runtime.decision import is_defect_label
 
 #: where evaluate's classes come from, for the data source's messages
 MODEL_CLASSES = "the model's classes"
@@ -31,9 +34,10 @@ class Labelled:
     labels: list[str]
     source: str
 
-    def is_defect(self, ng_classes: Sequence[str]) -> list[bool]:
-        """Ground truth for recall and false-reject rates: the label is one of the NG classes."""
-        return [label in set(ng_classes) for label in self.labels]
+    def is_defect(self, class_names: Sequence[str], ng_indices: Sequence[int]) -> np.ndarray:
+        """Ground truth for recall and false-reject rates, by the verdict module's rule (:func:`is_defect_label`)."""
+        truth = np.array([list(class_names).index(label) for label in self.labels], dtype=np.int64)
+        return np.asarray(is_defect_label(truth, ng_indices), dtype=bool)
 
 
 def is_manifest(path: Path) -> bool:

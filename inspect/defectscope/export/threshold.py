@@ -134,7 +134,7 @@ def rederive(model_bytes: bytes, meta: ModelMetadata, plan: ThresholdPlan) -> di
     scored = score_paths(_ort_predict(model_bytes), images.paths, meta.loader, meta.mean, meta.std)
     if problem := scored.not_finite(images.paths, f"the {meta.variant} graph"):
         raise ThresholdError(problem)
-    defect = np.asarray(images.is_defect(meta.ng_classes), dtype=bool)[scored.index]
+    defect = images.is_defect(meta.class_names, meta.ng_indices)[scored.index]
     p_defect = defect_probability(scored.probs, meta.ng_indices) if len(scored.index) else np.zeros(0)
     report = threshold_report(p_defect, defect, plan.target_recall, plan.warn_false_reject_rate)
     if report is None:

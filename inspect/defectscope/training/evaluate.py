@@ -30,7 +30,6 @@ from ..checkpoint import (
     target_recall,
 )
 from ..data.rebuild import datamodule_kwargs
-from ..data.settings import check_evaluate_on
 from ..data.sources import SOURCES
 from ..evaluation.report import evaluation_doc, flat_metrics, report_lines
 from ..plain import to_plain
@@ -58,11 +57,7 @@ def evaluation_data(
     spec = to_plain(cfg.data) if given else run_data_config(ckpt, source)
     where = "data" if given else f"{source}: hyper_parameters.run_config.data"
     kwargs = datamodule_kwargs(spec, where, from_file=not given)
-    scope = cfg.get("evaluate_on") or ("all" if given else "test")
-    try:
-        check_evaluate_on(scope)
-    except ValueError as exc:
-        raise TrainingConfigError(str(exc)) from None
+    scope = cfg.get("evaluate_on") or ("all" if given else "test")  # checked by check_evaluate_config
     src = dict(kwargs["source"])
     if (
         given

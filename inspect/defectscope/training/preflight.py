@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from ..data.rebuild import datamodule_kwargs
-from ..data.settings import EVALUATE_ON, config_data_settings
+from ..data.settings import EVALUATE_ON, check_evaluate_on, config_data_settings
 from ..data.transforms import check_transform_spec
 from ..plain import to_plain
 from ..runtime.decision import THRESHOLD_EXPECTED, is_threshold
@@ -101,6 +101,10 @@ def check_evaluate_config(cfg: Any) -> tuple[float | None, str]:
     check_seed(cfg)
     check_paths(cfg)
     shift_protocol(cfg.get("shift_consistency"))
+    try:
+        check_evaluate_on(cfg.get("evaluate_on"))
+    except ValueError as exc:
+        raise TrainingConfigError(str(exc)) from None
     check_evaluate_data(cfg.get("data"))
     if cfg.get("metrics_file"):  # written after the test loop: a bad path is told before it
         _writable(check_output_file, cfg.metrics_file, "metrics_file")
