@@ -224,8 +224,14 @@ def test_export_evaluate_and_search_mistakes_are_told_before_torch_is_imported(
         (["evaluate", "ckpt_path=nope.ckpt", "threshold=2"], "threshold must be a number in [0, 1], or null"),
         (["evaluate", "ckpt_path=null"], "ckpt_path is required: defectscope evaluate ckpt_path=CHECKPOINT"),
         (["evaluate", "ckpt_path=nope.ckpt", "seed=-1"], "seed must be a whole number in [0, 2**32), got -1"),
-        (["evaluate", "ckpt_path=nope.ckpt", "evaluate_on=every"], "evaluate_on must be one of test, all or null"),
-        (["evaluate", "ckpt_path=nope.ckpt", "data=folder", "data.num_workers=99"], "data.num_workers must be"),
+        (
+            ["evaluate", "ckpt_path=nope.ckpt", "evaluate_on=every"],
+            "evaluate_on must be one of test, all or null",
+        ),
+        (
+            ["evaluate", "ckpt_path=nope.ckpt", "data=folder", "data.num_workers=99"],
+            "data.num_workers must be",
+        ),
         (["evaluate", f"ckpt_path={'a' * 300}.ckpt"], "cannot be read (File name too long:"),
         (["export", f"{'a' * 300}.ckpt", "-o", "x.onnx"], "cannot be read (File name too long:"),
         (["export", "nope.ckpt", "-o", f"{'o' * 300}.onnx"], "-o ooo"),
