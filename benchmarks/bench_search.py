@@ -39,16 +39,14 @@ def interleaved_ms(entries: dict[str, dict[str, Any]], rounds: int, batch: int) 
 
 def run_entry(run_dir: Path, metric: str) -> dict[str, Any]:
     """A ``defectscope train`` run folder: best metric (checkpoint callback state), export, input size."""
-    import torch
-
-    from defectscope.checkpoint import load_checkpoint
+    from defectscope.checkpoint import load_checkpoint, read_info
     from defectscope.export.onnx_export import export_model
     from defectscope.runtime.files import file_sha256
     from defectscope.runtime.image import LoaderConfig
     from defectscope.search.measure import input_size, model_cost, native_size
 
     ckpt = run_dir / "checkpoints" / "best.ckpt"
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["callbacks"]
+    state = read_info(ckpt)[0].get("callbacks") or {}  # through the product's one checkpoint reader
     scores = [
         v["best_model_score"] for k, v in state.items() if k.startswith("ModelCheckpoint") and metric in k
     ]
