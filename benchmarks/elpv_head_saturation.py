@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from defectscope.checkpoint import CheckpointError, load_checkpoint
 from defectscope.plain import PlainDataError
+from defectscope.runtime.decision import is_ng
 from defectscope.runtime.image import load_image, normalize_batch
 from defectscope.runtime.metadata import parse_loader
 from elpv_cells import DEFECTIVE_GRADES, elpv_test_split
@@ -33,7 +34,7 @@ from elpv_ensemble import read_rows
 CAP = 6.0
 GROUPS = {
     "good (p0)": lambda grade, p: grade == "p0",
-    "defective, caught (P >= 0.5)": lambda grade, p: grade in DEFECTIVE_GRADES and p >= 0.5,
+    "defective, caught (P >= 0.5)": lambda grade, p: grade in DEFECTIVE_GRADES and bool(is_ng(p, 0.5)),
     "defective, scored good (P < 0.2)": lambda grade, p: grade in DEFECTIVE_GRADES and p < 0.2,
 }
 

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from defectscope.runtime.decision import is_ng
 from defectscope.runtime.grading import Grading, expected_grade, grade_indices
 from defectscope.runtime.image import LoaderConfig, load_image, normalize_batch
 from defectscope.runtime.inspector import Inspector, MetadataError, ModelLoadError, ProviderError
@@ -204,7 +205,7 @@ def prediction_rows(
                 "true_defective": c.defective,
                 "probs": pd,
                 "p_defective": p_def,
-                "pred_defective": p_def >= 0.5,
+                "pred_defective": bool(is_ng(p_def, 0.5)),  # the protocol's cut, by the product's rule
                 "pred_grade": pred_grade,
                 **({"expected_grade": float(expected[i])} if expected is not None else {}),
             }

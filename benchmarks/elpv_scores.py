@@ -44,6 +44,7 @@ def operating_points(
     """``{"recall_95": {...}, "recall_99": {...}}``: threshold and rates at each recall target."""
     import torch
 
+    from defectscope.runtime.decision import is_ng
     from defectscope.training.metrics import choose_threshold
 
     scores = np.asarray(p_defective, dtype=np.float64)
@@ -53,7 +54,7 @@ def operating_points(
     for r in recalls:
         t = choose_threshold(torch.from_numpy(scores), is_defective, r)
         entry: dict[str, float | None] = {"threshold": t}
-        entry.update(_rates(scores >= t, g) if t is not None else {})
+        entry.update(_rates(np.asarray(is_ng(scores, t)), g) if t is not None else {})
         out[f"recall_{round(100 * r)}"] = entry
     return out
 
