@@ -101,3 +101,11 @@ def variant(ckpt: dict[str, Any], path: Path, edit: Any) -> Path:
 def data_of(ckpt: dict[str, Any]) -> dict[str, Any]:
     data: dict[str, Any] = ckpt["hyper_parameters"]["run_config"]["data"]
     return data
+
+
+def error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    """The command's one error line (stderr may also hold logging lines; no traceback allowed)."""
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ": error: " in ln or ln.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
