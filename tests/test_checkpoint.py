@@ -120,6 +120,15 @@ def test_bad_info_and_mismatched_weights(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "extra.ckpt")
 
     ckpt = torch.load(path, weights_only=True)
+    name = next(k for k, v in ckpt["state_dict"].items() if v.is_floating_point())
+    ckpt["state_dict"][name] = torch.full_like(ckpt["state_dict"][name], float("nan"))
+    torch.save(ckpt, tmp_path / "nan.ckpt")  # export failed its parity gate on it, after the export's work
+    with pytest.raises(
+        CheckpointError, match=rf"nan.ckpt: weights are not finite \(NaN or inf\) in {name[6:]}"
+    ):
+        load_checkpoint(tmp_path / "nan.ckpt")
+
+    ckpt = torch.load(path, weights_only=True)
     ckpt["defectscope"]["model_kwargs"]["colour"] = "red"
     torch.save(ckpt, tmp_path / "kw.ckpt")
     with pytest.raises(CheckpointError, match=r"cannot build model 'resnet'.*colour"):

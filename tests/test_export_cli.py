@@ -130,6 +130,20 @@ def test_export_cli_rejects_bad_input_with_exit_2(
     unknown = write_checkpoint(
         tmp_path / "unknown.ckpt", ckpt["model"], dict(ckpt["info"], model_name="resnet9000")
     )
+    pngs = sorted(Path(ckpt["data"]).rglob("*.png"))
+    misnamed, goods = tmp_path / "misnamed", tmp_path / "goods"  # a labelled set with one folder misspelt
+    for png in pngs:
+        folder = {"crack": "Crack"}.get(png.parent.name, png.parent.name)
+        (misnamed / folder).mkdir(parents=True, exist_ok=True)
+        (misnamed / folder / png.name).write_bytes(png.read_bytes())
+        if png.parent.name == "good":
+            (goods / "good").mkdir(parents=True, exist_ok=True)
+            (goods / "good" / png.name).write_bytes(png.read_bytes())
+    manifest, image = tmp_path / "manifest.csv", tmp_path / "frame.png"  # outputs that are not models
+    manifest.write_text("path,label\n")
+    image.write_bytes(pngs[0].read_bytes())
+    link = tmp_path / "current.onnx"
+    link.symlink_to(tmp_path / "v1.onnx")
     cases = [
         ([str(tmp_path / "missing.ckpt"), "-o", out], "missing.ckpt: checkpoint file does not exist"),
         ([str(foreign), "-o", out], "not a defectscope checkpoint"),
@@ -177,6 +191,23 @@ def test_export_cli_rejects_bad_input_with_exit_2(
             "list.txt is the --images list; it would be overwritten",
         ),
         ([good, "-o", str(tmp_path / "foreign.ckpt" / "m.onnx")], "foreign.ckpt is a file, not a folder"),
+        # a misspelt class folder made the set "unlabelled" and the threshold came silently from elsewhere
+        (
+            [good, "-o", out, "--images", str(misnamed)],
+            "sub-folder(s) ['Crack'] are not among the model's classes",
+        ),
+        # no defect image: no threshold can reach the recall target (told after the export's work before)
+        (
+            [good, "-o", out, "--images", str(goods)],
+            "is a defect (scratch, spot, crack), so no threshold reaches",
+        ),
+        # files that are not models were overwritten by one, a link replaced by a file
+        (
+            [good, "-o", str(manifest)],
+            "manifest.csv is a file that is not an exported model; it would be over",
+        ),
+        ([good, "-o", str(image)], "frame.png is a PNG image; it would be overwritten"),
+        ([good, "-o", str(link)], "current.onnx is a link to"),
     ]
     before = Path(good).read_bytes()
     for argv, message in cases:
@@ -186,6 +217,7 @@ def test_export_cli_rejects_bad_input_with_exit_2(
         assert message in err, (argv, err)
     assert not Path(out).exists()
     assert Path(good).read_bytes() == before and listed.read_bytes() == listed_before
+    assert manifest.read_text() == "path,label\n" and link.is_symlink()
     # unreadable --images are found before the work (they were found at parity, after the graph was
     # exported, and with --parity-images 0 only at the threshold step)
     rc = main([good, "-o", out, "--images", str(broken), "--parity-images", "0"])

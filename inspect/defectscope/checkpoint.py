@@ -305,6 +305,15 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, 
         raise CheckpointError(
             f"{source}: weights do not fit model {info['model_name']!r}: {mismatch(exc)}"
         ) from None
+    broken = [
+        k
+        for k, t in model.state_dict().items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if (
+        broken
+    ):  # training stops before it saves such weights; found here, not as a parity failure after export
+        raise CheckpointError(f"{source}: weights are not finite (NaN or inf) in {', '.join(broken[:3])}")
     return model.eval(), info
 
 

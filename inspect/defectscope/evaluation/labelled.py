@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.errors import SourceError
 from ..data.records import SPLITS
 from ..data.sources import csv_source, folder_source
 from ..runtime.decision import is_defect_label
@@ -46,11 +47,20 @@ def is_manifest(path: Path) -> bool:
 
 
 def has_labels(path: Path, class_names: Sequence[str]) -> bool:
-    """A CSV, or a folder whose sub-folders are all class (or split) names."""
+    """A CSV, or a folder whose sub-folders are all class (or split) names; none of them such a name: a folder of
+    unlabelled images. Some but not all is a labelled set with a misnamed folder, refused naming it (read as
+    unlabelled, export chose its threshold elsewhere, saying so in one easily missed line)."""
     if path.is_file():
         return is_manifest(path)
-    subdirs = [p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    return bool(subdirs) and set(subdirs) <= set(class_names) | set(SPLITS)
+    subdirs = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    known = set(class_names) | set(SPLITS)
+    unknown = [name for name in subdirs if name not in known]
+    if unknown and len(unknown) < len(subdirs):
+        raise SourceError(
+            f"{path}: sub-folder(s) {unknown} are not among the model's classes {list(class_names)} while "
+            f"{sorted(set(subdirs) - set(unknown))} are; rename them or move them out"
+        )
+    return bool(subdirs) and not unknown
 
 
 def read_labelled(path: Path, class_names: Sequence[str], good_class: str) -> Labelled | None:

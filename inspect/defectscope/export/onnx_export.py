@@ -154,12 +154,13 @@ def _plans(
     return listed, int8_plan, threshold_plan
 
 
-def _kind(path: Path) -> str:
-    """:func:`file_kind`, or ``other`` for a file that cannot be read (check_output_file then says why)."""
+def _kind(path: Path) -> str | None:
+    """:func:`file_kind` of an existing file; None for none or one that cannot be read (check_output_file then
+    says why)."""
     try:
-        return file_kind(path)
+        return file_kind(path) if path.is_file() else None
     except OSError:
-        return "other"
+        return None
 
 
 def _checked_request(
@@ -177,11 +178,22 @@ def _checked_request(
         raise ExportError(
             f"output {out} is the --images list; it would be overwritten: give the model its own name"
         )
-    if (
-        out.is_file() and _kind(out) == "checkpoint"
-    ):  # e.g. -o the checkpoint itself: the training would be lost
+    if out.is_symlink():  # the model is renamed into place: that replaces the link, not what it points to
+        raise ExportError(
+            f"output {out} is a link to {out.readlink()}; writing the model would replace the link with a "
+            "file: give the link's target or another name"
+        )
+    kind = _kind(out)
+    if kind == "checkpoint":  # e.g. -o the checkpoint itself: the training would be lost
         raise ExportError(
             f"output {out} is a PyTorch checkpoint; it would be overwritten: give the model its own name"
+        )
+    replaceable = kind in (None, "ONNX model", "empty") or (out.suffix.lower() == ".onnx" and kind == "other")
+    if not replaceable:  # a manifest, an image, notes: only a model (or a file named as one) is replaced
+        what = f"a {kind}" if kind and kind.endswith("image") else "a file that is not an exported model"
+        raise ExportError(
+            f"output {out} is {what}; it would be overwritten: give the model its own name (an existing "
+            ".onnx file is replaced)"
         )
     try:  # before the export's minutes of work: the folder must exist or be creatable, and writable
         check_output_file(out, "-o", special_ok=False)

@@ -23,7 +23,7 @@ from defectscope.evaluation.labelled import Labelled, read_labelled
 from defectscope.evaluation.metrics import operating_point
 from defectscope.evaluation.scoring import score_paths
 from defectscope.evaluation.threshold import DEFAULT_WARN_FALSE_REJECT_RATE, threshold_report, too_costly
-from defectscope.runtime.decision import DEFAULT_TARGET_RECALL, defect_probability
+from defectscope.runtime.decision import DEFAULT_TARGET_RECALL, defect_probability, ng_class_names
 from defectscope.runtime.metadata import INPUT_NAME, ModelMetadata
 
 from .errors import ExportError
@@ -76,8 +76,11 @@ def plan_threshold(
         raise ThresholdError(f"--images {images}: not an existing folder or file")
     try:
         labelled = read_labelled(Path(images), names, good) if images is not None else None
-    except SourceError as exc:
-        raise ThresholdError(f"--images {images}: {exc}") from None
+    except SourceError as exc:  # its message names the file or folder already
+        text = str(exc)
+        raise ThresholdError(
+            f"--images {text}" if text.startswith(str(images)) else f"--images {images}: {text}"
+        ) from None
     if images is not None and labelled is None:
         log(f"threshold: --images {images} has no labels; re-deriving on the checkpoint's validation images")
     labelled = labelled or _checkpoint_images(info)
@@ -102,6 +105,12 @@ def plan_threshold(
             f"{first}); using the rest"
         )
     chosen = Labelled([p for p, _ in kept], [c for _, c in kept], labelled.source)
+    ng = ng_class_names(names, good, info.get("ng_classes") or None)
+    if not chosen.is_defect(names, [names.index(c) for c in ng]).any():  # before the export's work, not after
+        raise ThresholdError(
+            f"none of the {len(kept)} images of {labelled.source} is a defect ({', '.join(ng)}), so no threshold "
+            f"reaches recall {target_recall:g}; pass --images DIR|CSV with defect images, or --threshold T"
+        )
     return ThresholdPlan(target_recall, warn, trained, images=chosen)
 
 
