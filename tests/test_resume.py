@@ -174,3 +174,36 @@ def test_the_schedule_horizon_is_checked_again_when_the_optimizers_are_built() -
         match=r"^ckpt_path: a\.ckpt holds a OneCycleLR schedule of total_steps=2 but this run's is total_steps=4 ",
     ):
         check_resumed_horizon([saved], four, "a.ckpt")
+
+
+@pytest.mark.slow
+def test_a_sigterm_stops_training_with_one_line_naming_the_checkpoint(
+    defectscope_cmd: list[str], cli_env: dict[str, str], smoke_data_dir: Path, tmp_path: Path
+) -> None:
+    """A scheduler's SIGTERM: Lightning ended the fit with exit status 0 and no word (the run looked finished,
+    its MLflow run FAILED); now exit 130, the run KILLED, one line with the checkpoint to resume from."""
+    from mlflow.tracking import MlflowClient
+
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    args = [*defectscope_cmd, "train", "experiment=smoke", f"paths.data_dir={smoke_data_dir}",
+            f"hydra.run.dir={run_dir}", "model=lenet", "trainer.max_epochs=500", "trainer.enable_progress_bar=false"]  # fmt: skip
+    proc = subprocess.Popen(
+        args, cwd=tmp_path, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not last.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("defectscope train: stopped by SIGTERM in epoch ") and line.endswith(
+        f"ckpt_path={last}"
+    )
+    run_id = torch.load(last, map_location="cpu", weights_only=True)["defectscope"]["mlflow_run_id"]
+    assert MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).info.status == "KILLED"

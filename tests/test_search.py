@@ -238,8 +238,73 @@ def test_a_misspelt_metric_stops_the_search_after_one_trial(
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("defectscope search: error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
     assert "search.metric: training logs no 'val/bal_accuracy'" in errors[0] and "val/bal_acc," in errors[0]
-    states = [t.state for t in _study(tmp_path).get_trials()]
-    assert states == [optuna.trial.TrialState.FAIL], states
+    # the study it created finished nothing: removed, so the corrected command may use the name (it was
+    # refused before: "optimises ['val/bal_accuracy', ...]; choose another study name")
+    assert errors[0].endswith("study 'defectscope-smoke' finished no trial and was removed")
+    assert optuna.study.get_all_study_names(f"sqlite:///{tmp_path}/search.db") == []
+
+
+def test_a_study_keeps_its_space(
+    defectscope_cmd: list[str], cli_env: dict[str, str], smoke_data_dir: Path, tmp_path: Path
+) -> None:
+    """A changed choice list failed every trial with Optuna's "dynamic value space" traceback (and a changed
+    range mixed two spaces silently); it is told before any trial, naming the key."""
+    from optuna.distributions import CategoricalDistribution
+
+    study = optuna.create_study(
+        study_name="defectscope-smoke",
+        storage=f"sqlite:///{tmp_path}/search.db",
+        directions=["maximize", "minimize"],
+    )
+    study.set_user_attr("defectscope_objectives", ["val/bal_acc", "latency_ms"])
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"model.act": "relu"},
+            distributions={"model.act": CategoricalDistribution(["relu", "relu6"])},
+            values=[0.5, 1.0],
+        )
+    )
+    proc = _run(
+        [*defectscope_cmd, *_args(smoke_data_dir, f"hydra.run.dir={tmp_path}/run")], tmp_path, cli_env
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "defectscope search: error: search.space.model.act: study 'defectscope-smoke' sampled it from choices "
+        "['relu', 'relu6'], this command from choices ['relu', 'silu']; a study keeps its space: give the same, "
+        "or another search.study_name"
+    )
+    assert len(_study(tmp_path).get_trials()) == 1  # no trial ran
+
+
+def test_sigterm_stops_a_trial_as_ctrl_c_and_queues_it_again(
+    defectscope_cmd: list[str], cli_env: dict[str, str], smoke_data_dir: Path, tmp_path: Path
+) -> None:
+    """SIGTERM (a scheduler, `kill`) left the trial RUNNING for ever and the resumed run reported it as such;
+    an interrupted trial (the composed config's seed here) was never trained again."""
+    cmd = [
+        *defectscope_cmd,
+        *_args(smoke_data_dir, "search.n_trials=1", "trainer.max_epochs=40"),
+    ]  # still training
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not _running_trial_has_run_dir(tmp_path / "search.db"):
+            assert proc.poll() is None and time.monotonic() < deadline, "the trial never started"
+            time.sleep(0.5)
+        time.sleep(2.0)  # inside the training loop
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err[-4000:]
+    assert "interrupted; trial 0 stopped, marked failed and queued again. Run the same command" in err
+    trials = _study(tmp_path).get_trials()
+    assert trials[0].state == optuna.trial.TrialState.FAIL and trials[0].user_attrs["interrupted"] is True
+    queued = [t for t in trials if t.user_attrs.get("retry_of") == 0]
+    assert len(queued) == 1 and queued[0].state == optuna.trial.TrialState.WAITING
+    assert queued[0].system_attrs["fixed_params"] == trials[0].params  # a waiting trial keeps them there
 
 
 def test_two_workers_one_study(

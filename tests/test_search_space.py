@@ -173,6 +173,10 @@ def test_latency_comes_from_the_exported_model(compose_train: Callable[..., Any]
         (["search.space.model.stem_width.high=4"], "model.stem_width: empty range"),
         (["search.space.model.act.choices=[relu,swishy]"], "'swishy' is rejected by the model registry"),
         (["search.storage=sqlite:///{tmp}/no/such/dir/search.db"], "search.storage: cannot open sqlite:///"),
+        (
+            ["search.storage=sqlite://"],
+            "search.storage='sqlite://' is an in-memory database: the study would",
+        ),
         (["search.timeout=0.001"], "search.timeout=0.001 s is too small for one trial"),
         (["search.max_latency_ms=1e-6"], "search.max_latency_ms=1e-06 is too small for one trial"),
         (["search.max_latency_ms=nan"], "search.max_latency_ms must be null or a number > 0, got nan"),

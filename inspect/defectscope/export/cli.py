@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from defectscope.runtime.decision import RECALL_EXPECTED, is_recall_target
 from defectscope.runtime.files import checkpoint_file_problem, error_line, unusable_name
 from defectscope.runtime.grading import CUTS_FOR
+from defectscope.runtime.interrupts import terminate_as_interrupt
 from defectscope.runtime.metadata import TTA_NAMES
 from defectscope.runtime.options import CommandParser, unit_number, whole_at_least
 from defectscope.runtime.outputs import OutputError, check_name
@@ -266,6 +267,12 @@ def print_result(result: ExportResult) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``defectscope export``; SIGTERM stops it as Ctrl+C does (its temporary files removed, one line)."""
+    with terminate_as_interrupt():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))

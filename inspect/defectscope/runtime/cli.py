@@ -12,13 +12,10 @@ image; a disk filling up later stops the run with every row before intact), 130 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
-import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +24,7 @@ from .files import error_line
 from .heatmap import save_overlay
 from .inputs import InputSpecError, check_specs, expand_inputs, overlapping_inputs
 from .inspector import Inspector, MetadataError, ModelLoadError, ProviderError, check_model_path
+from .interrupts import terminate_as_interrupt
 from .options import CommandParser, RunOptions, SessionConfig, add_shared_options, run_options
 from .outputs import OutputError, check_distinct, check_output_file, check_output_folder
 from .pipeline import Batcher, InferenceLanes, Item, Result, decode_stream, inference_lanes
@@ -230,7 +228,7 @@ def run(cfg: InspectConfig) -> int:
     t0 = time.perf_counter()
     interrupted = False
     try:
-        with _terminate_as_interrupt():
+        with terminate_as_interrupt():
             _inspect_all(cfg, inspector, session, paths, threshold)
     except KeyboardInterrupt:
         interrupted = True
@@ -256,24 +254,6 @@ def run(cfg: InspectConfig) -> int:
             "inputs were given relative to another folder before (then those images now have two rows each)"
         )
     return _finish(cfg, inspector, stamp, session.done, time.perf_counter() - t0)
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM (``kill``, a service stopping) ends the run as Ctrl+C does: pending rows written, one line,
-    exit 130; it killed the process silently, leaving a report's temporary file behind."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _inspect_all(

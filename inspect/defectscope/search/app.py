@@ -63,13 +63,23 @@ def run_search(cfg: Any) -> dict[str, float]:
     """The whole search in this process (one worker); returns a few figures for Hydra."""
     for name in ("onnx_ir", "onnxscript", "torch.onnx"):  # the exporter's pass-by-pass INFO lines
         logging.getLogger(name).setLevel(logging.WARNING)
+    from .errors import SearchConfigError
     from .report import summary_lines, write_report
-    from .study import enqueue_seeds, fail_stale, open_study, optimize, parent_run, run_dir_of
+    from .study import (
+        SearchFailedError,
+        check_stored_space,
+        discard_if_empty,
+        enqueue_seeds,
+        open_study,
+        parent_run,
+        run_dir_of,
+    )
 
     s, params, storage, facts = preflight(cfg)
-    from .trial import SearchContext, run_trial  # Lightning: after the checks, so a typo is told at once
+    from .trial import SearchContext  # Lightning: after the checks, so a typo is told at once
 
     study, created = open_study(storage, s)
+    check_stored_space(study, params, s.study_name)
     if created or not study.get_trials(deepcopy=False):
         for note in enqueue_seeds(study, cfg, params, s.presets):
             log.info("%s", note)
@@ -77,28 +87,51 @@ def run_search(cfg: Any) -> dict[str, float]:
     ctx = SearchContext(
         cfg, s, params, facts, run_dir_of(cfg), getattr(tracker, "run_id", None), base_overrides()
     )
-    status = "FAILED"
-    try:
-        optimize(study, lambda trial: run_trial(trial, ctx), s)
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        print(
-            f"defectscope search: interrupted; the running trial is marked failed. Run the same command to "
-            f"continue study {s.study_name!r}",
-            file=sys.stderr,
-        )
-    finally:
-        fail_stale(study)
-        summary = write_report(study, cfg, params, s, ctx.run_dir)
-        if tracker is not None:
-            for path in summary["files"].values():
-                tracker.log_artifact(path)
-            tracker.close(status)
+    status, error = _optimize(study, ctx, s)
+    summary = write_report(study, cfg, params, s, ctx.run_dir)
+    if tracker is not None:
+        for path in summary["files"].values():
+            tracker.log_artifact(path)
+        tracker.close(status)
+    if error is not None:
+        if (
+            created
+            and isinstance(error, SearchConfigError | SearchFailedError)
+            and discard_if_empty(study, storage)
+        ):
+            raise type(error)(f"{error}; study {s.study_name!r} finished no trial and was removed") from None
+        raise error
     print("\n".join(summary_lines(summary, s)), flush=True)
     if status == "KILLED":
         raise SystemExit(130)
     return {"complete": float(summary["trials"]["complete"]), "front": float(len(summary["front"]))}
+
+
+def _optimize(study: Any, ctx: Any, s: Any) -> tuple[str, Exception | None]:
+    """Run the trials; SIGTERM stops them as Ctrl+C does. Returns the MLflow status and a stopping error."""
+    from defectscope.runtime.interrupts import terminate_as_interrupt
+
+    from .study import fail_stale, optimize, requeue_interrupted
+    from .trial import run_trial
+
+    try:
+        with terminate_as_interrupt(deferred=True):  # at the next training batch, or after the trial
+            optimize(study, lambda trial: run_trial(trial, ctx), s)
+        return "FINISHED", None
+    except KeyboardInterrupt:
+        queued = requeue_interrupted(study)
+        again = (
+            f"; trial {', '.join(map(str, queued))} stopped, marked failed and queued again" if queued else ""
+        )
+        print(
+            f"defectscope search: interrupted{again}. Run the same command to continue study {s.study_name!r}",
+            file=sys.stderr,
+        )
+        return "KILLED", None
+    except Exception as exc:  # reported with the trials so far, then raised (one line for the search's own)
+        return "FAILED", exc
+    finally:
+        fail_stale(study)
 
 
 def _search(cfg: Any) -> dict[str, float]:

@@ -134,6 +134,12 @@ class SearchSettings:
             _whole("stopping.rungs[]", r, 1) or 1 for r in _list("stopping.rungs", stop.get("rungs"))
         )
         storage = str(s.get("storage") or "")
+        if storage.split("?")[0] in ("sqlite://", "sqlite:///:memory:"):
+            raise SearchConfigError(
+                f"search.storage={storage!r} is an in-memory database: the study would vanish with this process "
+                "(no resuming, no second worker) and Optuna's heartbeat cannot use it; give a file such as "
+                "sqlite:///search.db"
+            )
         if not storage:
             raise SearchConfigError(
                 "search.storage is empty; give a database URL such as sqlite:///search.db"

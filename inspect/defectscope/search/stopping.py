@@ -21,7 +21,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from ..runtime.interrupts import check_interrupt
 from .errors import SearchConfigError
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,9 @@ class TrialMonitor(Callback):
         self.best_path: str | None = None
         self.interrupted = False
 
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        check_interrupt()  # a SIGTERM whose KeyboardInterrupt a garbage collector's callback swallowed
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
@@ -124,7 +129,8 @@ class TrialMonitor(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        self.interrupted = isinstance(exception, KeyboardInterrupt)
+        # Ctrl+C, or SIGTERM: Lightning's own handler ends the fit with SIGTERMException (a SystemExit, code 0)
+        self.interrupted = isinstance(exception, KeyboardInterrupt | SIGTERMException)
 
     def record(self) -> dict[str, Any]:
         return {"curve": self.curve, "stopped_at_epoch": self.stopped_at, "stop_reason": self.stop_reason}

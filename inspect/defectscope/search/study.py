@@ -3,7 +3,8 @@
 Scale-out is Optuna's own: every worker opens the same database URL and study name and asks the
 study for its next trial. A worker that dies leaves its trial RUNNING; Optuna's heartbeat notices
 (``search.grace_s`` after the last beat) and marks it FAIL, and ``RetryHeartbeatStaleTrialCallback`` queues the
-same parameters again (``search.retry_interrupted`` times), so an interrupted trial is failed, not lost.
+same parameters again (``search.retry_interrupted`` times), so an interrupted trial is failed, not lost; a trial
+stopped by Ctrl+C or SIGTERM is queued again by :func:`requeue_interrupted`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
 
+from ..runtime.interrupts import check_interrupt
 from .errors import SearchConfigError
 from .settings import SearchSettings
 from .space import Param, out_of_space, seed_values
@@ -205,6 +209,7 @@ class FailureStreak:
         self.config_error: str | None = None
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        check_interrupt()  # no next trial after a SIGTERM that came while this one finished
         if trial.state != optuna.trial.TrialState.FAIL:
             self.streak = 0
             return
@@ -261,9 +266,59 @@ def optimize(study: optuna.Study, objective: Any, s: SearchSettings) -> None:
 
 def _without_config_traceback(record: logging.LogRecord) -> bool:
     """Optuna logs every failed trial with its traceback; a setting no trial can meet ends the search with
-    its one line (:meth:`FailureStreak.check`), so that trial's record keeps its message only."""
-    if record.exc_info and isinstance(record.exc_info[1], SearchConfigError):
+    its one line (:meth:`FailureStreak.check`), and an interrupted one with its own, so those trials' records
+    keep their message only."""
+    if record.exc_info and isinstance(record.exc_info[1], SearchConfigError | KeyboardInterrupt):
         record.exc_info, record.exc_text = None, None
+    return True
+
+
+def _describe(d: BaseDistribution) -> str:
+    if isinstance(d, CategoricalDistribution):
+        return f"choices {list(d.choices)}"
+    if isinstance(d, IntDistribution | FloatDistribution):
+        extra = (" log" if d.log else "") + (f" step {d.step}" if d.step not in (None, 1) else "")
+        return f"[{d.low}, {d.high}]{extra}"
+    return repr(d)
+
+
+def check_stored_space(study: optuna.Study, params: Sequence[Param], study_name: str) -> None:
+    """A study keeps the space its trials were sampled from: a changed range or choice list made Optuna fail
+    every trial (choices) or silently mix two spaces (ranges); told before the first trial, naming the key."""
+    stored: dict[str, BaseDistribution] = {}
+    for t in study.get_trials(deepcopy=False):
+        for name, dist in t.distributions.items():
+            stored.setdefault(name, dist)
+    for p in params:
+        old = stored.get(p.name)
+        if old is not None and old != p.distribution:
+            raise SearchConfigError(
+                f"{p.key}: study {study_name!r} sampled it from {_describe(old)}, this command from "
+                f"{_describe(p.distribution)}; a study keeps its space: give the same, or another search.study_name"
+            )
+
+
+def requeue_interrupted(study: optuna.Study) -> list[int]:
+    """Trials stopped by Ctrl+C or SIGTERM are failed by Optuna; their parameters (a seed's included) are
+    queued again, once, so the next run of the same command trains them first. Returns their numbers."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    lost = [
+        t for t in trials
+        if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.params and t.number not in retried
+    ]  # fmt: skip
+    for t in lost:
+        study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number}, skip_if_exists=False)
+    return [t.number for t in lost]
+
+
+def discard_if_empty(study: optuna.Study, storage: RDBStorage) -> bool:
+    """Remove a study this command created when no trial finished or runs: a misspelt setting that failed its
+    first trials must not keep the study name (a corrected command was refused: other objectives)."""
+    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    if study.get_trials(deepcopy=False, states=live):
+        return False
+    optuna.delete_study(study_name=study.study_name, storage=storage)
     return True
 
 

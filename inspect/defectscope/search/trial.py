@@ -119,6 +119,9 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> list[float]:
     """One trial; an error is recorded on the trial (``error``) before Optuna marks it failed."""
     try:
         return _run_trial(trial, ctx)
+    except KeyboardInterrupt:  # Ctrl+C or SIGTERM: queued again by the search (requeue_interrupted)
+        trial.set_user_attr("interrupted", True)
+        raise
     except Exception as exc:
         if not isinstance(exc, optuna.TrialPruned):
             trial.set_user_attr(

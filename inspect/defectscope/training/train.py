@@ -10,6 +10,7 @@ first training step, and so that the best checkpoint is on disk before anything 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -298,6 +299,26 @@ def _log_outputs(best: str | None, dm: Any, tracker: MLflowTracker | None) -> No
         tracker.log_artifact(rejects)  # data.on_bad_file=skip: which files were left out, and why
 
 
+def _say_stopped(trainer: pl.Trainer) -> None:
+    """One line for a fit stopped by Ctrl+C or SIGTERM (a SIGTERM was exit status 0 and no word: a scheduler
+    took the run for finished), with the checkpoint to resume from."""
+    if not trainer.is_global_zero:
+        return
+    cb = checkpoint_callback(trainer)
+    last = cb.last_model_path or cb.best_model_path
+    how = (
+        f"resume with ckpt_path={last}"
+        if last
+        else "no epoch finished, so there is no checkpoint to resume from"
+    )
+    why = "SIGTERM" if trainer.received_sigterm else "Ctrl+C"
+    print(
+        f"defectscope train: stopped by {why} in epoch {trainer.current_epoch}; {how}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, float]:
     t0 = time.perf_counter()
     distill = check_train_config(cfg)  # every setting that needs no file, before any data is read
@@ -327,7 +348,14 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
         trainer = _build_trainer(cfg, out_dir, tracker, [*teacher_pass, *extra_callbacks])
         resolved = _write_run_files(cfg, dm, out_dir, tracker)
 
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+        try:
+            trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+        except SystemExit:  # Lightning ends an interrupted fit with sys.exit (code 0 after a SIGTERM)
+            if not trainer.interrupted:
+                raise
+            status = "KILLED"
+            _say_stopped(trainer)
+            raise SystemExit(130) from None
         metrics = scalar_metrics(dict(trainer.callback_metrics))
         ckpt_cb = checkpoint_callback(trainer)
         # read before the test: testing best.ckpt restores the callback's state as it was when best was written
