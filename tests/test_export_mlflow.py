@@ -129,3 +129,27 @@ def test_missing_run_fails_before_exporting(
     assert "run '0123456789abcdef' is not there" in err and "empty.db" in err
     assert "MLFLOW_TRACKING_URI" in err and "nothing was exported" in err
     assert not out.exists()
+
+
+def test_a_tracking_server_that_does_not_answer_is_told_in_seconds(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    restore_tracking_uri: None,
+) -> None:
+    """MLflow's client retried a refused connection for about 4 minutes and then said the run "is not there";
+    the server is asked first (training's probe), and the line says it cannot be reached."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    model = randomize(build_preset(model_presets()["tiny"]), seed=4)
+    info = checkpoint_info("gapcnn", model.model_kwargs, mlflow_run_id="0123456789abcdef")
+    ckpt = write_checkpoint(tmp_path / "best.ckpt", model, info)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    rc = main([str(ckpt), "-o", str(tmp_path / "model.onnx"), "--mlflow", "--parity-images", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"MLflow tracking server http://127.0.0.1:{port} cannot be reached" in err, err
+    assert "Start it, or set MLFLOW_TRACKING_URI" in err and "logger=none" not in err
+    assert not (tmp_path / "model.onnx").exists()

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 import onnx
 
 from defectscope.runtime.metadata import INPUT_NAME, METADATA_KEY, ModelMetadata
+from defectscope.training.reachability import TrackingUnavailableError, check_reachable
 
 ARTIFACT_NAME = "onnx_model"
 FALLBACK_EXPERIMENT = "defectscope-export"
@@ -91,15 +93,27 @@ def preflight(info: dict[str, Any]) -> str:
     uri = tracking_uri(info)
     if uri:
         mlflow.set_tracking_uri(uri)
-    where = f"MLflow store {uri or mlflow.get_tracking_uri()}"
+    store = uri or mlflow.get_tracking_uri()
+    where = f"MLflow store {store}"
+    if urlparse(store).scheme in ("http", "https"):  # MLflow retried a refused connection for minutes
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        try:
+            check_reachable(
+                store, 5.0, "Start it, or set MLFLOW_TRACKING_URI to the store the model was trained with"
+            )
+        except TrackingUnavailableError as exc:
+            raise MlflowExportError(str(exc)) from None
     run_id = info.get("mlflow_run_id")
     if run_id:
         try:
             MlflowClient().get_run(run_id)
         except Exception as exc:
+            missing = getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+            what = "is not there" if missing else f"cannot be read ({str(exc).strip().splitlines()[0][:200]})"
             raise MlflowExportError(
-                f"{where}: the checkpoint's run {run_id!r} is not there ({type(exc).__name__}); "
-                "set MLFLOW_TRACKING_URI to the store the model was trained with"
+                f"{where}: the checkpoint's run {run_id!r} {what}; set MLFLOW_TRACKING_URI to the store the model "
+                "was trained with"
             ) from None
     return where
 

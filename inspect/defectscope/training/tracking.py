@@ -20,17 +20,15 @@ import json
 import logging
 import os
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from pytorch_lightning.loggers.logger import Logger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from .config import flatten, is_global_zero
+from .reachability import TrackingUnavailableError, check_reachable
 
 log = logging.getLogger(__name__)
 
@@ -39,39 +37,6 @@ _MAX_PARAM_LEN = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 _MAX_TAG_LEN = 5000
 _BATCH_PARAMS = 100
 _BATCH_METRICS = 1000
-
-
-class TrackingUnavailableError(RuntimeError):
-    """The tracking store/server cannot be used; raised before training starts."""
-
-
-def check_reachable(uri: str, timeout_s: float) -> None:
-    """Fail fast when an HTTP tracking server does not answer; make sure a local store's folder exists.
-
-    Any HTTP answer counts as reachable (an auth proxy may answer 401 on /health); only connection
-    errors and timeouts mean the server is not there.
-    """
-    parsed = urlparse(uri)
-    if parsed.scheme in ("http", "https"):
-        url = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-                resp.read(64)
-        except urllib.error.HTTPError:
-            return
-        except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise TrackingUnavailableError(
-                f"MLflow tracking server {uri} cannot be reached ({reason}; waited {timeout_s:g} s for {url}). "
-                "Start the server, fix logger.tracking_uri / MLFLOW_TRACKING_URI, "
-                "or train without tracking: logger=none"
-            ) from None
-    elif parsed.scheme == "sqlite":
-        db = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else ""
-        if db and db != ":memory:":
-            Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    elif parsed.scheme in ("", "file"):
-        Path(parsed.path if parsed.scheme else uri).expanduser().mkdir(parents=True, exist_ok=True)
 
 
 def _clip(text: str, limit: int) -> str:

@@ -1,0 +1,46 @@
+"""Whether an MLflow tracking server answers, asked in seconds before any work (training, ``export --mlflow``):
+MLflow's own client retries a refused connection for minutes and then names another cause. Light: no
+Lightning, no MLflow import."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The tracking store/server cannot be used; raised before training starts."""
+
+
+TRAINING_ADVICE = (
+    "Start the server, fix logger.tracking_uri / MLFLOW_TRACKING_URI, or train without tracking: logger=none"
+)
+
+
+def check_reachable(uri: str, timeout_s: float, advice: str = TRAINING_ADVICE) -> None:
+    """Fail fast when an HTTP tracking server does not answer; make sure a local store's folder exists.
+
+    Any HTTP answer counts as reachable (an auth proxy may answer 401 on /health); only connection
+    errors and timeouts mean the server is not there.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+                resp.read(64)
+        except urllib.error.HTTPError:
+            return
+        except (urllib.error.URLError, OSError, TimeoutError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingUnavailableError(
+                f"MLflow tracking server {uri} cannot be reached ({reason}; waited {timeout_s:g} s for {url}). {advice}"
+            ) from None
+    elif parsed.scheme == "sqlite":
+        db = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else ""
+        if db and db != ":memory:":
+            Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    elif parsed.scheme in ("", "file"):
+        Path(parsed.path if parsed.scheme else uri).expanduser().mkdir(parents=True, exist_ok=True)
