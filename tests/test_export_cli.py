@@ -208,6 +208,7 @@ def test_export_cli_rejects_bad_input_with_exit_2(
         ),
         ([good, "-o", str(image)], "frame.png is a PNG image; it would be overwritten"),
         ([good, "-o", str(link)], "current.onnx is a link to"),
+        ([good, "-o", "-"], "-o -: the model is written to a file"),
     ]
     before = Path(good).read_bytes()
     for argv, message in cases:

@@ -168,6 +168,10 @@ def _checked_request(
 ) -> Path:
     """The output path and the options, checked before the checkpoint is looked at."""
     out = Path(output)
+    if str(output) == "-":  # not standard output: a file named "-" appeared in the working folder
+        raise ExportError(
+            "-o -: the model is written to a file (renamed into place); give a name such as model.onnx"
+        )
     try:  # before is_dir(), which raises for a name too long or a loop of links
         check_name(out, "-o")
     except OutputError as exc:
