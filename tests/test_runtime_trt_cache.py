@@ -26,7 +26,7 @@ from defectscope.runtime.trt import (
     engine_folder,
     trt_options,
 )
-from onnx_models import build_model
+from onnx_models import build_model, make_image
 
 # -- 1. the engine cache key -----------------------------------------------------------------------
 
@@ -154,3 +154,25 @@ def test_clean_removes_only_outdated_engines_it_created(tmp_path: Path) -> None:
         "photos", "notes.txt",
     }  # fmt: skip
     assert clean_engine_cache(tmp_path / "missing") == (0, 0)
+
+
+def test_a_cache_folder_that_cannot_be_one_is_refused_on_any_provider(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--trt-cache naming a file was ignored on a CPU test PC and refused only on the line PC's TensorRT start;
+    inspect and watch now tell it before any image, whatever the provider. A folder to be made is fine."""
+    model = build_model(tmp_path / "m.onnx")
+    image = make_image(tmp_path / "x.png", 64, 64, bright=False)
+    for main, args in (
+        (cli.main, [str(model), str(image), "-o", str(tmp_path / "r.jsonl")]),
+        (watch.main, [str(model), "--in", str(tmp_path / "hot"), "--out", str(tmp_path / "out")]),
+    ):
+        assert main([*args, "--provider", "cpu", "--trt-cache", str(model)]) == 2
+        assert f"--trt-cache {model}: is a file, not a folder" in capsys.readouterr().err
+    assert (
+        cli.main(
+            [str(model), str(image), "-o", str(tmp_path / "r.jsonl"), "--trt-cache", str(tmp_path / "new")]
+        )
+        == 0
+    )
+    assert not (tmp_path / "new").exists()  # unused on the CPU: not made

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from .decision import THRESHOLD_EXPECTED, is_threshold
+from .outputs import OutputError, check_output_folder
 from .providers import GRAPH_OPT_CHOICES, PROVIDER_CHOICES
 from .trt import TRT_MAX_BATCH, add_trt_options
 
@@ -132,6 +133,13 @@ def add_shared_options(p: argparse.ArgumentParser) -> None:
 
 def run_options(p: argparse.ArgumentParser, a: argparse.Namespace) -> RunOptions:
     """Check the shared options (``p.error`` exits 2) and type them."""
+    if (
+        a.trt_cache
+    ):  # told here whatever the provider: on a CPU test PC it was ignored, on the line PC refused
+        try:
+            check_output_folder(a.trt_cache, "--trt-cache")
+        except OutputError as exc:
+            p.error(str(exc))
     if a.device_id < 0:
         p.error(f"--device-id must be a GPU index >= 0, got {a.device_id}")
     session = SessionConfig(
