@@ -152,7 +152,7 @@ def test_data_config_mistakes_are_one_line_naming_the_key(
         "data.split.val_fraction=abc": "data.split.val_fraction must be a number in [0, 1) or null, got 'abc'",
         "data.split.test_fraction=1": "data.split.test_fraction must be a number in [0, 1) or null, got 1",
         "data.mean=[0.5,0.5]": "data.mean has 2 values; expected 1 or 1 (data.loader.channels)",
-        "data.num_workers=-1": "data.num_workers must be a whole number in [0, 64], got -1",
+        "data.num_workers=-1": "data.num_workers must be a whole number in [0, 256], got -1",
         "data.seed=-1": "data.seed must be a whole number >= 0, got -1",
         "data.drop_last=maybe": "data.drop_last: expected true or false, got str 'maybe'",
         "data.pin_memory=no": "data.pin_memory: expected true, false or null, got str 'no'",
@@ -229,7 +229,7 @@ def test_export_evaluate_and_search_mistakes_are_told_before_torch_is_imported(
             "evaluate_on must be one of test, all or null",
         ),
         (
-            ["evaluate", "ckpt_path=nope.ckpt", "data=folder", "data.num_workers=99"],
+            ["evaluate", "ckpt_path=nope.ckpt", "data=folder", "data.num_workers=999"],
             "data.num_workers must be",
         ),
         (["evaluate", f"ckpt_path={'a' * 300}.ckpt"], "cannot be read (File name too long:"),

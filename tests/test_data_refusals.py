@@ -93,7 +93,7 @@ def test_settings_errors_are_the_commands_own(tmp_path: Path, key: str, value: o
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"num_workers": 65}, "data.num_workers must be a whole number in [0, 64], got 65"),
+        ({"scan_workers": -1}, "data.scan_workers must be a whole number in [0, 256], got -1"),
         ({"batch_size": 0}, "data.batch_size must be a whole number in [1, 16384], got 0"),
         ({"source": {"kind": ["folder"]}}, "data.source.kind must be one of folder, csv, elpv, synthetic"),
         ({"source": None}, "data.source.kind is required"),
@@ -103,16 +103,21 @@ def test_a_recorded_data_config_is_held_to_trainings_rules(
     tmp_path: Path, data: dict[str, object], message: str
 ) -> None:
     """One rule for a data config typed for training and one read back from a checkpoint by evaluate: before,
-    num_workers=65 trained and its checkpoint could not be evaluated, batch_size=0 passed the rebuild, and a
+    num_workers=65 trained and its checkpoint could not be evaluated (now: capped at 256, clamped to the cores), batch_size=0 passed the rebuild, and a
     source kind given as a list was a TypeError traceback."""
     spec = {"source": {"kind": "folder", "root": str(tmp_path)}, **data}
     with pytest.raises(ValueError, match=re.escape(message)):
         data_settings(**spec)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=re.escape(message.replace("data", "run.ckpt: run_config.data", 1))):
         datamodule_kwargs(spec, "run.ckpt: run_config.data", from_file=True)
-    accepted = {"source": {"kind": "folder", "root": str(tmp_path)}, "num_workers": 64, "batch_size": 1}
-    assert data_settings(**accepted).num_workers == 64  # type: ignore[arg-type]
-    assert datamodule_kwargs(accepted, "data", from_file=True)["num_workers"] == 64
+    accepted = {"source": {"kind": "folder", "root": str(tmp_path)}, "num_workers": 96, "batch_size": 1}
+    assert data_settings(**accepted).num_workers == 96  # type: ignore[arg-type]  # a 128-core machine's
+    with pytest.raises(
+        ValueError, match=re.escape("data.num_workers must be a whole number in [0, 256], got 257")
+    ):
+        data_settings(**{**accepted, "num_workers": 257})  # type: ignore[arg-type]
+    # read back from a checkpoint on a smaller machine: at most its cores (a file must not start 96 processes)
+    assert datamodule_kwargs(accepted, "data", from_file=True)["num_workers"] == min(96, os.cpu_count() or 1)
 
 
 @pytest.mark.parametrize("name", ["bad\nline", "x" * 210, os.fsdecode(b"\xff\xfe")])

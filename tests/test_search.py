@@ -240,7 +240,9 @@ def test_a_misspelt_metric_stops_the_search_after_one_trial(
     assert "search.metric: training logs no 'val/bal_accuracy'" in errors[0] and "val/bal_acc," in errors[0]
     # the study it created finished nothing: removed, so the corrected command may use the name (it was
     # refused before: "optimises ['val/bal_accuracy', ...]; choose another study name")
-    assert errors[0].endswith("study 'defectscope-smoke' finished no trial and was removed")
+    assert errors[0].endswith(
+        "(study 'defectscope-smoke' finished no trial and was removed: the next command starts it afresh)"
+    )
     assert optuna.study.get_all_study_names(f"sqlite:///{tmp_path}/search.db") == []
 
 

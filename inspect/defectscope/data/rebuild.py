@@ -10,6 +10,7 @@ before a single file is listed.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,8 +45,13 @@ def datamodule_kwargs(spec: Any, where: str, *, from_file: bool) -> dict[str, An
     check_data_keys(kwargs, where, PlainDataError)
     for key in EVALUATION_KEYS:
         kwargs.pop(key, None)
+    if from_file:  # a runtime setting of the machine it was trained on: at most this machine's cores here
+        for key in ("num_workers", "scan_workers"):
+            value = kwargs.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > (os.cpu_count() or 1):
+                kwargs[key] = os.cpu_count() or 1
     try:  # training's own rules, so a run's recorded config is never refused for what training accepted
-        settings = data_settings(**kwargs, evaluate_on="test")
+        settings = data_settings(**kwargs, evaluate_on="test", rejects_path=None)  # evaluation sets its own
     except ValueError as exc:
         message = str(exc)
         named = message.startswith(("data.", "data:")) and where != "data"

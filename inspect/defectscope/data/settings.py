@@ -30,7 +30,7 @@ MAX_SCALE = 4.0
 #: the most images per batch and loader/scan processes a data config may ask for (one rule for a config
 #: typed by the user and one read from a checkpoint: a file must not make evaluation start 10,000 processes)
 MAX_BATCH = 1 << 14
-MAX_WORKERS = 64
+MAX_WORKERS = 256
 
 
 def check_evaluate_on(value: str | None) -> None:

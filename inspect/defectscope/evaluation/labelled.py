@@ -53,12 +53,12 @@ def has_labels(path: Path, class_names: Sequence[str]) -> bool:
     if path.is_file():
         return is_manifest(path)
     subdirs = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    known = set(class_names) | set(SPLITS)
-    unknown = [name for name in subdirs if name not in known]
-    if unknown and len(unknown) < len(subdirs):
+    unknown = [name for name in subdirs if name not in set(class_names) | set(SPLITS)]
+    named = sorted(set(subdirs) & set(class_names))  # split names alone (cam1/, test/) say nothing of labels
+    if unknown and named:
         raise SourceError(
             f"{path}: sub-folder(s) {unknown} are not among the model's classes {list(class_names)} while "
-            f"{sorted(set(subdirs) - set(unknown))} are; rename them or move them out"
+            f"{named} are; rename them or move them out (unlabelled images: give a text file listing them)"
         )
     return bool(subdirs) and not unknown
 

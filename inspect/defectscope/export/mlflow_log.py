@@ -96,8 +96,6 @@ def preflight(info: dict[str, Any]) -> str:
     store = uri or mlflow.get_tracking_uri()
     where = f"MLflow store {store}"
     if urlparse(store).scheme in ("http", "https"):  # MLflow retried a refused connection for minutes
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         try:
             check_reachable(
                 store, 5.0, "Start it, or set MLFLOW_TRACKING_URI to the store the model was trained with"

@@ -79,7 +79,7 @@ def plan_threshold(
     except SourceError as exc:  # its message names the file or folder already
         text = str(exc)
         raise ThresholdError(
-            f"--images {text}" if text.startswith(str(images)) else f"--images {images}: {text}"
+            f"--images {text}" if text.startswith(str(Path(str(images)))) else f"--images {images}: {text}"
         ) from None
     if images is not None and labelled is None:
         log(f"threshold: --images {images} has no labels; re-deriving on the checkpoint's validation images")

@@ -97,9 +97,12 @@ def run_search(cfg: Any) -> dict[str, float]:
         if (
             created
             and isinstance(error, SearchConfigError | SearchFailedError)
-            and discard_if_empty(study, storage)
+            and discard_if_empty(study, storage, ctx.worker)
         ):
-            raise type(error)(f"{error}; study {s.study_name!r} finished no trial and was removed") from None
+            raise type(error)(
+                f"{error} (study {s.study_name!r} finished no trial and was removed: the next command starts it "
+                "afresh)"
+            ) from None
         raise error
     print("\n".join(summary_lines(summary, s)), flush=True)
     if status == "KILLED":
@@ -119,7 +122,7 @@ def _optimize(study: Any, ctx: Any, s: Any) -> tuple[str, Exception | None]:
             optimize(study, lambda trial: run_trial(trial, ctx), s)
         return "FINISHED", None
     except KeyboardInterrupt:
-        queued = requeue_interrupted(study)
+        queued = requeue_interrupted(study, ctx.worker)
         again = (
             f"; trial {', '.join(map(str, queued))} stopped, marked failed and queued again" if queued else ""
         )

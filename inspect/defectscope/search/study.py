@@ -298,26 +298,31 @@ def check_stored_space(study: optuna.Study, params: Sequence[Param], study_name:
             )
 
 
-def requeue_interrupted(study: optuna.Study) -> list[int]:
-    """Trials stopped by Ctrl+C or SIGTERM are failed by Optuna; their parameters (a seed's included) are
-    queued again, once, so the next run of the same command trains them first. Returns their numbers."""
+def requeue_interrupted(study: optuna.Study, worker: str) -> list[int]:
+    """This worker's trials stopped by Ctrl+C or SIGTERM are failed by Optuna; their parameters (a seed's
+    included) are queued again, once, so the next run of the same command trains them first (two workers
+    stopped together each queue their own). Returns their numbers."""
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get("retry_of") for t in trials}
     lost = [
         t for t in trials
-        if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.params and t.number not in retried
+        if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.params
+        and t.user_attrs.get("worker") == worker and t.number not in retried
     ]  # fmt: skip
     for t in lost:
         study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number}, skip_if_exists=False)
     return [t.number for t in lost]
 
 
-def discard_if_empty(study: optuna.Study, storage: RDBStorage) -> bool:
-    """Remove a study this command created when no trial finished or runs: a misspelt setting that failed its
-    first trials must not keep the study name (a corrected command was refused: other objectives)."""
-    live = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-    if study.get_trials(deepcopy=False, states=live):
-        return False
+def discard_if_empty(study: optuna.Study, storage: RDBStorage, worker: str) -> bool:
+    """Remove a study this command created when it holds only this worker's failed trials (and queued ones):
+    a misspelt setting that failed its first trials must not keep the study name (a corrected command was
+    refused: other objectives). A trial of another worker, or one that finished or runs, keeps it."""
+    for t in study.get_trials(deepcopy=False):
+        if t.state != TrialState.WAITING and not (
+            t.state == TrialState.FAIL and t.user_attrs.get("worker") == worker
+        ):
+            return False
     optuna.delete_study(study_name=study.study_name, storage=storage)
     return True
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from .space import Param, apply_values, suggest
 from .stopping import TrialMonitor
 
 log = logging.getLogger(__name__)
+WORKER_ATTR = "worker"
 
 
 @dataclass
@@ -37,6 +39,8 @@ class SearchContext:
     run_dir: Path
     parent_run_id: str | None
     base_overrides: list[str]
+    #: this command's mark on its trials: what it may re-queue or remove is its own, never another worker's
+    worker: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
 def trial_config(ctx: SearchContext, values: dict[str, Any], number: int) -> Any:
@@ -117,6 +121,7 @@ def _check_feasible(trial: optuna.Trial, ctx: SearchContext, values: dict[str, A
 
 def run_trial(trial: optuna.Trial, ctx: SearchContext) -> list[float]:
     """One trial; an error is recorded on the trial (``error``) before Optuna marks it failed."""
+    trial.set_user_attr(WORKER_ATTR, ctx.worker)
     try:
         return _run_trial(trial, ctx)
     except KeyboardInterrupt:  # Ctrl+C or SIGTERM: queued again by the search (requeue_interrupted)
@@ -156,7 +161,9 @@ def _run_trial(trial: optuna.Trial, ctx: SearchContext) -> list[float]:
         peers=peers_of(trial.study),
     )
     try:
-        train(cfg, extra_callbacks=[monitor])
+        train(
+            cfg, extra_callbacks=[monitor], announce_stop=False
+        )  # the search says what becomes of the trial
     except SystemExit:
         if monitor.interrupted:  # Lightning turns Ctrl-C into sys.exit(1): let Optuna mark the trial failed
             raise KeyboardInterrupt from None

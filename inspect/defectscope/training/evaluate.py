@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -199,7 +200,14 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
 
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False)
     dm = _scored_datamodule(data_kwargs, given, ckpt_file, list(info["class_names"]))
-    results = trainer.test(module, datamodule=dm, verbose=False)
+    try:
+        results = trainer.test(module, datamodule=dm, verbose=False)
+    except SystemExit:  # Lightning ends an interrupted test with sys.exit (code 0 after a SIGTERM)
+        if not trainer.interrupted:
+            raise
+        why = "SIGTERM" if trainer.received_sigterm else "Ctrl+C"
+        print(f"defectscope evaluate: stopped by {why}; nothing was written", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     logged = scalar_metrics(results[0] if results else {})
     kept = {k: v for k, v in logged.items() if k in LOGGED_KEPT or k.startswith("test/shift/")}
     out = module.test_outputs

@@ -4,6 +4,7 @@ Lightning, no MLflow import."""
 
 from __future__ import annotations
 
+import ssl
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -35,6 +36,8 @@ def check_reachable(uri: str, timeout_s: float, advice: str = TRAINING_ADVICE) -
             return
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
             reason = getattr(exc, "reason", exc)
+            if isinstance(reason, ssl.SSLError) or isinstance(exc, ssl.SSLError):
+                return  # it answered: its certificate is MLflow's client's business (REQUESTS_CA_BUNDLE etc.)
             raise TrackingUnavailableError(
                 f"MLflow tracking server {uri} cannot be reached ({reason}; waited {timeout_s:g} s for {url}). {advice}"
             ) from None

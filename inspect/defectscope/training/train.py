@@ -200,14 +200,17 @@ def ready_datamodule(dm: Any, needs_test: bool) -> None:
     dm.require_splits("val", *(["test"] if needs_test else []))
 
 
-def train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, float]:
+def train(
+    cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), *, announce_stop: bool = True
+) -> dict[str, float]:
     """Fit, test the best checkpoint, log everything; returns the final val and test metrics.
 
     ``extra_callbacks``: Lightning callbacks a caller adds from code (``defectscope search`` watches
-    and stops its trials with one), after those of ``cfg.callbacks``.
+    and stops its trials with one), after those of ``cfg.callbacks``. ``announce_stop``: say in one line where
+    to resume after Ctrl+C or SIGTERM (exit 130); a search says instead what becomes of its trial.
     """
     with torch_threads(cfg.get("threads")):
-        return _train(cfg, extra_callbacks)
+        return _train(cfg, extra_callbacks, announce_stop)
 
 
 def _start_tracker(
@@ -299,27 +302,33 @@ def _log_outputs(best: str | None, dm: Any, tracker: MLflowTracker | None) -> No
         tracker.log_artifact(rejects)  # data.on_bad_file=skip: which files were left out, and why
 
 
-def _say_stopped(trainer: pl.Trainer) -> None:
-    """One line for a fit stopped by Ctrl+C or SIGTERM (a SIGTERM was exit status 0 and no word: a scheduler
-    took the run for finished), with the checkpoint to resume from."""
+def _say_stopped(trainer: pl.Trainer, best: str | None) -> None:
+    """One line for a run stopped by Ctrl+C or SIGTERM (a SIGTERM was exit status 0 and no word: a scheduler
+    took the run for finished), with the checkpoint to resume from, or to evaluate when only the test was left."""
     if not trainer.is_global_zero:
         return
-    cb = checkpoint_callback(trainer)
-    last = cb.last_model_path or cb.best_model_path
-    how = (
-        f"resume with ckpt_path={last}"
-        if last
-        else "no epoch finished, so there is no checkpoint to resume from"
-    )
     why = "SIGTERM" if trainer.received_sigterm else "Ctrl+C"
+    if best is not None:  # the fit had finished
+        where = f"while testing; training had finished: defectscope evaluate ckpt_path={best}"
+    else:
+        cb = checkpoint_callback(trainer)
+        last = cb.last_model_path or cb.best_model_path
+        how = (
+            f"resume with ckpt_path={last}"
+            if last
+            else "no epoch finished, so there is no checkpoint to resume from"
+        )
+        where = f"in epoch {trainer.current_epoch}; {how}"
     print(
-        f"defectscope train: stopped by {why} in epoch {trainer.current_epoch}; {how}",
+        f"defectscope train: stopped by {why} {where}",
         file=sys.stderr,
         flush=True,
     )
 
 
-def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict[str, float]:
+def _train(
+    cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = (), announce_stop: bool = True
+) -> dict[str, float]:
     t0 = time.perf_counter()
     distill = check_train_config(cfg)  # every setting that needs no file, before any data is read
     check_trainer(cfg.get("trainer"), ddp_overrides(cfg))
@@ -350,17 +359,18 @@ def _train(cfg: DictConfig, extra_callbacks: Sequence[pl.Callback] = ()) -> dict
 
         try:
             trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
-        except SystemExit:  # Lightning ends an interrupted fit with sys.exit (code 0 after a SIGTERM)
+            metrics = scalar_metrics(dict(trainer.callback_metrics))
+            ckpt_cb = checkpoint_callback(trainer)
+            # read before the test: testing best.ckpt restores the callback's state as when best was written
+            best, last = ckpt_cb.best_model_path or None, ckpt_cb.last_model_path or None
+            metrics.update(_test_best(cfg, out_dir, trainer, module, dm, best, tracker))
+        except SystemExit:  # Lightning ends an interrupted fit or test with sys.exit (code 0 after a SIGTERM)
             if not trainer.interrupted:
                 raise
             status = "KILLED"
-            _say_stopped(trainer)
+            if announce_stop:
+                _say_stopped(trainer, best)
             raise SystemExit(130) from None
-        metrics = scalar_metrics(dict(trainer.callback_metrics))
-        ckpt_cb = checkpoint_callback(trainer)
-        # read before the test: testing best.ckpt restores the callback's state as it was when best was written
-        best, last = ckpt_cb.best_model_path or None, ckpt_cb.last_model_path or None
-        metrics.update(_test_best(cfg, out_dir, trainer, module, dm, best, tracker))
         if trainer.is_global_zero and best:
             threshold_lines = report_threshold(best, out_dir, tracker)
         _log_outputs(best, dm, tracker)

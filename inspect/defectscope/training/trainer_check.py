@@ -36,6 +36,14 @@ def _quiet_lightning() -> Iterator[None]:
             logger.setLevel(level)
 
 
+def _built(settings: dict[str, Any]) -> dict[str, Any]:
+    """Values given as objects (``strategy: {_target_: ...DDPStrategy, timeout: ...}``) built as the real
+    Trainer's instantiate builds them: Lightning refused the plain mapping ("invalid strategy name")."""
+    from hydra.utils import instantiate
+
+    return {k: instantiate(v) if isinstance(v, dict) and "_target_" in v else v for k, v in settings.items()}
+
+
 def check_trainer(trainer: Any, overrides: Mapping[str, Any] | None = None) -> None:
     """Refuse ``trainer.*`` the Trainer would refuse, before any data is read: an unknown key, then the
     hardware settings (with ``overrides``, what the run adds to them, e.g. a DDP strategy)."""
@@ -52,6 +60,7 @@ def check_trainer(trainer: Any, overrides: Mapping[str, Any] | None = None) -> N
             hint = f"; did you mean {', '.join(f'trainer.{k}' for k in near)}?" if near else ""
             raise TrainingConfigError(f"trainer.{key}: not an argument of Lightning's Trainer{hint}")
     hardware = {key: spec[key] for key in HARDWARE_KEYS if key in spec} | dict(overrides or {})
+    given = ", ".join(f"trainer.{key}={value}" for key, value in hardware.items())
     try:
         with _quiet_lightning():
             pl.Trainer(
@@ -59,9 +68,8 @@ def check_trainer(trainer: Any, overrides: Mapping[str, Any] | None = None) -> N
                 enable_checkpointing=False,
                 enable_progress_bar=False,
                 enable_model_summary=False,
-                **hardware,
+                **_built(hardware),
             )
     except (MisconfigurationException, ValueError, TypeError, RuntimeError, ImportError) as exc:
-        given = ", ".join(f"trainer.{key}={value}" for key, value in hardware.items())
         reason = " ".join(str(exc).split())
         raise TrainingConfigError(f"trainer: {reason} (with {given})") from None
