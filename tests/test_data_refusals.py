@@ -222,3 +222,26 @@ def test_a_recorded_synthetic_source_is_read_back_in_the_generators_class_order(
         "extensions": [".png"],
         "classes": list(DEFAULT_CLASSES),
     }
+
+
+def test_evaluation_checks_no_rejects_file_it_never_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Evaluation writes its own rejects list; the data settings' default rejects.csv in the working folder
+    (here a folder of that name) was checked anyway and refused a lot given with on_bad_file=skip."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rejects.csv").mkdir()
+    spec = {"source": {"kind": "folder", "root": str(tmp_path)}, "on_bad_file": "skip"}
+    assert datamodule_kwargs(spec, "data", from_file=False)["on_bad_file"] == "skip"
+
+
+def test_a_folder_of_camera_and_split_folders_is_unlabelled(tmp_path: Path) -> None:
+    """Sub-folders named like splits say nothing of labels: cam1/ beside test/ is an unlabelled set, while a
+    folder beside a class folder is a misspelt class (refused, naming it)."""
+    from defectscope.evaluation.labelled import read_labelled
+
+    for rel in ("cams/cam1/a.png", "cams/test/b.png", "mixed/good/a.png", "mixed/Crack/b.png"):
+        make_image(tmp_path / rel, 64, 64, bright=False)
+    assert read_labelled(tmp_path / "cams", ["good", "crack"], "good") is None
+    with pytest.raises(SourceError, match=r"sub-folder\(s\) \['Crack'\] are not among the model's classes"):
+        read_labelled(tmp_path / "mixed", ["good", "crack"], "good")

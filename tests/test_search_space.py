@@ -238,3 +238,35 @@ def test_loader_values_are_checked_by_the_training_rule(compose_train: Callable[
         r"data\.loader\.upscale_to must be a whole number in \[1, 65536\], got 1\.5",
     ):
         check_choices(cfg, parse_space({"data": {"loader": {"upscale_to": {"choices": [256, 1.5]}}}}))
+
+
+def test_a_worker_removes_or_requeues_only_its_own_trials(tmp_path: Path) -> None:
+    """Two workers on one study: the one stopping on an error must not delete the study under the other, and
+    two stopped together must not both queue the same interrupted trial (a review found both)."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+    from optuna.storages import RDBStorage
+
+    from defectscope.search.study import discard_if_empty, requeue_interrupted
+
+    storage = RDBStorage(f"sqlite:///{tmp_path}/s.db")
+    study = optuna.create_study(study_name="s", storage=storage)
+    dist = {"model.act": CategoricalDistribution(["relu", "silu"])}
+    for worker, act in (("me", "relu"), ("other", "silu")):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"model.act": act}, distributions=dist, state=optuna.trial.TrialState.FAIL,
+                user_attrs={"worker": worker, "interrupted": True},
+            )
+        )  # fmt: skip
+    assert requeue_interrupted(study, "me") == [0] and requeue_interrupted(study, "me") == []  # once
+    assert not discard_if_empty(study, storage, "me")  # the other worker's trial keeps the study
+    assert optuna.study.get_all_study_names(storage) == ["s"]
+    alone = optuna.create_study(study_name="t", storage=storage)
+    alone.add_trial(
+        optuna.trial.create_trial(
+            params={"model.act": "relu"}, distributions=dist, state=optuna.trial.TrialState.FAIL,
+            user_attrs={"worker": "me"},
+        )
+    )  # fmt: skip
+    assert discard_if_empty(alone, storage, "me") and optuna.study.get_all_study_names(storage) == ["s"]

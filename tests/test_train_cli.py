@@ -323,3 +323,23 @@ def test_the_job_sees_the_users_hydra_full_error(
 
     assert run_app("train", "train", ["experiment=smoke", "hydra.run.dir=run"], job) == 0
     assert seen == [user] and os.environ.get("HYDRA_FULL_ERROR") == user
+
+
+def test_a_strategy_given_as_an_object_passes_the_trainer_check() -> None:
+    """`+trainer.strategy={_target_: ...DDPStrategy, ...}` (how a DDP timeout or backend is set) is built before
+    Lightning's check, as the real Trainer's instantiate builds it; refused as "an invalid strategy name" before."""
+    from defectscope.training.trainer_check import check_trainer
+
+    strategy = {"_target_": "pytorch_lightning.strategies.DDPStrategy", "find_unused_parameters": True}
+    check_trainer(
+        {"_target_": "pytorch_lightning.Trainer", "accelerator": "cpu", "devices": 2, "strategy": strategy}
+    )
+    with pytest.raises(ValueError, match=r"trainer: .*devices=0"):
+        check_trainer(
+            {
+                "_target_": "pytorch_lightning.Trainer",
+                "accelerator": "cpu",
+                "devices": 0,
+                "strategy": strategy,
+            }
+        )
