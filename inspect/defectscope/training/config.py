@@ -379,6 +379,11 @@ def torch_threads(threads: Any) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def stop_cause(trainer: Any) -> str:
+    """What ended an interrupted fit or test, for the one line train and evaluate print."""
+    return "SIGTERM" if getattr(trainer, "received_sigterm", False) else "Ctrl+C"
+
+
 def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     import torch
 

@@ -39,6 +39,7 @@ from .config import (
     memory_format,
     model_layout,
     scalar_metrics,
+    stop_cause,
     torch_threads,
     use_memory_format,
 )
@@ -205,8 +206,11 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     except SystemExit:  # Lightning ends an interrupted test with sys.exit (code 0 after a SIGTERM)
         if not trainer.interrupted:
             raise
-        why = "SIGTERM" if trainer.received_sigterm else "Ctrl+C"
-        print(f"defectscope evaluate: stopped by {why}; nothing was written", file=sys.stderr, flush=True)
+        print(
+            f"defectscope evaluate: stopped by {stop_cause(trainer)}; nothing was written",
+            file=sys.stderr,
+            flush=True,
+        )
         raise SystemExit(130) from None
     logged = scalar_metrics(results[0] if results else {})
     kept = {k: v for k, v in logged.items() if k in LOGGED_KEPT or k.startswith("test/shift/")}

@@ -34,6 +34,7 @@ from .config import (
     resolve_ckpt_path,
     scalar_metrics,
     shift_protocol,
+    stop_cause,
     torch_threads,
     use_memory_format,
 )
@@ -307,7 +308,7 @@ def _say_stopped(trainer: pl.Trainer, best: str | None) -> None:
     took the run for finished), with the checkpoint to resume from, or to evaluate when only the test was left."""
     if not trainer.is_global_zero:
         return
-    why = "SIGTERM" if trainer.received_sigterm else "Ctrl+C"
+    why = stop_cause(trainer)
     if best is not None:  # the fit had finished
         where = f"while testing; training had finished: defectscope evaluate ckpt_path={best}"
     else:
