@@ -167,3 +167,28 @@ def test_grade_at_least_resolves_to_a_class_list() -> None:
         ng_class_names(GRADES, "p0", ">= p0", ordered=True)
     with pytest.raises(DecisionRuleError, match="expected a list of class names or '>= GRADE'"):
         ng_class_names(GRADES, "p0", "p67", ordered=True)
+
+
+def test_the_grading_line_says_where_the_cut_points_came_from() -> None:
+    """``grading_source`` is display-only: its known words are shown, anything else reads "not recorded"."""
+    from defectscope.runtime.grading import grading_text
+
+    cuts = Grading("cuts", (0.41, 0.82, 1.67), "balanced")
+    chosen = {"method": "chosen on this graph", "variant": "int8", "cuts_for": "balanced", "images": 120}
+    assert grading_text(cuts, chosen) == (
+        "ordered grades, the expected grade cut at 0.41, 0.82, 1.67 (for balanced), chosen on this int8 graph "
+        "on 120 validation images"
+    )
+    kept = grading_text(cuts, {"method": "kept from training", "images": 5})
+    assert kept.endswith("kept from training (PyTorch): 5 labelled validation images at export, too few")
+    for source in ({}, {"method": ["import os"]}, {"method": "chosen by hand"}):  # older files, foreign words
+        assert grading_text(cuts, source).endswith("where the cut points came from is not recorded "
+                                                   "(exported before defectscope recorded it)")  # fmt: skip
+    assert grading_text(Grading("median"), {}) == "ordered grades, the median of the predicted distribution"
+    assert grading_text(None, chosen) == ""
+    doc = json.loads(fixture_metadata(class_names=GRADES, good_class="p0").to_json())
+    doc["grading_source"] = ["chosen on this graph"]
+    with pytest.raises(MetadataError, match="grading_source must be an object"):
+        ModelMetadata.from_json(json.dumps(doc), source="m.onnx")
+    doc["grading"], doc["grading_source"] = cuts.to_doc(), chosen
+    assert ModelMetadata.from_json(json.dumps(doc)).grading_source == chosen

@@ -124,10 +124,16 @@ def test_export_keeps_parity_and_the_runtime_grades_by_the_rule(
 
     rows_file = tmp_path / "rows.jsonl"
     proc = subprocess.run(
-        [*defectscope_cmd, "inspect", str(result.path), str(ordered_dir), "--recursive", "-o", str(rows_file)],
+        [*defectscope_cmd, "inspect", str(result.path), str(ordered_dir), "--recursive", "-o", str(rows_file),
+         "--report", str(tmp_path / "r.html")],
         capture_output=True, text=True, env=cli_env, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    how = {
+        "expected": f"(for balanced), chosen on this fp32 graph on {meta.grading_source.get('images')} validation",
+        "corn": "ordered grades, the median of the predicted distribution",
+    }[objective]
+    assert how in (tmp_path / "r.html").read_text()
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     assert len(rows) == 4 * 40
     for row in rows:
@@ -157,6 +163,13 @@ def test_export_chooses_the_cut_points_for_what_it_is_told(
     e = np.concatenate([expected_grade(session.run(["probs"], {"input": x})[0]) for x in batches])
     assert n >= 20 and "cuts_for" not in meta.grading  # the default is not written (older runtimes)
     assert meta.grading["cuts"] == pytest.approx(list(choose_cuts(e, np.concatenate(targets), 4)))
+    chosen = {"method": "chosen on this graph", "variant": "fp32", "cuts_for": "accuracy", "images": n}
+    assert meta.grading_source == chosen
+    # too few validation images here to choose again: training's cut points ship, and the file says so
+    few = {**info, "val_paths": info["val_paths"][:5], "val_labels": info["val_labels"][:5]}
+    kept = export_model(model, few, tmp_path / "k.onnx", threshold=0.5, log=lambda _: None).metadata
+    assert kept.grading == checkpoint_grading(info)[1]
+    assert kept.grading_source == {"method": "kept from training", "cuts_for": "balanced", "images": 5}
     # the checkpoint's cuts are for balanced accuracy: without its validation images they cannot be
     # re-chosen for accuracy, and the file would carry cuts that were not chosen for what it says
     logged: list[str] = []

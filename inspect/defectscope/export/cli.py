@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from defectscope.runtime.decision import RECALL_EXPECTED, is_recall_target
 from defectscope.runtime.files import checkpoint_file_problem, error_line, unusable_name
-from defectscope.runtime.grading import CUTS_FOR
+from defectscope.runtime.grading import CUTS_FOR, grading_text
 from defectscope.runtime.interrupts import terminate_as_interrupt
 from defectscope.runtime.metadata import TTA_NAMES
 from defectscope.runtime.options import CommandParser, unit_number, whole_at_least
@@ -257,6 +257,9 @@ def print_result(result: ExportResult) -> None:
         print("int8 gate (int8 vs fp32 ONNX Runtime CPU, held-back images):")
         print(format_numbers(result.metadata.quantization))
     print("\n".join(threshold_summary(result.metadata.threshold_source)))
+    grading = grading_text(result.metadata.grader, result.metadata.grading_source)
+    if grading:
+        print(f"grading: {grading}")
     s = result.seconds
     parts = ", ".join(f"{k} {v:.2f}" for k, v in s.items() if k != "total")
     print(f"export time: {s['total']:.2f} s ({parts})")

@@ -18,7 +18,9 @@ import numpy as np
 from defectscope.checkpoint import recorded_grading
 from defectscope.plain import PlainDataError
 from defectscope.runtime.grading import (
+    CHOSEN_ON_GRAPH,
     CUTS_FOR,
+    KEPT_FROM_TRAINING,
     Grading,
     GradingError,
     checked_cuts_for,
@@ -108,10 +110,11 @@ def labelled_batches(
 
 def earn_cuts(
     model_bytes: bytes, meta: ModelMetadata, info: dict[str, Any], log: Callable[[str], None]
-) -> dict[str, Any]:
-    """The ``grading`` to ship: for ``cuts``, the cut points chosen on the graph's own expected grades."""
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``grading`` to ship and where it came from (metadata ``grading_source``): for ``cuts``, the
+    cut points chosen on the graph's own expected grades; {} for the other rules, which choose nothing."""
     if meta.grading.get("rule") != "cuts":
-        return dict(meta.grading)
+        return dict(meta.grading), {}
     cuts_for = str(meta.grading.get("cuts_for", CUTS_FOR[0]))
     batches, targets, n = labelled_batches(info, meta)
     if n < MIN_CUT_IMAGES:
@@ -121,7 +124,7 @@ def earn_cuts(
         log(
             f"grading: {n} labelled validation images here (< {MIN_CUT_IMAGES}); keeping training's cut points"
         )
-        return dict(meta.grading)
+        return dict(meta.grading), {"method": KEPT_FROM_TRAINING, "cuts_for": cuts_for, "images": n}
     import onnxruntime as ort
 
     session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
@@ -135,4 +138,5 @@ def earn_cuts(
         f"grading: cut points {', '.join(f'{c:.3f}' for c in cuts)} chosen for {cuts_for} on {n} validation "
         "images (this graph)"
     )
-    return Grading("cuts", cuts, cuts_for).to_doc()
+    source = {"method": CHOSEN_ON_GRAPH, "variant": meta.variant, "cuts_for": cuts_for, "images": n}
+    return Grading("cuts", cuts, cuts_for).to_doc(), source

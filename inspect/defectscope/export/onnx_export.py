@@ -307,7 +307,8 @@ def _earned(
     set_metadata(proto, meta)
     data = proto.SerializeToString()
     if meta.grading.get("rule") == "cuts":  # the fp32 graph's own cut points (int8 re-earns them below)
-        meta = replace(meta, grading=earn_cuts(data, meta, info, log))
+        grading, source = earn_cuts(data, meta, info, log)
+        meta = replace(meta, grading=grading, grading_source=source)
         set_metadata(proto, meta)
         data = proto.SerializeToString()
     int8_s = None
@@ -315,7 +316,8 @@ def _earned(
         data, figures, earned = quantize_model(data, meta, int8[0], int8[1], log, earn)
         parity = {**meta.parity, "graph": "fp32, before int8 quantisation"}
         meta = replace(meta, int8=True, quantization=figures, parity=parity)
-        meta = replace(meta, grading=earn_cuts(data, meta, info, log))  # written with the threshold below
+        grading, source = earn_cuts(data, meta, info, log)  # written with the threshold below
+        meta = replace(meta, grading=grading, grading_source=source)
         int8_s = time.perf_counter() - t0
     else:
         earned = earn(data, meta)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import error_line
+from .grading import grading_text
 from .heatmap import save_overlay
 from .inputs import InputSpecError, check_specs, expand_inputs, overlapping_inputs
 from .inspector import Inspector, MetadataError, ModelLoadError, ProviderError, check_model_path
@@ -298,6 +299,7 @@ def _finish(cfg: InspectConfig, inspector: Inspector, stamp: RunStamp, n_session
             threshold_source=stamp.threshold_source,
             model_threshold=meta.threshold,
             model_threshold_source=dict(meta.threshold_source),
+            grading=grading_text(meta.grader, meta.grading_source),
             class_names=list(meta.class_names),
             good_class=meta.good_class,
             results_path=str(cfg.output),

@@ -33,6 +33,8 @@ GRADING_KEYS = ("rule", "cuts", "cuts_for")
 CUTS_FOR = ("accuracy", "balanced")
 #: cuts may lie this far outside the grades 0 .. K-1 (a cut beyond every value = a grade never given)
 CUT_MARGIN = 0.5
+#: ``grading_source["method"]`` of a ``cuts`` rule: cut points chosen on the exported graph, or kept
+CHOSEN_ON_GRAPH, KEPT_FROM_TRAINING = "chosen on this graph", "kept from training"
 
 
 class GradingError(ValueError):
@@ -97,6 +99,26 @@ def is_finite_number(value: Any) -> bool:
         return math.isfinite(value)
     except OverflowError:
         return False
+
+
+def grading_text(grading: Grading | None, source: Mapping[str, Any]) -> str:
+    """The model's grading rule and where its cut points came from, in one line ("" for unordered
+    classes). ``source`` is the model file's display-only ``grading_source``: only its words are shown."""
+    if grading is None:
+        return ""
+    if grading.rule == "argmax":
+        return "ordered grades, the most probable one"
+    if grading.rule == "median":
+        return "ordered grades, the median of the predicted distribution"
+    cuts = ", ".join(f"{c:.3g}" for c in grading.cuts)
+    head = f"ordered grades, the expected grade cut at {cuts} (for {grading.cuts_for})"
+    method, images = source.get("method"), source.get("images")
+    count = images if isinstance(images, int) and not isinstance(images, bool) else "?"
+    if method == CHOSEN_ON_GRAPH:
+        return f"{head}, chosen on this {str(source.get('variant', '?')):.60} graph on {count} validation images"
+    if method == KEPT_FROM_TRAINING:
+        return f"{head}, kept from training (PyTorch): {count} labelled validation images at export, too few"
+    return f"{head}; where the cut points came from is not recorded (exported before defectscope recorded it)"
 
 
 def expected_grade(probs: np.ndarray) -> np.ndarray:

@@ -96,6 +96,9 @@ class ModelMetadata:
     #: ``"cuts_for": "balanced"`` for cuts chosen for balanced accuracy); empty = the
     #: classes are not grades and ``top_class`` is the most probable one
     grading: dict[str, Any] = field(default_factory=dict)
+    #: where a ``cuts`` rule's cut points came from (display only, as ``threshold_source``): chosen on
+    #: this graph (its variant, how many validation images) or kept from training (and why)
+    grading_source: dict[str, Any] = field(default_factory=dict)
     mlflow_run_id: str | None = None
     checkpoint_sha256: str | None = None
     parity: dict[str, Any] = field(default_factory=dict)
@@ -364,7 +367,7 @@ def _problems(m: ModelMetadata) -> list[str]:
         out.append("fp16 and int8 exclude each other")
     if m.tta not in TTA_NAMES:
         out.append(f"tta must be one of {', '.join(TTA_NAMES)}, got {m.tta!r}")
-    for key in ("quantization", "parity", "threshold_source", "grading"):
+    for key in ("quantization", "parity", "threshold_source", "grading", "grading_source"):
         if not isinstance(getattr(m, key), dict):
             out.append(f"{key} must be an object")
     if isinstance(m.grading, dict) and m.grading and isinstance(names, list):

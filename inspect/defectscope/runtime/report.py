@@ -41,6 +41,8 @@ class RunInfo:
     #: the model's own threshold and how export chose it (metadata ``threshold_source``)
     model_threshold: float | None = None
     model_threshold_source: dict[str, Any] = field(default_factory=dict)
+    #: the grading rule and where its cut points came from (:func:`.grading.grading_text`); "" = unordered
+    grading: str = ""
 
     @property
     def images_per_s(self) -> float | None:
@@ -217,6 +219,7 @@ def render_html(summary: Summary, info: RunInfo, figures: Sequence[Figure]) -> s
         ("provider", info.provider),
         *_threshold_rows(info),
         ("classes", ", ".join(info.class_names) + f" (good: {info.good_class})"),
+        *([("grading", info.grading)] if info.grading else []),
         (
             "throughput",
             f"{ips:.1f} images/s over {info.session_images} images this session" if ips else "n/a",
