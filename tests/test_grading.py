@@ -174,13 +174,16 @@ def test_the_grading_line_says_where_the_cut_points_came_from() -> None:
     from defectscope.runtime.grading import grading_text
 
     cuts = Grading("cuts", (0.41, 0.82, 1.67), "balanced")
-    chosen = {"method": "chosen on this graph", "variant": "int8", "cuts_for": "balanced", "images": 120}
+    chosen = {"method": "chosen on this graph", "variant": "int8", "cuts_for": "balanced", "count": 119,
+              "images": "the checkpoint's 120 validation images"}  # fmt: skip
     assert grading_text(cuts, chosen) == (
         "ordered grades, the expected grade cut at 0.41, 0.82, 1.67 (for balanced), chosen on this int8 graph "
-        "on 120 validation images"
+        "on 119 images of the checkpoint's 120 validation images"
     )
-    kept = grading_text(cuts, {"method": "kept from training", "images": 5})
-    assert kept.endswith("kept from training (PyTorch): 5 labelled validation images at export, too few")
+    kept = grading_text(cuts, {"method": "kept from training", "count": 5, "images": "lot7.csv"})
+    assert kept.endswith(
+        "kept from training (PyTorch): 5 images with labels at export, too few to choose them"
+    )
     for source in ({}, {"method": ["import os"]}, {"method": "chosen by hand"}):  # older files, foreign words
         assert grading_text(cuts, source).endswith("where the cut points came from is not recorded "
                                                    "(exported before defectscope recorded it)")  # fmt: skip

@@ -130,7 +130,7 @@ def test_export_keeps_parity_and_the_runtime_grades_by_the_rule(
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     how = {
-        "expected": f"(for balanced), chosen on this fp32 graph on {meta.grading_source.get('images')} validation",
+        "expected": f"(for balanced), chosen on this fp32 graph on {meta.grading_source.get('count')} images of the",
         "corn": "ordered grades, the median of the predicted distribution",
     }[objective]
     assert how in (tmp_path / "r.html").read_text()
@@ -151,29 +151,51 @@ def test_export_chooses_the_cut_points_for_what_it_is_told(
     import onnxruntime as ort
 
     from defectscope.checkpoint import load_checkpoint
-    from defectscope.export.grading import checkpoint_grading, labelled_batches
+    from defectscope.export.grading import checkpoint_grading
     from defectscope.export.onnx_export import ExportError, export_model
     from defectscope.runtime.grading import choose_cuts, expected_grade
+    from defectscope.runtime.image import load_image, normalize_batch
 
     model, info = load_checkpoint(trained["expected"][0])
     result = export_model(model, info, tmp_path / "m.onnx", cuts_for="accuracy", log=lambda _: None)
     meta = result.metadata
-    batches, targets, n = labelled_batches(info, meta)
     session = ort.InferenceSession(result.model_bytes, providers=["CPUExecutionProvider"])
-    e = np.concatenate([expected_grade(session.run(["probs"], {"input": x})[0]) for x in batches])
+    batch = [normalize_batch([load_image(p, meta.loader)], meta.mean, meta.std) for p in info["val_paths"]]
+    e = np.concatenate([expected_grade(session.run(["probs"], {"input": x})[0]) for x in batch])
+    truth = np.array([GRADES.index(label) for label in info["val_labels"]])
+    n = len(truth)
     assert n >= 20 and "cuts_for" not in meta.grading  # the default is not written (older runtimes)
-    assert meta.grading["cuts"] == pytest.approx(list(choose_cuts(e, np.concatenate(targets), 4)))
-    chosen = {"method": "chosen on this graph", "variant": "fp32", "cuts_for": "accuracy", "images": n}
-    assert meta.grading_source == chosen
+    assert meta.grading["cuts"] == pytest.approx(list(choose_cuts(e, truth, 4)))
+    assert meta.grading_source == {
+        "method": "chosen on this graph", "variant": "fp32", "cuts_for": "accuracy", "count": n,
+        "images": f"the checkpoint's {n} validation images",
+    }  # fmt: skip
     # too few validation images here to choose again: training's cut points ship, and the file says so
     few = {**info, "val_paths": info["val_paths"][:5], "val_labels": info["val_labels"][:5]}
     kept = export_model(model, few, tmp_path / "k.onnx", threshold=0.5, log=lambda _: None).metadata
     assert kept.grading == checkpoint_grading(info)[1]
-    assert kept.grading_source == {"method": "kept from training", "cuts_for": "balanced", "images": 5}
+    assert kept.grading_source == {
+        "method": "kept from training", "cuts_for": "balanced", "count": 5,
+        "images": "the checkpoint's 5 validation images",
+    }  # fmt: skip
+    # a labelled --images is what the threshold and the cut points are both chosen on (and counted for
+    # --cuts-for before the work: the checkpoint's 5 images here do not matter then)
+    lot = tmp_path / "lot.csv"
+    lot.write_text(
+        "path,label\n" + "".join(f"{p},{c}\n" for p, c in zip(info["val_paths"], info["val_labels"]))
+    )
+    graded = export_model(
+        model, few, tmp_path / "l.onnx", images_dir=lot, cuts_for="accuracy", log=lambda _: None
+    ).metadata
+    assert graded.grading["cuts"] == pytest.approx(meta.grading["cuts"])
+    assert graded.grading_source["images"] == graded.threshold_source["images"] == str(lot)
+    assert graded.grading_source["count"] == n and graded.threshold_source["n_good"] + graded.threshold_source[
+        "n_defect"] == n  # fmt: skip
     # the checkpoint's cuts are for balanced accuracy: without its validation images they cannot be
     # re-chosen for accuracy, and the file would carry cuts that were not chosen for what it says
     logged: list[str] = []
-    with pytest.raises(ExportError, match=r"--cuts-for accuracy re-chooses .* only 0 of them are here"):
+    refused = r"--cuts-for accuracy re-chooses the cut points on labelled images, but only 0 are here"
+    with pytest.raises(ExportError, match=refused):
         export_model(
             model,
             {**info, "val_paths": []},

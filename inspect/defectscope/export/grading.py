@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from defectscope.checkpoint import recorded_grading
+from defectscope.evaluation.labelled import Labelled
+from defectscope.evaluation.scoring import score_paths
 from defectscope.plain import PlainDataError
 from defectscope.runtime.grading import (
     CHOSEN_ON_GRAPH,
@@ -27,10 +29,10 @@ from defectscope.runtime.grading import (
     choose_cuts,
     expected_grade,
 )
-from defectscope.runtime.image import ImageLoadError, load_image, normalize_batch
-from defectscope.runtime.metadata import INPUT_NAME, ModelMetadata
+from defectscope.runtime.metadata import ModelMetadata
 
 from .errors import ExportError
+from .threshold import ort_predict
 
 #: fewer labelled images than this: keep the cut points chosen in training
 MIN_CUT_IMAGES = 20
@@ -62,81 +64,76 @@ def checkpoint_grading(info: dict[str, Any], cuts_for: str | None = None) -> tup
                 f"--cuts-for applies to models graded by cut points (ordinal.rule=cuts); this checkpoint's "
                 f"rule is {grading.rule!r}"
             )
-        recorded = grading.cuts_for
         try:
             grading = Grading("cuts", grading.cuts, checked_cuts_for(cuts_for, "--cuts-for"))
         except GradingError as exc:
             raise GradingExportError(str(exc)) from None
-        if grading.cuts_for != recorded:  # refused before any export work
-            _check_enough_to_rechoose(grading.cuts_for, len(labelled_paths(info, info["class_names"])))
     return link, grading.to_doc()
 
 
 def _check_enough_to_rechoose(cuts_for: str, n: int) -> None:
     if n < MIN_CUT_IMAGES:
         raise GradingExportError(
-            f"--cuts-for {cuts_for} re-chooses the cut points on the checkpoint's validation images, but "
-            f"only {n} of them are here (>= {MIN_CUT_IMAGES} needed); export where they are"
+            f"--cuts-for {cuts_for} re-chooses the cut points on labelled images, but only {n} are here (the "
+            f"threshold's: --images with labels, else the checkpoint's validation images; >= {MIN_CUT_IMAGES} "
+            "needed); export where they are"
         )
 
 
-def labelled_paths(info: dict[str, Any], class_names: list[str]) -> list[tuple[str, int]]:
-    """The checkpoint's validation images that exist here, with their class indices."""
-    paths, labels = info.get("val_paths") or [], info.get("val_labels") or []
-    return [
-        (path, class_names.index(label))
-        for path, label in zip(paths, labels)
-        if label in class_names and os.path.isfile(path)
-    ]
+def usable_images(images: Labelled | None, class_names: list[str]) -> Labelled | None:
+    """The labelled images (the threshold's: a labelled ``--images`` or the checkpoint's validation
+    images) that exist here and name one of the classes."""
+    if images is None:
+        return None
+    kept = [(p, c) for p, c in zip(images.paths, images.labels) if c in class_names and os.path.isfile(p)]
+    return Labelled([p for p, _ in kept], [c for _, c in kept], images.source)
 
 
-def labelled_batches(
-    info: dict[str, Any], meta: ModelMetadata
-) -> tuple[list[np.ndarray], list[np.ndarray], int]:
-    """The checkpoint's validation images (that exist here) as normalised batches by shape, with labels."""
-    groups: dict[tuple[int, ...], tuple[list[np.ndarray], list[int]]] = {}
-    for path, label in labelled_paths(info, list(meta.class_names)):
-        try:
-            arr = load_image(path, meta.loader)
-        except ImageLoadError:
-            continue
-        images, classes = groups.setdefault(arr.shape, ([], []))
-        images.append(arr)
-        classes.append(label)
-    batches = [normalize_batch(imgs, meta.mean, meta.std) for imgs, _ in groups.values()]
-    targets = [np.asarray(cls, dtype=np.int64) for _, cls in groups.values()]
-    return batches, targets, sum(len(t) for t in targets)
+def check_cut_images(grading: dict[str, Any], info: dict[str, Any], images: Labelled | None) -> None:
+    """Before the export's work: cut points asked for anew (``--cuts-for`` other than training's) need
+    at least :data:`MIN_CUT_IMAGES` labelled images to be chosen on."""
+    if grading.get("rule") != "cuts":
+        return
+    trained = recorded_grading(info.get("grading"), len(info["class_names"]), "checkpoint grading")[1]
+    cuts_for = str(grading.get("cuts_for", CUTS_FOR[0]))
+    if trained is None or cuts_for != trained.cuts_for:
+        usable = usable_images(images, list(info["class_names"]))
+        _check_enough_to_rechoose(cuts_for, len(usable.paths) if usable else 0)
 
 
 def earn_cuts(
-    model_bytes: bytes, meta: ModelMetadata, info: dict[str, Any], log: Callable[[str], None]
+    model_bytes: bytes, meta: ModelMetadata, images: Labelled | None, log: Callable[[str], None]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The ``grading`` to ship and where it came from (metadata ``grading_source``): for ``cuts``, the
-    cut points chosen on the graph's own expected grades; {} for the other rules, which choose nothing."""
+    cut points chosen on the graph's own expected grades over ``images`` (the threshold's); {} for the
+    other rules, which choose nothing."""
     if meta.grading.get("rule") != "cuts":
         return dict(meta.grading), {}
     cuts_for = str(meta.grading.get("cuts_for", CUTS_FOR[0]))
-    batches, targets, n = labelled_batches(info, meta)
-    if n < MIN_CUT_IMAGES:
-        trained = recorded_grading(info.get("grading"), len(meta.class_names), "checkpoint grading")[1]
-        if trained is None or cuts_for != trained.cuts_for:  # new cut points asked for: too few images
-            _check_enough_to_rechoose(cuts_for, n)
-        log(
-            f"grading: {n} labelled validation images here (< {MIN_CUT_IMAGES}); keeping training's cut points"
-        )
-        return dict(meta.grading), {"method": KEPT_FROM_TRAINING, "cuts_for": cuts_for, "images": n}
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-    expected = [
-        expected_grade(session.run(["probs"], {INPUT_NAME: x[i : i + 16]})[0])
-        for x in batches
-        for i in range(0, len(x), 16)
-    ]
-    cuts = choose_cuts(np.concatenate(expected), np.concatenate(targets), len(meta.class_names), cuts_for)
-    log(
-        f"grading: cut points {', '.join(f'{c:.3f}' for c in cuts)} chosen for {cuts_for} on {n} validation "
-        "images (this graph)"
-    )
-    source = {"method": CHOSEN_ON_GRAPH, "variant": meta.variant, "cuts_for": cuts_for, "images": n}
+    usable = usable_images(images, list(meta.class_names))
+    where = usable.source if usable is not None else "no labelled images"
+    n = len(usable.paths) if usable is not None else 0
+    if usable is None or n < MIN_CUT_IMAGES:  # check_cut_images refused new cut points before the work
+        log(f"grading: {n} labelled images here (< {MIN_CUT_IMAGES}); keeping training's cut points")
+        return dict(meta.grading), {
+            "method": KEPT_FROM_TRAINING,
+            "cuts_for": cuts_for,
+            "count": n,
+            "images": where,
+        }
+    scored = score_paths(ort_predict(model_bytes), usable.paths, meta.loader, meta.mean, meta.std)
+    if problem := scored.not_finite(usable.paths, f"the {meta.variant} graph"):
+        raise GradingExportError(problem)
+    truth = np.array([meta.class_names.index(c) for c in usable.labels], dtype=np.int64)[scored.index]
+    cuts = choose_cuts(expected_grade(scored.probs), truth, len(meta.class_names), cuts_for)
+    count = len(scored.index)
+    log(f"grading: cut points {', '.join(f'{c:.3f}' for c in cuts)} chosen for {cuts_for} on {count} images "
+        f"of {where} (this graph)")  # fmt: skip
+    source = {
+        "method": CHOSEN_ON_GRAPH,
+        "variant": meta.variant,
+        "cuts_for": cuts_for,
+        "count": count,
+        "images": where,
+    }
     return Grading("cuts", cuts, cuts_for).to_doc(), source

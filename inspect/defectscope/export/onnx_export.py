@@ -19,6 +19,7 @@ import onnx
 from torch import nn
 
 from defectscope import __version__
+from defectscope.evaluation.labelled import Labelled
 from defectscope.models.corn import raw_outputs, with_link
 from defectscope.models.tta import FlipTTA
 from defectscope.runtime.files import file_kind
@@ -29,7 +30,7 @@ from defectscope.runtime.outputs import OutputError, check_name, check_output_fi
 from .atomic import atomic_write_bytes
 from .errors import ExportError, typed_first_line
 from .fuse import FuseReport, fuse_conv_bn_report, replace_bn_with_affine
-from .grading import GradingExportError, checkpoint_grading, earn_cuts
+from .grading import GradingExportError, check_cut_images, checkpoint_grading, earn_cuts
 from .graph import check_graph, set_metadata, to_onnx, with_metadata
 from .int8_step import Int8Plan, plan_int8, quantize_model
 from .opset import MIN_OPSET, opset_problem
@@ -43,7 +44,7 @@ from .parity import (
     real_batches,
 )
 from .quantize import Int8Config
-from .threshold import ThresholdPlan, earn_threshold, plan_threshold
+from .threshold import ThresholdPlan, checkpoint_images, earn_threshold, plan_threshold
 from .wrapper import ExportWrapper, head_linear
 
 
@@ -141,6 +142,7 @@ def _plans(
     *,
     target_recall: float | None,
     by_hand: float | None,
+    grading: dict[str, Any],
     log: Callable[[str], None],
 ) -> tuple[list[str], tuple[Int8Config, Int8Plan] | None, ThresholdPlan]:
     """The gates' images and what int8 and the threshold will do with them, all checked before the
@@ -151,6 +153,7 @@ def _plans(
         _check_images_readable(info, images_dir, listed)
     int8_plan = (int8, plan_int8(listed, images_dir, int8, log)) if int8 is not None else None
     threshold_plan = plan_threshold(info, images_dir, target_recall=target_recall, by_hand=by_hand, log=log)
+    check_cut_images(grading, info, threshold_plan.images or checkpoint_images(info))
     return listed, int8_plan, threshold_plan
 
 
@@ -296,7 +299,7 @@ def _parity(
 def _earned(
     proto: onnx.ModelProto,
     meta: ModelMetadata,
-    info: dict[str, Any],
+    images: Labelled | None,
     int8: tuple[Int8Config, Int8Plan] | None,
     earn: Callable[[bytes, ModelMetadata], dict[str, Any]],
     log: Callable[[str], None],
@@ -307,7 +310,7 @@ def _earned(
     set_metadata(proto, meta)
     data = proto.SerializeToString()
     if meta.grading.get("rule") == "cuts":  # the fp32 graph's own cut points (int8 re-earns them below)
-        grading, source = earn_cuts(data, meta, info, log)
+        grading, source = earn_cuts(data, meta, images, log)
         meta = replace(meta, grading=grading, grading_source=source)
         set_metadata(proto, meta)
         data = proto.SerializeToString()
@@ -316,7 +319,7 @@ def _earned(
         data, figures, earned = quantize_model(data, meta, int8[0], int8[1], log, earn)
         parity = {**meta.parity, "graph": "fp32, before int8 quantisation"}
         meta = replace(meta, int8=True, quantization=figures, parity=parity)
-        grading, source = earn_cuts(data, meta, info, log)  # written with the threshold below
+        grading, source = earn_cuts(data, meta, images, log)  # written with the threshold below
         meta = replace(meta, grading=grading, grading_source=source)
         int8_s = time.perf_counter() - t0
     else:
@@ -365,7 +368,7 @@ def export_model(
     )  # fmt: skip
     link, min_side = _model_fits(model, info, meta)
     listed, int8_plan, threshold_plan = _plans(
-        info, images_dir, int8, target_recall=target_recall, by_hand=threshold, log=log
+        info, images_dir, int8, target_recall=target_recall, by_hand=threshold, grading=meta.grading, log=log
     )
     model = model.eval()
     fused, report = _fused(model, log)
@@ -384,7 +387,10 @@ def export_model(
     )  # fmt: skip
     t_parity = time.perf_counter()
     earn = partial(earn_threshold, plan=threshold_plan)
-    data, meta, int8_s = _earned(proto, replace(meta, parity=numbers), info, int8_plan, earn, log)
+    graded_on = threshold_plan.images or checkpoint_images(
+        info
+    )  # the threshold's images; by hand: training's
+    data, meta, int8_s = _earned(proto, replace(meta, parity=numbers), graded_on, int8_plan, earn, log)
     t_earned = time.perf_counter()
     atomic_write_bytes(out, data)
     t_end = time.perf_counter()

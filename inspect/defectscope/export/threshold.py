@@ -48,7 +48,7 @@ class ThresholdPlan:
     by_hand: float | None = None
 
 
-def _checkpoint_images(info: dict[str, Any]) -> Labelled | None:
+def checkpoint_images(info: dict[str, Any]) -> Labelled | None:
     paths, labels = list(info.get("val_paths") or []), info.get("val_labels")
     if not paths or not labels:
         return None
@@ -83,7 +83,7 @@ def plan_threshold(
         ) from None
     if images is not None and labelled is None:
         log(f"threshold: --images {images} has no labels; re-deriving on the checkpoint's validation images")
-    labelled = labelled or _checkpoint_images(info)
+    labelled = labelled or checkpoint_images(info)
     if labelled is None:
         raise ThresholdError(
             "the threshold must be chosen again on the exported graph, but the checkpoint records no labelled "
@@ -114,7 +114,7 @@ def plan_threshold(
     return ThresholdPlan(target_recall, warn, trained, images=chosen)
 
 
-def _ort_predict(model_bytes: bytes) -> Callable[[np.ndarray], np.ndarray]:
+def ort_predict(model_bytes: bytes) -> Callable[[np.ndarray], np.ndarray]:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -140,7 +140,7 @@ def rederive(model_bytes: bytes, meta: ModelMetadata, plan: ThresholdPlan) -> di
         }
     images = plan.images
     assert images is not None
-    scored = score_paths(_ort_predict(model_bytes), images.paths, meta.loader, meta.mean, meta.std)
+    scored = score_paths(ort_predict(model_bytes), images.paths, meta.loader, meta.mean, meta.std)
     if problem := scored.not_finite(images.paths, f"the {meta.variant} graph"):
         raise ThresholdError(problem)
     defect = images.is_defect(meta.class_names, meta.ng_indices)[scored.index]

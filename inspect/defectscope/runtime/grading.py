@@ -112,12 +112,14 @@ def grading_text(grading: Grading | None, source: Mapping[str, Any]) -> str:
         return "ordered grades, the median of the predicted distribution"
     cuts = ", ".join(f"{c:.3g}" for c in grading.cuts)
     head = f"ordered grades, the expected grade cut at {cuts} (for {grading.cuts_for})"
-    method, images = source.get("method"), source.get("images")
-    count = images if isinstance(images, int) and not isinstance(images, bool) else "?"
+    method, count = source.get("method"), source.get("count")
+    images = f"{count} images" if isinstance(count, int) and not isinstance(count, bool) else "? images"
+    where = source.get("images")
+    of = f" of {where:.200}" if isinstance(where, str) and where else ""
     if method == CHOSEN_ON_GRAPH:
-        return f"{head}, chosen on this {str(source.get('variant', '?')):.60} graph on {count} validation images"
+        return f"{head}, chosen on this {source.get('variant', '?')!s:.60} graph on {images}{of}"
     if method == KEPT_FROM_TRAINING:
-        return f"{head}, kept from training (PyTorch): {count} labelled validation images at export, too few"
+        return f"{head}, kept from training (PyTorch): {images} with labels at export, too few to choose them"
     return f"{head}; where the cut points came from is not recorded (exported before defectscope recorded it)"
 
 
