@@ -164,7 +164,7 @@ def test_data_config_mistakes_are_one_line_naming_the_key(
         "data.source.n=-5": "data.source.n must be >= 1, got -5",
         "data.mean=[abc]": "data.mean must be null or a list of numbers in",
         "memory_format=x": "memory_format must be one of channels_last, contiguous, got 'x'",
-        "distill.teacher=nope.onnx": "distill.teacher: nope.onnx: no such file; expected an exported model",
+        "distill.teacher=nope.onnx": "distill.teacher: nope.onnx: model file not found; expected an exported model",
         # values of a type no check expected: tracebacks once the settings were checked outside Hydra (review)
         "data.split=5": "data.split must be a mapping of val_fraction, test_fraction and seed, got 5",
         "data.source.kind=[a]": "data.source.kind must be one of folder, csv, elpv, synthetic, got ['a']",
@@ -179,7 +179,7 @@ def test_data_config_mistakes_are_one_line_naming_the_key(
         "data.rejects_path=[1]": "data.rejects_path must be null or a file path, got [1]",
         f"distill.teacher={'a' * 300}": "distill.teacher: "
         + "a" * 300
-        + ": cannot be read (File name too long: at most 255 bytes per file or folder name",
+        + ": model file cannot be read (File name too long: at most 255 bytes per file or folder name",
     }
     env = blocking_env(tmp_path, ("torch", "lightning", "pytorch_lightning"), cli_env)
     for override, message in cases.items():

@@ -170,7 +170,7 @@ def test_input_mistakes(model: Path, images: Path, tmp_path: Path) -> None:
         proc = defectscope(*command, "--out" if command[0] == "watch" else "--csv", "/proc/x", cwd=tmp_path)
         one_line_error(proc, "nope.onnx: model file not found")
     proc = defectscope("inspect", classes, classes, "-o", "r.jsonl", "--recursive", cwd=tmp_path)
-    one_line_error(proc, f"{classes} is a folder; the first argument is the exported model file (.onnx)")
+    one_line_error(proc, f"{classes} is a folder; expected the exported model file (.onnx)")
     long_name = "m" * 300 + ".onnx"  # a name the file system will not look up: a traceback from is_dir()
     for command in (["inspect", long_name, classes, "-o", "r.jsonl"], ["evaluate", long_name, classes]):
         one_line_error(defectscope(*command, cwd=tmp_path), "model file cannot be read (File name too long:")

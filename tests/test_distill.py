@@ -132,14 +132,14 @@ def test_the_loss_is_the_softened_kl() -> None:
         ({"teacher": 3}, "distill.teacher must be the path of an exported model (.onnx), got 3"),
         (
             {"teacher": "missing.onnx"},
-            "distill.teacher: missing.onnx: no such file; expected an exported model (.onnx), written by "
-            "defectscope export CHECKPOINT --tta dihedral -o missing.onnx",
+            "distill.teacher: missing.onnx: model file not found; expected an exported model (.onnx), written by "
+            "defectscope export CHECKPOINT --tta dihedral -o teacher.onnx",
         ),
         (
             "teacher.onnx",
             "distill must be a group of teacher, weight and temperature (distill.teacher=model.onnx), got 'teacher.onnx'",
         ),
-        ({"teacher": "."}, "distill.teacher: . is a folder; expected an exported model file (.onnx)"),
+        ({"teacher": "."}, "distill.teacher: . is a folder; expected the exported model file (.onnx)"),
     ],
 )
 def test_settings_are_checked_with_the_key_named(spec: Any, says: str) -> None:
@@ -154,12 +154,13 @@ def test_a_checkpoint_is_no_teacher(tmp_path: Path) -> None:
     with pytest.raises(TrainingConfigError) as err:
         distill_settings({"teacher": str(ckpt)})
     assert str(err.value) == (
-        f"distill.teacher: {ckpt} is a training checkpoint; a teacher is an exported model: "
+        f"distill.teacher: {ckpt} is a training checkpoint, not an exported model; export it first: "
         f"defectscope export {ckpt} --tta dihedral -o teacher.onnx"
     )
     (tmp_path / "empty.onnx").write_bytes(b"")
     with pytest.raises(
-        TrainingConfigError, match=r"^distill\.teacher: .*empty\.onnx is empty \(0 bytes\), not an exported"
+        TrainingConfigError,
+        match=r"^distill\.teacher: .*empty\.onnx is empty \(0 bytes\); copy the model again",
     ):
         distill_settings({"teacher": str(tmp_path / "empty.onnx")})
 

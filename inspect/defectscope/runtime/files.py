@@ -19,6 +19,7 @@ import hashlib
 import os
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 #: how much of a list or CSV file :func:`text_problem` looks at
@@ -191,22 +192,36 @@ def file_kind(path: str | os.PathLike[str]) -> str:
     return kind
 
 
-def model_file_problem(path: str | os.PathLike[str]) -> str | None:
+@dataclass(frozen=True)
+class ModelRole:
+    """What a command uses a model file for, so one rule (:func:`model_file_problem`) words its messages
+    for that command: how the file is written, and what to run when an image was given in its place."""
+
+    export_args: str = "-o model.onnx"
+    image_hint: str = (
+        "; the exported .onnx model comes first: defectscope inspect MODEL.onnx IMAGES... -o results.jsonl"
+    )
+
+
+#: the line runtime's model argument (inspect, watch, evaluate)
+INSPECTED = ModelRole()
+#: ``distill.teacher``: a model exported with its views, read by training
+TEACHER = ModelRole(export_args="--tta dihedral -o teacher.onnx", image_hint="")
+
+
+def model_file_problem(path: str | os.PathLike[str], role: ModelRole = INSPECTED) -> str | None:
     """Why ``path`` cannot be an exported model, with what to run instead; ``None`` if it may be one."""
     p = Path(path)
     kind = file_kind(p)
     if kind == "checkpoint":
         return (
             f"{p} is a training checkpoint, not an exported model; export it first: "
-            f"defectscope export {p} -o model.onnx"
+            f"defectscope export {p} {role.export_args}"
         )
     if kind == "empty":
         return f"{p} is empty (0 bytes); copy the model again or re-run defectscope export"
     if kind.endswith("image"):
-        return (
-            f"{p} is a {kind}, not a model; the exported .onnx model comes first: "
-            "defectscope inspect MODEL.onnx IMAGES... -o results.jsonl"
-        )
+        return f"{p} is a {kind}, not a model{role.image_hint}"
     return None
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .decision import Decision, decide
-from .files import file_sha256, model_file_problem, unusable_name
+from .files import INSPECTED, ModelRole, file_sha256, model_file_problem, unusable_name
 from .image import LoaderConfig, load_image_with_size, normalize_batch
 from .metadata import MetadataError
 from .model_checks import ModelCheckError, check_model_file
@@ -26,18 +26,23 @@ from .trt import TRT_MAX_BATCH
 __all__ = ["Decision", "Inspector", "MetadataError", "ModelLoadError", "ProviderError", "decide"]
 
 
-def check_model_path(path: str | os.PathLike[str]) -> None:
+def check_model_path(path: str | os.PathLike[str], role: ModelRole = INSPECTED) -> None:
     """The model argument names an existing file that may be a model (no checkpoint, image or empty
-    file); cheap, so the commands check it first, before their inputs and outputs."""
+    file); cheap, so the commands check it first, before their inputs and outputs. ``role`` words the
+    messages for what the command uses the model for."""
     unusable = unusable_name(path)
     if unusable:
         raise ModelLoadError(f"{path}: model file cannot be read ({unusable})")
     if Path(path).is_dir():
-        raise ModelLoadError(f"{path} is a folder; the first argument is the exported model file (.onnx)")
+        raise ModelLoadError(f"{path} is a folder; expected the exported model file (.onnx)")
     if not Path(path).is_file():
-        kind = "is not a regular file (a pipe or device)" if Path(path).exists() else "model file not found"
-        raise ModelLoadError(f"{path}: {kind}")
-    problem = model_file_problem(path)
+        if Path(path).exists():
+            raise ModelLoadError(f"{path}: is not a regular file (a pipe or device)")
+        raise ModelLoadError(
+            f"{path}: model file not found; expected an exported model (.onnx), written by defectscope export "
+            f"CHECKPOINT {role.export_args}"
+        )
+    problem = model_file_problem(path, role)
     if problem:
         raise ModelLoadError(problem)
     try:

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from ..runtime.files import file_kind, file_sha256, unusable_name
+from ..runtime.files import TEACHER, file_sha256
 from .config import TrainingConfigError, config_number
 
 
@@ -99,25 +98,12 @@ def _replaced_teacher(teacher: str | None, ckpt_path: str, then_sha256: str | No
 
 
 def teacher_file_problem(teacher: str) -> str | None:
-    """Why ``teacher`` cannot be a teacher model file, worded for this key; ``None`` if it may be one."""
+    """Why ``teacher`` cannot be a teacher model file (the runtime's rule, worded for this key); ``None``
+    if it may be one."""
     from ..runtime.inspector import ModelLoadError, check_model_path
 
-    path = Path(teacher)
-    export = f"defectscope export CHECKPOINT --tta dihedral -o {path.stem or 'teacher'}.onnx"
-    unusable = unusable_name(path)  # a name too long for the file system, a loop of links
-    if unusable:
-        return f"{teacher}: cannot be read ({unusable})"
-    if path.is_dir():
-        return f"{teacher} is a folder; expected an exported model file (.onnx)"
-    if not path.is_file():
-        return f"{teacher}: no such file; expected an exported model (.onnx), written by {export}"
-    kind = file_kind(path)
-    if kind == "checkpoint":
-        return f"{teacher} is a training checkpoint; a teacher is an exported model: defectscope export {teacher} --tta dihedral -o teacher.onnx"
-    if kind == "empty" or kind.endswith("image"):
-        return f"{teacher} is {'empty (0 bytes)' if kind == 'empty' else 'a ' + kind}, not an exported model (.onnx)"
     try:
-        check_model_path(path)  # what else the runtime refuses (a path ONNX Runtime cannot open)
+        check_model_path(teacher, TEACHER)
     except ModelLoadError as exc:
         return str(exc)
     return None
