@@ -221,6 +221,11 @@ def test_synthetic_generates_once_then_reuses(tmp_path: Path) -> None:
     assert not data.ignored  # manifest.csv sits at the root, the marker is ours
     bigger = build_source({"kind": "synthetic", "root": str(root), **{**SYN, "n": 16}})
     assert len(bigger.samples) == 16  # other parameters -> regenerated
+    # a user's image put into the generated set is neither deleted nor trained on: refused, named
+    mine = _img(root / "good" / "mine.png")
+    with pytest.raises(SourceError, match=r"^data\.source\.root: .* holds .*mine\.png, which the synthetic"):
+        build_source({"kind": "synthetic", "root": str(root), **SYN})
+    assert mine.is_file() and len(list(root.rglob("*.png"))) == 17
 
 
 def test_a_folder_of_pngs_without_the_marker_is_never_replaced(tmp_path: Path) -> None:
@@ -230,7 +235,8 @@ def test_a_folder_of_pngs_without_the_marker_is_never_replaced(tmp_path: Path) -
     mine = [_img(root / "good" / "good_00000.png"), _img(root / "dent" / "d1.png")]
     before = {p: p.read_bytes() for p in mine}
     with pytest.raises(
-        SourceError, match=r"parts exists but is not a defectscope synthetic dataset .*data=folder"
+        SourceError,
+        match=r"^data\.source\.root: .*parts is not empty and is not a finished synth output .*data=folder",
     ):
         build_source({"kind": "synthetic", "root": str(root), **SYN})
     assert {p: p.read_bytes() for p in mine} == before and sorted(os.listdir(root)) == ["dent", "good"]
@@ -243,7 +249,7 @@ def test_a_folder_of_pngs_without_the_marker_is_never_replaced(tmp_path: Path) -
 def test_synthetic_refuses_foreign_folder(tmp_path: Path) -> None:
     root = tmp_path / "mine"
     _img(root / "photos" / "holiday.jpg")
-    with pytest.raises(SourceError, match="not a defectscope synthetic dataset"):
+    with pytest.raises(SourceError, match="is not empty and is not a finished synth output"):
         build_source({"kind": "synthetic", "root": str(root), **SYN})
     assert (root / "photos" / "holiday.jpg").exists()
 

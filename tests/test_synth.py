@@ -63,16 +63,19 @@ def test_same_seed_byte_identical_other_seed_differs(tmp_path: Path) -> None:
 
 def test_rerun_replaces_previous_output_and_refuses_foreign_folders(tmp_path: Path) -> None:
     root = synth.generate(tmp_path / "s", n=12, seed=0, size_range=(48, 64))
-    (root / "good" / "mine.txt").write_text("kept")
+    # a file the generator did not write stops the replacement (training's synthetic cache says the same)
+    (root / "good" / "mine.png").write_bytes(b"mine")
+    with pytest.raises(
+        ValueError, match=r"^synth: .*s holds .*good/mine\.png, which the synthetic generator did not"
+    ):
+        synth.generate(root, n=5, seed=0, size_range=(48, 64))
+    assert len(list(root.rglob("*.png"))) == 13
+    (root / "good" / "mine.png").unlink()
     said: list[str] = []
     synth.generate(root, n=5, seed=0, size_range=(48, 64), log=said.append)
     assert said == [f"synth: replacing the earlier synth output in {root} (12 images, its manifest.csv)"]
     assert len(list(root.rglob("*.png"))) == 5  # no stale images from the larger run
-    assert (root / "good" / "mine.txt").read_text() == "kept"
-    assert _files(root) == {
-        **_files(synth.generate(tmp_path / "fresh", 5, 0, 1, (48, 64))),
-        "good/mine.txt": b"kept",
-    }
+    assert _files(root) == _files(synth.generate(tmp_path / "fresh", 5, 0, 1, (48, 64)))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "photo.jpg").write_bytes(b"x")
     with pytest.raises(ValueError, match=r"is not empty and is not a finished synth output"):

@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 from .runtime.options import CommandParser, whole_at_least
 from .runtime.outputs import OutputError, check_output_folder
 from .runtime.results import iter_rows
-from .synth import check_replaceable
+from .synth_output import check_replaceable
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,7 +146,7 @@ def main(argv: list[str]) -> int:
     try:  # the held-out images are drawn after training: a folder synth would refuse stops the demo here
         check_replaceable(holdout)
     except ValueError as exc:
-        _fail(f"{exc} (a demo folder from an older version: use a new --workdir)")
+        _fail(f"synth: {exc} (a demo folder from an older version: use a new --workdir)")
     _run("train", train_cmd)
     ckpt = run_dir / "checkpoints" / "best.ckpt"
     if not ckpt.is_file():

@@ -36,13 +36,13 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from .runtime.options import CommandParser
 from .runtime.outputs import OutputError, check_output_folder
+from .synth_output import MANIFEST, SYNTH_MARKER, clear_previous
+
+__all__ = ["MANIFEST", "SYNTH_MARKER", "generate", "main", "synth_params"]
 
 DEFAULT_CLASSES = ("good", "scratch", "spot", "crack")
 #: where defects may lie; the thirds split the width at round(w/3) and round(2w/3)
 REGIONS = ("anywhere", "left", "centre", "right")
-MANIFEST = "manifest.csv"
-#: written last into a finished output (the parameters, :func:`synth_params`): only such a folder is replaced
-SYNTH_MARKER = ".defectscope-synth.json"
 _PNG_COMPRESS_LEVEL = 1  # fixed: identical bytes for identical pixels; fast to write
 
 Rng = np.random.Generator
@@ -278,7 +278,10 @@ def generate(
     classes = list(classes)
     check_request(n, channels, size_range, classes, region, seed, workers)
     root = Path(out)
-    replaced = _clear_previous(root)
+    try:
+        replaced = clear_previous(root)
+    except ValueError as exc:
+        raise ValueError(f"synth: {exc}") from None
     if replaced:
         log(f"synth: replacing the earlier synth output in {root} ({replaced} images, its manifest.csv)")
     for name in classes:
@@ -308,43 +311,6 @@ def generate(
         json.dumps(marker, sort_keys=True) + "\n", encoding="utf-8"
     )  # last: complete
     return root
-
-
-def check_replaceable(root: Path) -> bool:
-    """Whether ``root`` holds a finished synth output to replace (False: nothing there); anything else
-    that is not empty is refused, so a caller can ask before its own long steps."""
-    if not root.is_dir() or not any(root.iterdir()):
-        return False
-    if not (root / SYNTH_MARKER).is_file() or not (root / MANIFEST).is_file():
-        raise ValueError(
-            f"synth: {root} is not empty and is not a finished synth output (no {SYNTH_MARKER} or "
-            f"{MANIFEST}); choose a new or empty folder"
-        )
-    return True
-
-
-def _clear_previous(root: Path) -> int:
-    """Remove an earlier synth output in ``root`` so no stale images outlive a smaller rerun; return
-    how many images went.
-
-    Only a folder the generator finished (its :data:`SYNTH_MARKER`) is touched, and only the PNGs inside
-    ``root`` its ``manifest.csv`` lists are deleted: a user's own folder with a manifest, or anything else
-    that is not empty, is refused rather than mixed with generated images.
-    """
-    if not check_replaceable(root):
-        return 0
-    manifest = root / MANIFEST
-    base = root.resolve()
-    removed = 0
-    with open(manifest, newline="", encoding="utf-8") as fh:
-        for row in csv.DictReader(fh):
-            p = (root / (row.get("path") or "")).resolve()
-            if p.suffix == ".png" and p.is_relative_to(base) and p.is_file():
-                p.unlink()
-                removed += 1
-    manifest.unlink()
-    (root / SYNTH_MARKER).unlink()
-    return removed
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..synth import SYNTH_MARKER, synth_params
+from ..synth import synth_params
+from ..synth_output import SYNTH_MARKER, check_replaceable
 from .errors import SourceError
 
 log = logging.getLogger(__name__)
@@ -27,19 +28,15 @@ def _read_marker(root: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _ours(root: Path) -> bool:
-    """A folder we may replace: empty, or made by the generator (its marker).  Nothing else is ever
-    deleted, however much it looks like generated images (a user's folder of PNGs named as root)."""
-    return (root / SYNTH_MARKER).is_file() or not any(root.iterdir())
-
-
 def _refuse_foreign(root: Path) -> None:
-    """One line for a ``root`` the generator may not replace (see :func:`_ours`)."""
-    if not root.is_dir() or not _ours(root):
-        raise SourceError(
-            f"data.source.root: {root} exists but is not a defectscope synthetic dataset (no "
-            f"{SYNTH_MARKER}); for your own images use data=folder, for generated ones another root"
-        )
+    """One line for a ``root`` the generator may not replace: a folder only its own files are in
+    (:func:`~defectscope.synth_output.check_replaceable`), or an empty one."""
+    if not root.is_dir():
+        raise SourceError(f"data.source.root: {root} exists but is not a folder")
+    try:
+        check_replaceable(root)
+    except ValueError as exc:
+        raise SourceError(f"data.source.root: {exc}; for your own images use data=folder") from None
 
 
 def _remove_stale_partials(root: Path) -> None:
