@@ -270,3 +270,33 @@ def test_a_worker_removes_or_requeues_only_its_own_trials(tmp_path: Path) -> Non
         )
     )  # fmt: skip
     assert discard_if_empty(alone, storage, "me") and optuna.study.get_all_study_names(storage) == ["s"]
+
+
+def test_a_study_removed_by_another_worker_is_one_line(
+    compose_train: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Worker B opened the study; A's trials all failed and A removed it (discard_if_empty) before B's first
+    trial: B said Optuna's bare KeyError('Record does not exist.') in a traceback."""
+    import optuna
+    from optuna.storages import RDBStorage
+
+    from defectscope.search.settings import SearchSettings
+    from defectscope.search.study import StudyRemovedError, optimize, study_removed
+
+    cfg = compose_train(
+        ["experiment=synthetic", "paths.launch_dir=.", "search.study_name=s"], config_name="search"
+    )
+    settings = SearchSettings.from_config(OmegaConf.to_container(cfg.search, resolve=True))
+    storage = RDBStorage(f"sqlite:///{tmp_path}/s.db")
+    optuna.create_study(study_name="s", storage=storage, directions=settings.directions)
+    other = optuna.load_study(study_name="s", storage=storage)
+    assert not study_removed(other)
+    optuna.delete_study(study_name="s", storage=storage)
+    ran: list[int] = []
+    with pytest.raises(StudyRemovedError) as err:
+        optimize(other, lambda trial: ran.append(trial.number) or (0.5, 1.0), settings)
+    assert str(err.value) == (
+        "study 's' was removed by another defectscope search on the same storage (its trials had all failed) "
+        "before this one ran a trial; run the command again to start it afresh"
+    )
+    assert ran == [] and study_removed(other)

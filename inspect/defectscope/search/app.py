@@ -67,6 +67,7 @@ def run_search(cfg: Any) -> dict[str, float]:
     from .report import summary_lines, write_report
     from .study import (
         SearchFailedError,
+        StudyRemovedError,
         check_stored_space,
         discard_if_empty,
         enqueue_seeds,
@@ -88,6 +89,10 @@ def run_search(cfg: Any) -> dict[str, float]:
         cfg, s, params, facts, run_dir_of(cfg), getattr(tracker, "run_id", None), base_overrides()
     )
     status, error = _optimize(study, ctx, s)
+    if isinstance(error, StudyRemovedError):  # nothing of it is left to report
+        if tracker is not None:
+            tracker.close("FAILED")
+        raise error
     summary = write_report(study, cfg, params, s, ctx.run_dir)
     if tracker is not None:
         for path in summary["files"].values():

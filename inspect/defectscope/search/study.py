@@ -233,8 +233,36 @@ class SearchFailedError(RuntimeError):
     """Trials keep failing; the message names the last error."""
 
 
+class StudyRemovedError(SearchFailedError):
+    """The study was removed under this command (another worker's :func:`discard_if_empty`)."""
+
+
+def study_removed(study: optuna.Study) -> bool:
+    """Whether ``study`` is no longer in its storage: Optuna then answers every call with a bare KeyError."""
+    try:
+        study.get_trials(deepcopy=False)
+    except KeyError:
+        return True
+    return False
+
+
 def optimize(study: optuna.Study, objective: Any, s: SearchSettings) -> None:
-    """Run trials until the study holds ``n_trials`` finished ones (all workers together) or the timeout."""
+    """Run trials until the study holds ``n_trials`` finished ones (all workers together) or the timeout.
+
+    Another command on the same storage may remove the study before this one's first trial (all of its
+    own trials failed: :func:`discard_if_empty`); that is one line, not Optuna's KeyError."""
+    try:
+        _optimize_trials(study, objective, s)
+    except KeyError:
+        if not study_removed(study):
+            raise
+        raise StudyRemovedError(
+            f"study {s.study_name!r} was removed by another defectscope search on the same storage (its trials "
+            "had all failed) before this one ran a trial; run the command again to start it afresh"
+        ) from None
+
+
+def _optimize_trials(study: optuna.Study, objective: Any, s: SearchSettings) -> None:
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
