@@ -83,11 +83,14 @@ def test_malformed_fields_are_named(changes: dict[str, Any], message: str) -> No
 def test_size_depth_and_non_finite_numbers_are_refused() -> None:
     with pytest.raises(MetadataError, match="larger than"):
         ModelMetadata.from_json(_doc(parity={"pad": "x" * MAX_JSON_BYTES}))
-    nested: Any = 1
-    for _ in range(50):
-        nested = {"a": nested}
-    with pytest.raises(MetadataError, match="nests deeper than"):
-        ModelMetadata.from_json(_doc(quantization=nested))
+    for levels in (50, 300):  # 300 (600 nestings): deeper than the old recursive check could look
+        nested: Any = 1
+        for _ in range(levels):
+            nested = {"a": [nested]}
+        with pytest.raises(MetadataError, match="nests deeper than 8 levels"):
+            ModelMetadata.from_json(_doc(grading_source=nested))
+    shallow: Any = {"a": {"b": [1]}}  # within the limit in a display-only field: read
+    assert ModelMetadata.from_json(_doc(grading_source=shallow)).grading_source == shallow
     with pytest.raises(MetadataError, match="NaN is not allowed"):
         ModelMetadata.from_json(_doc().replace('"threshold": 0.5', '"threshold": NaN'))
     with pytest.raises(MetadataError, match="not valid JSON"):

@@ -213,7 +213,7 @@ def _parse(text: str | None, source: str) -> dict[str, Any]:
         doc = json.loads(text, parse_constant=_no_constant)
     except (json.JSONDecodeError, RecursionError, ValueError) as exc:
         raise MetadataError(f"{source}: metadata is not valid JSON: {str(exc).splitlines()[0]}") from None
-    if _depth(doc) > MAX_DEPTH:
+    if _deeper_than(doc, MAX_DEPTH):
         raise MetadataError(f"{source}: metadata nests deeper than {MAX_DEPTH} levels; refusing it")
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
         got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
@@ -225,12 +225,20 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed in metadata")
 
 
-def _depth(node: Any) -> int:
-    if isinstance(node, dict):
-        return 1 + max((_depth(v) for v in node.values()), default=0)
-    if isinstance(node, list):
-        return 1 + max((_depth(v) for v in node), default=0)
-    return 0
+def _deeper_than(doc: Any, limit: int) -> bool:
+    """Whether ``doc`` nests dicts and lists more than ``limit`` levels; without recursion, so a
+    document nested hundreds of levels deep is told as that, not as Python's recursion limit."""
+    level: list[Any] = [doc]
+    for _ in range(limit):  # after k steps, level holds the values k levels down
+        level = [
+            child
+            for node in level
+            if isinstance(node, dict | list)
+            for child in (node.values() if isinstance(node, dict) else node)
+        ]
+        if not level:
+            return False
+    return any(isinstance(node, dict | list) for node in level)
 
 
 def _upgrade_v1(doc: dict[str, Any]) -> dict[str, Any]:
