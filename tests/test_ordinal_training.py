@@ -168,7 +168,7 @@ def test_export_chooses_the_cut_points_for_what_it_is_told(
     assert meta.grading["cuts"] == pytest.approx(list(choose_cuts(e, truth, 4)))
     assert meta.grading_source == {
         "method": "chosen on this graph", "variant": "fp32", "cuts_for": "accuracy", "count": n,
-        "images": f"the checkpoint's {n} validation images",
+        "images": f"the checkpoint's {n} validation images", "unreadable_images": 0,
     }  # fmt: skip
     # too few validation images here to choose again: training's cut points ship, and the file says so
     few = {**info, "val_paths": info["val_paths"][:5], "val_labels": info["val_labels"][:5]}
@@ -176,7 +176,7 @@ def test_export_chooses_the_cut_points_for_what_it_is_told(
     assert kept.grading == checkpoint_grading(info)[1]
     assert kept.grading_source == {
         "method": "kept from training", "cuts_for": "balanced", "count": 5,
-        "images": "the checkpoint's 5 validation images",
+        "images": "the checkpoint's 5 validation images", "unreadable_images": 0,
     }  # fmt: skip
     # a labelled --images is what the threshold and the cut points are both chosen on (and counted for
     # --cuts-for before the work: the checkpoint's 5 images here do not matter then)
@@ -191,6 +191,34 @@ def test_export_chooses_the_cut_points_for_what_it_is_told(
     assert graded.grading_source["images"] == graded.threshold_source["images"] == str(lot)
     assert graded.grading_source["count"] == n and graded.threshold_source["n_good"] + graded.threshold_source[
         "n_defect"] == n  # fmt: skip
+    # a threshold set by hand still grades on the labelled --images (it fell back to the checkpoint's)
+    by_hand = export_model(model, few, tmp_path / "h.onnx", images_dir=lot, threshold=0.5, log=lambda _: None)
+    assert (
+        by_hand.metadata.grading_source["images"] == str(lot)
+        and by_hand.metadata.grading_source["count"] == n
+    )
+    # files that exist but cannot be read do not count: too few readable keep training's cut points, and
+    # new ones asked for are refused (cuts chosen on 3 images, or the placeholder on none, shipped before)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    rows = list(zip(info["val_paths"], info["val_labels"]))
+    assert len(rows) >= 20  # enough files to pass the count before the work
+    for i in range(len(rows) - 3):
+        (broken / f"{i}.png").write_bytes(b"not a png")
+    lot2 = tmp_path / "lot2.csv"
+    lot2.write_text("path,label\n" + "".join(f"{p},{c}\n" for p, c in rows[:3])
+                    + "".join(f"{broken / f'{i}.png'},{c}\n" for i, (_, c) in enumerate(rows[3:])))  # fmt: skip
+    few_readable = export_model(
+        model, few, tmp_path / "f.onnx", images_dir=lot2, threshold=0.5, log=lambda _: None
+    )
+    assert few_readable.metadata.grading == checkpoint_grading(info)[1]
+    assert few_readable.metadata.grading_source == {
+        "method": "kept from training", "cuts_for": "balanced", "count": 3, "images": str(lot2),
+        "unreadable_images": len(rows) - 3,
+    }  # fmt: skip
+    with pytest.raises(ExportError, match=r"--cuts-for accuracy re-chooses .* but only 3 are here"):
+        export_model(model, few, tmp_path / "g.onnx", images_dir=lot2, threshold=0.5, cuts_for="accuracy",
+                     log=lambda _: None)  # fmt: skip
     # the checkpoint's cuts are for balanced accuracy: without its validation images they cannot be
     # re-chosen for accuracy, and the file would carry cuts that were not chosen for what it says
     logged: list[str] = []

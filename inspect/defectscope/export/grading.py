@@ -102,38 +102,41 @@ def check_cut_images(grading: dict[str, Any], info: dict[str, Any], images: Labe
 
 
 def earn_cuts(
-    model_bytes: bytes, meta: ModelMetadata, images: Labelled | None, log: Callable[[str], None]
+    model_bytes: bytes,
+    meta: ModelMetadata,
+    info: dict[str, Any],
+    images: Labelled | None,
+    log: Callable[[str], None],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The ``grading`` to ship and where it came from (metadata ``grading_source``): for ``cuts``, the
     cut points chosen on the graph's own expected grades over ``images`` (the threshold's); {} for the
-    other rules, which choose nothing."""
+    other rules, which choose nothing. Fewer than :data:`MIN_CUT_IMAGES` readable images keep training's
+    cut points, or refuse when ``--cuts-for`` asked for new ones."""
     if meta.grading.get("rule") != "cuts":
         return dict(meta.grading), {}
     cuts_for = str(meta.grading.get("cuts_for", CUTS_FOR[0]))
     usable = usable_images(images, list(meta.class_names))
     where = usable.source if usable is not None else "no labelled images"
     n = len(usable.paths) if usable is not None else 0
-    if usable is None or n < MIN_CUT_IMAGES:  # check_cut_images refused new cut points before the work
-        log(f"grading: {n} labelled images here (< {MIN_CUT_IMAGES}); keeping training's cut points")
-        return dict(meta.grading), {
-            "method": KEPT_FROM_TRAINING,
-            "cuts_for": cuts_for,
-            "count": n,
-            "images": where,
-        }
-    scored = score_paths(ort_predict(model_bytes), usable.paths, meta.loader, meta.mean, meta.std)
-    if problem := scored.not_finite(usable.paths, f"the {meta.variant} graph"):
-        raise GradingExportError(problem)
+    scored = None
+    if usable is not None and n >= MIN_CUT_IMAGES:
+        scored = score_paths(ort_predict(model_bytes), usable.paths, meta.loader, meta.mean, meta.std)
+        if problem := scored.not_finite(usable.paths, f"the {meta.variant} graph"):
+            raise GradingExportError(problem)
+    count = len(scored.index) if scored is not None else n  # readable when scored; else those at hand
+    figures = {"cuts_for": cuts_for, "count": count, "images": where, "unreadable_images": n - count}
+    if scored is None or usable is None or count < MIN_CUT_IMAGES:
+        trained = recorded_grading(info.get("grading"), len(meta.class_names), "checkpoint grading")[1]
+        if trained is None or cuts_for != trained.cuts_for:  # new cut points asked for: too few images
+            _check_enough_to_rechoose(cuts_for, count)
+        log(f"grading: {count} readable labelled images (< {MIN_CUT_IMAGES}); keeping training's cut points")
+        return dict(meta.grading), {"method": KEPT_FROM_TRAINING, **figures}
     truth = np.array([meta.class_names.index(c) for c in usable.labels], dtype=np.int64)[scored.index]
     cuts = choose_cuts(expected_grade(scored.probs), truth, len(meta.class_names), cuts_for)
-    count = len(scored.index)
-    log(f"grading: cut points {', '.join(f'{c:.3f}' for c in cuts)} chosen for {cuts_for} on {count} images "
-        f"of {where} (this graph)")  # fmt: skip
-    source = {
+    log(f"grading: cut points {', '.join(f'{c:.3f}' for c in cuts)} chosen for {cuts_for} on the {meta.variant} "
+        f"graph, {count} images of {where}")  # fmt: skip
+    return Grading("cuts", cuts, cuts_for).to_doc(), {
         "method": CHOSEN_ON_GRAPH,
         "variant": meta.variant,
-        "cuts_for": cuts_for,
-        "count": count,
-        "images": where,
+        **figures,
     }
-    return Grading("cuts", cuts, cuts_for).to_doc(), source

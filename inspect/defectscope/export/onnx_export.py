@@ -44,7 +44,7 @@ from .parity import (
     real_batches,
 )
 from .quantize import Int8Config
-from .threshold import ThresholdPlan, checkpoint_images, earn_threshold, plan_threshold
+from .threshold import ThresholdPlan, earn_threshold, plan_threshold
 from .wrapper import ExportWrapper, head_linear
 
 
@@ -153,7 +153,7 @@ def _plans(
         _check_images_readable(info, images_dir, listed)
     int8_plan = (int8, plan_int8(listed, images_dir, int8, log)) if int8 is not None else None
     threshold_plan = plan_threshold(info, images_dir, target_recall=target_recall, by_hand=by_hand, log=log)
-    check_cut_images(grading, info, threshold_plan.images or checkpoint_images(info))
+    check_cut_images(grading, info, threshold_plan.images)
     return listed, int8_plan, threshold_plan
 
 
@@ -299,6 +299,7 @@ def _parity(
 def _earned(
     proto: onnx.ModelProto,
     meta: ModelMetadata,
+    info: dict[str, Any],
     images: Labelled | None,
     int8: tuple[Int8Config, Int8Plan] | None,
     earn: Callable[[bytes, ModelMetadata], dict[str, Any]],
@@ -310,7 +311,7 @@ def _earned(
     set_metadata(proto, meta)
     data = proto.SerializeToString()
     if meta.grading.get("rule") == "cuts":  # the fp32 graph's own cut points (int8 re-earns them below)
-        grading, source = earn_cuts(data, meta, images, log)
+        grading, source = earn_cuts(data, meta, info, images, log)
         meta = replace(meta, grading=grading, grading_source=source)
         set_metadata(proto, meta)
         data = proto.SerializeToString()
@@ -319,7 +320,7 @@ def _earned(
         data, figures, earned = quantize_model(data, meta, int8[0], int8[1], log, earn)
         parity = {**meta.parity, "graph": "fp32, before int8 quantisation"}
         meta = replace(meta, int8=True, quantization=figures, parity=parity)
-        grading, source = earn_cuts(data, meta, images, log)  # written with the threshold below
+        grading, source = earn_cuts(data, meta, info, images, log)  # written with the threshold below
         meta = replace(meta, grading=grading, grading_source=source)
         int8_s = time.perf_counter() - t0
     else:
@@ -387,10 +388,9 @@ def export_model(
     )  # fmt: skip
     t_parity = time.perf_counter()
     earn = partial(earn_threshold, plan=threshold_plan)
-    graded_on = threshold_plan.images or checkpoint_images(
-        info
-    )  # the threshold's images; by hand: training's
-    data, meta, int8_s = _earned(proto, replace(meta, parity=numbers), graded_on, int8_plan, earn, log)
+    data, meta, int8_s = _earned(
+        proto, replace(meta, parity=numbers), info, threshold_plan.images, int8_plan, earn, log
+    )
     t_earned = time.perf_counter()
     atomic_write_bytes(out, data)
     t_end = time.perf_counter()

@@ -39,7 +39,8 @@ class ThresholdError(ExportError):
 
 @dataclass(frozen=True)
 class ThresholdPlan:
-    """Decided before any export work: re-derive on ``images`` for ``target_recall``, or take ``by_hand``."""
+    """Decided before any export work: re-derive on ``images`` for ``target_recall``, or take ``by_hand``.
+    ``images`` are also what a graded model's cut points are chosen on (by hand too: None = there are none)."""
 
     target_recall: float
     warn_false_reject_rate: float
@@ -55,22 +56,11 @@ def checkpoint_images(info: dict[str, Any]) -> Labelled | None:
     return Labelled(paths, list(labels), f"the checkpoint's {len(paths)} validation images")
 
 
-def plan_threshold(
-    info: dict[str, Any],
-    images: str | Path | None,
-    *,
-    target_recall: float | None,
-    by_hand: float | None,
-    log: Callable[[str], None],
-) -> ThresholdPlan:
-    """Choose the labelled images up front: ``--images`` when it carries labels, else the checkpoint's.
-    ``target_recall`` None = the checkpoint's."""
-    if target_recall is None:
-        target_recall = float(info.get("target_recall") or DEFAULT_TARGET_RECALL)
-    warn = float(info.get("warn_false_reject_rate") or DEFAULT_WARN_FALSE_REJECT_RATE)
-    trained = float(info["threshold"])
-    if by_hand is not None:
-        return ThresholdPlan(target_recall, warn, trained, by_hand=by_hand)
+def labelled_images(
+    info: dict[str, Any], images: str | Path | None, log: Callable[[str], None], *, by_hand: bool = False
+) -> Labelled | None:
+    """The labelled images the exported graph earns its threshold and cut points on: ``--images`` when it
+    carries labels, else the checkpoint's validation images; None when there are neither."""
     names, good = list(info["class_names"]), str(info["good_class"])
     if images is not None and not Path(images).exists():
         raise ThresholdError(f"--images {images}: not an existing folder or file")
@@ -81,9 +71,29 @@ def plan_threshold(
         raise ThresholdError(
             f"--images {text}" if text.startswith(str(Path(str(images)))) else f"--images {images}: {text}"
         ) from None
-    if images is not None and labelled is None:
+    if images is not None and labelled is None and not by_hand:
         log(f"threshold: --images {images} has no labels; re-deriving on the checkpoint's validation images")
-    labelled = labelled or checkpoint_images(info)
+    return labelled or checkpoint_images(info)
+
+
+def plan_threshold(
+    info: dict[str, Any],
+    images: str | Path | None,
+    *,
+    target_recall: float | None,
+    by_hand: float | None,
+    log: Callable[[str], None],
+) -> ThresholdPlan:
+    """Choose the labelled images up front (:func:`labelled_images`); with a threshold set by hand they
+    still serve the cut points of graded models. ``target_recall`` None = the checkpoint's."""
+    if target_recall is None:
+        target_recall = float(info.get("target_recall") or DEFAULT_TARGET_RECALL)
+    warn = float(info.get("warn_false_reject_rate") or DEFAULT_WARN_FALSE_REJECT_RATE)
+    trained = float(info["threshold"])
+    labelled = labelled_images(info, images, log, by_hand=by_hand is not None)
+    if by_hand is not None:
+        return ThresholdPlan(target_recall, warn, trained, images=labelled, by_hand=by_hand)
+    names, good = list(info["class_names"]), str(info["good_class"])
     if labelled is None:
         raise ThresholdError(
             "the threshold must be chosen again on the exported graph, but the checkpoint records no labelled "
