@@ -107,13 +107,13 @@ def earn_cuts(
     info: dict[str, Any],
     images: Labelled | None,
     log: Callable[[str], None],
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The ``grading`` to ship and where it came from (metadata ``grading_source``): for ``cuts``, the
-    cut points chosen on the graph's own expected grades over ``images`` (the threshold's); {} for the
-    other rules, which choose nothing. Fewer than :data:`MIN_CUT_IMAGES` readable images keep training's
+) -> dict[str, Any]:
+    """The metadata fields ``grading`` (to ship) and ``grading_source`` (where it came from): for ``cuts``, the
+    cut points chosen on the graph's own expected grades over ``images`` (the threshold's); no source for
+    the other rules, which choose nothing. Fewer than :data:`MIN_CUT_IMAGES` readable images keep training's
     cut points, or refuse when ``--cuts-for`` asked for new ones."""
     if meta.grading.get("rule") != "cuts":
-        return dict(meta.grading), {}
+        return {"grading": dict(meta.grading), "grading_source": {}}
     cuts_for = str(meta.grading.get("cuts_for", CUTS_FOR[0]))
     usable = usable_images(images, list(meta.class_names))
     where = usable.source if usable is not None else "no labelled images"
@@ -130,13 +130,10 @@ def earn_cuts(
         if trained is None or cuts_for != trained.cuts_for:  # new cut points asked for: too few images
             _check_enough_to_rechoose(cuts_for, count)
         log(f"grading: {count} readable labelled images (< {MIN_CUT_IMAGES}); keeping training's cut points")
-        return dict(meta.grading), {"method": KEPT_FROM_TRAINING, **figures}
+        return {"grading": dict(meta.grading), "grading_source": {"method": KEPT_FROM_TRAINING, **figures}}
     truth = np.array([meta.class_names.index(c) for c in usable.labels], dtype=np.int64)[scored.index]
     cuts = choose_cuts(expected_grade(scored.probs), truth, len(meta.class_names), cuts_for)
     log(f"grading: cut points {', '.join(f'{c:.3f}' for c in cuts)} chosen for {cuts_for} on the {meta.variant} "
         f"graph, {count} images of {where}")  # fmt: skip
-    return Grading("cuts", cuts, cuts_for).to_doc(), {
-        "method": CHOSEN_ON_GRAPH,
-        "variant": meta.variant,
-        **figures,
-    }
+    chosen = {"method": CHOSEN_ON_GRAPH, "variant": meta.variant, **figures}
+    return {"grading": Grading("cuts", cuts, cuts_for).to_doc(), "grading_source": chosen}

@@ -19,7 +19,6 @@ import onnx
 from torch import nn
 
 from defectscope import __version__
-from defectscope.evaluation.labelled import Labelled
 from defectscope.models.corn import raw_outputs, with_link
 from defectscope.models.tta import FlipTTA
 from defectscope.runtime.files import file_kind
@@ -299,10 +298,9 @@ def _parity(
 def _earned(
     proto: onnx.ModelProto,
     meta: ModelMetadata,
-    info: dict[str, Any],
-    images: Labelled | None,
     int8: tuple[Int8Config, Int8Plan] | None,
     earn: Callable[[bytes, ModelMetadata], dict[str, Any]],
+    cuts: Callable[[bytes, ModelMetadata], dict[str, Any]],
     log: Callable[[str], None],
 ) -> tuple[bytes, ModelMetadata, float | None]:
     """The bytes to write and their metadata: cut points and threshold earned on the graph that ships
@@ -311,8 +309,7 @@ def _earned(
     set_metadata(proto, meta)
     data = proto.SerializeToString()
     if meta.grading.get("rule") == "cuts":  # the fp32 graph's own cut points (int8 re-earns them below)
-        grading, source = earn_cuts(data, meta, info, images, log)
-        meta = replace(meta, grading=grading, grading_source=source)
+        meta = replace(meta, **cuts(data, meta))
         set_metadata(proto, meta)
         data = proto.SerializeToString()
     int8_s = None
@@ -320,8 +317,7 @@ def _earned(
         data, figures, earned = quantize_model(data, meta, int8[0], int8[1], log, earn)
         parity = {**meta.parity, "graph": "fp32, before int8 quantisation"}
         meta = replace(meta, int8=True, quantization=figures, parity=parity)
-        grading, source = earn_cuts(data, meta, info, images, log)  # written with the threshold below
-        meta = replace(meta, grading=grading, grading_source=source)
+        meta = replace(meta, **cuts(data, meta))  # written with the threshold below
         int8_s = time.perf_counter() - t0
     else:
         earned = earn(data, meta)
@@ -388,9 +384,8 @@ def export_model(
     )  # fmt: skip
     t_parity = time.perf_counter()
     earn = partial(earn_threshold, plan=threshold_plan)
-    data, meta, int8_s = _earned(
-        proto, replace(meta, parity=numbers), info, threshold_plan.images, int8_plan, earn, log
-    )
+    cuts = partial(earn_cuts, info=info, images=threshold_plan.images, log=log)
+    data, meta, int8_s = _earned(proto, replace(meta, parity=numbers), int8_plan, earn, cuts, log)
     t_earned = time.perf_counter()
     atomic_write_bytes(out, data)
     t_end = time.perf_counter()
