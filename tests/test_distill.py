@@ -102,6 +102,9 @@ def test_the_student_follows_the_teacher_in_the_share_it_is_given(
     assert run.data.tags["distill.teacher_sha256"] == file_sha256(onnx)  # what the run was trained towards
     assert float(run.data.tags["distill.teacher_agreement"]) <= 0.05  # the labels are the other way round
     assert run.data.params["distill.teacher"] == str(onnx)
+    # the artifacts sit beside the store, not in ./mlruns of the folder pytest runs in (the checkout)
+    artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+    assert artifacts.is_relative_to(tmp_path / "mlruns") and (artifacts / "checkpoints" / "best.ckpt").is_file()
 
 
 def test_the_loss_is_the_softened_kl() -> None:

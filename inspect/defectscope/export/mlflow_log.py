@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from defectscope.runtime.metadata import INPUT_NAME, METADATA_KEY, ModelMetadata
-from defectscope.training.reachability import TrackingUnavailableError, check_reachable
+from defectscope.training.reachability import TrackingUnavailableError, check_reachable, local_artifact_root
 
 ARTIFACT_NAME = "onnx_model"
 FALLBACK_EXPERIMENT = "defectscope-export"
@@ -138,6 +138,10 @@ def log_onnx_model(
         if run_id:
             run_ctx = mlflow.start_run(run_id=run_id)
         else:
+            if client.get_experiment_by_name(FALLBACK_EXPERIMENT) is None:  # artifacts beside a local store
+                client.create_experiment(
+                    FALLBACK_EXPERIMENT, artifact_location=local_artifact_root(mlflow.get_tracking_uri())
+                )
             mlflow.set_experiment(FALLBACK_EXPERIMENT)
             run_ctx = mlflow.start_run(run_name=f"export-{meta.model_name}")
         with run_ctx as run:

@@ -42,8 +42,25 @@ def check_reachable(uri: str, timeout_s: float, advice: str = TRAINING_ADVICE) -
                 f"MLflow tracking server {uri} cannot be reached ({reason}; waited {timeout_s:g} s for {url}). {advice}"
             ) from None
     elif parsed.scheme == "sqlite":
-        db = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else ""
-        if db and db != ":memory:":
-            Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite_database(uri)
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
     elif parsed.scheme in ("", "file"):
         Path(parsed.path if parsed.scheme else uri).expanduser().mkdir(parents=True, exist_ok=True)
+
+
+def sqlite_database(uri: str) -> Path | None:
+    """The database file of a local ``sqlite:///`` store (relative to the working folder, as SQLAlchemy reads
+    it; ``sqlite:////abs`` is absolute), or None for any other URI or an in-memory database."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = uri[len("sqlite:///") :].split("?", 1)[0]
+    return Path(db).expanduser() if db and db != ":memory:" else None
+
+
+def local_artifact_root(uri: str) -> str | None:
+    """Where a new experiment of a local SQLite store keeps its artifacts: ``mlruns/`` beside the database,
+    so a store is one folder wherever the command runs (MLflow's own default is ``./mlruns`` of the working
+    folder). None for servers and other stores, which choose their own."""
+    db = sqlite_database(uri)
+    return (db.parent.absolute() / "mlruns").as_uri() if db is not None else None

@@ -28,7 +28,7 @@ from pytorch_lightning.loggers.logger import Logger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from .config import flatten, is_global_zero
-from .reachability import TrackingUnavailableError, check_reachable
+from .reachability import TrackingUnavailableError, check_reachable, local_artifact_root
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,10 @@ class MLflowTracker(Logger):
             exp_id = (
                 exp.experiment_id
                 if exp is not None
-                else client.create_experiment(self.experiment_name, artifact_location=self.artifact_location)
+                else client.create_experiment(
+                    self.experiment_name,
+                    artifact_location=self.artifact_location or local_artifact_root(self.tracking_uri),
+                )
             )
             if run_id and self._run_exists(client, run_id):
                 client.update_run(run_id, status="RUNNING")
