@@ -67,3 +67,40 @@ def test_ddp_two_cpu_processes(
     ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["defectscope"]["mlflow_run_id"] == run.info.run_id
     assert log.count("== defectscope train finished") == 1  # one summary, from rank 0
+
+
+@pytest.mark.slow
+def test_sigterm_stops_both_ranks_with_one_line(
+    defectscope_cmd: list[str], cli_env: dict[str, str], smoke_data_dir: Path, tmp_path: Path
+) -> None:
+    """A scheduler's SIGTERM to a DDP run: exit 130, the one line naming the checkpoint to resume from (from
+    rank 0 only), the MLflow run KILLED, and no rank left running."""
+    import signal
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    args = [*defectscope_cmd, "train", "experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu",
+            f"paths.data_dir={smoke_data_dir}", f"hydra.run.dir={run_dir}", "model=lenet", "trainer.max_epochs=500",
+            "trainer.enable_progress_bar=false"]  # fmt: skip
+    proc = subprocess.Popen(
+        args, cwd=tmp_path, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not last.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in out + err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("defectscope train: stopped by SIGTERM in epoch ")
+    assert err.count("stopped by SIGTERM") == 1 and err.strip().endswith(f"ckpt_path={last}")
+    ranks = subprocess.run(["pgrep", "-f", f"hydra.run.dir={run_dir}"], capture_output=True, text=True)
+    assert ranks.stdout == "", ranks.stdout  # rank 1 went with rank 0
+    run_id = torch.load(last, map_location="cpu", weights_only=True)["defectscope"]["mlflow_run_id"]
+    assert MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).info.status == "KILLED"

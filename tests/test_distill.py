@@ -104,7 +104,9 @@ def test_the_student_follows_the_teacher_in_the_share_it_is_given(
     assert run.data.params["distill.teacher"] == str(onnx)
     # the artifacts sit beside the store, not in ./mlruns of the folder pytest runs in (the checkout)
     artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
-    assert artifacts.is_relative_to(tmp_path / "mlruns") and (artifacts / "checkpoints" / "best.ckpt").is_file()
+    assert (
+        artifacts.is_relative_to(tmp_path / "mlruns") and (artifacts / "checkpoints" / "best.ckpt").is_file()
+    )
 
 
 def test_the_loss_is_the_softened_kl() -> None:
