@@ -95,17 +95,25 @@ def _pct(v: float | None, width: int) -> str:
     return f"{'n/a':>{width}}  " if v is None else f"{100 * v:>{width}.1f} %"
 
 
-def tradeoff_text(rows: Sequence[dict[str, float | None]], chosen: float | None = None) -> str:
-    """The trade-off table as aligned text lines (the chosen threshold marked)."""
+def tradeoff_text(
+    rows: Sequence[dict[str, float | None]], chosen: float | None = None, target: float | None = None
+) -> str:
+    """The trade-off table as aligned text lines, the chosen threshold marked: on the row of the recall
+    ``target`` when it has one (several targets often share a threshold: 98 % and 99 % on few defect
+    images), else on the first row with that threshold."""
+
+    def close(a: float | None, b: float | None) -> bool:
+        return a is not None and b is not None and math.isclose(float(a), float(b), abs_tol=1e-12)
+
+    at = [i for i, r in enumerate(rows) if close(r["threshold"] or 0.0, chosen)]
+    on_target = [i for i in at if close(rows[i]["target_recall"], target)]
+    mark = (on_target or at or [-1])[0]
     lines = ["  target recall  threshold   recall  false-reject rate"]
-    marked = False
-    for r in rows:
+    for i, r in enumerate(rows):
         t = float(r["threshold"] or 0.0)
-        here = not marked and chosen is not None and math.isclose(t, chosen, abs_tol=1e-12)
-        marked = marked or here
         lines.append(
             f"  {_pct(r['target_recall'], 11)}  {t:>9.4g}  {_pct(r['recall'], 5)}"
-            f"  {_pct(r['false_reject_rate'], 15)}{'  <- chosen' if here else ''}"
+            f"  {_pct(r['false_reject_rate'], 15)}{'  <- chosen' if i == mark else ''}"
         )
     return "\n".join(lines)
 

@@ -78,7 +78,7 @@ def threshold_lines(report: dict[str, Any], where: str, how_to_change: str) -> l
             f"{_pct(report['false_reject_rate'])}, above {_pct(report['warn_false_reject_rate'])} "
             "(threshold.warn_false_reject_rate): a line would reject that share of its good parts. "
             f"Choose knowingly from the trade-off below: {how_to_change}.",
-            tradeoff_text(report["tradeoff"], report["threshold"]),
+            tradeoff_text(report["tradeoff"], report["threshold"], report.get("target_recall")),
         ]
     if rests_on_one_image(report):
         n = int(report["n_defect"])
