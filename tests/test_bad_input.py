@@ -220,6 +220,16 @@ def test_export_evaluate_and_search_mistakes_are_told_before_torch_is_imported(
             "m.onnx is an exported model (ONNX), not a training checkpoint",
         ),
         (["export", "nope.ckpt", "-o", "x.onnx", "--opset", "17"], "--opset 17 is too old"),
+        # train's ckpt_path: by the checkpoint reader's first look, before the data and torch (a newcomer read
+        # "is not a checkpoint file" for a path that did not exist, after the torch import)
+        (
+            ["train", "experiment=smoke", "ckpt_path=nope.ckpt", f"hydra.run.dir={tmp_path / 't'}"],
+            "ckpt_path: nope.ckpt: checkpoint file does not exist; ckpt_path takes a .ckpt file, 'last' or null",
+        ),
+        (
+            ["train", "experiment=smoke", f"ckpt_path={model}", f"hydra.run.dir={tmp_path / 't'}"],
+            "ckpt_path: " + str(model) + " is an exported model (ONNX), not a training checkpoint",
+        ),
         (["evaluate", "ckpt_path=nope.ckpt"], "nope.ckpt: checkpoint file does not exist"),
         (["evaluate", "ckpt_path=nope.ckpt", "threshold=2"], "threshold must be a number in [0, 1], or null"),
         (["evaluate", "ckpt_path=null"], "ckpt_path is required: defectscope evaluate ckpt_path=CHECKPOINT"),

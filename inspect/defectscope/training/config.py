@@ -25,7 +25,7 @@ from ..runtime.decision import (
     is_recall_target,
     is_threshold,
 )
-from ..runtime.files import is_file
+from ..runtime.files import checkpoint_file_problem
 from ..runtime.grading import is_finite_number
 from ..shift_consistency import ShiftProtocol
 
@@ -314,10 +314,9 @@ def resolve_ckpt_path(ckpt_path: Any, ckpt_dir: str | os.PathLike[str]) -> str |
         )
         return None
     path = Path(str(ckpt_path)).expanduser()
-    if not is_file(path):
-        raise TrainingConfigError(
-            f"ckpt_path: {path} is not a checkpoint file (give a .ckpt path, 'last' or null)"
-        )
+    problem = checkpoint_file_problem(path)  # the checkpoint reader's own first look: missing, ONNX, image
+    if problem:
+        raise TrainingConfigError(f"ckpt_path: {problem}; ckpt_path takes a .ckpt file, 'last' or null")
     return str(path.resolve())
 
 

@@ -27,6 +27,7 @@ from .config import (
     check_run_numbers,
     check_seed,
     config_number,
+    resolve_ckpt_path,
     shift_protocol,
 )
 from .distill_settings import DistillSettings, distill_settings
@@ -43,6 +44,8 @@ def check_train_config(cfg: Any) -> DistillSettings:
     check_run_numbers(cfg)
     check_launch(cfg)
     check_paths(cfg)
+    if cfg.get("ckpt_path") not in (None, "", "last"):  # a missing or wrong file, before the data and torch
+        resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.ckpt_dir)
     check_memory_format(cfg.get("memory_format"))
     distill = distill_settings(to_plain(cfg.get("distill")))
     data = cfg.get("data")
