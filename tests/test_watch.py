@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import threading
@@ -184,9 +185,18 @@ def test_watch_rejects_bad_setups(model: Path, tmp_path: Path, capsys: pytest.Ca
         ([str(model), "--in", str(hot), "--out", out, "--grace", "nan"], "--grace must be a number of"),
     ]
     (hot / "OK").mkdir()
+    # an --out whose rows came from another model: the way on is another --out (it said "a new results file")
+    used = tmp_path / "used"
+    used.mkdir()
+    row = {"path": "a.png", "status": "error", "error": "x", "model_sha256": "0" * 64, "threshold": 0.5}
+    (used / "results.jsonl").write_text(json.dumps(row) + "\n")
+    cases.append(([str(model), "--in", str(hot), "--out", str(used)], "another model (sha256 000"))
     for argv, message in cases:
         assert main(argv) == 2, argv
-        assert message in capsys.readouterr().err, argv
+        err = capsys.readouterr().err
+        assert message in err, argv
+        if argv[-1] == str(used):
+            assert err.strip().endswith("; use a new --out folder"), err
 
 
 @pytest.mark.slow

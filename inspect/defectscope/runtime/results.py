@@ -132,20 +132,23 @@ def checked_row(row: dict[str, Any], where: str) -> dict[str, Any]:
     return row
 
 
-def check_same_run(row: dict[str, Any], stamp: RunStamp, where: str) -> None:
+def check_same_run(
+    row: dict[str, Any], stamp: RunStamp, where: str, elsewhere: str = "write to a new results file"
+) -> None:
     """Refuse to append rows of this run to a file whose rows came from another model or threshold
-    (rows written before thresholds were recorded are checked on the model only)."""
+    (rows written before thresholds were recorded are checked on the model only). ``elsewhere`` says where
+    this run's rows may go instead (``watch``: another ``--out`` folder)."""
     if row.get("model_sha256") != stamp.model_sha256:
         raise ResultsFileError(
             f"{where}: holds results of another model (sha256 {row.get('model_sha256')}); this model is "
-            f"{stamp.model_sha256}; write to a new results file"
+            f"{stamp.model_sha256}; {elsewhere}"
         )
     old = row.get("threshold")
     if old is not None and float(old) != stamp.threshold:
         raise ResultsFileError(
             f"{where}: holds results decided with threshold {old:g} ({row.get('threshold_source')}), "
-            f"but this run uses {stamp.threshold:g} ({stamp.threshold_source}); write to a new results "
-            f"file, or run with --threshold {old:g}"
+            f"but this run uses {stamp.threshold:g} ({stamp.threshold_source}); {elsewhere}, or run with "
+            f"--threshold {old:g}"
         )
 
 

@@ -187,7 +187,9 @@ class Watcher:
         self.recover()
         last = last_row(self.results)
         if last is not None:  # one results file, one model and threshold: refuse to mix
-            check_same_run(last, self.stamp, f"--out {self.out}: {RESULTS_NAME} (last row)")
+            check_same_run(
+                last, self.stamp, f"--out {self.out}: {RESULTS_NAME} (last row)", "use a new --out folder"
+            )
         self.writer = JsonlWriter(self.results, append=True)
         workers = self.cfg.run.workers
         pool = ThreadPoolExecutor(max_workers=workers) if workers > 0 else None
