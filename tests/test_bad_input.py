@@ -220,6 +220,16 @@ def test_export_evaluate_and_search_mistakes_are_told_before_torch_is_imported(
             "m.onnx is an exported model (ONNX), not a training checkpoint",
         ),
         (["export", "nope.ckpt", "-o", "x.onnx", "--opset", "17"], "--opset 17 is too old"),
+        # inspect's --resume carried over: Hydra's usage and "unrecognized arguments" before
+        (
+            ["train", "experiment=smoke", "--resume"],
+            "--resume is not an option of defectscope train: a run resumes "
+            "with ckpt_path=last and the same hydra.run.dir=RUN_FOLDER",
+        ),
+        (
+            ["search", "--resume"],
+            "--resume is not an option of defectscope search: a search continues its study",
+        ),
         # train's ckpt_path: by the checkpoint reader's first look, before the data and torch (a newcomer read
         # "is not a checkpoint file" for a path that did not exist, after the torch import)
         (

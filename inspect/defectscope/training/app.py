@@ -158,6 +158,26 @@ def run_dir_problem(args: Sequence[str]) -> str | None:
     return None
 
 
+#: how each Hydra app continues what ``--resume`` continues in inspect (a user carries the option over)
+_RESUME_HINTS = {
+    "train": "a run resumes with ckpt_path=last and the same hydra.run.dir=RUN_FOLDER as the run to continue "
+    "(or ckpt_path=RUN_FOLDER/checkpoints/last.ckpt)",
+    "search": "a search continues its study when the same command runs again (the same search.study_name and "
+    "search.storage)",
+    "evaluate": "evaluate has nothing to resume: run it again",
+}
+
+
+def option_problem(command: str, args: Sequence[str]) -> str | None:
+    """``--resume`` (inspect's option) given to a Hydra app, which takes ``key=value`` overrides: one line with
+    the app's way (Hydra printed its usage and "unrecognized arguments")."""
+    if any(arg.split("=")[0] == "--resume" for arg in args):
+        return (
+            f"--resume is not an option of defectscope {command}: {_RESUME_HINTS.get(command, 'see --help')}"
+        )
+    return None
+
+
 def recipe_problem(args: Sequence[str]) -> str | None:
     """A ``model_recipe=NAME`` on the command line (a sweep's values too) that names no recipe, found
     before Hydra runs anything: the group is optional, so Hydra would skip it silently and train
@@ -232,7 +252,7 @@ def _run(command: str, config_name: str, argv: Sequence[str], fn: Callable[[Any]
         return 2
     _register_resolvers()
     args = list(argv)
-    problem = recipe_problem(args) or run_dir_problem(args)
+    problem = option_problem(command, args) or recipe_problem(args) or run_dir_problem(args)
     if problem:
         print(error_line(f"defectscope {command}", problem), file=sys.stderr)
         return 2
