@@ -73,7 +73,7 @@ def test_rerun_replaces_previous_output_and_refuses_foreign_folders(tmp_path: Pa
     (root / "good" / "mine.png").unlink()
     said: list[str] = []
     synth.generate(root, n=5, seed=0, size_range=(48, 64), log=said.append)
-    assert said == [f"synth: replacing the earlier synth output in {root} (12 images, its manifest.csv)"]
+    assert said == [f"synth: replaced the earlier synth output in {root} (12 images, its manifest.csv)"]
     assert len(list(root.rglob("*.png"))) == 5  # no stale images from the larger run
     assert _files(root) == _files(synth.generate(tmp_path / "fresh", 5, 0, 1, (48, 64)))
     (tmp_path / "other").mkdir()
@@ -206,3 +206,29 @@ def test_synthetic_source_regenerates_when_the_region_changes(tmp_path: Path) ->
         match=r"data\.source\.region: unknown region 'everywhere'; valid: anywhere, left, centre, right",
     ):
         ensure_synthetic(root, 8, region="everywhere")
+
+
+@pytest.mark.slow
+def test_a_killed_synth_leaves_its_folder_as_it_was(tmp_path: Path) -> None:
+    """`defectscope synth` killed mid-way left class folders without the marker, and the next synth into the
+    folder refused it as "not a finished synth output" (a newcomer had to delete it by hand)."""
+    import signal
+    import time
+
+    root = synth.generate(tmp_path / "s", n=6, seed=0, size_range=(48, 64))
+    before = _files(root)
+    args = [sys.executable, "-m", "defectscope", "synth", str(root), "--n", "1500", "--min-size", "32",
+            "--max-size", "40", "--workers", "1"]  # fmt: skip
+    proc = subprocess.Popen(args, stderr=subprocess.DEVNULL)
+    deadline, partial = time.monotonic() + 60, []
+    while time.monotonic() < deadline:
+        partial = list(tmp_path.glob("s.partial-*"))
+        if partial and sum(1 for _ in partial[0].rglob("*.png")) >= 50:
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert partial, "generation never started"
+    assert _files(root) == before  # the earlier output is untouched, no half set mixed into it
+    again = synth.generate(root, n=8, seed=1, size_range=(48, 64), log=lambda _: None)
+    assert len(list(again.rglob("*.png"))) == 8 and not list(tmp_path.glob("s.partial-*"))  # leftovers gone

@@ -24,6 +24,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -36,7 +37,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from .runtime.options import CommandParser
 from .runtime.outputs import OutputError, check_output_folder
-from .synth_output import MANIFEST, SYNTH_MARKER, clear_previous
+from .synth_output import MANIFEST, SYNTH_MARKER, check_replaceable, partial_folder, replace_with
 
 __all__ = ["MANIFEST", "SYNTH_MARKER", "generate", "main", "synth_params"]
 
@@ -273,17 +274,18 @@ def generate(
 ) -> Path:
     """Write ``n`` images as ``out/<class>/<class>_<i>.png`` plus ``out/manifest.csv``; return ``out``.
 
-    ``region``: where the defects lie (:data:`REGIONS`; see the module docstring).
+    Written into a sibling folder renamed to ``out`` at the end (:mod:`.synth_output`): a killed run leaves
+    ``out`` as it was. ``region``: where the defects lie (:data:`REGIONS`; see the module docstring).
     """
     classes = list(classes)
     check_request(n, channels, size_range, classes, region, seed, workers)
     root = Path(out)
     try:
-        replaced = clear_previous(root)
+        check_replaceable(root)  # before the work; checked again when the new set takes its place
     except ValueError as exc:
         raise ValueError(f"synth: {exc}") from None
-    if replaced:
-        log(f"synth: replacing the earlier synth output in {root} ({replaced} images, its manifest.csv)")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    final, root = root, partial_folder(root)
     for name in classes:
         (root / name).mkdir(parents=True, exist_ok=True)
     digits = max(5, len(str(n - 1)))
@@ -310,7 +312,14 @@ def generate(
     (root / SYNTH_MARKER).write_text(
         json.dumps(marker, sort_keys=True) + "\n", encoding="utf-8"
     )  # last: complete
-    return root
+    try:
+        replaced = replace_with(final, root)
+    except ValueError as exc:  # a file put into the old output while this one was generated
+        shutil.rmtree(root, ignore_errors=True)
+        raise ValueError(f"synth: {exc}") from None
+    if replaced:
+        log(f"synth: replaced the earlier synth output in {final} ({replaced} images, its manifest.csv)")
+    return final
 
 
 def build_parser() -> argparse.ArgumentParser:

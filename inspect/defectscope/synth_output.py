@@ -5,12 +5,18 @@ A folder is replaced only when everything in it is the generator's own: its comp
 ``manifest.csv`` and the PNGs that manifest lists. A user's file in it (an image dropped into
 ``good/``, notes) stops the replacement with one line naming the file; deleting it, or training on it
 beside generated images, would both be wrong.
+
+Generation writes into a sibling ``<root>.partial-<host>-<pid>`` folder that gets the marker last and is then
+renamed to ``root`` (:func:`replace_with`), so a killed run leaves no half set at ``root`` (the next run
+would have refused it as not finished) and its leftovers are removed by the next run on this host.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import shutil
+import socket
 from pathlib import Path
 
 MANIFEST = "manifest.csv"
@@ -76,3 +82,30 @@ def clear_previous(root: Path) -> int:
     (root / MANIFEST).unlink()
     (root / SYNTH_MARKER).unlink()
     return len(listed)
+
+
+def partial_folder(root: Path) -> Path:
+    """This process's folder to generate into; stale ones of dead processes on this host are removed."""
+    prefix = f"{root.name}.partial-{socket.gethostname()}-"
+    for p in root.parent.glob(f"{root.name}.partial-*"):
+        if not p.name.startswith(prefix):
+            continue
+        try:
+            os.kill(int(p.name[len(prefix) :]), 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, another user's
+    partial = root.with_name(f"{prefix}{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    return partial
+
+
+def replace_with(root: Path, partial: Path) -> int:
+    """Put the finished ``partial`` in ``root``'s place; returns how many images an earlier output there
+    had. ``root`` is checked again first (:func:`check_replaceable`): only the generator's own files go."""
+    replaced = clear_previous(root)
+    if root.is_dir():
+        shutil.rmtree(root)  # nothing but empty class folders is left
+    os.replace(partial, root)
+    return replaced

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,21 +37,6 @@ def _refuse_foreign(root: Path) -> None:
         raise SourceError(f"data.source.root: {exc}; for your own images use data=folder") from None
 
 
-def _remove_stale_partials(root: Path) -> None:
-    """Delete half-written folders left by killed generations on this host."""
-    prefix = f"{root.name}.partial-{socket.gethostname()}-"
-    for p in root.parent.glob(f"{root.name}.partial-*"):
-        if not p.name.startswith(prefix):
-            continue
-        try:
-            pid = int(p.name[len(prefix) :])
-            os.kill(pid, 0)
-        except (ValueError, ProcessLookupError):
-            shutil.rmtree(p, ignore_errors=True)
-        except PermissionError:
-            pass  # alive, another user's
-
-
 def check_synthetic_request(
     n: Any, seed: Any, channels: Any, min_size: Any, max_size: Any, classes: Sequence[str], region: str
 ) -> None:
@@ -83,8 +66,8 @@ def ensure_synthetic(
     """Generate the synthetic set into ``root`` unless a complete one with these parameters is there.
 
     Generation goes to a sibling ``<root>.partial-<host>-<pid>`` folder which gets the completion
-    marker and is then renamed, so a killed run never leaves a half dataset at ``root``; a ``root`` without
-    the marker is replaced only when empty.  A lock
+    marker and is then renamed (:mod:`defectscope.synth_output`), so a killed run never leaves a half dataset
+    at ``root``; a ``root`` is replaced only when empty or holding nothing but a generated set.  A lock
     file serialises processes that start together (DDP ranks, parallel runs): one generates, the
     others wait and reuse its result.
     """
@@ -108,13 +91,10 @@ def ensure_synthetic(
             log.warning(
                 "synthetic dataset %s is incomplete or was made with other settings; regenerating", base
             )
-        _remove_stale_partials(base)
-        partial = base.with_name(f"{base.name}.partial-{socket.gethostname()}-{os.getpid()}")
-        shutil.rmtree(partial, ignore_errors=True)
-        generate(partial, n, seed, channels, (min_size, max_size), classes, region=region)  # marker last
-        if base.exists():
-            shutil.rmtree(base)
-        os.replace(partial, base)
+        try:  # into a sibling folder renamed at the end: a killed run leaves no half set at base
+            generate(base, n, seed, channels, (min_size, max_size), classes, region=region, log=log.info)
+        except ValueError as exc:  # a file put into the old set meanwhile
+            raise SourceError(f"data.source.root: {str(exc).removeprefix('synth: ')}") from None
     return base
 
 
