@@ -233,7 +233,10 @@ MODELS = f"alexnet, {LITE}, lenet, nf_resnet, resnet_small, tiny"
         ("train", ["--multirun", "model=tiny,nosuch"], f"model=nosuch: no such option in config group 'model'; valid: {MODELS}"),
         ("search", ["search=nosuch"], "search=nosuch: no such option in config group 'search'; valid: default, elpv_proxy, smoke"),
         ("scan", ["data=nosuch"], "data=nosuch: no such option in config group 'data'; valid: csv, elpv, folder, synthetic"),
-        ("train", ["trainer.nosuch=1"], "Could not override 'trainer.nosuch'. (Key 'nosuch' is not in struct)"),
+        ("train", ["trainer.nosuch=1"], "trainer.nosuch: no such setting (a new key is added with +trainer.nosuch=VALUE)"),
+        # a newcomer was told to append the misspelt key (Hydra's "To append to your config use +...")
+        ("train", ["data.source.rot=x"], "data.source.rot: no such setting; did you mean data.source.root? (a new"),
+        ("search", ["search.n_trial=3"], "search.n_trial: no such setting; did you mean search.n_trials, "),
         ("train", ["a=[1,"], "a=[1,: no viable alternative at input"),
         ("train", ["--config-name=nosuch"], "Cannot find primary config 'nosuch'"),
         ("train", ["--multirun", "--cfg", "job"], "Only one of --run, --multirun, --cfg"),

@@ -3,6 +3,7 @@ and in the run folder's job log, instead of Hydra's multi-line wrappers and trac
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
@@ -50,6 +51,23 @@ def no_such_option(group: str, option: str, options: Iterable[str], where: str =
     return f"{group}={option}: no such option in config group {group!r}{where}; valid: {valid}"
 
 
+def did_you_mean(key: str, known: Iterable[str], prefix: str = "") -> str:
+    """``; did you mean PREFIX.A, PREFIX.B?`` for the names of ``known`` close to ``key`` ("" if none is)."""
+    near = difflib.get_close_matches(key, sorted(str(k) for k in known), n=3)
+    return f"; did you mean {', '.join(f'{prefix}{k}' for k in near)}?" if near else ""
+
+
+def _unknown_key(cause: BaseException | None) -> str | None:
+    """An override of a key its config node does not have (Hydra: "Could not override 'data.source.rot'. To
+    append to your config use +data.source.rot=..."): the close keys first, then how to add one."""
+    parent, key, full = (getattr(cause, name, None) for name in ("parent_node", "key", "full_key"))
+    if not (cause is not None and "not in struct" in str(cause) and key and full and hasattr(parent, "keys")):
+        return None
+    prefix = str(full)[: -len(str(key))]
+    hint = did_you_mean(str(key), parent.keys(), prefix)  # type: ignore[union-attr]
+    return f"{full}: no such setting{hint} (a new key is added with +{full}=VALUE)"
+
+
 def composition_error(exc: BaseException, overrides: Sequence[str] = ()) -> str:
     """Hydra's composition errors on one line (Hydra's own text spans lines and lists the search path).
 
@@ -66,6 +84,9 @@ def composition_error(exc: BaseException, overrides: Sequence[str] = ()) -> str:
         typed = re.compile(rf"[+~]*{re.escape(name)}(@[^=]*)?=")
         where = "" if any(typed.match(o) for o in overrides) else " (chosen by a config's defaults list)"
         return no_such_option(name, option, exc.options, where)
+    unknown = _unknown_key(exc.__cause__)
+    if unknown:
+        return unknown
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if isinstance(exc, OverrideParseException):
         lines.insert(0, f"{exc.override}:")

@@ -5,7 +5,6 @@ for on a machine without one was told only after every image had been decoded.""
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import logging
 import warnings
@@ -14,6 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from ..plain import to_plain
+from .app_errors import did_you_mean
 from .config import TrainingConfigError
 
 HARDWARE_KEYS = ("accelerator", "devices", "num_nodes", "precision", "strategy", "sync_batchnorm")
@@ -56,8 +56,7 @@ def check_trainer(trainer: Any, overrides: Mapping[str, Any] | None = None) -> N
     accepted = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
     for key in spec:
         if not key.startswith("_") and key not in accepted:
-            near = difflib.get_close_matches(key, sorted(accepted), n=3)
-            hint = f"; did you mean {', '.join(f'trainer.{k}' for k in near)}?" if near else ""
+            hint = did_you_mean(key, accepted, "trainer.")
             raise TrainingConfigError(f"trainer.{key}: not an argument of Lightning's Trainer{hint}")
     hardware = {key: spec[key] for key in HARDWARE_KEYS if key in spec} | dict(overrides or {})
     given = ", ".join(f"trainer.{key}={value}" for key, value in hardware.items())
