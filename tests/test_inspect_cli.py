@@ -369,3 +369,24 @@ def test_output_names_at_the_limit_and_dangling_links(
     assert run(model, good_dir, "-o", tmp_path / "h.jsonl", "--heatmaps", dangling) == 2
     assert "missing, which does not exist; create that folder or give another" in capsys.readouterr().err
     assert not (tmp_path / "h.jsonl").exists()
+
+
+def test_inputs_that_name_no_image_are_one_line_or_a_warning_after_the_run(
+    model: Path, good_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty folder alone printed a warning and then the error saying the same; beside a folder with
+    images, its warning comes once, after the run's rows."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "r.jsonl"
+    assert run(model, empty, "-o", out) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"defectscope inspect: error: no input images found in {empty}"
+    ]
+    assert run(model, empty, f"{empty}/*.png", good_dir, "-o", out) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"defectscope inspect: warning: folder '{empty}' yielded no images",
+        f"defectscope inspect: warning: pattern '{empty}/*.png' yielded no images",
+    ]
+    assert len(rows_of(out)) == len(list(good_dir.iterdir()))

@@ -218,7 +218,8 @@ def run(cfg: InspectConfig) -> int:
     overlap = overlapping_inputs(cfg.inputs, recursive=cfg.recursive)
     if overlap:
         warn(overlap)
-    paths = expand_inputs(cfg.inputs, recursive=cfg.recursive, warn=warn)
+    empty: list[str] = []  # inputs that named no image: said after the run, unless no input named any
+    paths = expand_inputs(cfg.inputs, recursive=cfg.recursive, warn=empty.append)
     if done:
         paths, renamed = resume_spelling_problem(paths, done, out)
         if renamed:
@@ -242,6 +243,8 @@ def run(cfg: InspectConfig) -> int:
         writer.close()
         session.progress.close()
     if interrupted:  # counted once the file is closed: the batches in flight wrote their rows too
+        for message in empty:
+            warn(message)
         print(
             f"{PROG}: interrupted after {writer.committed} rows this session; "
             f"rerun the same command with --resume to finish",
@@ -254,7 +257,7 @@ def run(cfg: InspectConfig) -> int:
             f"{unmatched} row(s) already in {out} match no input of this run: their files are gone, or the "
             "inputs were given relative to another folder before (then those images now have two rows each)"
         )
-    return _finish(cfg, inspector, stamp, session.done, time.perf_counter() - t0)
+    return _finish(cfg, inspector, stamp, session.done, time.perf_counter() - t0, empty)
 
 
 def _inspect_all(
@@ -278,13 +281,23 @@ def _inspect_all(
         session.results_of(lanes.drain())
 
 
-def _finish(cfg: InspectConfig, inspector: Inspector, stamp: RunStamp, n_session: int, elapsed: float) -> int:
-    """Everything after inference is derived from the JSONL, the source of truth."""
+def _finish(
+    cfg: InspectConfig,
+    inspector: Inspector,
+    stamp: RunStamp,
+    n_session: int,
+    elapsed: float,
+    empty: list[str],
+) -> int:
+    """Everything after inference is derived from the JSONL, the source of truth. ``empty``: inputs that
+    named no image (a warning each, or the error's reason when no input named any)."""
     threshold = stamp.threshold
     summary = Summary.from_jsonl(cfg.output, max_items=cfg.report_items)
     if summary.total == 0:
         print(f"{PROG}: error: no input images found in {' '.join(cfg.inputs)}", file=sys.stderr)
         return 2
+    for message in empty:
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
     meta = inspector.metadata
     if cfg.csv:
         write_csv(cfg.output, cfg.csv, meta.class_names)
