@@ -41,6 +41,8 @@ def test_smoke_train_then_evaluate(
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(f"`defectscope train experiment=smoke` wall time: {wall:.1f} s")
     assert wall < SMOKE_LIMIT_S
+    both = proc.stdout + proc.stderr  # third-party lines that ask nothing of the user are gone
+    assert "LeafSpec" not in both and "Tip: For seamless cloud logging" not in both
 
     # outputs/<date>/<time>/ under the launch directory; MLflow store in the launch directory
     best = Path(_summary(proc.stdout, "best checkpoint"))

@@ -13,9 +13,11 @@ the children run the same command.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -238,6 +240,15 @@ def _job(
     return task
 
 
+def _quiet_third_party() -> None:
+    """Lines every run printed that ask nothing of the user: Lightning's advertisement for its cloud logger and
+    the deprecation warning its own code raises under torch 2.13 (``isinstance(treespec, LeafSpec)``)."""
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+        lambda record: not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+    )
+
+
 def _run(command: str, config_name: str, argv: Sequence[str], fn: Callable[[Any], dict[str, float]]) -> int:
     import hydra
     from hydra.errors import HydraException
@@ -251,6 +262,7 @@ def _run(command: str, config_name: str, argv: Sequence[str], fn: Callable[[Any]
         )
         return 2
     _register_resolvers()
+    _quiet_third_party()
     args = list(argv)
     problem = option_problem(command, args) or recipe_problem(args) or run_dir_problem(args)
     if problem:
