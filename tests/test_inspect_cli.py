@@ -390,3 +390,17 @@ def test_inputs_that_name_no_image_are_one_line_or_a_warning_after_the_run(
         f"defectscope inspect: warning: pattern '{empty}/*.png' yielded no images",
     ]
     assert len(rows_of(out)) == len(list(good_dir.iterdir()))
+
+
+def test_replacing_earlier_results_is_said(
+    model: Path, good_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --resume a results file starts over; a newcomer's 6,000 rows went without a word."""
+    out = tmp_path / "r.jsonl"
+    assert run(model, good_dir, "-o", out) == 0
+    assert "held earlier results" not in capsys.readouterr().err
+    assert run(model, good_dir, "-o", out) == 0
+    assert f"defectscope inspect: warning: {out} held earlier results; they are replaced (--resume would" in (
+        capsys.readouterr().err
+    )
+    assert len(rows_of(out)) == len(list(good_dir.iterdir()))

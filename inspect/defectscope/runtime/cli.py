@@ -225,6 +225,8 @@ def run(cfg: InspectConfig) -> int:
         if renamed:
             raise OutputError(renamed)
         paths = skip_done(paths, done)
+    if not cfg.resume and out.is_file() and out.stat().st_size > 0:  # a finished or killed run's rows go
+        warn(f"{out} held earlier results; they are replaced (--resume would continue that file instead)")
     writer = JsonlWriter(out, append=cfg.resume, fsync_interval_s=cfg.fsync_interval)
     session = _Session(writer, stamp, cfg.run.heatmaps)
     t0 = time.perf_counter()
