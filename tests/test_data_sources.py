@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from PIL import Image
 
 from defectscope.data.sources import SYNTH_MARKER, SourceError, build_source, ensure_synthetic
 from defectscope.data.splits import apportion, assign_splits, stratified_pick
+from signal_runs import partial_holds, signal_when
 
 
 def _img(path: Path, size: tuple[int, int] = (48, 40)) -> Path:
@@ -262,22 +262,15 @@ def test_synthetic_killed_generation_is_redone(tmp_path: Path) -> None:
         "import sys, json; from defectscope.data.sources import ensure_synthetic; "
         "ensure_synthetic(sys.argv[1], **json.loads(sys.argv[2]))"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code, str(root), json.dumps(params)])
-    deadline = time.monotonic() + 60
-    partial: list[Path] = []
-    while time.monotonic() < deadline:
-        partial = list(tmp_path.glob("syn.partial-*"))
-        if partial and sum(1 for _ in partial[0].rglob("*.png")) >= 50:
-            break
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert partial, "generation never started"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(root), json.dumps(params)], text=True)
+    signal_when(
+        proc, partial_holds(root, ".defectscope-partial-*", 50), "half-written set", 60, signal.SIGKILL
+    )
     assert not (root / SYNTH_MARKER).exists(), "generation finished before it could be killed"
     ensure_synthetic(root, **params)  # type: ignore[arg-type]
     assert (root / SYNTH_MARKER).exists()
     assert sum(1 for _ in root.rglob("*.png")) == 1500
-    assert not list(tmp_path.glob("syn.partial-*"))  # the dead run's leftovers are cleaned up
+    assert not list(root.glob(".defectscope-partial-*"))  # the dead run's leftovers are cleaned up
 
 
 @pytest.mark.slow
@@ -300,7 +293,7 @@ def test_synthetic_concurrent_processes_generate_once(tmp_path: Path) -> None:
     assert all(p.returncode == 0 for p in procs)
     assert len(stamps) == 1  # one generation, reused by the others (never replaced under them)
     assert sum(1 for _ in root.rglob("*.png")) == 300
-    assert not list(tmp_path.glob("syn.partial-*"))
+    assert not list(root.glob(".defectscope-partial-*"))
 
 
 # --------------------------------------------------------------------------- splits

@@ -75,10 +75,9 @@ def test_sigterm_stops_both_ranks_with_one_line(
 ) -> None:
     """A scheduler's SIGTERM to a DDP run: exit 130, the one line naming the checkpoint to resume from (from
     rank 0 only), the MLflow run KILLED, and no rank left running."""
-    import signal
-    import time
-
     from mlflow.tracking import MlflowClient
+
+    from signal_runs import signal_when
 
     run_dir = tmp_path / "run"
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -88,15 +87,8 @@ def test_sigterm_stops_both_ranks_with_one_line(
     proc = subprocess.Popen(
         args, cwd=tmp_path, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    try:
-        deadline = time.monotonic() + 240
-        while not last.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    out, err = signal_when(proc, last.exists, "checkpoint", 240)
+    assert out is not None and err is not None
     assert proc.returncode == 130 and "Traceback" not in out + err, err[-3000:]
     assert err.strip().splitlines()[-1].startswith("defectscope train: stopped by SIGTERM in epoch ")
     assert err.count("stopped by SIGTERM") == 1 and err.strip().endswith(f"ckpt_path={last}")

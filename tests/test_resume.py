@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from signal_runs import signal_when
+
 EPOCHS = 4
 
 
@@ -191,16 +193,8 @@ def test_a_sigterm_stops_training_with_one_line_naming_the_checkpoint(
     proc = subprocess.Popen(
         args, cwd=tmp_path, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    try:
-        deadline = time.monotonic() + 120
-        while not last.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    _, err = signal_when(proc, last.exists, "checkpoint", 120)
+    assert err is not None and proc.returncode == 130 and "Traceback" not in err, (err or "")[-3000:]
     line = err.strip().splitlines()[-1]
     assert line.startswith("defectscope train: stopped by SIGTERM in epoch ") and line.endswith(
         f"ckpt_path={last}"

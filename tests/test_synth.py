@@ -213,22 +213,42 @@ def test_a_killed_synth_leaves_its_folder_as_it_was(tmp_path: Path) -> None:
     """`defectscope synth` killed mid-way left class folders without the marker, and the next synth into the
     folder refused it as "not a finished synth output" (a newcomer had to delete it by hand)."""
     import signal
-    import time
+
+    from signal_runs import partial_holds, signal_when
 
     root = synth.generate(tmp_path / "s", n=6, seed=0, size_range=(48, 64))
     before = _files(root)
     args = [sys.executable, "-m", "defectscope", "synth", str(root), "--n", "1500", "--min-size", "32",
             "--max-size", "40", "--workers", "1"]  # fmt: skip
-    proc = subprocess.Popen(args, stderr=subprocess.DEVNULL)
-    deadline, partial = time.monotonic() + 60, []
-    while time.monotonic() < deadline:
-        partial = list(tmp_path.glob("s.partial-*"))
-        if partial and sum(1 for _ in partial[0].rglob("*.png")) >= 50:
-            break
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert partial, "generation never started"
-    assert _files(root) == before  # the earlier output is untouched, no half set mixed into it
+    proc = subprocess.Popen(args, stderr=subprocess.DEVNULL, text=True)
+    signal_when(
+        proc, partial_holds(root, ".defectscope-partial-*", 50), "half-written set", 60, signal.SIGKILL
+    )
+    visible = {k: v for k, v in _files(root).items() if not k.startswith(".defectscope-partial-")}
+    assert visible == before  # the earlier output is untouched; the half set waits in its hidden folder
     again = synth.generate(root, n=8, seed=1, size_range=(48, 64), log=lambda _: None)
-    assert len(list(again.rglob("*.png"))) == 8 and not list(tmp_path.glob("s.partial-*"))  # leftovers gone
+    assert len(list(again.rglob("*.png"))) == 8 and not list(
+        root.glob(".defectscope-partial-*")
+    )  # leftovers gone
+
+
+def test_a_link_or_the_current_folder_is_generated_into_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The generation's own folder lies inside the output folder: a link to a folder, ``.`` or a mount point
+    keep their renames on one file system (a sibling folder broke all three, review)."""
+    real = tmp_path / "real"
+    synth.generate(real, n=4, seed=0, size_range=(16, 24))
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    said: list[str] = []
+    synth.generate(link, n=6, seed=1, size_range=(16, 24), log=said.append)
+    assert link.is_symlink() and len(list(real.rglob("*.png"))) == 6 and said[0].startswith("synth: replaced")
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    synth.generate(Path("."), n=5, seed=2, size_range=(16, 24))
+    assert len(list(here.rglob("*.png"))) == 5 and sorted(
+        p.name for p in here.iterdir() if p.name.startswith(".")
+    )
+    assert not list(here.glob(".defectscope-partial-*")) and not list(real.glob(".defectscope-partial-*"))

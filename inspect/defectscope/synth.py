@@ -284,7 +284,6 @@ def generate(
         check_replaceable(root)  # before the work; checked again when the new set takes its place
     except ValueError as exc:
         raise ValueError(f"synth: {exc}") from None
-    root.parent.mkdir(parents=True, exist_ok=True)
     final, root = root, partial_folder(root)
     for name in classes:
         (root / name).mkdir(parents=True, exist_ok=True)
@@ -314,7 +313,7 @@ def generate(
     )  # last: complete
     try:
         replaced = replace_with(final, root)
-    except ValueError as exc:  # a file put into the old output while this one was generated
+    except (ValueError, OSError) as exc:  # a file put into the old output while this one was generated
         shutil.rmtree(root, ignore_errors=True)
         raise ValueError(f"synth: {exc}") from None
     if replaced:

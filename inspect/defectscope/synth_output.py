@@ -6,9 +6,11 @@ A folder is replaced only when everything in it is the generator's own: its comp
 ``good/``, notes) stops the replacement with one line naming the file; deleting it, or training on it
 beside generated images, would both be wrong.
 
-Generation writes into a sibling ``<root>.partial-<host>-<pid>`` folder that gets the marker last and is then
-renamed to ``root`` (:func:`replace_with`), so a killed run leaves no half set at ``root`` (the next run
-would have refused it as not finished) and its leftovers are removed by the next run on this host.
+Generation writes into a hidden ``root/.defectscope-partial-<host>-<pid>`` folder that gets the marker last;
+its entries are then renamed into ``root``, the marker last (:func:`replace_with`). Inside ``root``, so the
+renames stay on its file system whatever ``root`` is (a link, a mount point, ``.``, under a read-only folder).
+A run killed while generating leaves ``root`` as it was, and its leftovers are removed by the next run on
+this host; one killed in the few renames at the end leaves a set without its marker, which is refused.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from pathlib import Path
 MANIFEST = "manifest.csv"
 #: written last by the generator: a folder with it is complete; holds the generation parameters (JSON)
 SYNTH_MARKER = ".defectscope-synth.json"
+#: a generation's own folder inside its root (:func:`partial_folder`)
+PARTIAL_PREFIX = ".defectscope-partial-"
 
 
 def _listed(root: Path) -> set[Path]:
@@ -43,7 +47,7 @@ def foreign_file(root: Path) -> Path | None:
     """The first file under ``root`` the generator did not write (its marker, manifest or a listed PNG)."""
     own = _listed(root) | {(root / MANIFEST).resolve(), (root / SYNTH_MARKER).resolve()}
     for folder, dirs, files in os.walk(root):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if not (folder == str(root) and d.startswith(PARTIAL_PREFIX)))
         for name in sorted(files):
             path = Path(folder, name)
             if path.is_symlink() or path.resolve() not in own:
@@ -55,7 +59,7 @@ def check_replaceable(root: Path) -> bool:
     """Whether ``root`` holds a finished synth output to replace (False: nothing there). Anything else
     that is not empty raises ``ValueError`` (one line, no prefix: the caller names its key or command),
     so a caller can ask before its own long steps."""
-    if not root.is_dir() or not any(root.iterdir()):
+    if not root.is_dir() or not any(not e.name.startswith(PARTIAL_PREFIX) for e in root.iterdir()):
         return False
     if not (root / SYNTH_MARKER).is_file() or not (root / MANIFEST).is_file():
         raise ValueError(
@@ -85,9 +89,11 @@ def clear_previous(root: Path) -> int:
 
 
 def partial_folder(root: Path) -> Path:
-    """This process's folder to generate into; stale ones of dead processes on this host are removed."""
-    prefix = f"{root.name}.partial-{socket.gethostname()}-"
-    for p in root.parent.glob(f"{root.name}.partial-*"):
+    """This process's folder to generate into, inside ``root`` (made if missing); stale ones of dead
+    processes on this host are removed."""
+    root.mkdir(parents=True, exist_ok=True)
+    prefix = f"{PARTIAL_PREFIX}{socket.gethostname()}-"
+    for p in root.glob(f"{PARTIAL_PREFIX}*"):
         if not p.name.startswith(prefix):
             continue
         try:
@@ -96,16 +102,20 @@ def partial_folder(root: Path) -> Path:
             shutil.rmtree(p, ignore_errors=True)
         except PermissionError:
             pass  # alive, another user's
-    partial = root.with_name(f"{prefix}{os.getpid()}")
+    partial = root / f"{prefix}{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     return partial
 
 
 def replace_with(root: Path, partial: Path) -> int:
-    """Put the finished ``partial`` in ``root``'s place; returns how many images an earlier output there
-    had. ``root`` is checked again first (:func:`check_replaceable`): only the generator's own files go."""
+    """Move the finished set in ``partial`` into ``root``, its marker last; returns how many images an
+    earlier output there had. ``root`` is checked again first (:func:`check_replaceable`): only the
+    generator's own files go, and a class folder that is not empty by then stops the move (``OSError``)."""
     replaced = clear_previous(root)
-    if root.is_dir():
-        shutil.rmtree(root)  # nothing but empty class folders is left
-    os.replace(partial, root)
+    for entry in sorted(partial.iterdir(), key=lambda e: (e.name == SYNTH_MARKER, e.name)):
+        dest = root / entry.name
+        if dest.is_dir() and not dest.is_symlink():
+            dest.rmdir()  # an emptied class folder; refuses one a file landed in meanwhile
+        os.replace(entry, dest)
+    partial.rmdir()
     return replaced
