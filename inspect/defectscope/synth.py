@@ -274,8 +274,8 @@ def generate(
 ) -> Path:
     """Write ``n`` images as ``out/<class>/<class>_<i>.png`` plus ``out/manifest.csv``; return ``out``.
 
-    Written into a sibling folder renamed to ``out`` at the end (:mod:`.synth_output`): a killed run leaves
-    ``out`` as it was. ``region``: where the defects lie (:data:`REGIONS`; see the module docstring).
+    Written into a hidden folder inside ``out`` whose entries move in at the end (:mod:`.synth_output`): a
+    killed run leaves ``out`` as it was. ``region``: where the defects lie (:data:`REGIONS`; see the module docstring).
     """
     classes = list(classes)
     check_request(n, channels, size_range, classes, region, seed, workers)

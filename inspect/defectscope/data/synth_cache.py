@@ -65,9 +65,9 @@ def ensure_synthetic(
 ) -> Path:
     """Generate the synthetic set into ``root`` unless a complete one with these parameters is there.
 
-    Generation goes to a sibling ``<root>.partial-<host>-<pid>`` folder which gets the completion
-    marker and is then renamed (:mod:`defectscope.synth_output`), so a killed run never leaves a half dataset
-    at ``root``; a ``root`` is replaced only when empty or holding nothing but a generated set.  A lock
+    Generation goes to a hidden folder inside ``root`` whose entries move in at the end, the completion
+    marker last (:mod:`defectscope.synth_output`), so a killed run never leaves a half dataset at ``root``;
+    a ``root`` is replaced only when empty or holding nothing but a generated set.  A lock
     file serialises processes that start together (DDP ranks, parallel runs): one generates, the
     others wait and reuse its result.
     """
@@ -91,7 +91,7 @@ def ensure_synthetic(
             log.warning(
                 "synthetic dataset %s is incomplete or was made with other settings; regenerating", base
             )
-        try:  # into a sibling folder renamed at the end: a killed run leaves no half set at base
+        try:  # into a hidden folder moved in at the end: a killed run leaves no half set at base
             generate(base, n, seed, channels, (min_size, max_size), classes, region=region, log=log.info)
         except ValueError as exc:  # a file put into the old set meanwhile
             raise SourceError(f"data.source.root: {str(exc).removeprefix('synth: ')}") from None

@@ -139,9 +139,13 @@ def log_onnx_model(
             run_ctx = mlflow.start_run(run_id=run_id)
         else:
             if client.get_experiment_by_name(FALLBACK_EXPERIMENT) is None:  # artifacts beside a local store
-                client.create_experiment(
-                    FALLBACK_EXPERIMENT, artifact_location=local_artifact_root(mlflow.get_tracking_uri())
-                )
+                try:
+                    client.create_experiment(
+                        FALLBACK_EXPERIMENT, artifact_location=local_artifact_root(mlflow.get_tracking_uri())
+                    )
+                except mlflow.exceptions.MlflowException as exc:  # another export created it meanwhile
+                    if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
             mlflow.set_experiment(FALLBACK_EXPERIMENT)
             run_ctx = mlflow.start_run(run_name=f"export-{meta.model_name}")
         with run_ctx as run:

@@ -65,7 +65,8 @@ def _unknown_key(cause: BaseException | None) -> str | None:
         return None
     prefix = str(full)[: -len(str(key))]
     hint = did_you_mean(str(key), parent.keys(), prefix)  # type: ignore[union-attr]
-    return f"{full}: no such setting{hint} (a new key is added with +{full}=VALUE)"
+    add = f" (a new key is added with +{full}=VALUE)" if "[" not in str(full) else ""
+    return f"{full}: no such setting{hint}{add}"
 
 
 def composition_error(exc: BaseException, overrides: Sequence[str] = ()) -> str:

@@ -378,6 +378,11 @@ def torch_threads(threads: Any) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def peer_left(exc: BaseException) -> bool:
+    """A DDP collective failed because another rank's process ended (the backend's words, gloo's or NCCL's)."""
+    return any(s in str(exc) for s in ("Connection closed by peer", "Connection reset by peer"))
+
+
 def stop_cause(trainer: Any) -> str:
     """What ended an interrupted fit or test, for the one line train and evaluate print."""
     return "SIGTERM" if getattr(trainer, "received_sigterm", False) else "Ctrl+C"

@@ -55,7 +55,7 @@ def sqlite_database(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
     db = uri[len("sqlite:///") :].split("?", 1)[0]
-    return Path(db).expanduser() if db and db != ":memory:" else None
+    return Path(db) if db and db != ":memory:" else None  # no ~ expansion: SQLAlchemy does none either
 
 
 def local_artifact_root(uri: str) -> str | None:

@@ -31,6 +31,7 @@ from .config import (
     class_weights_form,
     find_keys,
     is_global_zero,
+    peer_left,
     resolve_ckpt_path,
     scalar_metrics,
     shift_protocol,
@@ -303,6 +304,13 @@ def _log_outputs(best: str | None, dm: Any, tracker: MLflowTracker | None) -> No
         tracker.log_artifact(rejects)  # data.on_bad_file=skip: which files were left out, and why
 
 
+def _stopped(trainer: pl.Trainer, exc: BaseException) -> bool:
+    """Whether ``exc`` ends a fit or test that Ctrl+C or SIGTERM stopped (rather than a failure)."""
+    if isinstance(exc, SystemExit):
+        return bool(trainer.interrupted)
+    return peer_left(exc) and (trainer.received_sigterm or not trainer.is_global_zero)
+
+
 def _say_stopped(trainer: pl.Trainer, best: str | None) -> None:
     """One line for a run stopped by Ctrl+C or SIGTERM (a SIGTERM was exit status 0 and no word: a scheduler
     took the run for finished), with the checkpoint to resume from, or to evaluate when only the test was left."""
@@ -365,12 +373,16 @@ def _train(
             # read before the test: testing best.ckpt restores the callback's state as when best was written
             best, last = ckpt_cb.best_model_path or None, ckpt_cb.last_model_path or None
             metrics.update(_test_best(cfg, out_dir, trainer, module, dm, best, tracker))
-        except SystemExit:  # Lightning ends an interrupted fit or test with sys.exit (code 0 after a SIGTERM)
-            if not trainer.interrupted:
+        except (
+            SystemExit,
+            RuntimeError,
+        ) as exc:  # Lightning ends an interrupted fit or test with sys.exit (0
+            # after a SIGTERM); under DDP a rank whose peer left as the SIGTERM arrived gets gloo's "closed by peer"
+            if not _stopped(trainer, exc):
                 raise
             status = "KILLED"
             if announce_stop:
-                _say_stopped(trainer, best)
+                _say_stopped(trainer, best)  # rank 0 only: the other ranks end without a word
             raise SystemExit(130) from None
         if trainer.is_global_zero and best:
             threshold_lines = report_threshold(best, out_dir, tracker)
