@@ -272,13 +272,13 @@ def test_overlapping_folder_arguments_are_told_before_the_work(
         ("lot/good", "lot/bad"): (None, 2),
         ("lot/good/a.png", "lot/good/a.png"): (None, 2),
     }
-    for args, (warning, rows) in cases.items():
+    for i, (args, (warning, rows)) in enumerate(cases.items()):
         capsys.readouterr()
-        assert run(model, *args, "-o", "r.jsonl") == 0
+        assert run(model, *args, "-o", f"r{i}.jsonl") == 0
         err = capsys.readouterr().err
         said = [line for line in err.splitlines() if "warning:" in line]
         assert len(said) == (warning is not None) and all(warning in line for line in said), (args, err)
-        assert len(rows_of(tmp_path / "r.jsonl")) == rows, args
+        assert len(rows_of(tmp_path / f"r{i}.jsonl")) == rows, args
 
 
 def test_a_folder_holds_the_same_images_for_inspect_training_and_export(model: Path, tmp_path: Path) -> None:
