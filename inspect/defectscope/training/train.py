@@ -316,7 +316,6 @@ def _say_stopped(trainer: pl.Trainer, best: str | None) -> None:
     took the run for finished), with the checkpoint to resume from, or to evaluate when only the test was left."""
     if not trainer.is_global_zero:
         return
-    why = stop_cause(trainer)
     if best is not None:  # the fit had finished
         where = f"while testing; training had finished: defectscope evaluate ckpt_path={best}"
     else:
@@ -328,11 +327,7 @@ def _say_stopped(trainer: pl.Trainer, best: str | None) -> None:
             else "no epoch finished, so there is no checkpoint to resume from"
         )
         where = f"in epoch {trainer.current_epoch}; {how}"
-    print(
-        f"defectscope train: stopped by {why} {where}",
-        file=sys.stderr,
-        flush=True,
-    )
+    print(f"defectscope train: stopped by {stop_cause(trainer)} {where}", file=sys.stderr, flush=True)
 
 
 def _train(
