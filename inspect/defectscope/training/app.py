@@ -240,13 +240,17 @@ def _job(
     return task
 
 
+def _not_a_tip(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+
+
 def _quiet_third_party() -> None:
     """Lines every run printed that ask nothing of the user: Lightning's advertisement for its cloud logger and
-    the deprecation warning its own code raises under torch 2.13 (``isinstance(treespec, LeafSpec)``)."""
+    the deprecation warning its own code raises under torch 2.13 (``isinstance(treespec, LeafSpec)``). Both
+    calls are idempotent (one filter object; an equal warnings filter replaces its twin), so commands run
+    again in one process (tests, notebooks) do not pile filters up."""
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
-        lambda record: not str(record.msg).startswith("\N{ELECTRIC LIGHT BULB} Tip:")
-    )
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_not_a_tip)
 
 
 def _run(command: str, config_name: str, argv: Sequence[str], fn: Callable[[Any], dict[str, float]]) -> int:
