@@ -252,3 +252,59 @@ def test_a_link_or_the_current_folder_is_generated_into_in_place(
         p.name for p in here.iterdir() if p.name.startswith(".")
     )
     assert not list(here.glob(".defectscope-partial-*")) and not list(real.glob(".defectscope-partial-*"))
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (a killed run's)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    return int(proc.stdout)
+
+
+def test_a_run_killed_in_its_last_renames_is_finished_by_the_next(tmp_path: Path) -> None:
+    """Killed between the renames that move a finished set in, a run left a set without its marker, which
+    every later run refused; the next run on the host now finishes those renames from the dead run's folder."""
+    import socket
+
+    from defectscope.synth_output import SYNTH_MARKER, check_replaceable, clear_previous
+
+    root = synth.generate(tmp_path / "s", n=8, seed=0, size_range=(16, 24))
+    finished = synth.generate(tmp_path / "new", n=8, seed=1, size_range=(16, 24))
+    expected = _files(finished)
+    dead = root / f".defectscope-partial-{socket.gethostname()}-{_dead_pid()}"
+    finished.rename(dead)  # the killed run's complete set, marker included
+    clear_previous(root)
+    (root / "crack").rmdir()
+    (dead / "crack").rename(root / "crack")  # its first rename was done
+    assert not (root / SYNTH_MARKER).exists()
+    assert check_replaceable(root)  # before: "is not empty and is not a finished synth output"
+    assert _files(root) == expected and not dead.exists()
+    again = synth.generate(root, n=5, seed=2, size_range=(16, 24), log=lambda _: None)
+    assert len(list(again.rglob("*.png"))) == 5
+
+
+@pytest.mark.slow
+def test_runs_into_one_folder_move_their_sets_in_one_at_a_time(tmp_path: Path) -> None:
+    """A second `synth` into a folder waits for the renames of another's set to end (their lock), so the folder
+    never mixes two sets and neither run is refused; no lock file is left behind."""
+    import time
+
+    from defectscope.synth_output import LOCK, SYNTH_MARKER, exclusive
+
+    root = synth.generate(tmp_path / "s", n=4, seed=0, size_range=(16, 24))
+    before = _files(root)
+    args = [sys.executable, "-m", "defectscope", "synth", str(root), "--n", "6", "--seed", "1", "--min-size", "16",
+            "--max-size", "24"]  # fmt: skip
+    with exclusive(root / LOCK):  # another run's renames under way
+        proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while not list(root.glob(f".defectscope-partial-*/{SYNTH_MARKER}")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        visible = {k: v for k, v in _files(root).items() if not k.startswith(".defectscope-partial-")}
+        assert proc.poll() is None and visible == before  # it waits with its finished set; root untouched
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert len(list(root.rglob("*.png"))) == 6 and json.loads((root / SYNTH_MARKER).read_text())["seed"] == 1
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == [SYNTH_MARKER]

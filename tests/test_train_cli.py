@@ -238,6 +238,8 @@ MODELS = f"alexnet, {LITE}, lenet, nf_resnet, resnet_small, tiny"
         ("train", ["trainer.nosuch=1"], "trainer.nosuch: no such setting (a new key is added with +trainer.nosuch=VALUE)"),
         # a newcomer was told to append the misspelt key (Hydra's "To append to your config use +...")
         ("train", ["data.source.rot=x"], "data.source.rot: no such setting; did you mean data.source.root? (a new"),
+        ("train", ["data.sourc.root=x"], "data.sourc.root: no such setting: data has no 'sourc'; did you mean data.source?"),
+        ("train", ["optim.optimizer.LR=0.1"], "optim.optimizer.LR: no such setting; did you mean optim.optimizer.lr"),
         ("search", ["search.n_trial=3"], "search.n_trial: no such setting; did you mean search.n_trials, "),
         ("train", ["a=[1,"], "a=[1,: no viable alternative at input"),
         ("train", ["--config-name=nosuch"], "Cannot find primary config 'nosuch'"),

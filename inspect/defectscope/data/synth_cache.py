@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..synth import synth_params
-from ..synth_output import SYNTH_MARKER, check_replaceable
+from ..synth_output import SYNTH_MARKER, check_replaceable, exclusive
 from .errors import SourceError
 
 log = logging.getLogger(__name__)
@@ -83,7 +82,7 @@ def ensure_synthetic(
     if base.exists():
         _refuse_foreign(base)  # before the lock file: a refused folder's parent is left as it was
     base.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(base.with_name(f".{base.name}.lock")):
+    with exclusive(base.with_name(f".{base.name}.lock")):
         if _read_marker(base) == params:  # another process finished while we waited
             return base
         if base.exists():
@@ -96,19 +95,3 @@ def ensure_synthetic(
         except ValueError as exc:  # a file put into the old set meanwhile
             raise SourceError(f"data.source.root: {str(exc).removeprefix('synth: ')}") from None
     return base
-
-
-@contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """An advisory inter-process lock (POSIX ``flock``); released by the OS if the holder dies."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: training is not supported there; no lock
-        yield
-        return
-    with open(lock_path, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

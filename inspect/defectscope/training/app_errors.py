@@ -52,19 +52,27 @@ def no_such_option(group: str, option: str, options: Iterable[str], where: str =
 
 
 def did_you_mean(key: str, known: Iterable[str], prefix: str = "") -> str:
-    """``; did you mean PREFIX.A, PREFIX.B?`` for the names of ``known`` close to ``key`` ("" if none is)."""
-    near = difflib.get_close_matches(key, sorted(str(k) for k in known), n=3)
+    """``; did you mean PREFIX.A, PREFIX.B?`` for the names of ``known`` close to ``key`` ("" if none is);
+    case is ignored (``LR`` finds ``lr``)."""
+    by_folded = {str(k).lower(): str(k) for k in sorted(str(k) for k in known)}
+    near = [by_folded[k] for k in difflib.get_close_matches(key.lower(), list(by_folded), n=3)]
     return f"; did you mean {', '.join(f'{prefix}{k}' for k in near)}?" if near else ""
 
 
-def _unknown_key(cause: BaseException | None) -> str | None:
+def _unknown_key(cause: BaseException | None, overrides: Sequence[str] = ()) -> str | None:
     """An override of a key its config node does not have (Hydra: "Could not override 'data.source.rot'. To
-    append to your config use +data.source.rot=..."): the close keys first, then how to add one."""
+    append to your config use +data.source.rot=..."): the close keys first, then how to add one. When the
+    missing key is a node on the way (``data.sourc.root=x``), the line names the typed key and the node,
+    and leaves out the advice to add it: that would add the misspelt node."""
     parent, key, full = (getattr(cause, name, None) for name in ("parent_node", "key", "full_key"))
     if not (cause is not None and "not in struct" in str(cause) and key and full and hasattr(parent, "keys")):
         return None
     prefix = str(full)[: -len(str(key))]
     hint = did_you_mean(str(key), parent.keys(), prefix)  # type: ignore[union-attr]
+    typed = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    deeper = next((t for t in typed if t.startswith(f"{full}.")), None)
+    if deeper and str(full) not in typed:
+        return f"{deeper}: no such setting: {prefix.rstrip('.') or 'the config'} has no {str(key)!r}{hint}"
     add = f" (a new key is added with +{full}=VALUE)" if "[" not in str(full) else ""
     return f"{full}: no such setting{hint}{add}"
 
@@ -85,7 +93,7 @@ def composition_error(exc: BaseException, overrides: Sequence[str] = ()) -> str:
         typed = re.compile(rf"[+~]*{re.escape(name)}(@[^=]*)?=")
         where = "" if any(typed.match(o) for o in overrides) else " (chosen by a config's defaults list)"
         return no_such_option(name, option, exc.options, where)
-    unknown = _unknown_key(exc.__cause__)
+    unknown = _unknown_key(exc.__cause__, overrides)
     if unknown:
         return unknown
     lines = [line.strip() for line in text.splitlines() if line.strip()]
