@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from defectscope.runtime.files import NAME_MAX_BYTES, fit_name
-from defectscope.runtime.hotfolder import PARTIAL_PREFIX, move_no_overwrite
+from defectscope.runtime.files import NAME_MAX_BYTES, PARTIAL_PREFIX, fit_name
+from defectscope.runtime.hotfolder import move_no_overwrite
 
 
 @pytest.mark.parametrize(

@@ -25,13 +25,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .runtime.files import PARTIAL_PREFIX, PROBE_PREFIX
+
 MANIFEST = "manifest.csv"
 #: written last by the generator: a folder with it is complete; holds the generation parameters (JSON)
 SYNTH_MARKER = ".defectscope-synth.json"
-#: a generation's own folder inside its root (:func:`partial_folder`)
-PARTIAL_PREFIX = ".defectscope-partial-"
 #: the lock file inside a root that serialises the renames of :func:`replace_with`
 LOCK = f"{PARTIAL_PREFIX}lock"
+
+
+def _transient(name: str) -> bool:
+    """A name in a root that another run of ours is using for a moment: its generation folder, the lock,
+    an output check's probe file. Not content, and never the user's."""
+    return name.startswith((PARTIAL_PREFIX, PROBE_PREFIX))
 
 
 def _listed(root: Path) -> set[Path]:
@@ -54,8 +60,8 @@ def foreign_file(root: Path) -> Path | None:
     own = _listed(root) | {(root / MANIFEST).resolve(), (root / SYNTH_MARKER).resolve()}
     for folder, dirs, files in os.walk(root):
         top = folder == str(root)
-        dirs[:] = sorted(d for d in dirs if not (top and d.startswith(PARTIAL_PREFIX)))
-        for name in sorted(f for f in files if not (top and f == LOCK)):
+        dirs[:] = sorted(d for d in dirs if not (top and _transient(d)))
+        for name in sorted(f for f in files if not (top and _transient(f))):
             path = Path(folder, name)
             if path.is_symlink() or path.resolve() not in own:
                 return path
@@ -69,7 +75,7 @@ def check_replaceable(root: Path) -> bool:
     if not root.is_dir():
         return False
     _finish_interrupted(root)
-    if not any(not e.name.startswith(PARTIAL_PREFIX) for e in root.iterdir()):
+    if not any(not _transient(e.name) for e in root.iterdir()):
         return False
     if not (root / SYNTH_MARKER).is_file() or not (root / MANIFEST).is_file():
         raise ValueError(

@@ -58,6 +58,13 @@ def fit_name(stem: str, tail: str, limit: int = NAME_MAX_BYTES) -> str:
     return short + tail
 
 
+#: a file or folder of ours that holds a delivery until it is complete (a hot folder's cross-device moves,
+#: the synthetic generator's set); hidden, so no reader takes it for content
+PARTIAL_PREFIX = ".defectscope-partial-"
+#: the moment-long file that proves a folder writable (:func:`defectscope.runtime.outputs.check_output_folder`)
+PROBE_PREFIX = ".defectscope-probe-"
+
+
 def temp_name(name: str, prefix: str = "", suffix: str = ".tmp") -> str:
     """The name of a temporary file written beside ``name`` and renamed onto it: the one rule for the
     product's temporary names (results, CSV, report, heat maps, a hot folder's cross-device moves),

@@ -25,14 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .files import temp_name
+from .files import PARTIAL_PREFIX, temp_name
 from .image_file import ImageLoadError, read_image_bytes
 from .results import fsync_dir
 
 #: every write (and chmod) changes a file's ctime; on Windows ``st_ctime`` is the creation time instead
 CTIME_TRACKS_WRITES = os.name != "nt"
 TEMP_SUFFIXES = (".tmp", ".temp", ".part", ".partial", ".crdownload", ".download", ".swp", "~")
-PARTIAL_PREFIX = ".defectscope-partial-"
 #: loader error kinds a file still being written can show (cut short, empty, header missing, locked)
 INCOMPLETE_KINDS = ("zero_bytes", "truncated", "not_an_image", "unreadable")
 

@@ -23,7 +23,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO
 
-from .files import os_error_reason, temp_name, unusable_name
+from .files import PROBE_PREFIX, os_error_reason, temp_name, unusable_name
 
 KERNEL_FILESYSTEMS = ("/proc", "/sys")
 
@@ -70,7 +70,7 @@ def _check_creatable(path: Path, option: str, shown: Path | None = None) -> None
     if not anchor.is_dir():
         raise OutputError(f"{option} {path}: {anchor} is a file, not a folder")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".defectscope-probe-", dir=anchor)
+        fd, probe = tempfile.mkstemp(prefix=PROBE_PREFIX, dir=anchor)
     except OSError as exc:
         raise OutputError(
             f"{option} {path}: cannot create files in {anchor} ({os_error_reason(exc)})"

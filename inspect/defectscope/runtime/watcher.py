@@ -38,12 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .files import fit_name
+from .files import PARTIAL_PREFIX, fit_name
 from .heatmap import save_overlay
 from .hotfolder import (
     CTIME_TRACKS_WRITES,
     INCOMPLETE_KINDS,
-    PARTIAL_PREFIX,
     Observation,
     Recorded,
     file_status,
