@@ -20,7 +20,10 @@ from defectscope.runtime.image import LoaderConfig, load_image
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """The files of ``root`` and their bytes, without the generator's transient ones (its runs' folders, the lock)."""
+    files = {str(p.relative_to(root)): p for p in sorted(root.rglob("*")) if p.is_file()}
+    transient = (".defectscope-partial-", ".defectscope-synth.lock")
+    return {k: p.read_bytes() for k, p in files.items() if not k.startswith(transient)}
 
 
 def test_layout_manifest_and_balanced_classes(tmp_path: Path) -> None:
@@ -262,24 +265,45 @@ def _dead_pid() -> int:
     return int(proc.stdout)
 
 
-def test_a_run_killed_in_its_last_renames_is_finished_by_the_next(tmp_path: Path) -> None:
-    """Killed between the renames that move a finished set in, a run left a set without its marker, which
-    every later run refused; the next run on the host now finishes those renames from the dead run's folder."""
+def _killed_run_folder(root: Path, finished: Path) -> Path:
+    """``finished`` (a complete set) made the generation folder of a run on this host that has died."""
     import socket
 
-    from defectscope.synth_output import SYNTH_MARKER, check_replaceable, clear_previous
+    from defectscope.synth_output import LOCK
 
-    root = synth.generate(tmp_path / "s", n=8, seed=0, size_range=(16, 24))
-    finished = synth.generate(tmp_path / "new", n=8, seed=1, size_range=(16, 24))
-    expected = _files(finished)
     dead = root / f".defectscope-partial-{socket.gethostname()}-{_dead_pid()}"
-    finished.rename(dead)  # the killed run's complete set, marker included
-    clear_previous(root)
-    (root / "crack").rmdir()
-    (dead / "crack").rename(root / "crack")  # its first rename was done
-    assert not (root / SYNTH_MARKER).exists()
-    assert check_replaceable(root)  # before: "is not empty and is not a finished synth output"
-    assert _files(root) == expected and not dead.exists()
+    (finished / LOCK).unlink()  # a generation folder has none: it is made fresh, not by generate()
+    finished.rename(dead)
+    return dead
+
+
+def test_a_run_killed_while_replacing_is_finished_by_the_next(tmp_path: Path) -> None:
+    """Killed while removing the old set or renaming its own in, a run left a set without its marker, which
+    every later run refused (or, killed mid-removal, a marked set with images missing that training read);
+    the next run on the host finishes the replacement its journal records."""
+    import hashlib
+
+    from defectscope.synth_output import CLEARING, MOVING, SYNTH_MARKER, check_replaceable
+
+    for killed_in in ("removal", "renames"):
+        root = synth.generate(tmp_path / killed_in / "s", n=8, seed=0, size_range=(16, 24))
+        finished = synth.generate(tmp_path / killed_in / "new", n=8, seed=1, size_range=(16, 24))
+        expected = _files(finished)
+        dead = _killed_run_folder(root, finished)
+        digest = hashlib.sha256((root / "manifest.csv").read_bytes()).hexdigest()
+        (root / SYNTH_MARKER).unlink()
+        old = sorted(p for p in root.rglob("*.png") if dead not in p.parents)
+        for png in old[:3] if killed_in == "removal" else old:
+            png.unlink()
+        if killed_in == "removal":
+            (dead / CLEARING).write_text(digest + "\n")
+        else:
+            (root / "manifest.csv").unlink()
+            (dead / MOVING).touch()
+            (root / "crack").rmdir()
+            (dead / "crack").rename(root / "crack")  # its first rename was done
+        assert check_replaceable(root)  # before: "is not empty and is not a finished synth output"
+        assert _files(root) == expected and not dead.exists()
     (root / ".defectscope-probe-x1").touch()  # another run's writability check at that moment
     again = synth.generate(root, n=5, seed=2, size_range=(16, 24), log=lambda _: None)
     assert (
@@ -287,10 +311,55 @@ def test_a_run_killed_in_its_last_renames_is_finished_by_the_next(tmp_path: Path
     )  # before: "holds .defectscope-probe-x1, which the ... did not write"
 
 
+def test_only_a_journalled_replacement_is_finished(tmp_path: Path) -> None:
+    """A killed run that had not begun replacing leaves ``root`` to its owner: a user's files put in since are
+    refused, never moved over (review: an unjournalled set overwrote the user's manifest.csv); of two dead
+    runs the one whose replacement began is finished, and its finishing does not wait on its own lock."""
+    import threading
+
+    from defectscope.synth_output import (
+        LOCK,
+        MOVING,
+        SYNTH_MARKER,
+        check_replaceable,
+        partial_folder,
+        replace_with,
+    )
+
+    root = tmp_path / "u"
+    root.mkdir()
+    _killed_run_folder(root, synth.generate(tmp_path / "a", n=6, seed=1, size_range=(16, 24)))
+    (root / "ok").mkdir()
+    (root / "ok" / "a.png").write_bytes(b"mine")
+    (root / "manifest.csv").write_text("path,label\nok/a.png,ok\n")
+    with pytest.raises(ValueError, match="is not a finished synth output"):
+        check_replaceable(root)
+    assert (root / "manifest.csv").read_text() == "path,label\nok/a.png,ok\n" and not (root / "good").exists()
+
+    root = synth.generate(tmp_path / "s", n=4, seed=0, size_range=(16, 24))
+    _killed_run_folder(root, synth.generate(tmp_path / "b", n=6, seed=2, size_range=(16, 24)))  # not begun
+    begun = _killed_run_folder(root, synth.generate(tmp_path / "c", n=7, seed=3, size_range=(16, 24)))
+    expected = _files(begun)
+    for path in [*root.glob("[!.]*/*.png"), root / "manifest.csv", root / SYNTH_MARKER]:
+        path.unlink()  # the old set removed
+    (begun / MOVING).touch()
+    ours = partial_folder(root)  # the run now replacing; it leaves the journalled folder in place
+    synth.generate(tmp_path / "d", n=5, seed=4, size_range=(16, 24)).rename(ours)
+    (ours / LOCK).unlink()
+    done = threading.Thread(target=replace_with, args=(root, ours), daemon=True)
+    done.start()
+    done.join(60)
+    assert not done.is_alive()  # review: it waited for its own lock, for ever
+    assert len(list(root.rglob("*.png"))) == 5 and json.loads((root / SYNTH_MARKER).read_text())["seed"] == 4
+    assert expected and not [
+        p for p in root.iterdir() if p.name.startswith(".defectscope-partial-") and p.is_dir()
+    ]
+
+
 @pytest.mark.slow
 def test_runs_into_one_folder_move_their_sets_in_one_at_a_time(tmp_path: Path) -> None:
     """A second `synth` into a folder waits for the renames of another's set to end (their lock), so the folder
-    never mixes two sets and neither run is refused; no lock file is left behind."""
+    never mixes two sets and neither run is refused; the lock file stays, hidden and empty."""
     import time
 
     from defectscope.synth_output import LOCK, SYNTH_MARKER, exclusive
@@ -310,4 +379,4 @@ def test_runs_into_one_folder_move_their_sets_in_one_at_a_time(tmp_path: Path) -
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert len(list(root.rglob("*.png"))) == 6 and json.loads((root / SYNTH_MARKER).read_text())["seed"] == 1
-    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == [SYNTH_MARKER]
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) == sorted([LOCK, SYNTH_MARKER])

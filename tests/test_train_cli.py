@@ -239,7 +239,6 @@ MODELS = f"alexnet, {LITE}, lenet, nf_resnet, resnet_small, tiny"
         # a newcomer was told to append the misspelt key (Hydra's "To append to your config use +...")
         ("train", ["data.source.rot=x"], "data.source.rot: no such setting; did you mean data.source.root? (a new"),
         ("train", ["data.sourc.root=x"], "data.sourc.root: no such setting: data has no 'sourc'; did you mean data.source?"),
-        ("train", ["optim.optimizer.LR=0.1"], "optim.optimizer.LR: no such setting; did you mean optim.optimizer.lr"),
         ("search", ["search.n_trial=3"], "search.n_trial: no such setting; did you mean search.n_trials, "),
         ("train", ["a=[1,"], "a=[1,: no viable alternative at input"),
         ("train", ["--config-name=nosuch"], "Cannot find primary config 'nosuch'"),
@@ -259,6 +258,16 @@ def test_composition_errors_are_one_line(
     assert "_base" not in lines[0] and "provider=" not in lines[0] and "defaults list" not in lines[0]
     assert not list(tmp_path.rglob("*.yaml")) or overrides[0] == "--multirun"  # no run folder: nothing ran
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_key_in_the_wrong_case_gets_the_key_not_advice_to_add_it(
+    defectscope_cmd: list[str], cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """``optim.optimizer.LR`` is ``lr``: adding ``+optim.optimizer.LR`` would only be refused later (review)."""
+    proc = _run([*defectscope_cmd, "train", "optim.optimizer.LR=0.1"], tmp_path, cli_env, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith(
+        "optim.optimizer.LR: no such setting; did you mean optim.optimizer.lr?"
+    ), proc.stderr
 
 
 def test_a_typed_recipe_that_does_not_exist_is_refused(

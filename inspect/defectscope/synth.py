@@ -24,7 +24,6 @@ import csv
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -37,7 +36,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from .runtime.options import CommandParser
 from .runtime.outputs import OutputError, check_output_folder
-from .synth_output import MANIFEST, SYNTH_MARKER, check_replaceable, partial_folder, replace_with
+from .synth_output import MANIFEST, SYNTH_MARKER, abandon, check_replaceable, partial_folder, replace_with
 
 __all__ = ["MANIFEST", "SYNTH_MARKER", "generate", "main", "synth_params"]
 
@@ -314,7 +313,7 @@ def generate(
     try:
         replaced = replace_with(final, root)
     except (ValueError, OSError) as exc:  # a file put into the old output while this one was generated
-        shutil.rmtree(root, ignore_errors=True)
+        abandon(root)
         raise ValueError(f"synth: {exc}") from None
     if replaced:
         log(f"synth: replaced the earlier synth output in {final} ({replaced} images, its manifest.csv)")

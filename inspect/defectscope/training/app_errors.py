@@ -68,12 +68,14 @@ def _unknown_key(cause: BaseException | None, overrides: Sequence[str] = ()) -> 
     if not (cause is not None and "not in struct" in str(cause) and key and full and hasattr(parent, "keys")):
         return None
     prefix = str(full)[: -len(str(key))]
-    hint = did_you_mean(str(key), parent.keys(), prefix)  # type: ignore[union-attr]
+    known = [str(k) for k in parent]  # type: ignore[union-attr]  # a DictConfig: its keys
+    hint = did_you_mean(str(key), known, prefix)
     typed = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
     deeper = next((t for t in typed if t.startswith(f"{full}.")), None)
     if deeper and str(full) not in typed:
         return f"{deeper}: no such setting: {prefix.rstrip('.') or 'the config'} has no {str(key)!r}{hint}"
-    add = f" (a new key is added with +{full}=VALUE)" if "[" not in str(full) else ""
+    case_only = str(key).lower() in (k.lower() for k in known)
+    add = f" (a new key is added with +{full}=VALUE)" if "[" not in str(full) and not case_only else ""
     return f"{full}: no such setting{hint}{add}"
 
 
