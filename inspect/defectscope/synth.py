@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 import sys
@@ -36,7 +35,15 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from .runtime.options import CommandParser
 from .runtime.outputs import OutputError, check_output_folder
-from .synth_output import MANIFEST, SYNTH_MARKER, abandon, check_replaceable, partial_folder, replace_with
+from .synth_output import (
+    MANIFEST,
+    SYNTH_MARKER,
+    abandon,
+    check_replaceable,
+    partial_folder,
+    replace_with,
+    write_marker,
+)
 
 __all__ = ["MANIFEST", "SYNTH_MARKER", "generate", "main", "synth_params"]
 
@@ -306,10 +313,7 @@ def generate(
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(("path", "label"))
         writer.writerows(rows)
-    marker = synth_params(n, seed, channels, *size_range, classes, region)
-    (root / SYNTH_MARKER).write_text(
-        json.dumps(marker, sort_keys=True) + "\n", encoding="utf-8"
-    )  # last: complete
+    write_marker(root, synth_params(n, seed, channels, *size_range, classes, region))  # last: complete
     try:
         replaced = replace_with(final, root)
     except (ValueError, OSError) as exc:  # a file put into the old output while this one was generated

@@ -3,7 +3,6 @@ that start together (DDP ranks, parallel runs); :func:`~.sources.synthetic_sourc
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -11,18 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from ..synth import synth_params
-from ..synth_output import SYNTH_MARKER, check_replaceable, exclusive
+from ..synth_output import check_replaceable, exclusive, read_marker
 from .errors import SourceError
 
 log = logging.getLogger(__name__)
-
-
-def _read_marker(root: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((root / SYNTH_MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _refuse_foreign(root: Path) -> None:
@@ -77,13 +68,13 @@ def ensure_synthetic(
     )  # before the cache is touched
     base = Path(root).expanduser()
     params = synth_params(n, seed, channels, min_size, max_size, classes, region)
-    if _read_marker(base) == params:
+    if read_marker(base) == params:
         return base
     if base.exists():
         _refuse_foreign(base)  # before the lock file: a refused folder's parent is left as it was
     base.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive(base.with_name(f".{base.name}.lock")):
-        if _read_marker(base) == params:  # another process finished while we waited
+    with exclusive(base.resolve().with_name(f".{base.resolve().name}.lock")):
+        if read_marker(base) == params:  # another process finished while we waited
             return base
         if base.exists():
             _refuse_foreign(base)
