@@ -165,3 +165,32 @@ def test_cli_elpv_full_scan(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["data=elpv", "data.source.task=4class"]) == 0
     out = capsys.readouterr().out
     assert "2624 ok, 0 bad" in out and "300x300: 2624" in out and "p100" in out
+
+
+def test_no_output_is_written_over_an_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A rejects list named like the manifest replaced it, one inside the image folder landed among the images,
+    and evaluate's metrics file named like the checkpoint replaced it (attack): refused before any work."""
+    from omegaconf import OmegaConf
+
+    from defectscope.data.settings import DataConfigError, config_data_settings
+    from defectscope.training.config import TrainingConfigError
+    from defectscope.training.preflight import check_evaluate_config
+
+    manifest, _ = make_bad_dataset(tmp_path)
+    kept = manifest.read_bytes()
+    rc = main(["data=csv", f"data.source.path={manifest}", "--rejects", str(manifest)])
+    assert (
+        rc == 2
+        and f"--rejects {manifest}: is data.source.path, which this run reads" in capsys.readouterr().err
+    )
+    base = {"source": {"kind": "folder", "root": str(tmp_path)}, "on_bad_file": "skip"}
+    with pytest.raises(DataConfigError, match=r"data\.rejects_path .*: lies inside data\.source\.root"):
+        config_data_settings({**base, "rejects_path": str(tmp_path / "good" / "rejects.csv")})
+    ckpt = tmp_path / "best.ckpt"
+    ckpt.write_bytes(b"weights")
+    cfg = OmegaConf.create({"ckpt_path": str(ckpt), "metrics_file": str(ckpt), "evaluate_on": "test"})
+    with pytest.raises(
+        TrainingConfigError, match=r"metrics_file .*best\.ckpt: is ckpt_path, which this run reads"
+    ):
+        check_evaluate_config(cfg)
+    assert manifest.read_bytes() == kept and ckpt.read_bytes() == b"weights"

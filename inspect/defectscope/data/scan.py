@@ -27,7 +27,7 @@ import numpy as np
 from ..runtime.files import error_line
 from ..runtime.image import ImageLoadError, LoaderConfig, load_image
 from ..runtime.options import CommandParser
-from ..runtime.outputs import OutputError, check_output_file
+from ..runtime.outputs import OutputError, check_not_input, check_output_file
 from ..runtime.results import csv_cell
 
 
@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from omegaconf.errors import OmegaConfBaseException
 
     from ..training.app_errors import composition_error
-    from .sources import SourceError, build_source, prepare_source
+    from .sources import SourceError, build_source, input_paths, prepare_source
 
     try:
         args, folder = _parse(sys.argv[1:] if argv is None else argv)
@@ -243,6 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.rejects:  # before the scan's work
             check_output_file(args.rejects, "--rejects")  # the rule data.rejects_path is held to
         cfg = compose_data_config(args.overrides, folder, args.config_dir)
+        if args.rejects:
+            check_not_input(args.rejects, "--rejects", input_paths(cfg.source))
         prepare_source(cfg.source)
         source = build_source(cfg.source, missing="keep")
     except (SourceError, ValueError, TypeError, HydraException, OmegaConfBaseException, OutputError) as exc:

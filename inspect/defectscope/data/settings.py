@@ -15,9 +15,9 @@ from typing import Any
 from ..plain import expect, to_plain, whole_number
 from ..runtime.image import LoaderConfig
 from ..runtime.metadata import NORMALISATION_RANGE, check_loader_values
-from ..runtime.outputs import OutputError, check_output_file
+from ..runtime.outputs import OutputError, check_not_input, check_output_file
 from .errors import DataConfigError, SourceError
-from .sources import SOURCES, source_arguments
+from .sources import SOURCES, input_paths, source_arguments
 
 ON_BAD_FILE = ("fail", "skip")
 #: what ``evaluate`` scores: "test" = only the test split, "all" = every image of the source (a new lot);
@@ -219,6 +219,7 @@ def data_settings(
     if on_bad_file == "skip" and rejects_path:  # written after the scan: a bad path is told before it
         try:
             check_output_file(rejects_path, "data.rejects_path")
+            check_not_input(rejects_path, "data.rejects_path", input_paths(source_spec))
         except OutputError as exc:
             raise DataConfigError(str(exc)) from None
     means, stds = normalisation_values(mean, "mean"), normalisation_values(std, "std")

@@ -282,6 +282,13 @@ SOURCES: dict[str, Callable[..., SourceData]] = {
 }
 
 
+def input_paths(spec: Any) -> dict[str, str]:
+    """The files and folders a source spec reads, by config key: no output may be one of them."""
+    if not isinstance(spec, Mapping):
+        return {}
+    return {f"data.source.{k}": v for k in ("root", "path") if isinstance(v := spec.get(k), str) and v}
+
+
 def source_arguments(
     spec: Mapping[str, Any], *, missing: str | None = None
 ) -> tuple[str, Callable[..., SourceData], dict[str, Any]]:

@@ -18,7 +18,7 @@ import errno
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import IO
@@ -101,6 +101,25 @@ def check_output_file(path: str | os.PathLike[str], option: str, *, special_ok: 
         except OSError as exc:
             raise OutputError(f"{option} {p}: cannot be written ({os_error_reason(exc)})") from None
     _check_creatable(p, option)
+
+
+def check_not_input(
+    path: str | os.PathLike[str], option: str, inputs: Mapping[str, str | os.PathLike[str] | None]
+) -> None:
+    """An output file that is not one of the run's inputs (``{"ckpt_path": ..., "data.source.root": ...}``):
+    not the same file as an input file, not inside an input folder. Writing a rejects list over its
+    manifest, metrics over their checkpoint, or anything among the images being read loses them."""
+    target = os.path.realpath(os.path.expanduser(os.fspath(path)))
+    for key, value in inputs.items():
+        if not value:
+            continue
+        source = os.path.realpath(os.path.expanduser(os.fspath(value)))
+        if os.path.isdir(source) and target.startswith(source.rstrip(os.sep) + os.sep):
+            raise OutputError(
+                f"{option} {path}: lies inside {key} {value}, which this run reads; give a path outside it"
+            )
+        if target == source:
+            raise OutputError(f"{option} {path}: is {key}, which this run reads; give another file")
 
 
 def check_output_folder(path: str | os.PathLike[str], option: str) -> None:

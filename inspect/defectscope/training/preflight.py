@@ -15,11 +15,12 @@ from omegaconf import OmegaConf
 
 from ..data.rebuild import datamodule_kwargs
 from ..data.settings import EVALUATE_ON, check_evaluate_on, config_data_settings
+from ..data.sources import input_paths
 from ..data.transforms import check_transform_spec
 from ..plain import to_plain
 from ..runtime.decision import THRESHOLD_EXPECTED, is_threshold
 from ..runtime.files import checkpoint_file_problem
-from ..runtime.outputs import OutputError, check_output_file, check_output_folder
+from ..runtime.outputs import OutputError, check_not_input, check_output_file, check_output_folder
 from .config import (
     TrainingConfigError,
     check_memory_format,
@@ -109,9 +110,12 @@ def check_evaluate_config(cfg: Any) -> tuple[float | None, str]:
     except ValueError as exc:
         raise TrainingConfigError(str(exc)) from None
     check_evaluate_data(cfg.get("data"))
+    ckpt_file = checkpoint_file(cfg)
     if cfg.get("metrics_file"):  # written after the test loop: a bad path is told before it
         _writable(check_output_file, cfg.metrics_file, "metrics_file")
-    ckpt_file = checkpoint_file(cfg)
+        source = (cfg.get("data") or {}).get("source")
+        inputs = {"ckpt_path": ckpt_file, **input_paths(to_plain(source) if source is not None else None)}
+        _writable(lambda path, key: check_not_input(path, key, inputs), cfg.metrics_file, "metrics_file")
     problem = checkpoint_file_problem(ckpt_file)
     if problem:
         raise TrainingConfigError(problem)
