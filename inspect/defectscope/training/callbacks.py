@@ -22,6 +22,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerFn
 
 from .config import TrainingConfigError
+from .targets import build_error, check_target_class
 
 
 class BackboneWarmup(Callback):
@@ -82,22 +83,23 @@ def build_callbacks(
     dump_dir: str | None,
     has_logger: bool = True,
     validation: bool = True,
+    optimized_metric: str | None = None,
 ) -> list[Callback]:
     """Instantiate ``callbacks.*`` (entries set to null are skipped) and add the code-owned ones.
 
     Without a logger (logger=none) callbacks that only log (LearningRateMonitor) are left out. Without
     validation (``validation=False``) a callback watching a ``val/`` metric is refused now: Lightning
-    would stop on it with a traceback after the first epoch.
+    would stop on it with a traceback after the first epoch. The metrics the callbacks and
+    ``optimized_metric`` watch are checked before the first epoch (:class:`MonitoredNames`).
     """
     from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor
 
     out: list[Callback] = []
+    watched: dict[str, str] = {}
     for key, spec in (callbacks_cfg or {}).items():
         if spec is None:
             continue
-        if not isinstance(spec, Mapping) or "_target_" not in spec:
-            raise TrainingConfigError(f"callbacks.{key}: expected a mapping with _target_, got {spec!r}")
-        callback = instantiate(spec)
+        callback = _configured_callback(key, spec)
         if isinstance(callback, LearningRateMonitor) and not has_logger:
             continue
         watches = isinstance(callback, EarlyStopping) or (
@@ -114,7 +116,12 @@ def build_callbacks(
                 f"callbacks.{key} watches {monitor}, but trainer.limit_val_batches=0 runs no validation: "
                 f"set callbacks.{key}{fix}, or let validation run"
             )
+        if watches and monitor:
+            watched[f"callbacks.{key}.monitor"] = monitor
         out.append(callback)
+    if optimized_metric and optimized_metric.startswith("val/"):
+        watched["optimized_metric"] = optimized_metric
+    out.insert(0, MonitoredNames(watched))  # first: before a checkpoint looks for its metric
     if not any(isinstance(cb, ModelCheckpoint) for cb in out):
         raise TrainingConfigError(
             "callbacks: no ModelCheckpoint configured; training needs one (best.ckpt is tested, exported "
@@ -125,6 +132,47 @@ def build_callbacks(
     if dump_dir is not None:
         out.append(IndexDump(dump_dir))
     return out
+
+
+def _configured_callback(key: str, spec: Any) -> Callback:
+    """``callbacks.KEY`` built, when its ``_target_`` is a Lightning callback class: a function named there
+    (``os.makedirs``) is refused before it is called, and a wrong argument is one line naming the key."""
+    if not isinstance(spec, Mapping) or "_target_" not in spec:
+        raise TrainingConfigError(f"callbacks.{key}: expected a mapping with _target_, got {spec!r}")
+    check_target_class(spec["_target_"], f"callbacks.{key}", (Callback,), "a Lightning Callback class")
+    try:
+        return instantiate(spec)
+    except Exception as exc:
+        raise build_error(f"callbacks.{key}", exc) from None
+
+
+class MonitoredNames(Callback):
+    """Every metric a setting watches (``callbacks.*.monitor``, ``optimized_metric``) is one this run logs.
+    Checked on the sanity check's metrics, before the first epoch (else on the first validation's, before
+    a checkpoint looks): a misspelt name failed only after an epoch, or after the whole run."""
+
+    def __init__(self, watched: Mapping[str, str]) -> None:
+        self.watched = dict(watched)
+        self.checked = False
+
+    def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._check(trainer)
+
+    def _check(self, trainer: pl.Trainer) -> None:
+        from .app_errors import did_you_mean
+
+        logged = sorted(str(k) for k in trainer.callback_metrics if str(k).startswith("val/"))
+        if self.checked or not logged:
+            return
+        self.checked = True
+        for key, name in self.watched.items():
+            if name.startswith("val/") and name not in logged:
+                hint = did_you_mean(name, logged) or f"; logged: {', '.join(logged)}"
+                raise TrainingConfigError(f"{key}={name}: this run logs no such metric{hint}")
 
 
 class BestAndLastCheckpoint(ModelCheckpoint):

@@ -7,6 +7,7 @@ so a wrong value stops the run before any training, naming the config key.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 from hydra.utils import instantiate
 
 from .config import TrainingConfigError, grouped
+from .targets import build_error, check_target_class
 
 
 def build_optimizer(
@@ -180,3 +182,45 @@ def check_resumed_optimizer(saved: Any, optimizer: torch.optim.Optimizer, ckpt_p
         )
         if problem:
             raise TrainingConfigError(f"{where}.state[{str(key)[:20]}]{problem}")
+
+
+def check_optimization(optim: Mapping[str, Any], scheduler: Mapping[str, Any] | None) -> None:
+    """The optimizer and scheduler settings, tried on a one-weight probe before any data is read: a bad
+    value (a negative weight decay, ``betas`` past 1, one-cycle's ``pct_start`` 2, an unknown key) was a
+    traceback after the data scan, and a learning rate the schedule drives below 0 (cosine ``eta_min: -1``)
+    was trained with silently. Each refusal is one line naming ``optim.optimizer`` or ``scheduler``."""
+    import warnings
+
+    spec = dict(optim.get("optimizer") or {})
+    check_target_class(
+        spec.get("_target_"), "optim.optimizer", (torch.optim.Optimizer,), "a torch.optim optimizer class"
+    )
+    probe = torch.nn.Linear(1, 1)
+    try:
+        optimizer = build_optimizer(spec, probe, 1.0)
+    except Exception as exc:
+        raise build_error("optim.optimizer", exc) from None
+    sched = dict(scheduler or {})
+    if "_target_" not in sched:
+        return
+    bases = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    check_target_class(sched.get("_target_"), "scheduler", bases, "a torch.optim.lr_scheduler class")
+    try:
+        built, _ = build_scheduler(sched, optimizer, steps=20, epochs=20)
+    except TrainingConfigError:
+        raise
+    except Exception as exc:
+        raise build_error("scheduler", exc) from None
+    if isinstance(built, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(20):
+            optimizer.step()
+            built.step()
+            lrs = [float(group["lr"]) for group in optimizer.param_groups]
+            if not all(math.isfinite(lr) and lr >= 0 for lr in lrs):
+                raise TrainingConfigError(
+                    f"scheduler: it drives the learning rate to {min(lrs)!r}; check its settings (for example "
+                    "eta_min, which must not be negative)"
+                )

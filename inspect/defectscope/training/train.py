@@ -41,7 +41,7 @@ from .config import (
 )
 from .distill import add_teacher
 from .module import DefectClassifier
-from .optimization import HORIZON_SETTINGS
+from .optimization import HORIZON_SETTINGS, check_optimization
 from .preflight import check_train_config
 from .resume import read_resume
 from .tracking import MLflowTracker
@@ -248,6 +248,7 @@ def _build_trainer(
         dump_dir=str(out_dir / "debug") if cfg.get("debug", {}).get("dump_indices") else None,
         has_logger=tracker is not None,
         validation=cfg.trainer.get("limit_val_batches", 1.0) != 0,
+        optimized_metric=cfg.get("optimized_metric"),
     )
     callbacks[:0] = [FiniteWeights()]  # first: before a checkpoint or the average sees the weights
     callbacks.append(Throughput())
@@ -336,6 +337,7 @@ def _train(
     t0 = time.perf_counter()
     distill = check_train_config(cfg)  # every setting that needs no file, before any data is read
     check_trainer(cfg.get("trainer"), ddp_overrides(cfg))
+    check_optimization(to_plain(cfg.get("optim")) or {}, to_plain(cfg.get("scheduler")))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     out_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.ckpt_dir)

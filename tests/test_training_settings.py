@@ -1,0 +1,88 @@
+"""Optimizer, scheduler and callback settings refused in one line before any data is read, and the metrics the
+callbacks watch checked before the first epoch (attack: tracebacks after the data scan, a function named as a
+callback was called, a misspelt monitor failed after an epoch and optimized_metric after the whole run)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from omegaconf import OmegaConf
+
+from defectscope.training.callbacks import build_callbacks
+from defectscope.training.config import TrainingConfigError
+from defectscope.training.optimization import check_optimization
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+ADAMW = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 0.001}
+
+
+def _conf(name: str) -> dict[str, Any]:
+    return dict(OmegaConf.to_container(OmegaConf.load(CONF / name)))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "scheduler", "expected"),
+    [
+        ({**ADAMW, "weight_decay": -1}, None, "optim.optimizer: Invalid weight_decay value: -1"),
+        ({**ADAMW, "betas": [2, 0.9]}, None, "optim.optimizer: Invalid beta parameter at index 0: 2"),
+        ({**ADAMW, "_target_": "os.system"}, None, "optim.optimizer._target_ 'os.system' is not a torch.optim"),
+        ({**ADAMW, "_target_": "no.such.Thing"}, None, "optim.optimizer._target_ 'no.such.Thing' cannot be imported"),
+        (ADAMW, {**_conf("scheduler/onecycle.yaml"), "pct_start": 2}, "scheduler: Expected float between 0 and 1"),
+        (ADAMW, {**_conf("scheduler/cosine.yaml"), "foo": 1}, "unexpected keyword argument 'foo'"),
+        (ADAMW, {**_conf("scheduler/cosine.yaml"), "eta_min": -1}, "scheduler: it drives the learning rate to -"),
+        (ADAMW, {**_conf("scheduler/cosine.yaml"), "_target_": "builtins.print"}, "is not a torch.optim.lr_sched"),
+    ],
+)  # fmt: skip
+def test_bad_optimizer_and_scheduler_settings_are_one_line(
+    optimizer: dict[str, Any], scheduler: dict[str, Any] | None, expected: str
+) -> None:
+    with pytest.raises(TrainingConfigError) as caught:
+        check_optimization({"optimizer": optimizer}, scheduler)
+    assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_shipped_optimizers_and_schedules_pass() -> None:
+    for optim in ("adamw.yaml", "sgd.yaml"):
+        for schedule in ("constant.yaml", "cosine.yaml", "onecycle.yaml"):
+            check_optimization(_conf(f"optim/{optim}"), _conf(f"scheduler/{schedule}"))
+
+
+def test_a_callback_target_must_be_a_lightning_callback(tmp_path: Path) -> None:
+    """``+callbacks.x={_target_: os.makedirs, name: ...}`` made the folder before the traceback (attack)."""
+    made = tmp_path / "made"
+    spec = {"x": {"_target_": "os.makedirs", "name": str(made)}}
+    with pytest.raises(
+        TrainingConfigError, match=r"callbacks\.x\._target_ 'os\.makedirs' is not a Lightning"
+    ):
+        build_callbacks(spec, freeze_epochs=0, bn_eval=True, dump_dir=None)
+    assert not made.exists()
+    wrong = {"x": {"_target_": "pytorch_lightning.callbacks.EarlyStopping", "monitr": "val/acc"}}
+    with pytest.raises(TrainingConfigError, match=r"^callbacks\.x: .*monitr"):
+        build_callbacks(wrong, freeze_epochs=0, bn_eval=True, dump_dir=None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("callbacks.model_checkpoint.monitor=val/ac", "callbacks.model_checkpoint.monitor=val/ac: this run logs no"),
+        ("optimized_metric=val/acx", "optimized_metric=val/acx: this run logs no such metric; did you mean val/acc"),
+    ],
+)  # fmt: skip
+def test_a_misspelt_metric_is_refused_before_the_first_epoch(
+    defectscope_cmd: list[str], cli_env: dict[str, str], smoke_data_dir: Path, tmp_path: Path, override: str,
+    expected: str,
+) -> None:  # fmt: skip
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [*defectscope_cmd, "train", "experiment=smoke", f"paths.data_dir={smoke_data_dir}", override,
+         f"hydra.run.dir={run}"],
+        cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert last.endswith(expected) or expected in last, last
+    assert "Epoch 0:" not in proc.stderr and not list(run.rglob("*.ckpt"))  # no training step, nothing saved
