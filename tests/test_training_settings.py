@@ -86,3 +86,32 @@ def test_a_misspelt_metric_is_refused_before_the_first_epoch(
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert last.endswith(expected) or expected in last, last
     assert "Epoch 0:" not in proc.stderr and not list(run.rglob("*.ckpt"))  # no training step, nothing saved
+
+
+def test_a_config_file_that_is_not_yaml_is_named_in_one_line(
+    defectscope_cmd: list[str], cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A broken YAML file under --config-dir was a 100-line traceback (attack); one that is not UTF-8 was
+    one line that did not say it was a config file."""
+    conf = tmp_path / "conf"
+    (conf / "experiment").mkdir(parents=True)
+    (conf / "data").mkdir()
+    (conf / "experiment" / "broken.yaml").write_text("# @package _global_\nseed: [1, 2\n")
+    (conf / "experiment" / "latin.yaml").write_bytes(b"# @package _global_\nseed: 1\nx: \xff\xfe\n")
+    (conf / "data" / "broken.yaml").write_text("source: [1, 2\n")
+    cases = [
+        (
+            "train",
+            "experiment=broken",
+            f"{conf / 'experiment' / 'broken.yaml'}: not valid YAML (expected ','",
+        ),
+        ("train", "experiment=latin", "a config file is not UTF-8 text"),
+        ("scan", "data=broken", f"{conf / 'data' / 'broken.yaml'}: not valid YAML (expected ','"),
+    ]
+    for command, override, expected in cases:
+        proc = subprocess.run(
+            [*defectscope_cmd, command, "--config-dir", str(conf), override],
+            cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]

@@ -231,6 +231,7 @@ def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, str | None]:
 def main(argv: Sequence[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
 
     from ..training.app_errors import composition_error
     from .sources import SourceError, build_source, input_paths, prepare_source
@@ -247,9 +248,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_not_input(args.rejects, "--rejects", input_paths(cfg.source))
         prepare_source(cfg.source)
         source = build_source(cfg.source, missing="keep")
-    except (SourceError, ValueError, TypeError, HydraException, OmegaConfBaseException, OutputError) as exc:
+    except (
+        SourceError,
+        ValueError,
+        TypeError,
+        HydraException,
+        OmegaConfBaseException,
+        OutputError,
+        YAMLError,
+    ) as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        text = composition_error(exc, args.overrides) if isinstance(exc, HydraException) else "; ".join(lines)
+        composing = isinstance(exc, HydraException | YAMLError | UnicodeDecodeError)
+        text = composition_error(exc, args.overrides) if composing else "; ".join(lines)
         print(error_line("defectscope scan", text or type(exc).__name__), file=sys.stderr)
         return 2
     workers = args.workers or cfg.workers

@@ -256,6 +256,7 @@ def _quiet_third_party() -> None:
 def _run(command: str, config_name: str, argv: Sequence[str], fn: Callable[[Any], dict[str, float]]) -> int:
     import hydra
     from hydra.errors import HydraException
+    from yaml import YAMLError
 
     conf = conf_dir()
     if not (conf / f"{config_name}.yaml").is_file():
@@ -288,8 +289,9 @@ def _run(command: str, config_name: str, argv: Sequence[str], fn: Callable[[Any]
             return int(exc.code or 0)
         print(exc.code, file=sys.stderr)
         return 1
-    except (HydraException, ValueError) as exc:
-        # before the job: a composition error, or Hydra's "only one of --multirun, --cfg ..." (a ValueError)
+    except (HydraException, ValueError, YAMLError) as exc:
+        # before the job: a composition error, Hydra's "only one of --multirun, --cfg ..." (a ValueError), or a
+        # config file that is not YAML
         if errors.started or errors.user == "1":
             raise
         print(error_line(f"defectscope {command}", composition_error(exc, args)), file=sys.stderr)

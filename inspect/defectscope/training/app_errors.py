@@ -85,7 +85,13 @@ def composition_error(exc: BaseException, overrides: Sequence[str] = ()) -> str:
     A missing group option names its group, the valid options and, when no command-line override
     (``overrides``) chose it, that a config's defaults list did; the rest keep their words and cause."""
     from hydra.errors import MissingConfigException, OverrideParseException
+    from yaml import MarkedYAMLError
 
+    if isinstance(exc, MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"{mark.name}: not valid YAML ({exc.problem}, line {mark.line + 1}, column {mark.column + 1})"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a config file is not UTF-8 text ({exc}); config files (conf/, --config-dir) must be UTF-8"
     text = str(exc).split("\nConfig search path:")[0]
     group = re.search(r"Available options in '([^']+)'", text)
     missing = str(getattr(exc, "missing_cfg_file", None) or "")
