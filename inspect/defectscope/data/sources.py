@@ -56,7 +56,14 @@ def _list_class_dir(d: Path, extensions: Sequence[str], ignored: list[str]) -> l
     """A class folder's images (by ``data.source.extensions``), in path order; what else it holds goes to
     ``ignored``. Which files a folder holds is :func:`walk_files`' rule, as for inspect and export."""
     files: list[Path] = []
-    for p in sorted(Path(f) for f in walk_files(d)):
+
+    def refuse(folder: str, exc: OSError) -> None:
+        raise SourceError(
+            f"{folder}: cannot be read ({os_error_reason(exc)}); its images would be left out: make it readable "
+            "or move it out of the data folder"
+        )
+
+    for p in sorted(Path(f) for f in walk_files(d, unreadable=refuse)):
         if p.suffix.lower() in extensions:
             files.append(p)
         else:

@@ -18,7 +18,7 @@ import errno
 import hashlib
 import os
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,15 +79,22 @@ def is_image_name(name: str) -> bool:
     )
 
 
-def walk_files(folder: str | os.PathLike[str], recursive: bool = True) -> Iterator[str]:
+def walk_files(
+    folder: str | os.PathLike[str],
+    recursive: bool = True,
+    unreadable: Callable[[str, OSError], None] | None = None,
+) -> Iterator[str]:
     """Files under ``folder``, sorted per folder, its files before its sub-folders': the one rule for what a
     folder holds (inspect, watch's lots, training's class folders, export's gate images). Hidden files and
     folders are skipped (a tool's cache such as ``.thumbnails/`` is not part of a lot), and a link to a
-    folder is not followed (a loop of links would never end); a link to a file is a file."""
+    folder is not followed (a loop of links would never end); a link to a file is a file. A folder that
+    cannot be listed goes to ``unreadable`` (the caller says it, or refuses), else it is passed over."""
     try:
         with os.scandir(folder) as it:
             entries = sorted((e.name, e.is_dir(follow_symlinks=False), e.is_dir()) for e in it)
-    except OSError:
+    except OSError as exc:
+        if unreadable is not None:
+            unreadable(os.fspath(folder), exc)
         return
     subdirs = []
     for name, is_dir, leads_to_dir in entries:
@@ -99,7 +106,7 @@ def walk_files(folder: str | os.PathLike[str], recursive: bool = True) -> Iterat
             yield os.path.join(folder, name)
     if recursive:
         for name in subdirs:
-            yield from walk_files(os.path.join(folder, name), recursive)
+            yield from walk_files(os.path.join(folder, name), recursive, unreadable)
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

@@ -20,7 +20,14 @@ import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from .files import is_image_name, list_file_problem, read_path_list, unusable_name, walk_files
+from .files import (
+    is_image_name,
+    list_file_problem,
+    os_error_reason,
+    read_path_list,
+    unusable_name,
+    walk_files,
+)
 
 _GLOB_CHARS = frozenset("*?[")
 
@@ -104,9 +111,15 @@ def overlapping_inputs(specs: Sequence[str], *, recursive: bool = False) -> str 
     return None
 
 
-def walk_folder(folder: str, recursive: bool) -> Iterator[str]:
-    """Image files under ``folder``, in :func:`walk_files`' order and by its rule."""
-    return (path for path in walk_files(folder, recursive) if is_image_name(path))
+def walk_folder(folder: str, recursive: bool, warn: Callable[[str], None] | None = None) -> Iterator[str]:
+    """Image files under ``folder``, in :func:`walk_files`' order and by its rule; a folder that cannot be
+    read is told through ``warn`` (its images cannot get rows: nobody can name them)."""
+
+    def unreadable(path: str, exc: OSError) -> None:
+        if warn is not None:
+            warn(f"folder {path!r} cannot be read ({os_error_reason(exc)}); its images are not inspected")
+
+    return (path for path in walk_files(folder, recursive, unreadable) if is_image_name(path))
 
 
 def expand_inputs(
@@ -119,7 +132,7 @@ def expand_inputs(
             source: Iterator[str] = read_path_list(spec[1:])
             what = f"list file {spec[1:]!r}"
         elif os.path.isdir(spec):
-            source = walk_folder(spec, recursive)
+            source = walk_folder(spec, recursive, warn)
             what = f"folder {spec!r}"
         elif _is_glob(spec):
             source = _glob(spec, recursive)
