@@ -287,3 +287,18 @@ def test_a_folder_that_cannot_be_read_is_told_not_passed_over(tmp_path: Path) ->
     found = list(expand_inputs([str(tmp_path)], recursive=True, warn=said.append))
     assert len(found) == 2 and len(said) == 1 and said[0].startswith(f"folder '{tmp_path / 'good'}")
     assert said[0].endswith("; its images are not inspected")
+
+
+def test_files_beside_the_class_folders_are_reported_as_ignored(tmp_path: Path) -> None:
+    """Images put in the root, next to the class folders, were dropped without being counted (attack)."""
+    from PIL import Image
+
+    from defectscope.data.sources import folder_source
+
+    for cls in ("good", "scratch"):
+        (tmp_path / cls).mkdir()
+        Image.new("L", (32, 32)).save(tmp_path / cls / "a.png")
+    Image.new("L", (32, 32)).save(tmp_path / "stray.png")
+    (tmp_path / ".hidden").write_text("tool cache")
+    data = folder_source(tmp_path)
+    assert len(data.samples) == 2 and data.ignored == [str(tmp_path / "stray.png")]

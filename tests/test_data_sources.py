@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from defectscope.data.sources import SYNTH_MARKER, SourceError, build_source, ensure_synthetic
+from defectscope.data.sources import SourceError, build_source, ensure_synthetic
 from defectscope.data.splits import apportion, assign_splits, stratified_pick
+from defectscope.synth_output import SYNTH_MARKER
 from signal_runs import partial_holds, signal_when
 
 
@@ -279,7 +280,7 @@ def test_synthetic_concurrent_processes_generate_once(tmp_path: Path) -> None:
     params = {**SYN, "n": 300, "min_size": 32, "max_size": 48}
     code = (
         "import sys, json, logging; logging.basicConfig(level=logging.INFO);"
-        "from defectscope.data.sources import ensure_synthetic, SYNTH_MARKER;"
+        "from defectscope.data.sources import ensure_synthetic; from defectscope.synth_output import SYNTH_MARKER;"
         "root = ensure_synthetic(sys.argv[1], **json.loads(sys.argv[2]));"
         "print((root / SYNTH_MARKER).stat().st_mtime_ns)"
     )

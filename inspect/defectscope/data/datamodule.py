@@ -275,7 +275,9 @@ class DefectDataModule(pl.LightningDataModule):
         if self.rejected:
             lines.append(f"skipped {len(self.rejected)} bad file(s) (see {self.rejects_path})")
         if source.ignored:
-            lines.append(f"ignored {len(source.ignored)} non-image file(s), e.g. {source.ignored[0]}")
+            lines.append(
+                f"ignored {len(source.ignored)} file(s) (not an image, or outside the class folders), e.g. {source.ignored[0]}"
+            )
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ loaders

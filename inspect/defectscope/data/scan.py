@@ -283,7 +283,9 @@ def _print_result(source: Any, result: ScanResult) -> None:
         f"scanned {n} files in {result.seconds:.2f} s ({rate:.0f}/s): {len(good)} ok, {len(result.bad)} bad"
     )
     if source.ignored:
-        print(f"ignored {len(source.ignored)} non-image file(s), e.g. {source.ignored[0]}")
+        print(
+            f"ignored {len(source.ignored)} file(s) (not an image, or outside the class folders), e.g. {source.ignored[0]}"
+        )
     print(count_table([s for s, _ in good], source.class_names))
     sizes = Counter((r.width, r.height) for _, r in good)
     print(f"{len(sizes)} distinct preprocessed sizes (w x h); most common: ")

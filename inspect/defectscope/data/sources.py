@@ -29,7 +29,7 @@ from ..runtime.files import (
 )
 from ..runtime.metadata import class_list_problem
 from ..runtime.outputs import OutputError, check_output_folder, is_special
-from ..synth import DEFAULT_CLASSES, SYNTH_MARKER
+from ..synth import DEFAULT_CLASSES, MANIFEST
 from .elpv import elpv_source
 from .errors import SourceError
 from .records import SPLITS, Sample, SourceData
@@ -81,7 +81,7 @@ def folder_source(
     """``root/<class>/**/*.png`` or ``root/{train,val,test}/<class>/**/*.png``.
 
     Class order is ``classes`` when given, else the sorted folder names.  Files in class folders
-    with other extensions are ignored (and reported), hidden ones are not part of the folder
+    with other extensions, and files beside the class folders, are ignored (and reported); hidden ones are not part of the folder
     (:func:`walk_files`); an image extension on a non-image is left for the scan to reject.
     """
     base = Path(root).expanduser()
@@ -116,8 +116,10 @@ def folder_source(
             "add them or move them out of the dataset folder"
         )
     _check_classes(good_class, names, str(base))
-    ignored: list[str] = []
-    samples: list[Sample] = []
+    ignored = [
+        str(f) for _, d in layout for f in sorted(d.iterdir()) if f.is_file() and not f.name.startswith(".")
+    ]
+    samples: list[Sample] = []  # (files beside the class folders are no class's: told as ignored)
     for label, name in enumerate(names):
         for split, cdir in found.get(name, []):
             samples.extend(Sample(str(p), label, split) for p in _list_class_dir(cdir, exts, ignored))
@@ -275,7 +277,7 @@ def synthetic_source(
     base = ensure_synthetic(root, n, seed, channels, min_size, max_size, classes, region)
     data = folder_source(base, classes=list(classes), good_class=good_class, extensions=(".png",))
     data.description = f"synthetic {base} (n={n}, seed={seed})"
-    data.ignored = [p for p in data.ignored if not p.endswith(SYNTH_MARKER)]
+    data.ignored = [p for p in data.ignored if Path(p) != base / MANIFEST]
     return data
 
 
