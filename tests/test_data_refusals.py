@@ -302,3 +302,24 @@ def test_files_beside_the_class_folders_are_reported_as_ignored(tmp_path: Path) 
     (tmp_path / ".hidden").write_text("tool cache")
     data = folder_source(tmp_path)
     assert len(data.samples) == 2 and data.ignored == [str(tmp_path / "stray.png")]
+
+
+def test_labels_differing_only_in_case_are_refused(tmp_path: Path) -> None:
+    """CSV labels ``Good`` and ``good`` trained as two classes without a word (attack)."""
+    from PIL import Image
+
+    rows = ["path,label"]
+    for i, label in enumerate(("good", "Good", "scratch")):
+        Image.new("L", (32, 32)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{label}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    with pytest.raises(SourceError, match=r"classes 'Good' and 'good' differ only in case"):
+        build_source({"kind": "csv", "path": str(tmp_path / "m.csv")})
+
+
+def test_control_characters_in_an_error_line_are_shown_as_codes() -> None:
+    """A file name holding an escape sequence reached the terminal raw (attack)."""
+    from defectscope.runtime.files import error_line
+
+    line = error_line("defectscope train", "a\x1b[31mred.png\nx\x07")
+    assert line == "defectscope train: error: a\\x1b[31mred.png\\nx\\x07"

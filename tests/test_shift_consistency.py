@@ -76,6 +76,11 @@ def test_offsets_are_distinct_nonzero_bounded_and_fixed_by_the_seed() -> None:
         ShiftProtocol(padding="wrap")
     with pytest.raises(ValueError, match="copies must be an integer >= 1"):
         ShiftProtocol(copies=0)
+    from defectscope.training.config import TrainingConfigError, shift_protocol
+
+    assert shift_protocol({"copies": 0}) is None  # the config's 0 is off, so its message says so (attack)
+    with pytest.raises(TrainingConfigError, match=r"copies must be an integer >= 0 \(0: off\), got -1"):
+        shift_protocol({"copies": -1})
 
 
 def test_a_position_independent_model_is_fully_consistent() -> None:

@@ -213,6 +213,10 @@ class DefectDataModule(pl.LightningDataModule):
             s.split = sp
         return samples
 
+    @property
+    def _uses(self) -> str:
+        return "train on" if self.evaluate_on is None else "score"
+
     def _scan(self, samples: list[Sample], origin: Mapping[str, str]) -> list[ScanRecord | None]:
         result = scan_files([s.path for s in samples], self.loader_config, self.scan_workers)
         self.scan_result = result
@@ -220,7 +224,7 @@ class DefectDataModule(pl.LightningDataModule):
         if result.bad:
             if self.on_bad_file == "fail":
                 raise BadFilesError(
-                    result.bad, len(samples), "set data.on_bad_file=skip to train on the rest", origin
+                    result.bad, len(samples), f"set data.on_bad_file=skip to {self._uses} the rest", origin
                 )
             if self.rejects_path:
                 out = write_rejects(self.rejects_path, result.bad)

@@ -42,6 +42,13 @@ def _check_classes(good_class: str | None, class_names: Sequence[str], where: st
     problem = class_list_problem(list(class_names), least=1)
     if problem:
         raise SourceError(f"{where}: {problem}")
+    folded: dict[str, str] = {}
+    for name in class_names:
+        if (other := folded.setdefault(name.casefold(), name)) != name:
+            raise SourceError(
+                f"{where}: classes {other!r} and {name!r} differ only in case, so they would train as two "
+                "classes; write the one class alike everywhere"
+            )
     if good_class is not None and good_class not in class_names:
         raise SourceError(
             f"{where}: good_class {good_class!r} is not one of the classes {list(class_names)}; "

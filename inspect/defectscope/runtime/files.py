@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -260,10 +261,18 @@ def os_error_reason(exc: OSError) -> str:
     return reason
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
 def error_line(prog: str, message: object) -> str:
-    """``PROG: error: MESSAGE`` on one line: a line break inside a file name shows as ``\\n``."""
+    """``PROG: error: MESSAGE`` on one line: a line break inside a file name shows as ``\\n``, and other control
+    characters (an escape sequence in a name would drive the terminal) as their ``\\x..`` codes."""
     text = str(message).replace("\r", "\\r").replace("\n", "\\n")
-    return f"{prog}: error: {text}"
+    return f"{prog}: error: {_CONTROL.sub(_escaped, text)}"
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return "\\x" + format(ord(match.group()), "02x")
 
 
 def os_error_line(exc: OSError) -> str:

@@ -201,7 +201,10 @@ def shift_protocol(spec: Any, total_stride: int | None = None) -> ShiftProtocol 
     try:
         return ShiftProtocol(**cfg)
     except ValueError as exc:
-        raise TrainingConfigError(str(exc)) from None
+        text = str(exc)
+        if text.startswith("shift_consistency.copies must be an integer >= 1"):  # 0 is off, here
+            text = text.replace(">= 1", ">= 0 (0: off)")
+        raise TrainingConfigError(text) from None
 
 
 def class_weights_form(spec: Any) -> str | list[float] | None:
