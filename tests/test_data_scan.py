@@ -158,6 +158,11 @@ def test_cli_overrides_and_config_errors(tmp_path: Path, capsys: pytest.CaptureF
         err.count("\n") == 1
         and "data=nope: no such option in config group 'data'; valid: csv, elpv, folder" in err
     )
+    # the data settings train refuses are refused here too, not scanned with (attack: exit 0)
+    assert main([str(tmp_path / "d"), "data.batch_size=abc"]) == 2
+    assert "data.batch_size must be a whole number" in capsys.readouterr().err
+    assert main([str(tmp_path / "d"), "data.train_transform.transforms.0._target_=os.system"]) == 2
+    assert "_target_ is 'os.system'; a data config is built only from" in capsys.readouterr().err
 
 
 @pytest.mark.slow

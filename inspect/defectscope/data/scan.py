@@ -201,7 +201,8 @@ def compose_data_config(overrides: Sequence[str], folder: str | None, config_dir
 
     from ..plain import to_plain
     from ..training.app import conf_dir
-    from .settings import loader_config
+    from .settings import config_data_settings, loader_config
+    from .transforms import check_transform_spec
 
     extra = [f"hydra.searchpath=[file://{os.path.abspath(config_dir)}]"] if config_dir else []
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
@@ -211,7 +212,11 @@ def compose_data_config(overrides: Sequence[str], folder: str | None, config_dir
             cfg.paths.launch_dir = os.getcwd()
         if folder:
             cfg.data.source.root = folder
+        cfg.data.rejects_path = None  # scan writes its own (--rejects)
     data = cfg.data
+    plain = to_plain(OmegaConf.to_container(data, resolve=True))
+    check_transform_spec(plain.get("train_transform"), "data.train_transform")  # train's own checks: a config
+    config_data_settings(plain)  # it would refuse is refused here too, not scanned with
     loader = loader_config(to_plain(OmegaConf.to_container(data.loader, resolve=True)))
     source = to_plain(OmegaConf.to_container(data.source, resolve=True))
     return ScanConfig(source, loader, int(data.get("scan_workers", 2)))
