@@ -323,3 +323,21 @@ def test_control_characters_in_an_error_line_are_shown_as_codes() -> None:
 
     line = error_line("defectscope train", "a\x1b[31mred.png\nx\x07")
     assert line == "defectscope train: error: a\\x1b[31mred.png\\nx\\x07"
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ({"kind": "csv", "path": 5}, "data.source.path must be a path (kind=csv), got 5"),
+        ({"kind": "csv", "path": None}, "data.source.path must be a path (kind=csv), got None"),
+        (
+            {"kind": "folder", "root": ["a", "b"]},
+            "data.source.root must be a path (kind=folder), got ['a', 'b']",
+        ),
+    ],
+)
+def test_a_path_setting_that_is_not_a_path_names_its_key(spec: dict[str, object], expected: str) -> None:
+    """``data.source.path=5`` said "expected str, bytes or os.PathLike object, not int" (attack)."""
+    with pytest.raises(SourceError) as caught:
+        build_source(spec)
+    assert str(caught.value) == expected

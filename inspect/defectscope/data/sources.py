@@ -337,6 +337,11 @@ def source_arguments(
         raise SourceError(f"data.source: unknown key(s) {unknown} for kind={kind}; valid keys: {valid}")
     for key in ("root", "path"):
         value = params.get(key)
+        needed = key in valid and inspect.signature(fn).parameters[key].default is inspect.Parameter.empty
+        if (value is not None or needed) and not isinstance(
+            value, str
+        ):  # Hydra reads 5 as a number, [a,b] a list
+            raise SourceError(f"data.source.{key} must be a path (kind={kind}), got {value!r}")
         if isinstance(value, str) and value and (unusable := unusable_name(Path(value).expanduser())):
             raise SourceError(f"data.source.{key} {value}: cannot be used ({unusable})")
     if kind == "synthetic":
