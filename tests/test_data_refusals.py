@@ -328,11 +328,17 @@ def test_control_characters_in_an_error_line_are_shown_as_codes() -> None:
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
-        ({"kind": "csv", "path": 5}, "data.source.path must be a path (kind=csv), got 5"),
-        ({"kind": "csv", "path": None}, "data.source.path must be a path (kind=csv), got None"),
+        (
+            {"kind": "csv", "path": 5},
+            "data.source.path must be the CSV manifest's path (columns path,label[,split]), got 5",
+        ),
+        (
+            {"kind": "csv", "path": None},
+            "data.source.path must be the CSV manifest's path (columns path,label[,split]), got None",
+        ),
         (
             {"kind": "folder", "root": ["a", "b"]},
-            "data.source.root must be a path (kind=folder), got ['a', 'b']",
+            "data.source.root must be the image folder's path (one folder per class), got ['a', 'b']",
         ),
     ],
 )

@@ -192,10 +192,21 @@ def test_no_output_is_written_over_an_input(tmp_path: Path, capsys: pytest.Captu
     with pytest.raises(DataConfigError, match=r"data\.rejects_path .*: lies inside data\.source\.root"):
         config_data_settings({**base, "rejects_path": str(tmp_path / "good" / "rejects.csv")})
     ckpt = tmp_path / "best.ckpt"
-    ckpt.write_bytes(b"weights")
+    import zipfile
+
+    with zipfile.ZipFile(ckpt, "w") as zf:  # a whole zip archive: what the checkpoint check reads
+        zf.writestr("archive/data.pkl", b"weights")
+    kept_ckpt = ckpt.read_bytes()
     cfg = OmegaConf.create({"ckpt_path": str(ckpt), "metrics_file": str(ckpt), "evaluate_on": "test"})
     with pytest.raises(
         TrainingConfigError, match=r"metrics_file .*best\.ckpt: is ckpt_path, which this run reads"
     ):
         check_evaluate_config(cfg)
-    assert manifest.read_bytes() == kept and ckpt.read_bytes() == b"weights"
+    assert manifest.read_bytes() == kept and ckpt.read_bytes() == kept_ckpt
+    listed = next(
+        p for p in tmp_path.rglob("*.png")
+    )  # a CSV's images lie anywhere: the listed ones are inputs too
+    image = listed.read_bytes()
+    assert main(["data=csv", f"data.source.path={manifest}", "--rejects", str(listed)]) == 2
+    assert f"--rejects {listed}: is one of the images this run reads" in capsys.readouterr().err
+    assert listed.read_bytes() == image

@@ -48,6 +48,12 @@ def test_the_shipped_optimizers_and_schedules_pass() -> None:
     for optim in ("adamw.yaml", "sgd.yaml"):
         for schedule in ("constant.yaml", "cosine.yaml", "onecycle.yaml"):
             check_optimization(_conf(f"optim/{optim}"), _conf(f"scheduler/{schedule}"))
+    # review: a schedule's own horizon shorter than the probe's 20 steps, and LBFGS (its step needs a closure)
+    check_optimization(
+        {"optimizer": ADAMW}, {**_conf("scheduler/onecycle.yaml"), "epochs": 1, "steps_per_epoch": 12}
+    )
+    lbfgs = {"_target_": "torch.optim.LBFGS", "_partial_": True, "lr": 0.1}
+    check_optimization({"optimizer": lbfgs}, _conf("scheduler/cosine.yaml"))
 
 
 def test_a_callback_target_must_be_a_lightning_callback(tmp_path: Path) -> None:
@@ -115,3 +121,20 @@ def test_a_config_file_that_is_not_yaml_is_named_in_one_line(
         )  # fmt: skip
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_figure_the_sanity_batches_lack_waits_for_the_whole_validation(
+    defectscope_cmd: list[str], cli_env: dict[str, str], smoke_data_dir: Path, tmp_path: Path
+) -> None:
+    """``val/auroc`` needs good and defect images; two sanity batches of one image each may hold one kind only, and
+    the check refused a monitor that the whole validation logs (review)."""
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [*defectscope_cmd, "train", "experiment=smoke", f"paths.data_dir={smoke_data_dir}", "logger=none",
+         "trainer.max_epochs=1", "trainer.num_sanity_val_steps=2", "data.eval_batch_size=1", "test=false",
+         "callbacks.model_checkpoint.monitor=val/auroc", f"hydra.run.dir={run}"],
+        cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "checkpoints" / "best.ckpt").is_file()

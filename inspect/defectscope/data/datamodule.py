@@ -21,11 +21,21 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from ..runtime.outputs import OutputError
 from .dataset import DefectDataset, collate, seed_worker
+from .errors import DataConfigError
 from .multiscale import draw_scale, rescale_batch
 from .records import SPLITS, Sample, SourceData
 from .sampler import BucketBatchSampler
-from .scan import BadFilesError, ScanRecord, ScanResult, mean_std, scan_files, write_rejects
+from .scan import (
+    BadFilesError,
+    ScanRecord,
+    ScanResult,
+    check_rejects_not_scanned,
+    mean_std,
+    scan_files,
+    write_rejects,
+)
 from .settings import check_normalisation_length, data_settings
 from .sources import SourceError, build_source, prepare_source
 from .splits import assign_splits, spread_samples
@@ -218,6 +228,11 @@ class DefectDataModule(pl.LightningDataModule):
         return "train on" if self.evaluate_on is None else "score"
 
     def _scan(self, samples: list[Sample], origin: Mapping[str, str]) -> list[ScanRecord | None]:
+        if self.on_bad_file == "skip" and self.rejects_path:
+            try:
+                check_rejects_not_scanned(self.rejects_path, [s.path for s in samples], "data.rejects_path")
+            except OutputError as exc:
+                raise DataConfigError(str(exc)) from None
         result = scan_files([s.path for s in samples], self.loader_config, self.scan_workers)
         self.scan_result = result
         log.info("scanned %d images in %.1f s (%d bad)", len(samples), result.seconds, len(result.bad))

@@ -128,6 +128,14 @@ def scan_files(
     return ScanResult(list(paths), records, bad, time.perf_counter() - t0)
 
 
+def check_rejects_not_scanned(path: str | os.PathLike[str], scanned: Sequence[str], option: str) -> None:
+    """The rejects list is not one of the images it lists from (a CSV source's images lie anywhere, so the
+    folder rule of :func:`~defectscope.runtime.outputs.check_not_input` cannot see them); before the scan."""
+    real = os.path.realpath(os.path.expanduser(os.fspath(path)))
+    if any(os.path.realpath(p) == real for p in scanned):
+        raise OutputError(f"{option} {path}: is one of the images this run reads; give another file")
+
+
 def write_rejects(path: str | os.PathLike[str], bad: Sequence[BadFile]) -> Path:
     """Write ``path,kind,reason`` rows (header included) for the files that were skipped."""
     out = Path(path)
@@ -269,6 +277,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     workers = args.workers or cfg.workers
     paths = [s.path for s in source.samples]
+    if args.rejects:
+        try:
+            check_rejects_not_scanned(args.rejects, paths, "--rejects")
+        except OutputError as exc:
+            print(error_line("defectscope scan", exc), file=sys.stderr)
+            return 2
     print(f"source: {source.description}")
     print(f"loader: {cfg.loader.to_dict()}")
     result = scan_files(paths, cfg.loader, workers)

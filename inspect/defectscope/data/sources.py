@@ -305,6 +305,14 @@ def input_paths(spec: Any) -> dict[str, str]:
     return {f"data.source.{k}": v for k in ("root", "path") if isinstance(v := spec.get(k), str) and v}
 
 
+#: what a source's path setting names, for its one-line refusal
+_PATH_MEANING = {
+    ("csv", "path"): "the CSV manifest's path (columns path,label[,split])",
+    ("folder", "root"): "the image folder's path (one folder per class)",
+    ("synthetic", "root"): "the folder to generate into",
+}
+
+
 def source_arguments(
     spec: Mapping[str, Any], *, missing: str | None = None
 ) -> tuple[str, Callable[..., SourceData], dict[str, Any]]:
@@ -338,10 +346,9 @@ def source_arguments(
     for key in ("root", "path"):
         value = params.get(key)
         needed = key in valid and inspect.signature(fn).parameters[key].default is inspect.Parameter.empty
-        if (value is not None or needed) and not isinstance(
-            value, str
-        ):  # Hydra reads 5 as a number, [a,b] a list
-            raise SourceError(f"data.source.{key} must be a path (kind={kind}), got {value!r}")
+        if (value is not None or needed) and not isinstance(value, str):  # Hydra: 5 is a number, [a,b] a list
+            what = _PATH_MEANING.get((kind, key), f"a path (kind={kind})")
+            raise SourceError(f"data.source.{key} must be {what}, got {value!r}")
         if isinstance(value, str) and value and (unusable := unusable_name(Path(value).expanduser())):
             raise SourceError(f"data.source.{key} {value}: cannot be used ({unusable})")
     if kind == "synthetic":

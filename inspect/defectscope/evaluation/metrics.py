@@ -56,6 +56,11 @@ def choose_threshold(scores: np.ndarray, is_defect: np.ndarray, target_recall: f
     return middle if inside else top
 
 
+#: figures a stage logs only when its images hold both good and defect ones (:func:`operating_point`, the
+#: AUROC): a few validation batches (the sanity check) may lack them where a whole validation has them
+BOTH_KINDS_METRICS = ("recall", "escape_rate", "false_reject_rate", "auroc")
+
+
 def operating_point(scores: np.ndarray, is_defect: np.ndarray, threshold: float) -> dict[str, Any]:
     """Recall, escape rate (defects passed as OK) and false-reject rate (good parts called NG)."""
     ng = np.asarray(is_ng(np.asarray(scores, dtype=np.float64), threshold), dtype=bool)

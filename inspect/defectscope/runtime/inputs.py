@@ -135,7 +135,7 @@ def expand_inputs(
             source = walk_folder(spec, recursive, warn)
             what = f"folder {spec!r}"
         elif _is_glob(spec):
-            source = _glob(spec, recursive)
+            source = _glob(spec, recursive, warn)
             what = f"pattern {spec!r}"
         else:
             source = iter([spec])
@@ -158,7 +158,7 @@ def _through_linked_folder(match: str, root: str) -> bool:
     return False
 
 
-def _glob(pattern: str, recursive: bool) -> Iterator[str]:
+def _glob(pattern: str, recursive: bool, warn: Callable[[str], None] | None = None) -> Iterator[str]:
     """A pattern's matches (folders walked as folders); symlinked folders are not followed, as in
     :func:`walk_folder`, below the part of the pattern that has no wildcard."""
     parts = pattern.split(os.sep)
@@ -168,6 +168,6 @@ def _glob(pattern: str, recursive: bool) -> Iterator[str]:
         if _through_linked_folder(match, root):
             continue
         if os.path.isdir(match):
-            yield from walk_folder(match, recursive)
+            yield from walk_folder(match, recursive, warn)
         else:
             yield match

@@ -16,7 +16,7 @@ the training time it would have spent goes to the next trial.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -84,6 +84,10 @@ class TrialMonitor(Callback):
         self.best_path: str | None = None
         self.interrupted = False
 
+    def unlogged(self, logged: Iterable[str]) -> str:
+        """The one line for a ``search.metric`` that training does not log."""
+        return f"search.metric: training logs no {self.metric!r}; its validation metrics are {', '.join(sorted(logged))}"
+
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         check_interrupt()  # a SIGTERM whose KeyboardInterrupt a garbage collector's callback swallowed
 
@@ -91,9 +95,8 @@ class TrialMonitor(Callback):
         if trainer.sanity_checking:
             return
         if self.metric not in trainer.callback_metrics:  # a misspelt search.metric: no trial could score
-            logged = sorted(k for k in trainer.callback_metrics if k.startswith("val/"))
             raise SearchConfigError(
-                f"search.metric: training logs no {self.metric!r}; its validation metrics are {', '.join(logged)}"
+                self.unlogged(k for k in trainer.callback_metrics if k.startswith("val/"))
             )
         value = float(trainer.callback_metrics[self.metric])
         best = value

@@ -138,6 +138,7 @@ def run_trial(trial: optuna.Trial, ctx: SearchContext) -> list[float]:
 
 
 def _run_trial(trial: optuna.Trial, ctx: SearchContext) -> list[float]:
+    from defectscope.training.callbacks import UnloggedMetricError
     from defectscope.training.train import train
 
     s = ctx.settings
@@ -168,6 +169,10 @@ def _run_trial(trial: optuna.Trial, ctx: SearchContext) -> list[float]:
         if monitor.interrupted:  # Lightning turns Ctrl-C into sys.exit(1): let Optuna mark the trial failed
             raise KeyboardInterrupt from None
         raise
+    except UnloggedMetricError as exc:  # told before the first epoch; no trial could score: the search stops
+        if exc.name != s.metric:
+            raise
+        raise SearchConfigError(monitor.unlogged(exc.logged)) from None
     for key, value in monitor.record().items():
         trial.set_user_attr(key, value)
     if monitor.best_score is None or not monitor.best_path:

@@ -146,33 +146,46 @@ def _configured_callback(key: str, spec: Any) -> Callback:
         raise build_error(f"callbacks.{key}", exc) from None
 
 
+class UnloggedMetricError(TrainingConfigError):
+    """A watched metric that the run does not log; ``name`` and the ``logged`` ones, for a caller's own words."""
+
+    def __init__(self, message: str, name: str, logged: list[str]) -> None:
+        super().__init__(message)
+        self.name, self.logged = name, logged
+
+
 class MonitoredNames(Callback):
     """Every metric a setting watches (``callbacks.*.monitor``, ``optimized_metric``) is one this run logs.
-    Checked on the sanity check's metrics, before the first epoch (else on the first validation's, before
-    a checkpoint looks): a misspelt name failed only after an epoch, or after the whole run."""
+    Checked on the sanity check's metrics, before the first epoch; a figure that needs good and defect
+    images in the batches seen (:data:`~defectscope.evaluation.metrics.BOTH_KINDS_METRICS`) waits for the
+    first whole validation, before a checkpoint looks. A misspelt name failed only after an epoch, or after
+    the whole run."""
 
     def __init__(self, watched: Mapping[str, str]) -> None:
         self.watched = dict(watched)
         self.checked = False
 
     def on_sanity_check_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._check(trainer)
+        self._check(trainer, whole=False)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
-            self._check(trainer)
+            self._check(trainer, whole=True)
 
-    def _check(self, trainer: pl.Trainer) -> None:
+    def _check(self, trainer: pl.Trainer, whole: bool) -> None:
+        from defectscope.evaluation.metrics import BOTH_KINDS_METRICS
+
         from .app_errors import did_you_mean
 
         logged = sorted(str(k) for k in trainer.callback_metrics if str(k).startswith("val/"))
         if self.checked or not logged:
             return
-        self.checked = True
         for key, name in self.watched.items():
-            if name.startswith("val/") and name not in logged:
+            may_wait = not whole and name.removeprefix("val/") in BOTH_KINDS_METRICS
+            if name.startswith("val/") and name not in logged and not may_wait:
                 hint = did_you_mean(name, logged) or f"; logged: {', '.join(logged)}"
-                raise TrainingConfigError(f"{key}={name}: this run logs no such metric{hint}")
+                raise UnloggedMetricError(f"{key}={name}: this run logs no such metric{hint}", name, logged)
+        self.checked = whole
 
 
 class BestAndLastCheckpoint(ModelCheckpoint):

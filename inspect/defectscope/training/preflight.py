@@ -110,15 +110,16 @@ def check_evaluate_config(cfg: Any) -> tuple[float | None, str]:
     except ValueError as exc:
         raise TrainingConfigError(str(exc)) from None
     check_evaluate_data(cfg.get("data"))
-    ckpt_file = checkpoint_file(cfg)
     if cfg.get("metrics_file"):  # written after the test loop: a bad path is told before it
         _writable(check_output_file, cfg.metrics_file, "metrics_file")
-        source = (cfg.get("data") or {}).get("source")
-        inputs = {"ckpt_path": ckpt_file, **input_paths(to_plain(source) if source is not None else None)}
-        _writable(lambda path, key: check_not_input(path, key, inputs), cfg.metrics_file, "metrics_file")
+    ckpt_file = checkpoint_file(cfg)
     problem = checkpoint_file_problem(ckpt_file)
     if problem:
         raise TrainingConfigError(problem)
+    if cfg.get("metrics_file"):
+        source = (cfg.get("data") or {}).get("source")
+        inputs = {"ckpt_path": ckpt_file, **input_paths(to_plain(source) if source is not None else None)}
+        _writable(lambda path, key: check_not_input(path, key, inputs), cfg.metrics_file, "metrics_file")
     return by_hand, ckpt_file
 
 
