@@ -194,17 +194,19 @@ def shift_protocol(spec: Any, total_stride: int | None = None) -> ShiftProtocol 
         raise TrainingConfigError(
             f"shift_consistency: unknown key(s) {unknown}; valid keys: copies, max_shift, seed, padding"
         )
-    if not cfg or cfg.get("copies") == 0:
+    copies = cfg.get("copies", 1)
+    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 0:  # here 0 is a setting: off
+        raise TrainingConfigError(
+            f"shift_consistency.copies must be an integer >= 0 (0: off), got {copies!r}"
+        )
+    if not cfg or copies == 0:
         return None
     if cfg.get("max_shift") is None:
         cfg["max_shift"] = int(total_stride) if total_stride is not None else 1 << 16
     try:
         return ShiftProtocol(**cfg)
     except ValueError as exc:
-        text = str(exc)
-        if text.startswith("shift_consistency.copies must be an integer >= 1"):  # 0 is off, here
-            text = text.replace(">= 1", ">= 0 (0: off)")
-        raise TrainingConfigError(text) from None
+        raise TrainingConfigError(str(exc)) from None
 
 
 def class_weights_form(spec: Any) -> str | list[float] | None:
