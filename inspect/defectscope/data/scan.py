@@ -221,13 +221,10 @@ def compose_data_config(overrides: Sequence[str], folder: str | None, config_dir
         if folder:
             cfg.data.source.root = folder
         cfg.data.rejects_path = None  # scan writes its own (--rejects)
-    data = cfg.data
-    plain = to_plain(OmegaConf.to_container(data, resolve=True))
+    plain = to_plain(OmegaConf.to_container(cfg.data, resolve=True))
     check_transform_spec(plain.get("train_transform"), "data.train_transform")  # train's own checks: a config
     config_data_settings(plain)  # it would refuse is refused here too, not scanned with
-    loader = loader_config(to_plain(OmegaConf.to_container(data.loader, resolve=True)))
-    source = to_plain(OmegaConf.to_container(data.source, resolve=True))
-    return ScanConfig(source, loader, int(data.get("scan_workers", 2)))
+    return ScanConfig(plain["source"], loader_config(plain["loader"]), int(plain.get("scan_workers", 2)))
 
 
 def _parse(argv: Sequence[str]) -> tuple[argparse.Namespace, str | None]:
