@@ -138,3 +138,33 @@ def test_a_figure_the_sanity_batches_lack_waits_for_the_whole_validation(
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (run / "checkpoints" / "best.ckpt").is_file()
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("threshold.ng_classes=[scratch]", "threshold.ng_classes: NG class(es) ['scratch'] are not among the classes"),
+        ("loss.class_weights=[1,2,3]", "loss.class_weights: expected 2 positive numbers (one per class, order"),
+        ("data.ordered=true", "data.ordered: the classes ['crack', 'good'] are grades best first"),
+    ],
+)  # fmt: skip
+def test_class_settings_are_refused_before_the_scan_decodes_the_images(
+    defectscope_cmd: list[str], cli_env: dict[str, str], tmp_path: Path, override: str, expected: str
+) -> None:
+    """The class-list checks ran after the per-image decode scan (14 s on 1,500 ELPV cells, attack): a broken image
+    that the scan would refuse (``on_bad_file=fail``) shows which came first."""
+    from PIL import Image
+
+    for name in ("good", "crack"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (64, 64), 40 * i).save(tmp_path / "images" / name / f"{i}.png")
+    (tmp_path / "images" / "good" / "broken.png").write_bytes(b"not an image")
+    proc = subprocess.run(
+        [*defectscope_cmd, "train", "data=folder", f"data.source.root={tmp_path / 'images'}", "logger=none",
+         override, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert expected in lines[-1] and "broken.png" not in proc.stderr, proc.stderr[-3000:]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -123,6 +123,9 @@ class DefectDataModule(pl.LightningDataModule):
         self.rejected: list[str] = []
         self.report: str = ""
         self.datasets: dict[str, DefectDataset] = {}
+        #: set by the caller (training.train.ready_datamodule): checks the class settings against the listed
+        #: classes, called with (class_names, good_class, ordered) before the scan decodes every image
+        self.class_check: Callable[[list[str], str, bool], None] | None = None
         self._ready = False
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -146,6 +149,8 @@ class DefectDataModule(pl.LightningDataModule):
                 f"{source.description}: only one class ({', '.join(self.class_names)}); training needs at least 2 "
                 "classes, e.g. <root>/good/ and <root>/<defect>/ with images in each"
             )
+        if self.evaluate_on is None and self.class_check is not None:
+            self.class_check(self.class_names, self.good_class, bool(self.ordered))
         samples = self._split(source)
         records = self._scan(samples, source.origin)
         kept = [(s, r) for s, r in zip(samples, records) if r is not None]

@@ -103,7 +103,7 @@ def data_facts(cfg: Any, image_size: tuple[int, int] | None, needs_test: bool = 
     from defectscope.training.train import build_datamodule, ready_datamodule
 
     dm = build_datamodule(cfg)
-    ready_datamodule(dm, needs_test)
+    ready_datamodule(dm, needs_test, cfg)
     paths = list(dm.val_paths) or [s.path for s in dm.samples["train"]]
     native = image_size or native_size(paths, int(dm.loader_config.channels))
     return DataFacts(

@@ -13,6 +13,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +27,9 @@ from ..data.transforms import check_transform_spec
 from ..plain import to_plain
 from .artifacts import log_test_artifacts, summary_lines, write_test_plots
 from .callbacks import FiniteWeights, Throughput, build_callbacks, checkpoint_callback
+from .classes import check_class_settings, weights_per_class
 from .config import (
     TrainingConfigError,
-    class_weights_form,
     find_keys,
     is_global_zero,
     peer_left,
@@ -68,17 +69,10 @@ def hydra_choice(group: str, default: str) -> str:
 
 def resolve_class_weights(spec: Any, dm: Any) -> list[float] | None:
     """``loss.class_weights``: null, ``balanced`` (the DataModule's inverse frequencies) or one number per class."""
-    weights = class_weights_form(spec)
-    if weights is None:
-        return None
+    weights = weights_per_class(spec, dm.class_names)
     if isinstance(weights, str):  # "balanced"
         return [float(w) for w in dm.class_weights.tolist()]
-    if len(weights) != len(dm.class_names):
-        raise TrainingConfigError(
-            f"loss.class_weights: expected {len(dm.class_names)} positive numbers (one per class, order "
-            f"{dm.class_names}), got {weights}"
-        )
-    return list(weights)
+    return weights
 
 
 def check_geometry(model: torch.nn.Module, dm: Any, data_cfg: Any) -> None:
@@ -195,8 +189,13 @@ def build_datamodule(cfg: DictConfig) -> Any:
     return instantiate(cfg.data)
 
 
-def ready_datamodule(dm: Any, needs_test: bool) -> None:
-    """List, split and scan; refuse an empty split the run will need before anything trains."""
+def ready_datamodule(dm: Any, needs_test: bool, cfg: DictConfig | None = None) -> None:
+    """List, split and scan; refuse an empty split the run will need before anything trains.  With ``cfg``
+    its class settings are checked as soon as the classes are listed, before the scan decodes the images."""
+    if cfg is not None:
+        dm.class_check = partial(
+            check_class_settings, cfg.get("threshold") or {}, cfg.loss.get("class_weights")
+        )
     dm.prepare_data()
     dm.setup("fit")
     dm.require_splits("val", *(["test"] if needs_test else []))
@@ -354,7 +353,7 @@ def _train(
     metrics: dict[str, float] = {}
     resolved = out_dir / "config_resolved.yaml"
     try:
-        ready_datamodule(dm, bool(cfg.get("test", True)))
+        ready_datamodule(dm, bool(cfg.get("test", True)), cfg)
         module = build_module(cfg, dm)
         use_memory_format(module.model, cfg.get("memory_format"))
         teacher_pass = add_teacher(dm, distill, cfg.get("threads"), tracker)
