@@ -161,6 +161,16 @@ def test_data_config_mistakes_are_one_line_naming_the_key(
         "data.train_transform.transforms=[{_target_:albumentations.Rotate,limit:5}]": (
             "data.train_transform.transforms[0]._target_ is 'albumentations.Rotate'; a data config is built only"
         ),
+        # albumentations only warned of a misspelt keyword and trained without it; its refusals were pydantic's
+        # many-line report, after the scan (attack)
+        "data.train_transform.transforms=[{_target_:albumentations.HorizontalFlip,pp:0.5}]": (
+            "data.train_transform.transforms[0]: albumentations.HorizontalFlip has no argument(s) ['pp'] (did you "
+            "mean p?); it takes p"
+        ),
+        "data.train_transform.transforms=[{_target_:albumentations.HorizontalFlip,p:2}]": (
+            "data.train_transform.transforms[0]: albumentations.HorizontalFlip refuses p=2: should be less than or "
+            "equal to 1"
+        ),
         "data.source.n=-5": "data.source.n must be >= 1, got -5",
         "data.mean=[abc]": "data.mean must be null or a list of numbers in",
         "memory_format=x": "memory_format must be one of channels_last, contiguous, got 'x'",

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Mapping
+from difflib import get_close_matches
+from inspect import Parameter, signature
 from typing import Any
 
 import numpy as np
@@ -77,11 +79,42 @@ def transform_from_spec(spec: Mapping[str, Any], where: str) -> Transform:
         args["transforms"] = [
             transform_from_spec(c, f"{where}.transforms[{i}]") for i, c in enumerate(args["transforms"])
         ]
+    factory = getattr(albumentations, name)
+    _check_argument_names(factory, args, f"{where}: albumentations.{name}")
     try:
-        built: Transform = getattr(albumentations, name)(**args)
+        built: Transform = factory(**args)
     except Exception as exc:  # albumentations validates its arguments (pydantic)
-        raise PlainDataError(f"{where}: albumentations.{name} refuses its arguments: {exc}") from None
+        raise PlainDataError(f"{where}: albumentations.{name} refuses {_refusal(exc)}") from None
     return built
+
+
+def _check_argument_names(factory: Callable[..., Any], args: Mapping[str, Any], what: str) -> None:
+    """albumentations only warns of an unknown keyword and trains without it (a misspelt ``p`` leaves the default
+    probability): refused here, with the names it takes."""
+    params = signature(factory).parameters
+    if any(p.kind is Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(args) - set(params))
+    if unknown:
+        hints = [m for u in unknown for m in get_close_matches(u, params, n=1)]
+        hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+        raise PlainDataError(f"{what} has no argument(s) {unknown}{hint}; it takes {', '.join(params)}")
+
+
+def _refusal(exc: BaseException) -> str:
+    """albumentations re-raises pydantic's many-line report as one ValueError; said here in one line: each
+    argument, the value it got and what it should be."""
+    report = getattr(exc.__cause__, "errors", None)
+    if not callable(report):
+        return "its arguments: " + " ".join(str(exc).split())
+    problems: dict[str, tuple[Any, list[str]]] = {}
+    for error in report():
+        arg = str((error.get("loc") or ("?",))[0])
+        why = str(error.get("msg", "")).removeprefix("Value error, ").removeprefix("Input ")
+        problems.setdefault(arg, (error.get("input"), []))[1].append(why)
+    return "; ".join(
+        f"{arg}={value!r:.60}: {' or '.join(dict.fromkeys(whys))}" for arg, (value, whys) in problems.items()
+    )
 
 
 def build_transform(spec: Any, where: str = "data.transform") -> Transform | None:
