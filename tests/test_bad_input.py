@@ -135,6 +135,12 @@ def test_data_config_mistakes_are_one_line_naming_the_key(
         "data.source.n=abc": "data.source.n must be a whole number, got 'abc'",
         "data.batch_size=abc": "data.batch_size must be a whole number in [1, 16384], got 'abc'",
         "trainer.accumulate_grad_batches=0": "trainer.accumulate_grad_batches must be a whole number >= 1, got 0",
+        "trainer.limit_train_batches=abc": (
+            "trainer.limit_train_batches must be a share of the batches in [0, 1] or a whole number of batches >= 0, "
+            "got 'abc'"
+        ),
+        "+trainer.val_check_interval=0.0": "trainer.val_check_interval must be a share of the batches in (0, 1]",
+        "trainer.num_sanity_val_steps=-2": "trainer.num_sanity_val_steps must be a whole number >= -1 (-1: the",
         # words that read as true under bool(), a number where class names belong, and "no limit" under a
         # schedule that needs the run's length: silently wrong runs or tracebacks before
         "data.ordered=no": "data.ordered: expected true or false, got str 'no'",

@@ -53,41 +53,6 @@ def check_seed(cfg: Mapping[str, Any]) -> None:
     )
 
 
-def check_run_numbers(cfg: Mapping[str, Any]) -> None:
-    """``seed`` and the trainer's counts are whole numbers: Lightning would fail on them mid-setup."""
-    check_seed(cfg)
-    trainer = cfg.get("trainer") or {}
-    rules = {
-        "max_epochs": ("a whole number >= 1, or -1 for no limit", lambda x: x >= 1 or x == -1),
-        "max_steps": ("a whole number >= 1, or -1 for no limit", lambda x: x >= 1 or x == -1),
-        "min_epochs": ("a whole number >= 0", lambda x: x >= 0),
-        "accumulate_grad_batches": ("a whole number >= 1", lambda x: x >= 1),
-        "check_val_every_n_epoch": ("a whole number >= 1", lambda x: x >= 1),
-        "log_every_n_steps": ("a whole number >= 1", lambda x: x >= 1),
-    }
-    for key, (expected, ok) in rules.items():
-        if trainer.get(key) is not None:
-            config_number(trainer[key], f"trainer.{key}", expected, ok, whole=True)
-    schedule = cfg.get("scheduler") or {}
-    if trainer.get("max_epochs") == -1 and "_target_" in schedule:  # the schedule's length is the run's
-        by_steps = trainer.get("max_steps") not in (None, -1) and schedule.get("interval", "step") == "step"
-        if not by_steps:
-            raise TrainingConfigError(
-                "trainer.max_epochs=-1 (no limit) leaves the learning-rate schedule no length: set "
-                "trainer.max_steps (with scheduler.interval=step), or use scheduler=constant"
-            )
-    if (cfg.get("optim") or {}).get("sam_rho"):
-        if (trainer.get("accumulate_grad_batches") or 1) > 1:
-            raise TrainingConfigError(
-                "optim.sam_rho needs trainer.accumulate_grad_batches=1: SAM re-takes the gradient of one batch"
-            )
-        if str(trainer.get("precision")) in ("16", "16-mixed"):
-            raise TrainingConfigError(
-                f"optim.sam_rho does not work with trainer.precision={trainer.get('precision')} (its gradient "
-                "scaler steps without the loss closure SAM needs): use bf16-mixed or 32-true"
-            )
-
-
 def ng_classes_setting(threshold: Mapping[str, Any]) -> Any:
     """``threshold.ng_classes`` as the NG rule takes it: Hydra reads a class folder named ``1`` as the number 1."""
     value = to_plain(threshold.get("ng_classes"))

@@ -25,13 +25,13 @@ from .config import (
     TrainingConfigError,
     check_memory_format,
     check_model_settings,
-    check_run_numbers,
     check_seed,
     config_number,
     resolve_ckpt_path,
     shift_protocol,
 )
 from .distill_settings import DistillSettings, distill_settings
+from .trainer_check import check_run_numbers
 
 CKPT_HELP = (
     "ckpt_path is required: defectscope evaluate ckpt_path=CHECKPOINT [data=folder data.source.root=LOT] "
