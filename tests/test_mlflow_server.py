@@ -188,3 +188,25 @@ def test_server_lost_mid_run_keeps_training_and_checkpoints(
         assert len(client.get_metric_history(run_id, "val/bal_acc")) == 4
         assert "checkpoints/best.ckpt" in _artifacts(client, run_id)
         assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_store_mlflow_cannot_open_is_named_before_the_run(tmp_path: Path) -> None:
+    """An unknown scheme was MLflow's model-registry paragraph; a store folder that cannot be made was a bare
+    OS error without the setting (attack)."""
+    from defectscope.training.reachability import TRAINING_ADVICE, TrackingUnavailableError, check_reachable
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cases = {
+        "ftp://host/x": "MLflow has no tracking store for ftp://host/x (scheme 'ftp'); expected sqlite:///PATH.db",
+        f"sqlite:///{blocker}/x.db": f"MLflow store sqlite:///{blocker}/x.db: its folder {blocker} cannot be made (",
+        f"file://{blocker}/runs": f"MLflow store file://{blocker}/runs: its folder {blocker}/runs cannot be made (",
+    }
+    for uri, expected in cases.items():
+        with pytest.raises(TrackingUnavailableError) as caught:
+            check_reachable(uri, 1.0)
+        message = str(caught.value)
+        assert message.startswith(expected) and message.endswith(TRAINING_ADVICE), message
+    check_reachable(f"sqlite:///{tmp_path}/store/mlflow.db", 1.0)  # a store that can be made is made
+    assert (tmp_path / "store").is_dir()
+    check_reachable(f"postgresql+psycopg2://user@127.0.0.1:{free_port()}/db", 1.0)  # MLflow's client opens it

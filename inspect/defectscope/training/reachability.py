@@ -15,6 +15,11 @@ class TrackingUnavailableError(RuntimeError):
     """The tracking store/server cannot be used; raised before training starts."""
 
 
+#: the database dialects MLflow's SQL store takes
+DATABASES = ("postgresql", "mysql", "mssql")
+#: the URI schemes of the stores MLflow's client opens ("": a folder, MLflow's file store)
+STORE_SCHEMES = ("", "file", "sqlite", "http", "https", "databricks", "databricks-uc", "uc", *DATABASES)
+
 TRAINING_ADVICE = (
     "Start the server, fix logger.tracking_uri / MLFLOW_TRACKING_URI, or train without tracking: logger=none"
 )
@@ -27,6 +32,12 @@ def check_reachable(uri: str, timeout_s: float, advice: str = TRAINING_ADVICE) -
     errors and timeouts mean the server is not there.
     """
     parsed = urlparse(uri)
+    scheme = parsed.scheme.split("+")[0]  # a database driver may follow its dialect: postgresql+psycopg2
+    if scheme not in STORE_SCHEMES and len(scheme) > 1:  # one letter: a Windows drive, C:/mlruns
+        raise TrackingUnavailableError(
+            f"MLflow has no tracking store for {uri} (scheme {parsed.scheme!r}); expected sqlite:///PATH.db, "
+            f"http(s)://HOST:PORT of an mlflow server, or a database URI ({', '.join(DATABASES)}). {advice}"
+        )
     if parsed.scheme in ("http", "https"):
         url = uri.rstrip("/") + "/health"
         try:
@@ -44,9 +55,19 @@ def check_reachable(uri: str, timeout_s: float, advice: str = TRAINING_ADVICE) -
     elif parsed.scheme == "sqlite":
         db = sqlite_database(uri)
         if db is not None:
-            db.parent.mkdir(parents=True, exist_ok=True)
-    elif parsed.scheme in ("", "file"):
-        Path(parsed.path if parsed.scheme else uri).expanduser().mkdir(parents=True, exist_ok=True)
+            _make_folder(db.parent, uri, advice)
+    elif parsed.scheme in ("", "file") or len(parsed.scheme) == 1:
+        _make_folder(Path(parsed.path if parsed.scheme == "file" else uri).expanduser(), uri, advice)
+
+
+def _make_folder(folder: Path, uri: str, advice: str) -> None:
+    """A local store's folder, made before the run; a failure says which store and which folder."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrackingUnavailableError(
+            f"MLflow store {uri}: its folder {folder} cannot be made ({exc.strerror or exc}). {advice}"
+        ) from None
 
 
 def sqlite_database(uri: str) -> Path | None:
