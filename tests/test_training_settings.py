@@ -168,3 +168,46 @@ def test_class_settings_are_refused_before_the_scan_decodes_the_images(
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert expected in lines[-1] and "broken.png" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_hydra_callbacks_must_be_hydra_callback_classes(
+    defectscope_cmd: list[str], cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Hydra builds ``hydra.callbacks`` before the job: ``builtins.open`` with ``mode: w`` emptied a file and
+    ``pathlib.Path.mkdir`` made a folder before any check ran (attack), from an override or a --config-dir file."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("kept")
+    mine = tmp_path / "mine" / "experiment"
+    mine.mkdir(parents=True)
+    (mine / "evil.yaml").write_text(
+        "# @package _global_\nhydra:\n  callbacks:\n    x:\n"
+        f"      _target_: pathlib.Path.mkdir\n      self: {tmp_path / 'made'}\n"
+    )
+    opened = f"+hydra.callbacks.x={{_target_:builtins.open,file:{victim},mode:w}}"
+    cases = [
+        ([opened], "hydra.callbacks.x._target_ 'builtins.open' is not a Hydra callback class"),
+        (
+            ["--config-dir", str(tmp_path / "mine"), "experiment=evil"],
+            "'pathlib.Path.mkdir' is not a Hydra callback",
+        ),
+        (
+            [opened, "seed=1,2", "-m"],
+            "hydra.callbacks.x: Hydra callbacks cannot be set on a command line that is a",
+        ),
+    ]
+    for args, expected in cases:
+        proc = subprocess.run(
+            [*defectscope_cmd, "train", "logger=none", f"hydra.run.dir={tmp_path / 'run'}", *args],
+            cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]
+    assert (
+        victim.read_text() == "kept" and not (tmp_path / "made").exists() and not (tmp_path / "run").exists()
+    )
+    allowed = "+hydra.callbacks.x={_target_:hydra.experimental.callbacks.LogJobReturnCallback}"
+    proc = subprocess.run(
+        [*defectscope_cmd, "train", allowed, "--cfg", "hydra"],
+        cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "LogJobReturnCallback" in proc.stdout, proc.stderr[-2000:]

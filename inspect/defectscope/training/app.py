@@ -32,6 +32,8 @@ from .app_errors import (
     record_in_job_log,
     refuse,
 )
+from .config import TrainingConfigError
+from .hydra_callbacks import check_hydra_callbacks
 
 #: config groups the app chooses itself (``optional model_recipe: ${model}``); ``hydra`` is Hydra's own
 INTERNAL_GROUPS = frozenset({"hydra", "model_recipe"})
@@ -272,6 +274,11 @@ def _run(command: str, config_name: str, argv: Sequence[str], fn: Callable[[Any]
     problem = option_problem(command, args) or recipe_problem(args) or run_dir_problem(args)
     if problem:
         print(error_line(f"defectscope {command}", problem), file=sys.stderr)
+        return 2
+    try:
+        check_hydra_callbacks(conf, config_name, args)
+    except TrainingConfigError as exc:
+        print(error_line(f"defectscope {command}", str(exc)), file=sys.stderr)
         return 2
     own = sys.argv[1:2] == [command]  # started as `defectscope <command> ...` or `python -m defectscope ...`
     launch_argv = [sys.argv[0], command, *args] if own else list(sys.argv)
