@@ -211,3 +211,29 @@ def test_hydra_callbacks_must_be_hydra_callback_classes(
         cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0 and "LogJobReturnCallback" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_data_logger_and_trainer_targets_must_be_classes_of_their_kind(
+    defectscope_cmd: list[str], cli_env: dict[str, str], smoke_data_dir: Path, tmp_path: Path
+) -> None:
+    """With its other keys removed, ``logger`` named ``pathlib.Path.mkdir``, and Hydra called it: the folder was
+    made before the refusal (attack)."""
+    made = tmp_path / "made"
+    cases = [
+        (["logger=none", "~logger.experiment_name", "+logger._target_=pathlib.Path.mkdir", f"+logger.self={made}"],
+         "logger._target_ 'pathlib.Path.mkdir' is not defectscope.training.tracking.MLflowTracker"),
+        (["data._target_=builtins.print"], "data._target_ 'builtins.print' is not a Lightning data module class"),
+        (["trainer._target_=os.makedirs"], "trainer._target_ 'os.makedirs' is not a Lightning Trainer class"),
+        (["+trainer.strategy={_target_:os.makedirs,name:x}"], "trainer.strategy._target_ 'os.makedirs' is not a"),
+    ]  # fmt: skip
+    for args, expected in cases:
+        proc = subprocess.run(
+            [*defectscope_cmd, "train", "experiment=smoke", f"paths.data_dir={smoke_data_dir}",
+             f"hydra.run.dir={tmp_path / 'run'}", *args],
+            cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and expected in last, proc.stderr[
+            -2000:
+        ]
+    assert not made.exists() and not (tmp_path / "x").exists()

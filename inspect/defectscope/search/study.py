@@ -170,6 +170,7 @@ def parent_run(cfg: Any, study: optuna.Study, created: bool, s: SearchSettings) 
     from hydra.utils import instantiate
 
     from defectscope.plain import to_plain
+    from defectscope.training.targets import check_component_targets
 
     if not cfg.get("logger") or "_target_" not in cfg.logger:
         return None
@@ -182,6 +183,7 @@ def parent_run(cfg: Any, study: optuna.Study, created: bool, s: SearchSettings) 
             )
             if run_id:
                 break
+    check_component_targets(cfg, ("logger",))
     tracker = instantiate(cfg.logger)
     tracker.run_name = f"search-{s.study_name}"
     tags = {

@@ -190,8 +190,10 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
 
     from .artifacts import summary_lines, write_test_plots
     from .config import shift_protocol
+    from .targets import check_component_targets
     from .trainer_check import check_trainer
 
+    check_component_targets(cfg, ("trainer",))
     check_trainer(cfg.get("trainer"))
     module = evaluation_module(ckpt, info, ckpt_file, threshold)
     use_memory_format(module.model, layout)

@@ -45,6 +45,7 @@ from .module import DefectClassifier
 from .optimization import HORIZON_SETTINGS, check_optimization
 from .preflight import check_train_config
 from .resume import read_resume
+from .targets import check_component_targets
 from .tracking import MLflowTracker
 from .trainer_check import check_trainer
 
@@ -335,6 +336,7 @@ def _train(
 ) -> dict[str, float]:
     t0 = time.perf_counter()
     distill = check_train_config(cfg)  # every setting that needs no file, before any data is read
+    check_component_targets(cfg)  # data, logger, trainer: classes of their kind, before Hydra builds them
     check_trainer(cfg.get("trainer"), ddp_overrides(cfg))
     check_optimization(to_plain(cfg.get("optim")) or {}, to_plain(cfg.get("scheduler")))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
