@@ -1,4 +1,4 @@
-"""Test-time plots on disk and in MLflow, and the summary printed when a command ends."""
+"""Test-time plots and the threshold report on disk and in MLflow, and the summary printed when a command ends."""
 
 from __future__ import annotations
 
@@ -105,3 +105,29 @@ def summary_lines(
     if shift:
         lines.append(f"{'shift (test):':<17}{' '.join(shift)}")
     return lines
+
+
+def report_threshold(best: str, out_dir: Path, tracker: Any) -> list[str]:
+    """What the best checkpoint's threshold costs: threshold_report.txt, the log, MLflow; loud when too costly."""
+    from defectscope.checkpoint import read_info
+    from defectscope.evaluation.threshold import threshold_lines, too_costly
+
+    report = read_info(best)[1].get("threshold_report")
+    if not isinstance(report, dict):
+        return ["threshold:       not chosen (no defect images in validation; threshold.default is used)"]
+    lines = threshold_lines(
+        report,
+        "validation images, PyTorch fp32",
+        "lower threshold.target_recall, set the threshold by hand (defectscope export --threshold T), "
+        "or improve the model",
+    )
+    path = out_dir / "threshold_report.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    costly = too_costly(report)
+    for line in lines:
+        (log.warning if costly else log.info)("%s", line)
+    if tracker is not None:
+        tracker.log_artifact(path)
+        warning = next((ln for ln in lines if ln.startswith("WARNING")), "none")  # only when too costly
+        tracker.set_tags({"defectscope.threshold_warning": warning})
+    return [f"threshold:       {lines[0]}", *lines[1:], f"threshold report: {path}"]

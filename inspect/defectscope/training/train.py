@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from .. import __version__
 from ..data.transforms import check_transform_spec
 from ..plain import to_plain
-from .artifacts import log_test_artifacts, summary_lines, write_test_plots
+from .artifacts import log_test_artifacts, report_threshold, summary_lines, write_test_plots
 from .callbacks import FiniteWeights, Throughput, build_callbacks, checkpoint_callback
 from .classes import check_class_settings, weights_per_class
 from .config import (
@@ -127,32 +127,6 @@ def build_module(cfg: DictConfig, dm: Any) -> DefectClassifier:
     )
     check_geometry(module.model, dm, cfg.data)
     return module
-
-
-def report_threshold(best: str, out_dir: Path, tracker: MLflowTracker | None) -> list[str]:
-    """What the best checkpoint's threshold costs: threshold_report.txt, the log, MLflow; loud when too costly."""
-    from defectscope.checkpoint import read_info
-    from defectscope.evaluation.threshold import threshold_lines, too_costly
-
-    report = read_info(best)[1].get("threshold_report")
-    if not isinstance(report, dict):
-        return ["threshold:       not chosen (no defect images in validation; threshold.default is used)"]
-    lines = threshold_lines(
-        report,
-        "validation images, PyTorch fp32",
-        "lower threshold.target_recall, set the threshold by hand (defectscope export --threshold T), "
-        "or improve the model",
-    )
-    path = out_dir / "threshold_report.txt"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    costly = too_costly(report)
-    for line in lines:
-        (log.warning if costly else log.info)("%s", line)
-    if tracker is not None:
-        tracker.log_artifact(path)
-        warning = next((ln for ln in lines if ln.startswith("WARNING")), "none")  # only when too costly
-        tracker.set_tags({"defectscope.threshold_warning": warning})
-    return [f"threshold:       {lines[0]}", *lines[1:], f"threshold report: {path}"]
 
 
 def build_tracker(cfg: DictConfig) -> MLflowTracker | None:
