@@ -121,84 +121,77 @@ def test_a_class_too_small_for_validation_is_reported(
     assert any("class 'rare' has no val images" in r.getMessage() for r in caplog.records)
 
 
+#: config mistakes and the one line each gets, all told before torch is imported
+DATA_MISTAKES = {
+    "data.multi_scale=[0]": "data.multi_scale must be null or a non-empty list of scale factors",
+    "+data.foo=1": "data: unknown key(s) ['foo']; valid keys: source, loader, split,",
+    # numbers given as words: before these were tracebacks from Lightning, the seed or the generator
+    "trainer.max_epochs=abc": "trainer.max_epochs must be a whole number >= 1, or -1 for no limit, got 'abc'",
+    "seed=abc": "seed must be a whole number in [0, 2**32), got 'abc'",
+    "data.source.n=abc": "data.source.n must be a whole number, got 'abc'",
+    "data.batch_size=abc": "data.batch_size must be a whole number in [1, 16384], got 'abc'",
+    "trainer.accumulate_grad_batches=0": "trainer.accumulate_grad_batches must be a whole number >= 1, got 0",
+    "trainer.limit_train_batches=abc": (
+        "trainer.limit_train_batches must be a share of the batches in [0, 1] or a whole number of batches >= 0, "
+        "got 'abc'"
+    ),
+    "+trainer.val_check_interval=0.0": "trainer.val_check_interval must be a share of the batches in (0, 1]",
+    "trainer.num_sanity_val_steps=-2": "trainer.num_sanity_val_steps must be a whole number >= -1 (-1: the",
+    # words that read as true under bool(), a number where class names belong, and "no limit" under a
+    # schedule that needs the run's length: silently wrong runs or tracebacks before
+    "data.ordered=no": "data.ordered: expected true or false, got str 'no'",
+    "data.dihedral=off": "data.dihedral: expected true or false, got str 'off'",
+    "threshold.ng_classes=5": "threshold.ng_classes: expected a list of class names or '>= NAME', got 5",
+    "trainer.max_epochs=-1": "trainer.max_epochs=-1 (no limit) leaves the learning-rate schedule no length",
+    "+data.source.colour=red": "data.source: unknown key(s) ['colour'] for kind=synthetic",
+    # the model module's settings, checked before the data are generated or scanned (they were after)
+    "ordinal.objective=foo": "ordinal.objective must be auto or one of ce, soft, expected, corn, got 'foo'",
+    "optim.sam_rho=abc": "optim.sam_rho must be a number >= 0 (0 or null = off), got 'abc'",
+    "loss.ng_weight=-1": "loss.ng_weight must be a number >= 0 (0 = off), got -1",
+    # data settings that were tracebacks from the splitter, numpy, torch or albumentations, most of
+    # them after the scan (an attack review)
+    "data.split.val_fraction=1.5": "data.split.val_fraction must be a number in [0, 1) or null, got 1.5",
+    "data.split.val_fraction=abc": "data.split.val_fraction must be a number in [0, 1) or null, got 'abc'",
+    "data.split.test_fraction=1": "data.split.test_fraction must be a number in [0, 1) or null, got 1",
+    "data.mean=[0.5,0.5]": "data.mean has 2 values; expected 1 or 1 (data.loader.channels)",
+    "data.num_workers=-1": "data.num_workers must be a whole number in [0, 256], got -1",
+    "data.seed=-1": "data.seed must be a whole number >= 0, got -1",
+    "data.drop_last=maybe": "data.drop_last: expected true or false, got str 'maybe'",
+    "data.pin_memory=no": "data.pin_memory: expected true, false or null, got str 'no'",
+    "data.train_transform=5": "data.train_transform: expected a transform mapping with _target_, got int",
+    # Hydra built any transform a config named; the checkpoint's config then failed evaluate's allow-list
+    "data.train_transform.transforms=[{_target_:albumentations.Rotate,limit:5}]": (
+        "data.train_transform.transforms[0]._target_ is 'albumentations.Rotate'; a data config is built only"
+    ),
+    "data.source.n=-5": "data.source.n must be >= 1, got -5",
+    "data.mean=[abc]": "data.mean must be null or a list of numbers in",
+    "memory_format=x": "memory_format must be one of channels_last, contiguous, got 'x'",
+    "distill.teacher=nope.onnx": "distill.teacher: nope.onnx: model file not found; expected an exported model",
+    # values of a type no check expected: tracebacks once the settings were checked outside Hydra (review)
+    "data.split=5": "data.split must be a mapping of val_fraction, test_fraction and seed, got 5",
+    "data.source.kind=[a]": "data.source.kind must be one of folder, csv, elpv, synthetic, got ['a']",
+    "data.source.classes=[[a]]": "data.source.classes must be null or a list of class names, got [['a']]",
+    # a value an interpolation cannot resolve (data.source.channels reads data.loader.channels)
+    "data.loader=5": "(config key data.source.channels)",
+    # a second attack review: groups given as numbers, a synthetic root or rejects file that is no path
+    "loss=5": "loss must be a mapping of settings (loss.NAME=VALUE), got 5",
+    "threshold=5": "threshold must be a mapping of settings (threshold.NAME=VALUE), got 5",
+    "ordinal=5": "ordinal must be a mapping of settings (ordinal.NAME=VALUE), got 5",
+    "data.source.root=null": "data.source.root must be the folder to generate into, got None",
+    "data.rejects_path=[1]": "data.rejects_path must be null or a file path, got [1]",
+    f"distill.teacher={'a' * 300}": "distill.teacher: "
+    + "a" * 300
+    + ": model file cannot be read (File name too long: at most 255 bytes per file or folder name",
+}
+
+
 def test_data_config_mistakes_are_one_line_naming_the_key(
     tmp_path: Path, defectscope_cmd: list[str], cli_env: dict[str, str]
 ) -> None:
     """A value the data module refuses reads as its own message on one line, not Hydra's 3-line wrapper,
     and every such setting is told before torch and Lightning are imported (seconds): here they cannot be."""
-    cases = {
-        "data.multi_scale=[0]": "data.multi_scale must be null or a non-empty list of scale factors",
-        "+data.foo=1": "data: unknown key(s) ['foo']; valid keys: source, loader, split,",
-        # numbers given as words: before these were tracebacks from Lightning, the seed or the generator
-        "trainer.max_epochs=abc": "trainer.max_epochs must be a whole number >= 1, or -1 for no limit, got 'abc'",
-        "seed=abc": "seed must be a whole number in [0, 2**32), got 'abc'",
-        "data.source.n=abc": "data.source.n must be a whole number, got 'abc'",
-        "data.batch_size=abc": "data.batch_size must be a whole number in [1, 16384], got 'abc'",
-        "trainer.accumulate_grad_batches=0": "trainer.accumulate_grad_batches must be a whole number >= 1, got 0",
-        "trainer.limit_train_batches=abc": (
-            "trainer.limit_train_batches must be a share of the batches in [0, 1] or a whole number of batches >= 0, "
-            "got 'abc'"
-        ),
-        "+trainer.val_check_interval=0.0": "trainer.val_check_interval must be a share of the batches in (0, 1]",
-        "trainer.num_sanity_val_steps=-2": "trainer.num_sanity_val_steps must be a whole number >= -1 (-1: the",
-        # words that read as true under bool(), a number where class names belong, and "no limit" under a
-        # schedule that needs the run's length: silently wrong runs or tracebacks before
-        "data.ordered=no": "data.ordered: expected true or false, got str 'no'",
-        "data.dihedral=off": "data.dihedral: expected true or false, got str 'off'",
-        "threshold.ng_classes=5": "threshold.ng_classes: expected a list of class names or '>= NAME', got 5",
-        "trainer.max_epochs=-1": "trainer.max_epochs=-1 (no limit) leaves the learning-rate schedule no length",
-        "+data.source.colour=red": "data.source: unknown key(s) ['colour'] for kind=synthetic",
-        # the model module's settings, checked before the data are generated or scanned (they were after)
-        "ordinal.objective=foo": "ordinal.objective must be auto or one of ce, soft, expected, corn, got 'foo'",
-        "optim.sam_rho=abc": "optim.sam_rho must be a number >= 0 (0 or null = off), got 'abc'",
-        "loss.ng_weight=-1": "loss.ng_weight must be a number >= 0 (0 = off), got -1",
-        # data settings that were tracebacks from the splitter, numpy, torch or albumentations, most of
-        # them after the scan (an attack review)
-        "data.split.val_fraction=1.5": "data.split.val_fraction must be a number in [0, 1) or null, got 1.5",
-        "data.split.val_fraction=abc": "data.split.val_fraction must be a number in [0, 1) or null, got 'abc'",
-        "data.split.test_fraction=1": "data.split.test_fraction must be a number in [0, 1) or null, got 1",
-        "data.mean=[0.5,0.5]": "data.mean has 2 values; expected 1 or 1 (data.loader.channels)",
-        "data.num_workers=-1": "data.num_workers must be a whole number in [0, 256], got -1",
-        "data.seed=-1": "data.seed must be a whole number >= 0, got -1",
-        "data.drop_last=maybe": "data.drop_last: expected true or false, got str 'maybe'",
-        "data.pin_memory=no": "data.pin_memory: expected true, false or null, got str 'no'",
-        "data.train_transform=5": "data.train_transform: expected a transform mapping with _target_, got int",
-        # Hydra built any transform a config named; the checkpoint's config then failed evaluate's allow-list
-        "data.train_transform.transforms=[{_target_:albumentations.Rotate,limit:5}]": (
-            "data.train_transform.transforms[0]._target_ is 'albumentations.Rotate'; a data config is built only"
-        ),
-        # albumentations only warned of a misspelt keyword and trained without it; its refusals were pydantic's
-        # many-line report, after the scan (attack)
-        "data.train_transform.transforms=[{_target_:albumentations.HorizontalFlip,pp:0.5}]": (
-            "data.train_transform.transforms[0]: albumentations.HorizontalFlip has no argument(s) ['pp'] (did you "
-            "mean p?); it takes p"
-        ),
-        "data.train_transform.transforms=[{_target_:albumentations.HorizontalFlip,p:2}]": (
-            "data.train_transform.transforms[0]: albumentations.HorizontalFlip refuses p=2: should be less than or "
-            "equal to 1"
-        ),
-        "data.source.n=-5": "data.source.n must be >= 1, got -5",
-        "data.mean=[abc]": "data.mean must be null or a list of numbers in",
-        "memory_format=x": "memory_format must be one of channels_last, contiguous, got 'x'",
-        "distill.teacher=nope.onnx": "distill.teacher: nope.onnx: model file not found; expected an exported model",
-        # values of a type no check expected: tracebacks once the settings were checked outside Hydra (review)
-        "data.split=5": "data.split must be a mapping of val_fraction, test_fraction and seed, got 5",
-        "data.source.kind=[a]": "data.source.kind must be one of folder, csv, elpv, synthetic, got ['a']",
-        "data.source.classes=[[a]]": "data.source.classes must be null or a list of class names, got [['a']]",
-        # a value an interpolation cannot resolve (data.source.channels reads data.loader.channels)
-        "data.loader=5": "(config key data.source.channels)",
-        # a second attack review: groups given as numbers, a synthetic root or rejects file that is no path
-        "loss=5": "loss must be a mapping of settings (loss.NAME=VALUE), got 5",
-        "threshold=5": "threshold must be a mapping of settings (threshold.NAME=VALUE), got 5",
-        "ordinal=5": "ordinal must be a mapping of settings (ordinal.NAME=VALUE), got 5",
-        "data.source.root=null": "data.source.root must be the folder to generate into, got None",
-        "data.rejects_path=[1]": "data.rejects_path must be null or a file path, got [1]",
-        f"distill.teacher={'a' * 300}": "distill.teacher: "
-        + "a" * 300
-        + ": model file cannot be read (File name too long: at most 255 bytes per file or folder name",
-    }
     env = blocking_env(tmp_path, ("torch", "lightning", "pytorch_lightning"), cli_env)
-    for override, message in cases.items():
+    for override, message in DATA_MISTAKES.items():
         proc = _run(
             [*defectscope_cmd, "train", "experiment=smoke", "logger=none", f"paths.data_dir={tmp_path / 'data'}",
              f"hydra.run.dir={tmp_path / 'run'}", override],

@@ -146,9 +146,17 @@ def test_a_figure_the_sanity_batches_lack_waits_for_the_whole_validation(
         ("threshold.ng_classes=[scratch]", "threshold.ng_classes: NG class(es) ['scratch'] are not among the classes"),
         ("loss.class_weights=[1,2,3]", "loss.class_weights: expected 2 positive numbers (one per class, order"),
         ("data.ordered=true", "data.ordered: the classes ['crack', 'good'] are grades best first"),
+        # albumentations only warned of a misspelt keyword and trained without it, and its refusals were
+        # pydantic's many-line report (attack); the DataModule builds the transform from the allow-list when made
+        ("data.train_transform.transforms=[{_target_:albumentations.HorizontalFlip,pp:0.5}]",
+         "data.train_transform.transforms[0]: albumentations.HorizontalFlip has no argument(s) ['pp'] (did you "
+         "mean p?); it takes p, strict"),
+        ("data.train_transform.transforms=[{_target_:albumentations.HorizontalFlip,p:2}]",
+         "data.train_transform.transforms[0]: albumentations.HorizontalFlip refuses p=2: should be less than or "
+         "equal to 1"),
     ],
 )  # fmt: skip
-def test_class_settings_are_refused_before_the_scan_decodes_the_images(
+def test_class_and_transform_settings_are_refused_before_the_scan_decodes_the_images(
     defectscope_cmd: list[str], cli_env: dict[str, str], tmp_path: Path, override: str, expected: str
 ) -> None:
     """The class-list checks ran after the per-image decode scan (14 s on 1,500 ELPV cells, attack): a broken image
@@ -174,37 +182,43 @@ def test_hydra_callbacks_must_be_hydra_callback_classes(
     defectscope_cmd: list[str], cli_env: dict[str, str], tmp_path: Path
 ) -> None:
     """Hydra builds ``hydra.callbacks`` before the job: ``builtins.open`` with ``mode: w`` emptied a file and
-    ``pathlib.Path.mkdir`` made a folder before any check ran (attack), from an override or a --config-dir file."""
+    ``pathlib.Path.mkdir`` made a folder before any check ran (attack), from an override or a --config-dir file;
+    a review then got past the first check with a shortened option, --config-path, a sweep, a second search
+    path and a package override."""
     victim = tmp_path / "victim.txt"
     victim.write_text("kept")
-    mine = tmp_path / "mine" / "experiment"
-    mine.mkdir(parents=True)
-    (mine / "evil.yaml").write_text(
-        "# @package _global_\nhydra:\n  callbacks:\n    x:\n"
-        f"      _target_: pathlib.Path.mkdir\n      self: {tmp_path / 'made'}\n"
+    evil = (
+        f"hydra:\n  callbacks:\n    x:\n      _target_: pathlib.Path.mkdir\n      self: {tmp_path / 'made'}\n"
     )
+    mine = tmp_path / "mine"
+    (mine / "experiment").mkdir(parents=True)
+    (mine / "experiment" / "evil.yaml").write_text("# @package _global_\n" + evil)
+    (tmp_path / "primary" / "logger").mkdir(parents=True)
+    (tmp_path / "primary" / "logger" / "none.yaml").write_text("{}\n")
+    (tmp_path / "primary" / "train.yaml").write_text("defaults:\n  - logger: none\n  - _self_\n" + evil)
     opened = f"+hydra.callbacks.x={{_target_:builtins.open,file:{victim},mode:w}}"
+    mkdir = "'pathlib.Path.mkdir' is not a Hydra callback class"
     cases = [
         ([opened], "hydra.callbacks.x._target_ 'builtins.open' is not a Hydra callback class"),
-        (
-            ["--config-dir", str(tmp_path / "mine"), "experiment=evil"],
-            "'pathlib.Path.mkdir' is not a Hydra callback",
-        ),
-        (
-            [opened, "seed=1,2", "-m"],
-            "hydra.callbacks.x: Hydra callbacks cannot be set on a command line that is a",
-        ),
-    ]
+        (["-m", opened, "seed=1,2"], "hydra.callbacks.x._target_ 'builtins.open' is not a Hydra callback class"),
+        (["--config-dir", str(mine), "experiment=evil"], mkdir),
+        ([f"--config-d={mine}", "experiment=evil"], mkdir),
+        (["--config-dir", str(mine), "-m", "experiment=smoke,evil", "seed=1,2"], mkdir),
+        (["--config-dir", str(mine), f"hydra.searchpath=[file://{tmp_path}]", "experiment=evil"], mkdir),
+        (["-cp", str(tmp_path / "primary")], mkdir),
+        (["+logger@hydra.callbacks.x=mlflow"], "'defectscope.training.tracking.MLflowTracker' is not a Hydra callback"),
+        (["--config-dir", str(mine), "-m", "experiment=glob(*)"], "hydra.callbacks cannot be checked on this command"),
+    ]  # fmt: skip
     for args, expected in cases:
         proc = subprocess.run(
-            [*defectscope_cmd, "train", "logger=none", f"hydra.run.dir={tmp_path / 'run'}", *args],
+            [*defectscope_cmd, "train", *args, "logger=none", f"hydra.run.dir={tmp_path / 'run'}",
+             f"hydra.sweep.dir={tmp_path / 'sweep'}"],
             cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]
-    assert (
-        victim.read_text() == "kept" and not (tmp_path / "made").exists() and not (tmp_path / "run").exists()
-    )
+        assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], (args, proc.stderr[-2000:])
+    assert victim.read_text() == "kept" and not (tmp_path / "made").exists()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
     allowed = "+hydra.callbacks.x={_target_:hydra.experimental.callbacks.LogJobReturnCallback}"
     proc = subprocess.run(
         [*defectscope_cmd, "train", allowed, "--cfg", "hydra"],
@@ -225,6 +239,13 @@ def test_data_logger_and_trainer_targets_must_be_classes_of_their_kind(
         (["data._target_=builtins.print"], "data._target_ 'builtins.print' is not a Lightning data module class"),
         (["trainer._target_=os.makedirs"], "trainer._target_ 'os.makedirs' is not a Lightning Trainer class"),
         (["+trainer.strategy={_target_:os.makedirs,name:x}"], "trainer.strategy._target_ 'os.makedirs' is not a"),
+        # review: objects nested in a component's arguments are built by Hydra too, before the component
+        (["+trainer.strategy._target_=pytorch_lightning.strategies.DDPStrategy",
+          "+trainer.strategy.cluster_environment._target_=pathlib.Path.mkdir",
+          f"+trainer.strategy.cluster_environment.self={made}"],
+         "trainer.strategy.cluster_environment._target_ 'pathlib.Path.mkdir' is not a class of torch,"),
+        (["+logger.tags._target_=pathlib.Path.mkdir", f"+logger.tags.self={made}"],
+         "logger.tags._target_ 'pathlib.Path.mkdir' is not a class of torch,"),
     ]  # fmt: skip
     for args, expected in cases:
         proc = subprocess.run(
@@ -237,3 +258,39 @@ def test_data_logger_and_trainer_targets_must_be_classes_of_their_kind(
             -2000:
         ]
     assert not made.exists() and not (tmp_path / "x").exists()
+    # review: search set up its data module before any check (the folder was made, then an AttributeError)
+    (tmp_path / "mine" / "data").mkdir(parents=True)
+    (tmp_path / "mine" / "data" / "evil.yaml").write_text(f"{{_target_: pathlib.Path.mkdir, self: {made}}}\n")
+    proc = subprocess.run(
+        [*defectscope_cmd, "search", "--config-dir", str(tmp_path / "mine"), "data=evil", "search=smoke",
+         "~search.space.data", "~search.space.model", "logger=none", f"hydra.run.dir={tmp_path / 'search'}"],
+        cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    last = proc.stderr.strip().splitlines()[-1]
+    assert (
+        proc.returncode == 2 and "data._target_ 'pathlib.Path.mkdir' is not a Lightning data module" in last
+    ), last
+    assert not made.exists()
+
+
+def test_time_intervals_and_schema_arguments_pass_and_cross_argument_rules_read_as_one_line() -> None:
+    """Review: a time-based ``val_check_interval`` (Lightning takes "DD:HH:MM:SS" or timedelta keywords) and
+    albumentations' ``strict`` (a schema field, not an ``__init__`` argument) were refused; a rule across two
+    arguments printed a garbled ``?=`` pair."""
+    from defectscope.data.transforms import build_transform
+    from defectscope.plain import PlainDataError
+    from defectscope.training.trainer_check import check_batch_limits
+
+    check_batch_limits({"val_check_interval": "00:00:30:00"})
+    check_batch_limits({"val_check_interval": {"minutes": 30}})
+    with pytest.raises(TrainingConfigError, match=r"as a time must be 'DD:HH:MM:SS' or a mapping"):
+        check_batch_limits({"val_check_interval": "half an hour"})
+    assert (
+        build_transform({"_target_": "albumentations.HorizontalFlip", "p": 0.5, "strict": True}) is not None
+    )
+    both = {"_target_": "albumentations.Affine", "translate_px": [1, 2], "translate_percent": [0.1, 0.2]}
+    with pytest.raises(PlainDataError) as caught:
+        build_transform(both, "data.train_transform")
+    assert str(caught.value).startswith(
+        "data.train_transform: albumentations.Affine refuses its arguments: Expected either translate_percent"
+    ), caught.value

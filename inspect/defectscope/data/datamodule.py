@@ -21,6 +21,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from ..plain import to_plain
 from ..runtime.outputs import OutputError
 from .dataset import DefectDataset, collate, seed_worker
 from .errors import DataConfigError
@@ -97,7 +98,10 @@ class DefectDataModule(pl.LightningDataModule):
             torch.cuda.is_available() if pin is None else bool(pin and torch.cuda.is_available())
         )
         self.persistent_workers = settings.persistent_workers
-        self.train_transform_spec = settings.train_transform
+        # built now, from the allow-list: a wrong argument is told before any data is generated or scanned
+        spec = settings.train_transform
+        spec = to_plain(spec) if isinstance(spec, Mapping) else spec  # a config, or a transform built in code
+        self.train_transform = build_transform(spec, "data.train_transform")
         self.mean_cfg, self.std_cfg = settings.mean, settings.std
         self.on_bad_file, self.rejects_path = settings.on_bad_file, settings.rejects_path
         self.scan_workers, self.seed = settings.scan_workers, settings.seed
@@ -265,7 +269,7 @@ class DefectDataModule(pl.LightningDataModule):
         return (mean * c if len(mean) == 1 else list(mean)), (std * c if len(std) == 1 else list(std))
 
     def _build_datasets(self, with_meta: bool) -> None:
-        train_tf = build_transform(self.train_transform_spec, "data.train_transform")
+        train_tf = self.train_transform
         check_size_preserving(train_tf, self.sizes["train"], self.channels, "train_transform")
         seed_transform(train_tf, self.seed)
         for name in SPLITS:

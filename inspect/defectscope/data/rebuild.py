@@ -38,6 +38,12 @@ def datamodule_kwargs(spec: Any, where: str, *, from_file: bool) -> dict[str, An
             f"{where}._target_ is {str(target)[:200]!r}; a data config is always rebuilt as "
             f"{DATAMODULE_TARGET} (a name read from a file is never imported)"
         )
+    if (
+        kwargs.pop("_recursive_", False) is not False
+    ):  # the data configs' own `false`: nothing is built by Hydra
+        raise PlainDataError(
+            f"{where}._recursive_ must be false or absent (a data config is rebuilt without Hydra)"
+        )
     transforms = {k: kwargs.pop(k, None) for k in ("train_transform", "eval_transform")}
     for key, value in transforms.items():
         check_transform_spec(value, f"{where}.{key}")

@@ -94,11 +94,15 @@ def _check_argument_names(factory: Callable[..., Any], args: Mapping[str, Any], 
     params = signature(factory).parameters
     if any(p.kind is Parameter.VAR_KEYWORD for p in params.values()):
         return
-    unknown = sorted(set(args) - set(params))
+    schema = getattr(
+        getattr(factory, "InitSchema", None), "model_fields", {}
+    )  # e.g. ``strict``, checked there
+    names = [*params, *(f for f in schema if f not in params)]
+    unknown = sorted(set(args) - set(names))
     if unknown:
-        hints = [m for u in unknown for m in get_close_matches(u, params, n=1)]
+        hints = [m for u in unknown for m in get_close_matches(u, names, n=1)]
         hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
-        raise PlainDataError(f"{what} has no argument(s) {unknown}{hint}; it takes {', '.join(params)}")
+        raise PlainDataError(f"{what} has no argument(s) {unknown}{hint}; it takes {', '.join(names)}")
 
 
 def _refusal(exc: BaseException) -> str:
@@ -109,11 +113,15 @@ def _refusal(exc: BaseException) -> str:
         return "its arguments: " + " ".join(str(exc).split())
     problems: dict[str, tuple[Any, list[str]]] = {}
     for error in report():
-        arg = str((error.get("loc") or ("?",))[0])
+        loc = error.get("loc") or ()
+        arg = str(loc[0]) if loc else ""  # no argument: a rule across arguments (translate_px or _percent)
         why = str(error.get("msg", "")).removeprefix("Value error, ").removeprefix("Input ")
         problems.setdefault(arg, (error.get("input"), []))[1].append(why)
     return "; ".join(
-        f"{arg}={value!r:.60}: {' or '.join(dict.fromkeys(whys))}" for arg, (value, whys) in problems.items()
+        f"{arg}={value!r:.60}: {' or '.join(dict.fromkeys(whys))}"
+        if arg
+        else "its arguments: " + " or ".join(dict.fromkeys(whys))
+        for arg, (value, whys) in problems.items()
     )
 
 

@@ -33,7 +33,7 @@ from .app_errors import (
     refuse,
 )
 from .config import TrainingConfigError
-from .hydra_callbacks import check_hydra_callbacks
+from .hydra_callbacks import check_hydra_callbacks, parse_command_line
 
 #: config groups the app chooses itself (``optional model_recipe: ${model}``); ``hydra`` is Hydra's own
 INTERNAL_GROUPS = frozenset({"hydra", "model_recipe"})
@@ -134,10 +134,10 @@ def _typed_options(args: Sequence[str], group: str) -> list[str]:
 
 
 def _config_dirs(args: Sequence[str]) -> list[Path]:
-    """The ``--config-dir`` / ``-cd`` folders of a command line (searched before the packaged configs)."""
-    dirs = [args[i + 1] for i, a in enumerate(args[:-1]) if a in ("--config-dir", "-cd")]
-    dirs += [a.split("=", 1)[1] for a in args if a.startswith("--config-dir=")]
-    return [Path(d) for d in dirs]
+    """The ``--config-dir`` folder of a command line (searched before the packaged configs), as Hydra reads it
+    (``-cd``, ``--config-dir=``, a shortened ``--config-d``)."""
+    folder = parse_command_line(args).config_dir
+    return [Path(folder)] if folder else []
 
 
 def run_dir_problem(args: Sequence[str]) -> str | None:

@@ -139,7 +139,7 @@ def _configured_callback(key: str, spec: Any) -> Callback:
     (``os.makedirs``) is refused before it is called, and a wrong argument is one line naming the key."""
     if not isinstance(spec, Mapping) or "_target_" not in spec:
         raise TrainingConfigError(f"callbacks.{key}: expected a mapping with _target_, got {spec!r}")
-    check_target_class(spec["_target_"], f"callbacks.{key}", (Callback,), "a Lightning Callback class")
+    check_target_class(spec["_target_"], f"callbacks.{key}", (Callback,), "a Lightning Callback class", spec)
     try:
         return instantiate(spec)
     except Exception as exc:

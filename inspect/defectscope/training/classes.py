@@ -34,8 +34,15 @@ def check_class_settings(
     """Whatever the model refuses about its classes, before any image is decoded."""
     names = list(class_names)
     check_class_names(names, len(names), good_class, ordered)
+    configured_ng_classes(names, good_class, threshold, ordered)
+    weights_per_class(class_weights, names)
+
+
+def configured_ng_classes(
+    class_names: Sequence[str], good_class: str, threshold: Mapping[str, Any], ordered: bool
+) -> list[str]:
+    """The NG classes ``threshold.ng_classes`` names, in class order; a wrong name is one line naming the key."""
     try:
-        ng_class_names(names, good_class, ng_classes_setting(threshold), ordered)
+        return ng_class_names(list(class_names), good_class, ng_classes_setting(threshold), ordered)
     except DecisionRuleError as exc:
         raise TrainingConfigError(f"threshold.ng_classes: {exc}") from None
-    weights_per_class(class_weights, names)

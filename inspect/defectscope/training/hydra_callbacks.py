@@ -1,10 +1,15 @@
 """``hydra.callbacks`` checked before Hydra builds them.  Hydra instantiates each entry before the job starts,
 so a function named there (``builtins.open`` with ``mode: w`` emptied a file, ``pathlib.Path.mkdir`` made a
 folder; attack) ran with the config's arguments before any of the command's own checks.  Each entry must name
-a Hydra callback class, as ``callbacks.*`` must name Lightning callbacks (:mod:`.targets`)."""
+a Hydra callback class, as ``callbacks.*`` must name Lightning callbacks (:mod:`.targets`).
+
+The command line is read with Hydra's own parsers (shortened options such as ``--config-d`` included), and the
+config is composed as Hydra will compose it: with ``--config-path``/``--config-dir``, one search path list, and
+for a sweep each value of each swept key."""
 
 from __future__ import annotations
 
+from argparse import Namespace
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,76 +17,97 @@ from typing import Any
 from .config import TrainingConfigError
 from .targets import check_target_class
 
-#: Hydra's own options that take the next word as their value
-_VALUE_FLAGS = ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp", "--cfg", "-c",
-                "--package", "-p", "--experimental-rerun", "--shell-completion", "-sc")  # fmt: skip
 _KEY = "hydra.callbacks"
 
 
-def _split(args: Sequence[str]) -> tuple[list[str], list[str], str | None]:
-    """The overrides, the ``--config-dir`` folders and a ``--config-name`` of a command line."""
-    overrides: list[str] = []
-    dirs: list[str] = []
-    name: str | None = None
-    words = iter(args)
-    for word in words:
-        flag, eq, value = word.partition("=")
-        if flag in _VALUE_FLAGS and word.startswith("-"):
-            value = value if eq else next(words, "")
-            if flag in ("--config-dir", "-cd"):
-                dirs.append(value)
-            elif flag in ("--config-name", "-cn"):
-                name = value
-        elif not word.startswith("-"):
-            overrides.append(word)
-    return overrides, dirs, name
+def parse_command_line(args: Sequence[str]) -> Namespace:
+    """Hydra's own reading of a command line: ``config_dir``, ``config_path``, ``config_name``, ``overrides``."""
+    from hydra._internal.utils import get_args_parser
+
+    known, _ = get_args_parser().parse_known_args(list(args))
+    return known
 
 
-def _typed(overrides: Sequence[str]) -> list[str]:
-    keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
-    return [k for k in keys if k == _KEY or k.startswith(_KEY + ".") or k.startswith("hydra/callbacks")]
-
-
-def _composed_callbacks(conf: Path, config_name: str, args: Sequence[str]) -> Any:
-    """``hydra.callbacks`` of the run the command line asks for; raises when Hydra cannot compose it as one run."""
-    from hydra import compose, initialize_config_dir
-
-    overrides, dirs, name = _split(args)
-    extra = [f"file://{Path(d).absolute()}" for d in dirs]
+def _searchpath_merged(overrides: list[Any], config_dir: str | None) -> tuple[list[str], bool]:
+    """The overrides as strings with ``--config-dir`` joined to any ``hydra.searchpath`` in one list (two
+    ``hydra.searchpath`` overrides would not compose), and whether a search path was given at all."""
+    extra = [f"file://{Path(config_dir).absolute()}"] if config_dir else []
+    out: list[str] = []
+    for o in overrides:
+        if o.key_or_group == "hydra.searchpath" and not o.is_sweep_override():
+            extra += [str(v) for v in (o.value() or [])]
+        else:
+            out.append(o.input_line)
     if extra:
-        overrides = [*overrides, f"hydra.searchpath=[{','.join(extra)}]"]
-    with initialize_config_dir(str(conf), version_base="1.3"):
-        cfg = compose(name or config_name, overrides=overrides, return_hydra_config=True)
-    return cfg.hydra.get("callbacks") or {}
+        out.append(f"hydra.searchpath=[{','.join(extra)}]")
+    return out, bool(extra)
+
+
+def _single_runs(overrides: list[Any]) -> list[list[str]]:
+    """A sweep as single runs: each value of each swept key once, the other swept keys at their first value
+    (every config file a sweep can include is composed once).  Raises where a sweep cannot be listed (glob)."""
+    swept = [(i, list(o.sweep_string_iterator())) for i, o in enumerate(overrides) if o.is_sweep_override()]
+    base = [o.input_line for o in overrides]
+    for i, values in swept:
+        base[i] = f"{overrides[i].get_key_element()}={values[0]}"
+    runs = [base]
+    for i, values in swept:
+        for value in values[1:]:
+            run = list(base)
+            run[i] = f"{overrides[i].get_key_element()}={value}"
+            runs.append(run)
+    return runs
+
+
+def _primary(command_line: Namespace, conf: Path, config_name: str) -> tuple[Path, str]:
+    folder = Path(command_line.config_path).absolute() if command_line.config_path else conf
+    return folder, command_line.config_name or config_name
+
+
+def _refusal(command_line: Namespace, overrides: list[Any], reason: str) -> TrainingConfigError | None:
+    """Where the config could not be composed here: refused when a user's config or a ``hydra.*`` override could
+    set Hydra callbacks (else Hydra's own run says what is wrong)."""
+    user = command_line.config_dir or command_line.config_path
+    hydra_typed = any(
+        str(o.key_or_group).startswith("hydra") or str(o.package or "").startswith("hydra") for o in overrides
+    )
+    if not (user or hydra_typed):
+        return None
+    return TrainingConfigError(
+        f"{_KEY} cannot be checked on this command line ({reason}); list a sweep's values instead of a glob"
+    )
 
 
 def check_hydra_callbacks(conf: Path, config_name: str, args: Sequence[str]) -> None:
     """Refuse a ``hydra.callbacks`` entry that is not a Hydra callback class, in one line naming its key."""
-    overrides, dirs, _ = _split(args)
-    if (
-        not dirs
-        and not _typed(overrides)
-        and not any(o.lstrip("+~").startswith("hydra.searchpath") for o in overrides)
-    ):
-        return  # the packaged configs alone: they set no Hydra callbacks
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.experimental.callback import Callback
 
+    command_line = parse_command_line(args)
     try:
-        callbacks = _composed_callbacks(conf, config_name, args)
-    except Exception:  # a sweep or a broken config: Hydra's own run says what is wrong with it
-        typed = _typed(overrides)
-        if typed:
-            raise TrainingConfigError(
-                f"{typed[0]}: Hydra callbacks cannot be set on a command line that is a sweep or does not "
-                "compose; set them in a config file"
-            ) from None
+        parsed = OverridesParser.create().parse_overrides(list(command_line.overrides or []))
+    except Exception:  # a malformed override: Hydra names it itself
         return
-    for name, spec in callbacks.items():
-        target = spec.get("_target_") if hasattr(spec, "get") else None
-        if target is not None:
-            check_target_class(
-                target,
-                f"{_KEY}.{name}",
-                (Callback,),
-                "a Hydra callback class (hydra.experimental.callback.Callback)",
-            )
+    lines, _ = _searchpath_merged(parsed, command_line.config_dir)
+    folder, name = _primary(command_line, conf, config_name)
+    try:
+        runs = _single_runs(OverridesParser.create().parse_overrides(lines))
+    except Exception as exc:
+        problem = _refusal(command_line, parsed, " ".join(str(exc).split()))
+        if problem is not None:
+            raise problem from None
+        return
+    for run in runs:
+        try:
+            with initialize_config_dir(str(folder), version_base="1.3"):
+                callbacks = (
+                    compose(name, overrides=run, return_hydra_config=True).hydra.get("callbacks") or {}
+                )
+        except Exception:  # Hydra's own composition of the same command line fails the same way, and says why
+            return
+        for key, spec in callbacks.items():
+            target = spec.get("_target_") if hasattr(spec, "get") else None
+            if target is not None:
+                what = "a Hydra callback class (hydra.experimental.callback.Callback)"
+                check_target_class(target, f"{_KEY}.{key}", (Callback,), what, spec)

@@ -20,19 +20,17 @@ from ..checkpoint import recorded_grading
 from ..evaluation.threshold import DEFAULT_WARN_FALSE_REJECT_RATE, threshold_report
 from ..models.corn import raw_outputs, with_link
 from ..runtime.decision import (
-    DecisionRuleError,
     defect_probability,
     is_defect_label,
-    ng_class_names,
     ng_indices,
 )
 from ..runtime.grading import Grading, choose_cuts, expected_grade, grade_indices, ordinal_metrics
+from .classes import configured_ng_classes
 from .config import (
     TrainingConfigError,
     check_class_names,
     loss_settings,
     lr_plan,
-    ng_classes_setting,
     optimizer_lr,
     sam_rho,
     threshold_settings,
@@ -140,12 +138,7 @@ class DefectClassifier(pl.LightningModule):
     def _set_decision(self, thr: dict[str, Any], ordered: bool) -> None:
         """``threshold.*``: which classes are NG, the recall target and the starting threshold
         (after ``class_names`` and ``good_class`` are set)."""
-        try:
-            self.ng_classes = ng_class_names(
-                self.class_names, self.good_class, ng_classes_setting(thr), bool(ordered)
-            )
-        except DecisionRuleError as exc:
-            raise TrainingConfigError(f"threshold.ng_classes: {exc}") from None
+        self.ng_classes = configured_ng_classes(self.class_names, self.good_class, thr, bool(ordered))
         self.ng_indices = ng_indices(self.class_names, self.good_class, self.ng_classes)
         mask = torch.tensor([i in self.ng_indices for i in range(len(self.class_names))])
         self.register_buffer("ng_mask", mask, persistent=False)  # moves with the module, for the NG loss

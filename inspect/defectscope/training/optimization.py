@@ -193,7 +193,11 @@ def check_optimization(optim: Mapping[str, Any], scheduler: Mapping[str, Any] | 
 
     spec = dict(optim.get("optimizer") or {})
     check_target_class(
-        spec.get("_target_"), "optim.optimizer", (torch.optim.Optimizer,), "a torch.optim optimizer class"
+        spec.get("_target_"),
+        "optim.optimizer",
+        (torch.optim.Optimizer,),
+        "a torch.optim optimizer class",
+        spec,
     )
     probe = torch.nn.Linear(1, 1)
     try:
@@ -204,7 +208,7 @@ def check_optimization(optim: Mapping[str, Any], scheduler: Mapping[str, Any] | 
     if "_target_" not in sched:
         return
     bases = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-    check_target_class(sched.get("_target_"), "scheduler", bases, "a torch.optim.lr_scheduler class")
+    check_target_class(sched.get("_target_"), "scheduler", bases, "a torch.optim.lr_scheduler class", sched)
     try:
         built, _ = build_scheduler(sched, optimizer, steps=20, epochs=20)
     except TrainingConfigError:

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from ..data.rebuild import datamodule_kwargs
 from ..data.settings import EVALUATE_ON, check_evaluate_on, config_data_settings
 from ..data.sources import input_paths
-from ..data.transforms import build_transform
+from ..data.transforms import check_transform_spec
 from ..plain import to_plain
 from ..runtime.decision import THRESHOLD_EXPECTED, is_threshold
 from ..runtime.files import checkpoint_file_problem
@@ -50,8 +50,9 @@ def check_train_config(cfg: Any) -> DistillSettings:
     check_memory_format(cfg.get("memory_format"))
     distill = distill_settings(to_plain(cfg.get("distill")))
     data = cfg.get("data")
-    # built and dropped: the allow-list, then albumentations' own argument checks, before any data are read
-    build_transform(to_plain(data.get("train_transform") if data else None), "data.train_transform")
+    # the allow-list; the arguments are albumentations' to check (it imports torch): the DataModule builds the
+    # transform when it is made, before any data is read
+    check_transform_spec(to_plain(data.get("train_transform") if data else None), "data.train_transform")
     settings = config_data_settings(to_plain(data) if data is not None else {})
     ordered = settings.ordered if settings is not None else bool(data.get("ordered", False))
     check_model_settings(cfg, ordered)

@@ -33,7 +33,7 @@ def check_reachable(uri: str, timeout_s: float, advice: str = TRAINING_ADVICE) -
     """
     parsed = urlparse(uri)
     scheme = parsed.scheme.split("+")[0]  # a database driver may follow its dialect: postgresql+psycopg2
-    if scheme not in STORE_SCHEMES and len(scheme) > 1:  # one letter: a Windows drive, C:/mlruns
+    if scheme not in _store_schemes() and len(scheme) > 1:  # one letter: a Windows drive, C:/mlruns
         raise TrackingUnavailableError(
             f"MLflow has no tracking store for {uri} (scheme {parsed.scheme!r}); expected sqlite:///PATH.db, "
             f"http(s)://HOST:PORT of an mlflow server, or a database URI ({', '.join(DATABASES)}). {advice}"
@@ -65,9 +65,18 @@ def _make_folder(folder: Path, uri: str, advice: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file" if blocker is not None else exc.strerror or str(exc)
         raise TrackingUnavailableError(
-            f"MLflow store {uri}: its folder {folder} cannot be made ({exc.strerror or exc}). {advice}"
+            f"MLflow store {uri}: its folder {folder} cannot be made ({why}). {advice}"
         ) from None
+
+
+def _store_schemes() -> set[str]:
+    """MLflow's own store schemes and those of installed MLflow plugins (``mlflow.tracking_store`` entry points)."""
+    from importlib.metadata import entry_points
+
+    return {*STORE_SCHEMES, *(ep.name for ep in entry_points(group="mlflow.tracking_store"))}
 
 
 def sqlite_database(uri: str) -> Path | None:

@@ -161,6 +161,7 @@ def build_datamodule(cfg: DictConfig) -> Any:
     """The run's data module from ``cfg.data``, every setting checked; the transform against the allow-list
     first (Hydra would build any ``_target_``; a checkpoint's data config is rebuilt from the allow-list)."""
     check_transform_spec(to_plain(OmegaConf.select(cfg, "data.train_transform")), "data.train_transform")
+    check_component_targets(cfg, ("data",))
     return instantiate(cfg.data)
 
 
@@ -310,7 +311,7 @@ def _train(
 ) -> dict[str, float]:
     t0 = time.perf_counter()
     distill = check_train_config(cfg)  # every setting that needs no file, before any data is read
-    check_component_targets(cfg)  # data, logger, trainer: classes of their kind, before Hydra builds them
+    check_component_targets(cfg, ("logger", "trainer"))  # classes of their kind, before Hydra builds them
     check_trainer(cfg.get("trainer"), ddp_overrides(cfg))
     check_optimization(to_plain(cfg.get("optim")) or {}, to_plain(cfg.get("scheduler")))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)

@@ -111,7 +111,8 @@ def check_run_numbers(cfg: Mapping[str, Any]) -> None:
             )
 
 
-#: Lightning reads a float as a share of the batches and an int as a count of them
+#: Lightning reads a float as a share of the batches and an int as a count of them (``val_check_interval`` also
+#: takes a time: "DD:HH:MM:SS" or a mapping of timedelta's keywords)
 BATCH_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
                 "overfit_batches", "val_check_interval")  # fmt: skip
 
@@ -123,6 +124,9 @@ def check_batch_limits(trainer: Mapping[str, Any]) -> None:
         value = trainer.get(key)
         if value is None:
             continue
+        if key == "val_check_interval" and isinstance(value, str | Mapping):
+            _check_time_interval(value)
+            continue
         least = 1 if key == "val_check_interval" else 0
         whole = isinstance(value, int) and not isinstance(value, bool) and value >= least
         share = isinstance(value, float) and 0.0 <= value <= 1.0 and (value > 0 or least == 0)
@@ -132,3 +136,26 @@ def check_batch_limits(trainer: Mapping[str, Any]) -> None:
                 f"trainer.{key} must be a share of the batches in {what} or a whole number of batches >= {least}, "
                 f"got {value!r}"
             )
+
+
+def _check_time_interval(value: str | Mapping[str, Any]) -> None:
+    """``trainer.val_check_interval`` given as a time, in the forms Lightning takes."""
+    import datetime
+    import re
+
+    try:
+        if isinstance(value, str):
+            if not re.fullmatch(r"\d+:\d+:\d+:\d+", value.strip()):
+                raise ValueError("expected DD:HH:MM:SS")
+            seconds = float(
+                sum(int(n) * m for n, m in zip(value.split(":"), (86400, 3600, 60, 1), strict=True))
+            )
+        else:
+            seconds = datetime.timedelta(**{str(k): float(v) for k, v in value.items()}).total_seconds()
+    except (TypeError, ValueError) as exc:
+        raise TrainingConfigError(
+            f"trainer.val_check_interval as a time must be 'DD:HH:MM:SS' or a mapping such as {{minutes: 30}}, "
+            f"got {value!r} ({exc})"
+        ) from None
+    if seconds <= 0:
+        raise TrainingConfigError(f"trainer.val_check_interval must be a time > 0, got {value!r}")
