@@ -60,7 +60,9 @@ def _single_runs(overrides: list[Any]) -> list[list[str]]:
 
 
 def _primary(command_line: Namespace, conf: Path, config_name: str) -> tuple[Path, str]:
-    folder = Path(command_line.config_path).absolute() if command_line.config_path else conf
+    """The primary config folder and name; a relative ``--config-path`` is read as Hydra reads it, from the folder
+    of the file that defines the task function (``app.py``, beside this one)."""
+    folder = Path(__file__).resolve().parent / command_line.config_path if command_line.config_path else conf
     return folder, command_line.config_name or config_name
 
 
