@@ -17,6 +17,7 @@ from defectscope.training.optimization import check_optimization
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 ADAMW = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 0.001}
+DEFAULT_MODEL = next(d["model"] for d in OmegaConf.load(CONF / "train.yaml").defaults if "model" in d)
 
 
 def _conf(name: str) -> dict[str, Any]:
@@ -193,6 +194,8 @@ def test_hydra_callbacks_must_be_hydra_callback_classes(
     mine = tmp_path / "mine"
     (mine / "experiment").mkdir(parents=True)
     (mine / "experiment" / "evil.yaml").write_text("# @package _global_\n" + evil)
+    (mine / "model_recipe").mkdir()
+    (mine / "model_recipe" / f"{DEFAULT_MODEL}.yaml").write_text("# @package _global_\n" + evil)
     (tmp_path / "primary" / "logger").mkdir(parents=True)
     (tmp_path / "primary" / "logger" / "none.yaml").write_text("{}\n")
     (tmp_path / "primary" / "train.yaml").write_text("defaults:\n  - logger: none\n  - _self_\n" + evil)
@@ -203,11 +206,15 @@ def test_hydra_callbacks_must_be_hydra_callback_classes(
         (["-m", opened, "seed=1,2"], "hydra.callbacks.x._target_ 'builtins.open' is not a Hydra callback class"),
         (["--config-dir", str(mine), "experiment=evil"], mkdir),
         ([f"--config-d={mine}", "experiment=evil"], mkdir),
-        (["--config-dir", str(mine), "-m", "experiment=smoke,evil", "seed=1,2"], mkdir),
+        (["--config-dir", str(mine), "-m", "experiment=evil", "seed=1,2", "data.batch_size=0"], mkdir),
+        # a second review: a multirun builds its callbacks once, from the config without the swept keys, so the
+        # default model's recipe (a file of the user's) counted though the sweep replaced the model
+        (["--config-dir", str(mine), "-m", "model=lenet,alexnet", "data.batch_size=0"], mkdir),
         (["--config-dir", str(mine), f"hydra.searchpath=[file://{tmp_path}]", "experiment=evil"], mkdir),
         (["-cp", str(tmp_path / "primary")], mkdir),
         (["+logger@hydra.callbacks.x=mlflow"], "'defectscope.training.tracking.MLflowTracker' is not a Hydra callback"),
-        (["--config-dir", str(mine), "-m", "experiment=glob(*)"], "hydra.callbacks cannot be checked on this command"),
+        (["+hydra.callbacks.x._target_=${hydra:job.name}"], "hydra.callbacks: a callback's settings cannot be read"),
+        (["hydra.searchpath=5"], "hydra.searchpath must be a list such as [file:///my/conf], got 5"),
     ]  # fmt: skip
     for args, expected in cases:
         proc = subprocess.run(

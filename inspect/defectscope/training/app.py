@@ -133,10 +133,10 @@ def _typed_options(args: Sequence[str], group: str) -> list[str]:
     return options
 
 
-def _config_dirs(args: Sequence[str]) -> list[Path]:
+def _config_dirs(args: Sequence[str], prog: str) -> list[Path]:
     """The ``--config-dir`` folder of a command line (searched before the packaged configs), as Hydra reads it
     (``-cd``, ``--config-dir=``, a shortened ``--config-d``)."""
-    folder = parse_command_line(args).config_dir
+    folder = parse_command_line(args, prog).config_dir
     return [Path(folder)] if folder else []
 
 
@@ -182,14 +182,14 @@ def option_problem(command: str, args: Sequence[str]) -> str | None:
     return None
 
 
-def recipe_problem(args: Sequence[str]) -> str | None:
+def recipe_problem(args: Sequence[str], prog: str = "defectscope") -> str | None:
     """A ``model_recipe=NAME`` on the command line (a sweep's values too) that names no recipe, found
     before Hydra runs anything: the group is optional, so Hydra would skip it silently and train
     without the recipe asked for.  Not checked when ``hydra.searchpath`` adds folders this cannot see."""
     typed = _typed_options(args, "model_recipe")
     if not typed or any(a.startswith("hydra.searchpath") for a in args):
         return None
-    folders = [conf_dir() / "model_recipe", *(d / "model_recipe" for d in _config_dirs(args))]
+    folders = [conf_dir() / "model_recipe", *(d / "model_recipe" for d in _config_dirs(args, prog))]
     options = {f.stem for d in folders if d.is_dir() for f in d.glob("*.yaml")}
     wrong = next((o for o in typed if o not in options), None)
     if wrong is None:
@@ -271,12 +271,13 @@ def _run(command: str, config_name: str, argv: Sequence[str], fn: Callable[[Any]
     _register_resolvers()
     _quiet_third_party()
     args = list(argv)
-    problem = option_problem(command, args) or recipe_problem(args) or run_dir_problem(args)
+    prog = f"defectscope {command}"
+    problem = option_problem(command, args) or recipe_problem(args, prog) or run_dir_problem(args)
     if problem:
         print(error_line(f"defectscope {command}", problem), file=sys.stderr)
         return 2
     try:
-        check_hydra_callbacks(conf, config_name, args)
+        check_hydra_callbacks(conf, config_name, args, prog)
     except TrainingConfigError as exc:
         print(error_line(f"defectscope {command}", str(exc)), file=sys.stderr)
         return 2
