@@ -38,7 +38,7 @@ def _searchpath_merged(overrides: list[Any], config_dir: str | None) -> list[str
     extra = [f"file://{Path(config_dir).absolute()}"] if config_dir else []
     out: list[str] = []
     for o in overrides:
-        if o.key_or_group == "hydra.searchpath" and not o.is_sweep_override():
+        if o.key_or_group == "hydra.searchpath":
             if not isinstance(o.value(), list):
                 raise ValueError(
                     f"hydra.searchpath must be a list such as [file:///my/conf], got {o.value()!r}"
@@ -49,12 +49,6 @@ def _searchpath_merged(overrides: list[Any], config_dir: str | None) -> list[str
     if extra:
         out.append(f"hydra.searchpath=[{','.join(extra)}]")
     return out
-
-
-def _base_run(overrides: list[Any]) -> list[str]:
-    """The overrides Hydra composes the config it builds its callbacks from: a multirun builds them once, from
-    the config without the swept keys (each job reuses them); a single run has no swept keys."""
-    return [o.input_line for o in overrides if not o.is_sweep_override()]
 
 
 def _initialised(command_line: Namespace, conf: Path) -> Any:
@@ -84,16 +78,16 @@ def check_hydra_callbacks(
     command_line = parse_command_line(args, prog)
     try:
         parsed = OverridesParser.create().parse_overrides(list(command_line.overrides or []))
-        lines = _searchpath_merged(parsed, command_line.config_dir)
-        run = _base_run(OverridesParser.create().parse_overrides(lines))
+        # a multirun builds its callbacks once, from the config without the swept keys (each job reuses them)
+        single = [o for o in parsed if not o.is_sweep_override()]
+        run = _searchpath_merged(single, command_line.config_dir)
         with _initialised(command_line, conf):
             composed = compose(
                 command_line.config_name or config_name, overrides=run, return_hydra_config=True
             )
     except Exception as exc:
-        if (
-            os.environ.get("HYDRA_FULL_ERROR") == "1"
-        ):  # the user asked for Hydra's own exception: Hydra shows it
+        # HYDRA_FULL_ERROR=1: the user asked for Hydra's own exception, which Hydra's run shows
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
             return
         raise TrainingConfigError(composition_error(exc, list(args))) from None
     what = "a Hydra callback class (hydra.experimental.callback.Callback)"
