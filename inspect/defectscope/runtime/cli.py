@@ -248,7 +248,7 @@ def run(cfg: InspectConfig) -> int:
         for message in empty:
             warn(message)
         print(
-            f"{PROG}: interrupted after {writer.committed} rows this session; "
+            f"{PROG}: interrupted after {writer.rows_written()} rows this session; "
             f"rerun the same command with --resume to finish",
             file=sys.stderr,
         )

@@ -200,6 +200,7 @@ class JsonlWriter:
         except OSError as exc:
             raise OutputError(f"cannot open results {self.path} ({exc.strerror or exc})") from None
         self._end = os.fstat(self._fd).st_size  # end of the last complete row
+        self._start = self._end  # where this session's rows begin
         self._buf: list[bytes] = []
         self.committed = 0
         self.fsync_interval_s = float(fsync_interval_s)
@@ -247,6 +248,13 @@ class JsonlWriter:
         with contextlib.suppress(OSError):
             os.ftruncate(self._fd, self._end)
         raise OutputError(f"cannot write results to {self.path} ({exc.strerror or exc})") from None
+
+    def rows_written(self) -> int:
+        """This session's complete rows, counted in the file itself: a SIGTERM raised as KeyboardInterrupt may land
+        between a batch's write and ``committed += n`` (the message said 36 rows where the file held 40)."""
+        with open(self.path, "rb") as f:
+            f.seek(self._start)
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
     def close(self) -> None:
         try:
