@@ -86,5 +86,5 @@ def check_component_targets(cfg: Any, keys: tuple[str, ...] = ("data", "logger",
             continue
         spec = OmegaConf.select(cfg, key) if isinstance(cfg, DictConfig) else None
         target = spec.get("_target_") if isinstance(spec, DictConfig | dict) else None
-        if target is not None:
-            check_target_class(target, key, bases, what, spec)
+        if target is not None:  # a strategy's or accelerator's own arguments were walked with the trainer's
+            check_target_class(target, key, bases, what, None if "." in key else spec)
