@@ -50,14 +50,17 @@ def synth_images(folder: Path, n: int, lo: int, hi: int) -> list[Path]:
     """The project's own synthetic surfaces (`defectscope synth`), generated once per folder."""
     if not (folder / "manifest.csv").exists():
         cmd = [sys.executable, "-m", "defectscope", "synth", str(folder), "--n", str(n)]
-        subprocess.run(
-            [*cmd, "--min-size", str(lo), "--max-size", str(hi)], check=True, stdout=subprocess.DEVNULL
-        )
+        cmd += ["--min-size", str(lo), "--max-size", str(hi)]
+        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            raise SystemExit(f"bench_inspect: generating the images failed: {last}")
     return sorted(folder.rglob("*.png"))
 
 
 def run_inspect(model: str, listing: Path, out: Path, extra: list[str]) -> dict[str, object]:
     cmd = [sys.executable, "-m", "defectscope", "inspect", model, f"@{listing}", "-o", str(out), *extra]
+    out.unlink(missing_ok=True)  # rows left by an earlier run must not be counted as this one's
     with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=fo, stderr=fe)
@@ -67,8 +70,10 @@ def run_inspect(model: str, listing: Path, out: Path, extra: list[str]) -> dict[
         fo.seek(0)
         fe.seek(0)
         stdout, stderr = fo.read().decode(), fe.read().decode()
-    with open(out, encoding="utf-8") as f:
-        rows = sum(1 for _ in f)
+    rows = 0
+    if out.exists():
+        with open(out, encoding="utf-8") as f:
+            rows = sum(1 for _ in f)
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     return {
         "rows": rows,
@@ -100,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="list every image this many times")
     p.add_argument("--workdir", default=None, help="where images are generated (kept for reuse)")
     a = p.parse_args(argv)
+    if a.images < 1 or a.repeat < 1:
+        p.error(f"--images and --repeat must be >= 1, got {a.images} and {a.repeat}")
+    if not 16 <= a.min_side <= a.max_side:
+        p.error(f"need 16 <= --min-side <= --max-side, got {a.min_side} and {a.max_side}")
+    if not os.path.isfile(a.model):
+        p.error(f"{a.model}: no such model file; expected an exported model (.onnx)")
     work = Path(a.workdir or Path(tempfile.gettempdir()) / "defectscope-bench")
     folder = work / f"{a.source}_{a.images}_{a.min_side}_{a.max_side}"
     t0 = time.perf_counter()
@@ -113,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     result = run_inspect(a.model, listing, work / "bench.jsonl", extra)
     result.update({"inputs": a.images * a.repeat, "generate_s": round(gen, 1), "extra": " ".join(extra)})
     print(json.dumps(result))
+    if result["exit_code"] not in (0, 1):  # 1: some inputs got error rows; anything else: no measurement
+        print(f"bench_inspect: inspect failed: {result['summary']}", file=sys.stderr)
+        return 2
     return 0
 
 

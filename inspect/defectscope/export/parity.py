@@ -32,6 +32,7 @@ from defectscope.runtime.files import (
 )
 from defectscope.runtime.image import ImageLoadError, LoaderConfig, load_image, normalize_batch
 from defectscope.runtime.metadata import INPUT_NAME
+from defectscope.runtime.providers import import_ort
 
 from .errors import ExportError
 
@@ -172,7 +173,7 @@ def torch_outputs(model: nn.Module, x: np.ndarray, cam: bool) -> dict[str, np.nd
 
 
 def ort_session(model_bytes: bytes) -> Any:
-    import onnxruntime as ort
+    ort = import_ort()
 
     return ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
 

@@ -38,6 +38,7 @@ import onnx
 from defectscope.runtime.decision import defect_probability, is_ng
 from defectscope.runtime.grading import Grading, grade_indices
 from defectscope.runtime.metadata import INPUT_NAME
+from defectscope.runtime.providers import import_ort
 
 #: calibration methods offered. onnxruntime's "entropy" is left out: in onnxruntime 1.32 it gave
 #: exactly the min/max scales for every tensor of Lite0 (docs/benchmarks.md)
@@ -242,6 +243,7 @@ def quantize_qdq(
     """
     if not batches:
         raise QuantizationError("int8 calibration got no images")
+    import_ort()  # ONNX Runtime imported the one way (its telemetry off)
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     proto = onnx.load_from_string(model_bytes)
@@ -279,7 +281,7 @@ def quantize_qdq(
 
 
 def _session(model_bytes: bytes) -> Any:
-    import onnxruntime as ort
+    ort = import_ort()
 
     return ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
 

@@ -25,6 +25,7 @@ from defectscope.evaluation.scoring import score_paths
 from defectscope.evaluation.threshold import DEFAULT_WARN_FALSE_REJECT_RATE, threshold_report, too_costly
 from defectscope.runtime.decision import DEFAULT_TARGET_RECALL, defect_probability, ng_class_names
 from defectscope.runtime.metadata import INPUT_NAME, ModelMetadata
+from defectscope.runtime.providers import import_ort
 
 from .errors import ExportError
 
@@ -125,7 +126,7 @@ def plan_threshold(
 
 
 def ort_predict(model_bytes: bytes) -> Callable[[np.ndarray], np.ndarray]:
-    import onnxruntime as ort
+    ort = import_ort()
 
     options = ort.SessionOptions()
     options.log_severity_level = 3

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import itertools
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,15 @@ from .inputs import InputSpecError, check_specs, expand_inputs, overlapping_inpu
 from .inspector import Inspector, MetadataError, ModelLoadError, ProviderError, check_model_path
 from .interrupts import terminate_as_interrupt
 from .options import CommandParser, RunOptions, SessionConfig, add_shared_options, run_options
-from .outputs import OutputError, check_distinct, check_output_file, check_output_folder
+from .outputs import (
+    HTML_REPORT,
+    RESULTS_CSV,
+    RESULTS_JSONL,
+    OutputError,
+    check_distinct,
+    check_output_file,
+    check_output_folder,
+)
 from .pipeline import Batcher, InferenceLanes, Item, Result, decode_stream, inference_lanes
 from .progress import Progress
 from .providers import candidates, import_ort
@@ -124,10 +133,10 @@ def parse_config(p: argparse.ArgumentParser, argv: Sequence[str]) -> InspectConf
 def check_outputs(cfg: InspectConfig) -> None:
     """Every output path, before any work: results must be a regular file (``--resume`` reads it)."""
     check_distinct({"-o": cfg.output, "--csv": cfg.csv, "--report": cfg.report})
-    check_output_file(cfg.output, "-o", special_ok=False)
-    for option, path in (("--csv", cfg.csv), ("--report", cfg.report)):
+    check_output_file(cfg.output, "-o", special_ok=False, writes=RESULTS_JSONL)
+    for option, path, kind in (("--csv", cfg.csv, RESULTS_CSV), ("--report", cfg.report, HTML_REPORT)):
         if path:
-            check_output_file(path, option)
+            check_output_file(path, option, writes=kind)
     if cfg.run.heatmaps:
         check_output_folder(cfg.run.heatmaps, "--heatmaps")
 
@@ -225,6 +234,7 @@ def run(cfg: InspectConfig) -> int:
         if renamed:
             raise OutputError(renamed)
         paths = skip_done(paths, done)
+    paths = _some_input(paths, cfg.inputs, keep=bool(done))
     if not cfg.resume and out.is_file() and out.stat().st_size > 0:  # a finished or killed run's rows go
         warn(f"{out} held earlier results; they are replaced (--resume would continue that file instead)")
     writer = JsonlWriter(out, append=cfg.resume, fsync_interval_s=cfg.fsync_interval)
@@ -262,6 +272,17 @@ def run(cfg: InspectConfig) -> int:
     return _finish(cfg, inspector, stamp, session.done, time.perf_counter() - t0, empty)
 
 
+def _some_input(paths: Iterator[str], specs: Sequence[str], *, keep: bool) -> Iterator[str]:
+    """``paths`` unchanged; none at all is refused here, before the results file is touched (a run that
+    finds no image must not empty the file of the last one), unless it ``keep``s rows to resume from."""
+    first = next(paths, None)
+    if first is None:
+        if not keep:
+            raise InputSpecError(f"no input images found in {' '.join(specs)}")
+        return iter(())
+    return itertools.chain([first], paths)
+
+
 def _inspect_all(
     cfg: InspectConfig, inspector: Inspector, session: _Session, paths: Any, threshold: float
 ) -> None:
@@ -292,12 +313,9 @@ def _finish(
     empty: list[str],
 ) -> int:
     """Everything after inference is derived from the JSONL, the source of truth. ``empty``: inputs that
-    named no image (a warning each, or the error's reason when no input named any)."""
+    named no image (a warning each; a run where none named any was refused before the file was touched)."""
     threshold = stamp.threshold
     summary = Summary.from_jsonl(cfg.output, max_items=cfg.report_items)
-    if summary.total == 0:
-        print(f"{PROG}: error: no input images found in {' '.join(cfg.inputs)}", file=sys.stderr)
-        return 2
     for message in empty:
         print(f"{PROG}: warning: {message}", file=sys.stderr)
     meta = inspector.metadata

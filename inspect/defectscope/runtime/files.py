@@ -27,6 +27,10 @@ from pathlib import Path
 TEXT_HEAD_BYTES = 1 << 16
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+#: the Pillow decoders the loader opens (the formats of :data:`IMAGE_EXTENSIONS`): a file named on the
+#: command line is held to the same formats as a folder's listing, and Pillow's rarer decoders stay shut
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
+IMAGE_FORMATS_TEXT = "PNG, JPEG, BMP, TIFF or WebP"
 
 #: leading bytes -> what the file is (checked in order)
 _SIGNATURES: tuple[tuple[bytes, str], ...] = (
@@ -227,7 +231,10 @@ TEACHER = ModelRole(export_args="--tta dihedral -o teacher.onnx", image_hint="")
 def model_file_problem(path: str | os.PathLike[str], role: ModelRole = INSPECTED) -> str | None:
     """Why ``path`` cannot be an exported model, with what to run instead; ``None`` if it may be one."""
     p = Path(path)
-    kind = file_kind(p)
+    try:
+        kind = file_kind(p)
+    except OSError as exc:  # a file this user may not read is a setting to fix, not a crash to restart after
+        return f"{p}: the model file cannot be read ({os_error_reason(exc)}); expected an exported model (.onnx)"
     if kind == "checkpoint":
         return (
             f"{p} is a training checkpoint, not an exported model; export it first: "
@@ -301,7 +308,10 @@ def checkpoint_file_problem(path: str | os.PathLike[str]) -> str | None:
         return f"{p}: checkpoint file does not exist"
     if not regular:
         return f"{p}: is not a file (expected a .ckpt written by `defectscope train`)"
-    kind = file_kind(p)
+    try:
+        kind = file_kind(p)
+    except OSError as exc:  # a file this user may not read
+        return f"{p}: the checkpoint file cannot be read ({os_error_reason(exc)})"
     if kind == "ONNX model" or (kind == "other" and p.suffix.lower() == ".onnx"):
         return (
             f"{p} is an exported model (ONNX), not a training checkpoint; export and evaluate ckpt_path= read "

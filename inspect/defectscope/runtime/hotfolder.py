@@ -162,22 +162,26 @@ def same_content(a: Path, b: Path) -> bool:
 
 
 def move_no_overwrite(src: Path, dst: Path) -> None:
-    """Rename within a file system; across file systems copy to a dot-temp, fsync, rename, unlink."""
+    """Rename within a file system; across file systems copy to a dot-temp, fsync, rename, unlink.  A link
+    whose target is relative is remade the same way, pointing where it pointed from ``src``'s folder (renamed,
+    it would dangle from its new one and the part it filed would be lost to the record)."""
     if dst.exists():
         raise FileExistsError(errno.EEXIST, "destination exists", str(dst))
-    try:
-        os.rename(src, dst)
-        return
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
     mode = os.lstat(src).st_mode
+    target = os.readlink(src) if stat.S_ISLNK(mode) else None
+    if target is None or os.path.isabs(target):
+        try:
+            os.rename(src, dst)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
     if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):  # a pipe or device: copying would block or never end
         raise OSError(errno.EINVAL, "not a regular file, so it cannot be copied to another file system")
     tmp = dst.with_name(temp_name(dst.name, PARTIAL_PREFIX, ""))
     try:
-        if stat.S_ISLNK(mode):  # the link moves, as a rename would move it (a dangling one too)
-            os.symlink(os.readlink(src), tmp)
+        if target is not None:  # the link moves (a dangling one too), still naming the same file
+            os.symlink(os.path.normpath(os.path.join(src.parent.absolute(), target)), tmp)
         else:
             with open(src, "rb") as fi, open(tmp, "wb") as fo:
                 shutil.copyfileobj(fi, fo, 1 << 20)

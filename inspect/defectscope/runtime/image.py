@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .files import IMAGE_FORMATS, IMAGE_FORMATS_TEXT
 from .image_file import ImageLoadError as ImageLoadError
 from .image_file import max_file_bytes, read_image_file
 from .loader_config import LoaderConfig as LoaderConfig
@@ -76,10 +77,10 @@ def _open(path: Path, data: bytes, cfg: LoaderConfig) -> tuple[Image.Image, tupl
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         except UnidentifiedImageError:
             raise ImageLoadError(
-                path, "not_an_image", "not a recognised image (PNG, JPEG, BMP, TIFF or WebP expected)"
+                path, "not_an_image", f"not a recognised image ({IMAGE_FORMATS_TEXT} expected)"
             ) from None
         except Image.DecompressionBombError:
             raise ImageLoadError(path, "too_large", "image exceeds the decompression-bomb limit") from None

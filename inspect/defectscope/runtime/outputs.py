@@ -16,20 +16,45 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .files import PROBE_PREFIX, os_error_reason, temp_name, unusable_name
+from .files import PROBE_PREFIX, file_kind, os_error_reason, temp_name, unusable_name
 
 KERNEL_FILESYSTEMS = ("/proc", "/sys")
 
 
 class OutputError(RuntimeError):
     """An output path cannot be written; the message names the option, the path and the reason."""
+
+
+@dataclass(frozen=True)
+class Written:
+    """What an option writes, as its first bytes tell: an existing file of another kind is never replaced
+    (``-o`` naming the model, an input image or a list file would destroy it)."""
+
+    name: str
+    head: re.Pattern[bytes]
+
+    def matches(self, path: Path) -> bool:
+        with open(path, "rb") as fh:
+            return self.head.match(fh.read(HEAD_BYTES)) is not None
+
+
+HEAD_BYTES = 4096
+#: ``inspect -o`` and watch's ``results.jsonl``: rows start with their path (a torn first row too)
+RESULTS_JSONL = Written("a JSONL results file", re.compile(rb'\s*\{\s*"path"\s*:'))
+RESULTS_CSV = Written("a results CSV", re.compile(rb"(\xef\xbb\xbf)?path,"))
+HTML_REPORT = Written(
+    "a defectscope HTML report",
+    re.compile(rb"\s*<!DOCTYPE html>.{0,400}?<title>defectscope report", re.S | re.I),
+)
 
 
 def is_special(path: str | os.PathLike[str]) -> bool:
@@ -79,9 +104,12 @@ def _check_creatable(path: Path, option: str, shown: Path | None = None) -> None
     os.unlink(probe)
 
 
-def check_output_file(path: str | os.PathLike[str], option: str, *, special_ok: bool = True) -> None:
-    """A file ``option`` will write: absent but creatable, a writable regular file, or (when
-    ``special_ok``) a special file such as ``/dev/stdout`` that is then written directly."""
+def check_output_file(
+    path: str | os.PathLike[str], option: str, *, special_ok: bool = True, writes: Written | None = None
+) -> None:
+    """A file ``option`` will write: absent but creatable, a writable regular file (of the kind it
+    ``writes``, when not empty), or (when ``special_ok``) a special file such as ``/dev/stdout`` that is
+    then written directly."""
     p = Path(path)
     check_name(p, option)
     if p.is_dir():
@@ -100,7 +128,26 @@ def check_output_file(path: str | os.PathLike[str], option: str, *, special_ok: 
             os.close(os.open(p, os.O_WRONLY | os.O_APPEND))
         except OSError as exc:
             raise OutputError(f"{option} {p}: cannot be written ({os_error_reason(exc)})") from None
+        if writes is not None:
+            _check_same_kind(p, option, writes)
     _check_creatable(p, option)
+
+
+def _check_same_kind(path: Path, option: str, writes: Written) -> None:
+    """An existing non-empty ``path`` is replaced (or continued) only when it is what ``option`` writes."""
+    try:
+        if path.stat().st_size == 0 or writes.matches(path):
+            return
+        kind = file_kind(path)
+    except OSError as exc:
+        raise OutputError(
+            f"{option} {path}: cannot be read to tell what it holds ({os_error_reason(exc)})"
+        ) from None
+    shown = {"checkpoint": "a PyTorch checkpoint", "ONNX model": "an ONNX model"}.get(kind)
+    shown = f"is {shown or (f'a {kind}' if kind.endswith('image') else 'another kind of file')}, not {writes.name}"
+    raise OutputError(
+        f"{option} {path}: {shown}; it would be overwritten: give a new file name (only {writes.name} is replaced)"
+    )
 
 
 def check_not_input(

@@ -116,8 +116,18 @@ def candidates(requested: str, available: list[str], *, int8: bool = False) -> l
     return [requested]
 
 
+#: ONNX Runtime's telemetry opt-outs, read once when it is imported (the name changed between releases:
+#: 1.32 reads the first, later ones the second). Its Linux builds since 1.29 would otherwise upload usage
+#: events and store a device id in the home folder (a service user without one printed a warning at every
+#: start). Set either to 0 in the environment to leave ONNX Runtime's telemetry on.
+TELEMETRY_OPT_OUTS = ("ORT_DISABLE_TELEMETRY", "ORT_TELEMETRY_DISABLED")
+
+
 def import_ort() -> Any:
-    """onnxruntime, or a clear instruction when the base install lacks it."""
+    """onnxruntime (telemetry off unless the environment says otherwise), or a clear instruction when
+    the base install lacks it. Every ONNX Runtime import of defectscope goes through here."""
+    for name in TELEMETRY_OPT_OUTS:
+        os.environ.setdefault(name, "1")
     try:
         import onnxruntime
     except ImportError as exc:
@@ -125,6 +135,8 @@ def import_ort() -> Any:
             f"onnxruntime is not installed ({exc}); install it with: pip install onnxruntime "
             "(onnxruntime-gpu on NVIDIA PCs; never both)"
         ) from None
+    if all(os.environ[name] != "0" for name in TELEMETRY_OPT_OUTS):
+        onnxruntime.disable_telemetry_events()
     return onnxruntime
 
 

@@ -58,7 +58,7 @@ class Summary:
             entry = (p, -self.total, keep)  # ties: earlier rows win
             if len(self._ng_heap) < self.max_items:
                 heapq.heappush(self._ng_heap, entry)
-            elif entry[:2] > self._ng_heap[0][:2]:
+            elif self._ng_heap and entry[:2] > self._ng_heap[0][:2]:  # max_items 0 keeps none
                 heapq.heapreplace(self._ng_heap, entry)
         else:
             self.ok += 1

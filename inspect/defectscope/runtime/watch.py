@@ -22,7 +22,7 @@ from .files import error_line
 from .hotfolder import log
 from .inspector import Inspector, MetadataError, ModelLoadError, ProviderError, check_model_path
 from .options import CommandParser, add_shared_options, run_options
-from .outputs import OutputError, check_name, check_output_file, check_output_folder
+from .outputs import RESULTS_JSONL, OutputError, check_name, check_output_file, check_output_folder
 from .results import ResultsFileError
 from .watcher import FOLDERS, RESULTS_NAME, EventHook, WatchConfig, Watcher
 
@@ -86,8 +86,15 @@ def check_folders(cfg: WatchConfig) -> None:
         raise OutputError("--in must not be --out or one of its OK/NG/error folders")
     if cfg.run.heatmaps and Path(cfg.run.heatmaps).resolve() == hot:  # each overlay would be a new part
         raise OutputError("--heatmaps must not be --in: every heat map written there would be inspected")
+    try:  # each inspected file is moved out of --in: a folder the service user cannot write files nothing
+        check_output_folder(cfg.hot, "--in")
+    except OutputError as exc:
+        raise OutputError(
+            f"{exc}; watch moves every inspected file out of --in into --out's OK/NG/error folders, so the user "
+            "it runs as needs write access to --in"
+        ) from None
     check_output_folder(cfg.out, "--out")
-    check_output_file(Path(cfg.out) / RESULTS_NAME, "--out", special_ok=False)
+    check_output_file(Path(cfg.out) / RESULTS_NAME, "--out", special_ok=False, writes=RESULTS_JSONL)
     for sub in FOLDERS.values():
         check_output_folder(Path(cfg.out) / sub, "--out")
     if cfg.run.heatmaps:
