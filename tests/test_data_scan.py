@@ -13,7 +13,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from defectscope.data.scan import BadFilesError, main, mean_std, scan_files, write_rejects
+from defectscope.data.scan import (
+    SHOWN_BAD_FILES,
+    BadFile,
+    BadFilesError,
+    main,
+    mean_std,
+    scan_files,
+    write_rejects,
+)
 from defectscope.runtime.image import LoaderConfig, load_image
 
 CFG = LoaderConfig(channels=1, min_size=32, size_multiple=16)
@@ -64,9 +72,18 @@ def test_scan_lists_every_bad_file_with_kind_and_reason(tmp_path: Path) -> None:
     assert [r.size for r in result.records[:4] if r] == [(48, 64), (48, 64), (64, 80), (96, 96)]
     err = BadFilesError(result.bad, len(paths), "hint here")
     text = str(err)
-    assert f"{len(bad)} of {len(paths)} image files cannot be used" in text and text.endswith("hint here")
-    for b in result.bad:
-        assert f"{b.path}: [{b.kind}] {b.reason}" in text
+    assert f"{len(bad)} of {len(paths)} image files cannot be used (" in text and text.endswith("hint here")
+    assert (
+        len(bad) > SHOWN_BAD_FILES and err.bad == result.bad
+    )  # all kept; a few named (one 7,310-char line was)
+    for i, b in enumerate(result.bad):
+        assert (f"{b.path}: [{b.kind}] {b.reason}" in text) is (i < SHOWN_BAD_FILES)
+    assert f"... and {len(bad) - SHOWN_BAD_FILES} more (defectscope scan" in text
+    assert "backslashes" not in text
+    windows = BadFilesError(
+        [BadFile("parts\\good\\a.png", "vanished", "file does not exist")], 1, "none can be used"
+    )
+    assert "backslashes name no folder here" in str(windows)
 
 
 def test_rejects_csv_roundtrip(tmp_path: Path) -> None:

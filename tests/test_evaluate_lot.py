@@ -113,6 +113,18 @@ def test_evaluate_usage_errors_are_one_line(setup: dict[str, Any], cli_env: dict
     proc = cli(["evaluate", str(setup["model"]), str(flat), "--threshold", "-0.1"], setup["root"], cli_env)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "--threshold: expected a number in [0, 1], got '-0.1'" in proc.stderr
+    # a lot with a folder the model has no class for: adding it to data.source.classes, as advised, was then
+    # refused for differing from the checkpoint's classes (helper report, 2026-12-07)
+    import shutil
+
+    odd = setup["root"] / "odd-lot"
+    shutil.copytree(setup["lot"], odd)
+    shutil.copytree(odd / "crack", odd / "dent")
+    proc = cli(["evaluate", f"ckpt_path={setup['ckpt']}", "data=folder", f"data.source.root={odd}", "threads=1",
+                f"hydra.run.dir={setup['root'] / 'ev-odd'}"], setup["root"], cli_env)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert "class folders ['dent'] are not in the checkpoint's classes" in proc.stderr
+    assert "the model has no such class: rename them to one of those, or move them out" in proc.stderr
 
 
 def test_evaluate_runs_in_the_layout_the_checkpoint_was_trained_in(

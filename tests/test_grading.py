@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from defectscope.runtime.decision import DecisionRuleError, decide, ng_class_names
+from defectscope.runtime.decision import DecisionRuleError, check_ng_spec, decide, ng_class_names
 from defectscope.runtime.grading import Grading, GradingError, choose_cuts, grade_indices, ordinal_metrics
 from defectscope.runtime.metadata import MetadataError, ModelMetadata
 from onnx_models import fixture_metadata
@@ -165,8 +165,12 @@ def test_grade_at_least_resolves_to_a_class_list() -> None:
         ng_class_names(GRADES, "p0", ">= p50", ordered=True)
     with pytest.raises(DecisionRuleError, match="cannot also be an NG class"):
         ng_class_names(GRADES, "p0", ">= p0", ordered=True)
-    with pytest.raises(DecisionRuleError, match="expected a list of class names or '>= GRADE'"):
+    with pytest.raises(DecisionRuleError, match=r"expected a list of class names \(\[p67\]\) or '>= GRADE'"):
         ng_class_names(GRADES, "p0", "p67", ordered=True)
+    with pytest.raises(DecisionRuleError, match=r"'scratch': expected a list of class names \(\[scratch\]\)"):
+        check_ng_spec(
+            "scratch"
+        )  # before any class list is known: the preflight's own check (it waited for the scan)
 
 
 def test_the_grading_line_says_where_the_cut_points_came_from() -> None:

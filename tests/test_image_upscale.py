@@ -76,7 +76,7 @@ def test_bad_settings_are_refused() -> None:
         ),
         (
             {"max_side": 20},
-            r"^data\.loader: LoaderConfig\.max_side \(20\) must be >= min_size \(32\)$",
+            r"^data\.loader\.max_side \(20\) must be >= min_size \(32\)$",
         ),
     ],
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -156,9 +157,51 @@ def test_resuming_with_a_longer_schedule_is_one_line_before_any_work(
             f"defectscope train: error: ckpt_path: {last} was trained on a schedule that this run changes ("
         )
         assert change in line and "Traceback" not in proc.stderr
+    # another network or other classes: a size-mismatch traceback after the scan, with the finished run
+    # reopened and marked FAILED (helper report, 2026-12-07); a renamed class folder resumed without a word
+    renamed = tmp_path / "renamed"
+    shutil.copytree(
+        smoke_data_dir / "synthetic-smoke", renamed, ignore=shutil.ignore_patterns("manifest.csv")
+    )
+    (renamed / "spot").rename(renamed / "dot")
+    same_length = [
+        *common,
+        f"hydra.run.dir={tmp_path / 'again'}",
+        "trainer.max_epochs=1",
+        f"ckpt_path={last}",
+    ]
+    as_folder = ["data=folder", "~data.source.n", "~data.source.min_size", "~data.source.max_size"]
+    for extra, start, words in [
+        (
+            ["model=tiny"],
+            f"ckpt_path: {last} was trained with another network (model.",
+            ["model.stages is"],
+        ),
+        (["data.loader.channels=3"], "data.loader.channels is 3 but", ["trained on 1-channel images"]),
+        (
+            [*as_folder, f"data.source.root={renamed}"],
+            f"ckpt_path: {last} was trained on classes ['good', 'scratch', 'spot', 'crack']",
+            ["the data give ['crack', 'dot', 'good', 'scratch']", "resume on data with those class folders"],
+        ),
+        (  # the same folders listed in another order (a folder source sorts them): the output units would swap
+            [*as_folder, f"data.source.root={smoke_data_dir / 'synthetic-smoke'}"],
+            f"ckpt_path: {last} was trained on classes ['good', 'scratch', 'spot', 'crack']",
+            ["set data.source.classes=[good,scratch,spot,crack] for the checkpoint's order"],
+        ),
+    ]:
+        proc = subprocess.run(
+            [*same_length, *extra], cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=240
+        )
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        (line,) = [x for x in proc.stderr.splitlines() if "error" in x]
+        assert line.startswith(f"defectscope train: error: {start}"), line
+        assert all(w in line for w in words) and "Traceback" not in proc.stderr, line
+        assert "scan" not in proc.stdout.lower(), proc.stdout[-2000:]  # refused before the images are decoded
     assert last.read_bytes() == before and not (tmp_path / "again" / "checkpoints").exists()
-    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and "defectscope.resumed_from" not in run.data.tags
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # no empty FAILED run either
 
 
 def test_the_schedule_horizon_is_checked_again_when_the_optimizers_are_built() -> None:

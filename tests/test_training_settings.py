@@ -155,6 +155,9 @@ def test_a_figure_the_sanity_batches_lack_waits_for_the_whole_validation(
         ("data.train_transform.transforms=[{_target_:albumentations.HorizontalFlip,p:2}]",
          "data.train_transform.transforms[0]: albumentations.HorizontalFlip refuses p=2: should be less than or "
          "equal to 1"),
+        # the model's settings were told after the scan, without their key (helper report, 2026-12-07)
+        ("model.norm=batchh", "model.norm='batchh' is not a known normalisation; valid names: batch, group,"),
+        ("model.drop_rate=1.5", "model.drop_rate must be in [0, 1), got 1.5"),
     ],
 )  # fmt: skip
 def test_class_and_transform_settings_are_refused_before_the_scan_decodes_the_images(

@@ -247,9 +247,9 @@ class DefectDataModule(pl.LightningDataModule):
         log.info("scanned %d images in %.1f s (%d bad)", len(samples), result.seconds, len(result.bad))
         if result.bad:
             if self.on_bad_file == "fail":
-                raise BadFilesError(
-                    result.bad, len(samples), f"set data.on_bad_file=skip to {self._uses} the rest", origin
-                )
+                usable = len(result.bad) < len(samples)
+                hint = f"set data.on_bad_file=skip to {self._uses} the rest" if usable else "none can be used"
+                raise BadFilesError(result.bad, len(samples), hint, origin)
             if self.rejects_path:
                 out = write_rejects(self.rejects_path, result.bad)
                 log.warning("skipping %d bad image(s); list written to %s", len(result.bad), out)

@@ -66,8 +66,13 @@ class ScanResult:
         return not self.bad
 
 
+#: how many bad files a refusal names (the train command prints it as one line); ``defectscope scan`` lists all
+SHOWN_BAD_FILES = 5
+
+
 class BadFilesError(ValueError):
-    """Raised before training when files are bad and ``on_bad_file`` is ``fail``; lists them all."""
+    """Raised before training when files are bad and ``on_bad_file`` is ``fail``: how many of each kind, the
+    first :data:`SHOWN_BAD_FILES`, and where the whole list comes from (``bad`` holds them all)."""
 
     def __init__(
         self, bad: Sequence[BadFile], total: int, hint: str = "", origin: Mapping[str, str] | None = None
@@ -77,10 +82,19 @@ class BadFilesError(ValueError):
         lines = [
             f"  {b.path}: [{b.kind}] {b.reason}"
             + (f" (listed in {where[b.path]})" if b.path in where else "")
-            for b in self.bad
+            for b in self.bad[:SHOWN_BAD_FILES]
         ]
+        if len(self.bad) > SHOWN_BAD_FILES:
+            lines.append(
+                f"  ... and {len(self.bad) - SHOWN_BAD_FILES} more (defectscope scan with the same data settings "
+                "and --rejects FILE lists every one)"
+            )
+        if os.sep == "/" and any("\\" in b.path for b in self.bad if b.kind == "vanished"):
+            lines.append("  paths with backslashes name no folder here: write the manifest's paths with /")
+        kinds = Counter(b.kind for b in self.bad)
+        counts = ", ".join(f"{kind} {n}" for kind, n in kinds.most_common())
         super().__init__(
-            f"{len(self.bad)} of {total} image files cannot be used:\n"
+            f"{len(self.bad)} of {total} image files cannot be used ({counts}):\n"
             + "\n".join(lines)
             + (f"\n{hint}" if hint else "")
         )

@@ -78,12 +78,16 @@ def _list_class_dir(d: Path, extensions: Sequence[str], ignored: list[str]) -> l
     return files
 
 
+#: where a source's classes come from, for its messages, unless a caller names another (a model's classes)
+CONFIG_CLASSES = "data.source.classes"
+
+
 def folder_source(
     root: str | os.PathLike[str],
     classes: Sequence[str] | None = None,
     good_class: str | None = "good",
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
-    classes_key: str = "data.source.classes",
+    classes_key: str = CONFIG_CLASSES,
 ) -> SourceData:
     """``root/<class>/**/*.png`` or ``root/{train,val,test}/<class>/**/*.png``.
 
@@ -118,10 +122,12 @@ def folder_source(
     names = list(classes) if classes else sorted(found)
     unlisted = sorted(set(found) - set(names))
     if unlisted:
-        raise SourceError(
-            f"{base}: class folders {unlisted} are not in {classes_key} {names}; "
+        advice = (  # classes a model was trained on cannot be added to: only the folders can change
             "add them or move them out of the dataset folder"
+            if classes_key == CONFIG_CLASSES
+            else "the model has no such class: rename them to one of those, or move them out of the dataset folder"
         )
+        raise SourceError(f"{base}: class folders {unlisted} are not in {classes_key} {names}; {advice}")
     _check_classes(good_class, names, str(base))
     ignored = [
         str(f) for _, d in layout for f in sorted(d.iterdir()) if f.is_file() and not f.name.startswith(".")
@@ -193,7 +199,7 @@ def csv_source(
     classes: Sequence[str] | None = None,
     good_class: str | None = "good",
     missing: str = "error",
-    classes_key: str = "data.source.classes",
+    classes_key: str = CONFIG_CLASSES,
 ) -> SourceData:
     """A manifest with header ``path,label[,split]``; relative paths resolve against the CSV's folder.
 
@@ -342,7 +348,8 @@ def source_arguments(
     valid = list(inspect.signature(fn).parameters)
     unknown = sorted(set(params) - set(valid))
     if unknown:
-        raise SourceError(f"data.source: unknown key(s) {unknown} for kind={kind}; valid keys: {valid}")
+        shown = [k for k in valid if k != "classes_key"]  # set by evaluate for its messages, not a setting
+        raise SourceError(f"data.source: unknown key(s) {unknown} for kind={kind}; valid keys: {shown}")
     for key in ("root", "path"):
         value = params.get(key)
         needed = key in valid and inspect.signature(fn).parameters[key].default is inspect.Parameter.empty

@@ -38,7 +38,14 @@ GRADE_AT_LEAST = ">="
 
 def check_ng_spec(ng_classes: Any) -> None:
     """The NG classes' form, before any class list is known: none, a list of names or ``">= NAME"``."""
-    if ng_classes is None or isinstance(ng_classes, str):
+    if ng_classes is None:
+        return
+    if isinstance(ng_classes, str):
+        if not ng_classes.strip().startswith(GRADE_AT_LEAST):  # a bare name waited for the class list (13 s)
+            raise DecisionRuleError(
+                f"NG classes {ng_classes!r}: expected a list of class names ([{ng_classes}]) or '>= GRADE' "
+                "(ordered grades)"
+            )
         return
     if not isinstance(ng_classes, list | tuple) or not all(isinstance(c, str) for c in ng_classes):
         raise DecisionRuleError(

@@ -234,7 +234,9 @@ def model_file_problem(path: str | os.PathLike[str], role: ModelRole = INSPECTED
     try:
         kind = file_kind(p)
     except OSError as exc:  # a file this user may not read is a setting to fix, not a crash to restart after
-        return f"{p}: the model file cannot be read ({os_error_reason(exc)}); expected an exported model (.onnx)"
+        return (
+            f"{p}: the model file cannot be read ({os_error_reason(exc)}); expected an exported model (.onnx)"
+        )
     if kind == "checkpoint":
         return (
             f"{p} is a training checkpoint, not an exported model; export it first: "

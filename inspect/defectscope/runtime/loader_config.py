@@ -40,14 +40,14 @@ class LoaderConfig:
 
     def __post_init__(self) -> None:
         if self.channels < 1:
-            raise ValueError(f"LoaderConfig.channels must be >= 1, got {self.channels}")
+            raise ValueError(f"loader.channels must be >= 1, got {self.channels}")
         if self.max_side is not None and self.max_side < self.min_size:
-            raise ValueError(f"LoaderConfig.max_side ({self.max_side}) must be >= min_size ({self.min_size})")
+            raise ValueError(f"loader.max_side ({self.max_side}) must be >= min_size ({self.min_size})")
         if self.size_multiple < 1:
-            raise ValueError(f"LoaderConfig.size_multiple must be >= 1, got {self.size_multiple}")
+            raise ValueError(f"loader.size_multiple must be >= 1, got {self.size_multiple}")
         if self.size_multiple**2 > self.max_pixels:  # rounding would make every image that large
             raise ValueError(
-                f"LoaderConfig.size_multiple ({self.size_multiple}) squared must be <= max_pixels "
+                f"loader.size_multiple ({self.size_multiple}) squared must be <= max_pixels "
                 f"({self.max_pixels}): rounding would enlarge every image to at least "
                 f"{self.size_multiple}x{self.size_multiple} pixels"
             )
@@ -57,20 +57,20 @@ class LoaderConfig:
             top = self.max_side // self.size_multiple * self.size_multiple
             if top == 0:
                 raise ValueError(
-                    f"LoaderConfig.size_multiple ({self.size_multiple}) must be <= max_side ({self.max_side}): "
+                    f"loader.size_multiple ({self.size_multiple}) must be <= max_side ({self.max_side}): "
                     f"rounding would make sides of {self.size_multiple}, above max_side"
                 )
             if top < self.min_size:
                 raise ValueError(
-                    f"LoaderConfig.size_multiple ({self.size_multiple}) leaves no side between min_size "
+                    f"loader.size_multiple ({self.size_multiple}) leaves no side between min_size "
                     f"({self.min_size}) and max_side ({self.max_side}): the largest multiple <= max_side "
                     f"is {top}; lower size_multiple or raise max_side"
                 )
         if self.upscale_to is not None and self.upscale_to < 1:
-            raise ValueError(f"LoaderConfig.upscale_to must be >= 1 or None, got {self.upscale_to}")
+            raise ValueError(f"loader.upscale_to must be >= 1 or None, got {self.upscale_to}")
         if self.downscale not in DOWNSCALE_MODES:
             raise ValueError(
-                f"LoaderConfig.downscale must be one of {', '.join(DOWNSCALE_MODES)}, got {self.downscale!r}"
+                f"loader.downscale must be one of {', '.join(DOWNSCALE_MODES)}, got {self.downscale!r}"
             )
 
     def to_dict(self) -> dict[str, int | str | None]:

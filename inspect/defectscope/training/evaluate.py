@@ -67,6 +67,7 @@ def evaluation_data(
         and "classes" in inspect.signature(SOURCES[src["kind"]]).parameters
     ):
         src["classes"] = list(info["class_names"])  # label order = the model's; a lot may lack classes
+        src["classes_key"] = "the checkpoint's classes"  # its messages then say to rename, not to add
     kwargs.update(
         source=src,
         loader=info["loader"],

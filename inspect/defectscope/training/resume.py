@@ -1,5 +1,6 @@
 """Resuming a run: the checkpoint is read by the one checkpoint reader and must be one that this run
-continues (same optimizer, LR groups, teacher and schedule), or the run stops with one line before any data is read.
+continues (same network, optimizer, LR groups, teacher and schedule), or the run stops with one line before any data is
+read; its classes are checked when the data's are listed (:func:`check_same_classes`), before the scan and the MLflow run.
 What Lightning restores from it is checked too: the file paths of the checkpoint callbacks' state and the
 optimizer's numeric settings (:func:`check_resume_state`)."""
 
@@ -23,6 +24,7 @@ def read_resume(
     distill: DistillSettings | None = None,
     horizon: Mapping[str, Any] | None = None,
     optimizer: Any = None,
+    network: tuple[Mapping[str, Any] | None, Any] | None = None,
 ) -> dict[str, Any]:
     """The checked ``defectscope`` entry of a checkpoint to resume, read by the one checkpoint reader.
 
@@ -32,7 +34,8 @@ def read_resume(
     objective, so the ``distill`` settings must be too, and the scheduler, so the settings of its
     ``horizon`` (:data:`~.optimization.HORIZON_SETTINGS`, this run's values) must be too, and so must the
     ``optimizer`` (this run's ``optim.optimizer._target_``): torch loads another optimizer's state
-    without a word and fails in the first step, or drops it.
+    without a word and fails in the first step, or drops it. ``network``: this run's ``model`` settings and
+    ``data.loader.channels`` (:func:`check_same_network`).
     """
     ckpt, info = read_info(ckpt_path)
     check_resume_state(ckpt, ckpt_path)
@@ -56,6 +59,8 @@ def read_resume(
         problem = resume_problem(then, distill, ckpt_path, info.get("teacher_sha256"))
         if problem:
             raise TrainingConfigError(problem)
+    if network is not None:
+        check_same_network(recorded_run_config(ckpt), info, *network, ckpt_path)
     changes = schedule_changes(recorded_run_config(ckpt), horizon) if horizon is not None else []
     if changes:
         raise TrainingConfigError(
@@ -63,6 +68,65 @@ def read_resume(
             "a resumed run continues its own schedule; resume with the settings it started with, or start a new run"
         )
     return info
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_same_network(
+    recorded: Mapping[str, Any],
+    info: Mapping[str, Any],
+    model: Mapping[str, Any] | None,
+    channels: Any,
+    ckpt_path: str,
+) -> None:
+    """The network this run builds is the one the checkpoint's weights fit: the same ``model`` settings
+    (recorded values compared as data) and input channels. A changed one was a size-mismatch traceback after
+    the data scan, and the finished MLflow run it reopened was marked FAILED."""
+    then = recorded.get("model")
+    if isinstance(then, Mapping) and isinstance(model, Mapping):
+        changed = [
+            k
+            for k in sorted(set(then) | set(model), key=lambda k: (k != "name", str(k)))
+            if then.get(k) != model.get(k)
+        ]
+        if changed:
+            shown = "; ".join(
+                f"model.{k} is {_shown(model.get(k))}, the checkpoint's {_shown(then.get(k))}"
+                for k in changed[:3]
+            )
+            raise TrainingConfigError(
+                f"ckpt_path: {ckpt_path} was trained with another network ({shown}): a resumed run continues its "
+                "own network; resume with the checkpoint's model settings or start a new run"
+            )
+    loader = info.get("loader")
+    trained = loader.get("channels") if isinstance(loader, Mapping) else None
+    if trained is not None and channels is not None and trained != channels:
+        raise TrainingConfigError(
+            f"data.loader.channels is {_shown(channels)} but {ckpt_path} was trained on {trained}-channel images: "
+            f"a resumed run continues its own network; resume with data.loader.channels={trained} or start a new run"
+        )
+
+
+def check_same_classes(
+    info: Mapping[str, Any], class_names: list[str], good_class: str, ckpt_path: str
+) -> None:
+    """The data's classes (listed, before the scan) are the checkpoint's, by name and order: its output
+    units are those classes, so other ones (a renamed folder too) would train the wrong unit or fail to load."""
+    then, then_good = list(info.get("class_names") or []), info.get("good_class")
+    if then == list(class_names) and then_good == good_class:
+        return
+    fix = (
+        f"set data.source.classes=[{','.join(then)}] for the checkpoint's order"
+        if sorted(then) == sorted(class_names) and then_good == good_class
+        else "resume on data with those class folders or labels, or start a new run"
+    )
+    raise TrainingConfigError(
+        f"ckpt_path: {ckpt_path} was trained on classes {then} (good: {then_good}) but the data give "
+        f"{list(class_names)} (good: {good_class}): a resumed run continues the checkpoint's classes; {fix}"
+    )
 
 
 def _check_same_optimizer(recorded: Mapping[str, Any], optimizer: Any, ckpt_path: str) -> None:

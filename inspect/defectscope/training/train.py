@@ -41,10 +41,11 @@ from .config import (
     use_memory_format,
 )
 from .distill import add_teacher
+from .model_probe import check_model_builds
 from .module import DefectClassifier
 from .optimization import HORIZON_SETTINGS, check_optimization
 from .preflight import check_train_config
-from .resume import read_resume
+from .resume import check_same_classes, read_resume
 from .targets import check_component_targets
 from .tracking import MLflowTracker
 from .trainer_check import check_trainer
@@ -165,13 +166,24 @@ def build_datamodule(cfg: DictConfig) -> Any:
     return instantiate(cfg.data)
 
 
-def ready_datamodule(dm: Any, needs_test: bool, cfg: DictConfig | None = None) -> None:
+def ready_datamodule(
+    dm: Any,
+    needs_test: bool,
+    cfg: DictConfig | None = None,
+    resumed: tuple[str, dict[str, Any]] | None = None,
+) -> None:
     """List, split and scan; refuse an empty split the run will need before anything trains.  With ``cfg``
-    its class settings are checked as soon as the classes are listed, before the scan decodes the images."""
+    its class settings are checked as soon as the classes are listed, before the scan decodes the images, and
+    so are the classes of the checkpoint ``resumed`` (its path and entry)."""
     if cfg is not None:
-        dm.class_check = partial(
-            check_class_settings, cfg.get("threshold") or {}, cfg.loss.get("class_weights")
-        )
+        settings = partial(check_class_settings, cfg.get("threshold") or {}, cfg.loss.get("class_weights"))
+
+        def check(class_names: list[str], good_class: str, ordered: bool) -> None:
+            settings(class_names, good_class, ordered)
+            if resumed is not None:
+                check_same_classes(resumed[1], class_names, good_class, resumed[0])
+
+        dm.class_check = check
     dm.prepare_data()
     dm.setup("fit")
     dm.require_splits("val", *(["test"] if needs_test else []))
@@ -193,7 +205,7 @@ def train(
 def _start_tracker(
     cfg: DictConfig, out_dir: Path, ckpt_path: str | None, resume: dict[str, Any]
 ) -> MLflowTracker | None:
-    """Open the MLflow run (the resumed one when the checkpoint names it) before any data is read."""
+    """Open the MLflow run (the resumed one when the checkpoint names it) once the data are listed and scanned."""
     tracker = build_tracker(cfg)
     if tracker is not None:
         tags = {
@@ -319,8 +331,15 @@ def _train(
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.ckpt_dir)
     horizon = {key: to_plain(OmegaConf.select(cfg, key)) for key in HORIZON_SETTINGS}
     optimizer = OmegaConf.select(cfg, "optim.optimizer._target_")
-    resume = read_resume(ckpt_path, cfg.get("finetune"), distill, horizon, optimizer) if ckpt_path else {}
+    network = (to_plain(cfg.get("model")), OmegaConf.select(cfg, "data.loader.channels"))
+    resume = (
+        read_resume(ckpt_path, cfg.get("finetune"), distill, horizon, optimizer, network) if ckpt_path else {}
+    )
+    check_model_builds(cfg.get("model"), network[1])
     dm = build_datamodule(cfg)
+    # the data are ready before the MLflow run opens: a data mistake leaves no empty FAILED run behind, and
+    # does not reopen a finished run to mark it FAILED
+    ready_datamodule(dm, bool(cfg.get("test", True)), cfg, (str(ckpt_path), resume) if ckpt_path else None)
     tracker = _start_tracker(cfg, out_dir, ckpt_path, resume)
 
     status = "FAILED"
@@ -330,7 +349,6 @@ def _train(
     metrics: dict[str, float] = {}
     resolved = out_dir / "config_resolved.yaml"
     try:
-        ready_datamodule(dm, bool(cfg.get("test", True)), cfg)
         module = build_module(cfg, dm)
         use_memory_format(module.model, cfg.get("memory_format"))
         teacher_pass = add_teacher(dm, distill, cfg.get("threads"), tracker)
