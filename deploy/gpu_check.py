@@ -129,7 +129,9 @@ def _cpu_inspector(model: Path, args: argparse.Namespace) -> Any:
 
 
 def check_providers(wanted: list[str]) -> str:
-    import onnxruntime as ort
+    from defectscope.runtime.providers import import_ort  # as the runtime imports it (telemetry off)
+
+    ort = import_ort()
 
     have = ort.get_available_providers()
     missing = [

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from blocked_imports import blocking_env
+from defectscope.runtime.results import iter_rows
 from inspect_runs import rows_of, run
 from onnx_models import build_model, make_image
 from test_cli_errors import defectscope, one_line_error
@@ -79,7 +80,7 @@ def test_an_output_never_replaces_a_file_of_another_kind(
         == 2
     )
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"{option} {target}: is {kind}" in err and "overwritten" in err
+    assert len(err.splitlines()) == 1 and f"{option} {target}: is {kind}" in err and "would destroy it" in err
     assert target.read_bytes() == before
 
 
@@ -93,6 +94,43 @@ def test_results_csv_and_report_of_an_earlier_run_are_still_replaced(model: Path
     assert run(model, image, image, *outs) == 0
     assert len(rows_of(tmp_path / "r.jsonl")) == 2
     assert (tmp_path / "r.csv").read_text(encoding="utf-8").count("a.png") == 2
+
+
+def test_a_labelled_manifest_is_no_results_csv(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Telling a results CSV by ``path,`` let ``--csv labels.csv`` replace a training manifest (review)."""
+    image = make_image(tmp_path / "a.png", 64, 64, bright=True)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label,split\na.png,good,train\n")
+    assert run(model, image, "-o", tmp_path / "r.jsonl", "--csv", labels) == 2
+    assert f"--csv {labels}: is another kind of file, not a results CSV" in capsys.readouterr().err
+    assert labels.read_text() == "path,label,split\na.png,good,train\n"
+
+
+@pytest.mark.parametrize("leftover", ["torn first row", "zeros after a power cut", "BOM", "keys sorted"])
+def test_a_crashed_or_rewritten_results_file_is_still_resumed(
+    model: Path, tmp_path: Path, leftover: str
+) -> None:
+    """The kind check refused what a crash leaves (a torn first row, a power cut's zeros), which --resume
+    cuts off, and rows a tool rewrote (a BOM, ``jq -S``'s sorted keys) (review). They are results: the crash's
+    leftovers are cut off and the image inspected; the rewritten row counts as done."""
+    image = make_image(tmp_path / "a.png", 64, 64, bright=True)
+    out = tmp_path / "r.jsonl"
+    assert run(model, image, "-o", out) == 0
+    row = json.loads(out.read_text())
+    out.write_bytes(
+        {
+            "torn first row": b'{"pa',
+            "zeros after a power cut": b"\x00" * 512,
+            "BOM": b"\xef\xbb\xbf" + out.read_bytes(),
+            "keys sorted": (json.dumps(row, sort_keys=True) + "\n").encode(),
+        }[leftover]
+    )
+    assert run(model, image, "-o", out, "--resume") == 0
+    assert [r["path"] for r in iter_rows(out)] == [
+        str(image)
+    ]  # the runtime's reader (a BOM is not text JSON)
 
 
 def test_a_run_that_finds_no_image_keeps_the_last_results(
@@ -216,16 +254,8 @@ def test_onnx_runtime_telemetry_is_off_on_the_line(model: Path, tmp_path: Path) 
     ):
         home = tmp_path / label
         home.mkdir()
-        cmd = [
-            sys.executable,
-            "-m",
-            "defectscope",
-            "inspect",
-            str(model),
-            str(image),
-            "-o",
-            str(home / "r.jsonl"),
-        ]
+        out = home / "r.jsonl"
+        cmd = [sys.executable, "-m", "defectscope", "inspect", str(model), str(image), "-o", str(out)]
         proc = subprocess.run(
             cmd, env={**env, **extra, "HOME": str(home)}, capture_output=True, text=True, timeout=120
         )

@@ -174,8 +174,8 @@ def test_resuming_with_a_longer_schedule_is_one_line_before_any_work(
     for extra, start, words in [
         (
             ["model=tiny"],
-            f"ckpt_path: {last} was trained with another network (model.",
-            ["model.stages is"],
+            f"ckpt_path: {last} was trained with another network (",
+            ["weight(s) differ, e.g. ", "the settings that differ: model.norm_groups, model.stages"],
         ),
         (["data.loader.channels=3"], "data.loader.channels is 3 but", ["trained on 1-channel images"]),
         (
@@ -244,3 +244,32 @@ def test_a_sigterm_stops_training_with_one_line_naming_the_checkpoint(
     )
     run_id = torch.load(last, map_location="cpu", weights_only=True)["defectscope"]["mlflow_run_id"]
     assert MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).info.status == "KILLED"
+
+
+def test_a_resume_may_change_what_no_weight_depends_on() -> None:
+    """The network check compares the weights' names and shapes: it first compared the raw ``model.*`` settings,
+    which refused a dropout change, ``model.weights=null`` (the only way on a PC without the pretrained package)
+    and every checkpoint recorded before a setting existed (review, 2026-12-07)."""
+    from defectscope.training.config import TrainingConfigError
+    from defectscope.training.model_probe import check_model_builds
+    from defectscope.training.resume import check_same_network
+
+    spec = {"name": "gapcnn", "stages": [{"channels": 4, "kernel": 3, "stride": 2}], "drop_rate": 0.0}
+    built = check_model_builds(spec, 1, 3)
+    ckpt = {
+        "state_dict": {f"model.{k}": v for k, v in built.state_dict().items()},
+        "hyper_parameters": {"run_config": {"model": {k: v for k, v in spec.items() if k != "drop_rate"}}},
+    }
+    info = {"loader": {"channels": 1}, "model_kwargs": {"num_classes": 3}, "class_names": ["a", "b", "c"]}
+    check_same_network(
+        ckpt, info, {**spec, "drop_rate": 0.3}, 1, "x.ckpt"
+    )  # recorded without it, changed: fine
+    wider = {**spec, "stages": [{"channels": 8, "kernel": 3, "stride": 2}]}
+    with pytest.raises(
+        TrainingConfigError, match=r"another network \(\d+ weight\(s\) differ, e.g. .*model.stages"
+    ):
+        check_same_network(ckpt, info, wider, 1, "x.ckpt")
+    with pytest.raises(
+        TrainingConfigError, match=r"data\.loader\.channels is 3 but x\.ckpt was trained on 1-channel"
+    ):
+        check_same_network(ckpt, info, spec, 3, "x.ckpt")

@@ -7,6 +7,7 @@ Lazy imports keep `defectscope inspect` and `defectscope watch` free of torch, a
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -62,6 +63,11 @@ def missing_package_line(exc: ModuleNotFoundError) -> str | None:
     if not exc.name or exc.name.split(".")[0] == "defectscope":
         return None
     top = exc.name.split(".")[0]
+    try:  # an installed package missing one of its modules is a broken install: its traceback says more
+        if importlib.util.find_spec(top) is not None:
+            return None
+    except (ImportError, ValueError):
+        pass
     if top in ("numpy", "PIL"):
         return (
             f"defectscope: the Python package {exc.name!r} is missing; reinstall defectscope (pip install .)"

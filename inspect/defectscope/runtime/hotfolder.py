@@ -161,27 +161,41 @@ def same_content(a: Path, b: Path) -> bool:
         return False
 
 
+def _absolute_link_in_place(src: Path, target: str) -> None:
+    """Replace the relative link ``src`` by one naming the same file by an absolute path, atomically under the
+    same name: renamed as it was, it would dangle from OK/NG/error (review: the part it filed was lost). A crash
+    before the rename leaves the name resolving to the same file, which a restart files under its row."""
+    tmp = src.with_name(temp_name(src.name, PARTIAL_PREFIX, ""))
+    os.symlink(
+        os.path.join(src.parent.absolute(), target), tmp
+    )  # no normpath: '..' is resolved through links
+    try:
+        os.replace(tmp, src)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def move_no_overwrite(src: Path, dst: Path) -> None:
     """Rename within a file system; across file systems copy to a dot-temp, fsync, rename, unlink.  A link
-    whose target is relative is remade the same way, pointing where it pointed from ``src``'s folder (renamed,
-    it would dangle from its new one and the part it filed would be lost to the record)."""
+    whose relative target resolves is first made absolute in place (:func:`_absolute_link_in_place`)."""
     if dst.exists():
         raise FileExistsError(errno.EEXIST, "destination exists", str(dst))
     mode = os.lstat(src).st_mode
-    target = os.readlink(src) if stat.S_ISLNK(mode) else None
-    if target is None or os.path.isabs(target):
-        try:
-            os.rename(src, dst)
-            return
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
+    if stat.S_ISLNK(mode) and not os.path.isabs(target := os.readlink(src)) and os.path.exists(src):
+        _absolute_link_in_place(src, target)
+    try:
+        os.rename(src, dst)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
     if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):  # a pipe or device: copying would block or never end
         raise OSError(errno.EINVAL, "not a regular file, so it cannot be copied to another file system")
     tmp = dst.with_name(temp_name(dst.name, PARTIAL_PREFIX, ""))
     try:
-        if target is not None:  # the link moves (a dangling one too), still naming the same file
-            os.symlink(os.path.normpath(os.path.join(src.parent.absolute(), target)), tmp)
+        if stat.S_ISLNK(mode):  # the link moves, as a rename would move it (a dangling one too)
+            os.symlink(os.readlink(src), tmp)
         else:
             with open(src, "rb") as fi, open(tmp, "wb") as fo:
                 shutil.copyfileobj(fi, fo, 1 << 20)

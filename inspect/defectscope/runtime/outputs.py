@@ -15,11 +15,12 @@ never replaced.  A write that fails (disk full) removes its temporary file and r
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import stat
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,21 +41,43 @@ class Written:
     (``-o`` naming the model, an input image or a list file would destroy it)."""
 
     name: str
-    head: re.Pattern[bytes]
+    accepts: Callable[[bytes], bool]
 
     def matches(self, path: Path) -> bool:
         with open(path, "rb") as fh:
-            return self.head.match(fh.read(HEAD_BYTES)) is not None
+            return self.accepts(fh.read(HEAD_BYTES))
 
 
-HEAD_BYTES = 4096
-#: ``inspect -o`` and watch's ``results.jsonl``: rows start with their path (a torn first row too)
-RESULTS_JSONL = Written("a JSONL results file", re.compile(rb'\s*\{\s*"path"\s*:'))
-RESULTS_CSV = Written("a results CSV", re.compile(rb"(\xef\xbb\xbf)?path,"))
-HTML_REPORT = Written(
-    "a defectscope HTML report",
-    re.compile(rb"\s*<!DOCTYPE html>.{0,400}?<title>defectscope report", re.S | re.I),
+#: how much of an existing output is read to tell its kind (a results row with a long path and many classes fits)
+HEAD_BYTES = 1 << 16
+_BOM = b"\xef\xbb\xbf"
+
+
+def _results_rows(head: bytes) -> bool:
+    """Result rows: the first complete line a JSON object with a ``path`` (keys in any order, a BOM before
+    it), or a crash's leftovers that ``--resume`` cuts off: a first row torn before its newline, or zero
+    bytes where a power cut left the file's end unwritten."""
+    text = head.removeprefix(_BOM).lstrip(b" \t\r\n")
+    if not text.strip(b"\x00 \t\r\n"):
+        return True
+    line, newline, _ = text.partition(b"\n")
+    if not newline:  # torn (or longer than what was read): it must at least open a row
+        return line.startswith(b"{")
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(row, dict) and "path" in row
+
+
+#: ``inspect -o`` and watch's ``results.jsonl``
+RESULTS_JSONL = Written("a JSONL results file", _results_rows)
+#: the CSV's own header (a manifest's ``path,label`` is not one)
+RESULTS_CSV = Written(
+    "a results CSV", lambda head: head.removeprefix(_BOM).startswith(b"path,status,verdict,")
 )
+_REPORT = re.compile(rb"\s*<!DOCTYPE html>.{0,400}?<title>defectscope report", re.S | re.I)
+HTML_REPORT = Written("a defectscope HTML report", lambda head: _REPORT.match(head) is not None)
 
 
 def is_special(path: str | os.PathLike[str]) -> bool:
@@ -146,7 +169,8 @@ def _check_same_kind(path: Path, option: str, writes: Written) -> None:
     shown = {"checkpoint": "a PyTorch checkpoint", "ONNX model": "an ONNX model"}.get(kind)
     shown = f"is {shown or (f'a {kind}' if kind.endswith('image') else 'another kind of file')}, not {writes.name}"
     raise OutputError(
-        f"{option} {path}: {shown}; it would be overwritten: give a new file name (only {writes.name} is replaced)"
+        f"{option} {path}: {shown}; writing results into it would destroy it: give a new file name (only "
+        f"{writes.name} is replaced or continued)"
     )
 
 

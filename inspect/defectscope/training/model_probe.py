@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..models.base import GapClassifier
 from ..models.errors import ModelConfigError
 from ..models.registry import create_model
 from ..plain import to_plain
@@ -24,9 +25,9 @@ def keyed(message: str, spec: dict[str, Any]) -> str:
     return f"model.{message}" if first in spec else f"model: {message}"
 
 
-def check_model_builds(model: Any, channels: Any) -> None:
+def check_model_builds(model: Any, channels: Any, outputs: int = PROBE_CLASSES) -> GapClassifier:
     """Build ``model`` (the ``model`` config: ``name`` plus the builder's settings) for ``channels`` input
-    channels; a setting the builder refuses is one line naming ``model.<key>``."""
+    channels and ``outputs`` output units; a setting the builder refuses is one line naming ``model.<key>``."""
     spec = to_plain(model)
     if not isinstance(spec, dict) or "name" not in spec:
         raise TrainingConfigError(f"model must be a mapping with a 'name' key (model=NAME), got {spec!r:.80}")
@@ -35,6 +36,6 @@ def check_model_builds(model: Any, channels: Any) -> None:
         channels if isinstance(channels, int) and not isinstance(channels, bool) and channels > 0 else 1
     )
     try:
-        create_model(str(name), num_classes=PROBE_CLASSES, in_chans=in_chans, **spec)
+        return create_model(str(name), num_classes=outputs, in_chans=in_chans, **spec)
     except ModelConfigError as exc:
         raise TrainingConfigError(keyed(str(exc), spec)) from None

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import CheckpointError, read_info, recorded_run_config
+from ..checkpoint import CheckpointError, model_state, read_info, recorded_run_config
 from ..plain import to_plain
 from ..runtime.grading import is_finite_number
 from .config import TrainingConfigError, lr_plan
@@ -60,7 +60,7 @@ def read_resume(
         if problem:
             raise TrainingConfigError(problem)
     if network is not None:
-        check_same_network(recorded_run_config(ckpt), info, *network, ckpt_path)
+        check_same_network(ckpt, info, *network, ckpt_path)
     changes = schedule_changes(recorded_run_config(ckpt), horizon) if horizon is not None else []
     if changes:
         raise TrainingConfigError(
@@ -75,32 +75,26 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _changed_settings(recorded: Mapping[str, Any], model: Mapping[str, Any] | None) -> list[str]:
+    """The ``model.*`` settings this run gives otherwise than the checkpoint recorded (a hint, not the rule)."""
+    then = recorded.get("model")
+    if not isinstance(then, Mapping) or not isinstance(model, Mapping):
+        return []
+    keys = sorted(set(then) | set(model), key=lambda k: (k != "name", str(k)))
+    return [f"model.{k}" for k in keys if then.get(k) != model.get(k)]
+
+
 def check_same_network(
-    recorded: Mapping[str, Any],
+    ckpt: dict[str, Any],
     info: Mapping[str, Any],
     model: Mapping[str, Any] | None,
     channels: Any,
     ckpt_path: str,
 ) -> None:
-    """The network this run builds is the one the checkpoint's weights fit: the same ``model`` settings
-    (recorded values compared as data) and input channels. A changed one was a size-mismatch traceback after
-    the data scan, and the finished MLflow run it reopened was marked FAILED."""
-    then = recorded.get("model")
-    if isinstance(then, Mapping) and isinstance(model, Mapping):
-        changed = [
-            k
-            for k in sorted(set(then) | set(model), key=lambda k: (k != "name", str(k)))
-            if then.get(k) != model.get(k)
-        ]
-        if changed:
-            shown = "; ".join(
-                f"model.{k} is {_shown(model.get(k))}, the checkpoint's {_shown(then.get(k))}"
-                for k in changed[:3]
-            )
-            raise TrainingConfigError(
-                f"ckpt_path: {ckpt_path} was trained with another network ({shown}): a resumed run continues its "
-                "own network; resume with the checkpoint's model settings or start a new run"
-            )
+    """The network this run builds takes the checkpoint's weights: the same input channels, and every weight
+    of the same name and shape (a setting that changes no weight, ``model.drop_rate`` or ``model.weights``,
+    may change). Another one was a size-mismatch traceback after the data scan, and the finished MLflow run
+    it reopened was marked FAILED."""
     loader = info.get("loader")
     trained = loader.get("channels") if isinstance(loader, Mapping) else None
     if trained is not None and channels is not None and trained != channels:
@@ -108,6 +102,26 @@ def check_same_network(
             f"data.loader.channels is {_shown(channels)} but {ckpt_path} was trained on {trained}-channel images: "
             f"a resumed run continues its own network; resume with data.loader.channels={trained} or start a new run"
         )
+    from .model_probe import check_model_builds
+
+    outputs = info["model_kwargs"].get("num_classes")
+    built = check_model_builds(
+        model, channels, int(outputs) if isinstance(outputs, int) else len(info["class_names"])
+    )
+    want = {k: tuple(v.shape) for k, v in built.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in model_state(ckpt, ckpt_path).items()}
+    differ = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    if not differ:
+        return
+    first = differ[0]
+    settings = _changed_settings(recorded_run_config(ckpt), model)
+    said = f"; the settings that differ: {', '.join(settings[:4])}" if settings else ""
+    raise TrainingConfigError(
+        f"ckpt_path: {ckpt_path} was trained with another network ({len(differ)} weight(s) differ, e.g. {first}: "
+        f"{list(have[first]) if first in have else 'none'} in the checkpoint, {list(want[first]) if first in want else 'none'} "
+        f"here{said}): a resumed run continues its own network; resume with the checkpoint's model settings or "
+        "start a new run"
+    )
 
 
 def check_same_classes(

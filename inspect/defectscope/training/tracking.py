@@ -127,6 +127,11 @@ class MLflowTracker(Logger):
 
     # ------------------------------------------------------------------ run lifecycle
 
+    def check(self) -> None:
+        """The store answers (rank 0 only): asked before the data are read, since the run opens after them."""
+        if is_global_zero():
+            check_reachable(self.tracking_uri, self.connect_timeout_s)
+
     def start(self, *, run_id: str | None = None, extra_tags: Mapping[str, str] | None = None) -> None:
         """Open the run (rank 0 only): new, or ``run_id`` to continue a resumed training's run.
 

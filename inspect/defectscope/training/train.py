@@ -203,10 +203,13 @@ def train(
 
 
 def _start_tracker(
-    cfg: DictConfig, out_dir: Path, ckpt_path: str | None, resume: dict[str, Any]
+    cfg: DictConfig,
+    tracker: MLflowTracker | None,
+    out_dir: Path,
+    ckpt_path: str | None,
+    resume: dict[str, Any],
 ) -> MLflowTracker | None:
     """Open the MLflow run (the resumed one when the checkpoint names it) once the data are listed and scanned."""
-    tracker = build_tracker(cfg)
     if tracker is not None:
         tags = {
             "defectscope.version": __version__,
@@ -336,11 +339,14 @@ def _train(
         read_resume(ckpt_path, cfg.get("finetune"), distill, horizon, optimizer, network) if ckpt_path else {}
     )
     check_model_builds(cfg.get("model"), network[1])
+    tracker = build_tracker(cfg)
+    if tracker is not None:
+        tracker.check()  # a server that does not answer is told before the scan, not after it
     dm = build_datamodule(cfg)
     # the data are ready before the MLflow run opens: a data mistake leaves no empty FAILED run behind, and
     # does not reopen a finished run to mark it FAILED
     ready_datamodule(dm, bool(cfg.get("test", True)), cfg, (str(ckpt_path), resume) if ckpt_path else None)
-    tracker = _start_tracker(cfg, out_dir, ckpt_path, resume)
+    tracker = _start_tracker(cfg, tracker, out_dir, ckpt_path, resume)
 
     status = "FAILED"
     best = last = None
