@@ -304,3 +304,17 @@ def test_time_intervals_and_schema_arguments_pass_and_cross_argument_rules_read_
     assert str(caught.value).startswith(
         "data.train_transform: albumentations.Affine refuses its arguments: Expected either translate_percent"
     ), caught.value
+
+
+def test_the_model_probe_leaves_the_seeded_stream_as_it_was() -> None:
+    """The probe network built before the scan drew its initial weights from the run's seeded stream, so every
+    seeded run trained from other weights than before (CI: channels_last no longer matched contiguous)."""
+    import torch
+
+    from defectscope.training.model_probe import check_model_builds
+
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    check_model_builds({"name": "gapcnn", "stages": [{"channels": 4, "kernel": 3, "stride": 2}]}, 1)
+    assert torch.equal(torch.rand(3), expected)

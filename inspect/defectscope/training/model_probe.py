@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from ..models.base import GapClassifier
 from ..models.errors import ModelConfigError
 from ..models.registry import create_model
@@ -27,7 +29,8 @@ def keyed(message: str, spec: dict[str, Any]) -> str:
 
 def check_model_builds(model: Any, channels: Any, outputs: int = PROBE_CLASSES) -> GapClassifier:
     """Build ``model`` (the ``model`` config: ``name`` plus the builder's settings) for ``channels`` input
-    channels and ``outputs`` output units; a setting the builder refuses is one line naming ``model.<key>``."""
+    channels and ``outputs`` output units; a setting the builder refuses is one line naming ``model.<key>``.
+    The global random state is left as it was, so a seeded run trains as it did without the probe."""
     spec = to_plain(model)
     if not isinstance(spec, dict) or "name" not in spec:
         raise TrainingConfigError(f"model must be a mapping with a 'name' key (model=NAME), got {spec!r:.80}")
@@ -36,6 +39,7 @@ def check_model_builds(model: Any, channels: Any, outputs: int = PROBE_CLASSES) 
         channels if isinstance(channels, int) and not isinstance(channels, bool) and channels > 0 else 1
     )
     try:
-        return create_model(str(name), num_classes=outputs, in_chans=in_chans, **spec)
+        with torch.random.fork_rng(devices=[]):  # its initialisation must not move the run's seeded stream
+            return create_model(str(name), num_classes=outputs, in_chans=in_chans, **spec)
     except ModelConfigError as exc:
         raise TrainingConfigError(keyed(str(exc), spec)) from None
