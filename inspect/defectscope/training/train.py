@@ -338,7 +338,8 @@ def _train(
     resume = (
         read_resume(ckpt_path, cfg.get("finetune"), distill, horizon, optimizer, network) if ckpt_path else {}
     )
-    check_model_builds(cfg.get("model"), network[1])
+    if not ckpt_path:  # a resume built this network already, to compare its weights with the checkpoint's
+        check_model_builds(cfg.get("model"), network[1])
     tracker = build_tracker(cfg)
     if tracker is not None:
         tracker.check()  # a server that does not answer is told before the scan, not after it
