@@ -156,6 +156,16 @@ def test_class_lists_twice_and_numeric_class_names(tmp_path: Path) -> None:
     assert ng_classes_setting({"ng_classes": [0.5, 1]}) == ["0.5", "1"]
 
 
+def test_a_misspelt_csv_label_names_the_class_it_is_close_to(tmp_path: Path) -> None:
+    """A typo in a manifest's label column listed the classes but left the reader to find the near one."""
+    _classes(tmp_path, ["good", "scratch"], n=2)
+    (tmp_path / "m.csv").write_text("path,label\ngood/0.png,good\nscratch/0.png,scrach\nscratch/1.png,dent\n")
+    with pytest.raises(SourceError) as info:
+        build_source({"kind": "csv", "path": str(tmp_path / "m.csv"), "classes": ["good", "scratch"]})
+    assert "row 3: label 'scrach' (did you mean 'scratch'?); row 4: label 'dent';" in str(info.value)
+    assert "labels must be in data.source.classes ['good', 'scratch']" in str(info.value)
+
+
 def test_csv_rows_listing_one_image_twice_and_a_stray_quote(tmp_path: Path) -> None:
     _classes(tmp_path, ["good", "crack"], n=2)
     (tmp_path / "m.csv").write_text("path,label\ngood/0.png,good\ncrack/0.png,crack\ngood/0.png,crack\n")

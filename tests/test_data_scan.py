@@ -165,6 +165,11 @@ def test_cli_overrides_and_config_errors(tmp_path: Path, capsys: pytest.CaptureF
     _good(tmp_path / "d" / "crack" / "0.png", (64, 64), 1)
     assert main([str(tmp_path / "d"), "data.loader.size_multiple=1"]) == 0
     assert "2 distinct preprocessed sizes" in capsys.readouterr().out
+    (tmp_path / "e" / "good").mkdir(parents=True)  # every file bad: no size line with nothing after it
+    (tmp_path / "e" / "good" / "0.png").write_text("not an image")
+    assert main([str(tmp_path / "e")]) == 1
+    out = capsys.readouterr().out
+    assert "0 ok, 1 bad" in out and "preprocessed sizes" not in out and "0.png: [not_an_image]" in out
     assert main([str(tmp_path / "absent")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main([str(tmp_path / "d"), "data.loader.min_size=64", "data.loader.max_side=32"]) == 2

@@ -337,8 +337,8 @@ def test_kill_and_resume(
 ) -> None:
     cmd = [
         *defectscope_cmd,
-        *_args(smoke_data_dir, "search.n_trials=2", "search.heartbeat_s=1", "search.grace_s=3"),
-    ]
+        *_args(smoke_data_dir, "search.n_trials=2", "search.heartbeat_s=1", "search.grace_s=600"),
+    ]  # a grace period no rerun waits out: this machine's killed worker is found by its process mark
     proc = subprocess.Popen(
         cmd,
         cwd=tmp_path,
@@ -360,8 +360,11 @@ def test_kill_and_resume(
     killed = _study(tmp_path).get_trials()[0]
     assert killed.state == optuna.trial.TrialState.RUNNING  # nobody could mark it: the process died
 
-    again = _run(cmd, tmp_path, cli_env)  # the same command continues the same study
+    again = _run(cmd, tmp_path, cli_env)  # the same command, at once, continues the same study
     assert again.returncode == 0, again.stderr[-4000:]
+    told = "trial 0: its worker on this machine is gone (killed); marked failed and queued again"
+    assert told in again.stdout + again.stderr  # Hydra's log goes to stdout
+    assert "1 failed, 0 running" in again.stdout  # the summary: nothing left listed as running
     study = _study(tmp_path)
     first = study.trials[0]
     assert first.state == optuna.trial.TrialState.FAIL  # marked failed, not left running

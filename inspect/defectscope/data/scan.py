@@ -318,8 +318,9 @@ def _print_result(source: Any, result: ScanResult) -> None:
         )
     print(count_table([s for s, _ in good], source.class_names))
     sizes = Counter((r.width, r.height) for _, r in good)
-    print(f"{len(sizes)} distinct preprocessed sizes (w x h); most common: ")
-    print("  " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sizes.most_common(8)))
+    if sizes:
+        print(f"{len(sizes)} distinct preprocessed sizes (w x h); most common:")
+        print("  " + ", ".join(f"{w}x{h}: {n}" for (w, h), n in sizes.most_common(8)))
     if result.bad:
         kinds = Counter(b.kind for b in result.bad)
         print(f"\n{len(result.bad)} bad file(s) ({', '.join(f'{k}: {n}' for k, n in kinds.most_common())}):")

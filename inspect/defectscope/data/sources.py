@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..hints import close_names
 from ..plain import as_class_name, to_plain
 from ..runtime.files import (
     IMAGE_EXTENSIONS,
@@ -172,7 +173,10 @@ def _check_rows(
         if split and split not in SPLITS:
             problems.append(f"row {line}: split {split!r} is not one of {', '.join(SPLITS)} (or empty)")
         if label and label not in names:
-            problems.append(f"row {line}: label {label!r}")
+            near = close_names(label, names, n=1)
+            problems.append(
+                f"row {line}: label {label!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+            )
             unknown = True
     if problems:
         known = f"; labels must be in {classes_key} {list(names)}" if unknown else ""

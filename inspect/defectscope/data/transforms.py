@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Mapping
-from difflib import get_close_matches
 from inspect import Parameter, signature
 from typing import Any
 
 import numpy as np
 
+from ..hints import close_names
 from ..plain import PlainDataError, check_plain
 from .errors import DataConfigError
 
@@ -100,7 +100,7 @@ def _check_argument_names(factory: Callable[..., Any], args: Mapping[str, Any], 
     names = [*params, *(f for f in schema if f not in params)]
     unknown = sorted(set(args) - set(names))
     if unknown:
-        hints = [m for u in unknown for m in get_close_matches(u, names, n=1)]
+        hints = [m for u in unknown for m in close_names(u, names, n=1)]
         hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
         raise PlainDataError(f"{what} has no argument(s) {unknown}{hint}; it takes {', '.join(names)}")
 

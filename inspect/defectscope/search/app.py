@@ -39,7 +39,8 @@ def preflight(cfg: Any) -> tuple[Any, Any, Any, Any]:
     from .preflight import check_choices, check_latency_budget, check_time_budget, data_facts, lightest
     from .settings import SearchSettings
     from .space import check_keys, parse_space
-    from .study import open_storage, run_dir_of
+    from .storage import open_storage
+    from .study import run_dir_of
 
     s = SearchSettings.from_config({k: v for k, v in to_plain(cfg.search).items()})
     params = parse_space(to_plain(cfg.search.get("space")))
@@ -119,9 +120,16 @@ def _optimize(study: Any, ctx: Any, s: Any) -> tuple[str, Exception | None]:
     """Run the trials; SIGTERM stops them as Ctrl+C does. Returns the MLflow status and a stopping error."""
     from defectscope.runtime.interrupts import terminate_as_interrupt
 
-    from .study import fail_stale, optimize, requeue_interrupted
+    from .study import optimize, requeue_interrupted
     from .trial import run_trial
+    from .workers import fail_stale
 
+    orphans = fail_stale(study)
+    if orphans:
+        log.warning(
+            "trial %s: its worker on this machine is gone (killed); marked failed and queued again",
+            ", ".join(map(str, orphans)),
+        )
     try:
         with terminate_as_interrupt(deferred=True):  # at the next training batch, or after the trial
             optimize(study, lambda trial: run_trial(trial, ctx), s)

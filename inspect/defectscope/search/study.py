@@ -1,8 +1,8 @@
-"""The Optuna study: storage, sampler, seeds from the presets, the MLflow parent run.
+"""The Optuna study: sampler, seeds from the presets, the MLflow parent run (the database: storage.py).
 
 Scale-out is Optuna's own: every worker opens the same database URL and study name and asks the
 study for its next trial. A worker that dies leaves its trial RUNNING; Optuna's heartbeat notices
-(``search.grace_s`` after the last beat) and marks it FAIL, and ``RetryHeartbeatStaleTrialCallback`` queues the
+(``search.grace_s`` after the last beat; at once for a worker on this machine, workers.py) and marks it FAIL, and ``RetryHeartbeatStaleTrialCallback`` queues the
 same parameters again (``search.retry_interrupted`` times), so an interrupted trial is failed, not lost; a trial
 stopped by Ctrl+C or SIGTERM is queued again by :func:`requeue_interrupted`.
 """
@@ -12,73 +12,25 @@ from __future__ import annotations
 import json
 import logging
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from ..runtime.interrupts import check_interrupt
 from .errors import SearchConfigError
 from .settings import SearchSettings
 from .space import Param, out_of_space, seed_values
+from .storage import first_line, redact
 
 log = logging.getLogger(__name__)
 
 PARENT_ATTR = "mlflow_parent_run_id"
 SIGNATURE_ATTR = "defectscope_objectives"
-#: what two workers opening one new SQLite file at once may see while the other creates the tables
-RACES = ("locked", "UNIQUE constraint failed", "already exists")
-
-
-def redact(url: str) -> str:
-    """A database URL without its password, for messages and tags."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1] if "@" in url else url
-
-
-def _first_line(exc: BaseException | None) -> str:
-    text = str(exc).strip() if exc is not None else ""
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def open_storage(s: SearchSettings) -> RDBStorage:
-    """The study's database (SQLite file by default, any SQLAlchemy URL for several workers)."""
-    sqlite = s.storage.startswith("sqlite")
-    engine: dict[str, Any] = {"connect_args": {"timeout": 60}} if sqlite else {"pool_pre_ping": True}
-    last: Exception | None = None
-    for attempt in range(5):  # two workers creating one new SQLite file race on its tables
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(
-                    s.storage,
-                    engine_kwargs=engine,
-                    heartbeat_interval=s.heartbeat_s,
-                    grace_period=s.grace_s,
-                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                        max_retry=s.retry_interrupted
-                    )
-                    if s.retry_interrupted
-                    else None,
-                )
-        except Exception as exc:  # SQLAlchemy, a missing driver, a bad URL: all mean "cannot open"
-            last = exc
-            if not sqlite or not any(m in str(exc) for m in RACES):
-                break
-            time.sleep(1.0 + attempt)
-    text = _first_line(last)
-    if last is not None and last.__cause__ is not None:  # e.g. the missing driver behind an ImportError
-        text += f" ({_first_line(last.__cause__)})"
-    raise SearchConfigError(f"search.storage: cannot open {redact(s.storage)}: {text}") from None
 
 
 def make_sampler(s: SearchSettings) -> optuna.samplers.BaseSampler:
@@ -95,7 +47,28 @@ def make_sampler(s: SearchSettings) -> optuna.samplers.BaseSampler:
 
 
 def open_study(storage: RDBStorage, s: SearchSettings) -> tuple[optuna.Study, bool]:
-    """Create the study, or load it (resume, another worker); returns (study, created here)."""
+    """Create the study, or load it (resume, another worker); returns (study, created here). A database
+    that opens but refuses writes (a read-only file or mount) is one line naming search.storage."""
+    try:
+        return _open_study(storage, s)
+    except SearchConfigError:
+        raise
+    except Exception as exc:  # Optuna's StorageInternalError over SQLAlchemy's, a lost server
+        if not _is_storage_error(exc):
+            raise
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        raise SearchConfigError(
+            f"search.storage: cannot write study {s.study_name!r} to {redact(s.storage)}: {first_line(cause)}"
+        ) from None
+
+
+def _is_storage_error(exc: BaseException) -> bool:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    return isinstance(exc, optuna.exceptions.StorageInternalError | SQLAlchemyError)
+
+
+def _open_study(storage: RDBStorage, s: SearchSettings) -> tuple[optuna.Study, bool]:
     try:
         study = optuna.create_study(
             storage=storage,
@@ -355,13 +328,6 @@ def discard_if_empty(study: optuna.Study, storage: RDBStorage, worker: str) -> b
             return False
     optuna.delete_study(study_name=study.study_name, storage=storage)
     return True
-
-
-def fail_stale(study: optuna.Study) -> None:
-    """Mark trials whose worker stopped beating as failed (Optuna's own heartbeat check)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        optuna.storages.fail_stale_trials(study)
 
 
 def run_dir_of(cfg: Any) -> Path:

@@ -25,6 +25,7 @@ from .preflight import DataFacts, build_model, loader_config, untrained_info
 from .settings import LATENCY, SearchSettings
 from .space import Param, apply_values, suggest
 from .stopping import TrialMonitor
+from .workers import PROCESS_ATTR, process_mark
 
 log = logging.getLogger(__name__)
 WORKER_ATTR = "worker"
@@ -122,6 +123,7 @@ def _check_feasible(trial: optuna.Trial, ctx: SearchContext, values: dict[str, A
 def run_trial(trial: optuna.Trial, ctx: SearchContext) -> list[float]:
     """One trial; an error is recorded on the trial (``error``) before Optuna marks it failed."""
     trial.set_user_attr(WORKER_ATTR, ctx.worker)
+    trial.set_user_attr(PROCESS_ATTR, process_mark())  # a rerun fails it at once if this process is killed
     try:
         return _run_trial(trial, ctx)
     except KeyboardInterrupt:  # Ctrl+C or SIGTERM: queued again by the search (requeue_interrupted)

@@ -3,13 +3,13 @@ and in the run folder's job log, instead of Hydra's multi-line wrappers and trac
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import sys
 from collections.abc import Iterable, Sequence
 from typing import NoReturn
 
+from ..hints import did_you_mean
 from ..runtime.files import error_line, os_error_line
 
 
@@ -49,14 +49,6 @@ def no_such_option(group: str, option: str, options: Iterable[str], where: str =
     """The one message for an option its group does not have, with the valid ones (internal ``_`` ones left out)."""
     valid = ", ".join(sorted(o for o in options if not o.startswith("_")))
     return f"{group}={option}: no such option in config group {group!r}{where}; valid: {valid}"
-
-
-def did_you_mean(key: str, known: Iterable[str], prefix: str = "") -> str:
-    """``; did you mean PREFIX.A, PREFIX.B?`` for the names of ``known`` close to ``key`` ("" if none is);
-    case is ignored (``LR`` finds ``lr``)."""
-    by_folded = {str(k).lower(): str(k) for k in sorted(str(k) for k in known)}
-    near = [by_folded[k] for k in difflib.get_close_matches(key.lower(), list(by_folded), n=3)]
-    return f"; did you mean {', '.join(f'{prefix}{k}' for k in near)}?" if near else ""
 
 
 def _unknown_key(cause: BaseException | None, overrides: Sequence[str] = ()) -> str | None:

@@ -175,7 +175,7 @@ class MonitoredNames(Callback):
     def _check(self, trainer: pl.Trainer, whole: bool) -> None:
         from defectscope.evaluation.metrics import BOTH_KINDS_METRICS
 
-        from .app_errors import did_you_mean
+        from ..hints import did_you_mean
 
         logged = sorted(str(k) for k in trainer.callback_metrics if str(k).startswith("val/"))
         if self.checked or not logged:

@@ -12,8 +12,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+from ..hints import did_you_mean
 from ..plain import to_plain
-from .app_errors import did_you_mean
 from .config import TrainingConfigError, check_seed, config_number
 
 HARDWARE_KEYS = ("accelerator", "devices", "num_nodes", "precision", "strategy", "sync_batchnorm")
