@@ -237,7 +237,8 @@ def test_a_misspelt_metric_stops_the_search_after_one_trial(
     assert proc.returncode == 2, proc.stderr[-4000:]
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("defectscope search: error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
-    assert "search.metric: training logs no 'val/bal_accuracy'" in errors[0] and "val/bal_acc," in errors[0]
+    assert "search.metric: training logs no 'val/bal_accuracy'; did you mean val/bal_acc" in errors[0]
+    assert "; its validation metrics are " in errors[0] and "val/bal_acc," in errors[0]
     # the study it created finished nothing: removed, so the corrected command may use the name (it was
     # refused before: "optimises ['val/bal_accuracy', ...]; choose another study name")
     assert errors[0].endswith(

@@ -23,6 +23,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from ..hints import did_you_mean
 from ..runtime.interrupts import check_interrupt
 from .errors import SearchConfigError
 
@@ -86,7 +87,9 @@ class TrialMonitor(Callback):
 
     def unlogged(self, logged: Iterable[str]) -> str:
         """The one line for a ``search.metric`` that training does not log."""
-        return f"search.metric: training logs no {self.metric!r}; its validation metrics are {', '.join(sorted(logged))}"
+        names = sorted(logged)
+        hint = did_you_mean(self.metric, names)
+        return f"search.metric: training logs no {self.metric!r}{hint}; its validation metrics are {', '.join(names)}"
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         check_interrupt()  # a SIGTERM whose KeyboardInterrupt a garbage collector's callback swallowed
