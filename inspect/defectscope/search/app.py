@@ -89,7 +89,7 @@ def run_search(cfg: Any) -> dict[str, float]:
     ctx = SearchContext(
         cfg, s, params, facts, run_dir_of(cfg), getattr(tracker, "run_id", None), base_overrides()
     )
-    status, error = _optimize(study, ctx, s)
+    status, error = _optimize(study, storage, ctx, s)
     if isinstance(error, StudyRemovedError):  # nothing of it is left to report
         if tracker is not None:
             tracker.close("FAILED")
@@ -116,7 +116,7 @@ def run_search(cfg: Any) -> dict[str, float]:
     return {"complete": float(summary["trials"]["complete"]), "front": float(len(summary["front"]))}
 
 
-def _optimize(study: Any, ctx: Any, s: Any) -> tuple[str, Exception | None]:
+def _optimize(study: Any, storage: Any, ctx: Any, s: Any) -> tuple[str, Exception | None]:
     """Run the trials; SIGTERM stops them as Ctrl+C does. Returns the MLflow status and a stopping error."""
     from defectscope.runtime.interrupts import terminate_as_interrupt
 
@@ -124,11 +124,14 @@ def _optimize(study: Any, ctx: Any, s: Any) -> tuple[str, Exception | None]:
     from .trial import run_trial
     from .workers import fail_stale
 
-    orphans = fail_stale(study)
-    if orphans:
+    failed, queued = fail_stale(study, storage)
+    for number in failed:
         log.warning(
-            "trial %s: its worker on this machine is gone (killed); marked failed and queued again",
-            ", ".join(map(str, orphans)),
+            "trial %d: its worker on this machine is gone (killed); marked failed%s",
+            number,
+            " and queued again"
+            if number in queued
+            else f" (not queued again: search.retry_interrupted={s.retry_interrupted} retries used)",
         )
     try:
         with terminate_as_interrupt(deferred=True):  # at the next training batch, or after the trial
@@ -147,7 +150,7 @@ def _optimize(study: Any, ctx: Any, s: Any) -> tuple[str, Exception | None]:
     except Exception as exc:  # reported with the trials so far, then raised (one line for the search's own)
         return "FAILED", exc
     finally:
-        fail_stale(study)
+        fail_stale(study, storage)
 
 
 def _search(cfg: Any) -> dict[str, float]:

@@ -33,35 +33,54 @@ def first_line(exc: BaseException | None) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-#: tables every Optuna RDB storage has; a SQLite file with tables but none of these is another program's
-OPTUNA_TABLES = ("studies", "trials", "version_info")
+def _sqlite_path(url: str) -> Path | None:
+    """The file a ``sqlite`` URL opens, read as SQLAlchemy and SQLite read it (``file:NAME?...`` with
+    ``uri=true`` included); None for memory or a URL SQLAlchemy cannot read (open_storage says so)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return None
+    name = parsed.database or ""
+    if str(parsed.query.get("uri", "")).lower() == "true" and name.startswith("file:"):
+        name = name.removeprefix("file:").split("?", 1)[0].split("#", 1)[0]
+    return Path(name) if name and name != ":memory:" else None
+
+
+def _is_optuna_file(db: Any, tables: set[str]) -> bool:
+    """Optuna's schema: its version table, or (a worker creating the file this instant commits it first) a
+    ``studies`` table with Optuna's columns. A shared name alone (``trials``) is not enough."""
+    if "version_info" in tables:
+        return True
+    if "studies" not in tables:
+        return False
+    columns = {row[1] for row in db.execute("PRAGMA table_info(studies)")}
+    return {"study_id", "study_name"} <= columns
 
 
 def check_sqlite_owner(url: str) -> None:
     """Refuse an existing SQLite file that holds another program's tables (``sqlite:///mlflow.db``, one
     letter from ``search.db``): Optuna would add its tables to it and only then fail on the schema."""
     import sqlite3
+    from contextlib import closing
 
-    from sqlalchemy.engine import make_url
-
-    try:
-        name = make_url(url).database
-    except Exception:
-        return  # a URL SQLAlchemy cannot read: open_storage says so
-    path = Path(name) if name and name != ":memory:" else None
+    path = _sqlite_path(url)
     if path is None or not path.is_file() or path.stat().st_size == 0:
         return
     try:
-        with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True) as db:
-            tables = sorted(r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'"))
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if not tables or _is_optuna_file(db, tables):
+                return
     except sqlite3.Error:
         return  # not a database, or unreadable: open_storage says so in its own words
-    if tables and not set(OPTUNA_TABLES) & set(tables):
-        shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
-        raise SearchConfigError(
-            f"search.storage: {path} is another program's database (tables {shown}), not an Optuna study "
-            "store; writing the study into it would change it: name a file of its own, e.g. sqlite:///search.db"
-        )
+    names = sorted(tables)
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    raise SearchConfigError(
+        f"search.storage: {path} is another program's database (tables {shown}), not an Optuna study "
+        "store; writing the study into it would change it: name a file of its own, e.g. sqlite:///search.db"
+    )
 
 
 def open_storage(s: SearchSettings) -> RDBStorage:

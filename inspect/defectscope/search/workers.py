@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 #: a trial's worker process (:func:`process_mark`)
@@ -28,16 +29,15 @@ def process_mark() -> dict[str, Any]:
 
 
 def worker_gone(mark: Any) -> bool:
-    """True only when certain: the mark names this host and PID namespace, and either the machine has
-    rebooted since or no process holds that PID. Anything else (another host or container, no /proc, a PID
-    now reused) is left to the heartbeat. POSIX only: on Windows ``os.kill`` would end the process."""
+    """True only when certain: the mark names this host, boot and PID namespace, and no process holds that
+    PID. Anything else (another host or container, another boot: two machines may share a hostname and the
+    root PID namespace's number, no /proc, a PID now reused) is left to the heartbeat. POSIX only: on
+    Windows ``os.kill`` would end the process."""
     here = process_mark()
     if os.name != "posix" or not isinstance(mark, dict) or "pid_ns" not in here:
         return False
-    if mark.get("host") != here["host"] or mark.get("pid_ns") != here["pid_ns"]:
+    if any(mark.get(k) != here[k] for k in ("host", "boot", "pid_ns")):
         return False
-    if mark.get("boot") != here["boot"]:
-        return True
     pid = mark.get("pid")
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or pid == here["pid"]:
         return False
@@ -50,29 +50,46 @@ def worker_gone(mark: Any) -> bool:
     return False
 
 
-def fail_orphans(study: optuna.Study) -> list[int]:
-    """Fail the RUNNING trials whose worker on this machine is gone (killed, or the machine rebooted), and
-    queue their parameters again as the heartbeat would: a rerun straight after ``kill -9`` retries the
-    trial now instead of counting it as running. Returns their numbers."""
-    storage = study._storage
-    failed = []
+def _claim_failed(storage: RDBStorage, trial_id: int) -> bool:
+    """Mark one RUNNING trial FAIL in a single conditional UPDATE: of two commands starting together, only
+    the one whose statement changed the row retries it (Optuna's read-then-write lets both, on SQLite)."""
+    from datetime import datetime
+
+    from sqlalchemy import text
+
+    with storage.engine.begin() as conn:
+        changed = conn.execute(
+            text(
+                "UPDATE trials SET state = 'FAIL', datetime_complete = :now "
+                "WHERE trial_id = :id AND state = 'RUNNING'"
+            ),
+            {"now": datetime.now(), "id": trial_id},
+        )
+    return changed.rowcount == 1
+
+
+def fail_orphans(study: optuna.Study, storage: RDBStorage) -> tuple[list[int], list[int]]:
+    """Fail the RUNNING trials whose worker on this machine is gone (killed), and queue their parameters
+    again as the heartbeat would (``search.retry_interrupted`` times): a rerun straight after ``kill -9``
+    retries the trial now instead of counting it as running. Returns (failed, queued again) numbers."""
+    retry = storage.get_heartbeat_stale_trial_callback()
+    failed: list[int] = []
+    queued: list[int] = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if worker_gone(t.user_attrs.get(PROCESS_ATTR)):
-            with suppress(optuna.exceptions.UpdateFinishedTrialError):
-                if storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
-                    failed.append(t._trial_id)
-    get_retry = getattr(storage, "get_heartbeat_stale_trial_callback", None)  # RDBStorage, under its cache
-    retry = get_retry() if callable(get_retry) else None
-    for trial_id in failed:
+        if not worker_gone(t.user_attrs.get(PROCESS_ATTR)) or not _claim_failed(storage, t._trial_id):
+            continue
+        failed.append(t.number)
         if retry is not None:
-            retry(study, storage.get_trial(trial_id))
-    return [storage.get_trial(i).number for i in failed]
+            retry(study, storage.get_trial(t._trial_id))
+            if any(w.system_attrs.get("failed_trial") == t.number for w in study.get_trials(deepcopy=False)):
+                queued.append(t.number)
+    return failed, queued
 
 
-def fail_stale(study: optuna.Study) -> list[int]:
-    """Mark trials whose worker is gone as failed: this machine's at once (:func:`fail_orphans`), the rest
-    when they stop beating (Optuna's own heartbeat check). Returns the numbers failed here at once."""
-    orphans = fail_orphans(study)
+def fail_stale(study: optuna.Study, storage: RDBStorage) -> tuple[list[int], list[int]]:
+    """Mark trials whose worker is gone as failed: this machine's at once (:func:`fail_orphans`, whose
+    numbers it returns), the rest when they stop beating (Optuna's own heartbeat check)."""
+    orphans = fail_orphans(study, storage)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         optuna.storages.fail_stale_trials(study)
