@@ -28,12 +28,12 @@ def process_mark() -> dict[str, Any]:
     return mark
 
 
-def worker_gone(mark: Any) -> bool:
+def worker_gone(mark: Any, here: dict[str, Any] | None = None) -> bool:
     """True only when certain: the mark names this host, boot and PID namespace, and no process holds that
     PID. Anything else (another host or container, another boot: two machines may share a hostname and the
     root PID namespace's number, no /proc, a PID now reused) is left to the heartbeat. POSIX only: on
     Windows ``os.kill`` would end the process."""
-    here = process_mark()
+    here = here if here is not None else process_mark()  # read once per check of many trials
     if os.name != "posix" or not isinstance(mark, dict) or "pid_ns" not in here:
         return False
     if any(mark.get(k) != here[k] for k in ("host", "boot", "pid_ns")):
@@ -73,10 +73,11 @@ def fail_orphans(study: optuna.Study, storage: RDBStorage) -> tuple[list[int], l
     again as the heartbeat would (``search.retry_interrupted`` times): a rerun straight after ``kill -9``
     retries the trial now instead of counting it as running. Returns (failed, queued again) numbers."""
     retry = storage.get_heartbeat_stale_trial_callback()
+    here = process_mark()
     failed: list[int] = []
     queued: list[int] = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not worker_gone(t.user_attrs.get(PROCESS_ATTR)) or not _claim_failed(storage, t._trial_id):
+        if not worker_gone(t.user_attrs.get(PROCESS_ATTR), here) or not _claim_failed(storage, t._trial_id):
             continue
         failed.append(t.number)
         if retry is not None:
